@@ -1,0 +1,1 @@
+"""Benchmarks: trace loading, replay (in-process and through the stack), bounds, reports."""

@@ -1,0 +1,1 @@
+"""The ``kvroute`` command: the one place that wires components together."""

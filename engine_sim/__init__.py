@@ -1,0 +1,1 @@
+"""engine_sim: see README.md in this folder."""

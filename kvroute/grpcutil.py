@@ -1,0 +1,154 @@
+"""gRPC plumbing shared by every server and client: TLS, health, reflection, error mapping."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvroute.errors import KvrouteError
+from kvroute.settings import TLSSettings
+from kvroute.telemetry import REQUEST_ID
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Self_ = TypeVar("Self_")
+
+GRPC_OPTIONS_KEEPALIVE: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+"""Client keepalive so a dead peer is noticed within ~30 s even on idle streams."""
+
+
+def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
+    """Channel/server options raising both send and receive limits to ``max_bytes``."""
+    return [("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes)]
+
+
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
+    """Server TLS credentials; with ``ca_file`` clients must present certs it signed (mTLS)."""
+    if not tls.cert_file:
+        return None
+    pair = [(_read(tls.key_file), _read(tls.cert_file))]
+    if tls.ca_file:
+        return grpc.ssl_server_credentials(pair, root_certificates=_read(tls.ca_file),
+                                           require_client_auth=True)
+    return grpc.ssl_server_credentials(pair)
+
+
+def open_channel(target: str, tls: TLSSettings | None = None,
+                 options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+    """An asyncio channel to ``target`` (plaintext unless ``tls`` is enabled), with keepalive."""
+    opts: list[tuple[str, Any]] = [*GRPC_OPTIONS_KEEPALIVE, *options]
+    if tls is None or not tls.enabled:
+        return grpc.aio.insecure_channel(target, options=opts)
+    if tls.server_name:
+        opts.append(("grpc.ssl_target_name_override", tls.server_name))
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca_file) if tls.ca_file else None,
+        private_key=_read(tls.key_file) if tls.key_file else None,
+        certificate_chain=_read(tls.cert_file) if tls.cert_file else None,
+    )
+    return grpc.aio.secure_channel(target, creds, options=opts)
+
+
+class HealthReporter:
+    """Wraps the standard health servicer; ``set_serving(False)`` on drain."""
+
+    def __init__(self, service_names: Iterable[str]) -> None:
+        self.servicer = health_aio.HealthServicer()
+        self._names = ["", *service_names]
+
+    async def set_serving(self, serving: bool) -> None:
+        """Mark every service (and the overall server) SERVING or NOT_SERVING."""
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in self._names:
+            await self.servicer.set(name, status)
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_full_names: Sequence[str],
+                              ) -> HealthReporter:
+    """Register grpc.health.v1 and reflection for the given services on ``server``."""
+    reporter = HealthReporter(service_full_names)
+    health_pb2_grpc.add_HealthServicer_to_server(reporter.servicer, server)
+    reflection.enable_server_reflection(
+        [*service_full_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    return reporter
+
+
+def bind(server: grpc.aio.Server, listen: str, tls: TLSSettings) -> int:
+    """Bind ``listen`` (HOST:PORT, port 0 = free) with TLS if configured; returns the port."""
+    creds = server_credentials(tls)
+    port = (server.add_secure_port(listen, creds) if creds is not None
+            else server.add_insecure_port(listen))
+    if port == 0:
+        raise OSError(f"cannot bind gRPC server to {listen}")
+    return port
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException,
+                 method: str) -> None:
+    if isinstance(exc, KvrouteError):
+        await context.abort(exc.code, exc.message)
+    log.exception("unexpected error in %s", method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}")
+
+
+def unary_errors(fn: Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
+                 ) -> Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
+    """Turn KvrouteError into its gRPC status and any other exception into INTERNAL (logged)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Self_, request: Req, context: grpc.aio.ServicerContext[Req, Resp],
+                      ) -> Resp:
+        token = REQUEST_ID.set(str(getattr(request, "request_id", "") or ""))
+        try:
+            return await fn(self, request, context)
+        except (KvrouteError, Exception) as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, exc, fn.__name__)
+            raise  # unreachable: abort raises
+        finally:
+            REQUEST_ID.reset(token)
+
+    return wrapper
+
+
+def stream_errors(fn: Callable[[Self_, Any, grpc.aio.ServicerContext[Any, Any]],
+                               AsyncIterator[Resp]],
+                  ) -> Callable[[Self_, Any, grpc.aio.ServicerContext[Any, Any]],
+                                AsyncIterator[Resp]]:
+    """The same as :func:`unary_errors` for server-streaming and bidirectional methods."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Self_, request: Any, context: grpc.aio.ServicerContext[Any, Any],
+                      ) -> AsyncIterator[Resp]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except (KvrouteError, Exception) as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, exc, fn.__name__)
+
+    return wrapper

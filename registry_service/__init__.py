@@ -1,0 +1,1 @@
+"""registry_service: see README.md in this folder."""

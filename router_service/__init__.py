@@ -1,0 +1,1 @@
+"""router_service: see README.md in this folder."""

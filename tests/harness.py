@@ -1,0 +1,68 @@
+"""Test helpers: start kvroute servers as real processes on free ports and stop exactly them."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvroute.procs import ManagedProcess, read_ready_file
+
+
+@dataclass
+class ServerProcess:
+    """A running ``kvroute serve ROLE`` process and the ports it reported."""
+
+    role: str
+    process: ManagedProcess
+    ready: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def grpc_target(self) -> str:
+        """``127.0.0.1:PORT`` of its gRPC listener."""
+        return f"127.0.0.1:{self.ready['grpc_port']}"
+
+    @property
+    def metrics_url(self) -> str:
+        """URL of its /metrics."""
+        return f"http://127.0.0.1:{self.ready['metrics_port']}/metrics"
+
+    def stop(self) -> int | None:
+        """SIGTERM (then SIGKILL) exactly this process."""
+        return self.process.stop()
+
+
+def start_server(role: str, args: Sequence[str], workdir: Path, name: str | None = None,
+                 env: dict[str, str] | None = None, timeout_s: float = 30.0) -> ServerProcess:
+    """Start ``kvroute serve ROLE ARGS`` on free loopback ports and wait until it serves."""
+    name = name or role
+    workdir.mkdir(parents=True, exist_ok=True)
+    ready = workdir / f"{name}.ready.json"
+    ready.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "cli.main", "serve", role,
+            "--ready-file", str(ready), *args]
+    if "--listen" not in args:
+        argv += ["--listen", "127.0.0.1:0"]
+    if "--metrics-listen" not in args:
+        argv += ["--metrics-listen", "127.0.0.1:0"]
+    proc = ManagedProcess(name, argv, workdir / f"{name}.log", env=env).start()
+    try:
+        info = read_ready_file(ready, timeout_s, proc)
+    except BaseException:
+        proc.stop()
+        raise
+    return ServerProcess(role, proc, info)
+
+
+@contextmanager
+def running_server(role: str, args: Sequence[str], workdir: Path, **kw: Any,
+                   ) -> Iterator[ServerProcess]:
+    """Context manager form of :func:`start_server` that always stops the process."""
+    srv = start_server(role, args, workdir, **kw)
+    try:
+        yield srv
+    finally:
+        srv.stop()
