@@ -1,0 +1,1 @@
+"""Routing policies: one small interface (:mod:`router_service.policies.base`), one per file."""
