@@ -56,7 +56,7 @@ class MetricsServer:
         self._server = self._thread = None
 
 
-class _RequestIdFilter(logging.Filter):
+class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
         return True
@@ -108,7 +108,7 @@ def configure_logging(fmt: str = "text", level: str = "info") -> None:
         raise ValueError(f"log format must be 'json' or 'text', got {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(_RequestIdFilter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
