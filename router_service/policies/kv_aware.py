@@ -1,0 +1,136 @@
+"""``kv_aware``: maximise saved prefill while keeping load even (DESIGN §5).
+
+The quantity users feel is time to first token, so benefit and cost are in the same unit: the
+estimated TTFT of the request on each node,
+
+    ttft(n) = (pending_prefill_tokens(n) + reuse_weight * uncached_tokens(n)) / prefill_rate
+              + decode_cost_s * inflight(n)
+              + eviction_cost_s * eviction_rate(n)
+              + usage_penalty_s * max(0, usage(n) - usage_high_watermark) / (1 - watermark)
+
+where ``uncached_tokens(n) = prompt_tokens - matched_blocks(n) * block_size`` (the prefill this
+request would add there; the overlap benefit is the prefill it saves). ``reuse_weight`` > 1 makes
+recomputing a cached prefix elsewhere cost more than its own prefill time: the recomputation also
+delays every later request on that node and duplicates cache that then evicts other prefixes.
+
+A node is eligible only while it is under the **load cap**: its in-flight count plus this request
+must stay ≤ ``load_cap_factor`` x the fleet's mean in-flight count (counting this request) +
+``load_cap_slack``. A prefix every request shares (block 0 of the Mooncake trace is in all of
+them) therefore cannot pile everything onto one node: that node leaves the eligible set as soon
+as it is ahead, and the next-best estimate wins. Unhealthy nodes are never chosen.
+
+The policy picks the lowest estimate; ties go to the longer match, then fewer in-flight, then a
+rotating start so equal idle nodes share work. ``Candidate.score`` is the estimate in seconds
+(lower is better).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvroute.settings import require, setting
+from router_service.policies.base import (
+    Candidate,
+    Decision,
+    NodeView,
+    RequestView,
+    healthy_nodes,
+)
+
+
+@dataclass(frozen=True)
+class KvAwareSettings:
+    """Weights and cap of the ``kv_aware`` policy (flags ``--kv-*``, env ``KVROUTE_KV_*``)."""
+
+    kv_prefill_tokens_per_s: float = setting(
+        16_000.0, "prefill throughput of one engine in tokens/s; converts queued and uncached "
+        "prefill tokens into seconds of expected TTFT")
+    kv_reuse_weight: float = setting(
+        2.0, "weight of this request's uncached prefill against work already queued; >1 prefers "
+        "nodes that hold the prefix (recomputing it elsewhere also delays later requests there "
+        "and duplicates cache)")
+    kv_load_cap_factor: float = setting(
+        1.25, "a node is eligible only while its in-flight requests (with this one) stay <= this "
+              "factor x the fleet mean (with this one) + kv_load_cap_slack")
+    kv_load_cap_slack: float = setting(
+        2.0, "absolute headroom of the load cap, in requests (keeps tiny fleets from "
+             "oscillating)")
+    kv_decode_cost_s: float = setting(
+        0.005, "seconds added per request in flight on the node (decode batch occupancy slows "
+               "the next prefill)")
+    kv_eviction_cost_s: float = setting(
+        0.001, "seconds added per eviction/s reported by the node (a churning cache is likely "
+               "to lose the prefix before the request runs)")
+    kv_usage_high_watermark: float = setting(
+        0.97, "KV usage fraction above which a node is penalised as nearly full")
+    kv_usage_penalty_s: float = setting(
+        0.5, "seconds added to a node at 100 % KV usage (linear from the watermark)")
+
+    def __post_init__(self) -> None:
+        require(self.kv_prefill_tokens_per_s > 0, "kv_prefill_tokens_per_s", "must be > 0")
+        require(self.kv_reuse_weight >= 0, "kv_reuse_weight", "must be >= 0")
+        require(self.kv_load_cap_factor >= 1.0, "kv_load_cap_factor", "must be >= 1")
+        require(self.kv_load_cap_slack >= 0, "kv_load_cap_slack", "must be >= 0")
+        require(self.kv_decode_cost_s >= 0, "kv_decode_cost_s", "must be >= 0")
+        require(self.kv_eviction_cost_s >= 0, "kv_eviction_cost_s", "must be >= 0")
+        require(0 < self.kv_usage_high_watermark < 1, "kv_usage_high_watermark",
+                "must be in (0, 1)")
+        require(self.kv_usage_penalty_s >= 0, "kv_usage_penalty_s", "must be >= 0")
+
+
+class KvAwarePolicy:
+    """Lowest estimated TTFT among nodes under the load cap (see module docstring)."""
+
+    name = "kv_aware"
+
+    def __init__(self, settings: KvAwareSettings | None = None) -> None:
+        self.settings = settings or KvAwareSettings()
+        self._turn = 0
+
+    def estimate_s(self, request: RequestView, node: NodeView) -> float:
+        """Estimated TTFT of ``request`` on ``node`` in seconds (the score; lower is better)."""
+        s = self.settings
+        cached = min(node.matched_blocks * request.block_size, request.prompt_tokens)
+        uncached = request.prompt_tokens - cached
+        est = (node.pending_prefill_tokens + s.kv_reuse_weight * uncached) \
+            / s.kv_prefill_tokens_per_s
+        est += s.kv_decode_cost_s * node.inflight
+        est += s.kv_eviction_cost_s * node.eviction_rate
+        usage = node.usage
+        if usage > s.kv_usage_high_watermark:
+            est += s.kv_usage_penalty_s * (usage - s.kv_usage_high_watermark) \
+                / (1.0 - s.kv_usage_high_watermark)
+        return est
+
+    def choose(self, request: RequestView, nodes: Sequence[NodeView]) -> Decision:
+        """Pick the node with the lowest TTFT estimate among those under the load cap."""
+        s = self.settings
+        live = healthy_nodes(nodes)
+        n = len(live)
+        mean = (sum(v.inflight for v in live) + 1) / n
+        cap = s.kv_load_cap_factor * mean + s.kv_load_cap_slack
+        start = self._turn % n
+        self._turn += 1
+        best: tuple[float, int, int, int] | None = None
+        best_node = live[0]
+        cands: list[Candidate] = []
+        for i, v in enumerate(live):
+            est = self.estimate_s(request, v)
+            over = v.inflight + 1 > cap
+            why = f"in-flight {v.inflight} over cap {cap:.1f}" if over else ""
+            cands.append(Candidate(v.node_id, est, v.matched_blocks, v.load, excluded=why))
+            if over:
+                continue
+            key = (est, -v.matched_blocks, v.inflight, (i - start) % n)
+            if best is None or key < best:
+                best, best_node = key, v
+        if best is None:  # cannot happen (the least-loaded node is under the mean), but be safe
+            best_node = min(live, key=lambda v: (v.load, v.node_id))
+        cands.sort(key=lambda c: (c.excluded != "", c.score))
+        cached = min(best_node.matched_blocks * request.block_size, request.prompt_tokens)
+        reason = (f"kv_aware: {best_node.matched_blocks} prefix blocks cached "
+                  f"({cached}/{request.prompt_tokens} tokens), est. TTFT "
+                  f"{self.estimate_s(request, best_node) * 1000:.0f} ms, "
+                  f"in-flight {best_node.inflight} (cap {cap:.1f})")
+        return Decision(best_node.node_id, best_node.matched_blocks, reason, tuple(cands))

@@ -1,0 +1,72 @@
+"""kv_aware: load cap against a shared prefix, longest prefix wins at equal load, health."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvroute.errors import ConfigError
+from router_service.policies.base import NodeView, NoEligibleNode, RequestView
+from router_service.policies.kv_aware import KvAwarePolicy, KvAwareSettings
+
+
+def _node(i: int, matched: int = 0, inflight: int = 0, pending: float = 0.0,
+          healthy: bool = True) -> NodeView:
+    return NodeView(node_id=f"n{i}", address=f"127.0.0.1:{9000 + i}", matched_blocks=matched,
+                    inflight=inflight, queue_depth=0, running=0, used_blocks=0,
+                    capacity_blocks=1000, eviction_rate=0.0, pending_prefill_tokens=pending,
+                    healthy=healthy)
+
+
+def _req(blocks: int = 8, bs: int = 16) -> RequestView:
+    return RequestView("r", list(range(blocks)), blocks * bs, bs)
+
+
+def test_shared_prefix_never_pushes_a_node_past_its_cap() -> None:
+    s = KvAwareSettings()
+    pol = KvAwarePolicy(s)
+    inflight = [0] * 4
+    for _ in range(400):
+        # node 0 holds the whole prompt and the others nothing; nothing ever completes
+        nodes = [_node(i, matched=8 if i == 0 else 0, inflight=inflight[i]) for i in range(4)]
+        d = pol.choose(_req(), nodes)
+        k = int(d.node_id[1:])
+        mean = (sum(inflight) + 1) / 4
+        assert inflight[k] + 1 <= s.kv_load_cap_factor * mean + s.kv_load_cap_slack
+        inflight[k] += 1
+    assert max(inflight) / (sum(inflight) / 4) <= s.kv_load_cap_factor + 0.05
+    assert inflight[0] == max(inflight)
+
+
+def test_longest_prefix_wins_when_loads_are_equal() -> None:
+    pol = KvAwarePolicy()
+    nodes = [_node(0, matched=2, inflight=3), _node(1, matched=6, inflight=3),
+             _node(2, matched=4, inflight=3)]
+    d = pol.choose(_req(), nodes)
+    assert d.node_id == "n1" and d.matched_blocks == 6
+    assert d.candidates[0].node_id == "n1"
+
+
+def test_queued_prefill_outweighs_a_small_overlap() -> None:
+    pol = KvAwarePolicy(KvAwareSettings(kv_prefill_tokens_per_s=1000.0))
+    nodes = [_node(0, matched=1, pending=50_000.0), _node(1, matched=0)]
+    assert pol.choose(_req(), nodes).node_id == "n1"
+
+
+def test_unhealthy_never_chosen() -> None:
+    pol = KvAwarePolicy()
+    nodes = [_node(0, matched=8, healthy=False), _node(1, inflight=5), _node(2, inflight=9)]
+    for _ in range(20):
+        assert pol.choose(_req(), nodes).node_id != "n0"
+    with pytest.raises(NoEligibleNode):
+        pol.choose(_req(), [_node(0, healthy=False)])
+
+
+def test_equal_idle_nodes_share_work() -> None:
+    pol = KvAwarePolicy()
+    chosen = {pol.choose(_req(), [_node(i) for i in range(4)]).node_id for _ in range(8)}
+    assert len(chosen) == 4
+
+
+def test_settings_validate() -> None:
+    with pytest.raises(ConfigError, match="kv-load-cap-factor"):
+        KvAwareSettings(kv_load_cap_factor=0.5)
