@@ -25,19 +25,21 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from aetcd import rpc
 from grpc.aio import EOF  # type: ignore[attr-defined]
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_random_exponential,
-)
 
+from registry_service.store.etcd_channel import (
+    TRANSIENT,
+    EndpointPool,
+    Transient,
+    is_auth_expired,
+    translate,
+    with_retries,
+)
+from registry_service.store.etcd_settings import *  # noqa: F403  (re-exported API types)
 from registry_service.store.etcd_settings import (
     Compare,
     EtcdError,
@@ -49,42 +51,20 @@ from registry_service.store.etcd_settings import (
     TxnResult,
     WatchCompacted,
     WatchEvent,
-    compare_create_revision,
-    compare_lease,
-    compare_mod_revision,
-    compare_value,
-    compare_version,
-    op_delete,
-    op_delete_prefix,
-    op_get,
-    op_put,
     prefix_range_end,
 )
-
-__all__ = [
-    "Compare", "EtcdClient", "EtcdError", "EtcdLeaseNotFound", "EtcdSettings", "EtcdUnavailable",
-    "KeyValue", "Op", "TxnResult", "WatchCompacted", "WatchEvent", "compare_create_revision",
-    "compare_lease", "compare_mod_revision", "compare_value", "compare_version", "op_delete",
-    "op_delete_prefix", "op_get", "op_put", "prefix_range_end",
-]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Metadata = tuple[tuple[str, str], ...]
+CallOptions = dict[str, Any]
+"""timeout, metadata and wait_for_ready of one unary call."""
 
-_AUTH_EXPIRED = ("invalid auth token", "auth token is expired", "revision of auth store is old")
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _CMP_TARGET = {"version": rpc.Compare.VERSION, "create_revision": rpc.Compare.CREATE,
                "mod_revision": rpc.Compare.MOD, "value": rpc.Compare.VALUE,
                "lease": rpc.Compare.LEASE}
-_CMP_FIELD = {"version": "version", "create_revision": "create_revision",
-              "mod_revision": "mod_revision", "value": "value", "lease": "lease"}
 _CMP_OP = {"==": rpc.Compare.EQUAL, "!=": rpc.Compare.NOT_EQUAL, "<": rpc.Compare.LESS,
            ">": rpc.Compare.GREATER}
-
-
-class _Transient(Exception):
-    """A failure worth retrying that is not an AioRpcError (stream ended, local timeout)."""
 
 
 class _Stubs:
@@ -92,17 +72,11 @@ class _Stubs:
 
     def __init__(self, index: int, channel: grpc.aio.Channel) -> None:
         self.index = index
-        self.channel = channel
         self.kv = rpc.KVStub(channel)
         self.lease = rpc.LeaseStub(channel)
         self.watch = rpc.WatchStub(channel)
         self.auth = rpc.AuthStub(channel)
         self.maintenance = rpc.MaintenanceStub(channel)
-
-
-def _is_auth_expired(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.aio.AioRpcError) and any(
-        s in (exc.details() or "") for s in _AUTH_EXPIRED)
 
 
 def _kv(m: Any) -> KeyValue:
@@ -111,62 +85,32 @@ def _kv(m: Any) -> KeyValue:
 
 
 class EtcdClient:
-    """An asyncio etcd v3 client. ``await connect()`` first, ``await close()`` at the end."""
+    """An asyncio etcd v3 client. ``await connect()`` first, ``await close()`` at the end.
+
+    Safe for many concurrent tasks on one event loop.
+    """
 
     def __init__(self, settings: EtcdSettings) -> None:
         self.settings = settings
-        self._endpoints = settings.endpoints
-        self._stubs: list[_Stubs | None] = [None] * len(self._endpoints)
-        self._current = 0
+        self._pool = EndpointPool(settings)
+        self._stubs: dict[int, _Stubs] = {}
         self._token = ""
         self._auth_lock = asyncio.Lock()
         self._ka_lock = asyncio.Lock()
         self._ka_call: Any = None
         self._ka_index = -1
-        self._closed = False
+        # One endpoint: wait (within the deadline) for the channel to reconnect, e.g. across an
+        # etcd restart. Several: fail fast so the next endpoint is tried.
+        self._wait_for_ready = len(settings.endpoints) == 1
 
     # ---- channels, auth, retries ------------------------------------------------------
-    def _open(self, index: int) -> _Stubs:
-        s = self.settings
-        ka_ms = int(s.etcd_keepalive_s * 1000)
-        opts: list[tuple[str, Any]] = [
-            ("grpc.keepalive_time_ms", ka_ms),
-            ("grpc.keepalive_timeout_ms", ka_ms),
-            ("grpc.keepalive_permit_without_calls", 0),  # etcd GOAWAYs idle pingers
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.max_receive_message_length", s.etcd_max_message_bytes),
-            ("grpc.max_send_message_length", s.etcd_max_message_bytes),
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2000),
-        ]
-        target = self._endpoints[index]
-        if not s.tls_enabled:
-            channel = grpc.aio.insecure_channel(target, options=opts)
-        else:
-            if s.etcd_server_name:
-                opts.append(("grpc.ssl_target_name_override", s.etcd_server_name))
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(s.etcd_ca_file).read_bytes() if s.etcd_ca_file else None,
-                private_key=Path(s.etcd_key_file).read_bytes() if s.etcd_key_file else None,
-                certificate_chain=(Path(s.etcd_cert_file).read_bytes()
-                                   if s.etcd_cert_file else None))
-            channel = grpc.aio.secure_channel(target, creds, options=opts)
-        return _Stubs(index, channel)
-
-    def _pick(self) -> _Stubs:
-        if self._closed:
-            raise EtcdUnavailable("etcd client is closed")
-        stubs = self._stubs[self._current]
+    def _pick(self, index: int | None = None) -> _Stubs:
+        i = self._pool.current if index is None else index
+        channel = self._pool.channel(i)
+        stubs = self._stubs.get(i)
         if stubs is None:
-            stubs = self._stubs[self._current] = self._open(self._current)
+            stubs = self._stubs[i] = _Stubs(i, channel)
         return stubs
-
-    def _failover(self, failed: int) -> None:
-        """Move to the next endpoint, unless another caller already moved on."""
-        if len(self._endpoints) > 1 and self._current == failed:
-            self._current = (failed + 1) % len(self._endpoints)
-            log.warning("etcd endpoint %s failing; trying %s", self._endpoints[failed],
-                        self._endpoints[self._current])
 
     def _metadata(self) -> Metadata:
         return (("token", self._token),) if self._token else ()
@@ -183,99 +127,64 @@ class EtcdClient:
             self._token = resp.token
             log.info("authenticated to etcd as %s", self.settings.etcd_username)
 
-    def _retryable(self, retry_deadline: bool) -> Callable[[BaseException], bool]:
-        def check(exc: BaseException) -> bool:
-            if isinstance(exc, _Transient):
-                return retry_deadline
-            if not isinstance(exc, grpc.aio.AioRpcError):
-                return False
-            if _is_auth_expired(exc):
-                return True
-            return exc.code() == grpc.StatusCode.UNAVAILABLE or (
-                retry_deadline and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED)
-        return check
-
-    async def _call(self, what: str, fn: Callable[[_Stubs, Metadata, float], Awaitable[T]],
+    async def _call(self, what: str, fn: Callable[[_Stubs, CallOptions], Awaitable[T]],
                     *, retry_deadline: bool = True) -> T:
-        """Run ``fn`` with a deadline, retrying transient failures; raise our error types.
+        """Run ``fn(stubs, call_options)`` with a deadline and bounded retries.
 
-        ``retry_deadline=False`` for non-idempotent writes (txn): a timed-out txn may have been
-        applied, so it is reported, not repeated.
+        ``retry_deadline=False`` for non-idempotent writes (txn): a txn that timed out may have
+        been applied, so it is reported (EtcdUnavailable), not run twice.
         """
-        s = self.settings
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(s.etcd_retry_attempts),
-            wait=wait_random_exponential(multiplier=0.05, max=1.0),
-            retry=retry_if_exception(self._retryable(retry_deadline)), reraise=True)
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    stubs = self._pick()
-                    token = self._token
-                    try:
-                        return await fn(stubs, self._metadata(), s.etcd_call_timeout_s)
-                    except grpc.aio.AioRpcError as exc:
-                        if _is_auth_expired(exc) and s.etcd_username:
-                            await self._authenticate(stubs, token)
-                        elif exc.code() in _TRANSIENT:
-                            self._failover(stubs.index)
-                        raise
-                    except (_Transient, TimeoutError) as exc:
-                        self._failover(stubs.index)
-                        raise _Transient(str(exc) or "local deadline") from exc
-        except grpc.aio.AioRpcError as exc:
-            raise self._translate(what, exc) from exc
-        except _Transient as exc:
-            raise EtcdUnavailable(f"etcd {what} failed at {', '.join(self._endpoints)} after "
-                                  f"{s.etcd_retry_attempts} attempts: {exc}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _translate(self, what: str, exc: grpc.aio.AioRpcError) -> Exception:
-        code, details = exc.code(), exc.details() or ""
-        where = ", ".join(self._endpoints)
-        if code in _TRANSIENT or _is_auth_expired(exc):
-            return EtcdUnavailable(
-                f"etcd {what} failed at {where} after {self.settings.etcd_retry_attempts} "
-                f"attempts (deadline {self.settings.etcd_call_timeout_s}s each): "
-                f"{code.name}: {details}")
-        if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
-            return EtcdLeaseNotFound(f"etcd {what}: {details}")
-        return EtcdError(f"etcd {what} rejected by {where}: {code.name}: {details}")
+        async def attempt() -> T:
+            stubs = self._pick()
+            token = self._token
+            try:
+                return await fn(stubs, {"timeout": self.settings.etcd_call_timeout_s,
+                                        "metadata": self._metadata(),
+                                        "wait_for_ready": self._wait_for_ready})
+            except grpc.aio.AioRpcError as exc:
+                if is_auth_expired(exc) and self.settings.etcd_username:
+                    await self._authenticate(stubs, token)
+                elif exc.code() in TRANSIENT:
+                    self._pool.failover(stubs.index)
+                raise
+            except (Transient, TimeoutError) as exc:
+                self._pool.failover(stubs.index)
+                raise Transient(str(exc) or "no answer within the deadline") from exc
+        return await with_retries(self.settings, what, attempt, retry_deadline=retry_deadline)
 
     # ---- lifecycle --------------------------------------------------------------------
     async def connect(self) -> None:
-        """Open the channel, authenticate if configured, and check an endpoint answers."""
+        """Open the channel, check an endpoint answers (within the connect timeout, trying
+        each endpoint in turn) and authenticate if a username is set."""
         s = self.settings
         loop = asyncio.get_running_loop()
         deadline = loop.time() + s.etcd_connect_timeout_s
         errors: list[str] = []
-        for i in range(len(self._endpoints)):
-            self._current = i
-            stubs = self._pick()
-            left = max(0.05, deadline - loop.time()) / (len(self._endpoints) - i)
+        n = len(s.endpoints)
+        for i in range(n):
+            stubs = self._pick(i)
+            left = max(0.05, deadline - loop.time()) / (n - i)
             try:
                 await stubs.maintenance.Status(rpc.StatusRequest(), timeout=left,
                                                wait_for_ready=True)
+                self._pool.current = i
                 if s.etcd_username:
                     await self._authenticate(stubs, None)
                 return
             except grpc.aio.AioRpcError as exc:
-                errors.append(f"{self._endpoints[i]}: {exc.code().name}: {exc.details()}")
-                if exc.code() not in _TRANSIENT:
-                    raise self._translate("connect", exc) from exc
+                errors.append(f"{s.endpoints[i]}: {exc.code().name}: {exc.details()}")
+                if exc.code() not in TRANSIENT:
+                    raise translate(s, "connect", exc) from exc
         raise EtcdUnavailable(f"no etcd endpoint answered within {s.etcd_connect_timeout_s}s: "
                               f"{'; '.join(errors)}")
 
     async def close(self) -> None:
-        """Close the keepalive stream and every channel."""
-        self._closed = True
+        """Close the keepalive stream and every channel (ending open watches)."""
         if self._ka_call is not None:
             self._ka_call.cancel()
             self._ka_call = None
-        for i, stubs in enumerate(self._stubs):
-            if stubs is not None:
-                await stubs.channel.close(None)
-                self._stubs[i] = None
+        self._stubs.clear()
+        await self._pool.close()
 
     async def __aenter__(self) -> EtcdClient:
         await self.connect()
@@ -287,8 +196,8 @@ class EtcdClient:
     # ---- KV -----------------------------------------------------------------------------
     async def get(self, key: bytes) -> KeyValue | None:
         """The key, or None when absent."""
-        async def go(st: _Stubs, md: Metadata, t: float) -> Any:
-            return await st.kv.Range(rpc.RangeRequest(key=key), timeout=t, metadata=md)
+        async def go(st: _Stubs, kw: CallOptions) -> Any:
+            return await st.kv.Range(rpc.RangeRequest(key=key), **kw)
         resp = await self._call("get", go)
         return _kv(resp.kvs[0]) if resp.kvs else None
 
@@ -298,8 +207,8 @@ class EtcdClient:
                                sort_order=rpc.RangeRequest.ASCEND,
                                sort_target=rpc.RangeRequest.KEY)
 
-        async def go(st: _Stubs, md: Metadata, t: float) -> Any:
-            return await st.kv.Range(req, timeout=t, metadata=md)
+        async def go(st: _Stubs, kw: CallOptions) -> Any:
+            return await st.kv.Range(req, **kw)
         resp = await self._call("get_prefix", go)
         return [_kv(m) for m in resp.kvs], int(resp.header.revision)
 
@@ -308,21 +217,21 @@ class EtcdClient:
         p = self.settings.etcd_prefix.encode()
         req = rpc.RangeRequest(key=p, range_end=prefix_range_end(p), count_only=True)
 
-        async def go(st: _Stubs, md: Metadata, t: float) -> Any:
-            return await st.kv.Range(req, timeout=t, metadata=md)
+        async def go(st: _Stubs, kw: CallOptions) -> Any:
+            return await st.kv.Range(req, **kw)
         return int((await self._call("revision", go)).header.revision)
 
     async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         """Write ``key``; returns the revision of the write."""
         req = rpc.PutRequest(key=key, value=value, lease=lease)
 
-        async def go(st: _Stubs, md: Metadata, t: float) -> Any:
-            return await st.kv.Put(req, timeout=t, metadata=md)
+        async def go(st: _Stubs, kw: CallOptions) -> Any:
+            return await st.kv.Put(req, **kw)
         return int((await self._call("put", go)).header.revision)
 
     async def _delete(self, what: str, req: Any) -> int:
-        async def go(st: _Stubs, md: Metadata, t: float) -> Any:
-            return await st.kv.DeleteRange(req, timeout=t, metadata=md)
+        async def go(st: _Stubs, kw: CallOptions) -> Any:
+            return await st.kv.DeleteRange(req, **kw)
         return int((await self._call(what, go)).deleted)
 
     async def delete(self, key: bytes) -> int:
@@ -345,8 +254,8 @@ class EtcdClient:
                              success=[_op_pb(o) for o in success],
                              failure=[_op_pb(o) for o in failure])
 
-        async def go(st: _Stubs, md: Metadata, t: float) -> Any:
-            return await st.kv.Txn(req, timeout=t, metadata=md)
+        async def go(st: _Stubs, kw: CallOptions) -> Any:
+            return await st.kv.Txn(req, **kw)
         resp = await self._call("txn", go, retry_deadline=False)
         gets = tuple(tuple(_kv(m) for m in r.response_range.kvs)
                      for r in resp.responses if r.WhichOneof("response") == "response_range")
@@ -354,17 +263,16 @@ class EtcdClient:
 
     async def compact(self, revision: int) -> None:
         """Compact the history up to ``revision`` (tests and maintenance)."""
-        async def go(st: _Stubs, md: Metadata, t: float) -> Any:
+        async def go(st: _Stubs, kw: CallOptions) -> Any:
             return await st.kv.Compact(rpc.CompactionRequest(revision=revision, physical=True),
-                                       timeout=t, metadata=md)
+                                       **kw)
         await self._call("compact", go)
 
     # ---- leases -------------------------------------------------------------------------
     async def lease_grant(self, ttl_s: int) -> int:
         """Grant a lease of ``ttl_s`` seconds; returns its id."""
-        async def go(st: _Stubs, md: Metadata, t: float) -> Any:
-            return await st.lease.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl_s), timeout=t,
-                                             metadata=md)
+        async def go(st: _Stubs, kw: CallOptions) -> Any:
+            return await st.lease.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl_s), **kw)
         resp = await self._call("lease_grant", go)
         if resp.error:
             raise EtcdError(f"etcd lease_grant: {resp.error}")
@@ -372,37 +280,36 @@ class EtcdClient:
 
     async def lease_revoke(self, lease_id: int) -> None:
         """Revoke a lease (deleting its keys); a lease already gone is fine."""
-        async def go(st: _Stubs, md: Metadata, t: float) -> Any:
-            return await st.lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease_id), timeout=t,
-                                              metadata=md)
+        async def go(st: _Stubs, kw: CallOptions) -> Any:
+            return await st.lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease_id), **kw)
         with contextlib.suppress(EtcdLeaseNotFound):
             await self._call("lease_revoke", go)
 
     async def lease_ttl(self, lease_id: int) -> int:
         """Seconds left on the lease, -1 when it is gone."""
-        async def go(st: _Stubs, md: Metadata, t: float) -> Any:
+        async def go(st: _Stubs, kw: CallOptions) -> Any:
             return await st.lease.LeaseTimeToLive(rpc.LeaseTimeToLiveRequest(ID=lease_id),
-                                                  timeout=t, metadata=md)
+                                                  **kw)
         return int((await self._call("lease_ttl", go)).TTL)
 
     async def lease_keepalive(self, lease_id: int) -> int:
         """Refresh a lease once; returns its TTL, 0 when it is gone. Uses one shared stream."""
-        async def go(st: _Stubs, md: Metadata, t: float) -> int:
+        async def go(st: _Stubs, kw: CallOptions) -> int:
             async with self._ka_lock:
                 call = self._ka_call
                 if call is None or call.done() or self._ka_index != st.index:
                     if call is not None:
                         call.cancel()
-                    call = self._ka_call = st.lease.LeaseKeepAlive(metadata=md)
+                    call = self._ka_call = st.lease.LeaseKeepAlive(metadata=kw["metadata"])
                     self._ka_index = st.index
                 try:
-                    async with asyncio.timeout(t):
+                    async with asyncio.timeout(kw["timeout"]):
                         await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
                         resp = await call.read()
                     if resp is EOF:
-                        raise _Transient("etcd closed the lease keepalive stream")
+                        raise Transient("etcd closed the lease keepalive stream")
                     if lease_id != resp.ID:
-                        raise _Transient(f"keepalive answer for lease {resp.ID}, "
+                        raise Transient(f"keepalive answer for lease {resp.ID}, "
                                          f"expected {lease_id}")
                 except BaseException:
                     call.cancel()
@@ -435,17 +342,18 @@ class EtcdClient:
                 while True:
                     resp = await call.read()
                     if resp is EOF:
-                        raise _Transient("etcd closed the watch stream")
+                        raise Transient("etcd closed the watch stream")
                     if resp.compact_revision:
                         raise WatchCompacted(int(resp.compact_revision))
                     if resp.canceled:
-                        reason = resp.cancel_reason or "no reason"
-                        if ("permission denied" in reason and self.settings.etcd_username
-                                and not reauthed):
-                            reauthed = True  # a token that expired while we were away
+                        reason = resp.cancel_reason or "no reason given"
+                        if "permission denied" in reason:
+                            if reauthed or not self.settings.etcd_username:
+                                raise EtcdError(f"etcd refused the watch on {prefix!r}: "
+                                                f"{reason}")
+                            reauthed = True  # the token may have expired: try a fresh one
                             await self._authenticate(stubs, token)
-                            raise _Transient(reason)
-                        raise EtcdError(f"etcd cancelled the watch on {prefix!r}: {reason}")
+                        raise Transient(f"etcd cancelled the watch: {reason}")
                     if resp.created:
                         failures, reauthed = 0, False
                         if next_rev == 0:
@@ -456,15 +364,15 @@ class EtcdClient:
                         yield batch
                     elif not resp.created and resp.header.revision >= next_rev:
                         next_rev = int(resp.header.revision) + 1  # progress notification
-            except (_Transient, grpc.aio.AioRpcError) as exc:
-                if isinstance(exc, grpc.aio.AioRpcError) and _is_auth_expired(exc):
+            except (Transient, grpc.aio.AioRpcError) as exc:
+                if isinstance(exc, grpc.aio.AioRpcError) and is_auth_expired(exc):
                     await self._authenticate(stubs, token)
                 elif isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in (
-                        *_TRANSIENT, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+                        *TRANSIENT, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                         grpc.StatusCode.INTERNAL):
-                    raise self._translate("watch", exc) from exc
+                    raise translate(self.settings, "watch", exc) from exc
                 failures += 1
-                self._failover(stubs.index)
+                self._pool.failover(stubs.index)
                 delay = min(2.0, 0.1 * 2 ** min(failures, 5))
                 log.warning("etcd watch on %r interrupted (%s); resuming from revision %d in "
                             "%.1fs", prefix, exc, next_rev, delay)
@@ -479,7 +387,7 @@ def _event(e: Any) -> WatchEvent:
 
 def _compare_pb(c: Compare) -> Any:
     pb = rpc.Compare(key=c.key, target=_CMP_TARGET[c.target], result=_CMP_OP[c.op])
-    setattr(pb, _CMP_FIELD[c.target], c.value)
+    setattr(pb, c.target, c.value)  # the oneof field is named like the target
     return pb
 
 
