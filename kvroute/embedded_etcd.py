@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import ssl
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,10 @@ class EmbeddedEtcd:
     """How long to wait for /health."""
     extra_args: tuple[str, ...] = ()
     """Extra etcd flags (e.g. ``--auth-token=simple``)."""
+    client_scheme: str = "http"
+    """``https`` when ``extra_args`` configure client TLS (``--cert-file`` ...)."""
+    health_ssl_context: ssl.SSLContext | None = None
+    """TLS context (CA, and client cert for ``--client-cert-auth``) for the https /health."""
 
     def __post_init__(self) -> None:
         self.process: ManagedProcess | None = None
@@ -80,7 +85,7 @@ class EmbeddedEtcd:
             self.client_port = free_port()
         if not self._peer_port:
             self._peer_port = free_port()
-        url = f"http://127.0.0.1:{self.client_port}"
+        url = f"{self.client_scheme}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self._peer_port}"
         argv = [
             find_etcd_binary(), "--name", self.name, "--data-dir", str(self.data_dir / "data"),
@@ -103,7 +108,8 @@ class EmbeddedEtcd:
 
     def healthy(self) -> bool:
         """True when etcd's /health endpoint says so."""
-        with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as resp:
+        with urllib.request.urlopen(f"{self.client_scheme}://{self.endpoint}/health", timeout=1,
+                                    context=self.health_ssl_context) as resp:
             body = json.loads(resp.read())
         return str(body.get("health")) == "true"
 
