@@ -98,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
         default = _default(f)
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
         help_text = f"{f.metadata.get('help', '')} [env {env_name(f.name)}; default: {shown!r}]"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         base = _base_type(hints[f.name])
         if base is bool:
             parser.add_argument(
