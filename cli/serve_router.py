@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 from typing import Any
 
-from cli.main_helpers import not_implemented
+from kvroute.settings import add_arguments, from_namespace
+from kvroute.telemetry import configure_logging
+from router_service.policies.registry import available, settings_classes
+from router_service.server import serve
+from router_service.settings import RouterSettings
 
 
 def add_parser(roles: Any, name: str) -> None:
     """Register the role's parser."""
-    p: argparse.ArgumentParser = roles.add_parser(name, help="run the router")
+    policies = ", ".join(f"{n} ({s.help})" for n, s in available().items())
+    p: argparse.ArgumentParser = roles.add_parser(
+        name, help="run the router",
+        description="Run the request router: hashes prompts into canonical KV blocks, learns "
+                    "placement from the registry and applies a routing policy. Policies: "
+                    f"{policies}.")
+    add_arguments(p, RouterSettings)
+    for cls in settings_classes():
+        add_arguments(p.add_argument_group(f"{cls.__name__} (policy settings)"),  # type: ignore[arg-type]
+                      cls)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run until SIGTERM."""
-    return not_implemented("serve router")
+    settings = from_namespace(RouterSettings, args)
+    policy_settings = {cls: from_namespace(cls, args) for cls in settings_classes()}
+    configure_logging(settings.log_format, settings.log_level)
+    return asyncio.run(serve(settings, policy_settings))

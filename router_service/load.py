@@ -1,0 +1,125 @@
+"""In-flight requests per node and queued prefill work, on an injected clock.
+
+:class:`LoadTracker` counts the requests this router sent to each node that have not completed.
+A request leaves the count on ``Complete`` or, if that never comes (client crash, lost call),
+after ``inflight_timeout_s`` so lost completions cannot leak load forever; such expirations are
+counted. It also estimates the prefill work still queued on each node: every routed request adds
+its uncached prompt tokens, and the estimate drains at ``prefill_tokens_per_s`` — this fills
+``NodeView.pending_prefill_tokens`` (kv_aware's load cost in TTFT units).
+
+The clock is a parameter (``time.monotonic`` in the server, simulated time in the bench), and
+nothing here does I/O, so the bench runs the same code.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Inflight:
+    node_id: str
+    started: float
+    predicted_cached_tokens: int
+
+
+class LoadTracker:
+    """In-flight counts and pending-prefill estimates per node."""
+
+    def __init__(self, clock: Callable[[], float], inflight_timeout_s: float = 300.0,
+                 prefill_tokens_per_s: float = 16_000.0, max_tracked: int = 1_000_000) -> None:
+        if inflight_timeout_s <= 0 or prefill_tokens_per_s <= 0 or max_tracked < 1:
+            raise ValueError("inflight_timeout_s, prefill_tokens_per_s and max_tracked must be > 0")
+        self._clock = clock
+        self._timeout = inflight_timeout_s
+        self._rate = prefill_tokens_per_s
+        self._max = max_tracked
+        self._requests: OrderedDict[str, _Inflight] = OrderedDict()
+        self._count: dict[str, int] = {}
+        self._pending: dict[str, tuple[float, float]] = {}  # node -> (tokens, as of time)
+        self.expired_total = 0
+        """Requests released by the timeout (or the size bound) rather than by Complete."""
+
+    # -- requests -------------------------------------------------------------------------
+    def start(self, request_id: str, node_id: str, uncached_tokens: int,
+              predicted_cached_tokens: int = 0) -> None:
+        """Count a request routed to ``node_id`` and queue its uncached prefill there.
+
+        A request id that is already in flight is released first (a retry routed again).
+        """
+        now = self._clock()
+        self.expire(now)
+        if request_id in self._requests:
+            self._release(request_id)
+        while len(self._requests) >= self._max:
+            oldest = next(iter(self._requests))
+            self._release(oldest)
+            self.expired_total += 1
+        self._requests[request_id] = _Inflight(node_id, now, predicted_cached_tokens)
+        self._count[node_id] = self._count.get(node_id, 0) + 1
+        if uncached_tokens > 0:
+            self._pending[node_id] = (self.pending_prefill(node_id, now) + uncached_tokens, now)
+
+    def complete(self, request_id: str) -> str | None:
+        """Release a request; returns its node id, or None if it was not in flight."""
+        self.expire()
+        if request_id not in self._requests:
+            return None
+        return self._release(request_id)
+
+    def _release(self, request_id: str) -> str:
+        rec = self._requests.pop(request_id)
+        left = self._count.get(rec.node_id, 0) - 1
+        if left > 0:
+            self._count[rec.node_id] = left
+        else:
+            self._count.pop(rec.node_id, None)
+        return rec.node_id
+
+    def expire(self, now: float | None = None) -> int:
+        """Release requests older than the timeout; returns how many (also counted)."""
+        now = self._clock() if now is None else now
+        limit = now - self._timeout
+        n = 0
+        while self._requests:
+            rid, rec = next(iter(self._requests.items()))
+            if rec.started > limit:
+                break
+            self._release(rid)
+            n += 1
+        self.expired_total += n
+        return n
+
+    # -- views ----------------------------------------------------------------------------
+    def inflight(self, node_id: str) -> int:
+        """Requests in flight on ``node_id``."""
+        return self._count.get(node_id, 0)
+
+    def inflight_by_node(self) -> dict[str, int]:
+        """Requests in flight per node (nodes with none omitted)."""
+        self.expire()
+        return dict(self._count)
+
+    @property
+    def total_inflight(self) -> int:
+        """Requests in flight on all nodes."""
+        return len(self._requests)
+
+    def pending_prefill(self, node_id: str, now: float | None = None) -> float:
+        """Estimated uncached prompt tokens still to prefill on ``node_id`` (drains over time)."""
+        rec = self._pending.get(node_id)
+        if rec is None:
+            return 0.0
+        tokens, since = rec
+        now = self._clock() if now is None else now
+        left = tokens - self._rate * max(0.0, now - since)
+        if left <= 0:
+            del self._pending[node_id]
+            return 0.0
+        return left
+
+    def forget_node(self, node_id: str) -> None:
+        """Drop the pending-prefill estimate of a node that left (its requests still expire)."""
+        self._pending.pop(node_id, None)

@@ -1,0 +1,90 @@
+"""What the router knows about nodes and placement, and the interface of its registry link.
+
+Two implementations, one per file: :mod:`.replica_source` (a local replica of the index fed by
+``Registry.WatchPlacement``) and :mod:`.stream_source` (one persistent ``Registry.LookupStream``).
+Both keep the last known nodes so the router can degrade to least_loaded when the registry is
+unreachable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvroute.v1 import registry_pb2
+
+
+@dataclass(slots=True)
+class NodeState:
+    """A node's record and last reported usage."""
+
+    node_id: str
+    address: str
+    model: str
+    used_blocks: int = 0
+    capacity_blocks: int = 0
+    queue_depth: int = 0
+    running: int = 0
+    eviction_rate: float = 0.0
+    healthy: bool = True
+
+    @classmethod
+    def from_info(cls, info: registry_pb2.NodeInfo) -> NodeState:
+        """From a ListNodes / WatchPlacement record."""
+        return cls(info.node_id, info.address, info.model, info.used_blocks,
+                   info.capacity_blocks, info.queue_depth, info.running, info.eviction_rate,
+                   info.healthy)
+
+    @classmethod
+    def from_match(cls, m: registry_pb2.NodeMatch, model: str) -> NodeState:
+        """From a Lookup answer."""
+        return cls(m.node_id, m.address, model, m.used_blocks, m.capacity_blocks,
+                   m.queue_depth, m.running, m.eviction_rate, m.healthy)
+
+
+@dataclass(slots=True)
+class Placement:
+    """Answer of a lookup: every node serving the model with its matched prefix length."""
+
+    nodes: list[tuple[NodeState, int]]
+    """(node, matched blocks) for each node of the model, healthy or not."""
+    block_size: int
+    """The registry's block size (0 = not known yet)."""
+
+
+class PlacementSource(Protocol):
+    """The router's link to the registry."""
+
+    mode: str
+    """``replica`` or ``stream``."""
+
+    async def start(self) -> None:
+        """Start background work (connect, follow); returns without waiting for the registry."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop background work and close the channel."""
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """True while the link to the registry is up."""
+        ...
+
+    def staleness_s(self) -> float:
+        """Age in seconds of the newest registry data held (0 when live)."""
+        ...
+
+    def registry_block_size(self) -> int:
+        """Block size the registry reported (0 = unknown)."""
+        ...
+
+    async def lookup(self, block_hashes: Sequence[int], model: str) -> Placement:
+        """Nodes of ``model`` with their matched prefix; raises Unavailable when the registry
+        cannot answer (the caller degrades)."""
+        ...
+
+    def last_known(self) -> list[NodeState]:
+        """Every node known from the registry at last contact (for degraded routing)."""
+        ...

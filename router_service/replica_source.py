@@ -1,0 +1,159 @@
+"""Registry link, replica mode: follow ``Registry.WatchPlacement`` into a local index.
+
+The replica answers lookups in-process (no registry round trip per request). A (re)connect
+builds a fresh index from the registry's snapshot and swaps it in at SNAPSHOT_END, so routing
+keeps using the old one meanwhile. When the link is down the replica ages; past
+``max_staleness_s`` it is no longer trusted and :meth:`lookup` raises Unavailable (the router
+degrades to least_loaded on the last known nodes). Staleness is exported as a metric.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from kvroute.errors import Unavailable
+from kvroute.grpcutil import message_size_options, open_channel
+from kvroute.settings import TLSSettings
+from kvroute.v1 import registry_pb2, registry_pb2_grpc
+from router_service.placement import NodeState, Placement
+from router_service.replica_index import ReplicaIndex
+from router_service.retry import LinkNeverUp, reconnect_retrying
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaSource:
+    """A local replica of the placement index that follows the registry."""
+
+    mode = "replica"
+
+    def __init__(self, target: str, tls: TLSSettings | None = None, *,
+                 retry_max_s: float = 2.0, max_staleness_s: float = 5.0,
+                 on_event_lag: Callable[[float], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._target = target
+        self._tls = tls
+        self._retry_max_s = retry_max_s
+        self._max_staleness_s = max_staleness_s
+        self._on_event_lag = on_event_lag
+        self._clock = clock
+        self._index = ReplicaIndex()
+        self._connected = False
+        self._down_since = clock()
+        self._task: asyncio.Task[None] | None = None
+        self.events_applied = 0
+        self.reconnects = 0
+
+    async def start(self) -> None:
+        """Start following the registry in the background."""
+        self._task = asyncio.create_task(self._run(), name="replica-follow")
+
+    async def stop(self) -> None:
+        """Stop following."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    @property
+    def connected(self) -> bool:
+        """True while the watch stream is up and the replica is complete."""
+        return self._connected
+
+    def staleness_s(self) -> float:
+        """0 while following; otherwise seconds since the link went down."""
+        return 0.0 if self._connected else self._clock() - self._down_since
+
+    def usable(self) -> bool:
+        """True when the replica may be routed on (complete and not older than the bound)."""
+        return self._index.complete and self.staleness_s() <= self._max_staleness_s
+
+    def registry_block_size(self) -> int:
+        """Block size from the registry's events (0 = unknown)."""
+        return self._index.block_size
+
+    @property
+    def index(self) -> ReplicaIndex:
+        """The current replica (read-only use)."""
+        return self._index
+
+    async def lookup(self, block_hashes: Sequence[int], model: str) -> Placement:
+        """Longest prefix per node from the replica; Unavailable once it is too stale."""
+        if not self.usable():
+            why = ("no snapshot received yet" if not self._index.complete
+                   else f"registry link down for {self.staleness_s():.1f} s "
+                        f"(> {self._max_staleness_s:g} s)")
+            raise Unavailable(f"placement replica unusable: {why}")
+        return Placement(self._index.lookup(block_hashes, model), self._index.block_size)
+
+    def last_known(self) -> list[NodeState]:
+        """Nodes of the current replica (last known when the link is down)."""
+        return list(self._index.nodes.values())
+
+    # -- background -----------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            try:
+                async for attempt in reconnect_retrying(self._retry_max_s):
+                    with attempt:
+                        await self._follow_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in event handling must not stop the follower
+                log.exception("placement replica follower failed; reconnecting")
+                await asyncio.sleep(self._retry_max_s)
+
+    def _mark_down(self) -> None:
+        if self._connected:
+            self._connected = False
+            self._down_since = self._clock()
+            log.warning("registry watch lost; replica ages from now (bound %.1f s)",
+                        self._max_staleness_s)
+
+    async def _follow_once(self) -> None:
+        """One watch: snapshot, then live changes. Returns if it was ever up (resets back-off)."""
+        channel = open_channel(self._target, self._tls, message_size_options(64 << 20))
+        was_up = False
+        try:
+            stub = registry_pb2_grpc.RegistryStub(channel)
+            call = stub.WatchPlacement(registry_pb2.WatchPlacementRequest())
+            fresh = ReplicaIndex()
+            lag_cb = self._on_event_lag
+            async for ev in call:
+                if not was_up:
+                    fresh.apply(ev)
+                    if fresh.complete:
+                        self._index, was_up = fresh, True
+                        self._connected = True
+                        self.reconnects += 1
+                        log.info("placement replica in sync: %d nodes, block size %d",
+                                 len(fresh.nodes), fresh.block_size)
+                else:
+                    self._index.apply(ev)
+                self.events_applied += 1
+                if lag_cb is not None and ev.sent_unix_ms:
+                    lag_cb(max(0.0, time.time() - ev.sent_unix_ms / 1000.0))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if was_up:
+                log.warning("registry watch ended: %s", _short(exc))
+                return
+            raise
+        finally:
+            self._mark_down()
+            await channel.close(None)
+        if not was_up:
+            raise LinkNeverUp("watch ended before its snapshot completed")
+
+
+def _short(exc: BaseException) -> str:
+    details = getattr(exc, "details", None)
+    if callable(details):
+        return f"{type(exc).__name__}: {details()}"
+    return repr(exc)

@@ -1,0 +1,80 @@
+"""Settings of ``kvroute serve router`` (flags and ``KVROUTE_*`` variables).
+
+Policy weights and caps live in each policy's own settings class (``--kv-*`` for kv_aware,
+``--session-*`` for session, ...); see :func:`router_service.policies.registry.settings_classes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvroute.common_settings import ClientTLSSettings, ServerSettings
+from kvroute.settings import parse_hostport, require, setting
+
+REGISTRY_MODES = ("replica", "stream")
+
+
+@dataclass(frozen=True)
+class RouterSettings(ServerSettings, ClientTLSSettings):
+    """Everything the router needs besides policy weights."""
+
+    registry: str = setting("", "Registry gRPC address HOST:PORT (required)")
+    registry_mode: str = setting(
+        "replica", "How the router learns placement: 'replica' keeps a local copy of the index "
+                   "fed by Registry.WatchPlacement (no registry round trip per request); "
+                   "'stream' asks over one persistent Registry.LookupStream")
+    default_policy: str = setting(
+        "kv_aware", "Policy used when a request names none (round_robin, least_loaded, "
+                    "session, kv_aware, random)")
+    default_model: str = setting(
+        "", "Model assumed when a request names none (empty = the only model the fleet serves)")
+    block_size: int = setting(
+        16, "Tokens per KV block used to hash prompts; must equal the registry's block size "
+            "(a mismatch fails routing with FAILED_PRECONDITION instead of zero overlap)")
+    hash_salt: str = setting("", "Salt mixed into block 0 (must match the node agents')")
+    tokenizer: str = setting(
+        "simple", "Tokenizer for prompts given as text: 'simple' (built-in, demos) or 'hf' "
+                  "(HuggingFace tokenizer.json via --tokenizer-file)")
+    tokenizer_file: str = setting("", "Path of a local tokenizer.json for --tokenizer hf")
+    max_prompt_tokens: int = setting(
+        262_144, "Largest prompt accepted, in tokens (token_ids, tokenized prompt, or "
+                 "num_prompt_tokens); larger -> INVALID_ARGUMENT")
+    max_prompt_chars: int = setting(
+        2_000_000, "Largest prompt string accepted, in characters")
+    max_token_id: int = setting(
+        1_048_575, "Largest token id accepted (vocabulary size - 1); larger -> INVALID_ARGUMENT")
+    inflight_timeout_s: float = setting(
+        300.0, "A routed request with no Complete is released from the in-flight count after "
+               "this many seconds (counted in kvroute_router_inflight_expired_total)")
+    max_tracked_requests: int = setting(
+        1_000_000, "Most in-flight requests tracked at once; the oldest are released beyond it")
+    lookup_timeout_s: float = setting(
+        0.25, "Deadline of one placement lookup on the registry stream (stream mode)")
+    registry_timeout_s: float = setting(
+        2.0, "Deadline of unary registry calls (ListNodes) and of connecting a stream")
+    registry_retry_max_s: float = setting(
+        2.0, "Longest back-off between reconnect attempts to the registry (jittered)")
+    node_cache_ttl_s: float = setting(
+        2.0, "How long the node list from ListNodes is reused before asking again (stream mode)")
+    replica_max_staleness_s: float = setting(
+        5.0, "Replica mode: once the registry link has been down this long, the replica is "
+             "no longer trusted and decisions degrade to least_loaded")
+
+    def __post_init__(self) -> None:
+        ServerSettings.__post_init__(self)
+        require(bool(self.registry), "registry", "the registry address HOST:PORT is required")
+        parse_hostport(self.registry, "registry")
+        require(self.registry_mode in REGISTRY_MODES, "registry_mode",
+                f"must be one of {', '.join(REGISTRY_MODES)}")
+        require(self.block_size >= 1, "block_size", "must be >= 1")
+        require(self.tokenizer in ("simple", "hf"), "tokenizer", "must be simple or hf")
+        require(self.tokenizer != "hf" or bool(self.tokenizer_file), "tokenizer_file",
+                "required with --tokenizer hf")
+        require(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
+        require(self.max_prompt_chars >= 1, "max_prompt_chars", "must be >= 1")
+        require(0 <= self.max_token_id <= 2**32 - 1, "max_token_id", "must be in 0..2**32-1")
+        require(self.inflight_timeout_s > 0, "inflight_timeout_s", "must be > 0")
+        require(self.max_tracked_requests >= 1, "max_tracked_requests", "must be >= 1")
+        for name in ("lookup_timeout_s", "registry_timeout_s", "registry_retry_max_s",
+                     "node_cache_ttl_s", "replica_max_staleness_s"):
+            require(getattr(self, name) > 0, name, "must be > 0")

@@ -1,0 +1,206 @@
+"""Registry link, stream mode: one persistent ``Registry.LookupStream`` per router.
+
+Lookups are written to the stream with a request id and matched to replies by id; each waits at
+most ``lookup_timeout_s``. The stream reconnects with jittered back-off; while it is down lookups
+fail fast with Unavailable (the router degrades). The node list (for degraded routing and Stats)
+comes from lookup replies and from ``ListNodes``, cached for ``node_cache_ttl_s`` and fetched with
+a deadline and tenacity retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
+
+from kvroute.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    KvrouteError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from kvroute.grpcutil import message_size_options, open_channel
+from kvroute.settings import TLSSettings
+from kvroute.v1 import registry_pb2, registry_pb2_grpc
+from router_service.placement import NodeState, Placement
+from router_service.retry import LinkNeverUp, call_retrying, reconnect_retrying
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[int, type[KvrouteError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT.value[0]: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND.value[0]: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION.value[0]: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: ResourceExhausted,
+}
+
+
+class StreamSource:
+    """Lookups over one persistent bidirectional stream, with a short-TTL node cache."""
+
+    mode = "stream"
+
+    def __init__(self, target: str, tls: TLSSettings | None = None, *,
+                 lookup_timeout_s: float = 0.25, call_timeout_s: float = 2.0,
+                 retry_max_s: float = 2.0, node_cache_ttl_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._target = target
+        self._tls = tls
+        self._lookup_timeout_s = lookup_timeout_s
+        self._call_timeout_s = call_timeout_s
+        self._retry_max_s = retry_max_s
+        self._ttl = node_cache_ttl_s
+        self._clock = clock
+        self._channel: grpc.aio.Channel | None = None
+        self._queue: asyncio.Queue[registry_pb2.LookupRequest | None] = asyncio.Queue()
+        self._pending: dict[str, asyncio.Future[registry_pb2.LookupResponse]] = {}
+        self._ids = itertools.count(1)
+        self._connected = False
+        self._last_ok = clock()
+        self._nodes: dict[str, NodeState] = {}
+        self._nodes_at = float("-inf")
+        self._block_size = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Connect in the background."""
+        self._channel = open_channel(self._target, self._tls, message_size_options(64 << 20))
+        self._tasks = [asyncio.create_task(self._run(), name="lookup-stream"),
+                       asyncio.create_task(self._refresh_nodes_loop(), name="node-cache")]
+
+    async def stop(self) -> None:
+        """Stop and close."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None
+
+    @property
+    def connected(self) -> bool:
+        """True while the lookup stream is up."""
+        return self._connected
+
+    def staleness_s(self) -> float:
+        """0 while the stream is up; otherwise seconds since the last registry answer."""
+        return 0.0 if self._connected else self._clock() - self._last_ok
+
+    def registry_block_size(self) -> int:
+        """Block size from the registry's replies (0 = unknown)."""
+        return self._block_size
+
+    def last_known(self) -> list[NodeState]:
+        """Nodes from the latest ListNodes / lookup replies."""
+        return list(self._nodes.values())
+
+    async def lookup(self, block_hashes: Sequence[int], model: str) -> Placement:
+        """Ask the registry over the stream; Unavailable when it cannot answer in time."""
+        if not self._connected:
+            raise Unavailable("registry lookup stream is down")
+        rid = str(next(self._ids))
+        fut: asyncio.Future[registry_pb2.LookupResponse] = \
+            asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self._queue.put_nowait(registry_pb2.LookupRequest(
+            block_hashes=block_hashes, model=model, request_id=rid))
+        try:
+            async with asyncio.timeout(self._lookup_timeout_s):
+                resp = await fut
+        except TimeoutError:
+            raise Unavailable(f"registry lookup took over {self._lookup_timeout_s:g} s") from None
+        finally:
+            self._pending.pop(rid, None)
+        if resp.error.code:
+            cls = _ERRORS.get(resp.error.code, Unavailable)
+            raise cls(f"registry: {resp.error.message}")
+        self._block_size = resp.block_size or self._block_size
+        nodes: list[tuple[NodeState, int]] = []
+        for m in resp.nodes:
+            st = NodeState.from_match(m, model)
+            self._nodes[st.node_id] = st
+            nodes.append((st, m.matched_blocks))
+        return Placement(nodes, resp.block_size)
+
+    # -- background -----------------------------------------------------------------------
+    async def _requests(self) -> AsyncIterator[registry_pb2.LookupRequest]:
+        while True:
+            req = await self._queue.get()
+            if req is None:
+                return
+            yield req
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async for attempt in reconnect_retrying(self._retry_max_s):
+                    with attempt:
+                        await self._stream_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("lookup stream failed; reconnecting")
+                await asyncio.sleep(self._retry_max_s)
+
+    async def _stream_once(self) -> None:
+        assert self._channel is not None
+        stub = registry_pb2_grpc.RegistryStub(self._channel)
+        self._queue = asyncio.Queue()
+        call = stub.LookupStream(self._requests())
+        was_up = False
+        try:
+            async with asyncio.timeout(self._call_timeout_s):
+                await call.wait_for_connection()
+            was_up = self._connected = True
+            log.info("registry lookup stream up")
+            async for resp in call:
+                self._last_ok = self._clock()
+                fut = self._pending.get(resp.request_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(resp)
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            if not was_up:
+                raise LinkNeverUp(str(exc)) from exc
+            log.warning("registry lookup stream lost: %s", exc)
+        finally:
+            if self._connected:
+                self._last_ok = self._clock()
+            self._connected = False
+            call.cancel()
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(Unavailable("registry lookup stream lost"))
+        if not was_up:
+            raise LinkNeverUp("lookup stream ended before it was up")
+
+    async def _refresh_nodes_loop(self) -> None:
+        while True:
+            if self._clock() - self._nodes_at >= self._ttl:
+                with contextlib.suppress(Exception):
+                    await self.refresh_nodes()
+            await asyncio.sleep(min(self._ttl, 1.0))
+
+    async def refresh_nodes(self) -> None:
+        """ListNodes with a deadline and jittered retries; replaces the node cache."""
+        assert self._channel is not None
+        stub = registry_pb2_grpc.RegistryStub(self._channel)
+        async for attempt in call_retrying():
+            with attempt:
+                resp = await stub.ListNodes(registry_pb2.ListNodesRequest(),
+                                            timeout=self._call_timeout_s)
+        self._nodes = {n.node_id: NodeState.from_info(n) for n in resp.nodes}
+        self._block_size = resp.block_size or self._block_size
+        self._nodes_at = self._last_ok = self._clock()

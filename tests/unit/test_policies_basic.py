@@ -1,0 +1,58 @@
+"""round_robin, least_loaded and random: choices, ties, and never an unhealthy node."""
+
+from __future__ import annotations
+
+import pytest
+
+from router_service.policies.base import NodeView, NoEligibleNode, RequestView
+from router_service.policies.least_loaded import LeastLoadedPolicy
+from router_service.policies.random_choice import RandomPolicy
+from router_service.policies.registry import PolicySet, build_policy
+from router_service.policies.round_robin import RoundRobinPolicy
+
+REQ = RequestView("r1", [1, 2, 3], 48, 16)
+
+
+def node(nid: str, inflight: int = 0, queue: int = 0, healthy: bool = True,
+         matched: int = 0) -> NodeView:
+    return NodeView(nid, f"{nid}:1", matched, inflight, queue, 0, 0, 100, 0.0, 0.0, healthy)
+
+
+def test_round_robin_cycles_healthy_nodes_in_id_order() -> None:
+    p = RoundRobinPolicy()
+    nodes = [node("c"), node("a"), node("b", healthy=False)]
+    assert [p.choose(REQ, nodes).node_id for _ in range(4)] == ["a", "c", "a", "c"]
+
+
+def test_least_loaded_orders_by_inflight_then_queue_then_id() -> None:
+    p = LeastLoadedPolicy()
+    assert p.choose(REQ, [node("a", 2), node("b", 1, 5), node("c", 1, 3)]).node_id == "c"
+    assert p.choose(REQ, [node("b", 1, 3), node("a", 1, 3)]).node_id == "a"
+    d = p.choose(REQ, [node("a", 0, healthy=False), node("b", 4)])
+    assert d.node_id == "b" and "least loaded" in d.reason
+
+
+@pytest.mark.parametrize("name", ["round_robin", "least_loaded", "random", "session",
+                                  "kv_aware"])
+def test_every_policy_refuses_when_no_node_is_healthy(name: str) -> None:
+    p = build_policy(name)
+    with pytest.raises(NoEligibleNode):
+        p.choose(REQ, [node("a", healthy=False)])
+    for _ in range(20):
+        assert p.choose(REQ, [node("a", healthy=False), node("b")]).node_id == "b"
+
+
+def test_random_is_seeded_and_uses_every_healthy_node() -> None:
+    nodes = [node("a"), node("b"), node("c")]
+    picks = [RandomPolicy().choose(REQ, nodes).node_id for _ in range(3)]
+    again = [RandomPolicy().choose(REQ, nodes).node_id for _ in range(3)]
+    assert picks == again
+    p = RandomPolicy()
+    assert {p.choose(REQ, nodes).node_id for _ in range(200)} == {"a", "b", "c"}
+
+
+def test_registry_names_and_unknown_policy() -> None:
+    ps = PolicySet()
+    assert ps.names == ["kv_aware", "least_loaded", "random", "round_robin", "session"]
+    with pytest.raises(KeyError, match="known"):
+        build_policy("nope")
