@@ -49,7 +49,7 @@ def test_prefix_shared_by_every_request_never_pushes_a_node_past_its_cap() -> No
         fleet = nodes(n, loads)
         total = sum(loads.values())
         cap = max(1, math.ceil(c * (total + 1) / n))
-        d = p.choose(req(None, shared + [i], rid=f"r{i}"), fleet)
+        d = p.choose(req(None, [*shared, i], rid=f"r{i}"), fleet)
         loads[d.node_id] = loads.get(d.node_id, 0) + 1
         assert loads[d.node_id] <= cap
     assert max(loads.values()) <= math.ceil(c * 400 / n)
