@@ -1,0 +1,346 @@
+"""OpenAI-compatible HTTP API of engine_sim (aiohttp), shaped like vLLM's and SGLang's servers.
+
+- ``POST /v1/completions``: prompt as text, token ids, or a one-element list of either;
+  ``max_tokens``; ``stream`` (SSE, ``stream_options.include_usage``); ``usage`` with
+  ``prompt_tokens_details.cached_tokens`` measured from the cache.
+- ``POST /v1/completions/render``: a list of ``{token_ids, ...}`` (what vllm-router cache_aware
+  calls), ``POST /tokenize``.
+- ``POST /generate``: SGLang's native endpoint (``input_ids`` or ``text``,
+  ``sampling_params.max_new_tokens``), which sglang-router uses for token-id prompts.
+- ``GET /v1/models``, ``/health``, ``/get_load``, ``/metrics``, ``/server_info`` and
+  ``/model_info`` (and their ``get_`` forms) without a ``model_path``, so sglang-router never
+  tries to download a tokenizer; ``POST /reset_prefix_cache``.
+- ``GET /kvroute/stats`` (engine-side truth: ``?since=N`` for records from index N,
+  ``?records=0`` for counters only), ``POST /kvroute/stats/reset`` (forget records).
+
+The request id of a record comes from the body's ``user`` (or ``rid``) or the ``X-Request-Id``
+header.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from engine_sim.engine import SimEngine
+from engine_sim.model import RequestTooLarge, SimRequest
+from engine_sim.tokenizer import SimpleTokenizer
+
+ENGINE_KEY = web.AppKey("engine", SimEngine)
+REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+TOKENIZER = SimpleTokenizer()
+MAX_TOKENS_LIMIT = 1 << 20
+
+
+class BadRequest(Exception):
+    """A client error answered with an OpenAI-style error body."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _error(message: str, status: int) -> web.Response:
+    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+    return web.json_response({"object": "error", "message": message, "type": kind,
+                              "param": None, "code": status}, status=status)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def _token_list(value: Any, what: str) -> list[int]:
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32
+               for t in value):
+        raise BadRequest(f"{what} must be token ids (integers in 0..4294967295)")
+    return list(value)
+
+
+def _prompt_tokens(value: Any, what: str = "prompt") -> list[int]:
+    """Token ids of a prompt given as text, ids, or a one-element list of either."""
+    if isinstance(value, str):
+        return TOKENIZER.encode(value)
+    if isinstance(value, list):
+        if value and all(isinstance(v, (str, list)) for v in value):
+            if len(value) != 1:
+                raise BadRequest(f"{what}: only one prompt per request is supported")
+            return _prompt_tokens(value[0], what)
+        return _token_list(value, what)
+    raise BadRequest(f"{what} must be a string or a list of token ids")
+
+
+def _int_field(body: dict[str, Any], names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        val = body.get(name)
+        if val is None:
+            continue
+        if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= MAX_TOKENS_LIMIT:
+            raise BadRequest(f"{name} must be an integer in 1..{MAX_TOKENS_LIMIT}")
+        return val
+    return default
+
+
+def _client_id(request: web.Request, body: dict[str, Any]) -> str:
+    for key in ("user", "rid"):
+        val = body.get(key)
+        if isinstance(val, str) and val:
+            return val[:256]
+    return request.headers.get("X-Request-Id", "")[:256]
+
+
+class Api:
+    """Route handlers bound to one engine."""
+
+    def __init__(self, engine: SimEngine) -> None:
+        self.engine = engine
+
+    def _check_model(self, body: dict[str, Any]) -> None:
+        model = body.get("model")
+        if model is not None and model != self.engine.settings.model:
+            raise BadRequest(f"The model `{model}` does not exist.", 404)
+
+    async def _run(self, tokens: list[int], max_tokens: int, client_id: str) -> SimRequest:
+        s = self.engine.settings
+        if not tokens:
+            raise BadRequest("prompt is empty")
+        if len(tokens) > s.max_prompt_tokens:
+            raise BadRequest(f"prompt has {len(tokens)} tokens; the limit is "
+                             f"{s.max_prompt_tokens} (--max-prompt-tokens)")
+        try:
+            req = self.engine.make_request(tokens, max_tokens, client_id)
+            return await self.engine.submit(req)
+        except (RequestTooLarge, ValueError) as exc:
+            raise BadRequest(str(exc)) from exc
+
+    # ---- OpenAI completions ----------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/completions``."""
+        body = await _body(request)
+        self._check_model(body)
+        if "prompt" not in body:
+            raise BadRequest("prompt is required")
+        tokens = _prompt_tokens(body["prompt"])
+        max_tokens = _int_field(body, ("max_tokens", "max_completion_tokens"),
+                                self.engine.settings.max_tokens_default)
+        stream = bool(body.get("stream", False))
+        req = await self._run(tokens, max_tokens, _client_id(request, body))
+        cid = f"cmpl-{req.request_id}"
+        created = int(time.time())
+        out_ids = TOKENIZER.output_ids(req.request_id, req.max_tokens)
+        usage = self._usage(req)
+        if not stream:
+            await self.engine.sleep_until(req.finished_at or 0.0)
+            return web.json_response({
+                "id": cid, "object": "text_completion", "created": created,
+                "model": self.engine.settings.model,
+                "choices": [{"index": 0, "text": TOKENIZER.decode(out_ids), "logprobs": None,
+                             "finish_reason": "length", "stop_reason": None,
+                             "prompt_logprobs": None}],
+                "usage": usage})
+        resp = await self._sse_start(request)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+        try:
+            for i, tok in await self._paced(req, out_ids):
+                await self._wait_token(req, i)
+                last = i == len(out_ids) - 1
+                await self._sse(resp, {
+                    "id": cid, "object": "text_completion", "created": created,
+                    "model": self.engine.settings.model,
+                    "choices": [{"index": 0, "text": TOKENIZER.decode([tok]), "logprobs": None,
+                                 "finish_reason": "length" if last else None,
+                                 "stop_reason": None}]})
+            if include_usage:
+                await self._sse(resp, {"id": cid, "object": "text_completion",
+                                       "created": created, "model": self.engine.settings.model,
+                                       "choices": [], "usage": usage})
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, OSError):
+            self.engine.abort(req)
+            raise
+        return resp
+
+    def _usage(self, req: SimRequest) -> dict[str, Any]:
+        return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.max_tokens,
+                "total_tokens": req.prompt_tokens + req.max_tokens,
+                "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
+
+    async def _paced(self, req: SimRequest, out_ids: list[int]) -> list[tuple[int, int]]:
+        """Wait for the first token; the caller waits for each further one with _wait_token."""
+        await self.engine.sleep_until(req.first_token_at or 0.0)
+        return list(enumerate(out_ids))
+
+    async def _sse_start(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        return resp
+
+    async def _sse(self, resp: web.StreamResponse, obj: dict[str, Any]) -> None:
+        await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+    async def render(self, request: web.Request) -> web.Response:
+        """``POST /v1/completions/render``: the prompt as token ids, vLLM's GenerateRequest list."""
+        body = await _body(request)
+        self._check_model(body)
+        if "prompt" not in body:
+            raise BadRequest("prompt is required")
+        prompts = body["prompt"]
+        items = prompts if isinstance(prompts, list) and prompts and all(
+            isinstance(p, (str, list)) for p in prompts) else [prompts]
+        max_tokens = _int_field(body, ("max_tokens",), self.engine.settings.max_tokens_default)
+        return web.json_response([
+            {"request_id": f"render-{i}", "token_ids": _prompt_tokens(p),
+             "sampling_params": {"max_tokens": max_tokens}, "model": self.engine.settings.model,
+             "stream": bool(body.get("stream", False))}
+            for i, p in enumerate(items)])
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """``POST /tokenize`` (vLLM): ``{prompt}`` -> ``{tokens, count, max_model_len}``."""
+        body = await _body(request)
+        tokens = _prompt_tokens(body.get("prompt", ""))
+        return web.json_response({"tokens": tokens, "count": len(tokens),
+                                  "max_model_len": self.engine.settings.max_prompt_tokens})
+
+    # ---- SGLang native ---------------------------------------------------------------------
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        """``POST /generate`` (SGLang): ``input_ids`` or ``text``; ``sampling_params``."""
+        body = await _body(request)
+        if body.get("input_ids") is not None:
+            ids = body["input_ids"]
+            if not isinstance(ids, list):
+                raise BadRequest("input_ids must be a list of token ids")
+            tokens = _prompt_tokens(ids, "input_ids")
+        elif body.get("text") is not None:
+            tokens = _prompt_tokens(body["text"], "text")
+        else:
+            raise BadRequest("one of input_ids or text is required")
+        params = body.get("sampling_params") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("sampling_params must be an object")
+        max_new = _int_field(params, ("max_new_tokens",), self.engine.settings.max_tokens_default)
+        req = await self._run(tokens, max_new, _client_id(request, body))
+        out_ids = TOKENIZER.output_ids(req.request_id, req.max_tokens)
+        meta = {"id": req.client_request_id or req.request_id,
+                "prompt_tokens": req.prompt_tokens, "completion_tokens": req.max_tokens,
+                "cached_tokens": req.cached_tokens,
+                "finish_reason": {"type": "length", "length": req.max_tokens}}
+        if not body.get("stream"):
+            await self.engine.sleep_until(req.finished_at or 0.0)
+            return web.json_response({"text": TOKENIZER.decode(out_ids), "output_ids": out_ids,
+                                      "meta_info": meta})
+        resp = await self._sse_start(request)
+        try:
+            for i, _ in await self._paced(req, out_ids):
+                await self._wait_token(req, i)
+                await self._sse(resp, {"text": TOKENIZER.decode(out_ids[: i + 1]),
+                                       "output_ids": out_ids[: i + 1], "meta_info": meta})
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, OSError):
+            self.engine.abort(req)
+            raise
+        return resp
+
+    async def _wait_token(self, req: SimRequest, i: int) -> None:
+        first = req.first_token_at or 0.0
+        await self.engine.sleep_until(first + i * self.engine.model.params.decode_s_per_token)
+
+    # ---- info, health, load, metrics -------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        """``GET /v1/models``."""
+        s = self.engine.settings
+        return web.json_response({"object": "list", "data": [{
+            "id": s.model, "object": "model", "created": int(self.engine.started_unix),
+            "owned_by": "kvroute-engine-sim", "root": s.model, "parent": None,
+            "max_model_len": s.max_prompt_tokens}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        """``GET /health``: 200 while serving."""
+        return web.Response(status=200)
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        """SGLang-style ``/server_info``; no ``model_path`` on purpose (PEERS.md)."""
+        s = self.engine.settings
+        return web.json_response({"served_model_name": s.model, "page_size": s.block_size,
+                                  "max_running_requests": s.max_running,
+                                  "engine": "kvroute-engine-sim"})
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        """SGLang-style ``/model_info`` without ``model_path``/``tokenizer_path``."""
+        return web.json_response({"is_generation": True,
+                                  "served_model_name": self.engine.settings.model})
+
+    async def get_load(self, request: web.Request) -> web.Response:
+        """``GET /get_load``: running, waiting and KV usage now."""
+        return web.json_response(self.engine.load())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """``GET /metrics`` (Prometheus text)."""
+        data = generate_latest(request.app[REGISTRY_KEY])
+        return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """``POST /reset_prefix_cache`` (vLLM): 200, or 400 while requests hold blocks."""
+        if self.engine.reset_prefix_cache():
+            return web.Response(status=200)
+        raise BadRequest("cannot reset the prefix cache while requests are running")
+
+    async def stats(self, request: web.Request) -> web.Response:
+        """``GET /kvroute/stats[?since=N&records=0]``."""
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError as exc:
+            raise BadRequest("since must be an integer") from exc
+        with_records = request.query.get("records", "1") not in ("0", "false", "no")
+        return web.json_response(self.engine.stats(since, with_records))
+
+    async def stats_reset(self, request: web.Request) -> web.Response:
+        """``POST /kvroute/stats/reset``: forget per-request records."""
+        self.engine.clear_records()
+        return web.json_response({"ok": True})
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    except BadRequest as exc:
+        return _error(str(exc), exc.status)
+
+
+def make_app(engine: SimEngine, registry: CollectorRegistry) -> web.Application:
+    """The aiohttp application serving ``engine``."""
+    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
+    app[ENGINE_KEY] = engine
+    app[REGISTRY_KEY] = registry
+    api = Api(engine)
+    app.add_routes([
+        web.post("/v1/completions", api.completions),
+        web.post("/v1/completions/render", api.render),
+        web.post("/tokenize", api.tokenize),
+        web.post("/generate", api.generate),
+        web.get("/v1/models", api.models),
+        web.get("/health", api.health),
+        web.get("/get_load", api.get_load),
+        web.get("/metrics", api.metrics),
+        web.get("/server_info", api.server_info),
+        web.get("/get_server_info", api.server_info),
+        web.get("/model_info", api.model_info),
+        web.get("/get_model_info", api.model_info),
+        web.post("/reset_prefix_cache", api.reset_prefix_cache),
+        web.get("/kvroute/stats", api.stats),
+        web.post("/kvroute/stats/reset", api.stats_reset),
+    ])
+    return app

@@ -1,0 +1,97 @@
+"""Prometheus metrics of engine_sim: vLLM's names (``vllm/v1/metrics/loggers.py``) + our own.
+
+vLLM's: gauges ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+``vllm:kv_cache_usage_perc`` (a fraction), counters ``vllm:prefix_cache_queries_total`` and
+``vllm:prefix_cache_hits_total`` (tokens), ``vllm:prompt_tokens_total``,
+``vllm:generation_tokens_total``, ``vllm:request_success_total``; labels ``model_name`` and
+``engine``. Ours: ``kvroute_engine_sim_*`` (evictions, stored blocks, hits by request, events).
+Values are read from the engine at scrape time by a collector on a per-server registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engine_sim.engine import SimEngine
+
+
+class EngineCollector(Collector):
+    """Reads the engine's counters and gauges on every scrape."""
+
+    def __init__(self, engine: SimEngine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every metric family."""
+        e = self._engine
+        c = e.cache.counters
+        labels = ["model_name", "engine"]
+        values = [e.settings.model, str(e.settings.data_parallel_rank)]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(values, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            m = CounterMetricFamily(name, doc, labels=labels)
+            m.add_metric(values, value)
+            return m
+
+        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
+                    e.model.num_running)
+        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                    e.model.num_waiting)
+        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                    e.cache.usage)
+        yield counter("vllm:prefix_cache_queries",
+                      "Prefix cache queries, in terms of number of queried tokens.",
+                      c.queries_tokens)
+        yield counter("vllm:prefix_cache_hits",
+                      "Prefix cache hits, in terms of number of cached tokens.", c.hits_tokens)
+        yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
+                      e.prompt_tokens_total)
+        yield counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                      e.completion_tokens_total)
+        yield counter("vllm:request_success", "Count of successfully processed requests.",
+                      e.model.finished_total)
+        yield counter("kvroute_engine_sim_evicted_blocks", "KV blocks evicted (LRU).",
+                      c.evicted_blocks)
+        yield counter("kvroute_engine_sim_stored_blocks", "KV blocks stored in the cache.",
+                      c.stored_blocks)
+        yield counter("kvroute_engine_sim_requests", "Requests admitted (cache looked up).",
+                      c.requests)
+        yield counter("kvroute_engine_sim_requests_with_hit",
+                      "Admitted requests that reused at least one cached block.",
+                      c.requests_with_hit)
+        yield counter("kvroute_engine_sim_requests_aborted", "Requests aborted by the client.",
+                      e.model.aborted_total)
+        yield counter("kvroute_engine_sim_cache_resets", "Prefix cache resets (AllBlocksCleared).",
+                      c.cleared)
+        yield counter("kvroute_engine_sim_event_batches", "KV event batches published.",
+                      e.publisher.batches_total)
+        yield counter("kvroute_engine_sim_events", "KV events published.",
+                      e.publisher.events_total)
+        yield counter("kvroute_engine_sim_replay_requests", "Replay requests answered.",
+                      e.publisher.replay_requests_total)
+        yield gauge("kvroute_engine_sim_cached_blocks",
+                    "Blocks in the cache (in use or evictable).",
+                    e.cache.cached_blocks)
+        yield gauge("kvroute_engine_sim_used_blocks", "Blocks held by running requests.",
+                    e.cache.used_blocks)
+        yield gauge("kvroute_engine_sim_capacity_blocks", "KV cache capacity in blocks.",
+                    e.cache.capacity)
+        yield gauge("kvroute_engine_sim_pending_prefill_tokens",
+                    "Prompt tokens admitted or queued whose prefill has not finished.",
+                    e.model.pending_prefill_tokens(e.now()))
+
+
+def make_registry(engine: SimEngine) -> CollectorRegistry:
+    """A fresh registry holding the engine's collector (never the global default one)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(EngineCollector(engine))
+    return reg

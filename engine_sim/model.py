@@ -1,0 +1,195 @@
+"""Latency model and scheduler of the simulated engine: pure, clock-free, reusable by the bench.
+
+The caller owns time: it passes ``now`` (model seconds) to :meth:`EngineModel.submit`,
+:meth:`EngineModel.advance` and :meth:`EngineModel.abort`, and asks
+:meth:`EngineModel.next_event_time` when to call ``advance`` next. The HTTP server maps model time
+to the wall clock through ``time_scale``; the in-process bench can drive it with a virtual clock.
+
+The model:
+
+- A FIFO queue; at most ``max_running`` requests admitted at once, and only when the KV cache can
+  hold the whole sequence (prompt + output blocks). Strict FIFO: a head that does not fit blocks
+  the queue, as vLLM's FCFS scheduler does.
+- On admission the request's blocks are allocated in the cache (prefix reuse, evictions, stored
+  events) and its prefill is queued on the one prefill unit: prefill takes
+  ``uncached_tokens / prefill_tokens_per_s``, prefills run one after another.
+- The first output token comes at the end of the prefill; each further token takes
+  ``decode_s_per_token`` (decoding requests run in parallel, up to the batch limit).
+- At the end the request's blocks are released (they stay cached, evictable) and queued
+  requests are admitted at that instant.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine_sim.cache import Allocation, KVCache
+
+
+@dataclass(frozen=True)
+class LatencyParams:
+    """Speed of the simulated engine, in model time."""
+
+    prefill_tokens_per_s: float = 20000.0
+    decode_s_per_token: float = 0.02
+    max_running: int = 64
+
+
+class RequestTooLarge(ValueError):
+    """The request can never fit in the KV cache."""
+
+
+@dataclass(eq=False)
+class SimRequest:
+    """One request: its input, and the times and cache result the model filled in."""
+
+    request_id: str
+    token_ids: list[int]
+    block_hashes: list[bytes]
+    max_tokens: int
+    client_request_id: str = ""
+    arrival: float = 0.0
+    admitted_at: float | None = None
+    prefill_start: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    cached_tokens: int = 0
+    aborted: bool = False
+    alloc: Allocation | None = field(default=None, repr=False)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt length in tokens."""
+        return len(self.token_ids)
+
+    @property
+    def uncached_tokens(self) -> int:
+        """Prompt tokens the prefill computes."""
+        return self.prompt_tokens - self.cached_tokens
+
+
+@dataclass
+class StepResult:
+    """What changed in one call: requests admitted (times now known) and requests finished."""
+
+    admitted: list[SimRequest] = field(default_factory=list)
+    finished: list[SimRequest] = field(default_factory=list)
+
+
+class EngineModel:
+    """Scheduler + latency model over a :class:`KVCache`."""
+
+    def __init__(self, cache: KVCache, params: LatencyParams) -> None:
+        self.cache = cache
+        self.params = params
+        self._waiting: deque[SimRequest] = deque()
+        self._running: dict[str, SimRequest] = {}
+        self._ends: list[tuple[float, int, SimRequest]] = []  # (finished_at, tiebreak, req)
+        self._tiebreak = 0
+        self._prefill_free_at = 0.0
+        self.finished_total = 0
+        self.aborted_total = 0
+
+    # ---- observation ---------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        """Admitted requests (prefilling or decoding)."""
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Queued requests not yet admitted."""
+        return len(self._waiting)
+
+    def pending_prefill_tokens(self, now: float) -> int:
+        """Uncached prompt tokens admitted but not yet prefilled at ``now``, plus the queue's."""
+        total = 0
+        for req in self._running.values():
+            if req.first_token_at is not None and req.first_token_at > now:
+                total += req.uncached_tokens
+        return total + sum(r.prompt_tokens for r in self._waiting)
+
+    def next_event_time(self) -> float | None:
+        """Model time of the next request end (when :meth:`advance` has work), or None."""
+        while self._ends and self._ends[0][2].aborted:
+            heapq.heappop(self._ends)
+        return self._ends[0][0] if self._ends else None
+
+    # ---- transitions ---------------------------------------------------------------------
+    def submit(self, req: SimRequest, now: float) -> StepResult:
+        """Queue ``req`` at ``now`` and admit what fits. Raises RequestTooLarge if it never can."""
+        need = self.cache.blocks_needed(req.prompt_tokens, req.max_tokens)
+        if need > self.cache.capacity:
+            raise RequestTooLarge(
+                f"request needs {need} KV blocks (prompt {req.prompt_tokens} + max_tokens "
+                f"{req.max_tokens} tokens) but the cache holds {self.cache.capacity}")
+        if req.request_id in self._running or any(
+                r.request_id == req.request_id for r in self._waiting):
+            raise ValueError(f"request id {req.request_id!r} is already in flight")
+        result = self.advance(now)
+        req.arrival = now
+        self._waiting.append(req)
+        self._admit(now, result)
+        return result
+
+    def advance(self, now: float) -> StepResult:
+        """Finish the requests that end by ``now``, admitting queued ones as slots free."""
+        result = StepResult()
+        while True:
+            t = self.next_event_time()
+            if t is None or t > now:
+                break
+            _, _, req = heapq.heappop(self._ends)
+            self._finish(req)
+            result.finished.append(req)
+            self._admit(t, result)
+        self._admit(now, result)
+        return result
+
+    def abort(self, request_id: str, now: float) -> bool:
+        """Drop a queued or running request (client went away); frees its blocks at once."""
+        for req in self._waiting:
+            if req.request_id == request_id:
+                self._waiting.remove(req)
+                req.aborted = True
+                self.aborted_total += 1
+                return True
+        req_run = self._running.get(request_id)
+        if req_run is None:
+            return False
+        req_run.aborted = True
+        req_run.finished_at = now
+        self._finish(req_run)
+        self.aborted_total += 1
+        self._admit(now, StepResult())
+        return True
+
+    def _finish(self, req: SimRequest) -> None:
+        self._running.pop(req.request_id, None)
+        if req.alloc is not None:
+            self.cache.release(req.alloc)
+        if not req.aborted:
+            self.finished_total += 1
+
+    def _admit(self, now: float, result: StepResult) -> None:
+        p = self.params
+        while self._waiting and len(self._running) < p.max_running:
+            req = self._waiting[0]
+            alloc = self.cache.allocate(req.block_hashes, req.token_ids, req.max_tokens)
+            if alloc is None:
+                return  # strict FIFO: the head waits for blocks to free
+            self._waiting.popleft()
+            req.alloc = alloc
+            req.cached_tokens = alloc.cached_tokens
+            req.admitted_at = now
+            start = max(now, self._prefill_free_at)
+            req.prefill_start = start
+            req.first_token_at = start + req.uncached_tokens / p.prefill_tokens_per_s
+            self._prefill_free_at = req.first_token_at
+            req.finished_at = req.first_token_at + (req.max_tokens - 1) * p.decode_s_per_token
+            self._running[req.request_id] = req
+            self._tiebreak += 1
+            heapq.heappush(self._ends, (req.finished_at, self._tiebreak, req))
+            result.admitted.append(req)

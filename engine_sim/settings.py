@@ -1,0 +1,82 @@
+"""Typed settings of ``kvroute serve engine-sim`` (flags, ``KVROUTE_*`` variables, defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvroute.common_settings import ServerSettings
+from kvroute.settings import require, setting
+
+
+@dataclass(frozen=True)
+class EngineSimSettings(ServerSettings):
+    """A simulated vLLM-like engine: KV cache, latency model, HTTP API and ZMQ KV events.
+
+    ``listen`` (inherited) is the HTTP API address; engine_sim has no gRPC server.
+    ``metrics_listen`` serves the same /metrics as the HTTP API, on a port of its own.
+    """
+
+    model: str = setting("sim-model", "Model name served (/v1/models, metric label model_name)")
+    block_size: int = setting(16, "Tokens per KV block (vLLM --block-size)")
+    capacity_blocks: int = setting(4096, "KV cache capacity in blocks (LRU eviction past it)")
+    prefill_tokens_per_s: float = setting(
+        20000.0, "Prefill speed: uncached prompt tokens computed per second of model time")
+    decode_ms_per_token: float = setting(
+        20.0, "Decode time per output token after the first, in model milliseconds")
+    max_running: int = setting(
+        64, "Batch limit: requests admitted at once (prefilling or decoding); the rest queue FIFO")
+    max_tokens_default: int = setting(
+        16, "Output tokens of a request that gives no max_tokens")
+    time_scale: float = setting(
+        1.0, "Wall seconds per model second (0.01 = replay 100x faster than real time)")
+    events_endpoint: str = setting(
+        "tcp://127.0.0.1:0",
+        "ZMQ PUB endpoint of KV events (vLLM kv-events-config endpoint; port 0 = a free port; "
+        "empty = no events)")
+    replay_endpoint: str = setting(
+        "tcp://127.0.0.1:0",
+        "ZMQ ROUTER endpoint answering replay requests (port 0 = a free port; empty = none)")
+    topic: str = setting("", "Topic frame of every KV event message (vLLM default: empty)")
+    buffer_steps: int = setting(10000, "Event batches kept for replay (vLLM buffer_steps)")
+    hwm: int = setting(100000, "ZMQ high-water mark of the PUB socket (vLLM hwm)")
+    encoding: str = setting(
+        "map", "Event encoding: map (vLLM >= 0.26, tagged maps with 'type') or positional "
+        "(older vLLM, arrays with the tag first)")
+    hash_type: str = setting(
+        "int", "Block hashes on the wire: int (uint64, vLLM default) or bytes (32-byte digest, "
+        "VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0)")
+    replay_form: str = setting(
+        "topic", "Replay reply framing: topic ([topic, seq, payload], vLLM >= PR #45177) or "
+        "legacy ([seq, payload])")
+    data_parallel_rank: int = setting(
+        0, "Data-parallel rank carried in every batch (third batch field)")
+    seed: int = setting(
+        -1, "Seed of the engine's block hashes (like PYTHONHASHSEED for vLLM's NONE_HASH); "
+        "-1 = random per process, as vLLM does by default")
+    max_prompt_tokens: int = setting(
+        131072, "Longest prompt accepted, in tokens (longer prompts get HTTP 400)")
+    stats_records: int = setting(
+        100000, "Per-request records kept for GET /kvroute/stats (oldest dropped first)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.block_size >= 1, "block_size", "must be >= 1")
+        require(self.capacity_blocks >= 1, "capacity_blocks", "must be >= 1")
+        require(self.prefill_tokens_per_s > 0, "prefill_tokens_per_s", "must be > 0")
+        require(self.decode_ms_per_token >= 0, "decode_ms_per_token", "must be >= 0")
+        require(self.max_running >= 1, "max_running", "must be >= 1")
+        require(self.max_tokens_default >= 1, "max_tokens_default", "must be >= 1")
+        require(self.time_scale > 0, "time_scale", "must be > 0")
+        require(self.encoding in ("map", "positional"), "encoding", "must be map or positional")
+        require(self.hash_type in ("int", "bytes"), "hash_type", "must be int or bytes")
+        require(self.replay_form in ("topic", "legacy"), "replay_form",
+                "must be topic or legacy")
+        require(self.buffer_steps >= 1, "buffer_steps", "must be >= 1")
+        require(self.hwm >= 0, "hwm", "must be >= 0")
+        require(self.data_parallel_rank >= 0, "data_parallel_rank", "must be >= 0")
+        require(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
+        require(self.stats_records >= 0, "stats_records", "must be >= 0")
+        for name in ("events_endpoint", "replay_endpoint"):
+            value = getattr(self, name)
+            require(not value or value.startswith(("tcp://", "ipc://", "inproc://")), name,
+                    "must be a ZMQ endpoint (tcp://HOST:PORT, ipc://PATH) or empty")
