@@ -166,7 +166,7 @@ class EtcdClient:
             left = max(0.05, deadline - loop.time()) / (n - i)
             try:
                 await stubs.maintenance.Status(rpc.StatusRequest(), timeout=left,
-                                               wait_for_ready=True)
+                                               wait_for_ready=self._wait_for_ready)
                 self._pool.current = i
                 if s.etcd_username:
                     await self._authenticate(stubs, None)
