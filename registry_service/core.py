@@ -1,0 +1,308 @@
+"""The registry's behaviour: registration, heartbeats, resync, deregistration, following etcd.
+
+Writes go to the placement store first and are applied to this replica's view once the store
+accepted them; every replica also follows the store (list, then watch from the listed
+revision; list again when the watch is compacted away), so any replica serves any node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from kvroute.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    KvrouteError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from kvroute.v1 import registry_pb2 as pb
+from registry_service import validate
+from registry_service.metrics import RegistryMetrics
+from registry_service.nodes import Change, Fanout, NodeState, now_ms
+from registry_service.settings import RegistrySettings
+from registry_service.store.base import (
+    Delta,
+    NodeGone,
+    NodePut,
+    NodeRecord,
+    NodeStatus,
+    PlacementStore,
+    SnapshotPut,
+    StoreConflict,
+    StoreUnavailable,
+    WatchRestart,
+    as_hashes,
+)
+from registry_service.view import ReplicaView
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    """What a heartbeat answers."""
+
+    resync_required: bool
+    lease_ttl_s: int
+    reason: str = ""
+
+
+class RegistryCore:
+    """One replica: a store, the view that follows it, and the RPC behaviour."""
+
+    def __init__(self, settings: RegistrySettings, store: PlacementStore,
+                 metrics: RegistryMetrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.fanout = Fanout(settings.watch_queue_size)
+        hb = settings.effective_heartbeat_interval_s
+        late = max(2 * hb + settings.status_write_interval_s, 1.0)
+        self.view = ReplicaView(self.fanout, metrics, late)
+        self._follower: asyncio.Task[None] | None = None
+        self.synced = asyncio.Event()
+        metrics.track_index(lambda: self.view.index.entries,
+                            self.view.index.entries_blocks,
+                            self.view.index.approx_bytes,
+                            lambda: len(self.view.nodes))
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect the store, load it and follow it in the background."""
+        await self.store.start()
+        await self._relist()
+        self._follower = asyncio.create_task(self._follow(), name="registry-follower")
+
+    async def close(self) -> None:
+        """Stop following and close the store."""
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+        await self.store.close()
+
+    async def _relist(self) -> int:
+        loaded = await self._op("load", self.store.load())
+        self.view.reconcile(loaded)
+        self.metrics.store_relists.inc()
+        self.synced.set()
+        return loaded.revision
+
+    async def _follow(self) -> None:
+        revision: int | None = None
+        failures = 0
+        while True:
+            try:
+                if revision is None:
+                    revision = await self._relist()
+                async for batch in self.store.watch(revision):
+                    failures = 0
+                    for ev in batch:
+                        self.view.apply(ev)
+            except WatchRestart as exc:
+                log.warning("store watch must restart (%s): listing again", exc)
+                revision = None
+            except (KvrouteError, StoreUnavailable, OSError) as exc:
+                failures += 1
+                delay = min(5.0, 0.2 * 2 ** min(failures, 5))
+                log.warning("following the store failed (%s); listing again in %.1fs",
+                            exc, delay)
+                revision = None
+                await asyncio.sleep(delay)
+
+    async def _op(self, name: str, aw: Awaitable[T]) -> T:
+        """Run one store operation with latency/error metrics and status mapping."""
+        t0 = time.perf_counter()
+        try:
+            return await aw
+        except StoreConflict:
+            raise
+        except (StoreUnavailable, Unavailable, TimeoutError) as exc:
+            self.metrics.store_errors.labels(name).inc()
+            raise Unavailable(f"etcd {name} failed: {exc}; the registry keeps serving lookups "
+                              "from memory, retry this call") from exc
+        except KvrouteError:
+            self.metrics.store_errors.labels(name).inc()
+            raise
+        finally:
+            self.metrics.store_seconds.labels(name).observe(time.perf_counter() - t0)
+
+    # ---- writes ---------------------------------------------------------------------------
+    async def _state(self, node_id: str) -> NodeState:
+        state = self.view.nodes.get(node_id)
+        if state is None:
+            rec = await self._op("get_node", self.store.get_node(node_id))
+            if rec is not None:
+                self.view.apply(NodePut(rec))
+                state = self.view.nodes.get(node_id)
+        if state is None:
+            raise NotFound(f"node {node_id} is not registered (never, or its lease expired): "
+                           "resync required: call RegisterNode, then Resync")
+        return state
+
+    async def register(self, req: pb.RegisterNodeRequest) -> NodeRecord:
+        """RegisterNode: a new lease and epoch; the node starts with no blocks."""
+        validate.register(req, self.settings)
+        for _ in range(3):
+            prev = await self._op("get_node", self.store.get_node(req.node_id))
+            if prev is not None and prev.address != req.address:
+                raise AlreadyExists(
+                    f"node {req.node_id} is registered at {prev.address} with a live lease; "
+                    f"a second node cannot take its id with address {req.address} (deregister "
+                    f"it or wait up to {prev.lease_ttl_s}s for its lease to expire)")
+            if prev is None and len(self.view.nodes) >= self.settings.max_nodes:
+                raise ResourceExhausted(
+                    f"{len(self.view.nodes)} nodes registered, the limit is "
+                    f"{self.settings.max_nodes} (--max-nodes)")
+            rec = NodeRecord(
+                node_id=req.node_id, address=req.address, model=req.model,
+                block_size=req.block_size, capacity_blocks=req.capacity_blocks,
+                labels=dict(req.labels),
+                epoch=max(prev.epoch + 1 if prev else 1, now_ms()), lease_id=0,
+                lease_ttl_s=self.settings.lease_ttl_s, registered_unix_ms=now_ms())
+            try:
+                rec = await self._op("register", self.store.register_node(rec, prev))
+            except StoreConflict:
+                continue
+            if prev is not None and prev.node_id in self.view.nodes:
+                self.view.deregistered.add((prev.node_id, prev.epoch))
+            self.view.apply(NodePut(rec))
+            log.info("node %s registered at %s (epoch %d)", rec.node_id, rec.address, rec.epoch)
+            return rec
+        raise Unavailable(f"node {req.node_id} is being registered concurrently; retry")
+
+    async def heartbeat(self, req: pb.HeartbeatRequest) -> HeartbeatResult:
+        """Heartbeat: refresh the lease, record usage, apply the delta batch."""
+        validate.heartbeat(req, self.settings)
+        state = await self._state(req.node_id)
+        async with state.lock:
+            rec = state.record
+            if req.epoch != rec.epoch:
+                return self._resync("stale_epoch", rec, f"epoch {req.epoch} is stale, the "
+                                    f"node's current epoch is {rec.epoch}: RegisterNode again")
+            ttl = await self._op("lease_keepalive", self.store.refresh_lease(rec))
+            if ttl <= 0:
+                self.view.drop(rec.node_id, expired=True)
+                raise NotFound(f"node {rec.node_id}: its lease expired; resync required: call "
+                               "RegisterNode, then Resync")
+            state.lease_refreshed_mono = time.monotonic()
+            if req.stored or req.removed or req.cleared:
+                result = await self._apply_delta(state, req)
+                if result is not None:
+                    return result
+            await self._status(state, req)
+            self.metrics.heartbeats.labels("ok").inc()
+            return HeartbeatResult(False, ttl)
+
+    def _resync(self, reason: str, rec: NodeRecord, message: str) -> HeartbeatResult:
+        self.metrics.resync_requests.labels(reason).inc()
+        self.metrics.heartbeats.labels("resync_required").inc()
+        return HeartbeatResult(True, rec.lease_ttl_s, message)
+
+    async def _apply_delta(self, state: NodeState, req: pb.HeartbeatRequest,
+                           ) -> HeartbeatResult | None:
+        seq = req.delta_seq
+        if seq <= state.applied_seq:
+            self.metrics.heartbeats.labels("duplicate").inc()
+            return None  # a retry of a batch already applied: acknowledge only
+        if seq != state.applied_seq + 1:
+            return self._resync("seq_gap", state.record,
+                                f"delta_seq {seq} skips ahead: the registry applied "
+                                f"{state.applied_seq} last; send a full Resync")
+        delta = Delta(seq=seq, base_gen=state.gen, cleared=req.cleared,
+                      stored=as_hashes(req.stored), removed=as_hashes(req.removed))
+        try:
+            await self._op("append_delta", self.store.append_delta(state.record, delta))
+        except StoreConflict as exc:
+            raise NotFound(f"node {state.node_id}: {exc}; resync required: RegisterNode, "
+                           "then Resync") from exc
+        if self.view.apply_delta(state, delta):
+            self.metrics.block_events.inc(delta.events)
+        if state.deltas_since_snapshot >= self.settings.snapshot_threshold:
+            await self._snapshot(state, replace=False)
+        return None
+
+    async def _snapshot(self, state: NodeState, replace: bool,
+                        hashes: np.ndarray | None = None) -> None:
+        if hashes is None:
+            hashes = self.view.index.blocks(state.slot)
+        snap = SnapshotPut(state.node_id, state.record.epoch, state.gen + 1,
+                           0 if replace else state.applied_seq, replace, hashes)
+        await self._op("write_snapshot", self.store.write_snapshot(
+            state.record, snap.gen, snap.through_seq, hashes, replace))
+        self.view.apply_snapshot(state, snap)
+
+    async def _status(self, state: NodeState, req: pb.HeartbeatRequest) -> None:
+        old = state.status
+        t = now_ms()
+        rate = old.eviction_rate
+        if old.heartbeat_unix_ms and t > old.heartbeat_unix_ms:
+            inst = max(0, req.evictions_total - old.evictions_total) * 1000.0 / (
+                t - old.heartbeat_unix_ms)
+            rate = 0.7 * rate + 0.3 * inst
+        state.status = NodeStatus(
+            used_blocks=req.used_blocks, evictions_total=req.evictions_total,
+            queue_depth=req.queue_depth, running=req.running,
+            capacity_blocks=req.capacity_blocks or old.capacity_blocks,
+            eviction_rate=rate, heartbeat_unix_ms=t)
+        self.view.fanout.publish(Change("upsert", state.node_id))
+        mono = time.monotonic()
+        if mono - state.status_written_mono >= self.settings.status_write_interval_s:
+            state.status_written_mono = mono
+            await self._op("put_status", self.store.put_status(state.record, state.status))
+
+    async def resync(self, requests: AsyncIterator[pb.ResyncRequest]) -> int:
+        """Resync: replace the node's whole block set with the streamed one."""
+        node_id, epoch, used = "", 0, 0
+        parts: list[np.ndarray] = []
+        async for req in requests:
+            if not node_id:
+                node_id, epoch, used = validate.node_id(req.node_id), req.epoch, req.used_blocks
+            elif (req.node_id, req.epoch) != (node_id, epoch):
+                raise InvalidArgument(
+                    "every Resync message must carry the same node_id and epoch")
+            validate.hash_count(len(req.block_hashes), "block_hashes", self.settings)
+            parts.append(as_hashes(req.block_hashes))
+        if not node_id:
+            raise InvalidArgument("empty Resync stream: send node_id and epoch")
+        state = await self._state(node_id)
+        async with state.lock:
+            if epoch != state.record.epoch:
+                raise FailedPrecondition(
+                    f"Resync for node {node_id} epoch {epoch}, but the current epoch is "
+                    f"{state.record.epoch}: RegisterNode again first")
+            hashes = np.unique(np.concatenate(parts)) if parts else as_hashes([])
+            try:
+                await self._snapshot(state, True, hashes)
+            except StoreConflict as exc:
+                raise NotFound(f"node {node_id}: {exc}; RegisterNode again") from exc
+            state.status = NodeStatus(**{**state.status.__dict__, "used_blocks": used})
+        self.metrics.resyncs.inc()
+        return self.view.index.count(state.slot)
+
+    async def deregister(self, req: pb.DeregisterNodeRequest) -> int:
+        """DeregisterNode: delete the node's keys and lease; returns blocks dropped."""
+        validate.node_id(req.node_id)
+        state = await self._state(req.node_id)
+        if req.epoch and req.epoch != state.record.epoch:
+            raise FailedPrecondition(
+                f"node {req.node_id} epoch {req.epoch} is not current ({state.record.epoch})")
+        rec = state.record
+        self.view.deregistered.add((rec.node_id, rec.epoch))
+        await self._op("delete_node", self.store.delete_node(rec))
+        dropped = self.view.index.count(state.slot)
+        self.view.apply(NodeGone(rec.node_id, rec.epoch))
+        log.info("node %s deregistered (%d blocks dropped)", rec.node_id, dropped)
+        return dropped

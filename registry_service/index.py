@@ -1,0 +1,190 @@
+"""In-memory block index: canonical block hash -> bitmask of node slots.
+
+Nodes get small integer slots; the index maps each block hash to an int whose bit ``s`` is set
+when the node in slot ``s`` caches the block (masks are interned, so nodes holding the same
+blocks share one mask object). ``longest_prefix`` walks a request's hashes from block 0,
+intersecting the set of nodes still matching, and stops when it is empty: time proportional to
+the matched length, never to the index size.
+
+To enumerate or drop one node's blocks without scanning the dict, each node keeps a sorted
+uint64 array of its blocks plus a log of effective changes, merged with numpy when it grows.
+Memory (measured with ``kvroute bench registry``) is about 85 bytes per (block, node) entry.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+
+HashArray = npt.NDArray[np.uint64]
+_EMPTY: HashArray = np.zeros(0, dtype=np.uint64)
+
+
+class _NodeBlocks:
+    """One node's block set: sorted base array plus effective adds/removes since the merge."""
+
+    __slots__ = ("base", "ops", "pending")
+
+    def __init__(self) -> None:
+        self.base: HashArray = _EMPTY
+        self.ops: list[tuple[bool, HashArray]] = []
+        self.pending = 0
+
+    def log(self, added: bool, hashes: list[int]) -> None:
+        if hashes:
+            self.ops.append((added, np.array(hashes, dtype=np.uint64)))
+            self.pending += len(hashes)
+            if self.pending > max(4096, self.base.size // 2):
+                self.merge()
+
+    def merge(self) -> HashArray:
+        if not self.ops:
+            return self.base
+        hashes = np.concatenate([a for _, a in self.ops])
+        flags = np.concatenate([np.full(a.size, add, dtype=bool) for add, a in self.ops])
+        rev_h = hashes[::-1]
+        uniq, first = np.unique(rev_h, return_index=True)
+        last_is_add = flags[::-1][first]
+        base = np.setdiff1d(self.base, uniq[~last_is_add], assume_unique=True)
+        self.base = np.union1d(base, uniq[last_is_add]).astype(np.uint64, copy=False)
+        self.ops = []
+        self.pending = 0
+        return self.base
+
+
+class BlockIndex:
+    """Block hash -> node slots, with longest-prefix lookup. Not thread-safe (one event loop)."""
+
+    def __init__(self) -> None:
+        self._map: dict[int, int] = {}
+        self._masks: dict[int, int] = {}
+        self._nodes: dict[int, _NodeBlocks] = {}
+        self._counts: dict[int, int] = {}
+        self.entries = 0
+        """(block, node) pairs indexed."""
+
+    def _intern(self, mask: int) -> int:
+        if mask < 256:
+            return mask
+        got = self._masks.setdefault(mask, mask)
+        if len(self._masks) > 200_000:
+            self._masks.clear()
+        return got
+
+    def add_node(self, slot: int) -> None:
+        """Start tracking ``slot`` (empty)."""
+        self._nodes.setdefault(slot, _NodeBlocks())
+        self._counts.setdefault(slot, 0)
+
+    def count(self, slot: int) -> int:
+        """Blocks indexed for ``slot``."""
+        return self._counts.get(slot, 0)
+
+    def add(self, slot: int, hashes: Iterable[int]) -> int:
+        """Index ``hashes`` on ``slot``; returns how many were new."""
+        bit = 1 << slot
+        m = self._map
+        get = m.get
+        intern = self._intern
+        new: list[int] = []
+        for h in hashes:
+            cur = get(h, 0)
+            if not cur & bit:
+                m[h] = intern(cur | bit)
+                new.append(h)
+        self._track(slot, True, new)
+        return len(new)
+
+    def remove(self, slot: int, hashes: Iterable[int]) -> int:
+        """Drop ``hashes`` from ``slot``; returns how many were present."""
+        bit = 1 << slot
+        m = self._map
+        get = m.get
+        intern = self._intern
+        gone: list[int] = []
+        for h in hashes:
+            cur = get(h, 0)
+            if cur & bit:
+                rest = cur & ~bit
+                if rest:
+                    m[h] = intern(rest)
+                else:
+                    del m[h]
+                gone.append(h)
+        self._track(slot, False, gone)
+        return len(gone)
+
+    def _track(self, slot: int, added: bool, hashes: list[int]) -> None:
+        if not hashes:
+            return
+        nb = self._nodes.get(slot)
+        if nb is None:
+            nb = self._nodes[slot] = _NodeBlocks()
+        nb.log(added, hashes)
+        n = len(hashes) if added else -len(hashes)
+        self._counts[slot] = self._counts.get(slot, 0) + n
+        self.entries += n
+
+    def blocks(self, slot: int) -> HashArray:
+        """Sorted array of the blocks indexed for ``slot``."""
+        nb = self._nodes.get(slot)
+        return _EMPTY if nb is None else nb.merge()
+
+    def clear(self, slot: int) -> int:
+        """Drop every block of ``slot``; returns how many."""
+        blocks = self.blocks(slot)
+        n = self.remove(slot, blocks.tolist())
+        nb = self._nodes.get(slot)
+        if nb is not None:
+            nb.base, nb.ops, nb.pending = _EMPTY, [], 0
+        return n
+
+    def drop_node(self, slot: int) -> int:
+        """Clear ``slot`` and forget it; returns blocks dropped."""
+        n = self.clear(slot)
+        self._nodes.pop(slot, None)
+        self._counts.pop(slot, None)
+        return n
+
+    def longest_prefix(self, hashes: Iterable[int], candidates: int) -> dict[int, int]:
+        """Matched prefix length per slot in the ``candidates`` mask (slots with 0 omitted).
+
+        Walks hashes from block 0 and stops as soon as no candidate still matches.
+        """
+        alive = candidates
+        out: dict[int, int] = {}
+        get = self._map.get
+        i = 0
+        for h in hashes:
+            still = get(h, 0) & alive
+            lost = alive & ~still
+            if lost and i:
+                _record(out, lost, i)
+            alive = still
+            if not alive:
+                return out
+            i += 1
+        if alive and i:
+            _record(out, alive, i)
+        return out
+
+    def approx_bytes(self) -> int:
+        """Estimated memory of the index: dict table, key ints, masks, per-node arrays."""
+        key_bytes = self.entries_blocks() * 36
+        node_bytes = sum(nb.base.nbytes + nb.pending * 8 for nb in self._nodes.values())
+        return (sys.getsizeof(self._map) + key_bytes + sys.getsizeof(self._masks)
+                + len(self._masks) * 36 + node_bytes)
+
+    def entries_blocks(self) -> int:
+        """Distinct block hashes indexed."""
+        return len(self._map)
+
+
+def _record(out: dict[int, int], mask: int, length: int) -> None:
+    while mask:
+        low = mask & -mask
+        out[low.bit_length() - 1] = length
+        mask ^= low

@@ -1,0 +1,218 @@
+"""grpc.aio servicer of ``kvroute.v1.Registry`` over a :class:`RegistryCore`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kvroute.errors import KvrouteError, NotFound, ResourceExhausted
+from kvroute.grpcutil import stream_errors, unary_errors
+from kvroute.v1 import registry_pb2 as pb
+from kvroute.v1 import registry_pb2_grpc as pb_grpc
+from registry_service import validate
+from registry_service.core import RegistryCore
+from registry_service.nodes import Change, NodeState, Subscription, now_ms
+
+RESYNC_METADATA_KEY = "kvroute-resync-required"
+"""Trailing metadata set to ``true`` on a NOT_FOUND heartbeat: register and resync."""
+
+_Ctx = grpc.aio.ServicerContext
+
+
+def node_info(s: NodeState, late_after_s: float, blocks: int) -> pb.NodeInfo:
+    """The NodeInfo message of a node."""
+    r, st = s.record, s.status
+    return pb.NodeInfo(
+        node_id=r.node_id, address=r.address, model=r.model, block_size=r.block_size,
+        capacity_blocks=s.capacity(), labels=r.labels, epoch=r.epoch,
+        used_blocks=st.used_blocks, evictions_total=st.evictions_total,
+        eviction_rate=st.eviction_rate, queue_depth=st.queue_depth, running=st.running,
+        blocks_indexed=blocks, healthy=s.healthy(late_after_s),
+        lease_remaining_s=round(s.lease_left_s(), 3), last_heartbeat_unix_ms=s.heartbeat_ms(),
+        usage=s.usage())
+
+
+class RegistryServicer(pb_grpc.RegistryServicer):
+    """Every Registry RPC. Validation and status codes live in the core and ``validate``."""
+
+    def __init__(self, core: RegistryCore, replica_id: str) -> None:
+        self.core = core
+        self.replica_id = replica_id
+        self.block_size = core.settings.block_size
+
+    def _info(self, s: NodeState) -> pb.NodeInfo:
+        return node_info(s, self.core.view.late_after_s, self.core.view.index.count(s.slot))
+
+    @unary_errors
+    async def RegisterNode(self, request: pb.RegisterNodeRequest,
+                           context: _Ctx[pb.RegisterNodeRequest, pb.RegisterNodeResponse],
+                           ) -> pb.RegisterNodeResponse:
+        rec = await self.core.register(request)
+        return pb.RegisterNodeResponse(
+            lease_ttl_s=rec.lease_ttl_s, epoch=rec.epoch, block_size=self.block_size,
+            heartbeat_interval_s=self.core.settings.effective_heartbeat_interval_s)
+
+    @unary_errors
+    async def Heartbeat(self, request: pb.HeartbeatRequest,
+                        context: _Ctx[pb.HeartbeatRequest, pb.HeartbeatResponse],
+                        ) -> pb.HeartbeatResponse:
+        try:
+            res = await self.core.heartbeat(request)
+        except NotFound:
+            self.core.metrics.heartbeats.labels("unknown_node").inc()
+            self.core.metrics.resync_requests.labels("unknown_node").inc()
+            context.set_trailing_metadata(((RESYNC_METADATA_KEY, "true"),))
+            raise
+        except KvrouteError:
+            self.core.metrics.heartbeats.labels("error").inc()
+            raise
+        return pb.HeartbeatResponse(resync_required=res.resync_required,
+                                    lease_ttl_s=res.lease_ttl_s, reason=res.reason)
+
+    @unary_errors  # type: ignore[misc]
+    async def Resync(self, request_iterator: AsyncIterator[pb.ResyncRequest],
+                     context: _Ctx[pb.ResyncRequest, pb.ResyncResponse],
+                     ) -> pb.ResyncResponse:
+        n = await self.core.resync(request_iterator)
+        return pb.ResyncResponse(blocks_indexed=n, next_delta_seq=1)
+
+    @unary_errors
+    async def DeregisterNode(self, request: pb.DeregisterNodeRequest,
+                             context: _Ctx[pb.DeregisterNodeRequest, pb.DeregisterNodeResponse],
+                             ) -> pb.DeregisterNodeResponse:
+        return pb.DeregisterNodeResponse(blocks_dropped=await self.core.deregister(request))
+
+    def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
+        """Answer one Lookup from memory (no etcd call)."""
+        t0 = time.perf_counter()
+        validate.lookup(request, self.core.settings)
+        view = self.core.view
+        nodes = view.candidates(request.model, request.include_unhealthy)
+        matched = view.lookup(list(request.block_hashes), nodes)
+        late = view.late_after_s
+        t = now_ms()
+        out = [pb.NodeMatch(
+            node_id=s.record.node_id, address=s.record.address,
+            matched_blocks=matched.get(s.slot, 0), used_blocks=s.status.used_blocks,
+            capacity_blocks=s.capacity(), usage=s.usage(), queue_depth=s.status.queue_depth,
+            running=s.status.running, eviction_rate=s.status.eviction_rate,
+            healthy=s.healthy(late, t), blocks_indexed=view.index.count(s.slot))
+            for s in nodes]
+        self.core.metrics.lookups.inc()
+        self.core.metrics.lookup_seconds.observe(time.perf_counter() - t0)
+        return pb.LookupResponse(request_id=request.request_id, nodes=out,
+                                 block_size=self.block_size)
+
+    @unary_errors
+    async def Lookup(self, request: pb.LookupRequest,
+                     context: _Ctx[pb.LookupRequest, pb.LookupResponse]) -> pb.LookupResponse:
+        return self.lookup(request)
+
+    @stream_errors
+    async def LookupStream(self, request_iterator: AsyncIterator[pb.LookupRequest],
+                           context: _Ctx[pb.LookupRequest, pb.LookupResponse],
+                           ) -> AsyncIterator[pb.LookupResponse]:
+        async for req in request_iterator:
+            try:
+                yield self.lookup(req)
+            except KvrouteError as exc:
+                yield pb.LookupResponse(
+                    request_id=req.request_id, block_size=self.block_size,
+                    error=pb.ErrorStatus(code=exc.code.value[0], message=exc.message))
+
+    @unary_errors
+    async def ListNodes(self, request: pb.ListNodesRequest,
+                        context: _Ctx[pb.ListNodesRequest, pb.ListNodesResponse],
+                        ) -> pb.ListNodesResponse:
+        nodes = sorted(self.core.view.candidates(request.model, True), key=lambda s: s.node_id)
+        return pb.ListNodesResponse(nodes=[self._info(s) for s in nodes],
+                                    block_size=self.block_size, replica_id=self.replica_id)
+
+    async def _changes(self, sub: Subscription) -> AsyncIterator[Change]:
+        while True:
+            change = await sub.queue.get()
+            if change.kind == "overflow":
+                raise ResourceExhausted(
+                    "this watch fell more than --watch-queue-size events behind and was cut "
+                    "off; watch again (you get a fresh snapshot)")
+            yield change
+
+    @stream_errors
+    async def WatchNodes(self, request: pb.WatchNodesRequest,
+                         context: _Ctx[pb.WatchNodesRequest, pb.NodeEvent],
+                         ) -> AsyncIterator[pb.NodeEvent]:
+        view, fanout = self.core.view, self.core.fanout
+        sub = fanout.subscribe()
+        try:
+            first = [self._info(s) for s in view.candidates(request.model, True)]
+            sent = {i.node_id for i in first}
+            for info in first:
+                yield pb.NodeEvent(type=pb.NodeEvent.SNAPSHOT, node=info)
+            yield pb.NodeEvent(type=pb.NodeEvent.SNAPSHOT_END)
+            async for ch in self._changes(sub):
+                if ch.kind == "removed" and ch.node_id in sent:
+                    sent.discard(ch.node_id)
+                    yield pb.NodeEvent(type=pb.NodeEvent.REMOVED,
+                                       node=pb.NodeInfo(node_id=ch.node_id))
+                elif ch.kind == "upsert":
+                    s = view.nodes.get(ch.node_id)
+                    if s is None or (request.model and s.record.model != request.model):
+                        continue
+                    kind = pb.NodeEvent.ADDED if ch.added else pb.NodeEvent.UPDATED
+                    sent.add(ch.node_id)
+                    yield pb.NodeEvent(type=kind, node=self._info(s))
+        finally:
+            fanout.unsubscribe(sub)
+
+    @stream_errors
+    async def WatchPlacement(self, request: pb.WatchPlacementRequest,
+                             context: _Ctx[pb.WatchPlacementRequest, pb.PlacementEvent],
+                             ) -> AsyncIterator[pb.PlacementEvent]:
+        view, fanout = self.core.view, self.core.fanout
+        sub = fanout.subscribe()
+        bs = self.block_size
+        chunk = max(1, min(self.core.settings.max_hashes_per_call,
+                           self.core.settings.max_message_bytes // 16))
+        try:
+            nodes = view.candidates(request.model, True)
+            first = [(self._info(s), view.index.blocks(s.slot)) for s in nodes]
+            sent = {i.node_id for i, _ in first}
+            for info, blocks in first:
+                yield pb.PlacementEvent(kind=pb.PlacementEvent.NODE_UPSERT, node_id=info.node_id,
+                                        node=info, block_size=bs, sent_unix_ms=now_ms())
+                for i in range(0, max(1, blocks.size), chunk):
+                    yield pb.PlacementEvent(
+                        kind=pb.PlacementEvent.BLOCKS, node_id=info.node_id, cleared=i == 0,
+                        stored=blocks[i:i + chunk].tolist(), block_size=bs,
+                        sent_unix_ms=now_ms())
+            yield pb.PlacementEvent(kind=pb.PlacementEvent.SNAPSHOT_END, block_size=bs,
+                                    sent_unix_ms=now_ms())
+            async for ch in self._changes(sub):
+                s = view.nodes.get(ch.node_id)
+                if ch.kind == "removed":
+                    if ch.node_id in sent:
+                        sent.discard(ch.node_id)
+                        yield pb.PlacementEvent(kind=pb.PlacementEvent.NODE_REMOVED,
+                                                node_id=ch.node_id, block_size=bs,
+                                                sent_unix_ms=now_ms())
+                    continue
+                if s is None or (request.model and s.record.model != request.model):
+                    continue
+                if ch.kind == "upsert":
+                    sent.add(ch.node_id)
+                    yield pb.PlacementEvent(kind=pb.PlacementEvent.NODE_UPSERT,
+                                            node_id=ch.node_id, node=self._info(s),
+                                            block_size=bs, sent_unix_ms=now_ms())
+                elif ch.kind == "blocks":
+                    stored = [] if ch.stored is None else ch.stored.tolist()
+                    removed = [] if ch.removed is None else ch.removed.tolist()
+                    for i in range(0, max(1, len(stored)), chunk):
+                        yield pb.PlacementEvent(
+                            kind=pb.PlacementEvent.BLOCKS, node_id=ch.node_id,
+                            cleared=ch.cleared and i == 0, stored=stored[i:i + chunk],
+                            removed=removed if i == 0 else [], block_size=bs,
+                            sent_unix_ms=now_ms())
+        finally:
+            fanout.unsubscribe(sub)

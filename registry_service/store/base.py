@@ -1,0 +1,261 @@
+"""The ``PlacementStore`` interface: durable node records, status and block placement.
+
+The registry core writes through a store and follows it: ``load()`` returns everything as typed
+events plus a revision, ``watch(revision)`` yields later events (from any replica). The etcd
+store persists under per-node leases (DESIGN §4); the memory store keeps the same semantics in
+one process for unit tests and single-process benchmarks.
+"""
+
+from __future__ import annotations
+
+import abc
+import struct
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+HashArray = npt.NDArray[np.uint64]
+"""Canonical block hashes, packed little-endian uint64 on the wire."""
+
+
+class StoreUnavailable(Exception):
+    """The backing store did not answer in time or could not be reached (retry later)."""
+
+
+class StoreConflict(Exception):
+    """A compare-and-swap lost against a concurrent writer (another replica)."""
+
+
+class WatchRestart(Exception):
+    """The watch cannot continue from its revision (compaction): ``load()`` again."""
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A registered node (``nodes/<node_id>``), alive while its lease is."""
+
+    node_id: str
+    address: str
+    model: str
+    block_size: int
+    capacity_blocks: int
+    labels: dict[str, str]
+    epoch: int
+    lease_id: int
+    lease_ttl_s: int
+    registered_unix_ms: int
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """Latest usage of a node (``status/<node_id>``), written at most every few seconds."""
+
+    used_blocks: int = 0
+    evictions_total: int = 0
+    queue_depth: int = 0
+    running: int = 0
+    capacity_blocks: int = 0
+    eviction_rate: float = 0.0
+    heartbeat_unix_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One heartbeat's block changes: ``cleared`` first, then ``removed``, then ``stored``."""
+
+    seq: int
+    base_gen: int
+    cleared: bool
+    stored: HashArray
+    removed: HashArray
+
+    @property
+    def events(self) -> int:
+        """Block events carried (stored + removed)."""
+        return int(self.stored.size + self.removed.size)
+
+
+# Typed events (from load() and watch()).
+
+@dataclass(frozen=True)
+class NodePut:
+    """A node record was written (registration)."""
+
+    record: NodeRecord
+
+
+@dataclass(frozen=True)
+class NodeGone:
+    """A node record was deleted: deregistration or lease expiry (its keys went with it)."""
+
+    node_id: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class StatusPut:
+    """A node's status was written."""
+
+    node_id: str
+    status: NodeStatus
+
+
+@dataclass(frozen=True)
+class DeltaPut:
+    """A delta batch was appended for ``node_id``/``epoch``."""
+
+    node_id: str
+    epoch: int
+    delta: Delta
+
+
+@dataclass(frozen=True)
+class SnapshotPut:
+    """A complete snapshot generation: the node's whole block set after ``through_seq``.
+
+    ``replace`` marks a Resync (the set replaces whatever the node had); otherwise it is a
+    compaction of deltas the follower has already applied.
+    """
+
+    node_id: str
+    epoch: int
+    gen: int
+    through_seq: int
+    replace: bool
+    hashes: HashArray
+
+
+StoreEvent = NodePut | NodeGone | StatusPut | DeltaPut | SnapshotPut
+
+
+@dataclass
+class LoadResult:
+    """Everything in the store as events, and the revision to watch from (exclusive)."""
+
+    events: list[StoreEvent] = field(default_factory=list)
+    revision: int = 0
+
+
+class PlacementStore(abc.ABC):
+    """Durable placement. Every method raises StoreUnavailable when the backend is down."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Disconnect; pending watches end."""
+
+    @abc.abstractmethod
+    async def get_node(self, node_id: str) -> NodeRecord | None:
+        """The node's current record, read from the store (not a cache)."""
+
+    @abc.abstractmethod
+    async def register_node(self, record: NodeRecord, previous: NodeRecord | None) -> NodeRecord:
+        """Grant a lease and write ``record`` under it (returned with ``lease_id`` set).
+
+        ``previous`` is the record the caller saw (or None): the write fails with StoreConflict
+        if the stored record changed since. The previous incarnation's keys and lease go away.
+        """
+
+    @abc.abstractmethod
+    async def refresh_lease(self, record: NodeRecord) -> int:
+        """Refresh the node's lease; returns the TTL left, 0 when the lease is gone."""
+
+    @abc.abstractmethod
+    async def put_status(self, record: NodeRecord, status: NodeStatus) -> None:
+        """Write the node's status under its lease."""
+
+    @abc.abstractmethod
+    async def append_delta(self, record: NodeRecord, delta: Delta) -> bool:
+        """Persist one delta batch; False when that seq was already written (a retry)."""
+
+    @abc.abstractmethod
+    async def write_snapshot(self, record: NodeRecord, gen: int, through_seq: int,
+                             hashes: HashArray, replace: bool) -> None:
+        """Persist the node's whole set as generation ``gen`` and drop older deltas/snapshots."""
+
+    @abc.abstractmethod
+    async def delete_node(self, record: NodeRecord) -> None:
+        """Delete every key of the node and revoke its lease."""
+
+    @abc.abstractmethod
+    async def load(self) -> LoadResult:
+        """Everything stored, as events in apply order, with the revision to watch from."""
+
+    @abc.abstractmethod
+    def watch(self, revision: int) -> AsyncIterator[list[StoreEvent]]:
+        """Events after ``revision`` in order. Raises WatchRestart when it must be re-listed."""
+
+    def bytes_written(self) -> int:
+        """Bytes of values and keys written so far (for the bench)."""
+        return 0
+
+
+# Packed encodings shared by the stores (memory store keeps them to count bytes honestly).
+
+_SNAP_HDR = struct.Struct("<4sQQIIB")  # magic, gen, through_seq, chunk, chunks, replace
+_DELTA_HDR = struct.Struct("<4sQQBI")  # magic, base_gen, seq, cleared, n_stored
+SNAP_MAGIC = b"KVS1"
+DELTA_MAGIC = b"KVD1"
+
+
+def as_hashes(values: Sequence[int] | HashArray) -> HashArray:
+    """uint64 array of hashes (from a protobuf repeated field or an array)."""
+    return np.asarray(values, dtype=np.uint64)
+
+
+def encode_delta(delta: Delta) -> bytes:
+    """Header + stored + removed as little-endian uint64."""
+    hdr = _DELTA_HDR.pack(DELTA_MAGIC, delta.base_gen, delta.seq, int(delta.cleared),
+                          delta.stored.size)
+    return (hdr + delta.stored.astype("<u8", copy=False).tobytes()
+            + delta.removed.astype("<u8", copy=False).tobytes())
+
+
+def decode_delta(data: bytes) -> Delta:
+    """Inverse of :func:`encode_delta`; ValueError on a malformed value."""
+    if len(data) < _DELTA_HDR.size:
+        raise ValueError("delta value too short")
+    magic, base_gen, seq, cleared, n_stored = _DELTA_HDR.unpack_from(data)
+    body = np.frombuffer(data, dtype="<u8", offset=_DELTA_HDR.size).astype(np.uint64)
+    if magic != DELTA_MAGIC or n_stored > body.size:
+        raise ValueError("not a kvroute delta value")
+    return Delta(seq=seq, base_gen=base_gen, cleared=bool(cleared), stored=body[:n_stored],
+                 removed=body[n_stored:])
+
+
+@dataclass(frozen=True)
+class SnapChunk:
+    """One snapshot key's content."""
+
+    gen: int
+    through_seq: int
+    chunk: int
+    chunks: int
+    replace: bool
+    hashes: HashArray
+
+
+def encode_snapshot(gen: int, through_seq: int, hashes: HashArray, replace: bool,
+                    chunk_bytes: int) -> list[bytes]:
+    """Split a snapshot into values of at most ``chunk_bytes`` (header included)."""
+    per = max(1, (chunk_bytes - _SNAP_HDR.size) // 8)
+    arr = hashes.astype("<u8", copy=False)
+    parts = [arr[i:i + per] for i in range(0, arr.size, per)] or [arr[:0]]
+    return [_SNAP_HDR.pack(SNAP_MAGIC, gen, through_seq, i, len(parts), int(replace))
+            + p.tobytes() for i, p in enumerate(parts)]
+
+
+def decode_snapshot(data: bytes) -> SnapChunk:
+    """Inverse of one :func:`encode_snapshot` value; ValueError on a malformed value."""
+    if len(data) < _SNAP_HDR.size:
+        raise ValueError("snapshot value too short")
+    magic, gen, through, chunk, chunks, replace = _SNAP_HDR.unpack_from(data)
+    if magic != SNAP_MAGIC or chunk >= chunks:
+        raise ValueError("not a kvroute snapshot value")
+    body = np.frombuffer(data, dtype="<u8", offset=_SNAP_HDR.size).astype(np.uint64)
+    return SnapChunk(gen, through, chunk, chunks, bool(replace), body)

@@ -1,0 +1,178 @@
+"""A replica's in-memory view of the fleet: nodes, block index, per-model slot masks.
+
+Every change, whether written by this replica or seen through the store's watch, goes through
+:meth:`ReplicaView.apply`, which is idempotent: deltas carry (snapshot generation, seq) and
+snapshots a generation, so an echo of a change already applied is ignored. Two replicas that
+apply the same store history end with the same view.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+
+from registry_service.index import BlockIndex
+from registry_service.metrics import RegistryMetrics
+from registry_service.nodes import Change, Fanout, NodeState
+from registry_service.store.base import (
+    Delta,
+    DeltaPut,
+    LoadResult,
+    NodeGone,
+    NodePut,
+    NodeRecord,
+    SnapshotPut,
+    StatusPut,
+    StoreEvent,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaView:
+    """Nodes and block placement as this replica knows them."""
+
+    def __init__(self, fanout: Fanout, metrics: RegistryMetrics, late_after_s: float) -> None:
+        self.index = BlockIndex()
+        self.nodes: dict[str, NodeState] = {}
+        self.fanout = fanout
+        self.metrics = metrics
+        self.late_after_s = late_after_s
+        self._free: list[int] = []
+        self._next_slot = 0
+        self._model_mask: dict[str, int] = {}
+        self.deregistered: set[tuple[str, int]] = set()
+        """(node, epoch) this replica deleted itself: their removal is not a lease expiry."""
+
+    # ---- nodes ----------------------------------------------------------------------------
+    def _take_slot(self) -> int:
+        if self._free:
+            return heapq.heappop(self._free)
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def _add(self, rec: NodeRecord) -> NodeState:
+        state = NodeState(rec, self._take_slot())
+        self.index.add_node(state.slot)
+        self.nodes[rec.node_id] = state
+        self._model_mask[rec.model] = self._model_mask.get(rec.model, 0) | (1 << state.slot)
+        self.fanout.publish(Change("upsert", rec.node_id, added=True))
+        return state
+
+    def drop(self, node_id: str, expired: bool) -> int:
+        """Forget a node and its blocks; returns blocks dropped."""
+        state = self.nodes.pop(node_id, None)
+        if state is None:
+            return 0
+        dropped = self.index.drop_node(state.slot)
+        mask = self._model_mask.get(state.record.model, 0) & ~(1 << state.slot)
+        if mask:
+            self._model_mask[state.record.model] = mask
+        else:
+            self._model_mask.pop(state.record.model, None)
+        heapq.heappush(self._free, state.slot)
+        if expired:
+            self.metrics.lease_expiries.inc()
+            log.info("node %s (epoch %d) left: lease expired", node_id, state.record.epoch)
+        self.fanout.publish(Change("removed", node_id))
+        return dropped
+
+    # ---- events ---------------------------------------------------------------------------
+    def apply(self, ev: StoreEvent) -> None:
+        """Apply one store event (idempotent)."""
+        if isinstance(ev, NodePut):
+            self._node_put(ev.record)
+        elif isinstance(ev, NodeGone):
+            state = self.nodes.get(ev.node_id)
+            if state is not None and ev.epoch in (0, state.record.epoch):
+                key = (ev.node_id, state.record.epoch)
+                expired = key not in self.deregistered
+                self.deregistered.discard(key)
+                self.drop(ev.node_id, expired)
+        elif isinstance(ev, StatusPut):
+            state = self.nodes.get(ev.node_id)
+            if state is not None and (ev.status.heartbeat_unix_ms
+                                      >= state.status.heartbeat_unix_ms):
+                state.status = ev.status
+                self.fanout.publish(Change("upsert", ev.node_id))
+        elif isinstance(ev, DeltaPut):
+            state = self.nodes.get(ev.node_id)
+            if state is not None and state.record.epoch == ev.epoch:
+                self.apply_delta(state, ev.delta)
+        elif isinstance(ev, SnapshotPut):
+            state = self.nodes.get(ev.node_id)
+            if state is not None and state.record.epoch == ev.epoch:
+                self.apply_snapshot(state, ev)
+
+    def _node_put(self, rec: NodeRecord) -> None:
+        state = self.nodes.get(rec.node_id)
+        if state is not None:
+            if rec.epoch < state.record.epoch:
+                return
+            if rec.epoch == state.record.epoch:
+                if rec != state.record:
+                    state.record = rec
+                    self.fanout.publish(Change("upsert", rec.node_id))
+                return
+            self.drop(rec.node_id, expired=False)
+        self._add(rec)
+
+    def apply_delta(self, state: NodeState, delta: Delta) -> bool:
+        """Apply a delta if it is the next one on the node's generation; True if applied."""
+        if delta.base_gen != state.gen or delta.seq <= state.applied_seq:
+            return False
+        if delta.seq != state.applied_seq + 1:
+            log.warning("node %s: delta seq %d applied after %d (a gap in the store)",
+                        state.node_id, delta.seq, state.applied_seq)
+        if delta.cleared:
+            self.index.clear(state.slot)
+        if delta.removed.size:
+            self.index.remove(state.slot, delta.removed.tolist())
+        if delta.stored.size:
+            self.index.add(state.slot, delta.stored.tolist())
+        state.applied_seq = delta.seq
+        state.deltas_since_snapshot += 1
+        self.fanout.publish(Change("blocks", state.node_id, cleared=delta.cleared,
+                                   stored=delta.stored, removed=delta.removed))
+        return True
+
+    def apply_snapshot(self, state: NodeState, snap: SnapshotPut) -> bool:
+        """Switch the node to snapshot ``snap.gen``; rebuild its blocks when they differ."""
+        if snap.gen <= state.gen:
+            return False
+        if snap.replace or snap.through_seq != state.applied_seq:
+            self.index.clear(state.slot)
+            self.index.add(state.slot, snap.hashes.tolist())
+            self.fanout.publish(Change("blocks", state.node_id, cleared=True,
+                                       stored=snap.hashes))
+        state.gen = snap.gen
+        state.applied_seq = snap.through_seq
+        state.deltas_since_snapshot = 0
+        return True
+
+    def reconcile(self, loaded: LoadResult) -> None:
+        """Make the view equal to a fresh listing of the store."""
+        present = {ev.record.node_id for ev in loaded.events if isinstance(ev, NodePut)}
+        for node_id in [n for n in self.nodes if n not in present]:
+            self.drop(node_id, expired=True)
+        for ev in loaded.events:
+            self.apply(ev)
+
+    # ---- queries --------------------------------------------------------------------------
+    def candidates(self, model: str, include_unhealthy: bool) -> list[NodeState]:
+        """Nodes serving ``model`` (all models when empty), healthy ones unless asked."""
+        if model:
+            mask = self._model_mask.get(model, 0)
+            nodes = [s for s in self.nodes.values() if mask >> s.slot & 1]
+        else:
+            nodes = list(self.nodes.values())
+        if not include_unhealthy:
+            nodes = [s for s in nodes if s.healthy(self.late_after_s)]
+        return nodes
+
+    def lookup(self, hashes: list[int], nodes: list[NodeState]) -> dict[int, int]:
+        """Matched prefix length per slot of ``nodes`` (slots with no match omitted)."""
+        mask = 0
+        for s in nodes:
+            mask |= 1 << s.slot
+        return self.index.longest_prefix(hashes, mask) if mask and hashes else {}
