@@ -1,0 +1,150 @@
+"""engine_sim as a real process: HTTP completions with measured cached tokens, KV events on a
+SUB socket, replay, vLLM metric names, seq back at 0 after a restart, clean SIGTERM exit."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+
+from tests.harness import ServerProcess, start_server
+
+pytestmark = pytest.mark.integration
+
+
+def post(srv: ServerProcess, path: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(f"http://127.0.0.1:{srv.ready['http_port']}{path}",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw
+
+
+def get(srv: ServerProcess, path: str) -> bytes:
+    url = f"http://127.0.0.1:{srv.ready['http_port']}{path}"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        data: bytes = resp.read()
+    return data
+
+
+def replay(endpoint: str, start: int) -> list[list[bytes]]:
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.RCVTIMEO, 5000)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    try:
+        dealer.send_multipart([b"", start.to_bytes(8, "big")])
+        out: list[list[bytes]] = []
+        while not out or out[-1][2] != b"\xff" * 8:
+            out.append(dealer.recv_multipart())
+        return out
+    finally:
+        dealer.close()
+        ctx.term()
+
+
+ARGS = ["--time-scale", "0.01", "--block-size", "16", "--capacity-blocks", "64",
+        "--topic", "kv@test"]
+
+
+def test_completions_cache_events_metrics_restart(tmp_path: Path) -> None:
+    srv = start_server("engine-sim", ARGS, tmp_path, name="sim")
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"kv@test")
+    sub.setsockopt(zmq.RCVTIMEO, 200)
+    sub.setsockopt(zmq.LINGER, 0)
+    try:
+        sub.connect(srv.ready["events_endpoint"])
+        prompt = list(range(1000, 1040))  # 2 full blocks + 8 tokens
+        first = post(srv, "/v1/completions", {"model": "sim-model", "prompt": prompt,
+                                               "max_tokens": 4, "user": "req-1"})
+        assert first["usage"]["prompt_tokens"] == 40
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        second = post(srv, "/v1/completions", {"model": "sim-model", "prompt": prompt,
+                                                "max_tokens": 4, "user": "req-2"})
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
+
+        # events arrive on SUB (the subscription may join late: keep sending new prompts)
+        got: list[bytes] | None = None
+        deadline = time.monotonic() + 10
+        n = 0
+        while got is None and time.monotonic() < deadline:
+            n += 1
+            post(srv, "/v1/completions", {"prompt": list(range(n * 100, n * 100 + 16)),
+                                          "max_tokens": 1})
+            try:
+                got = sub.recv_multipart()
+            except zmq.Again:
+                continue
+        assert got is not None and got[0] == b"kv@test" and len(got[1]) == 8
+        ts, events, rank = msgspec.msgpack.decode(got[2])
+        assert rank == 0 and events[0]["type"] == "BlockStored"
+        assert events[0]["block_size"] == 16
+        assert len(events[0]["token_ids"]) == 16 * len(events[0]["block_hashes"])
+
+        # the engine's own truth
+        stats = json.loads(get(srv, "/kvroute/stats"))
+        recs = {r["request_id"]: r for r in stats["records"]}
+        assert recs["req-1"]["cached_tokens"] == 0 and recs["req-2"]["cached_tokens"] == 32
+        assert stats["cached_tokens"] == 32
+        metrics = get(srv, "/metrics").decode()
+        for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                     "vllm:kv_cache_usage_perc", "vllm:prefix_cache_queries_total",
+                     "vllm:prefix_cache_hits_total"):
+            assert f'{name}{{engine="0",model_name="sim-model"}}' in metrics
+        assert 'vllm:prefix_cache_hits_total{engine="0",model_name="sim-model"} 32.0' in metrics
+        with urllib.request.urlopen(srv.metrics_url, timeout=5) as resp:
+            assert b"kvroute_engine_sim_evicted_blocks_total" in resp.read()
+
+        # replay from 0 returns the first batch: the first prompt's two blocks
+        replies = replay(srv.ready["replay_endpoint"], 0)
+        assert replies[0][2] == (0).to_bytes(8, "big")
+        ev0 = msgspec.msgpack.decode(replies[0][3])[1][0]
+        assert ev0["token_ids"] == prompt[:32] and ev0["parent_block_hash"] is None
+        first_hashes = ev0["block_hashes"]
+        assert srv.stop() == 0  # SIGTERM: clean exit
+
+        # a restarted engine starts its sequence at 0 again, with new (random-seeded) hashes
+        srv = start_server("engine-sim", ARGS, tmp_path, name="sim2")
+        post(srv, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+        replies = replay(srv.ready["replay_endpoint"], 0)
+        assert replies[0][2] == (0).to_bytes(8, "big")
+        ev0 = msgspec.msgpack.decode(replies[0][3])[1][0]
+        assert ev0["token_ids"] == prompt[:32] and ev0["block_hashes"] != first_hashes
+    finally:
+        sub.close()
+        ctx.term()
+        srv.stop()
+
+
+def test_bad_requests_get_clear_errors(tmp_path: Path) -> None:
+    srv = start_server("engine-sim", ["--capacity-blocks", "4", "--time-scale", "0.01"],
+                       tmp_path)
+    try:
+        for body, status, words in [
+            ({"prompt": [1, -2]}, 400, "token ids"),
+            ({"prompt": list(range(100)), "max_tokens": 1}, 400, "KV blocks"),
+            ({"model": "other", "prompt": "hi"}, 404, "does not exist"),
+            ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+            ({}, 400, "prompt is required"),
+        ]:
+            with pytest.raises(urllib.error.HTTPError) as err:
+                post(srv, "/v1/completions", body)
+            assert err.value.code == status
+            assert words in json.loads(err.value.read())["message"]
+        ok = post(srv, "/generate", {"input_ids": [1, 2, 3], "sampling_params":
+                                     {"max_new_tokens": 2}})
+        assert ok["meta_info"]["completion_tokens"] == 2
+        assert "model_path" not in json.loads(get(srv, "/model_info"))
+        assert json.loads(get(srv, "/get_load"))["num_running"] == 0
+    finally:
+        assert srv.stop() == 0
