@@ -1,0 +1,49 @@
+# syntax=docker/dockerfile:1
+# One image for every kvroute role: `kvroute serve registry|router|agent|engine-sim`, plus the
+# operator commands (`kvroute nodes`, `kvroute route`, ...).
+#
+#   docker build -t kvroute:0.1.0 .
+#   docker run --rm kvroute:0.1.0 serve registry --help
+#
+# The install step is scripts/install.sh, the same script CI (.ci/run) and the README use; here it
+# installs a regular (non-editable) copy with no extras into the virtualenv /opt/kvroute.
+# Pin the base by digest in release builds: --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:...
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+# Dependency metadata first would not help here (pyproject.toml names the packages to install),
+# so copy the sources the build needs; .dockerignore keeps tests, caches and venvs out.
+COPY pyproject.toml README.md ./
+COPY scripts/install.sh scripts/install.sh
+COPY kvroute kvroute
+COPY registry_service registry_service
+COPY router_service router_service
+COPY node_agent node_agent
+COPY engine_sim engine_sim
+COPY bench bench
+COPY cli cli
+RUN VENV=/opt/kvroute EDITABLE=0 scripts/install.sh "" \
+ && /opt/kvroute/bin/kvroute --version \
+ && /opt/kvroute/bin/python -m compileall -q /opt/kvroute/lib
+
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="kvroute" \
+      org.opencontainers.image.description="KV-cache-aware request router for LLM serving fleets" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 kvroute \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /tmp \
+      --no-create-home --shell /usr/sbin/nologin kvroute
+COPY --from=build /opt/kvroute /opt/kvroute
+ENV PATH=/opt/kvroute/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp
+# Numeric user so Kubernetes can enforce runAsNonRoot; the manifests use the same uid.
+USER 10001:10001
+WORKDIR /tmp
+ENTRYPOINT ["kvroute"]
+CMD ["--help"]
