@@ -86,7 +86,7 @@ def test_completions_cache_events_metrics_restart(tmp_path: Path) -> None:
             except zmq.Again:
                 continue
         assert got is not None and got[0] == b"kv@test" and len(got[1]) == 8
-        ts, events, rank = msgspec.msgpack.decode(got[2])
+        _ts, events, rank = msgspec.msgpack.decode(got[2])
         assert rank == 0 and events[0]["type"] == "BlockStored"
         assert events[0]["block_size"] == 16
         assert len(events[0]["token_ids"]) == 16 * len(events[0]["block_hashes"])

@@ -42,7 +42,7 @@ def test_prefix_reuse_and_stored_events() -> None:
     assert ev.parent_block_hash is None and ev.token_ids == tuple(p1) and len(ev.block_hashes) == 3
     c.release(a1)
     # shares the first two blocks, then diverges
-    p2 = toks(0, 8) + [99, 98, 97, 96, 95]
+    p2 = [*toks(0, 8), 99, 98, 97, 96, 95]
     hs2 = h.hash_blocks(p2, BS)
     a2 = c.allocate(hs2, p2, 1)
     assert a2 is not None and a2.cached_tokens == 8

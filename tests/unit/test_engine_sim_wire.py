@@ -105,8 +105,8 @@ def test_positional_encoding_has_the_tag_first() -> None:
     assert raw[1][2] == ["AllBlocksCleared"]
 
 
-async def _recv(sock: zmq.asyncio.Socket, timeout: float = 3.0) -> list[bytes]:
-    frames: list[bytes] = await asyncio.wait_for(sock.recv_multipart(), timeout)
+async def _recv(sock: zmq.asyncio.Socket, wait_s: float = 3.0) -> list[bytes]:
+    frames: list[bytes] = await asyncio.wait_for(sock.recv_multipart(), wait_s)
     return frames
 
 
