@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.hashing import run_hashing_bench
+from bench.router_bench import add_router_arguments, run_router_cli
 from cli.main_helpers import not_implemented
 
 
@@ -29,6 +30,7 @@ def _hashing(args: argparse.Namespace) -> int:
 
 TARGETS: dict[str, Callable[[argparse.Namespace], int]] = {
     "hashing": _hashing,
+    "router": run_router_cli,
 }
 
 
@@ -45,6 +47,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--prompt-tokens", type=int, default=100_000,
                    help="tokens per prompt (hashing)")
     p.add_argument("--prompts", type=int, default=20, help="prompts to hash (hashing)")
+    add_router_arguments(p)
     p.set_defaults(run=run)
 
 

@@ -1,0 +1,401 @@
+"""``kvroute bench router``: Route latency and decisions/s over gRPC with the registry in the path.
+
+Starts real processes on loopback — etcd (or the registry's memory store), ``kvroute serve
+registry`` and ``kvroute serve router`` (once per registry mode: ``replica`` and ``stream``) —
+registers nodes holding known blocks through the Registry gRPC API, then drives the router from
+client processes:
+
+- an empty gRPC call (``grpc.health.v1.Health/Check`` on the router) as the baseline,
+- unary ``Route`` with 1 caller (latency; added latency = Route p50 - empty p50) and with many
+  concurrent callers (decisions/s),
+- unary ``Route`` open-loop at a fixed rate (p99 at 500/s),
+- ``RouteStream`` with several streams and a window of outstanding requests (decisions/s).
+
+Numbers are side-by-side ratios from one run on a shared machine; clients share the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import random
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvroute.blocks import hash_blocks
+from kvroute.embedded_etcd import EmbeddedEtcd
+from kvroute.procs import ManagedProcess, read_ready_file
+from kvroute.v1 import registry_pb2, registry_pb2_grpc, router_pb2, router_pb2_grpc
+
+TARGETS = {"unary_decisions_per_s": 3000.0, "stream_decisions_per_s": 10000.0,
+           "p99_at_rate_ms": 5.0, "added_latency_p50_ms": 0.5}
+
+
+@dataclass
+class RouterBenchConfig:
+    """Knobs of the router benchmark."""
+
+    nodes: int = 8
+    families: int = 64
+    prompt_tokens: int = 1024
+    block_size: int = 16
+    duration_s: float = 3.0
+    unary_concurrency: int = 32
+    streams: int = 4
+    stream_window: int = 64
+    rate_per_s: float = 500.0
+    client_procs: int = 1
+    modes: tuple[str, ...] = ("replica", "stream")
+    registry_store: str = "etcd"
+    policy: str = "kv_aware"
+    seed: int = 7
+
+
+# -- workload ---------------------------------------------------------------------------------
+def make_workload(cfg: RouterBenchConfig) -> tuple[list[list[int]], dict[str, list[int]]]:
+    """(request token lists, node -> cached block hashes): families of shared prefixes."""
+    rng = random.Random(cfg.seed)
+    fams = [[rng.randrange(1, 50_000) for _ in range(cfg.prompt_tokens)]
+            for _ in range(cfg.families)]
+    placement: dict[str, list[int]] = {f"node-{i}": [] for i in range(cfg.nodes)}
+    for f, toks in enumerate(fams):
+        hashes = hash_blocks(toks, cfg.block_size)
+        placement[f"node-{f % cfg.nodes}"].extend(hashes)
+        placement[f"node-{(f + 1) % cfg.nodes}"].extend(hashes[: len(hashes) // 3])
+    reqs = []
+    keep = cfg.prompt_tokens * 3 // 4
+    for _ in range(512):
+        fam = fams[rng.randrange(cfg.families)]
+        reqs.append(fam[:keep] + [rng.randrange(1, 50_000)
+                                  for _ in range(cfg.prompt_tokens - keep)])
+    return reqs, placement
+
+
+async def register_nodes(registry: str, placement: dict[str, list[int]], block_size: int,
+                         model: str = "bench") -> dict[str, int]:
+    """RegisterNode + one Heartbeat carrying the blocks; returns node -> epoch."""
+    async with grpc.aio.insecure_channel(registry) as ch:
+        stub = registry_pb2_grpc.RegistryStub(ch)
+        epochs: dict[str, int] = {}
+        for nid, blocks in placement.items():
+            r = await stub.RegisterNode(registry_pb2.RegisterNodeRequest(
+                node_id=nid, address=f"127.0.0.1:{9000 + len(epochs)}", model=model,
+                block_size=block_size, capacity_blocks=max(1, len(blocks) * 2)), timeout=10)
+            epochs[nid] = r.epoch
+            await stub.Heartbeat(registry_pb2.HeartbeatRequest(
+                node_id=nid, epoch=r.epoch, used_blocks=len(blocks), stored=blocks,
+                delta_seq=1), timeout=10)
+        return epochs
+
+
+async def keep_alive(registry: str, epochs: dict[str, int], interval_s: float) -> None:
+    """Heartbeat every node until cancelled (keeps leases alive during the run)."""
+    async with grpc.aio.insecure_channel(registry) as ch:
+        stub = registry_pb2_grpc.RegistryStub(ch)
+        while True:
+            await asyncio.sleep(interval_s)
+            for nid, ep in epochs.items():
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await stub.Heartbeat(registry_pb2.HeartbeatRequest(node_id=nid, epoch=ep),
+                                         timeout=5)
+
+
+# -- load generators (run in client processes) ----------------------------------------------
+def _summary(lat_s: list[float], wall_s: float) -> dict[str, float]:
+    if not lat_s:
+        return {"count": 0, "per_s": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan")}
+    a = np.asarray(lat_s) * 1000
+    return {"count": len(lat_s), "per_s": round(len(lat_s) / wall_s, 1),
+            "p50_ms": round(float(np.percentile(a, 50)), 3),
+            "p99_ms": round(float(np.percentile(a, 99)), 3)}
+
+
+async def _closed(call: Callable[[int], Awaitable[Any]], conc: int, dur: float) -> list[float]:
+    lat: list[float] = []
+    end = time.perf_counter() + dur
+    counter = iter(range(10**9))
+
+    async def worker() -> None:
+        while time.perf_counter() < end:
+            i = next(counter)
+            t = time.perf_counter()
+            await call(i)
+            lat.append(time.perf_counter() - t)
+
+    await asyncio.gather(*(worker() for _ in range(conc)))
+    return lat
+
+
+async def _open(call: Callable[[int], Awaitable[Any]], rate: float, dur: float) -> list[float]:
+    lat: list[float] = []
+    tasks = []
+    start = time.perf_counter()
+
+    async def one(i: int) -> None:
+        t = time.perf_counter()
+        await call(i)
+        lat.append(time.perf_counter() - t)
+
+    i = 0
+    while (now := time.perf_counter()) < start + dur:
+        due = start + i / rate
+        if due > now:
+            await asyncio.sleep(due - now)
+        tasks.append(asyncio.create_task(one(i)))
+        i += 1
+    await asyncio.gather(*tasks)
+    return lat
+
+
+async def _streams(stub: Any, reqs: list[router_pb2.RouteRequest],
+                   n: int, window: int, dur: float, tag: str) -> list[float]:
+    lat: list[float] = []
+    end = time.perf_counter() + dur
+
+    async def one_stream(s: int) -> None:
+        sent: dict[str, float] = {}
+        sem = asyncio.Semaphore(window)
+
+        async def gen() -> AsyncIterator[router_pb2.RouteRequest]:
+            i = 0
+            while time.perf_counter() < end:
+                await sem.acquire()
+                r = reqs[i % len(reqs)]
+                rid = f"{tag}-{s}-{i}"
+                out = router_pb2.RouteRequest(request_id=rid, token_ids=r.token_ids)
+                sent[rid] = time.perf_counter()
+                i += 1
+                yield out
+
+        async for resp in stub.RouteStream(gen()):
+            lat.append(time.perf_counter() - sent.pop(resp.request_id))
+            sem.release()
+
+    await asyncio.gather(*(one_stream(s) for s in range(n)))
+    return lat
+
+
+async def _client(target: str, kind: str, params: dict[str, Any], tokens: list[list[int]],
+                  tag: str) -> tuple[list[float], float]:
+    reqs = [router_pb2.RouteRequest(token_ids=t) for t in tokens]
+    async with grpc.aio.insecure_channel(target) as ch:
+        router = router_pb2_grpc.RouterStub(ch)
+        health = health_pb2_grpc.HealthStub(ch)
+        await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+        async def empty(_i: int) -> Any:
+            return await health.Check(health_pb2.HealthCheckRequest())
+
+        async def route(i: int) -> Any:
+            r = reqs[i % len(reqs)]
+            return await router.Route(router_pb2.RouteRequest(
+                request_id=f"{tag}-{i}", token_ids=r.token_ids))
+
+        t0 = time.perf_counter()
+        dur = params["duration_s"]
+        if kind == "empty":
+            lat = await _closed(empty, params["concurrency"], dur)
+        elif kind == "route":
+            lat = await _closed(route, params["concurrency"], dur)
+        elif kind == "route_rate":
+            lat = await _open(route, params["rate"], dur)
+        else:
+            lat = await _streams(router, reqs, params["streams"], params["window"], dur, tag)
+        return lat, time.perf_counter() - t0
+
+
+def _client_proc(args: tuple[str, str, dict[str, Any], list[list[int]], str],
+                 ) -> tuple[list[float], float]:
+    return asyncio.run(_client(*args))
+
+
+def measure(target: str, kind: str, params: dict[str, Any], tokens: list[list[int]],
+            procs: int, tag: str) -> dict[str, float]:
+    """Run one load shape from ``procs`` client processes; merged latency summary."""
+    ctx = multiprocessing.get_context("spawn")
+    jobs = [(target, kind, params, tokens, f"{tag}-p{p}") for p in range(procs)]
+    with ctx.Pool(procs) as pool:
+        results = pool.map(_client_proc, jobs)
+    lat = [x for r, _ in results for x in r]
+    wall = max(w for _, w in results)
+    return _summary(lat, wall)
+
+
+# -- orchestration ----------------------------------------------------------------------------
+def _serve(role: str, args: list[str], work: Path, name: str,
+           ) -> tuple[ManagedProcess, dict[str, Any]]:
+    ready = work / f"{name}.ready.json"
+    argv = [sys.executable, "-m", "cli.main", "serve", role, "--ready-file", str(ready),
+            "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", *args]
+    proc = ManagedProcess(name, argv, work / f"{name}.log").start()
+    try:
+        return proc, read_ready_file(ready, 30, proc)
+    except BaseException:
+        proc.stop()
+        raise
+
+
+def _wait_routable(target: str, tokens: list[int], timeout_s: float = 20.0) -> None:
+    async def check() -> None:
+        deadline = time.monotonic() + timeout_s
+        async with grpc.aio.insecure_channel(target) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            while True:
+                try:
+                    r = await stub.Route(router_pb2.RouteRequest(
+                        request_id="warmup", token_ids=tokens), timeout=2)
+                    if not r.degraded and r.matched_blocks > 0:
+                        await stub.Complete(router_pb2.CompleteRequest(request_id="warmup"))
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError("router never routed on registry data")
+                await asyncio.sleep(0.1)
+
+    asyncio.run(check())
+
+
+def run_router_bench(cfg: RouterBenchConfig, log: Callable[[str], None] = print,
+                     ) -> dict[str, Any]:
+    """Run the whole benchmark; returns the JSON-ready result."""
+    tokens, placement = make_workload(cfg)
+    out: dict[str, Any] = {"config": asdict(cfg), "targets": TARGETS, "modes": {}}
+    with tempfile.TemporaryDirectory(prefix="kvroute-router-bench-") as tmp:
+        work = Path(tmp)
+        etcd = None
+        procs: list[ManagedProcess] = []
+        try:
+            reg_args = ["--block-size", str(cfg.block_size), "--store", cfg.registry_store]
+            if cfg.registry_store == "etcd":
+                etcd = EmbeddedEtcd(work / "etcd").start()
+                reg_args += ["--etcd-endpoints", etcd.endpoint]
+            reg, reg_ready = _serve("registry", reg_args, work, "registry")
+            procs.append(reg)
+            registry = f"127.0.0.1:{reg_ready['grpc_port']}"
+            epochs = asyncio.run(register_nodes(registry, placement, cfg.block_size))
+            log(f"registry {registry}: {cfg.nodes} nodes, "
+                f"{sum(len(v) for v in placement.values())} blocks")
+            hb = ManagedProcess("heartbeats", [sys.executable, "-c",
+                                               _HB_SCRIPT.format(registry=registry,
+                                                                 epochs=dict(epochs))],
+                                work / "hb.log").start()
+            procs.append(hb)
+            for mode in cfg.modes:
+                rt, rt_ready = _serve("router", [
+                    "--registry", registry, "--registry-mode", mode,
+                    "--block-size", str(cfg.block_size), "--default-policy", cfg.policy,
+                    "--inflight-timeout-s", "5", "--log-level", "warning"], work,
+                    f"router-{mode}")
+                target = f"127.0.0.1:{rt_ready['grpc_port']}"
+                try:
+                    _wait_routable(target, tokens[0])
+                    out["modes"][mode] = _measure_mode(target, cfg, tokens, mode, log)
+                finally:
+                    rt.stop()
+        finally:
+            for p in reversed(procs):
+                p.stop()
+            if etcd is not None:
+                etcd.stop()
+    out["verdict"] = _verdict(out["modes"])
+    return out
+
+
+def _measure_mode(target: str, cfg: RouterBenchConfig, tokens: list[list[int]], mode: str,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    d, cp = cfg.duration_s, cfg.client_procs
+    res: dict[str, Any] = {}
+    shapes: list[tuple[str, str, dict[str, Any], int]] = [
+        ("empty_c1", "empty", {"concurrency": 1, "duration_s": d}, 1),
+        ("route_c1", "route", {"concurrency": 1, "duration_s": d}, 1),
+        ("empty_cN", "empty", {"concurrency": cfg.unary_concurrency, "duration_s": d}, cp),
+        ("route_cN", "route", {"concurrency": cfg.unary_concurrency, "duration_s": d}, cp),
+        ("route_at_rate", "route_rate", {"rate": cfg.rate_per_s, "duration_s": d}, 1),
+        ("route_stream", "stream", {"streams": cfg.streams, "window": cfg.stream_window,
+                                    "duration_s": d}, cp),
+    ]
+    for name, kind, params, procs in shapes:
+        res[name] = measure(target, kind, params, tokens, procs, f"{mode}-{name}")
+        log(f"[{mode}] {name:14s} {res[name]}")
+    res["added_latency_p50_ms"] = round(res["route_c1"]["p50_ms"] - res["empty_c1"]["p50_ms"], 3)
+    return res
+
+
+def _verdict(modes: dict[str, Any]) -> dict[str, Any]:
+    v: dict[str, Any] = {}
+    for mode, r in modes.items():
+        v[mode] = {
+            "unary_decisions_per_s": r["route_cN"]["per_s"],
+            "unary_met": r["route_cN"]["per_s"] >= TARGETS["unary_decisions_per_s"],
+            "stream_decisions_per_s": r["route_stream"]["per_s"],
+            "stream_met": r["route_stream"]["per_s"] >= TARGETS["stream_decisions_per_s"],
+            "p99_at_rate_ms": r["route_at_rate"]["p99_ms"],
+            "p99_met": r["route_at_rate"]["p99_ms"] <= TARGETS["p99_at_rate_ms"],
+            "added_latency_p50_ms": r["added_latency_p50_ms"],
+            "added_met": r["added_latency_p50_ms"] <= TARGETS["added_latency_p50_ms"],
+            "empty_unary_per_s": r["empty_cN"]["per_s"],
+        }
+    return v
+
+
+_HB_SCRIPT = """
+import asyncio
+from bench.router_bench import keep_alive
+asyncio.run(keep_alive({registry!r}, {epochs!r}, 2.0))
+"""
+
+
+# -- CLI (``kvroute bench router``) -----------------------------------------------------------
+def add_router_arguments(p: Any) -> None:
+    """Flags of ``kvroute bench router`` (all prefixed ``--router-``)."""
+    g = p.add_argument_group("router (kvroute bench router)")
+    d = RouterBenchConfig()
+    g.add_argument("--router-nodes", type=int, default=d.nodes, help="registered nodes")
+    g.add_argument("--router-duration-s", type=float, default=d.duration_s,
+                   help="seconds per measured load shape")
+    g.add_argument("--router-concurrency", type=int, default=d.unary_concurrency,
+                   help="concurrent unary callers per client process")
+    g.add_argument("--router-streams", type=int, default=d.streams,
+                   help="RouteStream streams per client process")
+    g.add_argument("--router-window", type=int, default=d.stream_window,
+                   help="outstanding requests per stream")
+    g.add_argument("--router-rate", type=float, default=d.rate_per_s,
+                   help="open-loop unary rate for the p99 measurement (requests/s)")
+    g.add_argument("--router-client-procs", type=int, default=d.client_procs,
+                   help="client processes for the throughput shapes")
+    g.add_argument("--router-modes", default=",".join(d.modes),
+                   help="registry modes to measure: replica,stream")
+    g.add_argument("--router-store", default=d.registry_store,
+                   help="registry store: etcd (real etcd) or memory")
+    g.add_argument("--router-prompt-tokens", type=int, default=d.prompt_tokens,
+                   help="tokens per routed prompt")
+
+
+def run_router_cli(args: Any) -> int:
+    """``kvroute bench router``: print progress and the verdict, write JSON if asked."""
+    import json
+
+    cfg = RouterBenchConfig(
+        nodes=args.router_nodes, duration_s=args.router_duration_s,
+        unary_concurrency=args.router_concurrency, streams=args.router_streams,
+        stream_window=args.router_window, rate_per_s=args.router_rate,
+        client_procs=args.router_client_procs,
+        modes=tuple(m.strip() for m in args.router_modes.split(",") if m.strip()),
+        registry_store=args.router_store, prompt_tokens=args.router_prompt_tokens,
+        block_size=args.block_size)
+    res = run_router_bench(cfg)
+    print(json.dumps(res["verdict"], indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
