@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.cli_replay import add_replay_arguments, run_replay, run_sweep
 from bench.hashing import run_hashing_bench
 from bench.router_bench import add_router_arguments, run_router_cli
-from cli.main_helpers import not_implemented
 
 
 def _hashing(args: argparse.Namespace) -> int:
@@ -29,6 +29,8 @@ def _hashing(args: argparse.Namespace) -> int:
 
 
 TARGETS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "replay": run_replay,
+    "sweep": run_sweep,
     "hashing": _hashing,
     "router": run_router_cli,
 }
@@ -39,14 +41,16 @@ def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "bench", help="benchmarks: replay traces through policies, hashing throughput",
         description="Benchmarks. TARGET 'replay' (default) compares routing policies on a "
-                    "trace; 'hashing' measures canonical block hashing throughput.")
+                    "trace side by side; 'sweep' plots hit rate against cache capacity; "
+                    "'hashing' measures canonical block hashing throughput.")
     p.add_argument("target", nargs="?", default="replay", metavar="TARGET",
-                   help="replay (default), hashing")
+                   help="replay (default), sweep, hashing")
     p.add_argument("--json", metavar="PATH", help="write results as JSON to PATH")
     p.add_argument("--block-size", type=int, default=16, help="tokens per block (hashing)")
     p.add_argument("--prompt-tokens", type=int, default=100_000,
                    help="tokens per prompt (hashing)")
     p.add_argument("--prompts", type=int, default=20, help="prompts to hash (hashing)")
+    add_replay_arguments(p)
     add_router_arguments(p)
     p.set_defaults(run=run)
 
@@ -55,9 +59,7 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch to the benchmark target."""
     fn = TARGETS.get(args.target)
     if fn is None:
-        if args.target == "replay":
-            return not_implemented("bench (trace replay)")
         print(f"kvroute bench: unknown target {args.target!r}; choose from "
-              f"{', '.join(['replay', *TARGETS])}", file=sys.stderr)
+              f"{', '.join(TARGETS)}", file=sys.stderr)
         return 2
     return fn(args)

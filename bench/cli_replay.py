@@ -1,0 +1,200 @@
+"""``kvroute bench [replay|sweep]``: flags and drivers (wired by ``cli/cmd_bench.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.policies import ALL_POLICIES
+from bench.sim.config import DEFAULT_PREFILL_TOKENS_PER_S, SimSettings
+from bench.workloads import WORKLOAD_NAMES, TraceFormatError, load_workload
+from bench.workloads.base import Workload
+from kvroute.errors import ConfigError
+from kvroute.settings import add_arguments, from_namespace
+from router_service.policies.kv_aware import KvAwareSettings
+
+
+def add_replay_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the replay and sweep targets (stable: scripts use them)."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--trace", metavar="PATH", help="Mooncake-format JSONL trace to replay")
+    src.add_argument("--workload", metavar="NAME", choices=WORKLOAD_NAMES,
+                     help=f"generated or shipped workload: {', '.join(WORKLOAD_NAMES)} "
+                          "(default: mooncake-sample, the shipped 1,500-request trace sample)")
+    p.add_argument("--nodes", type=int, default=8, help="simulated engines (default 8)")
+    p.add_argument("--cache-blocks", type=int, default=0, metavar="C",
+                   help="KV cache per node in the workload's block units (default: 25%% of the "
+                        "workload's distinct blocks / nodes)")
+    p.add_argument("--mode", choices=("sim", "stack"), default="sim",
+                   help="sim: in-process discrete-event replay; stack: real processes "
+                        "(not implemented yet)")
+    p.add_argument("--policies", default=",".join(ALL_POLICIES), metavar="A,B,...",
+                   help=f"policies to compare (default all: {','.join(ALL_POLICIES)})")
+    p.add_argument("--prefill-tokens-per-s", type=float, default=DEFAULT_PREFILL_TOKENS_PER_S,
+                   metavar="R", help="engine prefill speed, tokens/s (default "
+                                     f"{DEFAULT_PREFILL_TOKENS_PER_S:.0f})")
+    p.add_argument("--decode-s-per-token", type=float, default=0.02, metavar="S",
+                   help="decode time per output token (default 0.02)")
+    p.add_argument("--max-batch", type=int, default=64, help="decode batch limit per engine")
+    p.add_argument("--latency-model", choices=("default", "seed"), default="default",
+                   help="default: prefill proportional to uncached tokens; seed: the notebook's "
+                        "constants (50 ms prefill, 2 ms transfer, 100 ms decode)")
+    p.add_argument("--heartbeat-delay-s", type=float, default=0.0, metavar="S",
+                   help="registry belief lags the caches by S seconds (default 0)")
+    p.add_argument("--plot-dir", metavar="DIR", help="write PNG plots into DIR")
+    p.add_argument("--seed", type=int, default=0, help="seed of generators and random policies")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N requests only")
+    p.add_argument("--start", type=int, default=0, metavar="K",
+                   help="skip the first K requests (e.g. replay the second half of a trace)")
+    p.add_argument("--sweep-fractions", default="0.05,0.1,0.25,0.5,1.0", metavar="F,...",
+                   help="sweep: per-node cache = F x distinct blocks / nodes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group = p.add_argument_group("kv_aware policy settings (same flags as the router)")
+    add_arguments(group, KvAwareSettings)  # type: ignore[arg-type]
+
+
+def _settings(args: argparse.Namespace, workload: Workload) -> SimSettings:
+    from bench.runner import resolve_settings
+
+    s = SimSettings(nodes=args.nodes, cache_blocks=args.cache_blocks,
+                    prefill_tokens_per_s=args.prefill_tokens_per_s,
+                    decode_s_per_token=args.decode_s_per_token, max_batch=args.max_batch,
+                    latency_model=args.latency_model, heartbeat_delay_s=args.heartbeat_delay_s)
+    return resolve_settings(workload, s)
+
+
+def _load(args: argparse.Namespace) -> Workload:
+    return load_workload(trace=args.trace, workload=args.workload, seed=args.seed,
+                         start=args.start, limit=args.limit)
+
+
+def _policies(args: argparse.Namespace) -> list[str]:
+    names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    bad = [n for n in names if n not in ALL_POLICIES]
+    if bad or not names:
+        raise ConfigError(f"--policies: unknown {', '.join(bad) or '(empty)'}; "
+                          f"choose from {', '.join(ALL_POLICIES)}")
+    return names
+
+
+def _kv_settings(args: argparse.Namespace, rate: float) -> KvAwareSettings:
+    given = getattr(args, "kv_prefill_tokens_per_s", None)
+    over = {} if given is not None else {"kv_prefill_tokens_per_s": rate}
+    return from_namespace(KvAwareSettings, args, environ={}, **over)
+
+
+class _Progress:
+    def __init__(self, total: int, disable: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="req", disable=True if disable else None,
+                        file=sys.stderr, leave=False)
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Workload, SimSettings, list[str],
+                                                 KvAwareSettings] | int:
+    if args.mode == "stack":
+        print("kvroute bench --mode stack: not implemented yet", file=sys.stderr)
+        return 3
+    try:
+        workload = _load(args)
+        settings = _settings(args, workload)
+        names = _policies(args)
+        kv = _kv_settings(args, settings.prefill_tokens_per_s)
+    except (ConfigError, TraceFormatError, ValueError, OSError) as exc:
+        print(f"kvroute bench: {exc}", file=sys.stderr)
+        return 2
+    if not workload.requests:
+        print("kvroute bench: the workload selection is empty", file=sys.stderr)
+        return 2
+    return workload, settings, names, kv
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """Compare policies on one workload; table, optional JSON and plots."""
+    from bench.runner import run_comparison
+    from bench.sim.backend import SimBackend
+
+    prep = _prepare(args)
+    if isinstance(prep, int):
+        return prep
+    workload, settings, names, kv = prep
+    t0 = time.perf_counter()
+    bar = _Progress(len(workload.requests) * len(names), args.no_progress)
+    backend = SimBackend(settings, seed=args.seed, progress=bar, kv_settings=kv)
+    out = run_comparison(workload, settings, names, backend)
+    bar.close()
+    out.report["kv_aware_settings"] = dataclasses.asdict(kv)
+    from bench.report import format_table
+
+    print(format_table(out.report))
+    print(f"replayed {len(names)} policies x {len(workload.requests)} requests in "
+          f"{time.perf_counter() - t0:.1f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out.report, indent=2) + "\n")
+        print(f"JSON: {args.json}")
+    if args.plot_dir:
+        from bench.plots import write_all
+
+        for path in write_all(out, args.plot_dir):
+            print(f"plot: {path}")
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Hit rate vs cache capacity for every policy and the bounds."""
+    from bench.bounds import merged_lru, oracle
+    from bench.metrics import policy_metrics
+    from bench.runner import default_cache_blocks
+    from bench.sim.backend import SimBackend
+
+    prep = _prepare(args)
+    if isinstance(prep, int):
+        return prep
+    workload, settings, names, kv = prep
+    fractions = [float(f) for f in args.sweep_fractions.split(",") if f.strip()]
+    caps = sorted({default_cache_blocks(workload, settings.nodes, f) for f in fractions})
+    orc = oracle(workload).hit_rate_tokens
+    sweep: dict[str, Any] = {"workload": workload.name, "nodes": settings.nodes,
+                             "cache_blocks": caps, "oracle": round(orc, 4), "merged_lru": [],
+                             "policies": {n: [] for n in names}, "load_max_over_mean": {
+                                 n: [] for n in names}}
+    bar = _Progress(len(workload.requests) * len(names) * len(caps), args.no_progress)
+    for cap in caps:
+        s = dataclasses.replace(settings, cache_blocks=cap)
+        merged = merged_lru(workload, cap * settings.nodes).hit_rate_tokens
+        sweep["merged_lru"].append(round(merged, 4))
+        backend = SimBackend(s, seed=args.seed, progress=bar, kv_settings=kv)
+        for n in names:
+            m = policy_metrics(backend.replay(workload, n), merged, orc)
+            sweep["policies"][n].append(m["hit_rate_tokens"])
+            sweep["load_max_over_mean"][n].append(m["load_max_over_mean"])
+    bar.close()
+    print(f"hit rate vs cache per node — {workload.name}, {settings.nodes} nodes "
+          f"(oracle {orc:.3f})")
+    print(f"{'cache/node':<14}" + "".join(f"{c:>9d}" for c in caps))
+    print(f"{'merged-LRU':<14}" + "".join(f"{v:9.3f}" for v in sweep["merged_lru"]))
+    for n in names:
+        print(f"{n:<14}" + "".join(f"{v:9.3f}" for v in sweep["policies"][n]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(sweep, indent=2) + "\n")
+        print(f"JSON: {args.json}")
+    if args.plot_dir:
+        from bench.plots import sweep_plot
+
+        d = Path(args.plot_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        sweep_plot(sweep, d / "hit_rate_vs_cache.png")
+        print(f"plot: {d / 'hit_rate_vs_cache.png'}")
+    return 0

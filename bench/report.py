@@ -1,0 +1,42 @@
+"""The terminal table of a comparison."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _s(ms: float, width: int = 8) -> str:
+    v = ms / 1000
+    return f"{v:{width}.2f}" if v < 10_000 else f"{v:{width}.3g}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A fixed-width table: one row per policy, bounds in the header."""
+    b = report["bounds"]
+    m = report["model"]
+    lines = [
+        f"workload {report['workload']} ({report['requests']} requests, "
+        f"{report['distinct_blocks']} distinct blocks of {m['block_size']} tokens), "
+        f"{report['nodes']} nodes x {report['cache_blocks']} blocks, mode {report['mode']}, "
+        f"latency model {m['latency_model']} (prefill {m['prefill_tokens_per_s']:.0f} tok/s)",
+        f"bounds: oracle {b['oracle']['hit_rate_tokens']:.3f}   merged-LRU "
+        f"{b['merged_lru']['hit_rate_tokens']:.3f}   random {b['random']['hit_rate_tokens']:.3f}",
+        "",
+        f"{'policy':<13}{'hit':>6}{'/orc':>6}{'/mLRU':>6}{'pred':>6}{'req':>6}"
+        f"{'TTFT p50':>9}{'p90':>8}{'p99':>8}{'e2e p90':>9}{'rps':>6}{'max/mean':>9}"
+        f"{'util':>6}{'evict':>9}{'fail':>5}",
+    ]
+    for r in report["results"]:
+        t, e = r["ttft_ms"], r["e2e_ms"]
+        lines.append(
+            f"{r['policy']:<13}{r['hit_rate_tokens']:6.3f}{r['hit_ratio_to_oracle'] or 0:6.2f}"
+            f"{r['hit_ratio_to_merged_lru'] or 0:6.2f}{r['predicted_hit_rate_tokens']:6.3f}"
+            f"{r['hit_rate_requests']:6.2f}{_s(t['p50'], 9)}{_s(t['p90'])}"
+            f"{_s(t['p99'])}{_s(e['p90'], 9)}{r['throughput_rps']:6.2f}"
+            f"{r['load_max_over_mean']:9.2f}{r['utilization']:6.2f}{r['evictions']:9d}"
+            f"{r['failed']:5d}")
+    lines.append("")
+    lines.append("hit = engine-measured token hit rate; /orc, /mLRU = ratio to the oracle and "
+                 "merged-LRU bounds; pred = router-predicted token hit rate; req = requests "
+                 ">= 50% cached; TTFT/e2e in seconds; max/mean = busiest node's requests / mean")
+    return "\n".join(lines)

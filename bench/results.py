@@ -1,0 +1,56 @@
+"""What one policy's replay produced, per request and per node (sim and stack fill the same)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PolicyRun:
+    """Raw outcome of replaying a workload under one policy; metrics come from here."""
+
+    policy: str
+    """Policy name (``peer:<router>:<policy>`` for real peer routers)."""
+    node_ids: list[str]
+    """Nodes of the fleet, in index order."""
+    n_requests: int
+    """Requests in the workload."""
+    node: list[int] = field(default_factory=list)
+    """Per request: index of the node that served it (-1 = failed)."""
+    arrival_s: list[float] = field(default_factory=list)
+    """Per request: arrival time."""
+    ttft_s: list[float] = field(default_factory=list)
+    """Per request: time to first token (NaN when failed)."""
+    e2e_s: list[float] = field(default_factory=list)
+    """Per request: arrival to last token (NaN when failed)."""
+    prompt_tokens: list[int] = field(default_factory=list)
+    """Per request: prompt length."""
+    cached_tokens: list[int] = field(default_factory=list)
+    """Per request: prompt tokens the engine's cache served when its prefill started."""
+    predicted_cached_tokens: list[int] = field(default_factory=list)
+    """Per request: cached tokens the router expected (registry belief at routing time)."""
+    busy_s: list[float] = field(default_factory=list)
+    """Per node: seconds spent prefilling."""
+    evictions: int = 0
+    """Blocks evicted by all engines."""
+    failed: int = 0
+    """Requests that could not be routed or served."""
+    t_end_s: float = 0.0
+    """Time of the last completion."""
+    load_samples: list[tuple[float, list[int]]] = field(default_factory=list)
+    """(time, in-flight requests per node) sampled during the replay."""
+    wall_s: float = 0.0
+    """Wall-clock seconds the replay took."""
+    notes: list[str] = field(default_factory=list)
+    """Anything a reader of the numbers should know about this run."""
+
+    def init_requests(self, n: int) -> None:
+        """Allocate the per-request arrays for ``n`` requests."""
+        nan = float("nan")
+        self.node = [-1] * n
+        self.arrival_s = [0.0] * n
+        self.ttft_s = [nan] * n
+        self.e2e_s = [nan] * n
+        self.prompt_tokens = [0] * n
+        self.cached_tokens = [0] * n
+        self.predicted_cached_tokens = [0] * n

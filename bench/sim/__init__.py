@@ -1,0 +1,1 @@
+"""In-process fleet simulation: LRU block caches, prefill queues, decode batches, event replay."""

@@ -1,0 +1,36 @@
+"""The in-process :class:`bench.backend.Backend`: a fresh simulated fleet per replay."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from bench.policies import build_policy
+from bench.results import PolicyRun
+from bench.sim.config import SimSettings
+from bench.sim.replay import simulate
+from bench.workloads.base import Workload
+from router_service.policies.kv_aware import KvAwareSettings
+
+
+class SimBackend:
+    """Replays on :func:`bench.sim.replay.simulate` with the given engine settings."""
+
+    mode = "sim"
+
+    def __init__(self, settings: SimSettings, seed: int = 0,
+                 progress: Callable[[int], None] | None = None,
+                 kv_settings: KvAwareSettings | None = None) -> None:
+        self.settings = settings
+        self.kv_settings = kv_settings
+        self.seed = seed
+        self.progress = progress
+
+    def replay(self, workload: Workload, policy_name: str) -> PolicyRun:
+        """Replay ``workload`` under a freshly built ``policy_name``."""
+        over: dict[type[Any], Any] = {}
+        if self.kv_settings is not None:
+            over[KvAwareSettings] = self.kv_settings
+        policy = build_policy(policy_name, prefill_tokens_per_s=self.settings.prefill_tokens_per_s,
+                              seed=self.seed, overrides=over)
+        return simulate(workload, policy, self.settings, self.progress)
