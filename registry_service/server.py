@@ -37,11 +37,12 @@ def make_store(settings: RegistrySettings) -> PlacementStore:
 
 async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -> int:
     """Run the registry until SIGTERM/SIGINT (or ``stop``); drains and returns 0."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
     log.info("registry starting: %s", describe(settings))
     metrics = RegistryMetrics()
     core = RegistryCore(settings, make_store(settings), metrics)

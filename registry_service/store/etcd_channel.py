@@ -123,7 +123,9 @@ def translate(settings: EtcdSettings, what: str, exc: grpc.aio.AioRpcError) -> E
             f"(deadline {settings.etcd_call_timeout_s}s each): {code.name}: {details}")
     if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
         return EtcdLeaseNotFound(f"etcd {what}: {details}")
-    return EtcdError(f"etcd {what} rejected by {where}: {code.name}: {details}")
+    hint = (" (raise --etcd-max-message-bytes)"
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message" in details else "")
+    return EtcdError(f"etcd {what} rejected by {where}: {code.name}: {details}{hint}")
 
 
 async def with_retries(settings: EtcdSettings, what: str, attempt: Callable[[], Awaitable[T]],

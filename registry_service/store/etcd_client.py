@@ -98,7 +98,7 @@ class EtcdClient:
         self._auth_lock = asyncio.Lock()
         self._ka_lock = asyncio.Lock()
         self._ka_call: Any = None
-        self._ka_index = -1
+        self._ka_key: tuple[int, str] = (-1, "")  # endpoint and token the stream was opened with
         # One endpoint: wait (within the deadline) for the channel to reconnect, e.g. across an
         # etcd restart. Several: fail fast so the next endpoint is tried.
         self._wait_for_ready = len(settings.endpoints) == 1
@@ -293,27 +293,29 @@ class EtcdClient:
         return int((await self._call("lease_ttl", go)).TTL)
 
     async def lease_keepalive(self, lease_id: int) -> int:
-        """Refresh a lease once; returns its TTL, 0 when it is gone. Uses one shared stream."""
+        """Refresh a lease once; returns its TTL, 0 when it is gone. Uses one shared stream
+        (one request/answer at a time; waiting for the stream counts against the deadline)."""
         async def go(st: _Stubs, kw: CallOptions) -> int:
-            async with self._ka_lock:
+            async with asyncio.timeout(kw["timeout"]), self._ka_lock:
                 call = self._ka_call
-                if call is None or call.done() or self._ka_index != st.index:
+                if (call is None or call.done() or self._ka_key != (st.index, self._token)):
                     if call is not None:
                         call.cancel()
                     call = self._ka_call = st.lease.LeaseKeepAlive(metadata=kw["metadata"])
-                    self._ka_index = st.index
+                    self._ka_key = (st.index, self._token)
                 try:
-                    async with asyncio.timeout(kw["timeout"]):
-                        await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
-                        resp = await call.read()
+                    await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                    resp = await call.read()
                     if resp is EOF:
                         raise Transient("etcd closed the lease keepalive stream")
                     if lease_id != resp.ID:
                         raise Transient(f"keepalive answer for lease {resp.ID}, "
-                                         f"expected {lease_id}")
-                except BaseException:
+                                        f"expected {lease_id}")
+                except BaseException as exc:
                     call.cancel()
                     self._ka_call = None
+                    if isinstance(exc, (asyncio.InvalidStateError, grpc.aio.UsageError)):
+                        raise Transient(f"lease keepalive stream: {exc!r}") from exc
                     raise
                 return max(0, int(resp.TTL))
         return await self._call("lease_keepalive", go)
@@ -371,6 +373,8 @@ class EtcdClient:
                         *TRANSIENT, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                         grpc.StatusCode.INTERNAL):
                     raise translate(self.settings, "watch", exc) from exc
+                if self._pool.closed:
+                    raise EtcdUnavailable("etcd client closed under a watch") from exc
                 failures += 1
                 self._pool.failover(stubs.index)
                 delay = min(2.0, 0.1 * 2 ** min(failures, 5))

@@ -71,7 +71,7 @@ async def started(make: Factory) -> PlacementStore:
 
 
 async def collect(it: AsyncIterator[list[StoreEvent]], until: Callable[[StoreEvent], bool],
-                  timeout: float = 5.0) -> list[StoreEvent]:
+                  wait_s: float = 5.0) -> list[StoreEvent]:
     seen: list[StoreEvent] = []
 
     async def run() -> None:
@@ -79,7 +79,7 @@ async def collect(it: AsyncIterator[list[StoreEvent]], until: Callable[[StoreEve
             seen.extend(batch)
             if any(until(e) for e in batch):
                 return
-    await asyncio.wait_for(run(), timeout)
+    await asyncio.wait_for(run(), wait_s)
     return seen
 
 
@@ -130,7 +130,7 @@ async def test_watch_sees_other_writer_and_delete(stores: Factory) -> None:
     await a.delete_node(r)
     seen = await collect(it, lambda e: isinstance(e, NodeGone))
     kinds = [type(e).__name__ for e in seen if getattr(e, "node_id", None) == "w1"
-             or isinstance(e, NodePut) and e.record.node_id == "w1"]
+             or (isinstance(e, NodePut) and e.record.node_id == "w1")]
     assert kinds[0] == "NodePut" and "DeltaPut" in kinds and kinds[-1] == "NodeGone"
     snap = next(e for e in seen if isinstance(e, SnapshotPut))
     assert snap.replace and snap.hashes.tolist() == [4, 5]
@@ -146,7 +146,7 @@ async def test_lease_expiry_removes_every_key(stores: Factory) -> None:
     it = s.watch(start)
     r = await s.register_node(rec("x1", ttl=1), None)
     await s.append_delta(r, Delta(1, 0, False, arr(1), arr()))
-    seen = await collect(it, lambda e: isinstance(e, NodeGone), timeout=8)
+    seen = await collect(it, lambda e: isinstance(e, NodeGone), wait_s=8)
     assert any(isinstance(e, NodeGone) and e.node_id == "x1" for e in seen)
     assert await s.get_node("x1") is None
     assert all(getattr(e, "node_id", "") != "x1" for e in (await s.load()).events)
