@@ -1,0 +1,240 @@
+"""Engine blocks → kvroute canonical blocks, so the registry can be told what the engine holds.
+
+Every engine block the agent has seen stored gets an entry keyed by its engine hash: the
+canonical blocks it completed, the canonical chain state after it (the last canonical hash and
+the tokens of a canonical block not yet complete), and the media holding it. Canonical hashes
+come only from ``token_ids`` (``kvroute.blocks.hash_blocks(..., parent=...)``), never from
+engine hashes, so they match what the router computes for the same tokens.
+
+Decisions (documented in README.md):
+
+- A run whose parent is None starts at the canonical root of its salt (LoRA name/id and
+  ``cache_salt`` give different roots, so adapter/salted blocks never match plain prompts).
+- A run whose parent engine hash is unknown (the agent joined late, or lost events) is skipped
+  and counted as ``orphan``: its tokens alone cannot name the prefix. A resync would not help
+  (it sends what the agent knows); the replay-from-0 at startup is the recovery.
+- Engine block size may differ from kvroute's: blocks are re-chunked (a 32-token engine block
+  completes two 16-token canonical blocks; 1-token SGLang pages are buffered until 16 tokens
+  complete one). A partial engine block (SGLang's last page) completes nothing and ends the
+  chain: it is never indexed as a full block.
+- Blocks with per-block ``extra_keys`` (multimodal ids) get the keys mixed into the chain, so
+  they and their descendants never match a text-only prompt with the same placeholder tokens.
+- Media: policy ``device`` indexes only the device cache (``GPU``; others counted and
+  ignored); ``any`` also counts offloaded copies as cached. Groups other than 0 of hybrid
+  models are ignored (counted).
+- When more canonical blocks are held than ``capacity_blocks`` (stale after lost events), the
+  oldest entries are trimmed and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import msgspec
+from xxhash import xxh3_64_intdigest
+
+from kvroute.blocks import HASH_SEED, hash_blocks, root_hash
+from node_agent.deltas import DeltaLog
+from node_agent.events import DEVICE_MEDIUM, Cleared, Event, Removed, Stored
+
+log = logging.getLogger(__name__)
+
+MEDIUM_POLICIES = ("device", "any")
+"""Accepted values of the medium policy setting."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    canon: tuple[int, ...]
+    last: int
+    rem: tuple[int, ...]
+    media: set[str]
+    partial: bool = False
+
+
+def salt_of(ev: Stored) -> str:
+    """The canonical-root salt of a run: '' for base-model blocks, else LoRA and cache salt."""
+    parts = []
+    if ev.lora_name:
+        parts.append(f"lora={ev.lora_name}")
+    elif ev.lora_id is not None:
+        parts.append(f"lora_id={ev.lora_id}")
+    if ev.cache_salt:
+        parts.append(f"cache_salt={ev.cache_salt}")
+    return "\x1f".join(parts)
+
+
+def _mix(last: int, extra: object) -> int:
+    try:
+        blob = msgspec.msgpack.encode(extra)
+    except (TypeError, ValueError):
+        blob = repr(extra).encode()
+    return xxh3_64_intdigest(last.to_bytes(8, "little") + b"extra\x00" + blob, HASH_SEED)
+
+
+class BlockMap:
+    """The agent's view of the engine cache in canonical hashes; reports changes to a DeltaLog."""
+
+    def __init__(self, block_size: int, deltas: DeltaLog, *, medium_policy: str = "device",
+                 device_media: tuple[str, ...] = (DEVICE_MEDIUM,), capacity_blocks: int = 0,
+                 ) -> None:
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if medium_policy not in MEDIUM_POLICIES:
+            raise ValueError(f"medium policy must be one of {MEDIUM_POLICIES}")
+        self.block_size = block_size
+        self._deltas = deltas
+        self._any_medium = medium_policy == "any"
+        self._device = frozenset(m.upper() for m in device_media)
+        self.capacity_blocks = capacity_blocks
+        self._entries: dict[int, _Entry] = {}
+        self._refs: dict[int, int] = {}
+        self._root = root_hash("")
+        self.evictions_total = 0
+        self.skipped: Counter[str] = Counter()
+        self.engine_block_sizes: set[int] = set()
+
+    # --- queries -------------------------------------------------------------------------
+    @property
+    def held_blocks(self) -> int:
+        """Distinct canonical blocks the engine holds (what the registry indexes)."""
+        return len(self._refs)
+
+    @property
+    def engine_blocks(self) -> int:
+        """Engine blocks tracked."""
+        return len(self._entries)
+
+    def canonical_hashes(self) -> list[int]:
+        """Every canonical hash held now (the full set for a Resync)."""
+        return list(self._refs)
+
+    def canonical_of(self, engine_hash: int) -> tuple[int, ...] | None:
+        """Canonical blocks completed by an engine block (None if unknown)."""
+        e = self._entries.get(engine_hash)
+        return None if e is None else e.canon
+
+    # --- updates -------------------------------------------------------------------------
+    def apply(self, ev: Event) -> None:
+        """Apply one engine event."""
+        if isinstance(ev, Stored):
+            self._store(ev)
+        elif isinstance(ev, Removed):
+            self._remove(ev)
+        elif isinstance(ev, Cleared):
+            self.clear()
+
+    def clear(self) -> None:
+        """Drop everything (engine restart or AllBlocksCleared)."""
+        self._entries.clear()
+        self._refs.clear()
+        self._deltas.cleared()
+
+    def _medium_ok(self, medium: str, group_idx: int | None) -> bool:
+        if group_idx not in (None, 0):
+            self.skipped["other_group"] += 1
+            return False
+        if not self._any_medium and medium not in self._device:
+            self.skipped["other_medium"] += 1
+            return False
+        return True
+
+    def _incref(self, h: int) -> None:
+        n = self._refs.get(h, 0)
+        self._refs[h] = n + 1
+        if n == 0:
+            self._deltas.stored(h)
+
+    def _decref(self, h: int) -> bool:
+        n = self._refs.get(h, 0)
+        if n <= 1:
+            if n == 1:
+                del self._refs[h]
+                self._deltas.removed(h)
+                return True
+            return False
+        self._refs[h] = n - 1
+        return False
+
+    def _store(self, ev: Stored) -> None:
+        if not self._medium_ok(ev.medium, ev.group_idx):
+            return
+        ebs, hashes, toks = ev.block_size, ev.engine_hashes, ev.token_ids
+        n = len(hashes)
+        if n == 0:
+            return
+        if not (n - 1) * ebs < len(toks) <= n * ebs:
+            self.skipped["malformed"] += 1
+            log.warning("BlockStored with %d hashes but %d tokens at block size %d: skipped",
+                        n, len(toks), ebs)
+            return
+        self.engine_block_sizes.add(ebs)
+        if ev.parent_engine_hash is None:
+            salt = salt_of(ev)
+            last = root_hash(salt) if salt else self._root
+            rem: tuple[int, ...] = ()
+        else:
+            parent = self._entries.get(ev.parent_engine_hash)
+            if parent is None or parent.partial:
+                self.skipped["orphan"] += n
+                return
+            last, rem = parent.last, parent.rem
+        bs, extra = self.block_size, ev.extra_keys
+        for i, eh in enumerate(hashes):
+            chunk = toks[i * ebs:(i + 1) * ebs]
+            known = self._entries.get(eh)
+            if known is not None:  # re-store, or the same block on another medium
+                known.media.add(ev.medium)
+                last, rem = known.last, known.rem
+                continue
+            if len(chunk) < ebs:  # partial last page: never a full block
+                self._entries[eh] = _Entry((), last, rem, {ev.medium}, partial=True)
+                self.skipped["partial_block"] += 1
+                return
+            if extra is not None and i < len(extra) and extra[i] is not None:
+                last = _mix(last, extra[i])
+            buf = rem + chunk
+            full = len(buf) // bs
+            canon: tuple[int, ...] = ()
+            if full:
+                canon = tuple(hash_blocks(buf[:full * bs], bs, parent=last))
+                last, rem = canon[-1], buf[full * bs:]
+            else:
+                rem = buf
+            self._entries[eh] = _Entry(canon, last, rem, {ev.medium})
+            for c in canon:
+                self._incref(c)
+        if self.capacity_blocks and len(self._refs) > self.capacity_blocks:
+            self._trim()
+
+    def _remove(self, ev: Removed) -> None:
+        if not self._medium_ok(ev.medium, ev.group_idx):
+            return
+        for eh in ev.engine_hashes:
+            e = self._entries.get(eh)
+            if e is None:
+                self.skipped["unknown_removed"] += 1
+                continue
+            e.media.discard(ev.medium)
+            if e.media:
+                continue
+            del self._entries[eh]
+            for c in e.canon:
+                if self._decref(c):
+                    self.evictions_total += 1
+
+    def _trim(self) -> None:
+        over = len(self._refs) - self.capacity_blocks
+        if self.skipped["trimmed"] == 0:
+            log.warning("more canonical blocks held (%d) than --capacity-blocks %d: trimming the "
+                        "oldest (stale after lost events, or the capacity is set too low)",
+                        len(self._refs), self.capacity_blocks)
+        while over > 0 and self._entries:
+            eh = next(iter(self._entries))
+            e = self._entries.pop(eh)
+            for c in e.canon:
+                if self._decref(c):
+                    over -= 1
+                    self.skipped["trimmed"] += 1

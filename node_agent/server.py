@@ -1,0 +1,167 @@
+"""Runs one node agent: engine events in, registry heartbeats out, health and /metrics.
+
+Exit codes: 0 after SIGTERM/SIGINT (the node is deregistered first), 4 when the registry refuses
+the node's configuration (block size, hash scheme, model, bad id), 1 on an unexpected error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import grpc
+
+from kvroute.grpcutil import add_health_and_reflection, bind
+from kvroute.procs import write_ready_file
+from kvroute.settings import describe, parse_hostport
+from kvroute.telemetry import MetricsServer, configure_logging
+from node_agent.block_map import BlockMap
+from node_agent.deltas import DeltaLog
+from node_agent.events import Cleared, EngineBatch, EventSource, PayloadParser, SignalKind
+from node_agent.heartbeat import RegistrationRefused, RegistryLink
+from node_agent.metrics import AgentCollector, agent_registry
+from node_agent.parse_sglang import SglangParser
+from node_agent.parse_vllm import VllmParser
+from node_agent.settings import AgentSettings
+from node_agent.usage import UsageProbe
+from node_agent.zmq_source import ZmqEventSource
+
+log = logging.getLogger(__name__)
+
+EXIT_REFUSED = 4
+"""Exit code when the registry refuses the node (configuration mismatch)."""
+
+
+class Agent:
+    """The agent's parts wired together (usable in-process by tests)."""
+
+    def __init__(self, s: AgentSettings) -> None:
+        self.settings = s
+        self.parser: PayloadParser = SglangParser() if s.engine_format == "sglang" \
+            else VllmParser()
+        self.source = ZmqEventSource(s.engine_events, self.parser,
+                                     replay_endpoint=s.engine_replay, topic=s.topic,
+                                     replay_timeout_s=s.replay_timeout_s)
+        self.deltas = DeltaLog(s.max_delta_hashes)
+        self.blocks = BlockMap(s.block_size, self.deltas, medium_policy=s.medium_policy,
+                               device_media=s.device_media, capacity_blocks=s.capacity_blocks)
+        self.usage = UsageProbe(s.engine_metrics_url, lambda: self.blocks.held_blocks,
+                                timeout_s=min(2.0, s.rpc_timeout_s))
+        self.usage.capacity_blocks = s.capacity_blocks
+        self.link = RegistryLink(s, self.blocks, self.deltas, self.usage)
+        self._warned_sizes: set[int] = set()
+
+    async def discover_capacity(self) -> None:
+        """Fill capacity from the engine's metrics when not configured."""
+        if self.usage.capacity_blocks:
+            return
+        for _ in range(30):
+            cap = await self.usage.discover_capacity(self.settings.block_size)
+            if cap:
+                self.usage.capacity_blocks = self.blocks.capacity_blocks = cap
+                log.info("engine capacity from vllm:cache_config_info: %d blocks", cap)
+                return
+            await asyncio.sleep(1.0)
+        raise RegistrationRefused(
+            f"--capacity-blocks not given and {self.settings.engine_metrics_url} has no "
+            "vllm:cache_config_info num_gpu_blocks: set --capacity-blocks")
+
+    async def consume(self, source: EventSource | None = None) -> None:
+        """Apply engine events to the block map until cancelled."""
+        async for item in (source or self.source).items():
+            if isinstance(item, EngineBatch):
+                wake = False
+                for ev in item.batch.events:
+                    try:
+                        self.blocks.apply(ev)
+                    except Exception:  # never let one event stop the agent
+                        self.blocks.skipped["internal_error"] += 1
+                        log.exception("failed to apply engine event")
+                    wake = wake or isinstance(ev, Cleared)
+                self._check_sizes()
+                if wake:
+                    self.link.wake()
+            elif item.kind is SignalKind.ENGINE_RESTART:
+                self.blocks.clear()
+                self.link.request_resync(f"engine restarted ({item.detail})")
+            else:
+                self.link.request_resync(f"engine events lost ({item.detail})")
+
+    def _check_sizes(self) -> None:
+        new = self.blocks.engine_block_sizes - self._warned_sizes
+        for ebs in new:
+            self._warned_sizes.add(ebs)
+            if ebs != self.settings.block_size:
+                log.warning("engine block size %d differs from kvroute's %d: re-chunking "
+                            "engine blocks into %d-token canonical blocks", ebs,
+                            self.settings.block_size, self.settings.block_size)
+
+    def collector(self) -> AgentCollector:
+        """Metrics collector over the agent's counters."""
+        return AgentCollector(self.parser.stats, self.source.stats, self.blocks,
+                              self.link.stats, self.usage)
+
+
+async def serve(s: AgentSettings) -> int:
+    """Run the agent until SIGTERM; returns the exit code."""
+    log.info("node agent starting: %s", describe(s))
+    agent = Agent(s)
+    server = grpc.aio.server()
+    health = add_health_and_reflection(server, [])
+    grpc_port = bind(server, s.listen, s.server_tls)
+    mhost, mport = parse_hostport(s.metrics_listen, "metrics_listen")
+    metrics = MetricsServer(agent_registry(agent.collector()), mhost, mport)
+    await server.start()
+    metrics_port = metrics.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await agent.discover_capacity()
+        tasks = [asyncio.create_task(agent.consume(), name="events"),
+                 asyncio.create_task(agent.link.run(), name="registry")]
+        await health.set_serving(True)
+        write_ready_file(s.ready_file, {"grpc_port": grpc_port, "metrics_port": metrics_port,
+                                        "pid": os.getpid()})
+        log.info("node agent %s serving: health on :%d, metrics on :%d", s.node_id, grpc_port,
+                 metrics_port)
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        for t in done:
+            if t is not stopper and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        log.info("shutting down")
+    except RegistrationRefused as exc:
+        log.error("refusing to run: %s", exc)
+        code = EXIT_REFUSED
+    except Exception:
+        log.exception("node agent failed")
+        code = 1
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await health.set_serving(False)
+        if code == 0:
+            await agent.link.deregister()
+        await agent.link.close()
+        await agent.source.close()
+        await agent.usage.close()
+        await server.stop(grace=min(1.0, s.drain_timeout_s))
+        metrics.stop()
+    return code
+
+
+def main(s: AgentSettings) -> int:
+    """Configure logging and run."""
+    configure_logging(s.log_format, s.log_level)
+    return asyncio.run(serve(s))

@@ -1,0 +1,84 @@
+"""Settings of ``kvroute serve agent`` (flags and ``KVROUTE_*`` variables)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kvroute.common_settings import ClientTLSSettings, ServerSettings
+from kvroute.settings import parse_hostport, require, setting
+from node_agent.block_map import MEDIUM_POLICIES
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class AgentSettings(ServerSettings, ClientTLSSettings):
+    """One node agent beside one engine (one data-parallel rank)."""
+
+    registry: str = setting("127.0.0.1:50051", "Registry gRPC address HOST:PORT")
+    node_id: str = setting("", "Stable node id, unique in the fleet (e.g. the pod name); "
+                           "1-128 characters of [A-Za-z0-9._:-]")
+    engine_url: str = setting(
+        "", "The engine's inference URL clients are sent to (advertised to the registry), "
+        "e.g. http://10.0.0.5:8000")
+    model: str = setting("", "Model served by the engine (lookups only match the same model)")
+    block_size: int = setting(16, "kvroute block size in tokens; must equal the registry's. "
+                              "Engine blocks of another size are re-chunked")
+    capacity_blocks: int = setting(
+        0, "KV-cache capacity in kvroute blocks (0 = read vllm:cache_config_info from "
+        "--engine-metrics-url)")
+    engine_events: str = setting("tcp://127.0.0.1:5557",
+                                 "Engine KV-event PUB endpoint to subscribe to (tcp://HOST:PORT)")
+    engine_replay: str = setting(
+        "", "Engine replay ROUTER endpoint (tcp://HOST:PORT); empty = no replay, a gap "
+        "triggers a full resync")
+    engine_format: str = setting("vllm", "Engine event format: vllm or sglang")
+    engine_metrics_url: str = setting(
+        "", "Engine Prometheus URL (e.g. http://127.0.0.1:8000/metrics) for KV usage, running "
+        "and waiting requests; empty = usage from the events")
+    topic: str = setting("", "ZMQ topic prefix to subscribe to (vLLM default: empty = all)")
+    heartbeat_interval_s: float = setting(
+        0.0, "Seconds between heartbeats (0 = the interval the registry suggests)")
+    rpc_timeout_s: float = setting(5.0, "Deadline of each registry call, seconds")
+    replay_timeout_s: float = setting(2.0, "Seconds to wait for each replay reply")
+    medium_policy: str = setting(
+        "device", "Which cached blocks count: device (only --device-media; offloaded copies "
+        "ignored) or any (offloaded copies count as cached)")
+    device_media: tuple[str, ...] = setting(("GPU",), "Medium names of the device cache")
+    labels: tuple[str, ...] = setting((), "Node labels as key=value,key=value")
+    resync_batch: int = setting(50_000, "Block hashes per Resync stream message")
+    max_delta_hashes: int = setting(100_000, "Most block hashes in one heartbeat")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_hostport(self.registry, "registry")
+        require(bool(_NODE_ID.match(self.node_id)), "node_id",
+                "required: 1-128 characters of [A-Za-z0-9._:-] (e.g. the pod name)")
+        require(bool(self.engine_url), "engine_url", "required: the engine's inference URL")
+        require(bool(self.model), "model", "required: the model the engine serves")
+        require(1 <= self.block_size <= 65536, "block_size", "must be 1..65536")
+        require(self.capacity_blocks >= 0, "capacity_blocks", "must be >= 0")
+        require(self.capacity_blocks > 0 or bool(self.engine_metrics_url), "capacity_blocks",
+                "required (> 0) unless --engine-metrics-url can report it")
+        require(self.engine_events.startswith(("tcp://", "ipc://")), "engine_events",
+                "expected tcp://HOST:PORT (or ipc://PATH)")
+        require(not self.engine_replay or self.engine_replay.startswith(("tcp://", "ipc://")),
+                "engine_replay", "expected tcp://HOST:PORT (or ipc://PATH)")
+        require(self.engine_format in ("vllm", "sglang"), "engine_format",
+                "must be vllm or sglang")
+        require(self.heartbeat_interval_s >= 0, "heartbeat_interval_s", "must be >= 0")
+        require(self.rpc_timeout_s > 0, "rpc_timeout_s", "must be > 0")
+        require(self.replay_timeout_s > 0, "replay_timeout_s", "must be > 0")
+        require(self.medium_policy in MEDIUM_POLICIES, "medium_policy",
+                f"must be one of {', '.join(MEDIUM_POLICIES)}")
+        require(self.resync_batch >= 1, "resync_batch", "must be >= 1")
+        require(self.max_delta_hashes >= 1, "max_delta_hashes", "must be >= 1")
+        for item in self.labels:
+            require("=" in item and bool(item.split("=", 1)[0]), "labels",
+                    f"expected key=value, got {item!r}")
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        """Labels as a dict."""
+        return dict(item.split("=", 1) for item in self.labels)

@@ -1,0 +1,213 @@
+"""Engine KV events over ZMQ (vLLM and SGLang publishers), in order, with gap recovery.
+
+Live stream: a SUB socket receiving ``[topic, seq(8 bytes BE), payload]``. Sequence handling:
+
+- ``seq == expected``: the next batch.
+- ``seq > expected``: a gap. The missing batches are asked for on the replay socket (DEALER;
+  request ``[empty, start(8 bytes BE)]``; replies ``[seq, payload]``, ``[topic, seq, payload]``
+  or either with a leading empty delimiter, until the end marker seq = -1). A replay that starts
+  above the requested seq, answers nothing, or times out means the gap is older than the
+  engine's buffer: :attr:`SignalKind.EVENTS_LOST` is yielded (the agent then resyncs).
+- a live seq not above the previous live seq: the publisher restarted (its counter starts at
+  0 again). :attr:`SignalKind.ENGINE_RESTART` is yielded before the new incarnation's batches,
+  and anything it already published before we saw it is replayed from 0.
+- ``seq < expected`` otherwise: already delivered by a replay; skipped.
+
+On the first batch with ``seq > 0`` the source replays from 0, so an agent that starts after
+its engine still learns what the engine cached earlier (as far as the buffer reaches).
+Malformed frames are counted and skipped; nothing raises out of :meth:`items`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from node_agent.events import (
+    EngineBatch,
+    PayloadParser,
+    SignalKind,
+    SourceItem,
+    SourceSignal,
+)
+
+log = logging.getLogger(__name__)
+
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+"""Replay end marker: seq -1 as 8 bytes."""
+
+
+@dataclass
+class SourceStats:
+    """Counters of a ZMQ source (exported as metrics)."""
+
+    live_batches: int = 0
+    replayed_batches: int = 0
+    gaps: int = 0
+    replays: int = 0
+    replays_failed: int = 0
+    events_lost: int = 0
+    engine_restarts: int = 0
+    duplicates: int = 0
+    bad_frames: int = 0
+    unparsable_batches: int = 0
+    last_seq: int = -1
+    lag_s: float = 0.0
+
+
+class ZmqEventSource:
+    """An :class:`~node_agent.events.EventSource` over an engine's ZMQ PUB (+ ROUTER replay)."""
+
+    def __init__(self, endpoint: str, parser: PayloadParser, *, replay_endpoint: str = "",
+                 topic: str = "", replay_timeout_s: float = 2.0, hwm: int = 100_000) -> None:
+        self._endpoint = endpoint
+        self._replay_endpoint = replay_endpoint
+        self._topic = topic.encode()
+        self._parser = parser
+        self._timeout_ms = int(replay_timeout_s * 1000)
+        self._hwm = hwm
+        self._ctx = zmq.asyncio.Context()
+        self._sub: zmq.asyncio.Socket | None = None
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._expected: int | None = None
+        self._last_live: int | None = None
+        self._covered = False
+        self.stats = SourceStats()
+
+    def _connect(self) -> None:
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, self._hwm)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+        sub.connect(self._endpoint)
+        self._sub = sub
+
+    def _new_dealer(self) -> zmq.asyncio.Socket | None:
+        if self._dealer is not None:
+            self._dealer.close(linger=0)
+            self._dealer = None
+        if self._replay_endpoint:
+            d = self._ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.LINGER, 0)
+            d.connect(self._replay_endpoint)
+            self._dealer = d
+        return self._dealer
+
+    async def close(self) -> None:
+        """Close the sockets and the context."""
+        for s in (self._sub, self._dealer):
+            if s is not None:
+                s.close(linger=0)
+        self._sub = self._dealer = None
+        self._ctx.term()
+
+    async def items(self) -> AsyncIterator[SourceItem]:
+        """Batches and signals in order, until the source is closed or the task cancelled."""
+        self._connect()
+        self._new_dealer()
+        assert self._sub is not None
+        while True:
+            try:
+                frames = await self._sub.recv_multipart(copy=True)
+            except zmq.ZMQError as exc:
+                if exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
+                    return
+                raise
+            if len(frames) != 3 or len(frames[1]) != 8:
+                self._bad_frame(f"live message with {len(frames)} frames")
+                continue
+            async for item in self._on_live(int.from_bytes(frames[1], "big"), frames[2]):
+                yield item
+
+    def _bad_frame(self, detail: str) -> None:
+        self.stats.bad_frames += 1
+        n = self.stats.bad_frames
+        if n <= 5 or (n & (n - 1)) == 0:
+            log.warning("skipped malformed ZMQ message (%s; seen %d)", detail, n)
+
+    async def _on_live(self, seq: int, payload: bytes) -> AsyncIterator[SourceItem]:
+        if self._last_live is not None and seq <= self._last_live:
+            self.stats.engine_restarts += 1
+            log.warning("engine event sequence went back from %d to %d: engine restarted, "
+                        "dropping its blocks", self._last_live, seq)
+            yield SourceSignal(SignalKind.ENGINE_RESTART, f"seq {self._last_live} -> {seq}")
+            self._expected = 0
+        self._last_live = seq
+        late_join = self._expected is None
+        if self._expected is None:
+            self._expected = 0 if (seq > 0 and self._dealer is not None) else seq
+            if self._expected < seq:
+                log.info("first engine batch is seq %d: replaying from 0 to learn earlier "
+                         "blocks", seq)
+        if seq > self._expected:
+            start = self._expected
+            if not late_join:
+                self.stats.gaps += 1
+            async for item in self._replay(start):
+                yield item
+            if not self._covered:
+                self._expected = max(self._expected, seq)
+                if late_join:
+                    log.info("engine batches before seq %d are no longer replayable: blocks "
+                             "cached earlier stay unknown until stored again", seq)
+                else:
+                    self.stats.events_lost += 1
+                    log.warning("batches %d..%d could not be replayed (older than the "
+                                "engine's buffer, or no replay socket): requesting a resync",
+                                start, seq - 1)
+                    yield SourceSignal(SignalKind.EVENTS_LOST,
+                                       f"{seq - start} batches from seq {start}")
+        if seq < self._expected:
+            self.stats.duplicates += 1
+            return
+        batch = self._parser.parse(payload)
+        self._expected = seq + 1
+        self.stats.last_seq = seq
+        self.stats.live_batches += 1
+        if batch is None:
+            self.stats.unparsable_batches += 1
+            return
+        self.stats.lag_s = max(0.0, time.time() - batch.ts)
+        yield EngineBatch(seq, batch)
+
+    async def _replay(self, start: int) -> AsyncIterator[SourceItem]:
+        """Ask for batches from ``start``; yield those we lack; set ``_covered``."""
+        self._covered = False
+        dealer = self._dealer
+        if dealer is None:
+            return
+        self.stats.replays += 1
+        await dealer.send_multipart([b"", start.to_bytes(8, "big")])
+        first = True
+        while True:
+            if not await dealer.poll(self._timeout_ms):
+                self.stats.replays_failed += 1
+                log.warning("replay from seq %d timed out after %d ms", start, self._timeout_ms)
+                self._new_dealer()  # drop late replies of this request
+                return
+            frames = await dealer.recv_multipart(copy=True)
+            if len(frames) < 2 or len(frames[-2]) != 8:
+                self._bad_frame(f"replay reply with {len(frames)} frames")
+                continue
+            seq_b, payload = frames[-2], frames[-1]
+            if seq_b == END_SEQ:
+                return
+            seq = int.from_bytes(seq_b, "big")
+            if first:
+                first = False
+                self._covered = seq <= start
+            assert self._expected is not None
+            if seq < self._expected:
+                continue
+            self._expected = seq + 1
+            batch = self._parser.parse(payload)
+            self.stats.replayed_batches += 1
+            if batch is None:
+                self.stats.unparsable_batches += 1
+                continue
+            yield EngineBatch(seq, batch, replayed=True)
