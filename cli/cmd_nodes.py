@@ -1,19 +1,75 @@
-"""``kvroute nodes``."""
+"""``kvroute nodes --registry HOST:PORT [--json]``: the fleet as the registry sees it."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import sys
 from typing import Any
 
-from cli.main_helpers import not_implemented
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from kvroute.grpcutil import open_channel
+from kvroute.settings import TLSSettings
+from kvroute.v1 import registry_pb2, registry_pb2_grpc
 
 
 def add_parser(sub: Any) -> None:
     """Register the command's parser."""
-    p: argparse.ArgumentParser = sub.add_parser("nodes", help="nodes")
+    p: argparse.ArgumentParser = sub.add_parser(
+        "nodes", help="list the nodes a registry knows",
+        description="Print every node the registry knows: address, blocks indexed, KV usage, "
+                    "queue depth, health and seconds left on its lease.")
+    p.add_argument("--registry", required=True, metavar="HOST:PORT",
+                   help="registry gRPC address")
+    p.add_argument("--model", default="", help="only nodes serving this model")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    p.add_argument("--json", action="store_true", help="print the ListNodes reply as JSON")
+    p.add_argument("--tls-ca-file", default="", help="PEM CA to verify the registry (TLS)")
+    p.add_argument("--tls-cert-file", default="", help="PEM client certificate (mTLS)")
+    p.add_argument("--tls-key-file", default="", help="PEM client key (mTLS)")
     p.set_defaults(run=run)
+
+
+async def _list(args: argparse.Namespace) -> registry_pb2.ListNodesResponse:
+    tls = TLSSettings(cert_file=args.tls_cert_file, key_file=args.tls_key_file,
+                      ca_file=args.tls_ca_file)
+    async with open_channel(args.registry, tls) as ch:
+        stub = registry_pb2_grpc.RegistryStub(ch)
+        resp: registry_pb2.ListNodesResponse = await stub.ListNodes(
+            registry_pb2.ListNodesRequest(model=args.model), timeout=args.timeout)
+        return resp
+
+
+def format_table(resp: registry_pb2.ListNodesResponse) -> str:
+    """The human-readable table."""
+    head = ("NODE", "ADDRESS", "MODEL", "BLOCKS", "USAGE", "QUEUE", "RUNNING", "HEALTHY",
+            "LEASE_LEFT")
+    rows = [head] + [
+        (n.node_id, n.address, n.model, str(n.blocks_indexed), f"{n.usage * 100:.0f}%",
+         str(n.queue_depth), str(n.running), "yes" if n.healthy else "NO",
+         f"{n.lease_remaining_s:.1f}s") for n in resp.nodes]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    lines.append(f"{len(resp.nodes)} node(s); block size {resp.block_size}; "
+                 f"replica {resp.replica_id}")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the command."""
-    return not_implemented("nodes")
+    try:
+        resp = asyncio.run(_list(args))
+    except grpc.aio.AioRpcError as exc:
+        print(f"kvroute nodes: {args.registry}: {exc.code().name}: {exc.details()}",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True), indent=2))
+    else:
+        print(format_table(resp))
+    return 0
