@@ -107,9 +107,9 @@ async def test_replicas_crash_recovery_and_lease_expiry(
             await s2.Heartbeat(pb.HeartbeatRequest(node_id="b", epoch=eb, delta_seq=1,
                                                    stored=chain[:7]))
             want = {"a": 40, "b": 7}
-            assert await matched(s1, chain + [1]) == want or await eventually(
-                lambda: _eq(matched(s1, chain + [1]), want), 3, "r1 converges")
-            await eventually(lambda: _eq(matched(s2, chain + [1]), want), 3, "r2 converges")
+            assert await matched(s1, [*chain, 1]) == want or await eventually(
+                lambda: _eq(matched(s1, [*chain, 1]), want), 3, "r1 converges")
+            await eventually(lambda: _eq(matched(s2, [*chain, 1]), want), 3, "r2 converges")
             assert await matched(s2, chain[:3]) == {"a": 3, "b": 3}
             keys = await etcd_keys(etcd_endpoint, etcd_prefix)
             assert len([k for k in keys if k.startswith("placement/a/")]) < 10  # compacted
@@ -117,7 +117,7 @@ async def test_replicas_crash_recovery_and_lease_expiry(
         r1.process.kill()  # SIGKILL: a new replica answers from etcd alone
         r3 = registry(etcd_endpoint, etcd_prefix, tmp_path, "r3")
         async with client(r3) as s3, client(r2) as s2:
-            assert await matched(s3, chain + [1]) == want
+            assert await matched(s3, [*chain, 1]) == want
             beat_b = Beater(s3, "b", eb)  # a heartbeat to any replica refreshes the lease
             t_stop = time.monotonic()  # 'a' stops heartbeating now
             took = await eventually(lambda: _gone(s2, s3, "a"), TTL + INTERVAL + 3,
