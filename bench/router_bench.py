@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import random
 import sys
 import tempfile
@@ -300,7 +301,7 @@ def run_router_bench(cfg: RouterBenchConfig, log: Callable[[str], None] = print,
                 target = f"127.0.0.1:{rt_ready['grpc_port']}"
                 try:
                     _wait_routable(target, tokens[0])
-                    out["modes"][mode] = _measure_mode(target, cfg, tokens, mode, log)
+                    out["modes"][mode] = _measure_mode(target, cfg, tokens, mode, log, rt.pid)
                 finally:
                     rt.stop()
         finally:
@@ -312,8 +313,17 @@ def run_router_bench(cfg: RouterBenchConfig, log: Callable[[str], None] = print,
     return out
 
 
+def _cpu_s(pid: int) -> float:
+    """User+system CPU seconds of a process (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _measure_mode(target: str, cfg: RouterBenchConfig, tokens: list[list[int]], mode: str,
-                  log: Callable[[str], None]) -> dict[str, Any]:
+                  log: Callable[[str], None], router_pid: int) -> dict[str, Any]:
     d, cp = cfg.duration_s, cfg.client_procs
     res: dict[str, Any] = {}
     shapes: list[tuple[str, str, dict[str, Any], int]] = [
@@ -326,7 +336,11 @@ def _measure_mode(target: str, cfg: RouterBenchConfig, tokens: list[list[int]], 
                                     "duration_s": d}, cp),
     ]
     for name, kind, params, procs in shapes:
+        cpu0 = _cpu_s(router_pid)
         res[name] = measure(target, kind, params, tokens, procs, f"{mode}-{name}")
+        used = _cpu_s(router_pid) - cpu0
+        if res[name]["count"]:
+            res[name]["router_cpu_us_per_call"] = round(used / res[name]["count"] * 1e6, 1)
         log(f"[{mode}] {name:14s} {res[name]}")
     res["added_latency_p50_ms"] = round(res["route_c1"]["p50_ms"] - res["empty_c1"]["p50_ms"], 3)
     return res
