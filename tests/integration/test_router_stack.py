@@ -106,10 +106,12 @@ async def _eventually(check: object, timeout_s: float, what: str) -> router_pb2.
         await asyncio.sleep(0.1)
 
 
+Stack = tuple[router_pb2_grpc.RouterStub, "Agents", list[ServerProcess], str]
+
+
 @pytest.fixture
-async def stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path, request: pytest.FixtureRequest,
-                ) -> AsyncIterator[tuple[router_pb2_grpc.RouterStub, Agents, list[ServerProcess],
-                                         str]]:
+async def stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path,
+                request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
     mode: str = request.param
     port = free_port()
     reg = _registry(etcd_endpoint, etcd_prefix, port, tmp_path, "registry")
@@ -134,9 +136,9 @@ async def stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path, request: p
 
 @pytest.mark.parametrize("stack", ["replica", "stream"], indirect=True)
 async def test_longest_prefix_lease_expiry_and_registry_outage(
-        stack: tuple[router_pb2_grpc.RouterStub, Agents, list[ServerProcess], str],
+        stack: Stack,
         etcd_endpoint: str, etcd_prefix: str, tmp_path: Path) -> None:
-    stub, agents, procs, mode = stack
+    stub, agents, procs, _mode = stack
     n = iter(range(10**6))
 
     async def on(node: str) -> router_pb2.RouteResponse | None:
