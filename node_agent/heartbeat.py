@@ -19,7 +19,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_never,
+    wait_exponential,
+    wait_random,
+)
 
 from kvroute.blocks import HASH_SCHEME
 from kvroute.grpcutil import message_size_options, open_channel
@@ -97,7 +103,7 @@ class RegistryLink:
             while True:
                 async for attempt in AsyncRetrying(
                         retry=retry_if_exception_type(_Retry), stop=stop_never,
-                        wait=wait_exponential_jitter(initial=0.2, max=10.0, jitter=0.5),
+                        wait=wait_exponential(multiplier=0.2, max=10.0) + wait_random(0, 0.5),
                         before_sleep=self._log_retry, reraise=True):
                     with attempt:
                         await self._connect()
