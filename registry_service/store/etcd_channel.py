@@ -6,7 +6,9 @@ the etcd stubs on these channels.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -113,6 +115,16 @@ class EndpointPool:
                 await chan.close(None)
 
 
+def _final(settings: EtcdSettings, what: str, exc: grpc.aio.AioRpcError | Transient,
+           ) -> Exception:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return translate(settings, what, exc)
+    return EtcdUnavailable(
+        f"etcd {what} failed at {', '.join(settings.endpoints)} after "
+        f"{settings.etcd_retry_attempts} attempts (deadline {settings.etcd_call_timeout_s}s "
+        f"each): {exc}")
+
+
 def translate(settings: EtcdSettings, what: str, exc: grpc.aio.AioRpcError) -> Exception:
     """Our error type for a final AioRpcError of operation ``what``."""
     code, details = exc.code(), exc.details() or ""
@@ -145,19 +157,20 @@ async def with_retries(settings: EtcdSettings, what: str, attempt: Callable[[], 
             return True
         return retry_deadline and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
+    try:  # first attempt without tenacity's per-call overhead (most calls succeed)
+        return await attempt()
+    except (grpc.aio.AioRpcError, Transient) as exc:
+        if settings.etcd_retry_attempts == 1 or not retryable(exc):
+            raise _final(settings, what, exc) from exc
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(settings.etcd_retry_attempts),
+        stop=stop_after_attempt(settings.etcd_retry_attempts - 1),
         wait=wait_random_exponential(multiplier=0.1, max=2.0),
         retry=retry_if_exception(retryable), reraise=True)
+    await asyncio.sleep(random.uniform(0, 0.1))
     try:
         async for state in retrying:
             with state:
                 return await attempt()
-    except grpc.aio.AioRpcError as exc:
-        raise translate(settings, what, exc) from exc
-    except Transient as exc:
-        raise EtcdUnavailable(
-            f"etcd {what} failed at {', '.join(settings.endpoints)} after "
-            f"{settings.etcd_retry_attempts} attempts (deadline {settings.etcd_call_timeout_s}s "
-            f"each): {exc}") from exc
+    except (grpc.aio.AioRpcError, Transient) as exc:
+        raise _final(settings, what, exc) from exc
     raise AssertionError("unreachable")  # pragma: no cover
