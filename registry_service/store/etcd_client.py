@@ -212,8 +212,8 @@ class EtcdClient:
 
     async def revision(self) -> int:
         """The current store revision."""
-        p = self.settings.etcd_prefix.encode()
-        req = rpc.RangeRequest(key=p, range_end=prefix_range_end(p), count_only=True)
+        # one-key lookup (cheap whatever the prefix holds); only the header is used
+        req = rpc.RangeRequest(key=self.settings.etcd_prefix.encode(), count_only=True)
 
         async def go(st: _Stubs, kw: CallOptions) -> Any:
             return await st.kv.Range(req, **kw)
@@ -337,8 +337,7 @@ class EtcdClient:
             token = self._token
             try:
                 await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-                    key=prefix, range_end=prefix_range_end(prefix), start_revision=next_rev,
-                    progress_notify=True)))
+                    key=prefix, range_end=prefix_range_end(prefix), start_revision=next_rev)))
                 while True:
                     resp = await call.read()
                     if resp is EOF:
@@ -362,8 +361,6 @@ class EtcdClient:
                         batch = [_event(e) for e in resp.events]
                         next_rev = batch[-1].kv.mod_revision + 1
                         yield batch
-                    elif not resp.created and resp.header.revision >= next_rev:
-                        next_rev = int(resp.header.revision) + 1  # progress notification
             except (Transient, grpc.aio.AioRpcError) as exc:
                 if isinstance(exc, grpc.aio.AioRpcError) and is_auth_expired(exc):
                     await self._authenticate(stubs, token)

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from kvroute.embedded_etcd import EmbeddedEtcd, find_etcd_binary
+from kvroute.errors import ConfigError
 from kvroute.procs import free_port
+from kvroute.settings import from_namespace
 from registry_service.store.etcd_client import (
     EtcdClient,
     EtcdError,
@@ -62,6 +64,18 @@ def _start_watch(client: EtcdClient, prefix: bytes, start: int, out: list[WatchE
 async def _stop(task: asyncio.Task[None]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+def test_settings_from_env_and_validation() -> None:
+    s = from_namespace(EtcdSettings, environ={
+        "KVROUTE_ETCD_ENDPOINTS": "127.0.0.1:1, http://127.0.0.1:2",
+        "KVROUTE_ETCD_CALL_TIMEOUT_S": "0.5"})
+    assert s.endpoints == ("127.0.0.1:1", "127.0.0.1:2") and s.etcd_call_timeout_s == 0.5
+    for bad in ({"etcd_endpoints": ("nohost",)}, {"etcd_prefix": "/x"},
+                {"etcd_cert_file": "c.pem"}, {"etcd_call_timeout_s": 0},
+                {"etcd_max_message_bytes": 1024}):
+        with pytest.raises(ConfigError):
+            EtcdSettings(**bad)
 
 
 @pytest.fixture
