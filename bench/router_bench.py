@@ -5,7 +5,9 @@ registry`` and ``kvroute serve router`` (once per registry mode: ``replica`` and
 registers nodes holding known blocks through the Registry gRPC API, then drives the router from
 client processes:
 
-- an empty gRPC call (``grpc.health.v1.Health/Check`` on the router) as the baseline,
+- an empty gRPC call (``grpc.health.v1.Health/Check`` on the router) as the unary baseline, and
+  empty RouteStream messages (no request id: answered at once with an error reply) as the
+  stream baseline,
 - unary ``Route`` with 1 caller (latency; added latency = Route p50 - empty p50) and with many
   concurrent callers (decisions/s),
 - unary ``Route`` open-loop at a fixed rate (p99 at 500/s),
@@ -209,6 +211,8 @@ def _measure_mode(target: str, cfg: RouterBenchConfig, tokens: list[list[int]], 
         ("empty_cN", "empty", {"concurrency": cfg.unary_concurrency, "duration_s": d}, cp),
         ("route_cN", "route", {"concurrency": cfg.unary_concurrency, "duration_s": d}, cp),
         ("route_at_rate", "route_rate", {"rate": cfg.rate_per_s, "duration_s": d}, 1),
+        ("stream_empty", "stream_empty", {"streams": cfg.streams, "window": cfg.stream_window,
+                                          "duration_s": d}, cp),
         ("route_stream", "stream", {"streams": cfg.streams, "window": cfg.stream_window,
                                     "duration_s": d}, cp),
     ]
@@ -236,6 +240,7 @@ def _verdict(modes: dict[str, Any]) -> dict[str, Any]:
             "added_latency_p50_ms": r["added_latency_p50_ms"],
             "added_met": r["added_latency_p50_ms"] <= TARGETS["added_latency_p50_ms"],
             "empty_unary_per_s": r["empty_cN"]["per_s"],
+            "empty_stream_msgs_per_s": r["stream_empty"]["per_s"],
         }
     return v
 
