@@ -122,7 +122,7 @@ class RegistryLink:
         outcome = getattr(state, "outcome", None)
         exc = outcome.exception() if outcome is not None else None
         wait = getattr(getattr(state, "next_action", None), "sleep", 0.0)
-        log.warning("registry not reachable (%s); retrying in %.1f s", exc, wait)
+        log.warning("registry call failed (%s); retrying in %.1f s", exc, wait)
 
     async def _connect(self) -> None:
         if self._need_register:

@@ -20,6 +20,7 @@ Malformed frames are counted and skipped; nothing raises out of :meth:`items`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from node_agent.events import (
     EngineBatch,
@@ -53,6 +55,7 @@ class SourceStats:
     replays_failed: int = 0
     events_lost: int = 0
     engine_restarts: int = 0
+    reconnects: int = 0
     duplicates: int = 0
     bad_frames: int = 0
     unparsable_batches: int = 0
@@ -77,6 +80,7 @@ class ZmqEventSource:
         self._expected: int | None = None
         self._last_live: int | None = None
         self._covered = False
+        self._last_ts: float | None = None
         self.stats = SourceStats()
 
     def _connect(self) -> None:
@@ -111,18 +115,102 @@ class ZmqEventSource:
         self._connect()
         self._new_dealer()
         assert self._sub is not None
+        monitor = self._sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        poller = zmq.asyncio.Poller()
+        poller.register(self._sub, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        was_disconnected = False
+        try:
+            while True:
+                try:
+                    ready = dict(await poller.poll())
+                    if monitor in ready:
+                        event = parse_monitor_message(await monitor.recv_multipart())
+                        if event["event"] == zmq.EVENT_DISCONNECTED:
+                            was_disconnected = True
+                            log.warning("engine event stream disconnected; reconnecting")
+                        elif event["event"] == zmq.EVENT_CONNECTED and was_disconnected:
+                            was_disconnected = False
+                            async for item in self._after_reconnect():
+                                yield item
+                    if self._sub not in ready:
+                        continue
+                    frames = await self._sub.recv_multipart(copy=True)
+                except zmq.ZMQError as exc:
+                    if exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
+                        return
+                    raise
+                if len(frames) != 3 or len(frames[1]) != 8:
+                    self._bad_frame(f"live message with {len(frames)} frames")
+                    continue
+                async for item in self._on_live(int.from_bytes(frames[1], "big"), frames[2]):
+                    yield item
+        finally:
+            with contextlib.suppress(zmq.ZMQError):
+                if self._sub is not None:
+                    self._sub.disable_monitor()
+            monitor.close(linger=0)
+
+    async def _after_reconnect(self) -> AsyncIterator[SourceItem]:
+        """After the PUB connection came back: same engine (fetch what we missed) or a new
+        incarnation whose first batches we may have missed (signal a restart, replay from 0).
+        Tells them apart by asking for the last batch we processed and comparing its ts."""
+        dealer = self._dealer
+        if dealer is None or self._expected is None or self._expected == 0:
+            return
+        last = self._expected - 1
+        self.stats.reconnects += 1
+        await dealer.send_multipart([b"", last.to_bytes(8, "big")])
+        reply = await self._recv_reply(dealer)
+        if reply is None:
+            return
+        same = False
+        if isinstance(reply, tuple):
+            seq, payload = reply
+            batch = self._parser.parse(payload) if seq == last else None
+            same = batch is not None and batch.ts == self._last_ts
+        while isinstance(reply, tuple):
+            if same and reply[0] >= self._expected:
+                async for item in self._deliver(*reply):
+                    yield item
+            reply = await self._recv_reply(dealer)
+        if same:
+            return
+        self.stats.engine_restarts += 1
+        log.warning("engine event stream reconnected to a new engine incarnation (seq %d is "
+                    "not the batch we saw): dropping its blocks", last)
+        yield SourceSignal(SignalKind.ENGINE_RESTART, "new incarnation after reconnect")
+        self._expected, self._last_live = 0, None
+        async for item in self._replay(0):
+            yield item
+
+    async def _recv_reply(self, dealer: zmq.asyncio.Socket,
+                          ) -> tuple[int, bytes] | bytes | None:
+        """One replay reply: (seq, payload), END_SEQ, or None on timeout (socket renewed)."""
         while True:
-            try:
-                frames = await self._sub.recv_multipart(copy=True)
-            except zmq.ZMQError as exc:
-                if exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
-                    return
-                raise
-            if len(frames) != 3 or len(frames[1]) != 8:
-                self._bad_frame(f"live message with {len(frames)} frames")
+            if not await dealer.poll(self._timeout_ms):
+                self.stats.replays_failed += 1
+                log.warning("replay reply not received within %d ms", self._timeout_ms)
+                self._new_dealer()  # drop late replies of this request
+                return None
+            frames = await dealer.recv_multipart(copy=True)
+            if len(frames) < 2 or len(frames[-2]) != 8:
+                self._bad_frame(f"replay reply with {len(frames)} frames")
                 continue
-            async for item in self._on_live(int.from_bytes(frames[1], "big"), frames[2]):
-                yield item
+            if frames[-2] == END_SEQ:
+                return END_SEQ
+            return int.from_bytes(frames[-2], "big"), frames[-1]
+
+    async def _deliver(self, seq: int, payload: bytes) -> AsyncIterator[SourceItem]:
+        """Parse and yield a replayed batch."""
+        self._expected = seq + 1
+        batch = self._parser.parse(payload)
+        self.stats.replayed_batches += 1
+        if batch is None:
+            self.stats.unparsable_batches += 1
+            return
+        self._last_ts = batch.ts
+        yield EngineBatch(seq, batch, replayed=True)
 
     def _bad_frame(self, detail: str) -> None:
         self.stats.bad_frames += 1
@@ -173,6 +261,7 @@ class ZmqEventSource:
             self.stats.unparsable_batches += 1
             return
         self.stats.lag_s = max(0.0, time.time() - batch.ts)
+        self._last_ts = batch.ts
         yield EngineBatch(seq, batch)
 
     async def _replay(self, start: int) -> AsyncIterator[SourceItem]:
@@ -185,29 +274,14 @@ class ZmqEventSource:
         await dealer.send_multipart([b"", start.to_bytes(8, "big")])
         first = True
         while True:
-            if not await dealer.poll(self._timeout_ms):
-                self.stats.replays_failed += 1
-                log.warning("replay from seq %d timed out after %d ms", start, self._timeout_ms)
-                self._new_dealer()  # drop late replies of this request
+            reply = await self._recv_reply(dealer)
+            if not isinstance(reply, tuple):
                 return
-            frames = await dealer.recv_multipart(copy=True)
-            if len(frames) < 2 or len(frames[-2]) != 8:
-                self._bad_frame(f"replay reply with {len(frames)} frames")
-                continue
-            seq_b, payload = frames[-2], frames[-1]
-            if seq_b == END_SEQ:
-                return
-            seq = int.from_bytes(seq_b, "big")
+            seq, payload = reply
             if first:
                 first = False
                 self._covered = seq <= start
             assert self._expected is not None
-            if seq < self._expected:
-                continue
-            self._expected = seq + 1
-            batch = self._parser.parse(payload)
-            self.stats.replayed_batches += 1
-            if batch is None:
-                self.stats.unparsable_batches += 1
-                continue
-            yield EngineBatch(seq, batch, replayed=True)
+            if seq >= self._expected:
+                async for item in self._deliver(seq, payload):
+                    yield item

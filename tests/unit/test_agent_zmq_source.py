@@ -34,13 +34,12 @@ class TestPublisher:
     __test__ = False
 
     def __init__(self, buffer_steps: int = 100, reply_shape: str = "plain",
-                 topic: bytes = b"kv") -> None:
+                 topic: bytes = b"kv", ports: tuple[int, int] | None = None) -> None:
         self.ctx = zmq.asyncio.Context()
         self.pub = self.ctx.socket(zmq.XPUB)
-        self.pub_port = free_port()
+        self.pub_port, self.replay_port = ports or (free_port(), free_port())
         self.pub.bind(f"tcp://127.0.0.1:{self.pub_port}")
         self.router = self.ctx.socket(zmq.ROUTER)
-        self.replay_port = free_port()
         self.router.bind(f"tcp://127.0.0.1:{self.replay_port}")
         self.buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self.reply_shape = reply_shape
@@ -60,6 +59,13 @@ class TestPublisher:
         if not drop:
             await self.pub.send_multipart([self.topic, seq.to_bytes(8, "big"), data])
         return seq
+
+    async def rebind_pub(self) -> None:
+        """Drop and re-create the PUB socket (a network blip: same engine, same buffer)."""
+        self.pub.close(0)
+        await asyncio.sleep(0.2)
+        self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.bind(f"tcp://127.0.0.1:{self.pub_port}")
 
     def restart(self) -> None:
         self.seq = 0
@@ -117,14 +123,17 @@ def desc(items: list[SourceItem]) -> list[object]:
             for i in items]
 
 
+def make_source(pub: TestPublisher, replay: bool = True) -> ZmqEventSource:
+    return ZmqEventSource(f"tcp://127.0.0.1:{pub.pub_port}", VllmParser(),
+                          replay_endpoint=f"tcp://127.0.0.1:{pub.replay_port}" if replay
+                          else "", topic="kv", replay_timeout_s=0.5)
+
+
 @contextlib.asynccontextmanager
 async def rig(replay: bool = True, **kw: object) -> AsyncIterator[tuple[TestPublisher,
                                                                          Collector]]:
     pub = TestPublisher(**kw)  # type: ignore[arg-type]
-    src = ZmqEventSource(f"tcp://127.0.0.1:{pub.pub_port}", VllmParser(),
-                         replay_endpoint=f"tcp://127.0.0.1:{pub.replay_port}" if replay else "",
-                         topic="kv", replay_timeout_s=0.5)
-    col = Collector(src)
+    col = Collector(make_source(pub, replay))
     try:
         await pub.wait_subscribed()
         yield pub, col
@@ -241,3 +250,36 @@ async def test_malformed_frames_and_payloads_are_skipped() -> None:
         assert desc(items) == [(0, False), (2, False)]
         assert col.source.stats.bad_frames == 2
         assert col.source.stats.unparsable_batches == 1
+
+
+async def test_reconnect_to_a_new_engine_is_a_restart_even_without_new_live_batches() -> None:
+    pub = TestPublisher()
+    col = Collector(make_source(pub))
+    try:
+        await pub.wait_subscribed()
+        for _ in range(3):
+            await pub.publish()
+        assert desc(await col.take(3)) == [(0, False), (1, False), (2, False)]
+        ports = (pub.pub_port, pub.replay_port)
+        await pub.close()
+        await asyncio.sleep(0.2)
+        pub = TestPublisher(ports=ports)  # the restarted engine, same endpoints
+        await pub.publish(drop=True)  # its first batch went out before we reconnected
+        items = await col.take(2)
+        assert desc(items) == ["engine_restart", (0, True)]
+        assert col.source.stats.reconnects == 1
+    finally:
+        await col.close()
+        await pub.close()
+
+
+async def test_reconnect_to_the_same_engine_fetches_what_was_missed() -> None:
+    async with rig() as (pub, col):
+        for _ in range(2):
+            await pub.publish()
+        assert desc(await col.take(2)) == [(0, False), (1, False)]
+        await pub.rebind_pub()
+        await pub.publish(drop=True)  # published while we were disconnected
+        items = await col.take(1)
+        assert desc(items) == [(2, True)]
+        assert col.source.stats.engine_restarts == 0
