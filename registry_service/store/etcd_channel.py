@@ -30,6 +30,8 @@ AUTH_EXPIRED = ("invalid auth token", "auth token is expired", "revision of auth
 """etcd error texts meaning "authenticate again and retry"."""
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 """Status codes worth retrying (on the next endpoint when there are several)."""
+NOT_SENT = "failed to connect to all addresses"
+"""gRPC's UNAVAILABLE text when no connection existed, so the request was never sent."""
 
 
 class Transient(Exception):
@@ -120,8 +122,8 @@ def _final(settings: EtcdSettings, what: str, exc: grpc.aio.AioRpcError | Transi
     if isinstance(exc, grpc.aio.AioRpcError):
         return translate(settings, what, exc)
     return EtcdUnavailable(
-        f"etcd {what} failed at {', '.join(settings.endpoints)} after "
-        f"{settings.etcd_retry_attempts} attempts (deadline {settings.etcd_call_timeout_s}s "
+        f"etcd {what} failed at {', '.join(settings.endpoints)} (up to "
+        f"{settings.etcd_retry_attempts} attempts, deadline {settings.etcd_call_timeout_s}s "
         f"each): {exc}")
 
 
@@ -131,8 +133,8 @@ def translate(settings: EtcdSettings, what: str, exc: grpc.aio.AioRpcError) -> E
     where = ", ".join(settings.endpoints)
     if code in TRANSIENT or is_auth_expired(exc):
         return EtcdUnavailable(
-            f"etcd {what} failed at {where} after {settings.etcd_retry_attempts} attempts "
-            f"(deadline {settings.etcd_call_timeout_s}s each): {code.name}: {details}")
+            f"etcd {what} failed at {where} (up to {settings.etcd_retry_attempts} attempts, "
+            f"deadline {settings.etcd_call_timeout_s}s each): {code.name}: {details}")
     if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
         return EtcdLeaseNotFound(f"etcd {what}: {details}")
     hint = (" (raise --etcd-max-message-bytes)"
@@ -141,21 +143,25 @@ def translate(settings: EtcdSettings, what: str, exc: grpc.aio.AioRpcError) -> E
 
 
 async def with_retries(settings: EtcdSettings, what: str, attempt: Callable[[], Awaitable[T]],
-                       *, retry_deadline: bool = True) -> T:
+                       *, idempotent: bool = True) -> T:
     """Run ``attempt`` up to ``etcd_retry_attempts`` times with jittered exponential backoff.
 
-    Retried: UNAVAILABLE, an expired auth token (the attempt re-authenticates before raising),
-    and, when ``retry_deadline``, DEADLINE_EXCEEDED and :class:`Transient`. The last failure
-    becomes EtcdUnavailable (naming the endpoints), EtcdLeaseNotFound or EtcdError.
+    Always retried: an expired auth token (the attempt re-authenticates before raising) and
+    UNAVAILABLE before the request was sent ("failed to connect"). When ``idempotent``, also
+    any UNAVAILABLE, DEADLINE_EXCEEDED and :class:`Transient` (the request may have been
+    applied; repeating it must be harmless). The last failure becomes EtcdUnavailable (naming
+    the endpoints), EtcdLeaseNotFound or EtcdError.
     """
     def retryable(exc: BaseException) -> bool:
         if isinstance(exc, Transient):
-            return retry_deadline
+            return idempotent
         if not isinstance(exc, grpc.aio.AioRpcError):
             return False
-        if is_auth_expired(exc) or exc.code() == grpc.StatusCode.UNAVAILABLE:
+        if is_auth_expired(exc):
             return True
-        return retry_deadline and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return idempotent or NOT_SENT in (exc.details() or "")
+        return idempotent and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
     try:  # first attempt without tenacity's per-call overhead (most calls succeed)
         return await attempt()

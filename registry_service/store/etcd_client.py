@@ -127,11 +127,13 @@ class EtcdClient:
             log.info("authenticated to etcd as %s", self.settings.etcd_username)
 
     async def _call(self, what: str, fn: Callable[[_Stubs, CallOptions], Awaitable[T]],
-                    *, retry_deadline: bool = True) -> T:
+                    *, idempotent: bool = True) -> T:
         """Run ``fn(stubs, call_options)`` with a deadline and bounded retries.
 
-        ``retry_deadline=False`` for non-idempotent writes (txn): a txn that timed out may have
-        been applied, so it is reported (EtcdUnavailable), not run twice.
+        ``idempotent=False`` for txn: a txn that timed out or lost its connection may have been
+        applied, so it is reported (EtcdUnavailable), not run twice. Puts and deletes are
+        repeated (same end state; a repeated delete may report 0 deleted), and so are lease
+        grants (a lease granted by a lost attempt just expires).
         """
         async def attempt() -> T:
             stubs = self._pick()
@@ -149,7 +151,7 @@ class EtcdClient:
             except (Transient, TimeoutError) as exc:
                 self._pool.failover(stubs.index)
                 raise Transient(str(exc) or "no answer within the deadline") from exc
-        return await with_retries(self.settings, what, attempt, retry_deadline=retry_deadline)
+        return await with_retries(self.settings, what, attempt, idempotent=idempotent)
 
     # ---- lifecycle --------------------------------------------------------------------
     async def connect(self) -> None:
@@ -158,24 +160,27 @@ class EtcdClient:
         s = self.settings
         loop = asyncio.get_running_loop()
         deadline = loop.time() + s.etcd_connect_timeout_s
-        errors: list[str] = []
-        n = len(s.endpoints)
-        for i in range(n):
-            stubs = self._pick(i)
-            left = max(0.05, deadline - loop.time()) / (n - i)
-            try:
-                await stubs.maintenance.Status(rpc.StatusRequest(), timeout=left,
-                                               wait_for_ready=self._wait_for_ready)
-                self._pool.current = i
-                if s.etcd_username:
-                    await self._authenticate(stubs, None)
-                return
-            except grpc.aio.AioRpcError as exc:
-                errors.append(f"{s.endpoints[i]}: {exc.code().name}: {exc.details()}")
-                if exc.code() not in TRANSIENT:
-                    raise translate(s, "connect", exc) from exc
+        errors: dict[str, str] = {}
+        while True:
+            for i in range(len(s.endpoints)):
+                stubs = self._pick(i)
+                try:
+                    await stubs.maintenance.Status(
+                        rpc.StatusRequest(), wait_for_ready=self._wait_for_ready,
+                        timeout=max(0.05, min(s.etcd_call_timeout_s, deadline - loop.time())))
+                    self._pool.current = i
+                    if s.etcd_username:
+                        await self._authenticate(stubs, None)
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    errors[s.endpoints[i]] = f"{exc.code().name}: {exc.details()}"
+                    if exc.code() not in TRANSIENT:
+                        raise translate(s, "connect", exc) from exc
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(min(0.2, deadline - loop.time()))
         raise EtcdUnavailable(f"no etcd endpoint answered within {s.etcd_connect_timeout_s}s: "
-                              f"{'; '.join(errors)}")
+                              + "; ".join(f"{ep}: {e}" for ep, e in errors.items()))
 
     async def close(self) -> None:
         """Close the keepalive stream and every channel (ending open watches)."""
@@ -245,8 +250,9 @@ class EtcdClient:
                   failure: Sequence[Op] = ()) -> TxnResult:
         """If every compare holds run ``success`` else ``failure``, atomically.
 
-        Retried on UNAVAILABLE only; a txn that timed out may have been applied, so it raises
-        EtcdUnavailable instead of running twice.
+        Retried only when etcd surely did not get it (no connection, expired token); a txn
+        that timed out or lost its connection may have been applied, so it raises
+        EtcdUnavailable instead of running twice: re-read and decide.
         """
         req = rpc.TxnRequest(compare=[_compare_pb(c) for c in compares],
                              success=[_op_pb(o) for o in success],
@@ -254,7 +260,7 @@ class EtcdClient:
 
         async def go(st: _Stubs, kw: CallOptions) -> Any:
             return await st.kv.Txn(req, **kw)
-        resp = await self._call("txn", go, retry_deadline=False)
+        resp = await self._call("txn", go, idempotent=False)
         gets = tuple(tuple(_kv(m) for m in r.response_range.kvs)
                      for r in resp.responses if r.WhichOneof("response") == "response_range")
         return TxnResult(bool(resp.succeeded), int(resp.header.revision), gets)
