@@ -11,6 +11,7 @@ from typing import Any
 
 from bench.cli_replay import add_replay_arguments, run_replay, run_sweep
 from bench.hashing import run_hashing_bench
+from bench.registry_bench import add_registry_arguments, run_registry_cli
 from bench.router_bench import add_router_arguments, run_router_cli
 
 
@@ -33,6 +34,7 @@ TARGETS: dict[str, Callable[[argparse.Namespace], int]] = {
     "sweep": run_sweep,
     "hashing": _hashing,
     "router": run_router_cli,
+    "registry": run_registry_cli,
 }
 
 
@@ -52,6 +54,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--prompts", type=int, default=20, help="prompts to hash (hashing)")
     add_replay_arguments(p)
     add_router_arguments(p)
+    add_registry_arguments(p)
     p.set_defaults(run=run)
 
 

@@ -28,7 +28,8 @@ class RegistrySettings(ServerSettings, EtcdSettings):
     status_write_interval_s: float = setting(
         2.0, "Write a node's usage to etcd at most this often (other replicas see it that late)")
     snapshot_threshold: int = setting(
-        32, "Compact a node's delta keys into snapshot keys once it has this many deltas")
+        64, "Compact a node's delta keys into snapshot keys once it has this many deltas "
+        "(bounds keys per lease; higher = fewer snapshot rewrites = fewer etcd bytes)")
     snapshot_chunk_bytes: int = setting(
         1024 * 1024, "Maximum bytes of one snapshot key (at most 1 MiB)")
     max_message_bytes: int = setting(

@@ -60,3 +60,13 @@ def test_matches_a_naive_model_under_random_churn() -> None:
         if n:
             expect[slot] = n
     assert idx.longest_prefix(query, (1 << 70) - 1) == expect
+
+
+def test_full_64_bit_hashes() -> None:
+    idx = BlockIndex()
+    big = [2**64 - 1, 2**63 + 5, 2**60 + 1]
+    idx.add(3, big)
+    assert idx.longest_prefix(big, 1 << 3) == {3: 3}
+    assert idx.blocks(3).tolist() == sorted(big)  # full values kept for snapshots
+    assert idx.remove(3, [2**63 + 5]) == 1
+    assert idx.longest_prefix(big, 1 << 3) == {3: 1}
