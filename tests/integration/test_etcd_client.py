@@ -9,6 +9,7 @@ import signal
 import ssl
 import subprocess
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,15 @@ def test_settings_from_env_and_validation() -> None:
                 {"etcd_max_message_bytes": 1024}):
         with pytest.raises(ConfigError):
             EtcdSettings(**bad)
+
+
+def _etcd_watchers(etcd: EmbeddedEtcd) -> int:
+    """Watchers etcd holds now (from its /metrics)."""
+    with urllib.request.urlopen(f"http://{etcd.endpoint}/metrics", timeout=2) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("etcd_debugging_mvcc_watcher_total "):
+                return int(float(line.split()[1]))
+    raise AssertionError("etcd /metrics has no etcd_debugging_mvcc_watcher_total")
 
 
 @pytest.fixture
@@ -217,7 +227,9 @@ async def test_watch_from_compacted_revision_raises(own_etcd: EmbeddedEtcd) -> N
         watch = _start_watch(c, b"/c/", rev + 1, events)
         await c.put(b"/c/k", b"4")
         await _wait_for(lambda: len(events) == 1, 5, "the event after re-watch")
-        await _stop(watch)
+        assert _etcd_watchers(own_etcd) == 1
+        await _stop(watch)  # cancelling the consumer ends the watch in etcd too
+        await _wait_for(lambda: _etcd_watchers(own_etcd) == 0, 5, "etcd to drop the watcher")
     finally:
         await c.close()
 
