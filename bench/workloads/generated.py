@@ -29,10 +29,10 @@ VOCAB = 32_000
 class ConversationSpec:
     """Shape of the ``conversations`` workload."""
 
-    conversations: int = 400
+    conversations: int = 1000
     turns: int = 8
     block_size: int = 16
-    user_tokens: tuple[int, int] = (100, 600)
+    user_tokens: tuple[int, int] = (200, 1200)
     output_tokens: tuple[int, int] = (100, 400)
     start_window_s: float = 600.0
     think_time_s: float = 20.0
@@ -69,19 +69,21 @@ def conversations(seed: int = 0, spec: ConversationSpec | None = None) -> Worklo
 class SystemPromptSpec:
     """Shape of the ``system-prompt`` workload."""
 
-    requests: int = 4000
-    system_prompts: int = 6
-    system_tokens: int = 2048
-    zipf_s: float = 1.1
+    requests: int = 8000
+    system_prompts: int = 64
+    system_tokens: int = 2992
+    zipf_s: float = 0.8
     block_size: int = 16
-    user_tokens: tuple[int, int] = (50, 800)
+    user_tokens: tuple[int, int] = (50, 500)
     output_tokens: tuple[int, int] = (50, 300)
-    rate_per_s: float = 8.0
+    rate_per_s: float = 16.0
 
 
 def system_prompt(seed: int = 0, spec: SystemPromptSpec | None = None) -> Workload:
     """Independent requests behind a few shared system prompts (module doc)."""
     s = spec or SystemPromptSpec()
+    if s.system_tokens % s.block_size:
+        raise ValueError("system_tokens must be a multiple of block_size")
     rng = np.random.default_rng(seed)
     systems = [rng.integers(0, VOCAB, s.system_tokens, dtype=np.uint32)
                for _ in range(s.system_prompts)]
