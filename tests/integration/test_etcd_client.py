@@ -355,18 +355,23 @@ async def test_auth_token_is_refreshed(tmp_path: Path, caplog: pytest.LogCapture
         caplog.set_level(logging.INFO, logger="registry_service.store.etcd_client")
         await c.connect()
         events: list[WatchEvent] = []
+
+        def logins() -> int:
+            return sum("authenticated to etcd" in r.getMessage() for r in caplog.records)
         try:
             rev = await c.put(b"/auth/k", b"1")
+            assert logins() == 1
             await asyncio.sleep(3.2)  # the simple token expires after 2 s unused
-            watch = _start_watch(c, b"/auth/", rev + 1, events)  # opened with a stale token
             assert (await c.get(b"/auth/k")).value == b"1"  # type: ignore[union-attr]
+            assert logins() == 2, "a unary call did not replace the expired token"
+            await asyncio.sleep(3.2)
+            watch = _start_watch(c, b"/auth/", rev + 1, events)  # opened with a stale token
+            await _wait_for(lambda: logins() == 3, 5, "the watch to replace the token")
             await c.put(b"/auth/k", b"2")
             await _wait_for(lambda: len(events) == 1, 10, "the watch opened with a stale token")
             await _stop(watch)
         finally:
             await c.close()
-        logins = [r for r in caplog.records if "authenticated to etcd" in r.getMessage()]
-        assert len(logins) >= 2, "the expired token was not replaced"
     finally:
         await asyncio.to_thread(etcd.stop)
 
