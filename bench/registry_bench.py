@@ -101,7 +101,7 @@ def _etcd_rx_bytes(endpoint: str) -> float:
                if line.startswith("etcd_network_client_grpc_received_bytes_total"))
 
 
-async def _agent(stub: pb_grpc.RegistryStub, node: str, epoch: int, heartbeats: int,
+async def _agent(stub: Any, node: str, epoch: int, heartbeats: int,
                  batch: int, capacity: int, seed: int) -> int:
     rng = np.random.default_rng(seed)
     cached: list[np.ndarray] = []
@@ -128,7 +128,7 @@ def _pct(samples: list[float], q: float) -> float:
     return round(float(np.percentile(np.array(samples), q)) * 1000.0, 3)
 
 
-async def _lookups(stub: pb_grpc.RegistryStub, chains: list[list[int]], n: int,
+async def _lookups(stub: Any, chains: list[list[int]], n: int,
                    ) -> dict[str, Any]:
     rng = random.Random(3)
     reqs = [pb.LookupRequest(block_hashes=rng.choice(chains), model="m", request_id=str(i))
@@ -158,7 +158,7 @@ async def _lookups(stub: pb_grpc.RegistryStub, chains: list[list[int]], n: int,
 
     async def reader() -> int:
         got = 0
-        async for _ in _aiter(call2):
+        async for _ in call2:
             got += 1
         return got
 
@@ -171,11 +171,6 @@ async def _lookups(stub: pb_grpc.RegistryStub, chains: list[list[int]], n: int,
             "unary_per_s_one_caller": round(n / sum(unary)),
             "stream_p50_ms": _pct(stream_lat, 50), "stream_p99_ms": _pct(stream_lat, 99),
             "stream_pipelined_per_s": round(pipelined)}
-
-
-async def _aiter(call: Any) -> AsyncIterator[Any]:
-    async for item in call:
-        yield item
 
 
 async def _stack(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -191,7 +186,7 @@ async def _stack(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         opts = [("grpc.max_send_message_length", 64 << 20),
                 ("grpc.max_receive_message_length", 64 << 20)]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as ch:
-            stub = pb_grpc.RegistryStub(ch)
+            stub: Any = pb_grpc.RegistryStub(ch)  # grpc.aio calls (the .pyi types sync)
             epochs = []
             for i in range(args.registry_nodes):
                 r = await stub.RegisterNode(pb.RegisterNodeRequest(

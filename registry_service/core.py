@@ -111,6 +111,8 @@ class RegistryCore:
                     failures = 0
                     for ev in batch:
                         self.view.apply(ev)
+                revision = None  # the watch ended (store closing): list again shortly
+                await asyncio.sleep(0.5)
             except WatchRestart as exc:
                 log.warning("store watch must restart (%s): listing again", exc)
                 revision = None

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
+import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -129,11 +132,28 @@ async def test_replicas_crash_recovery_and_lease_expiry(
             keys = await etcd_keys(etcd_endpoint, etcd_prefix)
             assert not [k for k in keys if k.endswith("/a") or "/a/" in k], keys
             assert "nodes/b" in keys
+            await check_cli_and_metrics(r3)
         assert r2.stop() == 0  # SIGTERM drains and exits 0
     finally:
         for srv in (r1, r2, r3):
             if srv is not None:
                 srv.stop()
+
+
+async def check_cli_and_metrics(srv: ServerProcess) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "nodes", "--registry", srv.grpc_target, "--json",
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    nodes = json.loads(out)["nodes"]
+    assert [(n["node_id"], n["blocks_indexed"]) for n in nodes] == [("b", "7")]
+    assert nodes[0]["healthy"] and 0 < nodes[0]["lease_remaining_s"] <= TTL
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(srv.metrics_url).read())
+    for name in ("kvroute_registry_nodes 1.0", "kvroute_registry_heartbeats_total",
+                 "kvroute_registry_lease_expiries_total", "kvroute_registry_index_bytes",
+                 "kvroute_registry_store_op_seconds_bucket"):
+        assert name in text.decode(), name
 
 
 async def _eq(aw: object, want: object) -> bool:

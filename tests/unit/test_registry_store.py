@@ -120,6 +120,20 @@ async def test_deltas_snapshots_and_reload(stores: Factory) -> None:
     assert [e.hashes.tolist() for e in loaded.events if isinstance(e, SnapshotPut)] == [[1, 2]]
 
 
+async def test_large_snapshot_over_several_transactions(
+        stores: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("registry_service.store.etcd.TXN_BUDGET_BYTES", 10_000)
+    s = await started(stores)
+    r = await s.register_node(rec("big"), None)
+    await s.append_delta(r, Delta(1, 0, False, arr(1), arr()))
+    hashes = np.arange(10, 5010, dtype=np.uint64)  # 40 KB: 10 chunks, 11 transactions
+    await s.write_snapshot(r, 1, 0, hashes, True)
+    loaded = await (await started(stores)).load()
+    snaps = [e for e in loaded.events if isinstance(e, SnapshotPut) and e.node_id == "big"]
+    assert len(snaps) == 1 and snaps[0].hashes.tolist() == hashes.tolist()
+    assert not [e for e in loaded.events if isinstance(e, DeltaPut) and e.node_id == "big"]
+
+
 async def test_watch_sees_other_writer_and_delete(stores: Factory) -> None:
     a, b = await started(stores), await started(stores)
     start = (await b.load()).revision
