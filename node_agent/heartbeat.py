@@ -125,10 +125,17 @@ class RegistryLink:
         log.warning("registry call failed (%s); retrying in %.1f s", exc, wait)
 
     async def _connect(self) -> None:
-        if self._need_register:
-            await self._register()
-        if self._need_resync:
-            await self._resync()
+        for _ in range(2):  # an unknown node / stale epoch re-registers at once, no backoff
+            try:
+                if self._need_register:
+                    await self._register()
+                if self._need_resync:
+                    await self._resync()
+                return
+            except _Retry:
+                if not self._need_register:
+                    raise
+        raise _Retry("the registry forgot the node again right after registering")
 
     def _rpc_error(self, exc: grpc.aio.AioRpcError, what: str) -> _Retry:
         if exc.code() in NEEDS_REGISTER_CODES:
