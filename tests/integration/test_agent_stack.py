@@ -78,6 +78,14 @@ def engine_cached_blocks(sim: ServerProcess) -> int:
     raise AssertionError("kvroute_engine_sim_cached_blocks not exported")
 
 
+def health_check(srv: ServerProcess) -> None:
+    """The agent's gRPC health endpoint answers SERVING (Kubernetes probes)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with grpc.insecure_channel(srv.grpc_target) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def registry(etcd: str, prefix: str, port: int, tmp: Path, name: str) -> ServerProcess:
     return start_server("registry", [
         "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", str(TTL),
@@ -119,6 +127,10 @@ def test_agent_stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path) -> No
         # completions -> blocks in Lookup
         complete(ports["http"], prompt(0))
         eventually(lambda: matched(target, prompt(0)) == {"node-a": 4}, 10, "blocks indexed")
+        health_check(ag)
+        agent_metrics = urllib.request.urlopen(ag.metrics_url, timeout=5).read().decode()
+        assert "kvroute_agent_events_parsed_total" in agent_metrics
+        assert "kvroute_agent_registry_connected 1.0" in agent_metrics
         info = nodes(target)["node-a"]
         assert info.address == f"http://127.0.0.1:{ports['http']}"
         assert info.capacity_blocks == 40

@@ -192,3 +192,23 @@ async def test_status_reports_usage_from_events(registry: Registry) -> None:
         await eventually(used)
 
 
+
+
+async def test_sglang_pages_of_one_token_are_rechunked_into_router_blocks(
+        registry: Registry) -> None:
+    toks = TOKS[:40]  # 2 full kvroute blocks + 8 tokens that must not be indexed
+    async with agent_rig(registry, engine_format="sglang") as (agent, pub):
+        parent = None
+        events = []
+        for i, t in enumerate(toks):
+            h = -(i + 1) * 7_919  # SGLang: signed int64 hashes
+            events.append({"type": "BlockStored", "block_hashes": [h], "parent_block_hash": parent,
+                           "token_ids": [t], "block_size": 1, "lora_id": None, "medium": "GPU"})
+            parent = h
+        await send(pub, msgspec.msgpack.encode([1.0, events, 0]))
+        want = hash_blocks(toks, 16)
+
+        async def two() -> bool:
+            return await registry.matched([*want, 12345]) == {"n1": 2}
+        await eventually(two)
+        assert agent.blocks.held_blocks == 2
