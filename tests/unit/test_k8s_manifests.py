@@ -311,6 +311,7 @@ def test_engines_agents_and_control_plane_agree() -> None:
                 assert (sim.events_endpoint, sim.replay_endpoint, sim.topic, sim.block_size,
                         sim.model) == (agent.engine_events, agent.engine_replay, agent.topic,
                                        agent.block_size, agent.model), f"{d}: {where}"
+                assert agent.capacity_blocks in (0, sim.capacity_blocks), f"{d}: {where}"
                 continue
             flags = _vllm_flags(engine)
             assert int(flags["--block-size"]) == agent.block_size, f"{d}: {where}"
