@@ -104,8 +104,11 @@ class SimEngine:
             nxt = self.model.next_event_time()
             timeout = (None if nxt is None
                        else max(0.0, (nxt - self.now()) * self.settings.time_scale))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races with the wake-up, and the driver would never stop
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 self._after(self.model.advance(self.now()))

@@ -20,6 +20,7 @@ header.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -30,6 +31,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from engine_sim.engine import SimEngine
 from engine_sim.model import RequestTooLarge, SimRequest
 from engine_sim.tokenizer import SimpleTokenizer
+
+log = logging.getLogger(__name__)
 
 ENGINE_KEY = web.AppKey("engine", SimEngine)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
@@ -135,6 +138,10 @@ class Api:
         max_tokens = _int_field(body, ("max_tokens", "max_completion_tokens"),
                                 self.engine.settings.max_tokens_default)
         stream = bool(body.get("stream", False))
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise BadRequest("stream_options must be an object")
+        include_usage = bool(opts.get("include_usage", False))
         req = await self._run(tokens, max_tokens, _client_id(request, body))
         cid = f"cmpl-{req.request_id}"
         created = int(time.time())
@@ -150,7 +157,6 @@ class Api:
                              "prompt_logprobs": None}],
                 "usage": usage})
         resp = await self._sse_start(request)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
         try:
             for i, tok in await self._paced(req, out_ids):
                 await self._wait_token(req, i)
@@ -166,7 +172,7 @@ class Api:
                                        "created": created, "model": self.engine.settings.model,
                                        "choices": [], "usage": usage})
             await resp.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, OSError):
+        except BaseException:  # client gone (or cancelled): free the request's blocks
             self.engine.abort(req)
             raise
         return resp
@@ -247,7 +253,7 @@ class Api:
                 await self._sse(resp, {"text": TOKENIZER.decode(out_ids[: i + 1]),
                                        "output_ids": out_ids[: i + 1], "meta_info": meta})
             await resp.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, OSError):
+        except BaseException:  # client gone (or cancelled): free the request's blocks
             self.engine.abort(req)
             raise
         return resp
@@ -318,6 +324,11 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return resp
     except BadRequest as exc:
         return _error(str(exc), exc.status)
+    except web.HTTPException:
+        raise
+    except Exception as exc:  # never let a handler bug take the server down
+        log.exception("internal error serving %s", request.path)
+        return _error(f"internal error: {type(exc).__name__}", 500)
 
 
 def make_app(engine: SimEngine, registry: CollectorRegistry) -> web.Application:

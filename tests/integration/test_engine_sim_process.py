@@ -126,7 +126,7 @@ def test_completions_cache_events_metrics_restart(tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_bad_requests_get_clear_errors(tmp_path: Path) -> None:
+def test_errors_streaming_and_sglang_generate(tmp_path: Path) -> None:
     srv = start_server("engine-sim", ["--capacity-blocks", "4", "--time-scale", "0.01"],
                        tmp_path)
     try:
@@ -136,6 +136,7 @@ def test_bad_requests_get_clear_errors(tmp_path: Path) -> None:
             ({"model": "other", "prompt": "hi"}, 404, "does not exist"),
             ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
             ({}, 400, "prompt is required"),
+            ({"prompt": "hi", "stream": True, "stream_options": 5}, 400, "stream_options"),
         ]:
             with pytest.raises(urllib.error.HTTPError) as err:
                 post(srv, "/v1/completions", body)
@@ -145,6 +146,14 @@ def test_bad_requests_get_clear_errors(tmp_path: Path) -> None:
                                      {"max_new_tokens": 2}})
         assert ok["meta_info"]["completion_tokens"] == 2
         assert "model_path" not in json.loads(get(srv, "/model_info"))
+        # streaming: one SSE chunk per token, the usage chunk, then [DONE]
+        raw = post(srv, "/v1/completions", {"prompt": [5] * 20, "max_tokens": 3, "stream": True,
+                                            "stream_options": {"include_usage": True}})
+        chunks = [c.removeprefix(b"data: ") for c in raw.split(b"\n\n") if c]
+        assert chunks[-1] == b"[DONE]"
+        body = [json.loads(c) for c in chunks[:-1]]
+        assert [c["choices"][0]["finish_reason"] for c in body[:3]] == [None, None, "length"]
+        assert body[3]["usage"]["completion_tokens"] == 3 and body[3]["choices"] == []
         assert json.loads(get(srv, "/get_load"))["num_running"] == 0
     finally:
         assert srv.stop() == 0

@@ -1,0 +1,54 @@
+"""SimEngine on its scaled clock: admission, waiting on model times, abort, stats records."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine_sim.engine import SimEngine
+from engine_sim.settings import EngineSimSettings
+
+
+def settings(**kw: object) -> EngineSimSettings:
+    base: dict[str, object] = {"events_endpoint": "", "replay_endpoint": "", "time_scale": 0.001,
+                               "capacity_blocks": 8, "block_size": 4, "max_running": 1}
+    base.update(kw)
+    return EngineSimSettings(**base)  # type: ignore[arg-type]
+
+
+async def test_requests_run_on_the_scaled_clock_and_are_recorded() -> None:
+    eng = SimEngine(settings())
+    await eng.start()
+    try:
+        prompt = list(range(10))
+        r1 = await eng.submit(eng.make_request(prompt, 3, "a"))
+        await eng.sleep_until(r1.finished_at or 0.0)
+        r2 = await eng.submit(eng.make_request(prompt, 3, "b"))
+        assert r2.cached_tokens == 8
+        await eng.sleep_until(r2.finished_at or 0.0)
+        await asyncio.sleep(0.01)
+        stats = eng.stats()
+        assert [r["request_id"] for r in stats["records"]] == ["a", "b"]
+        assert stats["cached_tokens"] == 8 and stats["prompt_tokens"] == 20
+        assert eng.stats(since=1)["records"][0]["request_id"] == "b"
+        assert eng.load()["num_running"] == 0
+    finally:
+        await eng.stop()
+
+
+async def test_cancelled_waiter_aborts_and_frees_blocks() -> None:
+    eng = SimEngine(settings(decode_ms_per_token=1_000_000.0))  # first request never ends
+    await eng.start()
+    try:
+        long = await eng.submit(eng.make_request(list(range(8)), 2, "long"))
+        assert eng.cache.used_blocks == 3
+        waiting = asyncio.ensure_future(eng.submit(eng.make_request(list(range(50, 58)), 2)))
+        await asyncio.sleep(0.01)
+        assert eng.model.num_waiting == 1
+        waiting.cancel()
+        await asyncio.sleep(0.01)
+        assert eng.model.num_waiting == 0
+        eng.abort(long)
+        assert eng.cache.used_blocks == 0 and eng.model.num_running == 0
+        assert eng.stats()["requests_aborted"] == 2
+    finally:
+        await eng.stop()
