@@ -39,7 +39,7 @@ class AgentCollector(Collector):
         yield counter("batches_parsed", "Engine event batches decoded", p.batches)
         errs = CounterMetricFamily(P + "parse_errors", "Payloads or events skipped, by reason",
                                    labels=["reason"])
-        for reason, n in sorted(p.errors.items()):
+        for reason, n in sorted(dict(p.errors).items()):
             errs.add_metric([reason], n)
         errs.add_metric(["bad_frame"], s.bad_frames)
         yield errs
@@ -58,7 +58,7 @@ class AgentCollector(Collector):
         yield gauge("last_sequence", "Sequence number of the last live batch", s.last_seq)
         skipped = CounterMetricFamily(P + "block_events_skipped",
                                       "Blocks not indexed, by reason", labels=["reason"])
-        for reason, n in sorted(b.skipped.items()):
+        for reason, n in sorted(dict(b.skipped).items()):
             skipped.add_metric([reason], n)
         yield skipped
         yield gauge("blocks_held", "Canonical blocks the engine holds (indexed)", b.held_blocks)

@@ -11,6 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from node_agent.block_map import BlockMap
+from node_agent.deltas import DeltaLog
 from node_agent.events import Cleared, Event, ParsedBatch, Removed, Stored
 from node_agent.parse_sglang import SglangParser
 from node_agent.parse_vllm import VllmParser
@@ -181,9 +183,13 @@ def test_fuzz_random_msgpack_structures_never_raise(ts: Any, events: list[Any],
     payload = msgspec.msgpack.encode([ts, events, rank])
     for parser in (VllmParser(), SglangParser()):
         _check(parser, payload)
-        # every event is either decoded or counted, exactly once
+        out = parser.parse(payload)
+        bmap = BlockMap(16, DeltaLog(), capacity_blocks=8)
+        for ev in out.events if out is not None else ():
+            bmap.apply(ev)  # whatever decoded is safe to apply
+        # every event is either decoded or counted, exactly once per parse
         if isinstance(ts, (int, float)) and not isinstance(ts, bool):
-            assert parser.stats.events + sum(parser.stats.errors.values()) == len(events)
+            assert parser.stats.events + sum(parser.stats.errors.values()) == 2 * len(events)
 
 
 @settings(max_examples=200, deadline=None)
