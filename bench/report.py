@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def _s(ms: float, width: int = 8) -> str:
+def _s(ms: float, width: int = 9) -> str:
     v = ms / 1000
-    return f"{v:{width}.2f}" if v < 10_000 else f"{v:{width}.3g}"
+    return f"{v:{width}.2f}" if v < 1000 else f"{v:{width}.0f}"
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -23,7 +23,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"{b['merged_lru']['hit_rate_tokens']:.3f}   random {b['random']['hit_rate_tokens']:.3f}",
         "",
         f"{'policy':<13}{'hit':>6}{'/orc':>6}{'/mLRU':>6}{'pred':>6}{'req':>6}"
-        f"{'TTFT p50':>9}{'p90':>8}{'p99':>8}{'e2e p90':>9}{'rps':>6}{'max/mean':>9}"
+        f"{'TTFT p50':>9}{'p90':>9}{'p99':>9}{'e2e p90':>9}{'rps':>6}{'max/mean':>9}"
         f"{'util':>6}{'evict':>9}{'fail':>5}",
     ]
     for r in report["results"]:
@@ -31,8 +31,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{r['policy']:<13}{r['hit_rate_tokens']:6.3f}{r['hit_ratio_to_oracle'] or 0:6.2f}"
             f"{r['hit_ratio_to_merged_lru'] or 0:6.2f}{r['predicted_hit_rate_tokens']:6.3f}"
-            f"{r['hit_rate_requests']:6.2f}{_s(t['p50'], 9)}{_s(t['p90'])}"
-            f"{_s(t['p99'])}{_s(e['p90'], 9)}{r['throughput_rps']:6.2f}"
+            f"{r['hit_rate_requests']:6.2f}{_s(t['p50'])}{_s(t['p90'])}"
+            f"{_s(t['p99'])}{_s(e['p90'])}{r['throughput_rps']:6.2f}"
             f"{r['load_max_over_mean']:9.2f}{r['utilization']:6.2f}{r['evictions']:9d}"
             f"{r['failed']:5d}")
     lines.append("")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ from bench.workloads.base import Workload
 
 def default_cache_blocks(workload: Workload, nodes: int, fraction: float = 0.25) -> int:
     """``fraction`` of the workload's distinct blocks spread over ``nodes`` (at least 1)."""
-    return max(1, math.ceil(fraction * workload.distinct_blocks() / nodes))
+    return max(1, round(fraction * workload.distinct_blocks() / nodes))
 
 
 def resolve_settings(workload: Workload, settings: SimSettings) -> SimSettings:

@@ -1,0 +1,166 @@
+"""A whole kvroute stack as real processes on loopback: etcd, registry, router, engines, agents.
+
+Used by ``kvroute demo`` and ``kvroute bench --mode stack``. Every process is started by this
+object and stopped by its pid (never by name); ``close()`` is safe to call twice and runs on
+Ctrl-C. Ports are all free loopback ports chosen at start.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvroute.embedded_etcd import EmbeddedEtcd
+from kvroute.procs import ManagedProcess, read_ready_file
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """Shape of the simulated fleet."""
+
+    nodes: int = 4
+    """Engines (each with a node agent)."""
+    cache_blocks: int = 2048
+    """KV capacity per engine, in blocks."""
+    block_size: int = 16
+    """Tokens per block, the same for engines, agents, registry and router."""
+    model: str = "sim-model"
+    """Model name every engine serves."""
+    prefill_tokens_per_s: float = 10_000.0
+    """Engine prefill speed (simulated time)."""
+    decode_ms_per_token: float = 10.0
+    """Engine decode time per output token (simulated time)."""
+    max_running: int = 16
+    """Decode batch limit per engine."""
+    time_scale: float = 0.05
+    """Wall seconds per simulated second (0.05 = 20x faster than real time)."""
+    lease_ttl_s: int = 5
+    """Registry lease TTL."""
+    heartbeat_interval_s: float = 0.2
+    """Agent heartbeat interval."""
+    default_policy: str = "kv_aware"
+    """Router default policy."""
+    max_prompt_tokens: int = 262_144
+    """Largest prompt the router and engines accept (trace prompts reach ~100k tokens)."""
+
+
+@dataclass
+class EngineHandle:
+    """One engine_sim process, its agent and their ports."""
+
+    node_id: str
+    engine: ManagedProcess
+    agent: ManagedProcess
+    ready: dict[str, Any]
+
+    @property
+    def url(self) -> str:
+        """Base URL of the engine's OpenAI-compatible API."""
+        return f"http://127.0.0.1:{self.ready['http_port']}"
+
+
+@dataclass
+class StackFleet:
+    """Start with :meth:`start`, use ``router_target`` and ``engines``, then :meth:`close`."""
+
+    workdir: Path
+    spec: FleetSpec = field(default_factory=FleetSpec)
+    startup_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.etcd: EmbeddedEtcd | None = None
+        self.registry: ManagedProcess | None = None
+        self.router: ManagedProcess | None = None
+        self.engines: list[EngineHandle] = []
+        self.registry_ready: dict[str, Any] = {}
+        self.router_ready: dict[str, Any] = {}
+        self._procs: list[ManagedProcess] = []
+
+    # -- process helpers -------------------------------------------------------------------
+    def _serve(self, role: str, name: str, args: list[str]) -> tuple[ManagedProcess,
+                                                                      dict[str, Any]]:
+        ready = self.workdir / f"{name}.ready.json"
+        ready.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "cli.main", "serve", role, "--listen", "127.0.0.1:0",
+                "--metrics-listen", "127.0.0.1:0", "--ready-file", str(ready),
+                "--log-level", "warning", *args]
+        proc = ManagedProcess(name, argv, self.workdir / "logs" / f"{name}.log").start()
+        self._procs.append(proc)
+        return proc, read_ready_file(ready, self.startup_timeout_s, proc)
+
+    @property
+    def registry_target(self) -> str:
+        """``127.0.0.1:PORT`` of the registry."""
+        return f"127.0.0.1:{self.registry_ready['grpc_port']}"
+
+    @property
+    def router_target(self) -> str:
+        """``127.0.0.1:PORT`` of the router."""
+        return f"127.0.0.1:{self.router_ready['grpc_port']}"
+
+    def start(self) -> StackFleet:
+        """Start every process and wait until all engines are registered."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        s = self.spec
+        try:
+            self.etcd = EmbeddedEtcd(self.workdir / "etcd").start()
+            self.registry, self.registry_ready = self._serve("registry", "registry", [
+                "--etcd-endpoints", self.etcd.endpoint, "--block-size", str(s.block_size),
+                "--lease-ttl-s", str(s.lease_ttl_s)])
+            for i in range(s.nodes):
+                self.engines.append(self._start_engine(i))
+            self.router, self.router_ready = self._serve("router", "router", [
+                "--registry", self.registry_target, "--block-size", str(s.block_size),
+                "--default-policy", s.default_policy, "--default-model", s.model,
+                "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s),
+                "--max-prompt-tokens", str(s.max_prompt_tokens)])
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start_engine(self, i: int) -> EngineHandle:
+        s = self.spec
+        node_id = f"engine-{i}"
+        engine, ready = self._serve("engine-sim", node_id, [
+            "--block-size", str(s.block_size), "--capacity-blocks", str(s.cache_blocks),
+            "--prefill-tokens-per-s", str(s.prefill_tokens_per_s),
+            "--decode-ms-per-token", str(s.decode_ms_per_token),
+            "--max-running", str(s.max_running), "--time-scale", str(s.time_scale),
+            "--model", s.model, "--max-prompt-tokens", str(s.max_prompt_tokens)])
+        agent, _ = self._serve("agent", f"agent-{i}", [
+            "--registry", self.registry_target, "--node-id", node_id,
+            "--engine-url", f"http://127.0.0.1:{ready['http_port']}",
+            "--engine-events", f"tcp://127.0.0.1:{ready['events_port']}",
+            "--engine-replay", f"tcp://127.0.0.1:{ready['replay_port']}",
+            "--model", s.model, "--block-size", str(s.block_size),
+            "--capacity-blocks", str(s.cache_blocks),
+            "--heartbeat-interval-s", str(s.heartbeat_interval_s)])
+        return EngineHandle(node_id, engine, agent, ready)
+
+    def close(self) -> None:
+        """Stop every process this fleet started (reverse order), then etcd."""
+        for proc in reversed(self._procs):
+            proc.stop(grace_s=5.0)
+        self._procs.clear()
+        if self.etcd is not None:
+            self.etcd.stop()
+            self.etcd = None
+
+    def __enter__(self) -> StackFleet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def log_tail(self) -> str:
+        """The last log lines of every process (for error reports)."""
+        parts = [f"--- {p.name} ---\n{p.tail(15)}" for p in self._procs]
+        return "\n".join(parts)
+
+    def wait_for(self, seconds: float) -> None:
+        """Sleep (kept as a method so replays can be written against a fake clock)."""
+        time.sleep(seconds)

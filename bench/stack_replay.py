@@ -1,0 +1,193 @@
+"""Replay a workload through a running :class:`bench.stack_fleet.StackFleet` (``--mode stack``).
+
+Each request, at its arrival time compressed by the fleet's ``time_scale``: ``Router.Route`` with
+the prompt's token ids (the router hashes them) → ``POST /v1/completions`` on the chosen engine →
+``Router.Complete`` with the cached tokens the engine reported. Requests run concurrently, as a
+gateway would send them. Afterwards the engines' own records (``/kvroute/stats``) give prompt
+tokens, cached tokens and the engine-side arrival, first-token and finish times in model seconds:
+every number in the result comes from the engines, never from the router.
+
+Workloads are stored as canonical block hashes (Mooncake ``hash_ids``); the stack needs tokens,
+so :func:`synth_tokens` turns each block hash into ``block_size`` deterministic token ids. Equal
+hashes give equal tokens and, because the hashes are prefix-chained, equal prefixes — so the
+sharing structure the trace records is exactly what the engines see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import grpc
+import numpy as np
+
+from bench.results import PolicyRun
+from bench.workloads.base import TraceRequest, Workload
+from kvroute.v1 import router_pb2, router_pb2_grpc
+
+_VOCAB = 32_000
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+
+
+def synth_tokens(req: TraceRequest, block_size: int) -> list[int]:
+    """Deterministic token ids for ``req``: block i's tokens depend only on its hash."""
+    if not req.block_hashes:
+        return list(range(1, req.prompt_tokens + 1))
+    hashes = np.array(req.block_hashes, dtype=np.uint64)
+    pos = np.arange(block_size, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = hashes[:, None] * _M1 + (pos[None, :] + np.uint64(1)) * _M2
+        x ^= x >> np.uint64(31)
+        x *= _M2
+        x ^= x >> np.uint64(29)
+    toks = (x % np.uint64(_VOCAB - 1) + np.uint64(1)).astype(np.int64).ravel()
+    n = min(req.prompt_tokens, len(toks))
+    return [int(t) for t in toks[:n]]
+
+
+@dataclass
+class _Outcome:
+    node_id: str = ""
+    predicted: int = 0
+    cached: int = 0
+    error: str = ""
+
+
+async def _one(req: TraceRequest, tokens: list[int], policy: str, model: str,
+               stub: router_pb2_grpc.RouterAsyncStub, http: aiohttp.ClientSession,
+               urls: dict[str, str], out: _Outcome) -> None:
+    route_req = router_pb2.RouteRequest(request_id=req.request_id, model=model,
+                                        token_ids=tokens, policy=policy,
+                                        max_output_tokens=req.output_tokens)
+    if req.session_key:
+        route_req.session_id = req.session_key
+    try:
+        decision = await stub.Route(route_req, timeout=30)
+    except grpc.aio.AioRpcError as exc:
+        out.error = f"route: {exc.code().name}: {exc.details()}"
+        return
+    out.node_id, out.predicted = decision.node_id, decision.expected_cached_tokens
+    body = {"model": model, "prompt": tokens, "max_tokens": max(1, req.output_tokens),
+            "user": req.request_id}
+    ok = False
+    try:
+        async with http.post(f"{urls[decision.node_id]}/v1/completions", json=body) as resp:
+            data: dict[str, Any] = await resp.json()
+            if resp.status != 200:
+                out.error = f"engine {resp.status}: {data.get('message', data)}"
+            else:
+                usage = data.get("usage") or {}
+                details = usage.get("prompt_tokens_details") or {}
+                out.cached = int(details.get("cached_tokens") or 0)
+                ok = True
+    except (aiohttp.ClientError, TimeoutError, KeyError) as exc:
+        out.error = f"engine: {exc!r}"
+    finally:
+        # On failure the router's in-flight timeout releases the request.
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.Complete(router_pb2.CompleteRequest(
+                request_id=req.request_id, success=ok, cached_tokens=out.cached), timeout=10)
+
+
+async def replay_stack(workload: Workload, policy: str, router_target: str,
+                       engine_urls: dict[str, str], model: str, time_scale: float,
+                       progress: Callable[[int], None] | None = None) -> PolicyRun:
+    """Replay ``workload`` under ``policy`` and build the run from the engines' records."""
+    node_ids = sorted(engine_urls)
+    run = PolicyRun(policy=policy, node_ids=node_ids, n_requests=len(workload.requests))
+    run.init_requests(len(workload.requests))
+    tokens = [synth_tokens(r, workload.block_size) for r in workload.requests]
+    outcomes = [_Outcome() for _ in workload.requests]
+    timeout = aiohttp.ClientTimeout(total=600)
+    t_wall0 = time.perf_counter()
+    channel = grpc.aio.insecure_channel(router_target)
+    async with aiohttp.ClientSession(timeout=timeout,
+                                     connector=aiohttp.TCPConnector(limit=512)) as http:
+        stub = router_pb2_grpc.RouterStub(channel)
+        before = {n: await _stats(http, u, records=False) for n, u in engine_urls.items()}
+        await _reset_records(http, engine_urls)
+        tasks: list[asyncio.Task[None]] = []
+        start = time.perf_counter()
+        for i, req in enumerate(workload.requests):
+            delay = req.arrival_s * time_scale - (time.perf_counter() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(_one(req, tokens[i], policy, model, stub, http,
+                                            engine_urls, outcomes[i]))
+            if progress is not None:
+                task.add_done_callback(lambda _t: progress(1))
+            tasks.append(task)
+        await asyncio.gather(*tasks)
+        stats = {n: await _stats(http, u) for n, u in engine_urls.items()}
+        for n, st in stats.items():
+            st["_evicted_before"] = before[n].get("evicted_blocks", 0)
+    await channel.close(None)
+    run.wall_s = time.perf_counter() - t_wall0
+    _fill(run, workload, outcomes, stats, node_ids)
+    return run
+
+
+async def _reset_records(http: aiohttp.ClientSession, urls: dict[str, str]) -> None:
+    for url in urls.values():
+        async with http.post(f"{url}/kvroute/stats/reset") as resp:
+            resp.raise_for_status()
+
+
+async def reset_caches(urls: dict[str, str]) -> None:
+    """Empty every engine's prefix cache (vLLM's ``/reset_prefix_cache``; engines idle)."""
+    async with aiohttp.ClientSession() as http:
+        for url in urls.values():
+            async with http.post(f"{url}/reset_prefix_cache") as resp:
+                resp.raise_for_status()
+
+
+async def _stats(http: aiohttp.ClientSession, url: str, records: bool = True) -> dict[str, Any]:
+    async with http.get(f"{url}/kvroute/stats", params={"records": "1" if records else "0"}
+                        ) as resp:
+        resp.raise_for_status()
+        data: dict[str, Any] = await resp.json()
+        return data
+
+
+def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
+          stats: dict[str, dict[str, Any]], node_ids: list[str]) -> None:
+    records: dict[str, dict[str, Any]] = {}
+    for st in stats.values():
+        for rec in st.get("records", []):
+            records[str(rec.get("request_id"))] = rec
+    index = {n: i for i, n in enumerate(node_ids)}
+    busy = [0.0] * len(node_ids)
+    t_end = 0.0
+    for i, (req, out) in enumerate(zip(workload.requests, outcomes, strict=True)):
+        run.arrival_s[i] = req.arrival_s
+        run.prompt_tokens[i] = req.prompt_tokens
+        run.predicted_cached_tokens[i] = out.predicted
+        rec = records.get(req.request_id)
+        if out.error or rec is None or out.node_id not in index:
+            run.failed += 1
+            if out.error and len(run.notes) < 5:
+                run.notes.append(f"{req.request_id}: {out.error}")
+            continue
+        run.node[i] = index[out.node_id]
+        run.prompt_tokens[i] = int(rec.get("prompt_tokens", req.prompt_tokens))
+        run.cached_tokens[i] = int(rec.get("cached_tokens", out.cached))
+        arrival = float(rec.get("arrival", math.nan))
+        first = float(rec.get("first_token_at", math.nan))
+        finish = float(rec.get("finished_at", math.nan))
+        run.ttft_s[i] = first - arrival
+        run.e2e_s[i] = finish - arrival
+        admit = float(rec.get("admitted_at", arrival))
+        busy[run.node[i]] += max(0.0, first - admit)
+        if not math.isnan(finish):
+            t_end = max(t_end, finish)
+    run.busy_s = busy
+    run.evictions = sum(int(st.get("evicted_blocks", 0)) - int(st.get("_evicted_before", 0))
+                        for st in stats.values())
+    run.t_end_s = t_end
