@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from typing import Any
 
+from kvroute.errors import KvrouteError
 from kvroute.settings import add_arguments, from_namespace
 from kvroute.telemetry import configure_logging
 from registry_service.server import serve
@@ -26,4 +28,8 @@ def run(args: argparse.Namespace) -> int:
     """Run until SIGTERM; exit 0 after draining."""
     settings = from_namespace(RegistrySettings, args)
     configure_logging(settings.log_format, settings.log_level)
-    return asyncio.run(serve(settings))
+    try:
+        return asyncio.run(serve(settings))
+    except KvrouteError as exc:
+        print(f"kvroute serve registry: cannot start: {exc}", file=sys.stderr)
+        return 1

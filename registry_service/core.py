@@ -227,13 +227,13 @@ class RegistryCore:
                       stored=as_hashes(req.stored), removed=as_hashes(req.removed))
         try:
             await self._op("append_delta", self.store.append_delta(state.record, delta))
+            if self.view.apply_delta(state, delta):
+                self.metrics.block_events.inc(delta.events)
+            if state.deltas_since_snapshot >= self.settings.snapshot_threshold:
+                await self._snapshot(state, replace=False)
         except StoreConflict as exc:
             raise NotFound(f"node {state.node_id}: {exc}; resync required: RegisterNode, "
                            "then Resync") from exc
-        if self.view.apply_delta(state, delta):
-            self.metrics.block_events.inc(delta.events)
-        if state.deltas_since_snapshot >= self.settings.snapshot_threshold:
-            await self._snapshot(state, replace=False)
         return None
 
     async def _snapshot(self, state: NodeState, replace: bool,
@@ -267,24 +267,35 @@ class RegistryCore:
 
     async def resync(self, requests: AsyncIterator[pb.ResyncRequest]) -> int:
         """Resync: replace the node's whole block set with the streamed one."""
-        node_id, epoch, used = "", 0, 0
+        node_id, epoch, used, total, limit = "", 0, 0, 0, 0
         parts: list[np.ndarray] = []
+        state: NodeState | None = None
         async for req in requests:
-            if not node_id:
+            if state is None:
                 node_id, epoch, used = validate.node_id(req.node_id), req.epoch, req.used_blocks
+                state = await self._state(node_id)
+                if epoch != state.record.epoch:
+                    raise FailedPrecondition(
+                        f"Resync for node {node_id} epoch {epoch}, but the current epoch is "
+                        f"{state.record.epoch}: RegisterNode again first")
+                limit = max(2 * state.capacity(), self.settings.max_hashes_per_call)
             elif (req.node_id, req.epoch) != (node_id, epoch):
                 raise InvalidArgument(
                     "every Resync message must carry the same node_id and epoch")
             validate.hash_count(len(req.block_hashes), "block_hashes", self.settings)
+            total += len(req.block_hashes)
+            if total > limit:
+                raise ResourceExhausted(
+                    f"Resync of node {node_id} carries more than {limit} hashes (twice its "
+                    "capacity_blocks, at least --max-hashes-per-call)")
             parts.append(as_hashes(req.block_hashes))
-        if not node_id:
+        if state is None:
             raise InvalidArgument("empty Resync stream: send node_id and epoch")
-        state = await self._state(node_id)
         async with state.lock:
             if epoch != state.record.epoch:
                 raise FailedPrecondition(
-                    f"Resync for node {node_id} epoch {epoch}, but the current epoch is "
-                    f"{state.record.epoch}: RegisterNode again first")
+                    f"node {node_id} registered again during the Resync: RegisterNode and "
+                    "resync again")
             hashes = np.unique(np.concatenate(parts)) if parts else as_hashes([])
             try:
                 await self._snapshot(state, True, hashes)

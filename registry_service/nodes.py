@@ -108,7 +108,8 @@ class Fanout:
             except asyncio.QueueFull:
                 sub.overflowed = True
                 self._subs.discard(sub)
-                sub.queue = asyncio.Queue(1)
+                while not sub.queue.empty():  # the reader only needs to learn it was cut off
+                    sub.queue.get_nowait()
                 sub.queue.put_nowait(Change("overflow", ""))
 
     @property

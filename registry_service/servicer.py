@@ -19,6 +19,25 @@ RESYNC_METADATA_KEY = "kvroute-resync-required"
 """Trailing metadata set to ``true`` on a NOT_FOUND heartbeat: register and resync."""
 
 _Ctx = grpc.aio.ServicerContext
+PLACEMENT_CHUNK = 65_536
+"""Most hashes per PlacementEvent (~512 KiB), under every client's default 4 MiB limit."""
+
+
+def _block_messages(ch: Change, chunk: int) -> list[pb.PlacementEvent]:
+    """One block change as BLOCKS events: all removals first, then stores, each chunked, so
+    applying them in order gives the same set as applying the change at once."""
+    removed = [] if ch.removed is None else ch.removed.tolist()
+    stored = [] if ch.stored is None else ch.stored.tolist()
+    out = [pb.PlacementEvent(kind=pb.PlacementEvent.BLOCKS, node_id=ch.node_id,
+                             removed=removed[i:i + chunk])
+           for i in range(0, len(removed), chunk)]
+    out += [pb.PlacementEvent(kind=pb.PlacementEvent.BLOCKS, node_id=ch.node_id,
+                              stored=stored[i:i + chunk])
+            for i in range(0, len(stored), chunk)]
+    if not out:
+        out = [pb.PlacementEvent(kind=pb.PlacementEvent.BLOCKS, node_id=ch.node_id)]
+    out[0].cleared = ch.cleared
+    return out
 
 
 def node_info(s: NodeState, late_after_s: float, blocks: int) -> pb.NodeInfo:
@@ -180,8 +199,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         view, fanout = self.core.view, self.core.fanout
         sub = fanout.subscribe()
         bs = self.block_size
-        chunk = max(1, min(self.core.settings.max_hashes_per_call,
-                           self.core.settings.max_message_bytes // 16))
+        chunk = max(1, min(PLACEMENT_CHUNK, self.core.settings.max_message_bytes // 16))
         try:
             nodes = view.candidates(request.model, True)
             first = [(self._info(s), view.index.blocks(s.slot)) for s in nodes]
@@ -213,13 +231,8 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                                             node_id=ch.node_id, node=self._info(s),
                                             block_size=bs, sent_unix_ms=now_ms())
                 elif ch.kind == "blocks":
-                    stored = [] if ch.stored is None else ch.stored.tolist()
-                    removed = [] if ch.removed is None else ch.removed.tolist()
-                    for i in range(0, max(1, len(stored)), chunk):
-                        yield pb.PlacementEvent(
-                            kind=pb.PlacementEvent.BLOCKS, node_id=ch.node_id,
-                            cleared=ch.cleared and i == 0, stored=stored[i:i + chunk],
-                            removed=removed if i == 0 else [], block_size=bs,
-                            sent_unix_ms=now_ms())
+                    for msg in _block_messages(ch, chunk):
+                        msg.block_size, msg.sent_unix_ms = bs, now_ms()
+                        yield msg
         finally:
             fanout.unsubscribe(sub)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
@@ -62,6 +63,8 @@ from registry_service.store.etcd_client import (
     op_get,
     op_put,
 )
+
+log = logging.getLogger(__name__)
 
 TXN_BUDGET_BYTES = 1_400_000
 """Largest transaction we send (etcd's default --max-request-bytes is 1.5 MiB)."""
@@ -239,7 +242,7 @@ class EtcdStore(PlacementStore):
         snaps: dict[str, SnapshotPut] = {}
         deltas: list[DeltaPut] = []
         for kv in kvs:
-            ev = self._parse(kv, deleted=False)
+            ev = self._event(WatchEvent("put", kv))
             if isinstance(ev, NodePut):
                 records[ev.record.node_id] = ev.record
             elif isinstance(ev, StatusPut):
@@ -277,5 +280,6 @@ class EtcdStore(PlacementStore):
     def _event(self, we: WatchEvent) -> StoreEvent | None:
         try:
             return self._parse(we.kv, deleted=we.kind == "delete")
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+            log.warning("ignoring malformed etcd key %r: %s", we.kv.key[:200], exc)
             return None

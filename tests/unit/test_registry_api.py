@@ -195,10 +195,12 @@ async def test_lookup_stream_and_watches(reg: Reg) -> None:
     assert (await nodes.read()).type == pb.NodeEvent.SNAPSHOT_END
     await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch, stored=[3],
                                                  removed=[1], delta_seq=2))
-    ev = await place.read()
-    while ev.kind != pb.PlacementEvent.BLOCKS:
+    blocks: list[pb.PlacementEvent] = []
+    while not blocks or not blocks[-1].stored:
         ev = await place.read()
-    assert list(ev.stored) == [3] and list(ev.removed) == [1]
+        if ev.kind == pb.PlacementEvent.BLOCKS:
+            blocks.append(ev)
+    assert [(list(e.removed), list(e.stored)) for e in blocks] == [([1], []), ([], [3])]
     await reg.stub.DeregisterNode(pb.DeregisterNodeRequest(node_id="a"))
     ev = await place.read()
     while ev.kind != pb.PlacementEvent.NODE_REMOVED:

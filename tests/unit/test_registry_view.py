@@ -1,0 +1,79 @@
+"""ReplicaView: idempotent application of store events (the basis of replica convergence),
+and the change fan-out cutting off slow watchers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from registry_service.metrics import RegistryMetrics
+from registry_service.nodes import Change, Fanout
+from registry_service.store.base import (
+    Delta,
+    DeltaPut,
+    LoadResult,
+    NodeGone,
+    NodePut,
+    NodeRecord,
+    SnapshotPut,
+)
+from registry_service.view import ReplicaView
+
+
+def rec(epoch: int = 1) -> NodeRecord:
+    return NodeRecord("a", "h:1", "m", 16, 100, {}, epoch, 7, 10, 0)
+
+
+def arr(*v: int) -> np.ndarray:
+    return np.array(v, dtype=np.uint64)
+
+
+def view() -> ReplicaView:
+    return ReplicaView(Fanout(100), RegistryMetrics(), 30.0)
+
+
+def blocks(v: ReplicaView) -> list[int]:
+    return v.index.blocks(v.nodes["a"].slot).tolist()
+
+
+def test_echoes_and_replays_are_ignored() -> None:
+    v = view()
+    history = [NodePut(rec()), DeltaPut("a", 1, Delta(1, 0, False, arr(1, 2), arr())),
+               DeltaPut("a", 1, Delta(2, 0, False, arr(3), arr(1))),
+               SnapshotPut("a", 1, 1, 2, False, arr(2, 3)),
+               DeltaPut("a", 1, Delta(3, 1, False, arr(4), arr()))]
+    for ev in history + history:  # everything twice: the watch echo of local writes
+        v.apply(ev)
+    assert blocks(v) == [2, 3, 4]
+    assert v.nodes["a"].applied_seq == 3 and v.nodes["a"].gen == 1
+    v.apply(DeltaPut("a", 1, Delta(9, 0, False, arr(99), arr())))  # older generation
+    v.apply(DeltaPut("a", 0, Delta(4, 1, False, arr(98), arr())))  # older epoch
+    assert blocks(v) == [2, 3, 4]
+
+
+def test_resync_snapshot_replaces_and_reload_converges() -> None:
+    a, b = view(), view()
+    a.apply(NodePut(rec()))
+    a.apply(DeltaPut("a", 1, Delta(1, 0, False, arr(1, 2), arr())))
+    a.apply(SnapshotPut("a", 1, 1, 0, True, arr(5, 6)))
+    assert blocks(a) == [5, 6] and a.nodes["a"].applied_seq == 0
+    # a replica that starts now lists: record + latest snapshot + deltas on it
+    b.reconcile(LoadResult([NodePut(rec()), SnapshotPut("a", 1, 1, 0, True, arr(5, 6))], 10))
+    assert blocks(b) == blocks(a)
+    # a re-registration (new epoch) starts empty; a listing without the node drops it
+    a.apply(NodePut(rec(epoch=2)))
+    assert blocks(a) == [] and a.index.entries == 0
+    a.reconcile(LoadResult([], 11))
+    assert "a" not in a.nodes
+    b.apply(NodeGone("a", 0))
+    assert "a" not in b.nodes and b.index.entries == 0
+
+
+def test_slow_watcher_is_cut_off_not_waited_on() -> None:
+    f = Fanout(16)
+    slow, fast = f.subscribe(), f.subscribe()
+    for i in range(20):
+        f.publish(Change("upsert", f"n{i}"))
+        while not fast.queue.empty():
+            fast.queue.get_nowait()
+    assert slow.overflowed and slow.queue.get_nowait().kind == "overflow"
+    assert not fast.overflowed and f.subscribers == 1
