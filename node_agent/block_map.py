@@ -182,6 +182,14 @@ class BlockMap:
                 return
             last, rem = parent.last, parent.rem
         bs, extra = self.block_size, ev.extra_keys
+        if (ebs == bs and not rem and extra is None and len(toks) == n * bs
+                and not any(eh in self._entries for eh in hashes)):
+            # fast path (the common case): one hashing call for the whole run
+            for eh, c in zip(hashes, hash_blocks(toks, bs, parent=last), strict=True):
+                self._entries[eh] = _Entry((c,), c, (), {ev.medium})
+                self._incref(c)
+            self._trim_if_over()
+            return
         for i, eh in enumerate(hashes):
             chunk = toks[i * ebs:(i + 1) * ebs]
             known = self._entries.get(eh)
@@ -206,6 +214,9 @@ class BlockMap:
             self._entries[eh] = _Entry(canon, last, rem, {ev.medium})
             for c in canon:
                 self._incref(c)
+        self._trim_if_over()
+
+    def _trim_if_over(self) -> None:
         if self.capacity_blocks and len(self._refs) > self.capacity_blocks:
             self._trim()
 
