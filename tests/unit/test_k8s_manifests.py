@@ -105,6 +105,10 @@ def containers(objs: tuple[dict[str, Any], ...]) -> Iterator[Container]:
             for e in c.get("env", []):
                 if "value" in e:
                     env[e["name"]] = _expand(str(e["value"]), env)
+                    # Kubernetes expands $(VAR) only for VAR defined earlier in the list.
+                    assert "$(" not in env[e["name"]], (
+                        f"{o['metadata']['name']}/{c['name']}: {e['name']} refers to a "
+                        f"variable not defined before it: {e['value']}")
                 elif "fieldRef" in e.get("valueFrom", {}):
                     env[e["name"]] = FIELD_VALUES[e["valueFrom"]["fieldRef"]["fieldPath"]]
                 # optional secretKeyRefs are left unset: the manifests must work without them
