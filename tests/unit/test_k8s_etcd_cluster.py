@@ -52,7 +52,8 @@ def member_env(sts: dict[str, Any], i: int, ports: list[dict[str, int]], tmp: Pa
             env[e["name"]] = fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
     mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
     out = {}
-    for key, value in env.items():
+    for key, raw in env.items():
+        value = raw
         for j, p in enumerate(ports):
             for kind, port in (("client", 2379), ("peer", 2380)):
                 value = value.replace(f"kvroute-etcd-{j}.{svc}.{ns}.svc:{port}",
@@ -143,4 +144,5 @@ def test_statefulset_env_forms_a_three_member_cluster(
     want = "https://" if certs else "http://"
     assert all(u.startswith(want) for m in members for u in m["peerURLs"] + m["clientURLs"])
     etcdctl(ports, certs, "put", "/kvroute/v1/probe", "ok")
-    assert etcdctl(ports[2:], certs, "get", "/kvroute/v1/probe", "--print-value-only").strip() == "ok"
+    got = etcdctl(ports[2:], certs, "get", "/kvroute/v1/probe", "--print-value-only")
+    assert got.strip() == "ok"
