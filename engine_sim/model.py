@@ -89,6 +89,7 @@ class EngineModel:
         self._ends: list[tuple[float, int, SimRequest]] = []  # (finished_at, tiebreak, req)
         self._tiebreak = 0
         self._prefill_free_at = 0.0
+        self._in_flight: set[str] = set()
         self.finished_total = 0
         self.aborted_total = 0
 
@@ -125,12 +126,12 @@ class EngineModel:
             raise RequestTooLarge(
                 f"request needs {need} KV blocks (prompt {req.prompt_tokens} + max_tokens "
                 f"{req.max_tokens} tokens) but the cache holds {self.cache.capacity}")
-        if req.request_id in self._running or any(
-                r.request_id == req.request_id for r in self._waiting):
+        if req.request_id in self._in_flight:
             raise ValueError(f"request id {req.request_id!r} is already in flight")
         result = self.advance(now)
         req.arrival = now
         self._waiting.append(req)
+        self._in_flight.add(req.request_id)
         self._admit(now, result)
         return result
 
@@ -153,6 +154,7 @@ class EngineModel:
         for req in self._waiting:
             if req.request_id == request_id:
                 self._waiting.remove(req)
+                self._in_flight.discard(request_id)
                 req.aborted = True
                 self.aborted_total += 1
                 return True
@@ -168,6 +170,7 @@ class EngineModel:
 
     def _finish(self, req: SimRequest) -> None:
         self._running.pop(req.request_id, None)
+        self._in_flight.discard(req.request_id)
         if req.alloc is not None:
             self.cache.release(req.alloc)
         if not req.aborted:

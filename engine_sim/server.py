@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import signal
+import ssl
 
 from aiohttp import web
 
@@ -28,6 +29,18 @@ from kvroute.telemetry import MetricsServer, configure_logging
 log = logging.getLogger(__name__)
 
 
+def _ssl_context(settings: EngineSimSettings) -> ssl.SSLContext | None:
+    """HTTPS for the API when a certificate is configured (mTLS when a CA is too)."""
+    if not settings.tls_cert_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    if settings.tls_ca_file:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(settings.tls_ca_file)
+    return ctx
+
+
 async def serve(settings: EngineSimSettings, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set."""
     engine = SimEngine(settings)
@@ -39,7 +52,7 @@ async def serve(settings: EngineSimSettings, stop: asyncio.Event) -> None:
     try:
         await runner.setup()
         host, port = parse_hostport(settings.listen, "listen")
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=_ssl_context(settings))
         await site.start()
         server = site._server  # aiohttp exposes the bound sockets only here
         sockets = getattr(server, "sockets", None) or []

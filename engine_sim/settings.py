@@ -16,6 +16,12 @@ class EngineSimSettings(ServerSettings):
     ``metrics_listen`` serves the same /metrics as the HTTP API, on a port of its own.
     """
 
+    listen: str = setting(
+        "127.0.0.1:0", "HTTP API listen address HOST:PORT (port 0 = a free port; engine_sim has "
+        "no gRPC server)")
+    tls_cert_file: str = setting("", "PEM certificate: serve the HTTP API over HTTPS")
+    tls_ca_file: str = setting(
+        "", "PEM CA bundle; when set, HTTPS clients must present a certificate signed by it")
     model: str = setting("sim-model", "Model name served (/v1/models, metric label model_name)")
     block_size: int = setting(16, "Tokens per KV block (vLLM --block-size)")
     capacity_blocks: int = setting(4096, "KV cache capacity in blocks (LRU eviction past it)")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from engine_sim.cache import (
     AllBlocksCleared,
+    Allocation,
     BlockRemoved,
     BlockStored,
     EngineHasher,
@@ -118,3 +122,40 @@ def test_reset_refused_while_in_use_then_clears() -> None:
     c.drain_events()
     assert c.reset() and c.cached_blocks == 0
     assert c.drain_events() == [AllBlocksCleared()]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "alloc", "alloc", "release", "reset"]),
+                          st.integers(0, 3), st.integers(1, 30), st.integers(1, 6)),
+                max_size=60))
+def test_event_stream_always_mirrors_the_cache(ops: list[tuple[str, int, int, int]]) -> None:
+    """Replaying the events gives exactly the cached blocks; capacity and refcounts hold."""
+    h, c = EngineHasher(2), KVCache(12, BS)
+    families = [toks(1000 * f, 40) for f in range(4)]
+    live: list[Allocation] = []
+    mirror: set[bytes] = set()
+    for op, fam, length, max_tokens in ops:
+        if op == "alloc":
+            p = families[fam][:length]
+            a = c.allocate(h.hash_blocks(p, BS), p, max_tokens)
+            if a is not None:
+                live.append(a)
+        elif op == "release" and live:
+            c.release(live.pop(fam % len(live)))
+        elif op == "reset":
+            c.reset()
+        for ev in c.drain_events():
+            if isinstance(ev, BlockStored):
+                assert not mirror & set(ev.block_hashes), "a block was stored twice"
+                assert len(ev.token_ids) == len(ev.block_hashes) * BS
+                mirror |= set(ev.block_hashes)
+            elif isinstance(ev, BlockRemoved):
+                assert set(ev.block_hashes) <= mirror, "removed a block never stored"
+                mirror -= set(ev.block_hashes)
+            else:
+                mirror.clear()
+        assert c.occupied_blocks <= c.capacity
+        assert c.cached_blocks == len(mirror) and all(c.contains(d) for d in mirror)
+        held = {d for a in live for d in a.block_hashes}
+        assert held <= mirror, "a block in use was evicted"
+        assert c.used_blocks == len(held) + sum(a.anon_blocks for a in live)
