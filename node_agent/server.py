@@ -55,19 +55,38 @@ class Agent:
         self._warned_sizes: set[int] = set()
 
     async def discover_capacity(self) -> None:
-        """Fill capacity from the engine's metrics when not configured."""
-        if self.usage.capacity_blocks:
-            return
-        for _ in range(30):
+        """Fill capacity from the engine's metrics when not configured; waits (logging) for an
+        engine that is still starting, as long as it takes."""
+        attempt = 0
+        while not self.usage.capacity_blocks:
             cap = await self.usage.discover_capacity(self.settings.block_size)
             if cap:
                 self.usage.capacity_blocks = self.blocks.capacity_blocks = cap
                 log.info("engine capacity from vllm:cache_config_info: %d blocks", cap)
                 return
-            await asyncio.sleep(1.0)
-        raise RegistrationRefused(
-            f"--capacity-blocks not given and {self.settings.engine_metrics_url} has no "
-            "vllm:cache_config_info num_gpu_blocks: set --capacity-blocks")
+            attempt += 1
+            if attempt in (1, 10) or attempt % 60 == 0:
+                log.warning("waiting for %s to report vllm:cache_config_info num_gpu_blocks "
+                            "(or set --capacity-blocks)", self.settings.engine_metrics_url)
+            await asyncio.sleep(min(5.0, 0.5 * attempt))
+
+    async def run(self) -> None:
+        """Capacity (if needed), then events and the registry link until one fails."""
+        await self.discover_capacity()
+        tasks = [asyncio.create_task(self.consume(), name="events"),
+                 asyncio.create_task(self.link.run(), name="registry")]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
 
     async def consume(self, source: EventSource | None = None) -> None:
         """Apply engine events to the block map until cancelled."""
@@ -121,22 +140,20 @@ async def serve(s: AgentSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     code = 0
-    tasks: list[asyncio.Task[None]] = []
+    main_task: asyncio.Task[None] | None = None
     try:
-        await agent.discover_capacity()
-        tasks = [asyncio.create_task(agent.consume(), name="events"),
-                 asyncio.create_task(agent.link.run(), name="registry")]
-        await health.set_serving(True)
+        await health.set_serving(True)  # liveness: the process runs; never tied to the registry
         write_ready_file(s.ready_file, {"grpc_port": grpc_port, "metrics_port": metrics_port,
                                         "pid": os.getpid()})
         log.info("node agent %s serving: health on :%d, metrics on :%d", s.node_id, grpc_port,
                  metrics_port)
+        main_task = asyncio.create_task(agent.run(), name="agent")
         stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([main_task, stopper], return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
-        for t in done:
-            if t is not stopper and t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
+        if main_task.done():
+            main_task.result()  # raises what stopped the agent
+            raise RuntimeError("agent stopped unexpectedly")
         log.info("shutting down")
     except RegistrationRefused as exc:
         log.error("refusing to run: %s", exc)
@@ -145,11 +162,10 @@ async def serve(s: AgentSettings) -> int:
         log.exception("node agent failed")
         code = 1
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
+        if main_task is not None:
+            main_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+                await main_task
         await health.set_serving(False)
         if code == 0:
             await agent.link.deregister()

@@ -1,0 +1,74 @@
+"""Usage from a vLLM-style Prometheus endpoint (a real aiohttp server on loopback)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from kvroute.procs import free_port
+from node_agent.usage import UsageProbe, parse_engine_metrics
+
+VLLM_METRICS = """\
+# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{block_size="32",cache_dtype="auto",num_gpu_blocks="1000",\
+num_cpu_blocks="None",enable_prefix_caching="True"} 1.0
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 7.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.75
+"""
+
+
+def test_parse_vllm_metrics() -> None:
+    m = parse_engine_metrics(VLLM_METRICS)
+    assert (m.usage_frac, m.running, m.waiting) == (0.5, 5, 7)
+    assert (m.num_gpu_blocks, m.engine_block_size) == (1000, 32)
+    empty = parse_engine_metrics("")
+    assert empty.usage_frac is None and empty.num_gpu_blocks is None
+
+
+@pytest.fixture
+async def engine_metrics() -> AsyncIterator[str]:
+    async def handler(_req: web.Request) -> web.Response:
+        return web.Response(text=VLLM_METRICS, content_type="text/plain")
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}/metrics"
+    await runner.cleanup()
+
+
+async def test_probe_reads_capacity_and_usage(engine_metrics: str) -> None:
+    probe = UsageProbe(engine_metrics, lambda: 42)
+    try:
+        # 1000 engine blocks of 32 tokens = 2000 kvroute blocks of 16
+        assert await probe.discover_capacity(16) == 2000
+        probe.capacity_blocks = 2000
+        u = await probe.read()
+        assert (u.used_blocks, u.queue_depth, u.running, u.from_engine) == (1000, 7, 5, True)
+    finally:
+        await probe.close()
+
+
+async def test_probe_falls_back_to_event_counts() -> None:
+    probe = UsageProbe(f"http://127.0.0.1:{free_port()}/metrics", lambda: 42, timeout_s=0.5)
+    try:
+        u = await probe.read()
+        assert (u.used_blocks, u.queue_depth, u.from_engine) == (42, 0, False)
+        assert probe.scrape_errors == 1
+        assert await UsageProbe("", lambda: 1).discover_capacity(16) == 0
+    finally:
+        await probe.close()
