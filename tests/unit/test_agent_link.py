@@ -93,8 +93,9 @@ async def eventually(check: Callable[[], object], within_s: float = 5.0) -> None
 
 
 @contextlib.asynccontextmanager
-async def agent_rig(reg: Registry, **kw: object) -> AsyncIterator[tuple[Agent, TestPublisher]]:
-    pub = TestPublisher()
+async def agent_rig(reg: Registry, buffer_steps: int = 100, **kw: object,
+                    ) -> AsyncIterator[tuple[Agent, TestPublisher]]:
+    pub = TestPublisher(buffer_steps=buffer_steps)
     s = AgentSettings(registry=f"127.0.0.1:{reg.port}", node_id="n1", engine_url="http://e:1",
                       model="m", capacity_blocks=100, topic="kv",
                       engine_events=f"tcp://127.0.0.1:{pub.pub_port}",
@@ -212,3 +213,29 @@ async def test_sglang_pages_of_one_token_are_rechunked_into_router_blocks(
             return await registry.matched([*want, 12345]) == {"n1": 2}
         await eventually(two)
         assert agent.blocks.held_blocks == 2
+
+
+async def test_gap_older_than_the_replay_buffer_triggers_a_resync(registry: Registry) -> None:
+    want = hash_blocks(TOKS, 16)
+    async with agent_rig(registry, buffer_steps=1) as (agent, pub):
+        await send(pub, stored([11], None, TOKS[:16]))
+
+        async def first() -> bool:
+            return await registry.matched(want) == {"n1": 1}
+        await eventually(first)
+        resyncs = agent.link.stats.resyncs
+        # two batches lost on the wire; the engine's buffer (1 batch) cannot replay the first
+        for data in (stored([12], 11, TOKS[16:32]), removed([11])):
+            seq = pub.seq
+            pub.seq += 1
+            pub.buffer.append((seq, data))
+        await send(pub, stored([21], None, list(range(7000, 7016))))
+
+        async def resynced() -> bool:
+            return (agent.link.stats.resyncs > resyncs
+                    and await registry.matched(hash_blocks(range(7000, 7016), 16)) == {"n1": 1})
+        await eventually(resynced)
+        assert agent.source.stats.events_lost == 1
+        # what the agent knows and the registry holds agree after the resync
+        assert sorted(agent.blocks.canonical_hashes()) == sorted(
+            [want[0], *hash_blocks(range(7000, 7016), 16)])
