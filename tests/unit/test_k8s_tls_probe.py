@@ -28,11 +28,13 @@ def openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
-def make_certs(d: Path, name: str) -> None:
-    """ca.crt/ca.key, then tls.crt/tls.key for ``name`` signed by it (server + client auth)."""
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=kvroute-test-ca",
-            cwd=d)
+def make_certs(d: Path, name: str, new_ca: bool = True) -> None:
+    """ca.crt/ca.key (unless given), then tls.crt/tls.key for ``name`` signed by it (server +
+    client auth; SANs ``name`` and ``name.kvroute.svc``)."""
+    if new_ca:
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj",
+                "/CN=kvroute-test-ca", cwd=d)
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
             "-keyout", "tls.key", "-out", "tls.csr", "-subj", f"/CN={name}", cwd=d)
     (d / "ext.cnf").write_text(
