@@ -90,7 +90,8 @@ class StackBackend:
             and all(n.blocks_indexed == 0 and n.healthy for n in nodes),
             "every node's index emptied after the cache reset")
         run = await replay_stack(workload, policy_name, self.fleet.router_target, urls,
-                                 self.spec.model, self.spec.time_scale, self.progress)
+                                 self.spec.model, self.spec.time_scale,
+                                 self.spec.prefill_tokens_per_s, self.progress)
         run.notes.append(f"stack: {self.spec.nodes} engine_sim processes, time_scale "
                          f"{self.spec.time_scale}, block_size {self.spec.block_size}")
         return run

@@ -39,7 +39,7 @@ class FleetSpec:
     """Wall seconds per simulated second (0.05 = 20x faster than real time)."""
     lease_ttl_s: int = 5
     """Registry lease TTL."""
-    heartbeat_interval_s: float = 0.2
+    heartbeat_interval_s: float = 0.05
     """Agent heartbeat interval."""
     default_policy: str = "kv_aware"
     """Router default policy."""

@@ -98,6 +98,7 @@ async def _one(req: TraceRequest, tokens: list[int], policy: str, model: str,
 
 async def replay_stack(workload: Workload, policy: str, router_target: str,
                        engine_urls: dict[str, str], model: str, time_scale: float,
+                       prefill_tokens_per_s: float,
                        progress: Callable[[int], None] | None = None) -> PolicyRun:
     """Replay ``workload`` under ``policy`` and build the run from the engines' records."""
     node_ids = sorted(engine_urls)
@@ -130,7 +131,7 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
             st["_evicted_before"] = before[n].get("evicted_blocks", 0)
     await channel.close(None)
     run.wall_s = time.perf_counter() - t_wall0
-    _fill(run, workload, outcomes, stats, node_ids)
+    _fill(run, workload, outcomes, stats, node_ids, prefill_tokens_per_s)
     return run
 
 
@@ -157,7 +158,8 @@ async def _stats(http: aiohttp.ClientSession, url: str, records: bool = True) ->
 
 
 def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
-          stats: dict[str, dict[str, Any]], node_ids: list[str]) -> None:
+          stats: dict[str, dict[str, Any]], node_ids: list[str],
+          prefill_tokens_per_s: float) -> None:
     records: dict[str, dict[str, Any]] = {}
     for st in stats.values():
         for rec in st.get("records", []):
@@ -183,8 +185,9 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
         finish = float(rec.get("finished_at", math.nan))
         run.ttft_s[i] = first - arrival
         run.e2e_s[i] = finish - arrival
-        admit = float(rec.get("admitted_at", arrival))
-        busy[run.node[i]] += max(0.0, first - admit)
+        # Prefill work the engine did for this request (its model charges uncached tokens at
+        # the configured rate), for the prefill-utilisation column.
+        busy[run.node[i]] += (run.prompt_tokens[i] - run.cached_tokens[i]) / prefill_tokens_per_s
         if not math.isnan(finish):
             t_end = max(t_end, finish)
     run.busy_s = busy

