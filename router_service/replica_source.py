@@ -21,7 +21,7 @@ from kvroute.settings import TLSSettings
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from router_service.placement import NodeState, Placement
 from router_service.replica_index import ReplicaIndex
-from router_service.retry import LinkNeverUp, reconnect_retrying
+from router_service.retry import LinkNeverUp, reconnect_options, reconnect_retrying
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,9 @@ class ReplicaSource:
 
     async def _follow_once(self) -> None:
         """One watch: snapshot, then live changes. Returns if it was ever up (resets back-off)."""
-        channel = open_channel(self._target, self._tls, message_size_options(64 << 20))
+        channel = open_channel(
+            self._target, self._tls,
+            [*message_size_options(64 << 20), *reconnect_options(self._retry_max_s)])
         was_up = False
         try:
             stub = registry_pb2_grpc.RegistryStub(channel)

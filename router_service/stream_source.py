@@ -14,7 +14,8 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -30,7 +31,12 @@ from kvroute.grpcutil import message_size_options, open_channel
 from kvroute.settings import TLSSettings
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from router_service.placement import NodeState, Placement
-from router_service.retry import LinkNeverUp, call_retrying, reconnect_retrying
+from router_service.retry import (
+    LinkNeverUp,
+    call_retrying,
+    reconnect_options,
+    reconnect_retrying,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,7 @@ class StreamSource:
         self._ttl = node_cache_ttl_s
         self._clock = clock
         self._channel: grpc.aio.Channel | None = None
-        self._queue: asyncio.Queue[registry_pb2.LookupRequest | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[registry_pb2.LookupRequest] = asyncio.Queue()
         self._pending: dict[str, asyncio.Future[registry_pb2.LookupResponse]] = {}
         self._ids = itertools.count(1)
         self._connected = False
@@ -71,7 +77,9 @@ class StreamSource:
 
     async def start(self) -> None:
         """Connect in the background."""
-        self._channel = open_channel(self._target, self._tls, message_size_options(64 << 20))
+        self._channel = open_channel(
+            self._target, self._tls,
+            [*message_size_options(64 << 20), *reconnect_options(self._retry_max_s)])
         self._tasks = [asyncio.create_task(self._run(), name="lookup-stream"),
                        asyncio.create_task(self._refresh_nodes_loop(), name="node-cache")]
 
@@ -133,12 +141,10 @@ class StreamSource:
         return Placement(nodes, resp.block_size)
 
     # -- background -----------------------------------------------------------------------
-    async def _requests(self) -> AsyncIterator[registry_pb2.LookupRequest]:
+    async def _writer(self, call: Any, queue: asyncio.Queue[registry_pb2.LookupRequest]) -> None:
+        """The only writer of one stream call (grpc allows one pending write at a time)."""
         while True:
-            req = await self._queue.get()
-            if req is None:
-                return
-            yield req
+            await call.write(await queue.get())
 
     async def _run(self) -> None:
         while True:
@@ -154,16 +160,22 @@ class StreamSource:
 
     async def _stream_once(self) -> None:
         assert self._channel is not None
-        stub = registry_pb2_grpc.RegistryStub(self._channel)
-        self._queue = asyncio.Queue()
-        call = stub.LookupStream(self._requests())
+        stub: Any = registry_pb2_grpc.RegistryStub(self._channel)
+        queue: asyncio.Queue[registry_pb2.LookupRequest] = asyncio.Queue()
+        self._queue = queue
+        call: Any = stub.LookupStream()
+        writer: asyncio.Task[None] | None = None
         was_up = False
         try:
             async with asyncio.timeout(self._call_timeout_s):
                 await call.wait_for_connection()
+            writer = asyncio.create_task(self._writer(call, queue), name="lookup-writer")
             was_up = self._connected = True
             log.info("registry lookup stream up")
-            async for resp in call:
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    break
                 self._last_ok = self._clock()
                 fut = self._pending.get(resp.request_id)
                 if fut is not None and not fut.done():
@@ -180,6 +192,10 @@ class StreamSource:
                 self._last_ok = self._clock()
             self._connected = False
             call.cancel()
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(BaseException):
+                    await writer
             for fut in self._pending.values():
                 if not fut.done():
                     fut.set_exception(Unavailable("registry lookup stream lost"))

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -86,6 +89,11 @@ def _registry(etcd: str, prefix: str, port: int, work: Path, name: str) -> Serve
         "--lease-ttl-s", "2", "--listen", f"127.0.0.1:{port}"], work, name=name)
 
 
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as f:
+        return str(f.read().decode())
+
+
 async def _route(stub: router_pb2_grpc.RouterStub, rid: str) -> router_pb2.RouteResponse:
     return await stub.Route(router_pb2.RouteRequest(request_id=rid, token_ids=PROMPT,
                                                     model=MODEL), timeout=3)
@@ -106,7 +114,7 @@ async def _eventually(check: object, timeout_s: float, what: str) -> router_pb2.
         await asyncio.sleep(0.1)
 
 
-Stack = tuple[router_pb2_grpc.RouterStub, "Agents", list[ServerProcess], str]
+Stack = tuple[router_pb2_grpc.RouterStub, "Agents", list[ServerProcess], ServerProcess]
 
 
 @pytest.fixture
@@ -125,7 +133,7 @@ async def stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path,
             "--default-policy", "kv_aware", "--replica-max-staleness-s", "1",
             "--registry-retry-max-s", "0.3", "--lookup-timeout-s", "0.3"], tmp_path)
         async with grpc.aio.insecure_channel(router.grpc_target) as ch:
-            yield router_pb2_grpc.RouterStub(ch), agents, procs, mode
+            yield router_pb2_grpc.RouterStub(ch), agents, procs, router
     finally:
         await agents.stop()
         if router is not None:
@@ -138,17 +146,27 @@ async def stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path,
 async def test_longest_prefix_lease_expiry_and_registry_outage(
         stack: Stack,
         etcd_endpoint: str, etcd_prefix: str, tmp_path: Path) -> None:
-    stub, agents, procs, _mode = stack
+    stub, agents, procs, router = stack
     n = iter(range(10**6))
+
+    seen: list[router_pb2.RouteResponse] = []
 
     async def on(node: str) -> router_pb2.RouteResponse | None:
         r = await _route(stub, f"q{next(n)}")
+        seen[:] = [r]
         await stub.Complete(router_pb2.CompleteRequest(request_id=r.request_id))
         return r if r.node_id == node and not r.degraded else None
 
     r = await _eventually(lambda: on("b"), 10, "routed to b (longest prefix)")
     assert r.matched_blocks == 7 and r.expected_cached_tokens == 7 * BS
     assert r.address == "b.local:8000" and r.policy == "kv_aware"
+
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "route", "--router", router.grpc_target,
+        "--tokens", ",".join(map(str, PROMPT)), "--model", MODEL, "--json",
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await cli.communicate()
+    assert cli.returncode == 0 and json.loads(out)["node_id"] == "b"
 
     agents.alive.discard("b")  # b stops heartbeating: its lease (2 s) expires
     r = await _eventually(lambda: on("a"), 10, "b expired, routed to a (next longest)")
@@ -159,14 +177,22 @@ async def test_longest_prefix_lease_expiry_and_registry_outage(
 
     async def degraded() -> router_pb2.RouteResponse | None:
         r = await _route(stub, f"d{next(n)}")
+        await stub.Complete(router_pb2.CompleteRequest(request_id=r.request_id))
         return r if r.degraded else None
 
     r = await _eventually(degraded, 10, "degraded answer with the registry down")
     assert r.policy == "least_loaded" and "DEGRADED" in r.reason and r.node_id in ("a", "c")
     stats = await stub.Stats(router_pb2.StatsRequest())
     assert stats.degraded_decisions >= 1 and not stats.registry_connected
+    text = await asyncio.to_thread(_get, router.metrics_url)
+    assert 'kvroute_router_decisions_total{outcome="degraded",policy="least_loaded"}' in text
+    assert "kvroute_router_registry_connected 0.0" in text
+    assert "kvroute_router_registry_staleness_seconds" in text
 
     port = int(reg.grpc_target.rsplit(":", 1)[1])
     procs.append(_registry(etcd_endpoint, etcd_prefix, port, tmp_path, "registry2"))
-    r = await _eventually(lambda: on("a"), 20, "recovered after the registry came back")
+    try:
+        r = await _eventually(lambda: on("a"), 20, "recovered after the registry came back")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last answer: {seen}") from None
     assert r.matched_blocks == 3
