@@ -53,7 +53,7 @@ def _sigterm(_signum: int, _frame: FrameType | None) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the demo; every process is stopped on the way out."""
     from bench.report import format_table
-    from bench.runner import BenchOutcome, run_comparison
+    from bench.runner import run_comparison
     from bench.sim.backend import SimBackend
     from bench.sim.config import DEFAULT_PREFILL_TOKENS_PER_S, SimSettings
     from bench.stack_backend import STACK_POLICIES, StackBackend
@@ -120,7 +120,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plots:
         print(f"plots: {out_dir / 'plots'}/*/*.png")
     print(f"kvroute demo finished in {time.perf_counter() - t0:.0f} s; all processes stopped")
-    del BenchOutcome
     return 0
 
 
