@@ -19,6 +19,12 @@ delays every later request on that node and duplicates cache that then evicts ot
 about 0.3 s; 8 is the default). ``inflight_cost_tokens`` charges each request in flight on the
 node (decode batch occupancy, which slows the next prefill), which also keeps request counts even.
 
+The overlap is the larger of the registry's ``matched_blocks`` and what this policy itself sent to
+the node among its recent decisions (at least ``recent_routes``, and twice the fleet's in-flight
+count): a follow-up request whose prefix was routed moments ago but is still queued for prefill
+(so not yet in any cache or the registry) then follows it instead of being scattered — measured
+on an overloaded fleet this kept the hit rate at the cache-first routers' level (0.17 vs 0.12).
+
 A node is eligible only while it is under the **load cap**: its in-flight count plus this request
 must stay <= ``load_cap_factor`` x the fleet's mean in-flight count (counting this request) +
 ``load_cap_slack``. A prefix every request shares (block 0 of the Mooncake trace is in all of
@@ -32,6 +38,7 @@ rotating start so equal idle nodes share work. ``Candidate.score`` is the estima
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,6 +72,10 @@ class KvAwareSettings:
     kv_inflight_cost_tokens: float = setting(
         1000.0, "prefill-token equivalents charged per request in flight on the node (decode "
                "batch occupancy slows the next prefill; also evens out request counts)")
+    kv_recent_routes: int = setting(
+        64, "remember at least this many recent decisions (and twice the fleet's in-flight "
+            "count) so a follow-up request whose prefix is routed but not yet prefilled, hence "
+            "not yet in the registry, still finds its node; 0 = off")
     kv_eviction_cost_s: float = setting(
         0.001, "seconds added per eviction/s reported by the node (a churning cache is likely "
                "to lose the prefix before the request runs)")
@@ -79,10 +90,51 @@ class KvAwareSettings:
         require(self.kv_load_cap_factor >= 1.0, "kv_load_cap_factor", "must be >= 1")
         require(self.kv_load_cap_slack >= 0, "kv_load_cap_slack", "must be >= 0")
         require(self.kv_inflight_cost_tokens >= 0, "kv_inflight_cost_tokens", "must be >= 0")
+        require(self.kv_recent_routes >= 0, "kv_recent_routes", "must be >= 0")
         require(self.kv_eviction_cost_s >= 0, "kv_eviction_cost_s", "must be >= 0")
         require(0 < self.kv_usage_high_watermark < 1, "kv_usage_high_watermark",
                 "must be in (0, 1)")
         require(self.kv_usage_penalty_s >= 0, "kv_usage_penalty_s", "must be >= 0")
+
+
+class RecentRoutes:
+    """Which node the latest recent request carrying each block went to (bounded memory).
+
+    Covers the gap between routing a request and its blocks reaching the registry (queued
+    prefill, heartbeat interval): a prefix sent to a node moments ago is on its way there.
+    """
+
+    def __init__(self) -> None:
+        self._seq = 0
+        self._owner: dict[int, tuple[str, int]] = {}
+        self._log: deque[tuple[int, Sequence[int]]] = deque()
+
+    def record(self, blocks: Sequence[int], node_id: str, window: int) -> None:
+        """Remember that ``blocks`` went to ``node_id``; forget decisions older than window."""
+        self._seq += 1
+        seq = self._seq
+        for h in blocks:
+            self._owner[h] = (node_id, seq)
+        self._log.append((seq, blocks))
+        limit = seq - window
+        owner = self._owner
+        while self._log and self._log[0][0] <= limit:
+            old_seq, old_blocks = self._log.popleft()
+            for h in old_blocks:
+                cur = owner.get(h)
+                if cur is not None and cur[1] == old_seq:
+                    del owner[h]
+
+    def depths(self, blocks: Sequence[int]) -> dict[str, int]:
+        """Per node: leading blocks of ``blocks`` recently routed there."""
+        out: dict[str, int] = {}
+        owner = self._owner
+        for i, h in enumerate(blocks):
+            cur = owner.get(h)
+            if cur is None:
+                break
+            out[cur[0]] = i + 1
+        return out
 
 
 class KvAwarePolicy:
@@ -93,13 +145,21 @@ class KvAwarePolicy:
     def __init__(self, settings: KvAwareSettings | None = None) -> None:
         self.settings = settings or KvAwareSettings()
         self._turn = 0
+        self._recent = RecentRoutes()
 
-    def estimate_s(self, request: RequestView, node: NodeView) -> float:
-        """Estimated TTFT of ``request`` on ``node`` in seconds (the score; lower is better)."""
+    def estimate_s(self, request: RequestView, node: NodeView,
+                   reuse_weight: float | None = None, matched_blocks: int | None = None) -> float:
+        """Estimated TTFT of ``request`` on ``node`` in seconds (the score; lower is better).
+
+        ``matched_blocks`` overrides the registry's overlap (kv_aware passes the larger of it
+        and what it recently routed to the node).
+        """
         s = self.settings
-        cached = min(node.matched_blocks * request.block_size, request.prompt_tokens)
+        w = s.kv_reuse_weight if reuse_weight is None else reuse_weight
+        matched = node.matched_blocks if matched_blocks is None else matched_blocks
+        cached = min(matched * request.block_size, request.prompt_tokens)
         uncached = request.prompt_tokens - cached
-        est = (node.pending_prefill_tokens + s.kv_reuse_weight * uncached
+        est = (node.pending_prefill_tokens + w * uncached
                + s.kv_inflight_cost_tokens * node.inflight) / s.kv_prefill_tokens_per_s
         est += s.kv_eviction_cost_s * node.eviction_rate
         usage = node.usage
@@ -113,29 +173,41 @@ class KvAwarePolicy:
         s = self.settings
         live = healthy_nodes(nodes)
         n = len(live)
-        mean = (sum(v.inflight for v in live) + 1) / n
+        total = sum(v.inflight for v in live)
+        mean = (total + 1) / n
         cap = s.kv_load_cap_factor * mean + s.kv_load_cap_slack
+        w = s.kv_reuse_weight
+        recent = self._recent.depths(request.block_hashes) if s.kv_recent_routes else {}
         start = self._turn % n
         self._turn += 1
         best: tuple[float, int, int, int] | None = None
         best_node = live[0]
+        best_est = 0.0
+        best_matched = 0
         cands: list[Candidate] = []
         for i, v in enumerate(live):
-            est = self.estimate_s(request, v)
+            matched = max(v.matched_blocks, recent.get(v.node_id, 0))
+            est = self.estimate_s(request, v, w, matched)
             over = v.inflight + 1 > cap
             why = f"in-flight {v.inflight} over cap {cap:.1f}" if over else ""
             cands.append(Candidate(v.node_id, est, v.matched_blocks, v.load, excluded=why))
             if over:
                 continue
-            key = (est, -v.matched_blocks, v.inflight, (i - start) % n)
+            key = (est, -matched, v.inflight, (i - start) % n)
             if best is None or key < best:
-                best, best_node = key, v
+                best, best_node, best_est, best_matched = key, v, est, matched
         if best is None:  # cannot happen (the least-loaded node is under the mean), but be safe
             best_node = min(live, key=lambda v: (v.load, v.node_id))
+            best_matched = best_node.matched_blocks
+            best_est = self.estimate_s(request, best_node, w)
+        if s.kv_recent_routes:
+            self._recent.record(request.block_hashes, best_node.node_id,
+                                max(s.kv_recent_routes, 2 * total))
         cands.sort(key=lambda c: (c.excluded != "", c.score))
         cached = min(best_node.matched_blocks * request.block_size, request.prompt_tokens)
-        reason = (f"kv_aware: {best_node.matched_blocks} prefix blocks cached "
+        routed = best_matched - best_node.matched_blocks
+        extra = f" (+{routed} routed there, not yet reported)" if routed > 0 else ""
+        reason = (f"kv_aware: {best_node.matched_blocks} prefix blocks cached{extra} "
                   f"({cached}/{request.prompt_tokens} tokens), est. TTFT "
-                  f"{self.estimate_s(request, best_node) * 1000:.0f} ms, "
-                  f"in-flight {best_node.inflight} (cap {cap:.1f})")
+                  f"{best_est * 1000:.0f} ms, in-flight {best_node.inflight} (cap {cap:.1f})")
         return Decision(best_node.node_id, best_node.matched_blocks, reason, tuple(cands))

@@ -17,8 +17,8 @@ def _node(i: int, matched: int = 0, inflight: int = 0, pending: float = 0.0,
                     healthy=healthy)
 
 
-def _req(blocks: int = 8, bs: int = 16) -> RequestView:
-    return RequestView("r", list(range(blocks)), blocks * bs, bs)
+def _req(blocks: int = 8, bs: int = 16, first: int = 0) -> RequestView:
+    return RequestView("r", list(range(first, first + blocks)), blocks * bs, bs)
 
 
 def test_shared_prefix_never_pushes_a_node_past_its_cap() -> None:
@@ -63,8 +63,23 @@ def test_unhealthy_never_chosen() -> None:
 
 def test_equal_idle_nodes_share_work() -> None:
     pol = KvAwarePolicy()
-    chosen = {pol.choose(_req(), [_node(i) for i in range(4)]).node_id for _ in range(8)}
+    chosen = {pol.choose(_req(first=100 * k), [_node(i) for i in range(4)]).node_id
+              for k in range(8)}
     assert len(chosen) == 4
+
+
+def test_prefix_routed_but_not_yet_reported_follows_its_node() -> None:
+    pol = KvAwarePolicy()
+    idle = [_node(i) for i in range(4)]
+    first = pol.choose(_req(blocks=8), idle)
+    # the registry does not know the blocks yet (prefill still queued): the follow-up turn,
+    # which extends the same prefix, still goes where the prefix was sent
+    follow = pol.choose(_req(blocks=12), idle)
+    assert follow.node_id == first.node_id
+    assert "routed there, not yet reported" in follow.reason
+    off = KvAwarePolicy(KvAwareSettings(kv_recent_routes=0))
+    a = off.choose(_req(blocks=8), idle)
+    assert off.choose(_req(blocks=12), idle).node_id != a.node_id  # rotates without memory
 
 
 def test_settings_validate() -> None:
