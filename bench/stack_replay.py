@@ -191,6 +191,26 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
         if not math.isnan(finish):
             t_end = max(t_end, finish)
     run.busy_s = busy
+    run.load_samples = _load_samples(run, len(node_ids))
     run.evictions = sum(int(st.get("evicted_blocks", 0)) - int(st.get("_evicted_before", 0))
                         for st in stats.values())
     run.t_end_s = t_end
+
+
+def _load_samples(run: PolicyRun, n_nodes: int, samples: int = 200,
+                  ) -> list[tuple[float, list[int]]]:
+    """In-flight requests per node at evenly spaced times, from arrival and e2e per request."""
+    spans = [(a, a + e, n) for a, e, n in zip(run.arrival_s, run.e2e_s, run.node, strict=True)
+             if n >= 0 and not math.isnan(e)]
+    if not spans:
+        return []
+    t_last = max(end for _, end, _ in spans)
+    out: list[tuple[float, list[int]]] = []
+    for k in range(samples + 1):
+        t = t_last * k / samples
+        counts = [0] * n_nodes
+        for start, end, node in spans:
+            if start <= t < end:
+                counts[node] += 1
+        out.append((t, counts))
+    return out
