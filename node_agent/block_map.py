@@ -51,6 +51,7 @@ class _Entry:
     last: int
     rem: tuple[int, ...]
     media: set[str]
+    before: int
     partial: bool = False
 
 
@@ -186,21 +187,27 @@ class BlockMap:
                 and not any(eh in self._entries for eh in hashes)):
             # fast path (the common case): one hashing call for the whole run
             for eh, c in zip(hashes, hash_blocks(toks, bs, parent=last), strict=True):
-                self._entries[eh] = _Entry((c,), c, (), {ev.medium})
+                self._entries[eh] = _Entry((c,), c, (), {ev.medium}, last)
                 self._incref(c)
+                last = c
             self._trim_if_over()
             return
         for i, eh in enumerate(hashes):
             chunk = toks[i * ebs:(i + 1) * ebs]
             known = self._entries.get(eh)
             if known is not None:  # re-store, or the same block on another medium
+                if known.before != last:
+                    # the same engine id after another prefix: unchained engine hashes (old
+                    # SGLang). Removals cannot tell the two apart; keep the first, count it.
+                    self.skipped["engine_hash_conflict"] += 1
                 known.media.add(ev.medium)
                 last, rem = known.last, known.rem
                 continue
             if len(chunk) < ebs:  # partial last page: never a full block
-                self._entries[eh] = _Entry((), last, rem, {ev.medium}, partial=True)
+                self._entries[eh] = _Entry((), last, rem, {ev.medium}, last, partial=True)
                 self.skipped["partial_block"] += 1
                 return
+            before = last
             if extra is not None and i < len(extra) and extra[i] is not None:
                 last = _mix(last, extra[i])
             buf = rem + chunk
@@ -211,7 +218,7 @@ class BlockMap:
                 last, rem = canon[-1], buf[full * bs:]
             else:
                 rem = buf
-            self._entries[eh] = _Entry(canon, last, rem, {ev.medium})
+            self._entries[eh] = _Entry(canon, last, rem, {ev.medium}, before)
             for c in canon:
                 self._incref(c)
         self._trim_if_over()

@@ -149,6 +149,18 @@ def test_duplicate_store_and_shared_canonical_blocks_are_refcounted() -> None:
     assert m.held_blocks == 0
 
 
+def test_unchained_engine_hash_reused_after_another_prefix_is_counted() -> None:
+    m, _ = _map()
+    m.apply(_stored([1, 2], None, TOKS[:32]))
+    m.apply(_stored([3], None, TOKS[32:48]))
+    m.apply(_stored([2], 3, TOKS[16:32]))  # old SGLang: hash of the page tokens only
+    assert m.skipped["engine_hash_conflict"] == 1
+    m.apply(_stored([1, 2], None, TOKS[:32]))  # a genuine re-store is not a conflict
+    m.apply(_stored([5, 6], None, TOKS[:32], extra_keys=(("img",), None)))
+    m.apply(_stored([5, 6], None, TOKS[:32], extra_keys=(("img",), None)))
+    assert m.skipped["engine_hash_conflict"] == 1
+
+
 def test_malformed_run_is_skipped() -> None:
     m, _ = _map()
     m.apply(_stored([1, 2], None, TOKS[:16]))
