@@ -4,6 +4,7 @@ SUB socket, replay, vLLM metric names, seq back at 0 after a restart, clean SIGT
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -157,3 +158,21 @@ def test_errors_streaming_and_sglang_generate(tmp_path: Path) -> None:
         assert json.loads(get(srv, "/get_load"))["num_running"] == 0
     finally:
         assert srv.stop() == 0
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
+    srv = start_server("engine-sim", ["--decode-ms-per-token", "200"], tmp_path)
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        result["body"] = post(srv, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 5})
+
+    t = threading.Thread(target=call)
+    try:
+        t.start()
+        time.sleep(0.3)  # the request is decoding (0.8 s to go)
+        assert srv.stop() == 0
+        t.join(10)
+        assert result["body"]["usage"]["completion_tokens"] == 5
+    finally:
+        srv.stop()
