@@ -1,0 +1,55 @@
+"""``kvroute bench`` replay/sweep from the command line: table, JSON schema, plots, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli.main import main
+
+SCHEMA_RESULT_KEYS = {"policy", "hit_rate_tokens", "hit_rate_requests",
+                      "predicted_hit_rate_tokens", "ttft_ms", "e2e_ms", "throughput_rps",
+                      "load_max_over_mean", "utilization", "evictions", "failed"}
+
+
+def test_replay_writes_schema_and_plots(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.json"
+    plots = tmp_path / "plots"
+    rc = main(["bench", "--workload", "mooncake-sample", "--limit", "300", "--nodes", "4",
+               "--policies", "kv_aware,round_robin,dynamo", "--json", str(out),
+               "--plot-dir", str(plots), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "kv_aware" in text and "oracle" in text
+    rep = json.loads(out.read_text())
+    assert {"workload", "nodes", "cache_blocks", "model", "bounds", "results"} <= set(rep)
+    assert set(rep["bounds"]) == {"oracle", "merged_lru", "random"}
+    for b in rep["bounds"].values():
+        assert 0 <= b["hit_rate_tokens"] <= 1
+    assert [r["policy"] for r in rep["results"]] == ["kv_aware", "round_robin", "dynamo"]
+    for r in rep["results"]:
+        assert SCHEMA_RESULT_KEYS <= set(r)
+        assert set(r["ttft_ms"]) == {"p50", "p90", "p99"} == set(r["e2e_ms"])
+    assert rep["nodes"] == 4 and rep["cache_blocks"] > 0
+    names = sorted(p.name for p in plots.iterdir())
+    assert names == ["hit_rate_running.png", "node_load.png", "predicted_vs_actual.png",
+                     "ttft_cdf.png"]
+    assert all((plots / n).stat().st_size > 10_000 for n in names)
+
+
+def test_sweep_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "s.json"
+    rc = main(["bench", "sweep", "--workload", "mooncake-sample", "--limit", "200",
+               "--nodes", "2", "--policies", "kv_aware,random", "--sweep-fractions", "0.1,0.5",
+               "--json", str(out), "--plot-dir", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    sweep = json.loads(out.read_text())
+    assert len(sweep["cache_blocks"]) == 2 and len(sweep["policies"]["kv_aware"]) == 2
+    assert (tmp_path / "hit_rate_vs_cache.png").exists()
+    assert main(["bench", "--mode", "stack", "--no-progress"]) == 3
+    assert "not implemented yet" in capsys.readouterr().err
+    assert main(["bench", "--policies", "nope", "--no-progress"]) == 2
+    assert main(["bench", "--trace", str(tmp_path / "missing.jsonl"), "--no-progress"]) == 2

@@ -1,0 +1,80 @@
+"""Workloads: Mooncake parsing and the shipped sample, generated conversations and prompts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.workloads import SAMPLE_TRACE, TraceFormatError, load_mooncake, load_workload
+from bench.workloads.generated import (
+    ConversationSpec,
+    SystemPromptSpec,
+    conversations,
+    system_prompt,
+)
+
+
+def test_shipped_sample_matches_its_notice() -> None:
+    data = SAMPLE_TRACE.read_bytes()
+    notice = (SAMPLE_TRACE.parent / "NOTICE").read_text()
+    assert hashlib.sha256(data).hexdigest() in notice
+    assert "MODIFIED (TRUNCATED)" in notice and "Apache License 2.0" in notice
+    assert "Apache License" in (SAMPLE_TRACE.parent / "LICENSE-APACHE").read_text()
+    wl = load_workload(workload="mooncake-sample")
+    assert len(wl.requests) == 1500 and wl.block_size == 512
+    first = wl.requests[0]
+    assert first.block_hashes[0] == 0 and first.arrival_s == 0.0
+    assert len(first.block_hashes) == -(-first.prompt_tokens // 512)
+    assert first.prompt_text_head.startswith("0 1 2") and len(first.prompt_text_head) <= 50
+
+
+def test_mooncake_slices_rebase_arrivals(tmp_path: Path) -> None:
+    p = tmp_path / "t.jsonl"
+    rows = [{"timestamp": 1000 * i + 500, "input_length": 600, "output_length": 5,
+             "hash_ids": [0, i + 1]} for i in range(5)]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    wl = load_mooncake(p, start=2, limit=2)
+    assert [r.block_hashes for r in wl.requests] == [(0, 3), (0, 4)]
+    assert [r.arrival_s for r in wl.requests] == [0.0, 1.0]
+    assert wl.requests[0].cached_tokens(2, 512) == 600  # partial last block
+
+
+def test_bad_trace_line_names_file_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [0]}\n'
+                 '{"timestamp": 1}\n')
+    with pytest.raises(TraceFormatError, match=r"bad.jsonl:2"):
+        load_mooncake(p)
+
+
+def test_conversation_turns_extend_the_previous_prompt() -> None:
+    wl = conversations(7, ConversationSpec(conversations=5, turns=4, start_window_s=10.0))
+    assert len(wl.requests) == 20
+    by_conv: dict[str, list] = {}
+    for r in wl.requests:
+        by_conv.setdefault(r.session_key or "", []).append(r)
+    arrivals = [r.arrival_s for r in wl.requests]
+    assert arrivals == sorted(arrivals)
+    for turns in by_conv.values():
+        turns.sort(key=lambda r: r.arrival_s)
+        for prev, nxt in zip(turns, turns[1:], strict=False):
+            # the next prompt = previous prompt + answer + new message: its full blocks start
+            # with every full block of the previous prompt (same canonical hashes)
+            assert nxt.block_hashes[: len(prev.block_hashes)] == prev.block_hashes
+            assert nxt.prompt_tokens > prev.prompt_tokens
+    # deterministic from the seed
+    again = conversations(7, ConversationSpec(conversations=5, turns=4, start_window_s=10.0))
+    assert [r.block_hashes for r in again.requests] == [r.block_hashes for r in wl.requests]
+
+
+def test_system_prompt_workload_shares_prefixes() -> None:
+    spec = SystemPromptSpec(requests=200, system_prompts=3, system_tokens=256)
+    wl = system_prompt(1, spec)
+    heads = {r.block_hashes[:16] for r in wl.requests}
+    assert len(heads) == 3
+    assert len({r.block_hashes for r in wl.requests}) == 200
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        system_prompt(1, SystemPromptSpec(system_tokens=250))
