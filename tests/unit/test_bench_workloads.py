@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def test_conversation_turns_extend_the_previous_prompt() -> None:
     assert arrivals == sorted(arrivals)
     for turns in by_conv.values():
         turns.sort(key=lambda r: r.arrival_s)
-        for prev, nxt in zip(turns, turns[1:], strict=False):
+        for prev, nxt in itertools.pairwise(turns):
             # the next prompt = previous prompt + answer + new message: its full blocks start
             # with every full block of the previous prompt (same canonical hashes)
             assert nxt.block_hashes[: len(prev.block_hashes)] == prev.block_hashes
