@@ -185,6 +185,7 @@ class KVEventPublisher:
         self._seq = 0
         self._ctx: zmq.asyncio.Context | None = None
         self._pub: zmq.asyncio.Socket | None = None
+        self._pub_sync: zmq.Socket[bytes] | None = None
         self._router: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
         self.bound_endpoint = ""
@@ -206,6 +207,9 @@ class KVEventPublisher:
             self._pub.setsockopt(zmq.SNDHWM, self._hwm)
             self._pub.setsockopt(zmq.LINGER, 0)
             self.bound_endpoint = _bind(self._pub, self._endpoint)
+            # a synchronous view of the same socket: PUB never blocks, and errors surface here
+            # instead of in an un-awaited future
+            self._pub_sync = zmq.Socket.shadow(self._pub.underlying)
         if self._replay_endpoint:
             self._router = self._ctx.socket(zmq.ROUTER)
             self._router.setsockopt(zmq.LINGER, 0)
@@ -223,10 +227,11 @@ class KVEventPublisher:
         self._buffer.append((seq, payload))
         self.batches_total += 1
         self.events_total += len(events)
-        if self._pub is not None:
+        if self._pub_sync is not None:
             try:
                 # PUB drops at the high-water mark instead of blocking; the replay buffer has it.
-                self._pub.send_multipart([self._topic, seq_bytes, payload], flags=zmq.NOBLOCK)
+                self._pub_sync.send_multipart([self._topic, seq_bytes, payload],
+                                              flags=zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 log.warning("KV event batch %d not sent: %s", seq, exc)
         return seq
@@ -277,6 +282,7 @@ class KVEventPublisher:
             if sock is not None:
                 sock.close(linger=0)
         self._pub = self._router = None
+        self._pub_sync = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
