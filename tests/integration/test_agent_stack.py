@@ -203,3 +203,36 @@ def test_block_size_mismatch_exits_loudly(etcd_endpoint: str, etcd_prefix: str,
         assert "block size mismatch" in log and "refusing to run" in log
     finally:
         reg.stop()
+
+
+def test_legacy_wire_formats_end_to_end(tmp_path: Path) -> None:
+    """Positional events, bytes hashes and [seq, payload] replay replies, with a gap on
+    purpose: the agent joins after the engine published, so it must replay from 0."""
+    reg_port = free_port()
+    ports = {"http": free_port(), "events": free_port(), "replay": free_port()}
+    reg = start_server("registry", ["--store", "memory", "--listen", f"127.0.0.1:{reg_port}",
+                                    "--heartbeat-interval-s", "0.5"], tmp_path, name="reg")
+    sim = start_server("engine-sim", [
+        "--listen", f"127.0.0.1:{ports['http']}", "--model", MODEL, "--capacity-blocks", "64",
+        "--time-scale", "0.01", "--topic", "kv", "--encoding", "positional",
+        "--hash-type", "bytes", "--replay-form", "legacy",
+        "--events-endpoint", f"tcp://127.0.0.1:{ports['events']}",
+        "--replay-endpoint", f"tcp://127.0.0.1:{ports['replay']}"], tmp_path, name="sim")
+    ag: ServerProcess | None = None
+    target = f"127.0.0.1:{reg_port}"
+    try:
+        complete(ports["http"], prompt(0))  # published before any agent listens
+        ag = agent(reg_port, ports, tmp_path, "agent")
+        complete(ports["http"], prompt(1))
+        eventually(lambda: matched(target, prompt(1)) == {"node-a": 4}, 10, "live blocks")
+        eventually(lambda: matched(target, prompt(0)) == {"node-a": 4}, 10, "replayed blocks")
+        text = urllib.request.urlopen(ag.metrics_url, timeout=5).read().decode()
+        values = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                      if line and not line.startswith("#"))
+        assert float(values["kvroute_agent_replayed_batches_total"]) >= 1
+        assert float(values['kvroute_agent_parse_errors_total{reason="bad_frame"}']) == 0
+        assert float(values["kvroute_agent_events_lost_total"]) == 0
+    finally:
+        for p in (ag, sim, reg):
+            if p is not None:
+                p.stop()
