@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
+from kvroute.errors import ConfigError
 from kvroute.grpcutil import add_health_and_reflection, bind
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
@@ -57,8 +58,15 @@ def build_core(s: RouterSettings, policy_settings: Mapping[type[Any], Any],
     kv = policy_settings.get(KvAwareSettings) or KvAwareSettings()
     tracker = LoadTracker(time.monotonic, s.inflight_timeout_s, kv.kv_prefill_tokens_per_s,
                           s.max_tracked_requests)
-    return RouterCore(s, PolicySet(policy_settings), build_source(s, metrics), tracker,
-                      load_tokenizer(s.tokenizer, s.tokenizer_file), metrics)
+    policies = PolicySet(policy_settings)
+    if policies.get(s.default_policy) is None:
+        raise ConfigError(f"--default-policy: unknown policy {s.default_policy!r}; known: "
+                          f"{', '.join(policies.names)}")
+    try:
+        tokenizer = load_tokenizer(s.tokenizer, s.tokenizer_file)
+    except ValueError as exc:
+        raise ConfigError(f"--tokenizer: {exc}") from exc
+    return RouterCore(s, policies, build_source(s, metrics), tracker, tokenizer, metrics)
 
 
 async def serve(settings: RouterSettings,
