@@ -7,13 +7,16 @@ the integration tests run the same paths against real registry processes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvroute.blocks import hash_blocks
-from kvroute.errors import Unavailable
+from kvroute.errors import KvrouteError, Unavailable
 from kvroute.v1 import router_pb2, router_pb2_grpc
 from router_service.core import RouterCore
 from router_service.load import LoadTracker
@@ -188,3 +191,31 @@ async def test_route_stream_answers_in_order_with_per_message_errors(router: tup
     assert out[0].node_id == "a" and not out[0].HasField("error")
     assert out[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert out[2].policy == "session" and out[2].prompt_tokens == 2
+
+
+@settings(max_examples=150, deadline=None)
+@given(rid=st.text(max_size=300), tokens=st.lists(st.integers(0, 2**32 - 1), max_size=1200),
+       prompt=st.text(max_size=200), hashes=st.lists(st.integers(0, 2**64 - 1), max_size=80),
+       n_prompt=st.integers(0, 2**32 - 1), policy=st.none() | st.text(max_size=20),
+       model=st.sampled_from(["", "m", "x" * 300, "other"]),
+       session=st.none() | st.text(max_size=300))
+def test_nothing_a_client_sends_crashes_the_core(
+        rid: str, tokens: list[int], prompt: str, hashes: list[int], n_prompt: int,
+        policy: str | None, model: str, session: str | None) -> None:
+    src = MemorySource()
+    src.add("a", HASHES[:2])
+    src.add("b")
+    core = RouterCore(RouterSettings(registry="127.0.0.1:1", max_prompt_tokens=1000,
+                                     max_token_id=50_000), PolicySet(), src,
+                      LoadTracker(lambda: 0.0), load_tokenizer("simple"))
+    req = router_pb2.RouteRequest(request_id=rid, token_ids=tokens, prompt=prompt,
+                                  block_hashes=hashes, num_prompt_tokens=n_prompt, model=model)
+    if policy is not None:
+        req.policy = policy
+    if session is not None:
+        req.session_id = session
+    try:
+        resp = asyncio.run(core.route(req))
+    except KvrouteError:
+        return
+    assert resp.node_id in ("a", "b")
