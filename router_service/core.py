@@ -125,14 +125,14 @@ class RouterCore:
             raise InvalidArgument(f"{field}: token id {int(tokens[bad])} at position {bad} is "
                                   f"out of range 0..{s.max_token_id} (--max-token-id)")
 
-    def _resolve_model(self, model: str, known: list[NodeState]) -> str:
+    def _resolve_model(self, model: str) -> str:
         if model:
             if len(model) > MAX_ID_CHARS:
                 raise InvalidArgument(f"model: at most {MAX_ID_CHARS} characters")
             return model
         if self.settings.default_model:
             return self.settings.default_model
-        models = sorted({n.model for n in known})
+        models = sorted({n.model for n in self.source.last_known()})
         if len(models) == 1:
             return models[0]
         if not models:
@@ -147,8 +147,7 @@ class RouterCore:
             raise InvalidArgument(f"policy: unknown policy {policy_name!r}; known: "
                                   f"{', '.join(self.policies.names)}")
         view = self._request_view(req)
-        known = self.source.last_known()
-        model = self._resolve_model(req.model, known)
+        model = self._resolve_model(req.model)
         rbs = self.source.registry_block_size()
         if rbs and rbs != self.settings.block_size and not req.block_hashes:
             raise FailedPrecondition(
