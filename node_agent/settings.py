@@ -63,6 +63,9 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
                 "required (> 0) unless --engine-metrics-url can report it")
         require(self.engine_events.startswith(("tcp://", "ipc://")), "engine_events",
                 "expected tcp://HOST:PORT (or ipc://PATH)")
+        require("*" not in self.engine_events + self.engine_replay, "engine_events",
+                "the agent connects: give the engine's address (tcp://127.0.0.1:5557), not the "
+                "engine's bind pattern tcp://*:5557")
         require(not self.engine_replay or self.engine_replay.startswith(("tcp://", "ipc://")),
                 "engine_replay", "expected tcp://HOST:PORT (or ipc://PATH)")
         require(self.engine_format in ("vllm", "sglang"), "engine_format",

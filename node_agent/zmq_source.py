@@ -104,11 +104,8 @@ class ZmqEventSource:
 
     async def close(self) -> None:
         """Close the sockets and the context."""
-        for s in (self._sub, self._dealer):
-            if s is not None:
-                s.close(linger=0)
         self._sub = self._dealer = None
-        self._ctx.term()
+        self._ctx.destroy(linger=0)  # closes every socket (monitor included), then terminates
 
     async def items(self) -> AsyncIterator[SourceItem]:
         """Batches and signals in order, until the source is closed or the task cancelled."""
