@@ -8,7 +8,10 @@ the integration tests run the same paths against real registry processes.
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import grpc
 import pytest
@@ -76,7 +79,7 @@ class MemorySource:
 
 
 @pytest.fixture
-async def router() -> AsyncIterator[tuple[router_pb2_grpc.RouterStub, MemorySource, RouterCore]]:
+async def router() -> AsyncIterator[tuple[router_pb2_grpc.RouterStub, MemorySource, int]]:
     src = MemorySource()
     settings = RouterSettings(registry="127.0.0.1:1", max_prompt_tokens=1000,
                               max_token_id=50_000, max_prompt_chars=5000)
@@ -88,7 +91,7 @@ async def router() -> AsyncIterator[tuple[router_pb2_grpc.RouterStub, MemorySour
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield router_pb2_grpc.RouterStub(channel), src, core
+        yield router_pb2_grpc.RouterStub(channel), src, port
     finally:
         await channel.close(None)
         await server.stop(None)
@@ -219,3 +222,27 @@ def test_nothing_a_client_sends_crashes_the_core(
     except KvrouteError:
         return
     assert resp.node_id in ("a", "b")
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "route", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_route_cli_inputs_and_errors(router: tuple, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    _, src, port = router
+    src.add("a", HASHES[:4])
+    src.add("b")
+    target = f"127.0.0.1:{port}"
+    f = tmp_path / "tokens.json"
+    f.write_text(json.dumps(PROMPT))
+    rc, out, _ = await _cli("--router", target, "--tokens-file", str(f), "--json")
+    assert rc == 0 and json.loads(out)["node_id"] == "a"
+    rc, out, _ = await _cli("--router", target, "--prompt", "hello world", "--session", "s1",
+                            "--policy", "session")
+    assert rc == 0 and "policy:   session" in out and "reason:" in out
+    rc, _, err = await _cli("--router", target, "--tokens", "1,2", "--policy", "nope")
+    assert rc == 1 and "INVALID_ARGUMENT" in err and "unknown policy" in err
