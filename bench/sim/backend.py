@@ -33,4 +33,5 @@ class SimBackend:
             over[KvAwareSettings] = self.kv_settings
         policy = build_policy(policy_name, prefill_tokens_per_s=self.settings.prefill_tokens_per_s,
                               seed=self.seed, overrides=over)
-        return simulate(workload, policy, self.settings, self.progress)
+        router_rate = self.kv_settings.kv_prefill_tokens_per_s if self.kv_settings else None
+        return simulate(workload, policy, self.settings, self.progress, router_rate)

@@ -30,7 +30,8 @@ class SimSettings:
                    "per token with a batch limit) or seed (the notebook's constants: 50 ms "
                    "prefill for a full miss, 2 ms transfer, 100 ms decode)")
     heartbeat_delay_s: float = setting(
-        0.0, "the registry's view of each cache lags the cache by this many seconds")
+        0.0, "heartbeat lag: the registry's view of each cache lags the cache by this many "
+             "seconds, and queue/usage reports refresh once per this interval (0 = live)")
     block_size: int = setting(0, "tokens per block (0 = the workload's)")
 
     def __post_init__(self) -> None:

@@ -39,7 +39,7 @@ _SEED_DECODE_S = 0.100
 
 class _Node:
     __slots__ = ("busy_s", "cache", "decode_wait", "decoding", "ev_rate", "ev_t", "idx",
-                 "nid", "prefilling", "queue")
+                 "nid", "prefilling", "queue", "reported", "reported_t")
 
     def __init__(self, idx: int, capacity: int, delay_s: float) -> None:
         self.idx = idx
@@ -52,6 +52,17 @@ class _Node:
         self.busy_s = 0.0
         self.ev_rate = 0.0
         self.ev_t = 0.0
+        self.reported = (0, 0, 0)
+        self.reported_t = -1e18
+
+    def status(self, now: float, interval_s: float) -> tuple[int, int, int]:
+        """(queue depth, running, used blocks) as last reported: live when ``interval_s`` is 0,
+        else refreshed once per heartbeat interval (the registry's view)."""
+        if interval_s <= 0 or now - self.reported_t >= interval_s:
+            self.reported = (len(self.queue), self.decoding + (1 if self.prefilling else 0),
+                             len(self.cache))
+            self.reported_t = now
+        return self.reported
 
     def eviction_rate(self, now: float) -> float:
         return self.ev_rate * math.exp(-(now - self.ev_t) / _EVICT_TAU_S) if self.ev_rate else 0.0
@@ -62,19 +73,25 @@ class _Node:
 
 
 def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
-             progress: Callable[[int], None] | None = None) -> PolicyRun:
-    """Replay ``workload`` under ``policy`` on a fresh simulated fleet (module docstring)."""
+             progress: Callable[[int], None] | None = None,
+             router_prefill_tokens_per_s: float | None = None) -> PolicyRun:
+    """Replay ``workload`` under ``policy`` on a fresh simulated fleet (module docstring).
+
+    ``router_prefill_tokens_per_s`` is the drain rate the router's load tracker assumes (the
+    router's configured ``--kv-prefill-tokens-per-s``); default: the engines' true rate.
+    """
     t_wall = time.perf_counter()
     reqs = workload.requests
     n_req = len(reqs)
     bs = cfg.block_size or workload.block_size
     seed_model = cfg.latency_model == "seed"
+    delay = cfg.heartbeat_delay_s
     rate = cfg.prefill_tokens_per_s
     nodes = [_Node(i, cfg.cache_blocks, cfg.heartbeat_delay_s) for i in range(cfg.nodes)]
     by_id = {n.nid: n for n in nodes}
     run = PolicyRun(policy.name, [n.nid for n in nodes], n_req)
     run.init_requests(n_req)
-    tracker = make_tracker(rate)
+    tracker = make_tracker(router_prefill_tokens_per_s or rate)
     on_routed: Any = getattr(policy, "on_routed", None)
     on_prefill_done: Any = getattr(policy, "on_prefill_done", None)
     on_complete: Any = getattr(policy, "on_complete", None)
@@ -142,12 +159,15 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
         run.arrival_s[i] = now
         run.prompt_tokens[i] = r.prompt_tokens
         hashes = r.block_hashes
-        views = [NodeView(
-            node_id=n.nid, address=n.nid, matched_blocks=n.cache.believed_match(hashes, now),
-            inflight=tracker.inflight(n.nid), queue_depth=len(n.queue),
-            running=n.decoding + (1 if n.prefilling else 0), used_blocks=len(n.cache),
-            capacity_blocks=n.cache.capacity, eviction_rate=n.eviction_rate(now),
-            pending_prefill_tokens=tracker.pending_prefill(n.nid, now)) for n in nodes]
+        views = []
+        for n in nodes:
+            q, running, used = n.status(now, delay)
+            views.append(NodeView(
+                node_id=n.nid, address=n.nid, matched_blocks=n.cache.believed_match(hashes, now),
+                inflight=tracker.inflight(n.nid), queue_depth=q, running=running,
+                used_blocks=used, capacity_blocks=n.cache.capacity,
+                eviction_rate=n.eviction_rate(now),
+                pending_prefill_tokens=tracker.pending_prefill(n.nid, now)))
         rv = RequestView(r.request_id, r.block_hashes, r.prompt_tokens, bs, r.session_key,
                          r.output_tokens)
         if on_prompt_text is not None:

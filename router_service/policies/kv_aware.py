@@ -10,7 +10,9 @@ estimated TTFT of the request on each node, in seconds,
 
 where ``uncached_tokens(n) = prompt_tokens - matched_blocks(n) * block_size`` is the prefill this
 request adds on that node (its overlap benefit is the prefill it saves there), and
-``pending_prefill_tokens`` is the router's estimate of prefill already queued on the node.
+``pending_prefill_tokens`` is the router's estimate of prefill already queued on the node (floored
+at half the engine's reported waiting requests x the policy's running average of uncached tokens
+per request, so an overestimated prefill rate cannot make a busy node look idle).
 Between two nodes the ``reuse_weight`` term differs by ``reuse_weight`` x the cached tokens the
 request would recompute on the worse one: > 1 because recomputing a cached prefix elsewhere also
 delays every later request on that node and duplicates cache that then evicts other prefixes
@@ -58,8 +60,10 @@ class KvAwareSettings:
     """Weights and cap of the ``kv_aware`` policy (flags ``--kv-*``, env ``KVROUTE_KV_*``)."""
 
     kv_prefill_tokens_per_s: float = setting(
-        16_000.0, "prefill throughput of one engine in tokens/s; converts queued and uncached "
-        "prefill tokens into seconds of expected TTFT")
+        16_000.0, "prefill throughput of one engine in tokens/s (set it from your engines; "
+        "when unsure err low): converts queued and uncached prefill into seconds of expected "
+        "TTFT and drains the router's queued-prefill estimate. Measured: 2x too low costs "
+        "little, 2.7x too high raises p90 TTFT by about a quarter")
     kv_reuse_weight: float = setting(
         8.0, "weight of this request's uncached prefill against work already queued; >1 prefers "
         "nodes that hold the prefix (recomputing it elsewhere also delays later requests there "
@@ -147,6 +151,8 @@ class KvAwarePolicy:
         self.settings = settings or KvAwareSettings()
         self._turn = 0
         self._recent = RecentRoutes()
+        self._avg_uncached = 0.0
+        """Moving average of the uncached prompt tokens of this policy's decisions."""
 
     def estimate_s(self, request: RequestView, node: NodeView,
                    reuse_weight: float | None = None, matched_blocks: int | None = None) -> float:
@@ -160,7 +166,10 @@ class KvAwarePolicy:
         matched = node.matched_blocks if matched_blocks is None else matched_blocks
         cached = min(matched * request.block_size, request.prompt_tokens)
         uncached = request.prompt_tokens - cached
-        est = (node.pending_prefill_tokens + w * uncached
+        # the engine's reported waiting requests x a typical request's prefill: a floor under
+        # the router's drain-rate estimate, which runs dry early if the configured rate is high
+        pending = max(node.pending_prefill_tokens, 0.5 * node.queue_depth * self._avg_uncached)
+        est = (pending + w * uncached
                + s.kv_inflight_cost_tokens * node.inflight) / s.kv_prefill_tokens_per_s
         est += s.kv_eviction_cost_s * node.eviction_rate
         usage = node.usage
@@ -201,6 +210,9 @@ class KvAwarePolicy:
             best_node = min(live, key=lambda v: (v.load, v.node_id))
             best_matched = best_node.matched_blocks
             best_est = self.estimate_s(request, best_node, w)
+        uncached_best = request.prompt_tokens - min(best_matched * request.block_size,
+                                                    request.prompt_tokens)
+        self._avg_uncached += 0.02 * (uncached_best - self._avg_uncached)
         if s.kv_recent_routes:
             self._recent.record(request.block_hashes, best_node.node_id,
                                 max(s.kv_recent_routes, 2 * total))
