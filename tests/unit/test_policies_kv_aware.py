@@ -85,3 +85,18 @@ def test_prefix_routed_but_not_yet_reported_follows_its_node() -> None:
 def test_settings_validate() -> None:
     with pytest.raises(ConfigError, match="kv-load-cap-factor"):
         KvAwareSettings(kv_load_cap_factor=0.5)
+
+
+def test_reported_queue_floors_a_drained_estimate() -> None:
+    pol = KvAwarePolicy(KvAwareSettings(kv_prefill_tokens_per_s=1000.0, kv_recent_routes=0))
+    idle = [_node(i) for i in range(2)]
+    for k in range(50):  # learn the typical uncached prefill (128 tokens here)
+        pol.choose(_req(first=1000 * k), idle)
+
+    def q(i: int, depth: int, matched: int = 0) -> NodeView:
+        return NodeView(f"n{i}", "a", matched, 0, depth, 0, 0, 100, 0.0)
+
+    # the router's estimate says both are idle (drained too early); node 0 reports 40 waiting
+    # requests: its small overlap no longer wins
+    assert pol.choose(_req(), [q(0, 40, matched=2), q(1, 0)]).node_id == "n1"
+    assert pol.choose(_req(first=77), [q(0, 0, matched=2), q(1, 0)]).node_id in {"n0", "n1"}
