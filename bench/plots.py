@@ -57,7 +57,7 @@ def _style(name: str) -> dict[str, Any]:
 def running_hit_rate(out: BenchOutcome, path: Path) -> None:
     """Cumulative engine-measured token hit rate per policy over the trace, with the bounds."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(10, 5.5))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
     prompt = np.cumsum([r.prompt_tokens for r in out.workload.requests], dtype=float)
     x = np.arange(1, len(prompt) + 1)
     for bound, label, style in ((out.oracle, "oracle (one infinite cache)", "k--"),
@@ -76,7 +76,7 @@ def running_hit_rate(out: BenchOutcome, path: Path) -> None:
                  f"{out.settings.cache_blocks} blocks")
     ax.set_ylim(0, None)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8, ncol=2)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
