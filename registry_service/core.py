@@ -194,6 +194,7 @@ class RegistryCore:
             if req.epoch != rec.epoch:
                 return self._resync("stale_epoch", rec, f"epoch {req.epoch} is stale, the "
                                     f"node's current epoch is {rec.epoch}: RegisterNode again")
+            state.seen_unix_ms = now_ms()  # the node is alive even if etcd is not
             ttl = await self._op("lease_keepalive", self.store.refresh_lease(rec))
             if ttl <= 0:
                 self.view.drop(rec.node_id, expired=True)

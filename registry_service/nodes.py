@@ -28,6 +28,8 @@ class NodeState:
     deltas_since_snapshot: int = 0
     lease_refreshed_mono: float = field(default_factory=time.monotonic)
     status_written_mono: float = 0.0
+    seen_unix_ms: int = 0
+    """Last heartbeat received by this replica (even one whose etcd write then failed)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -46,7 +48,8 @@ class NodeState:
 
     def heartbeat_ms(self) -> int:
         """Time of the latest heartbeat seen (registration counts as one)."""
-        return max(self.status.heartbeat_unix_ms, self.record.registered_unix_ms)
+        return max(self.status.heartbeat_unix_ms, self.record.registered_unix_ms,
+                   self.seen_unix_ms)
 
     def healthy(self, late_after_s: float, at_ms: int | None = None) -> bool:
         """Heartbeats on time (as seen by this replica, directly or through etcd)."""
