@@ -99,6 +99,7 @@ class RouterCore:
             tokens = np.array(self.tokenizer.encode(req.prompt), dtype=np.int64)
             self._check_tokens(tokens, "prompt")
         elif req.block_hashes:
+            bs = self.source.registry_block_size() or bs  # the caller hashed with the registry's
             n_blocks = len(req.block_hashes)
             prompt_tokens = req.num_prompt_tokens or n_blocks * bs
             if prompt_tokens > s.max_prompt_tokens:
@@ -246,7 +247,7 @@ class RouterCore:
             decisions_by_policy=self.decisions_by_policy,
             degraded_decisions=self.degraded_decisions,
             inflight_by_node=inflight,
-            nodes_known=len(self.source.last_known()),
+            nodes_known=self.source.nodes_known(),
             registry_connected=self.source.connected,
             registry_staleness_s=self.source.staleness_s(),
             default_policy=self.settings.default_policy,

@@ -88,3 +88,7 @@ class PlacementSource(Protocol):
     def last_known(self) -> list[NodeState]:
         """Every node known from the registry at last contact (for degraded routing)."""
         ...
+
+    def nodes_known(self) -> int:
+        """How many nodes are known (safe to call from the metrics thread)."""
+        ...

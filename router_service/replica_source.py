@@ -95,6 +95,10 @@ class ReplicaSource:
         """Nodes of the current replica (last known when the link is down)."""
         return list(self._index.nodes.values())
 
+    def nodes_known(self) -> int:
+        """Nodes in the current replica."""
+        return len(self._index.nodes)
+
     # -- background -----------------------------------------------------------------------
     async def _run(self) -> None:
         while True:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from tenacity import (
     AsyncRetrying,
+    before_sleep_log,
     retry_if_exception_type,
     stop_after_attempt,
     stop_never,
     wait_random_exponential,
 )
+
+log = logging.getLogger(__name__)
 
 
 class LinkNeverUp(Exception):
@@ -29,6 +34,7 @@ def reconnect_retrying(max_wait_s: float) -> AsyncRetrying:
     """Retry forever on connection failures, waiting 0..min(max, 0.05 * 2**n) s (jittered)."""
     return AsyncRetrying(
         wait=wait_random_exponential(multiplier=0.05, max=max_wait_s),
+        before_sleep=before_sleep_log(log, logging.DEBUG),
         retry=retry_if_exception_type((grpc.aio.AioRpcError, LinkNeverUp, OSError)),
         stop=stop_never, reraise=True)
 

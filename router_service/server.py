@@ -77,7 +77,7 @@ async def serve(settings: RouterSettings,
     metrics = RouterMetrics(registry)
     core = build_core(s, policy_settings or {}, metrics)
     metrics.bind_gauges(core.source.staleness_s, lambda: core.source.connected,
-                        lambda: len(core.source.last_known()),
+                        core.source.nodes_known,
                         lambda: core.tracker.total_inflight)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)

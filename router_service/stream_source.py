@@ -112,6 +112,10 @@ class StreamSource:
         """Nodes from the latest ListNodes / lookup replies."""
         return list(self._nodes.values())
 
+    def nodes_known(self) -> int:
+        """Nodes in the cache."""
+        return len(self._nodes)
+
     async def lookup(self, block_hashes: Sequence[int], model: str) -> Placement:
         """Ask the registry over the stream; Unavailable when it cannot answer in time."""
         if not self._connected:

@@ -73,6 +73,9 @@ class MemorySource:
     def last_known(self) -> list[NodeState]:
         return list(self.nodes.values())
 
+    def nodes_known(self) -> int:
+        return len(self.nodes)
+
     def add(self, nid: str, blocks: Sequence[int] = (), model: str = "m") -> None:
         self.nodes[nid] = NodeState(nid, f"{nid}:8000", model)
         self.blocks[nid] = set(blocks)
