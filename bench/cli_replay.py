@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from bench.sim.config import DEFAULT_PREFILL_TOKENS_PER_S, SimSettings
 from bench.workloads import WORKLOAD_NAMES, TraceFormatError, load_workload
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
-from kvroute.settings import add_arguments, from_namespace
+from kvroute.settings import add_arguments, env_name, from_namespace
 from router_service.policies.kv_aware import KvAwareSettings
 
 
@@ -54,7 +55,9 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-fractions", default="0.05,0.1,0.25,0.5,1.0", metavar="F,...",
                    help="sweep: per-node cache = F x distinct blocks / nodes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    group = p.add_argument_group("kv_aware policy settings (same flags as the router)")
+    group = p.add_argument_group(
+        "kv_aware policy settings (the router's flags and KVROUTE_KV_* variables; here "
+        "--kv-prefill-tokens-per-s defaults to --prefill-tokens-per-s, the engines' true rate)")
     add_arguments(group, KvAwareSettings)  # type: ignore[arg-type]
 
 
@@ -83,9 +86,11 @@ def _policies(args: argparse.Namespace) -> list[str]:
 
 
 def _kv_settings(args: argparse.Namespace, rate: float) -> KvAwareSettings:
-    given = getattr(args, "kv_prefill_tokens_per_s", None)
-    over = {} if given is not None else {"kv_prefill_tokens_per_s": rate}
-    return from_namespace(KvAwareSettings, args, environ={}, **over)
+    given = getattr(args, "kv_prefill_tokens_per_s", None) is not None or \
+        env_name("kv_prefill_tokens_per_s") in os.environ
+    if given:
+        return from_namespace(KvAwareSettings, args)
+    return from_namespace(KvAwareSettings, args, kv_prefill_tokens_per_s=rate)
 
 
 class _Progress:
