@@ -101,3 +101,24 @@ def test_bounds_order_and_every_policy_serves_everything() -> None:
         assert m["hit_rate_tokens"] <= orc + 1e-9, name
         hits[name] = m["hit_rate_tokens"]
     assert hits["kv_aware"] > hits["round_robin"] and hits["kv_aware"] > hits["random"]
+
+
+def test_reported_queue_refreshes_once_per_heartbeat() -> None:
+    seen: list[int] = []
+
+    class _Spy(_Fixed):
+        def choose(self, request: RequestView, nodes: Sequence[NodeView]) -> Decision:
+            seen.append(nodes[0].queue_depth)
+            return super().choose(request, nodes)
+
+    # four simultaneous long prefills: the live queue grows 0,1,2,3 but the report is frozen
+    # for the heartbeat interval
+    wl = Workload("t", 16, [_req(i, 0.0, (10 * i + 1, 10 * i + 2)) for i in range(4)])
+    live = SimSettings(nodes=1, cache_blocks=100, prefill_tokens_per_s=1.0, block_size=16)
+    simulate(wl, _Spy("node-0"), live)
+    assert seen == [0, 0, 1, 2]
+    seen.clear()
+    lagged = SimSettings(nodes=1, cache_blocks=100, prefill_tokens_per_s=1.0, block_size=16,
+                         heartbeat_delay_s=5.0)
+    simulate(wl, _Spy("node-0"), lagged)
+    assert seen == [0, 0, 0, 0]
