@@ -25,6 +25,7 @@ import random
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -180,7 +181,12 @@ def run_router_bench(cfg: RouterBenchConfig, log: Callable[[str], None] = print,
                 target = f"127.0.0.1:{rt_ready['grpc_port']}"
                 try:
                     _wait_routable(target, tokens[0])
-                    out["modes"][mode] = _measure_mode(target, cfg, tokens, mode, log, rt.pid)
+                    res = _measure_mode(target, cfg, tokens, mode, log, rt.pid)
+                    res["router_decision_mean_us"] = _decision_mean_us(
+                        f"http://127.0.0.1:{rt_ready['metrics_port']}/metrics")
+                    log(f"[{mode}] mean decision time inside the router: "
+                        f"{res['router_decision_mean_us']} us")
+                    out["modes"][mode] = res
                 finally:
                     rt.stop()
         finally:
@@ -190,6 +196,21 @@ def run_router_bench(cfg: RouterBenchConfig, log: Callable[[str], None] = print,
                 etcd.stop()
     out["verdict"] = _verdict(out["modes"])
     return out
+
+
+def _decision_mean_us(url: str) -> float:
+    """Mean of kvroute_router_route_latency_seconds (validation, hashing, lookup, policy)."""
+    with urllib.request.urlopen(url, timeout=5) as f:
+        text = f.read().decode()
+    vals = {}
+    for line in text.splitlines():
+        for key in ("_sum", "_count"):
+            name = f"kvroute_router_route_latency_seconds{key} "
+            if line.startswith(name):
+                vals[key] = float(line.split()[1])
+    if not vals.get("_count"):
+        return float("nan")
+    return round(vals["_sum"] / vals["_count"] * 1e6, 1)
 
 
 def _cpu_s(pid: int) -> float:
