@@ -32,7 +32,8 @@ class RegistryMetrics:
             "Heartbeats answered with resync_required, by reason", ["reason"], registry=r)
         self.lease_expiries = Counter(
             "kvroute_registry_lease_expiries_total",
-            "Nodes removed because their lease expired (seen through the store)", registry=r)
+            "Nodes removed because their lease expired (seen through the store; a node "
+            "deregistered through another replica also counts)", registry=r)
         self.lookups = Counter("kvroute_registry_lookups_total", "Lookups answered",
                                registry=r)
         self.lookup_seconds = Histogram(
