@@ -79,7 +79,7 @@ async def send(pub: TestPublisher, data: bytes) -> None:
     await pub.pub.send_multipart([pub.topic, seq.to_bytes(8, "big"), data])
 
 
-async def eventually(check: Callable[[], object], within_s: float = 5.0) -> None:
+async def eventually(check: Callable[[], object], within_s: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + within_s
     while True:
         try:
@@ -100,7 +100,7 @@ async def agent_rig(reg: Registry, buffer_steps: int = 100, **kw: object,
                       model="m", capacity_blocks=100, topic="kv",
                       engine_events=f"tcp://127.0.0.1:{pub.pub_port}",
                       engine_replay=f"tcp://127.0.0.1:{pub.replay_port}",
-                      heartbeat_interval_s=0.05, rpc_timeout_s=2.0, **kw)  # type: ignore[arg-type]
+                      heartbeat_interval_s=0.05, rpc_timeout_s=2.0, replay_timeout_s=3.0, **kw)  # type: ignore[arg-type]
     agent = Agent(s)
     tasks = [asyncio.create_task(agent.consume()), asyncio.create_task(agent.link.run())]
     try:

@@ -109,7 +109,7 @@ class Collector:
             await self.items.put(item)
 
     async def take(self, n: int) -> list[SourceItem]:
-        return [await asyncio.wait_for(self.items.get(), 5) for _ in range(n)]
+        return [await asyncio.wait_for(self.items.get(), 10) for _ in range(n)]
 
     async def close(self) -> None:
         self.task.cancel()
@@ -123,17 +123,18 @@ def desc(items: list[SourceItem]) -> list[object]:
             for i in items]
 
 
-def make_source(pub: TestPublisher, replay: bool = True) -> ZmqEventSource:
+def make_source(pub: TestPublisher, replay: bool = True,
+                replay_timeout_s: float = 3.0) -> ZmqEventSource:
     return ZmqEventSource(f"tcp://127.0.0.1:{pub.pub_port}", VllmParser(),
                           replay_endpoint=f"tcp://127.0.0.1:{pub.replay_port}" if replay
-                          else "", topic="kv", replay_timeout_s=0.5)
+                          else "", topic="kv", replay_timeout_s=replay_timeout_s)
 
 
 @contextlib.asynccontextmanager
-async def rig(replay: bool = True, **kw: object) -> AsyncIterator[tuple[TestPublisher,
-                                                                         Collector]]:
+async def rig(replay: bool = True, replay_timeout_s: float = 3.0, **kw: object,
+              ) -> AsyncIterator[tuple[TestPublisher, Collector]]:
     pub = TestPublisher(**kw)  # type: ignore[arg-type]
-    col = Collector(make_source(pub, replay))
+    col = Collector(make_source(pub, replay, replay_timeout_s))
     try:
         await pub.wait_subscribed()
         yield pub, col
@@ -191,7 +192,7 @@ async def test_no_replay_socket_means_resync_on_gap() -> None:
 
 
 async def test_replay_timeout_is_a_lost_gap() -> None:
-    async with rig(reply_shape="silent") as (pub, col):
+    async with rig(reply_shape="silent", replay_timeout_s=0.5) as (pub, col):
         await pub.publish()
         await pub.publish(drop=True)
         await pub.publish()
