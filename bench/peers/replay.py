@@ -1,0 +1,105 @@
+"""Replay a workload through one peer router and build the run from the engines' records.
+
+The same driver shape as kvroute's stack replay (:mod:`bench.stack_replay`): every request is
+sent at its arrival time compressed by the fleet's ``time_scale``, concurrently, with the token
+ids :func:`bench.stack_replay.synth_tokens` makes from the trace's block hashes. Which engine
+served a request, its cached tokens and its TTFT/e2e (model seconds) come from the engines'
+``/kvroute/stats`` records, keyed by the request id the body carries — never from the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from bench.peers.base import Peer
+from bench.peers.engines import EngineFleet
+from bench.results import PolicyRun
+from bench.stack_replay import _fill, _Outcome, _reset_records, _stats, synth_tokens
+from bench.workloads.base import Workload
+
+
+async def replay_peer(workload: Workload, peer: Peer, name: str, fleet: EngineFleet,
+                      progress: Callable[[int], None] | None = None) -> PolicyRun:
+    """Replay ``workload`` through ``peer`` (already started) on ``fleet`` (caches empty)."""
+    spec = fleet.spec
+    urls = fleet.urls
+    node_ids = sorted(urls)
+    run = PolicyRun(policy=name, node_ids=node_ids, n_requests=len(workload.requests))
+    run.init_requests(len(workload.requests))
+    tokens = [synth_tokens(r, workload.block_size) for r in workload.requests]
+    outcomes = [_Outcome() for _ in workload.requests]
+    client_s = [math.nan] * len(workload.requests)
+    timeout = aiohttp.ClientTimeout(total=900)
+    t_wall0 = time.perf_counter()
+    async with aiohttp.ClientSession(timeout=timeout,
+                                     connector=aiohttp.TCPConnector(limit=1024)) as http:
+        before = {n: await _stats(http, u, records=False) for n, u in urls.items()}
+        await _reset_records(http, urls)
+
+        async def one(i: int) -> None:
+            t0 = time.perf_counter()
+            res = await peer.send(http, workload.requests[i], tokens[i])
+            client_s[i] = (time.perf_counter() - t0) / spec.time_scale
+            outcomes[i].error = res.error
+            outcomes[i].predicted = res.predicted_cached_tokens
+
+        tasks: list[asyncio.Task[None]] = []
+        start = time.perf_counter()
+        for i, req in enumerate(workload.requests):
+            delay = req.arrival_s * spec.time_scale - (time.perf_counter() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(i))
+            if progress is not None:
+                task.add_done_callback(lambda _t: progress(1))
+            tasks.append(task)
+        await asyncio.gather(*tasks)
+        stats = {n: await _stats(http, u) for n, u in urls.items()}
+        for n, st in stats.items():
+            st["_evicted_before"] = before[n].get("evicted_blocks", 0)
+        run.notes.extend(await peer.notes(http))
+    run.wall_s = time.perf_counter() - t_wall0
+    dup = _attribute(workload, outcomes, stats)
+    _fill(run, workload, outcomes, stats, node_ids, spec.prefill_tokens_per_s)
+    run.notes.append(f"engine_sim x{spec.nodes}, time_scale {spec.time_scale}, block_size "
+                     f"{spec.block_size}, cache {spec.cache_blocks} blocks/engine")
+    if dup:
+        run.notes.append(f"{dup} requests reached more than one engine (router retries)")
+    run.notes.append(_client_vs_engine(client_s, run.e2e_s))
+    return run
+
+
+def _attribute(workload: Workload, outcomes: list[_Outcome],
+               stats: dict[str, dict[str, Any]]) -> int:
+    """Set each outcome's node from the engine that recorded it; count duplicates."""
+    seen: dict[str, list[str]] = {}
+    for node, st in stats.items():
+        for rec in st.get("records", []):
+            seen.setdefault(str(rec.get("request_id")), []).append(node)
+    dup = 0
+    for req, out in zip(workload.requests, outcomes, strict=True):
+        nodes = seen.get(req.request_id, [])
+        if len(nodes) > 1:
+            dup += 1
+        if nodes:
+            out.node_id = nodes[-1]
+        elif not out.error:
+            out.error = "no engine recorded this request"
+    return dup
+
+
+def _client_vs_engine(client_s: list[float], engine_s: list[float]) -> str:
+    """Client-observed vs engine-recorded e2e medians (model s): the router's hidden queueing."""
+    c = [v for v in client_s if not math.isnan(v)]
+    e = [v for v in engine_s if not math.isnan(v)]
+    if not c or not e:
+        return "client vs engine e2e: no completed requests"
+    return (f"e2e p50 seen by the client {statistics.median(c):.3f} s vs recorded by the "
+            f"engines {statistics.median(e):.3f} s (model seconds)")
