@@ -72,6 +72,8 @@ class RegistryCore:
         late = max(2 * hb + settings.status_write_interval_s, 1.0)
         self.view = ReplicaView(self.fanout, metrics, late)
         self._follower: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._was_healthy: dict[str, bool] = {}
         self.synced = asyncio.Event()
         metrics.track_index(lambda: self.view.index.entries,
                             self.view.index.entries_blocks,
@@ -84,13 +86,15 @@ class RegistryCore:
         await self.store.start()
         await self._relist()
         self._follower = asyncio.create_task(self._follow(), name="registry-follower")
+        self._sweeper = asyncio.create_task(self._sweep_health(), name="registry-health")
 
     async def close(self) -> None:
         """Stop following and close the store."""
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+        for task in (self._follower, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.store.close()
 
     async def _relist(self) -> int:
@@ -123,6 +127,20 @@ class RegistryCore:
                             exc, delay)
                 revision = None
                 await asyncio.sleep(delay)
+
+    async def _sweep_health(self) -> None:
+        """Tell watchers when a node turns unhealthy (late heartbeats) or healthy again."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = now_ms()
+            seen = self._was_healthy
+            for node_id, state in self.view.nodes.items():
+                healthy = state.healthy(self.view.late_after_s, now)
+                if seen.get(node_id, True) != healthy:
+                    self.fanout.publish(Change("upsert", node_id))
+                seen[node_id] = healthy
+            for node_id in [n for n in seen if n not in self.view.nodes]:
+                del seen[node_id]
 
     async def _op(self, name: str, aw: Awaitable[T]) -> T:
         """Run one store operation with latency/error metrics and status mapping."""

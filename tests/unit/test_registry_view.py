@@ -77,3 +77,26 @@ def test_slow_watcher_is_cut_off_not_waited_on() -> None:
             fast.queue.get_nowait()
     assert slow.overflowed and slow.queue.get_nowait().kind == "overflow"
     assert not fast.overflowed and f.subscribers == 1
+
+
+async def test_watchers_learn_when_a_node_turns_late() -> None:
+    import asyncio
+
+    from kvroute.v1 import registry_pb2 as pb
+    from registry_service.core import RegistryCore
+    from registry_service.settings import RegistrySettings
+    from registry_service.store.memory import MemoryStore
+
+    settings = RegistrySettings(store="memory", lease_ttl_s=30, heartbeat_interval_s=0.2,
+                                status_write_interval_s=0)
+    core = RegistryCore(settings, MemoryStore(), RegistryMetrics())
+    await core.start()
+    try:
+        await core.register(pb.RegisterNodeRequest(
+            node_id="a", address="h:1", model="m", block_size=16, capacity_blocks=10))
+        sub = core.fanout.subscribe()
+        change = await asyncio.wait_for(sub.queue.get(), 3.0)  # late after 1 s: an upsert
+        assert change.kind == "upsert" and change.node_id == "a"
+        assert not core.view.nodes["a"].healthy(core.view.late_after_s)
+    finally:
+        await core.close()
