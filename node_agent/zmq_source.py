@@ -152,11 +152,19 @@ class ZmqEventSource:
         """After the PUB connection came back: same engine (fetch what we missed) or a new
         incarnation whose first batches we may have missed (signal a restart, replay from 0).
         Tells them apart by asking for the last batch we processed and comparing its ts."""
+        if self._expected is None or self._expected == 0:
+            return
+        self.stats.reconnects += 1
         dealer = self._dealer
-        if dealer is None or self._expected is None or self._expected == 0:
+        if dealer is None:
+            # Cannot ask the engine; beside the engine a lost connection is a restart.
+            self.stats.engine_restarts += 1
+            log.warning("engine event stream reconnected and there is no replay socket to "
+                        "check the engine: treating it as a restart")
+            yield SourceSignal(SignalKind.ENGINE_RESTART, "reconnect without replay socket")
+            self._expected, self._last_live = None, None
             return
         last = self._expected - 1
-        self.stats.reconnects += 1
         await dealer.send_multipart([b"", last.to_bytes(8, "big")])
         reply = await self._recv_reply(dealer)
         if reply is None:

@@ -67,6 +67,10 @@ class TestPublisher:
         self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.bind(f"tcp://127.0.0.1:{self.pub_port}")
 
+    async def subscribed_again(self) -> None:
+        """Wait until the subscriber re-subscribed on the new PUB socket."""
+        await self.wait_subscribed()
+
     def restart(self) -> None:
         self.seq = 0
         self.buffer.clear()
@@ -284,3 +288,15 @@ async def test_reconnect_to_the_same_engine_fetches_what_was_missed() -> None:
         items = await col.take(1)
         assert desc(items) == [(2, True)]
         assert col.source.stats.engine_restarts == 0
+
+
+async def test_reconnect_without_replay_socket_is_treated_as_a_restart() -> None:
+    async with rig(replay=False) as (pub, col):
+        for _ in range(2):
+            await pub.publish()
+        assert desc(await col.take(2)) == [(0, False), (1, False)]
+        await pub.rebind_pub()
+        assert desc(await col.take(1)) == ["engine_restart"]
+        await pub.subscribed_again()
+        await pub.publish()  # seq 2 of the new connection: no gap signal
+        assert desc(await col.take(1)) == [(2, False)]
