@@ -21,6 +21,7 @@ from registry_service.store.base import (
     StatusPut,
     StoreConflict,
     StoreEvent,
+    WatchRestart,
 )
 from registry_service.store.etcd import EtcdStore
 from registry_service.store.etcd_client import EtcdSettings
@@ -166,3 +167,54 @@ async def test_lease_expiry_removes_every_key(stores: Factory) -> None:
     assert all(getattr(e, "node_id", "") != "x1" for e in (await s.load()).events)
     with pytest.raises(StoreConflict):
         await s.append_delta(r, Delta(2, 0, False, arr(2), arr()))
+
+
+async def test_watch_from_a_compacted_revision_must_relist(stores: Factory) -> None:
+    s = await started(stores)
+    start = (await s.load()).revision
+    r = await s.register_node(rec("c1"), None)
+    for seq in range(1, 6):
+        await s.append_delta(r, Delta(seq, 0, False, arr(seq), arr()))
+    if isinstance(s, EtcdStore):
+        await s.client.compact(await s.client.revision())
+    else:
+        assert isinstance(s, MemoryStore)
+        s._log_limit = 2  # keep only the last two changes
+        await s.append_delta(r, Delta(6, 0, False, arr(6), arr()))
+    with pytest.raises(WatchRestart):
+        await collect(s.watch(start), lambda e: False, wait_s=5)
+    loaded = await s.load()  # what a replica does next: list, then watch from there
+    assert [e.delta.seq for e in loaded.events if isinstance(e, DeltaPut)][:5] == [1, 2, 3, 4, 5]
+
+
+async def test_core_relists_when_its_watch_restarts() -> None:
+    from registry_service.core import RegistryCore
+    from registry_service.metrics import RegistryMetrics
+    from registry_service.settings import RegistrySettings
+
+    class Flaky(MemoryStore):
+        restarts = 0
+
+        async def watch(self, revision: int) -> AsyncIterator[list[StoreEvent]]:
+            if self.restarts == 0:
+                self.restarts += 1
+                raise WatchRestart("compacted (test)")
+            async for batch in super().watch(revision):
+                yield batch
+
+    store = Flaky()
+    metrics = RegistryMetrics()
+    core = RegistryCore(RegistrySettings(store="memory"), store, metrics)
+    await core.start()
+    try:
+        r = await store.register_node(rec("z"), None)  # written by "another replica"
+        await store.append_delta(r, Delta(1, 0, False, arr(1, 2), arr()))
+        for _ in range(100):
+            if "z" in core.view.nodes and core.view.nodes["z"].applied_seq == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert core.view.index.blocks(core.view.nodes["z"].slot).tolist() == [1, 2]
+        assert store.restarts == 1
+        assert metrics.store_relists._value.get() >= 2  # start + after the restart
+    finally:
+        await core.close()
