@@ -120,11 +120,13 @@ class RegistryCore:
             except WatchRestart as exc:
                 log.warning("store watch must restart (%s): listing again", exc)
                 revision = None
-            except (KvrouteError, StoreUnavailable, OSError) as exc:
+            except Exception as exc:  # never stop following: list again after a pause
                 failures += 1
                 delay = min(5.0, 0.2 * 2 ** min(failures, 5))
-                log.warning("following the store failed (%s); listing again in %.1fs",
-                            exc, delay)
+                expected = isinstance(exc, (KvrouteError, StoreUnavailable, OSError))
+                log.log(logging.WARNING if expected else logging.ERROR,
+                        "following the store failed (%r); listing again in %.1fs", exc, delay,
+                        exc_info=not expected)
                 revision = None
                 await asyncio.sleep(delay)
 

@@ -114,6 +114,7 @@ class ReplicaView:
                     state.record = rec
                     self.fanout.publish(Change("upsert", rec.node_id))
                 return
+            self.deregistered.discard((rec.node_id, state.record.epoch))
             self.drop(rec.node_id, expired=False)
         self._add(rec)
 
