@@ -175,7 +175,7 @@ def test_fuzz_random_bytes_never_raise(data: bytes) -> None:
     _check(SglangParser(), data)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.floats(allow_nan=False) | msgpack_values, st.lists(event_like, max_size=6),
        msgpack_values)
 def test_fuzz_random_msgpack_structures_never_raise(ts: Any, events: list[Any],
