@@ -32,10 +32,11 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV cache per node in the workload's block units (default: 25%% of the "
                         "workload's distinct blocks / nodes)")
     p.add_argument("--mode", choices=("sim", "stack"), default="sim",
-                   help="sim: in-process discrete-event replay; stack: real processes "
-                        "(not implemented yet)")
-    p.add_argument("--policies", default=",".join(ALL_POLICIES), metavar="A,B,...",
-                   help=f"policies to compare (default all: {','.join(ALL_POLICIES)})")
+                   help="sim: in-process discrete-event replay; stack: real etcd, registry, "
+                        "router, node agent and engine_sim processes with compressed time")
+    p.add_argument("--policies", default=None, metavar="A,B,...",
+                   help=f"policies to compare (default all: {','.join(ALL_POLICIES)}; in "
+                        "--mode stack the router's own)")
     p.add_argument("--prefill-tokens-per-s", type=float, default=DEFAULT_PREFILL_TOKENS_PER_S,
                    metavar="R", help="engine prefill speed, tokens/s (default "
                                      f"{DEFAULT_PREFILL_TOKENS_PER_S:.0f})")
@@ -55,6 +56,9 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-fractions", default="0.05,0.1,0.25,0.5,1.0", metavar="F,...",
                    help="sweep: per-node cache = F x distinct blocks / nodes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from bench.cli_stack import add_stack_arguments
+
+    add_stack_arguments(p)
     group = p.add_argument_group(
         "kv_aware policy settings (the router's flags and KVROUTE_KV_* variables; here "
         "--kv-prefill-tokens-per-s defaults to --prefill-tokens-per-s, the engines' true rate)")
@@ -77,7 +81,13 @@ def _load(args: argparse.Namespace) -> Workload:
 
 
 def _policies(args: argparse.Namespace) -> list[str]:
-    names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    if args.mode == "stack":
+        from bench.cli_stack import stack_policies
+
+        given = [n.strip() for n in (args.policies or "").split(",") if n.strip()]
+        return stack_policies(given, args.policies is not None)
+    names = [n.strip() for n in (args.policies or ",".join(ALL_POLICIES)).split(",")
+             if n.strip()]
     bad = [n for n in names if n not in ALL_POLICIES]
     if bad or not names:
         raise ConfigError(f"--policies: unknown {', '.join(bad) or '(empty)'}; "
@@ -109,9 +119,6 @@ class _Progress:
 
 def _prepare(args: argparse.Namespace) -> tuple[Workload, SimSettings, list[str],
                                                  KvAwareSettings] | int:
-    if args.mode == "stack":
-        print("kvroute bench --mode stack: not implemented yet", file=sys.stderr)
-        return 3
     try:
         workload = _load(args)
         settings = _settings(args, workload)
@@ -135,6 +142,10 @@ def run_replay(args: argparse.Namespace) -> int:
     if isinstance(prep, int):
         return prep
     workload, settings, names, kv = prep
+    if args.mode == "stack":
+        from bench.cli_stack import run_stack
+
+        return run_stack(args, workload, settings, names, kv)
     t0 = time.perf_counter()
     bar = _Progress(len(workload.requests) * len(names), args.no_progress)
     backend = SimBackend(settings, seed=args.seed, progress=bar, kv_settings=kv)
@@ -164,6 +175,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     from bench.runner import default_cache_blocks
     from bench.sim.backend import SimBackend
 
+    if args.mode == "stack":
+        print("kvroute bench sweep: runs in --mode sim only", file=sys.stderr)
+        return 2
     prep = _prepare(args)
     if isinstance(prep, int):
         return prep

@@ -43,6 +43,8 @@ class FleetSpec:
     """Agent heartbeat interval."""
     default_policy: str = "kv_aware"
     """Router default policy."""
+    router_args: tuple[str, ...] = ()
+    """Extra router flags (e.g. the kv_aware settings of a bench run)."""
     max_prompt_tokens: int = 262_144
     """Largest prompt the router and engines accept (trace prompts reach ~100k tokens)."""
 
@@ -116,7 +118,7 @@ class StackFleet:
                 "--registry", self.registry_target, "--block-size", str(s.block_size),
                 "--default-policy", s.default_policy, "--default-model", s.model,
                 "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s),
-                "--max-prompt-tokens", str(s.max_prompt_tokens)])
+                "--max-prompt-tokens", str(s.max_prompt_tokens), *s.router_args])
         except BaseException:
             self.close()
             raise
@@ -134,6 +136,7 @@ class StackFleet:
         agent, _ = self._serve("agent", f"agent-{i}", [
             "--registry", self.registry_target, "--node-id", node_id,
             "--engine-url", f"http://127.0.0.1:{ready['http_port']}",
+            "--engine-metrics-url", f"http://127.0.0.1:{ready['http_port']}/metrics",
             "--engine-events", f"tcp://127.0.0.1:{ready['events_port']}",
             "--engine-replay", f"tcp://127.0.0.1:{ready['replay_port']}",
             "--model", s.model, "--block-size", str(s.block_size),

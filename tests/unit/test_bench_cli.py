@@ -49,7 +49,7 @@ def test_sweep_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     sweep = json.loads(out.read_text())
     assert len(sweep["cache_blocks"]) == 2 and len(sweep["policies"]["kv_aware"]) == 2
     assert (tmp_path / "hit_rate_vs_cache.png").exists()
-    assert main(["bench", "--mode", "stack", "--no-progress"]) == 3
-    assert "not implemented yet" in capsys.readouterr().err
+    assert main(["bench", "--mode", "stack", "--policies", "sglang", "--no-progress"]) == 2
+    assert "run only in --mode sim" in capsys.readouterr().err
     assert main(["bench", "--policies", "nope", "--no-progress"]) == 2
     assert main(["bench", "--trace", str(tmp_path / "missing.jsonl"), "--no-progress"]) == 2
