@@ -29,6 +29,8 @@ class NodeState:
     lease_refreshed_mono: float = field(default_factory=time.monotonic)
     status_written_mono: float = 0.0
     seen_unix_ms: int = 0
+    refreshed_here_mono: float = 0.0
+    """When this replica last refreshed the lease itself (0 = never)."""
     """Last heartbeat received by this replica (even one whose etcd write then failed)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
