@@ -47,13 +47,16 @@ class _NodeBlocks:
     def merge(self) -> HashArray:
         if not self.ops:
             return self.base
-        hashes = np.concatenate([a for _, a in self.ops])
-        flags = np.concatenate([np.full(a.size, add, dtype=bool) for add, a in self.ops])
-        rev_h = hashes[::-1]
-        uniq, first = np.unique(rev_h, return_index=True)
-        last_is_add = flags[::-1][first]
-        base = np.setdiff1d(self.base, uniq[~last_is_add], assume_unique=True)
-        self.base = np.union1d(base, uniq[last_is_add]).astype(np.uint64, copy=False)
+        # one stable sort of base + logged changes: per hash, the last entry wins (the base
+        # counts as an add before every change), so a block removed and stored again stays
+        hashes = np.concatenate([self.base, *(a for _, a in self.ops)])
+        flags = np.concatenate([np.ones(self.base.size, dtype=bool),
+                                *(np.full(a.size, add, dtype=bool) for add, a in self.ops)])
+        order = np.argsort(hashes, kind="stable")
+        h, f = hashes[order], flags[order]
+        last = np.ones(h.size, dtype=bool)
+        last[:-1] = h[1:] != h[:-1]
+        self.base = h[last & f]
         self.ops = []
         self.pending = 0
         return self.base
@@ -98,7 +101,8 @@ class BlockIndex:
             k = h & KEY_MASK
             cur = get(k, 0)
             if not cur & bit:
-                m[k] = intern(cur | bit)
+                mask = cur | bit
+                m[k] = mask if mask < 256 else intern(mask)
                 new.append(h)
         self._track(slot, True, new)
         return len(new)
@@ -116,7 +120,7 @@ class BlockIndex:
             if cur & bit:
                 rest = cur & ~bit
                 if rest:
-                    m[k] = intern(rest)
+                    m[k] = rest if rest < 256 else intern(rest)
                 else:
                     del m[k]
                 gone.append(h)
