@@ -7,6 +7,7 @@ Ctrl-C. Ports are all free loopback ports chosen at start.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -82,8 +83,8 @@ class StackFleet:
         self._procs: list[ManagedProcess] = []
 
     # -- process helpers -------------------------------------------------------------------
-    def _serve(self, role: str, name: str, args: list[str]) -> tuple[ManagedProcess,
-                                                                      dict[str, Any]]:
+    def _launch(self, role: str, name: str, args: list[str]) -> tuple[ManagedProcess, Path]:
+        """Start ``kvroute serve ROLE`` without waiting; returns it and its ready file."""
         ready = self.workdir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "cli.main", "serve", role, "--listen", "127.0.0.1:0",
@@ -91,7 +92,11 @@ class StackFleet:
                 "--log-level", "warning", *args]
         proc = ManagedProcess(name, argv, self.workdir / "logs" / f"{name}.log").start()
         self._procs.append(proc)
-        return proc, read_ready_file(ready, self.startup_timeout_s, proc)
+        return proc, ready
+
+    def _ready(self, launched: tuple[ManagedProcess, Path]) -> dict[str, Any]:
+        proc, ready = launched
+        return read_ready_file(ready, self.startup_timeout_s, proc)
 
     @property
     def registry_target(self) -> str:
@@ -104,48 +109,55 @@ class StackFleet:
         return f"127.0.0.1:{self.router_ready['grpc_port']}"
 
     def start(self) -> StackFleet:
-        """Start every process and wait until all engines are registered."""
+        """Start every process (independent ones in parallel) and wait until all serve."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         s = self.spec
         try:
             self.etcd = EmbeddedEtcd(self.workdir / "etcd").start()
-            self.registry, self.registry_ready = self._serve("registry", "registry", [
+            registry = self._launch("registry", "registry", [
                 "--etcd-endpoints", self.etcd.endpoint, "--block-size", str(s.block_size),
                 "--lease-ttl-s", str(s.lease_ttl_s)])
-            for i in range(s.nodes):
-                self.engines.append(self._start_engine(i))
-            self.router, self.router_ready = self._serve("router", "router", [
+            engines = [self._launch("engine-sim", f"engine-{i}", [
+                "--block-size", str(s.block_size), "--capacity-blocks", str(s.cache_blocks),
+                "--prefill-tokens-per-s", str(s.prefill_tokens_per_s),
+                "--decode-ms-per-token", str(s.decode_ms_per_token),
+                "--max-running", str(s.max_running), "--time-scale", str(s.time_scale),
+                "--model", s.model, "--max-prompt-tokens", str(s.max_prompt_tokens)])
+                for i in range(s.nodes)]
+            self.registry, self.registry_ready = registry[0], self._ready(registry)
+            engine_ready = [self._ready(e) for e in engines]
+            agents = [self._launch("agent", f"agent-{i}", self._agent_args(i, ready))
+                      for i, ready in enumerate(engine_ready)]
+            router = self._launch("router", "router", [
                 "--registry", self.registry_target, "--block-size", str(s.block_size),
                 "--default-policy", s.default_policy, "--default-model", s.model,
                 "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s),
                 "--max-prompt-tokens", str(s.max_prompt_tokens), *s.router_args])
+            for i, (agent, ready) in enumerate(zip(agents, engine_ready, strict=True)):
+                self._ready(agent)
+                self.engines.append(EngineHandle(f"engine-{i}", engines[i][0], agent[0], ready))
+            self.router, self.router_ready = router[0], self._ready(router)
         except BaseException:
             self.close()
             raise
         return self
 
-    def _start_engine(self, i: int) -> EngineHandle:
+    def _agent_args(self, i: int, ready: dict[str, Any]) -> list[str]:
         s = self.spec
-        node_id = f"engine-{i}"
-        engine, ready = self._serve("engine-sim", node_id, [
-            "--block-size", str(s.block_size), "--capacity-blocks", str(s.cache_blocks),
-            "--prefill-tokens-per-s", str(s.prefill_tokens_per_s),
-            "--decode-ms-per-token", str(s.decode_ms_per_token),
-            "--max-running", str(s.max_running), "--time-scale", str(s.time_scale),
-            "--model", s.model, "--max-prompt-tokens", str(s.max_prompt_tokens)])
-        agent, _ = self._serve("agent", f"agent-{i}", [
-            "--registry", self.registry_target, "--node-id", node_id,
-            "--engine-url", f"http://127.0.0.1:{ready['http_port']}",
-            "--engine-metrics-url", f"http://127.0.0.1:{ready['http_port']}/metrics",
+        http = f"http://127.0.0.1:{ready['http_port']}"
+        return [
+            "--registry", self.registry_target, "--node-id", f"engine-{i}",
+            "--engine-url", http, "--engine-metrics-url", f"{http}/metrics",
             "--engine-events", f"tcp://127.0.0.1:{ready['events_port']}",
             "--engine-replay", f"tcp://127.0.0.1:{ready['replay_port']}",
             "--model", s.model, "--block-size", str(s.block_size),
             "--capacity-blocks", str(s.cache_blocks),
-            "--heartbeat-interval-s", str(s.heartbeat_interval_s)])
-        return EngineHandle(node_id, engine, agent, ready)
+            "--heartbeat-interval-s", str(s.heartbeat_interval_s)]
 
     def close(self) -> None:
         """Stop every process this fleet started (reverse order), then etcd."""
+        for proc in reversed(self._procs):  # SIGTERM all first, so they drain in parallel
+            proc.signal(signal.SIGTERM)
         for proc in reversed(self._procs):
             proc.stop(grace_s=5.0)
         self._procs.clear()
