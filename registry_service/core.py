@@ -48,6 +48,9 @@ from registry_service.view import ReplicaView
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DELTA_KEY_MAX_BYTES = 1 << 20
+"""A heartbeat delta larger than this is persisted as a (chunked) snapshot instead of one
+delta key: etcd refuses requests over --max-request-bytes (1.5 MiB by default)."""
 REFRESH_SKIP_FRACTION = 0.1
 """A heartbeat within this fraction of the TTL after this replica refreshed the node's lease
 does not refresh it again (the lease still has >= 90% left): saves an etcd round trip per
@@ -256,6 +259,9 @@ class RegistryCore:
         delta = Delta(seq=seq, base_gen=state.gen, cleared=req.cleared,
                       stored=as_hashes(req.stored), removed=as_hashes(req.removed))
         try:
+            if delta.events * 8 > DELTA_KEY_MAX_BYTES:
+                await self._large_delta(state, delta)
+                return None
             await self._op("append_delta", self.store.append_delta(state.record, delta))
             if self.view.apply_delta(state, delta):
                 self.metrics.block_events.inc(delta.events)
@@ -265,6 +271,19 @@ class RegistryCore:
             raise NotFound(f"node {state.node_id}: {exc}; resync required: RegisterNode, "
                            "then Resync") from exc
         return None
+
+    async def _large_delta(self, state: NodeState, delta: Delta) -> None:
+        """A delta too big for one etcd value: persist the resulting set as a snapshot
+        (chunked, <= 1 MiB per key) first, then apply the delta here."""
+        base = as_hashes([]) if delta.cleared else self.view.index.blocks(state.slot)
+        after = np.union1d(np.setdiff1d(base, delta.removed), delta.stored).astype(np.uint64)
+        gen = state.gen + 1
+        await self._op("write_snapshot", self.store.write_snapshot(
+            state.record, gen, delta.seq, after, False))
+        if self.view.apply_delta(state, delta):
+            self.metrics.block_events.inc(delta.events)
+        self.view.apply_snapshot(state, SnapshotPut(state.node_id, state.record.epoch, gen,
+                                                    delta.seq, False, after))
 
     async def _snapshot(self, state: NodeState, replace: bool,
                         hashes: np.ndarray | None = None) -> None:

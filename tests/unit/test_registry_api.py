@@ -211,3 +211,24 @@ async def test_lookup_stream_and_watches(reg: Reg) -> None:
     assert nev.node.node_id == "a"
     place.cancel()
     nodes.cancel()
+
+
+async def test_a_delta_too_big_for_one_etcd_value_becomes_a_snapshot(reg: Reg) -> None:
+    import registry_service.core as core_mod
+
+    old = core_mod.DELTA_KEY_MAX_BYTES
+    core_mod.DELTA_KEY_MAX_BYTES = 64  # 8 hashes
+    try:
+        a = await register(reg, "a")
+        await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch,
+                                                     stored=[1, 2, 3], delta_seq=1))
+        resp = await reg.stub.Heartbeat(pb.HeartbeatRequest(
+            node_id="a", epoch=a.epoch, stored=list(range(4, 20)), removed=[3], delta_seq=2))
+        assert not resp.resync_required
+        assert await lookup(reg, [1, 2, 3]) == {"a": 2}
+        assert await lookup(reg, [1, 2, *range(4, 20)]) == {"a": 18}
+        await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch, stored=[3],
+                                                     delta_seq=3))  # deltas continue on it
+        assert await lookup(reg, [1, 2, 3]) == {"a": 3}
+    finally:
+        core_mod.DELTA_KEY_MAX_BYTES = old
