@@ -16,6 +16,7 @@ superseded deltas are deleted when a snapshot is written, so a lease holds tens 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -235,7 +236,19 @@ class EtcdStore(PlacementStore):
 
     # ---- reads ------------------------------------------------------------------------------
     async def load(self) -> LoadResult:
-        kvs, revision = await self.client.get_prefix(self.prefix)
+        """Node records first (their revision is where the watch resumes), then status, then
+        each node's placement in its own read: no single response grows with the fleet. Later
+        reads may already hold changes the watch replays; applying them is idempotent."""
+        kvs, revision = await self.client.get_prefix(self.prefix + b"nodes/")
+        kvs += (await self.client.get_prefix(self.prefix + b"status/"))[0]
+        nodes = [ev.record for ev in map(self._event, [WatchEvent("put", kv) for kv in kvs])
+                 if isinstance(ev, NodePut)]
+        for i in range(0, len(nodes), 16):
+            reads = await asyncio.gather(*(
+                self.client.get_prefix(self._placement(r.node_id, r.epoch))
+                for r in nodes[i:i + 16]))
+            for got, _ in reads:
+                kvs += got
         self._chunks.clear()
         records: dict[str, NodeRecord] = {}
         status: list[StoreEvent] = []
