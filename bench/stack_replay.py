@@ -188,8 +188,8 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
         # Prefill work the engine did for this request (its model charges uncached tokens at
         # the configured rate), for the prefill-utilisation column.
         busy[run.node[i]] += (run.prompt_tokens[i] - run.cached_tokens[i]) / prefill_tokens_per_s
-        if not math.isnan(finish):
-            t_end = max(t_end, finish)
+        if not math.isnan(finish):  # engine clocks start with each engine: use durations
+            t_end = max(t_end, req.arrival_s + (finish - arrival))
     run.busy_s = busy
     run.load_samples = _load_samples(run, len(node_ids))
     run.evictions = sum(int(st.get("evicted_blocks", 0)) - int(st.get("_evicted_before", 0))
