@@ -30,7 +30,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__)
     p.add_argument("--workload", default="mooncake-sample", help="workload name")
     p.add_argument("--trace", default=None, help="Mooncake-format JSONL trace instead")
-    p.add_argument("--limit", type=int, default=1000, help="first N requests (default 1000)")
+    p.add_argument("--limit", type=int, default=1500,
+                   help="first N requests (default 1500: the whole shipped sample)")
     p.add_argument("--nodes", type=int, default=8, help="engines per fleet (default 8)")
     p.add_argument("--cache-fraction", type=float, default=0.25,
                    help="cache per engine = F x distinct blocks / nodes (default 0.25)")
@@ -39,8 +40,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--policies", default="kv_aware,round_robin,random",
                    help="kvroute router policies (default kv_aware,round_robin,random)")
     p.add_argument("--peers", default=",".join(DEFAULT_PEERS), help="router:policy,...")
-    p.add_argument("--overhead-pairs", type=int, default=60,
+    p.add_argument("--overhead-pairs", type=int, default=100,
                    help="direct-vs-routed request pairs for the added latency (0 = skip)")
+    p.add_argument("--latency-only", action="store_true",
+                   help="only the routers' added latency, on a 2-engine fleet at time_scale "
+                        "0.001, at --latency-sizes prompt tokens")
+    p.add_argument("--latency-sizes", default="256,2048,16384", help="probe prompt sizes")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 120 requests, 4 nodes, 20 overhead pairs")
     p.add_argument("--json", default=None, help="write the report here")
@@ -72,6 +77,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.nodes} engines x {cache} blocks of {wl.block_size} tokens, time_scale "
           f"{a.time_scale}; logs in {work}", flush=True)
     t0 = time.perf_counter()
+    if a.latency_only:
+        from bench.peers.latency import format_latency, measure_routers
+
+        sizes = [int(x) for x in a.latency_sizes.split(",") if x.strip()]
+        table = measure_routers([*policies, *peers], spec, work, sizes, a.overhead_pairs)
+        print(format_latency(table))
+        print(f"finished in {time.perf_counter() - t0:.0f} s")
+        if a.json:
+            Path(a.json).write_text(json.dumps({n: {str(s): v.as_dict() for s, v in row.items()}
+                                                for n, row in table.items()}, indent=2) + "\n")
+        return 0
     peer_backend = PeerBackend(work / "peers", spec, overhead_pairs=a.overhead_pairs)
     with StackBackend(work / "stack", spec) as stack:
         backend = CombinedBackend(stack, peer_backend)

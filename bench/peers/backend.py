@@ -55,7 +55,7 @@ class PeerBackend:
 
     def __init__(self, workdir: Path, spec: FleetSpec,
                  progress: Callable[[int], None] | None = None,
-                 overhead_pairs: int = 60) -> None:
+                 overhead_pairs: int = 100) -> None:
         self.workdir = workdir
         self.spec = spec
         self.progress = progress
@@ -129,7 +129,7 @@ def attach_added_latency(report: dict[str, Any], added: dict[str, AddedLatency])
 
 def run_peers(workload: Workload, spec: FleetSpec, peers: list[str], workdir: Path,
               progress: Callable[[int], None] | None = None,
-              overhead_pairs: int = 60) -> tuple[list[PolicyRun], dict[str, AddedLatency]]:
+              overhead_pairs: int = 100) -> tuple[list[PolicyRun], dict[str, AddedLatency]]:
     """Replay ``workload`` through each peer (``router:policy``), each on a fresh fleet."""
     backend = PeerBackend(workdir, spec, progress, overhead_pairs)
     runs = [backend.replay(workload, name if name.startswith("peer:") else f"peer:{name}")

@@ -67,8 +67,8 @@ async def _pairs(direct: Callable[[TraceRequest, list[int]], Awaitable[str]],
                         statistics.median(diffs), pairs)
 
 
-async def peer_added_latency(peer: Peer, engine_url: str, pairs: int = 60,
-                             prompt_tokens: int = 256, seed: int = 0) -> AddedLatency:
+async def peer_added_latency(peer: Peer, engine_url: str, pairs: int = 100,
+                             prompt_tokens: int = 2048, seed: int = 0) -> AddedLatency:
     """``peer`` (started) vs the same request body straight to ``engine_url``."""
     async with aiohttp.ClientSession() as http:
         async def direct(req: TraceRequest, toks: list[int]) -> str:
@@ -81,8 +81,8 @@ async def peer_added_latency(peer: Peer, engine_url: str, pairs: int = 60,
 
 
 async def kvroute_added_latency(router_target: str, engine_urls: dict[str, str], model: str,
-                                policy: str = "kv_aware", pairs: int = 60,
-                                prompt_tokens: int = 256, seed: int = 0) -> AddedLatency:
+                                policy: str = "kv_aware", pairs: int = 100,
+                                prompt_tokens: int = 2048, seed: int = 0) -> AddedLatency:
     """kvroute's path: ``Router.Route`` then the engine (``Complete`` after the response, as a
     gateway sends it, is not counted) vs the same request straight to the first engine."""
     first = engine_urls[sorted(engine_urls)[0]]
