@@ -152,19 +152,10 @@ def run_replay(args: argparse.Namespace) -> int:
     out = run_comparison(workload, settings, names, backend)
     bar.close()
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
-    from bench.report import format_table
+    from bench.report import emit
 
-    print(format_table(out.report))
-    print(f"replayed {len(names)} policies x {len(workload.requests)} requests in "
-          f"{time.perf_counter() - t0:.1f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out.report, indent=2) + "\n")
-        print(f"JSON: {args.json}")
-    if args.plot_dir:
-        from bench.plots import write_all
-
-        for path in write_all(out, args.plot_dir):
-            print(f"plot: {path}")
+    emit(out, f"replayed {len(names)} policies x {len(workload.requests)} requests in "
+              f"{time.perf_counter() - t0:.1f} s", args.json, args.plot_dir)
     return 0
 
 

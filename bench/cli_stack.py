@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -70,17 +69,8 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
         out = run_comparison(workload, settings, names, backend)
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
-    from bench.report import format_table
+    from bench.report import emit
 
-    print(format_table(out.report))
-    print(f"replayed {len(names)} policies x {len(workload.requests)} requests through the "
-          f"stack in {time.perf_counter() - t0:.1f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out.report, indent=2) + "\n")
-        print(f"JSON: {args.json}")
-    if args.plot_dir:
-        from bench.plots import write_all
-
-        for path in write_all(out, args.plot_dir):
-            print(f"plot: {path}")
+    emit(out, f"replayed {len(names)} policies x {len(workload.requests)} requests through "
+              f"the stack in {time.perf_counter() - t0:.1f} s", args.json, args.plot_dir)
     return 0

@@ -1,8 +1,13 @@
-"""The terminal table of a comparison."""
+"""The terminal table of a comparison, and writing a comparison's outputs."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.runner import BenchOutcome
 
 
 def _s(ms: float, width: int = 9) -> str:
@@ -40,3 +45,17 @@ def format_table(report: dict[str, Any]) -> str:
                  "merged-LRU bounds; pred = router-predicted token hit rate; req = requests "
                  ">= 50% cached; TTFT/e2e in seconds; max/mean = busiest node's requests / mean")
     return "\n".join(lines)
+
+
+def emit(out: BenchOutcome, summary: str, json_path: str | None, plot_dir: str | None) -> None:
+    """Print the table and ``summary``; write the JSON report and the plots when asked."""
+    print(format_table(out.report))
+    print(summary)
+    if json_path:
+        Path(json_path).write_text(json.dumps(out.report, indent=2) + "\n")
+        print(f"JSON: {json_path}")
+    if plot_dir:
+        from bench.plots import write_all
+
+        for path in write_all(out, plot_dir):
+            print(f"plot: {path}")
