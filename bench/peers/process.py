@@ -33,8 +33,9 @@ class RouterProcess:
     """Start ``argv``, wait for ``GET /health`` on ``port``; stop by pid."""
 
     def __init__(self, name: str, argv: list[str], port: int, log_dir: Path,
-                 startup_timeout_s: float = 60.0) -> None:
+                 startup_timeout_s: float = 60.0, env: dict[str, str] | None = None) -> None:
         self.name = name
+        self.env_extra = dict(env or {})
         self.argv = argv
         self.port = port
         self.log_path = log_dir / f"{name}.log"
@@ -50,7 +51,8 @@ class RouterProcess:
         """Start with the hub-download guard; raise with the log tail if it never gets healthy."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, HF_ENDPOINT=HUB_GUARD, HF_HUB_OFFLINE="1",
-                   NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+                   NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
+                   **self.env_extra)
         self.proc = ManagedProcess(self.name, self.argv, self.log_path, env=env).start()
         try:
             wait_until(lambda: _healthy(self.base + "/health"), self.startup_timeout_s,

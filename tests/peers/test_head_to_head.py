@@ -65,7 +65,7 @@ async def _head_to_head(name: str, tmp: Path) -> tuple[PolicyRun, dict[str, dict
             await peer.start(fleet, tmp)
             run = await replay_peer(wl, peer, policy_name(router, policy), fleet)
             records = {e.node_id: _stats(e.url) for e in fleet.engines}
-            lat = await peer_added_latency(peer, fleet.engines[0].url, pairs=5)
+            lat = await peer_added_latency(peer, fleet.engines[0].url, pairs=5, prompt_tokens=256)
         finally:
             await peer.stop()
     return run, records, lat.added_ms
