@@ -135,9 +135,11 @@ def _prepare(args: argparse.Namespace) -> tuple[Workload, SimSettings, list[str]
 
 def run_replay(args: argparse.Namespace) -> int:
     """Compare policies on one workload; table, optional JSON and plots."""
+    from bench.cli_stack import apply_quick
     from bench.runner import run_comparison
     from bench.sim.backend import SimBackend
 
+    apply_quick(args)
     prep = _prepare(args)
     if isinstance(prep, int):
         return prep

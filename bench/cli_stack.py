@@ -26,6 +26,42 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
                    help="stack: wall seconds per simulated second (default 0.05 = 20x faster)")
     g.add_argument("--workdir", metavar="DIR",
                    help="stack: directory for process logs (default: a new temporary one)")
+    g.add_argument("--peers", metavar="LIST", default=None,
+                   help="stack: also replay through real peer routers, each on a fresh fleet "
+                        "(needs the [peers] extra): router:policy,... from "
+                        "sglang-router:{cache_aware,round_robin,power_of_two}, "
+                        "vllm-router:{cache_aware,kv_aware}, dynamo:kv; 'default' = "
+                        "sglang-router:cache_aware,vllm-router:cache_aware,vllm-router:kv_aware,"
+                        "dynamo:kv")
+    g.add_argument("--overhead-pairs", type=int, default=100, metavar="N",
+                   help="stack --peers: direct-vs-routed request pairs measuring each router's "
+                        "added latency (0 = skip)")
+    g.add_argument("--quick", action="store_true",
+                   help="stack: a smoke run for tests: first 120 requests, 4 nodes, 20 pairs")
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    """``--quick``: shrink the run before the workload is loaded."""
+    if getattr(args, "quick", False):
+        args.limit = min(args.limit or 120, 120)
+        args.nodes = min(args.nodes, 4)
+        args.overhead_pairs = min(args.overhead_pairs, 20)
+
+
+def _peer_names(value: str | None) -> list[str]:
+    if not value:
+        return []
+    from bench.peers import DEFAULT_PEERS, parse_peer
+
+    names = list(DEFAULT_PEERS) if value.strip() == "default" else \
+        [n.strip() for n in value.split(",") if n.strip()]
+    out = [n if n.startswith("peer:") else f"peer:{n}" for n in names]
+    for n in out:
+        try:
+            parse_peer(n)
+        except ValueError as exc:
+            raise ConfigError(f"--peers: {exc}") from exc
+    return out
 
 
 def stack_policies(requested: list[str], explicit: bool) -> list[str]:
@@ -61,16 +97,32 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
                      decode_ms_per_token=settings.decode_s_per_token * 1000.0,
                      max_running=settings.max_batch, time_scale=args.time_scale,
                      router_args=router_flags(kv))
+    peers = _peer_names(args.peers)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
     print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router, etcd; logs in "
           f"{workdir}", file=sys.stderr)
     t0 = time.perf_counter()
-    with StackBackend(workdir, spec) as backend:
-        out = run_comparison(workload, settings, names, backend)
+    with StackBackend(workdir / "stack", spec) as stack:
+        if not peers:
+            out = run_comparison(workload, settings, names, stack)
+        else:
+            from bench.peers import CombinedBackend, PeerBackend, attach_added_latency
+
+            combined = CombinedBackend(stack, PeerBackend(workdir / "peers", spec,
+                                                          overhead_pairs=args.overhead_pairs))
+            out = run_comparison(workload, settings, [*names, *peers], combined)
+            attach_added_latency(out.report, combined.added_latency)
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
     from bench.report import emit
 
-    emit(out, f"replayed {len(names)} policies x {len(workload.requests)} requests through "
-              f"the stack in {time.perf_counter() - t0:.1f} s", args.json, args.plot_dir)
+    emit(out, f"replayed {len(names) + len(peers)} routers x {len(workload.requests)} requests "
+              f"through the stack in {time.perf_counter() - t0:.1f} s", args.json, args.plot_dir)
+    added = [(r["policy"], r["added_latency_ms"]) for r in out.report["results"]
+             if "added_latency_ms" in r]
+    if added:
+        print("added latency per request (median wall ms; same requests direct vs routed):")
+        for name, lat in added:
+            print(f"  {name:<34} +{lat['added_ms']:.2f} ms  (direct {lat['direct_ms']:.2f}, "
+                  f"routed {lat['routed_ms']:.2f})")
     return 0

@@ -19,6 +19,7 @@ def format_table(report: dict[str, Any]) -> str:
     """A fixed-width table: one row per policy, bounds in the header."""
     b = report["bounds"]
     m = report["model"]
+    w = max([13, *(len(r["policy"]) + 1 for r in report["results"])])
     lines = [
         f"workload {report['workload']} ({report['requests']} requests, "
         f"{report['distinct_blocks']} distinct blocks of {m['block_size']} tokens), "
@@ -27,14 +28,14 @@ def format_table(report: dict[str, Any]) -> str:
         f"bounds: oracle {b['oracle']['hit_rate_tokens']:.3f}   merged-LRU "
         f"{b['merged_lru']['hit_rate_tokens']:.3f}   random {b['random']['hit_rate_tokens']:.3f}",
         "",
-        f"{'policy':<13}{'hit':>6}{'/orc':>6}{'/mLRU':>6}{'pred':>6}{'req':>6}"
+        f"{'policy':<{w}}{'hit':>6}{'/orc':>6}{'/mLRU':>6}{'pred':>6}{'req':>6}"
         f"{'TTFT p50':>9}{'p90':>9}{'p99':>9}{'e2e p90':>9}{'rps':>6}{'max/mean':>9}"
         f"{'util':>6}{'evict':>9}{'fail':>5}",
     ]
     for r in report["results"]:
         t, e = r["ttft_ms"], r["e2e_ms"]
         lines.append(
-            f"{r['policy']:<13}{r['hit_rate_tokens']:6.3f}{r['hit_ratio_to_oracle'] or 0:6.2f}"
+            f"{r['policy']:<{w}}{r['hit_rate_tokens']:6.3f}{r['hit_ratio_to_oracle'] or 0:6.2f}"
             f"{r['hit_ratio_to_merged_lru'] or 0:6.2f}{r['predicted_hit_rate_tokens']:6.3f}"
             f"{r['hit_rate_requests']:6.2f}{_s(t['p50'])}{_s(t['p90'])}"
             f"{_s(t['p99'])}{_s(e['p90'])}{r['throughput_rps']:6.2f}"
