@@ -39,6 +39,24 @@ def root_hash(salt: str | bytes = b"") -> int:
     return xxh3_64_intdigest(_ROOT_TAG + salt_bytes, HASH_SEED)
 
 
+def request_salt(lora_name: str | None = None, lora_id: int | None = None,
+                 cache_salt: str | None = None) -> str:
+    """The block-0 salt of a request: '' for base-model prompts, else its LoRA and cache salt.
+
+    The router (from RouteRequest.lora_name / cache_salt) and the node agent (from the engine's
+    BlockStored lora_name / lora_id / cache_salt) both derive the salt here, so adapter or salted
+    prompts only ever match blocks cached under the same adapter and salt.
+    """
+    parts = []
+    if lora_name:
+        parts.append(f"lora={lora_name}")
+    elif lora_id is not None:
+        parts.append(f"lora_id={lora_id}")
+    if cache_salt:
+        parts.append(f"cache_salt={cache_salt}")
+    return "\x1f".join(parts)
+
+
 def _as_le_u32_bytes(token_ids: Sequence[int] | npt.NDArray[np.integer]) -> bytes:
     if isinstance(token_ids, np.ndarray):
         arr = token_ids

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import msgspec
 from xxhash import xxh3_64_intdigest
 
-from kvroute.blocks import HASH_SEED, hash_blocks, root_hash
+from kvroute.blocks import HASH_SEED, hash_blocks, request_salt, root_hash
 from node_agent.deltas import DeltaLog
 from node_agent.events import DEVICE_MEDIUM, Cleared, Event, Removed, Stored
 
@@ -57,14 +57,7 @@ class _Entry:
 
 def salt_of(ev: Stored) -> str:
     """The canonical-root salt of a run: '' for base-model blocks, else LoRA and cache salt."""
-    parts = []
-    if ev.lora_name:
-        parts.append(f"lora={ev.lora_name}")
-    elif ev.lora_id is not None:
-        parts.append(f"lora_id={ev.lora_id}")
-    if ev.cache_salt:
-        parts.append(f"cache_salt={ev.cache_salt}")
-    return "\x1f".join(parts)
+    return request_salt(ev.lora_name, ev.lora_id, ev.cache_salt)
 
 
 def _mix(last: int, extra: object) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kvroute.blocks import hash_blocks
+from kvroute.blocks import hash_blocks, request_salt
 from kvroute.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from kvroute.v1 import router_pb2
 from router_service.load import LoadTracker
@@ -113,7 +113,8 @@ class RouterCore:
         else:
             raise InvalidArgument("token_ids: give token_ids (preferred), prompt or "
                                   "block_hashes; all were empty")
-        blocks = hash_blocks(tokens, bs, salt=s.hash_salt) if len(tokens) >= bs else []
+        salt = request_salt(req.lora_name or None, None, req.cache_salt or None)
+        blocks = hash_blocks(tokens, bs, salt=salt) if len(tokens) >= bs else []
         return RequestView(rid, blocks, len(tokens), bs, session, req.max_output_tokens)
 
     def _check_tokens(self, tokens: npt.NDArray[np.integer], field: str) -> None:

@@ -31,7 +31,6 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
     block_size: int = setting(
         16, "Tokens per KV block used to hash prompts; must equal the registry's block size "
             "(a mismatch fails routing with FAILED_PRECONDITION instead of zero overlap)")
-    hash_salt: str = setting("", "Salt mixed into block 0 (must match the node agents')")
     tokenizer: str = setting(
         "simple", "Tokenizer for prompts given as text: 'simple' (built-in, demos) or 'hf' "
                   "(HuggingFace tokenizer.json via --tokenizer-file)")

@@ -40,6 +40,8 @@ class RouteRequest(_message.Message):
     BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    LORA_NAME_FIELD_NUMBER: _builtins.int
+    CACHE_SALT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller's id of the request, 1-256 characters; Complete uses it. Required."""
     model: _builtins.str
@@ -54,6 +56,14 @@ class RouteRequest(_message.Message):
     """Prompt length in tokens when only block_hashes is given (0 = blocks x block size)."""
     max_output_tokens: _builtins.int
     """Expected output tokens, if known (lets policies estimate decode load). 0 = unknown."""
+    lora_name: _builtins.str
+    """LoRA adapter the request runs with (the engine's lora_name); empty = the base model. Blocks
+    cached under an adapter only match requests naming the same adapter.
+    """
+    cache_salt: _builtins.str
+    """Per-request cache salt (SGLang/vLLM cache_salt); empty = none. Salted prompts only match
+    blocks cached with the same salt.
+    """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Prompt token ids (preferred input)."""
@@ -76,10 +86,12 @@ class RouteRequest(_message.Message):
         block_hashes: _abc.Iterable[_builtins.int] | None = ...,
         num_prompt_tokens: _builtins.int = ...,
         max_output_tokens: _builtins.int = ...,
+        lora_name: _builtins.str = ...,
+        cache_salt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_policy", b"_policy", "_session_id", b"_session_id", "policy", b"policy", "session_id", b"session_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_policy", b"_policy", "_session_id", b"_session_id", "block_hashes", b"block_hashes", "max_output_tokens", b"max_output_tokens", "model", b"model", "num_prompt_tokens", b"num_prompt_tokens", "policy", b"policy", "prompt", b"prompt", "request_id", b"request_id", "session_id", b"session_id", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_policy", b"_policy", "_session_id", b"_session_id", "block_hashes", b"block_hashes", "cache_salt", b"cache_salt", "lora_name", b"lora_name", "max_output_tokens", b"max_output_tokens", "model", b"model", "num_prompt_tokens", b"num_prompt_tokens", "policy", b"policy", "prompt", b"prompt", "request_id", b"request_id", "session_id", b"session_id", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__policy: _TypeAlias = _typing.Literal["policy"]  # noqa: Y015
     _WhichOneofArgType__policy: _TypeAlias = _typing.Literal["_policy", b"_policy"]  # noqa: Y015

@@ -249,3 +249,26 @@ async def test_route_cli_inputs_and_errors(router: tuple, tmp_path: Path) -> Non
     assert rc == 0 and "policy:   session" in out and "reason:" in out
     rc, _, err = await _cli("--router", target, "--tokens", "1,2", "--policy", "nope")
     assert rc == 1 and "INVALID_ARGUMENT" in err and "unknown policy" in err
+
+
+async def test_lora_and_cache_salt_match_only_blocks_cached_under_them(
+        router: tuple) -> None:  # type: ignore[type-arg]
+    """The router salts block 0 exactly as the node agent does for the engine's events."""
+    from node_agent.block_map import BlockMap
+    from node_agent.deltas import DeltaLog
+    from node_agent.events import Stored
+
+    stub, src, _ = router
+    agent_map = BlockMap(BS, DeltaLog())
+    agent_map.apply(Stored(tuple(range(1, 9)), None, tuple(PROMPT), BS, lora_name="adapter-a",
+                           cache_salt="tenant-1"))
+    src.add("lora-node", agent_map.canonical_hashes())
+    src.add("base-node", HASHES)
+    base = await stub.Route(router_pb2.RouteRequest(request_id="s1", token_ids=PROMPT))
+    salted = await stub.Route(router_pb2.RouteRequest(
+        request_id="s2", token_ids=PROMPT, lora_name="adapter-a", cache_salt="tenant-1"))
+    other = await stub.Route(router_pb2.RouteRequest(
+        request_id="s3", token_ids=PROMPT, lora_name="adapter-b"))
+    assert (base.node_id, base.matched_blocks) == ("base-node", 8)
+    assert (salted.node_id, salted.matched_blocks) == ("lora-node", 8)
+    assert other.matched_blocks == 0
