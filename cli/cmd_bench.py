@@ -29,12 +29,23 @@ def _hashing(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from node_agent.perf import measure
+
+    res = measure(args.agent_seconds)
+    print(json.dumps(res, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
 TARGETS: dict[str, Callable[[argparse.Namespace], int]] = {
     "replay": run_replay,
     "sweep": run_sweep,
     "hashing": _hashing,
     "router": run_router_cli,
     "registry": run_registry_cli,
+    "agent": _agent,
 }
 
 
@@ -46,12 +57,15 @@ def add_parser(sub: Any) -> None:
                     "trace side by side; 'sweep' plots hit rate against cache capacity; "
                     "'hashing' measures canonical block hashing throughput.")
     p.add_argument("target", nargs="?", default="replay", metavar="TARGET",
-                   help="replay (default), sweep, hashing")
+                   help="replay (default), sweep, hashing, registry, router, agent")
     p.add_argument("--json", metavar="PATH", help="write results as JSON to PATH")
     p.add_argument("--block-size", type=int, default=16, help="tokens per block (hashing)")
     p.add_argument("--prompt-tokens", type=int, default=100_000,
                    help="tokens per prompt (hashing)")
     p.add_argument("--prompts", type=int, default=20, help="prompts to hash (hashing)")
+    p.add_argument("--agent-seconds", type=float, default=1.0, metavar="S",
+                   help="seconds per measured case (agent: event parsing and hashing rates, "
+                        "heartbeat sizes)")
     add_replay_arguments(p)
     add_router_arguments(p)
     add_registry_arguments(p)

@@ -38,3 +38,8 @@ def test_bench_hashing_reports_throughput(tmp_path: object, capsys: pytest.Captu
 def test_unknown_bench_target_fails(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "nonsense"]) == 2
     assert "unknown target" in capsys.readouterr().err
+
+
+def test_bench_agent_reports_parse_rates(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "agent", "--agent-seconds", "0.05"]) == 0
+    assert "parse_and_map_events_per_s" in capsys.readouterr().out
