@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,11 +59,14 @@ class _Outcome:
     predicted: int = 0
     cached: int = 0
     error: str = ""
+    client_s: float = math.nan
+    """Route call to engine response, as the client saw it (model seconds)."""
 
 
 async def _one(req: TraceRequest, tokens: list[int], policy: str, model: str,
                stub: router_pb2_grpc.RouterAsyncStub, http: aiohttp.ClientSession,
-               urls: dict[str, str], out: _Outcome) -> None:
+               urls: dict[str, str], out: _Outcome, time_scale: float) -> None:
+    t0 = time.perf_counter()
     route_req = router_pb2.RouteRequest(request_id=req.request_id, model=model,
                                         token_ids=tokens, policy=policy,
                                         max_output_tokens=req.output_tokens)
@@ -86,6 +90,7 @@ async def _one(req: TraceRequest, tokens: list[int], policy: str, model: str,
                 usage = data.get("usage") or {}
                 details = usage.get("prompt_tokens_details") or {}
                 out.cached = int(details.get("cached_tokens") or 0)
+                out.client_s = (time.perf_counter() - t0) / time_scale
                 ok = True
     except (aiohttp.ClientError, TimeoutError, KeyError) as exc:
         out.error = f"engine: {exc!r}"
@@ -121,7 +126,7 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
             if delay > 0:
                 await asyncio.sleep(delay)
             task = asyncio.create_task(_one(req, tokens[i], policy, model, stub, http,
-                                            engine_urls, outcomes[i]))
+                                            engine_urls, outcomes[i], time_scale))
             if progress is not None:
                 task.add_done_callback(lambda _t: progress(1))
             tasks.append(task)
@@ -132,6 +137,7 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
     await channel.close(None)
     run.wall_s = time.perf_counter() - t_wall0
     _fill(run, workload, outcomes, stats, node_ids, prefill_tokens_per_s)
+    run.notes.append(client_vs_engine_note([o.client_s for o in outcomes], run.e2e_s))
     return run
 
 
@@ -214,3 +220,14 @@ def _load_samples(run: PolicyRun, n_nodes: int, samples: int = 200,
                 counts[node] += 1
         out.append((t, counts))
     return out
+
+
+def client_vs_engine_note(client_s: list[float], engine_s: list[float]) -> str:
+    """Client-observed vs engine-recorded e2e medians (model s): queueing the engines cannot see
+    (in the router, the HTTP path or the client)."""
+    c = [v for v in client_s if not math.isnan(v)]
+    e = [v for v in engine_s if not math.isnan(v)]
+    if not c or not e:
+        return "client vs engine e2e: no completed requests"
+    return (f"e2e p50 seen by the client {statistics.median(c):.3f} s vs recorded by the "
+            f"engines {statistics.median(e):.3f} s (model seconds)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,14 @@ import aiohttp
 from bench.peers.base import Peer
 from bench.peers.engines import EngineFleet
 from bench.results import PolicyRun
-from bench.stack_replay import _fill, _Outcome, _reset_records, _stats, synth_tokens
+from bench.stack_replay import (
+    _fill,
+    _Outcome,
+    _reset_records,
+    _stats,
+    client_vs_engine_note,
+    synth_tokens,
+)
 from bench.workloads.base import Workload
 
 
@@ -72,7 +78,7 @@ async def replay_peer(workload: Workload, peer: Peer, name: str, fleet: EngineFl
                      f"{spec.block_size}, cache {spec.cache_blocks} blocks/engine")
     if dup:
         run.notes.append(f"{dup} requests reached more than one engine (router retries)")
-    run.notes.append(_client_vs_engine(client_s, run.e2e_s))
+    run.notes.append(client_vs_engine_note(client_s, run.e2e_s))
     return run
 
 
@@ -93,13 +99,3 @@ def _attribute(workload: Workload, outcomes: list[_Outcome],
         elif not out.error:
             out.error = "no engine recorded this request"
     return dup
-
-
-def _client_vs_engine(client_s: list[float], engine_s: list[float]) -> str:
-    """Client-observed vs engine-recorded e2e medians (model s): the router's hidden queueing."""
-    c = [v for v in client_s if not math.isnan(v)]
-    e = [v for v in engine_s if not math.isnan(v)]
-    if not c or not e:
-        return "client vs engine e2e: no completed requests"
-    return (f"e2e p50 seen by the client {statistics.median(c):.3f} s vs recorded by the "
-            f"engines {statistics.median(e):.3f} s (model seconds)")
