@@ -22,6 +22,7 @@ from engine_sim.cache import EngineHasher, KVCache
 from engine_sim.events import EventEncoder, KVEventPublisher
 from engine_sim.model import EngineModel, LatencyParams, SimRequest, StepResult
 from engine_sim.settings import EngineSimSettings
+from kvroute.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,7 @@ class SimEngine:
 
     async def stop(self) -> None:
         """Stop the driver and close the sockets."""
-        if self._driver is not None:
-            self._driver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._driver
+        await cancel_and_wait(self._driver)
         await self.publisher.stop()
 
     async def _drive(self) -> None:

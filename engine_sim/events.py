@@ -26,7 +26,6 @@ gets is past the one it asked for, and must resync.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -37,6 +36,7 @@ import zmq
 import zmq.asyncio
 
 from engine_sim.cache import AllBlocksCleared, BlockRemoved, BlockStored, CacheEvent, hash_to_int
+from kvroute.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +273,8 @@ class KVEventPublisher:
 
     async def stop(self) -> None:
         """Close the sockets."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for sock in (self._pub, self._router):
             if sock is not None:
                 sock.close(linger=0)

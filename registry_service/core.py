@@ -8,7 +8,6 @@ revision; list again when the watch is compacted away), so any replica serves an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -17,6 +16,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from kvroute.aio import cancel_and_wait
 from kvroute.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -97,11 +97,7 @@ class RegistryCore:
 
     async def close(self) -> None:
         """Stop following and close the store."""
-        for task in (self._follower, self._sweeper):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._follower, self._sweeper)
         await self.store.close()
 
     async def _relist(self) -> int:

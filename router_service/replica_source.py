@@ -10,11 +10,11 @@ degrades to least_loaded on the last known nodes). Staleness is exported as a me
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 
+from kvroute.aio import cancel_and_wait
 from kvroute.errors import Unavailable
 from kvroute.grpcutil import message_size_options, open_channel
 from kvroute.settings import TLSSettings
@@ -54,11 +54,8 @@ class ReplicaSource:
 
     async def stop(self) -> None:
         """Stop following."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     @property
     def connected(self) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from kvroute.aio import cancel_and_wait
 from kvroute.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -85,11 +86,7 @@ class StreamSource:
 
     async def stop(self) -> None:
         """Stop and close."""
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         if self._channel is not None:
             await self._channel.close(None)

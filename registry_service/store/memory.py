@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
 
+from kvroute.aio import cancel_and_wait
 from registry_service.store.base import (
     Delta,
     DeltaPut,
@@ -58,10 +58,7 @@ class MemoryStore(PlacementStore):
     async def close(self) -> None:
         self._closed = True
         self._changed.set()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        await cancel_and_wait(self._reaper)
 
     def bytes_written(self) -> int:
         return self._bytes
