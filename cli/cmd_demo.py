@@ -11,7 +11,6 @@ JSON and plots, and stops every process it started (also on Ctrl-C or SIGTERM).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import signal
 import sys
@@ -52,6 +51,7 @@ def _sigterm(_signum: int, _frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; every process is stopped on the way out."""
+    from bench.plots import write_all
     from bench.report import format_table
     from bench.runner import run_comparison
     from bench.sim.backend import SimBackend
@@ -115,24 +115,18 @@ def run(args: argparse.Namespace) -> int:
             print(_indent(format_table(sim.report)))
             report["demo"].append({"title": title, "stack": stack.report, "sim": sim.report})
             if not args.no_plots:
-                _plots(stack, out_dir / "plots" / f"{i}-{_slug(wl.name)}")
+                write_all(stack, out_dir / "plots" / f"{i}-{_slug(wl.name)}")
     except KeyboardInterrupt:
         print("\nkvroute demo: interrupted; every process it started has been stopped",
               file=sys.stderr)
         return 130
     path = out_dir / "demo.json"
-    path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nJSON: {path}")
     if not args.no_plots:
         print(f"plots: {out_dir / 'plots'}/*/*.png")
     print(f"kvroute demo finished in {time.perf_counter() - t0:.0f} s; all processes stopped")
     return 0
-
-
-def _plots(outcome: Any, directory: Path) -> None:
-    from bench.plots import write_all
-
-    write_all(outcome, directory)
 
 
 def _slug(name: str) -> str:
@@ -141,9 +135,3 @@ def _slug(name: str) -> str:
 
 def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
-
-
-def _json_default(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    return str(obj)
