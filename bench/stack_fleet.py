@@ -48,6 +48,8 @@ class FleetSpec:
     """Extra router flags (e.g. the kv_aware settings of a bench run)."""
     max_prompt_tokens: int = 262_144
     """Largest prompt the router and engines accept (trace prompts reach ~100k tokens)."""
+    start_router: bool = True
+    """Start ``kvroute serve router`` (the endpoint picker's stack decides in its own process)."""
 
 
 @dataclass
@@ -128,7 +130,7 @@ class StackFleet:
             engine_ready = [self._ready(e) for e in engines]
             agents = [self._launch("agent", f"agent-{i}", self._agent_args(i, ready))
                       for i, ready in enumerate(engine_ready)]
-            router = self._launch("router", "router", [
+            router = None if not s.start_router else self._launch("router", "router", [
                 "--registry", self.registry_target, "--block-size", str(s.block_size),
                 "--default-policy", s.default_policy, "--default-model", s.model,
                 "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s),
@@ -136,7 +138,8 @@ class StackFleet:
             for i, (agent, ready) in enumerate(zip(agents, engine_ready, strict=True)):
                 self._ready(agent)
                 self.engines.append(EngineHandle(f"engine-{i}", engines[i][0], agent[0], ready))
-            self.router, self.router_ready = router[0], self._ready(router)
+            if router is not None:
+                self.router, self.router_ready = router[0], self._ready(router)
         except BaseException:
             self.close()
             raise
