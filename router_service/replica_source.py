@@ -30,6 +30,7 @@ class ReplicaSource:
     """A local replica of the placement index that follows the registry."""
 
     mode = "replica"
+    local = True
 
     def __init__(self, target: str, tls: TLSSettings | None = None, *,
                  retry_max_s: float = 2.0, max_staleness_s: float = 5.0,
@@ -81,6 +82,10 @@ class ReplicaSource:
 
     async def lookup(self, block_hashes: Sequence[int], model: str) -> Placement:
         """Longest prefix per node from the replica; Unavailable once it is too stale."""
+        return self.lookup_local(block_hashes, model)
+
+    def lookup_local(self, block_hashes: Sequence[int], model: str) -> Placement:
+        """:meth:`lookup`, synchronously (the replica is in memory)."""
         if not self.usable():
             why = ("no snapshot received yet" if not self._index.complete
                    else f"registry link down for {self.staleness_s():.1f} s "

@@ -27,7 +27,13 @@ from bench.sim.cache import LruBlockCache
 from bench.sim.config import SimSettings
 from bench.sim.tracker import make_tracker
 from bench.workloads.base import Workload
-from router_service.policies.base import NodeView, NoEligibleNode, Policy, RequestView
+from router_service.policies.base import (
+    NodeView,
+    NoEligibleNode,
+    Policy,
+    RequestView,
+    choose_and_commit,
+)
 
 _PREFILL_DONE = 0
 _DECODE_DONE = 1
@@ -92,7 +98,6 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     run = PolicyRun(policy.name, [n.nid for n in nodes], n_req)
     run.init_requests(n_req)
     tracker = make_tracker(router_prefill_tokens_per_s or rate)
-    on_routed: Any = getattr(policy, "on_routed", None)
     on_prefill_done: Any = getattr(policy, "on_prefill_done", None)
     on_complete: Any = getattr(policy, "on_complete", None)
     on_prompt_text: Any = getattr(policy, "on_prompt_text", None)
@@ -173,7 +178,7 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
         if on_prompt_text is not None:
             on_prompt_text(r.request_id, r.prompt_text_head)
         try:
-            d = policy.choose(rv, views)
+            d = choose_and_commit(policy, rv, views)
             node = by_id[d.node_id]
         except (NoEligibleNode, KeyError) as exc:
             run.failed += 1
@@ -184,8 +189,6 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
         run.node[i] = node.idx
         run.predicted_cached_tokens[i] = predicted
         tracker.start(r.request_id, node.nid, r.prompt_tokens - predicted, predicted)
-        if on_routed is not None:
-            on_routed(rv, node.nid)
         node.queue.append(i)
         if not node.prefilling:
             start_prefill(node, now)
