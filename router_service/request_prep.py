@@ -49,7 +49,8 @@ def request_view(req: RouteRequest, s: RouterSettings, tokenizer: Tokenizer,
                                   f"of {s.max_prompt_chars} (--max-prompt-chars)")
         tokens = np.array(tokenizer.encode(req.prompt), dtype=np.int64)
         _check_tokens(tokens, "prompt", s)
-    elif req.block_hashes is not None and len(req.block_hashes):
+    elif req.block_hashes is not None and (len(req.block_hashes) or req.num_prompt_tokens):
+        # (no blocks but a length: a prompt shorter than one block)
         bs = registry_block_size or bs  # the caller hashed with the registry's block size
         n_blocks = len(req.block_hashes)
         prompt_tokens = req.num_prompt_tokens or n_blocks * bs

@@ -115,6 +115,13 @@ class PolicySet:
         wanted = list(names) if names is not None else reg.names
         self._policies: dict[str, Policy] = {n: reg.build(n, settings) for n in wanted}
 
+    @classmethod
+    def of(cls, *policies: Policy) -> PolicySet:
+        """A set of already built policies (the bench builds each replay's policy fresh)."""
+        out = cls(names=[])
+        out._policies = {p.name: p for p in policies}
+        return out
+
     @property
     def names(self) -> list[str]:
         """Policy names, sorted."""
