@@ -33,6 +33,8 @@ from router_service.suspects import SuspectList
 from router_service.tokenizer import Tokenizer
 
 _MAX_FALLBACKS = 4
+_PRUNE_EVERY = 1024
+"""Decisions between sweeps for departed nodes' queued-prefill estimates."""
 
 
 class RouterCore:
@@ -58,6 +60,7 @@ class RouterCore:
         self.predicted_cached_tokens = 0
         self.reported_cached_tokens = 0
         self._expired_seen = 0
+        self._decisions = 0
 
     # -- decide ---------------------------------------------------------------------------
     async def decide(self, req: RouteRequest) -> RouteDecision:
@@ -185,6 +188,9 @@ class RouterCore:
         cached = min(decision.matched_blocks * view.block_size, view.prompt_tokens)
         self.tracker.start(view.request_id, node.node_id, view.prompt_tokens - cached, cached)
         self._sync_expired()
+        self._decisions += 1
+        if self._decisions % _PRUNE_EVERY == 0:
+            self._forget_departed()
         used = policy.name
         self.decisions_by_policy[used] = self.decisions_by_policy.get(used, 0) + 1
         self.predicted_cached_tokens += cached
@@ -202,6 +208,13 @@ class RouterCore:
             expected_cached_tokens=cached, reason=reason, degraded=bool(degraded_why),
             prompt_tokens=view.prompt_tokens, block_size=view.block_size,
             candidates=decision.candidates, fallback_addresses=fallbacks)
+
+    def _forget_departed(self) -> None:
+        """Drop the queued-prefill estimate of nodes the registry no longer knows."""
+        known = {n.node_id for n in self.source.last_known()}
+        for nid in self.tracker.pending_nodes():
+            if nid not in known:
+                self.tracker.forget_node(nid)
 
     def _count_error(self, req: RouteRequest, exc: Exception) -> None:
         if self.metrics is None:
