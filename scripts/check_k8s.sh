@@ -3,6 +3,8 @@
 # and validate every object strictly against the Kubernetes schemas with kubernetes-validate
 # (1.31 and the newest version it ships). No API server is needed. Any warning fails: a
 # deprecated kustomize field (commonLabels, ...), an unknown kind or field, a missing schema.
+# Custom resources (InferencePool) are validated strictly against the CRDs committed under
+# k8s/crds/ by scripts/check_crd_objects.py; the rest goes to kubernetes-validate.
 #   scripts/check_k8s.sh            (kubectl and kubernetes-validate on PATH; CI puts $VENV/bin first)
 #   K8S_VERSIONS="1.31.0 1.34.0" scripts/check_k8s.sh
 set -euo pipefail
@@ -37,8 +39,13 @@ for dir in "${dirs[@]}"; do
     echo "FAIL $dir: kustomize warned:"; sed 's/^/  /' "$out/$name.err"; bad=1
   fi
   objects=$(grep -c '^kind:' "$out/$name.yaml" || true)
+  if ! "${PYTHON:-python3}" scripts/check_crd_objects.py --crds k8s/crds \
+       --in "$out/$name.yaml" --rest "$out/$name.builtin.yaml" >"$out/$name.crd" 2>&1; then
+    echo "FAIL $dir against k8s/crds:"; sed 's/^/  /' "$out/$name.crd"; bad=1
+  fi
   for version in $versions; do
-    report=$("${validate[@]}" --strict --quiet -k "$version" "$out/$name.yaml" 2>&1) && rc=0 || rc=$?
+    report=$("${validate[@]}" --strict --quiet -k "$version" "$out/$name.builtin.yaml" 2>&1) \
+      && rc=0 || rc=$?
     if [[ $rc -ne 0 || -n "$report" ]]; then
       echo "FAIL $dir against Kubernetes $version:"; echo "$report" | sed 's/^/  /'; bad=1
     fi
