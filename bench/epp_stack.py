@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bench.stack_fleet import FleetSpec, StackFleet
 from kvroute.procs import ManagedProcess, free_port, read_ready_file, wait_until
 
@@ -66,6 +64,8 @@ def render_bootstrap(*, listen_port: int, admin_port: int, picker_port: int,
                      subset_from_header: bool = False, plain: bool = False,
                      source: Path = BOOTSTRAP) -> dict[str, Any]:
     """The committed bootstrap with this run's ports and switch."""
+    import yaml  # the [bench]/[test] extras; the base install runs no Envoy
+
     cfg: dict[str, Any] = copy.deepcopy(yaml.safe_load(source.read_text()))
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
     cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = \
@@ -123,6 +123,8 @@ class EnvoyProcess:
 
     def start(self, timeout_s: float = 30.0) -> EnvoyProcess:
         """Write the config, start Envoy, wait until /ready says LIVE."""
+        import yaml
+
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / f"{self.name}.yaml"
         path.write_text(yaml.safe_dump(self.config, sort_keys=False))
