@@ -62,8 +62,9 @@ def _addr(host: str, port: int) -> dict[str, Any]:
 def render_bootstrap(*, listen_port: int, admin_port: int, picker_port: int,
                      engines: list[tuple[str, int]], fail_open: bool = False,
                      subset_from_header: bool = False, plain: bool = False,
-                     source: Path = BOOTSTRAP) -> dict[str, Any]:
-    """The committed bootstrap with this run's ports and switch."""
+                     request_body_mode: str = "", source: Path = BOOTSTRAP) -> dict[str, Any]:
+    """The committed bootstrap with this run's ports and switch (``request_body_mode``:
+    override the shipped FULL_DUPLEX_STREAMED, e.g. ``BUFFERED``)."""
     import yaml  # the [bench]/[test] extras; the base install runs no Envoy
 
     cfg: dict[str, Any] = copy.deepcopy(yaml.safe_load(source.read_text()))
@@ -77,6 +78,8 @@ def render_bootstrap(*, listen_port: int, admin_port: int, picker_port: int,
     filters = _filters(cfg)
     ext_proc = next(f for f in filters if f["name"] == "envoy.filters.http.ext_proc")
     ext_proc["typed_config"]["failure_mode_allow"] = fail_open
+    if request_body_mode:
+        ext_proc["typed_config"]["processing_mode"]["request_body_mode"] = request_body_mode
     if subset_from_header:
         filters.insert(0, {
             "name": "envoy.filters.http.header_to_metadata",

@@ -278,7 +278,10 @@ class Exchange:
         if self.served:
             first = self.served.split(",")[0]
             if first != self.endpoint.split(",")[0]:
+                # the data plane retried past our first choice: it failed to serve
                 self.metrics.served_elsewhere.inc()
+                self.core.mark_suspect(self.decision.node_id, f"the data plane served request "
+                                       f"{self.request_id} from {first} instead")
         elif self.status:
             self.metrics.served_missing.inc()
         if cached is not None:

@@ -65,7 +65,9 @@ async def complete(http: aiohttp.ClientSession, envoy: EnvoyProcess, body: dict[
     async with http.post(f"{envoy.url}/v1/completions", json=body,
                          headers=headers or {}) as resp:
         raw = await resp.read()
-        return resp.status, resp.headers, json.loads(raw) if raw else None
+        if "json" not in resp.headers.get("content-type", ""):
+            return resp.status, resp.headers, raw.decode(errors="replace")  # Envoy's own reply
+        return resp.status, resp.headers, json.loads(raw)
 
 
 def engine_of_request(stack: EppStack, user: str) -> str:
@@ -240,6 +242,21 @@ async def test_body_larger_than_one_ext_proc_message(stack: EppStack,
     assert body["usage"]["prompt_tokens"] == len(tokens)
     assert engine_of_request(stack, user) == headers["x-kvroute-node"]
     assert picker_metric(stack, "kvroute_epp_request_body_messages_sum") - msgs_before > 2
+
+
+async def test_buffered_body_mode(stack: EppStack, http: aiohttp.ClientSession) -> None:
+    """BUFFERED works too (one body message, answered on it), within Envoy's buffer limit:
+    past per_connection_buffer_limit_bytes (1 MiB default) Envoy itself answers 413."""
+    env = stack.envoys.get("envoy-buffered") or stack.add_envoy(
+        "envoy-buffered", request_body_mode="BUFFERED")
+    user = f"buffered-{uuid.uuid4().hex[:8]}"
+    status, headers, body = await complete(http, env, {"prompt": prompt(700, 2048),
+                                                       "user": user})
+    assert status == 200, body
+    assert engine_of_request(stack, user) == headers["x-kvroute-node"]
+    assert headers["x-kvroute-served"] == headers["x-kvroute-endpoint"]
+    status, _, _ = await complete(http, env, {"prompt": [100_000 + i for i in range(200_000)]})
+    assert status == 413
 
 
 async def test_bad_requests_answered_by_the_picker(stack: EppStack,
