@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from kvroute.errors import KvrouteError, Unavailable
+from kvroute.errors import KvrouteError, ResourceExhausted, Unavailable
 from router_service.core import RouterCore
 from router_service.domain import RouteDecision
 from router_service.epp import openai_body, protocol
@@ -44,14 +44,27 @@ _STATUS_OF_CODE = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTE
                    "UNAVAILABLE": 503, "FAILED_PRECONDITION": 503, "DEADLINE_EXCEEDED": 504}
 
 
+class Inflight:
+    """Routed requests of this picker whose response has not finished (for load shedding)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def full(self) -> bool:
+        """True when a new request must be shed."""
+        return 0 < self.limit <= self.count
+
+
 class Exchange:
     """State of one request/response over one ext_proc stream."""
 
     _ids = itertools.count(1)
 
     def __init__(self, core: RouterCore, settings: EppSettings, metrics: EppMetrics,
-                 passthrough: Iterator[str]) -> None:
+                 passthrough: Iterator[str], inflight: Inflight) -> None:
         self.core = core
+        self.inflight = inflight
         self.settings = settings
         self.metrics = metrics
         self._passthrough = passthrough
@@ -209,9 +222,14 @@ class Exchange:
             policy=self.headers.get(s.policy_header) if s.policy_header else None,
             allowed=allowed)
         req = openai_body.build(endpoint, bytes(self.body), ctx, self.headers)
+        if self.inflight.full():
+            raise ResourceExhausted(f"load shed: {self.inflight.count} requests in flight "
+                                    f"through this picker (--max-inflight-requests "
+                                    f"{self.inflight.limit}); retry later")
         decision = await self.core.decide(req)
         self.decision = decision
         self.routed = True
+        self.inflight.count += 1
         self.metrics.requests.labels("routed").inc()
         fallbacks = [endpoint_of(a) for a in decision.fallback_addresses]
         return [endpoint_of(decision.address), *fallbacks[: s.fallback_endpoints]]
@@ -274,6 +292,7 @@ class Exchange:
         if self.completed or not self.routed or self.decision is None:
             return
         self.completed = True
+        self.inflight.count -= 1
         cached = self.usage.cached_tokens
         if self.served:
             first = self.served.split(",")[0]

@@ -13,7 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from router_service.core import RouterCore
 from router_service.epp import protocol
-from router_service.epp.exchange import Exchange
+from router_service.epp.exchange import Exchange, Inflight
 from router_service.epp.metrics import EppMetrics
 from router_service.epp.settings import EppSettings
 
@@ -28,12 +28,14 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ign
         self.settings = settings
         self.metrics = metrics
         self._passthrough = (str(i) for i in itertools.count())
+        self.inflight = Inflight(settings.max_inflight_requests)
 
     async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest],
                       context: grpc.aio.ServicerContext[Any, Any],
                       ) -> AsyncIterator[ep.ProcessingResponse]:
         """Answer each message of one HTTP exchange; release the request when it ends."""
-        ex = Exchange(self.core, self.settings, self.metrics, self._passthrough)
+        ex = Exchange(self.core, self.settings, self.metrics, self._passthrough,
+                      self.inflight)
         self.metrics.active.inc()
         ok = False
         try:

@@ -34,6 +34,9 @@ class EppSettings(RouterSettings):
     max_usage_scan_bytes: int = setting(
         64 * 1024 * 1024, "Response bytes scanned for usage.prompt_tokens_details.cached_tokens; "
                           "a longer response is still forwarded, only no longer scanned")
+    max_inflight_requests: int = setting(
+        0, "Load shedding: routed requests this picker has in flight (decided, response not "
+           "finished) beyond which new ones are answered 429 instead of routed; 0 = no limit")
     session_header: str = setting(
         "x-session-id", "Request header whose value is the session id (session policy, "
                         "stickiness); empty = none")
@@ -55,4 +58,5 @@ class EppSettings(RouterSettings):
         require(bool(self.subset_namespace), "subset_namespace", "must not be empty")
         require(1024 <= self.max_body_bytes <= 1 << 30, "max_body_bytes",
                 "must be in 1024..1073741824")
+        require(self.max_inflight_requests >= 0, "max_inflight_requests", "must be >= 0")
         require(self.max_usage_scan_bytes >= 0, "max_usage_scan_bytes", "must be >= 0")

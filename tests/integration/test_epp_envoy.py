@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BS = 16
 MODEL = "sim-model"
+MAX_INFLIGHT = 24
 SPEC = FleetSpec(nodes=3, cache_blocks=16384, block_size=BS, model=MODEL, time_scale=0.01,
                  heartbeat_interval_s=0.05, start_router=False, decode_ms_per_token=5.0)
 
@@ -39,7 +40,8 @@ SPEC = FleetSpec(nodes=3, cache_blocks=16384, block_size=BS, model=MODEL, time_s
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EppStack]:
     """The fleet, the picker, and a fail-closed Envoy that maps a header to the subset hint."""
-    st = EppStack(tmp_path_factory.mktemp("epp"), SPEC)
+    st = EppStack(tmp_path_factory.mktemp("epp"), SPEC,
+                  picker_args=("--max-inflight-requests", str(MAX_INFLIGHT)))
     st.start()
     try:
         st.add_envoy("envoy", subset_from_header=True)
@@ -271,6 +273,23 @@ async def test_bad_requests_answered_by_the_picker(stack: EppStack,
     async with http.get(f"{envoy.url}/v1/models") as resp:
         assert resp.status == 200
         assert (await resp.json())["data"][0]["id"] == MODEL
+
+
+async def test_load_shed_answers_429(stack: EppStack, http: aiohttp.ClientSession) -> None:
+    """Past --max-inflight-requests the picker sheds with 429 (immediate response); once the
+    load is gone requests are routed again."""
+    envoy = stack.envoys["envoy"]
+
+    async def slow(i: int) -> int:
+        body = {"prompt": prompt(800 + i, 64), "max_tokens": 3000, "stream": True}
+        async with http.post(f"{envoy.url}/v1/completions", json={"model": MODEL, **body}) as r:
+            await r.read()
+            return r.status
+    statuses = await asyncio.gather(*(slow(i) for i in range(2 * MAX_INFLIGHT)))
+    assert statuses.count(429) > 0 and statuses.count(200) >= MAX_INFLIGHT // 2, statuses
+    assert set(statuses) == {200, 429}
+    status, _, body = await complete(http, envoy, {"prompt": prompt(899)})
+    assert status == 200, body
 
 
 def test_health_services(stack: EppStack) -> None:
