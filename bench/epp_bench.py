@@ -41,6 +41,8 @@ class EppBenchConfig:
     warmup: int = 20
     nodes: int = 3
     seed: int = 11
+    request_body_mode: str = "FULL_DUPLEX_STREAMED"
+    """The picker Envoy's request body mode (the shipped one, or BUFFERED)."""
 
 
 @dataclass
@@ -105,7 +107,8 @@ def run_epp_bench(cfg: EppBenchConfig, workdir: Path | None = None) -> dict[str,
                      decode_ms_per_token=1.0, start_router=False, heartbeat_interval_s=0.2)
     with EppStack(base, spec, picker_args=("--log-level", "warning",
                                            "--no-expose-decision")) as st:
-        epp = st.add_envoy("envoy-epp")
+        mode = "" if cfg.request_body_mode == "FULL_DUPLEX_STREAMED" else cfg.request_body_mode
+        epp = st.add_envoy("envoy-epp", request_body_mode=mode)
         plain = st.add_envoy("envoy-plain", plain=True)
         results = asyncio.run(_measure(cfg, epp, plain))
     return {"bench": "epp", "config": asdict(cfg), "cpus": os.cpu_count(),
@@ -121,15 +124,20 @@ def add_epp_arguments(p: Any) -> None:
     g.add_argument("--epp-pairs", type=int, default=d.pairs,
                    help="measured request pairs (plain, epp) per prompt size")
     g.add_argument("--epp-warmup", type=int, default=d.warmup, help="unmeasured pairs first")
+    g.add_argument("--epp-body-mode", default=d.request_body_mode,
+                   choices=["FULL_DUPLEX_STREAMED", "BUFFERED"],
+                   help="request_body_mode of the picker's Envoy (bodies over 1 MiB need "
+                        "FULL_DUPLEX_STREAMED)")
 
 
 def run_epp_cli(args: Any) -> int:
     """``kvroute bench epp [--json PATH]``."""
     cfg = EppBenchConfig(prompt_tokens=tuple(int(x) for x in args.epp_prompt_tokens.split(",")),
-                         pairs=args.epp_pairs, warmup=args.epp_warmup)
+                         pairs=args.epp_pairs, warmup=args.epp_warmup,
+                         request_body_mode=args.epp_body_mode)
     report = run_epp_bench(cfg)
-    print(f"endpoint picker through Envoy vs Envoy round robin, {cfg.pairs} pairs per size "
-          f"(load average {report['load_avg_1m']}):")
+    print(f"endpoint picker through Envoy ({cfg.request_body_mode}) vs Envoy round robin, "
+          f"{cfg.pairs} pairs per size (load average {report['load_avg_1m']}):")
     print(f"  {'tokens':>7} {'plain p50':>10} {'epp p50':>9} {'added p50':>10} {'added mean':>11}")
     for n, r in report["by_prompt_tokens"].items():
         print(f"  {n:>7} {r['plain']['p50_ms']:>8.2f}ms {r['epp']['p50_ms']:>7.2f}ms "
