@@ -9,10 +9,11 @@ apply the same store history end with the same view.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from kvroute.index import BitmaskIndex, PrefixIndex, SlotTable
 from registry_service.metrics import RegistryMetrics
-from registry_service.nodes import Change, Fanout, NodeState
+from registry_service.nodes import Change, Fanout, NodeState, now_ms
 from registry_service.store.base import (
     Delta,
     DeltaPut,
@@ -149,16 +150,21 @@ class ReplicaView:
         """Nodes serving ``model`` (all models when empty), healthy ones unless asked."""
         if model:
             mask = self.slots.model_mask(model)
+            if not mask:
+                return []
             nodes = [s for s in self.nodes.values() if mask >> s.slot & 1]
         else:
             nodes = list(self.nodes.values())
         if not include_unhealthy:
-            nodes = [s for s in nodes if s.healthy(self.late_after_s)]
+            late, t = self.late_after_s, now_ms()
+            nodes = [s for s in nodes if s.healthy(late, t)]
         return nodes
 
-    def lookup(self, hashes: list[int], nodes: list[NodeState]) -> dict[int, int]:
+    def lookup(self, hashes: Sequence[int], nodes: list[NodeState]) -> dict[int, int]:
         """Matched prefix length per slot of ``nodes`` (slots with no match omitted)."""
+        if not nodes or not len(hashes):
+            return {}
         mask = 0
         for s in nodes:
             mask |= 1 << s.slot
-        return self.index.longest_prefix(hashes, mask) if mask and hashes else {}
+        return self.index.longest_prefix(hashes, mask)
