@@ -375,7 +375,7 @@ class RegistryCore:
         nodes = view.candidates(req.model, req.include_unhealthy)
         if not nodes:
             return []
-        matched = view.lookup(req.block_hashes, nodes)
+        matched = view.lookup(req.block_hashes, req.model)
         if not matched:
             return [(s, 0) for s in nodes]
         get = matched.get
