@@ -12,10 +12,9 @@ from pathlib import Path
 from bench.runner import run_comparison
 from bench.sim.config import SimSettings
 from bench.stack_backend import STACK_POLICIES, StackBackend
-from bench.stack_fleet import FleetSpec
+from bench.stack_fleet import FleetSpec, router_flags
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
-from kvroute.settings import flag_name
 from router_service.policies.kv_aware import KvAwareSettings
 
 
@@ -75,14 +74,6 @@ def stack_policies(requested: list[str], explicit: bool) -> list[str]:
     return requested
 
 
-def router_flags(kv: KvAwareSettings) -> tuple[str, ...]:
-    """The router flags that give it the same kv_aware settings as this run."""
-    out: list[str] = []
-    for f in dataclasses.fields(kv):
-        out += [flag_name(f), str(getattr(kv, f.name))]
-    return tuple(out)
-
-
 def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSettings,
               names: list[str], kv: KvAwareSettings) -> int:
     """Replay ``workload`` through etcd, registry, router, node agents and engine_sim."""
@@ -96,7 +87,7 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
                      prefill_tokens_per_s=settings.prefill_tokens_per_s,
                      decode_ms_per_token=settings.decode_s_per_token * 1000.0,
                      max_running=settings.max_batch, time_scale=args.time_scale,
-                     router_args=router_flags(kv))
+                     router_args=router_flags(kv, args.time_scale))
     peers = _peer_names(args.peers)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
     print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router, etcd; logs in "
