@@ -42,3 +42,6 @@ class SeedPolicy:
         node = min(live, key=lambda v: v.used_blocks)
         self._owner[key] = node.node_id
         return Decision(node.node_id, node.matched_blocks, f"seed: new key {key}; least cache")
+
+    def commit(self, request: RequestView, decision: Decision) -> None:
+        """Stateless between decisions: nothing to record."""

@@ -6,11 +6,12 @@ Each node is an engine: a finite LRU block cache, one prefill at a time from a F
 ``decode_s_per_token`` each. The hit rate is what the node's cache served when the request's
 prefill *started* — measured on the engine, never taken from the router.
 
-Policies see :class:`NodeView` s built the way the router builds them: matched blocks from the
-registry's belief (the cache contents, optionally ``heartbeat_delay_s`` old), in-flight counts
-and pending-prefill estimates from the router's own load tracker (the same class the router
-uses), the engine's reported queue, usage and eviction rate. Peer re-implementations that keep
-their own state get ``on_routed`` / ``on_prefill_done`` / ``on_complete`` callbacks.
+Every decision is the routing core's own: :meth:`router_service.core.RouterCore.decide_local`
+with a :class:`~bench.sim.source.SimPlacementSource` (matched blocks from the registry's belief —
+the cache contents, optionally ``heartbeat_delay_s`` old — and the engine's reported queue,
+usage and eviction rate) and the router's :class:`LoadTracker` on the simulated clock, so the
+bench measures exactly what serves traffic. Peer re-implementations that keep their own state
+update it on ``commit`` and get ``on_prefill_done`` / ``on_complete`` callbacks.
 """
 
 from __future__ import annotations
@@ -19,15 +20,25 @@ import heapq
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bench.results import PolicyRun
 from bench.sim.cache import LruBlockCache
 from bench.sim.config import SimSettings
+from bench.sim.source import SimPlacementSource
 from bench.sim.tracker import make_tracker
 from bench.workloads.base import Workload
-from router_service.policies.base import NodeView, NoEligibleNode, Policy, RequestView
+from kvroute.errors import KvrouteError
+from router_service.core import RouterCore
+from router_service.domain import RouteRequest
+from router_service.policies.base import Policy
+from router_service.policies.registry import PolicySet
+from router_service.settings import RouterSettings
+from router_service.tokenizer import load_tokenizer
+
+SIM_MODEL = "sim-model"
+"""The model every simulated node serves."""
 
 _PREFILL_DONE = 0
 _DECODE_DONE = 1
@@ -39,7 +50,7 @@ _SEED_DECODE_S = 0.100
 
 class _Node:
     __slots__ = ("busy_s", "cache", "decode_wait", "decoding", "ev_rate", "ev_t", "idx",
-                 "nid", "prefilling", "queue", "reported", "reported_t")
+                 "last_report", "nid", "prefilling", "queue", "report_interval_s", "reported_t")
 
     def __init__(self, idx: int, capacity: int, delay_s: float) -> None:
         self.idx = idx
@@ -52,17 +63,27 @@ class _Node:
         self.busy_s = 0.0
         self.ev_rate = 0.0
         self.ev_t = 0.0
-        self.reported = (0, 0, 0)
+        self.last_report = (0, 0, 0)
         self.reported_t = -1e18
+        self.report_interval_s = delay_s
 
     def status(self, now: float, interval_s: float) -> tuple[int, int, int]:
         """(queue depth, running, used blocks) as last reported: live when ``interval_s`` is 0,
         else refreshed once per heartbeat interval (the registry's view)."""
         if interval_s <= 0 or now - self.reported_t >= interval_s:
-            self.reported = (len(self.queue), self.decoding + (1 if self.prefilling else 0),
-                             len(self.cache))
+            self.last_report = (len(self.queue), self.decoding + (1 if self.prefilling else 0),
+                                len(self.cache))
             self.reported_t = now
-        return self.reported
+        return self.last_report
+
+    def reported(self, now: float) -> tuple[int, int, int, int, float]:
+        """(queue, running, used, capacity, eviction rate) as the registry last heard."""
+        q, running, used = self.status(now, self.report_interval_s)
+        return q, running, used, self.cache.capacity, self.eviction_rate(now)
+
+    def believed_match(self, hashes: Sequence[int], now: float) -> int:
+        """Leading blocks the registry believes cached."""
+        return self.cache.believed_match(hashes, now)
 
     def eviction_rate(self, now: float) -> float:
         return self.ev_rate * math.exp(-(now - self.ev_t) / _EVICT_TAU_S) if self.ev_rate else 0.0
@@ -85,17 +106,20 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     n_req = len(reqs)
     bs = cfg.block_size or workload.block_size
     seed_model = cfg.latency_model == "seed"
-    delay = cfg.heartbeat_delay_s
     rate = cfg.prefill_tokens_per_s
     nodes = [_Node(i, cfg.cache_blocks, cfg.heartbeat_delay_s) for i in range(cfg.nodes)]
     by_id = {n.nid: n for n in nodes}
     run = PolicyRun(policy.name, [n.nid for n in nodes], n_req)
     run.init_requests(n_req)
     tracker = make_tracker(router_prefill_tokens_per_s or rate)
-    on_routed: Any = getattr(policy, "on_routed", None)
     on_prefill_done: Any = getattr(policy, "on_prefill_done", None)
     on_complete: Any = getattr(policy, "on_complete", None)
     on_prompt_text: Any = getattr(policy, "on_prompt_text", None)
+    source = SimPlacementSource(nodes, SIM_MODEL, bs, tracker.clock_now)
+    core = RouterCore(RouterSettings(registry="in-process:0", default_policy=policy.name,
+                                     default_model=SIM_MODEL, block_size=bs,
+                                     max_prompt_tokens=10**9),
+                      PolicySet.of(policy), source, tracker, load_tokenizer("simple"))
     heap: list[tuple[float, int, int, int, int]] = []
     seq = 0
     sample_every = max(1, n_req // 400)
@@ -158,34 +182,21 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
         tracker.now = now
         run.arrival_s[i] = now
         run.prompt_tokens[i] = r.prompt_tokens
-        hashes = r.block_hashes
-        views = []
-        for n in nodes:
-            q, running, used = n.status(now, delay)
-            views.append(NodeView(
-                node_id=n.nid, address=n.nid, matched_blocks=n.cache.believed_match(hashes, now),
-                inflight=tracker.inflight(n.nid), queue_depth=q, running=running,
-                used_blocks=used, capacity_blocks=n.cache.capacity,
-                eviction_rate=n.eviction_rate(now),
-                pending_prefill_tokens=tracker.pending_prefill(n.nid, now)))
-        rv = RequestView(r.request_id, r.block_hashes, r.prompt_tokens, bs, r.session_key,
-                         r.output_tokens)
         if on_prompt_text is not None:
             on_prompt_text(r.request_id, r.prompt_text_head)
         try:
-            d = policy.choose(rv, views)
-            node = by_id[d.node_id]
-        except (NoEligibleNode, KeyError) as exc:
+            d = core.decide_local(RouteRequest(
+                request_id=r.request_id, block_hashes=r.block_hashes,
+                num_prompt_tokens=r.prompt_tokens, session_id=r.session_key,
+                max_output_tokens=r.output_tokens))
+        except KvrouteError as exc:
             run.failed += 1
             if len(run.notes) < 5:
                 run.notes.append(f"{r.request_id}: {exc}")
             continue
-        predicted = r.cached_tokens(d.matched_blocks, bs)
+        node = by_id[d.node_id]
         run.node[i] = node.idx
-        run.predicted_cached_tokens[i] = predicted
-        tracker.start(r.request_id, node.nid, r.prompt_tokens - predicted, predicted)
-        if on_routed is not None:
-            on_routed(rv, node.nid)
+        run.predicted_cached_tokens[i] = d.expected_cached_tokens
         node.queue.append(i)
         if not node.prefilling:
             start_prefill(node, now)

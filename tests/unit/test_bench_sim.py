@@ -28,6 +28,9 @@ class _Fixed:
         v = next(n for n in nodes if n.node_id == self.node)
         return Decision(v.node_id, v.matched_blocks, "fixed")
 
+    def commit(self, request: RequestView, decision: Decision) -> None:
+        return None
+
 
 def _req(i: int, t: float, hashes: tuple[int, ...], out: int = 10) -> TraceRequest:
     return TraceRequest(f"r{i}", t, hashes, len(hashes) * 16, out)
