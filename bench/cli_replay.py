@@ -15,7 +15,6 @@ from bench.policies import ALL_POLICIES
 from bench.sim.config import SimSettings
 from bench.workloads import WORKLOAD_NAMES, TraceFormatError, load_workload
 from bench.workloads.base import Workload
-from engine_sim.params import DEFAULT_PREFILL_TOKENS_PER_S
 from kvroute.errors import ConfigError
 from kvroute.settings import add_arguments, env_name, from_namespace
 from router_service.policies.kv_aware import KvAwareSettings

@@ -203,7 +203,9 @@ class EppStack:
                 "--listen", f"127.0.0.1:{self.picker_port}", "--metrics-listen", "127.0.0.1:0",
                 "--ready-file", str(ready), "--registry", self.fleet.registry_target,
                 "--block-size", str(s.block_size), "--default-model", s.model,
-                "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s),
+                # the engines' clock runs 1/time_scale faster than the wall clock the picker
+                # lives on (as bench.stack_fleet does for the router)
+                "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s / s.time_scale),
                 "--max-prompt-tokens", str(s.max_prompt_tokens), *self.picker_args]
         self.picker = ManagedProcess("epp", argv, self.workdir / "logs" / "epp.log").start()
         self.picker_ready = read_ready_file(ready, 60.0, self.picker)
