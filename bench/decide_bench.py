@@ -34,7 +34,6 @@ import numpy as np
 from kvroute.blocks import hash_blocks
 from kvroute.errors import ConfigError
 from kvroute.v1 import registry_pb2 as rpb
-from kvroute.v1 import router_pb2
 
 TARGET_RATIO = 2.0
 """Done when p50 at the largest fleet <= this x p50 at the smallest (router and Lookup)."""
@@ -94,6 +93,7 @@ def _pcts(samples: list[float]) -> tuple[float, float]:
 
 # -- router ------------------------------------------------------------------------------------
 def _router(cfg: DecideBenchConfig, fleet: Fleet) -> dict[str, float]:
+    from router_service.domain import RouteRequest
     from router_service.replica_source import ReplicaSource
     from router_service.runtime import build_core
     from router_service.settings import RouterSettings
@@ -117,24 +117,23 @@ def _router(cfg: DecideBenchConfig, fleet: Fleet) -> dict[str, float]:
     rng = random.Random(cfg.seed)
     picks = [rng.randrange(len(fleet.prompts)) for _ in range(cfg.decisions)]
 
-    async def run() -> tuple[list[float], list[float]]:
+    def run() -> tuple[list[float], list[float]]:
         decide: list[float] = []
         lookup: list[float] = []
         clock = time.perf_counter
         for i, p in enumerate(picks):
-            req = router_pb2.RouteRequest(request_id=f"r{i}", model=MODEL,
-                                          token_ids=fleet.prompts[p].tolist())
+            req = RouteRequest(request_id=f"r{i}", model=MODEL, token_ids=fleet.prompts[p])
             t0 = clock()
-            resp = await core.route(req)
+            d = core.decide_local(req)
             decide.append(clock() - t0)
-            core.complete(router_pb2.CompleteRequest(request_id=resp.request_id))
+            core.complete(d.request_id)
             hashes = fleet.prompt_hashes[p]
             t0 = clock()
             mirror.lookup(hashes, MODEL)
             lookup.append(clock() - t0)
         return decide, lookup
 
-    decide, lookup = asyncio.run(run())
+    decide, lookup = run()
     p50, p99 = _pcts(decide)
     m50, m99 = _pcts(lookup)
     return {"router_p50_us": p50, "router_p99_us": p99, "mirror_p50_us": m50,
