@@ -7,14 +7,17 @@ by the router's configured tokenizer (``--tokenizer``). The shared OpenAI parser
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from router_service.domain import RouteRequest
 
 COMPLETIONS = "/v1/completions"
+TokenIds = list[Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]]
+"""Token ids as JSON gives them: integers in 0..2**32-1 (the core applies --max-token-id)."""
 CHAT = "/v1/chat/completions"
 
 
@@ -47,8 +50,8 @@ def _decode(raw: bytes) -> dict[str, Any]:
     if not raw:
         raise BodyError(400, "request body is empty; expected a JSON object")
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
         raise BodyError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BodyError(400, "request body must be a JSON object")
@@ -60,9 +63,13 @@ def _prompt(value: Any) -> str | list[int]:
         value = value[0]  # a batch is routed by its first prompt (one engine serves it all)
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                       for t in value):
-        return value
+    if isinstance(value, list) and value:
+        # checked in C (16k ids: ~0.1 ms against ~5 ms for a Python loop); booleans, floats,
+        # strings and out-of-range ids are refused by position
+        try:
+            return msgspec.convert(value, TokenIds)
+        except msgspec.ValidationError as exc:
+            raise BodyError(400, f"prompt: token ids must be integers ({exc})") from None
     raise BodyError(400, "prompt: must be a string, a list of token ids, or a list of either")
 
 

@@ -269,6 +269,10 @@ async def test_bad_requests_answered_by_the_picker(stack: EppStack,
         assert "not valid JSON" in (await resp.json())["message"]
     status, _, body = await complete(http, envoy, {"prompt": [1, 2, 3], "model": "other"})
     assert status == 404, body
+    for prompt_value in ([1, True], [1, 2**70], [1, -5], "", []):
+        status, _, body = await complete(http, envoy, {"prompt": prompt_value})
+        assert status == 400, (prompt_value, body)
+        assert "prompt" in body["message"] or "token" in body["message"], body
     # a non-inference path goes to some healthy engine
     async with http.get(f"{envoy.url}/v1/models") as resp:
         assert resp.status == 200
