@@ -209,6 +209,17 @@ class EppStack:
                 "--max-prompt-tokens", str(s.max_prompt_tokens), *self.picker_args]
         self.picker = ManagedProcess("epp", argv, self.workdir / "logs" / "epp.log").start()
         self.picker_ready = read_ready_file(ready, 60.0, self.picker)
+        want = len(self.fleet.engines)
+        wait_until(lambda: self._nodes_known() >= want, 30.0,
+                   f"the picker learning the {want} engines from the registry",
+                   proc=self.picker.proc)
+
+    def _nodes_known(self) -> float:
+        with urllib.request.urlopen(self.picker_metrics_url, timeout=2) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith("kvroute_router_nodes_known "):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
     def stop_picker(self) -> int | None:
         """Stop the picker (its port stays reserved for :meth:`start_picker`)."""
