@@ -92,6 +92,10 @@ def make_fleet(cfg: DecideBenchConfig, n: int) -> Fleet:
     return fleet
 
 
+def _capacity(cfg: DecideBenchConfig) -> int:
+    return 4 * (cfg.blocks_per_node + cfg.prompt_blocks)
+
+
 def _named(name: str, samples: list[float]) -> dict[str, float]:
     arr = np.array(samples) * 1e6
     return {f"{name}_p50_us": round(float(np.percentile(arr, 50)), 1),
@@ -114,7 +118,7 @@ def _router(cfg: DecideBenchConfig, fleet: Fleet) -> dict[str, float]:
     PE = rpb.PlacementEvent
     for nid in fleet.nodes:
         info = rpb.NodeInfo(node_id=nid, address=f"{nid}:8000", model=MODEL, healthy=True,
-                            capacity_blocks=4 * cfg.blocks_per_node,
+                            capacity_blocks=_capacity(cfg),
                             used_blocks=len(fleet.blocks[nid]), queue_depth=fleet.queue[nid])
         mirror.apply(PE(kind=PE.NODE_UPSERT, node_id=nid, node=info,
                         block_size=cfg.block_size))
@@ -174,7 +178,7 @@ def _registry(cfg: DecideBenchConfig, fleet: Fleet) -> dict[str, float]:
             for nid in fleet.nodes:
                 rec = await core.register(rpb.RegisterNodeRequest(
                     node_id=nid, address=f"{nid}:8000", model=MODEL,
-                    block_size=cfg.block_size, capacity_blocks=4 * cfg.blocks_per_node))
+                    block_size=cfg.block_size, capacity_blocks=_capacity(cfg)))
                 await core.resync(resync_stream(nid, rec.epoch))
             servicer = RegistryServicer(core, "bench")
             full: list[float] = []
