@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import time
@@ -59,6 +60,8 @@ class DecideBenchConfig:
     decisions: int = 2000
     policy: str = "kv_aware"
     seed: int = 0
+    gc: bool = True
+    """False: Python's garbage collector is off for the run (shows its share of the p99)."""
 
 
 @dataclass
@@ -214,8 +217,15 @@ def run_decide_bench(cfg: DecideBenchConfig,
     for n in cfg.nodes:
         fleet = make_fleet(cfg, n)
         row: dict[str, Any] = {"nodes": n}
-        row.update(_router(cfg, fleet))
-        row.update(_registry(cfg, fleet))
+        was_on = gc.isenabled()
+        if not cfg.gc:
+            gc.disable()
+        try:
+            row.update(_router(cfg, fleet))
+            row.update(_registry(cfg, fleet))
+        finally:
+            if was_on:
+                gc.enable()
         row["entries"] = sum(len(b) for b in fleet.blocks.values())
         results.append(row)
         if progress is not None:
@@ -258,6 +268,9 @@ def add_decide_arguments(p: argparse.ArgumentParser) -> None:
                         f"{d.decisions})")
     p.add_argument("--policy", default=d.policy, help=f"router policy (default {d.policy})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the synthetic fleet")
+    p.add_argument("--no-gc", action="store_true",
+                   help="turn Python's garbage collector off while measuring (its full "
+                        "collections are the router's p99 at 1,024 nodes)")
 
 
 def config_from_args(args: argparse.Namespace) -> DecideBenchConfig:
@@ -276,7 +289,8 @@ def config_from_args(args: argparse.Namespace) -> DecideBenchConfig:
     return DecideBenchConfig(nodes=nodes, prompt_blocks=args.prompt_blocks,
                              block_size=args.block_size, blocks_per_node=args.blocks_per_node,
                              documents=args.documents, holders=args.holders,
-                             decisions=args.decisions, policy=args.policy, seed=args.seed)
+                             decisions=args.decisions, policy=args.policy, seed=args.seed,
+                             gc=not args.no_gc)
 
 
 def run_decide_cli(args: argparse.Namespace) -> int:
