@@ -87,12 +87,29 @@ class ReplicaSource:
 
     def lookup_local(self, block_hashes: Sequence[int], model: str) -> Placement:
         """:meth:`lookup`, synchronously (the mirror is in memory)."""
+        self._check_usable()
+        return Placement(self._index.lookup(block_hashes, model), self._index.block_size)
+
+    def _check_usable(self) -> None:
         if not self.usable():
             why = ("no snapshot received yet" if not self._index.complete
                    else f"registry link down for {self.staleness_s():.1f} s "
                         f"(> {self._max_staleness_s:g} s)")
             raise Unavailable(f"placement mirror unusable: {why}")
-        return Placement(self._index.lookup(block_hashes, model), self._index.block_size)
+
+    def members(self, model: str) -> list[NodeState]:
+        """Nodes of ``model`` in the mirror (for candidate narrowing; do not modify)."""
+        return self._index.members(model)
+
+    def matches_local(self, block_hashes: Sequence[int], model: str) -> dict[str, int]:
+        """Only the nodes holding a prefix (cost grows with the match); Unavailable when the
+        mirror is too stale, as :meth:`lookup_local`."""
+        self._check_usable()
+        return self._index.matches(block_hashes, model)
+
+    def node(self, node_id: str) -> NodeState | None:
+        """A node's state by id."""
+        return self._index.nodes.get(node_id)
 
     def last_known(self) -> list[NodeState]:
         """Nodes of the current mirror (last known when the link is down)."""
