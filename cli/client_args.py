@@ -94,9 +94,6 @@ def tls(args: argparse.Namespace) -> TLSSettings:
     """Client TLS material from the flags (plaintext when none is given)."""
     if bool(args.tls_cert_file) != bool(args.tls_key_file):
         raise ConfigError("--tls-cert-file and --tls-key-file must be given together")
-    if args.tls_cert_file and not args.tls_ca_file:
-        raise ConfigError("--tls-cert-file needs --tls-ca-file (the CA that signed the "
-                          "server's certificate)")
     for flag in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
         path = getattr(args, flag)
         if path and not os.path.isfile(path):
