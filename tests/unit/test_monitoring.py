@@ -212,3 +212,37 @@ def test_promtool_checks_and_unit_tests_the_rules() -> None:
     out = subprocess.run(["promtool", "test", "rules", *tests], capture_output=True, text=True,
                          timeout=120, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _load_checker() -> object:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "check_prometheus_objects", ROOT / "scripts" / "check_prometheus_objects.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_prometheus_object_check_catches_mistakes(tmp_path: Path) -> None:
+    """scripts/check_prometheus_objects.py (run by check_k8s.sh) rejects what the CRD would."""
+    mod = _load_checker()
+    good = yaml.safe_load(RULES.read_text())
+    assert mod.check_rule_groups(good, "rules") == []  # type: ignore[attr-defined]
+    bad = {"groups": [{"name": "g", "rules": [
+        {"alert": "A", "record": "r", "expr": "x", "for": "5 minutes",
+         "labels": {"severity": 1}, "annotation": {}}]}]}
+    errs = " ".join(mod.check_rule_groups(bad, "rules"))  # type: ignore[attr-defined]
+    for want in ("unknown rule field 'annotation'", "exactly one of alert, record",
+                 "for: not a duration", "labels must map strings to strings"):
+        assert want in errs, want
+    assert mod.check_pod_monitor({"podMetricsEndpoints": [{"prot": "metrics"}]},  # type: ignore[attr-defined]
+                                 "pm") == ["pm: selector is required",
+                                           "pm: unknown endpoint field 'prot'"]
+    rendered = tmp_path / "all.yaml"
+    rendered.write_text(OPERATOR_RULES.read_text() + "---\n" + yaml.safe_dump(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}))
+    core = tmp_path / "core.yaml"
+    assert mod.main(str(rendered), str(core)) == 0  # type: ignore[attr-defined]
+    assert [d["kind"] for d in yaml.safe_load_all(core.read_text())] == ["ConfigMap"]
