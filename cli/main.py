@@ -42,7 +42,10 @@ class Parser(argparse.ArgumentParser):
                          namespace: argparse.Namespace | None = None,
                          ) -> tuple[argparse.Namespace, list[str]]:
         ns, extras = super().parse_known_args(args, namespace)
-        if extras and not self._subparsers:
+        # A chosen subcommand has reported its own extras already; here: this parser's own.
+        chosen = [a.dest for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                  and getattr(ns, a.dest, None) is not None]
+        if extras and not chosen:
             self.error(self._unrecognized(extras))
         return ns, extras
 
