@@ -227,6 +227,8 @@ def test_router_without_its_registry_logs_at_once_and_is_not_serving(tmp_path: P
         assert live.returncode == 0, live.stderr
         route = kvroute("route", "--router", router.grpc_target, "--tokens", TOKENS)
         assert route.returncode == 1
+        assert "UNAVAILABLE: the router cannot reach its registry" in route.stderr, route.stderr
+        assert "no node is registered" not in route.stderr
         assert "The router's link to its registry is DOWN" in route.stderr, route.stderr
         # The registry comes up on that address and a node registers: SERVING, and it stays so.
         with running_server("registry", ["--store", "memory", "--listen", f"127.0.0.1:{port}",
