@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvroute.grpcutil import open_channel
 from kvroute.settings import TLSSettings
+from kvroute.v1 import router_pb2, router_pb2_grpc
 
 ROUTER = "kvroute.v1.Router"
 REGISTRY = "kvroute.v1.Registry"
@@ -69,3 +70,25 @@ async def explain(exc: grpc.aio.AioRpcError, target: str, flag: str, service: st
         return (f"{target} ({flag}) did not answer within the deadline (--timeout): "
                 f"{details}")
     return f"{target}: {code.name}: {details}"
+
+
+async def router_stats(ch: grpc.aio.Channel, deadline_s: float) -> router_pb2.StatsResponse | None:
+    """The router's Stats, or None when it does not answer."""
+    try:
+        st: router_pb2.StatsResponse = await router_pb2_grpc.RouterStub(ch).Stats(
+            router_pb2.StatsRequest(), timeout=deadline_s)
+    except grpc.aio.AioRpcError:
+        return None
+    return st
+
+
+def router_not_routing(st: router_pb2.StatsResponse) -> str:
+    """Why a router cannot route, from its Stats ("" when its link and nodes look fine)."""
+    if not st.registry_connected:
+        return (f"the router's link to its registry is DOWN (no registry data for "
+                f"{st.registry_staleness_s:.1f} s, {st.nodes_known} node(s) known): check the "
+                "router's --registry address and its log; `kvroute stats` shows the link")
+    if not st.nodes_known:
+        return ("the router reaches its registry, but no node is registered: start the node "
+                "agents (`kvroute nodes --registry HOST:PORT` lists what the registry knows)")
+    return ""

@@ -18,10 +18,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cli import client_args
-from cli.client_errors import ROUTER, list_services
+from cli.client_errors import ROUTER, list_services, router_not_routing, router_stats
 from kvroute.grpcutil import open_channel
 from kvroute.settings import TLSSettings
-from kvroute.v1 import router_pb2, router_pb2_grpc
 
 
 def add_parser(sub: Any) -> None:
@@ -58,24 +57,10 @@ async def _check(args: argparse.Namespace, tls: TLSSettings) -> str:
         if reply.status == health_pb2.HealthCheckResponse.SERVING:
             return status
         if ROUTER in await list_services(args.server, tls, args.timeout):
-            why = await _router_why(ch, args.timeout)
+            st = await router_stats(ch, args.timeout)
+            why = router_not_routing(st) if st is not None else ""
             return f"{status}{f' ({why})' if why else ''}"
         return status
-
-
-async def _router_why(ch: grpc.aio.Channel, deadline_s: float) -> str:
-    try:
-        st = await router_pb2_grpc.RouterStub(ch).Stats(router_pb2.StatsRequest(),
-                                                        timeout=deadline_s)
-    except grpc.aio.AioRpcError:
-        return ""
-    if not st.registry_connected:
-        return (f"router: registry link down, no registry data for "
-                f"{st.registry_staleness_s:.1f} s, {st.nodes_known} node(s) known; check its "
-                "--registry and its log")
-    if not st.nodes_known:
-        return "router: registry reached, but no node has registered yet"
-    return ""
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from cli import client_args
-from cli.client_errors import ROUTER, explain
+from cli.client_errors import ROUTER, explain, router_not_routing, router_stats
 from kvroute.grpcutil import open_channel
 from kvroute.settings import TLSSettings
 from kvroute.v1 import router_pb2, router_pb2_grpc
@@ -94,28 +94,6 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_call(args, req, tls))
 
 
-def why_unavailable(st: router_pb2.StatsResponse) -> str:
-    """The router's own view of its registry link, to explain an UNAVAILABLE decision."""
-    if not st.registry_connected:
-        return (f"The router's link to its registry is DOWN (no registry data for "
-                f"{st.registry_staleness_s:.1f} s, {st.nodes_known} node(s) known): check the "
-                "router's --registry address and its log; `kvroute stats` shows the link.")
-    if not st.nodes_known:
-        return ("The router reaches its registry, but no node is registered: start the node "
-                "agents (`kvroute nodes --registry HOST:PORT` lists what the registry knows).")
-    return ""
-
-
-async def _stats(stub: router_pb2_grpc.RouterAsyncStub, deadline_s: float,
-                 ) -> router_pb2.StatsResponse | None:
-    try:
-        st: router_pb2.StatsResponse = await stub.Stats(router_pb2.StatsRequest(),
-                                                        timeout=deadline_s)
-    except grpc.aio.AioRpcError:
-        return None
-    return st
-
-
 async def _call(args: argparse.Namespace, req: router_pb2.RouteRequest,
                 tls: TLSSettings) -> int:
     async with open_channel(args.router, tls) as channel:
@@ -126,10 +104,11 @@ async def _call(args: argparse.Namespace, req: router_pb2.RouteRequest,
             msg = ""
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 # The router answered (Stats works): the decision itself was refused.
-                st = await _stats(stub, args.timeout)
+                st = await router_stats(channel, args.timeout)
                 if st is not None:
-                    why = why_unavailable(st)
-                    msg = f"UNAVAILABLE: {exc.details()}" + (f"\n  {why}" if why else "")
+                    why = router_not_routing(st)
+                    msg = f"UNAVAILABLE: {exc.details()}" + (f"\n  {why[0].upper()}{why[1:]}."
+                                                             if why else "")
             if not msg:
                 msg = await explain(exc, args.router, "--router", ROUTER, tls, args.timeout)
             print(f"kvroute route: {msg}", file=sys.stderr)

@@ -222,7 +222,7 @@ def test_router_without_its_registry_logs_at_once_and_is_not_serving(tmp_path: P
         assert "UNAVAILABLE" in log.read_text()
         out = kvroute("health", "--server", router.grpc_target)
         assert out.returncode == 1
-        assert "NOT_SERVING (router: registry link down" in out.stderr, out.stderr
+        assert "NOT_SERVING (the router's link to its registry is DOWN" in out.stderr, out.stderr
         live = kvroute("health", "--server", router.grpc_target, "--service", "liveness")
         assert live.returncode == 0, live.stderr
         route = kvroute("route", "--router", router.grpc_target, "--tokens", TOKENS)
