@@ -39,8 +39,8 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(  # type: ignore[override]
             self, args: Sequence[str] | None = None,
-                         namespace: argparse.Namespace | None = None,
-                         ) -> tuple[argparse.Namespace, list[str]]:
+            namespace: argparse.Namespace | None = None,
+    ) -> tuple[argparse.Namespace, list[str]]:
         ns, extras = super().parse_known_args(args, namespace)
         # A chosen subcommand has reported its own extras already; here: this parser's own.
         chosen = [a.dest for a in self._actions if isinstance(a, argparse._SubParsersAction)
