@@ -16,7 +16,7 @@ def test_decide_writes_results_per_fleet_size(tmp_path: Path,
     rc = main(["bench", "decide", "--nodes", "2,5", "--decisions", "30", "--documents", "8",
                "--blocks-per-node", "50", "--prompt-blocks", "8", "--json", str(out)])
     assert rc == 0
-    assert "router p50" in capsys.readouterr().out
+    assert "router decision p50" in capsys.readouterr().out
     rep = json.loads(out.read_text())
     assert [r["nodes"] for r in rep["results"]] == [2, 5]
     for r in rep["results"]:
