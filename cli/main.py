@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from cli import (
-    cmd_bench,
-    cmd_complete,
-    cmd_demo,
-    cmd_health,
-    cmd_nodes,
-    cmd_route,
-    cmd_serve,
-    cmd_stats,
-)
 from kvroute import __version__
 from kvroute.errors import ConfigError
 
-COMMANDS = (cmd_serve, cmd_nodes, cmd_route, cmd_complete, cmd_stats, cmd_health, cmd_demo,
-            cmd_bench)
+COMMANDS = {
+    "serve": "cli.cmd_serve",
+    "nodes": "cli.cmd_nodes",
+    "route": "cli.cmd_route",
+    "complete": "cli.cmd_complete",
+    "stats": "cli.cmd_stats",
+    "health": "cli.cmd_health",
+    "demo": "cli.cmd_demo",
+    "bench": "cli.cmd_bench",
+}
+"""Subcommand -> its module (imported only when needed: a `kvroute health` probe does not load
+the servers, the bench or numpy)."""
 
 EXIT_BROKEN_PIPE = 141
 """Exit code when stdout's reader went away (``kvroute nodes | head``), as for SIGPIPE."""
@@ -64,8 +65,9 @@ class Parser(argparse.ArgumentParser):
                      f"Run '{self.prog} --help' for its flags.\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (also used by tests that check manifests name real flags)."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full argument parser (also used by tests that check manifests name real flags), or,
+    with ``only``, one holding just that subcommand (what ``main`` runs)."""
     parser = Parser(
         prog="kvroute",
         description="KV-cache-aware request router for LLM serving fleets. Client commands "
@@ -75,9 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kvroute {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for cmd in COMMANDS:
-        cmd.add_parser(sub)
+    for name, module in COMMANDS.items():
+        if only is None or name == only:
+            importlib.import_module(module).add_parser(sub)
     return parser
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not a flag)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,8 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        parser = build_parser()
+        parser = build_parser(_command(argv))
     except ConfigError as exc:  # a KVROUTE_* variable a client flag cannot read
         print(f"kvroute: configuration error: {exc}", file=sys.stderr)
         return 2
