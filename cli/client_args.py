@@ -72,6 +72,12 @@ def env_defaults(p: argparse.ArgumentParser, environ: Mapping[str, str] | None =
                 raise ConfigError(f"{name}: expected true or false, got {raw!r}")
             action.default = low in _TRUE
         else:
+            if callable(action.type):
+                try:
+                    action.type(raw)
+                except ValueError:
+                    kind = getattr(action.type, "__name__", "value")
+                    raise ConfigError(f"{name}: cannot read {raw!r} as {kind}") from None
             action.default = raw  # argparse converts string defaults with the flag's type
         action.required = False
 

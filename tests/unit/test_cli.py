@@ -126,3 +126,7 @@ def test_an_unreadable_variable_names_itself(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("KVROUTE_JSON", "maybe")
     assert main(["nodes", "--registry", "127.0.0.1:1"]) == 2
     assert "KVROUTE_JSON: expected true or false, got 'maybe'" in capsys.readouterr().err
+    monkeypatch.delenv("KVROUTE_JSON")
+    monkeypatch.setenv("KVROUTE_TIMEOUT", "soon")
+    assert main(["stats", "--router", "127.0.0.1:1"]) == 2
+    assert "KVROUTE_TIMEOUT: cannot read 'soon' as float" in capsys.readouterr().err
