@@ -165,6 +165,10 @@ class RouterCore:
         if len(models) == 1:
             return models[0]
         if not models:
+            if not self.source.connected:
+                raise Unavailable(
+                    f"the router cannot reach its registry (no registry data for "
+                    f"{self.source.staleness_s():.1f} s) and knows no node; check --registry")
             raise Unavailable("no node is registered (model could not be defaulted)")
         raise InvalidArgument(f"model: required, the fleet serves several models "
                               f"({', '.join(models)}) and no --default-model is set")

@@ -22,7 +22,7 @@ from kvroute.settings import TLSSettings
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from router_service.index_mirror import IndexMirror
 from router_service.placement import NodeState, Placement
-from router_service.retry import LinkNeverUp, reconnect_options, reconnect_retrying
+from router_service.retry import LinkLog, LinkNeverUp, reconnect_options, reconnect_retrying
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class ReplicaSource:
         self._task: asyncio.Task[None] | None = None
         self.events_applied = 0
         self.reconnects = 0
+        self._link_log = LinkLog(target, "placement watch (replica mode)")
 
     async def start(self) -> None:
         """Start following the registry in the background."""
@@ -157,6 +158,7 @@ class ReplicaSource:
                         self._index, was_up = fresh, True
                         self._connected = True
                         self.reconnects += 1
+                        self._link_log.up()
                         log.info("placement mirror in sync: %d nodes, block size %d",
                                  len(fresh.nodes), fresh.block_size)
                 else:
@@ -170,12 +172,15 @@ class ReplicaSource:
             if was_up:
                 log.warning("registry watch ended: %s", _short(exc))
                 return
+            self._link_log.failed(exc)
             raise
         finally:
             self._mark_down()
             await channel.close(None)
         if not was_up:
-            raise LinkNeverUp("watch ended before its snapshot completed")
+            exc2 = LinkNeverUp("watch ended before its snapshot completed")
+            self._link_log.failed(exc2)
+            raise exc2
 
 
 def _short(exc: BaseException) -> str:
