@@ -3,6 +3,8 @@
 # and validate every object strictly against the Kubernetes schemas with kubernetes-validate
 # (1.31 and the newest version it ships). No API server is needed. Any warning fails: a
 # deprecated kustomize field (commonLabels, ...), an unknown kind or field, a missing schema.
+# Prometheus Operator objects (PrometheusRule, PodMonitor) have no schema there: they are checked
+# by scripts/check_prometheus_objects.py (fields, durations; promtool check rules if installed).
 # Custom resources (InferencePool) are validated strictly against the CRDs committed under
 # k8s/crds/ by scripts/check_crd_objects.py; the rest goes to kubernetes-validate.
 #   scripts/check_k8s.sh            (kubectl and kubernetes-validate on PATH; CI puts $VENV/bin first)
@@ -11,6 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v kubectl >/dev/null || { echo "check_k8s: kubectl not found on PATH" >&2; exit 1; }
+python=${PYTHON:-python3}
+command -v kubernetes-validate >/dev/null && python=$(dirname "$(command -v kubernetes-validate)")/python
 if command -v kubernetes-validate >/dev/null; then
   validate=(kubernetes-validate)
 else
@@ -39,13 +43,18 @@ for dir in "${dirs[@]}"; do
     echo "FAIL $dir: kustomize warned:"; sed 's/^/  /' "$out/$name.err"; bad=1
   fi
   objects=$(grep -c '^kind:' "$out/$name.yaml" || true)
-  if ! "${PYTHON:-python3}" scripts/check_crd_objects.py --crds k8s/crds \
+  # Custom resources with a CRD under k8s/crds (InferencePool) are checked against its schema,
+  # Prometheus Operator objects (no schema in kubernetes-validate) on their own; the rest below.
+  if ! "$python" scripts/check_crd_objects.py --crds k8s/crds \
        --in "$out/$name.yaml" --rest "$out/$name.builtin.yaml" >"$out/$name.crd" 2>&1; then
     echo "FAIL $dir against k8s/crds:"; sed 's/^/  /' "$out/$name.crd"; bad=1
   fi
+  if ! report=$("$python" scripts/check_prometheus_objects.py "$out/$name.builtin.yaml" \
+                  "$out/$name.core.yaml" 2>&1); then
+    echo "FAIL $dir: Prometheus Operator objects:"; echo "$report" | sed 's/^/  /'; bad=1
+  fi
   for version in $versions; do
-    report=$("${validate[@]}" --strict --quiet -k "$version" "$out/$name.builtin.yaml" 2>&1) \
-      && rc=0 || rc=$?
+    report=$("${validate[@]}" --strict --quiet -k "$version" "$out/$name.core.yaml" 2>&1) && rc=0 || rc=$?
     if [[ $rc -ne 0 || -n "$report" ]]; then
       echo "FAIL $dir against Kubernetes $version:"; echo "$report" | sed 's/^/  /'; bad=1
     fi
