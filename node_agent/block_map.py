@@ -17,8 +17,15 @@ Decisions (documented in README.md):
   completes two 16-token canonical blocks; 1-token SGLang pages are buffered until 16 tokens
   complete one). A partial engine block (SGLang's last page) completes nothing and ends the
   chain: it is never indexed as a full block.
-- Blocks with per-block ``extra_keys`` (multimodal ids) get the keys mixed into the chain, so
-  they and their descendants never match a text-only prompt with the same placeholder tokens.
+- LoRA names and cache salts reach the canonical root salt (``kvroute.blocks.request_salt``),
+  the same salt the router derives from RouteRequest.lora_name / cache_salt. Blocks whose
+  ``extra_keys`` hold keys a request cannot reproduce (multimodal ids, embedding digests) are
+  unmatchable: they and their descendants are not indexed and are counted
+  (``unreproducible_extra_keys``), never indexed under hashes nobody can look up.
+- The engine's own block size (``engine_block_size``: configured, else the largest block size
+  seen) and its lookahead tokens are reported to the registry so the router rounds matches
+  down to whole engine blocks. A BlockStored smaller than the engine block size is a partial
+  page (SGLang sends one as its own event): never indexed, nothing chains from it.
 - Media: policy ``device`` indexes only the device cache (``GPU``; others counted and
   ignored); ``any`` also counts offloaded copies as cached. Groups other than 0 of hybrid
   models are ignored (counted).
@@ -32,10 +39,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-import msgspec
-from xxhash import xxh3_64_intdigest
-
-from kvroute.blocks import HASH_SEED, hash_blocks, request_salt, root_hash
+from kvroute.blocks import hash_blocks, request_salt, root_hash
 from node_agent.deltas import DeltaLog
 from node_agent.events import DEVICE_MEDIUM, Cleared, Event, Removed, Stored
 
@@ -53,6 +57,7 @@ class _Entry:
     media: set[str]
     before: int
     partial: bool = False
+    opaque: bool = False
 
 
 def salt_of(ev: Stored) -> str:
@@ -60,20 +65,12 @@ def salt_of(ev: Stored) -> str:
     return request_salt(ev.lora_name, ev.lora_id, ev.cache_salt)
 
 
-def _mix(last: int, extra: object) -> int:
-    try:
-        blob = msgspec.msgpack.encode(extra)
-    except (TypeError, ValueError):
-        blob = repr(extra).encode()
-    return xxh3_64_intdigest(last.to_bytes(8, "little") + b"extra\x00" + blob, HASH_SEED)
-
-
 class BlockMap:
     """The agent's view of the engine cache in canonical hashes; reports changes to a DeltaLog."""
 
     def __init__(self, block_size: int, deltas: DeltaLog, *, medium_policy: str = "device",
                  device_media: tuple[str, ...] = (DEVICE_MEDIUM,), capacity_blocks: int = 0,
-                 ) -> None:
+                 engine_block_size: int = 0) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         if medium_policy not in MEDIUM_POLICIES:
@@ -89,6 +86,8 @@ class BlockMap:
         self.evictions_total = 0
         self.skipped: Counter[str] = Counter()
         self.engine_block_sizes: set[int] = set()
+        self._engine_bs = engine_block_size
+        self.lookahead_tokens = 0
 
     # --- queries -------------------------------------------------------------------------
     @property
@@ -100,6 +99,11 @@ class BlockMap:
     def engine_blocks(self) -> int:
         """Engine blocks tracked."""
         return len(self._entries)
+
+    @property
+    def engine_block_size(self) -> int:
+        """The engine's block (page) size: configured, else the largest seen (0 = none yet)."""
+        return self._engine_bs or max(self.engine_block_sizes, default=0)
 
     def canonical_hashes(self) -> list[int]:
         """Every canonical hash held now (the full set for a Resync)."""
@@ -164,7 +168,11 @@ class BlockMap:
             log.warning("BlockStored with %d hashes but %d tokens at block size %d: skipped",
                         n, len(toks), ebs)
             return
+        known = self.engine_block_size
         self.engine_block_sizes.add(ebs)
+        self.lookahead_tokens = max(self.lookahead_tokens, ev.lookahead_tokens)
+        short_page = 0 < ebs < known  # SGLang's partial last page, sent as its own event
+        opaque = False
         if ev.parent_engine_hash is None:
             salt = salt_of(ev)
             last = root_hash(salt) if salt else self._root
@@ -174,9 +182,10 @@ class BlockMap:
             if parent is None or parent.partial:
                 self.skipped["orphan"] += n
                 return
-            last, rem = parent.last, parent.rem
+            last, rem, opaque = parent.last, parent.rem, parent.opaque
         bs, extra = self.block_size, ev.extra_keys
-        if (ebs == bs and not rem and extra is None and len(toks) == n * bs
+        if (ebs == bs and not rem and extra is None and not opaque and not short_page
+                and len(toks) == n * bs
                 and not any(eh in self._entries for eh in hashes)):
             # fast path (the common case): one hashing call for the whole run
             for eh, c in zip(hashes, hash_blocks(toks, bs, parent=last), strict=True):
@@ -187,22 +196,27 @@ class BlockMap:
             return
         for i, eh in enumerate(hashes):
             chunk = toks[i * ebs:(i + 1) * ebs]
-            known = self._entries.get(eh)
-            if known is not None:  # re-store, or the same block on another medium
-                if known.before != last:
+            known_e = self._entries.get(eh)
+            if known_e is not None:  # re-store, or the same block on another medium
+                if known_e.before != last:
                     # the same engine id after another prefix: unchained engine hashes (old
                     # SGLang). Removals cannot tell the two apart; keep the first, count it.
                     self.skipped["engine_hash_conflict"] += 1
-                known.media.add(ev.medium)
-                last, rem = known.last, known.rem
+                known_e.media.add(ev.medium)
+                last, rem, opaque = known_e.last, known_e.rem, known_e.opaque
                 continue
-            if len(chunk) < ebs:  # partial last page: never a full block
+            if len(chunk) < ebs or short_page:  # partial page: never a full block
                 self._entries[eh] = _Entry((), last, rem, {ev.medium}, last, partial=True)
                 self.skipped["partial_block"] += 1
                 return
             before = last
-            if extra is not None and i < len(extra) and extra[i] is not None:
-                last = _mix(last, extra[i])
+            if opaque or (extra is not None and i < len(extra) and extra[i] is not None):
+                # keys a request cannot carry (multimodal ids...): this block and every block
+                # after it in the chain can never match a Route; not indexed, counted.
+                self._entries[eh] = _Entry((), last, rem, {ev.medium}, before, opaque=True)
+                opaque = True
+                self.skipped["unreproducible_extra_keys"] += 1
+                continue
             buf = rem + chunk
             full = len(buf) // bs
             canon: tuple[int, ...] = ()

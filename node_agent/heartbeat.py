@@ -32,6 +32,7 @@ from kvroute.grpcutil import message_size_options, open_channel
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from node_agent.block_map import BlockMap
 from node_agent.deltas import DeltaBatch, DeltaLog
+from node_agent.events import IndexHealth
 from node_agent.settings import AgentSettings
 from node_agent.usage import UsageProbe
 
@@ -69,11 +70,12 @@ class RegistryLink:
     """Keeps the registry's view of one node in step with the agent's block map."""
 
     def __init__(self, settings: AgentSettings, blocks: BlockMap, deltas: DeltaLog,
-                 usage: UsageProbe) -> None:
+                 usage: UsageProbe, health: IndexHealth | None = None) -> None:
         self._s = settings
         self._blocks = blocks
         self._deltas = deltas
         self._usage = usage
+        self._health = health if health is not None else IndexHealth()
         self._channel: grpc.aio.Channel | None = None
         self._stub: registry_pb2_grpc.RegistryAsyncStub | None = None
         self._wake = asyncio.Event()
@@ -222,7 +224,11 @@ class RegistryLink:
             node_id=self._s.node_id, epoch=self.stats.epoch, used_blocks=usage.used_blocks,
             evictions_total=self._blocks.evictions_total, queue_depth=usage.queue_depth,
             running=usage.running, stored=batch.stored, removed=batch.removed,
-            cleared=batch.cleared, delta_seq=batch.seq)
+            cleared=batch.cleared, delta_seq=batch.seq,
+            engine_block_size=self._blocks.engine_block_size,
+            engine_lookahead_tokens=self._blocks.lookahead_tokens,
+            index_state=registry_pb2.IndexState.ValueType(int(self._health.state)),
+            index_note=self._health.note)
         size = req.ByteSize()
         self.stats.last_heartbeat_bytes = size
         self.stats.max_heartbeat_bytes = max(self.stats.max_heartbeat_bytes, size)
