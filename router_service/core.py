@@ -180,8 +180,10 @@ class RouterCore:
         views = []
         for n, matched in pairs:
             views.append(NodeView(
-                n.node_id, n.address, matched, tracker.inflight(n.node_id), n.queue_depth,
-                n.running, n.used_blocks, n.capacity_blocks, n.eviction_rate,
+                n.node_id, n.address,
+                n.reusable_blocks(matched, view.block_size, view.prompt_tokens),
+                tracker.inflight(n.node_id), n.queue_depth, n.running, n.used_blocks,
+                n.capacity_blocks, n.eviction_rate,
                 tracker.pending_prefill(n.node_id, now), n.healthy))
         try:
             if degraded_why:
