@@ -26,9 +26,11 @@ Decisions (documented in README.md):
   seen) and its lookahead tokens are reported to the registry so the router rounds matches
   down to whole engine blocks. A BlockStored smaller than the engine block size is a partial
   page (SGLang sends one as its own event): never indexed, nothing chains from it.
-- Media: policy ``device`` indexes only the device cache (``GPU``; others counted and
-  ignored); ``any`` also counts offloaded copies as cached. Groups other than 0 of hybrid
-  models are ignored (counted).
+- Media: policy ``device`` indexes the device cache (``GPU``) as the node's blocks and reports
+  blocks held on other media (``CPU``, ``CPU_PINNED``, ``DISK``...) as a lower tier
+  (``stored_offloaded`` / ``removed_offloaded`` in the heartbeat); ``any`` counts offloaded
+  copies as cached like device ones. A block on several media stays in a tier while one of
+  that tier's media holds it. Groups other than 0 of hybrid models are ignored (counted).
 - When more canonical blocks are held than ``capacity_blocks`` (stale after lost events), the
   oldest entries are trimmed and counted.
 """
@@ -82,6 +84,7 @@ class BlockMap:
         self.capacity_blocks = capacity_blocks
         self._entries: dict[int, _Entry] = {}
         self._refs: dict[int, int] = {}
+        self._off_refs: dict[int, int] = {}
         self._root = root_hash("")
         self.evictions_total = 0
         self.skipped: Counter[str] = Counter()
@@ -109,6 +112,15 @@ class BlockMap:
         """Every canonical hash held now (the full set for a Resync)."""
         return list(self._refs)
 
+    @property
+    def offloaded_blocks(self) -> int:
+        """Distinct canonical blocks held on an offloading medium (the lower tier)."""
+        return len(self._off_refs)
+
+    def offloaded_hashes(self) -> list[int]:
+        """Every canonical hash held on an offloading medium (for a Resync)."""
+        return list(self._off_refs)
+
     def canonical_of(self, engine_hash: int) -> tuple[int, ...] | None:
         """Canonical blocks completed by an engine block (None if unknown)."""
         e = self._entries.get(engine_hash)
@@ -128,16 +140,60 @@ class BlockMap:
         """Drop everything (engine restart or AllBlocksCleared)."""
         self._entries.clear()
         self._refs.clear()
+        self._off_refs.clear()
         self._deltas.cleared()
 
     def _medium_ok(self, medium: str, group_idx: int | None) -> bool:
         if group_idx not in (None, 0):
             self.skipped["other_group"] += 1
             return False
-        if not self._any_medium and medium not in self._device:
-            self.skipped["other_medium"] += 1
-            return False
         return True
+
+    def _is_dev(self, medium: str) -> bool:
+        return self._any_medium or medium in self._device
+
+    def _add_medium(self, e: _Entry, medium: str) -> None:
+        """``medium`` now holds the engine block: enter its canonical blocks in that tier."""
+        if medium in e.media:
+            return
+        dev = self._is_dev(medium)
+        had = any(self._is_dev(m) == dev for m in e.media)
+        e.media.add(medium)
+        if not had:
+            for c in e.canon:
+                if dev:
+                    self._incref(c)
+                else:
+                    self._incref_off(c)
+
+    def _drop_medium(self, e: _Entry, medium: str) -> None:
+        """``medium`` no longer holds the engine block."""
+        if medium not in e.media:
+            return
+        e.media.discard(medium)
+        dev = self._is_dev(medium)
+        if any(self._is_dev(m) == dev for m in e.media):
+            return
+        for c in e.canon:
+            if not dev:
+                self._decref_off(c)
+            elif self._decref(c):
+                self.evictions_total += 1
+
+    def _incref_off(self, h: int) -> None:
+        n = self._off_refs.get(h, 0)
+        self._off_refs[h] = n + 1
+        if n == 0:
+            self._deltas.stored_offloaded(h)
+
+    def _decref_off(self, h: int) -> None:
+        n = self._off_refs.get(h, 0)
+        if n <= 1:
+            if n == 1:
+                del self._off_refs[h]
+                self._deltas.removed_offloaded(h)
+            return
+        self._off_refs[h] = n - 1
 
     def _incref(self, h: int) -> None:
         n = self._refs.get(h, 0)
@@ -189,8 +245,8 @@ class BlockMap:
                 and not any(eh in self._entries for eh in hashes)):
             # fast path (the common case): one hashing call for the whole run
             for eh, c in zip(hashes, hash_blocks(toks, bs, parent=last), strict=True):
-                self._entries[eh] = _Entry((c,), c, (), {ev.medium}, last)
-                self._incref(c)
+                entry = self._entries[eh] = _Entry((c,), c, (), set(), last)
+                self._add_medium(entry, ev.medium)
                 last = c
             self._trim_if_over()
             return
@@ -202,7 +258,7 @@ class BlockMap:
                     # the same engine id after another prefix: unchained engine hashes (old
                     # SGLang). Removals cannot tell the two apart; keep the first, count it.
                     self.skipped["engine_hash_conflict"] += 1
-                known_e.media.add(ev.medium)
+                self._add_medium(known_e, ev.medium)
                 last, rem, opaque = known_e.last, known_e.rem, known_e.opaque
                 continue
             if len(chunk) < ebs or short_page:  # partial page: never a full block
@@ -225,9 +281,8 @@ class BlockMap:
                 last, rem = canon[-1], buf[full * bs:]
             else:
                 rem = buf
-            self._entries[eh] = _Entry(canon, last, rem, {ev.medium}, before)
-            for c in canon:
-                self._incref(c)
+            entry = self._entries[eh] = _Entry(canon, last, rem, set(), before)
+            self._add_medium(entry, ev.medium)
         self._trim_if_over()
 
     def _trim_if_over(self) -> None:
@@ -242,13 +297,9 @@ class BlockMap:
             if e is None:
                 self.skipped["unknown_removed"] += 1
                 continue
-            e.media.discard(ev.medium)
-            if e.media:
-                continue
-            del self._entries[eh]
-            for c in e.canon:
-                if self._decref(c):
-                    self.evictions_total += 1
+            self._drop_medium(e, ev.medium)
+            if not e.media:
+                del self._entries[eh]
 
     def _trim(self) -> None:
         over = len(self._refs) - self.capacity_blocks
@@ -259,7 +310,11 @@ class BlockMap:
         while over > 0 and self._entries:
             eh = next(iter(self._entries))
             e = self._entries.pop(eh)
-            for c in e.canon:
+            dev = any(self._is_dev(m) for m in e.media)
+            if any(not self._is_dev(m) for m in e.media):
+                for c in e.canon:
+                    self._decref_off(c)
+            for c in e.canon if dev else ():
                 if self._decref(c):
                     over -= 1
                     self.skipped["trimmed"] += 1

@@ -175,24 +175,27 @@ class RegistryLink:
         log.info("registered node %s epoch %d (lease %d s, heartbeat every %.2f s)",
                  s.node_id, resp.epoch, resp.lease_ttl_s, self._interval)
 
-    async def _resync_messages(self, hashes: list[int], used: int,
+    async def _resync_messages(self, hashes: list[int], used: int, offloaded: list[int],
                                ) -> AsyncIterator[registry_pb2.ResyncRequest]:
         n = self._s.resync_batch
         epoch = self.stats.epoch
         yield registry_pb2.ResyncRequest(node_id=self._s.node_id, epoch=epoch,
-                                         block_hashes=hashes[:n], used_blocks=used)
-        for i in range(n, len(hashes), n):
+                                         block_hashes=hashes[:n], used_blocks=used,
+                                         offloaded_block_hashes=offloaded[:n])
+        for i in range(n, max(len(hashes), len(offloaded)), n):
             yield registry_pb2.ResyncRequest(node_id=self._s.node_id, epoch=epoch,
-                                             block_hashes=hashes[i:i + n])
+                                             block_hashes=hashes[i:i + n],
+                                             offloaded_block_hashes=offloaded[i:i + n])
 
     async def _resync(self) -> None:
         assert self._stub is not None
         # Snapshot and reset in one step (no await between): later events become seq 1...
         hashes = self._blocks.canonical_hashes()
+        offloaded = self._blocks.offloaded_hashes()
         self._deltas.reset(1)
         self._need_resync = False
         try:
-            resp = await self._stub.Resync(self._resync_messages(hashes, len(hashes)),
+            resp = await self._stub.Resync(self._resync_messages(hashes, len(hashes), offloaded),
                                            timeout=self._s.rpc_timeout_s + len(hashes) / 1e5)
         except grpc.aio.AioRpcError as exc:
             self._need_resync = True
@@ -228,7 +231,8 @@ class RegistryLink:
             engine_block_size=self._blocks.engine_block_size,
             engine_lookahead_tokens=self._blocks.lookahead_tokens,
             index_state=registry_pb2.IndexState.ValueType(int(self._health.state)),
-            index_note=self._health.note)
+            index_note=self._health.note, stored_offloaded=batch.stored_offloaded,
+            removed_offloaded=batch.removed_offloaded)
         size = req.ByteSize()
         self.stats.last_heartbeat_bytes = size
         self.stats.max_heartbeat_bytes = max(self.stats.max_heartbeat_bytes, size)

@@ -73,6 +73,8 @@ def heartbeat(req: pb.HeartbeatRequest, s: RegistrySettings) -> None:
     if req.epoch == 0:
         raise InvalidArgument("epoch is required: use the epoch RegisterNode returned")
     hash_count(len(req.stored) + len(req.removed), "stored+removed", s)
+    hash_count(len(req.stored_offloaded) + len(req.removed_offloaded),
+               "stored_offloaded+removed_offloaded", s)
     if (req.stored or req.removed or req.cleared) and req.delta_seq == 0:
         raise InvalidArgument(
             "delta_seq must be >= 1 when stored, removed or cleared is set (1 after each "

@@ -195,6 +195,8 @@ class HeartbeatRequest(_message.Message):
     ENGINE_LOOKAHEAD_TOKENS_FIELD_NUMBER: _builtins.int
     INDEX_STATE_FIELD_NUMBER: _builtins.int
     INDEX_NOTE_FIELD_NUMBER: _builtins.int
+    STORED_OFFLOADED_FIELD_NUMBER: _builtins.int
+    REMOVED_OFFLOADED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
     epoch: _builtins.int
@@ -238,6 +240,18 @@ class HeartbeatRequest(_message.Message):
     def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Canonical hashes of blocks evicted since the last heartbeat."""
 
+    @_builtins.property
+    def stored_offloaded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Canonical hashes now held on an offloading medium (vLLM/SGLang `medium` CPU, CPU_PINNED,
+        DISK...: a lower tier the engine can load back faster than recomputing), since the last
+        heartbeat. Same delta_seq and acknowledgement as `stored`; `cleared` clears this tier too.
+        Registries of this version validate them but do not index them yet (see node_agent/README).
+        """
+
+    @_builtins.property
+    def removed_offloaded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Canonical hashes no longer held on any offloading medium, since the last heartbeat."""
+
     def __init__(
         self,
         *,
@@ -256,10 +270,12 @@ class HeartbeatRequest(_message.Message):
         engine_lookahead_tokens: _builtins.int = ...,
         index_state: Global___IndexState.ValueType = ...,
         index_note: _builtins.str = ...,
+        stored_offloaded: _abc.Iterable[_builtins.int] | None = ...,
+        removed_offloaded: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "evictions_total", b"evictions_total", "index_note", b"index_note", "index_state", b"index_state", "node_id", b"node_id", "queue_depth", b"queue_depth", "removed", b"removed", "running", b"running", "stored", b"stored", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "evictions_total", b"evictions_total", "index_note", b"index_note", "index_state", b"index_state", "node_id", b"node_id", "queue_depth", b"queue_depth", "removed", b"removed", "removed_offloaded", b"removed_offloaded", "running", b"running", "stored", b"stored", "stored_offloaded", b"stored_offloaded", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -309,6 +325,7 @@ class ResyncRequest(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     USED_BLOCKS_FIELD_NUMBER: _builtins.int
+    OFFLOADED_BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
     epoch: _builtins.int
@@ -319,6 +336,12 @@ class ResyncRequest(_message.Message):
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """A batch of canonical block hashes the engine holds now."""
 
+    @_builtins.property
+    def offloaded_block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Canonical hashes of blocks held on an offloading medium (the lower tier); all messages
+        together are the node's complete offloaded set.
+        """
+
     def __init__(
         self,
         *,
@@ -326,10 +349,11 @@ class ResyncRequest(_message.Message):
         epoch: _builtins.int = ...,
         block_hashes: _abc.Iterable[_builtins.int] | None = ...,
         used_blocks: _builtins.int = ...,
+        offloaded_block_hashes: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "epoch", b"epoch", "node_id", b"node_id", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "epoch", b"epoch", "node_id", b"node_id", "offloaded_block_hashes", b"offloaded_block_hashes", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
