@@ -11,6 +11,8 @@ node's ``index_state`` and ``index_note``, and a metric.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -241,6 +243,11 @@ def test_recorded_engine_payloads_through_the_stack(
             if c.metric and c.agent is not None and metric_value(c.agent, c.metric) < 1:
                 problems.append(f"{c.model}: metric {c.metric} not >= 1")
         assert not problems, "\n".join(problems)
+        table = subprocess.run(
+            [sys.executable, "-m", "cli.main", "nodes", "--registry", reg.grpc_target],
+            capture_output=True, text=True, timeout=30, check=True).stdout
+        wrong = f"{engine}-wrong_topic: index no_events: batches arrive with topic"
+        assert wrong in table and "kv@10.0.0.5@conf-model" in table, table
     finally:
         for c in todo:
             if c.agent is not None:
