@@ -18,6 +18,7 @@ from typing import Any
 
 from node_agent.events import Event, ParsedBatch, ParseStats
 from node_agent.wire import (
+    U64_MASK,
     BadEvent,
     BatchDecoder,
     as_fields,
@@ -27,6 +28,11 @@ from node_agent.wire import (
     removed_event,
     stored_base,
 )
+
+EMPTY_TUPLE_HASH = hash(())
+"""What SGLang before the map encoding (0.4.x RadixCache) sends as ``parent_block_hash`` for a
+node directly under the radix root: ``hash(tuple(root.key))`` of the empty root key. Python's
+tuple hash of ``()`` does not depend on PYTHONHASHSEED. Read as "no parent"."""
 
 POSITIONAL: dict[str, tuple[str, ...]] = {
     "BlockStored": ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
@@ -57,7 +63,10 @@ def convert_event(raw: Any) -> Event:
     """One SGLang event (positional or map) as an internal event; raises BadEvent."""
     tag, fields = as_fields(raw, POSITIONAL)
     if tag == "BlockStored":
-        return make_stored(stored_base(fields), cache_salt=_cache_salt(dict(fields)),
+        base = stored_base(fields)
+        if base["parent_engine_hash"] == EMPTY_TUPLE_HASH & U64_MASK:
+            base["parent_engine_hash"] = None
+        return make_stored(base, cache_salt=_cache_salt(dict(fields)),
                            lora_name=opt_str(fields.get("lora_name"), "lora_name"))
     if tag == "BlockRemoved":
         return removed_event(fields)

@@ -42,8 +42,17 @@ from typing import Any
 ENGINES = {
     "vllm-0.33.0": ("vllm", "0.33.0"),
     "vllm-0.23.0": ("vllm", "0.23.0"),
+    "vllm-0.9.0": ("vllm", "0.9.0"),
     "sglang-0.5.23": ("sglang", "0.5.23"),
+    "sglang-0.4.10.post2": ("sglang", "0.4.10.post2"),
 }
+REAL_LEGACY = {
+    "vllm-0.9.0": ["vllm/distributed/kv_events.py", "vllm/v1/core/kv_cache_utils.py",
+                   "vllm/v1/core/block_pool.py"],
+    "sglang-0.4.10.post2": ["sglang/srt/disaggregation/kv_events.py",
+                            "sglang/srt/mem_cache/radix_cache.py"],
+}
+"""Older wire shapes (scripts/recording/record_legacy.py): real files loaded per engine."""
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "tests" / "golden" / "engine_events"
 
@@ -294,7 +303,18 @@ def child(engine: str, wheels: Path, out: Path) -> int:
     wheel = wheel_for(wheels, pkg, version)
     with tempfile.TemporaryDirectory(prefix="kvroute-rec-") as td:
         tmp = Path(td)
-        if pkg == "vllm":
+        if engine in REAL_LEGACY:
+            import record_legacy  # type: ignore[import-not-found]
+            _extract(wheel, REAL_LEGACY[engine], tmp / "src")
+            if pkg == "vllm":
+                rec = Recorder(engine, wheel, out, record_legacy.STUBS_VLLM_090,
+                               REAL_LEGACY[engine])
+                record_legacy.record_vllm_090(rec, tmp)
+            else:
+                rec = Recorder(engine, wheel, out, record_legacy.STUBS_SGLANG_0410,
+                               REAL_LEGACY[engine])
+                record_legacy.record_sglang_0410(rec, tmp)
+        elif pkg == "vllm":
             from record_vllm import record_vllm  # type: ignore[import-not-found]
             _extract(wheel, REAL_VLLM, tmp / "src")
             _stub_vllm()

@@ -22,7 +22,7 @@ from kvroute.procs import free_port
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "engine_events"
 END_SEQ = b"\xff" * 8
-ENGINES = ("vllm-0.33.0", "vllm-0.23.0", "sglang-0.5.23")
+ENGINES = ("vllm-0.33.0", "vllm-0.23.0", "vllm-0.9.0", "sglang-0.5.23", "sglang-0.4.10.post2")
 
 
 @dataclass

@@ -243,6 +243,8 @@ def test_recorded_engine_payloads_through_the_stack(
             if c.metric and c.agent is not None and metric_value(c.agent, c.metric) < 1:
                 problems.append(f"{c.model}: metric {c.metric} not >= 1")
         assert not problems, "\n".join(problems)
+        if "wrong_topic" not in scenarios(engine):
+            return
         table = subprocess.run(
             [sys.executable, "-m", "cli.main", "nodes", "--registry", reg.grpc_target],
             capture_output=True, text=True, timeout=30, check=True).stdout
