@@ -7,6 +7,10 @@ vLLM: its real BlockPool (``cache_full_blocks`` with its then signature), reques
 (``hash_request_tokens``) and publisher. SGLang: its real ``RadixCache`` (insert, node split,
 evict) with list values instead of tensors, and its publisher; probes use its real
 ``_match_prefix_helper`` over the first ``len - 1`` tokens, page-aligned, as its scheduler does.
+
+vLLM 0.9.0's ``builtin`` block ids change from one recording run to the next (they hash a tuple
+holding ``None``, whose hash is its address before Python 3.12): the very non-reproducibility
+the agent is built for; the tests never depend on engine ids.
 """
 
 from __future__ import annotations
