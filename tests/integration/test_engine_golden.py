@@ -151,7 +151,7 @@ def play(case: Case) -> None:
         time.sleep(1.0)  # the agent applies the first incarnation
         eng.restart()
         inc1 = case.rec.frames(1)
-        eng.send(inc1[0])  # published before the agent could reconnect: lost to the live stream
+        eng.send(inc1[0], heard=False)  # published before the agent reconnected
         eng.wait_subscribed()
         time.sleep(0.5 if case.replay else 0.3)  # reconnect handling (replay check) first
         for frames in inc1[1:]:
