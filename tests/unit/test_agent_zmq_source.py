@@ -134,6 +134,14 @@ def make_source(pub: TestPublisher, replay: bool = True,
                           else "", topic="kv", replay_timeout_s=replay_timeout_s)
 
 
+async def started(col: Collector) -> None:
+    """Until the source's replay at start was answered."""
+    for _ in range(500):
+        if col.source.health.state is not IndexState.NO_EVENTS:
+            return
+        await asyncio.sleep(0.01)
+
+
 @contextlib.asynccontextmanager
 async def rig(replay: bool = True, replay_timeout_s: float = 3.0, before: int = 0,
               **kw: object) -> AsyncIterator[tuple[TestPublisher, Collector]]:
@@ -146,10 +154,7 @@ async def rig(replay: bool = True, replay_timeout_s: float = 3.0, before: int = 
     try:
         await pub.wait_subscribed()
         if replay and kw.get("reply_shape") != "silent":
-            for _ in range(500):
-                if col.source.health.state is not IndexState.NO_EVENTS:
-                    break
-                await asyncio.sleep(0.01)
+            await started(col)
         yield pub, col
     finally:
         await col.close()
