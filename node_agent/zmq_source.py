@@ -180,10 +180,11 @@ class ZmqEventSource:
             self._foreign_topics.add(topic)
             log.warning("engine batch with topic %r ignored: --topic is %r (set --topic to the "
                         "engine's kv-events-config topic)", shown, want)
-        if not (self.stats.live_batches or self.stats.replayed_batches):
-            self.health.set(IndexState.NO_EVENTS,
-                            f"batches arrive with topic {shown!r} but --topic is {want!r}: "
-                            f"none applied ({self.stats.topic_mismatches} ignored)")
+        if not self.stats.live_batches:  # not one live batch under our topic yet
+            # (replies without a topic frame, vLLM before PR #45177, may have been applied)
+            state = IndexState.PARTIAL if self.stats.replayed_batches else IndexState.NO_EVENTS
+            self.health.set(state, f"batches arrive with topic {shown!r} but --topic is "
+                            f"{want!r}: ignored ({self.stats.topic_mismatches} so far)")
 
     async def _initial_replay(self) -> AsyncIterator[SourceItem]:
         """Ask for every buffered batch at start (the engine may be idle already)."""

@@ -307,6 +307,7 @@ async def test_reconnect_to_a_new_engine_is_a_restart_even_without_new_live_batc
     col = Collector(make_source(pub))
     try:
         await pub.wait_subscribed()
+        await started(col)
         for _ in range(3):
             await pub.publish()
         assert desc(await col.take(3)) == [(0, False), (1, False), (2, False)]
