@@ -283,14 +283,14 @@ class Recorder:
         self.out.mkdir(parents=True, exist_ok=True)
 
     def write(self, scenario: str, description: str, cap: Capture, config: dict[str, Any],
-              probes: list[dict[str, Any]], expect: dict[str, Any] | None = None) -> None:
+              probes: list[dict[str, Any]]) -> None:
         """Write the payload file and its provenance."""
         import msgspec
         blob = {"live": cap.live, "live_incarnation": cap.live_incarnation,
                 "replays": cap.replays}
         (self.out / f"{scenario}.msgpack").write_bytes(msgspec.msgpack.encode(blob))
         prov = {**self.prov, "scenario": scenario, "description": description,
-                "engine_config": config, "probes": probes, "expect": expect or {},
+                "engine_config": config, "probes": probes,
                 "recorded_unix": int(time.time())}
         (self.out / f"{scenario}.json").write_text(json.dumps(prov, indent=1) + "\n")
         log.info("%s/%s: %d live, %d replay requests", self.engine, scenario, len(cap.live),
