@@ -11,6 +11,7 @@ nodes that hold none of it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 from kvroute.index import BitmaskIndex, PrefixIndex, SlotTable
@@ -18,6 +19,7 @@ from kvroute.v1 import registry_pb2
 from router_service.placement import NodeState
 
 _KIND = registry_pb2.PlacementEvent
+_FIELDS = tuple(f.name for f in dataclasses.fields(NodeState))
 
 
 class IndexMirror:
@@ -52,8 +54,8 @@ class IndexMirror:
         """Add a node or refresh its record and usage (in place: lookups see it at once)."""
         old = self.nodes.get(node.node_id)
         if old is not None and old.model == node.model:
-            for name in NodeState.__slots__:
-                setattr(old, name, getattr(node, name))
+            for f in _FIELDS:
+                setattr(old, f, getattr(node, f))
             return
         if old is not None:  # the node now serves another model: its blocks stay its own
             self._members.pop(old.model, None)
