@@ -17,6 +17,7 @@ from kvroute.settings import describe, parse_hostport
 from kvroute.telemetry import MetricsServer
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from registry_service.core import RegistryCore
+from registry_service.guard import RegistryGuard
 from registry_service.metrics import RegistryMetrics
 from registry_service.servicer import RegistryServicer
 from registry_service.settings import RegistrySettings
@@ -35,6 +36,23 @@ def make_store(settings: RegistrySettings) -> PlacementStore:
     return EtcdStore(settings.etcd_settings(), chunk_bytes=settings.snapshot_chunk_bytes)
 
 
+def warn_if_open(settings: RegistrySettings, tokens: int) -> None:
+    """Log how callers are authenticated; a loud warning in the open (--auth none) mode."""
+    if settings.auth == "none":
+        log.warning(
+            "registry authentication is OFF (--auth none): any client that reaches %s may "
+            "register, heartbeat and deregister any node. Use this for demos and tests only; "
+            "in production set --auth required with client certificates (--tls-ca-file) "
+            "and/or bearer tokens (--auth-tokens-file)", settings.listen)
+        return
+    log.info("registry authentication required: client certificates %s (trust domain %s), "
+             "%d bearer tokens", "on" if settings.tls_ca_file else "off",
+             settings.auth_trust_domain, tokens)
+    if not settings.tls_cert_file:
+        log.warning("bearer tokens travel over plaintext gRPC (no --tls-cert-file): anyone "
+                    "on the network path can read and replay them")
+
+
 async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -> int:
     """Run the registry until SIGTERM/SIGINT (or ``stop``); drains and returns 0."""
     if stop is None:
@@ -48,7 +66,10 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
     core = RegistryCore(settings, make_store(settings), metrics)
     await core.start()
     replica = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
-    server = grpc.aio.server(options=message_size_options(settings.max_message_bytes))
+    guard = RegistryGuard(settings, metrics)
+    warn_if_open(settings, len(guard.auth.tokens))
+    server = grpc.aio.server(options=message_size_options(settings.max_message_bytes),
+                             interceptors=[guard])
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(core, replica), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.listen, settings.server_tls)

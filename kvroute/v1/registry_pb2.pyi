@@ -108,6 +108,7 @@ class RegisterNodeResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    WRITE_TOKEN_FIELD_NUMBER: _builtins.int
     lease_ttl_s: _builtins.int
     """Lease time-to-live: the node leaves routing when no heartbeat arrives for this long."""
     epoch: _builtins.int
@@ -116,6 +117,12 @@ class RegisterNodeResponse(_message.Message):
     """Suggested heartbeat interval in seconds (a fraction of the lease TTL)."""
     block_size: _builtins.int
     """The registry's block size, echoed for the agent's log."""
+    write_token: _builtins.str
+    """Secret write credential of this registration: Heartbeat, Resync and DeregisterNode must
+    carry it. Only this response ever contains it (ListNodes/WatchNodes show the epoch, never
+    the token), so a reader cannot keep a dead node alive or overwrite a live one. Keep it in
+    memory only; a new registration gets a new token.
+    """
     def __init__(
         self,
         *,
@@ -123,10 +130,11 @@ class RegisterNodeResponse(_message.Message):
         epoch: _builtins.int = ...,
         heartbeat_interval_s: _builtins.float = ...,
         block_size: _builtins.int = ...,
+        write_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "epoch", b"epoch", "heartbeat_interval_s", b"heartbeat_interval_s", "lease_ttl_s", b"lease_ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "epoch", b"epoch", "heartbeat_interval_s", b"heartbeat_interval_s", "lease_ttl_s", b"lease_ttl_s", "write_token", b"write_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -151,6 +159,7 @@ class HeartbeatRequest(_message.Message):
     CLEARED_FIELD_NUMBER: _builtins.int
     DELTA_SEQ_FIELD_NUMBER: _builtins.int
     CAPACITY_BLOCKS_FIELD_NUMBER: _builtins.int
+    WRITE_TOKEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
     epoch: _builtins.int
@@ -172,6 +181,8 @@ class HeartbeatRequest(_message.Message):
     """
     capacity_blocks: _builtins.int
     """Total KV capacity in blocks, when it changed since registration (0 = unchanged)."""
+    write_token: _builtins.str
+    """RegisterNodeResponse.write_token of the current epoch (required)."""
     @_builtins.property
     def stored(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Canonical hashes of blocks cached since the last heartbeat."""
@@ -194,10 +205,11 @@ class HeartbeatRequest(_message.Message):
         cleared: _builtins.bool = ...,
         delta_seq: _builtins.int = ...,
         capacity_blocks: _builtins.int = ...,
+        write_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "epoch", b"epoch", "evictions_total", b"evictions_total", "node_id", b"node_id", "queue_depth", b"queue_depth", "removed", b"removed", "running", b"running", "stored", b"stored", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "epoch", b"epoch", "evictions_total", b"evictions_total", "node_id", b"node_id", "queue_depth", b"queue_depth", "removed", b"removed", "running", b"running", "stored", b"stored", "used_blocks", b"used_blocks", "write_token", b"write_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -247,12 +259,15 @@ class ResyncRequest(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     USED_BLOCKS_FIELD_NUMBER: _builtins.int
+    WRITE_TOKEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
     epoch: _builtins.int
     """Epoch returned by RegisterNode."""
     used_blocks: _builtins.int
     """KV blocks in use on the engine now (only the first message's value is used)."""
+    write_token: _builtins.str
+    """RegisterNodeResponse.write_token of the current epoch (required on the first message)."""
     @_builtins.property
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """A batch of canonical block hashes the engine holds now."""
@@ -264,10 +279,11 @@ class ResyncRequest(_message.Message):
         epoch: _builtins.int = ...,
         block_hashes: _abc.Iterable[_builtins.int] | None = ...,
         used_blocks: _builtins.int = ...,
+        write_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "epoch", b"epoch", "node_id", b"node_id", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "epoch", b"epoch", "node_id", b"node_id", "used_blocks", b"used_blocks", "write_token", b"write_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -307,19 +323,25 @@ class DeregisterNodeRequest(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    WRITE_TOKEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
     epoch: _builtins.int
     """Epoch returned by RegisterNode (0 = whatever epoch is current)."""
+    write_token: _builtins.str
+    """RegisterNodeResponse.write_token of the current epoch (required unless the caller has
+    the admin role).
+    """
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        write_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "node_id", b"node_id", "write_token", b"write_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,233 @@
+"""The registry's gRPC server interceptor: authenticate, authorise, rate-limit every call.
+
+Read methods (Lookup, LookupStream, ListNodes, Watch*) are checked once per call (a stream
+once, not per message). Write methods (RegisterNode, Heartbeat, Resync, DeregisterNode) are
+checked before their message is decoded: the interceptor swaps in a raw-bytes deserializer, so
+a caller over its per-client write limit or without the right identity costs the registry the
+bytes it received, never a protobuf decode of a 1M-hash message. Once admitted, the message
+is decoded, its ``node_id`` is checked against the caller's identity (an agent writes only its
+own node), and the caller's identity is put in :data:`registry_service.auth.CALLER` for the
+core (which stores the registering identity with the node).
+
+Health and reflection are never checked (Kubernetes probes carry no credentials).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import grpc
+
+from kvroute.errors import KvrouteError, PermissionDenied, ResourceExhausted, Unauthenticated
+from kvroute.v1 import registry_pb2
+from registry_service.auth import CALLER, READ_METHODS, WRITE_METHODS, Authenticator, Identity
+from registry_service.metrics import RegistryMetrics
+from registry_service.security_settings import SecuritySettings
+
+SERVICE_PREFIX = "/" + registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name + "/"
+MAX_TRACKED_CLIENTS = 10_000
+"""Per-client buckets kept; the least recently used are forgotten beyond this."""
+
+_Ctx = grpc.aio.ServicerContext[Any, Any]
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+@dataclass
+class _Bucket:
+    calls: float
+    nbytes: float
+    at: float
+
+
+class ClientLimiter:
+    """Token buckets per client: write calls per second (with a burst) and bytes per second.
+
+    The bytes bucket may go into debt: a message is admitted while the client is not in debt,
+    whatever its size, and the client then waits until the debt is paid off. So one large
+    legitimate Resync message always passes, and a flood is held to the configured rate.
+    """
+
+    def __init__(self, calls_per_s: float, burst: int, bytes_per_s: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.calls_per_s, self.burst, self.bytes_per_s = calls_per_s, burst, bytes_per_s
+        self._clock = clock
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def _bucket(self, client: str) -> _Bucket:
+        now = self._clock()
+        b = self._buckets.get(client)
+        if b is None:
+            b = _Bucket(float(self.burst), float(self.bytes_per_s), now)
+            self._buckets[client] = b
+            if len(self._buckets) > MAX_TRACKED_CLIENTS:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(client)
+            dt = now - b.at
+            b.calls = min(float(self.burst), b.calls + dt * self.calls_per_s)
+            b.nbytes = min(float(self.bytes_per_s), b.nbytes + dt * self.bytes_per_s)
+            b.at = now
+        return b
+
+    def call(self, client: str, method: str) -> None:
+        """Take one write call; RESOURCE_EXHAUSTED when the client has none left."""
+        b = self._bucket(client)
+        if b.calls < 1.0:
+            wait = (1.0 - b.calls) / self.calls_per_s
+            raise ResourceExhausted(
+                f"{method} refused: client {client} is over its write limit of "
+                f"{self.calls_per_s:g} calls/s (burst {self.burst}, --client-write-calls-per-s);"
+                f" retry in {wait:.2f}s")
+        b.calls -= 1.0
+
+    def payload(self, client: str, method: str, nbytes: int) -> None:
+        """Take ``nbytes``; RESOURCE_EXHAUSTED while the client is in byte debt."""
+        b = self._bucket(client)
+        if b.nbytes <= 0:
+            wait = -b.nbytes / self.bytes_per_s
+            raise ResourceExhausted(
+                f"{method} refused: client {client} sent more than its write limit of "
+                f"{self.bytes_per_s} bytes/s (--client-write-bytes-per-s); retry in {wait:.2f}s")
+        b.nbytes -= nbytes
+
+
+def _reason(exc: KvrouteError) -> str:
+    if isinstance(exc, Unauthenticated):
+        return "unauthenticated"
+    if isinstance(exc, PermissionDenied):
+        return "permission_denied"
+    return "rate_limited"
+
+
+class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Authentication, authorisation and per-client write limits for ``kvroute.v1.Registry``."""
+
+    def __init__(self, settings: SecuritySettings, metrics: RegistryMetrics) -> None:
+        self.auth = Authenticator(settings)
+        self.metrics = metrics
+        self.limiter = ClientLimiter(settings.client_write_calls_per_s,
+                                     settings.client_write_burst,
+                                     settings.client_write_bytes_per_s)
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[_Handler]],
+            handler_call_details: grpc.HandlerCallDetails) -> _Handler:
+        handler = await continuation(handler_call_details)
+        full: str = handler_call_details.method
+        if handler is None or not full.startswith(SERVICE_PREFIX):
+            return handler
+        method = full[len(SERVICE_PREFIX):]
+        if method in WRITE_METHODS:
+            return self._write(method, handler)
+        if method in READ_METHODS and self.auth.required:
+            return self._read(method, handler)
+        return handler
+
+    # ---- checks ---------------------------------------------------------------------------
+    def _identify(self, ctx: _Ctx, method: str) -> Identity:
+        metadata = {k: v for k, v in (ctx.invocation_metadata() or ())
+                    if isinstance(v, str)}
+        ident = self.auth.identify(metadata, ctx.auth_context() if self.auth.required else {})
+        self.auth.authorize(ident, method)
+        return ident
+
+    @staticmethod
+    def _client(ident: Identity, ctx: _Ctx) -> str:
+        return f"{ident.role}:{ident.name}" if ident.role != "anonymous" else ctx.peer()
+
+    async def _refuse(self, ctx: _Ctx, method: str, exc: KvrouteError) -> None:
+        self.metrics.refused.labels(method, _reason(exc)).inc()
+        await ctx.abort(exc.code, exc.message)
+
+    # ---- handler wrappers -----------------------------------------------------------------
+    def _read(self, method: str, handler: _Handler) -> _Handler:
+        h: Any = handler
+        if h.unary_unary is not None:
+            inner_uu = h.unary_unary
+
+            async def uu(request: Any, ctx: _Ctx) -> Any:
+                try:
+                    self._identify(ctx, method)
+                except KvrouteError as exc:
+                    await self._refuse(ctx, method, exc)
+                return await inner_uu(request, ctx)
+            return h._replace(unary_unary=uu)  # type: ignore[no-any-return]
+        if h.unary_stream is not None:
+            inner_us = h.unary_stream
+
+            async def us(request: Any, ctx: _Ctx) -> AsyncIterator[Any]:
+                try:
+                    self._identify(ctx, method)
+                except KvrouteError as exc:
+                    await self._refuse(ctx, method, exc)
+                async for item in inner_us(request, ctx):
+                    yield item
+            return h._replace(unary_stream=us)  # type: ignore[no-any-return]
+        inner_ss = h.stream_stream  # LookupStream reads with context.read(): keep its decoder
+
+        async def ss(request_iterator: Any, ctx: _Ctx) -> Any:
+            try:
+                self._identify(ctx, method)
+            except KvrouteError as exc:
+                await self._refuse(ctx, method, exc)
+            return await inner_ss(request_iterator, ctx)
+        return h._replace(stream_stream=ss)  # type: ignore[no-any-return]
+
+    def _write(self, method: str, handler: _Handler) -> _Handler:
+        h: Any = handler
+        decode: Callable[[bytes], Any] = h.request_deserializer
+
+        if h.unary_unary is not None:
+            inner_uu = h.unary_unary
+
+            async def uu(raw: bytes, ctx: _Ctx) -> Any:
+                try:
+                    ident = self._identify(ctx, method)
+                    client = self._client(ident, ctx)
+                    self.limiter.call(client, method)
+                    self.limiter.payload(client, method, len(raw))
+                    request = decode(raw)
+                    self.auth.authorize(ident, method, request.node_id)
+                except KvrouteError as exc:
+                    await self._refuse(ctx, method, exc)
+                token = CALLER.set(ident)
+                try:
+                    return await inner_uu(request, ctx)
+                finally:
+                    CALLER.reset(token)
+            return h._replace(unary_unary=uu,  # type: ignore[no-any-return]
+                              request_deserializer=None)
+
+        inner_su = h.stream_unary  # Resync
+
+        async def su(raw_iterator: AsyncIterator[bytes], ctx: _Ctx) -> Any:
+            try:
+                ident = self._identify(ctx, method)
+                client = self._client(ident, ctx)
+                self.limiter.call(client, method)
+            except KvrouteError as exc:
+                await self._refuse(ctx, method, exc)
+
+            async def checked() -> AsyncIterator[Any]:
+                async for raw in raw_iterator:
+                    try:
+                        self.limiter.payload(client, method, len(raw))
+                        request = decode(raw)
+                        self.auth.authorize(ident, method, request.node_id)
+                    except KvrouteError as exc:
+                        self.metrics.refused.labels(method, _reason(exc)).inc()
+                        raise
+                    yield request
+
+            token = CALLER.set(ident)
+            try:
+                return await inner_su(checked(), ctx)
+            finally:
+                CALLER.reset(token)
+        return h._replace(stream_unary=su,  # type: ignore[no-any-return]
+                          request_deserializer=None)
