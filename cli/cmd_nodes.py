@@ -30,12 +30,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tls-ca-file", default="", help="PEM CA to verify the registry (TLS)")
     p.add_argument("--tls-cert-file", default="", help="PEM client certificate (mTLS)")
     p.add_argument("--tls-key-file", default="", help="PEM client key (mTLS)")
+    p.add_argument("--token-file", default="",
+                   help="file holding a reader bearer token (registry with --auth required)")
     p.set_defaults(run=run)
 
 
 async def _list(args: argparse.Namespace) -> registry_pb2.ListNodesResponse:
     tls = TLSSettings(cert_file=args.tls_cert_file, key_file=args.tls_key_file,
-                      ca_file=args.tls_ca_file)
+                      ca_file=args.tls_ca_file, token_file=args.token_file)
     async with open_channel(args.registry, tls) as ch:
         stub = registry_pb2_grpc.RegistryStub(ch)
         resp: registry_pb2.ListNodesResponse = await stub.ListNodes(

@@ -13,6 +13,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvroute.client_auth import BearerToken, token_interceptors
 from kvroute.errors import KvrouteError
 from kvroute.settings import TLSSettings
 from kvroute.telemetry import REQUEST_ID
@@ -55,10 +56,15 @@ def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
 
 def open_channel(target: str, tls: TLSSettings | None = None,
                  options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-    """An asyncio channel to ``target`` (plaintext unless ``tls`` is enabled), with keepalive."""
+    """An asyncio channel to ``target`` (plaintext unless ``tls`` is enabled), with keepalive.
+
+    With ``tls.token`` or ``tls.token_file`` every call carries ``authorization: Bearer ...``.
+    """
     opts: list[tuple[str, Any]] = [*GRPC_OPTIONS_KEEPALIVE, *options]
+    interceptors = (token_interceptors(BearerToken(tls.token, tls.token_file))
+                    if tls is not None and (tls.token or tls.token_file) else None)
     if tls is None or not tls.enabled:
-        return grpc.aio.insecure_channel(target, options=opts)
+        return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
     if tls.server_name:
         opts.append(("grpc.ssl_target_name_override", tls.server_name))
     creds = grpc.ssl_channel_credentials(
@@ -66,7 +72,7 @@ def open_channel(target: str, tls: TLSSettings | None = None,
         private_key=_read(tls.key_file) if tls.key_file else None,
         certificate_chain=_read(tls.cert_file) if tls.cert_file else None,
     )
-    return grpc.aio.secure_channel(target, creds, options=opts)
+    return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
 
 
 class HealthReporter:

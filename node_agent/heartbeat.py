@@ -80,6 +80,8 @@ class RegistryLink:
         self._need_register = True
         self._need_resync = False
         self._interval = settings.heartbeat_interval_s or 1.0
+        self._write_token = ""
+        """RegisterNodeResponse.write_token: authorises our writes (kept in memory only)."""
         self.stats = LinkStats()
 
     # --- triggers from the event side ---------------------------------------------------
@@ -166,6 +168,7 @@ class RegistryLink:
                 f"{s.block_size}-token blocks: set --block-size {resp.block_size}")
         self.stats.registrations += 1
         self.stats.epoch = resp.epoch
+        self._write_token = resp.write_token
         self._interval = s.heartbeat_interval_s or resp.heartbeat_interval_s or 1.0
         self._need_register = False
         # A fresh registration holds no blocks: send ours (even none) and number from 1.
@@ -178,7 +181,8 @@ class RegistryLink:
         n = self._s.resync_batch
         epoch = self.stats.epoch
         yield registry_pb2.ResyncRequest(node_id=self._s.node_id, epoch=epoch,
-                                         block_hashes=hashes[:n], used_blocks=used)
+                                         block_hashes=hashes[:n], used_blocks=used,
+                                         write_token=self._write_token)
         for i in range(n, len(hashes), n):
             yield registry_pb2.ResyncRequest(node_id=self._s.node_id, epoch=epoch,
                                              block_hashes=hashes[i:i + n])
@@ -222,7 +226,7 @@ class RegistryLink:
             node_id=self._s.node_id, epoch=self.stats.epoch, used_blocks=usage.used_blocks,
             evictions_total=self._blocks.evictions_total, queue_depth=usage.queue_depth,
             running=usage.running, stored=batch.stored, removed=batch.removed,
-            cleared=batch.cleared, delta_seq=batch.seq)
+            cleared=batch.cleared, delta_seq=batch.seq, write_token=self._write_token)
         size = req.ByteSize()
         self.stats.last_heartbeat_bytes = size
         self.stats.max_heartbeat_bytes = max(self.stats.max_heartbeat_bytes, size)
@@ -251,7 +255,9 @@ class RegistryLink:
         try:
             await self._stub.DeregisterNode(
                 registry_pb2.DeregisterNodeRequest(node_id=self._s.node_id,
-                                                   epoch=self.stats.epoch), timeout=timeout_s)
+                                                   epoch=self.stats.epoch,
+                                                   write_token=self._write_token),
+                timeout=timeout_s)
             log.info("deregistered node %s", self._s.node_id)
         except grpc.aio.AioRpcError as exc:
             log.warning("DeregisterNode failed: %s %s", exc.code().name, exc.details())
