@@ -34,7 +34,7 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
                                        serialization.NoEncryption()))
 
 
-class TestCA:
+class CertAuthority:
     """A throwaway certificate authority writing PEM files under ``directory``."""
 
     def __init__(self, directory: Path, name: str = "kvroute-test-ca") -> None:
@@ -58,7 +58,7 @@ class TestCA:
         self.ca_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(self, name: str, *, dns: tuple[str, ...] = (), uris: tuple[str, ...] = (),
-              server: bool = False, ca: TestCA | None = None) -> CertFiles:
+              server: bool = False, ca: CertAuthority | None = None) -> CertFiles:
         """A leaf certificate ``name`` with the given SANs, signed by this CA (or ``ca``)."""
         signer = ca or self
         key = _key()
