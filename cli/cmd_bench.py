@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cli_replay import add_replay_arguments, run_replay, run_sweep
+from bench.flood_bench import add_flood_arguments, run_flood_cli
 from bench.hashing import run_hashing_bench
 from bench.registry_bench import add_registry_arguments, run_registry_cli
 from bench.router_bench import add_router_arguments, run_router_cli
@@ -46,6 +47,7 @@ TARGETS: dict[str, Callable[[argparse.Namespace], int]] = {
     "router": run_router_cli,
     "registry": run_registry_cli,
     "agent": _agent,
+    "flood": run_flood_cli,
 }
 
 
@@ -57,7 +59,8 @@ def add_parser(sub: Any) -> None:
                     "trace side by side; 'sweep' plots hit rate against cache capacity; "
                     "'hashing' measures canonical block hashing throughput.")
     p.add_argument("target", nargs="?", default="replay", metavar="TARGET",
-                   help="replay (default), sweep, hashing, registry, router, agent")
+                   help="replay (default), sweep, hashing, registry, router, agent, flood "
+                        "(a rogue registry client: refusal, RSS and Route p99 under a flood)")
     p.add_argument("--json", metavar="PATH", help="write results as JSON to PATH")
     p.add_argument("--block-size", type=int, default=16, help="tokens per block (hashing)")
     p.add_argument("--prompt-tokens", type=int, default=100_000,
@@ -69,6 +72,7 @@ def add_parser(sub: Any) -> None:
     add_replay_arguments(p)
     add_router_arguments(p)
     add_registry_arguments(p)
+    add_flood_arguments(p)
     p.set_defaults(run=run)
 
 

@@ -27,6 +27,7 @@ from kvroute.v1 import registry_pb2
 from registry_service.auth import CALLER, READ_METHODS, WRITE_METHODS, Authenticator, Identity
 from registry_service.metrics import RegistryMetrics
 from registry_service.security_settings import SecuritySettings
+from registry_service.trim import MemoryTrimmer
 
 SERVICE_PREFIX = "/" + registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name + "/"
 MAX_TRACKED_CLIENTS = 10_000
@@ -106,9 +107,11 @@ def _reason(exc: KvrouteError) -> str:
 class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Authentication, authorisation and per-client write limits for ``kvroute.v1.Registry``."""
 
-    def __init__(self, settings: SecuritySettings, metrics: RegistryMetrics) -> None:
+    def __init__(self, settings: SecuritySettings, metrics: RegistryMetrics,
+                 trimmer: MemoryTrimmer | None = None) -> None:
         self.auth = Authenticator(settings)
         self.metrics = metrics
+        self.trimmer = trimmer or MemoryTrimmer(0)
         self.limiter = ClientLimiter(settings.client_write_calls_per_s,
                                      settings.client_write_burst,
                                      settings.client_write_bytes_per_s)
@@ -140,43 +143,68 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def _client(ident: Identity, ctx: _Ctx) -> str:
         return f"{ident.role}:{ident.name}" if ident.role != "anonymous" else ctx.peer()
 
-    async def _refuse(self, ctx: _Ctx, method: str, exc: KvrouteError) -> None:
+    def _refusal(self, method: str, exc: KvrouteError) -> tuple[grpc.StatusCode, str]:
+        """Count a refusal; the status to abort with *after* leaving the ``except`` block
+        (aborting inside it keeps the exception, its traceback and the frame's locals, e.g.
+        a 10 MB message, alive in a reference cycle until a full garbage collection)."""
         self.metrics.refused.labels(method, _reason(exc)).inc()
-        await ctx.abort(exc.code, exc.message)
+        return exc.code, exc.message
 
     # ---- handler wrappers -----------------------------------------------------------------
+    def _check_read(self, ctx: _Ctx, method: str) -> tuple[grpc.StatusCode, str] | None:
+        try:
+            self._identify(ctx, method)
+        except KvrouteError as exc:
+            return self._refusal(method, exc)
+        return None
+
     def _read(self, method: str, handler: _Handler) -> _Handler:
         h: Any = handler
         if h.unary_unary is not None:
             inner_uu = h.unary_unary
 
             async def uu(request: Any, ctx: _Ctx) -> Any:
-                try:
-                    self._identify(ctx, method)
-                except KvrouteError as exc:
-                    await self._refuse(ctx, method, exc)
+                refused = self._check_read(ctx, method)
+                if refused is not None:
+                    await ctx.abort(*refused)
                 return await inner_uu(request, ctx)
             return h._replace(unary_unary=uu)  # type: ignore[no-any-return]
         if h.unary_stream is not None:
             inner_us = h.unary_stream
 
             async def us(request: Any, ctx: _Ctx) -> AsyncIterator[Any]:
-                try:
-                    self._identify(ctx, method)
-                except KvrouteError as exc:
-                    await self._refuse(ctx, method, exc)
+                refused = self._check_read(ctx, method)
+                if refused is not None:
+                    await ctx.abort(*refused)
                 async for item in inner_us(request, ctx):
                     yield item
             return h._replace(unary_stream=us)  # type: ignore[no-any-return]
         inner_ss = h.stream_stream  # LookupStream reads with context.read(): keep its decoder
 
         async def ss(request_iterator: Any, ctx: _Ctx) -> Any:
-            try:
-                self._identify(ctx, method)
-            except KvrouteError as exc:
-                await self._refuse(ctx, method, exc)
+            refused = self._check_read(ctx, method)
+            if refused is not None:
+                await ctx.abort(*refused)
             return await inner_ss(request_iterator, ctx)
         return h._replace(stream_stream=ss)  # type: ignore[no-any-return]
+
+    def _admit(self, ctx: _Ctx, method: str, raw: bytes | None,
+               decode: Callable[[bytes], Any],
+               ) -> tuple[Identity, str, Any] | tuple[grpc.StatusCode, str]:
+        """Identify, rate-limit and (for a unary call) decode and authorise the message."""
+        try:
+            ident = self._identify(ctx, method)
+            client = self._client(ident, ctx)
+            self.limiter.call(client, method)
+            request = None
+            if raw is not None:
+                self.trimmer.note(len(raw))
+                self.limiter.payload(client, method, len(raw))
+                request = decode(raw)
+                self.auth.authorize(ident, method, request.node_id)
+            return ident, client, request
+        except KvrouteError as exc:
+            return self._refusal(method, exc)
 
     def _write(self, method: str, handler: _Handler) -> _Handler:
         h: Any = handler
@@ -186,18 +214,18 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             inner_uu = h.unary_unary
 
             async def uu(raw: bytes, ctx: _Ctx) -> Any:
-                try:
-                    ident = self._identify(ctx, method)
-                    client = self._client(ident, ctx)
-                    self.limiter.call(client, method)
-                    self.limiter.payload(client, method, len(raw))
-                    request = decode(raw)
-                    self.auth.authorize(ident, method, request.node_id)
-                except KvrouteError as exc:
-                    await self._refuse(ctx, method, exc)
+                admitted = self._admit(ctx, method, raw, decode)
+                del raw
+                if len(admitted) == 2:
+                    await ctx.abort(*admitted)
+                ident = admitted[0]
+                # No local of this frame keeps the (maybe 10 MB) request: if the call is
+                # aborted, gRPC keeps the AbortError and its traceback's frames in a cycle.
+                call = inner_uu(admitted[2], ctx)
+                del admitted
                 token = CALLER.set(ident)
                 try:
-                    return await inner_uu(request, ctx)
+                    return await call
                 finally:
                     CALLER.reset(token)
             return h._replace(unary_unary=uu,  # type: ignore[no-any-return]
@@ -206,15 +234,14 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         inner_su = h.stream_unary  # Resync
 
         async def su(raw_iterator: AsyncIterator[bytes], ctx: _Ctx) -> Any:
-            try:
-                ident = self._identify(ctx, method)
-                client = self._client(ident, ctx)
-                self.limiter.call(client, method)
-            except KvrouteError as exc:
-                await self._refuse(ctx, method, exc)
+            admitted = self._admit(ctx, method, None, decode)
+            if len(admitted) == 2:
+                await ctx.abort(*admitted)
+            ident, client, _ = admitted
 
             async def checked() -> AsyncIterator[Any]:
                 async for raw in raw_iterator:
+                    self.trimmer.note(len(raw))
                     try:
                         self.limiter.payload(client, method, len(raw))
                         request = decode(raw)

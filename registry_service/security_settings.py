@@ -56,6 +56,11 @@ class SecuritySettings:
         "message larger than what is left is still admitted when the client is not in debt, "
         "so a full Resync passes; the client then waits it off)")
 
+    memory_trim_after_bytes: int = setting(
+        64 * 1024 * 1024, "Return freed heap memory to the OS (glibc malloc_trim) once this "
+        "many bytes of write messages were received or index entries dropped (0 = never); "
+        "without it a burst of large messages leaves RSS high though nothing is alive")
+
     def __post_init__(self) -> None:
         require(self.auth in AUTH_MODES, "auth", f"must be one of {', '.join(AUTH_MODES)}")
         require(bool(self.auth_trust_domain) and "/" not in self.auth_trust_domain,
@@ -72,6 +77,7 @@ class SecuritySettings:
         require(self.capacity_slack_blocks >= 0, "capacity_slack_blocks", "must be >= 0")
         require(self.client_write_calls_per_s > 0, "client_write_calls_per_s", "must be > 0")
         require(self.client_write_burst >= 1, "client_write_burst", "must be >= 1")
+        require(self.memory_trim_after_bytes >= 0, "memory_trim_after_bytes", "must be >= 0")
         require(self.client_write_bytes_per_s >= 1024, "client_write_bytes_per_s",
                 "must be >= 1024")
 

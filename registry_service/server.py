@@ -22,6 +22,7 @@ from registry_service.metrics import RegistryMetrics
 from registry_service.servicer import RegistryServicer
 from registry_service.settings import RegistrySettings
 from registry_service.store.base import PlacementStore
+from registry_service.trim import MemoryTrimmer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
@@ -66,7 +67,9 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
     core = RegistryCore(settings, make_store(settings), metrics)
     await core.start()
     replica = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
-    guard = RegistryGuard(settings, metrics)
+    trimmer = MemoryTrimmer(settings.memory_trim_after_bytes)
+    core.view.on_drop = lambda entries: trimmer.note(entries * 81)
+    guard = RegistryGuard(settings, metrics, trimmer)
     warn_if_open(settings, len(guard.auth.tokens))
     server = grpc.aio.server(options=message_size_options(settings.max_message_bytes),
                              interceptors=[guard])
@@ -77,6 +80,7 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
     metrics_server = MetricsServer(metrics.registry, mhost, mport)
     metrics_port = metrics_server.start()
     await server.start()
+    trimmer.start()
     await health.set_serving(True)
     write_ready_file(settings.ready_file, {"grpc_port": port, "metrics_port": metrics_port,
                                            "pid": os.getpid(), "replica_id": replica})
@@ -88,6 +92,7 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
         log.info("registry draining (up to %.1fs)", settings.drain_timeout_s)
         await health.set_serving(False)
         await server.stop(settings.drain_timeout_s)
+        await trimmer.close()
         await core.close()
         metrics_server.stop()
     log.info("registry stopped")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Callable
 
 from registry_service.index import BlockIndex
 from registry_service.metrics import RegistryMetrics
@@ -41,6 +42,8 @@ class ReplicaView:
         self._free: list[int] = []
         self._next_slot = 0
         self._model_mask: dict[str, int] = {}
+        self.on_drop: Callable[[int], None] = lambda entries: None
+        """Called with the entries dropped when a node leaves (the server trims the heap)."""
         self.deregistered: set[tuple[str, int]] = set()
         """(node, epoch) this replica deleted itself: their removal is not a lease expiry."""
 
@@ -65,6 +68,7 @@ class ReplicaView:
         if state is None:
             return 0
         dropped = self.index.drop_node(state.slot)
+        self.on_drop(dropped)
         mask = self._model_mask.get(state.record.model, 0) & ~(1 << state.slot)
         if mask:
             self._model_mask[state.record.model] = mask
