@@ -14,6 +14,7 @@ Health and reflection are never checked (Kubernetes probes carry no credentials)
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,6 +35,9 @@ MAX_TRACKED_CLIENTS = 10_000
 """Per-client buckets kept; the least recently used are forgotten beyond this."""
 
 _Ctx = grpc.aio.ServicerContext[Any, Any]
+_Refusal: TypeAlias = tuple[grpc.StatusCode, str, float]
+MAX_TARPIT_S = 1.0
+"""Longest a rate-limited call is held before its refusal is sent."""
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
@@ -79,7 +83,7 @@ class ClientLimiter:
         b = self._bucket(client)
         if b.calls < 1.0:
             wait = (1.0 - b.calls) / self.calls_per_s
-            raise ResourceExhausted(
+            raise RateLimited(wait,
                 f"{method} refused: client {client} is over its write limit of "
                 f"{self.calls_per_s:g} calls/s (burst {self.burst}, --client-write-calls-per-s);"
                 f" retry in {wait:.2f}s")
@@ -90,10 +94,26 @@ class ClientLimiter:
         b = self._bucket(client)
         if b.nbytes <= 0:
             wait = -b.nbytes / self.bytes_per_s
-            raise ResourceExhausted(
+            raise RateLimited(wait,
                 f"{method} refused: client {client} sent more than its write limit of "
                 f"{self.bytes_per_s} bytes/s (--client-write-bytes-per-s); retry in {wait:.2f}s")
         b.nbytes -= nbytes
+
+
+@dataclass
+class _Admitted:
+    ident: Identity
+    client: str
+    request: list[Any]
+    """The decoded request (unary calls), in a list so the caller can pop it."""
+
+
+class RateLimited(ResourceExhausted):
+    """A client over its write limit; ``retry_after_s`` until it has budget again."""
+
+    def __init__(self, retry_after_s: float, message: str) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def _reason(exc: KvrouteError) -> str:
@@ -101,16 +121,21 @@ def _reason(exc: KvrouteError) -> str:
         return "unauthenticated"
     if isinstance(exc, PermissionDenied):
         return "permission_denied"
-    return "rate_limited"
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    return "precheck"
 
 
 class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Authentication, authorisation and per-client write limits for ``kvroute.v1.Registry``."""
 
     def __init__(self, settings: SecuritySettings, metrics: RegistryMetrics,
-                 trimmer: MemoryTrimmer | None = None) -> None:
+                 trimmer: MemoryTrimmer | None = None,
+                 precheck: Callable[[str, bytes], None] | None = None) -> None:
         self.auth = Authenticator(settings)
         self.metrics = metrics
+        self.precheck = precheck or (lambda method, raw: None)
+        """Refuses a write from its raw bytes before decoding (registry_service.limits)."""
         self.trimmer = trimmer or MemoryTrimmer(0)
         self.limiter = ClientLimiter(settings.client_write_calls_per_s,
                                      settings.client_write_burst,
@@ -143,15 +168,29 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def _client(ident: Identity, ctx: _Ctx) -> str:
         return f"{ident.role}:{ident.name}" if ident.role != "anonymous" else ctx.peer()
 
-    def _refusal(self, method: str, exc: KvrouteError) -> tuple[grpc.StatusCode, str]:
+    def _refusal(self, method: str, exc: KvrouteError) -> _Refusal:
         """Count a refusal; the status to abort with *after* leaving the ``except`` block
         (aborting inside it keeps the exception, its traceback and the frame's locals, e.g.
         a 10 MB message, alive in a reference cycle until a full garbage collection)."""
-        self.metrics.refused.labels(method, _reason(exc)).inc()
-        return exc.code, exc.message
+        reason = _reason(exc)
+        if reason != "precheck":  # the precheck counts its own refusals (node_capacity)
+            self.metrics.refused.labels(method, reason).inc()
+        delay = min(exc.retry_after_s, MAX_TARPIT_S) if isinstance(exc, RateLimited) else 0.0
+        return exc.code, exc.message, delay
+
+    @staticmethod
+    async def _abort(ctx: _Ctx, refusal: _Refusal) -> None:
+        """Abort with the refusal's status; a rate-limited caller is answered only once it
+        has budget again (at most MAX_TARPIT_S), so a client sending one call after another
+        is paced to its limit instead of making the registry receive refused messages at
+        wire speed."""
+        code, message, delay = refusal
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await ctx.abort(code, message)
 
     # ---- handler wrappers -----------------------------------------------------------------
-    def _check_read(self, ctx: _Ctx, method: str) -> tuple[grpc.StatusCode, str] | None:
+    def _check_read(self, ctx: _Ctx, method: str) -> _Refusal | None:
         try:
             self._identify(ctx, method)
         except KvrouteError as exc:
@@ -166,7 +205,7 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             async def uu(request: Any, ctx: _Ctx) -> Any:
                 refused = self._check_read(ctx, method)
                 if refused is not None:
-                    await ctx.abort(*refused)
+                    await self._abort(ctx, refused)
                 return await inner_uu(request, ctx)
             return h._replace(unary_unary=uu)  # type: ignore[no-any-return]
         if h.unary_stream is not None:
@@ -175,7 +214,7 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             async def us(request: Any, ctx: _Ctx) -> AsyncIterator[Any]:
                 refused = self._check_read(ctx, method)
                 if refused is not None:
-                    await ctx.abort(*refused)
+                    await self._abort(ctx, refused)
                 async for item in inner_us(request, ctx):
                     yield item
             return h._replace(unary_stream=us)  # type: ignore[no-any-return]
@@ -184,13 +223,13 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         async def ss(request_iterator: Any, ctx: _Ctx) -> Any:
             refused = self._check_read(ctx, method)
             if refused is not None:
-                await ctx.abort(*refused)
+                await self._abort(ctx, refused)
             return await inner_ss(request_iterator, ctx)
         return h._replace(stream_stream=ss)  # type: ignore[no-any-return]
 
     def _admit(self, ctx: _Ctx, method: str, raw: bytes | None,
                decode: Callable[[bytes], Any],
-               ) -> tuple[Identity, str, Any] | tuple[grpc.StatusCode, str]:
+               ) -> _Admitted | _Refusal:
         """Identify, rate-limit and (for a unary call) decode and authorise the message."""
         try:
             ident = self._identify(ctx, method)
@@ -200,9 +239,10 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if raw is not None:
                 self.trimmer.note(len(raw))
                 self.limiter.payload(client, method, len(raw))
+                self.precheck(method, raw)
                 request = decode(raw)
                 self.auth.authorize(ident, method, request.node_id)
-            return ident, client, request
+            return _Admitted(ident, client, [request])
         except KvrouteError as exc:
             return self._refusal(method, exc)
 
@@ -216,13 +256,13 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             async def uu(raw: bytes, ctx: _Ctx) -> Any:
                 admitted = self._admit(ctx, method, raw, decode)
                 del raw
-                if len(admitted) == 2:
-                    await ctx.abort(*admitted)
-                ident = admitted[0]
+                if not isinstance(admitted, _Admitted):
+                    await self._abort(ctx, admitted)
+                    raise AssertionError("unreachable: abort raises")
+                ident = admitted.ident
                 # No local of this frame keeps the (maybe 10 MB) request: if the call is
                 # aborted, gRPC keeps the AbortError and its traceback's frames in a cycle.
-                call = inner_uu(admitted[2], ctx)
-                del admitted
+                call = inner_uu(admitted.request.pop(), ctx)
                 token = CALLER.set(ident)
                 try:
                     return await call
@@ -235,19 +275,22 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         async def su(raw_iterator: AsyncIterator[bytes], ctx: _Ctx) -> Any:
             admitted = self._admit(ctx, method, None, decode)
-            if len(admitted) == 2:
-                await ctx.abort(*admitted)
-            ident, client, _ = admitted
+            if not isinstance(admitted, _Admitted):
+                await self._abort(ctx, admitted)
+                raise AssertionError("unreachable: abort raises")
+            ident, client = admitted.ident, admitted.client
 
             async def checked() -> AsyncIterator[Any]:
                 async for raw in raw_iterator:
                     self.trimmer.note(len(raw))
                     try:
                         self.limiter.payload(client, method, len(raw))
+                        self.precheck(method, raw)
                         request = decode(raw)
                         self.auth.authorize(ident, method, request.node_id)
                     except KvrouteError as exc:
-                        self.metrics.refused.labels(method, _reason(exc)).inc()
+                        if _reason(exc) != "precheck":
+                            self.metrics.refused.labels(method, _reason(exc)).inc()
                         raise
                     yield request
 

@@ -20,10 +20,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from kvroute.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
+from registry_service import validate
 from registry_service.auth import token_digest
 from registry_service.metrics import RegistryMetrics
 from registry_service.nodes import NodeState
+from registry_service.peek import peek
 from registry_service.security_settings import SecuritySettings
+from registry_service.settings import RegistrySettings
 from registry_service.store.base import NodeRecord, as_hashes
 from registry_service.view import ReplicaView
 
@@ -120,3 +123,45 @@ def check_resync_index(s: SecuritySettings, metrics: RegistryMetrics, view: Repl
     total = view.index.entries - view.index.count(state.slot) + unique
     if total > s.max_index_entries:
         raise _index_full(s, metrics, "Resync", state.node_id, total)
+
+
+class WritePrecheck:
+    """Refuses an oversized write from its raw bytes, before it is decoded (see ``peek.py``).
+
+    Same rules and messages as the checks after decoding (which still run): a heartbeat whose
+    stored list alone passes its node's block limit, or more hashes than
+    ``--max-hashes-per-call``; a Resync message carrying more hashes than the node may hold.
+    """
+
+    def __init__(self, settings: RegistrySettings, metrics: RegistryMetrics,
+                 view: ReplicaView) -> None:
+        self.settings, self.metrics, self.view = settings, metrics, view
+
+    def __call__(self, method: str, raw: bytes) -> None:
+        if method == "Heartbeat":
+            found = peek(raw, _HEARTBEAT_PACKED)
+            if found is None:
+                return
+            stored, removed = found.counts.get(7, 0), found.counts.get(8, 0)
+            validate.hash_count(stored + removed, "stored+removed", self.settings)
+            state = self.view.nodes.get(found.node_id)
+            if state is not None:
+                limit = self.settings.node_block_limit(state.capacity())
+                if stored > limit:
+                    raise _refuse(self.settings, self.metrics, method, state, stored, limit,
+                                  "its stored list alone carries")
+        elif method == "Resync":
+            found = peek(raw, _RESYNC_PACKED)
+            if found is None:
+                return
+            n = found.counts.get(3, 0)
+            validate.hash_count(n, "block_hashes", self.settings)
+            state = self.view.nodes.get(found.node_id)
+            if state is not None:
+                check_resync_total(self.settings, self.metrics, self.view, state, n)
+
+
+_HEARTBEAT_PACKED = frozenset({7, 8})
+"""HeartbeatRequest.stored and .removed."""
+_RESYNC_PACKED = frozenset({3})
+"""ResyncRequest.block_hashes."""

@@ -18,6 +18,7 @@ from kvroute.telemetry import MetricsServer
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from registry_service.core import RegistryCore
 from registry_service.guard import RegistryGuard
+from registry_service.limits import WritePrecheck
 from registry_service.metrics import RegistryMetrics
 from registry_service.servicer import RegistryServicer
 from registry_service.settings import RegistrySettings
@@ -69,7 +70,8 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
     replica = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
     trimmer = MemoryTrimmer(settings.memory_trim_after_bytes)
     core.view.on_drop = lambda entries: trimmer.note(entries * 81)
-    guard = RegistryGuard(settings, metrics, trimmer)
+    guard = RegistryGuard(settings, metrics, trimmer,
+                          WritePrecheck(settings, metrics, core.view))
     warn_if_open(settings, len(guard.auth.tokens))
     server = grpc.aio.server(options=message_size_options(settings.max_message_bytes),
                              interceptors=[guard])
