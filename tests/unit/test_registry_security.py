@@ -206,3 +206,27 @@ async def test_write_token_is_required_and_never_shown(stub: pb_grpc.RegistryStu
     assert code == Code.PERMISSION_DENIED
     await stub.DeregisterNode(pb.DeregisterNodeRequest(node_id="a",
                                                        write_token=again.write_token))
+
+
+def test_issue_certs_script_names_the_identity_the_registry_expects(tmp_path: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    x509 = pytest.importorskip("cryptography.x509")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "issue_certs.sh"
+    env = {**os.environ, "OUT": str(tmp_path)}
+    for args in (["ca"], ["agent", "node-3"], ["reader", "router"]):
+        subprocess.run(["bash", str(script), *args], env=env, check=True, capture_output=True)
+    auth = Authenticator(SecuritySettings(auth="required"))
+    for name, want in (("agent-node-3", Identity("agent", "node-3", "client certificate")),
+                       ("reader-router", Identity("reader", "router", "client certificate"))):
+        cert = x509.load_pem_x509_certificate((tmp_path / f"{name}.crt").read_bytes())
+        uris = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+        got = auth.identify({}, {"peer_uri": [u.encode() for u in uris],
+                                 "x509_pem_cert": [b"x"]})
+        assert got == want
