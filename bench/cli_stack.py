@@ -9,13 +9,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.runner import run_comparison
+from bench.runner import BenchOutcome, run_comparison
 from bench.sim.config import SimSettings
 from bench.stack_backend import STACK_POLICIES, StackBackend
-from bench.stack_fleet import FleetSpec
+from bench.stack_fleet import FleetSpec, router_flags
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
-from kvroute.settings import flag_name
+from kvroute.settings import from_namespace
 from router_service.policies.kv_aware import KvAwareSettings
 
 
@@ -36,6 +36,10 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overhead-pairs", type=int, default=100, metavar="N",
                    help="stack --peers: direct-vs-routed request pairs measuring each router's "
                         "added latency (0 = skip)")
+    g.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="stack: run the whole comparison N times back to back, each on fresh "
+                        "processes, and report the run-to-run spread of every router's hit "
+                        "rate and TTFT percentiles (JSON: runs, spread)")
     g.add_argument("--quick", action="store_true",
                    help="stack: a smoke run for tests: first 120 requests, 4 nodes, 20 pairs")
 
@@ -44,7 +48,8 @@ def apply_quick(args: argparse.Namespace) -> None:
     """``--quick``: shrink the run before the workload is loaded."""
     if getattr(args, "quick", False):
         args.limit = min(args.limit or 120, 120)
-        args.nodes = min(args.nodes, 4)
+        nodes = from_namespace(SimSettings, args).nodes
+        args.nodes = min(nodes, 4)
         args.overhead_pairs = min(args.overhead_pairs, 20)
 
 
@@ -75,14 +80,6 @@ def stack_policies(requested: list[str], explicit: bool) -> list[str]:
     return requested
 
 
-def router_flags(kv: KvAwareSettings) -> tuple[str, ...]:
-    """The router flags that give it the same kv_aware settings as this run."""
-    out: list[str] = []
-    for f in dataclasses.fields(kv):
-        out += [flag_name(f), str(getattr(kv, f.name))]
-    return tuple(out)
-
-
 def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSettings,
               names: list[str], kv: KvAwareSettings) -> int:
     """Replay ``workload`` through etcd, registry, router, node agents and engine_sim."""
@@ -96,28 +93,43 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
                      prefill_tokens_per_s=settings.prefill_tokens_per_s,
                      decode_ms_per_token=settings.decode_s_per_token * 1000.0,
                      max_running=settings.max_batch, time_scale=args.time_scale,
-                     router_args=router_flags(kv))
+                     router_args=router_flags(kv, args.time_scale))
     peers = _peer_names(args.peers)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
     print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router, etcd; logs in "
           f"{workdir}", file=sys.stderr)
+    if args.repeat < 1:
+        raise ConfigError("--repeat must be >= 1")
     t0 = time.perf_counter()
-    with StackBackend(workdir / "stack", spec) as stack:
-        if not peers:
-            out = run_comparison(workload, settings, names, stack)
-        else:
-            from bench.peers import CombinedBackend, PeerBackend, attach_added_latency
+    outs = []
+    for k in range(args.repeat):
+        sub = workdir if args.repeat == 1 else workdir / f"run-{k + 1}"
+        if args.repeat > 1:
+            print(f"stack: run {k + 1} of {args.repeat}", file=sys.stderr)
+        outs.append(_run_once(workload, settings, names, peers, spec, sub, args.overhead_pairs))
+    out = outs[0]
+    if len(outs) > 1:
+        from bench.spread import spread
 
-            combined = CombinedBackend(stack, PeerBackend(workdir / "peers", spec,
-                                                          overhead_pairs=args.overhead_pairs))
-            out = run_comparison(workload, settings, [*names, *peers], combined)
-            attach_added_latency(out.report, combined.added_latency)
+        out.report["runs"] = [o.report for o in outs]
+        out.report["spread"] = spread([o.report for o in outs])
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
     from bench.report import emit
 
     emit(out, f"replayed {len(names) + len(peers)} routers x {len(workload.requests)} requests "
-              f"through the stack in {time.perf_counter() - t0:.1f} s", args.json, args.plot_dir)
+              f"through the stack in {time.perf_counter() - t0:.1f} s"
+              + (f" ({args.repeat} runs; the table is run 1)" if args.repeat > 1 else ""),
+         args.json, args.plot_dir)
+    if len(outs) > 1:
+        from bench.report import format_table
+        from bench.spread import format_spread
+
+        for k, o in enumerate(outs[1:], 2):
+            print(f"\nrun {k}:")
+            print(format_table(o.report))
+        print()
+        print(format_spread(out.report["spread"]))
     added = [(r["policy"], r["added_latency_ms"]) for r in out.report["results"]
              if "added_latency_ms" in r]
     if added:
@@ -126,3 +138,18 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
             print(f"  {name:<34} +{lat['added_ms']:.2f} ms  (direct {lat['direct_ms']:.2f}, "
                   f"routed {lat['routed_ms']:.2f})")
     return 0
+
+
+def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers: list[str],
+              spec: FleetSpec, workdir: Path, overhead_pairs: int) -> BenchOutcome:
+    """One comparison on freshly started processes (kvroute's fleet, then each peer's)."""
+    with StackBackend(workdir / "stack", spec) as stack:
+        if not peers:
+            return run_comparison(workload, settings, names, stack)
+        from bench.peers import CombinedBackend, PeerBackend, attach_added_latency
+
+        combined = CombinedBackend(stack, PeerBackend(workdir / "peers", spec,
+                                                      overhead_pairs=overhead_pairs))
+        out = run_comparison(workload, settings, [*names, *peers], combined)
+        attach_added_latency(out.report, combined.added_latency)
+        return out

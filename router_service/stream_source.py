@@ -53,6 +53,7 @@ class StreamSource:
     """Lookups over one persistent bidirectional stream, with a short-TTL node cache."""
 
     mode = "stream"
+    local = False
 
     def __init__(self, target: str, tls: TLSSettings | None = None, *,
                  lookup_timeout_s: float = 0.25, call_timeout_s: float = 2.0,
@@ -113,6 +114,10 @@ class StreamSource:
         """Nodes in the cache."""
         return len(self._nodes)
 
+    def lookup_local(self, block_hashes: Sequence[int], model: str) -> Placement:
+        """Not available: every lookup is a registry round trip (use :meth:`lookup`)."""
+        raise NotImplementedError("stream mode looks placement up over the network")
+
     async def lookup(self, block_hashes: Sequence[int], model: str) -> Placement:
         """Ask the registry over the stream; Unavailable when it cannot answer in time."""
         if not self._connected:
@@ -121,8 +126,10 @@ class StreamSource:
         fut: asyncio.Future[registry_pb2.LookupResponse] = \
             asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
+        # every node of the model, healthy or not (the Placement contract): the router tells
+        # "served, but no healthy node" (UNAVAILABLE) from "not served" (NOT_FOUND)
         self._queue.put_nowait(registry_pb2.LookupRequest(
-            block_hashes=block_hashes, model=model, request_id=rid))
+            block_hashes=block_hashes, model=model, request_id=rid, include_unhealthy=True))
         try:
             async with asyncio.timeout(self._lookup_timeout_s):
                 resp = await fut
