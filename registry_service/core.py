@@ -232,13 +232,7 @@ class RegistryCore:
             if req.epoch != rec.epoch:
                 return self._resync("stale_epoch", rec, f"epoch {req.epoch} is stale, the "
                                     f"node's current epoch is {rec.epoch}: RegisterNode again")
-            limits.check_write_token(rec, req.write_token, "Heartbeat", self.metrics)
-            if req.capacity_blocks:
-                limits.check_capacity(self.settings, req.capacity_blocks, rec.node_id)
-            if (req.stored or req.removed or req.cleared) and req.delta_seq == (
-                    state.applied_seq + 1):
-                limits.check_delta(self.settings, self.metrics, self.view, state, req.cleared,
-                                   req.stored, req.removed)
+            limits.check_heartbeat(self.settings, self.metrics, self.view, state, req)
             state.seen_unix_ms = now_ms()  # the node is alive even if etcd is not
             mono = time.monotonic()
             since = mono - state.refreshed_here_mono

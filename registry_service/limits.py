@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kvroute.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
+from kvroute.v1 import registry_pb2 as pb
 from registry_service import validate
 from registry_service.auth import token_digest
 from registry_service.metrics import RegistryMetrics
@@ -102,6 +103,18 @@ def check_delta(s: SecuritySettings, metrics: RegistryMetrics, view: ReplicaView
         raise _refuse(s, metrics, "Heartbeat", state, after, limit, "it would index")
     if others + after > s.max_index_entries:
         raise _index_full(s, metrics, "Heartbeat", state.node_id, others + after)
+
+
+def check_heartbeat(s: SecuritySettings, metrics: RegistryMetrics, view: ReplicaView,
+                    state: NodeState, req: pb.HeartbeatRequest) -> None:
+    """Everything a heartbeat of the current epoch must pass before it touches anything:
+    its write token, a sane capacity, and (for the next delta) the block limits."""
+    rec = state.record
+    check_write_token(rec, req.write_token, "Heartbeat", metrics)
+    if req.capacity_blocks:
+        check_capacity(s, req.capacity_blocks, rec.node_id)
+    if (req.stored or req.removed or req.cleared) and req.delta_seq == state.applied_seq + 1:
+        check_delta(s, metrics, view, state, req.cleared, req.stored, req.removed)
 
 
 def resync_limit(s: SecuritySettings, state: NodeState) -> int:
