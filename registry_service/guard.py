@@ -27,6 +27,7 @@ from kvroute.errors import KvrouteError, PermissionDenied, ResourceExhausted, Un
 from kvroute.v1 import registry_pb2
 from registry_service.auth import CALLER, READ_METHODS, WRITE_METHODS, Authenticator, Identity
 from registry_service.metrics import RegistryMetrics
+from registry_service.peek import node_id_of
 from registry_service.security_settings import SecuritySettings
 from registry_service.trim import MemoryTrimmer
 
@@ -50,6 +51,9 @@ class _Bucket:
 
 class ClientLimiter:
     """Token buckets per client: write calls per second (with a burst) and bytes per second.
+
+    A client is an identity (``--auth required``) or, with ``--auth none``, a connection and
+    the node it writes: several agents in one process share a connection (gRPC pools them).
 
     The bytes bucket may go into debt: a message is admitted while the client is not in debt,
     whatever its size, and the client then waits until the debt is paid off. So one large
@@ -165,8 +169,13 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return ident
 
     @staticmethod
-    def _client(ident: Identity, ctx: _Ctx) -> str:
-        return f"{ident.role}:{ident.name}" if ident.role != "anonymous" else ctx.peer()
+    def _client(ident: Identity, ctx: _Ctx, raw: bytes | None = None) -> str:
+        """The rate-limit key: the identity; with --auth none, the connection and the node
+        written (agents of several nodes may share one process and one connection)."""
+        if ident.role != "anonymous":
+            return f"{ident.role}:{ident.name}"
+        node = node_id_of(raw) if raw is not None else ""
+        return f"{ctx.peer()}/{node}" if node else ctx.peer()
 
     def _refusal(self, method: str, exc: KvrouteError) -> _Refusal:
         """Count a refusal; the status to abort with *after* leaving the ``except`` block
@@ -233,7 +242,7 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """Identify, rate-limit and (for a unary call) decode and authorise the message."""
         try:
             ident = self._identify(ctx, method)
-            client = self._client(ident, ctx)
+            client = self._client(ident, ctx, raw)
             self.limiter.call(client, method)
             request = None
             if raw is not None:

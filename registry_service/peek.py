@@ -76,3 +76,17 @@ def peek(raw: bytes, packed_fields: frozenset[int]) -> Peek | None:
     except ValueError:
         return None
     return out if pos == len(raw) else None
+
+
+def node_id_of(raw: bytes) -> str:
+    """Field 1 (``node_id`` of every write request) when it comes first, as encoders put it;
+    empty otherwise. Reads only the first field."""
+    if len(raw) < 2 or raw[0] != 0x0A:
+        return ""
+    try:
+        length, pos = _varint(raw, 1)
+    except ValueError:
+        return ""
+    if length > 128 or pos + length > len(raw):
+        return ""
+    return raw[pos:pos + length].decode("utf-8", "replace")

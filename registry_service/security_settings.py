@@ -48,7 +48,8 @@ class SecuritySettings:
     client_write_calls_per_s: float = setting(
         50.0, "Write calls (RegisterNode, Heartbeat, Resync, DeregisterNode) per second one "
         "client may make; more get RESOURCE_EXHAUSTED before their message is decoded. A "
-        "client is its identity (auth required) or its connection (auth none)")
+        "client is its identity (auth required), or its connection and the node it writes "
+        "(auth none)")
     client_write_burst: int = setting(
         100, "Write calls a client may make at once above --client-write-calls-per-s")
     client_write_bytes_per_s: int = setting(

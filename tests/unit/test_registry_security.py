@@ -18,7 +18,7 @@ from kvroute.v1 import registry_pb2 as pb
 from kvroute.v1 import registry_pb2_grpc as pb_grpc
 from registry_service.auth import Authenticator, Identity, parse_tokens_file, token_digest
 from registry_service.guard import ClientLimiter
-from registry_service.peek import peek
+from registry_service.peek import node_id_of, peek
 from registry_service.security_settings import SecuritySettings
 from registry_service.server import serve
 from registry_service.settings import RegistrySettings
@@ -102,6 +102,8 @@ def test_peek_counts_packed_hashes_without_decoding() -> None:
     found = peek(rs.SerializeToString(), frozenset({3}))
     assert found is not None and found.counts == {3: 70_000}
     assert peek(b"\x0a\xff", frozenset({7})) is None  # truncated: decode normally
+    assert node_id_of(req.SerializeToString()) == "node-7"
+    assert node_id_of(pb.HeartbeatRequest(epoch=1).SerializeToString()) == ""
 
 
 @pytest.fixture
