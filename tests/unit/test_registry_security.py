@@ -232,3 +232,59 @@ def test_issue_certs_script_names_the_identity_the_registry_expects(tmp_path: Pa
         got = auth.identify({}, {"peer_uri": [u.encode() for u in uris],
                                  "x509_pem_cert": [b"x"]})
         assert got == want
+
+
+async def test_read_methods_under_auth(tmp_path: Path) -> None:
+    """Every read shape (unary, server stream, bidirectional stream) is checked once per call;
+    health stays open for probes."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from kvroute.grpcutil import open_channel
+    from kvroute.settings import TLSSettings
+
+    ready = tmp_path / "ready.json"
+    settings = RegistrySettings(
+        store="memory", listen=f"127.0.0.1:{free_port()}", ready_file=str(ready),
+        auth="required", auth_tokens=("reader:gw=rtok", "agent:n1=atok"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop))
+    for _ in range(200):
+        if ready.exists():
+            break
+        await asyncio.sleep(0.02)
+    target = f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
+    try:
+        async with open_channel(target, TLSSettings(token="atok")) as ach:
+            agent = pb_grpc.RegistryStub(ach)
+            a = await agent.RegisterNode(pb.RegisterNodeRequest(
+                node_id="n1", address="n1:1", model="m", block_size=16, capacity_blocks=10,
+                hash_scheme=HASH_SCHEME))
+            await agent.Heartbeat(pb.HeartbeatRequest(node_id="n1", epoch=a.epoch,
+                                                      write_token=a.write_token, stored=[5],
+                                                      delta_seq=1))
+            code, _ = await _code(agent.Lookup(pb.LookupRequest(block_hashes=[5])))
+            assert code == Code.PERMISSION_DENIED
+            watch = agent.WatchNodes(pb.WatchNodesRequest())
+            code, _ = await _code(watch.read())
+            assert code == Code.PERMISSION_DENIED
+        async with open_channel(target, TLSSettings(token="rtok")) as rch:
+            reader = pb_grpc.RegistryStub(rch)
+            got = await reader.Lookup(pb.LookupRequest(block_hashes=[5], model="m"))
+            assert [(n.node_id, n.matched_blocks) for n in got.nodes] == [("n1", 1)]
+
+            async def reqs() -> AsyncIterator[pb.LookupRequest]:
+                yield pb.LookupRequest(request_id="x", block_hashes=[5], model="m")
+
+            replies = [r async for r in reader.LookupStream(reqs())]
+            assert replies[0].nodes[0].matched_blocks == 1
+            first = await reader.WatchNodes(pb.WatchNodesRequest()).read()
+            assert first.type == pb.NodeEvent.SNAPSHOT
+        async with grpc.aio.insecure_channel(target) as anon:
+            health = await health_pb2_grpc.HealthStub(anon).Check(
+                health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            code, _ = await _code(pb_grpc.RegistryStub(anon).LookupStream(reqs()).read())
+            assert code == Code.UNAUTHENTICATED
+    finally:
+        stop.set()
+        assert await task == 0
