@@ -4,9 +4,11 @@ message peek, index limits and write tokens over real gRPC (in-process server, m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -106,24 +108,32 @@ def test_peek_counts_packed_hashes_without_decoding() -> None:
     assert node_id_of(pb.HeartbeatRequest(epoch=1).SerializeToString()) == ""
 
 
-@pytest.fixture
-async def stub(tmp_path: Path) -> AsyncIterator[pb_grpc.RegistryStub]:
+@contextlib.asynccontextmanager
+async def registry(tmp_path: Path, **settings: Any) -> AsyncIterator[str]:
+    """An in-process registry (memory store) on a free port; yields its target."""
     ready = tmp_path / "ready.json"
-    settings = RegistrySettings(
-        store="memory", listen=f"127.0.0.1:{free_port()}", ready_file=str(ready),
-        lease_ttl_s=30, status_write_interval_s=0, capacity_slack_blocks=10,
-        capacity_slack=0.0, max_blocks_per_node=1000, max_index_entries=150)
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(settings, stop))
+    task = asyncio.create_task(serve(RegistrySettings(
+        store="memory", listen=f"127.0.0.1:{free_port()}", ready_file=str(ready),
+        **settings), stop))
     for _ in range(200):
         if ready.exists():
             break
         await asyncio.sleep(0.02)
-    port = json.loads(ready.read_text())["grpc_port"]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+    try:
+        yield f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
+    finally:
+        stop.set()
+        assert await task == 0
+
+
+@pytest.fixture
+async def stub(tmp_path: Path) -> AsyncIterator[pb_grpc.RegistryStub]:
+    async with registry(tmp_path, lease_ttl_s=30, status_write_interval_s=0,
+                        capacity_slack_blocks=10, capacity_slack=0.0,
+                        max_blocks_per_node=1000, max_index_entries=150) as target, \
+            grpc.aio.insecure_channel(target) as ch:
         yield pb_grpc.RegistryStub(ch)
-    stop.set()
-    assert await task == 0
 
 
 async def _code(aw: object) -> tuple[grpc.StatusCode, str]:
@@ -242,18 +252,8 @@ async def test_read_methods_under_auth(tmp_path: Path) -> None:
     from kvroute.grpcutil import open_channel
     from kvroute.settings import TLSSettings
 
-    ready = tmp_path / "ready.json"
-    settings = RegistrySettings(
-        store="memory", listen=f"127.0.0.1:{free_port()}", ready_file=str(ready),
-        auth="required", auth_tokens=("reader:gw=rtok", "agent:n1=atok"))
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(settings, stop))
-    for _ in range(200):
-        if ready.exists():
-            break
-        await asyncio.sleep(0.02)
-    target = f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
-    try:
+    async with registry(tmp_path, auth="required",
+                        auth_tokens=("reader:gw=rtok", "agent:n1=atok")) as target:
         async with open_channel(target, TLSSettings(token="atok")) as ach:
             agent = pb_grpc.RegistryStub(ach)
             a = await agent.RegisterNode(pb.RegisterNodeRequest(
@@ -285,6 +285,3 @@ async def test_read_methods_under_auth(tmp_path: Path) -> None:
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             code, _ = await _code(pb_grpc.RegistryStub(anon).LookupStream(reqs()).read())
             assert code == Code.UNAUTHENTICATED
-    finally:
-        stop.set()
-        assert await task == 0
