@@ -32,6 +32,10 @@ from registry_service.security_settings import SecuritySettings
 from registry_service.trim import MemoryTrimmer
 
 SERVICE_PREFIX = "/" + registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name + "/"
+SMALL_MESSAGE_BYTES = 64 * 1024
+"""Write messages this small are counted against the byte budget but never refused by it."""
+RESYNC_BYTES_PER_HASH = 11
+"""Wire bytes per hash of a Resync (varint of a 64-bit hash, packed): sizes the byte burst."""
 MAX_TRACKED_CLIENTS = 10_000
 """Per-client buckets kept; the least recently used are forgotten beyond this."""
 
@@ -55,14 +59,17 @@ class ClientLimiter:
     A client is an identity (``--auth required``) or, with ``--auth none``, a connection and
     the node it writes: several agents in one process share a connection (gRPC pools them).
 
-    The bytes bucket may go into debt: a message is admitted while the client is not in debt,
-    whatever its size, and the client then waits until the debt is paid off. So one large
-    legitimate Resync message always passes, and a flood is held to the configured rate.
+    The bytes bucket holds ``bytes_burst`` (room for a full Resync of the largest node) and
+    refills at ``bytes_per_s``. It may go into debt: a message is admitted while the client is
+    not in debt, whatever its size, and the client then waits the debt off. Messages of at
+    most ``SMALL_MESSAGE_BYTES`` are counted but never refused, so a lease-refreshing heartbeat
+    always gets through right after a large Resync.
     """
 
     def __init__(self, calls_per_s: float, burst: int, bytes_per_s: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 bytes_burst: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
         self.calls_per_s, self.burst, self.bytes_per_s = calls_per_s, burst, bytes_per_s
+        self.bytes_burst = max(bytes_per_s, bytes_burst)
         self._clock = clock
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
@@ -70,7 +77,7 @@ class ClientLimiter:
         now = self._clock()
         b = self._buckets.get(client)
         if b is None:
-            b = _Bucket(float(self.burst), float(self.bytes_per_s), now)
+            b = _Bucket(float(self.burst), float(self.bytes_burst), now)
             self._buckets[client] = b
             if len(self._buckets) > MAX_TRACKED_CLIENTS:
                 self._buckets.popitem(last=False)
@@ -78,7 +85,7 @@ class ClientLimiter:
             self._buckets.move_to_end(client)
             dt = now - b.at
             b.calls = min(float(self.burst), b.calls + dt * self.calls_per_s)
-            b.nbytes = min(float(self.bytes_per_s), b.nbytes + dt * self.bytes_per_s)
+            b.nbytes = min(float(self.bytes_burst), b.nbytes + dt * self.bytes_per_s)
             b.at = now
         return b
 
@@ -96,7 +103,7 @@ class ClientLimiter:
     def payload(self, client: str, method: str, nbytes: int) -> None:
         """Take ``nbytes``; RESOURCE_EXHAUSTED while the client is in byte debt."""
         b = self._bucket(client)
-        if b.nbytes <= 0:
+        if b.nbytes <= 0 and nbytes > SMALL_MESSAGE_BYTES:
             wait = -b.nbytes / self.bytes_per_s
             raise RateLimited(wait,
                 f"{method} refused: client {client} sent more than its write limit of "
@@ -141,9 +148,10 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.precheck = precheck or (lambda method, raw: None)
         """Refuses a write from its raw bytes before decoding (registry_service.limits)."""
         self.trimmer = trimmer or MemoryTrimmer(0)
-        self.limiter = ClientLimiter(settings.client_write_calls_per_s,
-                                     settings.client_write_burst,
-                                     settings.client_write_bytes_per_s)
+        self.limiter = ClientLimiter(
+            settings.client_write_calls_per_s, settings.client_write_burst,
+            settings.client_write_bytes_per_s,
+            bytes_burst=RESYNC_BYTES_PER_HASH * settings.max_blocks_per_node)
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -253,7 +261,12 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 self.auth.authorize(ident, method, request.node_id)
             return _Admitted(ident, client, [request])
         except KvrouteError as exc:
-            return self._refusal(method, exc)
+            code, message, delay = self._refusal(method, exc)
+        if raw is not None and len(raw) > SMALL_MESSAGE_BYTES and not delay:
+            # a large refused message (over a block limit, for an unknown node, ...) is
+            # answered only after the time its bytes take at the client's byte rate
+            delay = min(MAX_TARPIT_S, len(raw) / self.limiter.bytes_per_s)
+        return code, message, delay
 
     def _write(self, method: str, handler: _Handler) -> _Handler:
         h: Any = handler

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kvroute.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
+from kvroute.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted
 from kvroute.v1 import registry_pb2 as pb
 from registry_service import validate
 from registry_service.auth import token_digest
@@ -150,6 +150,15 @@ class WritePrecheck:
                  view: ReplicaView) -> None:
         self.settings, self.metrics, self.view = settings, metrics, view
 
+    def _unknown(self, node_id: str, nbytes: int) -> None:
+        """NOT_FOUND for a large write to a node this replica does not know: decoding it only
+        to learn that from etcd is the most expensive refusal a rogue could buy. (A node
+        registered through another replica moments ago is read from etcd on its next small
+        write; a large one is told to register again.)"""
+        if nbytes > UNKNOWN_NODE_MAX_BYTES:
+            raise NotFound(f"node {node_id} is not registered here (never, or its lease "
+                           "expired): resync required: call RegisterNode, then Resync")
+
     def __call__(self, method: str, raw: bytes) -> None:
         if method == "Heartbeat":
             found = peek(raw, _HEARTBEAT_PACKED)
@@ -158,7 +167,9 @@ class WritePrecheck:
             stored, removed = found.counts.get(7, 0), found.counts.get(8, 0)
             validate.hash_count(stored + removed, "stored+removed", self.settings)
             state = self.view.nodes.get(found.node_id)
-            if state is not None:
+            if state is None:
+                self._unknown(found.node_id, len(raw))
+            else:
                 limit = self.settings.node_block_limit(state.capacity())
                 if stored > limit:
                     raise _refuse(self.settings, self.metrics, method, state, stored, limit,
@@ -170,10 +181,14 @@ class WritePrecheck:
             n = found.counts.get(3, 0)
             validate.hash_count(n, "block_hashes", self.settings)
             state = self.view.nodes.get(found.node_id)
-            if state is not None:
+            if state is None:
+                self._unknown(found.node_id, len(raw))
+            else:
                 check_resync_total(self.settings, self.metrics, self.view, state, n)
 
 
+UNKNOWN_NODE_MAX_BYTES = 1 << 20
+"""Writes larger than this for a node the replica does not know are refused undecoded."""
 _HEARTBEAT_PACKED = frozenset({7, 8})
 """HeartbeatRequest.stored and .removed."""
 _RESYNC_PACKED = frozenset({3})

@@ -53,7 +53,7 @@ class SecuritySettings:
     client_write_burst: int = setting(
         100, "Write calls a client may make at once above --client-write-calls-per-s")
     client_write_bytes_per_s: int = setting(
-        16 * 1024 * 1024, "Bytes of write messages per second one client may send (one "
+        4 * 1024 * 1024, "Bytes of write messages per second one client may send (one "
         "message larger than what is left is still admitted when the client is not in debt, "
         "so a full Resync passes; the client then waits it off)")
 

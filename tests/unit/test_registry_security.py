@@ -80,6 +80,7 @@ def test_tokens_file_format(tmp_path: Path) -> None:
 def test_client_limiter_calls_and_byte_debt() -> None:
     now = [0.0]
     lim = ClientLimiter(calls_per_s=2, burst=2, bytes_per_s=1000, clock=lambda: now[0])
+    big = 100_000  # over SMALL_MESSAGE_BYTES
     lim.call("c", "Heartbeat")
     lim.call("c", "Heartbeat")
     with pytest.raises(ResourceExhausted, match="2 calls/s"):
@@ -87,11 +88,16 @@ def test_client_limiter_calls_and_byte_debt() -> None:
     lim.call("other", "Heartbeat")  # per client
     now[0] = 0.5
     lim.call("c", "Heartbeat")
-    lim.payload("c", "Resync", 5000)  # not in debt: admitted whatever its size
+    lim.payload("c", "Resync", big)  # not in debt: admitted whatever its size
     with pytest.raises(ResourceExhausted, match="bytes/s"):
-        lim.payload("c", "Resync", 10)
-    now[0] = 4.6  # debt of 4000 B paid off at 1000 B/s
-    lim.payload("c", "Resync", 10)
+        lim.payload("c", "Resync", big)
+    lim.payload("c", "Heartbeat", 100)  # a small message always passes (lease refresh)
+    now[0] = 0.5 + 99.2  # the debt (99,100 B) paid off at 1000 B/s
+    lim.payload("c", "Resync", big)
+    burst = ClientLimiter(calls_per_s=2, burst=2, bytes_per_s=1000, bytes_burst=3 * big,
+                          clock=lambda: now[0])
+    burst.payload("d", "Resync", big)  # a fresh client holds the burst: no debt after one
+    burst.payload("d", "Resync", big)
 
 
 def test_peek_counts_packed_hashes_without_decoding() -> None:
