@@ -128,16 +128,20 @@ class RegistryLink:
 
     async def _connect(self) -> None:
         for _ in range(2):  # an unknown node / stale epoch re-registers at once, no backoff
+            registered = False
             try:
                 if self._need_register:
                     await self._register()
+                    registered = True
                 if self._need_resync:
                     await self._resync()
                 return
-            except _Retry:
-                if not self._need_register:
+            except _Retry as exc:
+                # RegisterNode itself failed (e.g. registry unreachable): report that error.
+                if not self._need_register or not registered:
                     raise
-        raise _Retry("the registry forgot the node again right after registering")
+                last = exc
+        raise _Retry(f"the registry forgot the node again right after registering ({last})")
 
     def _rpc_error(self, exc: grpc.aio.AioRpcError, what: str) -> _Retry:
         if exc.code() in NEEDS_REGISTER_CODES:
