@@ -127,6 +127,10 @@ class RateLimited(ResourceExhausted):
         self.retry_after_s = retry_after_s
 
 
+async def _no_precheck(method: str, raw: bytes) -> None:
+    return None
+
+
 def _reason(exc: KvrouteError) -> str:
     if isinstance(exc, Unauthenticated):
         return "unauthenticated"
@@ -142,10 +146,10 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, settings: SecuritySettings, metrics: RegistryMetrics,
                  trimmer: MemoryTrimmer | None = None,
-                 precheck: Callable[[str, bytes], None] | None = None) -> None:
+                 precheck: Callable[[str, bytes], Awaitable[None]] | None = None) -> None:
         self.auth = Authenticator(settings)
         self.metrics = metrics
-        self.precheck = precheck or (lambda method, raw: None)
+        self.precheck = precheck or _no_precheck
         """Refuses a write from its raw bytes before decoding (registry_service.limits)."""
         self.trimmer = trimmer or MemoryTrimmer(0)
         self.limiter = ClientLimiter(
@@ -244,9 +248,9 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return await inner_ss(request_iterator, ctx)
         return h._replace(stream_stream=ss)  # type: ignore[no-any-return]
 
-    def _admit(self, ctx: _Ctx, method: str, raw: bytes | None,
-               decode: Callable[[bytes], Any],
-               ) -> _Admitted | _Refusal:
+    async def _admit(self, ctx: _Ctx, method: str, raw: bytes | None,
+                     decode: Callable[[bytes], Any],
+                     ) -> _Admitted | _Refusal:
         """Identify, rate-limit and (for a unary call) decode and authorise the message."""
         try:
             ident = self._identify(ctx, method)
@@ -256,7 +260,7 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if raw is not None:
                 self.trimmer.note(len(raw))
                 self.limiter.payload(client, method, len(raw))
-                self.precheck(method, raw)
+                await self.precheck(method, raw)
                 request = decode(raw)
                 self.auth.authorize(ident, method, request.node_id)
             return _Admitted(ident, client, [request])
@@ -276,7 +280,7 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             inner_uu = h.unary_unary
 
             async def uu(raw: bytes, ctx: _Ctx) -> Any:
-                admitted = self._admit(ctx, method, raw, decode)
+                admitted = await self._admit(ctx, method, raw, decode)
                 del raw
                 if not isinstance(admitted, _Admitted):
                     await self._abort(ctx, admitted)
@@ -296,7 +300,7 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         inner_su = h.stream_unary  # Resync
 
         async def su(raw_iterator: AsyncIterator[bytes], ctx: _Ctx) -> Any:
-            admitted = self._admit(ctx, method, None, decode)
+            admitted = await self._admit(ctx, method, None, decode)
             if not isinstance(admitted, _Admitted):
                 await self._abort(ctx, admitted)
                 raise AssertionError("unreachable: abort raises")
@@ -307,7 +311,7 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     self.trimmer.note(len(raw))
                     try:
                         self.limiter.payload(client, method, len(raw))
-                        self.precheck(method, raw)
+                        await self.precheck(method, raw)
                         request = decode(raw)
                         self.auth.authorize(ident, method, request.node_id)
                     except KvrouteError as exc:

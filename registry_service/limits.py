@@ -25,7 +25,7 @@ from registry_service import validate
 from registry_service.auth import token_digest
 from registry_service.metrics import RegistryMetrics
 from registry_service.nodes import NodeState
-from registry_service.peek import peek
+from registry_service.peek import peek_async
 from registry_service.security_settings import SecuritySettings
 from registry_service.settings import RegistrySettings
 from registry_service.store.base import NodeRecord, as_hashes
@@ -159,9 +159,9 @@ class WritePrecheck:
             raise NotFound(f"node {node_id} is not registered here (never, or its lease "
                            "expired): resync required: call RegisterNode, then Resync")
 
-    def __call__(self, method: str, raw: bytes) -> None:
+    async def __call__(self, method: str, raw: bytes) -> None:
         if method == "Heartbeat":
-            found = peek(raw, _HEARTBEAT_PACKED)
+            found = await peek_async(raw, _HEARTBEAT_PACKED)
             if found is None:
                 return
             stored, removed = found.counts.get(7, 0), found.counts.get(8, 0)
@@ -175,7 +175,7 @@ class WritePrecheck:
                     raise _refuse(self.settings, self.metrics, method, state, stored, limit,
                                   "its stored list alone carries")
         elif method == "Resync":
-            found = peek(raw, _RESYNC_PACKED)
+            found = await peek_async(raw, _RESYNC_PACKED)
             if found is None:
                 return
             n = found.counts.get(3, 0)

@@ -10,10 +10,14 @@ anything unusual, such as more than a few dozen top-level fields or unpacked rep
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import numpy as np
 
+THREAD_BYTES = 256 * 1024
+"""Messages larger than this are scanned in a worker thread (numpy releases the GIL): counting
+a 3 MB hash list takes milliseconds that the event loop serving Lookups should not wait."""
 MAX_FIELDS = 64
 """A legitimate write message has about a dozen top-level fields; past this, decode instead."""
 
@@ -90,3 +94,10 @@ def node_id_of(raw: bytes) -> str:
     if length > 128 or pos + length > len(raw):
         return ""
     return raw[pos:pos + length].decode("utf-8", "replace")
+
+
+async def peek_async(raw: bytes, packed_fields: frozenset[int]) -> Peek | None:
+    """:func:`peek`, in a worker thread for large messages."""
+    if len(raw) > THREAD_BYTES:
+        return await asyncio.to_thread(peek, raw, packed_fields)
+    return peek(raw, packed_fields)
