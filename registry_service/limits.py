@@ -166,6 +166,8 @@ class WritePrecheck:
                 return
             stored, removed = found.counts.get(7, 0), found.counts.get(8, 0)
             validate.hash_count(stored + removed, "stored+removed", self.settings)
+            validate.hash_count(found.counts.get(16, 0) + found.counts.get(17, 0),
+                                "stored_offloaded+removed_offloaded", self.settings)
             state = self.view.nodes.get(found.node_id)
             if state is None:
                 self._unknown(found.node_id, len(raw))
@@ -180,6 +182,7 @@ class WritePrecheck:
                 return
             n = found.counts.get(3, 0)
             validate.hash_count(n, "block_hashes", self.settings)
+            validate.hash_count(found.counts.get(5, 0), "offloaded_block_hashes", self.settings)
             state = self.view.nodes.get(found.node_id)
             if state is None:
                 self._unknown(found.node_id, len(raw))
@@ -189,7 +192,7 @@ class WritePrecheck:
 
 UNKNOWN_NODE_MAX_BYTES = 1 << 20
 """Writes larger than this for a node the replica does not know are refused undecoded."""
-_HEARTBEAT_PACKED = frozenset({7, 8})
-"""HeartbeatRequest.stored and .removed."""
-_RESYNC_PACKED = frozenset({3})
-"""ResyncRequest.block_hashes."""
+_HEARTBEAT_PACKED = frozenset({7, 8, 16, 17})
+"""HeartbeatRequest.stored, .removed, .stored_offloaded, .removed_offloaded."""
+_RESYNC_PACKED = frozenset({3, 5})
+"""ResyncRequest.block_hashes, .offloaded_block_hashes."""
