@@ -81,6 +81,8 @@ class RegistryCore:
         self._follower: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._was_healthy: dict[str, bool] = {}
+        self.draining = False
+        """True once shutdown began: streams end, health is no longer re-evaluated."""
         self.synced = asyncio.Event()
         metrics.track_index(lambda: self.view.index.entries,
                             self.view.index.entries_blocks,
@@ -94,6 +96,15 @@ class RegistryCore:
         await self._relist()
         self._follower = asyncio.create_task(self._follow(), name="registry-follower")
         self._sweeper = asyncio.create_task(self._sweep_health(), name="registry-health")
+
+    async def drain(self) -> None:
+        """Shutdown step one: freeze health (a replica that stops hearing heartbeats because
+        it stopped serving must not tell anyone the nodes turned unhealthy) and end every
+        watch stream so its clients reconnect (to another replica) at once."""
+        self.draining = True
+        await cancel_and_wait(self._sweeper)
+        self._sweeper = None
+        self.fanout.close_all()
 
     async def close(self) -> None:
         """Stop following and close the store."""
@@ -212,12 +223,17 @@ class RegistryCore:
         """Heartbeat: refresh the lease, record usage, apply the delta batch."""
         validate.heartbeat(req, self.settings)
         state = await self._state(req.node_id)
+        if req.epoch == state.record.epoch:
+            # The node is alive even if etcd is not: counted before waiting for the node's
+            # lock, which a heartbeat stuck on a stalled etcd holds.
+            state.seen_unix_ms = now_ms()
+            state.trusted_until_ms = 0
         async with state.lock:
             rec = state.record
             if req.epoch != rec.epoch:
                 return self._resync("stale_epoch", rec, f"epoch {req.epoch} is stale, the "
                                     f"node's current epoch is {rec.epoch}: RegisterNode again")
-            state.seen_unix_ms = now_ms()  # the node is alive even if etcd is not
+            state.seen_unix_ms = now_ms()
             mono = time.monotonic()
             since = mono - state.refreshed_here_mono
             if since >= rec.lease_ttl_s * REFRESH_SKIP_FRACTION:

@@ -18,6 +18,7 @@ from kvroute.aio import cancel_and_wait
 from kvroute.errors import Unavailable
 from kvroute.grpcutil import message_size_options, open_channel
 from kvroute.settings import TLSSettings
+from kvroute.targets import TargetRing
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from router_service.placement import NodeState, Placement
 from router_service.replica_index import ReplicaIndex
@@ -35,7 +36,7 @@ class ReplicaSource:
                  retry_max_s: float = 2.0, max_staleness_s: float = 5.0,
                  on_event_lag: Callable[[float], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._target = target
+        self._ring = TargetRing(target)
         self._tls = tls
         self._retry_max_s = retry_max_s
         self._max_staleness_s = max_staleness_s
@@ -117,9 +118,14 @@ class ReplicaSource:
                         self._max_staleness_s)
 
     async def _follow_once(self) -> None:
-        """One watch: snapshot, then live changes. Returns if it was ever up (resets back-off)."""
+        """One watch: snapshot, then live changes. Returns if it was ever up (resets back-off).
+
+        With several registry addresses, a watch that fails or ends moves to the next one;
+        the current replica keeps serving lookups meanwhile (within the staleness bound).
+        """
+        target = self._ring.current
         channel = open_channel(
-            self._target, self._tls,
+            target, self._tls,
             [*message_size_options(64 << 20), *reconnect_options(self._retry_max_s)])
         was_up = False
         try:
@@ -134,8 +140,8 @@ class ReplicaSource:
                         self._index, was_up = fresh, True
                         self._connected = True
                         self.reconnects += 1
-                        log.info("placement replica in sync: %d nodes, block size %d",
-                                 len(fresh.nodes), fresh.block_size)
+                        log.info("placement replica in sync with %s: %d nodes, block size %d",
+                                 target, len(fresh.nodes), fresh.block_size)
                 else:
                     self._index.apply(ev)
                 self.events_applied += 1
@@ -144,8 +150,10 @@ class ReplicaSource:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            nxt = self._ring.advance()
             if was_up:
-                log.warning("registry watch ended: %s", _short(exc))
+                log.warning("registry watch on %s ended: %s%s", target, _short(exc),
+                            f"; trying {nxt}" if nxt != target else "")
                 return
             raise
         finally:

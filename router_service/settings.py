@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvroute.common_settings import ClientTLSSettings, ServerSettings
-from kvroute.settings import parse_hostport, require, setting
+from kvroute.settings import require, setting
+from kvroute.targets import parse_targets
 
 REGISTRY_MODES = ("replica", "stream")
 
@@ -18,7 +19,10 @@ REGISTRY_MODES = ("replica", "stream")
 class RouterSettings(ServerSettings, ClientTLSSettings):
     """Everything the router needs besides policy weights."""
 
-    registry: str = setting("", "Registry gRPC address HOST:PORT (required)")
+    registry: str = setting(
+        "", "Registry gRPC address HOST:PORT (required), or several replicas as a comma list "
+            "HOST:PORT,HOST:PORT (the router follows one and moves to the next when it fails); "
+            "a DNS name resolving to several addresses (headless Service) also fails over")
     registry_mode: str = setting(
         "replica", "How the router learns placement: 'replica' keeps a local copy of the index "
                    "fed by Registry.WatchPlacement (no registry round trip per request); "
@@ -52,7 +56,8 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
     registry_timeout_s: float = setting(
         2.0, "Deadline of unary registry calls (ListNodes) and of connecting a stream")
     registry_retry_max_s: float = setting(
-        2.0, "Longest back-off between reconnect attempts to the registry (jittered)")
+        0.5, "Longest back-off between reconnect attempts to the registry (jittered): a "
+             "registry that comes back is followed again within about this long")
     node_cache_ttl_s: float = setting(
         2.0, "How long the node list from ListNodes is reused before asking again (stream mode)")
     replica_max_staleness_s: float = setting(
@@ -62,7 +67,7 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
     def __post_init__(self) -> None:
         ServerSettings.__post_init__(self)
         require(bool(self.registry), "registry", "the registry address HOST:PORT is required")
-        parse_hostport(self.registry, "registry")
+        parse_targets(self.registry, "registry")
         require(self.registry_mode in REGISTRY_MODES, "registry_mode",
                 f"must be one of {', '.join(REGISTRY_MODES)}")
         require(self.block_size >= 1, "block_size", "must be >= 1")
