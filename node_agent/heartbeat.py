@@ -172,15 +172,17 @@ class RegistryLink:
     async def run(self) -> None:
         """Run until cancelled; raises RegistrationRefused when the registry refuses us."""
         self._open()
-        cap = self._s.registry_retry_max_s
         try:
             while True:
                 if not self._engine_ok.is_set():
                     await self._leave()
                     await self._engine_ok.wait()
+                # never wait longer than a heartbeat interval between attempts: a registry
+                # that is slow (stalled etcd) but alive keeps hearing from the node
+                cap = max(0.05, min(self._s.registry_retry_max_s, self._interval) - 0.05)
                 async for attempt in AsyncRetrying(
                         retry=retry_if_exception_type(_Retry), stop=stop_never,
-                        wait=wait_exponential(multiplier=0.1, max=cap) + wait_random(0, 0.1),
+                        wait=wait_exponential(multiplier=0.1, max=cap) + wait_random(0, 0.05),
                         before_sleep=self._log_retry, reraise=True):
                     with attempt:
                         await self._connect()

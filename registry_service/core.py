@@ -223,35 +223,45 @@ class RegistryCore:
         """Heartbeat: refresh the lease, record usage, apply the delta batch."""
         validate.heartbeat(req, self.settings)
         state = await self._state(req.node_id)
-        if req.epoch == state.record.epoch:
-            # The node is alive even if etcd is not: counted before waiting for the node's
-            # lock, which a heartbeat stuck on a stalled etcd holds.
-            state.seen_unix_ms = now_ms()
-            state.trusted_until_ms = 0
-        async with state.lock:
-            rec = state.record
-            if req.epoch != rec.epoch:
-                return self._resync("stale_epoch", rec, f"epoch {req.epoch} is stale, the "
-                                    f"node's current epoch is {rec.epoch}: RegisterNode again")
-            state.seen_unix_ms = now_ms()
-            mono = time.monotonic()
-            since = mono - state.refreshed_here_mono
-            if since >= rec.lease_ttl_s * REFRESH_SKIP_FRACTION:
-                ttl = await self._op("lease_keepalive", self.store.refresh_lease(rec))
-                if ttl <= 0:
-                    self.view.drop(rec.node_id, expired=True)
-                    raise NotFound(f"node {rec.node_id}: its lease expired; resync required: "
-                                   "call RegisterNode, then Resync")
-                state.lease_refreshed_mono = state.refreshed_here_mono = time.monotonic()
-            else:  # refreshed by this replica moments ago (a fast heartbeat burst)
-                ttl = max(1, round(rec.lease_ttl_s - since))
-            if req.stored or req.removed or req.cleared:
-                result = await self._apply_delta(state, req)
-                if result is not None:
-                    return result
-            await self._status(state, req)
-            self.metrics.heartbeats.labels("ok").inc()
-            return HeartbeatResult(False, ttl)
+        if req.epoch != state.record.epoch:
+            async with state.lock:
+                return await self._heartbeat(state, req)
+        # The node is alive even if etcd is not: it counts as heard from now, and stays
+        # healthy while this heartbeat waits (for the node's lock, or on a stalled etcd).
+        state.seen_unix_ms = now_ms()
+        state.trusted_until_ms = 0
+        state.beating += 1
+        try:
+            async with state.lock:
+                return await self._heartbeat(state, req)
+        finally:
+            state.beating -= 1
+            state.seen_unix_ms = max(state.seen_unix_ms, now_ms())
+
+    async def _heartbeat(self, state: NodeState, req: pb.HeartbeatRequest) -> HeartbeatResult:
+        rec = state.record
+        if req.epoch != rec.epoch:
+            return self._resync("stale_epoch", rec, f"epoch {req.epoch} is stale, the "
+                                f"node's current epoch is {rec.epoch}: RegisterNode again")
+        state.seen_unix_ms = now_ms()
+        mono = time.monotonic()
+        since = mono - state.refreshed_here_mono
+        if since >= rec.lease_ttl_s * REFRESH_SKIP_FRACTION:
+            ttl = await self._op("lease_keepalive", self.store.refresh_lease(rec))
+            if ttl <= 0:
+                self.view.drop(rec.node_id, expired=True)
+                raise NotFound(f"node {rec.node_id}: its lease expired; resync required: "
+                               "call RegisterNode, then Resync")
+            state.lease_refreshed_mono = state.refreshed_here_mono = time.monotonic()
+        else:  # refreshed by this replica moments ago (a fast heartbeat burst)
+            ttl = max(1, round(rec.lease_ttl_s - since))
+        if req.stored or req.removed or req.cleared:
+            result = await self._apply_delta(state, req)
+            if result is not None:
+                return result
+        await self._status(state, req)
+        self.metrics.heartbeats.labels("ok").inc()
+        return HeartbeatResult(False, ttl)
 
     def _resync(self, reason: str, rec: NodeRecord, message: str) -> HeartbeatResult:
         self.metrics.resync_requests.labels(reason).inc()

@@ -38,6 +38,9 @@ class NodeState:
     that really stopped loses its lease within the TTL and etcd deletes it, so "not heard from
     yet" never turns into "unhealthy" for a node that is still heartbeating elsewhere or is
     about to reconnect."""
+    beating: int = 0
+    """Heartbeats of this node being processed now (e.g. waiting on a stalled etcd): the
+    agent is alive and waiting for us, so the node is not late."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -62,6 +65,8 @@ class NodeState:
     def healthy(self, late_after_s: float, at_ms: int | None = None) -> bool:
         """Heartbeats on time (as seen by this replica, directly or through etcd), or a lease
         this replica found alive when it loaded the node and has not seen expire yet."""
+        if self.beating:
+            return True
         at = now_ms() if at_ms is None else at_ms
         return at - self.heartbeat_ms() <= late_after_s * 1000.0 or at <= self.trusted_until_ms
 
