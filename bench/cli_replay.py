@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.policies import ALL_POLICIES
-from bench.sim.config import DEFAULT_PREFILL_TOKENS_PER_S, SimSettings
+from bench.sim.config import SimSettings
 from bench.workloads import WORKLOAD_NAMES, TraceFormatError, load_workload
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
@@ -20,45 +20,38 @@ from kvroute.settings import add_arguments, env_name, from_namespace
 from router_service.policies.kv_aware import KvAwareSettings
 
 
-def add_replay_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of the replay and sweep targets (stable: scripts use them)."""
+def add_replay_arguments(p: argparse.ArgumentParser, *, sweep: bool) -> None:
+    """Flags of the replay (``sweep=False``) or sweep target (stable: scripts use them).
+
+    The engine-model flags are derived from :class:`SimSettings` (one flag per field, with the
+    field's help and default, and ``KVROUTE_<FIELD>`` variables), so they cannot drift from it.
+    """
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", metavar="PATH", help="Mooncake-format JSONL trace to replay")
     src.add_argument("--workload", metavar="NAME", choices=WORKLOAD_NAMES,
                      help=f"generated or shipped workload: {', '.join(WORKLOAD_NAMES)} "
                           "(default: mooncake-sample, the shipped 1,500-request trace sample)")
-    p.add_argument("--nodes", type=int, default=8, help="simulated engines (default 8)")
-    p.add_argument("--cache-blocks", type=int, default=0, metavar="C",
-                   help="KV cache per node in the workload's block units (default: 25%% of the "
-                        "workload's distinct blocks / nodes)")
     p.add_argument("--mode", choices=("sim", "stack"), default="sim",
                    help="sim: in-process discrete-event replay; stack: real etcd, registry, "
                         "router, node agent and engine_sim processes with compressed time")
     p.add_argument("--policies", default=None, metavar="A,B,...",
                    help=f"policies to compare (default all: {','.join(ALL_POLICIES)}; in "
                         "--mode stack the router's own)")
-    p.add_argument("--prefill-tokens-per-s", type=float, default=DEFAULT_PREFILL_TOKENS_PER_S,
-                   metavar="R", help="engine prefill speed, tokens/s (default "
-                                     f"{DEFAULT_PREFILL_TOKENS_PER_S:.0f})")
-    p.add_argument("--decode-s-per-token", type=float, default=0.02, metavar="S",
-                   help="decode time per output token (default 0.02)")
-    p.add_argument("--max-batch", type=int, default=64, help="decode batch limit per engine")
-    p.add_argument("--latency-model", choices=("default", "seed"), default="default",
-                   help="default: prefill proportional to uncached tokens; seed: the notebook's "
-                        "constants (50 ms prefill, 2 ms transfer, 100 ms decode)")
-    p.add_argument("--heartbeat-delay-s", type=float, default=0.0, metavar="S",
-                   help="registry belief lags the caches by S seconds (default 0)")
     p.add_argument("--plot-dir", metavar="DIR", help="write PNG plots into DIR")
     p.add_argument("--seed", type=int, default=0, help="seed of generators and random policies")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N requests only")
     p.add_argument("--start", type=int, default=0, metavar="K",
                    help="skip the first K requests (e.g. replay the second half of a trace)")
-    p.add_argument("--sweep-fractions", default="0.05,0.1,0.25,0.5,1.0", metavar="F,...",
-                   help="sweep: per-node cache = F x distinct blocks / nodes")
+    if sweep:
+        p.add_argument("--sweep-fractions", default="0.05,0.1,0.25,0.5,1.0", metavar="F,...",
+                       help="per-node cache = F x distinct blocks / nodes, one run per F")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from bench.cli_stack import add_stack_arguments
+    engine = p.add_argument_group("engine model of every simulated node (SimSettings)")
+    add_arguments(engine, SimSettings)  # type: ignore[arg-type]
+    if not sweep:
+        from bench.cli_stack import add_stack_arguments
 
-    add_stack_arguments(p)
+        add_stack_arguments(p)
     group = p.add_argument_group(
         "kv_aware policy settings (the router's flags and KVROUTE_KV_* variables; here "
         "--kv-prefill-tokens-per-s defaults to --prefill-tokens-per-s, the engines' true rate)")
@@ -68,11 +61,7 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace, workload: Workload) -> SimSettings:
     from bench.runner import resolve_settings
 
-    s = SimSettings(nodes=args.nodes, cache_blocks=args.cache_blocks,
-                    prefill_tokens_per_s=args.prefill_tokens_per_s,
-                    decode_s_per_token=args.decode_s_per_token, max_batch=args.max_batch,
-                    latency_model=args.latency_model, heartbeat_delay_s=args.heartbeat_delay_s)
-    return resolve_settings(workload, s)
+    return resolve_settings(workload, from_namespace(SimSettings, args))
 
 
 def _load(args: argparse.Namespace) -> Workload:

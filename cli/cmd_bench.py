@@ -1,18 +1,29 @@
-"""``kvroute bench [hashing|...]``: benchmarks with JSON output."""
+"""``kvroute bench [TARGET]``: benchmarks with JSON output, one subcommand per target.
+
+``kvroute bench --trace ...`` (no target) is ``kvroute bench replay --trace ...``: the bench
+parser itself carries the replay flags, so the README's commands keep working. Every other
+target has its own subparser with only its own flags (``kvroute bench TARGET --help``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.cli_replay import add_replay_arguments, run_replay, run_sweep
 from bench.hashing import run_hashing_bench
 from bench.registry_bench import add_registry_arguments, run_registry_cli
 from bench.router_bench import add_router_arguments, run_router_cli
+
+
+def _add_hashing_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
+    p.add_argument("--prompt-tokens", type=int, default=100_000,
+                   help="tokens per prompt (default 100000)")
+    p.add_argument("--prompts", type=int, default=20, help="prompts to hash (default 20)")
 
 
 def _hashing(args: argparse.Namespace) -> int:
@@ -29,6 +40,11 @@ def _hashing(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_agent_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--agent-seconds", type=float, default=1.0, metavar="S",
+                   help="seconds per measured case (default 1)")
+
+
 def _agent(args: argparse.Namespace) -> int:
     from node_agent.perf import measure
 
@@ -39,44 +55,55 @@ def _agent(args: argparse.Namespace) -> int:
     return 0
 
 
-TARGETS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "replay": run_replay,
-    "sweep": run_sweep,
-    "hashing": _hashing,
-    "router": run_router_cli,
-    "registry": run_registry_cli,
-    "agent": _agent,
+def _add_router_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-size", type=int, default=16,
+                   help="tokens per block of the registry and router (default 16)")
+    add_router_arguments(p)
+
+
+class Target(NamedTuple):
+    """One ``kvroute bench`` subcommand."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+TARGETS: dict[str, Target] = {
+    "replay": Target("compare routing policies on a trace or generated workload (the default "
+                     "target), in-process (--mode sim) or through real processes (--mode stack)",
+                     lambda p: add_replay_arguments(p, sweep=False), run_replay),
+    "sweep": Target("hit rate against cache capacity for every policy and the bounds",
+                    lambda p: add_replay_arguments(p, sweep=True), run_sweep),
+    "hashing": Target("canonical block hashing throughput (one core)",
+                      _add_hashing_arguments, _hashing),
+    "router": Target("Route latency and decisions/s over gRPC, registry in the path",
+                     _add_router_arguments, run_router_cli),
+    "registry": Target("index memory, Lookup latency, Heartbeat ingest, etcd bytes per event",
+                       add_registry_arguments, run_registry_cli),
+    "agent": Target("node agent: event parsing and hashing rates, heartbeat sizes",
+                    _add_agent_arguments, _agent),
 }
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``bench``."""
-    p: argparse.ArgumentParser = sub.add_parser(
-        "bench", help="benchmarks: replay traces through policies, hashing throughput",
-        description="Benchmarks. TARGET 'replay' (default) compares routing policies on a "
-                    "trace side by side; 'sweep' plots hit rate against cache capacity; "
-                    "'hashing' measures canonical block hashing throughput.")
-    p.add_argument("target", nargs="?", default="replay", metavar="TARGET",
-                   help="replay (default), sweep, hashing, registry, router, agent")
+def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write results as JSON to PATH")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per block (hashing)")
-    p.add_argument("--prompt-tokens", type=int, default=100_000,
-                   help="tokens per prompt (hashing)")
-    p.add_argument("--prompts", type=int, default=20, help="prompts to hash (hashing)")
-    p.add_argument("--agent-seconds", type=float, default=1.0, metavar="S",
-                   help="seconds per measured case (agent: event parsing and hashing rates, "
-                        "heartbeat sizes)")
-    add_replay_arguments(p)
-    add_router_arguments(p)
-    add_registry_arguments(p)
-    p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Dispatch to the benchmark target."""
-    fn = TARGETS.get(args.target)
-    if fn is None:
-        print(f"kvroute bench: unknown target {args.target!r}; choose from "
-              f"{', '.join(TARGETS)}", file=sys.stderr)
-        return 2
-    return fn(args)
+def add_parser(sub: Any) -> None:
+    """Register ``bench`` and one subcommand per target."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "bench", help="benchmarks (JSON output): replay, sweep, hashing, router, registry, agent",
+        usage="kvroute bench [TARGET] [options]   (no TARGET = replay)",
+        description="Benchmarks with JSON output. Without a TARGET, runs 'replay' with the "
+                    "flags below; 'kvroute bench TARGET --help' lists a target's own flags.")
+    _add_json(p)
+    add_replay_arguments(p, sweep=False)
+    p.set_defaults(run=run_replay)
+    targets = p.add_subparsers(dest="target", metavar="TARGET", required=False,
+                               prog="kvroute bench", title="targets (default: replay)")
+    for name, t in TARGETS.items():
+        sp = targets.add_parser(name, help=t.help, description=t.help)
+        _add_json(sp)
+        t.add_arguments(sp)
+        sp.set_defaults(run=t.run)

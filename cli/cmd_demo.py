@@ -55,11 +55,12 @@ def run(args: argparse.Namespace) -> int:
     from bench.report import format_table
     from bench.runner import run_comparison
     from bench.sim.backend import SimBackend
-    from bench.sim.config import DEFAULT_PREFILL_TOKENS_PER_S, SimSettings
+    from bench.sim.config import SimSettings
     from bench.stack_backend import STACK_POLICIES, StackBackend
     from bench.stack_fleet import FleetSpec
     from bench.workloads import load_workload
     from bench.workloads.generated import ConversationSpec, conversations
+    from engine_sim.params import DEFAULT_PREFILL_TOKENS_PER_S
     from kvroute.errors import ConfigError
     from router_service.policies.kv_aware import KvAwareSettings
 

@@ -15,7 +15,8 @@ Modelled on vLLM's prefix cache (v1 ``BlockPool``/``KVCacheManager``):
 - Changes are recorded as events (:class:`BlockStored`, :class:`BlockRemoved`,
   :class:`AllBlocksCleared`) that the engine drains and publishes once per scheduler step.
 
-Pure data structure: no I/O, no clock; the in-process bench can reuse it.
+Pure data structure: no I/O, no clock. The in-process bench (:mod:`engine_sim.fleet`) uses it
+with a trace's precomputed block ids, events off.
 """
 
 from __future__ import annotations
@@ -23,18 +24,25 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import KeysView, Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
+
+BlockId: TypeAlias = bytes | int
+"""A block's id in the cache: an engine digest (bytes) or a precomputed canonical hash (int)."""
+
+Change: TypeAlias = tuple[BlockId | None, bool]
+"""One entry of :meth:`KVCache.drain_changes`."""
 
 
 @dataclass(frozen=True, slots=True)
 class BlockStored:
     """A run of consecutive full blocks entered the cache."""
 
-    block_hashes: tuple[bytes, ...]
-    parent_block_hash: bytes | None
+    block_hashes: tuple[BlockId, ...]
+    parent_block_hash: BlockId | None
     token_ids: tuple[int, ...]
     block_size: int
 
@@ -43,7 +51,7 @@ class BlockStored:
 class BlockRemoved:
     """Blocks were evicted from the cache."""
 
-    block_hashes: tuple[bytes, ...]
+    block_hashes: tuple[BlockId, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,16 +102,10 @@ def hash_to_int(digest: bytes) -> int:
 
 
 @dataclass(slots=True)
-class _Block:
-    parent: bytes | None
-    refs: int = 0
-
-
-@dataclass(slots=True)
 class Allocation:
     """Blocks a running request holds; give it back with :meth:`KVCache.release`."""
 
-    block_hashes: list[bytes]
+    block_hashes: list[BlockId]
     anon_blocks: int
     cached_tokens: int
     released: bool = field(default=False)
@@ -123,25 +125,35 @@ class CacheCounters:
 
 
 class KVCache:
-    """``capacity_blocks`` block slots shared by cached and in-use blocks; LRU eviction."""
+    """``capacity_blocks`` block slots shared by cached and in-use blocks; LRU eviction.
 
-    def __init__(self, capacity_blocks: int, block_size: int) -> None:
+    Block ids are opaque and hashable: the engine's SHA-256 digests (``bytes``), or, in the
+    in-process bench, a trace's canonical ``int`` hashes given as they are (no token ids, no
+    hashing). ``record_events=False`` skips building cache events (the in-process bench has no
+    subscriber); ``track_changes=True`` keeps a cheap log of ``(block, stored?)`` changes and
+    resets for :meth:`drain_changes` (what a registry learns from heartbeats).
+    """
+
+    def __init__(self, capacity_blocks: int, block_size: int, *, record_events: bool = True,
+                 track_changes: bool = False) -> None:
         if capacity_blocks < 1 or block_size < 1:
             raise ValueError("capacity_blocks and block_size must be >= 1")
         self.capacity = capacity_blocks
         self.block_size = block_size
-        self._blocks: dict[bytes, _Block] = {}
-        self._lru: OrderedDict[bytes, None] = OrderedDict()  # refs == 0, oldest first
+        self.record_events = record_events
+        self._refs: dict[BlockId, int] = {}  # every cached block -> running requests holding it
+        self._lru: OrderedDict[BlockId, None] = OrderedDict()  # refs == 0, oldest first
         self._anon = 0
         self._held = 0  # hashed blocks with refs > 0
         self._events: list[CacheEvent] = []
+        self._changes: list[Change] | None = [] if track_changes else None
         self.counters = CacheCounters()
 
     # ---- state ---------------------------------------------------------------------------
     @property
     def cached_blocks(self) -> int:
         """Hashed blocks present (in use or evictable)."""
-        return len(self._blocks)
+        return len(self._refs)
 
     @property
     def used_blocks(self) -> int:
@@ -151,94 +163,117 @@ class KVCache:
     @property
     def occupied_blocks(self) -> int:
         """Slots taken by anything (held, anonymous, or cached-but-evictable)."""
-        return len(self._blocks) + self._anon
+        return len(self._refs) + self._anon
 
     @property
     def usage(self) -> float:
         """``vllm:kv_cache_usage_perc``: fraction of blocks in use by running requests."""
         return self.used_blocks / self.capacity
 
-    def contains(self, digest: bytes) -> bool:
+    def contains(self, block: BlockId) -> bool:
         """True when the block is cached."""
-        return digest in self._blocks
+        return block in self._refs
+
+    def block_ids(self) -> KeysView[BlockId]:
+        """A live view of every cached block id (do not modify the cache while iterating)."""
+        return self._refs.keys()
 
     def blocks_needed(self, prompt_tokens: int, max_tokens: int) -> int:
         """Slots a request needs for its whole sequence (prompt + output)."""
         return -(-(prompt_tokens + max_tokens) // self.block_size)
 
-    def match(self, hashes: Sequence[bytes], prompt_tokens: int) -> int:
+    def match(self, hashes: Sequence[BlockId], prompt_tokens: int) -> int:
         """Blocks of the longest cached prefix a request could reuse (at least 1 token computed)."""
         limit = min(len(hashes), max(prompt_tokens - 1, 0) // self.block_size)
+        refs = self._refs
         n = 0
-        while n < limit and hashes[n] in self._blocks:
+        while n < limit and hashes[n] in refs:
+            n += 1
+        return n
+
+    def leading_cached(self, hashes: Sequence[BlockId]) -> int:
+        """Leading ``hashes`` cached now, every one counted (what an index of this cache says)."""
+        refs = self._refs
+        n = 0
+        for block in hashes:
+            if block not in refs:
+                break
             n += 1
         return n
 
     # ---- allocation ----------------------------------------------------------------------
-    def can_allocate(self, hashes: Sequence[bytes], prompt_tokens: int, max_tokens: int) -> bool:
+    def can_allocate(self, hashes: Sequence[BlockId], prompt_tokens: int,
+                     max_tokens: int) -> bool:
         """True when :meth:`allocate` would succeed now (possibly after evictions)."""
         return self._plan(hashes, prompt_tokens, max_tokens) is not None
 
-    def _plan(self, hashes: Sequence[bytes], prompt_tokens: int,
+    def _plan(self, hashes: Sequence[BlockId], prompt_tokens: int,
               max_tokens: int) -> tuple[int, int] | None:
+        """``(missing blocks, anonymous blocks)`` when the request fits now, else None."""
         total = self.blocks_needed(prompt_tokens, max_tokens)
         if total > self.capacity:
             return None
-        matched = self.match(hashes, prompt_tokens)
+        refs = self._refs
         present_free = 0  # already-cached blocks of this request now sitting in the LRU
-        new_slots = 0
-        for digest in hashes:
-            blk = self._blocks.get(digest)
-            if blk is None:
-                new_slots += 1
-            elif blk.refs == 0:
+        missing = 0
+        for block in hashes:
+            r = refs.get(block)
+            if r is None:
+                missing += 1
+            elif r == 0:
                 present_free += 1
         anon = total - len(hashes)
-        new_slots += anon
         evictable = len(self._lru) - present_free
-        free = self.capacity - self.occupied_blocks
-        if new_slots > free + evictable:
+        free = self.capacity - len(refs) - self._anon
+        if missing + anon > free + evictable:
             return None
-        return matched, anon
+        return missing, anon
 
-    def allocate(self, hashes: Sequence[bytes], token_ids: Sequence[int],
+    def allocate(self, hashes: Sequence[BlockId], token_ids: Sequence[int],
                  max_tokens: int) -> Allocation | None:
         """Hold the request's blocks: reuse the cached prefix, evict LRU blocks, store new ones.
 
-        Returns None (and changes nothing) when the blocks do not fit even after evicting every
-        evictable block; the caller keeps the request queued.
+        ``hashes`` are the full blocks of ``token_ids``. Returns None (and changes nothing) when
+        the blocks do not fit even after evicting every evictable block; the caller keeps the
+        request queued.
         """
-        prompt_tokens = len(token_ids)
+        return self._allocate(hashes, len(token_ids), max_tokens, token_ids)
+
+    def allocate_ids(self, block_ids: Sequence[BlockId], prompt_tokens: int,
+                     max_tokens: int) -> Allocation | None:
+        """:meth:`allocate` for a prompt known only by its full blocks' ids and its length.
+
+        The in-process bench's path: no token ids, so stored events (if recorded) carry none.
+        """
+        if len(block_ids) > prompt_tokens // self.block_size:
+            raise ValueError(f"{len(block_ids)} block ids for a {prompt_tokens}-token prompt: "
+                             f"only its {prompt_tokens // self.block_size} full blocks have ids")
+        return self._allocate(block_ids, prompt_tokens, max_tokens, None)
+
+    def _allocate(self, hashes: Sequence[BlockId], prompt_tokens: int, max_tokens: int,
+                  token_ids: Sequence[int] | None) -> Allocation | None:
         plan = self._plan(hashes, prompt_tokens, max_tokens)
         if plan is None:
             return None
-        matched, anon = plan
+        missing, anon = plan
+        matched = self.match(hashes, prompt_tokens)
+        refs = self._refs
+        lru = self._lru
         # 1. take references on blocks already present, so eviction cannot pick them
-        for digest in hashes:
-            blk = self._blocks.get(digest)
-            if blk is not None:
-                self._ref(digest, blk)
+        for block in hashes:
+            r = refs.get(block)
+            if r is not None:
+                if r == 0:
+                    del lru[block]
+                    self._held += 1
+                refs[block] = r + 1
         # 2. make room
-        missing = sum(1 for d in hashes if d not in self._blocks)
-        self._evict(missing + anon - (self.capacity - self.occupied_blocks))
-        # 3. store the missing blocks, one BlockStored per contiguous run
-        bs = self.block_size
-        run: list[bytes] = []
-        run_start = 0
-        for i, digest in enumerate(hashes):
-            if digest in self._blocks:
-                self._flush_run(run, run_start, hashes, token_ids)
-                run = []
-                continue
-            if not run:
-                run_start = i
-            parent = hashes[i - 1] if i else None
-            self._blocks[digest] = _Block(parent=parent, refs=1)
-            self._held += 1
-            run.append(digest)
-        self._flush_run(run, run_start, hashes, token_ids)
+        self._evict(missing + anon - (self.capacity - len(refs) - self._anon))
+        # 3. store the missing blocks (events: one BlockStored per contiguous run)
+        if missing:
+            self._store(hashes, token_ids)
         self._anon += anon
-        cached_tokens = matched * bs
+        cached_tokens = matched * self.block_size
         c = self.counters
         c.queries_tokens += prompt_tokens
         c.hits_tokens += cached_tokens
@@ -247,32 +282,54 @@ class KVCache:
         return Allocation(block_hashes=list(hashes), anon_blocks=anon,
                           cached_tokens=cached_tokens)
 
-    def _flush_run(self, run: list[bytes], start: int, hashes: Sequence[bytes],
-                   token_ids: Sequence[int]) -> None:
-        if not run:
-            return
-        bs = self.block_size
-        tokens = tuple(int(t) for t in token_ids[start * bs:(start + len(run)) * bs])
-        parent = hashes[start - 1] if start else None
-        self._events.append(BlockStored(tuple(run), parent, tokens, bs))
-        self.counters.stored_blocks += len(run)
+    def _store(self, hashes: Sequence[BlockId], token_ids: Sequence[int] | None) -> None:
+        refs = self._refs
+        changes = self._changes
+        events = self.record_events
+        run_start = -1
+        stored = 0
+        for i, block in enumerate(hashes):
+            if block in refs:
+                if events and run_start >= 0:
+                    self._flush_run(hashes, run_start, i, token_ids)
+                run_start = -1
+                continue
+            if run_start < 0:
+                run_start = i
+            refs[block] = 1
+            stored += 1
+            if changes is not None:
+                changes.append((block, True))
+        if events and run_start >= 0:
+            self._flush_run(hashes, run_start, len(hashes), token_ids)
+        self._held += stored
+        self.counters.stored_blocks += stored
 
-    def _ref(self, digest: bytes, blk: _Block) -> None:
-        if blk.refs == 0:
-            self._lru.pop(digest, None)
-            self._held += 1
-        blk.refs += 1
+    def _flush_run(self, hashes: Sequence[BlockId], start: int, end: int,
+                   token_ids: Sequence[int] | None) -> None:
+        bs = self.block_size
+        tokens = () if token_ids is None else \
+            tuple(int(t) for t in token_ids[start * bs:end * bs])
+        parent = hashes[start - 1] if start else None
+        self._events.append(BlockStored(tuple(hashes[start:end]), parent, tokens, bs))
 
     def _evict(self, n: int) -> None:
-        removed: list[bytes] = []
-        while n > 0 and self._lru:
-            digest, _ = self._lru.popitem(last=False)
-            del self._blocks[digest]
-            removed.append(digest)
+        if n <= 0 or not self._lru:
+            return
+        removed: list[BlockId] = []
+        refs = self._refs
+        lru = self._lru
+        changes = self._changes
+        while n > 0 and lru:
+            block, _ = lru.popitem(last=False)
+            del refs[block]
+            removed.append(block)
+            if changes is not None:
+                changes.append((block, False))
             n -= 1
-        if removed:
+        if self.record_events:
             self._events.append(BlockRemoved(tuple(removed)))
-            self.counters.evicted_blocks += len(removed)
+        self.counters.evicted_blocks += len(removed)
 
     def release(self, alloc: Allocation) -> None:
         """Give back a request's blocks; they stay cached and become evictable (tail first)."""
@@ -280,14 +337,16 @@ class KVCache:
             return
         alloc.released = True
         self._anon -= alloc.anon_blocks
-        for digest in reversed(alloc.block_hashes):
-            blk = self._blocks.get(digest)
-            if blk is None or blk.refs == 0:
+        refs = self._refs
+        lru = self._lru
+        for block in reversed(alloc.block_hashes):
+            r = refs.get(block)
+            if not r:
                 continue
-            blk.refs -= 1
-            if blk.refs == 0:
+            refs[block] = r - 1
+            if r == 1:
                 self._held -= 1
-                self._lru[digest] = None
+                lru[block] = None
 
     def reset(self) -> bool:
         """Drop every evictable block (vLLM ``reset_prefix_cache``). False while any is in use.
@@ -296,13 +355,24 @@ class KVCache:
         """
         if self._held or self._anon:
             return False
-        self._blocks.clear()
+        self._refs.clear()
         self._lru.clear()
-        self._events.append(AllBlocksCleared())
+        if self.record_events:
+            self._events.append(AllBlocksCleared())
+        if self._changes is not None:
+            self._changes.append((None, False))
         self.counters.cleared += 1
         return True
 
     def drain_events(self) -> list[CacheEvent]:
-        """Events recorded since the last call, in order."""
+        """Events recorded since the last call, in order (always empty without record_events)."""
         out, self._events = self._events, []
+        return out
+
+    def drain_changes(self) -> list[Change]:
+        """``(block, True)`` stored, ``(block, False)`` evicted, ``(None, False)`` = all cleared,
+        in order since the last call (needs ``track_changes=True``)."""
+        if self._changes is None:
+            raise RuntimeError("KVCache(track_changes=True) is needed for drain_changes()")
+        out, self._changes = self._changes, []
         return out

@@ -20,7 +20,7 @@ from typing import Any
 
 from engine_sim.cache import EngineHasher, KVCache
 from engine_sim.events import EventEncoder, KVEventPublisher
-from engine_sim.model import EngineModel, LatencyParams, SimRequest, StepResult
+from engine_sim.model import EngineModel, SimRequest, StepResult
 from engine_sim.settings import EngineSimSettings
 from kvroute.aio import cancel_and_wait
 
@@ -52,11 +52,9 @@ class SimEngine:
     def __init__(self, settings: EngineSimSettings) -> None:
         self.settings = settings
         self.hasher = EngineHasher(settings.seed)
-        self.cache = KVCache(settings.capacity_blocks, settings.block_size)
-        self.model = EngineModel(self.cache, LatencyParams(
-            prefill_tokens_per_s=settings.prefill_tokens_per_s,
-            decode_s_per_token=settings.decode_ms_per_token / 1000.0,
-            max_running=settings.max_running))
+        params = settings.engine_params()
+        self.cache = KVCache(params.capacity_blocks, params.block_size)
+        self.model = EngineModel(self.cache, params)
         self.publisher = KVEventPublisher(
             EventEncoder(settings.encoding, settings.hash_type, settings.data_parallel_rank),
             settings.events_endpoint, settings.replay_endpoint, topic=settings.topic,

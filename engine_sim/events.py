@@ -35,7 +35,14 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from engine_sim.cache import AllBlocksCleared, BlockRemoved, BlockStored, CacheEvent, hash_to_int
+from engine_sim.cache import (
+    AllBlocksCleared,
+    BlockId,
+    BlockRemoved,
+    BlockStored,
+    CacheEvent,
+    hash_to_int,
+)
 from kvroute.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -124,8 +131,10 @@ class EventEncoder:
         self.data_parallel_rank = data_parallel_rank
         self._enc = msgspec.msgpack.Encoder()
 
-    def _h(self, digest: bytes) -> WireHash:
-        return hash_to_int(digest) if self.hash_type == "int" else digest
+    def _h(self, block: BlockId) -> WireHash:
+        if isinstance(block, int):  # a precomputed uint64 id (in-process bench caches)
+            return block if self.hash_type == "int" else block.to_bytes(8, "big")
+        return hash_to_int(block) if self.hash_type == "int" else block
 
     def _event(self, ev: CacheEvent) -> msgspec.Struct:
         pos = self.encoding == "positional"

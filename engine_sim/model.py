@@ -23,33 +23,32 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine_sim.cache import Allocation, KVCache
-
-
-@dataclass(frozen=True)
-class LatencyParams:
-    """Speed of the simulated engine, in model time."""
-
-    prefill_tokens_per_s: float = 20000.0
-    decode_s_per_token: float = 0.02
-    max_running: int = 64
+from engine_sim.cache import Allocation, BlockId, KVCache
+from engine_sim.params import EngineParams
 
 
 class RequestTooLarge(ValueError):
     """The request can never fit in the KV cache."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class SimRequest:
-    """One request: its input, and the times and cache result the model filled in."""
+    """One request: its input, and the times and cache result the model filled in.
+
+    ``token_ids`` may be None when the prompt is known only by its full blocks' ids
+    (``block_hashes``) and its length ``num_prompt_tokens`` — the in-process bench's form
+    (:meth:`from_blocks`); otherwise ``num_prompt_tokens`` is ``len(token_ids)``.
+    """
 
     request_id: str
-    token_ids: list[int]
-    block_hashes: list[bytes]
+    token_ids: list[int] | None
+    block_hashes: Sequence[BlockId]
     max_tokens: int
     client_request_id: str = ""
+    num_prompt_tokens: int = -1
     arrival: float = 0.0
     admitted_at: float | None = None
     prefill_start: float | None = None
@@ -59,10 +58,27 @@ class SimRequest:
     aborted: bool = False
     alloc: Allocation | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.token_ids is not None:
+            self.num_prompt_tokens = len(self.token_ids)
+        elif self.num_prompt_tokens < 1:
+            raise ValueError("a request without token_ids needs num_prompt_tokens >= 1")
+
+    @classmethod
+    def from_blocks(cls, request_id: str, block_ids: Sequence[BlockId], prompt_tokens: int,
+                    max_tokens: int) -> SimRequest:
+        """A request known by its full blocks' ids (e.g. a trace's hash ids) and its length."""
+        return cls(request_id, None, block_ids, max_tokens, num_prompt_tokens=prompt_tokens)
+
     @property
     def prompt_tokens(self) -> int:
         """Prompt length in tokens."""
-        return len(self.token_ids)
+        return self.num_prompt_tokens
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token (``first_token_at - arrival``), once admitted."""
+        return None if self.first_token_at is None else self.first_token_at - self.arrival
 
     @property
     def uncached_tokens(self) -> int:
@@ -81,7 +97,7 @@ class StepResult:
 class EngineModel:
     """Scheduler + latency model over a :class:`KVCache`."""
 
-    def __init__(self, cache: KVCache, params: LatencyParams) -> None:
+    def __init__(self, cache: KVCache, params: EngineParams) -> None:
         self.cache = cache
         self.params = params
         self._waiting: deque[SimRequest] = deque()
@@ -180,7 +196,9 @@ class EngineModel:
         p = self.params
         while self._waiting and len(self._running) < p.max_running:
             req = self._waiting[0]
-            alloc = self.cache.allocate(req.block_hashes, req.token_ids, req.max_tokens)
+            alloc = (self.cache.allocate_ids(req.block_hashes, req.prompt_tokens, req.max_tokens)
+                     if req.token_ids is None
+                     else self.cache.allocate(req.block_hashes, req.token_ids, req.max_tokens))
             if alloc is None:
                 return  # strict FIFO: the head waits for blocks to free
             self._waiting.popleft()

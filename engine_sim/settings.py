@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine_sim.params import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CAPACITY_BLOCKS,
+    DEFAULT_DECODE_S_PER_TOKEN,
+    DEFAULT_MAX_RUNNING,
+    DEFAULT_PREFILL_TOKENS_PER_S,
+    EngineParams,
+)
 from kvroute.common_settings import ServerSettings
 from kvroute.settings import require, setting
 
@@ -23,14 +31,19 @@ class EngineSimSettings(ServerSettings):
     tls_ca_file: str = setting(
         "", "PEM CA bundle; when set, HTTPS clients must present a certificate signed by it")
     model: str = setting("sim-model", "Model name served (/v1/models, metric label model_name)")
-    block_size: int = setting(16, "Tokens per KV block (vLLM --block-size)")
-    capacity_blocks: int = setting(4096, "KV cache capacity in blocks (LRU eviction past it)")
+    block_size: int = setting(DEFAULT_BLOCK_SIZE, "Tokens per KV block (vLLM --block-size)")
+    capacity_blocks: int = setting(
+        DEFAULT_CAPACITY_BLOCKS, "KV cache capacity in blocks (LRU eviction past it)")
     prefill_tokens_per_s: float = setting(
-        20000.0, "Prefill speed: uncached prompt tokens computed per second of model time")
+        DEFAULT_PREFILL_TOKENS_PER_S,
+        "Prefill speed: uncached prompt tokens computed per second of model time (the default is "
+        "the one every kvroute bench and demo engine uses; see engine_sim/params.py)")
     decode_ms_per_token: float = setting(
-        20.0, "Decode time per output token after the first, in model milliseconds")
+        DEFAULT_DECODE_S_PER_TOKEN * 1000.0,
+        "Decode time per output token after the first, in model milliseconds")
     max_running: int = setting(
-        64, "Batch limit: requests admitted at once (prefilling or decoding); the rest queue FIFO")
+        DEFAULT_MAX_RUNNING,
+        "Batch limit: requests admitted at once (prefilling or decoding); the rest queue FIFO")
     max_tokens_default: int = setting(
         16, "Output tokens of a request that gives no max_tokens")
     time_scale: float = setting(
@@ -86,3 +99,10 @@ class EngineSimSettings(ServerSettings):
             value = getattr(self, name)
             require(not value or value.startswith(("tcp://", "ipc://", "inproc://")), name,
                     "must be a ZMQ endpoint (tcp://HOST:PORT, ipc://PATH) or empty")
+
+    def engine_params(self) -> EngineParams:
+        """The engine model's parameters from these settings."""
+        return EngineParams(prefill_tokens_per_s=self.prefill_tokens_per_s,
+                            decode_s_per_token=self.decode_ms_per_token / 1000.0,
+                            max_running=self.max_running, capacity_blocks=self.capacity_blocks,
+                            block_size=self.block_size)

@@ -8,10 +8,9 @@ apply the same store history end with the same view.
 
 from __future__ import annotations
 
-import heapq
 import logging
 
-from registry_service.index import BlockIndex
+from kvroute.index import BitmaskIndex, PrefixIndex, SlotTable
 from registry_service.metrics import RegistryMetrics
 from registry_service.nodes import Change, Fanout, NodeState, now_ms
 from registry_service.store.base import (
@@ -33,29 +32,20 @@ class ReplicaView:
     """Nodes and block placement as this replica knows them."""
 
     def __init__(self, fanout: Fanout, metrics: RegistryMetrics, late_after_s: float) -> None:
-        self.index = BlockIndex()
+        self.index: PrefixIndex = BitmaskIndex()
+        self.slots = SlotTable()
         self.nodes: dict[str, NodeState] = {}
         self.fanout = fanout
         self.metrics = metrics
         self.late_after_s = late_after_s
-        self._free: list[int] = []
-        self._next_slot = 0
-        self._model_mask: dict[str, int] = {}
         self.deregistered: set[tuple[str, int]] = set()
         """(node, epoch) this replica deleted itself: their removal is not a lease expiry."""
 
     # ---- nodes ----------------------------------------------------------------------------
-    def _take_slot(self) -> int:
-        if self._free:
-            return heapq.heappop(self._free)
-        self._next_slot += 1
-        return self._next_slot - 1
-
     def _add(self, rec: NodeRecord) -> NodeState:
-        state = NodeState(rec, self._take_slot())
+        state = NodeState(rec, self.slots.assign(rec.node_id, rec.model))
         self.index.add_node(state.slot)
         self.nodes[rec.node_id] = state
-        self._model_mask[rec.model] = self._model_mask.get(rec.model, 0) | (1 << state.slot)
         self.fanout.publish(Change("upsert", rec.node_id, added=True))
         return state
 
@@ -65,12 +55,7 @@ class ReplicaView:
         if state is None:
             return 0
         dropped = self.index.drop_node(state.slot)
-        mask = self._model_mask.get(state.record.model, 0) & ~(1 << state.slot)
-        if mask:
-            self._model_mask[state.record.model] = mask
-        else:
-            self._model_mask.pop(state.record.model, None)
-        heapq.heappush(self._free, state.slot)
+        self.slots.release(node_id)
         if expired:
             self.metrics.lease_expiries.inc()
             log.info("node %s (epoch %d) left: lease expired", node_id, state.record.epoch)
@@ -175,7 +160,7 @@ class ReplicaView:
     def candidates(self, model: str, include_unhealthy: bool) -> list[NodeState]:
         """Nodes serving ``model`` (all models when empty), healthy ones unless asked."""
         if model:
-            mask = self._model_mask.get(model, 0)
+            mask = self.slots.model_mask(model)
             nodes = [s for s in self.nodes.values() if mask >> s.slot & 1]
         else:
             nodes = list(self.nodes.values())

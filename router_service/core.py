@@ -1,47 +1,56 @@
-"""The routing decision, independent of gRPC plumbing: validate, hash, look up, apply a policy.
+"""The routing core: one decision, on plain types, for every front end.
 
-:class:`RouterCore` is what the servicer calls for Route, RouteStream, Complete and Stats. It
-validates input (raising :mod:`kvroute.errors` types naming the field and the limit), hashes the
-prompt into canonical blocks, asks the placement source for per-node prefix overlap, combines it
-with the router's own in-flight counts and queued-prefill estimates, and applies the policy. With
-the registry unreachable it degrades to least_loaded over the last known nodes.
+:meth:`RouterCore.decide` takes a :class:`~router_service.domain.RouteRequest` and returns a
+:class:`~router_service.domain.RouteDecision`. It owns validation and hashing
+(:mod:`.request_prep`), the placement lookup (the index mirror or the registry stream), the
+policy, the in-flight / queued-prefill tracker, "recently routed" overlap (inside kv_aware's
+state, updated on commit) and degradation: with the registry unreachable it falls back to
+least_loaded over the last known nodes and says so. The gRPC servicer, the OpenAI gateway, the
+Envoy endpoint picker and ``kvroute bench --mode sim`` all call it unchanged.
+
+A decision is made in two steps: the policy *chooses* (pure: scores, no state change), then the
+core *commits* it — the policy's own state (recent routes, running averages, round-robin turn),
+the load tracker and the counters change only then.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
-from kvroute.blocks import hash_blocks, request_salt
 from kvroute.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from kvroute.v1 import router_pb2
+from router_service.domain import RouteDecision, RouteRequest
 from router_service.load import LoadTracker
 from router_service.metrics import RouterMetrics
-from router_service.placement import NodeState, PlacementSource
-from router_service.policies.base import Decision, NodeView, NoEligibleNode, RequestView
+from router_service.placement import NodeState, Placement, PlacementSource
+from router_service.policies.base import Decision, NodeView, NoEligibleNode, Policy, RequestView
 from router_service.policies.least_loaded import LeastLoadedPolicy
 from router_service.policies.registry import PolicySet
+from router_service.request_prep import check_id, request_view
 from router_service.settings import RouterSettings
+from router_service.suspects import SuspectList
 from router_service.tokenizer import Tokenizer
 
-MAX_ID_CHARS = 256
+_MAX_FALLBACKS = 4
+_PRUNE_EVERY = 1024
+"""Decisions between sweeps for departed nodes' queued-prefill estimates."""
 
 
 class RouterCore:
-    """Routing decisions and in-flight accounting for one router."""
+    """Routing decisions and in-flight accounting for one router process."""
 
     def __init__(self, settings: RouterSettings, policies: PolicySet, source: PlacementSource,
                  tracker: LoadTracker, tokenizer: Tokenizer,
-                 metrics: RouterMetrics | None = None) -> None:
+                 metrics: RouterMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.policies = policies
         self.source = source
         self.tracker = tracker
         self.tokenizer = tokenizer
         self.metrics = metrics
+        self.suspects = SuspectList(clock)
         self._fallback = LeastLoadedPolicy()
         if policies.get(settings.default_policy) is None:
             raise ValueError(f"--default-policy: unknown policy {settings.default_policy!r}; "
@@ -51,86 +60,61 @@ class RouterCore:
         self.predicted_cached_tokens = 0
         self.reported_cached_tokens = 0
         self._expired_seen = 0
+        self._decisions = 0
 
-    # -- Route ----------------------------------------------------------------------------
-    async def route(self, req: router_pb2.RouteRequest) -> router_pb2.RouteResponse:
-        """One decision; raises KvrouteError subclasses for bad input or no node."""
+    # -- decide ---------------------------------------------------------------------------
+    async def decide(self, req: RouteRequest) -> RouteDecision:
+        """One decision; raises :mod:`kvroute.errors` types for bad input or no node."""
+        if self.source.local:
+            return self.decide_local(req)
         t0 = time.perf_counter()
-        policy_name = req.policy if req.HasField("policy") and req.policy else \
-            self.settings.default_policy
         try:
-            resp = await self._route(req, policy_name)
+            policy, view, model = self._prepare(req)
+            try:
+                placement: Placement | None = await self.source.lookup(view.block_hashes, model)
+                why = ""
+            except Unavailable as exc:
+                placement, why = None, exc.message
+            out = self._decide(req, policy, view, model, placement, why, t0)
         except Exception as exc:
-            if self.metrics is not None:
-                code = getattr(getattr(exc, "code", None), "name", "INTERNAL")
-                label = policy_name if self.policies.get(policy_name) else "unknown"
-                self.metrics.decisions.labels(label, str(code).lower()).inc()
+            self._count_error(req, exc)
             raise
-        if self.metrics is not None:
-            m = self.metrics
-            m.route_latency.observe(time.perf_counter() - t0)
-            m.decision_ok(resp.policy, resp.degraded)
-            if resp.expected_cached_tokens:
-                m.predicted_cached_tokens.inc(resp.expected_cached_tokens)
-            m.prompt_tokens.inc(resp.prompt_tokens)
-            if resp.degraded:
-                m.degraded.inc()
-        return resp
+        return out
 
-    def _request_view(self, req: router_pb2.RouteRequest) -> RequestView:
-        s = self.settings
-        rid = req.request_id
-        if not rid or len(rid) > MAX_ID_CHARS:
-            raise InvalidArgument(f"request_id: required, 1-{MAX_ID_CHARS} characters "
-                                  f"(got {len(rid)})")
-        session = req.session_id if req.HasField("session_id") and req.session_id else None
-        if session is not None and len(session) > MAX_ID_CHARS:
-            raise InvalidArgument(f"session_id: at most {MAX_ID_CHARS} characters "
-                                  f"(got {len(session)})")
-        bs = s.block_size
-        if req.token_ids:
-            # uint32 numpy view of the repeated field: ~3 us, where iterating it costs ~100 us
-            tokens = np.array(req.token_ids, dtype=np.uint32)
-            self._check_tokens(tokens, "token_ids")
-        elif req.prompt:
-            if len(req.prompt) > s.max_prompt_chars:
-                raise InvalidArgument(f"prompt: {len(req.prompt)} characters is over the limit "
-                                      f"of {s.max_prompt_chars} (--max-prompt-chars)")
-            tokens = np.array(self.tokenizer.encode(req.prompt), dtype=np.int64)
-            self._check_tokens(tokens, "prompt")
-        elif req.block_hashes:
-            bs = self.source.registry_block_size() or bs  # the caller hashed with the registry's
-            n_blocks = len(req.block_hashes)
-            prompt_tokens = req.num_prompt_tokens or n_blocks * bs
-            if prompt_tokens > s.max_prompt_tokens:
-                raise InvalidArgument(f"num_prompt_tokens: {prompt_tokens} tokens is over the "
-                                      f"limit of {s.max_prompt_tokens} (--max-prompt-tokens)")
-            if prompt_tokens < n_blocks * bs:
-                raise InvalidArgument(f"num_prompt_tokens: {prompt_tokens} is less than "
-                                      f"{n_blocks} block_hashes x block size {bs}")
-            return RequestView(rid, list(req.block_hashes), prompt_tokens, bs, session,
-                               req.max_output_tokens)
-        else:
-            raise InvalidArgument("token_ids: give token_ids (preferred), prompt or "
-                                  "block_hashes; all were empty")
-        salt = request_salt(req.lora_name or None, None, req.cache_salt or None)
-        blocks = hash_blocks(tokens, bs, salt=salt) if len(tokens) >= bs else []
-        return RequestView(rid, blocks, len(tokens), bs, session, req.max_output_tokens)
+    def decide_local(self, req: RouteRequest) -> RouteDecision:
+        """:meth:`decide` without an await: for placement sources that answer from memory
+        (``source.local``: the index mirror, the bench's simulated fleet)."""
+        t0 = time.perf_counter()
+        try:
+            policy, view, model = self._prepare(req)
+            try:
+                placement: Placement | None = self.source.lookup_local(view.block_hashes, model)
+                why = ""
+            except Unavailable as exc:
+                placement, why = None, exc.message
+            out = self._decide(req, policy, view, model, placement, why, t0)
+        except Exception as exc:
+            self._count_error(req, exc)
+            raise
+        return out
 
-    def _check_tokens(self, tokens: npt.NDArray[np.integer], field: str) -> None:
-        s = self.settings
-        if len(tokens) > s.max_prompt_tokens:
-            raise InvalidArgument(f"{field}: {len(tokens)} tokens is over the limit of "
-                                  f"{s.max_prompt_tokens} (--max-prompt-tokens)")
-        if len(tokens) and int(tokens.max()) > s.max_token_id:
-            bad = int(np.argmax(tokens > s.max_token_id))
-            raise InvalidArgument(f"{field}: token id {int(tokens[bad])} at position {bad} is "
-                                  f"out of range 0..{s.max_token_id} (--max-token-id)")
+    def _prepare(self, req: RouteRequest) -> tuple[Policy, RequestView, str]:
+        name = req.policy or self.settings.default_policy
+        policy = self.policies.get(name)
+        if policy is None:
+            raise InvalidArgument(f"policy: unknown policy {name!r}; known: "
+                                  f"{', '.join(self.policies.names)}")
+        rbs = self.source.registry_block_size()
+        if rbs and rbs != self.settings.block_size and not req.block_hashes:
+            raise FailedPrecondition(
+                f"block size mismatch: router hashes {self.settings.block_size}-token blocks, "
+                f"the registry uses {rbs}; set --block-size {rbs}")
+        view = request_view(req, self.settings, self.tokenizer, rbs)
+        return policy, view, self._resolve_model(req.model)
 
     def _resolve_model(self, model: str) -> str:
         if model:
-            if len(model) > MAX_ID_CHARS:
-                raise InvalidArgument(f"model: at most {MAX_ID_CHARS} characters")
+            check_id(model, "model")
             return model
         if self.settings.default_model:
             return self.settings.default_model
@@ -142,81 +126,103 @@ class RouterCore:
         raise InvalidArgument(f"model: required, the fleet serves several models "
                               f"({', '.join(models)}) and no --default-model is set")
 
-    async def _route(self, req: router_pb2.RouteRequest, policy_name: str,
-                     ) -> router_pb2.RouteResponse:
-        policy = self.policies.get(policy_name)
-        if policy is None:
-            raise InvalidArgument(f"policy: unknown policy {policy_name!r}; known: "
-                                  f"{', '.join(self.policies.names)}")
-        view = self._request_view(req)
-        model = self._resolve_model(req.model)
-        rbs = self.source.registry_block_size()
-        if rbs and rbs != self.settings.block_size and not req.block_hashes:
-            raise FailedPrecondition(
-                f"block size mismatch: router hashes {self.settings.block_size}-token blocks, "
-                f"the registry uses {rbs}; set --block-size {rbs}")
-        degraded_why = ""
-        t0 = time.perf_counter()
-        try:
-            placement = await self.source.lookup(view.block_hashes, model)
+    def _decide(self, req: RouteRequest, policy: Policy, view: RequestView, model: str,
+                placement: Placement | None, degraded_why: str, t0: float) -> RouteDecision:
+        if placement is not None:
             pairs = placement.nodes
-        except Unavailable as exc:
-            degraded_why = exc.message
+        else:
             pairs = [(n, 0) for n in self.source.last_known() if n.model == model]
             if not pairs:
-                raise Unavailable(f"registry unreachable ({exc.message}) and no node of model "
-                                  f"{model!r} known; retry later") from None
-        if self.metrics is not None:
-            self.metrics.lookup_latency.labels(self.source.mode).observe(
-                time.perf_counter() - t0)
+                raise Unavailable(f"registry unreachable ({degraded_why}) and no node of model "
+                                  f"{model!r} known; retry later")
         if not pairs:
             models = sorted({n.model for n in self.source.last_known()})
             if not models:
                 raise Unavailable("no node is registered with the registry; retry later")
             raise NotFound(f"model: no node serves model {model!r} (served: "
                            f"{', '.join(models)})")
+        pairs = self._restrict(req, pairs)
         tracker = self.tracker
-        now = None
-        views = []
-        for n, matched in pairs:
-            views.append(NodeView(
-                n.node_id, n.address, matched, tracker.inflight(n.node_id), n.queue_depth,
-                n.running, n.used_blocks, n.capacity_blocks, n.eviction_rate,
-                tracker.pending_prefill(n.node_id, now), n.healthy))
+        views = [NodeView(n.node_id, n.address, matched, tracker.inflight(n.node_id),
+                          n.queue_depth, n.running, n.used_blocks, n.capacity_blocks,
+                          n.eviction_rate, tracker.pending_prefill(n.node_id), n.healthy)
+                 for n, matched in pairs]
+        views = self.suspects.demote(views)
+        chooser = self._fallback if degraded_why else policy
         try:
-            if degraded_why:
-                decision = self._fallback.choose(view, views)
-                used = self._fallback.name
-            else:
-                decision = policy.choose(view, views)
-                used = policy.name
+            decision = chooser.choose(view, views)
         except NoEligibleNode as exc:
             raise Unavailable(f"no healthy node serves model {model!r} ({exc}); "
                               f"retry later") from None
-        return self._finish(view, decision, used, pairs, degraded_why)
+        out = self._commit(chooser, view, decision, pairs, degraded_why)
+        if self.metrics is not None:
+            m = self.metrics
+            m.route_latency.observe(time.perf_counter() - t0)
+            m.decision_ok(out.policy, out.degraded)
+            if out.expected_cached_tokens:
+                m.predicted_cached_tokens.inc(out.expected_cached_tokens)
+            m.prompt_tokens.inc(out.prompt_tokens)
+            if out.degraded:
+                m.degraded.inc()
+        return out
 
-    def _finish(self, view: RequestView, decision: Decision, used: str,
-                pairs: list[tuple[NodeState, int]], degraded_why: str,
-                ) -> router_pb2.RouteResponse:
+    def _restrict(self, req: RouteRequest, pairs: list[tuple[NodeState, int]],
+                  ) -> list[tuple[NodeState, int]]:
+        """Apply the request's subset hint and exclusions (by node id or address)."""
+        allowed, excluded = req.allowed, req.excluded
+        if allowed is None and not excluded:
+            return pairs
+        out = [(n, m) for n, m in pairs
+               if (allowed is None or n.node_id in allowed or n.address in allowed)
+               and n.node_id not in excluded and n.address not in excluded]
+        if not out:
+            what = "the subset hint" if allowed is not None else "the excluded nodes"
+            raise Unavailable(f"no node of model {pairs[0][0].model!r} is left after "
+                              f"{what} ({len(pairs)} known); retry later")
+        return out
+
+    def _commit(self, policy: Policy, view: RequestView, decision: Decision,
+                pairs: list[tuple[NodeState, int]], degraded_why: str) -> RouteDecision:
         node = next(n for n, _ in pairs if n.node_id == decision.node_id)
+        policy.commit(view, decision)
         cached = min(decision.matched_blocks * view.block_size, view.prompt_tokens)
         self.tracker.start(view.request_id, node.node_id, view.prompt_tokens - cached, cached)
         self._sync_expired()
+        self._decisions += 1
+        if self._decisions % _PRUNE_EVERY == 0:
+            self._forget_departed()
+        used = policy.name
         self.decisions_by_policy[used] = self.decisions_by_policy.get(used, 0) + 1
         self.predicted_cached_tokens += cached
         reason = decision.reason
         if degraded_why:
             self.degraded_decisions += 1
             reason = f"DEGRADED (registry unreachable: {degraded_why}); {reason}"
-        return router_pb2.RouteResponse(
+        addr = {n.node_id: n.address for n, _ in pairs}
+        fallbacks = tuple(addr[c.node_id] for c in decision.candidates
+                          if not c.excluded and c.node_id != node.node_id
+                          and c.node_id in addr)[:_MAX_FALLBACKS]
+        return RouteDecision(
             request_id=view.request_id, node_id=node.node_id, address=node.address,
             policy=used, matched_blocks=decision.matched_blocks,
             expected_cached_tokens=cached, reason=reason, degraded=bool(degraded_why),
             prompt_tokens=view.prompt_tokens, block_size=view.block_size,
-            candidates=[router_pb2.Candidate(node_id=c.node_id, score=c.score,
-                                             matched_blocks=c.matched_blocks, load=c.load,
-                                             excluded=c.excluded)
-                        for c in decision.candidates[:16]])
+            candidates=decision.candidates, fallback_addresses=fallbacks)
+
+    def _forget_departed(self) -> None:
+        """Drop the queued-prefill estimate of nodes the registry no longer knows."""
+        known = {n.node_id for n in self.source.last_known()}
+        for nid in self.tracker.pending_nodes():
+            if nid not in known:
+                self.tracker.forget_node(nid)
+
+    def _count_error(self, req: RouteRequest, exc: Exception) -> None:
+        if self.metrics is None:
+            return
+        code = getattr(getattr(exc, "code", None), "name", "INTERNAL")
+        name = req.policy or self.settings.default_policy
+        label = name if self.policies.get(name) else "unknown"
+        self.metrics.decisions.labels(label, str(code).lower()).inc()
 
     def _sync_expired(self) -> None:
         delta = self.tracker.expired_total - self._expired_seen
@@ -225,37 +231,40 @@ class RouterCore:
             if self.metrics is not None:
                 self.metrics.inflight_expired.inc(delta)
 
-    # -- Complete, Stats ------------------------------------------------------------------
-    def complete(self, req: router_pb2.CompleteRequest) -> router_pb2.CompleteResponse:
-        """Release a request's in-flight load."""
-        if not req.request_id or len(req.request_id) > MAX_ID_CHARS:
-            raise InvalidArgument(f"request_id: required, 1-{MAX_ID_CHARS} characters")
-        released = self.tracker.complete(req.request_id) is not None
+    # -- complete, suspects, fleet view -----------------------------------------------------
+    def complete(self, request_id: str, success: bool = True,
+                 cached_tokens: int | None = None) -> bool:
+        """Release a request's in-flight load; True if it was in flight here.
+
+        ``cached_tokens`` is what the engine reported serving from cache (for predicted vs
+        actual). ``success`` is informational (a failed request releases its load too).
+        """
+        check_id(request_id, "request_id")
+        released = self.tracker.complete(request_id) is not None
         self._sync_expired()
-        if req.HasField("cached_tokens"):
-            self.reported_cached_tokens += req.cached_tokens
+        if cached_tokens is not None:
+            if cached_tokens < 0:
+                raise InvalidArgument(f"cached_tokens: must be >= 0 (got {cached_tokens})")
+            self.reported_cached_tokens += cached_tokens
             if self.metrics is not None:
-                self.metrics.reported_cached_tokens.inc(req.cached_tokens)
+                self.metrics.reported_cached_tokens.inc(cached_tokens)
         if self.metrics is not None:
             self.metrics.completes.labels("released" if released else "unknown").inc()
-        return router_pb2.CompleteResponse(released=released)
+        return released
 
-    def stats(self) -> router_pb2.StatsResponse:
-        """Counters and state."""
-        inflight = self.tracker.inflight_by_node()
-        self._sync_expired()
-        return router_pb2.StatsResponse(
-            decisions_by_policy=self.decisions_by_policy,
-            degraded_decisions=self.degraded_decisions,
-            inflight_by_node=inflight,
-            nodes_known=self.source.nodes_known(),
-            registry_connected=self.source.connected,
-            registry_staleness_s=self.source.staleness_s(),
-            default_policy=self.settings.default_policy,
-            policies=self.policies.names,
-            inflight_expired=self.tracker.expired_total,
-            predicted_cached_tokens=self.predicted_cached_tokens,
-            reported_cached_tokens=self.reported_cached_tokens)
+    def mark_suspect(self, node_id: str, why: str) -> None:
+        """A front end could not reach ``node_id`` (connect error, 5xx before the first byte):
+        prefer other nodes for a while (see :class:`router_service.suspects.SuspectList`)."""
+        self.suspects.mark(node_id, why)
+
+    def known_nodes(self) -> list[NodeState]:
+        """Every node known from the registry (healthy or not)."""
+        return self.source.last_known()
+
+    def healthy_node_count(self, model: str | None = None) -> int:
+        """Healthy known nodes (of ``model`` when given)."""
+        return sum(1 for n in self.source.last_known()
+                   if n.healthy and (model is None or n.model == model))
 
     def describe(self) -> dict[str, Any]:
         """A short summary for the startup log."""

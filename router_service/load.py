@@ -120,6 +120,10 @@ class LoadTracker:
             return 0.0
         return left
 
+    def pending_nodes(self) -> list[str]:
+        """Nodes with a pending-prefill estimate."""
+        return list(self._pending)
+
     def forget_node(self, node_id: str) -> None:
         """Drop the pending-prefill estimate of a node that left (its requests still expire)."""
         self._pending.pop(node_id, None)

@@ -1,6 +1,6 @@
 """What the router knows about nodes and placement, and the interface of its registry link.
 
-Two implementations, one per file: :mod:`.replica_source` (a local replica of the index fed by
+Two implementations, one per file: :mod:`.replica_source` (a local mirror of the index fed by
 ``Registry.WatchPlacement``) and :mod:`.stream_source` (one persistent ``Registry.LookupStream``).
 Both keep the last known nodes so the router can degrade to least_loaded when the registry is
 unreachable.
@@ -59,6 +59,9 @@ class PlacementSource(Protocol):
     mode: str
     """``replica`` or ``stream``."""
 
+    local: bool
+    """True when lookups answer from memory: :meth:`lookup_local` may be called (no await)."""
+
     async def start(self) -> None:
         """Start background work (connect, follow); returns without waiting for the registry."""
         ...
@@ -83,6 +86,10 @@ class PlacementSource(Protocol):
     async def lookup(self, block_hashes: Sequence[int], model: str) -> Placement:
         """Nodes of ``model`` with their matched prefix; raises Unavailable when the registry
         cannot answer (the caller degrades)."""
+        ...
+
+    def lookup_local(self, block_hashes: Sequence[int], model: str) -> Placement:
+        """:meth:`lookup` without an await; only when :attr:`local` (else NotImplementedError)."""
         ...
 
     def last_known(self) -> list[NodeState]:

@@ -1,10 +1,11 @@
-"""Registry link, replica mode: follow ``Registry.WatchPlacement`` into a local index.
+"""Registry link, replica mode: follow ``Registry.WatchPlacement`` into a local index mirror.
 
-The replica answers lookups in-process (no registry round trip per request). A (re)connect
-builds a fresh index from the registry's snapshot and swaps it in at SNAPSHOT_END, so routing
-keeps using the old one meanwhile. When the link is down the replica ages; past
-``max_staleness_s`` it is no longer trusted and :meth:`lookup` raises Unavailable (the router
-degrades to least_loaded on the last known nodes). Staleness is exported as a metric.
+The mirror (:class:`~router_service.index_mirror.IndexMirror`) answers lookups in-process (no
+registry round trip per request). A (re)connect builds a fresh mirror from the registry's
+snapshot and swaps it in at SNAPSHOT_END, so routing keeps using the old one meanwhile. When
+the link is down the mirror ages; past ``max_staleness_s`` it is no longer trusted and
+:meth:`lookup` raises Unavailable (the router degrades to least_loaded on the last known
+nodes). Staleness is exported as a metric.
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ from kvroute.grpcutil import message_size_options, open_channel
 from kvroute.settings import TLSSettings
 from kvroute.targets import TargetRing
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
+from router_service.index_mirror import IndexMirror
 from router_service.placement import NodeState, Placement
-from router_service.replica_index import ReplicaIndex
 from router_service.retry import LinkNeverUp, reconnect_options, reconnect_retrying
 
 log = logging.getLogger(__name__)
 
 
 class ReplicaSource:
-    """A local replica of the placement index that follows the registry."""
+    """A local mirror of the registry's placement index that follows the registry."""
 
     mode = "replica"
+    local = True
 
     def __init__(self, target: str, tls: TLSSettings | None = None, *,
                  retry_max_s: float = 2.0, max_staleness_s: float = 5.0,
@@ -42,7 +44,7 @@ class ReplicaSource:
         self._max_staleness_s = max_staleness_s
         self._on_event_lag = on_event_lag
         self._clock = clock
-        self._index = ReplicaIndex()
+        self._mirror = IndexMirror()
         self._connected = False
         self._down_since = clock()
         self._task: asyncio.Task[None] | None = None
@@ -60,7 +62,7 @@ class ReplicaSource:
 
     @property
     def connected(self) -> bool:
-        """True while the watch stream is up and the replica is complete."""
+        """True while the watch stream is up and the mirror is complete."""
         return self._connected
 
     def staleness_s(self) -> float:
@@ -68,34 +70,38 @@ class ReplicaSource:
         return 0.0 if self._connected else self._clock() - self._down_since
 
     def usable(self) -> bool:
-        """True when the replica may be routed on (complete and not older than the bound)."""
-        return self._index.complete and self.staleness_s() <= self._max_staleness_s
+        """True when the mirror may be routed on (complete and not older than the bound)."""
+        return self._mirror.complete and self.staleness_s() <= self._max_staleness_s
 
     def registry_block_size(self) -> int:
         """Block size from the registry's events (0 = unknown)."""
-        return self._index.block_size
+        return self._mirror.block_size
 
     @property
-    def index(self) -> ReplicaIndex:
-        """The current replica (read-only use)."""
-        return self._index
+    def mirror(self) -> IndexMirror:
+        """The current mirror of the registry's index (read-only use)."""
+        return self._mirror
 
     async def lookup(self, block_hashes: Sequence[int], model: str) -> Placement:
-        """Longest prefix per node from the replica; Unavailable once it is too stale."""
+        """Longest prefix per node from the mirror; Unavailable once it is too stale."""
+        return self.lookup_local(block_hashes, model)
+
+    def lookup_local(self, block_hashes: Sequence[int], model: str) -> Placement:
+        """:meth:`lookup`, synchronously (the mirror is in memory)."""
         if not self.usable():
-            why = ("no snapshot received yet" if not self._index.complete
+            why = ("no snapshot received yet" if not self._mirror.complete
                    else f"registry link down for {self.staleness_s():.1f} s "
                         f"(> {self._max_staleness_s:g} s)")
-            raise Unavailable(f"placement replica unusable: {why}")
-        return Placement(self._index.lookup(block_hashes, model), self._index.block_size)
+            raise Unavailable(f"placement mirror unusable: {why}")
+        return Placement(self._mirror.lookup(block_hashes, model), self._mirror.block_size)
 
     def last_known(self) -> list[NodeState]:
-        """Nodes of the current replica (last known when the link is down)."""
-        return list(self._index.nodes.values())
+        """Nodes of the current mirror (last known when the link is down)."""
+        return list(self._mirror.nodes.values())
 
     def nodes_known(self) -> int:
-        """Nodes in the current replica."""
-        return len(self._index.nodes)
+        """Nodes in the current mirror."""
+        return len(self._mirror.nodes)
 
     # -- background -----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -107,14 +113,14 @@ class ReplicaSource:
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug in event handling must not stop the follower
-                log.exception("placement replica follower failed; reconnecting")
+                log.exception("placement mirror follower failed; reconnecting")
                 await asyncio.sleep(self._retry_max_s)
 
     def _mark_down(self) -> None:
         if self._connected:
             self._connected = False
             self._down_since = self._clock()
-            log.warning("registry watch lost; replica ages from now (bound %.1f s)",
+            log.warning("registry watch lost; mirror ages from now (bound %.1f s)",
                         self._max_staleness_s)
 
     async def _follow_once(self) -> None:
@@ -131,19 +137,19 @@ class ReplicaSource:
         try:
             stub = registry_pb2_grpc.RegistryStub(channel)
             call = stub.WatchPlacement(registry_pb2.WatchPlacementRequest())
-            fresh = ReplicaIndex()
+            fresh = IndexMirror()
             lag_cb = self._on_event_lag
             async for ev in call:
                 if not was_up:
                     fresh.apply(ev)
                     if fresh.complete:
-                        self._index, was_up = fresh, True
+                        self._mirror, was_up = fresh, True
                         self._connected = True
                         self.reconnects += 1
-                        log.info("placement replica in sync with %s: %d nodes, block size %d",
+                        log.info("placement mirror in sync with %s: %d nodes, block size %d",
                                  target, len(fresh.nodes), fresh.block_size)
                 else:
-                    self._index.apply(ev)
+                    self._mirror.apply(ev)
                 self.events_applied += 1
                 if lag_cb is not None and ev.sent_unix_ms:
                     lag_cb(max(0.0, time.time() - ev.sent_unix_ms / 1000.0))

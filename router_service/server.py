@@ -7,66 +7,24 @@ import contextlib
 import logging
 import os
 import signal
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
 
-from kvroute.errors import ConfigError
 from kvroute.grpcutil import add_health_and_reflection, bind
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
 from kvroute.telemetry import MetricsServer
 from kvroute.v1 import router_pb2, router_pb2_grpc
-from router_service.core import RouterCore
-from router_service.load import LoadTracker
-from router_service.metrics import RouterMetrics
-from router_service.placement import PlacementSource
-from router_service.policies.kv_aware import KvAwareSettings
-from router_service.policies.registry import PolicySet
-from router_service.replica_source import ReplicaSource
+from router_service.runtime import RoutingRuntime
 from router_service.servicer import RouterServicer
 from router_service.settings import RouterSettings
-from router_service.stream_source import StreamSource
-from router_service.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
-
-
-def build_source(s: RouterSettings, metrics: RouterMetrics | None) -> PlacementSource:
-    """The registry link chosen by ``--registry-mode``."""
-    if s.registry_mode == "replica":
-        lag = metrics.replica_event_lag.observe if metrics is not None else None
-        return ReplicaSource(s.registry, s.client_tls, retry_max_s=s.registry_retry_max_s,
-                             max_staleness_s=s.replica_max_staleness_s, on_event_lag=lag)
-    return StreamSource(s.registry, s.client_tls, lookup_timeout_s=s.lookup_timeout_s,
-                        call_timeout_s=s.registry_timeout_s, retry_max_s=s.registry_retry_max_s,
-                        node_cache_ttl_s=s.node_cache_ttl_s)
-
-
-def build_core(s: RouterSettings, policy_settings: Mapping[type[Any], Any],
-               metrics: RouterMetrics | None) -> RouterCore:
-    """Policies, load tracker, tokenizer and registry link wired into a RouterCore.
-
-    The tracker's prefill drain rate is kv_aware's ``--kv-prefill-tokens-per-s`` (one number
-    for "how fast an engine prefills").
-    """
-    kv = policy_settings.get(KvAwareSettings) or KvAwareSettings()
-    tracker = LoadTracker(time.monotonic, s.inflight_timeout_s, kv.kv_prefill_tokens_per_s,
-                          s.max_tracked_requests)
-    policies = PolicySet(policy_settings)
-    if policies.get(s.default_policy) is None:
-        raise ConfigError(f"--default-policy: unknown policy {s.default_policy!r}; known: "
-                          f"{', '.join(policies.names)}")
-    try:
-        tokenizer = load_tokenizer(s.tokenizer, s.tokenizer_file)
-    except ValueError as exc:
-        raise ConfigError(f"--tokenizer: {exc}") from exc
-    return RouterCore(s, policies, build_source(s, metrics), tracker, tokenizer, metrics)
 
 
 async def serve(settings: RouterSettings,
@@ -74,18 +32,15 @@ async def serve(settings: RouterSettings,
     """Serve until SIGTERM/SIGINT, then drain for ``drain_timeout_s`` and return 0."""
     s = settings
     registry = CollectorRegistry()
-    metrics = RouterMetrics(registry)
-    core = build_core(s, policy_settings or {}, metrics)
-    metrics.bind_gauges(core.source.staleness_s, lambda: core.source.connected,
-                        core.source.nodes_known,
-                        lambda: core.tracker.total_inflight)
+    runtime = RoutingRuntime(s, policy_settings, registry)
+    core = runtime.core
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, s.listen, s.server_tls)
     mhost, mport = parse_hostport(s.metrics_listen, "metrics_listen")
     metrics_server = MetricsServer(registry, mhost, mport)
-    await core.source.start()
+    await runtime.start()
     await server.start()
     bound_metrics = metrics_server.start()
     await health.set_serving(True)
@@ -101,7 +56,7 @@ async def serve(settings: RouterSettings,
     log.info("draining (up to %.1f s)", s.drain_timeout_s)
     await health.set_serving(False)
     await server.stop(s.drain_timeout_s)
-    await core.source.stop()
+    await runtime.stop()
     with contextlib.suppress(Exception):
         metrics_server.stop()
     log.info("router stopped")

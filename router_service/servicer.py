@@ -1,4 +1,8 @@
-"""``kvroute.v1.Router`` over gRPC: Route, RouteStream, Complete, Stats (thin; see core.py)."""
+"""``kvroute.v1.Router`` over gRPC: Route, RouteStream, Complete, Stats.
+
+Thin: each call converts protobuf to the core's types (:mod:`.proto_adapter`), calls
+:class:`RouterCore`, and converts back.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from kvroute.errors import KvrouteError
 from kvroute.grpcutil import stream_errors, unary_errors
 from kvroute.telemetry import REQUEST_ID
 from kvroute.v1 import router_pb2, router_pb2_grpc
+from router_service import proto_adapter as pa
 from router_service.core import RouterCore
 
 log = logging.getLogger(__name__)
@@ -29,16 +34,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Route(self, request: router_pb2.RouteRequest, context: Ctx,
                     ) -> router_pb2.RouteResponse:
         """One routing decision."""
-        return await self.core.route(request)
+        return pa.to_route_response(await self.core.decide(pa.to_route_request(request)))
 
     @stream_errors
     async def RouteStream(self, request_iterator: AsyncIterator[router_pb2.RouteRequest],
                           context: Ctx) -> AsyncIterator[router_pb2.RouteResponse]:
         """Decisions in request order; a bad request gets a reply with ``error`` set."""
-        route = self.core.route
+        decide = self.core.decide
         async for req in request_iterator:
             try:
-                yield await route(req)
+                yield pa.to_route_response(await decide(pa.to_route_request(req)))
             except KvrouteError as exc:
                 yield router_pb2.RouteResponse(
                     request_id=req.request_id,
@@ -56,10 +61,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Complete(self, request: router_pb2.CompleteRequest, context: Ctx,
                        ) -> router_pb2.CompleteResponse:
         """Release in-flight load of a finished request."""
-        return self.core.complete(request)
+        return pa.complete(self.core, request)
 
     @unary_errors
     async def Stats(self, request: router_pb2.StatsRequest, context: Ctx,
                     ) -> router_pb2.StatsResponse:
         """Counters and state."""
-        return self.core.stats()
+        return pa.stats(self.core)

@@ -54,6 +54,7 @@ class StreamSource:
     """Lookups over one persistent bidirectional stream, with a short-TTL node cache."""
 
     mode = "stream"
+    local = False
 
     def __init__(self, target: str, tls: TLSSettings | None = None, *,
                  lookup_timeout_s: float = 0.25, call_timeout_s: float = 2.0,
@@ -126,6 +127,10 @@ class StreamSource:
     def nodes_known(self) -> int:
         """Nodes in the cache."""
         return len(self._nodes)
+
+    def lookup_local(self, block_hashes: Sequence[int], model: str) -> Placement:
+        """Not available: every lookup is a registry round trip (use :meth:`lookup`)."""
+        raise NotImplementedError("stream mode looks placement up over the network")
 
     async def lookup(self, block_hashes: Sequence[int], model: str) -> Placement:
         """Ask the registry over the stream; Unavailable when it cannot answer in time."""

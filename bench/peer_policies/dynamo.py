@@ -75,8 +75,9 @@ class DynamoPolicy:
         return Decision(node.node_id, node.matched_blocks,
                         f"dynamo: logit {logit:.1f} (prefill + decode blocks)", cands)
 
-    def on_routed(self, request: RequestView, node_id: str) -> None:
+    def commit(self, request: RequestView, decision: Decision) -> None:
         """Add the request to the chosen worker's active sequences."""
+        node_id = decision.node_id
         uncached = self._last[1] if self._last and self._last[0] == request.request_id \
             else request.prompt_tokens
         act = _Active(node_id, tuple(request.block_hashes), uncached)

@@ -59,3 +59,6 @@ class LlmdPolicy:
         cands = tuple(Candidate(v.node_id, sc, v.matched_blocks, v.load)
                       for sc, v in sorted(scored, key=lambda s: -s[0]))
         return Decision(node.node_id, node.matched_blocks, f"llmd: score {best:.2f}", cands)
+
+    def commit(self, request: RequestView, decision: Decision) -> None:
+        """Stateless between decisions: nothing to record."""

@@ -69,7 +69,6 @@ class SglangCacheAwarePolicy:
         hi, lo = max(loads), min(loads)
         if hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold:
             node = min(live, key=lambda v: v.inflight)
-            self._insert(node.node_id, request)
             return Decision(node.node_id, node.matched_blocks,
                             f"sglang: imbalanced (max {hi}, min {lo}); shortest queue")
         matches = {v.node_id: self._match(v.node_id, request.block_hashes) for v in live}
@@ -87,5 +86,8 @@ class SglangCacheAwarePolicy:
         else:
             chosen = min(live, key=lambda v: self._size.get(v.node_id, 0))
             why = f"sglang: match {rate:.2f} <= {self.cache_threshold}; smallest tree"
-        self._insert(chosen.node_id, request)
         return Decision(chosen.node_id, chosen.matched_blocks, why)
+
+    def commit(self, request: RequestView, decision: Decision) -> None:
+        """Insert the request's prefix into the chosen node's tree."""
+        self._insert(decision.node_id, request)

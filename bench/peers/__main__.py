@@ -23,7 +23,8 @@ from bench.peers import (
     parse_peer,
     spec_from_settings,
 )
-from bench.sim.config import DEFAULT_PREFILL_TOKENS_PER_S, SimSettings
+from bench.sim.config import SimSettings
+from engine_sim.params import DEFAULT_PREFILL_TOKENS_PER_S
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine_sim.params import (
+    DEFAULT_DECODE_S_PER_TOKEN,
+    DEFAULT_MAX_RUNNING,
+    DEFAULT_PREFILL_TOKENS_PER_S,
+    EngineParams,
+)
 from kvroute.settings import require, setting
-
-DEFAULT_PREFILL_TOKENS_PER_S = 6_000.0
-"""Default engine prefill speed: round_robin runs the shipped conversation trace on 8 nodes with
-``--cache-blocks 5712`` at about 70 % prefill utilisation (measured; see bench/README.md)."""
 
 
 @dataclass(frozen=True)
@@ -20,11 +22,15 @@ class SimSettings:
         0, "KV cache per engine in the workload's block units (0 = 25 % of the workload's "
            "distinct blocks spread over the nodes)")
     prefill_tokens_per_s: float = setting(
-        DEFAULT_PREFILL_TOKENS_PER_S, "prefill speed of one engine: a prefill takes uncached "
-                                      "prompt tokens / this many seconds (default latency model)")
+        DEFAULT_PREFILL_TOKENS_PER_S,
+        "prefill speed of one engine: a prefill takes uncached prompt tokens / this many "
+        "seconds (default latency model; the same default as kvroute serve engine-sim)")
     decode_s_per_token: float = setting(
-        0.02, "decode time per output token of one request (default latency model)")
-    max_batch: int = setting(64, "requests decoding at once per engine; more wait for a slot")
+        DEFAULT_DECODE_S_PER_TOKEN,
+        "decode time per output token of one request (default latency model)")
+    max_batch: int = setting(
+        DEFAULT_MAX_RUNNING,
+        "requests admitted at once per engine (engine_sim --max-running); more wait in FIFO")
     latency_model: str = setting(
         "default", "default (prefill proportional to uncached tokens, queue per node, decode "
                    "per token with a batch limit) or seed (the notebook's constants: 50 ms "
@@ -43,3 +49,11 @@ class SimSettings:
         require(self.latency_model in ("default", "seed"), "latency_model",
                 "must be 'default' or 'seed'")
         require(self.heartbeat_delay_s >= 0, "heartbeat_delay_s", "must be >= 0")
+
+    def engine_params(self, cache_blocks: int, block_size: int) -> EngineParams:
+        """The engines' parameters for a run with this cache size and block size (resolved from
+        the workload when ``cache_blocks``/``block_size`` are 0)."""
+        return EngineParams(prefill_tokens_per_s=self.prefill_tokens_per_s,
+                            decode_s_per_token=self.decode_s_per_token,
+                            max_running=self.max_batch, capacity_blocks=cache_blocks,
+                            block_size=block_size)

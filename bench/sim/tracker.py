@@ -16,10 +16,11 @@ class SimTracker(LoadTracker):
     def __init__(self, prefill_tokens_per_s: float) -> None:
         self.now = 0.0
         # Completions always arrive in the replay: no in-flight timeout, no size bound.
-        super().__init__(clock=self._clock_now, inflight_timeout_s=1e12,
+        super().__init__(clock=self.clock_now, inflight_timeout_s=1e12,
                          prefill_tokens_per_s=prefill_tokens_per_s, max_tracked=10**9)
 
-    def _clock_now(self) -> float:
+    def clock_now(self) -> float:
+        """The simulated time."""
         return self.now
 
 

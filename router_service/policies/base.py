@@ -5,7 +5,9 @@ A policy is a small object with a ``name`` and a :meth:`Policy.choose` method: g
 return a :class:`Decision`. Policies do no I/O and read no clock: everything they need is in the
 two arguments, so the router service and the in-process benchmark (``kvroute bench --mode sim``)
 run the very same code. A policy may keep internal state that depends only on what it was asked
-(round-robin position, consistent-hash ring), never on wall-clock time.
+(round-robin position, consistent-hash ring), never on wall-clock time; state changes happen in
+:meth:`Policy.commit`, called by the routing core once it acts on a decision, never while
+scoring.
 """
 
 from __future__ import annotations
@@ -110,7 +112,13 @@ class Policy(Protocol):
     """Name used in settings, requests, metrics and reasons."""
 
     def choose(self, request: RequestView, nodes: Sequence[NodeView]) -> Decision:
-        """Pick a node among ``nodes``; raise :class:`NoEligibleNode` if none is healthy."""
+        """Pick a node among ``nodes``; raise :class:`NoEligibleNode` if none is healthy.
+
+        Scoring only: the policy's state must not change here (see :meth:`commit`)."""
+        ...
+
+    def commit(self, request: RequestView, decision: Decision) -> None:
+        """The router acted on ``decision``: update state (turns, recent routes, averages)."""
         ...
 
 
@@ -120,3 +128,11 @@ def healthy_nodes(nodes: Sequence[NodeView]) -> list[NodeView]:
     if not out:
         raise NoEligibleNode("no healthy node serves this model")
     return out
+
+
+def choose_and_commit(policy: Policy, request: RequestView,
+                      nodes: Sequence[NodeView]) -> Decision:
+    """Choose, then commit the choice (what the routing core does; handy in tests)."""
+    decision = policy.choose(request, nodes)
+    policy.commit(request, decision)
+    return decision

@@ -37,22 +37,28 @@ as it is ahead, and the next-best estimate wins. Unhealthy nodes are never chose
 The policy picks the lowest estimate; ties go to the longer match, then fewer in-flight, then a
 rotating start so equal idle nodes share work. ``Candidate.score`` is the estimate in seconds
 (lower is better).
+
+Built from plugins (:mod:`router_service.policies.plugins`): overlap source ``recent_routes``;
+filters ``health`` and ``load_cap``; scorers ``queued_prefill`` (the first line of ``est``),
+``eviction`` and ``kv_usage`` (the other two), each with a weight (``--kv-weight-*``, default 1);
+picker ``lowest``. State (recent routes, the running average, the rotating start) changes on
+commit only.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvroute.settings import require, setting
-from router_service.policies.base import (
-    Candidate,
-    Decision,
-    NodeView,
-    RequestView,
-    healthy_nodes,
-)
+from router_service.policies.plugins.eviction_scorer import EvictionScorer
+from router_service.policies.plugins.health_filter import HealthFilter
+from router_service.policies.plugins.interfaces import Cycle
+from router_service.policies.plugins.load_cap_filter import LoadCapFilter
+from router_service.policies.plugins.lowest_picker import LowestScorePicker
+from router_service.policies.plugins.queued_prefill_scorer import QueuedPrefillScorer
+from router_service.policies.plugins.recent_routes import RecentRoutes
+from router_service.policies.plugins.scheduler import SchedulingPolicy
+from router_service.policies.plugins.usage_scorer import UsageScorer
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,12 @@ class KvAwareSettings:
         0.97, "KV usage fraction above which a node is penalised as nearly full")
     kv_usage_penalty_s: float = setting(
         0.5, "seconds added to a node at 100 % KV usage (linear from the watermark)")
+    kv_weight_queued_prefill: float = setting(
+        1.0, "weight of the queued_prefill scorer (estimated prefill wait + own prefill, s)")
+    kv_weight_eviction: float = setting(
+        1.0, "weight of the eviction scorer (kv_eviction_cost_s x evictions/s)")
+    kv_weight_kv_usage: float = setting(
+        1.0, "weight of the kv_usage scorer (penalty above kv_usage_high_watermark)")
 
     def __post_init__(self) -> None:
         require(self.kv_prefill_tokens_per_s > 0, "kv_prefill_tokens_per_s", "must be > 0")
@@ -100,127 +112,33 @@ class KvAwareSettings:
         require(0 < self.kv_usage_high_watermark < 1, "kv_usage_high_watermark",
                 "must be in (0, 1)")
         require(self.kv_usage_penalty_s >= 0, "kv_usage_penalty_s", "must be >= 0")
+        for name in ("kv_weight_queued_prefill", "kv_weight_eviction", "kv_weight_kv_usage"):
+            require(getattr(self, name) >= 0, name, "must be >= 0")
 
 
-class RecentRoutes:
-    """Which node the latest recent request carrying each block went to (bounded memory).
-
-    Covers the gap between routing a request and its blocks reaching the registry (queued
-    prefill, heartbeat interval): a prefix sent to a node moments ago is on its way there.
-    """
-
-    def __init__(self) -> None:
-        self._seq = 0
-        self._owner: dict[int, tuple[str, int]] = {}
-        self._log: deque[tuple[int, Sequence[int]]] = deque()
-
-    def record(self, blocks: Sequence[int], node_id: str, window: int) -> None:
-        """Remember that ``blocks`` went to ``node_id``; forget decisions older than window."""
-        self._seq += 1
-        seq = self._seq
-        for h in blocks:
-            self._owner[h] = (node_id, seq)
-        self._log.append((seq, blocks))
-        limit = seq - window
-        owner = self._owner
-        while self._log and self._log[0][0] <= limit:
-            old_seq, old_blocks = self._log.popleft()
-            for h in old_blocks:
-                cur = owner.get(h)
-                if cur is not None and cur[1] == old_seq:
-                    del owner[h]
-
-    def depths(self, blocks: Sequence[int]) -> dict[str, int]:
-        """Per node: leading blocks of ``blocks`` recently routed there."""
-        out: dict[str, int] = {}
-        owner = self._owner
-        for i, h in enumerate(blocks):
-            cur = owner.get(h)
-            if cur is None:
-                break
-            out[cur[0]] = i + 1
-        return out
-
-
-class KvAwarePolicy:
+class KvAwarePolicy(SchedulingPolicy):
     """Lowest estimated TTFT among nodes under the load cap (see module docstring)."""
 
-    name = "kv_aware"
-
     def __init__(self, settings: KvAwareSettings | None = None) -> None:
-        self.settings = settings or KvAwareSettings()
-        self._turn = 0
-        self._recent = RecentRoutes()
-        self._avg_uncached = 0.0
-        """Moving average of the uncached prompt tokens of this policy's decisions."""
+        s = self.settings = settings or KvAwareSettings()
+        self.prefill = QueuedPrefillScorer(s.kv_prefill_tokens_per_s, s.kv_reuse_weight,
+                                           s.kv_inflight_cost_tokens)
+        self.load_cap = LoadCapFilter(s.kv_load_cap_factor, s.kv_load_cap_slack)
+        super().__init__(
+            "kv_aware", RecentRoutes(s.kv_recent_routes), [HealthFilter(), self.load_cap],
+            [(self.prefill, s.kv_weight_queued_prefill),
+             (EvictionScorer(s.kv_eviction_cost_s), s.kv_weight_eviction),
+             (UsageScorer(s.kv_usage_high_watermark, s.kv_usage_penalty_s),
+              s.kv_weight_kv_usage)],
+            LowestScorePicker())
 
-    def estimate_s(self, request: RequestView, node: NodeView,
-                   reuse_weight: float | None = None, matched_blocks: int | None = None) -> float:
-        """Estimated TTFT of ``request`` on ``node`` in seconds (the score; lower is better).
-
-        ``matched_blocks`` overrides the registry's overlap (kv_aware passes the larger of it
-        and what it recently routed to the node).
-        """
-        s = self.settings
-        w = s.kv_reuse_weight if reuse_weight is None else reuse_weight
-        matched = node.matched_blocks if matched_blocks is None else matched_blocks
-        cached = min(matched * request.block_size, request.prompt_tokens)
-        uncached = request.prompt_tokens - cached
-        # the engine's reported waiting requests x a typical request's prefill: a floor under
-        # the router's drain-rate estimate, which runs dry early if the configured rate is high
-        pending = max(node.pending_prefill_tokens, 0.5 * node.queue_depth * self._avg_uncached)
-        est = (pending + w * uncached
-               + s.kv_inflight_cost_tokens * node.inflight) / s.kv_prefill_tokens_per_s
-        est += s.kv_eviction_cost_s * node.eviction_rate
-        usage = node.usage
-        if usage > s.kv_usage_high_watermark:
-            est += s.kv_usage_penalty_s * (usage - s.kv_usage_high_watermark) \
-                / (1.0 - s.kv_usage_high_watermark)
-        return est
-
-    def choose(self, request: RequestView, nodes: Sequence[NodeView]) -> Decision:
-        """Pick the node with the lowest TTFT estimate among those under the load cap."""
-        s = self.settings
-        live = healthy_nodes(nodes)
-        n = len(live)
-        total = sum(v.inflight for v in live)
-        mean = (total + 1) / n
-        cap = s.kv_load_cap_factor * mean + s.kv_load_cap_slack
-        w = s.kv_reuse_weight
-        recent = self._recent.depths(request.block_hashes) if s.kv_recent_routes else {}
-        start = self._turn % n
-        self._turn += 1
-        best: tuple[float, int, int, int] | None = None
-        best_node = live[0]
-        best_est = 0.0
-        best_matched = 0
-        cands: list[Candidate] = []
-        for i, v in enumerate(live):
-            matched = max(v.matched_blocks, recent.get(v.node_id, 0))
-            est = self.estimate_s(request, v, w, matched)
-            over = v.inflight + 1 > cap
-            why = f"in-flight {v.inflight} over cap {cap:.1f}" if over else ""
-            cands.append(Candidate(v.node_id, est, v.matched_blocks, v.load, excluded=why))
-            if over:
-                continue
-            key = (est, -matched, v.inflight, (i - start) % n)
-            if best is None or key < best:
-                best, best_node, best_est, best_matched = key, v, est, matched
-        if best is None:  # cannot happen (the least-loaded node is under the mean), but be safe
-            best_node = min(live, key=lambda v: (v.load, v.node_id))
-            best_matched = best_node.matched_blocks
-            best_est = self.estimate_s(request, best_node, w)
-        uncached_best = request.prompt_tokens - min(best_matched * request.block_size,
-                                                    request.prompt_tokens)
-        self._avg_uncached += 0.02 * (uncached_best - self._avg_uncached)
-        if s.kv_recent_routes:
-            self._recent.record(request.block_hashes, best_node.node_id,
-                                max(s.kv_recent_routes, 2 * total))
-        cands.sort(key=lambda c: (c.excluded != "", c.score))
-        cached = min(best_node.matched_blocks * request.block_size, request.prompt_tokens)
-        routed = best_matched - best_node.matched_blocks
+    def reason(self, cycle: Cycle, chosen: int, score: float) -> str:
+        """Cached prefix, what was routed there but not reported yet, estimate, load and cap."""
+        req = cycle.request
+        v = cycle.nodes[chosen]
+        cached = min(v.matched_blocks * req.block_size, req.prompt_tokens)
+        routed = cycle.matched[chosen] - v.matched_blocks
         extra = f" (+{routed} routed there, not yet reported)" if routed > 0 else ""
-        reason = (f"kv_aware: {best_node.matched_blocks} prefix blocks cached{extra} "
-                  f"({cached}/{request.prompt_tokens} tokens), est. TTFT "
-                  f"{best_est * 1000:.0f} ms, in-flight {best_node.inflight} (cap {cap:.1f})")
-        return Decision(best_node.node_id, best_node.matched_blocks, reason, tuple(cands))
+        return (f"kv_aware: {v.matched_blocks} prefix blocks cached{extra} "
+                f"({cached}/{req.prompt_tokens} tokens), est. TTFT {score * 1000:.0f} ms, "
+                f"in-flight {v.inflight} (cap {self.load_cap.cap(cycle):.1f})")

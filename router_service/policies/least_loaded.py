@@ -35,3 +35,6 @@ class LeastLoadedPolicy:
             reason=f"least loaded: {best.inflight} in flight, queue {best.queue_depth} "
                    f"(of {len(ranked)} healthy nodes)",
             candidates=cands)
+
+    def commit(self, request: RequestView, decision: Decision) -> None:
+        """Stateless between decisions: nothing to record."""

@@ -31,3 +31,6 @@ class RandomPolicy:
         node = ok[self._rng.randrange(len(ok))]
         return Decision(node_id=node.node_id, matched_blocks=node.matched_blocks,
                         reason=f"random among {len(ok)} healthy nodes")
+
+    def commit(self, request: RequestView, decision: Decision) -> None:
+        """Stateless between decisions: nothing to record."""

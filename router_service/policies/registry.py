@@ -1,9 +1,11 @@
-"""Policy names -> factories with typed settings; the router and the bench build policies here.
+"""The one policy registry: names -> factories with typed settings.
 
 Every policy has a name (used in settings, requests, metrics and reasons), a one-line help and an
 optional settings dataclass (fields made with :func:`kvroute.settings.setting`, so the CLI turns
-them into documented flags and ``KVROUTE_*`` variables). :class:`PolicySet` holds one instance of
-each policy for a router (stateful policies such as round robin keep their state there).
+them into documented flags and ``KVROUTE_*`` variables). :func:`router_policies` is the registry
+the router serves; the bench starts from the same registry and registers its bench-only
+baselines on its own copy (no module-level state). :class:`PolicySet` holds one instance of each
+policy for a router (stateful policies such as round robin keep their state there).
 """
 
 from __future__ import annotations
@@ -34,9 +36,48 @@ class PolicySpec:
     """Builds the policy from an instance of ``settings_cls`` (or None)."""
 
 
-def _specs() -> dict[str, PolicySpec]:
-    """Specs by name (built per call: cheap, and no module-level state)."""
-    specs = [
+class PolicyRegistry:
+    """Policy specs by name; built per caller (no global registry)."""
+
+    def __init__(self, specs: Sequence[PolicySpec] = ()) -> None:
+        self._specs: dict[str, PolicySpec] = {}
+        for spec in specs:
+            self.register(spec)
+
+    def register(self, spec: PolicySpec) -> None:
+        """Add a policy; a name can be registered once."""
+        if spec.name in self._specs:
+            raise ValueError(f"policy {spec.name!r} is already registered")
+        self._specs[spec.name] = spec
+
+    @property
+    def names(self) -> list[str]:
+        """Registered names, in registration order."""
+        return list(self._specs)
+
+    def specs(self) -> dict[str, PolicySpec]:
+        """Specs by name (a copy)."""
+        return dict(self._specs)
+
+    def settings_classes(self) -> list[type[Any]]:
+        """The settings dataclasses of all policies (for flags)."""
+        return [s.settings_cls for s in self._specs.values() if s.settings_cls is not None]
+
+    def build(self, name: str, settings: Mapping[type[Any], Any] | None = None) -> Policy:
+        """One policy by name; ``settings`` maps a settings class to its instance (else
+        defaults). Raises KeyError naming the known policies for an unknown name."""
+        spec = self._specs.get(name)
+        if spec is None:
+            raise KeyError(f"unknown policy {name!r}; known: {', '.join(sorted(self._specs))}")
+        cfg = None
+        if spec.settings_cls is not None:
+            cfg = (settings or {}).get(spec.settings_cls) or spec.settings_cls()
+        return spec.factory(cfg)
+
+
+def router_policies() -> PolicyRegistry:
+    """The policies the router serves."""
+    return PolicyRegistry([
         PolicySpec("round_robin", "healthy nodes in turn", None, lambda _s: RoundRobinPolicy()),
         PolicySpec("least_loaded", "fewest in-flight requests, then shortest queue", None,
                    lambda _s: LeastLoadedPolicy()),
@@ -46,42 +87,40 @@ def _specs() -> dict[str, PolicySpec]:
                    RandomPolicy),
         PolicySpec("kv_aware", "maximise saved prefill against load cost (TTFT estimate) "
                                "under a load cap", KvAwareSettings, KvAwarePolicy),
-    ]
-    return {s.name: s for s in specs}
+    ])
 
 
 def available() -> dict[str, PolicySpec]:
-    """Every policy this build can apply, by name."""
-    return _specs()
+    """Every policy the router can apply, by name."""
+    return router_policies().specs()
 
 
 def settings_classes() -> list[type[Any]]:
-    """The settings dataclasses of all policies (for flags)."""
-    return [s.settings_cls for s in _specs().values() if s.settings_cls is not None]
+    """The settings dataclasses of the router's policies (for flags)."""
+    return router_policies().settings_classes()
 
 
 def build_policy(name: str, settings: Mapping[type[Any], Any] | None = None) -> Policy:
-    """One policy by name; ``settings`` maps a settings class to its instance (else defaults).
-
-    Raises KeyError naming the known policies for an unknown name.
-    """
-    specs = _specs()
-    spec = specs.get(name)
-    if spec is None:
-        raise KeyError(f"unknown policy {name!r}; known: {', '.join(sorted(specs))}")
-    cfg = None
-    if spec.settings_cls is not None:
-        cfg = (settings or {}).get(spec.settings_cls) or spec.settings_cls()
-    return spec.factory(cfg)
+    """One of the router's policies by name (see :meth:`PolicyRegistry.build`)."""
+    return router_policies().build(name, settings)
 
 
 class PolicySet:
-    """One instance of each available policy, by name."""
+    """One instance of each wanted policy, by name."""
 
     def __init__(self, settings: Mapping[type[Any], Any] | None = None,
-                 names: Sequence[str] | None = None) -> None:
-        wanted = list(names) if names is not None else list(_specs())
-        self._policies: dict[str, Policy] = {n: build_policy(n, settings) for n in wanted}
+                 names: Sequence[str] | None = None,
+                 registry: PolicyRegistry | None = None) -> None:
+        reg = registry or router_policies()
+        wanted = list(names) if names is not None else reg.names
+        self._policies: dict[str, Policy] = {n: reg.build(n, settings) for n in wanted}
+
+    @classmethod
+    def of(cls, *policies: Policy) -> PolicySet:
+        """A set of already built policies (the bench builds each replay's policy fresh)."""
+        out = cls(names=[])
+        out._policies = {p.name: p for p in policies}
+        return out
 
     @property
     def names(self) -> list[str]:

@@ -18,8 +18,11 @@ class RoundRobinPolicy:
     def choose(self, request: RequestView, nodes: Sequence[NodeView]) -> Decision:
         """The next healthy node in id order."""
         ok = sorted(healthy_nodes(nodes), key=lambda n: n.node_id)
-        node = ok[self._next % len(ok)]
-        self._next = (self._next + 1) % (1 << 62)
+        turn = self._next % len(ok)
+        node = ok[turn]
         return Decision(node_id=node.node_id, matched_blocks=node.matched_blocks,
-                        reason=f"round robin: turn {self._next % len(ok) or len(ok)} of "
-                               f"{len(ok)} healthy nodes")
+                        reason=f"round robin: turn {turn + 1} of {len(ok)} healthy nodes")
+
+    def commit(self, request: RequestView, decision: Decision) -> None:
+        """Advance the turn."""
+        self._next = (self._next + 1) % (1 << 62)

@@ -123,3 +123,6 @@ class SessionPolicy:
         return Decision(node_id=best.node_id, matched_blocks=best.matched_blocks,
                         reason=f"session: every node over cap {cap}; least loaded",
                         candidates=tuple(cands))
+
+    def commit(self, request: RequestView, decision: Decision) -> None:
+        """Stateless between decisions: nothing to record."""

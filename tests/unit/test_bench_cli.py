@@ -26,13 +26,18 @@ def test_replay_writes_schema_and_plots(tmp_path: Path,
     assert "kv_aware" in text and "oracle" in text
     rep = json.loads(out.read_text())
     assert {"workload", "nodes", "cache_blocks", "model", "bounds", "results"} <= set(rep)
-    assert set(rep["bounds"]) == {"oracle", "merged_lru", "random"}
-    for b in rep["bounds"].values():
-        assert 0 <= b["hit_rate_tokens"] <= 1
+    assert set(rep["bounds"]) == {"oracle", "merged_lru", "random", "latency_floor"}
+    for name in ("oracle", "merged_lru", "random"):
+        assert 0 <= rep["bounds"][name]["hit_rate_tokens"] <= 1
+    floor = rep["bounds"]["latency_floor"]
+    assert 0 < floor["ttft_ms"]["p50"] <= floor["ttft_ms"]["p90"] <= floor["ttft_ms"]["p99"]
+    assert "latency floor" in text
     assert [r["policy"] for r in rep["results"]] == ["kv_aware", "round_robin", "dynamo"]
     for r in rep["results"]:
         assert set(r) >= SCHEMA_RESULT_KEYS
         assert set(r["ttft_ms"]) == {"p50", "p90", "p99"} == set(r["e2e_ms"])
+        assert r["ttft_ratio_to_floor"]["p90"] == pytest.approx(
+            r["ttft_ms"]["p90"] / floor["ttft_ms"]["p90"], abs=0.01)
     assert rep["nodes"] == 4 and rep["cache_blocks"] > 0
     names = sorted(p.name for p in plots.iterdir())
     assert names == ["hit_rate_running.png", "node_load.png", "predicted_vs_actual.png",

@@ -6,7 +6,7 @@ from bench.peer_policies.dynamo import DynamoPolicy
 from bench.peer_policies.llmd import LlmdPolicy
 from bench.peer_policies.sglang import SglangCacheAwarePolicy
 from bench.seed_policy import SeedPolicy
-from router_service.policies.base import NodeView, RequestView
+from router_service.policies.base import NodeView, RequestView, choose_and_commit
 
 
 def _n(i: int, matched: int = 0, inflight: int = 0, queue: int = 0, used: int = 0) -> NodeView:
@@ -20,14 +20,12 @@ def _r(rid: str, hashes: tuple[int, ...], bs: int = 16) -> RequestView:
 def test_dynamo_cost_counts_queued_prefill_and_active_blocks() -> None:
     p = DynamoPolicy()
     r1 = _r("a", (1, 2, 3, 4))
-    d = p.choose(r1, [_n(0, matched=4), _n(1)])
-    assert d.node_id == "n0"  # no prefill at all there
-    p.on_routed(r1, d.node_id)
+    d = choose_and_commit(p, r1, [_n(0, matched=4), _n(1)])
+    assert d.node_id == "n0"  # no prefill at all there (commit added its active blocks)
     # n0 now holds 4 active blocks; a request with nothing cached anywhere goes to n1
     r2 = _r("b", (9, 8))
-    d2 = p.choose(r2, [_n(0), _n(1)])
+    d2 = choose_and_commit(p, r2, [_n(0), _n(1)])
     assert d2.node_id == "n1"
-    p.on_routed(r2, "n1")
     p.on_prefill_done("b")
     p.on_complete("b")
     p.on_complete("a")
@@ -37,33 +35,34 @@ def test_dynamo_cost_counts_queued_prefill_and_active_blocks() -> None:
 def test_sglang_prefers_its_own_tree_then_smallest_tree_then_balance() -> None:
     p = SglangCacheAwarePolicy()
     nodes = [_n(0), _n(1)]
-    first = p.choose(_r("a", (1, 2, 3, 4)), nodes)
+    first = choose_and_commit(p, _r("a", (1, 2, 3, 4)), nodes)
     # same prefix: match rate 3/4 > 0.3 -> the same worker, whatever the engines report
-    again = p.choose(_r("b", (1, 2, 3, 5)), nodes)
+    again = choose_and_commit(p, _r("b", (1, 2, 3, 5)), nodes)
     assert again.node_id == first.node_id
     # an unrelated prompt goes to the smaller tree
-    other = p.choose(_r("c", (7, 8)), nodes)
+    other = choose_and_commit(p, _r("c", (7, 8)), nodes)
     assert other.node_id != first.node_id
     # imbalance (max - min > 64 and max > 1.5 min) -> least loaded, even with a match
     busy = [_n(0, inflight=100) if first.node_id == "n0" else _n(0),
             _n(1, inflight=100) if first.node_id == "n1" else _n(1)]
-    assert p.choose(_r("d", (1, 2, 3, 4)), busy).node_id != first.node_id
+    assert choose_and_commit(p, _r("d", (1, 2, 3, 4)), busy).node_id != first.node_id
 
 
 def test_llmd_weighs_prefix_queue_and_usage() -> None:
     p = LlmdPolicy()
     nodes = [_n(0, matched=4, queue=5, used=100), _n(1, matched=0, queue=0, used=0)]
     # prefix 3*1.0 + queue 0 + kv 0 = 3.0 vs prefix 0 + queue 2 + kv 2 = 4.0
-    assert p.choose(_r("a", (1, 2, 3, 4)), nodes).node_id == "n1"
+    assert choose_and_commit(p, _r("a", (1, 2, 3, 4)), nodes).node_id == "n1"
     nodes = [_n(0, matched=4, queue=1, used=50), _n(1, matched=0, queue=0, used=60)]
-    assert p.choose(_r("b", (1, 2, 3, 4)), nodes).node_id == "n0"
+    assert choose_and_commit(p, _r("b", (1, 2, 3, 4)), nodes).node_id == "n0"
 
 
 def test_seed_policy_keys_on_first_50_characters() -> None:
     p = SeedPolicy()
     nodes = [_n(0, used=10), _n(1, used=5)]
     p.on_prompt_text("a", "x" * 50 + "tail one")
-    assert p.choose(_r("a", (1,)), nodes).node_id == "n1"  # new key -> least cache in use
+    # new key -> least cache in use
+    assert choose_and_commit(p, _r("a", (1,)), nodes).node_id == "n1"
     p.on_prompt_text("b", "x" * 50 + "something else entirely")
     nodes = [_n(0, used=0), _n(1, used=99)]
-    assert p.choose(_r("b", (2,)), nodes).node_id == "n1"  # same 50 chars -> same node
+    assert choose_and_commit(p, _r("b", (2,)), nodes).node_id == "n1"  # same 50 chars -> same node

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from engine_sim.cache import (
     AllBlocksCleared,
     Allocation,
+    BlockId,
     BlockRemoved,
     BlockStored,
     EngineHasher,
@@ -130,10 +131,11 @@ def test_reset_refused_while_in_use_then_clears() -> None:
                 max_size=60))
 def test_event_stream_always_mirrors_the_cache(ops: list[tuple[str, int, int, int]]) -> None:
     """Replaying the events gives exactly the cached blocks; capacity and refcounts hold."""
-    h, c = EngineHasher(2), KVCache(12, BS)
+    h, c = EngineHasher(2), KVCache(12, BS, track_changes=True)
     families = [toks(1000 * f, 40) for f in range(4)]
     live: list[Allocation] = []
-    mirror: set[bytes] = set()
+    mirror: set[BlockId] = set()
+    changes: set[BlockId | None] = set()  # the cheap change log must agree too
     for op, fam, length, max_tokens in ops:
         if op == "alloc":
             p = families[fam][:length]
@@ -154,6 +156,14 @@ def test_event_stream_always_mirrors_the_cache(ops: list[tuple[str, int, int, in
                 mirror -= set(ev.block_hashes)
             else:
                 mirror.clear()
+        for block, added in c.drain_changes():
+            if block is None:
+                changes.clear()
+            elif added:
+                changes.add(block)
+            else:
+                changes.remove(block)
+        assert changes == mirror
         assert c.occupied_blocks <= c.capacity
         assert c.cached_blocks == len(mirror) and all(c.contains(d) for d in mirror)
         held = {d for a in live for d in a.block_hashes}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine_sim.cache import EngineHasher, KVCache
-from engine_sim.model import EngineModel, LatencyParams, RequestTooLarge, SimRequest
+from engine_sim.model import EngineModel, RequestTooLarge, SimRequest
+from engine_sim.params import EngineParams
 
 BS = 16
 H = EngineHasher(3)
@@ -17,8 +18,9 @@ def req(rid: str, tokens: list[int], max_tokens: int = 5) -> SimRequest:
 
 def model(capacity: int = 1000, max_running: int = 4) -> EngineModel:
     return EngineModel(KVCache(capacity, BS),
-                       LatencyParams(prefill_tokens_per_s=1000.0, decode_s_per_token=0.01,
-                                     max_running=max_running))
+                       EngineParams(prefill_tokens_per_s=1000.0, decode_s_per_token=0.01,
+                                    max_running=max_running, capacity_blocks=capacity,
+                                    block_size=BS))
 
 
 def test_prefill_proportional_to_uncached_tokens_and_decode_per_token() -> None:

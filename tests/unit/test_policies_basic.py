@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router_service.policies.base import NodeView, NoEligibleNode, RequestView
+from router_service.policies.base import NodeView, NoEligibleNode, RequestView, choose_and_commit
 from router_service.policies.least_loaded import LeastLoadedPolicy
 from router_service.policies.random_choice import RandomPolicy
 from router_service.policies.registry import PolicySet, build_policy
@@ -21,14 +21,15 @@ def node(nid: str, inflight: int = 0, queue: int = 0, healthy: bool = True,
 def test_round_robin_cycles_healthy_nodes_in_id_order() -> None:
     p = RoundRobinPolicy()
     nodes = [node("c"), node("a"), node("b", healthy=False)]
-    assert [p.choose(REQ, nodes).node_id for _ in range(4)] == ["a", "c", "a", "c"]
+    assert [choose_and_commit(p, REQ, nodes).node_id for _ in range(4)] == ["a", "c", "a", "c"]
 
 
 def test_least_loaded_orders_by_inflight_then_queue_then_id() -> None:
     p = LeastLoadedPolicy()
-    assert p.choose(REQ, [node("a", 2), node("b", 1, 5), node("c", 1, 3)]).node_id == "c"
-    assert p.choose(REQ, [node("b", 1, 3), node("a", 1, 3)]).node_id == "a"
-    d = p.choose(REQ, [node("a", 0, healthy=False), node("b", 4)])
+    d = choose_and_commit(p, REQ, [node("a", 2), node("b", 1, 5), node("c", 1, 3)])
+    assert d.node_id == "c"
+    assert choose_and_commit(p, REQ, [node("b", 1, 3), node("a", 1, 3)]).node_id == "a"
+    d = choose_and_commit(p, REQ, [node("a", 0, healthy=False), node("b", 4)])
     assert d.node_id == "b" and "least loaded" in d.reason
 
 
@@ -37,18 +38,18 @@ def test_least_loaded_orders_by_inflight_then_queue_then_id() -> None:
 def test_every_policy_refuses_when_no_node_is_healthy(name: str) -> None:
     p = build_policy(name)
     with pytest.raises(NoEligibleNode):
-        p.choose(REQ, [node("a", healthy=False)])
+        choose_and_commit(p, REQ, [node("a", healthy=False)])
     for _ in range(20):
-        assert p.choose(REQ, [node("a", healthy=False), node("b")]).node_id == "b"
+        assert choose_and_commit(p, REQ, [node("a", healthy=False), node("b")]).node_id == "b"
 
 
 def test_random_is_seeded_and_uses_every_healthy_node() -> None:
     nodes = [node("a"), node("b"), node("c")]
-    picks = [RandomPolicy().choose(REQ, nodes).node_id for _ in range(3)]
-    again = [RandomPolicy().choose(REQ, nodes).node_id for _ in range(3)]
+    picks = [choose_and_commit(RandomPolicy(), REQ, nodes).node_id for _ in range(3)]
+    again = [choose_and_commit(RandomPolicy(), REQ, nodes).node_id for _ in range(3)]
     assert picks == again
     p = RandomPolicy()
-    assert {p.choose(REQ, nodes).node_id for _ in range(200)} == {"a", "b", "c"}
+    assert {choose_and_commit(p, REQ, nodes).node_id for _ in range(200)} == {"a", "b", "c"}
 
 
 def test_registry_names_and_unknown_policy() -> None:

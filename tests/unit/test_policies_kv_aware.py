@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from kvroute.errors import ConfigError
-from router_service.policies.base import NodeView, NoEligibleNode, RequestView
+from router_service.policies.base import (
+    NodeView,
+    NoEligibleNode,
+    RequestView,
+    choose_and_commit,
+)
 from router_service.policies.kv_aware import KvAwarePolicy, KvAwareSettings
 
 
@@ -28,7 +33,7 @@ def test_shared_prefix_never_pushes_a_node_past_its_cap() -> None:
     for _ in range(400):
         # node 0 holds the whole prompt and the others nothing; nothing ever completes
         nodes = [_node(i, matched=8 if i == 0 else 0, inflight=inflight[i]) for i in range(4)]
-        d = pol.choose(_req(), nodes)
+        d = choose_and_commit(pol, _req(), nodes)
         k = int(d.node_id[1:])
         mean = (sum(inflight) + 1) / 4
         assert inflight[k] + 1 <= s.kv_load_cap_factor * mean + s.kv_load_cap_slack
@@ -41,7 +46,7 @@ def test_longest_prefix_wins_when_loads_are_equal() -> None:
     pol = KvAwarePolicy()
     nodes = [_node(0, matched=2, inflight=3), _node(1, matched=6, inflight=3),
              _node(2, matched=4, inflight=3)]
-    d = pol.choose(_req(), nodes)
+    d = choose_and_commit(pol, _req(), nodes)
     assert d.node_id == "n1" and d.matched_blocks == 6
     assert d.candidates[0].node_id == "n1"
 
@@ -49,21 +54,21 @@ def test_longest_prefix_wins_when_loads_are_equal() -> None:
 def test_queued_prefill_outweighs_a_small_overlap() -> None:
     pol = KvAwarePolicy(KvAwareSettings(kv_prefill_tokens_per_s=1000.0))
     nodes = [_node(0, matched=1, pending=50_000.0), _node(1, matched=0)]
-    assert pol.choose(_req(), nodes).node_id == "n1"
+    assert choose_and_commit(pol, _req(), nodes).node_id == "n1"
 
 
 def test_unhealthy_never_chosen() -> None:
     pol = KvAwarePolicy()
     nodes = [_node(0, matched=8, healthy=False), _node(1, inflight=5), _node(2, inflight=9)]
     for _ in range(20):
-        assert pol.choose(_req(), nodes).node_id != "n0"
+        assert choose_and_commit(pol, _req(), nodes).node_id != "n0"
     with pytest.raises(NoEligibleNode):
-        pol.choose(_req(), [_node(0, healthy=False)])
+        choose_and_commit(pol, _req(), [_node(0, healthy=False)])
 
 
 def test_equal_idle_nodes_share_work() -> None:
     pol = KvAwarePolicy()
-    chosen = {pol.choose(_req(first=100 * k), [_node(i) for i in range(4)]).node_id
+    chosen = {choose_and_commit(pol, _req(first=100 * k), [_node(i) for i in range(4)]).node_id
               for k in range(8)}
     assert len(chosen) == 4
 
@@ -71,15 +76,16 @@ def test_equal_idle_nodes_share_work() -> None:
 def test_prefix_routed_but_not_yet_reported_follows_its_node() -> None:
     pol = KvAwarePolicy()
     idle = [_node(i) for i in range(4)]
-    first = pol.choose(_req(blocks=8), idle)
+    first = choose_and_commit(pol, _req(blocks=8), idle)
     # the registry does not know the blocks yet (prefill still queued): the follow-up turn,
     # which extends the same prefix, still goes where the prefix was sent
-    follow = pol.choose(_req(blocks=12), idle)
+    follow = choose_and_commit(pol, _req(blocks=12), idle)
     assert follow.node_id == first.node_id
     assert "routed there, not yet reported" in follow.reason
     off = KvAwarePolicy(KvAwareSettings(kv_recent_routes=0))
-    a = off.choose(_req(blocks=8), idle)
-    assert off.choose(_req(blocks=12), idle).node_id != a.node_id  # rotates without memory
+    a = choose_and_commit(off, _req(blocks=8), idle)
+    # rotates without memory
+    assert choose_and_commit(off, _req(blocks=12), idle).node_id != a.node_id
 
 
 def test_settings_validate() -> None:
@@ -91,12 +97,12 @@ def test_reported_queue_floors_a_drained_estimate() -> None:
     pol = KvAwarePolicy(KvAwareSettings(kv_prefill_tokens_per_s=1000.0, kv_recent_routes=0))
     idle = [_node(i) for i in range(2)]
     for k in range(50):  # learn the typical uncached prefill (128 tokens here)
-        pol.choose(_req(first=1000 * k), idle)
+        choose_and_commit(pol, _req(first=1000 * k), idle)
 
     def q(i: int, depth: int, matched: int = 0) -> NodeView:
         return NodeView(f"n{i}", "a", matched, 0, depth, 0, 0, 100, 0.0)
 
     # the router's estimate says both are idle (drained too early); node 0 reports 40 waiting
     # requests: its small overlap no longer wins
-    assert pol.choose(_req(), [q(0, 40, matched=2), q(1, 0)]).node_id == "n1"
-    assert pol.choose(_req(first=77), [q(0, 0, matched=2), q(1, 0)]).node_id == "n0"
+    assert choose_and_commit(pol, _req(), [q(0, 40, matched=2), q(1, 0)]).node_id == "n1"
+    assert choose_and_commit(pol, _req(first=77), [q(0, 0, matched=2), q(1, 0)]).node_id == "n0"

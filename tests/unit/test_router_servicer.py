@@ -25,6 +25,7 @@ from router_service.core import RouterCore
 from router_service.load import LoadTracker
 from router_service.placement import NodeState, Placement
 from router_service.policies.registry import PolicySet
+from router_service.proto_adapter import to_route_request
 from router_service.servicer import RouterServicer
 from router_service.settings import RouterSettings
 from router_service.tokenizer import load_tokenizer
@@ -34,6 +35,7 @@ BS = 16
 
 class MemorySource:
     mode = "memory"
+    local = True
 
     def __init__(self) -> None:
         self.nodes: dict[str, NodeState] = {}
@@ -58,6 +60,9 @@ class MemorySource:
         return self.block_size
 
     async def lookup(self, block_hashes: Sequence[int], model: str) -> Placement:
+        return self.lookup_local(block_hashes, model)
+
+    def lookup_local(self, block_hashes: Sequence[int], model: str) -> Placement:
         if not self.up:
             raise Unavailable("registry down (test)")
         out = []
@@ -221,7 +226,7 @@ def test_nothing_a_client_sends_crashes_the_core(
     if session is not None:
         req.session_id = session
     try:
-        resp = asyncio.run(core.route(req))
+        resp = asyncio.run(core.decide(to_route_request(req)))
     except KvrouteError:
         return
     assert resp.node_id in ("a", "b")

@@ -1,4 +1,4 @@
-"""In-memory block index: canonical block hash -> bitmask of node slots.
+"""The prefix index as a dict: canonical block hash -> bitmask of node slots.
 
 Nodes get small integer slots; the index maps each block hash to an int whose bit ``s`` is set
 when the node in slot ``s`` caches the block (masks are interned, so nodes holding the same
@@ -8,7 +8,8 @@ the matched length, never to the index size.
 
 To enumerate or drop one node's blocks without scanning the dict, each node keeps a sorted
 uint64 array of its blocks plus a log of effective changes, merged with numpy when it grows.
-Memory is measured by ``kvroute bench registry`` (resident bytes per (block, node) entry).
+Memory is measured by ``kvroute bench registry`` (resident bytes per (block, node) entry),
+lookup cost by ``kvroute bench decide``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import sys
 from collections.abc import Iterable
 
 import numpy as np
-import numpy.typing as npt
 
-HashArray = npt.NDArray[np.uint64]
+from kvroute.index.base import HashArray
+
 KEY_MASK = (1 << 60) - 1
 """Dict keys keep the low 60 bits of a hash: a Python int below 2**60 takes 32 bytes instead
 of 36 (40 with allocator rounding). Two blocks colliding in 60 bits (odds ~N**2 / 2**61: about
@@ -62,8 +63,11 @@ class _NodeBlocks:
         return self.base
 
 
-class BlockIndex:
-    """Block hash -> node slots, with longest-prefix lookup. Not thread-safe (one event loop)."""
+class BitmaskIndex:
+    """Block hash -> bitmask of node slots (a :class:`~kvroute.index.base.PrefixIndex`).
+
+    Not thread-safe (one event loop).
+    """
 
     def __init__(self) -> None:
         self._map: dict[int, int] = {}
@@ -82,7 +86,7 @@ class BlockIndex:
         return got
 
     def add_node(self, slot: int) -> None:
-        """Start tracking ``slot`` (empty)."""
+        """Start tracking ``slot`` (empty); a no-op when it is tracked."""
         self._nodes.setdefault(slot, _NodeBlocks())
         self._counts.setdefault(slot, 0)
 
@@ -162,7 +166,8 @@ class BlockIndex:
     def longest_prefix(self, hashes: Iterable[int], candidates: int) -> dict[int, int]:
         """Matched prefix length per slot in the ``candidates`` mask (slots with 0 omitted).
 
-        Walks hashes from block 0 and stops as soon as no candidate still matches.
+        Walks hashes from block 0 and stops as soon as no candidate still matches: one dict
+        probe and two int operations per matched block, whatever the number of slots.
         """
         alive = candidates
         out: dict[int, int] = {}

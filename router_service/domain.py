@@ -1,0 +1,84 @@
+"""The routing core's request and decision, as plain types (no protobuf, no HTTP).
+
+Every front end translates its own protocol into a :class:`RouteRequest`, calls
+:meth:`router_service.core.RouterCore.decide` (or ``decide_local``), and translates the
+:class:`RouteDecision` back: the gRPC Router API (:mod:`router_service.proto_adapter`), the
+OpenAI-compatible gateway, the Envoy endpoint picker and ``kvroute bench --mode sim``. None of them
+re-implements validation, hashing, placement lookup, the policy or load tracking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from router_service.policies.base import Candidate
+
+TokenIds = Sequence[int] | npt.NDArray[np.integer]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """One request to route. Give exactly one of ``token_ids``, ``prompt`` or ``block_hashes``."""
+
+    request_id: str
+    """Caller's id (1-256 characters); Complete releases the request by it."""
+    model: str = ""
+    """Model (empty = ``--default-model``, or the fleet's only model)."""
+    token_ids: TokenIds | None = None
+    """Prompt token ids, exactly as the engine will see them (preferred)."""
+    prompt: str | None = None
+    """Prompt text, tokenized with the router's ``--tokenizer`` (must match the engine's)."""
+    block_hashes: Sequence[int] | None = None
+    """Canonical block hashes, already computed with the registry's block size."""
+    num_prompt_tokens: int = 0
+    """With ``block_hashes``: prompt length in tokens (0 = blocks x block size)."""
+    session_id: str | None = None
+    """Conversation/session id (the ``session`` policy sticks it to a node)."""
+    policy: str | None = None
+    """Policy to apply (None = ``--default-policy``)."""
+    lora_name: str | None = None
+    """LoRA adapter the request runs under: salts block 0 exactly as the node agent does."""
+    cache_salt: str | None = None
+    """Per-request cache salt (vLLM/SGLang ``cache_salt``): salts block 0 the same way."""
+    max_output_tokens: int = 0
+    """Expected output tokens (0 = unknown)."""
+    allowed: frozenset[str] | None = None
+    """Subset hint: decide only among nodes whose id or address is in this set (None = all)."""
+    excluded: frozenset[str] = frozenset()
+    """Never these nodes (ids or addresses), e.g. the node a retry is moving away from."""
+    deadline_s: float | None = None
+    """Seconds the caller will wait for the request; its in-flight entry need not outlive it."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """The core's answer: where to send the request, and why."""
+
+    request_id: str
+    node_id: str
+    """Chosen node."""
+    address: str
+    """The node's inference address (what to send the request to)."""
+    policy: str
+    """Policy that decided (``least_loaded`` when degraded)."""
+    matched_blocks: int
+    """Prefix blocks the registry believes the node caches."""
+    expected_cached_tokens: int
+    """Prompt tokens expected to be served from the node's cache."""
+    reason: str
+    """Why, in words an operator can read."""
+    degraded: bool
+    """True when the registry was unreachable and the decision used the last known nodes."""
+    prompt_tokens: int
+    """Prompt length in tokens."""
+    block_size: int
+    """Tokens per block used for hashing."""
+    candidates: tuple[Candidate, ...] = ()
+    """Scores of the nodes considered, best first (policy-specific)."""
+    fallback_addresses: tuple[str, ...] = field(default=())
+    """Addresses of the next-best eligible nodes, best first (where to go if the chosen node
+    refuses the connection)."""

@@ -1,0 +1,67 @@
+"""Overlap source ``recent_routes``: prefixes routed to a node moments ago count as cached there.
+
+Covers the gap between routing a request and its blocks reaching the registry (queued prefill,
+heartbeat interval): a follow-up request whose prefix was just sent to a node, but is not yet in
+any cache or the registry, follows it instead of being scattered. Remembers at least ``window``
+decisions and twice the fleet's in-flight count; memory is bounded by that window.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+from router_service.policies.base import NodeView, RequestView
+from router_service.policies.plugins.interfaces import Cycle
+
+
+class RecentRoutes:
+    """Which node the latest recent request carrying each block went to."""
+
+    name = "recent_routes"
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._seq = 0
+        self._owner: dict[int, tuple[str, int]] = {}
+        self._log: deque[tuple[int, Sequence[int]]] = deque()
+
+    def overlap(self, request: RequestView, nodes: Sequence[NodeView]) -> list[int]:
+        """max(registry overlap, leading blocks recently routed to the node)."""
+        depth = self.depths(request.block_hashes) if self.window else {}
+        if not depth:
+            return [v.matched_blocks for v in nodes]
+        return [max(v.matched_blocks, depth.get(v.node_id, 0)) for v in nodes]
+
+    def depths(self, blocks: Sequence[int]) -> dict[str, int]:
+        """Per node: leading blocks of ``blocks`` recently routed there."""
+        out: dict[str, int] = {}
+        owner = self._owner
+        for i, h in enumerate(blocks):
+            cur = owner.get(h)
+            if cur is None:
+                break
+            out[cur[0]] = i + 1
+        return out
+
+    def commit(self, cycle: Cycle, chosen: int) -> None:
+        """Remember where the request's blocks went."""
+        if self.window:
+            self.record(cycle.request.block_hashes, cycle.nodes[chosen].node_id,
+                        max(self.window, 2 * cycle.total_inflight))
+
+    def record(self, blocks: Sequence[int], node_id: str, window: int) -> None:
+        """Remember that ``blocks`` went to ``node_id``; forget decisions older than window."""
+        self._seq += 1
+        seq = self._seq
+        for h in blocks:
+            self._owner[h] = (node_id, seq)
+        self._log.append((seq, blocks))
+        limit = seq - window
+        owner = self._owner
+        while self._log and self._log[0][0] <= limit:
+            old_seq, old_blocks = self._log.popleft()
+            for h in old_blocks:
+                cur = owner.get(h)
+                if cur is not None and cur[1] == old_seq:
+                    del owner[h]

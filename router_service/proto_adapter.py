@@ -1,0 +1,65 @@
+"""The gRPC Router API's messages <-> the routing core's plain types (nothing else).
+
+The servicer calls :func:`to_route_request`, :meth:`RouterCore.decide` and
+:func:`to_route_response`; Complete and Stats likewise. No routing logic lives here.
+"""
+
+from __future__ import annotations
+
+from kvroute.v1 import router_pb2
+from router_service.core import RouterCore
+from router_service.domain import RouteDecision, RouteRequest
+
+_MAX_CANDIDATES = 16
+
+
+def to_route_request(req: router_pb2.RouteRequest) -> RouteRequest:
+    """A protobuf RouteRequest as the core's request (optional fields to None)."""
+    return RouteRequest(
+        request_id=req.request_id, model=req.model,
+        token_ids=req.token_ids if req.token_ids else None,
+        prompt=req.prompt or None,
+        block_hashes=req.block_hashes if req.block_hashes else None,
+        num_prompt_tokens=req.num_prompt_tokens,
+        session_id=req.session_id if req.HasField("session_id") and req.session_id else None,
+        policy=req.policy if req.HasField("policy") and req.policy else None,
+        lora_name=req.lora_name or None, cache_salt=req.cache_salt or None,
+        max_output_tokens=req.max_output_tokens)
+
+
+def to_route_response(d: RouteDecision) -> router_pb2.RouteResponse:
+    """The core's decision as a protobuf RouteResponse."""
+    return router_pb2.RouteResponse(
+        request_id=d.request_id, node_id=d.node_id, address=d.address, policy=d.policy,
+        matched_blocks=d.matched_blocks, expected_cached_tokens=d.expected_cached_tokens,
+        reason=d.reason, degraded=d.degraded, prompt_tokens=d.prompt_tokens,
+        block_size=d.block_size,
+        candidates=[router_pb2.Candidate(node_id=c.node_id, score=c.score,
+                                         matched_blocks=c.matched_blocks, load=c.load,
+                                         excluded=c.excluded)
+                    for c in d.candidates[:_MAX_CANDIDATES]])
+
+
+def complete(core: RouterCore, req: router_pb2.CompleteRequest) -> router_pb2.CompleteResponse:
+    """Complete through the core."""
+    cached = req.cached_tokens if req.HasField("cached_tokens") else None
+    return router_pb2.CompleteResponse(
+        released=core.complete(req.request_id, req.success, cached))
+
+
+def stats(core: RouterCore) -> router_pb2.StatsResponse:
+    """The core's counters and state as a StatsResponse."""
+    inflight = core.tracker.inflight_by_node()
+    src = core.source
+    return router_pb2.StatsResponse(
+        decisions_by_policy=core.decisions_by_policy,
+        degraded_decisions=core.degraded_decisions,
+        inflight_by_node=inflight,
+        nodes_known=src.nodes_known(),
+        registry_connected=src.connected,
+        registry_staleness_s=src.staleness_s(),
+        default_policy=core.settings.default_policy,
+        policies=core.policies.names,
+        inflight_expired=core.tracker.expired_total,
+        predicted_cached_tokens=core.predicted_cached_tokens,
+        reported_cached_tokens=core.reported_cached_tokens)
