@@ -64,6 +64,12 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
         5.0, "Replica mode: once the registry link has been down this long, the replica is "
              "no longer trusted and decisions degrade to least_loaded")
 
+    max_concurrent_rpcs: int = setting(
+        1000, "Most calls the router serves at once (Route, Complete, Stats; a RouteStream "
+              "counts once); beyond it a call is refused at once with RESOURCE_EXHAUSTED "
+              "(retry with back-off, or on another router) instead of queueing past its "
+              "deadline. 0 = unlimited")
+
     def __post_init__(self) -> None:
         ServerSettings.__post_init__(self)
         require(bool(self.registry), "registry", "the registry address HOST:PORT is required")
@@ -79,6 +85,7 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
         require(0 <= self.max_token_id <= 2**32 - 1, "max_token_id", "must be in 0..2**32-1")
         require(self.inflight_timeout_s > 0, "inflight_timeout_s", "must be > 0")
         require(self.max_tracked_requests >= 1, "max_tracked_requests", "must be >= 1")
+        require(self.max_concurrent_rpcs >= 0, "max_concurrent_rpcs", "must be >= 0")
         for name in ("lookup_timeout_s", "registry_timeout_s", "registry_retry_max_s",
                      "node_cache_ttl_s", "replica_max_staleness_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
