@@ -176,3 +176,26 @@ async def test_engine_sigkill_leaves_routing_within_a_heartbeat(
     traffic.prompts = {7: node.node_id, 1: stack.fleet[1].node_id}
     await traffic.wait_cache_aware(10)
     await no_placement_lost(stack)
+
+
+async def test_two_registries_sigkill_the_one_in_use(
+        two_registries: tuple[FaultStack, Traffic]) -> None:
+    """Router and agents list both replicas: killing the one they use moves them to the other
+    within a second; the survivor keeps every node past the lease TTL."""
+    stack, traffic = two_registries
+    reg = stack.regs[0]
+    assert reg is not None
+    reg.process.kill()
+    stack.regs[0] = None
+    killed = time.monotonic()
+    await asyncio.sleep(TTL + 1.0)
+    survivor = f"127.0.0.1:{stack.reg_ports[1]}"
+    nodes = await asyncio.to_thread(indexed, survivor)
+    assert sorted(nodes) == ["node-0", "node-1"] and all(h for _, h in nodes.values()), nodes
+    degraded = [o for o in traffic.out if o.degraded]
+    assert not degraded and not traffic.failures(), traffic.summary()
+    since = traffic.cache_aware_since(killed)
+    assert since is not None and since - killed <= 1.0, traffic.summary()
+    stack.reg_ports = stack.reg_ports[1:]
+    stack.regs = stack.regs[1:]
+    await no_placement_lost(stack)
