@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.faults import FaultInjector, format_summary, parse_faults, registries_needed
 from bench.runner import run_comparison
 from bench.sim.config import SimSettings
 from bench.stack_backend import STACK_POLICIES, StackBackend
@@ -36,6 +37,14 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overhead-pairs", type=int, default=100, metavar="N",
                    help="stack --peers: direct-vs-routed request pairs measuring each router's "
                         "added latency (0 = skip)")
+    g.add_argument("--fault", metavar="SPEC[,SPEC...]", default=None,
+                   help="stack: inject faults into each replay at trace times and report "
+                        "failed requests, decisions naming a dead node, blind decisions, "
+                        "placements lost and hit rate in the fault window vs steady state: "
+                        "kill-registry@T[+D], sigterm-registry@T[+D], "
+                        "rolling-restart-registries@T (runs 2 registries), pause-etcd@T+D, "
+                        "restart-etcd@T+D, kill-engine:NODE@T, kill-agent:NODE@T (NODE = "
+                        "engine-0...; T, D in trace seconds)")
     g.add_argument("--quick", action="store_true",
                    help="stack: a smoke run for tests: first 120 requests, 4 nodes, 20 pairs")
 
@@ -98,12 +107,20 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
                      decode_ms_per_token=settings.decode_s_per_token * 1000.0,
                      max_running=settings.max_batch, time_scale=args.time_scale,
                      router_args=router_flags(kv))
+    faults = parse_faults(args.fault) if getattr(args, "fault", None) else []
+    if faults:
+        spec = dataclasses.replace(spec, registries=registries_needed(faults))
     peers = _peer_names(args.peers)
+    if faults and peers:
+        raise ConfigError("--fault and --peers: faults are injected into kvroute's own "
+                          "stack only; run them separately")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
     print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router, etcd; logs in "
           f"{workdir}", file=sys.stderr)
     t0 = time.perf_counter()
     with StackBackend(workdir / "stack", spec) as stack:
+        injector = FaultInjector(stack.fleet, faults, args.time_scale) if faults else None
+        stack.hook = injector
         if not peers:
             out = run_comparison(workload, settings, names, stack)
         else:
@@ -113,12 +130,19 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
                                                           overhead_pairs=args.overhead_pairs))
             out = run_comparison(workload, settings, [*names, *peers], combined)
             attach_added_latency(out.report, combined.added_latency)
+    if injector is not None:
+        out.report["faults"] = injector.results
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
     from bench.report import emit
 
     emit(out, f"replayed {len(names) + len(peers)} routers x {len(workload.requests)} requests "
               f"through the stack in {time.perf_counter() - t0:.1f} s", args.json, args.plot_dir)
+    if injector is not None:
+        print(f"faults {', '.join(map(str, faults))} (window = fault + "
+              f"{injector.recovery_s:g} s of trace time):")
+        for name, summary in injector.results.items():
+            print(format_summary(name, summary))
     added = [(r["policy"], r["added_latency_ms"]) for r in out.report["results"]
              if "added_latency_ms" in r]
     if added:

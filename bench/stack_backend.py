@@ -19,7 +19,7 @@ import grpc
 
 from bench.results import PolicyRun
 from bench.stack_fleet import FleetSpec, StackFleet
-from bench.stack_replay import replay_stack, reset_caches
+from bench.stack_replay import ReplayHook, replay_stack, reset_caches
 from bench.workloads.base import Workload
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 
@@ -37,6 +37,8 @@ class StackBackend:
         self.fleet = StackFleet(workdir, spec)
         self.spec = spec
         self.progress = progress
+        self.hook: ReplayHook | None = None
+        """Runs next to every replay (``--fault``: :class:`bench.faults.FaultInjector`)."""
 
     def __enter__(self) -> StackBackend:
         self.fleet.start()
@@ -83,15 +85,16 @@ class StackBackend:
         return asyncio.run(self._replay(workload, policy_name))
 
     async def _replay(self, workload: Workload, policy_name: str) -> PolicyRun:
-        urls = {e.node_id: e.url for e in self.fleet.engines}
+        dead = self.hook.dead_nodes if self.hook is not None else set()
+        urls = {e.node_id: e.url for e in self.fleet.engines if e.node_id not in dead}
         await reset_caches(urls)
         await self._wait_registry(
-            lambda nodes: len(nodes) == self.spec.nodes
+            lambda nodes: {n.node_id for n in nodes} == set(urls)
             and all(n.blocks_indexed == 0 and n.healthy for n in nodes),
             "every node's index emptied after the cache reset")
         run = await replay_stack(workload, policy_name, self.fleet.router_target, urls,
                                  self.spec.model, self.spec.time_scale,
-                                 self.spec.prefill_tokens_per_s, self.progress)
+                                 self.spec.prefill_tokens_per_s, self.progress, self.hook)
         run.notes.append(f"stack: {self.spec.nodes} engine_sim processes, time_scale "
                          f"{self.spec.time_scale}, block_size {self.spec.block_size}")
         return run

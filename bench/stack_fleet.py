@@ -55,6 +55,8 @@ class FleetSpec:
     """Extra router flags (e.g. the kv_aware settings of a bench run)."""
     max_prompt_tokens: int = 262_144
     """Largest prompt the router and engines accept (trace prompts reach ~100k tokens)."""
+    registries: int = 1
+    """Registry replicas (router and agents get them all as a comma list)."""
 
 
 @dataclass
@@ -83,6 +85,10 @@ class StackFleet:
     def __post_init__(self) -> None:
         self.etcd: EmbeddedEtcd | None = None
         self.registry: ManagedProcess | None = None
+        """Registry 0 (``registries`` holds every replica)."""
+        self.registries: list[ManagedProcess] = []
+        self.registries_ready: list[dict[str, Any]] = []
+        self._restarts = 0
         self.router: ManagedProcess | None = None
         self.engines: list[EngineHandle] = []
         self.registry_ready: dict[str, Any] = {}
@@ -107,8 +113,37 @@ class StackFleet:
 
     @property
     def registry_target(self) -> str:
-        """``127.0.0.1:PORT`` of the registry."""
+        """``127.0.0.1:PORT`` of the registry (the first one that was started)."""
         return f"127.0.0.1:{self.registry_ready['grpc_port']}"
+
+    @property
+    def registry_list(self) -> str:
+        """Every registry replica as a comma list (what router and agents are given)."""
+        return ",".join(f"127.0.0.1:{r['grpc_port']}" for r in self.registries_ready)
+
+    def _registry_args(self, port: int = 0) -> list[str]:
+        assert self.etcd is not None
+        return ["--etcd-endpoints", self.etcd.endpoint, "--block-size",
+                str(self.spec.block_size), "--lease-ttl-s", str(self.spec.lease_ttl_s),
+                "--listen", f"127.0.0.1:{port}"]
+
+    def stop_registry(self, i: int, kill: bool) -> None:
+        """SIGKILL (crash) or SIGTERM (drain, waited for) registry ``i``."""
+        proc = self.registries[i]
+        if kill:
+            proc.kill()
+        else:
+            proc.stop(grace_s=10.0)
+
+    def restart_registry(self, i: int) -> None:
+        """Start registry ``i`` again on its port and wait until it serves."""
+        self._restarts += 1
+        port = int(self.registries_ready[i]["grpc_port"])
+        launched = self._launch("registry", f"registry-{i}-r{self._restarts}",
+                                self._registry_args(port))
+        self.registries[i], self.registries_ready[i] = launched[0], self._ready(launched)
+        if i == 0:
+            self.registry = self.registries[0]
 
     @property
     def router_target(self) -> str:
@@ -121,9 +156,8 @@ class StackFleet:
         s = self.spec
         try:
             self.etcd = EmbeddedEtcd(self.workdir / "etcd").start()
-            registry = self._launch("registry", "registry", [
-                "--etcd-endpoints", self.etcd.endpoint, "--block-size", str(s.block_size),
-                "--lease-ttl-s", str(s.lease_ttl_s)])
+            registries = [self._launch("registry", "registry" if i == 0 else f"registry-{i}",
+                                       self._registry_args()) for i in range(s.registries)]
             engines = [self._launch("engine-sim", f"engine-{i}", [
                 "--block-size", str(s.block_size), "--capacity-blocks", str(s.cache_blocks),
                 "--prefill-tokens-per-s", str(s.prefill_tokens_per_s),
@@ -131,12 +165,14 @@ class StackFleet:
                 "--max-running", str(s.max_running), "--time-scale", str(s.time_scale),
                 "--model", s.model, "--max-prompt-tokens", str(s.max_prompt_tokens)])
                 for i in range(s.nodes)]
-            self.registry, self.registry_ready = registry[0], self._ready(registry)
+            self.registries = [r[0] for r in registries]
+            self.registries_ready = [self._ready(r) for r in registries]
+            self.registry, self.registry_ready = self.registries[0], self.registries_ready[0]
             engine_ready = [self._ready(e) for e in engines]
             agents = [self._launch("agent", f"agent-{i}", self._agent_args(i, ready))
                       for i, ready in enumerate(engine_ready)]
             router = self._launch("router", "router", [
-                "--registry", self.registry_target, "--block-size", str(s.block_size),
+                "--registry", self.registry_list, "--block-size", str(s.block_size),
                 "--default-policy", s.default_policy, "--default-model", s.model,
                 "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s),
                 "--max-prompt-tokens", str(s.max_prompt_tokens), *s.router_args])
@@ -153,7 +189,7 @@ class StackFleet:
         s = self.spec
         http = f"http://127.0.0.1:{ready['http_port']}"
         return [
-            "--registry", self.registry_target, "--node-id", f"engine-{i}",
+            "--registry", self.registry_list, "--node-id", f"engine-{i}",
             "--engine-url", http, "--engine-metrics-url", f"{http}/metrics",
             "--engine-events", f"tcp://127.0.0.1:{ready['events_port']}",
             "--engine-replay", f"tcp://127.0.0.1:{ready['replay_port']}",

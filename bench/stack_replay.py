@@ -20,9 +20,9 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import grpc
@@ -61,23 +61,47 @@ class _Outcome:
     error: str = ""
     client_s: float = math.nan
     """Route call to engine response, as the client saw it (model seconds)."""
+    degraded: bool = False
+    """The router decided without placement data (registry unreachable)."""
+    t_route_s: float = math.nan
+    """Trace time the Route call was made (for fault windows)."""
+
+
+class ReplayHook(Protocol):
+    """Something that runs next to a replay and looks at its outcomes (fault injection)."""
+
+    async def during(self, t0: float) -> None:
+        """Runs concurrently with the replay; ``t0`` is its ``time.perf_counter()`` start."""
+        ...
+
+    def after(self, run: PolicyRun, outcomes: Sequence[_Outcome]) -> None:
+        """Called with the finished run and every request's outcome."""
+        ...
+
+    @property
+    def dead_nodes(self) -> set[str]:
+        """Nodes the hook killed for good (later replays run without them)."""
+        ...
 
 
 async def _one(req: TraceRequest, tokens: list[int], policy: str, model: str,
                stub: router_pb2_grpc.RouterAsyncStub, http: aiohttp.ClientSession,
-               urls: dict[str, str], out: _Outcome, time_scale: float) -> None:
+               urls: dict[str, str], out: _Outcome, time_scale: float,
+               t_start: float) -> None:
     t0 = time.perf_counter()
     route_req = router_pb2.RouteRequest(request_id=req.request_id, model=model,
                                         token_ids=tokens, policy=policy,
                                         max_output_tokens=req.output_tokens)
     if req.session_key:
         route_req.session_id = req.session_key
+    out.t_route_s = (t0 - t_start) / time_scale
     try:
         decision = await stub.Route(route_req, timeout=30)
     except grpc.aio.AioRpcError as exc:
         out.error = f"route: {exc.code().name}: {exc.details()}"
         return
     out.node_id, out.predicted = decision.node_id, decision.expected_cached_tokens
+    out.degraded = decision.degraded
     body = {"model": model, "prompt": tokens, "max_tokens": max(1, req.output_tokens),
             "user": req.request_id}
     ok = False
@@ -104,8 +128,10 @@ async def _one(req: TraceRequest, tokens: list[int], policy: str, model: str,
 async def replay_stack(workload: Workload, policy: str, router_target: str,
                        engine_urls: dict[str, str], model: str, time_scale: float,
                        prefill_tokens_per_s: float,
-                       progress: Callable[[int], None] | None = None) -> PolicyRun:
-    """Replay ``workload`` under ``policy`` and build the run from the engines' records."""
+                       progress: Callable[[int], None] | None = None,
+                       hook: ReplayHook | None = None) -> PolicyRun:
+    """Replay ``workload`` under ``policy`` and build the run from the engines' records;
+    ``hook`` (fault injection) runs next to the replay and sees every outcome after."""
     node_ids = sorted(engine_urls)
     run = PolicyRun(policy=policy, node_ids=node_ids, n_requests=len(workload.requests))
     run.init_requests(len(workload.requests))
@@ -121,16 +147,19 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
         await _reset_records(http, engine_urls)
         tasks: list[asyncio.Task[None]] = []
         start = time.perf_counter()
+        hooked = asyncio.create_task(hook.during(start)) if hook is not None else None
         for i, req in enumerate(workload.requests):
             delay = req.arrival_s * time_scale - (time.perf_counter() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
             task = asyncio.create_task(_one(req, tokens[i], policy, model, stub, http,
-                                            engine_urls, outcomes[i], time_scale))
+                                            engine_urls, outcomes[i], time_scale, start))
             if progress is not None:
                 task.add_done_callback(lambda _t: progress(1))
             tasks.append(task)
         await asyncio.gather(*tasks)
+        if hooked is not None:
+            await hooked
         stats = {n: await _stats(http, u) for n, u in engine_urls.items()}
         for n, st in stats.items():
             st["_evicted_before"] = before[n].get("evicted_blocks", 0)
@@ -138,6 +167,8 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
     run.wall_s = time.perf_counter() - t_wall0
     _fill(run, workload, outcomes, stats, node_ids, prefill_tokens_per_s)
     run.notes.append(client_vs_engine_note([o.client_s for o in outcomes], run.e2e_s))
+    if hook is not None:
+        hook.after(run, outcomes)
     return run
 
 
