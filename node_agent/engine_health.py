@@ -16,6 +16,8 @@ from collections.abc import Callable
 import aiohttp
 
 log = logging.getLogger(__name__)
+MIN_INTERVAL_S = 0.2
+"""Checks are never more frequent than this (fast bench heartbeats would load the engine)."""
 
 
 class EngineHealth:
@@ -77,4 +79,4 @@ class EngineHealth:
                     log.warning("engine health check failed (%d so far): %s",
                                 self.failed_checks + 1, why)
                 self.observe(ok, gone, why)
-                await asyncio.sleep(max(0.05, self._interval_s()))
+                await asyncio.sleep(max(MIN_INTERVAL_S, self._interval_s()))

@@ -50,13 +50,15 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
         "reconnect back-off is capped the same, so a registry that returns is used within "
         "about this long")
     engine_health_path: str = setting(
-        "/health", "Path on --engine-url polled every heartbeat interval; while it fails the "
+        "/health", "Path on --engine-url polled every heartbeat interval (at most 5 times a "
+        "second); while it fails the "
         "node leaves routing (deregistered) and returns once it answers 200. Empty = off")
     engine_health_timeout_s: float = setting(
-        1.0, "Deadline of one engine health check, seconds")
+        2.0, "Deadline of one engine health check, seconds")
     engine_health_failures: int = setting(
-        2, "Failed health checks in a row (timeouts, HTTP errors) before the engine counts "
-        "as down; a refused connection (engine process gone) counts at once")
+        3, "Failed health checks in a row (timeouts, HTTP errors) before the engine counts "
+        "as down (a busy engine may answer late); a refused connection (engine process "
+        "gone) counts at once")
     replay_timeout_s: float = setting(2.0, "Seconds to wait for each replay reply")
     medium_policy: str = setting(
         "device", "Which cached blocks count: device (only --device-media; offloaded copies "
