@@ -17,8 +17,10 @@ The injector runs next to the replay (:meth:`FaultInjector.during`) and afterwar
 (:meth:`FaultInjector.summarize`) measures, per run: failed requests, decisions naming a node
 that was dead at decision time, blind decisions (made without placement data: ``degraded``),
 placements lost (blocks the engines hold that the registry does not index, after recovery) and
-the token hit rate of requests routed inside the fault windows vs outside them. D and T are
-trace seconds; restarts wait for the process to serve (that time counts in the window).
+the token hit rate of requests routed inside the fault windows, next to the same requests in
+a replay of the same policy without faults (run first, on the same fleet: the steady state),
+and outside the windows. D and T are trace seconds; restarts wait for the process to serve
+(that time counts in the window).
 """
 
 from __future__ import annotations
@@ -127,12 +129,19 @@ class FaultInjector:
     windows: list[Window] = field(default_factory=list)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Fault metrics per replayed policy (filled by :meth:`after`)."""
+    replays: int = 2
+    """Each policy is replayed without faults first (the baseline), then with them."""
+    _baseline: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
+    _faulting: bool = False
 
     def _now(self, t0: float) -> float:
         return (time.perf_counter() - t0) / self.time_scale
 
     async def during(self, t0: float) -> None:
-        """Run every fault at its time (``t0`` = the replay's perf_counter start)."""
+        """Run every fault at its time (``t0`` = the replay's perf_counter start); nothing
+        during a policy's baseline replay."""
+        if not self._faulting:
+            return
         self.windows = []
         for spec in self.specs:
             wait = spec.at_s * self.time_scale - (time.perf_counter() - t0)
@@ -181,8 +190,14 @@ class FaultInjector:
         return {w.dead_node for w in self.windows if w.dead_node}
 
     def after(self, run: PolicyRun, outcomes: Sequence[Outcome]) -> None:
-        """Measure the finished replay of ``run.policy`` (ReplayHook)."""
-        summary = self.summarize(outcomes, run.prompt_tokens, run.cached_tokens)
+        """Record a baseline replay, or measure the fault replay of ``run.policy``
+        (ReplayHook); the next replay is then the other kind."""
+        self._faulting = not self._faulting
+        if self._faulting:  # that was the baseline
+            self._baseline[run.policy] = (list(run.prompt_tokens), list(run.cached_tokens))
+            return
+        summary = self.summarize(outcomes, run.prompt_tokens, run.cached_tokens,
+                                 self._baseline.get(run.policy))
         self.results[run.policy] = summary
         run.notes.append("faults: " + format_summary(run.policy, summary).strip())
 
@@ -192,26 +207,36 @@ class FaultInjector:
         return any(w.start_s <= t <= w.end_s + self.recovery_s for w in self.windows)
 
     def summarize(self, outcomes: Sequence[Outcome], prompt_tokens: Sequence[int],
-                  cached_tokens: Sequence[int]) -> dict[str, Any]:
-        """Fault metrics of one replay (see the module docstring)."""
+                  cached_tokens: Sequence[int],
+                  baseline: tuple[list[int], list[int]] | None = None) -> dict[str, Any]:
+        """Fault metrics of one replay (see the module docstring); ``baseline`` = prompt and
+        cached tokens per request of the same replay without faults."""
         dead = {w.dead_node: w.start_s for w in self.windows if w.dead_node}
         win = [0, 0, 0]  # requests, prompt tokens, cached tokens
         steady = [0, 0, 0]
+        base_win = [0, 0]  # the same window's requests without faults: prompt, cached
         failed = naming_dead = blind = 0
-        for o, p, c in zip(outcomes, prompt_tokens, cached_tokens, strict=True):
+        for i, (o, p, c) in enumerate(zip(outcomes, prompt_tokens, cached_tokens,
+                                          strict=True)):
             if o.error:
                 failed += 1
             t = o.t_route_s
             if o.node_id and o.node_id in dead and not math.isnan(t) and t >= dead[o.node_id]:
                 naming_dead += 1
             blind += bool(o.degraded)
-            if o.error or math.isnan(t):
+            if math.isnan(t):
                 continue
-            acc = win if self.in_window(t) else steady
+            inside = self.in_window(t)
+            if inside and baseline is not None:
+                base_win[0] += baseline[0][i]
+                base_win[1] += baseline[1][i]
+            acc = win if inside else steady
             acc[0] += 1
             acc[1] += p
-            acc[2] += c
+            acc[2] += 0 if o.error else c
         lost = self.placements_lost(set(dead))
+        base_all = (sum(baseline[1]) / sum(baseline[0])) if baseline and sum(baseline[0]) \
+            else math.nan
         return {
             "faults": [str(s) for s in self.specs],
             "windows": [{"fault": str(w.spec), "start_s": round(w.start_s, 2),
@@ -223,7 +248,12 @@ class FaultInjector:
             "blind_fraction": blind / len(outcomes) if outcomes else 0.0,
             "placements_lost": lost,
             "hit_rate_fault_window": win[2] / win[1] if win[1] else math.nan,
+            "hit_rate_fault_window_without_faults": (
+                base_win[1] / base_win[0] if base_win[0] else math.nan),
             "hit_rate_steady": steady[2] / steady[1] if steady[1] else math.nan,
+            "hit_rate_run": (win[2] + steady[2]) / (win[1] + steady[1])
+            if win[1] + steady[1] else math.nan,
+            "hit_rate_run_without_faults": base_all,
             "requests_fault_window": win[0], "requests_steady": steady[0],
         }
 
@@ -268,7 +298,9 @@ def format_summary(policy: str, s: dict[str, Any]) -> str:
         return "n/a" if math.isnan(v) else f"{100 * v:.1f}%"
     return (f"  {policy:<14} failed {s['failed']}, naming a dead node "
             f"{s['decisions_naming_dead_node']}, blind {s['blind_decisions']} "
-            f"({pct(s['blind_fraction'])}), placements lost {s['placements_lost']}, hit rate "
-            f"fault window {pct(s['hit_rate_fault_window'])} vs steady "
-            f"{pct(s['hit_rate_steady'])} ({s['requests_fault_window']} / "
-            f"{s['requests_steady']} requests)")
+            f"({pct(s['blind_fraction'])}), placements lost {s['placements_lost']}; token hit "
+            f"rate in the fault window {pct(s['hit_rate_fault_window'])} (same requests "
+            f"without faults {pct(s['hit_rate_fault_window_without_faults'])}), outside it "
+            f"{pct(s['hit_rate_steady'])}, whole run {pct(s['hit_rate_run'])} (without faults "
+            f"{pct(s['hit_rate_run_without_faults'])}); {s['requests_fault_window']} / "
+            f"{s['requests_steady']} requests in / outside the window")

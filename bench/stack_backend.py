@@ -82,6 +82,8 @@ class StackBackend:
         if policy_name not in STACK_POLICIES:
             raise KeyError(f"policy {policy_name!r} is not served by the router; stack mode "
                            f"runs {', '.join(STACK_POLICIES)}")
+        for _ in range(self.hook.replays - 1 if self.hook is not None else 0):
+            asyncio.run(self._replay(workload, policy_name))  # e.g. the fault-free baseline
         return asyncio.run(self._replay(workload, policy_name))
 
     async def _replay(self, workload: Workload, policy_name: str) -> PolicyRun:

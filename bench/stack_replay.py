@@ -83,6 +83,12 @@ class ReplayHook(Protocol):
         """Nodes the hook killed for good (later replays run without them)."""
         ...
 
+    @property
+    def replays(self) -> int:
+        """Replays per policy (a fault run first replays without faults as its baseline);
+        the last one is the policy's result."""
+        ...
+
 
 async def _one(req: TraceRequest, tokens: list[int], policy: str, model: str,
                stub: router_pb2_grpc.RouterAsyncStub, http: aiohttp.ClientSession,

@@ -53,10 +53,14 @@ def test_summary_counts_window_and_steady_state(tmp_path: Path) -> None:
             Out("n1", t_route_s=11.0, error="engine: refused"),  # names the dead node
             Out("n0", t_route_s=12.0, degraded=True),            # blind, in the window
             Out("n0", t_route_s=30.0)]                           # steady again
-    s = inj.summarize(outs, [100] * 5, [50, 50, 0, 0, 100])
+    s = inj.summarize(outs, [100] * 5, [50, 50, 0, 0, 100],
+                      baseline=([100] * 5, [50, 50, 40, 60, 100]))
     assert s["failed"] == 1 and s["decisions_naming_dead_node"] == 1
     assert s["blind_decisions"] == 1 and math.isclose(s["blind_fraction"], 0.2)
-    assert s["requests_fault_window"] == 1 and s["requests_steady"] == 3
+    assert s["requests_fault_window"] == 2 and s["requests_steady"] == 3  # failed ones count
     assert s["hit_rate_fault_window"] == 0.0
+    assert math.isclose(s["hit_rate_fault_window_without_faults"], 0.5)
     assert math.isclose(s["hit_rate_steady"], 200 / 300)
+    assert math.isclose(s["hit_rate_run"], 0.4)
+    assert math.isclose(s["hit_rate_run_without_faults"], 0.6)
     assert inj.dead_nodes == {"n1"} and s["faults"] == ["kill-engine:n1@10"]
