@@ -9,14 +9,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.faults import FaultInjector, format_summary, parse_faults, registries_needed
-from bench.runner import run_comparison
+from bench.faults import (
+    FaultInjector,
+    FaultSpec,
+    format_summary,
+    node_faults,
+    parse_faults,
+    registries_needed,
+)
+from bench.runner import BenchOutcome, run_comparison
 from bench.sim.config import SimSettings
 from bench.stack_backend import STACK_POLICIES, StackBackend
-from bench.stack_fleet import FleetSpec
+from bench.stack_fleet import FleetSpec, router_flags
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
-from kvroute.settings import flag_name, from_namespace
+from kvroute.settings import from_namespace
 from router_service.policies.kv_aware import KvAwareSettings
 
 
@@ -37,14 +44,18 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overhead-pairs", type=int, default=100, metavar="N",
                    help="stack --peers: direct-vs-routed request pairs measuring each router's "
                         "added latency (0 = skip)")
+    g.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="stack: run the whole comparison N times back to back, each on fresh "
+                        "processes, and report the run-to-run spread of every router's hit "
+                        "rate and TTFT percentiles (JSON: runs, spread)")
     g.add_argument("--fault", metavar="SPEC[,SPEC...]", default=None,
-                   help="stack: inject faults into each replay at trace times and report "
-                        "failed requests, decisions naming a dead node, blind decisions, "
-                        "placements lost and hit rate in the fault window vs steady state: "
-                        "kill-registry@T[+D], sigterm-registry@T[+D], "
-                        "rolling-restart-registries@T (runs 2 registries), pause-etcd@T+D, "
-                        "restart-etcd@T+D, kill-engine:NODE@T, kill-agent:NODE@T (NODE = "
-                        "engine-0...; T, D in trace seconds)")
+                   help="stack: inject faults into each replay at trace times (each policy is "
+                        "replayed without faults first, as the baseline) and report failed "
+                        "requests, decisions naming a dead node, blind decisions, placements "
+                        "lost and the hit rate in the fault window: kill-registry@T[+D], "
+                        "sigterm-registry@T[+D], rolling-restart-registries@T (runs 2 "
+                        "registries), pause-etcd@T+D, restart-etcd@T+D, kill-engine:NODE@T, "
+                        "kill-agent:NODE@T (NODE = engine-0...; T, D in trace seconds)")
     g.add_argument("--quick", action="store_true",
                    help="stack: a smoke run for tests: first 120 requests, 4 nodes, 20 pairs")
 
@@ -85,14 +96,6 @@ def stack_policies(requested: list[str], explicit: bool) -> list[str]:
     return requested
 
 
-def router_flags(kv: KvAwareSettings) -> tuple[str, ...]:
-    """The router flags that give it the same kv_aware settings as this run."""
-    out: list[str] = []
-    for f in dataclasses.fields(kv):
-        out += [flag_name(f), str(getattr(kv, f.name))]
-    return tuple(out)
-
-
 def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSettings,
               names: list[str], kv: KvAwareSettings) -> int:
     """Replay ``workload`` through etcd, registry, router, node agents and engine_sim."""
@@ -106,10 +109,11 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
                      prefill_tokens_per_s=settings.prefill_tokens_per_s,
                      decode_ms_per_token=settings.decode_s_per_token * 1000.0,
                      max_running=settings.max_batch, time_scale=args.time_scale,
-                     router_args=router_flags(kv))
+                     router_args=router_flags(kv, args.time_scale))
     faults = parse_faults(args.fault) if getattr(args, "fault", None) else []
-    if faults:
-        spec = dataclasses.replace(spec, registries=registries_needed(faults))
+    if faults:  # node faults kill one engine or agent: each needs its own process
+        spec = dataclasses.replace(spec, registries=registries_needed(faults),
+                                   one_process=spec.one_process and not node_faults(faults))
     peers = _peer_names(args.peers)
     if faults and peers:
         raise ConfigError("--fault and --peers: faults are injected into kvroute's own "
@@ -117,31 +121,43 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
     print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router, etcd; logs in "
           f"{workdir}", file=sys.stderr)
+    if args.repeat < 1:
+        raise ConfigError("--repeat must be >= 1")
     t0 = time.perf_counter()
-    with StackBackend(workdir / "stack", spec) as stack:
-        injector = FaultInjector(stack.fleet, faults, args.time_scale) if faults else None
-        stack.hook = injector
-        if not peers:
-            out = run_comparison(workload, settings, names, stack)
-        else:
-            from bench.peers import CombinedBackend, PeerBackend, attach_added_latency
+    outs = []
+    for k in range(args.repeat):
+        sub = workdir if args.repeat == 1 else workdir / f"run-{k + 1}"
+        if args.repeat > 1:
+            print(f"stack: run {k + 1} of {args.repeat}", file=sys.stderr)
+        outs.append(_run_once(workload, settings, names, peers, spec, sub, args.overhead_pairs,
+                              faults, args.time_scale))
+    out = outs[0]
+    if len(outs) > 1:
+        from bench.spread import spread
 
-            combined = CombinedBackend(stack, PeerBackend(workdir / "peers", spec,
-                                                          overhead_pairs=args.overhead_pairs))
-            out = run_comparison(workload, settings, [*names, *peers], combined)
-            attach_added_latency(out.report, combined.added_latency)
-    if injector is not None:
-        out.report["faults"] = injector.results
+        out.report["runs"] = [o.report for o in outs]
+        out.report["spread"] = spread([o.report for o in outs])
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
     from bench.report import emit
 
     emit(out, f"replayed {len(names) + len(peers)} routers x {len(workload.requests)} requests "
-              f"through the stack in {time.perf_counter() - t0:.1f} s", args.json, args.plot_dir)
-    if injector is not None:
-        print(f"faults {', '.join(map(str, faults))} (window = fault + "
-              f"{injector.recovery_s:g} s of trace time):")
-        for name, summary in injector.results.items():
+              f"through the stack in {time.perf_counter() - t0:.1f} s"
+              + (f" ({args.repeat} runs; the table is run 1)" if args.repeat > 1 else ""),
+         args.json, args.plot_dir)
+    if len(outs) > 1:
+        from bench.report import format_table
+        from bench.spread import format_spread
+
+        for k, o in enumerate(outs[1:], 2):
+            print(f"\nrun {k}:")
+            print(format_table(o.report))
+        print()
+        print(format_spread(out.report["spread"]))
+    if faults:
+        print(f"faults {', '.join(map(str, faults))} (window = each fault + "
+              f"{FaultInjector.recovery_s:g} s of trace time):")
+        for name, summary in out.report["faults"].items():
             print(format_summary(name, summary))
     added = [(r["policy"], r["added_latency_ms"]) for r in out.report["results"]
              if "added_latency_ms" in r]
@@ -151,3 +167,25 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
             print(f"  {name:<34} +{lat['added_ms']:.2f} ms  (direct {lat['direct_ms']:.2f}, "
                   f"routed {lat['routed_ms']:.2f})")
     return 0
+
+
+def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers: list[str],
+              spec: FleetSpec, workdir: Path, overhead_pairs: int,
+              faults: list[FaultSpec] | None = None, time_scale: float = 1.0) -> BenchOutcome:
+    """One comparison on freshly started processes (kvroute's fleet, then each peer's)."""
+    with StackBackend(workdir / "stack", spec) as stack:
+        if faults:
+            injector = FaultInjector(stack.fleet, faults, time_scale)
+            stack.hook = injector
+            out = run_comparison(workload, settings, names, stack)
+            out.report["faults"] = injector.results
+            return out
+        if not peers:
+            return run_comparison(workload, settings, names, stack)
+        from bench.peers import CombinedBackend, PeerBackend, attach_added_latency
+
+        combined = CombinedBackend(stack, PeerBackend(workdir / "peers", spec,
+                                                      overhead_pairs=overhead_pairs))
+        out = run_comparison(workload, settings, [*names, *peers], combined)
+        attach_added_latency(out.report, combined.added_latency)
+        return out

@@ -91,6 +91,12 @@ def parse_faults(text: str) -> list[FaultSpec]:
     return sorted(out, key=lambda f: f.at_s)
 
 
+def node_faults(specs: Sequence[FaultSpec]) -> bool:
+    """True when a fault kills one node's engine or agent (the fleet then runs a process per
+    engine and per agent instead of one for all)."""
+    return any(f.kind in _NEEDS_NODE for f in specs)
+
+
 def registries_needed(specs: Sequence[FaultSpec]) -> int:
     """Registries the fleet must run for these faults (a rolling restart needs two)."""
     return 2 if any(f.kind == "rolling-restart-registries" for f in specs) else 1

@@ -58,6 +58,13 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['throughput_rps']:6.2f}"
             f"{r['load_max_over_mean']:9.2f}{r['utilization']:6.2f}{r['evictions']:9d}"
             f"{r['failed']:5d}")
+    lags = [(r["policy"], r["arrival_lag_ms"]) for r in report["results"]
+            if r.get("arrival_lag_ms")]
+    if lags:
+        lines.append("replay timing — arrival lag at the engines p50/p99 (model s; large = the "
+                     "replay could not keep the trace's timing): " + ", ".join(
+                         f"{p} {lag['p50'] / 1000:.2f}/{lag['p99'] / 1000:.2f}"
+                         for p, lag in lags))
     lines.append("")
     lines.append("hit = engine-measured token hit rate; /orc, /mLRU = ratio to the oracle and "
                  "merged-LRU bounds; pred = router-predicted token hit rate; req = requests "

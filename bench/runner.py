@@ -53,15 +53,19 @@ def run_comparison(workload: Workload, settings: SimSettings, policies: list[str
     floor = latency_floor(workload, merged, settings.nodes, settings.prefill_tokens_per_s) \
         if settings.latency_model == "default" else None
     floor_ms = floor.percentiles_ms() if floor is not None else None
-    runs = [backend.replay(workload, name) for name in policies]
+    # the random bound needs a random replay: run it with kvroute's own policies, before any
+    # real peer router ("peer:*", each on its own fleet), so kvroute's fleet can stop first
+    order = list(policies)
+    if "random" not in order:
+        order.insert(next((i for i, n in enumerate(order) if n.startswith("peer:")),
+                          len(order)), "random")
+    replayed = {name: backend.replay(workload, name) for name in order}
+    runs = [replayed[name] for name in policies]
     results = [policy_metrics(r, merged.hit_rate_tokens, orc.hit_rate_tokens) for r in runs]
     for m in results:
         m["ttft_ratio_to_floor"] = _ratios(m["ttft_ms"], floor_ms)
-    random_hit = next((m["hit_rate_tokens"] for m in results if m["policy"] == "random"), None)
-    if random_hit is None:
-        rnd = backend.replay(workload, "random")
-        random_hit = policy_metrics(rnd, merged.hit_rate_tokens,
-                                    orc.hit_rate_tokens)["hit_rate_tokens"]
+    random_hit = policy_metrics(replayed["random"], merged.hit_rate_tokens,
+                                orc.hit_rate_tokens)["hit_rate_tokens"]
     report: dict[str, Any] = {
         "workload": workload.name,
         "nodes": settings.nodes,

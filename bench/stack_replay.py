@@ -210,6 +210,7 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
     index = {n: i for i, n in enumerate(node_ids)}
     busy = [0.0] * len(node_ids)
     t_end = 0.0
+    skew: list[float] = [math.nan] * len(workload.requests)  # engine arrival - schedule
     for i, (req, out) in enumerate(zip(workload.requests, outcomes, strict=True)):
         run.arrival_s[i] = req.arrival_s
         run.prompt_tokens[i] = req.prompt_tokens
@@ -228,16 +229,29 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
         finish = float(rec.get("finished_at", math.nan))
         run.ttft_s[i] = first - arrival
         run.e2e_s[i] = finish - arrival
+        skew[i] = arrival - req.arrival_s
         # Prefill work the engine did for this request (its model charges uncached tokens at
         # the configured rate), for the prefill-utilisation column.
         busy[run.node[i]] += (run.prompt_tokens[i] - run.cached_tokens[i]) / prefill_tokens_per_s
         if not math.isnan(finish):  # engine clocks start with each engine: use durations
             t_end = max(t_end, req.arrival_s + (finish - arrival))
     run.busy_s = busy
+    run.arrival_lag_s = _arrival_lag(run.node, skew, len(node_ids))
     run.load_samples = _load_samples(run, len(node_ids))
     run.evictions = sum(int(st.get("evicted_blocks", 0)) - int(st.get("_evicted_before", 0))
                         for st in stats.values())
     run.t_end_s = t_end
+
+
+def _arrival_lag(node: list[int], skew: list[float], n_nodes: int) -> list[float]:
+    """Per request: engine arrival minus schedule, less the engine's smallest such value (engine
+    clocks start with the engine, so only differences on one engine mean anything)."""
+    base = [math.inf] * n_nodes
+    for n, s in zip(node, skew, strict=True):
+        if n >= 0 and not math.isnan(s):
+            base[n] = min(base[n], s)
+    return [s - base[n] for n, s in zip(node, skew, strict=True)
+            if n >= 0 and not math.isnan(s)]
 
 
 def _load_samples(run: PolicyRun, n_nodes: int, samples: int = 200,

@@ -103,8 +103,15 @@ class CombinedBackend:
         self.added_latency = peers.added_latency
 
     def replay(self, workload: Workload, policy_name_: str) -> PolicyRun:
-        """Dispatch by name; kvroute rows also get their Route added latency measured."""
+        """Dispatch by name; kvroute rows also get their Route added latency measured.
+
+        The first peer stops kvroute's fleet (``close()`` of the stack backend, when it has
+        one): its idle agents and engines must not take CPU from the peers' fleets.
+        """
         if policy_name_.startswith("peer:"):
+            close: Any = getattr(self.stack, "close", None)
+            if close is not None:
+                close()
             return self.peers.replay(workload, policy_name_)
         run = self.stack.replay(workload, policy_name_)
         fleet: Any = getattr(self.stack, "fleet", None)
