@@ -224,15 +224,17 @@ class RegistryLink:
         if not self._engine_ok.is_set():
             return
         try:
-            for attempt in range(2):  # an unknown node / stale epoch re-registers at once
+            for attempt in range(2):
+                if self._need_register:
+                    await self._register()  # a failure here goes to the back-off as it is
                 try:
-                    if self._need_register:
-                        await self._register()
                     if self._need_resync:
                         await self._resync()
                     await self._heartbeat()
                     return
                 except _Retry:
+                    # the registry did not know the node / its epoch (NOT_FOUND,
+                    # FAILED_PRECONDITION): register again at once, once
                     if not self._need_register or attempt == 1:
                         raise
         except _Retry as exc:
