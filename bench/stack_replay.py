@@ -166,9 +166,11 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
         await asyncio.gather(*tasks)
         if hooked is not None:
             await hooked
-        stats = {n: await _stats(http, u) for n, u in engine_urls.items()}
+        stats = {n: await _stats(http, u, gone_ok=hook is not None)
+                 for n, u in engine_urls.items()}
         for n, st in stats.items():
-            st["_evicted_before"] = before[n].get("evicted_blocks", 0)
+            if st:  # (empty: the engine is gone)
+                st["_evicted_before"] = before[n].get("evicted_blocks", 0)
     await channel.close(None)
     run.wall_s = time.perf_counter() - t_wall0
     _fill(run, workload, outcomes, stats, node_ids, prefill_tokens_per_s)
@@ -192,12 +194,20 @@ async def reset_caches(urls: dict[str, str]) -> None:
                 resp.raise_for_status()
 
 
-async def _stats(http: aiohttp.ClientSession, url: str, records: bool = True) -> dict[str, Any]:
-    async with http.get(f"{url}/kvroute/stats", params={"records": "1" if records else "0"}
-                        ) as resp:
-        resp.raise_for_status()
-        data: dict[str, Any] = await resp.json()
-        return data
+async def _stats(http: aiohttp.ClientSession, url: str, records: bool = True,
+                 gone_ok: bool = False) -> dict[str, Any]:
+    """An engine's stats; ``gone_ok``: an engine a fault killed has none (its requests count
+    as failed)."""
+    try:
+        async with http.get(f"{url}/kvroute/stats", params={"records": "1" if records else "0"}
+                            ) as resp:
+            resp.raise_for_status()
+            data: dict[str, Any] = await resp.json()
+            return data
+    except aiohttp.ClientConnectorError:
+        if gone_ok:
+            return {}
+        raise
 
 
 def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
