@@ -61,8 +61,10 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
     node_cache_ttl_s: float = setting(
         2.0, "How long the node list from ListNodes is reused before asking again (stream mode)")
     replica_max_staleness_s: float = setting(
-        5.0, "Replica mode: once the registry link has been down this long, the replica is "
-             "no longer trusted and decisions degrade to least_loaded")
+        30.0, "Replica mode: while the registry link is down the last index replica keeps "
+              "serving cache-aware decisions (blocks cached seconds ago mostly still are; "
+              "the router's own in-flight counts carry the load); once it has been down this "
+              "long the replica is no longer trusted and decisions degrade to least_loaded")
 
     max_concurrent_rpcs: int = setting(
         1000, "Most calls the router serves at once (Route, Complete, Stats; a RouteStream "
