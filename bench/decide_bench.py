@@ -13,14 +13,20 @@ Per fleet size (``--nodes 8,128,1024``), in this process, no network:
 The fleet: every node caches ``--blocks-per-node`` blocks of its own plus prefixes (random
 lengths) of shared documents, each document on ``--holders`` nodes, so a prompt matches a few
 nodes and misses the rest, as in a real fleet. Besides p50/p99 of the whole call, the JSON gives
-the placement part alone (``mirror_p50_us``: the router's mirror lookup; ``match_p50_us``: the
-registry's index walk) to show which part grows with the fleet.
+the placement parts alone, to show which part grows with the fleet: ``mirror_lookup`` (the
+router mirror's answer, every node of the model with its match), ``mirror_match`` and
+``registry_match`` (the index walk alone: only the nodes holding a prefix).
+
+Times are CPU time of the deciding thread (``time.thread_time``), not wall time: on a shared
+machine a process waiting for a core would otherwise show up as decision cost (the p99 still
+includes cache misses and allocator work).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import time
@@ -33,6 +39,7 @@ import numpy as np
 
 from kvroute.blocks import hash_blocks
 from kvroute.errors import ConfigError
+from kvroute.index import HashArray
 from kvroute.v1 import registry_pb2 as rpb
 
 TARGET_RATIO = 2.0
@@ -53,6 +60,8 @@ class DecideBenchConfig:
     decisions: int = 2000
     policy: str = "kv_aware"
     seed: int = 0
+    gc: bool = True
+    """False: Python's garbage collector is off for the run (shows its share of the p99)."""
 
 
 @dataclass
@@ -60,7 +69,9 @@ class Fleet:
     """Synthetic placement: per node its block hashes and usage; the prompts to route."""
 
     nodes: list[str]
-    blocks: dict[str, list[int]]
+    blocks: dict[str, HashArray]
+    """Per node (numpy, so the bench's own data adds nothing to the garbage collector's
+    passes, which would otherwise show in the measured p99)."""
     queue: dict[str, int]
     prompts: list[np.ndarray] = field(default_factory=list)
     prompt_hashes: list[list[int]] = field(default_factory=list)
@@ -71,24 +82,30 @@ def make_fleet(cfg: DecideBenchConfig, n: int) -> Fleet:
     rng = random.Random(cfg.seed * 7919 + n)
     nrng = np.random.default_rng(cfg.seed * 7919 + n)
     nodes = [f"node-{i:04d}" for i in range(n)]
-    blocks: dict[str, list[int]] = {
-        nid: nrng.integers(1, 2**63, size=cfg.blocks_per_node, dtype=np.uint64).tolist()
-        for nid in nodes}
-    fleet = Fleet(nodes, blocks, {nid: rng.randrange(0, 4) for nid in nodes})
+    extra: dict[str, list[int]] = {nid: [] for nid in nodes}
+    fleet = Fleet(nodes, {}, {nid: rng.randrange(0, 4) for nid in nodes})
     tokens = cfg.prompt_blocks * cfg.block_size
     for _ in range(cfg.documents):
         doc = nrng.integers(0, 50_000, size=tokens, dtype=np.uint32)
         hashes = hash_blocks(doc, cfg.block_size)
         for nid in rng.sample(nodes, min(cfg.holders, n)):
-            blocks[nid].extend(hashes[:rng.randrange(1, len(hashes) + 1)])
+            extra[nid].extend(hashes[:rng.randrange(1, len(hashes) + 1)])
         fleet.prompts.append(doc)
         fleet.prompt_hashes.append(hashes)
+    for nid in nodes:
+        own = nrng.integers(1, 2**63, size=cfg.blocks_per_node, dtype=np.uint64)
+        fleet.blocks[nid] = np.concatenate([own, np.array(extra[nid], dtype=np.uint64)])
     return fleet
 
 
-def _pcts(samples: list[float]) -> tuple[float, float]:
+def _capacity(cfg: DecideBenchConfig) -> int:
+    return 4 * (cfg.blocks_per_node + cfg.prompt_blocks)
+
+
+def _named(name: str, samples: list[float]) -> dict[str, float]:
     arr = np.array(samples) * 1e6
-    return round(float(np.percentile(arr, 50)), 1), round(float(np.percentile(arr, 99)), 1)
+    return {f"{name}_p50_us": round(float(np.percentile(arr, 50)), 1),
+            f"{name}_p99_us": round(float(np.percentile(arr, 99)), 1)}
 
 
 # -- router ------------------------------------------------------------------------------------
@@ -108,19 +125,21 @@ def _router(cfg: DecideBenchConfig, fleet: Fleet) -> dict[str, float]:
     PE = rpb.PlacementEvent
     for nid in fleet.nodes:
         info = rpb.NodeInfo(node_id=nid, address=f"{nid}:8000", model=MODEL, healthy=True,
-                            capacity_blocks=4 * cfg.blocks_per_node,
+                            capacity_blocks=_capacity(cfg),
                             used_blocks=len(fleet.blocks[nid]), queue_depth=fleet.queue[nid])
         mirror.apply(PE(kind=PE.NODE_UPSERT, node_id=nid, node=info,
                         block_size=cfg.block_size))
-        mirror.apply(PE(kind=PE.BLOCKS, node_id=nid, cleared=True, stored=fleet.blocks[nid]))
+        mirror.apply(PE(kind=PE.BLOCKS, node_id=nid, cleared=True,
+                        stored=fleet.blocks[nid].tolist()))
     mirror.apply(PE(kind=PE.SNAPSHOT_END, block_size=cfg.block_size))
     rng = random.Random(cfg.seed)
     picks = [rng.randrange(len(fleet.prompts)) for _ in range(cfg.decisions)]
 
-    def run() -> tuple[list[float], list[float]]:
+    def run() -> tuple[list[float], list[float], list[float]]:
         decide: list[float] = []
         lookup: list[float] = []
-        clock = time.perf_counter
+        match: list[float] = []
+        clock = time.thread_time
         for i, p in enumerate(picks):
             req = RouteRequest(request_id=f"r{i}", model=MODEL, token_ids=fleet.prompts[p])
             t0 = clock()
@@ -131,13 +150,14 @@ def _router(cfg: DecideBenchConfig, fleet: Fleet) -> dict[str, float]:
             t0 = clock()
             mirror.lookup(hashes, MODEL)
             lookup.append(clock() - t0)
-        return decide, lookup
+            t0 = clock()
+            mirror.matches(hashes, MODEL)
+            match.append(clock() - t0)
+        return decide, lookup, match
 
-    decide, lookup = run()
-    p50, p99 = _pcts(decide)
-    m50, m99 = _pcts(lookup)
-    return {"router_p50_us": p50, "router_p99_us": p99, "mirror_p50_us": m50,
-            "mirror_p99_us": m99}
+    decide, lookup, match = run()
+    return {**_named("router", decide), **_named("mirror_lookup", lookup),
+            **_named("mirror_match", match)}
 
 
 # -- registry ----------------------------------------------------------------------------------
@@ -155,7 +175,7 @@ def _registry(cfg: DecideBenchConfig, fleet: Fleet) -> dict[str, float]:
     picks = [rng.randrange(len(fleet.prompts)) for _ in range(cfg.decisions)]
 
     async def resync_stream(nid: str, epoch: int) -> AsyncIterator[rpb.ResyncRequest]:
-        yield rpb.ResyncRequest(node_id=nid, epoch=epoch, block_hashes=fleet.blocks[nid],
+        yield rpb.ResyncRequest(node_id=nid, epoch=epoch, block_hashes=fleet.blocks[nid].tolist(),
                                 used_blocks=len(fleet.blocks[nid]))
 
     async def run() -> tuple[list[float], list[float]]:
@@ -165,20 +185,21 @@ def _registry(cfg: DecideBenchConfig, fleet: Fleet) -> dict[str, float]:
             for nid in fleet.nodes:
                 rec = await core.register(rpb.RegisterNodeRequest(
                     node_id=nid, address=f"{nid}:8000", model=MODEL,
-                    block_size=cfg.block_size, capacity_blocks=4 * cfg.blocks_per_node))
+                    block_size=cfg.block_size, capacity_blocks=_capacity(cfg)))
                 await core.resync(resync_stream(nid, rec.epoch))
             servicer = RegistryServicer(core, "bench")
             full: list[float] = []
             match: list[float] = []
-            clock = time.perf_counter
+            clock = time.thread_time
             for i, p in enumerate(picks):
+                # as the router's stream mode asks: every node of the model, healthy or not
                 req = rpb.LookupRequest(block_hashes=fleet.prompt_hashes[p], model=MODEL,
-                                        request_id=str(i))
+                                        request_id=str(i), include_unhealthy=True)
                 t0 = clock()
                 resp = servicer.lookup(req)
                 full.append(clock() - t0)
                 t0 = clock()
-                core.lookup(req)
+                core.view.lookup(req.block_hashes, MODEL)
                 match.append(clock() - t0)
                 assert len(resp.nodes) == len(fleet.nodes)
             return full, match
@@ -186,10 +207,7 @@ def _registry(cfg: DecideBenchConfig, fleet: Fleet) -> dict[str, float]:
             await core.close()
 
     full, match = asyncio.run(run())
-    p50, p99 = _pcts(full)
-    m50, m99 = _pcts(match)
-    return {"lookup_p50_us": p50, "lookup_p99_us": p99, "match_p50_us": m50,
-            "match_p99_us": m99}
+    return {**_named("lookup", full), **_named("registry_match", match)}
 
 
 def run_decide_bench(cfg: DecideBenchConfig,
@@ -199,18 +217,27 @@ def run_decide_bench(cfg: DecideBenchConfig,
     for n in cfg.nodes:
         fleet = make_fleet(cfg, n)
         row: dict[str, Any] = {"nodes": n}
-        row.update(_router(cfg, fleet))
-        row.update(_registry(cfg, fleet))
+        was_on = gc.isenabled()
+        if not cfg.gc:
+            gc.disable()
+        try:
+            row.update(_router(cfg, fleet))
+            row.update(_registry(cfg, fleet))
+        finally:
+            if was_on:
+                gc.enable()
         row["entries"] = sum(len(b) for b in fleet.blocks.values())
         results.append(row)
         if progress is not None:
-            progress(f"{n:>6} nodes: router p50 {row['router_p50_us']:8.1f} us p99 "
-                     f"{row['router_p99_us']:8.1f} (mirror lookup p50 {row['mirror_p50_us']:.1f})"
-                     f" | registry Lookup p50 {row['lookup_p50_us']:8.1f} us p99 "
-                     f"{row['lookup_p99_us']:8.1f} (index walk p50 {row['match_p50_us']:.1f})")
+            progress(f"{n:>5} nodes: router decision p50 {row['router_p50_us']:7.1f} p99 "
+                     f"{row['router_p99_us']:7.1f} us (mirror lookup "
+                     f"{row['mirror_lookup_p50_us']:.1f}, match {row['mirror_match_p50_us']:.1f})"
+                     f" | registry Lookup p50 {row['lookup_p50_us']:7.1f} p99 "
+                     f"{row['lookup_p99_us']:7.1f} us (match "
+                     f"{row['registry_match_p50_us']:.1f})")
     first, last = results[0], results[-1]
     verdict: dict[str, Any] = {"target_ratio": TARGET_RATIO}
-    for key in ("router", "lookup", "mirror", "match"):
+    for key in ("router", "lookup", "mirror_lookup", "mirror_match", "registry_match"):
         ratio = last[f"{key}_p50_us"] / max(first[f"{key}_p50_us"], 1e-9)
         verdict[f"{key}_p50_ratio"] = round(ratio, 2)
         if key in ("router", "lookup"):
@@ -241,6 +268,9 @@ def add_decide_arguments(p: argparse.ArgumentParser) -> None:
                         f"{d.decisions})")
     p.add_argument("--policy", default=d.policy, help=f"router policy (default {d.policy})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the synthetic fleet")
+    p.add_argument("--no-gc", action="store_true",
+                   help="turn Python's garbage collector off while measuring (its full "
+                        "collections are the router's p99 at 1,024 nodes)")
 
 
 def config_from_args(args: argparse.Namespace) -> DecideBenchConfig:
@@ -259,7 +289,8 @@ def config_from_args(args: argparse.Namespace) -> DecideBenchConfig:
     return DecideBenchConfig(nodes=nodes, prompt_blocks=args.prompt_blocks,
                              block_size=args.block_size, blocks_per_node=args.blocks_per_node,
                              documents=args.documents, holders=args.holders,
-                             decisions=args.decisions, policy=args.policy, seed=args.seed)
+                             decisions=args.decisions, policy=args.policy, seed=args.seed,
+                             gc=not args.no_gc)
 
 
 def run_decide_cli(args: argparse.Namespace) -> int:

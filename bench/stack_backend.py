@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.prompts import Prompt, prepare
 from bench.results import PolicyRun
 from bench.stack_fleet import FleetSpec, StackFleet
 from bench.stack_replay import ReplayHook, replay_stack, reset_caches
@@ -39,6 +40,8 @@ class StackBackend:
         self.progress = progress
         self.hook: ReplayHook | None = None
         """Runs next to every replay (``--fault``: :class:`bench.faults.FaultInjector`)."""
+        self._prompts: tuple[Workload, list[Prompt]] | None = None
+        """The last workload's prepared prompts (reused by every policy)."""
 
     def __enter__(self) -> StackBackend:
         self.fleet.start()
@@ -94,9 +97,12 @@ class StackBackend:
             lambda nodes: {n.node_id for n in nodes} == set(urls)
             and all(n.blocks_indexed == 0 and n.healthy for n in nodes),
             "every node's index emptied after the cache reset")
+        if self._prompts is None or self._prompts[0] is not workload:
+            self._prompts = (workload, prepare(workload))
         run = await replay_stack(workload, policy_name, self.fleet.router_target, urls,
                                  self.spec.model, self.spec.time_scale,
-                                 self.spec.prefill_tokens_per_s, self.progress, self.hook)
+                                 self.spec.prefill_tokens_per_s, self.progress,
+                                 prompts=self._prompts[1], hook=self.hook)
         run.notes.append(f"stack: {self.spec.nodes} engine_sim processes, time_scale "
                          f"{self.spec.time_scale}, block_size {self.spec.block_size}")
         return run

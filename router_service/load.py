@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -111,6 +111,10 @@ class LoadTracker:
     def inflight(self, node_id: str) -> int:
         """Requests in flight on ``node_id``."""
         return self._count.get(node_id, 0)
+
+    def counts(self) -> Mapping[str, int]:
+        """Requests in flight per node with any (a live read-only view; no expiry sweep)."""
+        return self._count
 
     def inflight_by_node(self) -> dict[str, int]:
         """Requests in flight per node (nodes with none omitted)."""

@@ -23,7 +23,7 @@ from kvroute.targets import TargetRing
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from router_service.index_mirror import IndexMirror
 from router_service.placement import NodeState, Placement
-from router_service.retry import LinkNeverUp, reconnect_options, reconnect_retrying
+from router_service.retry import LinkLog, LinkNeverUp, reconnect_options, reconnect_retrying
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class ReplicaSource:
         self._task: asyncio.Task[None] | None = None
         self.events_applied = 0
         self.reconnects = 0
+        self._link_log = LinkLog(target, "placement watch (replica mode)")
 
     async def start(self) -> None:
         """Start following the registry in the background."""
@@ -88,12 +89,29 @@ class ReplicaSource:
 
     def lookup_local(self, block_hashes: Sequence[int], model: str) -> Placement:
         """:meth:`lookup`, synchronously (the mirror is in memory)."""
+        self._check_usable()
+        return Placement(self._index.lookup(block_hashes, model), self._index.block_size)
+
+    def _check_usable(self) -> None:
         if not self.usable():
             why = ("no snapshot received yet" if not self._index.complete
                    else f"registry link down for {self.staleness_s():.1f} s "
                         f"(> {self._max_staleness_s:g} s)")
             raise Unavailable(f"placement mirror unusable: {why}")
-        return Placement(self._index.lookup(block_hashes, model), self._index.block_size)
+
+    def members(self, model: str) -> list[NodeState]:
+        """Nodes of ``model`` in the mirror (for candidate narrowing; do not modify)."""
+        return self._index.members(model)
+
+    def matches_local(self, block_hashes: Sequence[int], model: str) -> dict[str, int]:
+        """Only the nodes holding a prefix (cost grows with the match); Unavailable when the
+        mirror is too stale, as :meth:`lookup_local`."""
+        self._check_usable()
+        return self._index.matches(block_hashes, model)
+
+    def node(self, node_id: str) -> NodeState | None:
+        """A node's state by id."""
+        return self._index.nodes.get(node_id)
 
     def last_known(self) -> list[NodeState]:
         """Nodes of the current mirror (last known when the link is down)."""
@@ -146,6 +164,7 @@ class ReplicaSource:
                         self._index, was_up = fresh, True
                         self._connected = True
                         self.reconnects += 1
+                        self._link_log.up()
                         log.info("placement mirror in sync with %s: %d nodes, block size %d",
                                  target, len(fresh.nodes), fresh.block_size)
                 else:
@@ -161,12 +180,15 @@ class ReplicaSource:
                 log.warning("registry watch on %s ended: %s%s", target, _short(exc),
                             f"; trying {nxt}" if nxt != target else "")
                 return
+            self._link_log.failed(exc)
             raise
         finally:
             self._mark_down()
             await channel.close(None)
         if not was_up:
-            raise LinkNeverUp("watch ended before its snapshot completed")
+            exc2 = LinkNeverUp("watch ended before its snapshot completed")
+            self._link_log.failed(exc2)
+            raise exc2
 
 
 def _short(exc: BaseException) -> str:

@@ -60,6 +60,11 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
              "registry that comes back is followed again within about this long")
     node_cache_ttl_s: float = setting(
         2.0, "How long the node list from ListNodes is reused before asking again (stream mode)")
+    max_candidates: int = setting(
+        32, "Fleets with more nodes than this per model: kv_aware and least_loaded score only "
+            "the half of this many nodes holding the longest prefix plus the half least loaded "
+            "(by this router's in-flight count), so a decision's cost does not grow with the "
+            "fleet; smaller fleets are scored whole. 0 = always score every node")
     replica_max_staleness_s: float = setting(
         30.0, "Replica mode: while the registry link is down the last index replica keeps "
               "serving cache-aware decisions (blocks cached seconds ago mostly still are; "
@@ -88,6 +93,8 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
         require(self.inflight_timeout_s > 0, "inflight_timeout_s", "must be > 0")
         require(self.max_tracked_requests >= 1, "max_tracked_requests", "must be >= 1")
         require(self.max_concurrent_rpcs >= 0, "max_concurrent_rpcs", "must be >= 0")
+        require(self.max_candidates == 0 or self.max_candidates >= 4, "max_candidates",
+                "must be 0 (off) or >= 4")
         for name in ("lookup_timeout_s", "registry_timeout_s", "registry_retry_max_s",
                      "node_cache_ttl_s", "replica_max_staleness_s"):
             require(getattr(self, name) > 0, name, "must be > 0")

@@ -34,6 +34,7 @@ from kvroute.targets import TargetRing
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from router_service.placement import NodeState, Placement
 from router_service.retry import (
+    LinkLog,
     LinkNeverUp,
     call_retrying,
     reconnect_options,
@@ -77,6 +78,7 @@ class StreamSource:
         self._nodes_at = float("-inf")
         self._block_size = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._link_log = LinkLog(target, "lookup stream (stream mode)")
 
     def _open(self) -> grpc.aio.Channel:
         return open_channel(
@@ -193,6 +195,7 @@ class StreamSource:
                 await call.wait_for_connection()
             writer = asyncio.create_task(self._writer(call, queue), name="lookup-writer")
             was_up = self._connected = True
+            self._link_log.up()
             log.info("registry lookup stream up")
             while True:
                 resp = await call.read()
@@ -208,6 +211,7 @@ class StreamSource:
         except (grpc.aio.AioRpcError, TimeoutError) as exc:
             await self._next_registry()
             if not was_up:
+                self._link_log.failed(exc)
                 raise LinkNeverUp(str(exc)) from exc
             log.warning("registry lookup stream lost: %s", exc)
         finally:
@@ -223,7 +227,9 @@ class StreamSource:
                 if not fut.done():
                     fut.set_exception(Unavailable("registry lookup stream lost"))
         if not was_up:
-            raise LinkNeverUp("lookup stream ended before it was up")
+            ended = LinkNeverUp("lookup stream ended before it was up")
+            self._link_log.failed(ended)
+            raise ended
 
     async def _refresh_nodes_loop(self) -> None:
         while True:

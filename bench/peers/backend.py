@@ -20,6 +20,7 @@ from bench.peers.base import Peer, parse_peer, policy_name
 from bench.peers.engines import EngineFleet
 from bench.peers.overhead import AddedLatency, kvroute_added_latency, peer_added_latency
 from bench.peers.replay import replay_peer
+from bench.prompts import Prompt, prepare
 from bench.results import PolicyRun
 from bench.stack_fleet import FleetSpec
 from bench.workloads.base import Workload
@@ -63,6 +64,8 @@ class PeerBackend:
         self.added_latency: dict[str, AddedLatency] = {}
         """Per policy name: the router's added latency (filled by each replay)."""
         self._runs = 0
+        self._prompts: tuple[Workload, list[Prompt]] | None = None
+        """The last workload's prepared prompts (reused by every peer)."""
 
     def replay(self, workload: Workload, policy_name_: str) -> PolicyRun:
         """Fresh fleet, start the peer, replay, measure added latency, stop everything."""
@@ -78,7 +81,10 @@ class PeerBackend:
         with EngineFleet(work, self.spec) as fleet:
             try:
                 await peer.start(fleet, work)
-                run = await replay_peer(workload, peer, label, fleet, self.progress)
+                if self._prompts is None or self._prompts[0] is not workload:
+                    self._prompts = (workload, prepare(workload))
+                run = await replay_peer(workload, peer, label, fleet, self.progress,
+                                        prompts=self._prompts[1])
                 if self.overhead_pairs > 0:
                     lat = await peer_added_latency(peer, fleet.engines[0].url,
                                                    pairs=self.overhead_pairs)

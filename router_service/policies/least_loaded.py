@@ -23,6 +23,8 @@ class LeastLoadedPolicy:
     """
 
     name = "least_loaded"
+    narrowable = True
+    """The least-loaded nodes are always among the narrowed candidates."""
 
     def __init__(self, use_queue_depth: bool = True) -> None:
         self._use_queue = use_queue_depth

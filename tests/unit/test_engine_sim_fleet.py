@@ -94,6 +94,7 @@ def test_pinning_and_admission_as_the_served_engine() -> None:
     f.submit(0, small, 0.0)
     obs = f.observe(0.0)[0]
     assert obs.queue_depth == 1 and obs.running == 1 and obs.used_blocks == 35
+    assert f.nodes[0].reported(0.0) == (1, 1, 35, 40, 0.0) and f.nodes[0].nid == "node-0"
     assert small.admitted_at is None
     f.drain()
     assert small.admitted_at == pytest.approx(big.finished_at)
