@@ -72,7 +72,7 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
               "long the replica is no longer trusted and decisions degrade to least_loaded")
 
     max_concurrent_rpcs: int = setting(
-        256, "Most calls the router serves at once (Route, Complete, Stats; a RouteStream "
+        512, "Most calls the router serves at once (Route, Complete, Stats; a RouteStream "
               "counts once); beyond it a call is refused at once with RESOURCE_EXHAUSTED "
               "(retry with back-off, or on another router) instead of queueing past its "
               "deadline. 0 = unlimited")
