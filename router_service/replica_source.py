@@ -26,6 +26,8 @@ from router_service.placement import NodeState, Placement
 from router_service.retry import LinkLog, LinkNeverUp, reconnect_options, reconnect_retrying
 
 log = logging.getLogger(__name__)
+HOLD_EMPTY_S = 5.0
+"""How long a reconnect's empty snapshot may wait while the previous mirror had nodes."""
 
 
 class ReplicaSource:
@@ -46,6 +48,9 @@ class ReplicaSource:
         self._clock = clock
         self._index = IndexMirror()
         self._connected = False
+        self._held: IndexMirror | None = None
+        """A complete but empty snapshot not swapped in yet (see :meth:`_hold_empty`)."""
+        self._held_until = 0.0
         self._down_since = clock()
         self._task: asyncio.Task[None] | None = None
         self.events_applied = 0
@@ -72,6 +77,7 @@ class ReplicaSource:
 
     def usable(self) -> bool:
         """True when the mirror may be routed on (complete and not older than the bound)."""
+        self._release_hold()
         return self._index.complete and self.staleness_s() <= self._max_staleness_s
 
     def registry_block_size(self) -> int:
@@ -115,6 +121,7 @@ class ReplicaSource:
 
     def last_known(self) -> list[NodeState]:
         """Nodes of the current mirror (last known when the link is down)."""
+        self._release_hold()
         return list(self._index.nodes.values())
 
     def nodes_known(self) -> int:
@@ -133,6 +140,24 @@ class ReplicaSource:
             except Exception:  # a bug in event handling must not stop the follower
                 log.exception("placement mirror follower failed; reconnecting")
                 await asyncio.sleep(self._retry_max_s)
+
+    def _hold_empty(self, fresh: IndexMirror) -> bool:
+        """True while a fresh snapshot lists no node although the current mirror does: a
+        registry that restarted after every lease expired (an outage longer than the TTL)
+        knows no node until the agents re-register, about a second later. Swapping in the
+        empty snapshot would fail every request meanwhile; the previous mirror keeps routing
+        until a node is listed or ``HOLD_EMPTY_S`` passed (then the fleet really is empty)."""
+        if fresh is self._index or not self._index.nodes or fresh.nodes:
+            return False
+        return self._held is None or self._clock() < self._held_until
+
+    def _release_hold(self) -> None:
+        """Swap in a held empty snapshot once its time is up (also without new events)."""
+        if self._held is not None and self._clock() >= self._held_until:
+            self._index, self._held = self._held, None
+            self._connected = True
+            log.warning("registry still lists no node after %g s: the fleet is empty",
+                        HOLD_EMPTY_S)
 
     def _mark_down(self) -> None:
         if self._connected:
@@ -160,7 +185,16 @@ class ReplicaSource:
             async for ev in call:
                 if not was_up:
                     fresh.apply(ev)
-                    if fresh.complete:
+                    if fresh.complete and self._hold_empty(fresh):
+                        if self._held is None:
+                            self._held, self._held_until = fresh, self._clock() + HOLD_EMPTY_S
+                            log.warning("registry %s lists no node yet (restarted after the "
+                                        "leases expired? agents re-register within about a "
+                                        "second): routing on the previous mirror of %d nodes "
+                                        "for up to %g s", target, len(self._index.nodes),
+                                        HOLD_EMPTY_S)
+                    elif fresh.complete:
+                        self._held = None
                         self._index, was_up = fresh, True
                         self._connected = True
                         self.reconnects += 1
@@ -183,6 +217,7 @@ class ReplicaSource:
             self._link_log.failed(exc)
             raise
         finally:
+            self._held = None  # a held snapshot of an ended watch is never swapped in
             self._mark_down()
             await channel.close(None)
         if not was_up:
