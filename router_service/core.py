@@ -190,9 +190,11 @@ class RouterCore:
                            f"{', '.join(models)})")
         pairs = self._restrict(req, pairs)
         tracker = self.tracker
-        views = [NodeView(n.node_id, n.address, matched, tracker.inflight(n.node_id),
-                          n.queue_depth, n.running, n.used_blocks, n.capacity_blocks,
-                          n.eviction_rate, tracker.pending_prefill(n.node_id), n.healthy)
+        views = [NodeView(n.node_id, n.address,
+                          n.reusable_blocks(matched, view.block_size, view.prompt_tokens),
+                          tracker.inflight(n.node_id), n.queue_depth, n.running,
+                          n.used_blocks, n.capacity_blocks, n.eviction_rate,
+                          tracker.pending_prefill(n.node_id), n.healthy)
                  for n, matched in pairs]
         views = self.suspects.demote(views)
         chooser = self._fallback if degraded_why else policy
