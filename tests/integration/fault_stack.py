@@ -202,8 +202,7 @@ class Traffic:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.gather(self._task, return_exceptions=True)
 
     def failures(self) -> list[Outcome]:
         return [o for o in self.out if not o.ok]

@@ -53,12 +53,24 @@ async def no_placement_lost(stack: FaultStack, within_s: float = 5.0) -> None:
 
 async def _stack(tmp: Path, registries: int) -> tuple[FaultStack, Traffic]:
     stack = await asyncio.to_thread(FaultStack(tmp, registries=registries).start)
-    for i, node in enumerate(stack.fleet):
-        await asyncio.to_thread(complete_on, node.ports["http"], prompt(i))
     traffic = Traffic(stack.router_target, {i: n.node_id for i, n in enumerate(stack.fleet)})
-    traffic.start()
-    await traffic.wait_cache_aware(15)
+    try:
+        for i, node in enumerate(stack.fleet):
+            await asyncio.to_thread(complete_on, node.ports["http"], prompt(i))
+        traffic.start()
+        await traffic.wait_cache_aware(15)
+    except BaseException:
+        await _close(stack, traffic)
+        raise
     return stack, traffic
+
+
+async def _close(stack: FaultStack, traffic: Traffic) -> None:
+    """Stop the traffic (whatever it raises) and every process of the stack."""
+    try:
+        await traffic.stop()
+    finally:
+        await asyncio.to_thread(stack.close)
 
 
 @pytest.fixture
@@ -67,8 +79,7 @@ async def one_registry(tmp_path: Path) -> AsyncIterator[tuple[FaultStack, Traffi
     try:
         yield stack, traffic
     finally:
-        await traffic.stop()
-        await asyncio.to_thread(stack.close)
+        await _close(stack, traffic)
 
 
 @pytest.fixture
@@ -77,8 +88,7 @@ async def two_registries(tmp_path: Path) -> AsyncIterator[tuple[FaultStack, Traf
     try:
         yield stack, traffic
     finally:
-        await traffic.stop()
-        await asyncio.to_thread(stack.close)
+        await _close(stack, traffic)
 
 
 async def _recovers(stack: FaultStack, traffic: Traffic, serving_at: float) -> None:
