@@ -24,6 +24,7 @@ class SeedPolicy:
     def __init__(self) -> None:
         self._owner: dict[str, str] = {}
         self._text: dict[str, str] = {}
+        self._pending: tuple[str, str] | None = None  # (request id, key) of the last choice
 
     def on_prompt_text(self, request_id: str, text: str) -> None:
         """The replay hands over the prompt's first characters before routing it."""
@@ -36,12 +37,15 @@ class SeedPolicy:
             " ".join(str(h) for h in request.block_hashes[:4])
         key = hashlib.sha256(text[:50].encode()).hexdigest()[:16]
         owner = self._owner.get(key)
+        self._pending = (request.request_id, key)
         for v in live:
             if v.node_id == owner:
                 return Decision(v.node_id, v.matched_blocks, f"seed: key {key} seen on node")
         node = min(live, key=lambda v: v.used_blocks)
-        self._owner[key] = node.node_id
         return Decision(node.node_id, node.matched_blocks, f"seed: new key {key}; least cache")
 
     def commit(self, request: RequestView, decision: Decision) -> None:
-        """Stateless between decisions: nothing to record."""
+        """Record the key on the node a new key was sent to."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == request.request_id:
+            self._owner.setdefault(pending[1], decision.node_id)
