@@ -3,7 +3,8 @@
 vLLM's: gauges ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
 ``vllm:kv_cache_usage_perc`` (a fraction), counters ``vllm:prefix_cache_queries_total`` and
 ``vllm:prefix_cache_hits_total`` (tokens), ``vllm:prompt_tokens_total``,
-``vllm:generation_tokens_total``, ``vllm:request_success_total``; labels ``model_name`` and
+``vllm:generation_tokens_total``, ``vllm:request_success_total``, histogram
+``vllm:time_to_first_token_seconds`` (model seconds); labels ``model_name`` and
 ``engine``. Ours: ``kvroute_engine_sim_*`` (evictions, stored blocks, hits by request, events).
 Values are read from the engine at scrape time by a collector on a per-server registry.
 """
@@ -59,6 +60,7 @@ class EngineCollector(Collector):
                       e.completion_tokens_total)
         yield counter("vllm:request_success", "Count of successfully processed requests.",
                       e.model.finished_total)
+        yield e.ttft.family(labels, values)
         yield counter("kvroute_engine_sim_evicted_blocks", "KV blocks evicted (LRU).",
                       c.evicted_blocks)
         yield counter("kvroute_engine_sim_stored_blocks", "KV blocks stored in the cache.",

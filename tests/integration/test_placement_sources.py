@@ -26,10 +26,11 @@ import pytest
 from kvroute.blocks import hash_blocks
 from kvroute.errors import NotFound, Unavailable
 from kvroute.v1 import registry_pb2 as rpb
-from kvroute.v1 import registry_pb2_grpc, router_pb2
+from kvroute.v1 import registry_pb2_grpc
 from router_service.core import RouterCore
+from router_service.domain import RouteRequest
 from router_service.placement import PlacementSource
-from router_service.server import build_core
+from router_service.runtime import build_core
 from router_service.settings import RouterSettings
 from tests.harness import ServerProcess, start_server
 
@@ -152,8 +153,7 @@ async def test_placement_source_contract(
         assert await _matched(source, "other") == {"c": (5, True)}
         assert (await source.lookup(H, "nope")).nodes == []  # not served: empty, no error
         with pytest.raises(NotFound, match="no node serves model 'nope'"):
-            await core.route(router_pb2.RouteRequest(request_id="x", token_ids=TOKENS,
-                                                     model="nope"))
+            await core.decide(RouteRequest(request_id="x", token_ids=TOKENS, model="nope"))
 
         fleet.alive -= {"a", "b"}  # every node of m turns late; leases stay
 
@@ -163,10 +163,9 @@ async def test_placement_source_contract(
 
         await eventually(all_late, "the nodes of m listed, unhealthy")
         with pytest.raises(Unavailable, match="no healthy node serves model 'm'"):
-            await core.route(router_pb2.RouteRequest(request_id="y", token_ids=TOKENS,
-                                                     model="m"))
-        routed = await core.route(router_pb2.RouteRequest(request_id="z", token_ids=TOKENS,
-                                                          model="other"))
+            await core.decide(RouteRequest(request_id="y", token_ids=TOKENS, model="m"))
+        routed = await core.decide(RouteRequest(request_id="z", token_ids=TOKENS,
+                                                model="other"))
         assert routed.node_id == "c" and routed.matched_blocks == 5 and not routed.degraded
 
         await fleet.deregister("b")
