@@ -61,6 +61,8 @@ class FleetSpec:
     """Largest prompt the router and engines accept (trace prompts reach ~100k tokens)."""
     registries: int = 1
     """Registry replicas (router and agents get them all as a comma list)."""
+    start_router: bool = True
+    """Start ``kvroute serve router`` (the endpoint picker's stack decides in its own process)."""
     one_process: bool = True
     """All engines in one ``engine-sim --engines N`` process and all agents in one ``agent
     --fleet-file`` process (each engine still has its own HTTP, ZMQ and metrics ports, each agent
@@ -192,8 +194,10 @@ class StackFleet:
             raise
         return self
 
-    def _router(self) -> tuple[ManagedProcess, Path]:
+    def _router(self) -> tuple[ManagedProcess, Path] | None:
         s = self.spec
+        if not s.start_router:
+            return None
         return self._launch("router", "router", [
             "--registry", self.registry_list, "--block-size", str(s.block_size),
             "--default-policy", s.default_policy, "--default-model", s.model,
@@ -213,7 +217,8 @@ class StackFleet:
         for i, (agent, ready) in enumerate(zip(agents, engine_ready, strict=True)):
             self._ready(agent)
             self.engines.append(EngineHandle(f"engine-{i}", engines[i][0], agent[0], ready))
-        self.router, self.router_ready = router[0], self._ready(router)
+        if router is not None:
+            self.router, self.router_ready = router[0], self._ready(router)
 
     def _start_one_process(self) -> None:
         s = self.spec
@@ -230,7 +235,8 @@ class StackFleet:
         self._ready(agents)
         self.engines = [EngineHandle(f"engine-{i}", launched[0], agents[0], r)
                         for i, r in enumerate(engine_ready)]
-        self.router, self.router_ready = router[0], self._ready(router)
+        if router is not None:
+            self.router, self.router_ready = router[0], self._ready(router)
 
     def _shared_agent_args(self) -> list[str]:
         s = self.spec
