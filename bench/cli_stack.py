@@ -138,10 +138,18 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
                               args.random_bound, faults, args.time_scale))
     out = outs[0]
     if len(outs) > 1:
-        from bench.spread import spread
+        from bench.report import format_table
+        from bench.spread import format_spread, spread
 
-        out.report["runs"] = [o.report for o in outs]
-        out.report["spread"] = spread([o.report for o in outs])
+        reports = [dict(o.report) for o in outs]  # copies: the first one is out.report itself
+        out.report["runs"] = reports
+        out.report["spread"] = spread(reports)
+        for k, rep in enumerate(reports[1:], 2):  # before the JSON: a table is never lost
+            print(f"run {k}:")
+            print(format_table(rep))
+            print()
+        print(format_spread(out.report["spread"]))
+        print()
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
     from bench.report import emit
@@ -150,15 +158,7 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
               f"through the stack in {time.perf_counter() - t0:.1f} s"
               + (f" ({args.repeat} runs; the table is run 1)" if args.repeat > 1 else ""),
          args.json, args.plot_dir)
-    if len(outs) > 1:
-        from bench.report import format_table
-        from bench.spread import format_spread
 
-        for k, o in enumerate(outs[1:], 2):
-            print(f"\nrun {k}:")
-            print(format_table(o.report))
-        print()
-        print(format_spread(out.report["spread"]))
     if faults:
         print(f"faults {', '.join(map(str, faults))} (window = each fault + "
               f"{FaultInjector.recovery_s:g} s of trace time):")
