@@ -110,6 +110,7 @@ def test_every_client_command_speaks_mtls(tmp_path: Path) -> None:
                 node_id="n1", address="n1:8000", model="m", block_size=16,
                 capacity_blocks=100), timeout=5)
             stub.Heartbeat(registry_pb2.HeartbeatRequest(node_id="n1", epoch=r.epoch,
+                                                         write_token=r.write_token,
                                                          delta_seq=1), timeout=5)
         router_args = [*server, "--registry", reg.grpc_target, "--client-tls-ca-file", ca,
                        "--client-tls-cert-file", crt, "--client-tls-key-file", key,
