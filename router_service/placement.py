@@ -28,6 +28,8 @@ class NodeState:
     running: int = 0
     eviction_rate: float = 0.0
     healthy: bool = True
+    role: str = "both"
+    """``prefill``, ``decode`` or ``both`` (aggregated); see :mod:`router_service.disagg`."""
 
     @classmethod
     def from_info(cls, info: registry_pb2.NodeInfo) -> NodeState:
