@@ -197,7 +197,8 @@ class RegistryCore:
                 block_size=req.block_size, capacity_blocks=req.capacity_blocks,
                 labels=dict(req.labels),
                 epoch=max(prev.epoch + 1 if prev else 1, now_ms()), lease_id=0,
-                lease_ttl_s=self.settings.lease_ttl_s, registered_unix_ms=now_ms())
+                lease_ttl_s=self.settings.lease_ttl_s, registered_unix_ms=now_ms(),
+                role=req.role or "both")
             try:
                 rec = await self._op("register", self.store.register_node(rec, prev))
             except StoreConflict:

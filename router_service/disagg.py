@@ -126,7 +126,8 @@ class DecodeChooser:
         if not healthy:
             raise NoEligibleNode("no healthy decode node")
         total = sum(v.inflight for v in healthy)
-        cap = s.pd_load_cap_factor * (total + 1) / len(healthy) + s.pd_load_cap_slack
+        cap = max(s.pd_load_cap_factor * (total + 1) / len(healthy) + s.pd_load_cap_slack,
+                  min(v.inflight for v in healthy) + 1)  # the least loaded stays eligible
         need = max(1, -(-(req.prompt_tokens + req.output_tokens) // req.block_size))
         scored: list[tuple[float, int, int, NodeView]] = []
         out: list[Candidate] = []

@@ -57,6 +57,7 @@ class RegisterNodeRequest(_message.Message):
     CAPACITY_BLOCKS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     HASH_SCHEME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Stable id of the node, unique in the fleet (e.g. the pod name). 1-128 characters of
     [A-Za-z0-9._:-].
@@ -75,6 +76,10 @@ class RegisterNodeRequest(_message.Message):
     """Identity of the canonical hash function the agent used (kvroute.blocks.HASH_SCHEME). Empty
     means the registry's own. A different value fails with FAILED_PRECONDITION.
     """
+    role: _builtins.str
+    """--- disaggregated prefill/decode (issue 18); numbers from 40 leave room for other blocks ---
+    The node's role: "prefill", "decode" or "both" (aggregated); empty = "both".
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels (zone, gpu type, role); shown by ListNodes."""
@@ -89,10 +94,11 @@ class RegisterNodeRequest(_message.Message):
         capacity_blocks: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         hash_scheme: _builtins.str = ...,
+        role: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "capacity_blocks", b"capacity_blocks", "hash_scheme", b"hash_scheme", "labels", b"labels", "model", b"model", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "capacity_blocks", b"capacity_blocks", "hash_scheme", b"hash_scheme", "labels", b"labels", "model", b"model", "node_id", b"node_id", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -400,6 +406,7 @@ class NodeMatch(_message.Message):
     EVICTION_RATE_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
     BLOCKS_INDEXED_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
     address: _builtins.str
@@ -422,6 +429,10 @@ class NodeMatch(_message.Message):
     """False when the node is draining or its heartbeats are late."""
     blocks_indexed: _builtins.int
     """Blocks indexed for the node."""
+    role: _builtins.str
+    """--- disaggregated prefill/decode (issue 18); numbers from 40 leave room for other blocks ---
+    The node's role: "prefill", "decode" or "both" (aggregated); empty = "both".
+    """
     def __init__(
         self,
         *,
@@ -436,10 +447,11 @@ class NodeMatch(_message.Message):
         eviction_rate: _builtins.float = ...,
         healthy: _builtins.bool = ...,
         blocks_indexed: _builtins.int = ...,
+        role: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -574,6 +586,7 @@ class NodeInfo(_message.Message):
     LEASE_REMAINING_S_FIELD_NUMBER: _builtins.int
     LAST_HEARTBEAT_UNIX_MS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
     address: _builtins.str
@@ -606,6 +619,10 @@ class NodeInfo(_message.Message):
     """Wall-clock time of the last heartbeat seen, milliseconds since the Unix epoch."""
     usage: _builtins.float
     """used_blocks / capacity_blocks."""
+    role: _builtins.str
+    """--- disaggregated prefill/decode (issue 18); numbers from 40 leave room for other blocks ---
+    The node's role: "prefill", "decode" or "both" (aggregated); empty = "both".
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels given at registration."""
@@ -630,10 +647,11 @@ class NodeInfo(_message.Message):
         lease_remaining_s: _builtins.float = ...,
         last_heartbeat_unix_ms: _builtins.int = ...,
         usage: _builtins.float = ...,
+        role: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -46,6 +46,8 @@ class NodeRecord:
     lease_id: int
     lease_ttl_s: int
     registered_unix_ms: int
+    role: str = "both"
+    """Disaggregated prefill/decode role: prefill, decode or both."""
 
 
 @dataclass(frozen=True)

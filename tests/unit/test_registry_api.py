@@ -232,3 +232,15 @@ async def test_a_delta_too_big_for_one_etcd_value_becomes_a_snapshot(reg: Reg) -
         assert await lookup(reg, [1, 2, 3]) == {"a": 3}
     finally:
         core_mod.DELTA_KEY_MAX_BYTES = old
+
+
+async def test_node_roles_are_registered_listed_and_looked_up(reg: Reg) -> None:
+    await register(reg, "p", role="prefill")
+    await register(reg, "d", "10.0.0.2:8000", role="decode")
+    await register(reg, "x", "10.0.0.3:8000")  # no role = both (older agents)
+    nodes = {n.node_id: n.role for n in (await reg.stub.ListNodes(pb.ListNodesRequest())).nodes}
+    assert nodes == {"p": "prefill", "d": "decode", "x": "both"}
+    resp = await reg.stub.Lookup(pb.LookupRequest(block_hashes=[1], model="m"))
+    assert {n.node_id: n.role for n in resp.nodes} == nodes
+    code, msg = await code_of(register(reg, "p", role="encoder"))
+    assert code == Code.INVALID_ARGUMENT and "role" in msg
