@@ -12,10 +12,11 @@ Strategies (prefill policy / decode choice), each replayed on a fresh P+D fleet
 * ``round_robin/round_robin`` — round-robin pairs;
 
 next to ``kv_aware`` on an *aggregated* fleet of the same total size (P+D engines), and the
-disaggregated bounds: the prefill hit rate of one merged LRU of the P prefill caches, the fewest
-blocks any router must transfer (blocks missing from one merged LRU of the D decode caches), and
-the TTFT floor (P prefill units behind one shared queue with the merged hits, plus that minimum
-transfer).
+disaggregated oracle: the prefill hit rate of one merged LRU of the P prefill caches (the
+aggregated ceiling, DESIGN §8, applied to the prefill pool), the blocks a decode pool would
+receive if it were one merged LRU of the D decode caches (a reference, not a strict bound: a
+router that keeps conversations apart can do a little better than one shared LRU), and the TTFT
+floor (P prefill units behind one shared queue with the merged hits, plus that transfer).
 """
 
 from __future__ import annotations
@@ -82,14 +83,14 @@ def pd_bounds(workload: Workload, settings: SimSettings, prefill_nodes: int,
     bs = settings.block_size or workload.block_size
     pre = merged_lru(workload, prefill_nodes * settings.cache_blocks)
     dec = merged_lru(workload, decode_nodes * settings.cache_blocks)
-    min_transfer = [-(-max(0, r.prompt_tokens - c) // bs)
+    lru_transfer = [-(-max(0, r.prompt_tokens - c) // bs)
                     for r, c in zip(workload.requests, dec.cached_tokens, strict=True)]
     floor = latency_floor(workload, pre, prefill_nodes, settings.prefill_tokens_per_s)
     ttft = sorted(t + b * transfer_s_per_block
-                  for t, b in zip(floor.ttft_s, min_transfer, strict=True))
+                  for t, b in zip(floor.ttft_s, lru_transfer, strict=True))
     p50, p90 = np.percentile(np.array(ttft) * 1000.0, [50, 90]) if ttft else (math.nan,) * 2
     return {"prefill_merged_lru_hit_rate": round(pre.hit_rate_tokens, 4),
-            "min_transferred_blocks": sum(min_transfer),
+            "merged_lru_transfer_blocks": sum(lru_transfer),
             "ttft_floor_ms": {"p50": round(float(p50), 1), "p90": round(float(p90), 1)}}
 
 
@@ -144,9 +145,9 @@ def print_pd(report: dict[str, Any]) -> None:
               f"{m['ttft_ms']['p90']:9.0f}{split}"
               f"{xfer if xfer is not None else '':>10}"
               f"{f'{held:.3f}' if held is not None else '':>9}{m['failed']:>6}")
-    print(f"{'bound (merged LRU/oracle)':<28}{b['prefill_merged_lru_hit_rate']:7.3f}"
+    print(f"{'oracle (merged LRU, floor)':<28}{b['prefill_merged_lru_hit_rate']:7.3f}"
           f"{b['ttft_floor_ms']['p50']:10.0f}{b['ttft_floor_ms']['p90']:9.0f}{'':24}"
-          f"{b['min_transferred_blocks']:>10}")
+          f"{b['merged_lru_transfer_blocks']:>10}")
     print("(queue/prefill/xfer: mean ms of the TTFT split; hit: prompt tokens the prefill "
           "engines' caches served; dec held: prompt tokens the decode engine already held)")
 
