@@ -43,17 +43,26 @@ async def _list(args: argparse.Namespace, tls: TLSSettings) -> registry_pb2.List
 def format_table(resp: registry_pb2.ListNodesResponse) -> str:
     """The human-readable table."""
     head = ("NODE", "ADDRESS", "MODEL", "BLOCKS", "USAGE", "QUEUE", "RUNNING", "HEALTHY",
-            "LEASE_LEFT")
+            "LEASE_LEFT", "INDEX")
     rows = [head] + [
         (n.node_id, n.address, n.model, str(n.blocks_indexed), f"{n.usage * 100:.0f}%",
          str(n.queue_depth), str(n.running), "yes" if n.healthy else "NO",
-         f"{n.lease_remaining_s:.1f}s") for n in resp.nodes]
+         f"{n.lease_remaining_s:.1f}s", _index(n)) for n in resp.nodes]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
     lines.append(f"{len(resp.nodes)} node(s); block size {resp.block_size}; "
                  f"replica {resp.replica_id}")
+    lines += [f"  {n.node_id}: index {_index(n)}: {n.index_note}" for n in resp.nodes
+              if n.index_note]
     return "\n".join(lines)
+
+
+def _index(n: registry_pb2.NodeInfo) -> str:
+    """complete / partial / no_events ('-' from agents that do not report it)."""
+    if not n.index_state:
+        return "-"
+    return registry_pb2.IndexState.Name(n.index_state).removeprefix("INDEX_STATE_").lower()
 
 
 def run(args: argparse.Namespace) -> int:

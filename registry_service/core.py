@@ -305,7 +305,10 @@ class RegistryCore:
             used_blocks=req.used_blocks, evictions_total=req.evictions_total,
             queue_depth=req.queue_depth, running=req.running,
             capacity_blocks=req.capacity_blocks or old.capacity_blocks,
-            eviction_rate=rate, heartbeat_unix_ms=t)
+            eviction_rate=rate, heartbeat_unix_ms=t,
+            engine_block_size=req.engine_block_size,
+            engine_lookahead_tokens=req.engine_lookahead_tokens,
+            index_state=int(req.index_state), index_note=req.index_note)
         self.view.fanout.publish(Change("upsert", state.node_id))
         mono = time.monotonic()
         if mono - state.status_written_mono >= self.settings.status_write_interval_s:

@@ -213,7 +213,7 @@ class RouterCore:
                         f"disaggregated: model {model!r} has no aggregated ('both') node left "
                         f"and the request asked for one node; send it disaggregated")
             try:
-                decision = chooser.choose(view, self._views(pairs))
+                decision = chooser.choose(view, self._views(pairs, view))
             except NoEligibleNode as exc:
                 raise Unavailable(f"no healthy node serves model {model!r} ({exc}); "
                                   f"retry later") from None
@@ -229,11 +229,13 @@ class RouterCore:
                 m.degraded.inc()
         return out
 
-    def _views(self, pairs: list[tuple[NodeState, int]]) -> list[NodeView]:
+    def _views(self, pairs: list[tuple[NodeState, int]], view: RequestView) -> list[NodeView]:
         tracker = self.tracker
-        views = [NodeView(n.node_id, n.address, matched, tracker.inflight(n.node_id),
-                          n.queue_depth, n.running, n.used_blocks, n.capacity_blocks,
-                          n.eviction_rate, tracker.pending_prefill(n.node_id), n.healthy)
+        views = [NodeView(n.node_id, n.address,
+                          n.reusable_blocks(matched, view.block_size, view.prompt_tokens),
+                          tracker.inflight(n.node_id), n.queue_depth, n.running,
+                          n.used_blocks, n.capacity_blocks, n.eviction_rate,
+                          tracker.pending_prefill(n.node_id), n.healthy)
                  for n, matched in pairs]
         return self.suspects.demote(views)
 
@@ -251,8 +253,8 @@ class RouterCore:
             raise Unavailable(f"disaggregated: no {half}-capable node of model {model!r} is "
                               f"known or left after the request's hints; retry later")
         try:
-            decision = chooser.choose(view, self._views(pre))
-            pick = self.decode.choose(view, decision.node_id, self._views(dec),
+            decision = chooser.choose(view, self._views(pre, view))
+            pick = self.decode.choose(view, decision.node_id, self._views(dec, view),
                                       req.decode_policy)
         except NoEligibleNode as exc:
             raise Unavailable(f"disaggregated: no pair for model {model!r} ({exc}); "

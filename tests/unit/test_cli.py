@@ -79,6 +79,21 @@ def test_bench_agent_reports_parse_rates(capsys: pytest.CaptureFixture[str]) -> 
     assert "parse_and_map_events_per_s" in capsys.readouterr().out
 
 
+def test_nodes_table_shows_the_index_state_and_why() -> None:
+    from cli.cmd_nodes import format_table
+    from kvroute.v1 import registry_pb2 as pb
+    resp = pb.ListNodesResponse(block_size=16, replica_id="r", nodes=[
+        pb.NodeInfo(node_id="a", index_state=pb.INDEX_STATE_COMPLETE),
+        pb.NodeInfo(node_id="b", index_state=pb.INDEX_STATE_NO_EVENTS,
+                    index_note="batches arrive with topic 'x' but --topic is 'y'"),
+        pb.NodeInfo(node_id="c")])
+    out = format_table(resp)
+    assert "INDEX" in out.splitlines()[0]
+    assert "b: index no_events: batches arrive with topic 'x'" in out
+    assert out.splitlines()[1].rstrip().endswith("complete")
+    assert out.splitlines()[3].rstrip().endswith("-")
+
+
 CLIENT_COMMANDS = ("nodes", "route", "complete", "stats", "health")
 
 
