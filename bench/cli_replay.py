@@ -123,8 +123,19 @@ def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSet
         return 2
     t0 = time.perf_counter()
     bar = _Progress(len(workload.requests) * (len(strategies) + 1), args.no_progress)
-    report = run_pd(workload, settings, args.prefill_nodes, args.decode_nodes, transfer, kv,
-                    disagg, strategies, args.seed, bar)
+    if args.mode == "stack":
+        from bench.cli_stack import run_stack_pd_cli
+
+        try:
+            report = run_stack_pd_cli(args, workload, settings, kv, disagg, transfer,
+                                      strategies, bar)
+        except ConfigError as exc:
+            bar.close()
+            print(f"kvroute bench: {exc}", file=sys.stderr)
+            return 2
+    else:
+        report = run_pd(workload, settings, args.prefill_nodes, args.decode_nodes, transfer, kv,
+                        disagg, strategies, args.seed, bar)
     bar.close()
     print_pd(report)
     print(f"replayed {len(strategies) + 1} runs x {len(workload.requests)} requests in "
@@ -205,10 +216,6 @@ def run_replay(args: argparse.Namespace) -> int:
         return prep
     workload, settings, names, kv = prep
     if getattr(args, "prefill_nodes", 0):
-        if args.mode != "sim":
-            print("kvroute bench: --prefill-nodes/--decode-nodes run in --mode sim only (the "
-                  "disaggregated stack run is not built yet)", file=sys.stderr)
-            return 2
         return run_pd_replay(args, workload, settings, kv)
     if args.mode == "stack":
         from bench.cli_stack import run_stack

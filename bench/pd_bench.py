@@ -128,14 +128,16 @@ def run_pd(workload: Workload, settings: SimSettings, prefill_nodes: int, decode
 
 def print_pd(report: dict[str, Any]) -> None:
     """The comparison table."""
-    b = report["bounds"]
-    print(f"disaggregated: {report['workload']}, {report['requests']} requests, "
+    b = report.get("bounds")
+    print(f"disaggregated{' (' + report['mode'] + ')' if 'mode' in report else ''}: "
+          f"{report['workload']}, {report['requests']} requests, "
           f"{report['prefill_nodes']} prefill + {report['decode_nodes']} decode engines, "
           f"{report['cache_blocks_per_node']} blocks each, transfer "
           f"{report['transfer_s_per_block'] * 1000:g} ms/block")
     print(f"{'strategy':<28}{'hit':>7}{'TTFT p50':>10}{'p90':>9}{'queue':>8}{'prefill':>9}"
           f"{'xfer':>7}{'xfer blk':>10}{'dec held':>9}{'fail':>6}")
-    for m in report["results"] + [report["aggregated"]]:
+    rows = report["results"] + ([report["aggregated"]] if "aggregated" in report else [])
+    for m in rows:
         sp = m.get("ttft_split_ms")
         split = (f"{sp['queue']['mean']:8.0f}{sp['prefill']['mean']:9.0f}"
                  f"{sp['transfer']['mean']:7.1f}" if sp else f"{'':8}{'':9}{'':7}")
@@ -145,9 +147,10 @@ def print_pd(report: dict[str, Any]) -> None:
               f"{m['ttft_ms']['p90']:9.0f}{split}"
               f"{xfer if xfer is not None else '':>10}"
               f"{f'{held:.3f}' if held is not None else '':>9}{m['failed']:>6}")
-    print(f"{'oracle (merged LRU, floor)':<28}{b['prefill_merged_lru_hit_rate']:7.3f}"
-          f"{b['ttft_floor_ms']['p50']:10.0f}{b['ttft_floor_ms']['p90']:9.0f}{'':24}"
-          f"{b['merged_lru_transfer_blocks']:>10}")
+    if b is not None:
+        print(f"{'oracle (merged LRU, floor)':<28}{b['prefill_merged_lru_hit_rate']:7.3f}"
+              f"{b['ttft_floor_ms']['p50']:10.0f}{b['ttft_floor_ms']['p90']:9.0f}{'':24}"
+              f"{b['merged_lru_transfer_blocks']:>10}")
     print("(queue/prefill/xfer: mean ms of the TTFT split; hit: prompt tokens the prefill "
           "engines' caches served; dec held: prompt tokens the decode engine already held)")
 

@@ -85,13 +85,18 @@ class StackBackend:
                            f"runs {', '.join(STACK_POLICIES)}")
         return asyncio.run(self._replay(workload, policy_name))
 
-    async def _replay(self, workload: Workload, policy_name: str) -> PolicyRun:
+    async def reset_fleet(self) -> dict[str, str]:
+        """Empty every engine's cache and wait until the registry saw it; node id -> URL."""
         urls = {e.node_id: e.url for e in self.fleet.engines}
         await reset_caches(urls)
         await self._wait_registry(
             lambda nodes: len(nodes) == self.spec.nodes
             and all(n.blocks_indexed == 0 and n.healthy for n in nodes),
             "every node's index emptied after the cache reset")
+        return urls
+
+    async def _replay(self, workload: Workload, policy_name: str) -> PolicyRun:
+        urls = await self.reset_fleet()
         if self._prompts is None or self._prompts[0] is not workload:
             self._prompts = (workload, prepare(workload))
         run = await replay_stack(workload, policy_name, self.fleet.router_target, urls,
