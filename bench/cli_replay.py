@@ -78,6 +78,10 @@ def _add_pd_arguments(p: argparse.ArgumentParser) -> None:
                         + " (default seed; --pd-transfer-s-per-block defaults to it)")
     g.add_argument("--pd-strategies", default=",".join(PD_STRATEGIES), metavar="P/D,...",
                    help="prefill policy/decode choice pairs to compare")
+    g.add_argument("--pd-peers", default="", metavar="vllm-router:P/D,...",
+                   help="--mode stack: vllm-router --vllm-pd-disaggregation runs in front of the "
+                        "same engines, e.g. vllm-router:kv_aware/power_of_two (its kv_aware "
+                        "needs 16-token blocks), vllm-router:cache_aware/power_of_two")
     add_arguments(g, DisaggSettings)  # type: ignore[arg-type]
 
 

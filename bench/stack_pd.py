@@ -167,9 +167,7 @@ def _fill(pd: PdRun, workload: Workload, outs: list[_Pair],
         pd.transfer_s[i] = max(0.0, dec_first - dec_adm)
         pd.queue_s[i] = (pre_queue - pd.prefill_s[i]) + dec_adm + hand
         pd.decode_held_tokens[i] = int(d["cached_tokens"])
-        bs = workload.block_size
-        pd.transfer_blocks[i] = -(-max(0, int(d["prompt_tokens"]) - pd.decode_held_tokens[i])
-                                  // bs)
+        pd.transfer_blocks[i] = int(d.get("transfer_blocks", 0))
         run.ttft_s[i] = pre_queue + hand + dec_first
         run.e2e_s[i] = pre_queue + hand + float(d["finished_at"]) - float(d["arrival"])
         run.t_end_s = max(run.t_end_s, req.arrival_s + run.e2e_s[i])
@@ -182,10 +180,12 @@ STACK_PD_STRATEGIES = ("kv_aware/kv_aware", "kv_aware/least_loaded", "round_robi
 
 def run_stack_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nodes: int,
                  strategies: list[str], progress: Callable[[int], None] | None = None,
-                 ) -> list[PdRun]:
+                 peers: list[str] | None = None) -> list[PdRun]:
     """One fleet (P prefill + D decode engines with agents, registry, router, etcd), every
-    strategy replayed on emptied caches."""
+    strategy replayed on emptied caches; then each ``vllm-router:PREFILL/DECODE`` peer in front
+    of the same engines (:mod:`bench.stack_pd_peer`)."""
     from bench.stack_backend import StackBackend
+    from bench.stack_pd_peer import replay_vllm_router_pd
 
     out: list[PdRun] = []
     with StackBackend(workdir, spec) as stack:
@@ -196,4 +196,12 @@ def run_stack_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nod
             out.append(asyncio.run(replay_stack_pd(
                 workload, pre, dec, stack.fleet.router_target, urls, prefill_nodes,
                 spec.model, spec.time_scale, spec.prefill_tokens_per_s, progress, prompts)))
+        engines = stack.fleet.engines
+        for peer in peers or []:
+            pre, _, dec = peer.removeprefix("vllm-router:").partition("/")
+            asyncio.run(stack.reset_fleet())
+            out.append(asyncio.run(replay_vllm_router_pd(
+                workload, pre, dec, engines[:prefill_nodes], engines[prefill_nodes:],
+                spec.model, workdir / "peers", spec.time_scale, spec.prefill_tokens_per_s,
+                prompts, progress)))
     return out

@@ -235,7 +235,9 @@ def test_vllm_kv_transfer_params_prefill_then_decode(tmp_path: Path) -> None:
                                               "kv_transfer_params": kvt})
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
         stats = json.loads(get(pre, "/kvroute/stats"))
-        assert stats["requests_admitted"] == 1
+        assert stats["requests_admitted"] == 1 and not stats["records"][0]["remote_kv"]
+        dec_recs = json.loads(get(dec, "/kvroute/stats"))["records"]
+        assert [(r["remote_kv"], r["transfer_blocks"]) for r in dec_recs] == [(True, 3), (True, 1)]
         with pytest.raises(urllib.error.HTTPError) as err:
             post(dec, "/v1/completions", {"prompt": prompt, "kv_transfer_params": {
                 "do_remote_decode": True, "do_remote_prefill": True}})
