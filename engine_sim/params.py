@@ -72,7 +72,7 @@ class EngineParams:
     role: str = "both"
     """Disaggregation role (:data:`ROLES`); a ``decode`` engine takes a request whose KV was
     prefilled elsewhere (``SimRequest.remote_kv``) by receiving the blocks it lacks."""
-    transfer_s_per_block: float = TRANSFER_PRESETS["seed"]
+    transfer_s_per_block: float = TRANSFER_PRESETS["seed"] * DEFAULT_BLOCK_SIZE / 512
     """Seconds to receive one KV block from a prefill engine (transfer cost is proportional
     to the blocks moved; transfers of different requests overlap)."""
 

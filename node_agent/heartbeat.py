@@ -82,6 +82,8 @@ class RegistryLink:
         self._need_register = True
         self._need_resync = False
         self._interval = settings.heartbeat_interval_s or 1.0
+        self._write_token = ""
+        """RegisterNodeResponse.write_token: authorises our writes (kept in memory only)."""
         self.stats = LinkStats()
 
     # --- triggers from the event side ---------------------------------------------------
@@ -172,6 +174,7 @@ class RegistryLink:
                 f"{s.block_size}-token blocks: set --block-size {resp.block_size}")
         self.stats.registrations += 1
         self.stats.epoch = resp.epoch
+        self._write_token = resp.write_token
         self._interval = s.heartbeat_interval_s or resp.heartbeat_interval_s or 1.0
         self._need_register = False
         # A fresh registration holds no blocks: send ours (even none) and number from 1.
@@ -185,7 +188,8 @@ class RegistryLink:
         epoch = self.stats.epoch
         yield registry_pb2.ResyncRequest(node_id=self._s.node_id, epoch=epoch,
                                          block_hashes=hashes[:n], used_blocks=used,
-                                         offloaded_block_hashes=offloaded[:n])
+                                         offloaded_block_hashes=offloaded[:n],
+                                         write_token=self._write_token)
         for i in range(n, max(len(hashes), len(offloaded)), n):
             yield registry_pb2.ResyncRequest(node_id=self._s.node_id, epoch=epoch,
                                              block_hashes=hashes[i:i + n],
@@ -236,7 +240,7 @@ class RegistryLink:
             engine_lookahead_tokens=self._blocks.lookahead_tokens,
             index_state=registry_pb2.IndexState.ValueType(int(self._health.state)),
             index_note=self._health.note, stored_offloaded=batch.stored_offloaded,
-            removed_offloaded=batch.removed_offloaded)
+            removed_offloaded=batch.removed_offloaded, write_token=self._write_token)
         size = req.ByteSize()
         self.stats.last_heartbeat_bytes = size
         self.stats.max_heartbeat_bytes = max(self.stats.max_heartbeat_bytes, size)
@@ -265,7 +269,9 @@ class RegistryLink:
         try:
             await self._stub.DeregisterNode(
                 registry_pb2.DeregisterNodeRequest(node_id=self._s.node_id,
-                                                   epoch=self.stats.epoch), timeout=timeout_s)
+                                                   epoch=self.stats.epoch,
+                                                   write_token=self._write_token),
+                timeout=timeout_s)
             log.info("deregistered node %s", self._s.node_id)
         except grpc.aio.AioRpcError as exc:
             log.warning("DeregisterNode failed: %s %s", exc.code().name, exc.details())

@@ -70,9 +70,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def RegisterNode(self, request: pb.RegisterNodeRequest,
                            context: _Ctx[pb.RegisterNodeRequest, pb.RegisterNodeResponse],
                            ) -> pb.RegisterNodeResponse:
-        rec = await self.core.register(request)
+        reg = await self.core.register(request)
         return pb.RegisterNodeResponse(
-            lease_ttl_s=rec.lease_ttl_s, epoch=rec.epoch, block_size=self.block_size,
+            lease_ttl_s=reg.record.lease_ttl_s, epoch=reg.record.epoch,
+            block_size=self.block_size, write_token=reg.write_token,
             heartbeat_interval_s=self.core.settings.effective_heartbeat_interval_s)
 
     @unary_errors

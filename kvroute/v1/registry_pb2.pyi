@@ -154,6 +154,7 @@ class RegisterNodeResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    WRITE_TOKEN_FIELD_NUMBER: _builtins.int
     lease_ttl_s: _builtins.int
     """Lease time-to-live: the node leaves routing when no heartbeat arrives for this long."""
     epoch: _builtins.int
@@ -162,6 +163,12 @@ class RegisterNodeResponse(_message.Message):
     """Suggested heartbeat interval in seconds (a fraction of the lease TTL)."""
     block_size: _builtins.int
     """The registry's block size, echoed for the agent's log."""
+    write_token: _builtins.str
+    """Secret write credential of this registration: Heartbeat, Resync and DeregisterNode must
+    carry it. Only this response ever contains it (ListNodes/WatchNodes show the epoch, never
+    the token), so a reader cannot keep a dead node alive or overwrite a live one. Keep it in
+    memory only; a new registration gets a new token.
+    """
     def __init__(
         self,
         *,
@@ -169,10 +176,11 @@ class RegisterNodeResponse(_message.Message):
         epoch: _builtins.int = ...,
         heartbeat_interval_s: _builtins.float = ...,
         block_size: _builtins.int = ...,
+        write_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "epoch", b"epoch", "heartbeat_interval_s", b"heartbeat_interval_s", "lease_ttl_s", b"lease_ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "epoch", b"epoch", "heartbeat_interval_s", b"heartbeat_interval_s", "lease_ttl_s", b"lease_ttl_s", "write_token", b"write_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -203,6 +211,7 @@ class HeartbeatRequest(_message.Message):
     INDEX_NOTE_FIELD_NUMBER: _builtins.int
     STORED_OFFLOADED_FIELD_NUMBER: _builtins.int
     REMOVED_OFFLOADED_FIELD_NUMBER: _builtins.int
+    WRITE_TOKEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
     epoch: _builtins.int
@@ -238,6 +247,8 @@ class HeartbeatRequest(_message.Message):
     """How complete the agent's view of the engine's cache is (see IndexState)."""
     index_note: _builtins.str
     """What the agent saw that made the index incomplete (for operators; empty when complete)."""
+    write_token: _builtins.str
+    """RegisterNodeResponse.write_token of the current epoch (required)."""
     @_builtins.property
     def stored(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Canonical hashes of blocks cached since the last heartbeat."""
@@ -278,10 +289,11 @@ class HeartbeatRequest(_message.Message):
         index_note: _builtins.str = ...,
         stored_offloaded: _abc.Iterable[_builtins.int] | None = ...,
         removed_offloaded: _abc.Iterable[_builtins.int] | None = ...,
+        write_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "evictions_total", b"evictions_total", "index_note", b"index_note", "index_state", b"index_state", "node_id", b"node_id", "queue_depth", b"queue_depth", "removed", b"removed", "removed_offloaded", b"removed_offloaded", "running", b"running", "stored", b"stored", "stored_offloaded", b"stored_offloaded", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "evictions_total", b"evictions_total", "index_note", b"index_note", "index_state", b"index_state", "node_id", b"node_id", "queue_depth", b"queue_depth", "removed", b"removed", "removed_offloaded", b"removed_offloaded", "running", b"running", "stored", b"stored", "stored_offloaded", b"stored_offloaded", "used_blocks", b"used_blocks", "write_token", b"write_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -332,12 +344,15 @@ class ResyncRequest(_message.Message):
     BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     USED_BLOCKS_FIELD_NUMBER: _builtins.int
     OFFLOADED_BLOCK_HASHES_FIELD_NUMBER: _builtins.int
+    WRITE_TOKEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
     epoch: _builtins.int
     """Epoch returned by RegisterNode."""
     used_blocks: _builtins.int
     """KV blocks in use on the engine now (only the first message's value is used)."""
+    write_token: _builtins.str
+    """RegisterNodeResponse.write_token of the current epoch (required on the first message)."""
     @_builtins.property
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """A batch of canonical block hashes the engine holds now."""
@@ -356,10 +371,11 @@ class ResyncRequest(_message.Message):
         block_hashes: _abc.Iterable[_builtins.int] | None = ...,
         used_blocks: _builtins.int = ...,
         offloaded_block_hashes: _abc.Iterable[_builtins.int] | None = ...,
+        write_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "epoch", b"epoch", "node_id", b"node_id", "offloaded_block_hashes", b"offloaded_block_hashes", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "epoch", b"epoch", "node_id", b"node_id", "offloaded_block_hashes", b"offloaded_block_hashes", "used_blocks", b"used_blocks", "write_token", b"write_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -399,19 +415,25 @@ class DeregisterNodeRequest(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    WRITE_TOKEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
     epoch: _builtins.int
     """Epoch returned by RegisterNode (0 = whatever epoch is current)."""
+    write_token: _builtins.str
+    """RegisterNodeResponse.write_token of the current epoch (required unless the caller has
+    the admin role).
+    """
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        write_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "node_id", b"node_id", "write_token", b"write_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -151,7 +151,11 @@ def test_tls_files_come_from_mounted_secrets() -> None:
                 if not path:
                     continue
                 vol = _mounted_from(c, path)
-                assert vol is not None and "secret" in vol, f"{d}: {c.where} {field}={path}"
+                # a Secret, or a per-pod certificate from the cert-manager CSI driver
+                # (components/registry-auth: each agent's own identity)
+                per_pod = (vol or {}).get("csi", {}).get("driver") == "csi.cert-manager.io"
+                assert vol is not None and ("secret" in vol or per_pod), \
+                    f"{d}: {c.where} {field}={path}"
                 assert path.rsplit("/", 1)[1] in ("tls.crt", "tls.key", "ca.crt")
                 tls_seen.add((d.name, c.role, field.split("_")[0]))
     for overlay in ("production", "production-external-etcd"):

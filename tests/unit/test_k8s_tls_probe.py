@@ -32,9 +32,10 @@ def openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
-def make_certs(d: Path, name: str, new_ca: bool = True) -> None:
+def make_certs(d: Path, name: str, new_ca: bool = True, uris: tuple[str, ...] = ()) -> None:
     """ca.crt/ca.key (unless given), then tls.crt/tls.key for ``name`` signed by it (server +
-    client auth; SANs ``name`` and ``name.kvroute.svc``)."""
+    client auth; SANs ``name`` and ``name.kvroute.svc``, plus ``uris`` as URI SANs: the
+    registry's identities, spiffe://kvroute/<role>/<name>)."""
     if new_ca:
         openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                 "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj",
@@ -42,7 +43,7 @@ def make_certs(d: Path, name: str, new_ca: bool = True) -> None:
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
             "-keyout", "tls.key", "-out", "tls.csr", "-subj", f"/CN={name}", cwd=d)
     (d / "ext.cnf").write_text(
-        f"subjectAltName=DNS:{name},DNS:{name}.kvroute.svc\n"
+        f"subjectAltName=DNS:{name},DNS:{name}.kvroute.svc{''.join(',URI:' + u for u in uris)}\n"
         "extendedKeyUsage=serverAuth,clientAuth\nkeyUsage=digitalSignature\n")
     openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", "tls.crt", "-days", "2", "-extfile", "ext.cnf", cwd=d)
