@@ -10,6 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.faults import (
+    FaultInjector,
+    FaultSpec,
+    format_summary,
+    node_faults,
+    parse_faults,
+    registries_needed,
+)
 from bench.runner import BenchOutcome, run_comparison
 from bench.sim.config import SimSettings
 from bench.stack_backend import STACK_POLICIES, StackBackend
@@ -47,6 +55,14 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
                    help="stack: run the whole comparison N times back to back, each on fresh "
                         "processes, and report the run-to-run spread of every router's hit "
                         "rate and TTFT percentiles (JSON: runs, spread)")
+    g.add_argument("--fault", metavar="SPEC[,SPEC...]", default=None,
+                   help="stack: inject faults into each replay at trace times (each policy is "
+                        "replayed without faults first, as the baseline) and report failed "
+                        "requests, decisions naming a dead node, blind decisions, placements "
+                        "lost and the hit rate in the fault window: kill-registry@T[+D], "
+                        "sigterm-registry@T[+D], rolling-restart-registries@T (runs 2 "
+                        "registries), pause-etcd@T+D, restart-etcd@T+D, kill-engine:NODE@T, "
+                        "kill-agent:NODE@T (NODE = engine-0...; T, D in trace seconds)")
     g.add_argument("--quick", action="store_true",
                    help="stack: a smoke run for tests: first 120 requests, 4 nodes, 20 pairs")
 
@@ -101,7 +117,14 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
                      decode_ms_per_token=settings.decode_s_per_token * 1000.0,
                      max_running=settings.max_batch, time_scale=args.time_scale,
                      router_args=router_flags(kv, args.time_scale))
+    faults = parse_faults(args.fault) if getattr(args, "fault", None) else []
+    if faults:  # node faults kill one engine or agent: each needs its own process
+        spec = dataclasses.replace(spec, registries=registries_needed(faults),
+                                   one_process=spec.one_process and not node_faults(faults))
     peers = _peer_names(args.peers)
+    if faults and peers:
+        raise ConfigError("--fault and --peers: faults are injected into kvroute's own "
+                          "stack only; run them separately")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
     print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router, etcd; logs in "
           f"{workdir}", file=sys.stderr)
@@ -114,7 +137,7 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
         if args.repeat > 1:
             print(f"stack: run {k + 1} of {args.repeat}", file=sys.stderr)
         outs.append(_run_once(workload, settings, names, peers, spec, sub, args.overhead_pairs,
-                              args.random_bound))
+                              args.random_bound, faults, args.time_scale))
     out = outs[0]
     if len(outs) > 1:
         from bench.spread import spread
@@ -138,6 +161,11 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
             print(format_table(o.report))
         print()
         print(format_spread(out.report["spread"]))
+    if faults:
+        print(f"faults {', '.join(map(str, faults))} (window = each fault + "
+              f"{FaultInjector.recovery_s:g} s of trace time):")
+        for name, summary in out.report["faults"].items():
+            print(format_summary(name, summary))
     added = [(r["policy"], r["added_latency_ms"]) for r in out.report["results"]
              if "added_latency_ms" in r]
     if added:
@@ -150,9 +178,16 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
 
 def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers: list[str],
               spec: FleetSpec, workdir: Path, overhead_pairs: int,
-              random_bound: bool) -> BenchOutcome:
+              random_bound: bool, faults: list[FaultSpec] | None = None,
+              time_scale: float = 1.0) -> BenchOutcome:
     """One comparison on freshly started processes (kvroute's fleet, then each peer's)."""
     with StackBackend(workdir / "stack", spec) as stack:
+        if faults:
+            injector = FaultInjector(stack.fleet, faults, time_scale)
+            stack.hook = injector
+            out = run_comparison(workload, settings, names, stack, random_bound)
+            out.report["faults"] = injector.results
+            return out
         if not peers:
             return run_comparison(workload, settings, names, stack, random_bound)
         from bench.peers import CombinedBackend, PeerBackend, attach_added_latency

@@ -59,6 +59,10 @@ class FleetSpec:
     """Extra router flags (e.g. the kv_aware settings of a bench run)."""
     max_prompt_tokens: int = 262_144
     """Largest prompt the router and engines accept (trace prompts reach ~100k tokens)."""
+    registries: int = 1
+    """Registry replicas (router and agents get them all as a comma list)."""
+    start_router: bool = True
+    """Start ``kvroute serve router`` (the endpoint picker's stack decides in its own process)."""
     one_process: bool = True
     """All engines in one ``engine-sim --engines N`` process and all agents in one ``agent
     --fleet-file`` process (each engine still has its own HTTP, ZMQ and metrics ports, each agent
@@ -113,6 +117,10 @@ class StackFleet:
     def __post_init__(self) -> None:
         self.etcd: EmbeddedEtcd | None = None
         self.registry: ManagedProcess | None = None
+        """Registry 0 (``registries`` holds every replica)."""
+        self.registries: list[ManagedProcess] = []
+        self.registries_ready: list[dict[str, Any]] = []
+        self._restarts = 0
         self.router: ManagedProcess | None = None
         self.engines: list[EngineHandle] = []
         self.registry_ready: dict[str, Any] = {}
@@ -141,6 +149,42 @@ class StackFleet:
         return f"127.0.0.1:{self.registry_ready['grpc_port']}"
 
     @property
+    def registry_list(self) -> str:
+        """Every registry replica as a comma list (what router and agents are given)."""
+        return ",".join(f"127.0.0.1:{r['grpc_port']}" for r in self.registries_ready)
+
+    def _registry_args(self, port: int = 0) -> list[str]:
+        assert self.etcd is not None
+        return ["--etcd-endpoints", self.etcd.endpoint, "--block-size",
+                str(self.spec.block_size), "--lease-ttl-s", str(self.spec.lease_ttl_s),
+                "--listen", f"127.0.0.1:{port}"]
+
+    def stop_registry(self, i: int, kill: bool) -> None:
+        """SIGKILL (crash) or SIGTERM (drain, waited for) registry ``i``."""
+        proc = self.registries[i]
+        if kill:
+            proc.kill()
+        else:
+            proc.stop(grace_s=10.0)
+
+    def restart_registry(self, i: int) -> None:
+        """Start registry ``i`` again on its port and wait until it serves."""
+        self._restarts += 1
+        port = int(self.registries_ready[i]["grpc_port"])
+        launched = self._launch("registry", f"registry-{i}-r{self._restarts}",
+                                self._registry_args(port))
+        self.registries[i], self.registries_ready[i] = launched[0], self._ready(launched)
+        if i == 0:
+            self.registry = self.registries[0]
+
+    def _start_registries(self) -> None:
+        launched = [self._launch("registry", "registry" if i == 0 else f"registry-{i}",
+                                 self._registry_args()) for i in range(self.spec.registries)]
+        self.registries = [r[0] for r in launched]
+        self.registries_ready = [self._ready(r) for r in launched]
+        self.registry, self.registry_ready = self.registries[0], self.registries_ready[0]
+
+    @property
     def router_target(self) -> str:
         """``127.0.0.1:PORT`` of the router."""
         return f"127.0.0.1:{self.router_ready['grpc_port']}"
@@ -151,31 +195,30 @@ class StackFleet:
         s = self.spec
         try:
             self.etcd = EmbeddedEtcd(self.workdir / "etcd").start()
-            registry = self._launch("registry", "registry", [
-                "--etcd-endpoints", self.etcd.endpoint, "--block-size", str(s.block_size),
-                "--lease-ttl-s", str(s.lease_ttl_s)])
             if s.one_process:
-                self._start_one_process(registry)
+                self._start_one_process()
             else:
-                self._start_per_node(registry)
+                self._start_per_node()
         except BaseException:
             self.close()
             raise
         return self
 
-    def _router(self) -> tuple[ManagedProcess, Path]:
+    def _router(self) -> tuple[ManagedProcess, Path] | None:
         s = self.spec
+        if not s.start_router:
+            return None
         return self._launch("router", "router", [
-            "--registry", self.registry_target, "--block-size", str(s.block_size),
+            "--registry", self.registry_list, "--block-size", str(s.block_size),
             "--default-policy", s.default_policy, "--default-model", s.model,
             "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s / s.time_scale),
             "--max-prompt-tokens", str(s.max_prompt_tokens), *s.router_args])
 
-    def _start_per_node(self, registry: tuple[ManagedProcess, Path]) -> None:
+    def _start_per_node(self) -> None:
         s = self.spec
         engines = [self._launch("engine-sim", f"engine-{i}", s.engine_args())
                    for i in range(s.nodes)]
-        self.registry, self.registry_ready = registry[0], self._ready(registry)
+        self._start_registries()
         engine_ready = [self._ready(e) for e in engines]
         agents = [self._launch("agent", f"agent-{i}", [*self._shared_agent_args(),
                                                        *_agent_flags(self._agent_entry(i, r))])
@@ -184,13 +227,14 @@ class StackFleet:
         for i, (agent, ready) in enumerate(zip(agents, engine_ready, strict=True)):
             self._ready(agent)
             self.engines.append(EngineHandle(s.node_id(i), engines[i][0], agent[0], ready))
-        self.router, self.router_ready = router[0], self._ready(router)
+        if router is not None:
+            self.router, self.router_ready = router[0], self._ready(router)
 
-    def _start_one_process(self, registry: tuple[ManagedProcess, Path]) -> None:
+    def _start_one_process(self) -> None:
         s = self.spec
         launched = self._launch("engine-sim", "engines", [*s.engine_args(),
                                                           "--engines", str(s.nodes)])
-        self.registry, self.registry_ready = registry[0], self._ready(registry)
+        self._start_registries()
         engine_ready = list(self._ready(launched)["engines"])
         fleet_file = self.workdir / "agents.json"
         fleet_file.write_text(json.dumps(
@@ -201,11 +245,12 @@ class StackFleet:
         self._ready(agents)
         self.engines = [EngineHandle(s.node_id(i), launched[0], agents[0], r)
                         for i, r in enumerate(engine_ready)]
-        self.router, self.router_ready = router[0], self._ready(router)
+        if router is not None:
+            self.router, self.router_ready = router[0], self._ready(router)
 
     def _shared_agent_args(self) -> list[str]:
         s = self.spec
-        return ["--registry", self.registry_target, "--model", s.model,
+        return ["--registry", self.registry_list, "--model", s.model,
                 "--block-size", str(s.block_size),
                 "--heartbeat-interval-s", str(s.heartbeat_interval_s)]
 

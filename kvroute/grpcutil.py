@@ -33,6 +33,15 @@ GRPC_OPTIONS_KEEPALIVE: tuple[tuple[str, int], ...] = (
 """Client keepalive so a dead peer is noticed within ~30 s even on idle streams."""
 
 
+def reconnect_options(max_wait_s: float) -> list[tuple[str, int]]:
+    """Channel options capping gRPC's own reconnect back-off (default grows to 120 s), so a
+    server that comes back is used again within about ``max_wait_s``."""
+    cap = max(100, int(max_wait_s * 1000))
+    return [("grpc.initial_reconnect_backoff_ms", min(100, cap)),
+            ("grpc.min_reconnect_backoff_ms", min(100, cap)),
+            ("grpc.max_reconnect_backoff_ms", cap)]
+
+
 def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
     """Channel/server options raising both send and receive limits to ``max_bytes``."""
     return [("grpc.max_receive_message_length", max_bytes),

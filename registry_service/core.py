@@ -91,6 +91,8 @@ class RegistryCore:
         self._follower: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._was_healthy: dict[str, bool] = {}
+        self.draining = False
+        """True once shutdown began: streams end, health is no longer re-evaluated."""
         self.synced = asyncio.Event()
         metrics.track_index(lambda: self.view.index.entries,
                             self.view.index.entries_blocks,
@@ -104,6 +106,15 @@ class RegistryCore:
         await self._relist()
         self._follower = asyncio.create_task(self._follow(), name="registry-follower")
         self._sweeper = asyncio.create_task(self._sweep_health(), name="registry-health")
+
+    async def drain(self) -> None:
+        """Shutdown step one: freeze health (a replica that stops hearing heartbeats because
+        it stopped serving must not tell anyone the nodes turned unhealthy) and end every
+        watch stream so its clients reconnect (to another replica) at once."""
+        self.draining = True
+        await cancel_and_wait(self._sweeper)
+        self._sweeper = None
+        self.fanout.close_all()
 
     async def close(self) -> None:
         """Stop following and close the store."""
@@ -228,31 +239,46 @@ class RegistryCore:
         """Heartbeat: refresh the lease, record usage, apply the delta batch."""
         validate.heartbeat(req, self.settings)
         state = await self._state(req.node_id)
-        async with state.lock:
-            rec = state.record
-            if req.epoch != rec.epoch:
-                return self._resync("stale_epoch", rec, f"epoch {req.epoch} is stale, the "
-                                    f"node's current epoch is {rec.epoch}: RegisterNode again")
-            limits.check_heartbeat(self.settings, self.metrics, self.view, state, req)
-            state.seen_unix_ms = now_ms()  # the node is alive even if etcd is not
-            mono = time.monotonic()
-            since = mono - state.refreshed_here_mono
-            if since >= rec.lease_ttl_s * REFRESH_SKIP_FRACTION:
-                ttl = await self._op("lease_keepalive", self.store.refresh_lease(rec))
-                if ttl <= 0:
-                    self.view.drop(rec.node_id, expired=True)
-                    raise NotFound(f"node {rec.node_id}: its lease expired; resync required: "
-                                   "call RegisterNode, then Resync")
-                state.lease_refreshed_mono = state.refreshed_here_mono = time.monotonic()
-            else:  # refreshed by this replica moments ago (a fast heartbeat burst)
-                ttl = max(1, round(rec.lease_ttl_s - since))
-            if req.stored or req.removed or req.cleared:
-                result = await self._apply_delta(state, req)
-                if result is not None:
-                    return result
-            await self._status(state, req)
-            self.metrics.heartbeats.labels("ok").inc()
-            return HeartbeatResult(False, ttl)
+        if req.epoch != state.record.epoch:
+            async with state.lock:
+                return await self._heartbeat(state, req)
+        # The node is alive even if etcd is not: it counts as heard from now, and stays
+        # healthy while this heartbeat waits (for the node's lock, or on a stalled etcd).
+        state.seen_unix_ms = now_ms()
+        state.trusted_until_ms = 0
+        state.beating += 1
+        try:
+            async with state.lock:
+                return await self._heartbeat(state, req)
+        finally:
+            state.beating -= 1
+            state.seen_unix_ms = max(state.seen_unix_ms, now_ms())
+
+    async def _heartbeat(self, state: NodeState, req: pb.HeartbeatRequest) -> HeartbeatResult:
+        rec = state.record
+        if req.epoch != rec.epoch:
+            return self._resync("stale_epoch", rec, f"epoch {req.epoch} is stale, the "
+                                f"node's current epoch is {rec.epoch}: RegisterNode again")
+        limits.check_heartbeat(self.settings, self.metrics, self.view, state, req)
+        state.seen_unix_ms = now_ms()
+        mono = time.monotonic()
+        since = mono - state.refreshed_here_mono
+        if since >= rec.lease_ttl_s * REFRESH_SKIP_FRACTION:
+            ttl = await self._op("lease_keepalive", self.store.refresh_lease(rec))
+            if ttl <= 0:
+                self.view.drop(rec.node_id, expired=True)
+                raise NotFound(f"node {rec.node_id}: its lease expired; resync required: "
+                               "call RegisterNode, then Resync")
+            state.lease_refreshed_mono = state.refreshed_here_mono = time.monotonic()
+        else:  # refreshed by this replica moments ago (a fast heartbeat burst)
+            ttl = max(1, round(rec.lease_ttl_s - since))
+        if req.stored or req.removed or req.cleared:
+            result = await self._apply_delta(state, req)
+            if result is not None:
+                return result
+        await self._status(state, req)
+        self.metrics.heartbeats.labels("ok").inc()
+        return HeartbeatResult(False, ttl)
 
     def _resync(self, reason: str, rec: NodeRecord, message: str) -> HeartbeatResult:
         self.metrics.resync_requests.labels(reason).inc()

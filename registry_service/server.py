@@ -75,7 +75,8 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
     warn_if_open(settings, len(guard.auth.tokens))
     server = grpc.aio.server(options=message_size_options(settings.max_message_bytes),
                              interceptors=[guard])
-    registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(core, replica), server)
+    servicer = RegistryServicer(core, replica)
+    registry_pb2_grpc.add_RegistryServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.listen, settings.server_tls)
     mhost, mport = parse_hostport(settings.metrics_listen, "metrics_listen")
@@ -93,6 +94,7 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
     finally:
         log.info("registry draining (up to %.1fs)", settings.drain_timeout_s)
         await health.set_serving(False)
+        await servicer.drain()  # streams end now: routers move to another replica at once
         await server.stop(settings.drain_timeout_s)
         await trimmer.close()
         await core.close()

@@ -87,7 +87,7 @@ class RouterCore:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.suspects = SuspectList(clock)
-        self._fallback = LeastLoadedPolicy()
+        self._fallback = LeastLoadedPolicy(use_queue_depth=False)  # queue depths are stale
         self._narrower = Narrower(settings.max_candidates)
         self._narrow_source = source if (settings.max_candidates and source.local
                                          and isinstance(source, NarrowingSource)) else None
@@ -217,7 +217,7 @@ class RouterCore:
             except NoEligibleNode as exc:
                 raise Unavailable(f"no healthy node serves model {model!r} ({exc}); "
                                   f"retry later") from None
-            out = self._commit(chooser, view, decision, pairs, degraded_why)
+            out = self._commit(chooser, view, decision, pairs, degraded_why, req.deadline_s)
         if self.metrics is not None:
             m = self.metrics
             m.route_latency.observe(time.perf_counter() - t0)
@@ -259,12 +259,12 @@ class RouterCore:
         except NoEligibleNode as exc:
             raise Unavailable(f"disaggregated: no pair for model {model!r} ({exc}); "
                               f"retry later") from None
-        out = self._commit(chooser, view, decision, pre, degraded_why)
+        out = self._commit(chooser, view, decision, pre, degraded_why, req.deadline_s)
         self.decode.commit(pick)
         node = next(n for n, _ in dec if n.node_id == pick.node_id)
         if pick.node_id != out.node_id:
             self.tracker.start(view.request_id + DECODE_KEY_SUFFIX, pick.node_id, 0,
-                               view.prompt_tokens)
+                               view.prompt_tokens, req.deadline_s)
         return dataclasses.replace(
             out, decode_node_id=node.node_id, decode_address=node.address,
             decode_matched_blocks=pick.matched_blocks, transfer_blocks=pick.transfer_blocks,
@@ -286,11 +286,13 @@ class RouterCore:
         return out
 
     def _commit(self, policy: Policy, view: RequestView, decision: Decision,
-                pairs: list[tuple[NodeState, int]], degraded_why: str) -> RouteDecision:
+                pairs: list[tuple[NodeState, int]], degraded_why: str,
+                deadline_s: float | None = None) -> RouteDecision:
         node = next(n for n, _ in pairs if n.node_id == decision.node_id)
         policy.commit(view, decision)
         cached = min(decision.matched_blocks * view.block_size, view.prompt_tokens)
-        self.tracker.start(view.request_id, node.node_id, view.prompt_tokens - cached, cached)
+        self.tracker.start(view.request_id, node.node_id, view.prompt_tokens - cached, cached,
+                           deadline_s)
         self._sync_expired()
         self._decisions += 1
         if self._decisions % _PRUNE_EVERY == 0:

@@ -42,6 +42,7 @@ class RouteRequest(_message.Message):
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     LORA_NAME_FIELD_NUMBER: _builtins.int
     CACHE_SALT_FIELD_NUMBER: _builtins.int
+    DEADLINE_S_FIELD_NUMBER: _builtins.int
     DISAGGREGATED_FIELD_NUMBER: _builtins.int
     DECODE_POLICY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
@@ -65,6 +66,12 @@ class RouteRequest(_message.Message):
     cache_salt: _builtins.str
     """Per-request cache salt (SGLang/vLLM cache_salt); empty = none. Salted prompts only match
     blocks cached with the same salt.
+    """
+    deadline_s: _builtins.float
+    """Seconds the caller will wait for the whole request (routing and inference). Without a
+    Complete, the router stops counting the request in flight after this long (instead of
+    --inflight-timeout-s), so abandoned requests stop skewing load within seconds. Unset = the
+    timeout. Must be >= 0.
     """
     disaggregated: _builtins.bool
     """--- disaggregated prefill/decode (issue 18) ---
@@ -99,13 +106,16 @@ class RouteRequest(_message.Message):
         max_output_tokens: _builtins.int = ...,
         lora_name: _builtins.str = ...,
         cache_salt: _builtins.str = ...,
+        deadline_s: _builtins.float | None = ...,
         disaggregated: _builtins.bool | None = ...,
         decode_policy: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_decode_policy", b"_decode_policy", "_disaggregated", b"_disaggregated", "_policy", b"_policy", "_session_id", b"_session_id", "decode_policy", b"decode_policy", "disaggregated", b"disaggregated", "policy", b"policy", "session_id", b"session_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_deadline_s", b"_deadline_s", "_decode_policy", b"_decode_policy", "_disaggregated", b"_disaggregated", "_policy", b"_policy", "_session_id", b"_session_id", "deadline_s", b"deadline_s", "decode_policy", b"decode_policy", "disaggregated", b"disaggregated", "policy", b"policy", "session_id", b"session_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_decode_policy", b"_decode_policy", "_disaggregated", b"_disaggregated", "_policy", b"_policy", "_session_id", b"_session_id", "block_hashes", b"block_hashes", "cache_salt", b"cache_salt", "decode_policy", b"decode_policy", "disaggregated", b"disaggregated", "lora_name", b"lora_name", "max_output_tokens", b"max_output_tokens", "model", b"model", "num_prompt_tokens", b"num_prompt_tokens", "policy", b"policy", "prompt", b"prompt", "request_id", b"request_id", "session_id", b"session_id", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_deadline_s", b"_deadline_s", "_decode_policy", b"_decode_policy", "_disaggregated", b"_disaggregated", "_policy", b"_policy", "_session_id", b"_session_id", "block_hashes", b"block_hashes", "cache_salt", b"cache_salt", "deadline_s", b"deadline_s", "decode_policy", b"decode_policy", "disaggregated", b"disaggregated", "lora_name", b"lora_name", "max_output_tokens", b"max_output_tokens", "model", b"model", "num_prompt_tokens", b"num_prompt_tokens", "policy", b"policy", "prompt", b"prompt", "request_id", b"request_id", "session_id", b"session_id", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__deadline_s: _TypeAlias = _typing.Literal["deadline_s"]  # noqa: Y015
+    _WhichOneofArgType__deadline_s: _TypeAlias = _typing.Literal["_deadline_s", b"_deadline_s"]  # noqa: Y015
     _WhichOneofReturnType__decode_policy: _TypeAlias = _typing.Literal["decode_policy"]  # noqa: Y015
     _WhichOneofArgType__decode_policy: _TypeAlias = _typing.Literal["_decode_policy", b"_decode_policy"]  # noqa: Y015
     _WhichOneofReturnType__disaggregated: _TypeAlias = _typing.Literal["disaggregated"]  # noqa: Y015
@@ -114,6 +124,8 @@ class RouteRequest(_message.Message):
     _WhichOneofArgType__policy: _TypeAlias = _typing.Literal["_policy", b"_policy"]  # noqa: Y015
     _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
     _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__deadline_s) -> _WhichOneofReturnType__deadline_s | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__decode_policy) -> _WhichOneofReturnType__decode_policy | None: ...
     @_typing.overload

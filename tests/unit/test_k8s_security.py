@@ -115,7 +115,9 @@ def test_only_routers_and_agents_reach_the_registry_and_only_it_reaches_etcd() -
         if "kvroute-registry" in names:
             agents = {c.workload["metadata"]["name"] for c in containers(objs)
                       if c.role == "agent"}
-            assert _reachers(objs, "kvroute-registry", 50051) == {"kvroute-router"} | agents, d
+            # routers and endpoint pickers (a router inside the Gateway's request path)
+            routers = {"kvroute-router", "kvroute-epp"} & names
+            assert _reachers(objs, "kvroute-registry", 50051) == routers | agents, d
             assert _reachers(objs, "kvroute-registry", 9091) == {"<anyone>"}, "metrics"
         if "kvroute-etcd" in names:
             assert _reachers(objs, "kvroute-etcd", 2379) == {"kvroute-registry"}, d
