@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.faults import (
     FaultInjector,
@@ -23,7 +24,8 @@ from bench.stack_backend import STACK_POLICIES, StackBackend
 from bench.stack_fleet import FleetSpec, router_flags
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
-from kvroute.settings import from_namespace
+from kvroute.settings import flag_name, from_namespace
+from router_service.disagg import DisaggSettings
 from router_service.policies.kv_aware import KvAwareSettings
 
 
@@ -195,3 +197,56 @@ def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers
         out = run_comparison(workload, settings, [*names, *peers], combined, random_bound)
         attach_added_latency(out.report, combined.added_latency)
         return out
+
+
+def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: SimSettings,
+                     kv: KvAwareSettings, disagg: DisaggSettings, transfer_s_per_block: float,
+                     strategies: list[str], progress: Any) -> dict[str, Any]:
+    """``--mode stack --prefill-nodes P --decode-nodes D``: the disaggregated stack replay of
+    the strategies the router serves, next to the sim replay of the same strategies."""
+    from bench.pd_bench import pd_metrics, run_pd
+    from bench.stack_pd import STACK_PD_STRATEGIES, run_stack_pd
+
+    bad = [s for s in strategies if s not in STACK_PD_STRATEGIES]
+    if bad:
+        raise ConfigError(f"--pd-strategies: {', '.join(bad)} not served by the router; "
+                          f"--mode stack runs {', '.join(STACK_PD_STRATEGIES)}")
+    p, d = args.prefill_nodes, args.decode_nodes
+    ts = args.time_scale
+    scaled = dataclasses.replace(  # the router lives on the wall clock (see router_flags)
+        disagg, pd_transfer_s_per_block=disagg.pd_transfer_s_per_block * ts,
+        pd_decode_load_cost_s=disagg.pd_decode_load_cost_s * ts,
+        pd_headroom_penalty_s=disagg.pd_headroom_penalty_s * ts)
+    pd_flags: list[str] = []
+    for f in dataclasses.fields(scaled):
+        pd_flags += [flag_name(f), str(getattr(scaled, f.name))]
+    spec = FleetSpec(nodes=p + d, cache_blocks=settings.cache_blocks,
+                     block_size=workload.block_size,
+                     prefill_tokens_per_s=settings.prefill_tokens_per_s,
+                     decode_ms_per_token=settings.decode_s_per_token * 1000.0,
+                     max_running=settings.max_batch, time_scale=ts,
+                     router_args=(*router_flags(kv, ts), *pd_flags),
+                     roles=("prefill",) * p + ("decode",) * d,
+                     transfer_ms_per_block=transfer_s_per_block * 1000.0)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
+    print(f"stack: {p} prefill + {d} decode engine_sim with agents, registry, router, etcd; "
+          f"logs in {workdir}", file=sys.stderr)
+    peers = [x.strip() for x in (args.pd_peers or "").split(",") if x.strip()]
+    for peer in peers:
+        name, _, pair = peer.partition(":")
+        if name != "vllm-router" or "/" not in pair:
+            raise ConfigError(f"--pd-peers: {peer!r} is not vllm-router:PREFILL/DECODE "
+                              f"(sglang-router's PD mode needs the bootstrap protocol, which "
+                              f"engine_sim does not speak yet)")
+    runs = run_stack_pd(workdir / "stack-pd", spec, workload, p, strategies, progress, peers)
+    sim = run_pd(workload, settings, p, d, transfer_s_per_block, kv, disagg, strategies,
+                 args.seed)
+    for r in sim["results"]:
+        r["policy"] = "sim:" + r["policy"].removeprefix("pd:")
+    return {"mode": f"stack, time_scale {ts}", "workload": workload.name,
+            "requests": len(workload.requests), "prefill_nodes": p, "decode_nodes": d,
+            "cache_blocks_per_node": settings.cache_blocks, "block_size": workload.block_size,
+            "transfer_s_per_block": transfer_s_per_block,
+            "disagg_settings": dataclasses.asdict(disagg),
+            "results": [pd_metrics(r) for r in runs] + sim["results"],
+            "bounds": sim["bounds"]}

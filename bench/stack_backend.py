@@ -89,7 +89,8 @@ class StackBackend:
             asyncio.run(self._replay(workload, policy_name))  # e.g. the fault-free baseline
         return asyncio.run(self._replay(workload, policy_name))
 
-    async def _replay(self, workload: Workload, policy_name: str) -> PolicyRun:
+    async def reset_fleet(self) -> dict[str, str]:
+        """Empty every live engine's cache and wait until the registry saw it; id -> URL."""
         dead = self.hook.dead_nodes if self.hook is not None else set()
         urls = {e.node_id: e.url for e in self.fleet.engines if e.node_id not in dead}
         await reset_caches(urls)
@@ -97,6 +98,10 @@ class StackBackend:
             lambda nodes: {n.node_id for n in nodes} == set(urls)
             and all(n.blocks_indexed == 0 and n.healthy for n in nodes),
             "every node's index emptied after the cache reset")
+        return urls
+
+    async def _replay(self, workload: Workload, policy_name: str) -> PolicyRun:
+        urls = await self.reset_fleet()
         if self._prompts is None or self._prompts[0] is not workload:
             self._prompts = (workload, prepare(workload))
         run = await replay_stack(workload, policy_name, self.fleet.router_target, urls,

@@ -69,6 +69,15 @@ class FleetSpec:
     its own subscription and registry link): 2 processes instead of 2N, so the fleet's own CPU
     use and scheduling no longer move the measured latencies. False = a process per engine and
     per agent, as deployed."""
+    roles: tuple[str, ...] = ()
+    """Disaggregated fleets: each engine's role (prefill/decode/both; its agent registers it and
+    its node id is ``ROLE-i``); empty = every engine ``both`` (``engine-i``)."""
+    transfer_ms_per_block: float = 2.0 / 512 * DEFAULT_BLOCK_SIZE
+    """Model milliseconds a decode engine takes to receive one KV block."""
+
+    def node_id(self, i: int) -> str:
+        """Node id of engine ``i``."""
+        return f"{self.roles[i]}-{i}" if self.roles else f"engine-{i}"
 
     def engine_args(self) -> list[str]:
         """``kvroute serve engine-sim`` flags of one engine of this fleet (shape and speed)."""
@@ -76,7 +85,8 @@ class FleetSpec:
                 "--prefill-tokens-per-s", str(self.prefill_tokens_per_s),
                 "--decode-ms-per-token", str(self.decode_ms_per_token),
                 "--max-running", str(self.max_running), "--time-scale", str(self.time_scale),
-                "--model", self.model, "--max-prompt-tokens", str(self.max_prompt_tokens)]
+                "--model", self.model, "--max-prompt-tokens", str(self.max_prompt_tokens),
+                "--transfer-ms-per-block", str(self.transfer_ms_per_block)]
 
 
 @dataclass
@@ -216,7 +226,7 @@ class StackFleet:
         router = self._router()
         for i, (agent, ready) in enumerate(zip(agents, engine_ready, strict=True)):
             self._ready(agent)
-            self.engines.append(EngineHandle(f"engine-{i}", engines[i][0], agent[0], ready))
+            self.engines.append(EngineHandle(s.node_id(i), engines[i][0], agent[0], ready))
         if router is not None:
             self.router, self.router_ready = router[0], self._ready(router)
 
@@ -233,7 +243,7 @@ class StackFleet:
                                                   "--fleet-file", str(fleet_file)])
         router = self._router()
         self._ready(agents)
-        self.engines = [EngineHandle(f"engine-{i}", launched[0], agents[0], r)
+        self.engines = [EngineHandle(s.node_id(i), launched[0], agents[0], r)
                         for i, r in enumerate(engine_ready)]
         if router is not None:
             self.router, self.router_ready = router[0], self._ready(router)
@@ -246,11 +256,15 @@ class StackFleet:
 
     def _agent_entry(self, i: int, ready: dict[str, Any]) -> dict[str, Any]:
         http = f"http://127.0.0.1:{ready['http_port']}"
-        return {"node_id": f"engine-{i}", "engine_url": http,
-                "engine_metrics_url": f"{http}/metrics",
-                "engine_events": f"tcp://127.0.0.1:{ready['events_port']}",
-                "engine_replay": f"tcp://127.0.0.1:{ready['replay_port']}",
-                "capacity_blocks": self.spec.cache_blocks}
+        entry: dict[str, Any] = {
+            "node_id": self.spec.node_id(i), "engine_url": http,
+            "engine_metrics_url": f"{http}/metrics",
+            "engine_events": f"tcp://127.0.0.1:{ready['events_port']}",
+            "engine_replay": f"tcp://127.0.0.1:{ready['replay_port']}",
+            "capacity_blocks": self.spec.cache_blocks}
+        if self.spec.roles:
+            entry["role"] = self.spec.roles[i]
+        return entry
 
     def close(self) -> None:
         """Stop every process this fleet started (reverse order), then etcd."""

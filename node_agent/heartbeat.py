@@ -259,7 +259,7 @@ class RegistryLink:
         req = registry_pb2.RegisterNodeRequest(
             node_id=s.node_id, address=s.engine_url, model=s.model, block_size=s.block_size,
             capacity_blocks=self._usage.capacity_blocks or s.capacity_blocks,
-            labels=s.label_map, hash_scheme=HASH_SCHEME)
+            labels=s.label_map, hash_scheme=HASH_SCHEME, role=s.role)
         try:
             resp = await self._stub.RegisterNode(req, timeout=s.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:

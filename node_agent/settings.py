@@ -72,6 +72,9 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
         "ignored) or any (offloaded copies count as cached)")
     device_media: tuple[str, ...] = setting(("GPU",), "Medium names of the device cache")
     labels: tuple[str, ...] = setting((), "Node labels as key=value,key=value")
+    role: str = setting(
+        "both", "Disaggregated prefill/decode role of the engine: prefill (computes prompts and "
+        "hands their KV over), decode (receives KV and generates) or both (aggregated)")
     resync_batch: int = setting(50_000, "Block hashes per Resync stream message")
     max_delta_hashes: int = setting(100_000, "Most block hashes in one heartbeat")
     fleet_file: str = setting(
@@ -100,6 +103,8 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
         require(self.replay_timeout_s > 0, "replay_timeout_s", "must be > 0")
         require(self.medium_policy in MEDIUM_POLICIES, "medium_policy",
                 f"must be one of {', '.join(MEDIUM_POLICIES)}")
+        require(self.role in ("both", "prefill", "decode"), "role",
+                "must be prefill, decode or both")
         require(self.resync_batch >= 1, "resync_batch", "must be >= 1")
         require(self.max_delta_hashes >= 1, "max_delta_hashes", "must be >= 1")
         for item in self.labels:
@@ -127,7 +132,8 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
 
 
 _FLEET_FIELDS = {"node_id": str, "engine_url": str, "engine_events": str, "engine_replay": str,
-                 "engine_metrics_url": str, "capacity_blocks": int, "labels": list}
+                 "engine_metrics_url": str, "capacity_blocks": int, "labels": list,
+                 "role": str}
 
 
 def fleet_agents(s: AgentSettings) -> list[AgentSettings]:

@@ -221,7 +221,8 @@ class RegistryCore:
                 labels=dict(req.labels),
                 epoch=max(prev.epoch + 1 if prev else 1, now_ms()), lease_id=0,
                 lease_ttl_s=self.settings.lease_ttl_s, registered_unix_ms=now_ms(),
-                token_sha256=digest, owner=f"{caller.role}:{caller.name}")
+                token_sha256=digest, owner=f"{caller.role}:{caller.name}",
+                role=req.role or "both")
             try:
                 rec = await self._op("register", self.store.register_node(rec, prev))
             except StoreConflict:

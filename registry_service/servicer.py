@@ -53,7 +53,8 @@ def node_info(s: NodeState, late_after_s: float, blocks: int) -> pb.NodeInfo:
         lease_remaining_s=round(s.lease_left_s(), 3), last_heartbeat_unix_ms=s.heartbeat_ms(),
         usage=s.usage(), engine_block_size=st.engine_block_size,
         engine_lookahead_tokens=st.engine_lookahead_tokens,
-        index_state=pb.IndexState.ValueType(st.index_state), index_note=st.index_note)
+        index_state=pb.IndexState.ValueType(st.index_state), index_note=st.index_note,
+        role=r.role)
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
@@ -137,7 +138,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             engine_block_size=s.status.engine_block_size,
             engine_lookahead_tokens=s.status.engine_lookahead_tokens,
             index_state=pb.IndexState.ValueType(s.status.index_state),
-            index_note=s.status.index_note)
+            index_note=s.status.index_note, role=s.record.role)
             for s, matched in pairs]
         core.metrics.lookups.inc()
         core.metrics.lookup_seconds.observe(time.perf_counter() - t0)

@@ -28,7 +28,10 @@ def to_route_request(req: router_pb2.RouteRequest) -> RouteRequest:
         policy=req.policy if req.HasField("policy") and req.policy else None,
         lora_name=req.lora_name or None, cache_salt=req.cache_salt or None,
         max_output_tokens=req.max_output_tokens,
-        deadline_s=_deadline(req) if req.HasField("deadline_s") else None)
+        deadline_s=_deadline(req) if req.HasField("deadline_s") else None,
+        disaggregated=req.disaggregated if req.HasField("disaggregated") else None,
+        decode_policy=req.decode_policy if req.HasField("decode_policy") and req.decode_policy
+        else None)
 
 
 def _deadline(req: router_pb2.RouteRequest) -> float:
@@ -48,7 +51,10 @@ def to_route_response(d: RouteDecision) -> router_pb2.RouteResponse:
         candidates=[router_pb2.Candidate(node_id=c.node_id, score=c.score,
                                          matched_blocks=c.matched_blocks, load=c.load,
                                          excluded=c.excluded)
-                    for c in d.candidates[:_MAX_CANDIDATES]])
+                    for c in d.candidates[:_MAX_CANDIDATES]],
+        decode_node_id=d.decode_node_id, decode_address=d.decode_address,
+        decode_matched_blocks=d.decode_matched_blocks, transfer_blocks=d.transfer_blocks,
+        decode_reason=d.decode_reason)
 
 
 def complete(core: RouterCore, req: router_pb2.CompleteRequest) -> router_pb2.CompleteResponse:

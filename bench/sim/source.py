@@ -36,12 +36,14 @@ class SimPlacementSource:
     connected = True
 
     def __init__(self, nodes: Sequence[SimNode], model: str, block_size: int,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], roles: Sequence[str] | None = None) -> None:
         self._nodes = list(nodes)
         self._model = model
         self._block_size = block_size
         self._clock = clock
         self._states = [NodeState(n.nid, n.nid, model) for n in self._nodes]
+        for st, role in zip(self._states, roles or (), strict=False):
+            st.role = role  # disaggregated fleets: prefill / decode / both
 
     async def start(self) -> None:
         """Nothing to start."""

@@ -97,6 +97,7 @@ class RegisterNodeRequest(_message.Message):
     CAPACITY_BLOCKS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     HASH_SCHEME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Stable id of the node, unique in the fleet (e.g. the pod name). 1-128 characters of
     [A-Za-z0-9._:-].
@@ -115,6 +116,10 @@ class RegisterNodeRequest(_message.Message):
     """Identity of the canonical hash function the agent used (kvroute.blocks.HASH_SCHEME). Empty
     means the registry's own. A different value fails with FAILED_PRECONDITION.
     """
+    role: _builtins.str
+    """--- disaggregated prefill/decode (issue 18); numbers from 40 leave room for other blocks ---
+    The node's role: "prefill", "decode" or "both" (aggregated); empty = "both".
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels (zone, gpu type, role); shown by ListNodes."""
@@ -129,10 +134,11 @@ class RegisterNodeRequest(_message.Message):
         capacity_blocks: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         hash_scheme: _builtins.str = ...,
+        role: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "capacity_blocks", b"capacity_blocks", "hash_scheme", b"hash_scheme", "labels", b"labels", "model", b"model", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "capacity_blocks", b"capacity_blocks", "hash_scheme", b"hash_scheme", "labels", b"labels", "model", b"model", "node_id", b"node_id", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -512,6 +518,7 @@ class NodeMatch(_message.Message):
     ENGINE_LOOKAHEAD_TOKENS_FIELD_NUMBER: _builtins.int
     INDEX_STATE_FIELD_NUMBER: _builtins.int
     INDEX_NOTE_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
     address: _builtins.str
@@ -542,6 +549,10 @@ class NodeMatch(_message.Message):
     """How complete the node's index is (see IndexState)."""
     index_note: _builtins.str
     """Why the index is not complete (empty when it is)."""
+    role: _builtins.str
+    """--- disaggregated prefill/decode (issue 18); numbers from 40 leave room for other blocks ---
+    The node's role: "prefill", "decode" or "both" (aggregated); empty = "both".
+    """
     def __init__(
         self,
         *,
@@ -560,10 +571,11 @@ class NodeMatch(_message.Message):
         engine_lookahead_tokens: _builtins.int = ...,
         index_state: Global___IndexState.ValueType = ...,
         index_note: _builtins.str = ...,
+        role: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -702,6 +714,7 @@ class NodeInfo(_message.Message):
     ENGINE_LOOKAHEAD_TOKENS_FIELD_NUMBER: _builtins.int
     INDEX_STATE_FIELD_NUMBER: _builtins.int
     INDEX_NOTE_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
     address: _builtins.str
@@ -742,6 +755,10 @@ class NodeInfo(_message.Message):
     """How complete the node's index is (see IndexState)."""
     index_note: _builtins.str
     """Why the index is not complete (empty when it is)."""
+    role: _builtins.str
+    """--- disaggregated prefill/decode (issue 18); numbers from 40 leave room for other blocks ---
+    The node's role: "prefill", "decode" or "both" (aggregated); empty = "both".
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels given at registration."""
@@ -770,10 +787,11 @@ class NodeInfo(_message.Message):
         engine_lookahead_tokens: _builtins.int = ...,
         index_state: Global___IndexState.ValueType = ...,
         index_note: _builtins.str = ...,
+        role: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

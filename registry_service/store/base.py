@@ -52,6 +52,8 @@ class NodeRecord:
     owner: str = ""
     """Identity that registered this incarnation (``agent:<node>``, ``admin:<name>``, or
     ``anonymous`` with --auth none), for the log and operators reading etcd."""
+    role: str = "both"
+    """Disaggregated prefill/decode role: prefill, decode or both."""
 
 
 @dataclass(frozen=True)

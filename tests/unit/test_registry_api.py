@@ -277,3 +277,15 @@ async def test_engine_block_size_and_index_state_reach_lookup_and_list(reg: Reg)
     bad_state.index_state = 9  # type: ignore[assignment]
     code, msg = await code_of(reg.stub.Heartbeat(bad_state))
     assert code == Code.INVALID_ARGUMENT and "index_state" in msg
+
+
+async def test_node_roles_are_registered_listed_and_looked_up(reg: Reg) -> None:
+    await register(reg, "p", role="prefill")
+    await register(reg, "d", "10.0.0.2:8000", role="decode")
+    await register(reg, "x", "10.0.0.3:8000")  # no role = both (older agents)
+    nodes = {n.node_id: n.role for n in (await reg.stub.ListNodes(pb.ListNodesRequest())).nodes}
+    assert nodes == {"p": "prefill", "d": "decode", "x": "both"}
+    resp = await reg.stub.Lookup(pb.LookupRequest(block_hashes=[1], model="m"))
+    assert {n.node_id: n.role for n in resp.nodes} == nodes
+    code, msg = await code_of(register(reg, "p", role="encoder"))
+    assert code == Code.INVALID_ARGUMENT and "role" in msg
