@@ -74,6 +74,10 @@ def test_control_plane_is_replicated_with_budgets_and_spread() -> None:
     assert by_name["kvroute-etcd"]["spec"]["replicas"] == 3
     assert by_name["kvroute-registry"]["spec"]["replicas"] >= 2
     assert by_name["kvroute-router"]["spec"]["replicas"] >= 2
+    assert by_name["kvroute-gateway"]["spec"]["replicas"] >= 2
+    hpas = {o["spec"]["scaleTargetRef"]["name"] for o in objs
+            if o["kind"] == "HorizontalPodAutoscaler"}
+    assert "kvroute-gateway" in hpas
     sts = by_name["kvroute-etcd"]["spec"]
     assert sts["podManagementPolicy"] == "Parallel"
     assert sts["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
@@ -116,7 +120,8 @@ def test_only_routers_and_agents_reach_the_registry_and_only_it_reaches_etcd() -
         if "kvroute-registry" in names:
             agents = {c.workload["metadata"]["name"] for c in containers(objs)
                       if c.role == "agent"}
-            assert _reachers(objs, "kvroute-registry", 50051) == {"kvroute-router"} | agents, d
+            assert _reachers(objs, "kvroute-registry", 50051) == {
+                "kvroute-router", "kvroute-gateway"} | agents, d
             assert _reachers(objs, "kvroute-registry", 9091) == {"<anyone>"}, "metrics"
         if "kvroute-etcd" in names:
             assert _reachers(objs, "kvroute-etcd", 2379) == {"kvroute-registry"}, d
@@ -157,6 +162,7 @@ def test_tls_files_come_from_mounted_secrets() -> None:
                 tls_seen.add((d.name, c.role, field.split("_")[0]))
     for overlay in ("production", "production-external-etcd"):
         assert {(overlay, "registry", "tls"), (overlay, "router", "client"),
+                (overlay, "gateway", "client"), (overlay, "gateway", "tls"),
                 (overlay, "agent", "client"), (overlay, "registry", "etcd")} <= tls_seen
 
 
