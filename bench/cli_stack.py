@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.runner import run_comparison
 from bench.sim.config import SimSettings
-from bench.stack_backend import STACK_POLICIES, StackBackend
+from bench.stack_backend import GATEWAY_PREFIX, STACK_POLICIES, StackBackend, split_front
 from bench.stack_fleet import FleetSpec
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
@@ -66,10 +66,11 @@ def _peer_names(value: str | None) -> list[str]:
 
 
 def stack_policies(requested: list[str], explicit: bool) -> list[str]:
-    """The policies a stack run replays: the router's own (all of them unless given)."""
+    """The policies a stack run replays: the router's own (all of them unless given), each
+    optionally as ``gateway:<policy>`` (through the OpenAI gateway instead of Route)."""
     if not explicit:
         return list(STACK_POLICIES)
-    bad = [n for n in requested if n not in STACK_POLICIES]
+    bad = [n for n in requested if split_front(n)[1] not in STACK_POLICIES]
     if bad:
         raise ConfigError(f"--policies: {', '.join(bad)} run only in --mode sim (the router "
                           f"serves {', '.join(STACK_POLICIES)})")
@@ -99,9 +100,14 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
                      max_running=settings.max_batch, time_scale=args.time_scale,
                      router_args=router_flags(kv))
     peers = _peer_names(args.peers)
+    if peers and not any(split_front(n)[0] for n in names):
+        # HTTP front against HTTP fronts: the peers are HTTP routers, so is the gateway
+        names = [*names, f"{GATEWAY_PREFIX}kv_aware"]
+    if any(split_front(n)[0] for n in names):
+        spec = dataclasses.replace(spec, gateway=True)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
-    print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router, etcd; logs in "
-          f"{workdir}", file=sys.stderr)
+    print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router"
+          f"{', gateway' if spec.gateway else ''}, etcd; logs in {workdir}", file=sys.stderr)
     t0 = time.perf_counter()
     with StackBackend(workdir / "stack", spec) as stack:
         if not peers:

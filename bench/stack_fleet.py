@@ -55,6 +55,9 @@ class FleetSpec:
     """Extra router flags (e.g. the kv_aware settings of a bench run)."""
     max_prompt_tokens: int = 262_144
     """Largest prompt the router and engines accept (trace prompts reach ~100k tokens)."""
+    gateway: bool = False
+    """Also start ``kvroute serve gateway`` (the OpenAI front; same routing flags as the
+    router)."""
 
 
 @dataclass
@@ -87,6 +90,7 @@ class StackFleet:
         self.engines: list[EngineHandle] = []
         self.registry_ready: dict[str, Any] = {}
         self.router_ready: dict[str, Any] = {}
+        self.gateway_ready: dict[str, Any] = {}
         self._procs: list[ManagedProcess] = []
 
     # -- process helpers -------------------------------------------------------------------
@@ -115,6 +119,20 @@ class StackFleet:
         """``127.0.0.1:PORT`` of the router."""
         return f"127.0.0.1:{self.router_ready['grpc_port']}"
 
+    @property
+    def gateway_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the gateway (``spec.gateway``)."""
+        if not self.gateway_ready:
+            raise RuntimeError("this fleet runs no gateway (FleetSpec.gateway=False)")
+        return f"http://127.0.0.1:{self.gateway_ready['http_port']}"
+
+    def _routing_args(self) -> list[str]:
+        s = self.spec
+        return ["--registry", self.registry_target, "--block-size", str(s.block_size),
+                "--default-policy", s.default_policy, "--default-model", s.model,
+                "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s),
+                "--max-prompt-tokens", str(s.max_prompt_tokens), *s.router_args]
+
     def start(self) -> StackFleet:
         """Start every process (independent ones in parallel) and wait until all serve."""
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -135,15 +153,16 @@ class StackFleet:
             engine_ready = [self._ready(e) for e in engines]
             agents = [self._launch("agent", f"agent-{i}", self._agent_args(i, ready))
                       for i, ready in enumerate(engine_ready)]
-            router = self._launch("router", "router", [
-                "--registry", self.registry_target, "--block-size", str(s.block_size),
-                "--default-policy", s.default_policy, "--default-model", s.model,
-                "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s),
-                "--max-prompt-tokens", str(s.max_prompt_tokens), *s.router_args])
+            router = self._launch("router", "router", self._routing_args())
+            gateway = self._launch("gateway", "gateway", [
+                *self._routing_args(), "--max-concurrent-requests", "65536",
+                "--max-body-bytes", str(64 * 1024 * 1024)]) if s.gateway else None
             for i, (agent, ready) in enumerate(zip(agents, engine_ready, strict=True)):
                 self._ready(agent)
                 self.engines.append(EngineHandle(f"engine-{i}", engines[i][0], agent[0], ready))
             self.router, self.router_ready = router[0], self._ready(router)
+            if gateway is not None:
+                self.gateway_ready = self._ready(gateway)
         except BaseException:
             self.close()
             raise
