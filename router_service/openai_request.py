@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 from xxhash import xxh3_128_digest
 
 from router_service.domain import RouteRequest
@@ -37,6 +39,8 @@ ENDPOINT_PATHS: Mapping[Endpoint, str] = {"completions": "/v1/completions",
                                           "chat": "/v1/chat/completions"}
 
 MAX_TOKEN_ID = 2**32 - 1
+TokenArray = npt.NDArray[np.int64]
+"""Prompt ids as one int64 array: converted once here, used as is by the core's hashing."""
 _CHAT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "tools", "documents")
 _DECODER = msgspec.json.Decoder()
 _ENCODER = msgspec.json.Encoder()
@@ -90,7 +94,7 @@ class OpenAIRequest:
     include_usage: bool
     max_output_tokens: int
     cache_salt: str | None
-    prompt: str | list[int] | None = None
+    prompt: str | TokenArray | None = None
     """completions: the (first) prompt as text or token ids; None for chat."""
     messages: list[dict[str, Any]] = field(default_factory=list)
     """chat: the conversation."""
@@ -98,9 +102,9 @@ class OpenAIRequest:
     """vLLM default: True for completions, False for chat."""
 
     @property
-    def token_ids(self) -> list[int] | None:
+    def token_ids(self) -> TokenArray | None:
         """The prompt's token ids when the client sent ids (no tokenization needed)."""
-        return self.prompt if isinstance(self.prompt, list) else None
+        return self.prompt if isinstance(self.prompt, np.ndarray) else None
 
     def tokenize_body(self) -> dict[str, Any]:
         """The body of vLLM's ``POST /tokenize`` that yields exactly this request's prompt ids.
@@ -109,7 +113,8 @@ class OpenAIRequest:
         """
         out: dict[str, Any] = {"model": self.model} if self.model else {}
         if self.endpoint == "completions":
-            out["prompt"] = self.prompt
+            out["prompt"] = self.body["prompt"] if isinstance(self.prompt, np.ndarray) \
+                else self.prompt
             out["add_special_tokens"] = self.add_special_tokens
             return out
         b = self.body
@@ -144,15 +149,23 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _token_ids(value: list[Any], param: str) -> list[int]:
-    for i, t in enumerate(value):
+def _token_ids(value: list[Any], param: str) -> TokenArray:
+    """One int64 array (NumPy converts ~30 ns per id; a Python loop would cost ~10x)."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError, OverflowError):
+        arr = None
+    if arr is not None and arr.ndim == 1 and arr.dtype.kind in "iu" and (
+            not len(arr) or (int(arr.min()) >= 0 and int(arr.max()) <= MAX_TOKEN_ID)):
+        return arr.astype(np.int64, copy=False)
+    for i, t in enumerate(value):  # slow path: name the first bad element
         if not _is_int(t) or not 0 <= t <= MAX_TOKEN_ID:
             raise bad_field(param, f"element {i} is {t!r}; token ids are integers in "
                                    f"0..{MAX_TOKEN_ID}")
-    return value
+    raise bad_field(param, f"must be a list of integers in 0..{MAX_TOKEN_ID}")
 
 
-def _prompt(value: Any) -> str | list[int]:
+def _prompt(value: Any) -> str | TokenArray:
     """The prompt to route by: text, ids, or the first of a batch of either."""
     if isinstance(value, str):
         return value
@@ -170,8 +183,9 @@ def _prompt(value: Any) -> str | list[int]:
             for i, p in enumerate(value):
                 if not p:
                     raise bad_field(f"prompt[{i}]", "must not be empty")
+            for i, p in enumerate(value[1:], 1):
                 _token_ids(p, f"prompt[{i}]")
-            return list(first)
+            return _token_ids(first, "prompt[0]")
         return _token_ids(value, "prompt")
     raise bad_field("prompt", "must be a string, a list of token ids, or a list of either")
 
@@ -256,7 +270,7 @@ def parse_bytes(endpoint: Endpoint, raw: bytes) -> OpenAIRequest:
     return parse(endpoint, decode_json(raw))
 
 
-def route_request(req: OpenAIRequest, token_ids: Sequence[int], *, request_id: str,
+def route_request(req: OpenAIRequest, token_ids: Sequence[int] | TokenArray, *, request_id: str,
                   model: str, lora_name: str | None = None, session_id: str | None = None,
                   policy: str | None = None, allowed: frozenset[str] | None = None,
                   excluded: frozenset[str] = frozenset(),

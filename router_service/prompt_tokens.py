@@ -18,13 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import aiohttp
 import msgspec
 
-from router_service.openai_request import OpenAIError, OpenAIRequest, engine_base_url
+from router_service.openai_request import (
+    OpenAIError,
+    OpenAIRequest,
+    TokenArray,
+    engine_base_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +132,13 @@ class PromptTokens:
         self._pending: dict[bytes, asyncio.Future[list[int]]] = {}
 
     async def token_ids(self, req: OpenAIRequest, base_model: str,
-                        engines: Sequence[str]) -> list[int]:
-        """Ids of ``req``'s prompt. ``engines``: addresses of engines serving the request's
-        model, best first (asked in turn when the prompt must be tokenized remotely)."""
-        ids = req.token_ids
-        if ids is not None:
+                        engines: Callable[[], Sequence[str]]) -> list[int] | TokenArray:
+        """Ids of ``req``'s prompt. ``engines()``: addresses of engines serving the request's
+        model (asked in turn when the prompt must be tokenized remotely)."""
+        given = req.token_ids
+        if given is not None:
             self.by_source["ids"] += 1
-            return ids
+            return given
         local = self.local.get(req.model) or self.local.get(base_model)
         if local is not None:
             self.by_source["local"] += 1
@@ -150,7 +155,7 @@ class PromptTokens:
         fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
         try:
-            ids = await self._ask_engines(req, engines)
+            ids = await self._ask_engines(req, engines())
             fut.set_result(ids)
         except BaseException as exc:
             fut.set_exception(exc)

@@ -167,7 +167,7 @@ class Proxy:
         req = parse_bytes(endpoint, raw)
         resolved = await self.catalog.resolve(req.model)
         token_ids = await self.tokens.token_ids(
-            req, resolved.model, self._engines(resolved.model, resolved.allowed))
+            req, resolved.model, lambda: self._engines(resolved.model, resolved.allowed))
         headers = request.headers
         rid = f"{self._id_prefix}{next(self._ids)}"
         client_rid = headers.get("x-request-id") or rid

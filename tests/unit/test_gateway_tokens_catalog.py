@@ -74,28 +74,28 @@ async def test_engine_tokenization_cache_sharing_failover(
     a, b, session = engines
     tokens = PromptTokens({}, EngineTokenizer(session, timeout_s=2), TokenCache(100))
     ids_req = parse("completions", {"prompt": [1, 2]})
-    assert await tokens.token_ids(ids_req, "base", []) == [1, 2]
+    assert list(await tokens.token_ids(ids_req, "base", lambda: [])) == [1, 2]
     chat = parse("chat", {"model": "base", "messages": [{"role": "user", "content": "hey"}]})
-    got = await asyncio.gather(*(tokens.token_ids(chat, "base", [a.address])
+    got = await asyncio.gather(*(tokens.token_ids(chat, "base", lambda: [a.address])
                                  for _ in range(5)))
     assert got == [[104, 101, 121]] * 5
     assert a.calls == 1  # five identical bodies at once: one engine call
     same = parse("chat", {"model": "base", "temperature": 1.0,
                           "messages": [{"role": "user", "content": "hey"}]})
-    assert await tokens.token_ids(same, "base", [a.address]) == [104, 101, 121]
+    assert await tokens.token_ids(same, "base", lambda: [a.address]) == [104, 101, 121]
     assert a.calls == 1  # cached per body
     dead = f"127.0.0.1:{free_port()}"
     text = parse("completions", {"prompt": "ok"})
-    assert await tokens.token_ids(text, "base", [dead, b.address]) == [111, 107]
+    assert await tokens.token_ids(text, "base", lambda: [dead, b.address]) == [111, 107]
     assert tokens.by_source == {"ids": 1, "local": 0, "cache": 5, "engine": 2}
     with pytest.raises(OpenAIError) as info:
-        await tokens.token_ids(parse("completions", {"prompt": "bad"}), "base", [a.address])
+        await tokens.token_ids(parse("completions", {"prompt": "bad"}), "base", lambda: [a.address])
     assert info.value.status == 400 and "no such thing" in info.value.message
     with pytest.raises(OpenAIError) as info:
-        await tokens.token_ids(parse("completions", {"prompt": "zz"}), "base", [dead])
+        await tokens.token_ids(parse("completions", {"prompt": "zz"}), "base", lambda: [dead])
     assert info.value.status == 503
     with pytest.raises(OpenAIError) as info:
-        await PromptTokens({}, None, TokenCache(1)).token_ids(text, "base", [a.address])
+        await PromptTokens({}, None, TokenCache(1)).token_ids(text, "base", lambda: [a.address])
     assert info.value.status == 400
 
 
