@@ -58,6 +58,8 @@ class FleetSpec:
     gateway: bool = False
     """Also start ``kvroute serve gateway`` (the OpenAI front; same routing flags as the
     router)."""
+    gateway_args: tuple[str, ...] = ()
+    """Extra gateway flags (e.g. ``--no-uvloop``)."""
 
 
 @dataclass
@@ -156,7 +158,7 @@ class StackFleet:
             router = self._launch("router", "router", self._routing_args())
             gateway = self._launch("gateway", "gateway", [
                 *self._routing_args(), "--max-concurrent-requests", "65536",
-                "--max-body-bytes", str(64 * 1024 * 1024)]) if s.gateway else None
+                "--max-body-bytes", str(64 * 1024 * 1024), *s.gateway_args]) if s.gateway else None
             for i, (agent, ready) in enumerate(zip(agents, engine_ready, strict=True)):
                 self._ready(agent)
                 self.engines.append(EngineHandle(f"engine-{i}", engines[i][0], agent[0], ready))
