@@ -9,21 +9,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.runner import run_comparison
+from bench.runner import BenchOutcome, run_comparison
 from bench.sim.config import SimSettings
 from bench.stack_backend import GATEWAY_PREFIX, STACK_POLICIES, StackBackend, split_front
-from bench.stack_fleet import FleetSpec
+from bench.stack_fleet import FleetSpec, router_flags
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
-from kvroute.settings import flag_name, from_namespace
+from kvroute.settings import from_namespace
 from router_service.policies.kv_aware import KvAwareSettings
 
 
 def add_stack_arguments(p: argparse.ArgumentParser) -> None:
     """Flags only ``--mode stack`` uses."""
     g = p.add_argument_group("--mode stack")
-    g.add_argument("--time-scale", type=float, default=0.05, metavar="S",
-                   help="stack: wall seconds per simulated second (default 0.05 = 20x faster)")
+    g.add_argument("--time-scale", type=float, default=0.2, metavar="S",
+                   help="stack: wall seconds per simulated second (default 0.2 = 5x faster; "
+                        "at 0.05 a busy 2-core machine cannot keep the trace's timing — the "
+                        "table's arrival-lag line shows it)")
+    g.add_argument("--random-bound", action="store_true",
+                   help="stack: also replay the random policy for the random bound when it is "
+                        "not among --policies (one more replay; off by default)")
     g.add_argument("--workdir", metavar="DIR",
                    help="stack: directory for process logs (default: a new temporary one)")
     g.add_argument("--peers", metavar="LIST", default=None,
@@ -36,6 +41,10 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overhead-pairs", type=int, default=100, metavar="N",
                    help="stack --peers: direct-vs-routed request pairs measuring each router's "
                         "added latency (0 = skip)")
+    g.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="stack: run the whole comparison N times back to back, each on fresh "
+                        "processes, and report the run-to-run spread of every router's hit "
+                        "rate and TTFT percentiles (JSON: runs, spread)")
     g.add_argument("--quick", action="store_true",
                    help="stack: a smoke run for tests: first 120 requests, 4 nodes, 20 pairs")
 
@@ -77,14 +86,6 @@ def stack_policies(requested: list[str], explicit: bool) -> list[str]:
     return requested
 
 
-def router_flags(kv: KvAwareSettings) -> tuple[str, ...]:
-    """The router flags that give it the same kv_aware settings as this run."""
-    out: list[str] = []
-    for f in dataclasses.fields(kv):
-        out += [flag_name(f), str(getattr(kv, f.name))]
-    return tuple(out)
-
-
 def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSettings,
               names: list[str], kv: KvAwareSettings) -> int:
     """Replay ``workload`` through etcd, registry, router, node agents and engine_sim."""
@@ -98,7 +99,7 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
                      prefill_tokens_per_s=settings.prefill_tokens_per_s,
                      decode_ms_per_token=settings.decode_s_per_token * 1000.0,
                      max_running=settings.max_batch, time_scale=args.time_scale,
-                     router_args=router_flags(kv))
+                     router_args=router_flags(kv, args.time_scale))
     peers = _peer_names(args.peers)
     if peers and not any(split_front(n)[0] for n in names):
         # HTTP front against HTTP fronts: the peers are HTTP routers, so is the gateway
@@ -108,23 +109,39 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
     print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router"
           f"{', gateway' if spec.gateway else ''}, etcd; logs in {workdir}", file=sys.stderr)
+    if args.repeat < 1:
+        raise ConfigError("--repeat must be >= 1")
     t0 = time.perf_counter()
-    with StackBackend(workdir / "stack", spec) as stack:
-        if not peers:
-            out = run_comparison(workload, settings, names, stack)
-        else:
-            from bench.peers import CombinedBackend, PeerBackend, attach_added_latency
+    outs = []
+    for k in range(args.repeat):
+        sub = workdir if args.repeat == 1 else workdir / f"run-{k + 1}"
+        if args.repeat > 1:
+            print(f"stack: run {k + 1} of {args.repeat}", file=sys.stderr)
+        outs.append(_run_once(workload, settings, names, peers, spec, sub, args.overhead_pairs,
+                              args.random_bound))
+    out = outs[0]
+    if len(outs) > 1:
+        from bench.spread import spread
 
-            combined = CombinedBackend(stack, PeerBackend(workdir / "peers", spec,
-                                                          overhead_pairs=args.overhead_pairs))
-            out = run_comparison(workload, settings, [*names, *peers], combined)
-            attach_added_latency(out.report, combined.added_latency)
+        out.report["runs"] = [o.report for o in outs]
+        out.report["spread"] = spread([o.report for o in outs])
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
     from bench.report import emit
 
     emit(out, f"replayed {len(names) + len(peers)} routers x {len(workload.requests)} requests "
-              f"through the stack in {time.perf_counter() - t0:.1f} s", args.json, args.plot_dir)
+              f"through the stack in {time.perf_counter() - t0:.1f} s"
+              + (f" ({args.repeat} runs; the table is run 1)" if args.repeat > 1 else ""),
+         args.json, args.plot_dir)
+    if len(outs) > 1:
+        from bench.report import format_table
+        from bench.spread import format_spread
+
+        for k, o in enumerate(outs[1:], 2):
+            print(f"\nrun {k}:")
+            print(format_table(o.report))
+        print()
+        print(format_spread(out.report["spread"]))
     added = [(r["policy"], r["added_latency_ms"]) for r in out.report["results"]
              if "added_latency_ms" in r]
     if added:
@@ -133,3 +150,19 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
             print(f"  {name:<34} +{lat['added_ms']:.2f} ms  (direct {lat['direct_ms']:.2f}, "
                   f"routed {lat['routed_ms']:.2f})")
     return 0
+
+
+def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers: list[str],
+              spec: FleetSpec, workdir: Path, overhead_pairs: int,
+              random_bound: bool) -> BenchOutcome:
+    """One comparison on freshly started processes (kvroute's fleet, then each peer's)."""
+    with StackBackend(workdir / "stack", spec) as stack:
+        if not peers:
+            return run_comparison(workload, settings, names, stack, random_bound)
+        from bench.peers import CombinedBackend, PeerBackend, attach_added_latency
+
+        combined = CombinedBackend(stack, PeerBackend(workdir / "peers", spec,
+                                                      overhead_pairs=overhead_pairs))
+        out = run_comparison(workload, settings, [*names, *peers], combined, random_bound)
+        attach_added_latency(out.report, combined.added_latency)
+        return out

@@ -53,5 +53,6 @@ def policy_metrics(run: PolicyRun, merged_lru_hit: float, oracle_hit: float) -> 
         "hit_ratio_to_oracle": round(hit / oracle_hit, 3) if oracle_hit else None,
         "requests_per_node": counts,
         "replay_wall_s": round(run.wall_s, 2),
+        "arrival_lag_ms": _pcts(run.arrival_lag_s) if run.arrival_lag_s else None,
         "notes": list(run.notes),
     }

@@ -15,6 +15,11 @@ def _s(ms: float, width: int = 9) -> str:
     return f"{v:{width}.2f}" if v < 1000 else f"{v:{width}.0f}"
 
 
+def _hit(bound: dict[str, Any]) -> str:
+    v = bound.get("hit_rate_tokens")
+    return "n/a (not replayed)" if v is None else f"{v:.3f}"
+
+
 def _floor_line(floor: dict[str, Any] | None) -> str:
     if not floor:
         return "latency floor: n/a (seed latency preset)"
@@ -41,7 +46,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['nodes']} nodes x {report['cache_blocks']} blocks, mode {report['mode']}, "
         f"latency model {m['latency_model']} (prefill {m['prefill_tokens_per_s']:.0f} tok/s)",
         f"bounds: oracle {b['oracle']['hit_rate_tokens']:.3f}   merged-LRU "
-        f"{b['merged_lru']['hit_rate_tokens']:.3f}   random {b['random']['hit_rate_tokens']:.3f}",
+        f"{b['merged_lru']['hit_rate_tokens']:.3f}   random {_hit(b['random'])}",
         _floor_line(b.get("latency_floor")),
         "",
         f"{'policy':<{w}}{'hit':>6}{'/orc':>6}{'/mLRU':>6}{'pred':>6}{'req':>6}"
@@ -58,6 +63,13 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['throughput_rps']:6.2f}"
             f"{r['load_max_over_mean']:9.2f}{r['utilization']:6.2f}{r['evictions']:9d}"
             f"{r['failed']:5d}")
+    lags = [(r["policy"], r["arrival_lag_ms"]) for r in report["results"]
+            if r.get("arrival_lag_ms")]
+    if lags:
+        lines.append("replay timing — arrival lag at the engines p50/p99 (model s; large = the "
+                     "replay could not keep the trace's timing): " + ", ".join(
+                         f"{p} {lag['p50'] / 1000:.2f}/{lag['p99'] / 1000:.2f}"
+                         for p, lag in lags))
     lines.append("")
     lines.append("hit = engine-measured token hit rate; /orc, /mLRU = ratio to the oracle and "
                  "merged-LRU bounds; pred = router-predicted token hit rate; req = requests "

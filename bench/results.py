@@ -43,6 +43,10 @@ class PolicyRun:
     """Wall-clock seconds the replay took."""
     notes: list[str] = field(default_factory=list)
     """Anything a reader of the numbers should know about this run."""
+    arrival_lag_s: list[float] = field(default_factory=list)
+    """Stack runs, per request: how much later than its schedule the request reached its
+    engine (model seconds; each engine's least-late request = 0). Large values mean the replay
+    could not keep the trace's timing (CPU contention); empty in --mode sim."""
 
     def init_requests(self, n: int) -> None:
         """Allocate the per-request arrays for ``n`` requests."""

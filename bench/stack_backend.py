@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.prompts import Prompt, prepare
 from bench.results import PolicyRun
 from bench.stack_fleet import FleetSpec, StackFleet
 from bench.stack_replay import replay_stack, reset_caches
@@ -58,6 +59,8 @@ class StackBackend:
         self.spec = spec
         self.progress = progress
         self.front = front
+        self._prompts: tuple[Workload, list[Prompt]] | None = None
+        """The last workload's prepared prompts (reused by every policy)."""
 
     def __enter__(self) -> StackBackend:
         self.fleet.start()
@@ -115,10 +118,12 @@ class StackBackend:
             lambda nodes: len(nodes) == self.spec.nodes
             and all(n.blocks_indexed == 0 and n.healthy for n in nodes),
             "every node's index emptied after the cache reset")
+        if self._prompts is None or self._prompts[0] is not workload:
+            self._prompts = (workload, prepare(workload))
         run = await replay_stack(workload, policy, self.fleet.router_target, urls,
                                  self.spec.model, self.spec.time_scale,
                                  self.spec.prefill_tokens_per_s, self.progress,
-                                 gateway_url=gateway_url)
+                                 prompts=self._prompts[1], gateway_url=gateway_url)
         run.policy = label
         run.notes.append(f"stack: {self.spec.nodes} engine_sim processes, time_scale "
                          f"{self.spec.time_scale}, block_size {self.spec.block_size}, front "

@@ -7,6 +7,8 @@ Ctrl-C. Ports are all free loopback ports chosen at start.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import signal
 import sys
 import time
@@ -23,6 +25,8 @@ from engine_sim.params import (
 )
 from kvroute.embedded_etcd import EmbeddedEtcd
 from kvroute.procs import ManagedProcess, read_ready_file
+from kvroute.settings import flag_name
+from router_service.policies.kv_aware import KvAwareSettings
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,20 @@ class FleetSpec:
     router)."""
     gateway_args: tuple[str, ...] = ()
     """Extra gateway flags (e.g. ``--no-uvloop``)."""
+    one_process: bool = True
+    """All engines in one ``engine-sim --engines N`` process and all agents in one ``agent
+    --fleet-file`` process (each engine still has its own HTTP, ZMQ and metrics ports, each agent
+    its own subscription and registry link): 2 processes instead of 2N, so the fleet's own CPU
+    use and scheduling no longer move the measured latencies. False = a process per engine and
+    per agent, as deployed."""
+
+    def engine_args(self) -> list[str]:
+        """``kvroute serve engine-sim`` flags of one engine of this fleet (shape and speed)."""
+        return ["--block-size", str(self.block_size), "--capacity-blocks", str(self.cache_blocks),
+                "--prefill-tokens-per-s", str(self.prefill_tokens_per_s),
+                "--decode-ms-per-token", str(self.decode_ms_per_token),
+                "--max-running", str(self.max_running), "--time-scale", str(self.time_scale),
+                "--model", self.model, "--max-prompt-tokens", str(self.max_prompt_tokens)]
 
 
 @dataclass
@@ -68,7 +86,9 @@ class EngineHandle:
 
     node_id: str
     engine: ManagedProcess
+    """The engine's process (shared by every engine of a one-process fleet)."""
     agent: ManagedProcess
+    """The agent's process (shared likewise)."""
     ready: dict[str, Any]
 
     @property
@@ -121,20 +141,6 @@ class StackFleet:
         """``127.0.0.1:PORT`` of the router."""
         return f"127.0.0.1:{self.router_ready['grpc_port']}"
 
-    @property
-    def gateway_url(self) -> str:
-        """``http://127.0.0.1:PORT`` of the gateway (``spec.gateway``)."""
-        if not self.gateway_ready:
-            raise RuntimeError("this fleet runs no gateway (FleetSpec.gateway=False)")
-        return f"http://127.0.0.1:{self.gateway_ready['http_port']}"
-
-    def _routing_args(self) -> list[str]:
-        s = self.spec
-        return ["--registry", self.registry_target, "--block-size", str(s.block_size),
-                "--default-policy", s.default_policy, "--default-model", s.model,
-                "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s),
-                "--max-prompt-tokens", str(s.max_prompt_tokens), *s.router_args]
-
     def start(self) -> StackFleet:
         """Start every process (independent ones in parallel) and wait until all serve."""
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -144,43 +150,92 @@ class StackFleet:
             registry = self._launch("registry", "registry", [
                 "--etcd-endpoints", self.etcd.endpoint, "--block-size", str(s.block_size),
                 "--lease-ttl-s", str(s.lease_ttl_s)])
-            engines = [self._launch("engine-sim", f"engine-{i}", [
-                "--block-size", str(s.block_size), "--capacity-blocks", str(s.cache_blocks),
-                "--prefill-tokens-per-s", str(s.prefill_tokens_per_s),
-                "--decode-ms-per-token", str(s.decode_ms_per_token),
-                "--max-running", str(s.max_running), "--time-scale", str(s.time_scale),
-                "--model", s.model, "--max-prompt-tokens", str(s.max_prompt_tokens)])
-                for i in range(s.nodes)]
-            self.registry, self.registry_ready = registry[0], self._ready(registry)
-            engine_ready = [self._ready(e) for e in engines]
-            agents = [self._launch("agent", f"agent-{i}", self._agent_args(i, ready))
-                      for i, ready in enumerate(engine_ready)]
-            router = self._launch("router", "router", self._routing_args())
-            gateway = self._launch("gateway", "gateway", [
-                *self._routing_args(), "--max-concurrent-requests", "65536",
-                "--max-body-bytes", str(64 * 1024 * 1024), *s.gateway_args]) if s.gateway else None
-            for i, (agent, ready) in enumerate(zip(agents, engine_ready, strict=True)):
-                self._ready(agent)
-                self.engines.append(EngineHandle(f"engine-{i}", engines[i][0], agent[0], ready))
-            self.router, self.router_ready = router[0], self._ready(router)
-            if gateway is not None:
-                self.gateway_ready = self._ready(gateway)
+            if s.one_process:
+                self._start_one_process(registry)
+            else:
+                self._start_per_node(registry)
         except BaseException:
             self.close()
             raise
         return self
 
-    def _agent_args(self, i: int, ready: dict[str, Any]) -> list[str]:
+    def _routing_args(self) -> list[str]:
         s = self.spec
+        return ["--registry", self.registry_target, "--block-size", str(s.block_size),
+                "--default-policy", s.default_policy, "--default-model", s.model,
+                "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s / s.time_scale),
+                "--max-prompt-tokens", str(s.max_prompt_tokens), *s.router_args]
+
+    def _router(self) -> tuple[ManagedProcess, Path]:
+        return self._launch("router", "router", self._routing_args())
+
+    def _gateway(self) -> tuple[ManagedProcess, Path] | None:
+        """``kvroute serve gateway`` with the router's routing flags (``spec.gateway``)."""
+        s = self.spec
+        if not s.gateway:
+            return None
+        return self._launch("gateway", "gateway", [
+            *self._routing_args(), "--max-concurrent-requests", "65536",
+            "--max-body-bytes", str(64 * 1024 * 1024), *s.gateway_args])
+
+    def _gateway_ready(self, launched: tuple[ManagedProcess, Path] | None) -> None:
+        if launched is not None:
+            self.gateway_ready = self._ready(launched)
+
+    @property
+    def gateway_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the gateway (``spec.gateway``)."""
+        if not self.gateway_ready:
+            raise RuntimeError("this fleet runs no gateway (FleetSpec.gateway=False)")
+        return f"http://127.0.0.1:{self.gateway_ready['http_port']}"
+
+    def _start_per_node(self, registry: tuple[ManagedProcess, Path]) -> None:
+        s = self.spec
+        engines = [self._launch("engine-sim", f"engine-{i}", s.engine_args())
+                   for i in range(s.nodes)]
+        self.registry, self.registry_ready = registry[0], self._ready(registry)
+        engine_ready = [self._ready(e) for e in engines]
+        agents = [self._launch("agent", f"agent-{i}", [*self._shared_agent_args(),
+                                                       *_agent_flags(self._agent_entry(i, r))])
+                  for i, r in enumerate(engine_ready)]
+        router, gateway = self._router(), self._gateway()
+        for i, (agent, ready) in enumerate(zip(agents, engine_ready, strict=True)):
+            self._ready(agent)
+            self.engines.append(EngineHandle(f"engine-{i}", engines[i][0], agent[0], ready))
+        self.router, self.router_ready = router[0], self._ready(router)
+        self._gateway_ready(gateway)
+
+    def _start_one_process(self, registry: tuple[ManagedProcess, Path]) -> None:
+        s = self.spec
+        launched = self._launch("engine-sim", "engines", [*s.engine_args(),
+                                                          "--engines", str(s.nodes)])
+        self.registry, self.registry_ready = registry[0], self._ready(registry)
+        engine_ready = list(self._ready(launched)["engines"])
+        fleet_file = self.workdir / "agents.json"
+        fleet_file.write_text(json.dumps(
+            [self._agent_entry(i, r) for i, r in enumerate(engine_ready)], indent=1))
+        agents = self._launch("agent", "agents", [*self._shared_agent_args(),
+                                                  "--fleet-file", str(fleet_file)])
+        router, gateway = self._router(), self._gateway()
+        self._ready(agents)
+        self.engines = [EngineHandle(f"engine-{i}", launched[0], agents[0], r)
+                        for i, r in enumerate(engine_ready)]
+        self.router, self.router_ready = router[0], self._ready(router)
+        self._gateway_ready(gateway)
+
+    def _shared_agent_args(self) -> list[str]:
+        s = self.spec
+        return ["--registry", self.registry_target, "--model", s.model,
+                "--block-size", str(s.block_size),
+                "--heartbeat-interval-s", str(s.heartbeat_interval_s)]
+
+    def _agent_entry(self, i: int, ready: dict[str, Any]) -> dict[str, Any]:
         http = f"http://127.0.0.1:{ready['http_port']}"
-        return [
-            "--registry", self.registry_target, "--node-id", f"engine-{i}",
-            "--engine-url", http, "--engine-metrics-url", f"{http}/metrics",
-            "--engine-events", f"tcp://127.0.0.1:{ready['events_port']}",
-            "--engine-replay", f"tcp://127.0.0.1:{ready['replay_port']}",
-            "--model", s.model, "--block-size", str(s.block_size),
-            "--capacity-blocks", str(s.cache_blocks),
-            "--heartbeat-interval-s", str(s.heartbeat_interval_s)]
+        return {"node_id": f"engine-{i}", "engine_url": http,
+                "engine_metrics_url": f"{http}/metrics",
+                "engine_events": f"tcp://127.0.0.1:{ready['events_port']}",
+                "engine_replay": f"tcp://127.0.0.1:{ready['replay_port']}",
+                "capacity_blocks": self.spec.cache_blocks}
 
     def close(self) -> None:
         """Stop every process this fleet started (reverse order), then etcd."""
@@ -207,3 +262,32 @@ class StackFleet:
     def wait_for(self, seconds: float) -> None:
         """Sleep (kept as a method so replays can be written against a fake clock)."""
         time.sleep(seconds)
+
+
+def _agent_flags(entry: dict[str, Any]) -> list[str]:
+    """A fleet-file entry as ``kvroute serve agent`` flags (one agent per process)."""
+    out: list[str] = []
+    for key, value in entry.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+def router_flags(kv: KvAwareSettings, time_scale: float) -> tuple[str, ...]:
+    """Router flags giving it ``kv`` (stated in model time, as ``--mode sim`` uses them) on
+    engines whose clock runs ``1 / time_scale`` times faster than the wall clock.
+
+    The router lives on the wall clock: its queued-prefill estimate drains in wall seconds and the
+    registry's eviction rates are per wall second. So the prefill rate it believes is the model
+    rate / ``time_scale``, the usage penalty (seconds) scales by ``time_scale``, and the eviction
+    cost (seconds per eviction/s) by ``time_scale``²; every other setting is unitless or a count.
+    Then every kv_aware estimate is the model-time estimate x ``time_scale``, and the router
+    ranks nodes exactly as it would in front of real-time engines.
+    """
+    scaled = dataclasses.replace(
+        kv, kv_prefill_tokens_per_s=kv.kv_prefill_tokens_per_s / time_scale,
+        kv_usage_penalty_s=kv.kv_usage_penalty_s * time_scale,
+        kv_eviction_cost_s=kv.kv_eviction_cost_s * time_scale ** 2)
+    out: list[str] = []
+    for f in dataclasses.fields(scaled):
+        out += [flag_name(f), str(getattr(scaled, f.name))]
+    return tuple(out)

@@ -11,9 +11,10 @@ tokens, cached tokens and the engine-side arrival, first-token and finish times 
 every number in the result comes from the engines, never from the router.
 
 Workloads are stored as canonical block hashes (Mooncake ``hash_ids``); the stack needs tokens,
-so :func:`synth_tokens` turns each block hash into ``block_size`` deterministic token ids. Equal
-hashes give equal tokens and, because the hashes are prefix-chained, equal prefixes — so the
-sharing structure the trace records is exactly what the engines see.
+so :func:`bench.prompts.synth_tokens` turns each block hash into ``block_size`` deterministic token
+ids. Equal hashes give equal tokens and, because the hashes are prefix-chained, equal prefixes —
+so the sharing structure the trace records is exactly what the engines see. Payloads are encoded
+before the clock starts (:mod:`bench.prompts`), so the timed loop only does I/O.
 """
 
 from __future__ import annotations
@@ -29,31 +30,11 @@ from typing import Any
 
 import aiohttp
 import grpc
-import numpy as np
 
+from bench.prompts import JSON_HEADERS, Prompt, json_body, prepare
 from bench.results import PolicyRun
 from bench.workloads.base import TraceRequest, Workload
 from kvroute.v1 import router_pb2, router_pb2_grpc
-
-_VOCAB = 32_000
-_M1 = np.uint64(0x9E3779B97F4A7C15)
-_M2 = np.uint64(0xBF58476D1CE4E5B9)
-
-
-def synth_tokens(req: TraceRequest, block_size: int) -> list[int]:
-    """Deterministic token ids for ``req``: block i's tokens depend only on its hash."""
-    if not req.block_hashes:
-        return list(range(1, req.prompt_tokens + 1))
-    hashes = np.array(req.block_hashes, dtype=np.uint64)
-    pos = np.arange(block_size, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        x = hashes[:, None] * _M1 + (pos[None, :] + np.uint64(1)) * _M2
-        x ^= x >> np.uint64(31)
-        x *= _M2
-        x ^= x >> np.uint64(29)
-    toks = (x % np.uint64(_VOCAB - 1) + np.uint64(1)).astype(np.int64).ravel()
-    n = min(req.prompt_tokens, len(toks))
-    return [int(t) for t in toks[:n]]
 
 
 @dataclass
@@ -66,26 +47,40 @@ class _Outcome:
     """Route call to engine response, as the client saw it (model seconds)."""
 
 
-async def _one(req: TraceRequest, tokens: list[int], policy: str, model: str,
-               stub: router_pb2_grpc.RouterAsyncStub, http: aiohttp.ClientSession,
+def _as_is(payload: bytes) -> bytes:
+    return payload
+
+
+def route_payloads(workload: Workload, prompts: list[Prompt], model: str,
+                   policy: str) -> list[bytes]:
+    """Every request's serialized ``RouteRequest`` (encoded before the replay's clock starts)."""
+    out: list[bytes] = []
+    for req, prompt in zip(workload.requests, prompts, strict=True):
+        msg = router_pb2.RouteRequest(request_id=req.request_id, model=model,
+                                      token_ids=prompt.tokens, policy=policy,
+                                      max_output_tokens=req.output_tokens)
+        if req.session_key:
+            msg.session_id = req.session_key
+        out.append(msg.SerializeToString())
+    return out
+
+
+async def _one(req: TraceRequest, prompt: Prompt, route_bytes: bytes, model: str,
+               route: Any, stub: router_pb2_grpc.RouterAsyncStub, http: aiohttp.ClientSession,
                urls: dict[str, str], out: _Outcome, time_scale: float) -> None:
     t0 = time.perf_counter()
-    route_req = router_pb2.RouteRequest(request_id=req.request_id, model=model,
-                                        token_ids=tokens, policy=policy,
-                                        max_output_tokens=req.output_tokens)
-    if req.session_key:
-        route_req.session_id = req.session_key
     try:
-        decision = await stub.Route(route_req, timeout=30)
+        decision = await route(route_bytes, timeout=30)
     except grpc.aio.AioRpcError as exc:
         out.error = f"route: {exc.code().name}: {exc.details()}"
         return
     out.node_id, out.predicted = decision.node_id, decision.expected_cached_tokens
-    body = {"model": model, "prompt": tokens, "max_tokens": max(1, req.output_tokens),
-            "user": req.request_id}
+    body = json_body({"model": model, "max_tokens": max(1, req.output_tokens),
+                      "user": req.request_id}, "prompt", prompt)
     ok = False
     try:
-        async with http.post(f"{urls[decision.node_id]}/v1/completions", json=body) as resp:
+        async with http.post(f"{urls[decision.node_id]}/v1/completions", data=body,
+                             headers=JSON_HEADERS) as resp:
             data: dict[str, Any] = await resp.json()
             if resp.status != 200:
                 out.error = f"engine {resp.status}: {data.get('message', data)}"
@@ -104,17 +99,17 @@ async def _one(req: TraceRequest, tokens: list[int], policy: str, model: str,
                 request_id=req.request_id, success=ok, cached_tokens=out.cached), timeout=10)
 
 
-async def _one_gateway(req: TraceRequest, tokens: list[int], policy: str, model: str,
+async def _one_gateway(req: TraceRequest, prompt: Prompt, policy: str, model: str,
                        gateway_url: str, http: aiohttp.ClientSession, out: _Outcome,
                        time_scale: float) -> None:
     t0 = time.perf_counter()
-    body = {"model": model, "prompt": tokens, "max_tokens": max(1, req.output_tokens),
-            "user": req.request_id}
-    headers = {"x-kvroute-policy": policy, "x-request-id": req.request_id}
+    body = json_body({"model": model, "max_tokens": max(1, req.output_tokens),
+                      "user": req.request_id}, "prompt", prompt)
+    headers = {**JSON_HEADERS, "x-kvroute-policy": policy, "x-request-id": req.request_id}
     if req.session_key:
         headers["x-session-id"] = req.session_key
     try:
-        async with http.post(f"{gateway_url}/v1/completions", json=body,
+        async with http.post(f"{gateway_url}/v1/completions", data=body,
                              headers=headers) as resp:
             data: dict[str, Any] = await resp.json()
             out.node_id = resp.headers.get("x-kvroute-node", "")
@@ -133,13 +128,19 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
                        engine_urls: dict[str, str], model: str, time_scale: float,
                        prefill_tokens_per_s: float,
                        progress: Callable[[int], None] | None = None,
+                       prompts: list[Prompt] | None = None,
                        gateway_url: str | None = None) -> PolicyRun:
     """Replay ``workload`` under ``policy`` and build the run from the engines' records
-    (through the gateway at ``gateway_url`` when given, else Route + engine + Complete)."""
+    (through the gateway at ``gateway_url`` when given, else Route + engine + Complete).
+
+    ``prompts``: the workload's prepared prompts (:func:`bench.prompts.prepare`; made here when
+    not given — pass them to reuse them across policies).
+    """
     node_ids = sorted(engine_urls)
     run = PolicyRun(policy=policy, node_ids=node_ids, n_requests=len(workload.requests))
     run.init_requests(len(workload.requests))
-    tokens = [synth_tokens(r, workload.block_size) for r in workload.requests]
+    prompts = prompts if prompts is not None else prepare(workload)
+    routes = route_payloads(workload, prompts, model, policy)
     outcomes = [_Outcome() for _ in workload.requests]
     timeout = aiohttp.ClientTimeout(total=600)
     t_wall0 = time.perf_counter()
@@ -147,6 +148,9 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
     async with aiohttp.ClientSession(timeout=timeout,
                                      connector=aiohttp.TCPConnector(limit=512)) as http:
         stub = router_pb2_grpc.RouterStub(channel)
+        route = channel.unary_unary(  # takes the pre-serialized request bytes as they are
+            "/kvroute.v1.Router/Route", request_serializer=_as_is,
+            response_deserializer=router_pb2.RouteResponse.FromString)
         before = {n: await _stats(http, u, records=False) for n, u in engine_urls.items()}
         await _reset_records(http, engine_urls)
         tasks: list[asyncio.Task[None]] = []
@@ -156,12 +160,13 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
             if delay > 0:
                 await asyncio.sleep(delay)
             if gateway_url:
-                task = asyncio.create_task(_one_gateway(req, tokens[i], policy, model,
+                task = asyncio.create_task(_one_gateway(req, prompts[i], policy, model,
                                                         gateway_url, http, outcomes[i],
                                                         time_scale))
             else:
-                task = asyncio.create_task(_one(req, tokens[i], policy, model, stub, http,
-                                                engine_urls, outcomes[i], time_scale))
+                task = asyncio.create_task(_one(req, prompts[i], routes[i], model, route,
+                                                stub, http, engine_urls, outcomes[i],
+                                                time_scale))
             if progress is not None:
                 task.add_done_callback(lambda _t: progress(1))
             tasks.append(task)
@@ -208,6 +213,7 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
     index = {n: i for i, n in enumerate(node_ids)}
     busy = [0.0] * len(node_ids)
     t_end = 0.0
+    skew: list[float] = [math.nan] * len(workload.requests)  # engine arrival - schedule
     for i, (req, out) in enumerate(zip(workload.requests, outcomes, strict=True)):
         run.arrival_s[i] = req.arrival_s
         run.prompt_tokens[i] = req.prompt_tokens
@@ -226,16 +232,29 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
         finish = float(rec.get("finished_at", math.nan))
         run.ttft_s[i] = first - arrival
         run.e2e_s[i] = finish - arrival
+        skew[i] = arrival - req.arrival_s
         # Prefill work the engine did for this request (its model charges uncached tokens at
         # the configured rate), for the prefill-utilisation column.
         busy[run.node[i]] += (run.prompt_tokens[i] - run.cached_tokens[i]) / prefill_tokens_per_s
         if not math.isnan(finish):  # engine clocks start with each engine: use durations
             t_end = max(t_end, req.arrival_s + (finish - arrival))
     run.busy_s = busy
+    run.arrival_lag_s = _arrival_lag(run.node, skew, len(node_ids))
     run.load_samples = _load_samples(run, len(node_ids))
     run.evictions = sum(int(st.get("evicted_blocks", 0)) - int(st.get("_evicted_before", 0))
                         for st in stats.values())
     run.t_end_s = t_end
+
+
+def _arrival_lag(node: list[int], skew: list[float], n_nodes: int) -> list[float]:
+    """Per request: engine arrival minus schedule, less the engine's smallest such value (engine
+    clocks start with the engine, so only differences on one engine mean anything)."""
+    base = [math.inf] * n_nodes
+    for n, s in zip(node, skew, strict=True):
+        if n >= 0 and not math.isnan(s):
+            base[n] = min(base[n], s)
+    return [s - base[n] for n, s in zip(node, skew, strict=True)
+            if n >= 0 and not math.isnan(s)]
 
 
 def _load_samples(run: PolicyRun, n_nodes: int, samples: int = 200,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from bench.cli_replay import add_replay_arguments, run_replay, run_sweep
+from bench.decide_bench import add_decide_arguments, run_decide_cli
 from bench.hashing import run_hashing_bench
 from bench.registry_bench import add_registry_arguments, run_registry_cli
 from bench.router_bench import add_router_arguments, run_router_cli
@@ -83,6 +84,9 @@ TARGETS: dict[str, Target] = {
                        add_registry_arguments, run_registry_cli),
     "agent": Target("node agent: event parsing and hashing rates, heartbeat sizes",
                     _add_agent_arguments, _agent),
+    "decide": Target("in-process cost of one routing decision (router core, index mirror "
+                     "populated) and one registry Lookup, per fleet size",
+                     add_decide_arguments, run_decide_cli),
 }
 
 
@@ -93,7 +97,8 @@ def _add_json(p: argparse.ArgumentParser) -> None:
 def add_parser(sub: Any) -> None:
     """Register ``bench`` and one subcommand per target."""
     p: argparse.ArgumentParser = sub.add_parser(
-        "bench", help="benchmarks (JSON output): replay, sweep, hashing, router, registry, agent",
+        "bench", help="benchmarks (JSON output): replay, sweep, hashing, router, registry, "
+                 "agent, decide",
         usage="kvroute bench [TARGET] [options]   (no TARGET = replay)",
         description="Benchmarks with JSON output. Without a TARGET, runs 'replay' with the "
                     "flags below; 'kvroute bench TARGET --help' lists a target's own flags.")

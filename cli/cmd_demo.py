@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from bench.sim.backend import SimBackend
     from bench.sim.config import SimSettings
     from bench.stack_backend import STACK_POLICIES, StackBackend
-    from bench.stack_fleet import FleetSpec
+    from bench.stack_fleet import FleetSpec, router_flags
     from bench.workloads import load_workload
     from bench.workloads.generated import ConversationSpec, conversations
     from engine_sim.params import DEFAULT_PREFILL_TOKENS_PER_S
@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
                              prefill_tokens_per_s=settings.prefill_tokens_per_s,
                              decode_ms_per_token=settings.decode_s_per_token * 1000.0,
                              max_running=settings.max_batch, time_scale=args.time_scale,
-                             router_args=("--kv-prefill-tokens-per-s", str(rate)))
+                             router_args=router_flags(KvAwareSettings(kv_prefill_tokens_per_s=rate),
+                                                      args.time_scale))
             t_start = time.perf_counter()
             with StackBackend(out_dir / f"fleet-{i}", spec, front="gateway") as backend:
                 print(f"  stack up in {time.perf_counter() - t_start:.1f} s: etcd, registry, "

@@ -308,8 +308,7 @@ class KVCache:
     def _flush_run(self, hashes: Sequence[BlockId], start: int, end: int,
                    token_ids: Sequence[int] | None) -> None:
         bs = self.block_size
-        tokens = () if token_ids is None else \
-            tuple(int(t) for t in token_ids[start * bs:end * bs])
+        tokens = () if token_ids is None else tuple(token_ids[start * bs:end * bs])
         parent = hashes[start - 1] if start else None
         self._events.append(BlockStored(tuple(hashes[start:end]), parent, tokens, bs))
 

@@ -197,6 +197,17 @@ class SimNode:
         self._delta = NodeDelta(self.idx)
         return d
 
+    @property
+    def nid(self) -> str:
+        """The node id (``bench.sim.source.SimNode`` protocol)."""
+        return self.node_id
+
+    def reported(self, now: float) -> tuple[int, int, int, int, float]:
+        """``(queue depth, running, used blocks, capacity blocks, eviction rate)`` as the
+        registry last heard (``bench.sim.source.SimNode`` protocol; see :meth:`observe`)."""
+        o = self.observe(now)
+        return o.queue_depth, o.running, o.used_blocks, o.capacity_blocks, o.eviction_rate
+
     def observe(self, now: float) -> NodeObservation:
         """Load figures, refreshed at most once per ``status_interval_s`` (0 = live)."""
         if self._obs is not None and now - self._obs_t < self.status_interval_s:

@@ -27,6 +27,7 @@ import logging
 import time
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -41,6 +42,7 @@ ENGINE_KEY = web.AppKey("engine", SimEngine)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 TOKENIZER = SimpleTokenizer()
 MAX_TOKENS_LIMIT = 1 << 20
+_JSON = msgspec.json.Decoder()
 
 
 class BadRequest(Exception):
@@ -59,17 +61,18 @@ def _error(message: str, status: int) -> web.Response:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = _JSON.decode(await request.read())  # C speed: prompts run to 100k token ids
+    except msgspec.DecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
 
 
-def _token_list(value: Any, what: str) -> list[int]:
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32
-               for t in value):
+def _token_list(value: list[Any], what: str) -> list[int]:
+    # set(map(type, ...)), min and max run in C (a per-token generator cost ~20 % of the
+    # engine's CPU on 10k-token prompts); type() is exact, so bools and floats are refused
+    if value and (set(map(type, value)) != {int} or min(value) < 0 or max(value) >= 2**32):
         raise BadRequest(f"{what} must be token ids (integers in 0..4294967295)")
     return list(value)
 

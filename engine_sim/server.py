@@ -2,7 +2,10 @@
 
 Writes ``{"http_port", "events_port", "replay_port", "metrics_port", "pid", ...}`` to
 ``--ready-file`` once serving (no ``grpc_port``: engine_sim has no gRPC server; ``--listen`` is the
-HTTP address). SIGTERM or SIGINT stops accepting, lets in-flight requests finish for up to
+HTTP address). ``--engines N`` serves N independent engines from this one process — each with its
+own HTTP port, ZMQ event and replay sockets, metrics port and cache — listed under ``engines`` in
+the ready file: a whole simulated fleet at the CPU cost of one process. SIGTERM or SIGINT stops
+accepting, lets in-flight requests finish for up to
 ``--drain-timeout-s``, closes the sockets and exits 0.
 """
 
@@ -14,6 +17,7 @@ import logging
 import os
 import signal
 import ssl
+from typing import Any
 
 from aiohttp import web
 
@@ -41,40 +45,63 @@ def _ssl_context(settings: EngineSimSettings) -> ssl.SSLContext | None:
     return ctx
 
 
-async def serve(settings: EngineSimSettings, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set."""
-    engine = SimEngine(settings)
-    await engine.start()
-    registry = make_registry(engine)
-    runner = web.AppRunner(make_app(engine, registry), access_log=None,
-                           shutdown_timeout=settings.drain_timeout_s)
-    metrics = MetricsServer(registry, *parse_hostport(settings.metrics_listen, "metrics_listen"))
-    try:
-        await runner.setup()
-        host, port = parse_hostport(settings.listen, "listen")
-        site = web.TCPSite(runner, host, port, ssl_context=_ssl_context(settings))
+class _Served:
+    """One engine of this process and the servers that expose it."""
+
+    def __init__(self, settings: EngineSimSettings) -> None:
+        self.settings = settings
+        self.engine = SimEngine(settings)
+        registry = make_registry(self.engine)
+        self.runner = web.AppRunner(make_app(self.engine, registry), access_log=None,
+                                    shutdown_timeout=settings.drain_timeout_s)
+        self.metrics = MetricsServer(registry,
+                                     *parse_hostport(settings.metrics_listen, "metrics_listen"))
+
+    async def start(self) -> dict[str, Any]:
+        """Bind everything; the engine's ready-file entry."""
+        await self.engine.start()
+        await self.runner.setup()
+        host, port = parse_hostport(self.settings.listen, "listen")
+        site = web.TCPSite(self.runner, host, port, ssl_context=_ssl_context(self.settings))
         await site.start()
         server = site._server  # aiohttp exposes the bound sockets only here
         sockets = getattr(server, "sockets", None) or []
         http_port = int(sockets[0].getsockname()[1]) if sockets else port
-        metrics_port = metrics.start()
-        ready = {
+        pub = self.engine.publisher
+        return {
             "http_port": http_port,
-            "metrics_port": metrics_port,
-            "events_port": endpoint_port(engine.publisher.bound_endpoint),
-            "replay_port": endpoint_port(engine.publisher.bound_replay_endpoint),
-            "events_endpoint": engine.publisher.bound_endpoint,
-            "replay_endpoint": engine.publisher.bound_replay_endpoint,
-            "pid": os.getpid(),
+            "metrics_port": self.metrics.start(),
+            "events_port": endpoint_port(pub.bound_endpoint),
+            "replay_port": endpoint_port(pub.bound_replay_endpoint),
+            "events_endpoint": pub.bound_endpoint,
+            "replay_endpoint": pub.bound_replay_endpoint,
         }
+
+    async def stop(self) -> None:
+        """Drain HTTP, stop the engine, close the sockets."""
+        try:
+            await self.runner.cleanup()
+            await self.engine.stop()
+        finally:
+            self.metrics.stop()
+
+
+async def serve(settings: EngineSimSettings, stop: asyncio.Event) -> None:
+    """Serve ``settings.engines`` engines until ``stop`` is set.
+
+    The ready file holds engine 0's ports at the top level (the single-engine format) and every
+    engine's under ``engines``.
+    """
+    served = [_Served(settings.for_engine(i)) for i in range(settings.engines)]
+    try:
+        entries = [await s.start() for s in served]
+        ready = {**entries[0], "engines": entries, "pid": os.getpid()}
         write_ready_file(settings.ready_file, ready)
-        log.info("engine-sim serving", extra={"ready": ready})
+        log.info("engine-sim serving %d engine(s)", len(served), extra={"ready": ready})
         await stop.wait()
         log.info("engine-sim stopping")
     finally:
-        await runner.cleanup()
-        await engine.stop()
-        metrics.stop()
+        await asyncio.gather(*(s.stop() for s in served), return_exceptions=True)
 
 
 def run(settings: EngineSimSettings) -> int:

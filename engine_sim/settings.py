@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from engine_sim.params import (
@@ -13,7 +14,7 @@ from engine_sim.params import (
     EngineParams,
 )
 from kvroute.common_settings import ServerSettings
-from kvroute.settings import require, setting
+from kvroute.settings import parse_hostport, require, setting
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,11 @@ class EngineSimSettings(ServerSettings):
         "-1 = random per process, as vLLM does by default")
     max_prompt_tokens: int = setting(
         131072, "Longest prompt accepted, in tokens (longer prompts get HTTP 400)")
+    engines: int = setting(
+        1, "Engines served by this one process (a simulated fleet for benches), each with its "
+        "own HTTP port, ZMQ event and replay sockets, metrics port and KV cache. Fixed ports "
+        "count up from the one given (engine i: PORT+i), ipc:// paths get a .i suffix, port 0 "
+        "stays a free port per engine")
     stats_records: int = setting(
         100000, "Per-request records kept for GET /kvroute/stats (oldest dropped first)")
 
@@ -95,6 +101,7 @@ class EngineSimSettings(ServerSettings):
         require(self.data_parallel_rank >= 0, "data_parallel_rank", "must be >= 0")
         require(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
         require(self.stats_records >= 0, "stats_records", "must be >= 0")
+        require(1 <= self.engines <= 1024, "engines", "must be 1..1024")
         for name in ("events_endpoint", "replay_endpoint"):
             value = getattr(self, name)
             require(not value or value.startswith(("tcp://", "ipc://", "inproc://")), name,
@@ -106,3 +113,28 @@ class EngineSimSettings(ServerSettings):
                             decode_s_per_token=self.decode_ms_per_token / 1000.0,
                             max_running=self.max_running, capacity_blocks=self.capacity_blocks,
                             block_size=self.block_size)
+
+    def for_engine(self, i: int) -> EngineSimSettings:
+        """The settings of engine ``i`` of a multi-engine process (itself when engines = 1)."""
+        if self.engines == 1:
+            return self
+        return dataclasses.replace(
+            self, engines=1, ready_file="", listen=_shift_hostport(self.listen, i),
+            metrics_listen=_shift_hostport(self.metrics_listen, i),
+            events_endpoint=_shift_endpoint(self.events_endpoint, i),
+            replay_endpoint=_shift_endpoint(self.replay_endpoint, i))
+
+
+def _shift_hostport(value: str, i: int) -> str:
+    host, port = parse_hostport(value, "listen")
+    return value if port == 0 else f"{host}:{port + i}"
+
+
+def _shift_endpoint(endpoint: str, i: int) -> str:
+    """Engine ``i``'s ZMQ endpoint: tcp port + i (0 stays 0), ipc path + ``.i``."""
+    if not endpoint or endpoint.startswith("inproc://") or endpoint.startswith("ipc://"):
+        return f"{endpoint}.{i}" if endpoint else endpoint
+    head, _, port = endpoint.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return endpoint
+    return f"{head}:{int(port) + i}"

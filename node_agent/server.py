@@ -1,4 +1,5 @@
-"""Runs one node agent: engine events in, registry heartbeats out, health and /metrics.
+"""Runs one node agent (or, with ``--fleet-file``, several in one process): engine events in,
+registry heartbeats out, health and /metrics.
 
 Exit codes: 0 after SIGTERM/SIGINT (the node is deregistered first), 4 when the registry refuses
 the node's configuration (block size, hash scheme, model, bad id), 1 on an unexpected error.
@@ -25,7 +26,7 @@ from node_agent.heartbeat import RegistrationRefused, RegistryLink
 from node_agent.metrics import AgentCollector, agent_registry
 from node_agent.parse_sglang import SglangParser
 from node_agent.parse_vllm import VllmParser
-from node_agent.settings import AgentSettings
+from node_agent.settings import AgentSettings, fleet_agents
 from node_agent.usage import UsageProbe
 from node_agent.zmq_source import ZmqEventSource
 
@@ -125,35 +126,42 @@ class Agent:
 
 
 async def serve(s: AgentSettings) -> int:
-    """Run the agent until SIGTERM; returns the exit code."""
-    log.info("node agent starting: %s", describe(s))
-    agent = Agent(s)
+    """Run the agent(s) of ``s`` (one, or one per ``--fleet-file`` entry) until SIGTERM; returns
+    the exit code. One refused or failed agent stops them all."""
+    configs = fleet_agents(s)
+    log.info("node agent starting (%d agent(s)): %s", len(configs), describe(s))
+    agents = [Agent(c) for c in configs]
     server = grpc.aio.server()
     health = add_health_and_reflection(server, [])
     grpc_port = bind(server, s.listen, s.server_tls)
-    mhost, mport = parse_hostport(s.metrics_listen, "metrics_listen")
-    metrics = MetricsServer(agent_registry(agent.collector()), mhost, mport)
+    metrics = [MetricsServer(agent_registry(a.collector()),
+                             *parse_hostport(c.metrics_listen, "metrics_listen"))
+               for a, c in zip(agents, configs, strict=True)]
     await server.start()
-    metrics_port = metrics.start()
+    metrics_ports = [m.start() for m in metrics]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     code = 0
-    main_task: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = []
     try:
         await health.set_serving(True)  # liveness: the process runs; never tied to the registry
-        write_ready_file(s.ready_file, {"grpc_port": grpc_port, "metrics_port": metrics_port,
-                                        "pid": os.getpid()})
-        log.info("node agent %s serving: health on :%d, metrics on :%d", s.node_id, grpc_port,
-                 metrics_port)
-        main_task = asyncio.create_task(agent.run(), name="agent")
+        write_ready_file(s.ready_file, {
+            "grpc_port": grpc_port, "metrics_port": metrics_ports[0], "pid": os.getpid(),
+            "agents": [{"node_id": c.node_id, "metrics_port": p}
+                       for c, p in zip(configs, metrics_ports, strict=True)]})
+        log.info("node agent(s) %s serving: health on :%d, metrics on %s",
+                 ", ".join(c.node_id for c in configs), grpc_port, metrics_ports)
+        tasks = [asyncio.create_task(a.run(), name=f"agent {a.settings.node_id}")
+                 for a in agents]
         stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([main_task, stopper], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
-        if main_task.done():
-            main_task.result()  # raises what stopped the agent
-            raise RuntimeError("agent stopped unexpectedly")
+        for t in tasks:
+            if t.done():
+                t.result()  # raises what stopped the agent
+                raise RuntimeError(f"{t.get_name()} stopped unexpectedly")
         log.info("shutting down")
     except RegistrationRefused as exc:
         log.error("refusing to run: %s", exc)
@@ -162,22 +170,30 @@ async def serve(s: AgentSettings) -> int:
         log.exception("node agent failed")
         code = 1
     finally:
-        if main_task is not None:
-            main_task.cancel()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await main_task
+                await t
         await health.set_serving(False)
-        if code == 0:
-            await agent.link.deregister()
-        await agent.link.close()
-        await agent.source.close()
-        await agent.usage.close()
+        await asyncio.gather(*(_close(a, deregister=code == 0) for a in agents),
+                             return_exceptions=True)
         await server.stop(grace=min(1.0, s.drain_timeout_s))
-        metrics.stop()
+        for m in metrics:
+            m.stop()
     return code
 
 
+async def _close(agent: Agent, deregister: bool) -> None:
+    if deregister:
+        await agent.link.deregister()
+    await agent.link.close()
+    await agent.source.close()
+    await agent.usage.close()
+
+
 def main(s: AgentSettings) -> int:
-    """Configure logging and run."""
+    """Configure logging and run (ConfigError for a bad ``--fleet-file`` before starting)."""
     configure_logging(s.log_format, s.log_level)
+    fleet_agents(s)  # validate the fleet file up front: exit 2 with a message, not a traceback
     return asyncio.run(serve(s))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from dataclasses import dataclass
 
 from kvroute.common_settings import ClientTLSSettings, ServerSettings
+from kvroute.errors import ConfigError
 from kvroute.settings import parse_hostport, require, setting
 from node_agent.block_map import MEDIUM_POLICIES
 
@@ -49,25 +52,19 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
     labels: tuple[str, ...] = setting((), "Node labels as key=value,key=value")
     resync_batch: int = setting(50_000, "Block hashes per Resync stream message")
     max_delta_hashes: int = setting(100_000, "Most block hashes in one heartbeat")
+    fleet_file: str = setting(
+        "", "Run several agents in this one process (a simulated fleet for benches and demos): "
+        "a JSON list of objects with node_id, engine_url, engine_events and optionally "
+        "engine_replay, engine_metrics_url, capacity_blocks, labels; every other setting comes "
+        "from the flags. Each agent is the full agent (own engine subscription, own registry "
+        "link); health is served once, metrics per agent on free ports")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_hostport(self.registry, "registry")
-        require(bool(_NODE_ID.match(self.node_id)), "node_id",
-                "required: 1-128 characters of [A-Za-z0-9._:-] (e.g. the pod name)")
-        require(bool(self.engine_url), "engine_url", "required: the engine's inference URL")
         require(bool(self.model), "model", "required: the model the engine serves")
         require(1 <= self.block_size <= 65536, "block_size", "must be 1..65536")
         require(self.capacity_blocks >= 0, "capacity_blocks", "must be >= 0")
-        require(self.capacity_blocks > 0 or bool(self.engine_metrics_url), "capacity_blocks",
-                "required (> 0) unless --engine-metrics-url can report it")
-        require(self.engine_events.startswith(("tcp://", "ipc://")), "engine_events",
-                "expected tcp://HOST:PORT (or ipc://PATH)")
-        require("*" not in self.engine_events + self.engine_replay, "engine_events",
-                "the agent connects: give the engine's address (tcp://127.0.0.1:5557), not the "
-                "engine's bind pattern tcp://*:5557")
-        require(not self.engine_replay or self.engine_replay.startswith(("tcp://", "ipc://")),
-                "engine_replay", "expected tcp://HOST:PORT (or ipc://PATH)")
         require(self.engine_format in ("vllm", "sglang"), "engine_format",
                 "must be vllm or sglang")
         require(self.heartbeat_interval_s >= 0, "heartbeat_interval_s", "must be >= 0")
@@ -80,8 +77,67 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
         for item in self.labels:
             require("=" in item and bool(item.split("=", 1)[0]), "labels",
                     f"expected key=value, got {item!r}")
+        if self.fleet_file:
+            return  # the node-specific settings are checked per agent (fleet_agents)
+        require(bool(_NODE_ID.match(self.node_id)), "node_id",
+                "required: 1-128 characters of [A-Za-z0-9._:-] (e.g. the pod name)")
+        require(bool(self.engine_url), "engine_url", "required: the engine's inference URL")
+        require(self.capacity_blocks > 0 or bool(self.engine_metrics_url), "capacity_blocks",
+                "required (> 0) unless --engine-metrics-url can report it")
+        require(self.engine_events.startswith(("tcp://", "ipc://")), "engine_events",
+                "expected tcp://HOST:PORT (or ipc://PATH)")
+        require("*" not in self.engine_events + self.engine_replay, "engine_events",
+                "the agent connects: give the engine's address (tcp://127.0.0.1:5557), not the "
+                "engine's bind pattern tcp://*:5557")
+        require(not self.engine_replay or self.engine_replay.startswith(("tcp://", "ipc://")),
+                "engine_replay", "expected tcp://HOST:PORT (or ipc://PATH)")
 
     @property
     def label_map(self) -> dict[str, str]:
         """Labels as a dict."""
         return dict(item.split("=", 1) for item in self.labels)
+
+
+_FLEET_FIELDS = {"node_id": str, "engine_url": str, "engine_events": str, "engine_replay": str,
+                 "engine_metrics_url": str, "capacity_blocks": int, "labels": list}
+
+
+def fleet_agents(s: AgentSettings) -> list[AgentSettings]:
+    """The agents of a process: ``s`` itself, or one per entry of ``--fleet-file``.
+
+    Raises ConfigError naming the entry and field when the file is unreadable or wrong.
+    """
+    if not s.fleet_file:
+        return [s]
+    try:
+        with open(s.fleet_file, encoding="utf-8") as f:
+            entries = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--fleet-file: cannot read {s.fleet_file}: {exc}") from exc
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("--fleet-file: expected a non-empty JSON list of agent objects")
+    out: list[AgentSettings] = []
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"--fleet-file: entry {k} is not an object")
+        unknown = set(entry) - set(_FLEET_FIELDS)
+        if unknown:
+            raise ConfigError(f"--fleet-file: entry {k}: unknown field(s) "
+                              f"{', '.join(sorted(unknown))} (allowed: "
+                              f"{', '.join(_FLEET_FIELDS)})")
+        for name, typ in _FLEET_FIELDS.items():
+            if name in entry and not isinstance(entry[name], typ):
+                raise ConfigError(f"--fleet-file: entry {k}: {name} must be a {typ.__name__}")
+        over = dict(entry)
+        if "labels" in over:
+            over["labels"] = tuple(str(x) for x in over["labels"])
+        try:
+            out.append(dataclasses.replace(s, fleet_file="", ready_file="",
+                                           listen="127.0.0.1:0", metrics_listen="127.0.0.1:0",
+                                           **over))
+        except ConfigError as exc:
+            raise ConfigError(f"--fleet-file: entry {k}: {exc}") from exc
+    ids = [a.node_id for a in out]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("--fleet-file: node_id values must be distinct")
+    return out

@@ -1,4 +1,5 @@
-"""The registry's behaviour: registration, heartbeats, resync, deregistration, following etcd.
+"""The registry's behaviour: registration, heartbeats, resync, deregistration, following etcd,
+and the reads (Lookup, node listings) answered from memory.
 
 Writes go to the placement store first and are applied to this replica's view once the store
 accepted them; every replica also follows the store (list, then watch from the listed
@@ -364,3 +365,26 @@ class RegistryCore:
         self.view.apply(NodeGone(rec.node_id, rec.epoch))
         log.info("node %s deregistered (%d blocks dropped)", rec.node_id, dropped)
         return dropped
+
+    # ---- reads (from memory, never etcd) --------------------------------------------------
+    def lookup(self, req: pb.LookupRequest) -> list[tuple[NodeState, int]]:
+        """Lookup: (node, matched prefix blocks) for each node of ``req.model`` (every model
+        when empty), healthy ones unless ``include_unhealthy``; validated first."""
+        validate.lookup(req, self.settings)
+        view = self.view
+        nodes = view.candidates(req.model, req.include_unhealthy)
+        if not nodes:
+            return []
+        matched = view.lookup(req.block_hashes, req.model)
+        if not matched:
+            return [(s, 0) for s in nodes]
+        get = matched.get
+        return [(s, get(s.slot, 0)) for s in nodes]
+
+    def nodes(self, model: str = "") -> list[NodeState]:
+        """Every node of ``model`` (all models when empty), healthy or not, by node id."""
+        return sorted(self.view.candidates(model, True), key=lambda s: s.node_id)
+
+    def blocks_indexed(self, state: NodeState) -> int:
+        """Blocks indexed for a node."""
+        return self.view.index.count(state.slot)

@@ -11,7 +11,6 @@ from kvroute.errors import KvrouteError, NotFound, ResourceExhausted
 from kvroute.grpcutil import stream_errors, unary_errors
 from kvroute.v1 import registry_pb2 as pb
 from kvroute.v1 import registry_pb2_grpc as pb_grpc
-from registry_service import validate
 from registry_service.core import RegistryCore
 from registry_service.nodes import Change, NodeState, Subscription, now_ms
 
@@ -62,7 +61,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         self.block_size = core.settings.block_size
 
     def _info(self, s: NodeState) -> pb.NodeInfo:
-        return node_info(s, self.core.view.late_after_s, self.core.view.index.count(s.slot))
+        return node_info(s, self.core.view.late_after_s, self.core.blocks_indexed(s))
 
     @unary_errors
     async def RegisterNode(self, request: pb.RegisterNodeRequest,
@@ -106,21 +105,20 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
         """Answer one Lookup from memory (no etcd call)."""
         t0 = time.perf_counter()
-        validate.lookup(request, self.core.settings)
-        view = self.core.view
-        nodes = view.candidates(request.model, request.include_unhealthy)
-        matched = view.lookup(list(request.block_hashes), nodes)
-        late = view.late_after_s
+        core = self.core
+        pairs = core.lookup(request)
+        late = core.view.late_after_s
+        count = core.view.index.count
         t = now_ms()
         out = [pb.NodeMatch(
             node_id=s.record.node_id, address=s.record.address,
-            matched_blocks=matched.get(s.slot, 0), used_blocks=s.status.used_blocks,
+            matched_blocks=matched, used_blocks=s.status.used_blocks,
             capacity_blocks=s.capacity(), usage=s.usage(), queue_depth=s.status.queue_depth,
             running=s.status.running, eviction_rate=s.status.eviction_rate,
-            healthy=s.healthy(late, t), blocks_indexed=view.index.count(s.slot))
-            for s in nodes]
-        self.core.metrics.lookups.inc()
-        self.core.metrics.lookup_seconds.observe(time.perf_counter() - t0)
+            healthy=s.healthy(late, t), blocks_indexed=count(s.slot))
+            for s, matched in pairs]
+        core.metrics.lookups.inc()
+        core.metrics.lookup_seconds.observe(time.perf_counter() - t0)
         return pb.LookupResponse(request_id=request.request_id, nodes=out,
                                  block_size=self.block_size)
 
@@ -152,8 +150,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def ListNodes(self, request: pb.ListNodesRequest,
                         context: _Ctx[pb.ListNodesRequest, pb.ListNodesResponse],
                         ) -> pb.ListNodesResponse:
-        nodes = sorted(self.core.view.candidates(request.model, True), key=lambda s: s.node_id)
-        return pb.ListNodesResponse(nodes=[self._info(s) for s in nodes],
+        return pb.ListNodesResponse(nodes=[self._info(s) for s in self.core.nodes(request.model)],
                                     block_size=self.block_size, replica_id=self.replica_id)
 
     async def _changes(self, sub: Subscription) -> AsyncIterator[Change]:

@@ -9,10 +9,11 @@ apply the same store history end with the same view.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from kvroute.index import BitmaskIndex, PrefixIndex, SlotTable
 from registry_service.metrics import RegistryMetrics
-from registry_service.nodes import Change, Fanout, NodeState
+from registry_service.nodes import Change, Fanout, NodeState, now_ms
 from registry_service.store.base import (
     Delta,
     DeltaPut,
@@ -35,6 +36,8 @@ class ReplicaView:
         self.index: PrefixIndex = BitmaskIndex()
         self.slots = SlotTable()
         self.nodes: dict[str, NodeState] = {}
+        self._by_model: dict[str, list[NodeState]] = {}
+        """Nodes per model in registration order; dropped whenever membership changes."""
         self.fanout = fanout
         self.metrics = metrics
         self.late_after_s = late_after_s
@@ -46,6 +49,7 @@ class ReplicaView:
         state = NodeState(rec, self.slots.assign(rec.node_id, rec.model))
         self.index.add_node(state.slot)
         self.nodes[rec.node_id] = state
+        self._by_model.pop(rec.model, None)
         self.fanout.publish(Change("upsert", rec.node_id, added=True))
         return state
 
@@ -56,6 +60,7 @@ class ReplicaView:
             return 0
         dropped = self.index.drop_node(state.slot)
         self.slots.release(node_id)
+        self._by_model.pop(state.record.model, None)
         if expired:
             self.metrics.lease_expiries.inc()
             log.info("node %s (epoch %d) left: lease expired", node_id, state.record.epoch)
@@ -96,6 +101,9 @@ class ReplicaView:
                 return
             if rec.epoch == state.record.epoch:
                 if rec != state.record:
+                    self._by_model.pop(state.record.model, None)
+                    self._by_model.pop(rec.model, None)
+                    self.slots.assign(rec.node_id, rec.model)
                     state.record = rec
                     self.fanout.publish(Change("upsert", rec.node_id))
                 return
@@ -146,19 +154,27 @@ class ReplicaView:
 
     # ---- queries --------------------------------------------------------------------------
     def candidates(self, model: str, include_unhealthy: bool) -> list[NodeState]:
-        """Nodes serving ``model`` (all models when empty), healthy ones unless asked."""
+        """Nodes serving ``model`` (all models when empty), healthy ones unless asked.
+
+        The list for a model is kept between calls (do not modify it).
+        """
         if model:
-            mask = self.slots.model_mask(model)
-            nodes = [s for s in self.nodes.values() if mask >> s.slot & 1]
+            nodes = self._by_model.get(model)
+            if nodes is None:
+                nodes = [s for s in self.nodes.values() if s.record.model == model]
+                if nodes:
+                    self._by_model[model] = nodes
         else:
             nodes = list(self.nodes.values())
         if not include_unhealthy:
-            nodes = [s for s in nodes if s.healthy(self.late_after_s)]
+            late, t = self.late_after_s, now_ms()
+            nodes = [s for s in nodes if s.healthy(late, t)]
         return nodes
 
-    def lookup(self, hashes: list[int], nodes: list[NodeState]) -> dict[int, int]:
-        """Matched prefix length per slot of ``nodes`` (slots with no match omitted)."""
-        mask = 0
-        for s in nodes:
-            mask |= 1 << s.slot
-        return self.index.longest_prefix(hashes, mask) if mask and hashes else {}
+    def lookup(self, hashes: Sequence[int], model: str) -> dict[int, int]:
+        """Matched prefix length per slot of ``model``'s nodes (all nodes when empty); slots
+        with no match omitted. Cost grows with the matched length, not with the fleet."""
+        if not len(hashes):
+            return {}
+        mask = self.slots.model_mask(model) if model else self.slots.all_mask()
+        return self.index.longest_prefix(hashes, mask) if mask else {}

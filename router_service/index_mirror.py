@@ -112,6 +112,19 @@ class IndexMirror:
         get = matched.get
         return [(n, get(s, 0)) for n, s in members]
 
+    def matches(self, block_hashes: Sequence[int], model: str) -> dict[str, int]:
+        """Only the nodes of ``model`` holding a prefix: node id -> matched blocks.
+
+        Cost grows with the matched prefix, not with the nodes of the model (:meth:`lookup`
+        lists every node, so it cannot).
+        """
+        mask = self._slots.model_mask(model)
+        if not mask or not len(block_hashes):
+            return {}
+        node_at = self._slots.node_at
+        return {node_at(s) or "": m
+                for s, m in self._index.longest_prefix(block_hashes, mask).items()}
+
     def models(self) -> set[str]:
         """Models served by known nodes."""
         return self._slots.models()

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class ReplicaSource:
-    """A local mirror of the registry's placement index that follows the registry."""
+    """A local replica of the placement index that follows the registry."""
 
     mode = "replica"
     local = True
@@ -43,7 +43,7 @@ class ReplicaSource:
         self._max_staleness_s = max_staleness_s
         self._on_event_lag = on_event_lag
         self._clock = clock
-        self._mirror = IndexMirror()
+        self._index = IndexMirror()
         self._connected = False
         self._down_since = clock()
         self._task: asyncio.Task[None] | None = None
@@ -70,16 +70,16 @@ class ReplicaSource:
 
     def usable(self) -> bool:
         """True when the mirror may be routed on (complete and not older than the bound)."""
-        return self._mirror.complete and self.staleness_s() <= self._max_staleness_s
+        return self._index.complete and self.staleness_s() <= self._max_staleness_s
 
     def registry_block_size(self) -> int:
         """Block size from the registry's events (0 = unknown)."""
-        return self._mirror.block_size
+        return self._index.block_size
 
     @property
     def mirror(self) -> IndexMirror:
         """The current mirror of the registry's index (read-only use)."""
-        return self._mirror
+        return self._index
 
     async def lookup(self, block_hashes: Sequence[int], model: str) -> Placement:
         """Longest prefix per node from the mirror; Unavailable once it is too stale."""
@@ -88,19 +88,19 @@ class ReplicaSource:
     def lookup_local(self, block_hashes: Sequence[int], model: str) -> Placement:
         """:meth:`lookup`, synchronously (the mirror is in memory)."""
         if not self.usable():
-            why = ("no snapshot received yet" if not self._mirror.complete
+            why = ("no snapshot received yet" if not self._index.complete
                    else f"registry link down for {self.staleness_s():.1f} s "
                         f"(> {self._max_staleness_s:g} s)")
             raise Unavailable(f"placement mirror unusable: {why}")
-        return Placement(self._mirror.lookup(block_hashes, model), self._mirror.block_size)
+        return Placement(self._index.lookup(block_hashes, model), self._index.block_size)
 
     def last_known(self) -> list[NodeState]:
         """Nodes of the current mirror (last known when the link is down)."""
-        return list(self._mirror.nodes.values())
+        return list(self._index.nodes.values())
 
     def nodes_known(self) -> int:
         """Nodes in the current mirror."""
-        return len(self._mirror.nodes)
+        return len(self._index.nodes)
 
     # -- background -----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -137,13 +137,13 @@ class ReplicaSource:
                 if not was_up:
                     fresh.apply(ev)
                     if fresh.complete:
-                        self._mirror, was_up = fresh, True
+                        self._index, was_up = fresh, True
                         self._connected = True
                         self.reconnects += 1
                         log.info("placement mirror in sync: %d nodes, block size %d",
                                  len(fresh.nodes), fresh.block_size)
                 else:
-                    self._mirror.apply(ev)
+                    self._index.apply(ev)
                 self.events_applied += 1
                 if lag_cb is not None and ev.sent_unix_ms:
                     lag_cb(max(0.0, time.time() - ev.sent_unix_ms / 1000.0))

@@ -126,8 +126,10 @@ class StreamSource:
         fut: asyncio.Future[registry_pb2.LookupResponse] = \
             asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
+        # every node of the model, healthy or not (the Placement contract): the router tells
+        # "served, but no healthy node" (UNAVAILABLE) from "not served" (NOT_FOUND)
         self._queue.put_nowait(registry_pb2.LookupRequest(
-            block_hashes=block_hashes, model=model, request_id=rid))
+            block_hashes=block_hashes, model=model, request_id=rid, include_unhealthy=True))
         try:
             async with asyncio.timeout(self._lookup_timeout_s):
                 resp = await fut

@@ -37,8 +37,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=8, help="engines per fleet (default 8)")
     p.add_argument("--cache-fraction", type=float, default=0.25,
                    help="cache per engine = F x distinct blocks / nodes (default 0.25)")
-    p.add_argument("--time-scale", type=float, default=0.05,
-                   help="wall seconds per trace second (default 0.05 = 20x)")
+    p.add_argument("--time-scale", type=float, default=0.2,
+                   help="wall seconds per trace second (default 0.2 = 5x; the same default as "
+                        "kvroute bench --mode stack)")
     p.add_argument("--policies", default="gateway:kv_aware,kv_aware,round_robin,random",
                    help="kvroute policies, through the Route API (kv_aware) or the OpenAI "
                         "gateway (gateway:kv_aware) (default gateway:kv_aware,kv_aware,"

@@ -25,6 +25,7 @@ from bench.peers.overhead import (
     peer_added_latency,
 )
 from bench.peers.replay import replay_peer
+from bench.prompts import Prompt, prepare
 from bench.results import PolicyRun
 from bench.stack_fleet import FleetSpec
 from bench.workloads.base import Workload
@@ -68,6 +69,8 @@ class PeerBackend:
         self.added_latency: dict[str, AddedLatency] = {}
         """Per policy name: the router's added latency (filled by each replay)."""
         self._runs = 0
+        self._prompts: tuple[Workload, list[Prompt]] | None = None
+        """The last workload's prepared prompts (reused by every peer)."""
 
     def replay(self, workload: Workload, policy_name_: str) -> PolicyRun:
         """Fresh fleet, start the peer, replay, measure added latency, stop everything."""
@@ -83,7 +86,10 @@ class PeerBackend:
         with EngineFleet(work, self.spec) as fleet:
             try:
                 await peer.start(fleet, work)
-                run = await replay_peer(workload, peer, label, fleet, self.progress)
+                if self._prompts is None or self._prompts[0] is not workload:
+                    self._prompts = (workload, prepare(workload))
+                run = await replay_peer(workload, peer, label, fleet, self.progress,
+                                        prompts=self._prompts[1])
                 if self.overhead_pairs > 0:
                     lat = await peer_added_latency(peer, fleet.engines[0].url,
                                                    pairs=self.overhead_pairs)
@@ -108,8 +114,15 @@ class CombinedBackend:
         self.added_latency = peers.added_latency
 
     def replay(self, workload: Workload, policy_name_: str) -> PolicyRun:
-        """Dispatch by name; kvroute rows also get their Route added latency measured."""
+        """Dispatch by name; kvroute rows also get their Route added latency measured.
+
+        The first peer stops kvroute's fleet (``close()`` of the stack backend, when it has
+        one): its idle agents and engines must not take CPU from the peers' fleets.
+        """
         if policy_name_.startswith("peer:"):
+            close: Any = getattr(self.stack, "close", None)
+            if close is not None:
+                close()
             return self.peers.replay(workload, policy_name_)
         run = self.stack.replay(workload, policy_name_)
         fleet: Any = getattr(self.stack, "fleet", None)

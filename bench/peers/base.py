@@ -9,6 +9,7 @@ from typing import Protocol
 import aiohttp
 
 from bench.peers.engines import EngineFleet
+from bench.prompts import JSON_HEADERS, Prompt
 from bench.workloads.base import TraceRequest
 
 PEER_POLICIES: dict[str, tuple[str, ...]] = {
@@ -62,7 +63,7 @@ class Peer(Protocol):
         """Start the router (its own process, or in-process) and wait until it routes."""
         ...
 
-    async def send(self, http: aiohttp.ClientSession, req: TraceRequest, tokens: list[int],
+    async def send(self, http: aiohttp.ClientSession, req: TraceRequest, prompt: Prompt,
                    direct_url: str | None = None) -> SendResult:
         """Send ``req`` through the router; with ``direct_url`` the same request straight to
         that engine (for the added-latency measurement)."""
@@ -77,10 +78,10 @@ class Peer(Protocol):
         ...
 
 
-async def post_json(http: aiohttp.ClientSession, url: str, body: dict[str, object]) -> str:
-    """POST ``body``; ``""`` on 200, else a short error (status and message)."""
+async def post_json(http: aiohttp.ClientSession, url: str, body: bytes) -> str:
+    """POST the JSON ``body`` (pre-encoded); ``""`` on 200, else a short error."""
     try:
-        async with http.post(url, json=body) as resp:
+        async with http.post(url, data=body, headers=JSON_HEADERS) as resp:
             raw = await resp.read()
             if resp.status != 200:
                 return f"{url.rsplit('/', 1)[-1]} {resp.status}: {raw[:200]!r}"

@@ -19,6 +19,7 @@ import aiohttp
 from bench.peers.base import SendResult, post_json
 from bench.peers.engines import EngineFleet
 from bench.peers.process import RouterProcess
+from bench.prompts import JSON_HEADERS, Prompt, json_body
 from bench.workloads.base import TraceRequest
 from kvroute.procs import free_port
 
@@ -60,17 +61,17 @@ class DynamoPeer:
         self.proc = RouterProcess("dynamo-kv", argv, port, workdir, env=env)
         self.proc.start()
 
-    async def send(self, http: aiohttp.ClientSession, req: TraceRequest, tokens: list[int],
+    async def send(self, http: aiohttp.ClientSession, req: TraceRequest, prompt: Prompt,
                    direct_url: str | None = None) -> SendResult:
         """Through the Dynamo front (or the same body straight to an engine)."""
         assert self.proc is not None, "not started"
-        body: dict[str, object] = {"model": self.model, "prompt": tokens,
-                                   "max_tokens": max(1, req.output_tokens),
-                                   "user": req.request_id}
+        body = json_body({"model": self.model, "max_tokens": max(1, req.output_tokens),
+                          "user": req.request_id}, "prompt", prompt)
         if direct_url is not None:
             return SendResult(error=await post_json(http, direct_url + "/v1/completions", body))
         try:
-            async with http.post(self.proc.base + "/v1/completions", json=body) as resp:
+            async with http.post(self.proc.base + "/v1/completions", data=body,
+                                 headers=JSON_HEADERS) as resp:
                 data = await resp.json()
                 if resp.status != 200:
                     return SendResult(error=f"dynamo {resp.status}: {data.get('error', data)}")

@@ -1,8 +1,9 @@
-"""A bare engine_sim fleet for one peer router: N engine processes, no agents, no registry.
+"""A bare engine_sim fleet for one peer router: N engines, no agents, no registry.
 
 The engines get exactly the flags :class:`bench.stack_fleet.StackFleet` gives kvroute's engines
-(same cache size, block size, latency model and time compression), so a peer row and a kvroute
-row differ only in the router. Every process is started here and stopped by its pid.
+(same cache size, block size, latency model, time compression, and the same process layout: one
+``engine-sim --engines N`` process, or one process per engine), so a peer row and a kvroute row
+differ only in the router. Every process is started here and stopped by its pid.
 """
 
 from __future__ import annotations
@@ -41,11 +42,7 @@ class EngineInfo:
 
 def engine_args(spec: FleetSpec) -> list[str]:
     """engine_sim flags for ``spec`` (the same as StackFleet's engines)."""
-    return ["--block-size", str(spec.block_size), "--capacity-blocks", str(spec.cache_blocks),
-            "--prefill-tokens-per-s", str(spec.prefill_tokens_per_s),
-            "--decode-ms-per-token", str(spec.decode_ms_per_token),
-            "--max-running", str(spec.max_running), "--time-scale", str(spec.time_scale),
-            "--model", spec.model, "--max-prompt-tokens", str(spec.max_prompt_tokens)]
+    return spec.engine_args()
 
 
 @dataclass
@@ -64,22 +61,24 @@ class EngineFleet:
         """Start every engine, then wait for each ready file."""
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        pending: list[tuple[str, Path, ManagedProcess]] = []
+        per_process = 1 if not self.spec.one_process else self.spec.nodes
+        pending: list[tuple[int, Path, ManagedProcess]] = []
         try:
-            for i in range(self.spec.nodes):
-                node_id = f"engine-{i}"
-                ready = self.workdir / f"{node_id}.ready.json"
+            for first in range(0, self.spec.nodes, per_process):
+                name = f"engine-{first}" if per_process == 1 else "engines"
+                ready = self.workdir / f"{name}.ready.json"
                 ready.unlink(missing_ok=True)
                 argv = [sys.executable, "-m", "cli.main", "serve", "engine-sim",
                         "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
                         "--ready-file", str(ready), "--log-level", "warning",
-                        *engine_args(self.spec)]
-                proc = ManagedProcess(node_id, argv, logs / f"{node_id}.log").start()
+                        *engine_args(self.spec), "--engines", str(per_process)]
+                proc = ManagedProcess(name, argv, logs / f"{name}.log").start()
                 self._procs.append(proc)
-                pending.append((node_id, ready, proc))
-            for node_id, ready, proc in pending:
+                pending.append((first, ready, proc))
+            for first, ready, proc in pending:
                 info = read_ready_file(ready, self.startup_timeout_s, proc)
-                self.engines.append(EngineInfo(node_id, info))
+                for k, entry in enumerate(info["engines"]):
+                    self.engines.append(EngineInfo(f"engine-{first + k}", entry))
         except BaseException:
             self.close()
             raise

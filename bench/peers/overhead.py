@@ -20,6 +20,7 @@ import aiohttp
 import grpc
 
 from bench.peers.base import Peer
+from bench.prompts import Prompt
 from bench.workloads.base import TraceRequest
 from kvroute.v1 import router_pb2, router_pb2_grpc
 
@@ -72,10 +73,10 @@ async def peer_added_latency(peer: Peer, engine_url: str, pairs: int = 100,
     """``peer`` (started) vs the same request body straight to ``engine_url``."""
     async with aiohttp.ClientSession() as http:
         async def direct(req: TraceRequest, toks: list[int]) -> str:
-            return (await peer.send(http, req, toks, direct_url=engine_url)).error
+            return (await peer.send(http, req, Prompt(toks), direct_url=engine_url)).error
 
         async def routed(req: TraceRequest, toks: list[int]) -> str:
-            return (await peer.send(http, req, toks)).error
+            return (await peer.send(http, req, Prompt(toks))).error
 
         return await _pairs(direct, routed, pairs, prompt_tokens, seed)
 

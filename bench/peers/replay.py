@@ -2,7 +2,7 @@
 
 The same driver shape as kvroute's stack replay (:mod:`bench.stack_replay`): every request is
 sent at its arrival time compressed by the fleet's ``time_scale``, concurrently, with the token
-ids :func:`bench.stack_replay.synth_tokens` makes from the trace's block hashes. Which engine
+ids :func:`bench.prompts.synth_tokens` makes from the trace's block hashes. Which engine
 served a request, its cached tokens and its TTFT/e2e (model seconds) come from the engines'
 ``/kvroute/stats`` records, keyed by the request id the body carries — never from the router.
 """
@@ -19,6 +19,7 @@ import aiohttp
 
 from bench.peers.base import Peer
 from bench.peers.engines import EngineFleet
+from bench.prompts import Prompt, prepare
 from bench.results import PolicyRun
 from bench.stack_replay import (
     _fill,
@@ -26,20 +27,21 @@ from bench.stack_replay import (
     _reset_records,
     _stats,
     client_vs_engine_note,
-    synth_tokens,
 )
 from bench.workloads.base import Workload
 
 
 async def replay_peer(workload: Workload, peer: Peer, name: str, fleet: EngineFleet,
-                      progress: Callable[[int], None] | None = None) -> PolicyRun:
-    """Replay ``workload`` through ``peer`` (already started) on ``fleet`` (caches empty)."""
+                      progress: Callable[[int], None] | None = None,
+                      prompts: list[Prompt] | None = None) -> PolicyRun:
+    """Replay ``workload`` through ``peer`` (already started) on ``fleet`` (caches empty);
+    ``prompts`` as :func:`bench.prompts.prepare` makes them (made here when not given)."""
     spec = fleet.spec
     urls = fleet.urls
     node_ids = sorted(urls)
     run = PolicyRun(policy=name, node_ids=node_ids, n_requests=len(workload.requests))
     run.init_requests(len(workload.requests))
-    tokens = [synth_tokens(r, workload.block_size) for r in workload.requests]
+    tokens = prompts if prompts is not None else prepare(workload)
     outcomes = [_Outcome() for _ in workload.requests]
     client_s = [math.nan] * len(workload.requests)
     timeout = aiohttp.ClientTimeout(total=900)

@@ -18,6 +18,7 @@ import aiohttp
 from bench.peers.base import SendResult, post_json
 from bench.peers.engines import EngineFleet
 from bench.peers.process import RouterProcess
+from bench.prompts import Prompt, json_body
 from bench.workloads.base import TraceRequest
 from kvroute.procs import free_port
 
@@ -50,14 +51,14 @@ class SglangRouterPeer:
         self.proc = RouterProcess(f"sglang-router-{self.policy}", argv, port, workdir)
         self.proc.start()
 
-    async def send(self, http: aiohttp.ClientSession, req: TraceRequest, tokens: list[int],
+    async def send(self, http: aiohttp.ClientSession, req: TraceRequest, prompt: Prompt,
                    direct_url: str | None = None) -> SendResult:
         """``POST /generate`` with ``input_ids`` through the router (or straight to an engine)."""
         assert self.proc is not None, "not started"
         base = direct_url or self.proc.base
-        body: dict[str, object] = {
-            "model": self.model, "input_ids": tokens, "rid": req.request_id,
-            "sampling_params": {"max_new_tokens": max(1, req.output_tokens)}}
+        body = json_body({"model": self.model, "rid": req.request_id,
+                          "sampling_params": {"max_new_tokens": max(1, req.output_tokens)}},
+                         "input_ids", prompt)
         return SendResult(error=await post_json(http, base + "/generate", body))
 
     async def notes(self, http: aiohttp.ClientSession) -> list[str]:

@@ -18,6 +18,7 @@ import aiohttp
 from bench.peers.base import SendResult, post_json
 from bench.peers.engines import EngineFleet
 from bench.peers.process import RouterProcess, find_executable
+from bench.prompts import Prompt, json_body
 from bench.workloads.base import TraceRequest
 from kvroute.procs import free_port
 
@@ -62,14 +63,13 @@ class VllmRouterPeer:
         self.proc = RouterProcess(f"vllm-router-{self.policy}", argv, port, workdir)
         self.proc.start()
 
-    async def send(self, http: aiohttp.ClientSession, req: TraceRequest, tokens: list[int],
+    async def send(self, http: aiohttp.ClientSession, req: TraceRequest, prompt: Prompt,
                    direct_url: str | None = None) -> SendResult:
         """``POST /v1/completions`` with a token-id prompt (or straight to an engine)."""
         assert self.proc is not None, "not started"
         base = direct_url or self.proc.base
-        body: dict[str, object] = {"model": self.model, "prompt": tokens,
-                                   "max_tokens": max(1, req.output_tokens),
-                                   "user": req.request_id}
+        body = json_body({"model": self.model, "max_tokens": max(1, req.output_tokens),
+                          "user": req.request_id}, "prompt", prompt)
         return SendResult(error=await post_json(http, base + "/v1/completions", body))
 
     async def lookups(self, http: aiohttp.ClientSession) -> dict[str, float]:

@@ -32,9 +32,9 @@ class SimSettings:
         DEFAULT_MAX_RUNNING,
         "requests admitted at once per engine (engine_sim --max-running); more wait in FIFO")
     latency_model: str = setting(
-        "default", "default (prefill proportional to uncached tokens, queue per node, decode "
-                   "per token with a batch limit) or seed (the notebook's constants: 50 ms "
-                   "prefill for a full miss, 2 ms transfer, 100 ms decode)")
+        "default", "default: engine_sim's engine model (prefill proportional to uncached tokens "
+                   "on one prefill unit, admission when the sequence fits, decode per token "
+                   "with a batch limit) -- the only model, as in --mode stack")
     heartbeat_delay_s: float = setting(
         0.0, "heartbeat lag: the registry's view of each cache lags the cache by this many "
              "seconds, and queue/usage reports refresh once per this interval (0 = live)")
@@ -46,8 +46,9 @@ class SimSettings:
         require(self.prefill_tokens_per_s > 0, "prefill_tokens_per_s", "must be > 0")
         require(self.decode_s_per_token >= 0, "decode_s_per_token", "must be >= 0")
         require(self.max_batch >= 1, "max_batch", "must be >= 1")
-        require(self.latency_model in ("default", "seed"), "latency_model",
-                "must be 'default' or 'seed'")
+        require(self.latency_model == "default", "latency_model",
+                "must be 'default' (the seed notebook's constant preset was retired when "
+                "--mode sim moved onto engine_sim's engine model: one engine model)")
         require(self.heartbeat_delay_s >= 0, "heartbeat_delay_s", "must be >= 0")
 
     def engine_params(self, cache_blocks: int, block_size: int) -> EngineParams:

@@ -15,6 +15,7 @@ class SlotTable:
 
     def __init__(self) -> None:
         self._slot: dict[str, int] = {}
+        self._node: dict[int, str] = {}
         self._model: dict[str, str] = {}
         self._masks: dict[str, int] = {}
         self._free: list[int] = []
@@ -32,6 +33,7 @@ class SlotTable:
         if slot is None:
             slot = heapq.heappop(self._free) if self._free else self._take_next()
             self._slot[node_id] = slot
+            self._node[slot] = node_id
         else:
             old = self._model[node_id]
             if old == model:
@@ -58,12 +60,17 @@ class SlotTable:
         if slot is None:
             return None
         self._unmask(self._model.pop(node_id), slot)
+        del self._node[slot]
         heapq.heappush(self._free, slot)
         return slot
 
     def slot(self, node_id: str) -> int | None:
         """Slot of ``node_id``, None if unknown."""
         return self._slot.get(node_id)
+
+    def node_at(self, slot: int) -> str | None:
+        """Node id holding ``slot``, None if free."""
+        return self._node.get(slot)
 
     def model_mask(self, model: str) -> int:
         """Bitmask of the slots of ``model``'s nodes (0 if none)."""

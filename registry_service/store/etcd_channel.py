@@ -16,12 +16,8 @@ from typing import Any, TypeVar
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from registry_service.store.etcd_settings import (
-    EtcdError,
-    EtcdLeaseNotFound,
-    EtcdSettings,
-    EtcdUnavailable,
-)
+from registry_service.store.etcd_errors import EtcdError, EtcdLeaseNotFound, EtcdUnavailable
+from registry_service.store.etcd_settings import EtcdSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -39,17 +39,21 @@ from registry_service.store.etcd_channel import (
     translate,
     with_retries,
 )
-from registry_service.store.etcd_settings import *  # noqa: F403  (re-exported API types)
-from registry_service.store.etcd_settings import (
-    Compare,
+from registry_service.store.etcd_errors import *  # noqa: F403  (re-exported API errors)
+from registry_service.store.etcd_errors import (
     EtcdError,
     EtcdLeaseNotFound,
-    EtcdSettings,
     EtcdUnavailable,
+    WatchCompacted,
+)
+from registry_service.store.etcd_settings import *  # noqa: F403  (re-exported settings)
+from registry_service.store.etcd_settings import EtcdSettings
+from registry_service.store.etcd_types import *  # noqa: F403  (re-exported API types)
+from registry_service.store.etcd_types import (
+    Compare,
     KeyValue,
     Op,
     TxnResult,
-    WatchCompacted,
     WatchEvent,
     prefix_range_end,
 )

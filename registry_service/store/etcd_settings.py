@@ -1,16 +1,13 @@
-"""Settings, value types and errors of the etcd client (no etcd library imported here).
+"""Settings of the etcd client (no etcd library imported here).
 
-:mod:`registry_service.store.etcd_client` re-exports everything defined here, so callers import
-from there. The types are plain frozen dataclasses so the placement store and its tests never see
-protobuf messages.
+Its value types are in :mod:`.etcd_types`, its errors in :mod:`.etcd_errors`;
+:mod:`registry_service.store.etcd_client` re-exports all three, so callers import from there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
-from kvroute.errors import KvrouteError, NotFound, Unavailable
 from kvroute.settings import parse_hostport, require, setting
 
 MIB = 1024 * 1024
@@ -71,136 +68,3 @@ class EtcdSettings:
         """Endpoints without any ``http(s)://`` scheme."""
         return tuple(ep.removeprefix("http://").removeprefix("https://")
                      for ep in self.etcd_endpoints)
-
-
-@dataclass(frozen=True, slots=True)
-class KeyValue:
-    """One etcd key with its metadata (revisions are etcd store revisions)."""
-
-    key: bytes
-    value: bytes
-    create_revision: int
-    mod_revision: int
-    version: int
-    lease: int
-
-
-@dataclass(frozen=True, slots=True)
-class WatchEvent:
-    """A change seen by a watch. For ``delete`` the value is empty and ``kv.mod_revision`` is
-    the revision of the deletion."""
-
-    kind: Literal["put", "delete"]
-    kv: KeyValue
-
-
-CompareTarget = Literal["version", "create_revision", "mod_revision", "value", "lease"]
-CompareOp = Literal["==", "!=", "<", ">"]
-
-
-@dataclass(frozen=True, slots=True)
-class Compare:
-    """One condition of a transaction: ``target(key) op value``."""
-
-    key: bytes
-    target: CompareTarget
-    op: CompareOp
-    value: int | bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Op:
-    """One operation of a transaction branch (build with :func:`op_put` etc.)."""
-
-    kind: Literal["put", "delete", "get"]
-    key: bytes
-    value: bytes = b""
-    lease: int = 0
-    range_end: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
-class TxnResult:
-    """Outcome of :meth:`EtcdClient.txn`. ``gets`` holds one tuple of KeyValues per ``get`` op
-    of the branch that ran, in order."""
-
-    succeeded: bool
-    revision: int
-    gets: tuple[tuple[KeyValue, ...], ...] = field(default=())
-
-
-def prefix_range_end(prefix: bytes) -> bytes:
-    """The etcd ``range_end`` that selects every key starting with ``prefix``."""
-    end = bytearray(prefix)
-    for i in range(len(end) - 1, -1, -1):
-        if end[i] < 0xFF:
-            end[i] += 1
-            return bytes(end[: i + 1])
-    return b"\0"  # every key
-
-
-def compare_version(key: bytes, op: CompareOp, version: int) -> Compare:
-    """``version(key) op version``; ``compare_version(k, "==", 0)`` = key does not exist."""
-    return Compare(key, "version", op, version)
-
-
-def compare_create_revision(key: bytes, op: CompareOp, revision: int) -> Compare:
-    """``create_revision(key) op revision``."""
-    return Compare(key, "create_revision", op, revision)
-
-
-def compare_mod_revision(key: bytes, op: CompareOp, revision: int) -> Compare:
-    """``mod_revision(key) op revision`` (optimistic concurrency on one key)."""
-    return Compare(key, "mod_revision", op, revision)
-
-
-def compare_value(key: bytes, op: CompareOp, value: bytes) -> Compare:
-    """``value(key) op value``."""
-    return Compare(key, "value", op, value)
-
-
-def compare_lease(key: bytes, op: CompareOp, lease: int) -> Compare:
-    """``lease(key) op lease`` (0 = no lease)."""
-    return Compare(key, "lease", op, lease)
-
-
-def op_put(key: bytes, value: bytes, lease: int = 0) -> Op:
-    """Put ``key`` = ``value`` (attached to ``lease`` when non-zero)."""
-    return Op("put", key, value, lease)
-
-
-def op_delete(key: bytes) -> Op:
-    """Delete one key."""
-    return Op("delete", key)
-
-
-def op_delete_prefix(prefix: bytes) -> Op:
-    """Delete every key starting with ``prefix``."""
-    return Op("delete", prefix, range_end=prefix_range_end(prefix))
-
-
-def op_get(key: bytes) -> Op:
-    """Read one key inside the transaction (result in ``TxnResult.gets``)."""
-    return Op("get", key)
-
-
-class EtcdUnavailable(Unavailable):
-    """etcd did not answer (every endpoint, every retry) within the deadlines."""
-
-
-class EtcdLeaseNotFound(NotFound):
-    """The lease named in a put does not exist any more (expired or revoked)."""
-
-
-class EtcdError(KvrouteError):
-    """etcd rejected a request (permission denied, bad request...); retrying will not help."""
-
-
-class WatchCompacted(Exception):
-    """A watch's start revision was compacted away: list the prefix again and re-watch from
-    the listed revision + 1."""
-
-    def __init__(self, compact_revision: int) -> None:
-        super().__init__(f"etcd compacted revisions up to {compact_revision}; re-list and "
-                         f"re-watch")
-        self.compact_revision = compact_revision

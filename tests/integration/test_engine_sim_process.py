@@ -176,3 +176,34 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         assert result["body"]["usage"]["completion_tokens"] == 5
     finally:
         srv.stop()
+
+
+def test_one_process_serves_independent_engines(tmp_path: Path) -> None:
+    """--engines 3: three engines, each with its own HTTP, ZMQ and metrics ports and cache."""
+    srv = start_server("engine-sim", [*ARGS, "--engines", "3"], tmp_path, name="fleet")
+    try:
+        engines = srv.ready["engines"]
+        assert len(engines) == 3
+        for key in ("http_port", "metrics_port", "events_port", "replay_port"):
+            assert len({e[key] for e in engines}) == 3, key
+        assert srv.ready["http_port"] == engines[0]["http_port"]
+        prompt = list(range(5000, 5040))
+        cached = []
+        for e in engines:
+            one = ServerProcess("engine-sim", srv.process, e)
+            body = {"prompt": prompt, "max_tokens": 2}
+            post(one, "/v1/completions", body)
+            cached.append(post(one, "/v1/completions", body)["usage"]["prompt_tokens_details"]
+                          ["cached_tokens"])
+            with urllib.request.urlopen(f"http://127.0.0.1:{e['metrics_port']}/metrics",
+                                        timeout=5) as resp:
+                assert b"vllm:prefix_cache_hits_total" in resp.read()
+            # each engine replays its own event stream from seq 0
+            assert replay(e["replay_endpoint"], 0)[0][2] == (0).to_bytes(8, "big")
+        assert cached == [32, 32, 32]  # separate caches: each engine missed once, then hit
+        stats = [json.loads(get(ServerProcess("engine-sim", srv.process, e), "/kvroute/stats"))
+                 for e in engines]
+        assert [s["requests_admitted"] for s in stats] == [2, 2, 2]
+        assert srv.stop() == 0
+    finally:
+        srv.stop()

@@ -151,13 +151,14 @@ async def test_longest_prefix_lease_expiry_and_registry_outage(
 
     seen: list[router_pb2.RouteResponse] = []
 
-    async def on(node: str) -> router_pb2.RouteResponse | None:
+    async def on(node: str, matched: int | None = None) -> router_pb2.RouteResponse | None:
         r = await _route(stub, f"q{next(n)}")
         seen[:] = [r]
         await stub.Complete(router_pb2.CompleteRequest(request_id=r.request_id))
-        return r if r.node_id == node and not r.degraded else None
+        ok = r.node_id == node and not r.degraded
+        return r if ok and matched in (None, r.matched_blocks) else None
 
-    r = await _eventually(lambda: on("b"), 10, "routed to b (longest prefix)")
+    r = await _eventually(lambda: on("b"), 30, "routed to b (longest prefix)")
     assert r.matched_blocks == 7 and r.expected_cached_tokens == 7 * BS
     assert r.address == "b.local:8000" and r.policy == "kv_aware"
 
@@ -192,7 +193,9 @@ async def test_longest_prefix_lease_expiry_and_registry_outage(
     port = int(reg.grpc_target.rsplit(":", 1)[1])
     procs.append(_registry(etcd_endpoint, etcd_prefix, port, tmp_path, "registry2"))
     try:
-        r = await _eventually(lambda: on("a"), 20, "recovered after the registry came back")
+        # the leases expired while the registry was down: the agents register again and send
+        # their blocks in the next call, so wait for a's blocks, not just for a
+        r = await _eventually(lambda: on("a", 3), 20, "recovered after the registry came back")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last answer: {seen}") from None
     assert r.matched_blocks == 3

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import pytest
 
 from kvroute.errors import ConfigError
 from kvroute.settings import add_arguments, from_namespace
-from node_agent.settings import AgentSettings
+from node_agent.settings import AgentSettings, fleet_agents
 
 BASE = {"node_id": "pod-0", "engine_url": "http://10.0.0.5:8000", "model": "m",
         "capacity_blocks": 100}
@@ -52,3 +54,37 @@ def test_flags_and_env() -> None:
            "KVROUTE_DEVICE_MEDIA": "GPU,HBM"}
     s = from_namespace(AgentSettings, ns, environ=env)
     assert (s.node_id, s.capacity_blocks, s.device_media) == ("pod-1", 512, ("GPU", "HBM"))
+
+
+def test_fleet_file_expands_to_one_validated_agent_per_entry(tmp_path: Path) -> None:
+    f = tmp_path / "agents.json"
+    entry = {"node_id": "e-0", "engine_url": "http://127.0.0.1:1",
+             "engine_events": "tcp://127.0.0.1:2", "engine_replay": "tcp://127.0.0.1:3",
+             "capacity_blocks": 64}
+    f.write_text(json.dumps([entry, {**entry, "node_id": "e-1", "labels": ["zone=b"]}]))
+    base = AgentSettings(model="m", fleet_file=str(f), heartbeat_interval_s=0.05)
+    agents = fleet_agents(base)
+    assert [a.node_id for a in agents] == ["e-0", "e-1"]
+    assert all(a.heartbeat_interval_s == 0.05 and a.model == "m" and not a.fleet_file
+               for a in agents)
+    assert agents[1].label_map == {"zone": "b"}
+    assert fleet_agents(AgentSettings(**BASE)) == [AgentSettings(**BASE)]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("not json", "cannot read"),
+    ("[]", "non-empty JSON list"),
+    ('[{"node_id": "a", "colour": 1}]', "unknown field"),
+    ('[{"node_id": 5}]', "node_id must be a str"),
+    ('[{"node_id": "bad id", "engine_url": "http://x", "capacity_blocks": 1}]',
+     "entry 0: --node-id"),
+    ('[{"node_id": "a", "engine_url": "http://x", "capacity_blocks": 1},'
+     ' {"node_id": "a", "engine_url": "http://y", "capacity_blocks": 1}]', "distinct"),
+])
+def test_fleet_file_errors_name_the_entry(tmp_path: Path, content: str, message: str) -> None:
+    f = tmp_path / "agents.json"
+    f.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        fleet_agents(AgentSettings(model="m", fleet_file=str(f)))
+    with pytest.raises(ConfigError, match="cannot read"):
+        fleet_agents(AgentSettings(model="m", fleet_file=str(tmp_path / "missing.json")))

@@ -44,7 +44,7 @@ def test_unknown_bench_target_fails(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize("target", ["replay", "sweep", "hashing", "router", "registry",
-                                    "agent"])
+                                    "agent", "decide"])
 def test_bench_targets_have_own_help(target: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["bench", target, "--help"])

@@ -94,6 +94,7 @@ def test_pinning_and_admission_as_the_served_engine() -> None:
     f.submit(0, small, 0.0)
     obs = f.observe(0.0)[0]
     assert obs.queue_depth == 1 and obs.running == 1 and obs.used_blocks == 35
+    assert f.nodes[0].reported(0.0) == (1, 1, 35, 40, 0.0) and f.nodes[0].nid == "node-0"
     assert small.admitted_at is None
     f.drain()
     assert small.admitted_at == pytest.approx(big.finished_at)
@@ -128,3 +129,18 @@ def test_live_view_and_evictions_show_in_deltas_and_rate() -> None:
     obs = f.observe(1.0)[0]
     assert obs.evictions_total == 2 and obs.eviction_rate == pytest.approx(0.2)
     assert f.observe(11.0)[0].eviction_rate == pytest.approx(0.2 / 2.718281828, rel=1e-3)
+
+
+def test_engine_settings_of_a_multi_engine_process() -> None:
+    from engine_sim.settings import EngineSimSettings
+
+    s = EngineSimSettings(engines=3, listen="127.0.0.1:8000", metrics_listen="127.0.0.1:0",
+                          events_endpoint="tcp://127.0.0.1:5557", replay_endpoint="ipc:///tmp/r",
+                          ready_file="/tmp/x.json")
+    e2 = s.for_engine(2)
+    assert (e2.listen, e2.metrics_listen, e2.events_endpoint, e2.replay_endpoint) == \
+        ("127.0.0.1:8002", "127.0.0.1:0", "tcp://127.0.0.1:5559", "ipc:///tmp/r.2")
+    assert e2.engines == 1 and e2.ready_file == ""
+    assert EngineSimSettings().for_engine(0) == EngineSimSettings()
+    assert EngineSimSettings().engine_params() == EngineParams(capacity_blocks=4096,
+                                                               block_size=16)

@@ -167,3 +167,14 @@ def test_slot_table_reuses_lowest_free_slot_and_tracks_models() -> None:
     t.release("d")
     t.release("e")
     assert t.models() == {"m"} and t.all_mask() == 0b0101 and t.model_mask("other") == 0
+
+
+def test_slot_table_knows_the_node_at_each_slot() -> None:
+    t = SlotTable()
+    t.assign("a", "m")
+    t.assign("b", "m")
+    assert t.node_at(0) == "a" and t.node_at(1) == "b" and t.node_at(2) is None
+    t.release("a")
+    assert t.node_at(0) is None
+    t.assign("c", "x")
+    assert t.node_at(0) == "c"

@@ -100,3 +100,25 @@ async def test_watchers_learn_when_a_node_turns_late() -> None:
         assert not core.view.nodes["a"].healthy(core.view.late_after_s)
     finally:
         await core.close()
+
+
+def test_candidates_and_lookup_per_model_follow_membership() -> None:
+    v = view()
+
+    def node(nid: str, model: str, epoch: int = 1) -> NodeRecord:
+        return NodeRecord(nid, f"{nid}:1", model, 16, 100, {}, epoch, 7, 10, 0)
+
+    for nid, model in (("a", "m"), ("b", "m"), ("c", "x")):
+        v.apply(NodePut(node(nid, model)))
+        v.apply(DeltaPut(nid, 1, Delta(1, 0, False, arr(1, 2, 3), arr())))
+    assert [s.node_id for s in v.candidates("m", True)] == ["a", "b"]
+    slots = {nid: v.nodes[nid].slot for nid in "abc"}
+    assert v.lookup([1, 2, 9], "m") == {slots["a"]: 2, slots["b"]: 2}
+    assert v.lookup([1, 2, 9], "") == {s: 2 for s in slots.values()}
+    assert v.lookup([], "m") == {} and v.lookup([1], "nope") == {}
+    v.apply(NodeGone("a", 0))
+    assert [s.node_id for s in v.candidates("m", True)] == ["b"]
+    assert v.lookup([1], "m") == {slots["b"]: 1}
+    v.apply(NodePut(node("c", "m", epoch=2)))  # c registers again, now for model m, empty
+    assert [s.node_id for s in v.candidates("m", True)] == ["b", "c"]
+    assert v.candidates("x", True) == [] and v.lookup([1], "m") == {slots["b"]: 1}

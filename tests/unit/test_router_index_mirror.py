@@ -62,3 +62,17 @@ def test_lookup_among_many_nodes_reports_every_node_of_the_model() -> None:
     got = {n.node_id: m for n, m in ix.lookup(list(range(10)), "m")}
     assert len(got) == 200
     assert got == {f"n{i}": i % 7 for i in range(300) if i % 3}
+
+
+def test_matches_lists_only_nodes_holding_a_prefix() -> None:
+    ix = IndexMirror()
+    for nid, blocks in (("a", [1, 2, 3]), ("b", [1]), ("c", [7])):
+        ix.apply(upsert(nid))
+        ix.apply(PE(kind=PE.BLOCKS, node_id=nid, stored=blocks))
+    ix.apply(upsert("d", model="other"))
+    ix.apply(PE(kind=PE.BLOCKS, node_id="d", stored=[1, 2]))
+    assert ix.matches([1, 2, 3], "m") == {"a": 3, "b": 1}
+    assert ix.matches([1, 2], "other") == {"d": 2}
+    assert ix.matches([], "m") == {} and ix.matches([1], "nope") == {}
+    got = {n.node_id: m for n, m in ix.lookup([1, 2, 3], "m") if m}
+    assert got == ix.matches([1, 2, 3], "m")

@@ -1,0 +1,201 @@
+"""The placement-source contract, one suite over both sources (replica mirror and lookup stream).
+
+Against a real registry process on real etcd, with nodes registered and heartbeating through the
+Registry gRPC API from the test. Every source must:
+
+- list every node of the model with its matched prefix and the registry's block size;
+- list the nodes of a model that are all unhealthy (late heartbeats), marked unhealthy: the
+  model IS served, so the router answers UNAVAILABLE ("no healthy node"), never NOT_FOUND;
+- answer an empty list for a model no node serves (the router answers NOT_FOUND);
+- drop a deregistered node; know the nodes for degraded routing (``last_known``);
+- raise Unavailable once the registry is gone (the router degrades).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import pytest
+
+from kvroute.blocks import hash_blocks
+from kvroute.errors import NotFound, Unavailable
+from kvroute.v1 import registry_pb2 as rpb
+from kvroute.v1 import registry_pb2_grpc, router_pb2
+from router_service.core import RouterCore
+from router_service.placement import PlacementSource
+from router_service.server import build_core
+from router_service.settings import RouterSettings
+from tests.harness import ServerProcess, start_server
+
+pytestmark = pytest.mark.integration
+
+BS = 16
+TOKENS = list(range(900, 900 + 8 * BS))
+H = hash_blocks(TOKENS, BS)
+NODES = {"a": ("m", H[:3]), "b": ("m", H[:7]), "c": ("other", H[:5])}
+T = TypeVar("T")
+
+
+@dataclass
+class Fleet:
+    """Plays the node agents: register, first heartbeat with blocks, then beats while alive."""
+
+    target: str
+    alive: set[str] = field(default_factory=lambda: set(NODES))
+    epochs: dict[str, int] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        async with grpc.aio.insecure_channel(self.target) as ch:
+            stub = registry_pb2_grpc.RegistryStub(ch)
+            for nid, (model, blocks) in NODES.items():
+                r = await stub.RegisterNode(rpb.RegisterNodeRequest(
+                    node_id=nid, address=f"{nid}.local:8000", model=model, block_size=BS,
+                    capacity_blocks=100), timeout=5)
+                self.epochs[nid] = r.epoch
+                await stub.Heartbeat(rpb.HeartbeatRequest(
+                    node_id=nid, epoch=r.epoch, stored=blocks, delta_seq=1,
+                    used_blocks=len(blocks)), timeout=5)
+        self.task = asyncio.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        async with grpc.aio.insecure_channel(self.target) as ch:
+            stub = registry_pb2_grpc.RegistryStub(ch)
+            while True:
+                for nid in sorted(self.alive):
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await stub.Heartbeat(rpb.HeartbeatRequest(
+                            node_id=nid, epoch=self.epochs[nid]), timeout=2)
+                await asyncio.sleep(0.1)
+
+    async def deregister(self, nid: str) -> None:
+        self.alive.discard(nid)
+        async with grpc.aio.insecure_channel(self.target) as ch:
+            await registry_pb2_grpc.RegistryStub(ch).DeregisterNode(
+                rpb.DeregisterNodeRequest(node_id=nid, epoch=self.epochs[nid]), timeout=5)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], what: str,
+                     timeout_s: float = 15.0) -> T:
+    """Poll ``check`` until it returns a value (roomy timeout: the machine is shared)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last: object = None
+    while True:
+        try:
+            got = await check()
+            if got is not None:
+                return got
+        except Exception as exc:
+            last = exc
+        if loop.time() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s} s (last: {last!r})")
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def registry(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path,
+                   ) -> AsyncIterator[tuple[ServerProcess, Fleet]]:
+    # heartbeats every 0.2 s: a node is late (unhealthy) after ~1 s, its lease lives 30 s
+    reg = start_server("registry", [
+        "--etcd-endpoints", etcd_endpoint, "--etcd-prefix", etcd_prefix, "--block-size",
+        str(BS), "--lease-ttl-s", "30", "--heartbeat-interval-s", "0.2",
+        "--status-write-interval-s", "0.2"], tmp_path)
+    fleet = Fleet(reg.grpc_target)
+    try:
+        await fleet.start()
+        yield reg, fleet
+    finally:
+        await fleet.stop()
+        reg.stop()
+
+
+def _core(target: str, mode: str) -> RouterCore:
+    s = RouterSettings(registry=target, registry_mode=mode, block_size=BS,
+                       default_policy="kv_aware", replica_max_staleness_s=1.0,
+                       registry_retry_max_s=0.3, lookup_timeout_s=1.0, node_cache_ttl_s=0.3)
+    return build_core(s, {}, None)
+
+
+async def _matched(source: PlacementSource, model: str) -> dict[str, tuple[int, bool]]:
+    placement = await source.lookup(H, model)
+    assert placement.block_size == BS
+    return {n.node_id: (m, n.healthy) for n, m in placement.nodes}
+
+
+@pytest.mark.parametrize("mode", ["replica", "stream"])
+async def test_placement_source_contract(
+        mode: str, registry: tuple[ServerProcess, Fleet]) -> None:
+    reg, fleet = registry
+    core = _core(reg.grpc_target, mode)
+    source = core.source
+    assert source.mode == mode
+    await source.start()
+    try:
+        async def all_healthy() -> dict[str, tuple[int, bool]] | None:
+            got = await _matched(source, "m")
+            return got if got == {"a": (3, True), "b": (7, True)} else None
+
+        await eventually(all_healthy, "every node of m with its matched prefix")
+        assert await _matched(source, "other") == {"c": (5, True)}
+        assert (await source.lookup(H, "nope")).nodes == []  # not served: empty, no error
+        with pytest.raises(NotFound, match="no node serves model 'nope'"):
+            await core.route(router_pb2.RouteRequest(request_id="x", token_ids=TOKENS,
+                                                     model="nope"))
+
+        fleet.alive -= {"a", "b"}  # every node of m turns late; leases stay
+
+        async def all_late() -> dict[str, tuple[int, bool]] | None:
+            got = await _matched(source, "m")
+            return got if got == {"a": (3, False), "b": (7, False)} else None
+
+        await eventually(all_late, "the nodes of m listed, unhealthy")
+        with pytest.raises(Unavailable, match="no healthy node serves model 'm'"):
+            await core.route(router_pb2.RouteRequest(request_id="y", token_ids=TOKENS,
+                                                     model="m"))
+        routed = await core.route(router_pb2.RouteRequest(request_id="z", token_ids=TOKENS,
+                                                          model="other"))
+        assert routed.node_id == "c" and routed.matched_blocks == 5 and not routed.degraded
+
+        await fleet.deregister("b")
+
+        async def b_gone() -> dict[str, tuple[int, bool]] | None:
+            got = await _matched(source, "m")
+            return got if set(got) == {"a"} else None
+
+        await eventually(b_gone, "a deregistered node leaves the placement")
+        known = await eventually(
+            lambda: _known(source, {"a", "c"}), "last_known lists the live nodes")
+        assert known == {"a", "c"} and source.nodes_known() == 2
+        assert source.registry_block_size() == BS
+
+        reg.stop()
+
+        async def refused() -> bool | None:
+            try:
+                await source.lookup(H, "other")
+            except Unavailable:
+                return True
+            return None
+
+        await eventually(refused, "Unavailable once the registry is gone")
+        assert {n.node_id for n in source.last_known()} == {"a", "c"}
+    finally:
+        await source.stop()
+
+
+async def _known(source: PlacementSource, want: set[str]) -> set[str] | None:
+    got = {n.node_id for n in source.last_known()}
+    return got if got == want else None

@@ -1,0 +1,29 @@
+"""Run-to-run spread of repeated stack comparisons."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.spread import format_spread, spread
+
+
+def _rep(rows: list[tuple[str, float, float]]) -> dict[str, Any]:
+    return {"results": [{"policy": p, "hit_rate_tokens": h,
+                         "ttft_ms": {"p50": t / 2, "p90": t, "p99": 2 * t}} for p, h, t in rows]}
+
+
+def test_spread_per_policy_and_target() -> None:
+    a = _rep([("kv_aware", 0.165, 6000.0), ("peer:x", 0.170, 8000.0), ("only-a", 0.1, 1.0)])
+    b = _rep([("kv_aware", 0.168, 6200.0), ("peer:x", 0.160, 8100.0)])
+    out = spread([a, b])
+    assert set(out) == {"kv_aware", "peer:x"}  # a policy missing from a run is skipped
+    kv = out["kv_aware"]
+    assert kv["hit_spread"] == pytest.approx(0.003)
+    assert kv["ttft_p90_spread"] == pytest.approx(200 / 6000, abs=1e-4)
+    assert kv["ttft_p90_ms"] == [6000.0, 6200.0] and kv["within_target"]
+    assert not out["peer:x"]["within_target"]  # hit rates 0.010 apart
+    text = format_spread(out)
+    assert "kv_aware" in text and "3.3%" in text and "NO" in text
+    assert spread([]) == {} and format_spread({}) == ""
