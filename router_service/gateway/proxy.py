@@ -34,22 +34,26 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from kvroute.errors import KvrouteError
 from router_service.domain import RouteDecision, RouteRequest
 from router_service.gateway.metrics import GatewayMetrics
 from router_service.gateway.settings import GatewaySettings
+from router_service.gateway.upstream import (
+    Response,
+    ResponseBroken,
+    Target,
+    Upstream,
+    UpstreamError,
+)
 from router_service.model_catalog import ModelCatalog
 from router_service.openai_request import (
     ENDPOINT_PATHS,
     Endpoint,
     OpenAIError,
     OpenAIRequest,
-    engine_base_url,
     parse_bytes,
     route_request,
 )
@@ -98,33 +102,38 @@ class Proxy:
     """The request path of the gateway (one per server)."""
 
     def __init__(self, core: Core, catalog: ModelCatalog, tokens: PromptTokens,
-                 session: aiohttp.ClientSession, settings: GatewaySettings,
+                 upstream: Upstream, settings: GatewaySettings,
                  metrics: GatewayMetrics) -> None:
         self.core = core
         self.catalog = catalog
         self.tokens = tokens
-        self.session = session
+        self.upstream = upstream
         self.s = settings
         self.metrics = metrics
         self.scheme = "https" if settings.upstream_tls else "http"
         self.active = 0
         self._ids = itertools.count(1)
         self._id_prefix = f"gw{os.getpid():x}-{time.time_ns() % 10**9:x}-"
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout_s,
-            sock_read=settings.read_timeout_s or None)
         self._busy_headers = {"Retry-After": str(settings.retry_after_s)}
-        self._urls: dict[tuple[str, str], URL] = {}
+        self._targets: dict[str, Target] = {}
         self._counted: dict[tuple[str, str], Any] = {}
 
-    def _url(self, address: str, path: str) -> URL:
-        """The engine URL, parsed once per address (yarl parsing costs ~10 us a request)."""
-        url = self._urls.get((address, path))
-        if url is None:
-            if len(self._urls) > 4096:
-                self._urls.clear()
-            url = self._urls[(address, path)] = URL(engine_base_url(address, self.scheme) + path)
-        return url
+    def _target(self, address: str) -> Target:
+        """The engine's host, port and TLS, parsed once per address."""
+        target = self._targets.get(address)
+        if target is None:
+            if len(self._targets) > 4096:
+                self._targets.clear()
+            try:
+                target = self._targets[address] = Target.parse(address, self.s.upstream_tls)
+            except ValueError as exc:
+                raise OpenAIError(502, f"bad engine address: {exc}") from None
+        return target
+
+    def _account(self, endpoint: str, status: str, duration_s: float) -> None:
+        self.metrics.inflight.dec()
+        self._count(endpoint, status)
+        self.metrics.duration.observe(duration_s)
 
     def _count(self, endpoint: str, status: str) -> None:
         child = self._counted.get((endpoint, status))
@@ -159,9 +168,8 @@ class Proxy:
             if request.get(DISCONNECTED):
                 status = "disconnect"
             self.active -= 1
-            m.inflight.dec()
-            self._count(endpoint, status)
-            m.duration.observe(time.perf_counter() - t0)
+            asyncio.get_running_loop().call_soon(self._account, endpoint, status,
+                                                 time.perf_counter() - t0)
 
     async def _read(self, request: web.Request) -> bytes:
         limit = self.s.max_body_bytes
@@ -215,7 +223,7 @@ class Proxy:
 
     async def _connect(self, base: RouteRequest, endpoint: Endpoint, raw: bytes,
                        fwd: dict[str, str], t0: float,
-                       ) -> tuple[aiohttp.ClientResponse, RouteDecision]:
+                       ) -> tuple[Response, RouteDecision]:
         excluded: frozenset[str] = frozenset()
         path = ENDPOINT_PATHS[endpoint]
         m = self.metrics
@@ -224,18 +232,15 @@ class Proxy:
             if attempt == 0:
                 m.overhead.observe(time.perf_counter() - t0)
             last = attempt == self.s.retries
-            url = self._url(decision.address, path)
             try:
-                up = await self.session.post(url, data=raw, headers=fwd, timeout=self._timeout)
-            except asyncio.CancelledError:
+                up = await self.upstream.post(self._target(decision.address), path, fwd, raw)
+            except BaseException as exc:
                 self.core.complete(base.request_id, success=False)
-                raise
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                self.core.complete(base.request_id, success=False)
-                if isinstance(exc, aiohttp.ServerTimeoutError) and \
-                        not isinstance(exc, aiohttp.ConnectionTimeoutError):
+                if isinstance(exc, TimeoutError):
                     raise OpenAIError(504, f"engine {decision.node_id} did not answer within "
                                       f"{self.s.read_timeout_s} s (--read-timeout-s)") from None
+                if not isinstance(exc, UpstreamError):
+                    raise
                 why = f"{type(exc).__name__}: {exc}"
                 m.upstream_errors.labels("connect").inc()
                 self.core.mark_suspect(decision.node_id, why)
@@ -260,9 +265,8 @@ class Proxy:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- relay ------------------------------------------------------------------------------
-    def _headers(self, up: aiohttp.ClientResponse, d: RouteDecision,
-                 client_rid: str) -> CIMultiDict[str]:
-        h = CIMultiDict((k, v) for k, v in up.headers.items() if k.lower() not in _HOP)
+    def _headers(self, up: Response, d: RouteDecision, client_rid: str) -> CIMultiDict[str]:
+        h = CIMultiDict((k, v) for k, v in up.headers if k.lower() not in _HOP)
         h["x-kvroute-node"] = d.node_id
         h["x-kvroute-policy"] = d.policy
         h["x-kvroute-predicted-cached-tokens"] = str(d.expected_cached_tokens)
@@ -270,7 +274,7 @@ class Proxy:
         return h
 
     async def _relay(self, request: web.Request, req: OpenAIRequest,
-                     up: aiohttp.ClientResponse, d: RouteDecision, client_rid: str,
+                     up: Response, d: RouteDecision, client_rid: str,
                      t0: float) -> web.StreamResponse:
         rid = d.request_id
         m = self.metrics
@@ -281,17 +285,20 @@ class Proxy:
             except asyncio.CancelledError:
                 self.core.complete(rid, success=False)
                 raise
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (UpstreamError, TimeoutError) as exc:
                 self.core.complete(rid, success=False)
                 m.upstream_errors.labels("midstream").inc()
                 raise OpenAIError(502, f"engine {d.node_id} failed while sending its "
                                   f"response: {type(exc).__name__}: {exc}") from None
-            m.first_byte.observe(time.perf_counter() - t0)
-            self._complete(rid, up.status < 400, _cached_tokens(body), d)
+            up.release()
+            # the bookkeeping (release the slot, metrics) runs right after the response is
+            # handed to aiohttp, so the client does not wait for it
+            asyncio.get_running_loop().call_soon(
+                self._after_body, rid, up.status < 400, body, d, time.perf_counter() - t0)
             return web.Response(status=up.status, body=body, headers=headers)
         return await self._relay_stream(request, up, d, headers, t0)
 
-    async def _relay_stream(self, request: web.Request, up: aiohttp.ClientResponse,
+    async def _relay_stream(self, request: web.Request, up: Response,
                             d: RouteDecision, headers: CIMultiDict[str],
                             t0: float) -> web.StreamResponse:
         rid = d.request_id
@@ -302,7 +309,7 @@ class Proxy:
         ok = False
         try:
             await out.prepare(request)
-            async for chunk in up.content.iter_any():
+            async for chunk in up.iter_chunks():
                 if first:
                     self.metrics.first_byte.observe(time.perf_counter() - t0)
                     first = False
@@ -318,12 +325,13 @@ class Proxy:
                     cached = found if found is not None else cached
                 tail = chunk[-64:]
             ok = up.status < 400
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            up.release()
+        except (UpstreamError, TimeoutError) as exc:
             # after the first byte nothing is retried: the client sees the stream end abruptly
             self.metrics.upstream_errors.labels("midstream").inc()
             log.warning("engine %s failed mid-stream: %s", d.node_id, exc)
             self.core.complete(rid, success=False)
-            if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+            if isinstance(exc, ResponseBroken):
                 self.core.mark_suspect(d.node_id, f"connection lost mid-stream: {exc}")
             if request.transport is not None:
                 request.transport.close()
@@ -336,6 +344,11 @@ class Proxy:
             await out.write_eof()
         return out
 
+    def _after_body(self, rid: str, ok: bool, body: bytes, d: RouteDecision,
+                    first_byte_s: float) -> None:
+        self.metrics.first_byte.observe(first_byte_s)
+        self._complete(rid, ok, _cached_tokens(body), d)
+
     def _complete(self, rid: str, ok: bool, cached: int | None, d: RouteDecision) -> None:
         self.core.complete(rid, success=ok, cached_tokens=cached)
         if cached is not None:
@@ -343,10 +356,10 @@ class Proxy:
             self.metrics.predicted_tokens.inc(d.expected_cached_tokens)
 
 
-async def _drain(up: aiohttp.ClientResponse) -> bytes:
+async def _drain(up: Response) -> bytes:
     try:
         return await up.read()
-    except (aiohttp.ClientError, TimeoutError):
+    except (UpstreamError, TimeoutError):
         return b""
     finally:
         up.release()

@@ -29,6 +29,7 @@ from router_service.gateway.app import make_app
 from router_service.gateway.metrics import GatewayMetrics
 from router_service.gateway.proxy import Proxy
 from router_service.gateway.settings import GatewaySettings, parse_tokenizer_dirs
+from router_service.gateway.upstream import Upstream
 from router_service.model_catalog import ModelCatalog
 from router_service.prompt_tokens import EngineTokenizer, LocalTokenizer, PromptTokens, TokenCache
 from router_service.runtime import RoutingRuntime
@@ -80,6 +81,8 @@ class Gateway:
         self.metrics = GatewayMetrics(self.registry)
         self.local = load_tokenizers(settings)
         self.session: aiohttp.ClientSession | None = None
+        """For the catalog and engine tokenization (off the forwarding path)."""
+        self.upstream: Upstream | None = None
         self.runner: web.AppRunner | None = None
         self.proxy: Proxy | None = None
         self.catalog: ModelCatalog | None = None
@@ -98,7 +101,10 @@ class Gateway:
                                     refresh_s=s.models_refresh_s, scheme=scheme)
         engine = EngineTokenizer(self.session, scheme=scheme) if s.engine_tokenize else None
         tokens = PromptTokens(self.local, engine, TokenCache(s.tokenize_cache_entries))
-        self.proxy = Proxy(core, self.catalog, tokens, self.session, s, self.metrics)
+        ctx = upstream_ssl(s)
+        self.upstream = Upstream(s.connect_timeout_s, s.read_timeout_s,
+                                 ctx if isinstance(ctx, ssl.SSLContext) else None)
+        self.proxy = Proxy(core, self.catalog, tokens, self.upstream, s, self.metrics)
         self.metrics.bind_healthy(core.healthy_node_count)
         await self.runtime.start()
         self.catalog.start()
@@ -123,6 +129,8 @@ class Gateway:
         await self.runtime.stop()
         if self.session is not None:
             await self.session.close()
+        if self.upstream is not None:
+            self.upstream.close()
 
 
 async def serve(settings: GatewaySettings,
