@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 _HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                   "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
-_NOT_FORWARDED = _HOP | {"x-request-id"}
+_NOT_FORWARDED = _HOP | {"x-request-id", "expect"}  # the gateway answers 100-continue itself
 _CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 _HTTP_OF_GRPC = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "NOT_FOUND": 404,
                  "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}

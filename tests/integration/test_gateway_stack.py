@@ -244,6 +244,23 @@ def test_bad_input_gets_openai_errors(stack: Stack, body: bytes, status: int,
     assert obj["error"]["param"] == param
 
 
+def test_expect_100_continue_and_unknown_fields_pass(stack: Stack) -> None:
+    """curl sends Expect: 100-continue for bodies over 1 KiB: the gateway answers it and does
+    not forward it (the engine would answer 100 first). Unknown fields reach the engine."""
+    import http.client
+
+    port = int(stack.url.rsplit(":", 1)[1])
+    body = json.dumps({"model": MODEL, "prompt": list(range(2000, 2400)), "max_tokens": 2,
+                       "some_future_field": {"x": 1}, "user": "expect-test"}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/v1/completions", body=body, headers={
+        "Content-Type": "application/json", "Expect": "100-continue"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    assert json.loads(resp.read())["usage"]["prompt_tokens"] == 400
+    conn.close()
+
+
 def test_unknown_model_with_openai_client(stack: Stack) -> None:
     with pytest.raises(openai.NotFoundError):
         stack.client().completions.create(model="nope", prompt="x", max_tokens=1)
