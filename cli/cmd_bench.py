@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from bench.cli_replay import add_replay_arguments, run_replay, run_sweep
 from bench.decide_bench import add_decide_arguments, run_decide_cli
+from bench.flood_bench import add_flood_arguments, run_flood_cli
 from bench.hashing import run_hashing_bench
 from bench.registry_bench import add_registry_arguments, run_registry_cli
 from bench.router_bench import add_router_arguments, run_router_cli
@@ -87,6 +88,9 @@ TARGETS: dict[str, Target] = {
     "decide": Target("in-process cost of one routing decision (router core, index mirror "
                      "populated) and one registry Lookup, per fleet size",
                      add_decide_arguments, run_decide_cli),
+    "flood": Target("a rogue registry client sending 1 M-hash heartbeats: refusal, registry "
+                    "and router RSS, Route p99 before and during the flood",
+                    add_flood_arguments, run_flood_cli),
 }
 
 

@@ -3,10 +3,11 @@
 vLLM's: gauges ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
 ``vllm:kv_cache_usage_perc`` (a fraction), counters ``vllm:prefix_cache_queries_total`` and
 ``vllm:prefix_cache_hits_total`` (tokens), ``vllm:prompt_tokens_total``,
-``vllm:generation_tokens_total``, ``vllm:request_success_total``; labels ``model_name`` and
-``engine``; and ``vllm:cache_config_info`` (value 1, the cache config as labels: ``block_size``,
-``num_gpu_blocks``, ...), from which a node agent reads the engine's KV capacity. Ours:
-``kvroute_engine_sim_*`` (evictions, stored blocks, hits by request, events).
+``vllm:generation_tokens_total``, ``vllm:request_success_total``, histogram
+``vllm:time_to_first_token_seconds`` (model seconds); labels ``model_name`` and
+``engine``; and ``vllm:cache_config_info`` (value 1, the cache config as labels:
+``block_size``, ``num_gpu_blocks``, ...), from which a node agent reads the engine's KV capacity.
+Ours: ``kvroute_engine_sim_*`` (evictions, stored blocks, hits by request, events).
 Values are read from the engine at scrape time by a collector on a per-server registry.
 """
 
@@ -67,6 +68,7 @@ class EngineCollector(Collector):
         info.add_metric([str(e.settings.block_size), "True", str(e.cache.capacity),
                          str(e.settings.data_parallel_rank)], 1.0)
         yield info
+        yield e.ttft.family(labels, values)
         yield counter("kvroute_engine_sim_evicted_blocks", "KV blocks evicted (LRU).",
                       c.evicted_blocks)
         yield counter("kvroute_engine_sim_stored_blocks", "KV blocks stored in the cache.",

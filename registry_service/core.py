@@ -28,7 +28,8 @@ from kvroute.errors import (
     Unavailable,
 )
 from kvroute.v1 import registry_pb2 as pb
-from registry_service import validate
+from registry_service import limits, validate
+from registry_service.auth import CALLER
 from registry_service.metrics import RegistryMetrics
 from registry_service.nodes import Change, Fanout, NodeState, now_ms
 from registry_service.settings import RegistrySettings
@@ -56,6 +57,14 @@ REFRESH_SKIP_FRACTION = 0.1
 """A heartbeat within this fraction of the TTL after this replica refreshed the node's lease
 does not refresh it again (the lease still has >= 90% left): saves an etcd round trip per
 heartbeat in bursts, and never lets a lease run out sooner than 0.9 x TTL after a heartbeat."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What RegisterNode answers: the stored record and the write token (shown only here)."""
+
+    record: NodeRecord
+    write_token: str
 
 
 @dataclass(frozen=True)
@@ -178,9 +187,12 @@ class RegistryCore:
                            "resync required: call RegisterNode, then Resync")
         return state
 
-    async def register(self, req: pb.RegisterNodeRequest) -> NodeRecord:
-        """RegisterNode: a new lease and epoch; the node starts with no blocks."""
+    async def register(self, req: pb.RegisterNodeRequest) -> Registration:
+        """RegisterNode: a new lease, epoch and write token; the node starts with no blocks."""
         validate.register(req, self.settings)
+        limits.check_capacity(self.settings, req.capacity_blocks, req.node_id)
+        caller = CALLER.get()
+        token, digest = limits.new_write_token()
         for _ in range(3):
             prev = await self._op("get_node", self.store.get_node(req.node_id))
             if prev is not None and prev.address != req.address:
@@ -197,7 +209,8 @@ class RegistryCore:
                 block_size=req.block_size, capacity_blocks=req.capacity_blocks,
                 labels=dict(req.labels),
                 epoch=max(prev.epoch + 1 if prev else 1, now_ms()), lease_id=0,
-                lease_ttl_s=self.settings.lease_ttl_s, registered_unix_ms=now_ms())
+                lease_ttl_s=self.settings.lease_ttl_s, registered_unix_ms=now_ms(),
+                token_sha256=digest, owner=f"{caller.role}:{caller.name}")
             try:
                 rec = await self._op("register", self.store.register_node(rec, prev))
             except StoreConflict:
@@ -205,8 +218,9 @@ class RegistryCore:
             if prev is not None and prev.node_id in self.view.nodes:
                 self.view.deregistered.add((prev.node_id, prev.epoch))
             self.view.apply(NodePut(rec))
-            log.info("node %s registered at %s (epoch %d)", rec.node_id, rec.address, rec.epoch)
-            return rec
+            log.info("node %s registered at %s (epoch %d) by %s", rec.node_id, rec.address,
+                     rec.epoch, caller)
+            return Registration(rec, token)
         raise Unavailable(f"node {req.node_id} is being registered concurrently; retry")
 
     async def heartbeat(self, req: pb.HeartbeatRequest) -> HeartbeatResult:
@@ -218,6 +232,7 @@ class RegistryCore:
             if req.epoch != rec.epoch:
                 return self._resync("stale_epoch", rec, f"epoch {req.epoch} is stale, the "
                                     f"node's current epoch is {rec.epoch}: RegisterNode again")
+            limits.check_heartbeat(self.settings, self.metrics, self.view, state, req)
             state.seen_unix_ms = now_ms()  # the node is alive even if etcd is not
             mono = time.monotonic()
             since = mono - state.refreshed_here_mono
@@ -304,7 +319,10 @@ class RegistryCore:
             used_blocks=req.used_blocks, evictions_total=req.evictions_total,
             queue_depth=req.queue_depth, running=req.running,
             capacity_blocks=req.capacity_blocks or old.capacity_blocks,
-            eviction_rate=rate, heartbeat_unix_ms=t)
+            eviction_rate=rate, heartbeat_unix_ms=t,
+            engine_block_size=req.engine_block_size,
+            engine_lookahead_tokens=req.engine_lookahead_tokens,
+            index_state=int(req.index_state), index_note=req.index_note)
         self.view.fanout.publish(Change("upsert", state.node_id))
         mono = time.monotonic()
         if mono - state.status_written_mono >= self.settings.status_write_interval_s:
@@ -313,7 +331,7 @@ class RegistryCore:
 
     async def resync(self, requests: AsyncIterator[pb.ResyncRequest]) -> int:
         """Resync: replace the node's whole block set with the streamed one."""
-        node_id, epoch, used, total, limit = "", 0, 0, 0, 0
+        node_id, epoch, used, total = "", 0, 0, 0
         parts: list[np.ndarray] = []
         state: NodeState | None = None
         async for req in requests:
@@ -324,16 +342,13 @@ class RegistryCore:
                     raise FailedPrecondition(
                         f"Resync for node {node_id} epoch {epoch}, but the current epoch is "
                         f"{state.record.epoch}: RegisterNode again first")
-                limit = max(2 * state.capacity(), self.settings.max_hashes_per_call)
+                limits.check_write_token(state.record, req.write_token, "Resync", self.metrics)
             elif (req.node_id, req.epoch) != (node_id, epoch):
                 raise InvalidArgument(
                     "every Resync message must carry the same node_id and epoch")
             validate.hash_count(len(req.block_hashes), "block_hashes", self.settings)
             total += len(req.block_hashes)
-            if total > limit:
-                raise ResourceExhausted(
-                    f"Resync of node {node_id} carries more than {limit} hashes (twice its "
-                    "capacity_blocks, at least --max-hashes-per-call)")
+            limits.check_resync_total(self.settings, self.metrics, self.view, state, total)
             parts.append(as_hashes(req.block_hashes))
         if state is None:
             raise InvalidArgument("empty Resync stream: send node_id and epoch")
@@ -343,6 +358,8 @@ class RegistryCore:
                     f"node {node_id} registered again during the Resync: RegisterNode and "
                     "resync again")
             hashes = np.unique(np.concatenate(parts)) if parts else as_hashes([])
+            limits.check_resync_index(self.settings, self.metrics, self.view, state,
+                                      int(hashes.size))
             try:
                 await self._snapshot(state, True, hashes)
             except StoreConflict as exc:
@@ -359,6 +376,8 @@ class RegistryCore:
             raise FailedPrecondition(
                 f"node {req.node_id} epoch {req.epoch} is not current ({state.record.epoch})")
         rec = state.record
+        if CALLER.get().role != "admin":  # an operator drains any node without its token
+            limits.check_write_token(rec, req.write_token, "DeregisterNode", self.metrics)
         self.view.deregistered.add((rec.node_id, rec.epoch))
         await self._op("delete_node", self.store.delete_node(rec))
         dropped = self.view.index.count(state.slot)

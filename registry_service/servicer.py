@@ -49,7 +49,9 @@ def node_info(s: NodeState, late_after_s: float, blocks: int) -> pb.NodeInfo:
         eviction_rate=st.eviction_rate, queue_depth=st.queue_depth, running=st.running,
         blocks_indexed=blocks, healthy=s.healthy(late_after_s),
         lease_remaining_s=round(s.lease_left_s(), 3), last_heartbeat_unix_ms=s.heartbeat_ms(),
-        usage=s.usage())
+        usage=s.usage(), engine_block_size=st.engine_block_size,
+        engine_lookahead_tokens=st.engine_lookahead_tokens,
+        index_state=pb.IndexState.ValueType(st.index_state), index_note=st.index_note)
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
@@ -67,9 +69,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def RegisterNode(self, request: pb.RegisterNodeRequest,
                            context: _Ctx[pb.RegisterNodeRequest, pb.RegisterNodeResponse],
                            ) -> pb.RegisterNodeResponse:
-        rec = await self.core.register(request)
+        reg = await self.core.register(request)
         return pb.RegisterNodeResponse(
-            lease_ttl_s=rec.lease_ttl_s, epoch=rec.epoch, block_size=self.block_size,
+            lease_ttl_s=reg.record.lease_ttl_s, epoch=reg.record.epoch,
+            block_size=self.block_size, write_token=reg.write_token,
             heartbeat_interval_s=self.core.settings.effective_heartbeat_interval_s)
 
     @unary_errors
@@ -115,7 +118,11 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             matched_blocks=matched, used_blocks=s.status.used_blocks,
             capacity_blocks=s.capacity(), usage=s.usage(), queue_depth=s.status.queue_depth,
             running=s.status.running, eviction_rate=s.status.eviction_rate,
-            healthy=s.healthy(late, t), blocks_indexed=count(s.slot))
+            healthy=s.healthy(late, t), blocks_indexed=count(s.slot),
+            engine_block_size=s.status.engine_block_size,
+            engine_lookahead_tokens=s.status.engine_lookahead_tokens,
+            index_state=pb.IndexState.ValueType(s.status.index_state),
+            index_note=s.status.index_note)
             for s, matched in pairs]
         core.metrics.lookups.inc()
         core.metrics.lookup_seconds.observe(time.perf_counter() - t0)

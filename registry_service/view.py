@@ -9,7 +9,7 @@ apply the same store history end with the same view.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvroute.index import BitmaskIndex, PrefixIndex, SlotTable
 from registry_service.metrics import RegistryMetrics
@@ -41,6 +41,8 @@ class ReplicaView:
         self.fanout = fanout
         self.metrics = metrics
         self.late_after_s = late_after_s
+        self.on_drop: Callable[[int], None] = lambda entries: None
+        """Called with the entries dropped when a node leaves (the server trims the heap)."""
         self.deregistered: set[tuple[str, int]] = set()
         """(node, epoch) this replica deleted itself: their removal is not a lease expiry."""
 
@@ -59,6 +61,7 @@ class ReplicaView:
         if state is None:
             return 0
         dropped = self.index.drop_node(state.slot)
+        self.on_drop(dropped)
         self.slots.release(node_id)
         self._by_model.pop(state.record.model, None)
         if expired:

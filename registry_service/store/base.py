@@ -46,6 +46,12 @@ class NodeRecord:
     lease_id: int
     lease_ttl_s: int
     registered_unix_ms: int
+    token_sha256: str = ""
+    """SHA-256 (hex) of the registration's write token: Heartbeat, Resync and DeregisterNode
+    must carry the token. Never sent to readers. Empty in records of older registries."""
+    owner: str = ""
+    """Identity that registered this incarnation (``agent:<node>``, ``admin:<name>``, or
+    ``anonymous`` with --auth none), for the log and operators reading etcd."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,14 @@ class NodeStatus:
     capacity_blocks: int = 0
     eviction_rate: float = 0.0
     heartbeat_unix_ms: int = 0
+    engine_block_size: int = 0
+    """The engine's own block size in tokens (0 = not reported)."""
+    engine_lookahead_tokens: int = 0
+    """Tokens after each block the engine's block hashes cover (0 = none)."""
+    index_state: int = 0
+    """The agent's IndexState (registry.proto; 0 = not reported)."""
+    index_note: str = ""
+    """Why the agent's index is not complete."""
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,11 @@ import pytest
 from kvroute.blocks import hash_blocks
 from kvroute.errors import NotFound, Unavailable
 from kvroute.v1 import registry_pb2 as rpb
-from kvroute.v1 import registry_pb2_grpc, router_pb2
+from kvroute.v1 import registry_pb2_grpc
 from router_service.core import RouterCore
+from router_service.domain import RouteRequest
 from router_service.placement import PlacementSource
-from router_service.server import build_core
+from router_service.runtime import build_core
 from router_service.settings import RouterSettings
 from tests.harness import ServerProcess, start_server
 
@@ -49,6 +50,8 @@ class Fleet:
     target: str
     alive: set[str] = field(default_factory=lambda: set(NODES))
     epochs: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, str] = field(default_factory=dict)
+    """RegisterNodeResponse.write_token per node (authorises its writes)."""
     task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -58,9 +61,10 @@ class Fleet:
                 r = await stub.RegisterNode(rpb.RegisterNodeRequest(
                     node_id=nid, address=f"{nid}.local:8000", model=model, block_size=BS,
                     capacity_blocks=100), timeout=5)
-                self.epochs[nid] = r.epoch
+                self.epochs[nid], self.tokens[nid] = r.epoch, r.write_token
                 await stub.Heartbeat(rpb.HeartbeatRequest(
-                    node_id=nid, epoch=r.epoch, stored=blocks, delta_seq=1,
+                    node_id=nid, epoch=r.epoch, write_token=r.write_token, stored=blocks,
+                    delta_seq=1,
                     used_blocks=len(blocks)), timeout=5)
         self.task = asyncio.create_task(self._beat())
 
@@ -71,14 +75,16 @@ class Fleet:
                 for nid in sorted(self.alive):
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await stub.Heartbeat(rpb.HeartbeatRequest(
-                            node_id=nid, epoch=self.epochs[nid]), timeout=2)
+                            node_id=nid, epoch=self.epochs[nid],
+                            write_token=self.tokens[nid]), timeout=2)
                 await asyncio.sleep(0.1)
 
     async def deregister(self, nid: str) -> None:
         self.alive.discard(nid)
         async with grpc.aio.insecure_channel(self.target) as ch:
             await registry_pb2_grpc.RegistryStub(ch).DeregisterNode(
-                rpb.DeregisterNodeRequest(node_id=nid, epoch=self.epochs[nid]), timeout=5)
+                rpb.DeregisterNodeRequest(node_id=nid, epoch=self.epochs[nid],
+                                          write_token=self.tokens[nid]), timeout=5)
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -152,8 +158,7 @@ async def test_placement_source_contract(
         assert await _matched(source, "other") == {"c": (5, True)}
         assert (await source.lookup(H, "nope")).nodes == []  # not served: empty, no error
         with pytest.raises(NotFound, match="no node serves model 'nope'"):
-            await core.route(router_pb2.RouteRequest(request_id="x", token_ids=TOKENS,
-                                                     model="nope"))
+            await core.decide(RouteRequest(request_id="x", token_ids=TOKENS, model="nope"))
 
         fleet.alive -= {"a", "b"}  # every node of m turns late; leases stay
 
@@ -163,10 +168,9 @@ async def test_placement_source_contract(
 
         await eventually(all_late, "the nodes of m listed, unhealthy")
         with pytest.raises(Unavailable, match="no healthy node serves model 'm'"):
-            await core.route(router_pb2.RouteRequest(request_id="y", token_ids=TOKENS,
-                                                     model="m"))
-        routed = await core.route(router_pb2.RouteRequest(request_id="z", token_ids=TOKENS,
-                                                          model="other"))
+            await core.decide(RouteRequest(request_id="y", token_ids=TOKENS, model="m"))
+        routed = await core.decide(RouteRequest(request_id="z", token_ids=TOKENS,
+                                                model="other"))
         assert routed.node_id == "c" and routed.matched_blocks == 5 and not routed.degraded
 
         await fleet.deregister("b")

@@ -32,3 +32,12 @@ def test_decide_writes_results_per_fleet_size(tmp_path: Path,
 def test_decide_rejects_bad_flags(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "decide", *flags]) == 2
     assert "--" in capsys.readouterr().err
+
+
+def test_decide_without_the_garbage_collector_restores_it() -> None:
+    import gc
+
+    assert gc.isenabled()
+    assert main(["bench", "decide", "--nodes", "2", "--decisions", "5", "--documents", "2",
+                 "--blocks-per-node", "5", "--prompt-blocks", "2", "--no-gc"]) == 0
+    assert gc.isenabled()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from kvroute.v1 import registry_pb2
 from router_service.index_mirror import IndexMirror
 
@@ -76,3 +79,51 @@ def test_matches_lists_only_nodes_holding_a_prefix() -> None:
     assert ix.matches([], "m") == {} and ix.matches([1], "nope") == {}
     got = {n.node_id: m for n, m in ix.lookup([1, 2, 3], "m") if m}
     assert got == ix.matches([1, 2, 3], "m")
+
+_events = st.lists(st.one_of(
+    st.tuples(st.just("upsert"), st.sampled_from("abcdef"), st.sampled_from(["m", "x"])),
+    st.tuples(st.just("remove"), st.sampled_from("abcdef"), st.just("")),
+    st.tuples(st.just("blocks"), st.sampled_from("abcdef"),
+              st.tuples(st.booleans(), st.lists(st.integers(0, 9), max_size=5),
+                        st.lists(st.integers(0, 9), max_size=5))),
+), max_size=40)
+
+
+@settings(max_examples=80, deadline=None)
+@given(events=_events, query=st.lists(st.integers(0, 9), max_size=8))
+def test_lookup_equals_a_naive_model_under_any_event_order(
+        events: list[tuple[str, str, object]], query: list[int]) -> None:
+    ix = IndexMirror()
+    model: dict[str, str] = {}
+    held: dict[str, set[int]] = {}
+    for kind, nid, arg in events:
+        if kind == "upsert":
+            assert isinstance(arg, str)
+            ix.apply(upsert(nid, model=arg))
+            model[nid] = arg
+            held.setdefault(nid, set())
+        elif kind == "remove":
+            ix.apply(PE(kind=PE.NODE_REMOVED, node_id=nid))
+            model.pop(nid, None)
+            held.pop(nid, None)
+        else:
+            cleared, removed, stored = arg  # type: ignore[misc]
+            ix.apply(PE(kind=PE.BLOCKS, node_id=nid, cleared=cleared, removed=removed,
+                        stored=stored))
+            if nid in held:  # blocks of an unknown node are ignored
+                if cleared:
+                    held[nid].clear()
+                held[nid].difference_update(removed)
+                held[nid].update(stored)
+    for m in ("m", "x"):
+        expect = {}
+        for nid, mm in model.items():
+            if mm == m:
+                n = 0
+                while n < len(query) and query[n] in held[nid]:
+                    n += 1
+                expect[nid] = n
+        got = {n.node_id: k for n, k in ix.lookup(query, m)}
+        assert got == expect
+        assert ix.matches(query, m) == {nid: k for nid, k in expect.items() if k}
+        assert all(ix.blocks_of(nid) == len(held[nid]) for nid in model)
