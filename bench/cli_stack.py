@@ -20,7 +20,7 @@ from bench.faults import (
 )
 from bench.runner import BenchOutcome, run_comparison
 from bench.sim.config import SimSettings
-from bench.stack_backend import STACK_POLICIES, StackBackend
+from bench.stack_backend import GATEWAY_PREFIX, STACK_POLICIES, StackBackend, split_front
 from bench.stack_fleet import FleetSpec, router_flags
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
@@ -93,10 +93,11 @@ def _peer_names(value: str | None) -> list[str]:
 
 
 def stack_policies(requested: list[str], explicit: bool) -> list[str]:
-    """The policies a stack run replays: the router's own (all of them unless given)."""
+    """The policies a stack run replays: the router's own (all of them unless given), each
+    optionally as ``gateway:<policy>`` (through the OpenAI gateway instead of Route)."""
     if not explicit:
         return list(STACK_POLICIES)
-    bad = [n for n in requested if n not in STACK_POLICIES]
+    bad = [n for n in requested if split_front(n)[1] not in STACK_POLICIES]
     if bad:
         raise ConfigError(f"--policies: {', '.join(bad)} run only in --mode sim (the router "
                           f"serves {', '.join(STACK_POLICIES)})")
@@ -125,9 +126,14 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
     if faults and peers:
         raise ConfigError("--fault and --peers: faults are injected into kvroute's own "
                           "stack only; run them separately")
+    if peers and not any(split_front(n)[0] for n in names):
+        # HTTP front against HTTP fronts: the peers are HTTP routers, so is the gateway
+        names = [*names, f"{GATEWAY_PREFIX}kv_aware"]
+    if any(split_front(n)[0] for n in names):
+        spec = dataclasses.replace(spec, gateway=True)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
-    print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router, etcd; logs in "
-          f"{workdir}", file=sys.stderr)
+    print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router"
+          f"{', gateway' if spec.gateway else ''}, etcd; logs in {workdir}", file=sys.stderr)
     if args.repeat < 1:
         raise ConfigError("--repeat must be >= 1")
     t0 = time.perf_counter()

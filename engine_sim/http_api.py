@@ -4,8 +4,11 @@
   ``max_tokens``; ``stream`` (SSE, ``stream_options.include_usage``); ``usage`` with
   ``prompt_tokens_details.cached_tokens`` measured from the cache; vLLM's disaggregated
   ``kv_transfer_params`` (:mod:`engine_sim.kv_transfer`).
+- ``POST /v1/chat/completions``: ``messages`` rendered with a fixed ChatML-style template
+  (:mod:`engine_sim.chat_api`), streaming or not, same usage.
 - ``POST /v1/completions/render``: a list of ``{token_ids, ...}`` (what vllm-router cache_aware
-  calls), ``POST /tokenize``.
+  calls); ``POST /tokenize`` (vLLM's shape: ``prompt`` or chat ``messages`` ->
+  ``{tokens, count, max_model_len}``).
 - ``POST /generate``: SGLang's native endpoint (``input_ids`` or ``text``,
   ``sampling_params.max_new_tokens``), which sglang-router uses for token-id prompts.
 - ``GET /v1/models``, ``/health``, ``/get_load``, ``/metrics``, ``/server_info`` and
@@ -119,8 +122,8 @@ class Api:
         if model is not None and model != self.engine.settings.model:
             raise BadRequest(f"The model `{model}` does not exist.", 404)
 
-    async def _run(self, tokens: list[int], max_tokens: int, client_id: str,
-                   remote_kv: bool = False) -> SimRequest:
+    async def run(self, tokens: list[int], max_tokens: int, client_id: str,
+                  remote_kv: bool = False) -> SimRequest:
         s = self.engine.settings
         if not tokens:
             raise BadRequest("prompt is empty")
@@ -153,11 +156,11 @@ class Api:
             kvt = kv_transfer.parse(body)
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
-        req = await self._run(tokens, max_tokens, _client_id(request, body), kvt.remote_prefill)
+        req = await self.run(tokens, max_tokens, _client_id(request, body), kvt.remote_prefill)
         cid = f"cmpl-{req.request_id}"
         created = int(time.time())
         out_ids = TOKENIZER.output_ids(req.request_id, req.max_tokens)
-        usage = self._usage(req)
+        usage = self.usage(req)
         if not stream:
             await self.engine.sleep_until(req.finished_at or 0.0)
             out: dict[str, Any] = {
@@ -172,19 +175,19 @@ class Api:
                 out["kv_transfer_params"] = kv_transfer.handover(
                     req, f"engine-sim-{host}:{port}", host, port, self.engine.settings.block_size)
             return web.json_response(out)
-        resp = await self._sse_start(request)
+        resp = await self.sse_start(request)
         try:
-            for i, tok in await self._paced(req, out_ids):
-                await self._wait_token(req, i)
+            for i, tok in await self.paced(req, out_ids):
+                await self.wait_token(req, i)
                 last = i == len(out_ids) - 1
-                await self._sse(resp, {
+                await self.sse(resp, {
                     "id": cid, "object": "text_completion", "created": created,
                     "model": self.engine.settings.model,
                     "choices": [{"index": 0, "text": TOKENIZER.decode([tok]), "logprobs": None,
                                  "finish_reason": "length" if last else None,
                                  "stop_reason": None}]})
             if include_usage:
-                await self._sse(resp, {"id": cid, "object": "text_completion",
+                await self.sse(resp, {"id": cid, "object": "text_completion",
                                        "created": created, "model": self.engine.settings.model,
                                        "choices": [], "usage": usage})
             await resp.write(b"data: [DONE]\n\n")
@@ -193,23 +196,39 @@ class Api:
             raise
         return resp
 
-    def _usage(self, req: SimRequest) -> dict[str, Any]:
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/chat/completions``."""
+        from engine_sim.chat_api import ChatError, chat_completions
+
+        body = await _body(request)
+        self._check_model(body)
+        if "messages" not in body:
+            raise BadRequest("messages is required")
+        max_tokens = _int_field(body, ("max_completion_tokens", "max_tokens"),
+                                self.engine.settings.max_tokens_default)
+        try:
+            return await chat_completions(self, request, body, max_tokens,
+                                          _client_id(request, body))
+        except ChatError as exc:
+            raise BadRequest(str(exc)) from exc
+
+    def usage(self, req: SimRequest) -> dict[str, Any]:
         return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.max_tokens,
                 "total_tokens": req.prompt_tokens + req.max_tokens,
                 "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
 
-    async def _paced(self, req: SimRequest, out_ids: list[int]) -> list[tuple[int, int]]:
-        """Wait for the first token; the caller waits for each further one with _wait_token."""
+    async def paced(self, req: SimRequest, out_ids: list[int]) -> list[tuple[int, int]]:
+        """Wait for the first token; the caller waits for each further one with wait_token."""
         await self.engine.sleep_until(req.first_token_at or 0.0)
         return list(enumerate(out_ids))
 
-    async def _sse_start(self, request: web.Request) -> web.StreamResponse:
+    async def sse_start(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
         return resp
 
-    async def _sse(self, resp: web.StreamResponse, obj: dict[str, Any]) -> None:
+    async def sse(self, resp: web.StreamResponse, obj: dict[str, Any]) -> None:
         await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
     async def render(self, request: web.Request) -> web.Response:
@@ -229,9 +248,19 @@ class Api:
             for i, p in enumerate(items)])
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        """``POST /tokenize`` (vLLM): ``{prompt}`` -> ``{tokens, count, max_model_len}``."""
+        """``POST /tokenize`` (vLLM): ``{prompt}`` or ``{messages, add_generation_prompt,
+        continue_final_message}`` -> ``{tokens, count, max_model_len}``."""
+        from engine_sim.chat_api import ChatError, chat_prompt_ids
+
         body = await _body(request)
-        tokens = _prompt_tokens(body.get("prompt", ""))
+        self._check_model(body)
+        if "messages" in body:
+            try:
+                tokens = chat_prompt_ids(body)
+            except ChatError as exc:
+                raise BadRequest(str(exc)) from exc
+        else:
+            tokens = _prompt_tokens(body.get("prompt", ""))
         return web.json_response({"tokens": tokens, "count": len(tokens),
                                   "max_model_len": self.engine.settings.max_prompt_tokens})
 
@@ -252,7 +281,7 @@ class Api:
         if not isinstance(params, dict):
             raise BadRequest("sampling_params must be an object")
         max_new = _int_field(params, ("max_new_tokens",), self.engine.settings.max_tokens_default)
-        req = await self._run(tokens, max_new, _client_id(request, body))
+        req = await self.run(tokens, max_new, _client_id(request, body))
         out_ids = TOKENIZER.output_ids(req.request_id, req.max_tokens)
         meta = {"id": req.client_request_id or req.request_id,
                 "prompt_tokens": req.prompt_tokens, "completion_tokens": req.max_tokens,
@@ -262,11 +291,11 @@ class Api:
             await self.engine.sleep_until(req.finished_at or 0.0)
             return web.json_response({"text": TOKENIZER.decode(out_ids), "output_ids": out_ids,
                                       "meta_info": meta})
-        resp = await self._sse_start(request)
+        resp = await self.sse_start(request)
         try:
-            for i, _ in await self._paced(req, out_ids):
-                await self._wait_token(req, i)
-                await self._sse(resp, {"text": TOKENIZER.decode(out_ids[: i + 1]),
+            for i, _ in await self.paced(req, out_ids):
+                await self.wait_token(req, i)
+                await self.sse(resp, {"text": TOKENIZER.decode(out_ids[: i + 1]),
                                        "output_ids": out_ids[: i + 1], "meta_info": meta})
             await resp.write(b"data: [DONE]\n\n")
         except BaseException:  # client gone (or cancelled): free the request's blocks
@@ -274,7 +303,7 @@ class Api:
             raise
         return resp
 
-    async def _wait_token(self, req: SimRequest, i: int) -> None:
+    async def wait_token(self, req: SimRequest, i: int) -> None:
         first = req.first_token_at or 0.0
         await self.engine.sleep_until(first + i * self.engine.model.params.decode_s_per_token)
 
@@ -356,6 +385,7 @@ def make_app(engine: SimEngine, registry: CollectorRegistry) -> web.Application:
     api = Api(engine)
     app.add_routes([
         web.post("/v1/completions", api.completions),
+        web.post("/v1/chat/completions", api.chat),
         web.post("/v1/completions/render", api.render),
         web.post("/tokenize", api.tokenize),
         web.post("/generate", api.generate),

@@ -5,7 +5,9 @@ vLLM's: gauges ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
 ``vllm:prefix_cache_hits_total`` (tokens), ``vllm:prompt_tokens_total``,
 ``vllm:generation_tokens_total``, ``vllm:request_success_total``, histogram
 ``vllm:time_to_first_token_seconds`` (model seconds); labels ``model_name`` and
-``engine``. Ours: ``kvroute_engine_sim_*`` (evictions, stored blocks, hits by request, events).
+``engine``; and ``vllm:cache_config_info`` (value 1, the cache config as labels:
+``block_size``, ``num_gpu_blocks``, ...), from which a node agent reads the engine's KV capacity.
+Ours: ``kvroute_engine_sim_*`` (evictions, stored blocks, hits by request, events).
 Values are read from the engine at scrape time by a collector on a per-server registry.
 """
 
@@ -60,6 +62,12 @@ class EngineCollector(Collector):
                       e.completion_tokens_total)
         yield counter("vllm:request_success", "Count of successfully processed requests.",
                       e.model.finished_total)
+        info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine "
+                                 "CacheConfig", labels=["block_size", "enable_prefix_caching",
+                                                        "num_gpu_blocks", "engine"])
+        info.add_metric([str(e.settings.block_size), "True", str(e.cache.capacity),
+                         str(e.settings.data_parallel_rank)], 1.0)
+        yield info
         yield e.ttft.family(labels, values)
         yield counter("kvroute_engine_sim_evicted_blocks", "KV blocks evicted (LRU).",
                       c.evicted_blocks)

@@ -9,6 +9,7 @@ peer, same FleetSpec), all in one ``run_comparison`` and one report.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -39,8 +40,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-scale", type=float, default=0.2,
                    help="wall seconds per trace second (default 0.2 = 5x; the same default as "
                         "kvroute bench --mode stack)")
-    p.add_argument("--policies", default="kv_aware,round_robin,random",
-                   help="kvroute router policies (default kv_aware,round_robin,random)")
+    p.add_argument("--policies", default="gateway:kv_aware,kv_aware,round_robin,random",
+                   help="kvroute policies, through the Route API (kv_aware) or the OpenAI "
+                        "gateway (gateway:kv_aware) (default gateway:kv_aware,kv_aware,"
+                        "round_robin,random)")
     p.add_argument("--peers", default=",".join(DEFAULT_PEERS), help="router:policy,...")
     p.add_argument("--overhead-pairs", type=int, default=100,
                    help="direct-vs-routed request pairs for the added latency (0 = skip)")
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 for n, row in table.items()}, indent=2) + "\n")
         return 0
     peer_backend = PeerBackend(work / "peers", spec, overhead_pairs=a.overhead_pairs)
+    if any(n.startswith("gateway:") for n in policies):
+        spec = dataclasses.replace(spec, gateway=True)
     with StackBackend(work / "stack", spec) as stack:
         backend = CombinedBackend(stack, peer_backend)
         out = run_comparison(wl, settings, [*policies, *peers], backend)

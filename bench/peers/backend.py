@@ -18,7 +18,12 @@ from typing import Any
 from bench.backend import Backend
 from bench.peers.base import Peer, parse_peer, policy_name
 from bench.peers.engines import EngineFleet
-from bench.peers.overhead import AddedLatency, kvroute_added_latency, peer_added_latency
+from bench.peers.overhead import (
+    AddedLatency,
+    gateway_added_latency,
+    kvroute_added_latency,
+    peer_added_latency,
+)
 from bench.peers.replay import replay_peer
 from bench.prompts import Prompt, prepare
 from bench.results import PolicyRun
@@ -123,6 +128,16 @@ class CombinedBackend:
         fleet: Any = getattr(self.stack, "fleet", None)
         if self.measure_kvroute and fleet is not None and self.peers.overhead_pairs > 0:
             urls = {e.node_id: e.url for e in fleet.engines}
+            if policy_name_.startswith("gateway:"):
+                lat = asyncio.run(gateway_added_latency(
+                    fleet.gateway_url, urls[sorted(urls)[0]], self.peers.spec.model,
+                    policy=policy_name_.removeprefix("gateway:"),
+                    pairs=self.peers.overhead_pairs))
+                self.added_latency[policy_name_] = lat
+                run.notes.append(f"added latency per request (OpenAI gateway, one HTTP hop): "
+                                 f"median {lat.added_ms:.2f} ms (direct {lat.direct_ms:.2f} ms, "
+                                 f"routed {lat.routed_ms:.2f} ms)")
+                return run
             lat = asyncio.run(kvroute_added_latency(
                 fleet.router_target, urls, self.peers.spec.model, policy=policy_name_,
                 pairs=self.peers.overhead_pairs))

@@ -3,7 +3,8 @@
 The replay's own added-latency probe runs on the replay's fleet (compressed engine time, a loaded
 machine). This measures only the routers: a 2-engine fleet at ``time_scale`` 0.001 (engine time
 nearly nothing), each router in turn, direct-vs-routed pairs at each prompt size — for kvroute the
-``Route`` RPC before the engine call, for each peer its HTTP hop (or Dynamo's in-process call).
+``Route`` RPC before the engine call, for ``gateway:<policy>`` kvroute's OpenAI gateway (one HTTP
+hop, as the peers), for each peer its HTTP hop (or Dynamo's in-process call).
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from pathlib import Path
 from bench.peers.backend import make_peer
 from bench.peers.base import parse_peer, policy_name
 from bench.peers.engines import EngineFleet
-from bench.peers.overhead import AddedLatency, kvroute_added_latency, peer_added_latency
+from bench.peers.overhead import (
+    AddedLatency,
+    gateway_added_latency,
+    kvroute_added_latency,
+    peer_added_latency,
+)
 from bench.stack_fleet import FleetSpec
 
 
@@ -27,7 +33,8 @@ def latency_spec(base: FleetSpec) -> FleetSpec:
 
 def measure_routers(names: list[str], base: FleetSpec, workdir: Path, sizes: list[int],
                     pairs: int = 200) -> dict[str, dict[int, AddedLatency]]:
-    """``names``: kvroute policies (``kv_aware``) and peers (``peer:router:policy``)."""
+    """``names``: kvroute policies through the Route API (``kv_aware``) or the gateway
+    (``gateway:kv_aware``), and peers (``peer:router:policy``)."""
     spec = latency_spec(base)
     out: dict[str, dict[int, AddedLatency]] = {}
     for k, name in enumerate(names):
@@ -59,11 +66,18 @@ def _kvroute(policy: str, spec: FleetSpec, work: Path, sizes: list[int],
     from bench.stack_backend import StackBackend
 
     res: dict[int, AddedLatency] = {}
-    with StackBackend(work, spec) as stack:
+    via_gateway = policy.startswith("gateway:")
+    policy = policy.removeprefix("gateway:")
+    with StackBackend(work, dataclasses.replace(spec, gateway=via_gateway)) as stack:
         urls = {e.node_id: e.url for e in stack.fleet.engines}
         for size in sizes:
-            res[size] = asyncio.run(kvroute_added_latency(
-                stack.fleet.router_target, urls, spec.model, policy, pairs, size))
+            if via_gateway:
+                res[size] = asyncio.run(gateway_added_latency(
+                    stack.fleet.gateway_url, urls[sorted(urls)[0]], spec.model, policy, pairs,
+                    size))
+            else:
+                res[size] = asyncio.run(kvroute_added_latency(
+                    stack.fleet.router_target, urls, spec.model, policy, pairs, size))
     return res
 
 

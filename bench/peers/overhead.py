@@ -118,3 +118,25 @@ async def kvroute_added_latency(router_target: str, engine_urls: dict[str, str],
                 await asyncio.gather(*completes, return_exceptions=True)
     finally:
         await channel.close(None)
+
+
+async def gateway_added_latency(gateway_url: str, engine_url: str, model: str,
+                                policy: str = "kv_aware", pairs: int = 100,
+                                prompt_tokens: int = 2048, seed: int = 0) -> AddedLatency:
+    """kvroute's OpenAI gateway (one HTTP hop that decides in-process, like the peers' HTTP
+    routers) vs the same request body straight to ``engine_url``."""
+    async with aiohttp.ClientSession() as http:
+        async def post(url: str, req: TraceRequest, toks: list[int],
+                       headers: dict[str, str] | None) -> str:
+            body = {"model": model, "prompt": toks, "max_tokens": 1, "user": req.request_id}
+            async with http.post(url + "/v1/completions", json=body, headers=headers) as resp:
+                await resp.read()
+                return "" if resp.status == 200 else f"{url} {resp.status}"
+
+        async def direct(req: TraceRequest, toks: list[int]) -> str:
+            return await post(engine_url, req, toks, None)
+
+        async def routed(req: TraceRequest, toks: list[int]) -> str:
+            return await post(gateway_url, req, toks, {"x-kvroute-policy": policy})
+
+        return await _pairs(direct, routed, pairs, prompt_tokens, seed)

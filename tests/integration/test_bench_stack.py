@@ -17,24 +17,27 @@ from cli.main import main
 pytestmark = pytest.mark.integration
 
 COMMON = ["--workload", "conversations", "--limit", "120", "--nodes", "2", "--cache-blocks",
-          "2500", "--policies", "kv_aware,round_robin", "--no-progress"]
+          "2500", "--no-progress"]
 
 
 def test_stack_replay_matches_sim(tmp_path: Path) -> None:
     stack_json, sim_json = tmp_path / "stack.json", tmp_path / "sim.json"
-    assert main(["bench", *COMMON, "--mode", "sim", "--json", str(sim_json)]) == 0
-    assert main(["bench", *COMMON, "--mode", "stack", "--time-scale", "0.05",
+    assert main(["bench", *COMMON, "--policies", "kv_aware,round_robin", "--mode", "sim",
+                 "--json", str(sim_json)]) == 0
+    assert main(["bench", *COMMON, "--policies", "kv_aware,gateway:kv_aware,round_robin",
+                 "--mode", "stack", "--time-scale", "0.05",
                  "--workdir", str(tmp_path / "stack"), "--json", str(stack_json)]) == 0
     stack, sim = json.loads(stack_json.read_text()), json.loads(sim_json.read_text())
     assert stack["mode"] == "stack" and sim["mode"] == "sim"
     by_policy = {r["policy"]: r for r in stack["results"]}
     sim_by_policy = {r["policy"]: r for r in sim["results"]}
-    for name in ("kv_aware", "round_robin"):
+    for name in ("kv_aware", "gateway:kv_aware", "round_robin"):
         row = by_policy[name]
         assert row["failed"] == 0
         assert row["ttft_ms"]["p50"] > 0
         # engine-measured hit rate of the stack vs the simulation of the same workload
-        assert abs(row["hit_rate_tokens"] - sim_by_policy[name]["hit_rate_tokens"]) < 0.08
+        sim_row = sim_by_policy[name.removeprefix("gateway:")]
+        assert abs(row["hit_rate_tokens"] - sim_row["hit_rate_tokens"]) < 0.08
     assert by_policy["kv_aware"]["hit_rate_tokens"] > by_policy["round_robin"]["hit_rate_tokens"]
 
 

@@ -22,7 +22,9 @@ import json
 import os
 import re
 import shutil
+import ssl
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -141,11 +143,16 @@ def run_fleet(overlay: str, tmp: Path, etcd_endpoint: str, etcd_prefix: str,
             assert sim.env["KVROUTE_LISTEN"].endswith(":8000")
         start(stack, sim, loc, tmp, KVROUTE_MODEL=agent_env["KVROUTE_MODEL"])
         start(stack, agent_c, loc, tmp, **tls_name, **overrides)
-        check_routes_to_cached_blocks(loc, agent_env, secrets)
+        # the gateway's HTTP port is 8000 like the engine's (other pods); here it needs its own
+        gateway_port = free_port()
+        start(stack, found["gateway"], loc, tmp, KVROUTE_LISTEN=f"127.0.0.1:{gateway_port}",
+              **tls_name)
+        tokens = check_routes_to_cached_blocks(loc, agent_env, secrets)
+        check_gateway_serves_from_cache(gateway_port, agent_env, secrets, tokens)
 
 
 def check_routes_to_cached_blocks(loc: Localizer, agent_env: dict[str, str],
-                                  secrets: Path | None) -> None:
+                                  secrets: Path | None) -> list[int]:
     node_id, engine_url = agent_env["KVROUTE_NODE_ID"], agent_env["KVROUTE_ENGINE_URL"]
     model = agent_env["KVROUTE_MODEL"]
     with channel(f"127.0.0.1:{loc.ports[50051]}", secrets, "kvroute-registry") as ch:
@@ -176,6 +183,35 @@ def check_routes_to_cached_blocks(loc: Localizer, agent_env: dict[str, str],
         decision = poll("the router to see the engine's cached blocks", cached)
     assert decision.node_id == node_id and decision.address == engine_url
     assert not decision.degraded
+    return tokens
+
+
+def check_gateway_serves_from_cache(port: int, agent_env: dict[str, str], secrets: Path | None,
+                                    tokens: list[int]) -> None:
+    """An OpenAI request through the gateway (HTTPS in production) lands on the engine holding
+    the prompt's blocks and the engine reports them cached."""
+    ctx = None
+    scheme = "http"
+    if secrets is not None:
+        ctx = ssl.create_default_context(cafile=str(secrets / "kvroute-gateway-tls" / "ca.crt"))
+        ctx.check_hostname = False  # the certificate names kvroute-gateway, we dial 127.0.0.1
+        scheme = "https"
+    body = json.dumps({"model": agent_env["KVROUTE_MODEL"], "prompt": [*tokens, *[7] * 16],
+                       "max_tokens": 1}).encode()
+
+    def served() -> tuple[str, int] | None:
+        req = urllib.request.Request(f"{scheme}://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
+                cached = json.loads(resp.read())["usage"]["prompt_tokens_details"]
+                got = (resp.headers["x-kvroute-node"], int(cached["cached_tokens"]))
+        except urllib.error.HTTPError:  # 503 until the gateway's replica knows the node
+            return None
+        return got if got[1] >= len(tokens) else None
+
+    node, cached = poll("the gateway to serve from the engine's cache", served)
+    assert node == agent_env["KVROUTE_NODE_ID"] and cached >= len(tokens)
 
 
 def test_dev_overlay_runs_as_a_fleet(tmp_path: Path, etcd_endpoint: str,
@@ -192,8 +228,9 @@ def secrets(tmp_path: Path) -> Iterator[Path]:
     ca = None
     # identities of components/registry-auth: the router reads, the agent writes its pod's node
     uris = {"kvroute-router": ("spiffe://kvroute/reader/kvroute-router",),
+            "kvroute-gateway": ("spiffe://kvroute/reader/kvroute-gateway",),
             "kvroute-agent": (f"spiffe://kvroute/agent/{FIELD_VALUES['metadata.name']}",)}
-    for name in ("kvroute-registry", "kvroute-router", "kvroute-agent"):
+    for name in ("kvroute-registry", "kvroute-router", "kvroute-agent", "kvroute-gateway"):
         d = root / f"{name}-tls"
         d.mkdir(parents=True)
         if ca is not None:

@@ -34,6 +34,7 @@ SETTINGS = {  # role -> (module, class); the class the role's `run` builds
     "registry": ("registry_service.settings", "RegistrySettings"),
     "router": ("router_service.settings", "RouterSettings"),
     "epp": ("router_service.epp.settings", "EppSettings"),
+    "gateway": ("router_service.gateway.settings", "GatewaySettings"),
     "agent": ("node_agent.settings", "AgentSettings"),
     "engine-sim": ("engine_sim.settings", "EngineSimSettings"),
 }
@@ -213,7 +214,8 @@ def test_ports_and_probes_follow_the_listen_settings() -> None:
     for d, c in all_kvroute():
         s = load_settings(c)
         listen, metrics = hostport(s.listen)[1], hostport(s.metrics_listen)[1]
-        grpc_or_http = "http" if c.role == "engine-sim" else "grpc"
+        http_api = c.role in ("engine-sim", "gateway")
+        grpc_or_http = "http" if http_api else "grpc"
         assert c.port(grpc_or_http) == listen, f"{d}: {c.where} port vs --listen"
         assert c.port("metrics") == metrics, f"{d}: {c.where} port vs --metrics-listen"
         assert hostport(s.listen)[0] in ("0.0.0.0", "::"), f"{d}: {c.where} listens on loopback"
@@ -223,7 +225,12 @@ def test_ports_and_probes_follow_the_listen_settings() -> None:
             if kind in c.spec:
                 probe = c.spec[kind]
                 assert _probe_port(probe, c) == listen, f"{d}: {c.where} {kind} port"
-                if c.role != "engine-sim":
+                if c.role == "gateway":  # /health = ready (a healthy node known), /live = up
+                    path = probe["httpGet"]["path"]
+                    assert path == ("/health" if kind == "readinessProbe" else "/live"), kind
+                    tls = "HTTPS" if s.tls_cert_file else "HTTP"
+                    assert probe["httpGet"].get("scheme", "HTTP") == tls, f"{d}: {c.where}"
+                elif not http_api:
                     assert "grpc" in probe or "exec" in probe, f"{d}: {c.where} {kind}"
         annotations = c.workload["spec"]["template"]["metadata"].get("annotations", {})
         if annotations.get("prometheus.io/scrape") == "true":
@@ -265,7 +272,7 @@ def test_clients_point_at_real_services() -> None:
     for d, c in all_kvroute():
         s = load_settings(c)
         objs = render(d) + base
-        if c.role in ("router", "agent"):
+        if c.role in ("router", "gateway", "agent"):
             host, port = hostport(s.registry)
             assert port in _service_port(objs, host), f"{d}: {c.where} --registry {s.registry}"
         if c.role == "registry":

@@ -73,6 +73,10 @@ def test_control_plane_is_replicated_with_budgets_and_spread() -> None:
     assert by_name["kvroute-etcd"]["spec"]["replicas"] == 3
     assert by_name["kvroute-registry"]["spec"]["replicas"] >= 2
     assert by_name["kvroute-router"]["spec"]["replicas"] >= 2
+    assert by_name["kvroute-gateway"]["spec"]["replicas"] >= 2
+    hpas = {o["spec"]["scaleTargetRef"]["name"] for o in objs
+            if o["kind"] == "HorizontalPodAutoscaler"}
+    assert "kvroute-gateway" in hpas
     sts = by_name["kvroute-etcd"]["spec"]
     assert sts["podManagementPolicy"] == "Parallel"
     assert sts["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
@@ -115,8 +119,8 @@ def test_only_routers_and_agents_reach_the_registry_and_only_it_reaches_etcd() -
         if "kvroute-registry" in names:
             agents = {c.workload["metadata"]["name"] for c in containers(objs)
                       if c.role == "agent"}
-            # routers and endpoint pickers (a router inside the Gateway's request path)
-            routers = {"kvroute-router", "kvroute-epp"} & names
+            # routers, gateways and endpoint pickers (a router inside the request path)
+            routers = {"kvroute-router", "kvroute-gateway", "kvroute-epp"} & names
             assert _reachers(objs, "kvroute-registry", 50051) == routers | agents, d
             assert _reachers(objs, "kvroute-registry", 9091) == {"<anyone>"}, "metrics"
         if "kvroute-etcd" in names:
@@ -162,6 +166,7 @@ def test_tls_files_come_from_mounted_secrets() -> None:
                 tls_seen.add((d.name, c.role, field.split("_")[0]))
     for overlay in ("production", "production-external-etcd"):
         assert {(overlay, "registry", "tls"), (overlay, "router", "client"),
+                (overlay, "gateway", "client"), (overlay, "gateway", "tls"),
                 (overlay, "agent", "client"), (overlay, "registry", "etcd")} <= tls_seen
 
 
