@@ -28,6 +28,8 @@ class NodeState:
     running: int = 0
     eviction_rate: float = 0.0
     healthy: bool = True
+    prefill_tokens_per_s: float = 0.0
+    """Prefill rate calibrated from the engine's metrics (0 = unknown: the router's flag)."""
 
     @classmethod
     def from_info(cls, info: registry_pb2.NodeInfo) -> NodeState:
