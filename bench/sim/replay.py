@@ -56,6 +56,9 @@ class _FleetView:
         o = self.fleet.nodes[self.idx].observe(now)
         return o.queue_depth, o.running, o.used_blocks, o.capacity_blocks, o.eviction_rate
 
+    def prefill_rate(self, now: float) -> float:
+        return self.fleet.nodes[self.idx].prefill_rate(now)
+
 
 def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
              progress: Callable[[int], None] | None = None,
@@ -87,7 +90,7 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     trackers = [make_tracker(rate) for _ in range(rs.routers)]
     clock = trackers[0].clock_now
     source = SimPlacementSource([_FleetView(fleet, i) for i in range(cfg.nodes)], SIM_MODEL,
-                                bs, clock)
+                                bs, clock, calibrate=rs.calibrate)
     bus = ShareBus(rs.share_delay_s) if rs.routers > 1 and rs.share_routes else None
     policies = [policy] + [make_policy() for _ in range(rs.routers - 1)] if make_policy \
         else [policy]

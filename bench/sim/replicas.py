@@ -30,7 +30,8 @@ SPREADS = ("random", "round_robin")
 
 @dataclass(frozen=True)
 class ReplicaSettings:
-    """How many router replicas the sim runs and whether they share their view of load."""
+    """The sim's routers: how many replicas, whether they share their view of load, and
+    whether they use each engine's measured prefill rate."""
 
     routers: int = setting(1, "router replicas over the same fleet, each with its own load "
                               "tracker and policy state (a Kubernetes Deployment's pods)")
@@ -45,6 +46,10 @@ class ReplicaSettings:
                "model seconds after the decision (the registry hop)")
     share_max_blocks: int = setting(
         64, "leading block hashes of each routed request shared for recent-routes overlap")
+    calibrate: bool = setting(
+        True, "routers use each engine's prefill rate measured from its prefill times (as the "
+              "node agent reports it from vLLM's metrics); --kv-prefill-tokens-per-s is then "
+              "only the initial value. --no-calibrate: the flag is used throughout")
 
     def __post_init__(self) -> None:
         require(self.routers >= 1, "routers", "must be >= 1")
