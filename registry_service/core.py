@@ -304,7 +304,8 @@ class RegistryCore:
             used_blocks=req.used_blocks, evictions_total=req.evictions_total,
             queue_depth=req.queue_depth, running=req.running,
             capacity_blocks=req.capacity_blocks or old.capacity_blocks,
-            eviction_rate=rate, heartbeat_unix_ms=t)
+            eviction_rate=rate, heartbeat_unix_ms=t,
+            prefill_tokens_per_s=req.prefill_tokens_per_s or old.prefill_tokens_per_s)
         self.view.fanout.publish(Change("upsert", state.node_id))
         mono = time.monotonic()
         if mono - state.status_written_mono >= self.settings.status_write_interval_s:

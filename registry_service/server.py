@@ -15,9 +15,10 @@ from kvroute.grpcutil import add_health_and_reflection, bind, message_size_optio
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
 from kvroute.telemetry import MetricsServer
-from kvroute.v1 import registry_pb2, registry_pb2_grpc
+from kvroute.v1 import registry_pb2, registry_pb2_grpc, route_share_pb2_grpc
 from registry_service.core import RegistryCore
 from registry_service.metrics import RegistryMetrics
+from registry_service.route_share import RouteShareHub
 from registry_service.servicer import RegistryServicer
 from registry_service.settings import RegistrySettings
 from registry_service.store.base import PlacementStore
@@ -50,6 +51,8 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
     replica = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
     server = grpc.aio.server(options=message_size_options(settings.max_message_bytes))
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(core, replica), server)
+    route_share_pb2_grpc.add_RouteShareServicer_to_server(
+        RouteShareHub(registry=metrics.registry), server)  # issue 19: router replicas' deltas
     health = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.listen, settings.server_tls)
     mhost, mport = parse_hostport(settings.metrics_listen, "metrics_listen")

@@ -49,7 +49,7 @@ def node_info(s: NodeState, late_after_s: float, blocks: int) -> pb.NodeInfo:
         eviction_rate=st.eviction_rate, queue_depth=st.queue_depth, running=st.running,
         blocks_indexed=blocks, healthy=s.healthy(late_after_s),
         lease_remaining_s=round(s.lease_left_s(), 3), last_heartbeat_unix_ms=s.heartbeat_ms(),
-        usage=s.usage())
+        usage=s.usage(), prefill_tokens_per_s=st.prefill_tokens_per_s)
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
@@ -115,7 +115,8 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             matched_blocks=matched, used_blocks=s.status.used_blocks,
             capacity_blocks=s.capacity(), usage=s.usage(), queue_depth=s.status.queue_depth,
             running=s.status.running, eviction_rate=s.status.eviction_rate,
-            healthy=s.healthy(late, t), blocks_indexed=count(s.slot))
+            healthy=s.healthy(late, t), blocks_indexed=count(s.slot),
+            prefill_tokens_per_s=s.status.prefill_tokens_per_s)
             for s, matched in pairs]
         core.metrics.lookups.inc()
         core.metrics.lookup_seconds.observe(time.perf_counter() - t0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from kvroute.blocks import HASH_SCHEME
@@ -15,6 +16,7 @@ MAX_MODEL = 256
 MAX_LABELS = 64
 MAX_LABEL_LEN = 256
 MAX_CAPACITY = 1 << 40
+MAX_PREFILL_RATE = 1e9
 
 
 def node_id(value: str) -> str:
@@ -77,6 +79,10 @@ def heartbeat(req: pb.HeartbeatRequest, s: RegistrySettings) -> None:
             "RegisterNode or Resync, +1 per heartbeat carrying changes)")
     if req.capacity_blocks > MAX_CAPACITY:
         raise InvalidArgument(f"capacity_blocks must be at most {MAX_CAPACITY}")
+    rate = req.prefill_tokens_per_s
+    if not (math.isfinite(rate) and 0.0 <= rate <= MAX_PREFILL_RATE):
+        raise InvalidArgument(f"prefill_tokens_per_s must be a finite number in 0.."
+                              f"{MAX_PREFILL_RATE:g} (0 = not measured); got {rate}")
 
 
 def lookup(req: pb.LookupRequest, s: RegistrySettings) -> None:

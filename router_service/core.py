@@ -153,7 +153,7 @@ class RouterCore:
         remote = share.remote if share is not None and share.live() else None
         for n, _ in pairs:
             if n.prefill_tokens_per_s != tracker.rate(n.node_id) and n.prefill_tokens_per_s:
-                tracker.set_rate(n.node_id, n.prefill_tokens_per_s)
+                self._calibrated(n.node_id, n.prefill_tokens_per_s)
         views = [NodeView(n.node_id, n.address, matched,
                           tracker.inflight(n.node_id)
                           + (remote.inflight(n.node_id) if remote is not None else 0),
@@ -231,6 +231,12 @@ class RouterCore:
             expected_cached_tokens=cached, reason=reason, degraded=bool(degraded_why),
             prompt_tokens=view.prompt_tokens, block_size=view.block_size,
             candidates=decision.candidates, fallback_addresses=fallbacks)
+
+    def _calibrated(self, node_id: str, rate: float) -> None:
+        """A node's measured prefill rate changed: drain its queued-prefill estimate at it."""
+        self.tracker.set_rate(node_id, rate)
+        if self.metrics is not None:
+            self.metrics.prefill_rate.labels(node_id).set(rate)
 
     def _forget_departed(self) -> None:
         """Drop the queued-prefill estimate of nodes the registry no longer knows."""

@@ -36,13 +36,13 @@ class NodeState:
         """From a ListNodes / WatchPlacement record."""
         return cls(info.node_id, info.address, info.model, info.used_blocks,
                    info.capacity_blocks, info.queue_depth, info.running, info.eviction_rate,
-                   info.healthy)
+                   info.healthy, info.prefill_tokens_per_s)
 
     @classmethod
     def from_match(cls, m: registry_pb2.NodeMatch, model: str) -> NodeState:
         """From a Lookup answer."""
         return cls(m.node_id, m.address, model, m.used_blocks, m.capacity_blocks,
-                   m.queue_depth, m.running, m.eviction_rate, m.healthy)
+                   m.queue_depth, m.running, m.eviction_rate, m.healthy, m.prefill_tokens_per_s)
 
 
 @dataclass(slots=True)

@@ -58,6 +58,20 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
     replica_max_staleness_s: float = setting(
         5.0, "Replica mode: once the registry link has been down this long, the replica is "
              "no longer trusted and decisions degrade to least_loaded")
+    # -- issue 19: the shared view of load across router replicas ------------------------
+    share_routes: bool = setting(
+        False, "Share routing deltas with the other router/gateway replicas through the "
+               "registry (RouteShare.Exchange): every replica then counts every replica's "
+               "in-flight requests, queued prefill and recent routes. Turn on when running "
+               "more than one replica")
+    router_replica_id: str = setting(
+        "", "This replica's id in the shared view (empty = hostname:pid)")
+    share_timeout_s: float = setting(
+        5.0, "With --share-routes: a replica that hears nothing from the registry's hub "
+             "(it sends keepalives every second) for this long decides on its own counts")
+    share_max_blocks: int = setting(
+        64, "With --share-routes: leading block hashes of each routed request shared for "
+            "kv_aware's recently-routed overlap")
 
     def __post_init__(self) -> None:
         ServerSettings.__post_init__(self)
@@ -74,6 +88,9 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
         require(0 <= self.max_token_id <= 2**32 - 1, "max_token_id", "must be in 0..2**32-1")
         require(self.inflight_timeout_s > 0, "inflight_timeout_s", "must be > 0")
         require(self.max_tracked_requests >= 1, "max_tracked_requests", "must be >= 1")
+        require(0 <= self.share_max_blocks <= 256, "share_max_blocks", "must be in 0..256")
+        require(len(self.router_replica_id) <= 256, "router_replica_id",
+                "must be at most 256 characters")
         for name in ("lookup_timeout_s", "registry_timeout_s", "registry_retry_max_s",
-                     "node_cache_ttl_s", "replica_max_staleness_s"):
+                     "node_cache_ttl_s", "replica_max_staleness_s", "share_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")

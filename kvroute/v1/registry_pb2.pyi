@@ -151,6 +151,7 @@ class HeartbeatRequest(_message.Message):
     CLEARED_FIELD_NUMBER: _builtins.int
     DELTA_SEQ_FIELD_NUMBER: _builtins.int
     CAPACITY_BLOCKS_FIELD_NUMBER: _builtins.int
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
     epoch: _builtins.int
@@ -172,6 +173,11 @@ class HeartbeatRequest(_message.Message):
     """
     capacity_blocks: _builtins.int
     """Total KV capacity in blocks, when it changed since registration (0 = unchanged)."""
+    prefill_tokens_per_s: _builtins.float
+    """-- issue 19 (router's view of load) -------------------------------------------------------
+    Prefill throughput of the engine in tokens/s, measured by the agent from the engine's
+    metrics (vllm:request_prefill_time_seconds and computed prompt tokens). 0 = not measured.
+    """
     @_builtins.property
     def stored(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Canonical hashes of blocks cached since the last heartbeat."""
@@ -194,10 +200,11 @@ class HeartbeatRequest(_message.Message):
         cleared: _builtins.bool = ...,
         delta_seq: _builtins.int = ...,
         capacity_blocks: _builtins.int = ...,
+        prefill_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "epoch", b"epoch", "evictions_total", b"evictions_total", "node_id", b"node_id", "queue_depth", b"queue_depth", "removed", b"removed", "running", b"running", "stored", b"stored", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "epoch", b"epoch", "evictions_total", b"evictions_total", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "removed", b"removed", "running", b"running", "stored", b"stored", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -400,6 +407,7 @@ class NodeMatch(_message.Message):
     EVICTION_RATE_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
     BLOCKS_INDEXED_FIELD_NUMBER: _builtins.int
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
     address: _builtins.str
@@ -422,6 +430,10 @@ class NodeMatch(_message.Message):
     """False when the node is draining or its heartbeats are late."""
     blocks_indexed: _builtins.int
     """Blocks indexed for the node."""
+    prefill_tokens_per_s: _builtins.float
+    """-- issue 19 --------------------------------------------------------------------------------
+    Prefill throughput measured from the engine's metrics, tokens/s (0 = not measured yet).
+    """
     def __init__(
         self,
         *,
@@ -436,10 +448,11 @@ class NodeMatch(_message.Message):
         eviction_rate: _builtins.float = ...,
         healthy: _builtins.bool = ...,
         blocks_indexed: _builtins.int = ...,
+        prefill_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -574,6 +587,7 @@ class NodeInfo(_message.Message):
     LEASE_REMAINING_S_FIELD_NUMBER: _builtins.int
     LAST_HEARTBEAT_UNIX_MS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
     address: _builtins.str
@@ -606,6 +620,10 @@ class NodeInfo(_message.Message):
     """Wall-clock time of the last heartbeat seen, milliseconds since the Unix epoch."""
     usage: _builtins.float
     """used_blocks / capacity_blocks."""
+    prefill_tokens_per_s: _builtins.float
+    """-- issue 19 --------------------------------------------------------------------------------
+    Prefill throughput measured from the engine's metrics, tokens/s (0 = not measured yet).
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels given at registration."""
@@ -630,10 +648,11 @@ class NodeInfo(_message.Message):
         lease_remaining_s: _builtins.float = ...,
         last_heartbeat_unix_ms: _builtins.int = ...,
         usage: _builtins.float = ...,
+        prefill_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

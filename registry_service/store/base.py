@@ -59,6 +59,8 @@ class NodeStatus:
     capacity_blocks: int = 0
     eviction_rate: float = 0.0
     heartbeat_unix_ms: int = 0
+    prefill_tokens_per_s: float = 0.0
+    """Engine prefill rate measured by the agent (issue 19; 0 = not measured)."""
 
 
 @dataclass(frozen=True)
