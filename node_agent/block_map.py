@@ -17,11 +17,20 @@ Decisions (documented in README.md):
   completes two 16-token canonical blocks; 1-token SGLang pages are buffered until 16 tokens
   complete one). A partial engine block (SGLang's last page) completes nothing and ends the
   chain: it is never indexed as a full block.
-- Blocks with per-block ``extra_keys`` (multimodal ids) get the keys mixed into the chain, so
-  they and their descendants never match a text-only prompt with the same placeholder tokens.
-- Media: policy ``device`` indexes only the device cache (``GPU``; others counted and
-  ignored); ``any`` also counts offloaded copies as cached. Groups other than 0 of hybrid
-  models are ignored (counted).
+- LoRA names and cache salts reach the canonical root salt (``kvroute.blocks.request_salt``),
+  the same salt the router derives from RouteRequest.lora_name / cache_salt. Blocks whose
+  ``extra_keys`` hold keys a request cannot reproduce (multimodal ids, embedding digests) are
+  unmatchable: they and their descendants are not indexed and are counted
+  (``unreproducible_extra_keys``), never indexed under hashes nobody can look up.
+- The engine's own block size (``engine_block_size``: configured, else the largest block size
+  seen) and its lookahead tokens are reported to the registry so the router rounds matches
+  down to whole engine blocks. A BlockStored smaller than the engine block size is a partial
+  page (SGLang sends one as its own event): never indexed, nothing chains from it.
+- Media: policy ``device`` indexes the device cache (``GPU``) as the node's blocks and reports
+  blocks held on other media (``CPU``, ``CPU_PINNED``, ``DISK``...) as a lower tier
+  (``stored_offloaded`` / ``removed_offloaded`` in the heartbeat); ``any`` counts offloaded
+  copies as cached like device ones. A block on several media stays in a tier while one of
+  that tier's media holds it. Groups other than 0 of hybrid models are ignored (counted).
 - When more canonical blocks are held than ``capacity_blocks`` (stale after lost events), the
   oldest entries are trimmed and counted.
 """
@@ -32,10 +41,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-import msgspec
-from xxhash import xxh3_64_intdigest
-
-from kvroute.blocks import HASH_SEED, hash_blocks, request_salt, root_hash
+from kvroute.blocks import hash_blocks, request_salt, root_hash
 from node_agent.deltas import DeltaLog
 from node_agent.events import DEVICE_MEDIUM, Cleared, Event, Removed, Stored
 
@@ -53,6 +59,7 @@ class _Entry:
     media: set[str]
     before: int
     partial: bool = False
+    opaque: bool = False
 
 
 def salt_of(ev: Stored) -> str:
@@ -60,20 +67,12 @@ def salt_of(ev: Stored) -> str:
     return request_salt(ev.lora_name, ev.lora_id, ev.cache_salt)
 
 
-def _mix(last: int, extra: object) -> int:
-    try:
-        blob = msgspec.msgpack.encode(extra)
-    except (TypeError, ValueError):
-        blob = repr(extra).encode()
-    return xxh3_64_intdigest(last.to_bytes(8, "little") + b"extra\x00" + blob, HASH_SEED)
-
-
 class BlockMap:
     """The agent's view of the engine cache in canonical hashes; reports changes to a DeltaLog."""
 
     def __init__(self, block_size: int, deltas: DeltaLog, *, medium_policy: str = "device",
                  device_media: tuple[str, ...] = (DEVICE_MEDIUM,), capacity_blocks: int = 0,
-                 ) -> None:
+                 engine_block_size: int = 0) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         if medium_policy not in MEDIUM_POLICIES:
@@ -85,10 +84,13 @@ class BlockMap:
         self.capacity_blocks = capacity_blocks
         self._entries: dict[int, _Entry] = {}
         self._refs: dict[int, int] = {}
+        self._off_refs: dict[int, int] = {}
         self._root = root_hash("")
         self.evictions_total = 0
         self.skipped: Counter[str] = Counter()
         self.engine_block_sizes: set[int] = set()
+        self._engine_bs = engine_block_size
+        self.lookahead_tokens = 0
 
     # --- queries -------------------------------------------------------------------------
     @property
@@ -101,9 +103,23 @@ class BlockMap:
         """Engine blocks tracked."""
         return len(self._entries)
 
+    @property
+    def engine_block_size(self) -> int:
+        """The engine's block (page) size: configured, else the largest seen (0 = none yet)."""
+        return self._engine_bs or max(self.engine_block_sizes, default=0)
+
     def canonical_hashes(self) -> list[int]:
         """Every canonical hash held now (the full set for a Resync)."""
         return list(self._refs)
+
+    @property
+    def offloaded_blocks(self) -> int:
+        """Distinct canonical blocks held on an offloading medium (the lower tier)."""
+        return len(self._off_refs)
+
+    def offloaded_hashes(self) -> list[int]:
+        """Every canonical hash held on an offloading medium (for a Resync)."""
+        return list(self._off_refs)
 
     def canonical_of(self, engine_hash: int) -> tuple[int, ...] | None:
         """Canonical blocks completed by an engine block (None if unknown)."""
@@ -124,16 +140,60 @@ class BlockMap:
         """Drop everything (engine restart or AllBlocksCleared)."""
         self._entries.clear()
         self._refs.clear()
+        self._off_refs.clear()
         self._deltas.cleared()
 
     def _medium_ok(self, medium: str, group_idx: int | None) -> bool:
         if group_idx not in (None, 0):
             self.skipped["other_group"] += 1
             return False
-        if not self._any_medium and medium not in self._device:
-            self.skipped["other_medium"] += 1
-            return False
         return True
+
+    def _is_dev(self, medium: str) -> bool:
+        return self._any_medium or medium in self._device
+
+    def _add_medium(self, e: _Entry, medium: str) -> None:
+        """``medium`` now holds the engine block: enter its canonical blocks in that tier."""
+        if medium in e.media:
+            return
+        dev = self._is_dev(medium)
+        had = any(self._is_dev(m) == dev for m in e.media)
+        e.media.add(medium)
+        if not had:
+            for c in e.canon:
+                if dev:
+                    self._incref(c)
+                else:
+                    self._incref_off(c)
+
+    def _drop_medium(self, e: _Entry, medium: str) -> None:
+        """``medium`` no longer holds the engine block."""
+        if medium not in e.media:
+            return
+        e.media.discard(medium)
+        dev = self._is_dev(medium)
+        if any(self._is_dev(m) == dev for m in e.media):
+            return
+        for c in e.canon:
+            if not dev:
+                self._decref_off(c)
+            elif self._decref(c):
+                self.evictions_total += 1
+
+    def _incref_off(self, h: int) -> None:
+        n = self._off_refs.get(h, 0)
+        self._off_refs[h] = n + 1
+        if n == 0:
+            self._deltas.stored_offloaded(h)
+
+    def _decref_off(self, h: int) -> None:
+        n = self._off_refs.get(h, 0)
+        if n <= 1:
+            if n == 1:
+                del self._off_refs[h]
+                self._deltas.removed_offloaded(h)
+            return
+        self._off_refs[h] = n - 1
 
     def _incref(self, h: int) -> None:
         n = self._refs.get(h, 0)
@@ -164,7 +224,11 @@ class BlockMap:
             log.warning("BlockStored with %d hashes but %d tokens at block size %d: skipped",
                         n, len(toks), ebs)
             return
+        known = self.engine_block_size
         self.engine_block_sizes.add(ebs)
+        self.lookahead_tokens = max(self.lookahead_tokens, ev.lookahead_tokens)
+        short_page = 0 < ebs < known  # SGLang's partial last page, sent as its own event
+        opaque = False
         if ev.parent_engine_hash is None:
             salt = salt_of(ev)
             last = root_hash(salt) if salt else self._root
@@ -174,35 +238,41 @@ class BlockMap:
             if parent is None or parent.partial:
                 self.skipped["orphan"] += n
                 return
-            last, rem = parent.last, parent.rem
+            last, rem, opaque = parent.last, parent.rem, parent.opaque
         bs, extra = self.block_size, ev.extra_keys
-        if (ebs == bs and not rem and extra is None and len(toks) == n * bs
+        if (ebs == bs and not rem and extra is None and not opaque and not short_page
+                and len(toks) == n * bs
                 and not any(eh in self._entries for eh in hashes)):
             # fast path (the common case): one hashing call for the whole run
             for eh, c in zip(hashes, hash_blocks(toks, bs, parent=last), strict=True):
-                self._entries[eh] = _Entry((c,), c, (), {ev.medium}, last)
-                self._incref(c)
+                entry = self._entries[eh] = _Entry((c,), c, (), set(), last)
+                self._add_medium(entry, ev.medium)
                 last = c
             self._trim_if_over()
             return
         for i, eh in enumerate(hashes):
             chunk = toks[i * ebs:(i + 1) * ebs]
-            known = self._entries.get(eh)
-            if known is not None:  # re-store, or the same block on another medium
-                if known.before != last:
+            known_e = self._entries.get(eh)
+            if known_e is not None:  # re-store, or the same block on another medium
+                if known_e.before != last:
                     # the same engine id after another prefix: unchained engine hashes (old
                     # SGLang). Removals cannot tell the two apart; keep the first, count it.
                     self.skipped["engine_hash_conflict"] += 1
-                known.media.add(ev.medium)
-                last, rem = known.last, known.rem
+                self._add_medium(known_e, ev.medium)
+                last, rem, opaque = known_e.last, known_e.rem, known_e.opaque
                 continue
-            if len(chunk) < ebs:  # partial last page: never a full block
+            if len(chunk) < ebs or short_page:  # partial page: never a full block
                 self._entries[eh] = _Entry((), last, rem, {ev.medium}, last, partial=True)
                 self.skipped["partial_block"] += 1
                 return
             before = last
-            if extra is not None and i < len(extra) and extra[i] is not None:
-                last = _mix(last, extra[i])
+            if opaque or (extra is not None and i < len(extra) and extra[i] is not None):
+                # keys a request cannot carry (multimodal ids...): this block and every block
+                # after it in the chain can never match a Route; not indexed, counted.
+                self._entries[eh] = _Entry((), last, rem, {ev.medium}, before, opaque=True)
+                opaque = True
+                self.skipped["unreproducible_extra_keys"] += 1
+                continue
             buf = rem + chunk
             full = len(buf) // bs
             canon: tuple[int, ...] = ()
@@ -211,9 +281,8 @@ class BlockMap:
                 last, rem = canon[-1], buf[full * bs:]
             else:
                 rem = buf
-            self._entries[eh] = _Entry(canon, last, rem, {ev.medium}, before)
-            for c in canon:
-                self._incref(c)
+            entry = self._entries[eh] = _Entry(canon, last, rem, set(), before)
+            self._add_medium(entry, ev.medium)
         self._trim_if_over()
 
     def _trim_if_over(self) -> None:
@@ -228,13 +297,9 @@ class BlockMap:
             if e is None:
                 self.skipped["unknown_removed"] += 1
                 continue
-            e.media.discard(ev.medium)
-            if e.media:
-                continue
-            del self._entries[eh]
-            for c in e.canon:
-                if self._decref(c):
-                    self.evictions_total += 1
+            self._drop_medium(e, ev.medium)
+            if not e.media:
+                del self._entries[eh]
 
     def _trim(self) -> None:
         over = len(self._refs) - self.capacity_blocks
@@ -245,7 +310,11 @@ class BlockMap:
         while over > 0 and self._entries:
             eh = next(iter(self._entries))
             e = self._entries.pop(eh)
-            for c in e.canon:
+            dev = any(self._is_dev(m) for m in e.media)
+            if any(not self._is_dev(m) for m in e.media):
+                for c in e.canon:
+                    self._decref_off(c)
+            for c in e.canon if dev else ():
                 if self._decref(c):
                     over -= 1
                     self.skipped["trimmed"] += 1

@@ -29,11 +29,16 @@ class DeltaBatch:
     """Canonical hashes evicted since the previous batch."""
     cleared: bool = False
     """The whole cache was dropped before ``stored``."""
+    stored_offloaded: list[int] = field(default_factory=list)
+    """Canonical hashes now held on an offloading medium (the lower tier)."""
+    removed_offloaded: list[int] = field(default_factory=list)
+    """Canonical hashes no longer held on any offloading medium."""
 
     @property
     def empty(self) -> bool:
         """True when the batch carries no change."""
-        return not (self.stored or self.removed or self.cleared)
+        return not (self.stored or self.removed or self.cleared or self.stored_offloaded
+                    or self.removed_offloaded)
 
 
 class DeltaLog:
@@ -43,6 +48,8 @@ class DeltaLog:
         self._max = max_hashes_per_batch
         self._stored: dict[int, None] = {}
         self._removed: dict[int, None] = {}
+        self._stored_off: dict[int, None] = {}
+        self._removed_off: dict[int, None] = {}
         self._cleared = False
         self._inflight: DeltaBatch | None = None
         self._last_acked = 0
@@ -58,10 +65,22 @@ class DeltaLog:
         self._stored.pop(h, None)
         self._removed[h] = None
 
+    def stored_offloaded(self, h: int) -> None:
+        """A canonical block is now held on an offloading medium."""
+        self._removed_off.pop(h, None)
+        self._stored_off[h] = None
+
+    def removed_offloaded(self, h: int) -> None:
+        """A canonical block is no longer held on any offloading medium."""
+        self._stored_off.pop(h, None)
+        self._removed_off[h] = None
+
     def cleared(self) -> None:
-        """The node's whole cache was dropped."""
+        """The node's whole cache (every tier) was dropped."""
         self._stored.clear()
         self._removed.clear()
+        self._stored_off.clear()
+        self._removed_off.clear()
         self._cleared = True
 
     # --- sending -------------------------------------------------------------------------
@@ -72,11 +91,13 @@ class DeltaLog:
 
     def has_pending(self) -> bool:
         """True when changes wait for a heartbeat (beyond the in-flight batch)."""
-        return bool(self._stored or self._removed or self._cleared)
+        return bool(self._stored or self._removed or self._cleared or self._stored_off
+                    or self._removed_off)
 
     def pending_count(self) -> int:
         """Hashes waiting (pending, not in flight)."""
-        return len(self._stored) + len(self._removed)
+        return (len(self._stored) + len(self._removed) + len(self._stored_off)
+                + len(self._removed_off))
 
     def take(self) -> DeltaBatch:
         """The batch to send now: the unacknowledged in-flight one, else the pending changes
@@ -87,8 +108,12 @@ class DeltaLog:
             return DeltaBatch(seq=self._last_acked)
         removed = _pop_first(self._removed, self._max)
         stored = _pop_first(self._stored, self._max - len(removed))
+        left = self._max - len(removed) - len(stored)
+        removed_off = _pop_first(self._removed_off, left)
+        stored_off = _pop_first(self._stored_off, left - len(removed_off))
         self._inflight = DeltaBatch(seq=self._last_acked + 1, stored=stored, removed=removed,
-                                    cleared=self._cleared)
+                                    cleared=self._cleared, stored_offloaded=stored_off,
+                                    removed_offloaded=removed_off)
         self._cleared = False
         return self._inflight
 
@@ -103,6 +128,8 @@ class DeltaLog:
         batch carries ``next_seq``."""
         self._stored.clear()
         self._removed.clear()
+        self._stored_off.clear()
+        self._removed_off.clear()
         self._cleared = False
         self._inflight = None
         self._last_acked = max(0, next_seq - 1)

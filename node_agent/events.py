@@ -44,9 +44,14 @@ class Stored:
     cache_salt: str | None = None
     """Per-request cache salt (SGLang ``cache_salt``)."""
     extra_keys: tuple[object, ...] | None = None
-    """Per-block extra hash keys (multimodal ids...), None when absent."""
+    """Per-block extra hash keys kvroute cannot reproduce from a request (multimodal ids,
+    prompt-embedding digests), one entry per block (None = none for that block); None when no
+    block has any. LoRA names and the cache salt are taken out by the parser (they become the
+    run's salt); what is left makes the block and its descendants unmatchable."""
     group_idx: int | None = None
     """KV-cache group of hybrid models (None or 0 = the main group)."""
+    lookahead_tokens: int = 0
+    """Tokens after each block its engine hash also covers (vLLM ``lookahead_token_ids``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +97,31 @@ class EngineBatch:
     """The decoded events."""
     replayed: bool = False
     """True when it came from the replay socket rather than the live stream."""
+
+
+class IndexState(enum.IntEnum):
+    """How complete the agent's view of the engine's cache is (registry.proto IndexState)."""
+
+    COMPLETE = 1
+    """Every batch since the engine's cache was last empty has been applied."""
+    PARTIAL = 2
+    """Batches were missed: blocks the engine holds may be missing from the index."""
+    NO_EVENTS = 3
+    """No usable batch received yet (idle engine, wrong endpoint or topic)."""
+
+
+@dataclass
+class IndexHealth:
+    """The agent's index state and why (sent with every heartbeat)."""
+
+    state: IndexState = IndexState.NO_EVENTS
+    """Current state."""
+    note: str = "no engine event batch received yet"
+    """What the agent saw (empty when complete)."""
+
+    def set(self, state: IndexState, note: str = "") -> None:
+        """Change the state."""
+        self.state, self.note = state, note[:240]
 
 
 class SignalKind(enum.Enum):

@@ -32,6 +32,7 @@ from kvroute.grpcutil import message_size_options, open_channel
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from node_agent.block_map import BlockMap
 from node_agent.deltas import DeltaBatch, DeltaLog
+from node_agent.events import IndexHealth
 from node_agent.settings import AgentSettings
 from node_agent.usage import UsageProbe
 
@@ -69,11 +70,12 @@ class RegistryLink:
     """Keeps the registry's view of one node in step with the agent's block map."""
 
     def __init__(self, settings: AgentSettings, blocks: BlockMap, deltas: DeltaLog,
-                 usage: UsageProbe) -> None:
+                 usage: UsageProbe, health: IndexHealth | None = None) -> None:
         self._s = settings
         self._blocks = blocks
         self._deltas = deltas
         self._usage = usage
+        self._health = health if health is not None else IndexHealth()
         self._channel: grpc.aio.Channel | None = None
         self._stub: registry_pb2_grpc.RegistryAsyncStub | None = None
         self._wake = asyncio.Event()
@@ -126,16 +128,20 @@ class RegistryLink:
 
     async def _connect(self) -> None:
         for _ in range(2):  # an unknown node / stale epoch re-registers at once, no backoff
+            registered = False
             try:
                 if self._need_register:
                     await self._register()
+                    registered = True
                 if self._need_resync:
                     await self._resync()
                 return
-            except _Retry:
-                if not self._need_register:
+            except _Retry as exc:
+                # RegisterNode itself failed (e.g. registry unreachable): report that error.
+                if not self._need_register or not registered:
                     raise
-        raise _Retry("the registry forgot the node again right after registering")
+                last = exc
+        raise _Retry(f"the registry forgot the node again right after registering ({last})")
 
     def _rpc_error(self, exc: grpc.aio.AioRpcError, what: str) -> _Retry:
         if exc.code() in NEEDS_REGISTER_CODES:
@@ -173,24 +179,27 @@ class RegistryLink:
         log.info("registered node %s epoch %d (lease %d s, heartbeat every %.2f s)",
                  s.node_id, resp.epoch, resp.lease_ttl_s, self._interval)
 
-    async def _resync_messages(self, hashes: list[int], used: int,
+    async def _resync_messages(self, hashes: list[int], used: int, offloaded: list[int],
                                ) -> AsyncIterator[registry_pb2.ResyncRequest]:
         n = self._s.resync_batch
         epoch = self.stats.epoch
         yield registry_pb2.ResyncRequest(node_id=self._s.node_id, epoch=epoch,
-                                         block_hashes=hashes[:n], used_blocks=used)
-        for i in range(n, len(hashes), n):
+                                         block_hashes=hashes[:n], used_blocks=used,
+                                         offloaded_block_hashes=offloaded[:n])
+        for i in range(n, max(len(hashes), len(offloaded)), n):
             yield registry_pb2.ResyncRequest(node_id=self._s.node_id, epoch=epoch,
-                                             block_hashes=hashes[i:i + n])
+                                             block_hashes=hashes[i:i + n],
+                                             offloaded_block_hashes=offloaded[i:i + n])
 
     async def _resync(self) -> None:
         assert self._stub is not None
         # Snapshot and reset in one step (no await between): later events become seq 1...
         hashes = self._blocks.canonical_hashes()
+        offloaded = self._blocks.offloaded_hashes()
         self._deltas.reset(1)
         self._need_resync = False
         try:
-            resp = await self._stub.Resync(self._resync_messages(hashes, len(hashes)),
+            resp = await self._stub.Resync(self._resync_messages(hashes, len(hashes), offloaded),
                                            timeout=self._s.rpc_timeout_s + len(hashes) / 1e5)
         except grpc.aio.AioRpcError as exc:
             self._need_resync = True
@@ -223,7 +232,12 @@ class RegistryLink:
             evictions_total=self._blocks.evictions_total, queue_depth=usage.queue_depth,
             running=usage.running, prefill_tokens_per_s=usage.prefill_tokens_per_s,
             stored=batch.stored, removed=batch.removed,
-            cleared=batch.cleared, delta_seq=batch.seq)
+            cleared=batch.cleared, delta_seq=batch.seq,
+            engine_block_size=self._blocks.engine_block_size,
+            engine_lookahead_tokens=self._blocks.lookahead_tokens,
+            index_state=registry_pb2.IndexState.ValueType(int(self._health.state)),
+            index_note=self._health.note, stored_offloaded=batch.stored_offloaded,
+            removed_offloaded=batch.removed_offloaded)
         size = req.ByteSize()
         self.stats.last_heartbeat_bytes = size
         self.stats.max_heartbeat_bytes = max(self.stats.max_heartbeat_bytes, size)

@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from node_agent.block_map import BlockMap
-from node_agent.events import ParseStats
+from node_agent.events import IndexHealth, IndexState, ParseStats
 from node_agent.heartbeat import LinkStats
 from node_agent.usage import UsageProbe
 from node_agent.zmq_source import SourceStats
@@ -21,9 +21,10 @@ class AgentCollector(Collector):
     """Exports parser, source, block-map and registry-link counters."""
 
     def __init__(self, parse: ParseStats, source: SourceStats, blocks: BlockMap,
-                 link: LinkStats, usage: UsageProbe) -> None:
+                 link: LinkStats, usage: UsageProbe, health: IndexHealth | None = None) -> None:
         self._parse, self._source, self._blocks = parse, source, blocks
         self._link, self._usage = link, usage
+        self._health = health if health is not None else IndexHealth()
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         """Build the metric families from the current counters."""
@@ -72,6 +73,17 @@ class AgentCollector(Collector):
         yield gauge("heartbeat_bytes", "Serialized size of the last heartbeat",
                     lk.last_heartbeat_bytes)
         yield gauge("registry_connected", "1 while heartbeats succeed", int(lk.connected))
+        yield counter("topic_mismatches", "Live batches ignored: their topic is not --topic",
+                      s.topic_mismatches)
+        yield counter("late_joins", "Starts (or replays) that could not learn the engine's "
+                      "earlier batches", s.late_joins)
+        state = GaugeMetricFamily(P + "index_state", "1 for the index's current state "
+                                  "(complete, partial, no_events)", labels=["state"])
+        for st in IndexState:
+            state.add_metric([st.name.lower()], int(self._health.state is st))
+        yield state
+        yield gauge("engine_block_size", "The engine's block size in tokens (0 = not known)",
+                    b.engine_block_size)
         yield counter("engine_metrics_scrape_errors", "Failed scrapes of the engine's /metrics",
                       self._usage.scrape_errors)
 

@@ -21,7 +21,15 @@ from kvroute.settings import describe, parse_hostport
 from kvroute.telemetry import MetricsServer, configure_logging
 from node_agent.block_map import BlockMap
 from node_agent.deltas import DeltaLog
-from node_agent.events import Cleared, EngineBatch, EventSource, PayloadParser, SignalKind
+from node_agent.events import (
+    Cleared,
+    EngineBatch,
+    EventSource,
+    IndexHealth,
+    IndexState,
+    PayloadParser,
+    SignalKind,
+)
 from node_agent.heartbeat import RegistrationRefused, RegistryLink
 from node_agent.metrics import AgentCollector, agent_registry
 from node_agent.parse_sglang import SglangParser
@@ -43,16 +51,18 @@ class Agent:
         self.settings = s
         self.parser: PayloadParser = SglangParser() if s.engine_format == "sglang" \
             else VllmParser()
+        self.health = IndexHealth()
         self.source = ZmqEventSource(s.engine_events, self.parser,
                                      replay_endpoint=s.engine_replay, topic=s.topic,
-                                     replay_timeout_s=s.replay_timeout_s)
+                                     replay_timeout_s=s.replay_timeout_s, health=self.health)
         self.deltas = DeltaLog(s.max_delta_hashes)
         self.blocks = BlockMap(s.block_size, self.deltas, medium_policy=s.medium_policy,
-                               device_media=s.device_media, capacity_blocks=s.capacity_blocks)
+                               device_media=s.device_media, capacity_blocks=s.capacity_blocks,
+                               engine_block_size=s.engine_block_size)
         self.usage = UsageProbe(s.engine_metrics_url, lambda: self.blocks.held_blocks,
                                 timeout_s=min(2.0, s.rpc_timeout_s))
         self.usage.capacity_blocks = s.capacity_blocks
-        self.link = RegistryLink(s, self.blocks, self.deltas, self.usage)
+        self.link = RegistryLink(s, self.blocks, self.deltas, self.usage, self.health)
         self._warned_sizes: set[int] = set()
 
     async def discover_capacity(self) -> None:
@@ -100,7 +110,12 @@ class Agent:
                     except Exception:  # never let one event stop the agent
                         self.blocks.skipped["internal_error"] += 1
                         log.exception("failed to apply engine event")
-                    wake = wake or isinstance(ev, Cleared)
+                    if isinstance(ev, Cleared):
+                        wake = True
+                        if self.health.state is not IndexState.COMPLETE:
+                            # an empty cache: everything from here on is seen
+                            self.health.set(IndexState.COMPLETE)
+                            log.info("engine cleared its cache: index complete again")
                 self._check_sizes()
                 if wake:
                     self.link.wake()
@@ -114,15 +129,16 @@ class Agent:
         new = self.blocks.engine_block_sizes - self._warned_sizes
         for ebs in new:
             self._warned_sizes.add(ebs)
-            if ebs != self.settings.block_size:
+            if ebs != self.settings.block_size and ebs == self.blocks.engine_block_size:
                 log.warning("engine block size %d differs from kvroute's %d: re-chunking "
-                            "engine blocks into %d-token canonical blocks", ebs,
-                            self.settings.block_size, self.settings.block_size)
+                            "engine blocks into %d-token canonical blocks; the router counts "
+                            "only whole %d-token engine blocks as reusable", ebs,
+                            self.settings.block_size, self.settings.block_size, ebs)
 
     def collector(self) -> AgentCollector:
         """Metrics collector over the agent's counters."""
         return AgentCollector(self.parser.stats, self.source.stats, self.blocks,
-                              self.link.stats, self.usage)
+                              self.link.stats, self.usage, self.health)
 
 
 async def serve(s: AgentSettings) -> int:

@@ -37,6 +37,10 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
         "", "Engine replay ROUTER endpoint (tcp://HOST:PORT); empty = no replay, a gap "
         "triggers a full resync")
     engine_format: str = setting("vllm", "Engine event format: vllm or sglang")
+    engine_block_size: int = setting(
+        0, "The engine's own block size (vLLM --block-size, SGLang --page-size); 0 = the "
+        "largest block size its events carry. Matches are rounded down to whole engine blocks "
+        "and shorter SGLang pages are partial (never indexed)")
     engine_metrics_url: str = setting(
         "", "Engine Prometheus URL (e.g. http://127.0.0.1:8000/metrics) for KV usage, running "
         "and waiting requests; empty = usage from the events")
@@ -64,6 +68,7 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
         parse_hostport(self.registry, "registry")
         require(bool(self.model), "model", "required: the model the engine serves")
         require(1 <= self.block_size <= 65536, "block_size", "must be 1..65536")
+        require(0 <= self.engine_block_size <= 65536, "engine_block_size", "must be 0..65536")
         require(self.capacity_blocks >= 0, "capacity_blocks", "must be >= 0")
         require(self.engine_format in ("vllm", "sglang"), "engine_format",
                 "must be vllm or sglang")

@@ -61,16 +61,34 @@ def hash_list(value: Any) -> tuple[int, ...]:
 
 
 def token_list(value: Any) -> tuple[int, ...]:
-    """Token ids: ints in 0..2**32-1."""
+    """Token ids: ints in 0..2**32-1. SGLang EAGLE "bigram" pages carry ``[t_j, t_j+1]`` pairs
+    (each position keyed with its successor); the prompt's tokens are the pairs' first
+    elements, and consecutive pairs must chain (``pair[j][1] == pair[j+1][0]``)."""
     if not isinstance(value, (list, tuple)):
         raise BadEvent("field_type", f"token_ids is {type(value).__name__}")
     if not value:
         return ()
+    if isinstance(value[0], (list, tuple)):
+        value = bigram_tokens(value)
     if set(map(type, value)) != {int}:
         raise BadEvent("field_type", "token_ids holds non-integers")
     if min(value) < 0 or max(value) > MAX_TOKEN_ID:
         raise BadEvent("field_type", "token id out of range 0..2**32-1")
     return tuple(value)
+
+
+def bigram_tokens(pairs: Sequence[Any]) -> list[int]:
+    """The tokens of an EAGLE bigram page (first element of each ``[a, b]`` pair)."""
+    out: list[int] = []
+    prev_next: Any = None
+    for p in pairs:
+        if not isinstance(p, (list, tuple)) or len(p) != 2:
+            raise BadEvent("field_type", "token_ids mixes pairs and other values")
+        if prev_next is not None and p[0] != prev_next:
+            raise BadEvent("field_type", "bigram token pairs do not chain")
+        out.append(p[0])
+        prev_next = p[1]
+    return out
 
 
 def opt_int(value: Any, name: str) -> int | None:
@@ -129,7 +147,12 @@ def stored_base(fields: Mapping[str, Any]) -> dict[str, Any]:
     extra = fields.get("extra_keys")
     if extra is not None and not isinstance(extra, (list, tuple)):
         raise BadEvent("field_type", "extra_keys is not a list")
+    look = fields.get("lookahead_token_ids")
+    lookahead = 0
+    if isinstance(look, (list, tuple)) and look and isinstance(look[0], (list, tuple)):
+        lookahead = len(look[0])
     return {
+        "lookahead_tokens": lookahead,
         "engine_hashes": hash_list(require(fields, "block_hashes")),
         "parent_engine_hash": None if parent is None else engine_hash(parent),
         "token_ids": token_list(require(fields, "token_ids")),
@@ -137,15 +160,16 @@ def stored_base(fields: Mapping[str, Any]) -> dict[str, Any]:
         "medium": medium_of(fields.get("medium")),
         "lora_id": opt_int(fields.get("lora_id"), "lora_id"),
         "group_idx": opt_int(fields.get("group_idx"), "group_idx"),
-        "extra_keys": None if extra is None else tuple(_freeze(x) for x in extra),
+        "extra_keys": None if extra is None else tuple(freeze(x) for x in extra),
     }
 
 
-def _freeze(value: Any) -> object:
+def freeze(value: Any) -> object:
+    """Lists as tuples, maps as sorted item tuples (hashable, comparable)."""
     if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
+        return tuple(freeze(v) for v in value)
     if isinstance(value, dict):
-        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+        return tuple(sorted((str(k), freeze(v)) for k, v in value.items()))
     return value
 
 

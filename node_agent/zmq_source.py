@@ -13,9 +13,18 @@ Live stream: a SUB socket receiving ``[topic, seq(8 bytes BE), payload]``. Seque
   and anything it already published before we saw it is replayed from 0.
 - ``seq < expected`` otherwise: already delivered by a replay; skipped.
 
-On the first batch with ``seq > 0`` the source replays from 0, so an agent that starts after
-its engine still learns what the engine cached earlier (as far as the buffer reaches).
-Malformed frames are counted and skipped; nothing raises out of :meth:`items`.
+At start, with a replay socket, the source asks for every batch from 0 at once (before any
+live batch), so an agent that starts next to an engine that is already idle still learns what
+it cached (as far as the buffer reaches). Malformed frames are counted and skipped; nothing
+raises out of :meth:`items`.
+
+The source also keeps the node's :class:`~node_agent.events.IndexHealth` (sent with every
+heartbeat, so the router can weigh it): ``NO_EVENTS`` until a usable batch arrives,
+``COMPLETE`` when every batch since the engine's start is known, ``PARTIAL`` with a note when
+some never will be (joined late without replay, an engine restart whose first batches were
+published before the agent reconnected, a gap older than the buffer). The SUB socket takes
+every topic and filters here, so batches under another topic are counted and named in the log
+and in the note instead of vanishing in ZMQ's subscription filter.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from node_agent.events import (
     EngineBatch,
+    IndexHealth,
+    IndexState,
     PayloadParser,
     SignalKind,
     SourceItem,
@@ -61,13 +72,16 @@ class SourceStats:
     unparsable_batches: int = 0
     last_seq: int = -1
     lag_s: float = 0.0
+    topic_mismatches: int = 0
+    late_joins: int = 0
 
 
 class ZmqEventSource:
     """An :class:`~node_agent.events.EventSource` over an engine's ZMQ PUB (+ ROUTER replay)."""
 
     def __init__(self, endpoint: str, parser: PayloadParser, *, replay_endpoint: str = "",
-                 topic: str = "", replay_timeout_s: float = 2.0, hwm: int = 100_000) -> None:
+                 topic: str = "", replay_timeout_s: float = 2.0, hwm: int = 100_000,
+                 health: IndexHealth | None = None) -> None:
         self._endpoint = endpoint
         self._replay_endpoint = replay_endpoint
         self._topic = topic.encode()
@@ -81,13 +95,18 @@ class ZmqEventSource:
         self._last_live: int | None = None
         self._covered = False
         self._last_ts: float | None = None
+        self._after_restart = False
+        self._replay_answered = False
+        self._first_replayed = 0
+        self._foreign_topics: set[bytes] = set()
+        self.health = health if health is not None else IndexHealth()
         self.stats = SourceStats()
 
     def _connect(self) -> None:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, self._hwm)
         sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")  # filtered in _on_frames, so mismatches are seen
         sub.connect(self._endpoint)
         self._sub = sub
 
@@ -118,6 +137,8 @@ class ZmqEventSource:
         poller.register(monitor, zmq.POLLIN)
         was_disconnected = False
         try:
+            async for item in self._initial_replay():
+                yield item
             while True:
                 try:
                     ready = dict(await poller.poll())
@@ -140,6 +161,9 @@ class ZmqEventSource:
                 if len(frames) != 3 or len(frames[1]) != 8:
                     self._bad_frame(f"live message with {len(frames)} frames")
                     continue
+                if not frames[0].startswith(self._topic):
+                    self._foreign_topic(frames[0])
+                    continue
                 async for item in self._on_live(int.from_bytes(frames[1], "big"), frames[2]):
                     yield item
         finally:
@@ -147,6 +171,47 @@ class ZmqEventSource:
                 if self._sub is not None:
                     self._sub.disable_monitor()
             monitor.close(linger=0)
+
+    def _foreign_topic(self, topic: bytes) -> None:
+        self.stats.topic_mismatches += 1
+        shown = topic[:120].decode("utf-8", "replace")
+        want = self._topic.decode("utf-8", "replace")
+        if topic not in self._foreign_topics and len(self._foreign_topics) < 16:
+            self._foreign_topics.add(topic)
+            log.warning("engine batch with topic %r ignored: --topic is %r (set --topic to the "
+                        "engine's kv-events-config topic)", shown, want)
+        if not self.stats.live_batches:  # not one live batch under our topic yet
+            # (replies without a topic frame, vLLM before PR #45177, may have been applied)
+            state = IndexState.PARTIAL if self.stats.replayed_batches else IndexState.NO_EVENTS
+            self.health.set(state, f"batches arrive with topic {shown!r} but --topic is "
+                            f"{want!r}: ignored ({self.stats.topic_mismatches} so far)")
+
+    async def _initial_replay(self) -> AsyncIterator[SourceItem]:
+        """Ask for every buffered batch at start (the engine may be idle already)."""
+        if self._dealer is None:
+            return
+        self._expected = 0
+        async for item in self._replay(0, count=False):
+            yield item
+        if not self._replay_answered:
+            self._expected = None  # engine not up yet: the first live batch decides
+            return
+        if self.stats.topic_mismatches and not self.stats.replayed_batches:
+            return  # only batches under another topic: stays NO_EVENTS, named in the note
+        if self._covered or self._expected == 0:
+            self.health.set(IndexState.COMPLETE)
+            if self._expected:
+                log.info("replayed %d engine batches published before the agent started",
+                         self._expected)
+        else:
+            self.stats.late_joins += 1
+            self._partial(f"joined late: engine batches before seq {self._first_replayed} are "
+                          "older than its replay buffer; blocks cached then stay unknown until "
+                          "stored again")
+
+    def _partial(self, note: str) -> None:
+        log.warning("index incomplete: %s", note)
+        self.health.set(IndexState.PARTIAL, note)
 
     async def _after_reconnect(self) -> AsyncIterator[SourceItem]:
         """After the PUB connection came back: same engine (fetch what we missed) or a new
@@ -163,6 +228,7 @@ class ZmqEventSource:
                         "check the engine: treating it as a restart")
             yield SourceSignal(SignalKind.ENGINE_RESTART, "reconnect without replay socket")
             self._expected, self._last_live = None, None
+            self._after_restart = True
             return
         last = self._expected - 1
         await dealer.send_multipart([b"", last.to_bytes(8, "big")])
@@ -188,6 +254,7 @@ class ZmqEventSource:
         self._expected, self._last_live = 0, None
         async for item in self._replay(0):
             yield item
+        self._after_replay_from_0("engine restarted")
 
     async def _recv_reply(self, dealer: zmq.asyncio.Socket,
                           ) -> tuple[int, bytes] | bytes | None:
@@ -204,6 +271,11 @@ class ZmqEventSource:
                 continue
             if frames[-2] == END_SEQ:
                 return END_SEQ
+            # [empty, topic, seq, payload] (vLLM >= PR #45177, SGLang) or [topic, seq, payload]
+            topic = frames[-3] if len(frames) >= 4 or (len(frames) == 3 and frames[0]) else None
+            if topic is not None and not topic.startswith(self._topic):
+                self._foreign_topic(topic)
+                continue
             return int.from_bytes(frames[-2], "big"), frames[-1]
 
     async def _deliver(self, seq: int, payload: bytes) -> AsyncIterator[SourceItem]:
@@ -223,6 +295,12 @@ class ZmqEventSource:
         if n <= 5 or (n & (n - 1)) == 0:
             log.warning("skipped malformed ZMQ message (%s; seen %d)", detail, n)
 
+    def _after_replay_from_0(self, why: str) -> None:
+        if self._covered:
+            self.health.set(IndexState.COMPLETE)
+        else:
+            self._partial(f"{why}: its first batches could not be replayed")
+
     async def _on_live(self, seq: int, payload: bytes) -> AsyncIterator[SourceItem]:
         if self._last_live is not None and seq <= self._last_live:
             self.stats.engine_restarts += 1
@@ -230,6 +308,8 @@ class ZmqEventSource:
                         "dropping its blocks", self._last_live, seq)
             yield SourceSignal(SignalKind.ENGINE_RESTART, f"seq {self._last_live} -> {seq}")
             self._expected = 0
+            if seq == 0:
+                self.health.set(IndexState.COMPLETE)
         self._last_live = seq
         late_join = self._expected is None
         if self._expected is None:
@@ -237,6 +317,19 @@ class ZmqEventSource:
             if self._expected < seq:
                 log.info("first engine batch is seq %d: replaying from 0 to learn earlier "
                          "blocks", seq)
+            elif seq == 0:
+                self.health.set(IndexState.COMPLETE)
+            elif self._after_restart:  # no replay socket: the new engine's first batches
+                self.stats.events_lost += 1
+                self._partial(f"engine restarted and published batches 0..{seq - 1} before "
+                              "the agent reconnected; no --engine-replay to fetch them")
+                yield SourceSignal(SignalKind.EVENTS_LOST, f"{seq} batches from seq 0")
+            else:
+                self.stats.late_joins += 1
+                self._partial(f"joined late: first engine batch seen is seq {seq} and there is "
+                              "no --engine-replay; blocks cached before stay unknown until "
+                              "stored again")
+            self._after_restart = False
         if seq > self._expected:
             start = self._expected
             if not late_join:
@@ -246,15 +339,18 @@ class ZmqEventSource:
             if not self._covered:
                 self._expected = max(self._expected, seq)
                 if late_join:
-                    log.info("engine batches before seq %d are no longer replayable: blocks "
-                             "cached earlier stay unknown until stored again", seq)
+                    self.stats.late_joins += 1
+                    self._partial(f"joined late: engine batches before seq {seq} are no longer "
+                                  "replayable; blocks cached then stay unknown until stored "
+                                  "again")
                 else:
                     self.stats.events_lost += 1
-                    log.warning("batches %d..%d could not be replayed (older than the "
-                                "engine's buffer, or no replay socket): requesting a resync",
-                                start, seq - 1)
+                    self._partial(f"batches {start}..{seq - 1} could not be replayed (older "
+                                  "than the engine's buffer, or no replay socket)")
                     yield SourceSignal(SignalKind.EVENTS_LOST,
                                        f"{seq - start} batches from seq {start}")
+            elif start == 0:
+                self.health.set(IndexState.COMPLETE)
         if seq < self._expected:
             self.stats.duplicates += 1
             return
@@ -269,22 +365,27 @@ class ZmqEventSource:
         self._last_ts = batch.ts
         yield EngineBatch(seq, batch)
 
-    async def _replay(self, start: int) -> AsyncIterator[SourceItem]:
-        """Ask for batches from ``start``; yield those we lack; set ``_covered``."""
+    async def _replay(self, start: int, *, count: bool = True) -> AsyncIterator[SourceItem]:
+        """Ask for batches from ``start``; yield those we lack; set ``_covered``. ``count``:
+        False for the replay at start (not a recovery; its batches still count as replayed)."""
         self._covered = False
+        self._replay_answered = False
         dealer = self._dealer
         if dealer is None:
             return
-        self.stats.replays += 1
+        self.stats.replays += int(count)
         await dealer.send_multipart([b"", start.to_bytes(8, "big")])
         first = True
         while True:
             reply = await self._recv_reply(dealer)
+            if reply is not None:
+                self._replay_answered = True
             if not isinstance(reply, tuple):
                 return
             seq, payload = reply
             if first:
                 first = False
+                self._first_replayed = seq
                 self._covered = seq <= start
             assert self._expected is not None
             if seq >= self._expected:

@@ -49,7 +49,10 @@ def node_info(s: NodeState, late_after_s: float, blocks: int) -> pb.NodeInfo:
         eviction_rate=st.eviction_rate, queue_depth=st.queue_depth, running=st.running,
         blocks_indexed=blocks, healthy=s.healthy(late_after_s),
         lease_remaining_s=round(s.lease_left_s(), 3), last_heartbeat_unix_ms=s.heartbeat_ms(),
-        usage=s.usage(), prefill_tokens_per_s=st.prefill_tokens_per_s)
+        usage=s.usage(), engine_block_size=st.engine_block_size,
+        engine_lookahead_tokens=st.engine_lookahead_tokens,
+        index_state=pb.IndexState.ValueType(st.index_state), index_note=st.index_note,
+        prefill_tokens_per_s=st.prefill_tokens_per_s)
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
@@ -116,6 +119,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             capacity_blocks=s.capacity(), usage=s.usage(), queue_depth=s.status.queue_depth,
             running=s.status.running, eviction_rate=s.status.eviction_rate,
             healthy=s.healthy(late, t), blocks_indexed=count(s.slot),
+            engine_block_size=s.status.engine_block_size,
+            engine_lookahead_tokens=s.status.engine_lookahead_tokens,
+            index_state=pb.IndexState.ValueType(s.status.index_state),
+            index_note=s.status.index_note,
             prefill_tokens_per_s=s.status.prefill_tokens_per_s)
             for s, matched in pairs]
         core.metrics.lookups.inc()

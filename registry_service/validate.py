@@ -16,6 +16,8 @@ MAX_MODEL = 256
 MAX_LABELS = 64
 MAX_LABEL_LEN = 256
 MAX_CAPACITY = 1 << 40
+MAX_ENGINE_BLOCK = 1 << 16
+MAX_NOTE = 512
 MAX_PREFILL_RATE = 1e9
 
 
@@ -73,12 +75,22 @@ def heartbeat(req: pb.HeartbeatRequest, s: RegistrySettings) -> None:
     if req.epoch == 0:
         raise InvalidArgument("epoch is required: use the epoch RegisterNode returned")
     hash_count(len(req.stored) + len(req.removed), "stored+removed", s)
+    hash_count(len(req.stored_offloaded) + len(req.removed_offloaded),
+               "stored_offloaded+removed_offloaded", s)
     if (req.stored or req.removed or req.cleared) and req.delta_seq == 0:
         raise InvalidArgument(
             "delta_seq must be >= 1 when stored, removed or cleared is set (1 after each "
             "RegisterNode or Resync, +1 per heartbeat carrying changes)")
     if req.capacity_blocks > MAX_CAPACITY:
         raise InvalidArgument(f"capacity_blocks must be at most {MAX_CAPACITY}")
+    if req.engine_block_size > MAX_ENGINE_BLOCK:
+        raise InvalidArgument(f"engine_block_size must be at most {MAX_ENGINE_BLOCK}")
+    if req.engine_lookahead_tokens > MAX_ENGINE_BLOCK:
+        raise InvalidArgument(f"engine_lookahead_tokens must be at most {MAX_ENGINE_BLOCK}")
+    if int(req.index_state) not in pb.IndexState.values():
+        raise InvalidArgument(f"index_state {int(req.index_state)} is not an IndexState value")
+    if len(req.index_note) > MAX_NOTE:
+        raise InvalidArgument(f"index_note must be at most {MAX_NOTE} characters")
     rate = req.prefill_tokens_per_s
     if not (math.isfinite(rate) and 0.0 <= rate <= MAX_PREFILL_RATE):
         raise InvalidArgument(f"prefill_tokens_per_s must be a finite number in 0.."

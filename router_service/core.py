@@ -15,14 +15,16 @@ the load tracker and the counters change only then.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from kvroute.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from router_service.domain import RouteDecision, RouteRequest
 from router_service.load import LoadTracker
 from router_service.metrics import RouterMetrics
+from router_service.narrowing import Narrower
 from router_service.placement import NodeState, Placement, PlacementSource
 from router_service.policies.base import Decision, NodeView, NoEligibleNode, Policy, RequestView
 from router_service.policies.least_loaded import LeastLoadedPolicy
@@ -32,6 +34,28 @@ from router_service.route_share import RouteDelta, SharedView
 from router_service.settings import RouterSettings
 from router_service.suspects import SuspectList
 from router_service.tokenizer import Tokenizer
+
+
+@runtime_checkable
+class NarrowingSource(Protocol):
+    """A local placement source that can list a model's nodes and only the matching ones."""
+
+    def members(self, model: str) -> list[NodeState]:
+        """Nodes of ``model``."""
+        ...
+
+    def matches_local(self, block_hashes: Sequence[int], model: str) -> dict[str, int]:
+        """Node id -> matched blocks, only for nodes holding a prefix."""
+        ...
+
+    def node(self, node_id: str) -> NodeState | None:
+        """A node by id."""
+        ...
+
+    def registry_block_size(self) -> int:
+        """The registry's block size."""
+        ...
+
 
 _MAX_FALLBACKS = 4
 _PRUNE_EVERY = 1024
@@ -54,6 +78,9 @@ class RouterCore:
         self.metrics = metrics
         self.suspects = SuspectList(clock)
         self._fallback = LeastLoadedPolicy()
+        self._narrower = Narrower(settings.max_candidates)
+        self._narrow_source = source if (settings.max_candidates and source.local
+                                         and isinstance(source, NarrowingSource)) else None
         if policies.get(settings.default_policy) is None:
             raise ValueError(f"--default-policy: unknown policy {settings.default_policy!r}; "
                              f"known: {', '.join(policies.names)}")
@@ -94,7 +121,8 @@ class RouterCore:
         try:
             policy, view, model = self._prepare(req)
             try:
-                placement: Placement | None = self.source.lookup_local(view.block_hashes, model)
+                placement: Placement | None
+                placement, view = self._lookup_local(policy, view, model)
                 why = ""
             except Unavailable as exc:
                 placement, why = None, exc.message
@@ -103,6 +131,21 @@ class RouterCore:
             self._count_error(req, exc)
             raise
         return out
+
+    def _lookup_local(self, policy: Policy, view: RequestView, model: str,
+                      ) -> tuple[Placement, RequestView]:
+        """The placement, narrowed to a bounded candidate set on large fleets when the source
+        and the policy allow it (:mod:`router_service.narrowing`)."""
+        src = self._narrow_source
+        if src is not None and getattr(policy, "narrowable", False):
+            members = src.members(model)
+            if len(members) > self.settings.max_candidates:
+                matches = src.matches_local(view.block_hashes, model)
+                pairs = self._narrower.select(members, matches, src.node, self.tracker.counts())
+                view = dataclasses.replace(view, fleet_nodes=len(members),
+                                           fleet_inflight=self.tracker.total_inflight)
+                return Placement(pairs, src.registry_block_size()), view
+        return self.source.lookup_local(view.block_hashes, model), view
 
     def _prepare(self, req: RouteRequest) -> tuple[Policy, RequestView, str]:
         name = req.policy or self.settings.default_policy
@@ -128,6 +171,10 @@ class RouterCore:
         if len(models) == 1:
             return models[0]
         if not models:
+            if not self.source.connected:
+                raise Unavailable(
+                    f"the router cannot reach its registry (no registry data for "
+                    f"{self.source.staleness_s():.1f} s) and knows no node; check --registry")
             raise Unavailable("no node is registered (model could not be defaulted)")
         raise InvalidArgument(f"model: required, the fleet serves several models "
                               f"({', '.join(models)}) and no --default-model is set")
@@ -154,7 +201,8 @@ class RouterCore:
         for n, _ in pairs:
             if n.prefill_tokens_per_s != tracker.rate(n.node_id) and n.prefill_tokens_per_s:
                 self._calibrated(n.node_id, n.prefill_tokens_per_s)
-        views = [NodeView(n.node_id, n.address, matched,
+        views = [NodeView(n.node_id, n.address,
+                          n.reusable_blocks(matched, view.block_size, view.prompt_tokens),
                           tracker.inflight(n.node_id)
                           + (remote.inflight(n.node_id) if remote is not None else 0),
                           n.queue_depth, n.running, n.used_blocks, n.capacity_blocks,

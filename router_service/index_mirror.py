@@ -30,6 +30,7 @@ class IndexMirror:
         self._index: PrefixIndex = BitmaskIndex() if index is None else index
         self._slots = SlotTable()
         self._members: dict[str, list[tuple[NodeState, int]]] = {}
+        self._member_nodes: dict[str, list[NodeState]] = {}
         """Per model: (node, slot) of its nodes, in arrival order; rebuilt when membership
         changes (a status update changes the NodeState in place)."""
         self.block_size = 0
@@ -58,11 +59,11 @@ class IndexMirror:
                 setattr(old, f, getattr(node, f))
             return
         if old is not None:  # the node now serves another model: its blocks stay its own
-            self._members.pop(old.model, None)
+            self._forget_model(old.model)
         slot = self._slots.assign(node.node_id, node.model)
         self._index.add_node(slot)
         self.nodes[node.node_id] = node
-        self._members.pop(node.model, None)
+        self._forget_model(node.model)
 
     def remove(self, node_id: str) -> None:
         """Forget a node and its blocks."""
@@ -71,7 +72,7 @@ class IndexMirror:
         if slot is not None:
             self._index.drop_node(slot)
         if node is not None:
-            self._members.pop(node.model, None)
+            self._forget_model(node.model)
 
     def apply_blocks(self, node_id: str, stored: Iterable[int], removed: Iterable[int],
                      cleared: bool) -> None:
@@ -91,6 +92,10 @@ class IndexMirror:
         """Blocks held for a node."""
         slot = self._slots.slot(node_id)
         return 0 if slot is None else self._index.count(slot)
+
+    def _forget_model(self, model: str) -> None:
+        self._members.pop(model, None)
+        self._member_nodes.pop(model, None)
 
     def _of_model(self, model: str) -> list[tuple[NodeState, int]]:
         members = self._members.get(model)
@@ -113,6 +118,14 @@ class IndexMirror:
             return [(n, 0) for n, _ in members]
         get = matched.get
         return [(n, get(s, 0)) for n, s in members]
+
+    def members(self, model: str) -> list[NodeState]:
+        """Nodes of ``model`` (a cached list; do not modify)."""
+        cached = self._member_nodes.get(model)
+        if cached is None:
+            cached = [n for n, _ in self._of_model(model)]
+            self._member_nodes[model] = cached
+        return cached
 
     def matches(self, block_hashes: Sequence[int], model: str) -> dict[str, int]:
         """Only the nodes of ``model`` holding a prefix: node id -> matched blocks.

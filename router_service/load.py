@@ -14,7 +14,7 @@ nothing here does I/O, so the bench runs the same code.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -122,6 +122,10 @@ class LoadTracker:
     def inflight(self, node_id: str) -> int:
         """Requests in flight on ``node_id``."""
         return self._count.get(node_id, 0)
+
+    def counts(self) -> Mapping[str, int]:
+        """Requests in flight per node with any (a live read-only view; no expiry sweep)."""
+        return self._count
 
     def inflight_by_node(self) -> dict[str, int]:
         """Requests in flight per node (nodes with none omitted)."""

@@ -28,6 +28,12 @@ class NodeState:
     running: int = 0
     eviction_rate: float = 0.0
     healthy: bool = True
+    engine_block_size: int = 0
+    """The engine's own block size in tokens (0 = not reported: the registry's)."""
+    engine_lookahead_tokens: int = 0
+    """Tokens after each block the engine's hashes cover (vLLM lookahead hashing)."""
+    index_state: int = 0
+    """The agent's IndexState (registry.proto); 0 = not reported."""
     prefill_tokens_per_s: float = 0.0
     """Prefill rate calibrated from the engine's metrics (0 = unknown: the router's flag)."""
 
@@ -36,13 +42,31 @@ class NodeState:
         """From a ListNodes / WatchPlacement record."""
         return cls(info.node_id, info.address, info.model, info.used_blocks,
                    info.capacity_blocks, info.queue_depth, info.running, info.eviction_rate,
-                   info.healthy, info.prefill_tokens_per_s)
+                   info.healthy, info.engine_block_size, info.engine_lookahead_tokens,
+                   int(info.index_state), prefill_tokens_per_s=info.prefill_tokens_per_s)
 
     @classmethod
     def from_match(cls, m: registry_pb2.NodeMatch, model: str) -> NodeState:
         """From a Lookup answer."""
         return cls(m.node_id, m.address, model, m.used_blocks, m.capacity_blocks,
-                   m.queue_depth, m.running, m.eviction_rate, m.healthy, m.prefill_tokens_per_s)
+                   m.queue_depth, m.running, m.eviction_rate, m.healthy, m.engine_block_size,
+                   m.engine_lookahead_tokens, int(m.index_state),
+                   prefill_tokens_per_s=m.prefill_tokens_per_s)
+
+    def reusable_blocks(self, matched: int, block_size: int, prompt_tokens: int) -> int:
+        """Registry blocks of a matched prefix this node's engine actually reuses.
+
+        Engines reuse whole engine blocks only (a 32-token engine block is 2 registry blocks
+        of 16: a match ending inside one does not count), and never the prompt's last token
+        (vLLM and SGLang recompute at least one token for its logits; with lookahead hashing
+        the last ``engine_lookahead_tokens``).
+        """
+        if matched <= 0 or block_size <= 0:
+            return 0
+        ebs = self.engine_block_size or block_size
+        limit = prompt_tokens - max(1, self.engine_lookahead_tokens)
+        tokens = min(matched * block_size, max(0, limit))
+        return (tokens // ebs * ebs) // block_size
 
 
 @dataclass(slots=True)

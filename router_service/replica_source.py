@@ -22,7 +22,7 @@ from kvroute.settings import TLSSettings
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from router_service.index_mirror import IndexMirror
 from router_service.placement import NodeState, Placement
-from router_service.retry import LinkNeverUp, reconnect_options, reconnect_retrying
+from router_service.retry import LinkLog, LinkNeverUp, reconnect_options, reconnect_retrying
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class ReplicaSource:
         self._task: asyncio.Task[None] | None = None
         self.events_applied = 0
         self.reconnects = 0
+        self._link_log = LinkLog(target, "placement watch (replica mode)")
 
     async def start(self) -> None:
         """Start following the registry in the background."""
@@ -87,12 +88,29 @@ class ReplicaSource:
 
     def lookup_local(self, block_hashes: Sequence[int], model: str) -> Placement:
         """:meth:`lookup`, synchronously (the mirror is in memory)."""
+        self._check_usable()
+        return Placement(self._index.lookup(block_hashes, model), self._index.block_size)
+
+    def _check_usable(self) -> None:
         if not self.usable():
             why = ("no snapshot received yet" if not self._index.complete
                    else f"registry link down for {self.staleness_s():.1f} s "
                         f"(> {self._max_staleness_s:g} s)")
             raise Unavailable(f"placement mirror unusable: {why}")
-        return Placement(self._index.lookup(block_hashes, model), self._index.block_size)
+
+    def members(self, model: str) -> list[NodeState]:
+        """Nodes of ``model`` in the mirror (for candidate narrowing; do not modify)."""
+        return self._index.members(model)
+
+    def matches_local(self, block_hashes: Sequence[int], model: str) -> dict[str, int]:
+        """Only the nodes holding a prefix (cost grows with the match); Unavailable when the
+        mirror is too stale, as :meth:`lookup_local`."""
+        self._check_usable()
+        return self._index.matches(block_hashes, model)
+
+    def node(self, node_id: str) -> NodeState | None:
+        """A node's state by id."""
+        return self._index.nodes.get(node_id)
 
     def last_known(self) -> list[NodeState]:
         """Nodes of the current mirror (last known when the link is down)."""
@@ -140,6 +158,7 @@ class ReplicaSource:
                         self._index, was_up = fresh, True
                         self._connected = True
                         self.reconnects += 1
+                        self._link_log.up()
                         log.info("placement mirror in sync: %d nodes, block size %d",
                                  len(fresh.nodes), fresh.block_size)
                 else:
@@ -153,12 +172,15 @@ class ReplicaSource:
             if was_up:
                 log.warning("registry watch ended: %s", _short(exc))
                 return
+            self._link_log.failed(exc)
             raise
         finally:
             self._mark_down()
             await channel.close(None)
         if not was_up:
-            raise LinkNeverUp("watch ended before its snapshot completed")
+            exc2 = LinkNeverUp("watch ended before its snapshot completed")
+            self._link_log.failed(exc2)
+            raise exc2
 
 
 def _short(exc: BaseException) -> str:

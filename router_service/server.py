@@ -11,13 +11,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
-from kvroute.grpcutil import add_health_and_reflection, bind
+from kvroute.aio import cancel_and_wait
+from kvroute.grpcutil import HealthReporter, add_health_and_reflection, bind
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
 from kvroute.telemetry import MetricsServer
 from kvroute.v1 import router_pb2, router_pb2_grpc
+from router_service.core import RouterCore
 from router_service.runtime import RoutingRuntime
 from router_service.servicer import RouterServicer
 from router_service.settings import RouterSettings
@@ -25,6 +28,25 @@ from router_service.settings import RouterSettings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+LIVENESS_SERVICE = "liveness"
+"""Health service that is SERVING while the process serves (liveness and startup probes);
+the server ("") and kvroute.v1.Router are NOT_SERVING until the router has known a node."""
+
+
+async def _serving_once_a_node_is_known(core: RouterCore, health: HealthReporter,
+                                        poll_s: float = 0.1) -> None:
+    """Report SERVING from the first moment the router knows a node, and stay so.
+
+    Until then every Route would fail (nothing to route to), so readiness must fail too. Once
+    a node was known, a lost registry link degrades routing to the last known nodes instead,
+    and health stays SERVING.
+    """
+    while True:
+        if core.known_nodes():
+            break
+        await asyncio.sleep(poll_s)
+    await health.set_serving(True)
+    log.info("router ready: %d node(s) known; gRPC health SERVING", len(core.known_nodes()))
 
 
 async def serve(settings: RouterSettings,
@@ -37,24 +59,28 @@ async def serve(settings: RouterSettings,
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
+    await health.set_serving(False)  # grpc's servicer starts "" as SERVING
     port = bind(server, s.listen, s.server_tls)
     mhost, mport = parse_hostport(s.metrics_listen, "metrics_listen")
     metrics_server = MetricsServer(registry, mhost, mport)
     await runtime.start()
     await server.start()
     bound_metrics = metrics_server.start()
-    await health.set_serving(True)
+    await health.servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    ready = asyncio.create_task(_serving_once_a_node_is_known(core, health), name="readiness")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     write_ready_file(s.ready_file, {"grpc_port": port, "metrics_port": bound_metrics,
                                     "pid": os.getpid()})
-    log.info("router serving on port %d (metrics %d): %s; settings %s", port, bound_metrics,
-             core.describe(), describe(s))
+    log.info("router serving on port %d (metrics %d; gRPC health NOT_SERVING until a node is "
+             "known): %s; settings %s", port, bound_metrics, core.describe(), describe(s))
     await stop.wait()
     log.info("draining (up to %.1f s)", s.drain_timeout_s)
+    await cancel_and_wait(ready)
     await health.set_serving(False)
+    await health.servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(s.drain_timeout_s)
     await runtime.stop()
     with contextlib.suppress(Exception):

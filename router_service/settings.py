@@ -55,6 +55,11 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
         2.0, "Longest back-off between reconnect attempts to the registry (jittered)")
     node_cache_ttl_s: float = setting(
         2.0, "How long the node list from ListNodes is reused before asking again (stream mode)")
+    max_candidates: int = setting(
+        32, "Fleets with more nodes than this per model: kv_aware and least_loaded score only "
+            "the half of this many nodes holding the longest prefix plus the half least loaded "
+            "(by this router's in-flight count), so a decision's cost does not grow with the "
+            "fleet; smaller fleets are scored whole. 0 = always score every node")
     replica_max_staleness_s: float = setting(
         5.0, "Replica mode: once the registry link has been down this long, the replica is "
              "no longer trusted and decisions degrade to least_loaded")
@@ -88,6 +93,8 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
         require(0 <= self.max_token_id <= 2**32 - 1, "max_token_id", "must be in 0..2**32-1")
         require(self.inflight_timeout_s > 0, "inflight_timeout_s", "must be > 0")
         require(self.max_tracked_requests >= 1, "max_tracked_requests", "must be >= 1")
+        require(self.max_candidates == 0 or self.max_candidates >= 4, "max_candidates",
+                "must be 0 (off) or >= 4")
         require(0 <= self.share_max_blocks <= 256, "share_max_blocks", "must be in 0..256")
         require(len(self.router_replica_id) <= 256, "router_replica_id",
                 "must be at most 256 characters")

@@ -33,6 +33,7 @@ from kvroute.settings import TLSSettings
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from router_service.placement import NodeState, Placement
 from router_service.retry import (
+    LinkLog,
     LinkNeverUp,
     call_retrying,
     reconnect_options,
@@ -76,6 +77,7 @@ class StreamSource:
         self._nodes_at = float("-inf")
         self._block_size = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._link_log = LinkLog(target, "lookup stream (stream mode)")
 
     async def start(self) -> None:
         """Connect in the background."""
@@ -179,6 +181,7 @@ class StreamSource:
                 await call.wait_for_connection()
             writer = asyncio.create_task(self._writer(call, queue), name="lookup-writer")
             was_up = self._connected = True
+            self._link_log.up()
             log.info("registry lookup stream up")
             while True:
                 resp = await call.read()
@@ -193,6 +196,7 @@ class StreamSource:
             raise
         except (grpc.aio.AioRpcError, TimeoutError) as exc:
             if not was_up:
+                self._link_log.failed(exc)
                 raise LinkNeverUp(str(exc)) from exc
             log.warning("registry lookup stream lost: %s", exc)
         finally:
@@ -208,7 +212,9 @@ class StreamSource:
                 if not fut.done():
                     fut.set_exception(Unavailable("registry lookup stream lost"))
         if not was_up:
-            raise LinkNeverUp("lookup stream ended before it was up")
+            ended = LinkNeverUp("lookup stream ended before it was up")
+            self._link_log.failed(ended)
+            raise ended
 
     async def _refresh_nodes_loop(self) -> None:
         while True:

@@ -3,12 +3,16 @@
 # and validate every object strictly against the Kubernetes schemas with kubernetes-validate
 # (1.31 and the newest version it ships). No API server is needed. Any warning fails: a
 # deprecated kustomize field (commonLabels, ...), an unknown kind or field, a missing schema.
+# Prometheus Operator objects (PrometheusRule, PodMonitor) have no schema there: they are checked
+# by scripts/check_prometheus_objects.py (fields, durations; promtool check rules if installed).
 #   scripts/check_k8s.sh            (kubectl and kubernetes-validate on PATH; CI puts $VENV/bin first)
 #   K8S_VERSIONS="1.31.0 1.34.0" scripts/check_k8s.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v kubectl >/dev/null || { echo "check_k8s: kubectl not found on PATH" >&2; exit 1; }
+python=${PYTHON:-python3}
+command -v kubernetes-validate >/dev/null && python=$(dirname "$(command -v kubernetes-validate)")/python
 if command -v kubernetes-validate >/dev/null; then
   validate=(kubernetes-validate)
 else
@@ -37,8 +41,13 @@ for dir in "${dirs[@]}"; do
     echo "FAIL $dir: kustomize warned:"; sed 's/^/  /' "$out/$name.err"; bad=1
   fi
   objects=$(grep -c '^kind:' "$out/$name.yaml" || true)
+  # Prometheus Operator objects (no schema in kubernetes-validate) are checked on their own.
+  if ! report=$("$python" scripts/check_prometheus_objects.py "$out/$name.yaml" \
+                  "$out/$name.core.yaml" 2>&1); then
+    echo "FAIL $dir: Prometheus Operator objects:"; echo "$report" | sed 's/^/  /'; bad=1
+  fi
   for version in $versions; do
-    report=$("${validate[@]}" --strict --quiet -k "$version" "$out/$name.yaml" 2>&1) && rc=0 || rc=$?
+    report=$("${validate[@]}" --strict --quiet -k "$version" "$out/$name.core.yaml" 2>&1) && rc=0 || rc=$?
     if [[ $rc -ne 0 || -n "$report" ]]; then
       echo "FAIL $dir against Kubernetes $version:"; echo "$report" | sed 's/^/  /'; bad=1
     fi

@@ -24,6 +24,46 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _IndexState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IndexStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IndexState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INDEX_STATE_UNSPECIFIED: _IndexState.ValueType  # 0
+    """Not reported (agents before this field): taken as complete."""
+    INDEX_STATE_COMPLETE: _IndexState.ValueType  # 1
+    """Every batch the engine published since its cache was last empty has been applied."""
+    INDEX_STATE_PARTIAL: _IndexState.ValueType  # 2
+    """Batches were missed (joined after the engine without a replay socket, an engine restart
+    whose first batches were lost, a gap older than the replay buffer): matches are real, but
+    blocks the engine holds may be missing.
+    """
+    INDEX_STATE_NO_EVENTS: _IndexState.ValueType  # 3
+    """No usable batch received yet (idle engine, wrong endpoint, or a topic that does not match):
+    the index is empty whatever the engine holds.
+    """
+
+class IndexState(_IndexState, metaclass=_IndexStateEnumTypeWrapper):
+    """How complete a node agent's view of its engine's cache is. The router may weigh a node whose
+    index is not complete (its misses may be false); the agent says why in `index_note`.
+    """
+
+INDEX_STATE_UNSPECIFIED: IndexState.ValueType  # 0
+"""Not reported (agents before this field): taken as complete."""
+INDEX_STATE_COMPLETE: IndexState.ValueType  # 1
+"""Every batch the engine published since its cache was last empty has been applied."""
+INDEX_STATE_PARTIAL: IndexState.ValueType  # 2
+"""Batches were missed (joined after the engine without a replay socket, an engine restart
+whose first batches were lost, a gap older than the replay buffer): matches are real, but
+blocks the engine holds may be missing.
+"""
+INDEX_STATE_NO_EVENTS: IndexState.ValueType  # 3
+"""No usable batch received yet (idle engine, wrong endpoint, or a topic that does not match):
+the index is empty whatever the engine holds.
+"""
+Global___IndexState: _TypeAlias = IndexState  # noqa: Y015
+
 @_typing.final
 class RegisterNodeRequest(_message.Message):
     """RegisterNode input."""
@@ -151,6 +191,12 @@ class HeartbeatRequest(_message.Message):
     CLEARED_FIELD_NUMBER: _builtins.int
     DELTA_SEQ_FIELD_NUMBER: _builtins.int
     CAPACITY_BLOCKS_FIELD_NUMBER: _builtins.int
+    ENGINE_BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    ENGINE_LOOKAHEAD_TOKENS_FIELD_NUMBER: _builtins.int
+    INDEX_STATE_FIELD_NUMBER: _builtins.int
+    INDEX_NOTE_FIELD_NUMBER: _builtins.int
+    STORED_OFFLOADED_FIELD_NUMBER: _builtins.int
+    REMOVED_OFFLOADED_FIELD_NUMBER: _builtins.int
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
@@ -173,6 +219,20 @@ class HeartbeatRequest(_message.Message):
     """
     capacity_blocks: _builtins.int
     """Total KV capacity in blocks, when it changed since registration (0 = unchanged)."""
+    engine_block_size: _builtins.int
+    """The engine's own block (page) size in tokens, as seen in its KV events (0 = not known yet).
+    The engine reuses whole engine blocks only, so the router rounds a matched prefix down to
+    whole engine blocks (a 32-token engine block is 2 registry blocks of 16).
+    """
+    engine_lookahead_tokens: _builtins.int
+    """Tokens after each block that the engine's block hash also covers (vLLM spec-decode
+    lookahead hashing, `lookahead_token_ids`); 0 = none. The engine never reuses the last
+    max(1, this) tokens of a prompt.
+    """
+    index_state: Global___IndexState.ValueType
+    """How complete the agent's view of the engine's cache is (see IndexState)."""
+    index_note: _builtins.str
+    """What the agent saw that made the index incomplete (for operators; empty when complete)."""
     prefill_tokens_per_s: _builtins.float
     """-- issue 19 (router's view of load) -------------------------------------------------------
     Prefill throughput of the engine in tokens/s, measured by the agent from the engine's
@@ -185,6 +245,18 @@ class HeartbeatRequest(_message.Message):
     @_builtins.property
     def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Canonical hashes of blocks evicted since the last heartbeat."""
+
+    @_builtins.property
+    def stored_offloaded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Canonical hashes now held on an offloading medium (vLLM/SGLang `medium` CPU, CPU_PINNED,
+        DISK...: a lower tier the engine can load back faster than recomputing), since the last
+        heartbeat. Same delta_seq and acknowledgement as `stored`; `cleared` clears this tier too.
+        Registries of this version validate them but do not index them yet (see node_agent/README).
+        """
+
+    @_builtins.property
+    def removed_offloaded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Canonical hashes no longer held on any offloading medium, since the last heartbeat."""
 
     def __init__(
         self,
@@ -200,11 +272,17 @@ class HeartbeatRequest(_message.Message):
         cleared: _builtins.bool = ...,
         delta_seq: _builtins.int = ...,
         capacity_blocks: _builtins.int = ...,
+        engine_block_size: _builtins.int = ...,
+        engine_lookahead_tokens: _builtins.int = ...,
+        index_state: Global___IndexState.ValueType = ...,
+        index_note: _builtins.str = ...,
+        stored_offloaded: _abc.Iterable[_builtins.int] | None = ...,
+        removed_offloaded: _abc.Iterable[_builtins.int] | None = ...,
         prefill_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "epoch", b"epoch", "evictions_total", b"evictions_total", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "removed", b"removed", "running", b"running", "stored", b"stored", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "evictions_total", b"evictions_total", "index_note", b"index_note", "index_state", b"index_state", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "removed", b"removed", "removed_offloaded", b"removed_offloaded", "running", b"running", "stored", b"stored", "stored_offloaded", b"stored_offloaded", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -254,6 +332,7 @@ class ResyncRequest(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     USED_BLOCKS_FIELD_NUMBER: _builtins.int
+    OFFLOADED_BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
     epoch: _builtins.int
@@ -264,6 +343,12 @@ class ResyncRequest(_message.Message):
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """A batch of canonical block hashes the engine holds now."""
 
+    @_builtins.property
+    def offloaded_block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Canonical hashes of blocks held on an offloading medium (the lower tier); all messages
+        together are the node's complete offloaded set.
+        """
+
     def __init__(
         self,
         *,
@@ -271,10 +356,11 @@ class ResyncRequest(_message.Message):
         epoch: _builtins.int = ...,
         block_hashes: _abc.Iterable[_builtins.int] | None = ...,
         used_blocks: _builtins.int = ...,
+        offloaded_block_hashes: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "epoch", b"epoch", "node_id", b"node_id", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "epoch", b"epoch", "node_id", b"node_id", "offloaded_block_hashes", b"offloaded_block_hashes", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -407,6 +493,10 @@ class NodeMatch(_message.Message):
     EVICTION_RATE_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
     BLOCKS_INDEXED_FIELD_NUMBER: _builtins.int
+    ENGINE_BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    ENGINE_LOOKAHEAD_TOKENS_FIELD_NUMBER: _builtins.int
+    INDEX_STATE_FIELD_NUMBER: _builtins.int
+    INDEX_NOTE_FIELD_NUMBER: _builtins.int
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
@@ -430,6 +520,14 @@ class NodeMatch(_message.Message):
     """False when the node is draining or its heartbeats are late."""
     blocks_indexed: _builtins.int
     """Blocks indexed for the node."""
+    engine_block_size: _builtins.int
+    """The engine's own block size in tokens (0 = not reported); see HeartbeatRequest."""
+    engine_lookahead_tokens: _builtins.int
+    """Lookahead tokens the engine's block hashes cover (0 = none); see HeartbeatRequest."""
+    index_state: Global___IndexState.ValueType
+    """How complete the node's index is (see IndexState)."""
+    index_note: _builtins.str
+    """Why the index is not complete (empty when it is)."""
     prefill_tokens_per_s: _builtins.float
     """-- issue 19 --------------------------------------------------------------------------------
     Prefill throughput measured from the engine's metrics, tokens/s (0 = not measured yet).
@@ -448,11 +546,15 @@ class NodeMatch(_message.Message):
         eviction_rate: _builtins.float = ...,
         healthy: _builtins.bool = ...,
         blocks_indexed: _builtins.int = ...,
+        engine_block_size: _builtins.int = ...,
+        engine_lookahead_tokens: _builtins.int = ...,
+        index_state: Global___IndexState.ValueType = ...,
+        index_note: _builtins.str = ...,
         prefill_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -587,6 +689,10 @@ class NodeInfo(_message.Message):
     LEASE_REMAINING_S_FIELD_NUMBER: _builtins.int
     LAST_HEARTBEAT_UNIX_MS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    ENGINE_BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    ENGINE_LOOKAHEAD_TOKENS_FIELD_NUMBER: _builtins.int
+    INDEX_STATE_FIELD_NUMBER: _builtins.int
+    INDEX_NOTE_FIELD_NUMBER: _builtins.int
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
@@ -620,6 +726,14 @@ class NodeInfo(_message.Message):
     """Wall-clock time of the last heartbeat seen, milliseconds since the Unix epoch."""
     usage: _builtins.float
     """used_blocks / capacity_blocks."""
+    engine_block_size: _builtins.int
+    """The engine's own block size in tokens (0 = not reported); see HeartbeatRequest."""
+    engine_lookahead_tokens: _builtins.int
+    """Lookahead tokens the engine's block hashes cover (0 = none); see HeartbeatRequest."""
+    index_state: Global___IndexState.ValueType
+    """How complete the node's index is (see IndexState)."""
+    index_note: _builtins.str
+    """Why the index is not complete (empty when it is)."""
     prefill_tokens_per_s: _builtins.float
     """-- issue 19 --------------------------------------------------------------------------------
     Prefill throughput measured from the engine's metrics, tokens/s (0 = not measured yet).
@@ -648,11 +762,15 @@ class NodeInfo(_message.Message):
         lease_remaining_s: _builtins.float = ...,
         last_heartbeat_unix_ms: _builtins.int = ...,
         usage: _builtins.float = ...,
+        engine_block_size: _builtins.int = ...,
+        engine_lookahead_tokens: _builtins.int = ...,
+        index_state: Global___IndexState.ValueType = ...,
+        index_note: _builtins.str = ...,
         prefill_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,6 +59,14 @@ class NodeStatus:
     capacity_blocks: int = 0
     eviction_rate: float = 0.0
     heartbeat_unix_ms: int = 0
+    engine_block_size: int = 0
+    """The engine's own block size in tokens (0 = not reported)."""
+    engine_lookahead_tokens: int = 0
+    """Tokens after each block the engine's block hashes cover (0 = none)."""
+    index_state: int = 0
+    """The agent's IndexState (registry.proto; 0 = not reported)."""
+    index_note: str = ""
+    """Why the agent's index is not complete."""
     prefill_tokens_per_s: float = 0.0
     """Engine prefill rate measured by the agent (issue 19; 0 = not measured)."""
 

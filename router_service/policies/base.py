@@ -74,6 +74,10 @@ class RequestView:
     """Session id, or None (policies may derive a prompt-prefix key instead)."""
     output_tokens: int = 0
     """Expected output tokens (0 = unknown)."""
+    fleet_nodes: int = 0
+    """Nodes of the model when the core narrowed the candidates (0 = the candidates are all)."""
+    fleet_inflight: int = 0
+    """Requests in flight over the whole fleet, with ``fleet_nodes`` (load-cap mean)."""
 
 
 @dataclass(frozen=True, slots=True)

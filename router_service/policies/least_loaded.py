@@ -23,6 +23,8 @@ class LeastLoadedPolicy:
     """
 
     name = "least_loaded"
+    narrowable = True
+    """The least-loaded nodes are always among the narrowed candidates."""
 
     def choose(self, request: RequestView, nodes: Sequence[NodeView]) -> Decision:
         """The least-loaded healthy node."""

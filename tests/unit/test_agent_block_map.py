@@ -94,13 +94,24 @@ def test_partial_last_page_is_never_a_full_block() -> None:
     assert m.skipped["unknown_removed"] == 0
 
 
-def test_medium_policy_device_ignores_offloaded_copies() -> None:
-    m, _ = _map()
+def test_medium_policy_device_reports_offloaded_copies_as_the_lower_tier() -> None:
+    m, d = _map()
+    c = hash_blocks(TOKS[:32], 16)
     m.apply(_stored([1], None, TOKS[:16], medium="CPU"))
-    assert m.held_blocks == 0 and m.skipped["other_medium"] == 1
-    m.apply(_stored([1], None, TOKS[:16]))
+    m.apply(_stored([2], 1, TOKS[16:32], medium="CPU"))  # chains through the offloaded parent
+    assert m.held_blocks == 0 and m.offloaded_blocks == 2
+    b = d.take()
+    assert b.stored == [] and b.stored_offloaded == c
+    d.ack(b)
+    m.apply(_stored([1], None, TOKS[:16]))  # loaded back onto the GPU: both tiers
     m.apply(Removed((1,), medium="CPU"))
-    assert m.held_blocks == 1
+    assert m.held_blocks == 1 and m.offloaded_blocks == 1
+    b = d.take()
+    assert b.stored == c[:1] and b.removed_offloaded == c[:1]
+    m.apply(Removed((1,)))
+    assert m.held_blocks == 0 and m.evictions_total == 1 and m.engine_blocks == 1
+    m.apply(Cleared())
+    assert m.offloaded_blocks == 0 and m.offloaded_hashes() == []
 
 
 def test_medium_policy_any_keeps_a_block_while_some_medium_holds_it() -> None:

@@ -199,3 +199,36 @@ def test_fuzz_mutated_recorded_payloads_never_raise(name: str, pos: int, byte: i
     data[pos % len(data)] = byte
     _check(VllmParser(), bytes(data))
     _check(SglangParser(), bytes(data[: pos % (len(data) + 1)]))
+
+
+def test_vllm_extra_keys_split_into_lora_salt_and_unreproducible_keys() -> None:
+    from node_agent.parse_vllm import split_extra_keys
+    # LoRA name in every block, salt only in the prompt's first block (vLLM's order)
+    assert split_extra_keys((("a", "s"), ("a",)), "a", True) == ("s", None)
+    # a run that continues a prompt: a string there is not a salt, it stays (unmatchable)
+    assert split_extra_keys((("s",),), None, False) == (None, (("s",),))
+    # multimodal (id, offset) pairs and embedding digests stay per block
+    salt, rest = split_extra_keys((None, (("img", 4), "s2")), None, True)
+    assert salt is None and rest == (None, (("img", 4), "s2"))
+    assert split_extra_keys(None, "a", True) == (None, None)
+
+
+def test_bigram_pages_read_as_tokens_and_bad_pairs_are_counted() -> None:
+    ev = {"type": "BlockStored", "block_hashes": [-5], "parent_block_hash": None,
+          "token_ids": [[7, 8], [8, 9], [9, 10]], "block_size": 3, "lora_id": None}
+    p = SglangParser()
+    batch = p.parse(msgspec.msgpack.encode([1.0, [ev], 0]))
+    assert batch is not None and batch.events[0].token_ids == (7, 8, 9)  # type: ignore[union-attr]
+    ev["token_ids"] = [[7, 8], [5, 9]]  # does not chain
+    p.parse(msgspec.msgpack.encode([1.0, [ev], 0]))
+    assert p.stats.errors["field_type"] == 1
+
+
+def test_sglang_lora_name_is_read() -> None:
+    ev = {"type": "BlockStored", "block_hashes": [1], "parent_block_hash": None,
+          "token_ids": list(range(16)), "block_size": 16, "lora_id": None,
+          "cache_salt": "t", "session_id": "x", "lora_name": "sql"}
+    batch = SglangParser().parse(msgspec.msgpack.encode([1.0, [ev], 0]))
+    assert batch is not None
+    got = batch.events[0]
+    assert isinstance(got, Stored) and (got.lora_name, got.cache_salt) == ("sql", "t")

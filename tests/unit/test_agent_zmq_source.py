@@ -15,7 +15,7 @@ import zmq
 import zmq.asyncio
 
 from kvroute.procs import free_port
-from node_agent.events import EngineBatch, SignalKind, SourceItem, SourceSignal
+from node_agent.events import EngineBatch, IndexState, SignalKind, SourceItem, SourceSignal
 from node_agent.parse_vllm import VllmParser
 from node_agent.zmq_source import END_SEQ, ZmqEventSource
 
@@ -134,13 +134,27 @@ def make_source(pub: TestPublisher, replay: bool = True,
                           else "", topic="kv", replay_timeout_s=replay_timeout_s)
 
 
+async def started(col: Collector) -> None:
+    """Until the source's replay at start was answered."""
+    for _ in range(500):
+        if col.source.health.state is not IndexState.NO_EVENTS:
+            return
+        await asyncio.sleep(0.01)
+
+
 @contextlib.asynccontextmanager
-async def rig(replay: bool = True, replay_timeout_s: float = 3.0, **kw: object,
-              ) -> AsyncIterator[tuple[TestPublisher, Collector]]:
+async def rig(replay: bool = True, replay_timeout_s: float = 3.0, before: int = 0,
+              **kw: object) -> AsyncIterator[tuple[TestPublisher, Collector]]:
+    """A publisher and a running source; ``before`` batches are published (unheard) before the
+    source starts. Returns once the source's replay at start has been answered."""
     pub = TestPublisher(**kw)  # type: ignore[arg-type]
+    for _ in range(before):
+        await pub.publish(drop=True)
     col = Collector(make_source(pub, replay, replay_timeout_s))
     try:
         await pub.wait_subscribed()
+        if replay and kw.get("reply_shape") != "silent":
+            await started(col)
         yield pub, col
     finally:
         await col.close()
@@ -169,7 +183,7 @@ async def test_gap_is_recovered_by_replay(shape: str) -> None:
         items = await col.take(5)
         assert [i.seq for i in items if isinstance(i, EngineBatch)] == [0, 1, 2, 3, 4]
         assert desc(items)[1:3] == [(1, True), (2, True)]
-        assert pub.replay_requests == [1]
+        assert pub.replay_requests == [0, 1]  # the replay at start, then the gap
         st = col.source.stats
         assert (st.gaps, st.replays, st.events_lost, st.replays_failed) == (1, 1, 0, 0)
         assert col.items.empty()
@@ -202,7 +216,7 @@ async def test_replay_timeout_is_a_lost_gap() -> None:
         await pub.publish()
         items = await col.take(3)
         assert desc(items) == [(0, False), "events_lost", (2, False)]
-        assert col.source.stats.replays_failed == 1
+        assert col.source.stats.replays_failed == 2  # the replay at start and the gap
 
 
 async def test_sequence_back_to_zero_is_an_engine_restart() -> None:
@@ -227,18 +241,49 @@ async def test_restart_whose_first_batches_were_missed_replays_from_zero() -> No
         await pub.publish()
         items = await col.take(7)
         assert desc(items)[4:] == ["engine_restart", (0, True), (1, True)]
-        assert pub.replay_requests == [0]
+        assert pub.replay_requests == [0, 0]  # at start, then after the restart
         assert SignalKind.ENGINE_RESTART.value in desc(items)
 
 
 async def test_late_join_replays_from_zero_without_a_resync() -> None:
-    async with rig() as (pub, col):
-        for _ in range(3):
-            await pub.publish(drop=True)  # published before the agent listened
+    async with rig(before=3) as (pub, col):  # 3 batches published before the agent started
+        items = await col.take(3)  # learned at start, although the engine is idle
+        assert desc(items) == [(0, True), (1, True), (2, True)]
         await pub.publish()
-        items = await col.take(4)
-        assert desc(items) == [(0, True), (1, True), (2, True), (3, True)]
+        assert desc(await col.take(1)) == [(3, False)]
         assert col.source.stats.events_lost == 0 and col.source.stats.gaps == 0
+        assert col.source.health.state is IndexState.COMPLETE
+
+
+async def test_late_join_past_the_buffer_is_partial_and_says_so() -> None:
+    async with rig(before=5, buffer_steps=2) as (_pub, col):
+        assert desc(await col.take(2)) == [(3, True), (4, True)]
+        assert col.source.health.state is IndexState.PARTIAL
+        assert "seq 3" in col.source.health.note and col.source.stats.late_joins == 1
+
+
+async def test_late_join_without_replay_is_partial_and_says_so() -> None:
+    async with rig(replay=False, before=2) as (pub, col):
+        assert col.source.health.state is IndexState.NO_EVENTS
+        await pub.publish()
+        assert desc(await col.take(1)) == [(2, False)]
+        assert col.source.health.state is IndexState.PARTIAL
+        assert "first engine batch seen is seq 2" in col.source.health.note
+
+
+async def test_other_topic_is_counted_logged_and_named(caplog: pytest.LogCaptureFixture,
+                                                        ) -> None:
+    async with rig(topic=b"llm@10.0.0.5@conf-model") as (pub, col):  # agent: --topic kv
+        for _ in range(3):
+            await pub.publish()
+        for _ in range(100):
+            if col.source.stats.topic_mismatches == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert col.source.stats.topic_mismatches == 3 and col.items.empty()
+        # the replay at start answered, but no batch under our topic was ever applied
+        assert "llm@10.0.0.5@conf-model" in caplog.text
+        assert "llm@10.0.0.5@conf-model" in col.source.health.note
 
 
 async def test_malformed_frames_and_payloads_are_skipped() -> None:
@@ -262,6 +307,7 @@ async def test_reconnect_to_a_new_engine_is_a_restart_even_without_new_live_batc
     col = Collector(make_source(pub))
     try:
         await pub.wait_subscribed()
+        await started(col)
         for _ in range(3):
             await pub.publish()
         assert desc(await col.take(3)) == [(0, False), (1, False), (2, False)]
@@ -298,5 +344,7 @@ async def test_reconnect_without_replay_socket_is_treated_as_a_restart() -> None
         await pub.rebind_pub()
         assert desc(await col.take(1)) == ["engine_restart"]
         await pub.subscribed_again()
-        await pub.publish()  # seq 2 of the new connection: no gap signal
-        assert desc(await col.take(1)) == [(2, False)]
+        await pub.publish()  # seq 2: as a new engine's, batches 0..1 were never seen
+        assert desc(await col.take(2)) == ["events_lost", (2, False)]
+        assert col.source.health.state is IndexState.PARTIAL
+        assert col.source.stats.events_lost == 1

@@ -43,9 +43,9 @@ def test_hits_are_what_the_engine_cache_served() -> None:
     run = simulate(wl, _Fixed("node-1"), cfg)
     assert run.node == [1, 1, 1]
     # the engine computes at least the last prompt token: a fully cached prompt recomputes its
-    # last block (the router's belief does not know that rule)
+    # last block, and the router's prediction applies the same rule (NodeState.reusable_blocks)
     assert run.cached_tokens == [0, 48, 48]
-    assert run.predicted_cached_tokens == [0, 48, 64]
+    assert run.predicted_cached_tokens == [0, 48, 48]
     # prefill = uncached tokens / rate; each output token after the first takes decode time
     assert run.ttft_s == [3.0, 1.0, 1.0]
     assert math.isclose(run.e2e_s[0], 3.0 + 9 * 0.1)
@@ -69,7 +69,8 @@ def test_stale_belief_shows_as_predicted_above_actual() -> None:
                             _req(2, 101.0, (1, 2))])
     cfg = SimSettings(nodes=1, cache_blocks=3, block_size=16, heartbeat_delay_s=50.0)
     run = simulate(wl, _Fixed("node-0"), cfg)
-    assert run.predicted_cached_tokens[2] == 32 and run.cached_tokens[2] == 0
+    # believed: both blocks, of which the engine would reuse 16 tokens (last token recomputed)
+    assert run.predicted_cached_tokens[2] == 16 and run.cached_tokens[2] == 0
 
 
 def test_bounds_order_and_every_policy_serves_everything() -> None:

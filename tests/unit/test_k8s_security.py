@@ -5,7 +5,6 @@ resources, and TLS material mounted from Secrets where the settings point."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 from tests.unit.test_k8s_manifests import (
@@ -175,14 +174,22 @@ def test_production_etcd_serves_tls_to_clients_and_peers() -> None:
     assert etcd.env["ETCD_LISTEN_METRICS_URLS"].startswith("http://")
 
 
-def test_tls_probe_script_is_mounted_and_run_by_the_image_python() -> None:
+def test_tls_probes_run_kvroute_health_with_the_pods_own_certificates() -> None:
+    from cli.main import build_parser
+
     for c in containers(render(K8S / "overlays" / "production")):
         if c.role not in ("registry", "router"):
             continue
+        for var in ("KVROUTE_TLS_CA_FILE", "KVROUTE_TLS_CERT_FILE", "KVROUTE_TLS_KEY_FILE"):
+            vol = _mounted_from(c, c.env[var])  # what `kvroute health` presents and trusts
+            assert vol is not None and "secret" in vol, var
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             cmd = c.spec[kind]["exec"]["command"]
-            assert cmd[0] == "/opt/kvroute/bin/python", cmd
-            vol = _mounted_from(c, cmd[1])
-            assert vol is not None and "configMap" in vol, cmd
-            assert Path(cmd[1]).name == "grpc_health_tls.py"
-            assert (K8S / "components" / "tls" / "grpc_health_tls.py").is_file()
+            assert cmd[:2] == ["/opt/kvroute/bin/kvroute", "health"], cmd
+            args = build_parser().parse_args(cmd[1:])
+            port = {"registry": 50051, "router": 50052}[c.role]
+            assert args.server == f"127.0.0.1:{port}"
+            assert args.tls_server_name == f"kvroute-{c.role}"
+            # A router is NOT_SERVING until it knows a node: only readiness may wait for that.
+            want = "liveness" if c.role == "router" and kind != "readinessProbe" else ""
+            assert args.service == want, (c.role, kind)

@@ -232,3 +232,26 @@ async def test_a_delta_too_big_for_one_etcd_value_becomes_a_snapshot(reg: Reg) -
         assert await lookup(reg, [1, 2, 3]) == {"a": 3}
     finally:
         core_mod.DELTA_KEY_MAX_BYTES = old
+
+
+async def test_engine_block_size_and_index_state_reach_lookup_and_list(reg: Reg) -> None:
+    a = await register(reg, "a")
+    await reg.stub.Heartbeat(pb.HeartbeatRequest(
+        node_id="a", epoch=a.epoch, stored=[1, 2], delta_seq=1, engine_block_size=32,
+        engine_lookahead_tokens=1, index_state=pb.INDEX_STATE_PARTIAL,
+        index_note="joined late", stored_offloaded=[7]))
+    m = (await reg.stub.Lookup(pb.LookupRequest(block_hashes=[1, 2], model="m"))).nodes[0]
+    assert (m.matched_blocks, m.engine_block_size, m.engine_lookahead_tokens) == (2, 32, 1)
+    assert (m.index_state, m.index_note) == (pb.INDEX_STATE_PARTIAL, "joined late")
+    n = (await reg.stub.ListNodes(pb.ListNodesRequest())).nodes[0]
+    assert (n.engine_block_size, n.index_state, n.index_note) == (
+        32, pb.INDEX_STATE_PARTIAL, "joined late")
+    for bad in (dict(engine_block_size=1 << 17), dict(index_note="x" * 600),
+                dict(stored_offloaded=list(range(1001)))):
+        code, msg = await code_of(reg.stub.Heartbeat(pb.HeartbeatRequest(
+            node_id="a", epoch=a.epoch, **bad)))  # type: ignore[arg-type]
+        assert code in (Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED), (bad, msg)
+    bad_state = pb.HeartbeatRequest(node_id="a", epoch=a.epoch)
+    bad_state.index_state = 9  # type: ignore[assignment]
+    code, msg = await code_of(reg.stub.Heartbeat(bad_state))
+    assert code == Code.INVALID_ARGUMENT and "index_state" in msg

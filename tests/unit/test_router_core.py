@@ -95,3 +95,24 @@ def test_a_departed_nodes_queued_prefill_is_forgotten() -> None:
         del src.nodes[n]
     core._forget_departed()
     assert core.tracker.pending_nodes() == []
+
+
+def test_a_large_fleet_is_narrowed_to_the_best_matches_and_the_least_loaded() -> None:
+    from router_service.index_mirror import IndexMirror
+    from router_service.narrowing import Narrower
+    from router_service.placement import NodeState
+
+    mirror = IndexMirror()
+    for i in range(100):
+        mirror.upsert(NodeState(f"n{i:03}", f"h{i}:1", "m"))
+    mirror.apply_blocks("n042", HASHES[:5], (), False)
+    mirror.apply_blocks("n007", HASHES[:2], (), False)
+    narrower = Narrower(8)
+    counts = {f"n{i:03}": 3 for i in range(0, 100, 2)}  # even nodes busy
+    pairs = narrower.select(mirror.members("m"), mirror.matches(HASHES, "m"),
+                            mirror.nodes.get, counts)
+    got = {n.node_id: m for n, m in pairs}
+    assert got["n042"] == 5 and got["n007"] == 2
+    assert len(got) <= 8
+    idle = [nid for nid in got if nid not in ("n042", "n007")]
+    assert idle and all(nid not in counts for nid in idle)

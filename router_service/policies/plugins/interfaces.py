@@ -27,7 +27,9 @@ class Cycle:
     matched: list[int]
     """Effective prefix overlap of each node, in blocks (same order as ``nodes``)."""
     total_inflight: int
-    """Requests in flight over all candidates."""
+    """Requests in flight over the fleet (all candidates, unless the core narrowed them)."""
+    fleet_nodes: int = 0
+    """Nodes the load is spread over (0 = ``len(nodes)``)."""
 
 
 class Plugin(Protocol):

@@ -22,7 +22,7 @@ class LoadCapFilter:
 
     def cap(self, cycle: Cycle) -> float:
         """The cap of this cycle, in requests."""
-        mean = (cycle.total_inflight + 1) / len(cycle.nodes)
+        mean = (cycle.total_inflight + 1) / (cycle.fleet_nodes or len(cycle.nodes))
         return self.factor * mean + self.slack
 
     def exclusions(self, cycle: Cycle) -> list[str]:

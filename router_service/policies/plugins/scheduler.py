@@ -28,6 +28,10 @@ from router_service.policies.plugins.interfaces import (
 class SchedulingPolicy:
     """Filters, weighted scorers and a picker over the healthy nodes (module docstring)."""
 
+    narrowable = True
+    """Decides as well among the best-matching and least-loaded nodes as among all of them, so
+    the core may narrow a large fleet's candidates (:mod:`router_service.narrowing`)."""
+
     def __init__(self, name: str, overlap: OverlapSource | None, filters: Sequence[Filter],
                  scorers: Sequence[tuple[Scorer, float]], picker: Picker) -> None:
         self.name = name
@@ -42,6 +46,8 @@ class SchedulingPolicy:
         live = healthy_nodes(nodes)
         matched = (self.overlap.overlap(request, live) if self.overlap is not None
                    else [v.matched_blocks for v in live])
+        if request.fleet_nodes:  # the core narrowed the candidates: fleet-wide load figures
+            return Cycle(request, live, matched, request.fleet_inflight, request.fleet_nodes)
         return Cycle(request, live, matched, sum(v.inflight for v in live))
 
     def total_scores(self, cycle: Cycle) -> list[float]:

@@ -1,9 +1,13 @@
-"""Recorded engine KV-event payloads, one per wire shape (ENGINE_EVENTS.md).
+"""Hand-written KV-event payloads, one per wire shape, all carrying the same events.
 
-Each payload is written as msgpack bytes (``<name>.msgpack``) from the literal structure below,
-which mirrors what the engine's msgspec encoder puts on the wire for that version. The test
-checks that the files still equal these structures, and that every shape decodes to the same
-internal events. Regenerate with ``python tests/unit/payloads/make_payloads.py``.
+These are written by hand from the wire-format notes (ENGINE_EVENTS.md) so that one test can
+check every shape decodes to the same internal events. They are NOT the evidence for any wire
+format: the payloads recorded from the engines' own code in ``tests/golden/engine_events``
+(``scripts/record_engine_payloads.py``) are. :data:`EVIDENCE` names the recording behind each
+shape; the shapes without one are synthetic (fields no engine sends yet, for forward
+compatibility) or unverified (``sglang_positional_metadata_salt``: no SGLang version found
+sending it; parsed, not claimed as supported). Regenerate with
+``python tests/unit/payloads/make_payloads.py``.
 """
 
 from __future__ import annotations
@@ -126,6 +130,21 @@ SGLANG_PARTIAL_PAGE: Any = [TS, [
     ["BlockStored", [_signed(H1)], None, TOKENS[:16], 16, None, "GPU"],
     ["BlockStored", [_signed(H2)], _signed(H1), TOKENS[16:21], 16, None, "GPU"],
 ], 0]
+
+EVIDENCE: dict[str, str | None] = {
+    "vllm_v090_positional_2elem": "vllm-0.9.0/plain",
+    "vllm_positional_3elem": "vllm-0.23.0/plain",
+    "vllm_bytes_hashes": "vllm-0.33.0/bytes_hashes",
+    "vllm_positional_newer_fields": None,  # synthetic: fields appended after 0.23's
+    "vllm_map": "vllm-0.33.0/plain",
+    "vllm_map_newer_keys": None,  # synthetic: map keys no version sends yet
+    "sglang_positional": "sglang-0.4.10.post2/plain",
+    "sglang_map": "sglang-0.5.23/plain",
+    "sglang_map_cache_salt": "sglang-0.5.23/cache_salt",
+    "sglang_positional_metadata_salt": None,  # unverified
+    "sglang_partial_page": "sglang-0.5.23/partial_page",
+}
+"""The recording from an engine's own code that backs each hand-written shape (None: none)."""
 
 PAYLOADS: dict[str, Any] = {
     "vllm_v090_positional_2elem": VLLM_V090_POSITIONAL_2ELEM,
