@@ -159,6 +159,8 @@ class SharedView:
         """Times the shared view was lost (remote state dropped)."""
         self.last_staleness_s = 0.0
         self.max_staleness_s = 0.0
+        self.on_staleness: Callable[[float], None] | None = None
+        """Called with each measured staleness (``kvroute bench share`` records them)."""
 
     # -- link state ------------------------------------------------------------------------
     def set_connected(self, up: bool, why: str = "") -> None:
@@ -184,6 +186,8 @@ class SharedView:
             lag = max(0.0, now - sent_at)
             self.last_staleness_s = lag
             self.max_staleness_s = max(self.max_staleness_s, lag)
+            if self.on_staleness is not None:
+                self.on_staleness(lag)
 
     def live(self) -> bool:
         """True while the shared view is usable (connected, heard within ``timeout_s``)."""

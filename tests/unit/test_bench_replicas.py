@@ -65,3 +65,16 @@ def test_spread_ticks_spreads_same_instant_arrivals_over_the_tick() -> None:
     out = wl.spread_ticks(3.0)
     assert [r.arrival_s for r in out.requests] == [0.0, 1.0, 2.0, 3.0]
     assert wl.spread_ticks(0) is wl
+
+
+def test_bench_share_measures_staleness_through_a_real_registry() -> None:
+    import argparse
+    import asyncio
+
+    from bench.share_bench import _run
+
+    out = asyncio.run(_run(argparse.Namespace(routers=2, nodes=2, requests=40, rate=200.0,
+                                              hold_s=0.05)))
+    assert out["deltas_applied"] == out["deltas_expected"] == 80
+    assert 0 <= out["staleness_ms"]["p50"] <= out["staleness_ms"]["max"] < 5000
+    assert out["remote_inflight_left"] == {"r0": 0, "r1": 0}
