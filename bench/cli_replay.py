@@ -18,6 +18,7 @@ from bench.workloads import WORKLOAD_NAMES, TraceFormatError, load_workload
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
 from kvroute.settings import add_arguments, env_name, from_namespace
+from router_service.disagg import DisaggSettings
 from router_service.policies.kv_aware import KvAwareSettings
 
 
@@ -57,6 +58,7 @@ def add_replay_arguments(p: argparse.ArgumentParser, *, sweep: bool) -> None:
         from bench.cli_stack import add_stack_arguments
 
         add_stack_arguments(p)
+        _add_pd_arguments(p)
     if not sweep:
         reps = p.add_argument_group(
             "router replicas (--mode sim; issue 19: N routers behind a Service, sharing their "
@@ -68,10 +70,94 @@ def add_replay_arguments(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     add_arguments(group, KvAwareSettings)  # type: ignore[arg-type]
 
 
+def _add_pd_arguments(p: argparse.ArgumentParser) -> None:
+    from bench.pd_bench import PD_STRATEGIES
+    from engine_sim.params import TRANSFER_PRESETS
+
+    g = p.add_argument_group(
+        "disaggregated prefill/decode (--mode sim): P prefill + D decode engines, compared "
+        "with kv_aware on an aggregated fleet of P+D engines")
+    g.add_argument("--prefill-nodes", type=int, default=0, metavar="P",
+                   help="prefill engines (with --decode-nodes: run disaggregated; --nodes is "
+                        "then ignored)")
+    g.add_argument("--decode-nodes", type=int, default=0, metavar="D", help="decode engines")
+    g.add_argument("--transfer-s-per-block", default="seed", metavar="S|PRESET",
+                   help="engines' KV transfer cost, seconds per block moved, or a preset "
+                        "in seconds per 512 tokens, scaled to the block size: "
+                        + ", ".join(f"{k}={v:g}" for k, v in TRANSFER_PRESETS.items())
+                        + " (default seed; --pd-transfer-s-per-block defaults to it)")
+    g.add_argument("--pd-strategies", default=",".join(PD_STRATEGIES), metavar="P/D,...",
+                   help="prefill policy/decode choice pairs to compare")
+    g.add_argument("--pd-peers", default="", metavar="vllm-router:P/D,...",
+                   help="--mode stack: vllm-router --vllm-pd-disaggregation runs in front of the "
+                        "same engines, e.g. vllm-router:kv_aware/power_of_two (its kv_aware "
+                        "needs 16-token blocks), vllm-router:cache_aware/power_of_two")
+    add_arguments(g, DisaggSettings)  # type: ignore[arg-type]
+
+
 def _settings(args: argparse.Namespace, workload: Workload) -> SimSettings:
     from bench.runner import resolve_settings
 
-    return resolve_settings(workload, from_namespace(SimSettings, args))
+    s = from_namespace(SimSettings, args)
+    pn, dn = getattr(args, "prefill_nodes", 0) or 0, getattr(args, "decode_nodes", 0) or 0
+    if pn or dn:
+        if pn < 1 or dn < 1:
+            raise ConfigError("--prefill-nodes and --decode-nodes: give both, each >= 1")
+        s = dataclasses.replace(s, nodes=pn + dn)
+    return resolve_settings(workload, s)
+
+
+def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSettings,
+                  kv: KvAwareSettings) -> int:
+    """The disaggregated comparison (:mod:`bench.pd_bench`)."""
+    from bench.pd_bench import print_pd, run_pd, write_json
+    from engine_sim.params import TRANSFER_PRESETS, transfer_s_per_block
+    from router_service.disagg import DECODE_POLICIES
+
+    try:
+        try:
+            transfer = transfer_s_per_block(str(args.transfer_s_per_block), settings.block_size)
+        except ValueError:
+            raise ConfigError(f"--transfer-s-per-block: not a number >= 0 or a preset "
+                              f"({', '.join(TRANSFER_PRESETS)}): "
+                              f"{args.transfer_s_per_block!r}") from None
+        given = getattr(args, "pd_transfer_s_per_block", None) is not None or \
+            env_name("pd_transfer_s_per_block") in os.environ
+        disagg = from_namespace(DisaggSettings, args) if given else \
+            from_namespace(DisaggSettings, args, pd_transfer_s_per_block=transfer)
+        strategies = [x.strip() for x in args.pd_strategies.split(",") if x.strip()]
+        for st in strategies:
+            pre, _, dec = st.partition("/")
+            if pre not in ALL_POLICIES or dec not in DECODE_POLICIES:
+                raise ConfigError(f"--pd-strategies: {st!r} is not PREFILL/DECODE with "
+                                  f"PREFILL in {', '.join(ALL_POLICIES)} and DECODE in "
+                                  f"{', '.join(DECODE_POLICIES)}")
+    except (ConfigError, ValueError) as exc:
+        print(f"kvroute bench: {exc}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    bar = _Progress(len(workload.requests) * (len(strategies) + 1), args.no_progress)
+    if args.mode == "stack":
+        from bench.cli_stack import run_stack_pd_cli
+
+        try:
+            report = run_stack_pd_cli(args, workload, settings, kv, disagg, transfer,
+                                      strategies, bar)
+        except ConfigError as exc:
+            bar.close()
+            print(f"kvroute bench: {exc}", file=sys.stderr)
+            return 2
+    else:
+        report = run_pd(workload, settings, args.prefill_nodes, args.decode_nodes, transfer, kv,
+                        disagg, strategies, args.seed, bar)
+    bar.close()
+    print_pd(report)
+    print(f"replayed {len(strategies) + 1} runs x {len(workload.requests)} requests in "
+          f"{time.perf_counter() - t0:.1f} s")
+    if args.json:
+        write_json(report, args.json)
+        print(f"JSON: {args.json}")
+    return 0
 
 
 def _load(args: argparse.Namespace) -> Workload:
@@ -147,6 +233,8 @@ def run_replay(args: argparse.Namespace) -> int:
     if isinstance(prep, int):
         return prep
     workload, settings, names, kv = prep
+    if getattr(args, "prefill_nodes", 0):
+        return run_pd_replay(args, workload, settings, kv)
     if args.mode == "stack":
         from bench.cli_stack import run_stack
 

@@ -8,14 +8,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from bench.faults import (
+    FaultInjector,
+    FaultSpec,
+    format_summary,
+    node_faults,
+    parse_faults,
+    registries_needed,
+)
 from bench.runner import BenchOutcome, run_comparison
 from bench.sim.config import SimSettings
 from bench.stack_backend import STACK_POLICIES, StackBackend
 from bench.stack_fleet import FleetSpec, router_flags
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
-from kvroute.settings import from_namespace
+from kvroute.settings import flag_name, from_namespace
+from router_service.disagg import DisaggSettings
 from router_service.policies.kv_aware import KvAwareSettings
 
 
@@ -45,6 +55,14 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
                    help="stack: run the whole comparison N times back to back, each on fresh "
                         "processes, and report the run-to-run spread of every router's hit "
                         "rate and TTFT percentiles (JSON: runs, spread)")
+    g.add_argument("--fault", metavar="SPEC[,SPEC...]", default=None,
+                   help="stack: inject faults into each replay at trace times (each policy is "
+                        "replayed without faults first, as the baseline) and report failed "
+                        "requests, decisions naming a dead node, blind decisions, placements "
+                        "lost and the hit rate in the fault window: kill-registry@T[+D], "
+                        "sigterm-registry@T[+D], rolling-restart-registries@T (runs 2 "
+                        "registries), pause-etcd@T+D, restart-etcd@T+D, kill-engine:NODE@T, "
+                        "kill-agent:NODE@T (NODE = engine-0...; T, D in trace seconds)")
     g.add_argument("--quick", action="store_true",
                    help="stack: a smoke run for tests: first 120 requests, 4 nodes, 20 pairs")
 
@@ -99,7 +117,14 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
                      decode_ms_per_token=settings.decode_s_per_token * 1000.0,
                      max_running=settings.max_batch, time_scale=args.time_scale,
                      router_args=router_flags(kv, args.time_scale))
+    faults = parse_faults(args.fault) if getattr(args, "fault", None) else []
+    if faults:  # node faults kill one engine or agent: each needs its own process
+        spec = dataclasses.replace(spec, registries=registries_needed(faults),
+                                   one_process=spec.one_process and not node_faults(faults))
     peers = _peer_names(args.peers)
+    if faults and peers:
+        raise ConfigError("--fault and --peers: faults are injected into kvroute's own "
+                          "stack only; run them separately")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
     print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router, etcd; logs in "
           f"{workdir}", file=sys.stderr)
@@ -112,13 +137,21 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
         if args.repeat > 1:
             print(f"stack: run {k + 1} of {args.repeat}", file=sys.stderr)
         outs.append(_run_once(workload, settings, names, peers, spec, sub, args.overhead_pairs,
-                              args.random_bound))
+                              args.random_bound, faults, args.time_scale))
     out = outs[0]
     if len(outs) > 1:
-        from bench.spread import spread
+        from bench.report import format_table
+        from bench.spread import format_spread, spread
 
-        out.report["runs"] = [o.report for o in outs]
-        out.report["spread"] = spread([o.report for o in outs])
+        reports = [dict(o.report) for o in outs]  # copies: the first one is out.report itself
+        out.report["runs"] = reports
+        out.report["spread"] = spread(reports)
+        for k, rep in enumerate(reports[1:], 2):  # before the JSON: a table is never lost
+            print(f"run {k}:")
+            print(format_table(rep))
+            print()
+        print(format_spread(out.report["spread"]))
+        print()
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
     from bench.report import emit
@@ -127,15 +160,12 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
               f"through the stack in {time.perf_counter() - t0:.1f} s"
               + (f" ({args.repeat} runs; the table is run 1)" if args.repeat > 1 else ""),
          args.json, args.plot_dir)
-    if len(outs) > 1:
-        from bench.report import format_table
-        from bench.spread import format_spread
 
-        for k, o in enumerate(outs[1:], 2):
-            print(f"\nrun {k}:")
-            print(format_table(o.report))
-        print()
-        print(format_spread(out.report["spread"]))
+    if faults:
+        print(f"faults {', '.join(map(str, faults))} (window = each fault + "
+              f"{FaultInjector.recovery_s:g} s of trace time):")
+        for name, summary in out.report["faults"].items():
+            print(format_summary(name, summary))
     added = [(r["policy"], r["added_latency_ms"]) for r in out.report["results"]
              if "added_latency_ms" in r]
     if added:
@@ -148,9 +178,16 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
 
 def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers: list[str],
               spec: FleetSpec, workdir: Path, overhead_pairs: int,
-              random_bound: bool) -> BenchOutcome:
+              random_bound: bool, faults: list[FaultSpec] | None = None,
+              time_scale: float = 1.0) -> BenchOutcome:
     """One comparison on freshly started processes (kvroute's fleet, then each peer's)."""
     with StackBackend(workdir / "stack", spec) as stack:
+        if faults:
+            injector = FaultInjector(stack.fleet, faults, time_scale)
+            stack.hook = injector
+            out = run_comparison(workload, settings, names, stack, random_bound)
+            out.report["faults"] = injector.results
+            return out
         if not peers:
             return run_comparison(workload, settings, names, stack, random_bound)
         from bench.peers import CombinedBackend, PeerBackend, attach_added_latency
@@ -160,3 +197,56 @@ def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers
         out = run_comparison(workload, settings, [*names, *peers], combined, random_bound)
         attach_added_latency(out.report, combined.added_latency)
         return out
+
+
+def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: SimSettings,
+                     kv: KvAwareSettings, disagg: DisaggSettings, transfer_s_per_block: float,
+                     strategies: list[str], progress: Any) -> dict[str, Any]:
+    """``--mode stack --prefill-nodes P --decode-nodes D``: the disaggregated stack replay of
+    the strategies the router serves, next to the sim replay of the same strategies."""
+    from bench.pd_bench import pd_metrics, run_pd
+    from bench.stack_pd import STACK_PD_STRATEGIES, run_stack_pd
+
+    bad = [s for s in strategies if s not in STACK_PD_STRATEGIES]
+    if bad:
+        raise ConfigError(f"--pd-strategies: {', '.join(bad)} not served by the router; "
+                          f"--mode stack runs {', '.join(STACK_PD_STRATEGIES)}")
+    p, d = args.prefill_nodes, args.decode_nodes
+    ts = args.time_scale
+    scaled = dataclasses.replace(  # the router lives on the wall clock (see router_flags)
+        disagg, pd_transfer_s_per_block=disagg.pd_transfer_s_per_block * ts,
+        pd_decode_load_cost_s=disagg.pd_decode_load_cost_s * ts,
+        pd_headroom_penalty_s=disagg.pd_headroom_penalty_s * ts)
+    pd_flags: list[str] = []
+    for f in dataclasses.fields(scaled):
+        pd_flags += [flag_name(f), str(getattr(scaled, f.name))]
+    spec = FleetSpec(nodes=p + d, cache_blocks=settings.cache_blocks,
+                     block_size=workload.block_size,
+                     prefill_tokens_per_s=settings.prefill_tokens_per_s,
+                     decode_ms_per_token=settings.decode_s_per_token * 1000.0,
+                     max_running=settings.max_batch, time_scale=ts,
+                     router_args=(*router_flags(kv, ts), *pd_flags),
+                     roles=("prefill",) * p + ("decode",) * d,
+                     transfer_ms_per_block=transfer_s_per_block * 1000.0)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
+    print(f"stack: {p} prefill + {d} decode engine_sim with agents, registry, router, etcd; "
+          f"logs in {workdir}", file=sys.stderr)
+    peers = [x.strip() for x in (args.pd_peers or "").split(",") if x.strip()]
+    for peer in peers:
+        name, _, pair = peer.partition(":")
+        if name != "vllm-router" or "/" not in pair:
+            raise ConfigError(f"--pd-peers: {peer!r} is not vllm-router:PREFILL/DECODE "
+                              f"(sglang-router's PD mode needs the bootstrap protocol, which "
+                              f"engine_sim does not speak yet)")
+    runs = run_stack_pd(workdir / "stack-pd", spec, workload, p, strategies, progress, peers)
+    sim = run_pd(workload, settings, p, d, transfer_s_per_block, kv, disagg, strategies,
+                 args.seed)
+    for r in sim["results"]:
+        r["policy"] = "sim:" + r["policy"].removeprefix("pd:")
+    return {"mode": f"stack, time_scale {ts}", "workload": workload.name,
+            "requests": len(workload.requests), "prefill_nodes": p, "decode_nodes": d,
+            "cache_blocks_per_node": settings.cache_blocks, "block_size": workload.block_size,
+            "transfer_s_per_block": transfer_s_per_block,
+            "disagg_settings": dataclasses.asdict(disagg),
+            "results": [pd_metrics(r) for r in runs] + sim["results"],
+            "bounds": sim["bounds"]}

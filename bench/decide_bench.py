@@ -170,23 +170,28 @@ def _registry(cfg: DecideBenchConfig, fleet: Fleet) -> dict[str, float]:
 
     settings = RegistrySettings(block_size=cfg.block_size, max_nodes=max(4096, len(fleet.nodes)),
                                 lease_ttl_s=3600, heartbeat_interval_s=600.0,
-                                max_hashes_per_call=1_000_000)
+                                max_hashes_per_call=1_000_000,
+                                # the bench sizes the fleet; the registry's memory bounds
+                                # (issue 16) must not cut it short
+                                max_blocks_per_node=1 << 40, max_index_entries=1 << 40)
     rng = random.Random(cfg.seed)
     picks = [rng.randrange(len(fleet.prompts)) for _ in range(cfg.decisions)]
 
-    async def resync_stream(nid: str, epoch: int) -> AsyncIterator[rpb.ResyncRequest]:
-        yield rpb.ResyncRequest(node_id=nid, epoch=epoch, block_hashes=fleet.blocks[nid].tolist(),
-                                used_blocks=len(fleet.blocks[nid]))
+    async def resync_stream(nid: str, epoch: int, token: str,
+                            ) -> AsyncIterator[rpb.ResyncRequest]:
+        yield rpb.ResyncRequest(node_id=nid, epoch=epoch,
+                                block_hashes=fleet.blocks[nid].tolist(),
+                                used_blocks=len(fleet.blocks[nid]), write_token=token)
 
     async def run() -> tuple[list[float], list[float]]:
         core = RegistryCore(settings, MemoryStore(), RegistryMetrics())
         await core.start()
         try:
             for nid in fleet.nodes:
-                rec = await core.register(rpb.RegisterNodeRequest(
+                reg = await core.register(rpb.RegisterNodeRequest(
                     node_id=nid, address=f"{nid}:8000", model=MODEL,
                     block_size=cfg.block_size, capacity_blocks=_capacity(cfg)))
-                await core.resync(resync_stream(nid, rec.epoch))
+                await core.resync(resync_stream(nid, reg.record.epoch, reg.write_token))
             servicer = RegistryServicer(core, "bench")
             full: list[float] = []
             match: list[float] = []

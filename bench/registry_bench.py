@@ -134,7 +134,7 @@ def _etcd_rx_bytes(endpoint: str) -> float:
                if line.startswith("etcd_network_client_grpc_received_bytes_total"))
 
 
-async def _agent(stub: Any, node: str, epoch: int, heartbeats: int,
+async def _agent(stub: Any, node: str, reg: Any, heartbeats: int,
                  batch: int, capacity: int, seed: int) -> int:
     rng = np.random.default_rng(seed)
     cached: list[np.ndarray] = []
@@ -149,7 +149,8 @@ async def _agent(stub: Any, node: str, epoch: int, heartbeats: int,
             removed = cached.pop(0)
             held -= removed.size
         resp = await stub.Heartbeat(pb.HeartbeatRequest(
-            node_id=node, epoch=epoch, used_blocks=held, delta_seq=seq,
+            node_id=node, epoch=reg.epoch, write_token=reg.write_token, used_blocks=held,
+            delta_seq=seq,
             stored=stored.tolist(), removed=removed.tolist()), timeout=30)
         if resp.resync_required:
             raise RuntimeError(f"{node}: unexpected resync: {resp.reason}")
@@ -212,7 +213,11 @@ async def _stack(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     proc = ManagedProcess("registry", [
         sys.executable, "-m", "cli.main", "serve", "registry", "--etcd-endpoints",
         etcd.endpoint, "--ready-file", str(ready), "--lease-ttl-s", "30",
-        "--log-level", "warning"], workdir / "registry.log")
+        "--log-level", "warning",
+        # every simulated agent shares this one connection: lift the per-client write
+        # limits (they hold back one client, and this bench measures the registry's ingest)
+        "--client-write-calls-per-s", "1e9", "--client-write-burst", "1000000",
+        "--client-write-bytes-per-s", str(1 << 40)], workdir / "registry.log")
     try:
         proc.start()
         port = read_ready_file(ready, 30, proc)["grpc_port"]
@@ -225,7 +230,7 @@ async def _stack(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 r = await stub.RegisterNode(pb.RegisterNodeRequest(
                     node_id=f"n{i}", address=f"10.0.0.{i}:8000", model="m", block_size=16,
                     capacity_blocks=args.registry_capacity, hash_scheme=HASH_SCHEME))
-                epochs.append(r.epoch)
+                epochs.append(r)
             rx0 = _etcd_rx_bytes(etcd.endpoint)
             t0 = time.perf_counter()
             counts = await asyncio.gather(*[
@@ -257,9 +262,10 @@ async def _stack(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         etcd.stop()
 
 
-async def _one_resync(node: str, epoch: int, hashes: list[int],
+async def _one_resync(node: str, reg: Any, hashes: list[int],
                       ) -> AsyncIterator[pb.ResyncRequest]:
-    yield pb.ResyncRequest(node_id=node, epoch=epoch, block_hashes=hashes)
+    yield pb.ResyncRequest(node_id=node, epoch=reg.epoch, write_token=reg.write_token,
+                           block_hashes=hashes)
 
 
 def run_registry_bench(args: argparse.Namespace) -> dict[str, Any]:

@@ -84,32 +84,33 @@ def make_workload(cfg: RouterBenchConfig) -> tuple[list[list[int]], dict[str, li
 
 
 async def register_nodes(registry: str, placement: dict[str, list[int]], block_size: int,
-                         model: str = "bench") -> dict[str, int]:
-    """RegisterNode + one Heartbeat carrying the blocks; returns node -> epoch."""
+                         model: str = "bench") -> dict[str, tuple[int, str]]:
+    """RegisterNode + one Heartbeat carrying the blocks; returns node -> (epoch, write token)."""
     async with grpc.aio.insecure_channel(registry) as ch:
         stub = registry_pb2_grpc.RegistryStub(ch)
-        epochs: dict[str, int] = {}
+        epochs: dict[str, tuple[int, str]] = {}
         for nid, blocks in placement.items():
             r = await stub.RegisterNode(registry_pb2.RegisterNodeRequest(
                 node_id=nid, address=f"127.0.0.1:{9000 + len(epochs)}", model=model,
                 block_size=block_size, capacity_blocks=max(1, len(blocks) * 2)), timeout=10)
-            epochs[nid] = r.epoch
+            epochs[nid] = (r.epoch, r.write_token)
             await stub.Heartbeat(registry_pb2.HeartbeatRequest(
-                node_id=nid, epoch=r.epoch, used_blocks=len(blocks), stored=blocks,
-                delta_seq=1), timeout=10)
+                node_id=nid, epoch=r.epoch, write_token=r.write_token, used_blocks=len(blocks),
+                stored=blocks, delta_seq=1), timeout=10)
         return epochs
 
 
-async def keep_alive(registry: str, epochs: dict[str, int], interval_s: float) -> None:
+async def keep_alive(registry: str, epochs: dict[str, tuple[int, str]],
+                     interval_s: float) -> None:
     """Heartbeat every node until cancelled (keeps leases alive during the run)."""
     async with grpc.aio.insecure_channel(registry) as ch:
         stub = registry_pb2_grpc.RegistryStub(ch)
         while True:
             await asyncio.sleep(interval_s)
-            for nid, ep in epochs.items():
+            for nid, (ep, token) in epochs.items():
                 with contextlib.suppress(grpc.aio.AioRpcError):
-                    await stub.Heartbeat(registry_pb2.HeartbeatRequest(node_id=nid, epoch=ep),
-                                         timeout=5)
+                    await stub.Heartbeat(registry_pb2.HeartbeatRequest(
+                        node_id=nid, epoch=ep, write_token=token), timeout=5)
 
 
 # -- orchestration ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import grpc
 from bench.prompts import Prompt, prepare
 from bench.results import PolicyRun
 from bench.stack_fleet import FleetSpec, StackFleet
-from bench.stack_replay import replay_stack, reset_caches
+from bench.stack_replay import ReplayHook, replay_stack, reset_caches
 from bench.workloads.base import Workload
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 
@@ -38,6 +38,8 @@ class StackBackend:
         self.fleet = StackFleet(workdir, spec)
         self.spec = spec
         self.progress = progress
+        self.hook: ReplayHook | None = None
+        """Runs next to every replay (``--fault``: :class:`bench.faults.FaultInjector`)."""
         self._prompts: tuple[Workload, list[Prompt]] | None = None
         """The last workload's prepared prompts (reused by every policy)."""
 
@@ -83,21 +85,29 @@ class StackBackend:
         if policy_name not in STACK_POLICIES:
             raise KeyError(f"policy {policy_name!r} is not served by the router; stack mode "
                            f"runs {', '.join(STACK_POLICIES)}")
+        for _ in range(self.hook.replays - 1 if self.hook is not None else 0):
+            asyncio.run(self._replay(workload, policy_name))  # e.g. the fault-free baseline
         return asyncio.run(self._replay(workload, policy_name))
 
-    async def _replay(self, workload: Workload, policy_name: str) -> PolicyRun:
-        urls = {e.node_id: e.url for e in self.fleet.engines}
+    async def reset_fleet(self) -> dict[str, str]:
+        """Empty every live engine's cache and wait until the registry saw it; id -> URL."""
+        dead = self.hook.dead_nodes if self.hook is not None else set()
+        urls = {e.node_id: e.url for e in self.fleet.engines if e.node_id not in dead}
         await reset_caches(urls)
         await self._wait_registry(
-            lambda nodes: len(nodes) == self.spec.nodes
+            lambda nodes: {n.node_id for n in nodes} == set(urls)
             and all(n.blocks_indexed == 0 and n.healthy for n in nodes),
             "every node's index emptied after the cache reset")
+        return urls
+
+    async def _replay(self, workload: Workload, policy_name: str) -> PolicyRun:
+        urls = await self.reset_fleet()
         if self._prompts is None or self._prompts[0] is not workload:
             self._prompts = (workload, prepare(workload))
         run = await replay_stack(workload, policy_name, self.fleet.router_target, urls,
                                  self.spec.model, self.spec.time_scale,
                                  self.spec.prefill_tokens_per_s, self.progress,
-                                 prompts=self._prompts[1])
+                                 prompts=self._prompts[1], hook=self.hook)
         run.notes.append(f"stack: {self.spec.nodes} engine_sim processes, time_scale "
                          f"{self.spec.time_scale}, block_size {self.spec.block_size}")
         return run

@@ -59,12 +59,25 @@ class FleetSpec:
     """Extra router flags (e.g. the kv_aware settings of a bench run)."""
     max_prompt_tokens: int = 262_144
     """Largest prompt the router and engines accept (trace prompts reach ~100k tokens)."""
+    registries: int = 1
+    """Registry replicas (router and agents get them all as a comma list)."""
+    start_router: bool = True
+    """Start ``kvroute serve router`` (the endpoint picker's stack decides in its own process)."""
     one_process: bool = True
     """All engines in one ``engine-sim --engines N`` process and all agents in one ``agent
     --fleet-file`` process (each engine still has its own HTTP, ZMQ and metrics ports, each agent
     its own subscription and registry link): 2 processes instead of 2N, so the fleet's own CPU
     use and scheduling no longer move the measured latencies. False = a process per engine and
     per agent, as deployed."""
+    roles: tuple[str, ...] = ()
+    """Disaggregated fleets: each engine's role (prefill/decode/both; its agent registers it and
+    its node id is ``ROLE-i``); empty = every engine ``both`` (``engine-i``)."""
+    transfer_ms_per_block: float = 2.0 / 512 * DEFAULT_BLOCK_SIZE
+    """Model milliseconds a decode engine takes to receive one KV block."""
+
+    def node_id(self, i: int) -> str:
+        """Node id of engine ``i``."""
+        return f"{self.roles[i]}-{i}" if self.roles else f"engine-{i}"
 
     def engine_args(self) -> list[str]:
         """``kvroute serve engine-sim`` flags of one engine of this fleet (shape and speed)."""
@@ -72,7 +85,8 @@ class FleetSpec:
                 "--prefill-tokens-per-s", str(self.prefill_tokens_per_s),
                 "--decode-ms-per-token", str(self.decode_ms_per_token),
                 "--max-running", str(self.max_running), "--time-scale", str(self.time_scale),
-                "--model", self.model, "--max-prompt-tokens", str(self.max_prompt_tokens)]
+                "--model", self.model, "--max-prompt-tokens", str(self.max_prompt_tokens),
+                "--transfer-ms-per-block", str(self.transfer_ms_per_block)]
 
 
 @dataclass
@@ -103,6 +117,10 @@ class StackFleet:
     def __post_init__(self) -> None:
         self.etcd: EmbeddedEtcd | None = None
         self.registry: ManagedProcess | None = None
+        """Registry 0 (``registries`` holds every replica)."""
+        self.registries: list[ManagedProcess] = []
+        self.registries_ready: list[dict[str, Any]] = []
+        self._restarts = 0
         self.router: ManagedProcess | None = None
         self.engines: list[EngineHandle] = []
         self.registry_ready: dict[str, Any] = {}
@@ -131,6 +149,42 @@ class StackFleet:
         return f"127.0.0.1:{self.registry_ready['grpc_port']}"
 
     @property
+    def registry_list(self) -> str:
+        """Every registry replica as a comma list (what router and agents are given)."""
+        return ",".join(f"127.0.0.1:{r['grpc_port']}" for r in self.registries_ready)
+
+    def _registry_args(self, port: int = 0) -> list[str]:
+        assert self.etcd is not None
+        return ["--etcd-endpoints", self.etcd.endpoint, "--block-size",
+                str(self.spec.block_size), "--lease-ttl-s", str(self.spec.lease_ttl_s),
+                "--listen", f"127.0.0.1:{port}"]
+
+    def stop_registry(self, i: int, kill: bool) -> None:
+        """SIGKILL (crash) or SIGTERM (drain, waited for) registry ``i``."""
+        proc = self.registries[i]
+        if kill:
+            proc.kill()
+        else:
+            proc.stop(grace_s=10.0)
+
+    def restart_registry(self, i: int) -> None:
+        """Start registry ``i`` again on its port and wait until it serves."""
+        self._restarts += 1
+        port = int(self.registries_ready[i]["grpc_port"])
+        launched = self._launch("registry", f"registry-{i}-r{self._restarts}",
+                                self._registry_args(port))
+        self.registries[i], self.registries_ready[i] = launched[0], self._ready(launched)
+        if i == 0:
+            self.registry = self.registries[0]
+
+    def _start_registries(self) -> None:
+        launched = [self._launch("registry", "registry" if i == 0 else f"registry-{i}",
+                                 self._registry_args()) for i in range(self.spec.registries)]
+        self.registries = [r[0] for r in launched]
+        self.registries_ready = [self._ready(r) for r in launched]
+        self.registry, self.registry_ready = self.registries[0], self.registries_ready[0]
+
+    @property
     def router_target(self) -> str:
         """``127.0.0.1:PORT`` of the router."""
         return f"127.0.0.1:{self.router_ready['grpc_port']}"
@@ -141,31 +195,30 @@ class StackFleet:
         s = self.spec
         try:
             self.etcd = EmbeddedEtcd(self.workdir / "etcd").start()
-            registry = self._launch("registry", "registry", [
-                "--etcd-endpoints", self.etcd.endpoint, "--block-size", str(s.block_size),
-                "--lease-ttl-s", str(s.lease_ttl_s)])
             if s.one_process:
-                self._start_one_process(registry)
+                self._start_one_process()
             else:
-                self._start_per_node(registry)
+                self._start_per_node()
         except BaseException:
             self.close()
             raise
         return self
 
-    def _router(self) -> tuple[ManagedProcess, Path]:
+    def _router(self) -> tuple[ManagedProcess, Path] | None:
         s = self.spec
+        if not s.start_router:
+            return None
         return self._launch("router", "router", [
-            "--registry", self.registry_target, "--block-size", str(s.block_size),
+            "--registry", self.registry_list, "--block-size", str(s.block_size),
             "--default-policy", s.default_policy, "--default-model", s.model,
             "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s / s.time_scale),
             "--max-prompt-tokens", str(s.max_prompt_tokens), *s.router_args])
 
-    def _start_per_node(self, registry: tuple[ManagedProcess, Path]) -> None:
+    def _start_per_node(self) -> None:
         s = self.spec
         engines = [self._launch("engine-sim", f"engine-{i}", s.engine_args())
                    for i in range(s.nodes)]
-        self.registry, self.registry_ready = registry[0], self._ready(registry)
+        self._start_registries()
         engine_ready = [self._ready(e) for e in engines]
         agents = [self._launch("agent", f"agent-{i}", [*self._shared_agent_args(),
                                                        *_agent_flags(self._agent_entry(i, r))])
@@ -173,14 +226,15 @@ class StackFleet:
         router = self._router()
         for i, (agent, ready) in enumerate(zip(agents, engine_ready, strict=True)):
             self._ready(agent)
-            self.engines.append(EngineHandle(f"engine-{i}", engines[i][0], agent[0], ready))
-        self.router, self.router_ready = router[0], self._ready(router)
+            self.engines.append(EngineHandle(s.node_id(i), engines[i][0], agent[0], ready))
+        if router is not None:
+            self.router, self.router_ready = router[0], self._ready(router)
 
-    def _start_one_process(self, registry: tuple[ManagedProcess, Path]) -> None:
+    def _start_one_process(self) -> None:
         s = self.spec
         launched = self._launch("engine-sim", "engines", [*s.engine_args(),
                                                           "--engines", str(s.nodes)])
-        self.registry, self.registry_ready = registry[0], self._ready(registry)
+        self._start_registries()
         engine_ready = list(self._ready(launched)["engines"])
         fleet_file = self.workdir / "agents.json"
         fleet_file.write_text(json.dumps(
@@ -189,23 +243,28 @@ class StackFleet:
                                                   "--fleet-file", str(fleet_file)])
         router = self._router()
         self._ready(agents)
-        self.engines = [EngineHandle(f"engine-{i}", launched[0], agents[0], r)
+        self.engines = [EngineHandle(s.node_id(i), launched[0], agents[0], r)
                         for i, r in enumerate(engine_ready)]
-        self.router, self.router_ready = router[0], self._ready(router)
+        if router is not None:
+            self.router, self.router_ready = router[0], self._ready(router)
 
     def _shared_agent_args(self) -> list[str]:
         s = self.spec
-        return ["--registry", self.registry_target, "--model", s.model,
+        return ["--registry", self.registry_list, "--model", s.model,
                 "--block-size", str(s.block_size),
                 "--heartbeat-interval-s", str(s.heartbeat_interval_s)]
 
     def _agent_entry(self, i: int, ready: dict[str, Any]) -> dict[str, Any]:
         http = f"http://127.0.0.1:{ready['http_port']}"
-        return {"node_id": f"engine-{i}", "engine_url": http,
-                "engine_metrics_url": f"{http}/metrics",
-                "engine_events": f"tcp://127.0.0.1:{ready['events_port']}",
-                "engine_replay": f"tcp://127.0.0.1:{ready['replay_port']}",
-                "capacity_blocks": self.spec.cache_blocks}
+        entry: dict[str, Any] = {
+            "node_id": self.spec.node_id(i), "engine_url": http,
+            "engine_metrics_url": f"{http}/metrics",
+            "engine_events": f"tcp://127.0.0.1:{ready['events_port']}",
+            "engine_replay": f"tcp://127.0.0.1:{ready['replay_port']}",
+            "capacity_blocks": self.spec.cache_blocks}
+        if self.spec.roles:
+            entry["role"] = self.spec.roles[i]
+        return entry
 
     def close(self) -> None:
         """Stop every process this fleet started (reverse order), then etcd."""

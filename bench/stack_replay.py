@@ -21,9 +21,9 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import grpc
@@ -42,6 +42,33 @@ class _Outcome:
     error: str = ""
     client_s: float = math.nan
     """Route call to engine response, as the client saw it (model seconds)."""
+    degraded: bool = False
+    """The router decided without placement data (registry unreachable)."""
+    t_route_s: float = math.nan
+    """Trace time the Route call was made (for fault windows)."""
+
+
+class ReplayHook(Protocol):
+    """Something that runs next to a replay and looks at its outcomes (fault injection)."""
+
+    async def during(self, t0: float) -> None:
+        """Runs concurrently with the replay; ``t0`` is its ``time.perf_counter()`` start."""
+        ...
+
+    def after(self, run: PolicyRun, outcomes: Sequence[_Outcome]) -> None:
+        """Called with the finished run and every request's outcome."""
+        ...
+
+    @property
+    def dead_nodes(self) -> set[str]:
+        """Nodes the hook killed for good (later replays run without them)."""
+        ...
+
+    @property
+    def replays(self) -> int:
+        """Replays per policy (a fault run first replays without faults as its baseline);
+        the last one is the policy's result."""
+        ...
 
 
 def _as_is(payload: bytes) -> bytes:
@@ -64,14 +91,17 @@ def route_payloads(workload: Workload, prompts: list[Prompt], model: str,
 
 async def _one(req: TraceRequest, prompt: Prompt, route_bytes: bytes, model: str,
                route: Any, stub: router_pb2_grpc.RouterAsyncStub, http: aiohttp.ClientSession,
-               urls: dict[str, str], out: _Outcome, time_scale: float) -> None:
+               urls: dict[str, str], out: _Outcome, time_scale: float,
+               t_start: float = math.nan) -> None:
     t0 = time.perf_counter()
+    out.t_route_s = (t0 - t_start) / time_scale
     try:
         decision = await route(route_bytes, timeout=30)
     except grpc.aio.AioRpcError as exc:
         out.error = f"route: {exc.code().name}: {exc.details()}"
         return
     out.node_id, out.predicted = decision.node_id, decision.expected_cached_tokens
+    out.degraded = decision.degraded
     body = json_body({"model": model, "max_tokens": max(1, req.output_tokens),
                       "user": req.request_id}, "prompt", prompt)
     ok = False
@@ -100,11 +130,13 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
                        engine_urls: dict[str, str], model: str, time_scale: float,
                        prefill_tokens_per_s: float,
                        progress: Callable[[int], None] | None = None,
-                       prompts: list[Prompt] | None = None) -> PolicyRun:
+                       prompts: list[Prompt] | None = None,
+                       hook: ReplayHook | None = None) -> PolicyRun:
     """Replay ``workload`` under ``policy`` and build the run from the engines' records.
 
     ``prompts``: the workload's prepared prompts (:func:`bench.prompts.prepare`; made here when
-    not given — pass them to reuse them across policies).
+    not given — pass them to reuse them across policies). ``hook`` (fault injection) runs next
+    to the replay and sees every outcome after.
     """
     node_ids = sorted(engine_urls)
     run = PolicyRun(policy=policy, node_ids=node_ids, n_requests=len(workload.requests))
@@ -125,23 +157,31 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
         await _reset_records(http, engine_urls)
         tasks: list[asyncio.Task[None]] = []
         start = time.perf_counter()
+        hooked = asyncio.create_task(hook.during(start)) if hook is not None else None
         for i, req in enumerate(workload.requests):
             delay = req.arrival_s * time_scale - (time.perf_counter() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
             task = asyncio.create_task(_one(req, prompts[i], routes[i], model, route, stub,
-                                            http, engine_urls, outcomes[i], time_scale))
+                                            http, engine_urls, outcomes[i], time_scale,
+                                            start))
             if progress is not None:
                 task.add_done_callback(lambda _t: progress(1))
             tasks.append(task)
         await asyncio.gather(*tasks)
-        stats = {n: await _stats(http, u) for n, u in engine_urls.items()}
+        if hooked is not None:
+            await hooked
+        stats = {n: await _stats(http, u, gone_ok=hook is not None)
+                 for n, u in engine_urls.items()}
         for n, st in stats.items():
-            st["_evicted_before"] = before[n].get("evicted_blocks", 0)
+            if st:  # (empty: a fault killed the engine)
+                st["_evicted_before"] = before[n].get("evicted_blocks", 0)
     await channel.close(None)
     run.wall_s = time.perf_counter() - t_wall0
     _fill(run, workload, outcomes, stats, node_ids, prefill_tokens_per_s)
     run.notes.append(client_vs_engine_note([o.client_s for o in outcomes], run.e2e_s))
+    if hook is not None:
+        hook.after(run, outcomes)
     return run
 
 
@@ -159,12 +199,20 @@ async def reset_caches(urls: dict[str, str]) -> None:
                 resp.raise_for_status()
 
 
-async def _stats(http: aiohttp.ClientSession, url: str, records: bool = True) -> dict[str, Any]:
-    async with http.get(f"{url}/kvroute/stats", params={"records": "1" if records else "0"}
-                        ) as resp:
-        resp.raise_for_status()
-        data: dict[str, Any] = await resp.json()
-        return data
+async def _stats(http: aiohttp.ClientSession, url: str, records: bool = True,
+                 gone_ok: bool = False) -> dict[str, Any]:
+    """An engine's stats; ``gone_ok``: an engine a fault killed has none (its requests count
+    as failed)."""
+    try:
+        async with http.get(f"{url}/kvroute/stats", params={"records": "1" if records else "0"}
+                            ) as resp:
+            resp.raise_for_status()
+            data: dict[str, Any] = await resp.json()
+            return data
+    except aiohttp.ClientConnectorError:
+        if gone_ok:
+            return {}
+        raise
 
 
 def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],

@@ -41,6 +41,9 @@ def add_connection(p: argparse.ArgumentParser, timeout_s: float = 5.0) -> None:
     p.add_argument("--tls-server-name", default="", metavar="NAME",
                    help="name the server certificate must carry, when it differs from HOST "
                         "(e.g. kvroute-router when connecting to 127.0.0.1)")
+    p.add_argument("--token-file", default="", metavar="FILE",
+                   help="file holding a bearer token sent with every call (a registry with "
+                        "--auth required and no client certificates: a reader token)")
 
 
 def env_name(dest: str) -> str:
@@ -100,9 +103,10 @@ def tls(args: argparse.Namespace) -> TLSSettings:
     """Client TLS material from the flags (plaintext when none is given)."""
     if bool(args.tls_cert_file) != bool(args.tls_key_file):
         raise ConfigError("--tls-cert-file and --tls-key-file must be given together")
-    for flag in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
-        path = getattr(args, flag)
+    for flag in ("tls_ca_file", "tls_cert_file", "tls_key_file", "token_file"):
+        path = getattr(args, flag, "")
         if path and not os.path.isfile(path):
             raise ConfigError(f"--{flag.replace('_', '-')}: no such file: {path}")
     return TLSSettings(cert_file=args.tls_cert_file, key_file=args.tls_key_file,
-                       ca_file=args.tls_ca_file, server_name=args.tls_server_name)
+                       ca_file=args.tls_ca_file, server_name=args.tls_server_name,
+                       token_file=getattr(args, "token_file", ""))

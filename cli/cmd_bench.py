@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 
 from bench.cli_replay import add_replay_arguments, run_replay, run_sweep
 from bench.decide_bench import add_decide_arguments, run_decide_cli
+from bench.epp_bench import add_epp_arguments, run_epp_cli
+from bench.flood_bench import add_flood_arguments, run_flood_cli
 from bench.hashing import run_hashing_bench
 from bench.registry_bench import add_registry_arguments, run_registry_cli
 from bench.router_bench import add_router_arguments, run_router_cli
@@ -101,6 +103,11 @@ TARGETS: dict[str, Target] = {
     "decide": Target("in-process cost of one routing decision (router core, index mirror "
                      "populated) and one registry Lookup, per fleet size",
                      add_decide_arguments, run_decide_cli),
+    "epp": Target("endpoint picker's added latency through a real Envoy vs Envoy round robin",
+                  add_epp_arguments, run_epp_cli),
+    "flood": Target("a rogue registry client sending 1 M-hash heartbeats: refusal, registry "
+                    "and router RSS, Route p99 before and during the flood",
+                    add_flood_arguments, run_flood_cli),
 }
 
 
@@ -112,7 +119,7 @@ def add_parser(sub: Any) -> None:
     """Register ``bench`` and one subcommand per target."""
     p: argparse.ArgumentParser = sub.add_parser(
         "bench", help="benchmarks (JSON output): replay, sweep, hashing, router, registry, "
-                 "agent, share, decide",
+                 "agent, share, decide, flood, epp",
         usage="kvroute bench [TARGET] [options]   (no TARGET = replay)",
         description="Benchmarks with JSON output. Without a TARGET, runs 'replay' with the "
                     "flags below; 'kvroute bench TARGET --help' lists a target's own flags.")

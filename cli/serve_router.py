@@ -8,6 +8,7 @@ from typing import Any
 
 from kvroute.settings import add_arguments, from_namespace
 from kvroute.telemetry import configure_logging
+from router_service.disagg import DisaggSettings
 from router_service.policies.registry import available, settings_classes
 from router_service.server import serve
 from router_service.settings import RouterSettings
@@ -25,12 +26,15 @@ def add_parser(roles: Any, name: str) -> None:
     for cls in settings_classes():
         add_arguments(p.add_argument_group(f"{cls.__name__} (policy settings)"),  # type: ignore[arg-type]
                       cls)
+    add_arguments(p.add_argument_group("DisaggSettings (decode node of prefill/decode pairs)"),  # type: ignore[arg-type]
+                  DisaggSettings)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run until SIGTERM."""
     settings = from_namespace(RouterSettings, args)
-    policy_settings = {cls: from_namespace(cls, args) for cls in settings_classes()}
+    policy_settings: dict[type[Any], Any] = {cls: from_namespace(cls, args)
+                       for cls in [*settings_classes(), DisaggSettings]}
     configure_logging(settings.log_format, settings.log_level)
     return asyncio.run(serve(settings, policy_settings))

@@ -40,6 +40,10 @@ class RequestRecord:
     admitted_at: float
     first_token_at: float
     finished_at: float
+    transfer_blocks: int = 0
+    """Disaggregated decode: KV blocks received from the prefill engine instead of computed."""
+    remote_kv: bool = False
+    """The request came with vLLM's ``kv_transfer_params.do_remote_prefill``."""
 
     @property
     def ttft(self) -> float:
@@ -136,7 +140,8 @@ class SimEngine:
             self._records.append(RequestRecord(
                 req.client_request_id or req.request_id, req.prompt_tokens,
                 req.cached_tokens, req.max_tokens,
-                req.arrival, req.admitted_at, req.first_token_at, req.finished_at))
+                req.arrival, req.admitted_at, req.first_token_at, req.finished_at,
+                req.transfer_blocks, req.remote_kv))
 
     # ---- requests ------------------------------------------------------------------------
     def make_request(self, token_ids: list[int], max_tokens: int,

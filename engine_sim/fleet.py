@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine_sim.cache import BlockId, KVCache
 from engine_sim.model import EngineModel, SimRequest, StepResult
@@ -241,12 +241,14 @@ class SimFleet:
     ``heartbeat_delay_s``: how far the registry's view of each cache lags (0 = live);
     ``status_interval_s``: how often load figures refresh (default: the same lag; 0 = live);
     ``registry_deltas``: keep per-node store/evict deltas for :meth:`registry_deltas` (to feed
-    a prefix index the way heartbeats feed the registry's).
+    a prefix index the way heartbeats feed the registry's); ``roles``: each node's
+    disaggregation role (default: ``params.role`` for all).
     """
 
     def __init__(self, n: int, params: EngineParams, *, heartbeat_delay_s: float = 0.0,
                  status_interval_s: float | None = None,
-                 node_ids: Sequence[str] | None = None, registry_deltas: bool = False) -> None:
+                 node_ids: Sequence[str] | None = None, registry_deltas: bool = False,
+                 roles: Sequence[str] | None = None) -> None:
         if n < 1:
             raise ValueError("a fleet needs at least one engine")
         if heartbeat_delay_s < 0 or (status_interval_s is not None and status_interval_s < 0):
@@ -255,9 +257,13 @@ class SimFleet:
         if len(ids) != n or len(set(ids)) != n:
             raise ValueError(f"node_ids must be {n} distinct names")
         interval = heartbeat_delay_s if status_interval_s is None else status_interval_s
+        if roles is not None and len(roles) != n:
+            raise ValueError(f"roles must name {n} roles")
         self.params = params
-        self.nodes = [SimNode(i, ids[i], params, heartbeat_delay_s, interval, registry_deltas)
-                      for i in range(n)]
+        self.roles = list(roles) if roles is not None else [params.role] * n
+        """Per node: ``both``, ``prefill`` or ``decode`` (disaggregated fleets)."""
+        self.nodes = [SimNode(i, ids[i], replace(params, role=self.roles[i]), heartbeat_delay_s,
+                              interval, registry_deltas) for i in range(n)]
         self.node_ids = ids
         self.index = {nid: i for i, nid in enumerate(ids)}
         self.now = 0.0

@@ -2,7 +2,8 @@
 
 - ``POST /v1/completions``: prompt as text, token ids, or a one-element list of either;
   ``max_tokens``; ``stream`` (SSE, ``stream_options.include_usage``); ``usage`` with
-  ``prompt_tokens_details.cached_tokens`` measured from the cache.
+  ``prompt_tokens_details.cached_tokens`` measured from the cache; vLLM's disaggregated
+  ``kv_transfer_params`` (:mod:`engine_sim.kv_transfer`).
 - ``POST /v1/completions/render``: a list of ``{token_ids, ...}`` (what vllm-router cache_aware
   calls), ``POST /tokenize``.
 - ``POST /generate``: SGLang's native endpoint (``input_ids`` or ``text``,
@@ -29,6 +30,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from engine_sim import kv_transfer
 from engine_sim.engine import SimEngine
 from engine_sim.model import RequestTooLarge, SimRequest
 from engine_sim.tokenizer import SimpleTokenizer
@@ -117,7 +119,8 @@ class Api:
         if model is not None and model != self.engine.settings.model:
             raise BadRequest(f"The model `{model}` does not exist.", 404)
 
-    async def _run(self, tokens: list[int], max_tokens: int, client_id: str) -> SimRequest:
+    async def _run(self, tokens: list[int], max_tokens: int, client_id: str,
+                   remote_kv: bool = False) -> SimRequest:
         s = self.engine.settings
         if not tokens:
             raise BadRequest("prompt is empty")
@@ -126,6 +129,7 @@ class Api:
                              f"{s.max_prompt_tokens} (--max-prompt-tokens)")
         try:
             req = self.engine.make_request(tokens, max_tokens, client_id)
+            req.remote_kv = remote_kv
             return await self.engine.submit(req)
         except (RequestTooLarge, ValueError) as exc:
             raise BadRequest(str(exc)) from exc
@@ -145,20 +149,29 @@ class Api:
         if not isinstance(opts, dict):
             raise BadRequest("stream_options must be an object")
         include_usage = bool(opts.get("include_usage", False))
-        req = await self._run(tokens, max_tokens, _client_id(request, body))
+        try:
+            kvt = kv_transfer.parse(body)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+        req = await self._run(tokens, max_tokens, _client_id(request, body), kvt.remote_prefill)
         cid = f"cmpl-{req.request_id}"
         created = int(time.time())
         out_ids = TOKENIZER.output_ids(req.request_id, req.max_tokens)
         usage = self._usage(req)
         if not stream:
             await self.engine.sleep_until(req.finished_at or 0.0)
-            return web.json_response({
+            out: dict[str, Any] = {
                 "id": cid, "object": "text_completion", "created": created,
                 "model": self.engine.settings.model,
                 "choices": [{"index": 0, "text": TOKENIZER.decode(out_ids), "logprobs": None,
                              "finish_reason": "length", "stop_reason": None,
                              "prompt_logprobs": None}],
-                "usage": usage})
+                "usage": usage}
+            if kvt.remote_decode:  # vLLM P/D: where the decode engine pulls the KV from
+                host, port = request.url.host or "127.0.0.1", request.url.port or 80
+                out["kv_transfer_params"] = kv_transfer.handover(
+                    req, f"engine-sim-{host}:{port}", host, port, self.engine.settings.block_size)
+            return web.json_response(out)
         resp = await self._sse_start(request)
         try:
             for i, tok in await self._paced(req, out_ids):
@@ -283,7 +296,8 @@ class Api:
         s = self.engine.settings
         return web.json_response({"served_model_name": s.model, "page_size": s.block_size,
                                   "max_running_requests": s.max_running,
-                                  "engine": "kvroute-engine-sim"})
+                                  "engine": "kvroute-engine-sim",
+                                  "disaggregation_mode": {"both": "null"}.get(s.role, s.role)})
 
     async def model_info(self, request: web.Request) -> web.Response:
         """SGLang-style ``/model_info`` without ``model_path``/``tokenizer_path``."""

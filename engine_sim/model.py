@@ -17,6 +17,12 @@ The model:
   ``decode_s_per_token`` (decoding requests run in parallel, up to the batch limit).
 - At the end the request's blocks are released (they stay cached, evictable) and queued
   requests are admitted at that instant.
+- Disaggregated serving: a request marked ``remote_kv`` (its prompt was prefilled on a prefill
+  engine) does not use the prefill unit: on admission the blocks this engine's cache lacks are
+  *received* (stored in the cache like computed ones, so they are published as BlockStored,
+  as vLLM's KV connectors do), taking ``transfer_s_per_block`` each; the first token follows.
+  A prefill engine runs requests with ``max_tokens=1`` (its first token ends the request and
+  the KV is handed over).
 """
 
 from __future__ import annotations
@@ -57,6 +63,12 @@ class SimRequest:
     cached_tokens: int = 0
     aborted: bool = False
     alloc: Allocation | None = field(default=None, repr=False)
+    remote_kv: bool = False
+    """The prompt's KV was computed by a prefill engine: receive it instead of prefilling."""
+    transfer_blocks: int = 0
+    """Blocks received from the prefill engine (``remote_kv`` only)."""
+    transfer_s: float = 0.0
+    """Seconds spent receiving them."""
 
     def __post_init__(self) -> None:
         if self.token_ids is not None:
@@ -129,9 +141,11 @@ class EngineModel:
         """Uncached prompt tokens admitted but not yet prefilled at ``now``, plus the queue's."""
         total = 0
         for req in self._running.values():
+            if req.remote_kv:
+                continue
             if req.first_token_at is not None and req.first_token_at > now:
                 total += req.uncached_tokens
-        return total + sum(r.prompt_tokens for r in self._waiting)
+        return total + sum(r.prompt_tokens for r in self._waiting if not r.remote_kv)
 
     def next_event_time(self) -> float | None:
         """Model time of the next request end (when :meth:`advance` has work), or None."""
@@ -213,10 +227,17 @@ class EngineModel:
             req.alloc = alloc
             req.cached_tokens = alloc.cached_tokens
             req.admitted_at = now
-            start = max(now, self._prefill_free_at)
-            req.prefill_start = start
-            req.first_token_at = start + req.uncached_tokens / p.prefill_tokens_per_s
-            self._prefill_free_at = req.first_token_at
+            if req.remote_kv:
+                req.prefill_start = now
+                missing = req.uncached_tokens
+                req.transfer_blocks = -(-missing // self.cache.block_size)
+                req.transfer_s = req.transfer_blocks * p.transfer_s_per_block
+                req.first_token_at = now + req.transfer_s
+            else:
+                start = max(now, self._prefill_free_at)
+                req.prefill_start = start
+                req.first_token_at = start + req.uncached_tokens / p.prefill_tokens_per_s
+                self._prefill_free_at = req.first_token_at
             req.finished_at = req.first_token_at + (req.max_tokens - 1) * p.decode_s_per_token
             self._running[req.request_id] = req
             self._tiebreak += 1

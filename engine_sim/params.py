@@ -33,6 +33,27 @@ DEFAULT_CAPACITY_BLOCKS = 4096
 DEFAULT_BLOCK_SIZE = 16
 """Tokens per KV block (vLLM's default ``--block-size``)."""
 
+ROLES = ("both", "prefill", "decode")
+"""``both``: an aggregated engine; ``prefill``: computes prompts and hands their KV over;
+``decode``: receives prompts' KV from a prefill engine and generates."""
+
+TRANSFER_PRESETS = {"seed": 0.002, "rdma-8b": 0.0055, "tcp-8b": 0.055}
+"""Seconds to move 512 tokens' KV between engines (a Mooncake-trace block; scale by block size /
+512 for other block sizes, :func:`transfer_s_per_block`): ``seed``: the seed notebook's 2 ms per
+transfer, read as per 512-token block; ``rdma-8b``: an 8B GQA model's 64 MiB per 512 tokens over
+100 Gb/s RDMA at ~12 GB/s; ``tcp-8b``: the same over ~1.2 GB/s (10 Gb/s TCP)."""
+
+
+def transfer_s_per_block(preset_or_seconds: str, block_size: int) -> float:
+    """Seconds per ``block_size``-token block: a :data:`TRANSFER_PRESETS` name (scaled from 512
+    tokens) or a number of seconds per block. ValueError otherwise."""
+    if preset_or_seconds in TRANSFER_PRESETS:
+        return TRANSFER_PRESETS[preset_or_seconds] * block_size / 512
+    value = float(preset_or_seconds)
+    if not value >= 0:  # negative or NaN
+        raise ValueError("transfer seconds per block must be >= 0")
+    return value
+
 
 @dataclass(frozen=True, slots=True)
 class EngineParams:
@@ -48,8 +69,18 @@ class EngineParams:
     """KV cache slots (cached, held and anonymous blocks all take one)."""
     block_size: int = DEFAULT_BLOCK_SIZE
     """Tokens per block."""
+    role: str = "both"
+    """Disaggregation role (:data:`ROLES`); a ``decode`` engine takes a request whose KV was
+    prefilled elsewhere (``SimRequest.remote_kv``) by receiving the blocks it lacks."""
+    transfer_s_per_block: float = TRANSFER_PRESETS["seed"] * DEFAULT_BLOCK_SIZE / 512
+    """Seconds to receive one KV block from a prefill engine (transfer cost is proportional
+    to the blocks moved; transfers of different requests overlap)."""
 
     def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        if self.transfer_s_per_block < 0:
+            raise ValueError("transfer_s_per_block must be >= 0")
         if self.prefill_tokens_per_s <= 0:
             raise ValueError("prefill_tokens_per_s must be > 0")
         if self.decode_s_per_token < 0:

@@ -47,6 +47,13 @@ class EngineSimSettings(ServerSettings):
         "Batch limit: requests admitted at once (prefilling or decoding); the rest queue FIFO")
     max_tokens_default: int = setting(
         16, "Output tokens of a request that gives no max_tokens")
+    role: str = setting(
+        "both", "Disaggregated prefill/decode role (reported in /server_info): prefill, decode "
+        "or both. Any engine answers vLLM's kv_transfer_params: do_remote_decode returns the "
+        "handover parameters, do_remote_prefill receives the KV instead of prefilling")
+    transfer_ms_per_block: float = setting(
+        2.0 / 512 * 16, "Model milliseconds to receive one KV block from a prefill engine "
+        "(default: the seed's 2 ms per 512 tokens at 16-token blocks)")
     time_scale: float = setting(
         1.0, "Wall seconds per model second (0.01 = replay 100x faster than real time)")
     events_endpoint: str = setting(
@@ -91,6 +98,9 @@ class EngineSimSettings(ServerSettings):
         require(self.decode_ms_per_token >= 0, "decode_ms_per_token", "must be >= 0")
         require(self.max_running >= 1, "max_running", "must be >= 1")
         require(self.max_tokens_default >= 1, "max_tokens_default", "must be >= 1")
+        require(self.role in ("both", "prefill", "decode"), "role",
+                "must be prefill, decode or both")
+        require(self.transfer_ms_per_block >= 0, "transfer_ms_per_block", "must be >= 0")
         require(self.time_scale > 0, "time_scale", "must be > 0")
         require(self.encoding in ("map", "positional"), "encoding", "must be map or positional")
         require(self.hash_type in ("int", "bytes"), "hash_type", "must be int or bytes")
@@ -112,7 +122,8 @@ class EngineSimSettings(ServerSettings):
         return EngineParams(prefill_tokens_per_s=self.prefill_tokens_per_s,
                             decode_s_per_token=self.decode_ms_per_token / 1000.0,
                             max_running=self.max_running, capacity_blocks=self.capacity_blocks,
-                            block_size=self.block_size)
+                            block_size=self.block_size, role=self.role,
+                            transfer_s_per_block=self.transfer_ms_per_block / 1000.0)
 
     def for_engine(self, i: int) -> EngineSimSettings:
         """The settings of engine ``i`` of a multi-engine process (itself when engines = 1)."""

@@ -51,10 +51,17 @@ class ClientTLSSettings:
     client_tls_cert_file: str = setting("", "PEM client certificate for mTLS")
     client_tls_key_file: str = setting("", "PEM client key for mTLS")
     client_tls_server_name: str = setting("", "TLS server name to expect (override)")
+    client_token_file: str = setting(
+        "", "File holding a bearer token sent as 'authorization: Bearer <token>' on every call "
+        "to the server (for a registry with --auth required and no client certificates); "
+        "re-read when it changes, e.g. a mounted Kubernetes Secret")
+    client_token: str = setting(
+        "", "The bearer token itself (prefer --client-token-file: flags show in process lists)")
 
     @property
     def client_tls(self) -> TLSSettings:
         """TLS settings of the gRPC client."""
         return TLSSettings(cert_file=self.client_tls_cert_file, key_file=self.client_tls_key_file,
                            ca_file=self.client_tls_ca_file,
-                           server_name=self.client_tls_server_name)
+                           server_name=self.client_tls_server_name,
+                           token=self.client_token, token_file=self.client_token_file)

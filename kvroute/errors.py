@@ -61,5 +61,17 @@ class DeadlineExceeded(KvrouteError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(KvrouteError):
+    """The call carries no credentials the server accepts (no client certificate, no token)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(KvrouteError):
+    """The caller is known but may not do this (a reader writing, an agent of another node)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ConfigError(ValueError):
     """Invalid settings (bad flag or KVROUTE_* value); the message names the flag."""

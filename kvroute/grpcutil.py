@@ -13,6 +13,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvroute.client_auth import BearerToken, token_interceptors
 from kvroute.errors import KvrouteError
 from kvroute.settings import TLSSettings
 from kvroute.telemetry import REQUEST_ID
@@ -30,6 +31,15 @@ GRPC_OPTIONS_KEEPALIVE: tuple[tuple[str, int], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
 )
 """Client keepalive so a dead peer is noticed within ~30 s even on idle streams."""
+
+
+def reconnect_options(max_wait_s: float) -> list[tuple[str, int]]:
+    """Channel options capping gRPC's own reconnect back-off (default grows to 120 s), so a
+    server that comes back is used again within about ``max_wait_s``."""
+    cap = max(100, int(max_wait_s * 1000))
+    return [("grpc.initial_reconnect_backoff_ms", min(100, cap)),
+            ("grpc.min_reconnect_backoff_ms", min(100, cap)),
+            ("grpc.max_reconnect_backoff_ms", cap)]
 
 
 def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
@@ -55,10 +65,15 @@ def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
 
 def open_channel(target: str, tls: TLSSettings | None = None,
                  options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-    """An asyncio channel to ``target`` (plaintext unless ``tls`` is enabled), with keepalive."""
+    """An asyncio channel to ``target`` (plaintext unless ``tls`` is enabled), with keepalive.
+
+    With ``tls.token`` or ``tls.token_file`` every call carries ``authorization: Bearer ...``.
+    """
     opts: list[tuple[str, Any]] = [*GRPC_OPTIONS_KEEPALIVE, *options]
+    interceptors = (token_interceptors(BearerToken(tls.token, tls.token_file))
+                    if tls is not None and (tls.token or tls.token_file) else None)
     if tls is None or not tls.enabled:
-        return grpc.aio.insecure_channel(target, options=opts)
+        return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
     if tls.server_name:
         opts.append(("grpc.ssl_target_name_override", tls.server_name))
     creds = grpc.ssl_channel_credentials(
@@ -66,7 +81,7 @@ def open_channel(target: str, tls: TLSSettings | None = None,
         private_key=_read(tls.key_file) if tls.key_file else None,
         certificate_chain=_read(tls.cert_file) if tls.cert_file else None,
     )
-    return grpc.aio.secure_channel(target, creds, options=opts)
+    return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
 
 
 class HealthReporter:
@@ -105,12 +120,17 @@ def bind(server: grpc.aio.Server, listen: str, tls: TLSSettings) -> int:
     return port
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException,
-                 method: str) -> None:
+def _status(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, KvrouteError):
-        await context.abort(exc.code, exc.message)
-    log.exception("unexpected error in %s", method)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}")
+        return exc.code, exc.message
+    log.error("unexpected error in %s", method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}"
+
+
+# The wrappers abort *after* leaving their ``except`` block: aborting inside it would keep the
+# exception (and through its traceback every frame's locals, e.g. a 10 MB request message)
+# alive in a reference cycle until the next full garbage collection. Measured: a flood of
+# refused 3 MB heartbeats grew the registry's RSS by ~400 MB that way.
 
 
 def unary_errors(fn: Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
@@ -123,13 +143,15 @@ def unary_errors(fn: Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]],
         token = REQUEST_ID.set(str(getattr(request, "request_id", "") or ""))
         try:
             return await fn(self, request, context)
-        except (KvrouteError, Exception) as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _abort(context, exc, fn.__name__)
-            raise  # unreachable: abort raises
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # KvrouteError included
+            code, message = _status(exc, fn.__name__)
         finally:
             REQUEST_ID.reset(token)
+        del request
+        await context.abort(code, message)
+        raise AssertionError("unreachable: abort raises")
 
     return wrapper
 
@@ -146,9 +168,11 @@ def stream_errors(fn: Callable[[Self_, Any, grpc.aio.ServicerContext[Any, Any]],
         try:
             async for item in fn(self, request, context):
                 yield item
-        except (KvrouteError, Exception) as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _abort(context, exc, fn.__name__)
+            return
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # KvrouteError included
+            code, message = _status(exc, fn.__name__)
+        await context.abort(code, message)
 
     return wrapper

@@ -177,6 +177,9 @@ class TLSSettings:
         "", "PEM CA bundle: servers require client certs signed by it (mTLS); clients verify "
         "the server with it")
     server_name: str = setting("", "Override of the TLS server name a client expects")
+    token: str = setting("", "Bearer token a client sends on every call (with or without TLS)")
+    token_file: str = setting(
+        "", "File holding the bearer token a client sends (re-read when it changes)")
 
     @property
     def enabled(self) -> bool:

@@ -73,6 +73,12 @@ class AgentCollector(Collector):
         yield gauge("heartbeat_bytes", "Serialized size of the last heartbeat",
                     lk.last_heartbeat_bytes)
         yield gauge("registry_connected", "1 while heartbeats succeed", int(lk.connected))
+        yield gauge("engine_up", "1 while the engine passes its health check (the node is "
+                    "in routing only then)", int(lk.engine_up))
+        yield counter("engine_down", "Times the engine failed its health check and the node "
+                      "left routing", lk.engine_downs)
+        yield counter("registry_switches", "Moves to another registry address after a "
+                      "connectivity failure", lk.registry_switches)
         yield counter("topic_mismatches", "Live batches ignored: their topic is not --topic",
                       s.topic_mismatches)
         yield counter("late_joins", "Starts (or replays) that could not learn the engine's "

@@ -21,6 +21,7 @@ from kvroute.settings import describe, parse_hostport
 from kvroute.telemetry import MetricsServer, configure_logging
 from node_agent.block_map import BlockMap
 from node_agent.deltas import DeltaLog
+from node_agent.engine_health import EngineHealth
 from node_agent.events import (
     Cleared,
     EngineBatch,
@@ -63,7 +64,22 @@ class Agent:
                                 timeout_s=min(2.0, s.rpc_timeout_s))
         self.usage.capacity_blocks = s.capacity_blocks
         self.link = RegistryLink(s, self.blocks, self.deltas, self.usage, self.health)
+        self.engine_health: EngineHealth | None = None
+        if s.engine_health_path:
+            self.engine_health = EngineHealth(
+                s.engine_url.rstrip("/") + s.engine_health_path, s.engine_health_timeout_s,
+                s.engine_health_failures, lambda: self.link.interval_s, self._engine_down,
+                self.link.engine_up)
+            self.link.await_engine()  # register only once the engine answers
         self._warned_sizes: set[int] = set()
+
+    def _engine_down(self, why: str, process_gone: bool) -> None:
+        if process_gone and self.blocks.held_blocks:
+            # the engine process is gone and its KV cache with it: never re-register them
+            log.warning("engine process gone: dropping %d cached blocks it held",
+                        self.blocks.held_blocks)
+            self.blocks.clear()
+        self.link.engine_down(why)
 
     async def discover_capacity(self) -> None:
         """Fill capacity from the engine's metrics when not configured; waits (logging) for an
@@ -86,6 +102,8 @@ class Agent:
         await self.discover_capacity()
         tasks = [asyncio.create_task(self.consume(), name="events"),
                  asyncio.create_task(self.link.run(), name="registry")]
+        if self.engine_health is not None:
+            tasks.append(asyncio.create_task(self.engine_health.run(), name="engine-health"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from kvroute.common_settings import ClientTLSSettings, ServerSettings
 from kvroute.errors import ConfigError
-from kvroute.settings import parse_hostport, require, setting
+from kvroute.settings import require, setting
+from kvroute.targets import parse_targets
 from node_agent.block_map import MEDIUM_POLICIES
 
 _NODE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -19,7 +20,10 @@ _NODE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 class AgentSettings(ServerSettings, ClientTLSSettings):
     """One node agent beside one engine (one data-parallel rank)."""
 
-    registry: str = setting("127.0.0.1:50051", "Registry gRPC address HOST:PORT")
+    registry: str = setting(
+        "127.0.0.1:50051", "Registry gRPC address HOST:PORT, or several replicas as a comma "
+        "list HOST:PORT,HOST:PORT (the agent uses one and moves to the next when it fails); a "
+        "DNS name resolving to several addresses (headless Service) also fails over")
     node_id: str = setting("", "Stable node id, unique in the fleet (e.g. the pod name); "
                            "1-128 characters of [A-Za-z0-9._:-]")
     engine_url: str = setting(
@@ -48,12 +52,29 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
     heartbeat_interval_s: float = setting(
         0.0, "Seconds between heartbeats (0 = the interval the registry suggests)")
     rpc_timeout_s: float = setting(5.0, "Deadline of each registry call, seconds")
+    registry_retry_max_s: float = setting(
+        1.0, "Longest back-off between attempts to reach the registry (jittered); gRPC's own "
+        "reconnect back-off is capped the same, so a registry that returns is used within "
+        "about this long")
+    engine_health_path: str = setting(
+        "/health", "Path on --engine-url polled every heartbeat interval (at most 5 times a "
+        "second); while it fails the node leaves routing (deregistered) and returns once it "
+        "answers 200. Empty = off")
+    engine_health_timeout_s: float = setting(
+        2.0, "Deadline of one engine health check, seconds")
+    engine_health_failures: int = setting(
+        3, "Failed health checks in a row (timeouts, HTTP errors) before the engine counts "
+        "as down (a busy engine may answer late); a refused connection (engine process "
+        "gone) counts at once")
     replay_timeout_s: float = setting(2.0, "Seconds to wait for each replay reply")
     medium_policy: str = setting(
         "device", "Which cached blocks count: device (only --device-media; offloaded copies "
         "ignored) or any (offloaded copies count as cached)")
     device_media: tuple[str, ...] = setting(("GPU",), "Medium names of the device cache")
     labels: tuple[str, ...] = setting((), "Node labels as key=value,key=value")
+    role: str = setting(
+        "both", "Disaggregated prefill/decode role of the engine: prefill (computes prompts and "
+        "hands their KV over), decode (receives KV and generates) or both (aggregated)")
     resync_batch: int = setting(50_000, "Block hashes per Resync stream message")
     max_delta_hashes: int = setting(100_000, "Most block hashes in one heartbeat")
     fleet_file: str = setting(
@@ -65,7 +86,7 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_hostport(self.registry, "registry")
+        parse_targets(self.registry, "registry")
         require(bool(self.model), "model", "required: the model the engine serves")
         require(1 <= self.block_size <= 65536, "block_size", "must be 1..65536")
         require(0 <= self.engine_block_size <= 65536, "engine_block_size", "must be 0..65536")
@@ -74,9 +95,16 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
                 "must be vllm or sglang")
         require(self.heartbeat_interval_s >= 0, "heartbeat_interval_s", "must be >= 0")
         require(self.rpc_timeout_s > 0, "rpc_timeout_s", "must be > 0")
+        require(self.registry_retry_max_s > 0, "registry_retry_max_s", "must be > 0")
+        require(not self.engine_health_path or self.engine_health_path.startswith("/"),
+                "engine_health_path", "must start with / (or be empty to disable)")
+        require(self.engine_health_timeout_s > 0, "engine_health_timeout_s", "must be > 0")
+        require(self.engine_health_failures >= 1, "engine_health_failures", "must be >= 1")
         require(self.replay_timeout_s > 0, "replay_timeout_s", "must be > 0")
         require(self.medium_policy in MEDIUM_POLICIES, "medium_policy",
                 f"must be one of {', '.join(MEDIUM_POLICIES)}")
+        require(self.role in ("both", "prefill", "decode"), "role",
+                "must be prefill, decode or both")
         require(self.resync_batch >= 1, "resync_batch", "must be >= 1")
         require(self.max_delta_hashes >= 1, "max_delta_hashes", "must be >= 1")
         for item in self.labels:
@@ -104,7 +132,8 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
 
 
 _FLEET_FIELDS = {"node_id": str, "engine_url": str, "engine_events": str, "engine_replay": str,
-                 "engine_metrics_url": str, "capacity_blocks": int, "labels": list}
+                 "engine_metrics_url": str, "capacity_blocks": int, "labels": list,
+                 "role": str}
 
 
 def fleet_agents(s: AgentSettings) -> list[AgentSettings]:

@@ -28,7 +28,8 @@ from kvroute.errors import (
     Unavailable,
 )
 from kvroute.v1 import registry_pb2 as pb
-from registry_service import validate
+from registry_service import limits, validate
+from registry_service.auth import CALLER
 from registry_service.metrics import RegistryMetrics
 from registry_service.nodes import Change, Fanout, NodeState, now_ms
 from registry_service.settings import RegistrySettings
@@ -59,6 +60,14 @@ heartbeat in bursts, and never lets a lease run out sooner than 0.9 x TTL after 
 
 
 @dataclass(frozen=True)
+class Registration:
+    """What RegisterNode answers: the stored record and the write token (shown only here)."""
+
+    record: NodeRecord
+    write_token: str
+
+
+@dataclass(frozen=True)
 class HeartbeatResult:
     """What a heartbeat answers."""
 
@@ -82,6 +91,8 @@ class RegistryCore:
         self._follower: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._was_healthy: dict[str, bool] = {}
+        self.draining = False
+        """True once shutdown began: streams end, health is no longer re-evaluated."""
         self.synced = asyncio.Event()
         metrics.track_index(lambda: self.view.index.entries,
                             self.view.index.entries_blocks,
@@ -95,6 +106,15 @@ class RegistryCore:
         await self._relist()
         self._follower = asyncio.create_task(self._follow(), name="registry-follower")
         self._sweeper = asyncio.create_task(self._sweep_health(), name="registry-health")
+
+    async def drain(self) -> None:
+        """Shutdown step one: freeze health (a replica that stops hearing heartbeats because
+        it stopped serving must not tell anyone the nodes turned unhealthy) and end every
+        watch stream so its clients reconnect (to another replica) at once."""
+        self.draining = True
+        await cancel_and_wait(self._sweeper)
+        self._sweeper = None
+        self.fanout.close_all()
 
     async def close(self) -> None:
         """Stop following and close the store."""
@@ -178,9 +198,12 @@ class RegistryCore:
                            "resync required: call RegisterNode, then Resync")
         return state
 
-    async def register(self, req: pb.RegisterNodeRequest) -> NodeRecord:
-        """RegisterNode: a new lease and epoch; the node starts with no blocks."""
+    async def register(self, req: pb.RegisterNodeRequest) -> Registration:
+        """RegisterNode: a new lease, epoch and write token; the node starts with no blocks."""
         validate.register(req, self.settings)
+        limits.check_capacity(self.settings, req.capacity_blocks, req.node_id)
+        caller = CALLER.get()
+        token, digest = limits.new_write_token()
         for _ in range(3):
             prev = await self._op("get_node", self.store.get_node(req.node_id))
             if prev is not None and prev.address != req.address:
@@ -197,7 +220,9 @@ class RegistryCore:
                 block_size=req.block_size, capacity_blocks=req.capacity_blocks,
                 labels=dict(req.labels),
                 epoch=max(prev.epoch + 1 if prev else 1, now_ms()), lease_id=0,
-                lease_ttl_s=self.settings.lease_ttl_s, registered_unix_ms=now_ms())
+                lease_ttl_s=self.settings.lease_ttl_s, registered_unix_ms=now_ms(),
+                token_sha256=digest, owner=f"{caller.role}:{caller.name}",
+                role=req.role or "both")
             try:
                 rec = await self._op("register", self.store.register_node(rec, prev))
             except StoreConflict:
@@ -205,38 +230,55 @@ class RegistryCore:
             if prev is not None and prev.node_id in self.view.nodes:
                 self.view.deregistered.add((prev.node_id, prev.epoch))
             self.view.apply(NodePut(rec))
-            log.info("node %s registered at %s (epoch %d)", rec.node_id, rec.address, rec.epoch)
-            return rec
+            log.info("node %s registered at %s (epoch %d) by %s", rec.node_id, rec.address,
+                     rec.epoch, caller)
+            return Registration(rec, token)
         raise Unavailable(f"node {req.node_id} is being registered concurrently; retry")
 
     async def heartbeat(self, req: pb.HeartbeatRequest) -> HeartbeatResult:
         """Heartbeat: refresh the lease, record usage, apply the delta batch."""
         validate.heartbeat(req, self.settings)
         state = await self._state(req.node_id)
-        async with state.lock:
-            rec = state.record
-            if req.epoch != rec.epoch:
-                return self._resync("stale_epoch", rec, f"epoch {req.epoch} is stale, the "
-                                    f"node's current epoch is {rec.epoch}: RegisterNode again")
-            state.seen_unix_ms = now_ms()  # the node is alive even if etcd is not
-            mono = time.monotonic()
-            since = mono - state.refreshed_here_mono
-            if since >= rec.lease_ttl_s * REFRESH_SKIP_FRACTION:
-                ttl = await self._op("lease_keepalive", self.store.refresh_lease(rec))
-                if ttl <= 0:
-                    self.view.drop(rec.node_id, expired=True)
-                    raise NotFound(f"node {rec.node_id}: its lease expired; resync required: "
-                                   "call RegisterNode, then Resync")
-                state.lease_refreshed_mono = state.refreshed_here_mono = time.monotonic()
-            else:  # refreshed by this replica moments ago (a fast heartbeat burst)
-                ttl = max(1, round(rec.lease_ttl_s - since))
-            if req.stored or req.removed or req.cleared:
-                result = await self._apply_delta(state, req)
-                if result is not None:
-                    return result
-            await self._status(state, req)
-            self.metrics.heartbeats.labels("ok").inc()
-            return HeartbeatResult(False, ttl)
+        if req.epoch != state.record.epoch:
+            async with state.lock:
+                return await self._heartbeat(state, req)
+        # The node is alive even if etcd is not: it counts as heard from now, and stays
+        # healthy while this heartbeat waits (for the node's lock, or on a stalled etcd).
+        state.seen_unix_ms = now_ms()
+        state.trusted_until_ms = 0
+        state.beating += 1
+        try:
+            async with state.lock:
+                return await self._heartbeat(state, req)
+        finally:
+            state.beating -= 1
+            state.seen_unix_ms = max(state.seen_unix_ms, now_ms())
+
+    async def _heartbeat(self, state: NodeState, req: pb.HeartbeatRequest) -> HeartbeatResult:
+        rec = state.record
+        if req.epoch != rec.epoch:
+            return self._resync("stale_epoch", rec, f"epoch {req.epoch} is stale, the "
+                                f"node's current epoch is {rec.epoch}: RegisterNode again")
+        limits.check_heartbeat(self.settings, self.metrics, self.view, state, req)
+        state.seen_unix_ms = now_ms()
+        mono = time.monotonic()
+        since = mono - state.refreshed_here_mono
+        if since >= rec.lease_ttl_s * REFRESH_SKIP_FRACTION:
+            ttl = await self._op("lease_keepalive", self.store.refresh_lease(rec))
+            if ttl <= 0:
+                self.view.drop(rec.node_id, expired=True)
+                raise NotFound(f"node {rec.node_id}: its lease expired; resync required: "
+                               "call RegisterNode, then Resync")
+            state.lease_refreshed_mono = state.refreshed_here_mono = time.monotonic()
+        else:  # refreshed by this replica moments ago (a fast heartbeat burst)
+            ttl = max(1, round(rec.lease_ttl_s - since))
+        if req.stored or req.removed or req.cleared:
+            result = await self._apply_delta(state, req)
+            if result is not None:
+                return result
+        await self._status(state, req)
+        self.metrics.heartbeats.labels("ok").inc()
+        return HeartbeatResult(False, ttl)
 
     def _resync(self, reason: str, rec: NodeRecord, message: str) -> HeartbeatResult:
         self.metrics.resync_requests.labels(reason).inc()
@@ -317,7 +359,7 @@ class RegistryCore:
 
     async def resync(self, requests: AsyncIterator[pb.ResyncRequest]) -> int:
         """Resync: replace the node's whole block set with the streamed one."""
-        node_id, epoch, used, total, limit = "", 0, 0, 0, 0
+        node_id, epoch, used, total = "", 0, 0, 0
         parts: list[np.ndarray] = []
         state: NodeState | None = None
         async for req in requests:
@@ -328,16 +370,13 @@ class RegistryCore:
                     raise FailedPrecondition(
                         f"Resync for node {node_id} epoch {epoch}, but the current epoch is "
                         f"{state.record.epoch}: RegisterNode again first")
-                limit = max(2 * state.capacity(), self.settings.max_hashes_per_call)
+                limits.check_write_token(state.record, req.write_token, "Resync", self.metrics)
             elif (req.node_id, req.epoch) != (node_id, epoch):
                 raise InvalidArgument(
                     "every Resync message must carry the same node_id and epoch")
             validate.hash_count(len(req.block_hashes), "block_hashes", self.settings)
             total += len(req.block_hashes)
-            if total > limit:
-                raise ResourceExhausted(
-                    f"Resync of node {node_id} carries more than {limit} hashes (twice its "
-                    "capacity_blocks, at least --max-hashes-per-call)")
+            limits.check_resync_total(self.settings, self.metrics, self.view, state, total)
             parts.append(as_hashes(req.block_hashes))
         if state is None:
             raise InvalidArgument("empty Resync stream: send node_id and epoch")
@@ -347,6 +386,8 @@ class RegistryCore:
                     f"node {node_id} registered again during the Resync: RegisterNode and "
                     "resync again")
             hashes = np.unique(np.concatenate(parts)) if parts else as_hashes([])
+            limits.check_resync_index(self.settings, self.metrics, self.view, state,
+                                      int(hashes.size))
             try:
                 await self._snapshot(state, True, hashes)
             except StoreConflict as exc:
@@ -363,6 +404,8 @@ class RegistryCore:
             raise FailedPrecondition(
                 f"node {req.node_id} epoch {req.epoch} is not current ({state.record.epoch})")
         rec = state.record
+        if CALLER.get().role != "admin":  # an operator drains any node without its token
+            limits.check_write_token(rec, req.write_token, "DeregisterNode", self.metrics)
         self.view.deregistered.add((rec.node_id, rec.epoch))
         await self._op("delete_node", self.store.delete_node(rec))
         dropped = self.view.index.count(state.slot)

@@ -51,6 +51,12 @@ class RegistryMetrics:
             "Times the replica re-listed the store (start, compaction, watch failure)",
             registry=r)
 
+        self.refused = Counter(
+            "kvroute_registry_refused_total",
+            "Calls refused by the security layer, by method and reason (unauthenticated, "
+            "permission_denied, write_token, rate_limited, node_capacity, index_full)",
+            ["method", "reason"], registry=r)
+
     def track_index(self, entries: Callable[[], float], blocks: Callable[[], float],
                     nbytes: Callable[[], float], nodes: Callable[[], float]) -> None:
         """Compute the index gauges at scrape time."""

@@ -29,9 +29,18 @@ class NodeState:
     lease_refreshed_mono: float = field(default_factory=time.monotonic)
     status_written_mono: float = 0.0
     seen_unix_ms: int = 0
+    """Last heartbeat received by this replica (even one whose etcd write then failed)."""
     refreshed_here_mono: float = 0.0
     """When this replica last refreshed the lease itself (0 = never)."""
-    """Last heartbeat received by this replica (even one whose etcd write then failed)."""
+    trusted_until_ms: int = 0
+    """Until then the node counts as healthy although this replica has not heard a heartbeat
+    in time: set when a (re)started replica loads a node whose lease is alive in etcd. A node
+    that really stopped loses its lease within the TTL and etcd deletes it, so "not heard from
+    yet" never turns into "unhealthy" for a node that is still heartbeating elsewhere or is
+    about to reconnect."""
+    beating: int = 0
+    """Heartbeats of this node being processed now (e.g. waiting on a stalled etcd): the
+    agent is alive and waiting for us, so the node is not late."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -54,9 +63,12 @@ class NodeState:
                    self.seen_unix_ms)
 
     def healthy(self, late_after_s: float, at_ms: int | None = None) -> bool:
-        """Heartbeats on time (as seen by this replica, directly or through etcd)."""
-        age_ms = (now_ms() if at_ms is None else at_ms) - self.heartbeat_ms()
-        return age_ms <= late_after_s * 1000.0
+        """Heartbeats on time (as seen by this replica, directly or through etcd), or a lease
+        this replica found alive when it loaded the node and has not seen expire yet."""
+        if self.beating:
+            return True
+        at = now_ms() if at_ms is None else at_ms
+        return at - self.heartbeat_ms() <= late_after_s * 1000.0 or at <= self.trusted_until_ms
 
     def lease_left_s(self) -> float:
         """Seconds left on the lease as of the last refresh this replica knows of."""
@@ -69,7 +81,8 @@ class NodeState:
 class Change:
     """One change of the replica's view, fanned out to WatchNodes/WatchPlacement streams.
 
-    ``kind`` is ``upsert`` (node added or its record/usage changed), ``removed`` or ``blocks``.
+    ``kind`` is ``upsert`` (node added or its record/usage changed), ``removed`` or ``blocks``;
+    ``overflow`` and ``closing`` end a subscription (reader too slow; replica shutting down).
     """
 
     kind: str
@@ -116,6 +129,18 @@ class Fanout:
                 while not sub.queue.empty():  # the reader only needs to learn it was cut off
                     sub.queue.get_nowait()
                 sub.queue.put_nowait(Change("overflow", ""))
+
+    def close_all(self) -> None:
+        """End every subscription (the replica is shutting down): each reader gets a
+        ``closing`` change after the ones already queued, and no more changes."""
+        subs, self._subs = self._subs, set()
+        for sub in subs:
+            try:
+                sub.queue.put_nowait(Change("closing", ""))
+            except asyncio.QueueFull:
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+                sub.queue.put_nowait(Change("closing", ""))
 
     @property
     def subscribers(self) -> int:

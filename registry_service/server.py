@@ -17,11 +17,14 @@ from kvroute.settings import describe, parse_hostport
 from kvroute.telemetry import MetricsServer
 from kvroute.v1 import registry_pb2, registry_pb2_grpc, route_share_pb2_grpc
 from registry_service.core import RegistryCore
+from registry_service.guard import RegistryGuard
+from registry_service.limits import WritePrecheck
 from registry_service.metrics import RegistryMetrics
 from registry_service.route_share import RouteShareHub
 from registry_service.servicer import RegistryServicer
 from registry_service.settings import RegistrySettings
 from registry_service.store.base import PlacementStore
+from registry_service.trim import MemoryTrimmer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
@@ -34,6 +37,23 @@ def make_store(settings: RegistrySettings) -> PlacementStore:
         return MemoryStore()
     from registry_service.store.etcd import EtcdStore
     return EtcdStore(settings.etcd_settings(), chunk_bytes=settings.snapshot_chunk_bytes)
+
+
+def warn_if_open(settings: RegistrySettings, tokens: int) -> None:
+    """Log how callers are authenticated; a loud warning in the open (--auth none) mode."""
+    if settings.auth == "none":
+        log.warning(
+            "registry authentication is OFF (--auth none): any client that reaches %s may "
+            "register, heartbeat and deregister any node. Use this for demos and tests only; "
+            "in production set --auth required with client certificates (--tls-ca-file) "
+            "and/or bearer tokens (--auth-tokens-file)", settings.listen)
+        return
+    log.info("registry authentication required: client certificates %s (trust domain %s), "
+             "%d bearer tokens", "on" if settings.tls_ca_file else "off",
+             settings.auth_trust_domain, tokens)
+    if not settings.tls_cert_file:
+        log.warning("bearer tokens travel over plaintext gRPC (no --tls-cert-file): anyone "
+                    "on the network path can read and replay them")
 
 
 async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -> int:
@@ -49,8 +69,15 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
     core = RegistryCore(settings, make_store(settings), metrics)
     await core.start()
     replica = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
-    server = grpc.aio.server(options=message_size_options(settings.max_message_bytes))
-    registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(core, replica), server)
+    trimmer = MemoryTrimmer(settings.memory_trim_after_bytes)
+    core.view.on_drop = lambda entries: trimmer.note(entries * 81)
+    guard = RegistryGuard(settings, metrics, trimmer,
+                          WritePrecheck(settings, metrics, core.view))
+    warn_if_open(settings, len(guard.auth.tokens))
+    server = grpc.aio.server(options=message_size_options(settings.max_message_bytes),
+                             interceptors=[guard])
+    servicer = RegistryServicer(core, replica)
+    registry_pb2_grpc.add_RegistryServicer_to_server(servicer, server)
     route_share_pb2_grpc.add_RouteShareServicer_to_server(
         RouteShareHub(registry=metrics.registry), server)  # issue 19: router replicas' deltas
     health = add_health_and_reflection(server, [SERVICE_NAME])
@@ -59,6 +86,7 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
     metrics_server = MetricsServer(metrics.registry, mhost, mport)
     metrics_port = metrics_server.start()
     await server.start()
+    trimmer.start()
     await health.set_serving(True)
     write_ready_file(settings.ready_file, {"grpc_port": port, "metrics_port": metrics_port,
                                            "pid": os.getpid(), "replica_id": replica})
@@ -69,7 +97,9 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
     finally:
         log.info("registry draining (up to %.1fs)", settings.drain_timeout_s)
         await health.set_serving(False)
+        await servicer.drain()  # streams end now: routers move to another replica at once
         await server.stop(settings.drain_timeout_s)
+        await trimmer.close()
         await core.close()
         metrics_server.stop()
     log.info("registry stopped")

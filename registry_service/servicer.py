@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
-from kvroute.errors import KvrouteError, NotFound, ResourceExhausted
+from kvroute.errors import KvrouteError, NotFound, ResourceExhausted, Unavailable
 from kvroute.grpcutil import stream_errors, unary_errors
 from kvroute.v1 import registry_pb2 as pb
 from kvroute.v1 import registry_pb2_grpc as pb_grpc
@@ -52,7 +54,7 @@ def node_info(s: NodeState, late_after_s: float, blocks: int) -> pb.NodeInfo:
         usage=s.usage(), engine_block_size=st.engine_block_size,
         engine_lookahead_tokens=st.engine_lookahead_tokens,
         index_state=pb.IndexState.ValueType(st.index_state), index_note=st.index_note,
-        prefill_tokens_per_s=st.prefill_tokens_per_s)
+        role=r.role, prefill_tokens_per_s=st.prefill_tokens_per_s)
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
@@ -62,6 +64,19 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         self.core = core
         self.replica_id = replica_id
         self.block_size = core.settings.block_size
+        self._lookup_streams: set[asyncio.Task[Any]] = set()
+
+    async def drain(self) -> None:
+        """Shutdown: end watch and lookup streams now so clients move to another replica
+        (instead of waiting out the drain timeout on a replica that no longer hears agents)."""
+        await self.core.drain()
+        for task in list(self._lookup_streams):
+            task.cancel()
+
+    def _refuse_when_draining(self) -> None:
+        if self.core.draining:
+            raise Unavailable(f"registry replica {self.replica_id} is shutting down: use "
+                              "another replica")
 
     def _info(self, s: NodeState) -> pb.NodeInfo:
         return node_info(s, self.core.view.late_after_s, self.core.blocks_indexed(s))
@@ -70,9 +85,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def RegisterNode(self, request: pb.RegisterNodeRequest,
                            context: _Ctx[pb.RegisterNodeRequest, pb.RegisterNodeResponse],
                            ) -> pb.RegisterNodeResponse:
-        rec = await self.core.register(request)
+        reg = await self.core.register(request)
         return pb.RegisterNodeResponse(
-            lease_ttl_s=rec.lease_ttl_s, epoch=rec.epoch, block_size=self.block_size,
+            lease_ttl_s=reg.record.lease_ttl_s, epoch=reg.record.epoch,
+            block_size=self.block_size, write_token=reg.write_token,
             heartbeat_interval_s=self.core.settings.effective_heartbeat_interval_s)
 
     @unary_errors
@@ -122,7 +138,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             engine_block_size=s.status.engine_block_size,
             engine_lookahead_tokens=s.status.engine_lookahead_tokens,
             index_state=pb.IndexState.ValueType(s.status.index_state),
-            index_note=s.status.index_note,
+            index_note=s.status.index_note, role=s.record.role,
             prefill_tokens_per_s=s.status.prefill_tokens_per_s)
             for s, matched in pairs]
         core.metrics.lookups.inc()
@@ -141,6 +157,11 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             context: _Ctx[pb.LookupRequest, pb.LookupResponse]) -> None:
         # read()/write() on the context: measured ~90 us less per message than an async
         # generator handler on one stream (grpc.aio, loopback)
+        self._refuse_when_draining()
+        task = asyncio.current_task()
+        if task is not None:
+            self._lookup_streams.add(task)
+            task.add_done_callback(self._lookup_streams.discard)
         while True:
             req = await context.read()
             if req is grpc.aio.EOF:  # type: ignore[attr-defined]
@@ -164,6 +185,9 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def _changes(self, sub: Subscription) -> AsyncIterator[Change]:
         while True:
             change = await sub.queue.get()
+            if change.kind == "closing":
+                raise Unavailable(f"registry replica {self.replica_id} is shutting down: "
+                                  "watch again (another replica, or this one once restarted)")
             if change.kind == "overflow":
                 raise ResourceExhausted(
                     "this watch fell more than --watch-queue-size events behind and was cut "
@@ -174,6 +198,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def WatchNodes(self, request: pb.WatchNodesRequest,
                          context: _Ctx[pb.WatchNodesRequest, pb.NodeEvent],
                          ) -> AsyncIterator[pb.NodeEvent]:
+        self._refuse_when_draining()
         view, fanout = self.core.view, self.core.fanout
         sub = fanout.subscribe()
         try:
@@ -201,6 +226,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def WatchPlacement(self, request: pb.WatchPlacementRequest,
                              context: _Ctx[pb.WatchPlacementRequest, pb.PlacementEvent],
                              ) -> AsyncIterator[pb.PlacementEvent]:
+        self._refuse_when_draining()
         view, fanout = self.core.view, self.core.fanout
         sub = fanout.subscribe()
         bs = self.block_size

@@ -7,14 +7,16 @@ from dataclasses import dataclass
 
 from kvroute.common_settings import ServerSettings
 from kvroute.settings import require, setting
+from registry_service.security_settings import SecuritySettings
 from registry_service.store.etcd_settings import EtcdSettings
 
 
 @dataclass(frozen=True)
-class RegistrySettings(ServerSettings, EtcdSettings):
+class RegistrySettings(ServerSettings, EtcdSettings, SecuritySettings):
     """Everything the registry reads at start. Each field is a flag and an env variable.
 
-    The ``etcd_*`` fields come from :class:`EtcdSettings` (the etcd client's own settings).
+    The ``etcd_*`` fields come from :class:`EtcdSettings` (the etcd client's own settings);
+    authentication, index limits and per-client write limits from :class:`SecuritySettings`.
     """
 
     store: str = setting(
@@ -44,6 +46,11 @@ class RegistrySettings(ServerSettings, EtcdSettings):
     def __post_init__(self) -> None:
         ServerSettings.__post_init__(self)
         EtcdSettings.__post_init__(self)
+        SecuritySettings.__post_init__(self)
+        require(self.auth == "none" or bool(self.tls_ca_file or self.auth_tokens
+                                               or self.auth_tokens_file), "auth",
+                "'required' needs client certificates (--tls-ca-file with --tls-cert-file) or "
+                "bearer tokens (--auth-tokens-file or --auth-tokens)")
         require(self.store in ("etcd", "memory"), "store", "must be etcd or memory")
         require(self.block_size >= 1, "block_size", "must be >= 1")
         require(self.lease_ttl_s >= 1, "lease_ttl_s", "must be >= 1 second")

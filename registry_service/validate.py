@@ -60,6 +60,9 @@ def register(req: pb.RegisterNodeRequest, s: RegistrySettings) -> None:
     if req.capacity_blocks == 0 or req.capacity_blocks > MAX_CAPACITY:
         raise InvalidArgument(f"capacity_blocks must be 1..{MAX_CAPACITY}, got "
                               f"{req.capacity_blocks}")
+    if req.role not in ("", "both", "prefill", "decode"):
+        raise InvalidArgument(f"role must be prefill, decode or both (or empty = both), got "
+                              f"{req.role[:32]!r}")
     if len(req.labels) > MAX_LABELS:
         raise InvalidArgument(f"at most {MAX_LABELS} labels, got {len(req.labels)}")
     for k, v in req.labels.items():

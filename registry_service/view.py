@@ -9,7 +9,7 @@ apply the same store history end with the same view.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvroute.index import BitmaskIndex, PrefixIndex, SlotTable
 from registry_service.metrics import RegistryMetrics
@@ -41,6 +41,8 @@ class ReplicaView:
         self.fanout = fanout
         self.metrics = metrics
         self.late_after_s = late_after_s
+        self.on_drop: Callable[[int], None] = lambda entries: None
+        """Called with the entries dropped when a node leaves (the server trims the heap)."""
         self.deregistered: set[tuple[str, int]] = set()
         """(node, epoch) this replica deleted itself: their removal is not a lease expiry."""
 
@@ -59,6 +61,7 @@ class ReplicaView:
         if state is None:
             return 0
         dropped = self.index.drop_node(state.slot)
+        self.on_drop(dropped)
         self.slots.release(node_id)
         self._by_model.pop(state.record.model, None)
         if expired:
@@ -84,6 +87,7 @@ class ReplicaView:
             if state is not None and (ev.status.heartbeat_unix_ms
                                       >= state.status.heartbeat_unix_ms):
                 state.status = ev.status
+                state.trusted_until_ms = 0  # heard of (through another replica): timing rules
                 self.fanout.publish(Change("upsert", ev.node_id))
         elif isinstance(ev, DeltaPut):
             state = self.nodes.get(ev.node_id)
@@ -145,12 +149,23 @@ class ReplicaView:
         return True
 
     def reconcile(self, loaded: LoadResult) -> None:
-        """Make the view equal to a fresh listing of the store."""
+        """Make the view equal to a fresh listing of the store.
+
+        Every listed node's lease was alive at the listing, so each counts as healthy for up
+        to its lease TTL from now even before this replica hears a heartbeat (agents of a
+        restarted replica reconnect within about a second; a node that stopped loses its
+        lease within the TTL and etcd deletes it, which the watch applies).
+        """
         present = {ev.record.node_id for ev in loaded.events if isinstance(ev, NodePut)}
         for node_id in [n for n in self.nodes if n not in present]:
             self.drop(node_id, expired=True)
         for ev in loaded.events:
             self.apply(ev)
+        t = now_ms()
+        for node_id in present:
+            state = self.nodes.get(node_id)
+            if state is not None and not state.healthy(self.late_after_s, t):
+                state.trusted_until_ms = t + state.record.lease_ttl_s * 1000
 
     # ---- queries --------------------------------------------------------------------------
     def candidates(self, model: str, include_unhealthy: bool) -> list[NodeState]:

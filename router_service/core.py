@@ -21,6 +21,15 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from kvroute.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from router_service.disagg import (
+    DECODE_CAPABLE,
+    DECODE_KEY_SUFFIX,
+    DECODE_POLICIES,
+    PREFILL_CAPABLE,
+    DecodeChooser,
+    DisaggSettings,
+    wants_pd,
+)
 from router_service.domain import RouteDecision, RouteRequest
 from router_service.load import LoadTracker
 from router_service.metrics import RouterMetrics
@@ -69,15 +78,18 @@ class RouterCore:
                  tracker: LoadTracker, tokenizer: Tokenizer,
                  metrics: RouterMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic,
+                 disagg: DisaggSettings | None = None,
                  share: SharedView | None = None) -> None:
         self.settings = settings
+        self.decode = DecodeChooser(disagg)
+        """Decode half of disaggregated pairs (:mod:`router_service.disagg`)."""
         self.policies = policies
         self.source = source
         self.tracker = tracker
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.suspects = SuspectList(clock)
-        self._fallback = LeastLoadedPolicy()
+        self._fallback = LeastLoadedPolicy(use_queue_depth=False)  # queue depths are stale
         self._narrower = Narrower(settings.max_candidates)
         self._narrow_source = source if (settings.max_candidates and source.local
                                          and isinstance(source, NarrowingSource)) else None
@@ -195,6 +207,35 @@ class RouterCore:
             raise NotFound(f"model: no node serves model {model!r} (served: "
                            f"{', '.join(models)})")
         pairs = self._restrict(req, pairs)
+        chooser = self._fallback if degraded_why else policy
+        roles = [n.role for n, _ in pairs]
+        if wants_pd(roles, req.disaggregated):
+            out = self._decide_pd(req, chooser, view, model, pairs, degraded_why)
+        else:
+            if any(r != "both" for r in roles):
+                pairs = [(n, m) for n, m in pairs if n.role == "both"]
+                if not pairs:
+                    raise FailedPrecondition(
+                        f"disaggregated: model {model!r} has no aggregated ('both') node left "
+                        f"and the request asked for one node; send it disaggregated")
+            try:
+                decision = chooser.choose(view, self._views(pairs, view))
+            except NoEligibleNode as exc:
+                raise Unavailable(f"no healthy node serves model {model!r} ({exc}); "
+                                  f"retry later") from None
+            out = self._commit(chooser, view, decision, pairs, degraded_why, req.deadline_s)
+        if self.metrics is not None:
+            m = self.metrics
+            m.route_latency.observe(time.perf_counter() - t0)
+            m.decision_ok(out.policy, out.degraded)
+            if out.expected_cached_tokens:
+                m.predicted_cached_tokens.inc(out.expected_cached_tokens)
+            m.prompt_tokens.inc(out.prompt_tokens)
+            if out.degraded:
+                m.degraded.inc()
+        return out
+
+    def _views(self, pairs: list[tuple[NodeState, int]], view: RequestView) -> list[NodeView]:
         tracker = self.tracker
         share = self.share
         remote = share.remote if share is not None and share.live() else None
@@ -209,24 +250,38 @@ class RouterCore:
                           n.eviction_rate, tracker.pending_prefill(n.node_id), n.healthy,
                           n.prefill_tokens_per_s)
                  for n, matched in pairs]
-        views = self.suspects.demote(views)
-        chooser = self._fallback if degraded_why else policy
+        return self.suspects.demote(views)
+
+    def _decide_pd(self, req: RouteRequest, chooser: Policy, view: RequestView, model: str,
+                   pairs: list[tuple[NodeState, int]], degraded_why: str) -> RouteDecision:
+        """A (prefill, decode) pair: the policy picks the prefill node among prefill-capable
+        nodes, :class:`DecodeChooser` the decode node given it; both are committed together."""
+        if req.decode_policy is not None and req.decode_policy not in DECODE_POLICIES:
+            raise InvalidArgument(f"decode_policy: unknown {req.decode_policy!r}; known: "
+                                  f"{', '.join(DECODE_POLICIES)}")
+        pre = [(n, m) for n, m in pairs if n.role in PREFILL_CAPABLE]
+        dec = [(n, m) for n, m in pairs if n.role in DECODE_CAPABLE]
+        if not pre or not dec:
+            half = "prefill" if not pre else "decode"
+            raise Unavailable(f"disaggregated: no {half}-capable node of model {model!r} is "
+                              f"known or left after the request's hints; retry later")
         try:
-            decision = chooser.choose(view, views)
+            decision = chooser.choose(view, self._views(pre, view))
+            pick = self.decode.choose(view, decision.node_id, self._views(dec, view),
+                                      req.decode_policy)
         except NoEligibleNode as exc:
-            raise Unavailable(f"no healthy node serves model {model!r} ({exc}); "
+            raise Unavailable(f"disaggregated: no pair for model {model!r} ({exc}); "
                               f"retry later") from None
-        out = self._commit(chooser, view, decision, pairs, degraded_why)
-        if self.metrics is not None:
-            m = self.metrics
-            m.route_latency.observe(time.perf_counter() - t0)
-            m.decision_ok(out.policy, out.degraded)
-            if out.expected_cached_tokens:
-                m.predicted_cached_tokens.inc(out.expected_cached_tokens)
-            m.prompt_tokens.inc(out.prompt_tokens)
-            if out.degraded:
-                m.degraded.inc()
-        return out
+        out = self._commit(chooser, view, decision, pre, degraded_why, req.deadline_s)
+        self.decode.commit(pick)
+        node = next(n for n, _ in dec if n.node_id == pick.node_id)
+        if pick.node_id != out.node_id:
+            self.tracker.start(view.request_id + DECODE_KEY_SUFFIX, pick.node_id, 0,
+                               view.prompt_tokens, req.deadline_s)
+        return dataclasses.replace(
+            out, decode_node_id=node.node_id, decode_address=node.address,
+            decode_matched_blocks=pick.matched_blocks, transfer_blocks=pick.transfer_blocks,
+            decode_reason=pick.reason, decode_candidates=pick.candidates)
 
     def _restrict(self, req: RouteRequest, pairs: list[tuple[NodeState, int]],
                   ) -> list[tuple[NodeState, int]]:
@@ -244,11 +299,13 @@ class RouterCore:
         return out
 
     def _commit(self, policy: Policy, view: RequestView, decision: Decision,
-                pairs: list[tuple[NodeState, int]], degraded_why: str) -> RouteDecision:
+                pairs: list[tuple[NodeState, int]], degraded_why: str,
+                deadline_s: float | None = None) -> RouteDecision:
         node = next(n for n, _ in pairs if n.node_id == decision.node_id)
         policy.commit(view, decision)
         cached = min(decision.matched_blocks * view.block_size, view.prompt_tokens)
-        self.tracker.start(view.request_id, node.node_id, view.prompt_tokens - cached, cached)
+        self.tracker.start(view.request_id, node.node_id, view.prompt_tokens - cached, cached,
+                           deadline_s)
         share = self.share
         if share is not None:
             share.routed(view.request_id, node.node_id, view.prompt_tokens - cached, cached,
@@ -318,6 +375,7 @@ class RouterCore:
         """
         check_id(request_id, "request_id")
         released = self.tracker.complete(request_id) is not None
+        released = self.tracker.complete(request_id + DECODE_KEY_SUFFIX) is not None or released
         share = self.share
         # Released here, or another replica's request completed through this one (a Service
         # spreads Complete calls too): either way every other replica releases it.
@@ -364,6 +422,12 @@ class RouterCore:
                 observe = getattr(self.policies.get(name), "observe_remote", None)
                 if observe is not None:
                     observe(delta.block_hashes, delta.node_id)
+
+    def complete_prefill(self, request_id: str) -> bool:
+        """A disaggregated request's prefill half is done (its KV handed over): release the
+        prefill node's load; the decode half stays in flight until :meth:`complete`."""
+        check_id(request_id, "request_id")
+        return self.tracker.complete(request_id) is not None
 
     def mark_suspect(self, node_id: str, why: str) -> None:
         """A front end could not reach ``node_id`` (connect error, 5xx before the first byte):

@@ -52,6 +52,12 @@ class RouteRequest:
     """Never these nodes (ids or addresses), e.g. the node a retry is moving away from."""
     deadline_s: float | None = None
     """Seconds the caller will wait for the request; its in-flight entry need not outlive it."""
+    disaggregated: bool | None = None
+    """Prefill/decode disaggregation: True = route a (prefill, decode) pair, False = one
+    aggregated node, None = pair when the model has prefill-only and decode-only nodes."""
+    decode_policy: str | None = None
+    """Decode-node choice of a pair (None = ``--pd-decode-policy``; see
+    :mod:`router_service.disagg`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +88,21 @@ class RouteDecision:
     fallback_addresses: tuple[str, ...] = field(default=())
     """Addresses of the next-best eligible nodes, best first (where to go if the chosen node
     refuses the connection)."""
+    decode_node_id: str = ""
+    """Disaggregated pair: the decode node (``node_id`` is then the prefill node); "" when
+    aggregated."""
+    decode_address: str = ""
+    """The decode node's inference address."""
+    decode_matched_blocks: int = 0
+    """Prefix blocks of the request the decode node already holds (registry's belief)."""
+    transfer_blocks: int = 0
+    """KV blocks the decode node is expected to receive from the prefill node."""
+    decode_reason: str = ""
+    """Why this decode node."""
+    decode_candidates: tuple[Candidate, ...] = ()
+    """Scores of the decode nodes considered, best first."""
+
+    @property
+    def disaggregated(self) -> bool:
+        """True for a (prefill, decode) pair."""
+        return bool(self.decode_node_id)

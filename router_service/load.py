@@ -2,9 +2,11 @@
 
 :class:`LoadTracker` counts the requests this router sent to each node that have not completed.
 A request leaves the count on ``Complete`` or, if that never comes (client crash, lost call),
-after ``inflight_timeout_s`` so lost completions cannot leak load forever; such expirations are
-counted. It also estimates the prefill work still queued on each node: every routed request adds
-its uncached prompt tokens, and the estimate drains at ``prefill_tokens_per_s`` — this fills
+after ``inflight_timeout_s`` — or sooner, at the deadline its caller gave (``deadline_s``: the
+caller gives up after that long, so an abandoned request stops counting within seconds) — so
+lost completions cannot leak load; such expirations are counted. It also estimates the
+prefill work still queued on each node: every routed request adds its uncached prompt tokens,
+and the estimate drains at ``prefill_tokens_per_s`` — this fills
 ``NodeView.pending_prefill_tokens`` (kv_aware's load cost in TTFT units).
 
 The clock is a parameter (``time.monotonic`` in the server, simulated time in the bench), and
@@ -13,6 +15,7 @@ nothing here does I/O, so the bench runs the same code.
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,16 +42,19 @@ class LoadTracker:
         self._requests: OrderedDict[str, _Inflight] = OrderedDict()
         self._count: dict[str, int] = {}
         self._pending: dict[str, tuple[float, float]] = {}  # node -> (tokens, as of time)
+        self._deadlines: list[tuple[float, float, str]] = []  # (expires, started, request id)
         self._rates: dict[str, float] = {}  # node -> calibrated prefill tokens/s (issue 19)
         self.expired_total = 0
         """Requests released by the timeout (or the size bound) rather than by Complete."""
 
     # -- requests -------------------------------------------------------------------------
     def start(self, request_id: str, node_id: str, uncached_tokens: int,
-              predicted_cached_tokens: int = 0) -> None:
+              predicted_cached_tokens: int = 0, deadline_s: float | None = None) -> None:
         """Count a request routed to ``node_id`` and queue its uncached prefill there.
 
         A request id that is already in flight is released first (a retry routed again).
+        ``deadline_s``: the caller gives up after this many seconds; without a Complete the
+        request stops counting then (if sooner than the timeout).
         """
         now = self._clock()
         self.expire(now)
@@ -59,6 +65,8 @@ class LoadTracker:
             self._release(oldest)
             self.expired_total += 1
         self._requests[request_id] = _Inflight(node_id, now, predicted_cached_tokens)
+        if deadline_s is not None and 0 <= deadline_s < self._timeout:
+            heapq.heappush(self._deadlines, (now + deadline_s, now, request_id))
         self._count[node_id] = self._count.get(node_id, 0) + 1
         if uncached_tokens > 0:
             self._pending[node_id] = (self.pending_prefill(node_id, now) + uncached_tokens, now)
@@ -109,6 +117,13 @@ class LoadTracker:
         now = self._clock() if now is None else now
         limit = now - self._timeout
         n = 0
+        dl = self._deadlines
+        while dl and dl[0][0] <= now:
+            _, started, rid = heapq.heappop(dl)
+            rec = self._requests.get(rid)
+            if rec is not None and rec.started == started:  # not completed nor re-routed
+                self._release(rid)
+                n += 1
         while self._requests:
             rid, rec = next(iter(self._requests.items()))
             if rec.started > limit:

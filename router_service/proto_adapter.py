@@ -6,6 +6,9 @@ The servicer calls :func:`to_route_request`, :meth:`RouterCore.decide` and
 
 from __future__ import annotations
 
+import math
+
+from kvroute.errors import InvalidArgument
 from kvroute.v1 import router_pb2
 from router_service.core import RouterCore
 from router_service.domain import RouteDecision, RouteRequest
@@ -24,7 +27,18 @@ def to_route_request(req: router_pb2.RouteRequest) -> RouteRequest:
         session_id=req.session_id if req.HasField("session_id") and req.session_id else None,
         policy=req.policy if req.HasField("policy") and req.policy else None,
         lora_name=req.lora_name or None, cache_salt=req.cache_salt or None,
-        max_output_tokens=req.max_output_tokens)
+        max_output_tokens=req.max_output_tokens,
+        deadline_s=_deadline(req) if req.HasField("deadline_s") else None,
+        disaggregated=req.disaggregated if req.HasField("disaggregated") else None,
+        decode_policy=req.decode_policy if req.HasField("decode_policy") and req.decode_policy
+        else None)
+
+
+def _deadline(req: router_pb2.RouteRequest) -> float:
+    d = req.deadline_s
+    if not math.isfinite(d) or d < 0:
+        raise InvalidArgument(f"deadline_s: must be a finite number of seconds >= 0 (got {d})")
+    return d
 
 
 def to_route_response(d: RouteDecision) -> router_pb2.RouteResponse:
@@ -37,7 +51,10 @@ def to_route_response(d: RouteDecision) -> router_pb2.RouteResponse:
         candidates=[router_pb2.Candidate(node_id=c.node_id, score=c.score,
                                          matched_blocks=c.matched_blocks, load=c.load,
                                          excluded=c.excluded)
-                    for c in d.candidates[:_MAX_CANDIDATES]])
+                    for c in d.candidates[:_MAX_CANDIDATES]],
+        decode_node_id=d.decode_node_id, decode_address=d.decode_address,
+        decode_matched_blocks=d.decode_matched_blocks, transfer_blocks=d.transfer_blocks,
+        decode_reason=d.decode_reason)
 
 
 def complete(core: RouterCore, req: router_pb2.CompleteRequest) -> router_pb2.CompleteResponse:

@@ -19,12 +19,15 @@ from kvroute.aio import cancel_and_wait
 from kvroute.errors import Unavailable
 from kvroute.grpcutil import message_size_options, open_channel
 from kvroute.settings import TLSSettings
+from kvroute.targets import TargetRing
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from router_service.index_mirror import IndexMirror
 from router_service.placement import NodeState, Placement
 from router_service.retry import LinkLog, LinkNeverUp, reconnect_options, reconnect_retrying
 
 log = logging.getLogger(__name__)
+HOLD_EMPTY_S = 5.0
+"""How long a reconnect's empty snapshot may wait while the previous mirror had nodes."""
 
 
 class ReplicaSource:
@@ -37,7 +40,7 @@ class ReplicaSource:
                  retry_max_s: float = 2.0, max_staleness_s: float = 5.0,
                  on_event_lag: Callable[[float], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._target = target
+        self._ring = TargetRing(target)
         self._tls = tls
         self._retry_max_s = retry_max_s
         self._max_staleness_s = max_staleness_s
@@ -45,6 +48,9 @@ class ReplicaSource:
         self._clock = clock
         self._index = IndexMirror()
         self._connected = False
+        self._held: IndexMirror | None = None
+        """A complete but empty snapshot not swapped in yet (see :meth:`_hold_empty`)."""
+        self._held_until = 0.0
         self._down_since = clock()
         self._task: asyncio.Task[None] | None = None
         self.events_applied = 0
@@ -71,6 +77,7 @@ class ReplicaSource:
 
     def usable(self) -> bool:
         """True when the mirror may be routed on (complete and not older than the bound)."""
+        self._release_hold()
         return self._index.complete and self.staleness_s() <= self._max_staleness_s
 
     def registry_block_size(self) -> int:
@@ -114,6 +121,7 @@ class ReplicaSource:
 
     def last_known(self) -> list[NodeState]:
         """Nodes of the current mirror (last known when the link is down)."""
+        self._release_hold()
         return list(self._index.nodes.values())
 
     def nodes_known(self) -> int:
@@ -133,6 +141,24 @@ class ReplicaSource:
                 log.exception("placement mirror follower failed; reconnecting")
                 await asyncio.sleep(self._retry_max_s)
 
+    def _hold_empty(self, fresh: IndexMirror) -> bool:
+        """True while a fresh snapshot lists no node although the current mirror does: a
+        registry that restarted after every lease expired (an outage longer than the TTL)
+        knows no node until the agents re-register, about a second later. Swapping in the
+        empty snapshot would fail every request meanwhile; the previous mirror keeps routing
+        until a node is listed or ``HOLD_EMPTY_S`` passed (then the fleet really is empty)."""
+        if fresh is self._index or not self._index.nodes or fresh.nodes:
+            return False
+        return self._held is None or self._clock() < self._held_until
+
+    def _release_hold(self) -> None:
+        """Swap in a held empty snapshot once its time is up (also without new events)."""
+        if self._held is not None and self._clock() >= self._held_until:
+            self._index, self._held = self._held, None
+            self._connected = True
+            log.warning("registry still lists no node after %g s: the fleet is empty",
+                        HOLD_EMPTY_S)
+
     def _mark_down(self) -> None:
         if self._connected:
             self._connected = False
@@ -141,9 +167,14 @@ class ReplicaSource:
                         self._max_staleness_s)
 
     async def _follow_once(self) -> None:
-        """One watch: snapshot, then live changes. Returns if it was ever up (resets back-off)."""
+        """One watch: snapshot, then live changes. Returns if it was ever up (resets back-off).
+
+        With several registry addresses, a watch that fails or ends moves to the next one;
+        the current replica keeps serving lookups meanwhile (within the staleness bound).
+        """
+        target = self._ring.current
         channel = open_channel(
-            self._target, self._tls,
+            target, self._tls,
             [*message_size_options(64 << 20), *reconnect_options(self._retry_max_s)])
         was_up = False
         try:
@@ -154,13 +185,22 @@ class ReplicaSource:
             async for ev in call:
                 if not was_up:
                     fresh.apply(ev)
-                    if fresh.complete:
+                    if fresh.complete and self._hold_empty(fresh):
+                        if self._held is None:
+                            self._held, self._held_until = fresh, self._clock() + HOLD_EMPTY_S
+                            log.warning("registry %s lists no node yet (restarted after the "
+                                        "leases expired? agents re-register within about a "
+                                        "second): routing on the previous mirror of %d nodes "
+                                        "for up to %g s", target, len(self._index.nodes),
+                                        HOLD_EMPTY_S)
+                    elif fresh.complete:
+                        self._held = None
                         self._index, was_up = fresh, True
                         self._connected = True
                         self.reconnects += 1
                         self._link_log.up()
-                        log.info("placement mirror in sync: %d nodes, block size %d",
-                                 len(fresh.nodes), fresh.block_size)
+                        log.info("placement mirror in sync with %s: %d nodes, block size %d",
+                                 target, len(fresh.nodes), fresh.block_size)
                 else:
                     self._index.apply(ev)
                 self.events_applied += 1
@@ -169,12 +209,15 @@ class ReplicaSource:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            nxt = self._ring.advance()
             if was_up:
-                log.warning("registry watch ended: %s", _short(exc))
+                log.warning("registry watch on %s ended: %s%s", target, _short(exc),
+                            f"; trying {nxt}" if nxt != target else "")
                 return
             self._link_log.failed(exc)
             raise
         finally:
+            self._held = None  # a held snapshot of an ended watch is never swapped in
             self._mark_down()
             await channel.close(None)
         if not was_up:

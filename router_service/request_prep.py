@@ -41,7 +41,11 @@ def request_view(req: RouteRequest, s: RouterSettings, tokenizer: Tokenizer,
     bs = s.block_size
     tokens: npt.NDArray[np.integer]
     if req.token_ids is not None and len(req.token_ids):
-        tokens = np.asarray(req.token_ids, dtype=np.int64)
+        try:
+            tokens = np.asarray(req.token_ids, dtype=np.int64)
+        except (OverflowError, ValueError, TypeError):
+            raise InvalidArgument(f"token_ids: every id must be an integer in "
+                                  f"0..{s.max_token_id} (--max-token-id)") from None
         _check_tokens(tokens, "token_ids", s)
     elif req.prompt:
         if len(req.prompt) > s.max_prompt_chars:

@@ -16,20 +16,15 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from kvroute.grpcutil import reconnect_options
+
+__all__ = ["LinkNeverUp", "call_retrying", "reconnect_options", "reconnect_retrying"]
+
 log = logging.getLogger(__name__)
 
 
 class LinkNeverUp(Exception):
     """A registry stream ended before it was ever established (retry with growing back-off)."""
-
-
-def reconnect_options(max_wait_s: float) -> list[tuple[str, int]]:
-    """Channel options capping gRPC's own reconnect back-off (default grows to 120 s), so a
-    registry that comes back is used again within about ``max_wait_s``."""
-    cap = max(100, int(max_wait_s * 1000))
-    return [("grpc.initial_reconnect_backoff_ms", min(100, cap)),
-            ("grpc.min_reconnect_backoff_ms", min(100, cap)),
-            ("grpc.max_reconnect_backoff_ms", cap)]
 
 
 def reconnect_retrying(max_wait_s: float) -> AsyncRetrying:

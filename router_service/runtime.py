@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from kvroute.errors import ConfigError
 from router_service.core import RouterCore
+from router_service.disagg import DisaggSettings
 from router_service.load import LoadTracker
 from router_service.metrics import RouterMetrics
 from router_service.placement import PlacementSource
@@ -61,7 +62,8 @@ def build_core(s: RouterSettings, policy_settings: Mapping[type[Any], Any],
         tokenizer = load_tokenizer(s.tokenizer, s.tokenizer_file)
     except ValueError as exc:
         raise ConfigError(f"--tokenizer: {exc}") from exc
-    return RouterCore(s, policies, build_source(s, metrics), tracker, tokenizer, metrics)
+    return RouterCore(s, policies, build_source(s, metrics), tracker, tokenizer, metrics,
+                      disagg=policy_settings.get(DisaggSettings))
 
 
 

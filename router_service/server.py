@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,8 @@ from router_service.settings import RouterSettings
 
 log = logging.getLogger(__name__)
 
+DRAIN_REFUSE_S = 0.5
+"""On SIGTERM, keep answering (Complete; Route with UNAVAILABLE) at least this long."""
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 LIVENESS_SERVICE = "liveness"
 """Health service that is SERVING while the process serves (liveness and startup probes);
@@ -49,6 +52,24 @@ async def _serving_once_a_node_is_known(core: RouterCore, health: HealthReporter
     log.info("router ready: %d node(s) known; gRPC health SERVING", len(core.known_nodes()))
 
 
+async def drain(s: RouterSettings, servicer: RouterServicer, health: HealthReporter,
+                server: grpc.aio.Server) -> None:
+    """SIGTERM: health NOT_SERVING; new Route calls and streams are refused with UNAVAILABLE
+    (callers retry elsewhere) while running ones finish and Complete keeps working; after
+    ``DRAIN_REFUSE_S`` (so callers see the refusal rather than a closed port) and once no Route
+    is running, the server stops, giving what is left the rest of ``drain_timeout_s``."""
+    t0 = time.monotonic()
+    log.info("draining (up to %.1f s): refusing new Route calls", s.drain_timeout_s)
+    await health.set_serving(False)
+    idle = await servicer.drain(s.drain_timeout_s)
+    left = s.drain_timeout_s - (time.monotonic() - t0)
+    await asyncio.sleep(max(0.0, min(DRAIN_REFUSE_S, left)))
+    left = max(0.0, s.drain_timeout_s - (time.monotonic() - t0))
+    await server.stop(left)
+    log.info("drained in %.2f s (%s)", time.monotonic() - t0,
+             "every Route finished" if idle else f"{servicer.active} Route calls cut off")
+
+
 async def serve(settings: RouterSettings,
                 policy_settings: Mapping[type[Any], Any] | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then drain for ``drain_timeout_s`` and return 0."""
@@ -56,8 +77,10 @@ async def serve(settings: RouterSettings,
     registry = CollectorRegistry()
     runtime = RoutingRuntime(s, policy_settings, registry)
     core = runtime.core
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                             maximum_concurrent_rpcs=s.max_concurrent_rpcs or None)
+    servicer = RouterServicer(core)
+    router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
     await health.set_serving(False)  # grpc's servicer starts "" as SERVING
     port = bind(server, s.listen, s.server_tls)
@@ -77,11 +100,9 @@ async def serve(settings: RouterSettings,
     log.info("router serving on port %d (metrics %d; gRPC health NOT_SERVING until a node is "
              "known): %s; settings %s", port, bound_metrics, core.describe(), describe(s))
     await stop.wait()
-    log.info("draining (up to %.1f s)", s.drain_timeout_s)
     await cancel_and_wait(ready)
-    await health.set_serving(False)
     await health.servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(s.drain_timeout_s)
+    await drain(s, servicer, health, server)
     await runtime.stop()
     with contextlib.suppress(Exception):
         metrics_server.stop()

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvroute.common_settings import ClientTLSSettings, ServerSettings
-from kvroute.settings import parse_hostport, require, setting
+from kvroute.settings import require, setting
+from kvroute.targets import parse_targets
 
 REGISTRY_MODES = ("replica", "stream")
 
@@ -18,7 +19,10 @@ REGISTRY_MODES = ("replica", "stream")
 class RouterSettings(ServerSettings, ClientTLSSettings):
     """Everything the router needs besides policy weights."""
 
-    registry: str = setting("", "Registry gRPC address HOST:PORT (required)")
+    registry: str = setting(
+        "", "Registry gRPC address HOST:PORT (required), or several replicas as a comma list "
+            "HOST:PORT,HOST:PORT (the router follows one and moves to the next when it fails); "
+            "a DNS name resolving to several addresses (headless Service) also fails over")
     registry_mode: str = setting(
         "replica", "How the router learns placement: 'replica' keeps a local copy of the index "
                    "fed by Registry.WatchPlacement (no registry round trip per request); "
@@ -52,7 +56,8 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
     registry_timeout_s: float = setting(
         2.0, "Deadline of unary registry calls (ListNodes) and of connecting a stream")
     registry_retry_max_s: float = setting(
-        2.0, "Longest back-off between reconnect attempts to the registry (jittered)")
+        0.5, "Longest back-off between reconnect attempts to the registry (jittered): a "
+             "registry that comes back is followed again within about this long")
     node_cache_ttl_s: float = setting(
         2.0, "How long the node list from ListNodes is reused before asking again (stream mode)")
     max_candidates: int = setting(
@@ -61,8 +66,16 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
             "(by this router's in-flight count), so a decision's cost does not grow with the "
             "fleet; smaller fleets are scored whole. 0 = always score every node")
     replica_max_staleness_s: float = setting(
-        5.0, "Replica mode: once the registry link has been down this long, the replica is "
-             "no longer trusted and decisions degrade to least_loaded")
+        30.0, "Replica mode: while the registry link is down the last index replica keeps "
+              "serving cache-aware decisions (blocks cached seconds ago mostly still are; "
+              "the router's own in-flight counts carry the load); once it has been down this "
+              "long the replica is no longer trusted and decisions degrade to least_loaded")
+
+    max_concurrent_rpcs: int = setting(
+        512, "Most calls the router serves at once (Route, Complete, Stats; a RouteStream "
+              "counts once); beyond it a call is refused at once with RESOURCE_EXHAUSTED "
+              "(retry with back-off, or on another router) instead of queueing past its "
+              "deadline. 0 = unlimited")
     # -- issue 19: the shared view of load across router replicas ------------------------
     share_routes: bool = setting(
         False, "Share routing deltas with the other router/gateway replicas through the "
@@ -81,7 +94,7 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
     def __post_init__(self) -> None:
         ServerSettings.__post_init__(self)
         require(bool(self.registry), "registry", "the registry address HOST:PORT is required")
-        parse_hostport(self.registry, "registry")
+        parse_targets(self.registry, "registry")
         require(self.registry_mode in REGISTRY_MODES, "registry_mode",
                 f"must be one of {', '.join(REGISTRY_MODES)}")
         require(self.block_size >= 1, "block_size", "must be >= 1")
@@ -93,6 +106,7 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
         require(0 <= self.max_token_id <= 2**32 - 1, "max_token_id", "must be in 0..2**32-1")
         require(self.inflight_timeout_s > 0, "inflight_timeout_s", "must be > 0")
         require(self.max_tracked_requests >= 1, "max_tracked_requests", "must be >= 1")
+        require(self.max_concurrent_rpcs >= 0, "max_concurrent_rpcs", "must be >= 0")
         require(self.max_candidates == 0 or self.max_candidates >= 4, "max_candidates",
                 "must be 0 (off) or >= 4")
         require(0 <= self.share_max_blocks <= 256, "share_max_blocks", "must be in 0..256")

@@ -30,6 +30,7 @@ from kvroute.errors import (
 )
 from kvroute.grpcutil import message_size_options, open_channel
 from kvroute.settings import TLSSettings
+from kvroute.targets import TargetRing
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from router_service.placement import NodeState, Placement
 from router_service.retry import (
@@ -60,7 +61,7 @@ class StreamSource:
                  lookup_timeout_s: float = 0.25, call_timeout_s: float = 2.0,
                  retry_max_s: float = 2.0, node_cache_ttl_s: float = 2.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._target = target
+        self._ring = TargetRing(target)
         self._tls = tls
         self._lookup_timeout_s = lookup_timeout_s
         self._call_timeout_s = call_timeout_s
@@ -79,11 +80,24 @@ class StreamSource:
         self._tasks: list[asyncio.Task[None]] = []
         self._link_log = LinkLog(target, "lookup stream (stream mode)")
 
+    def _open(self) -> grpc.aio.Channel:
+        return open_channel(
+            self._ring.current, self._tls,
+            [*message_size_options(64 << 20), *reconnect_options(self._retry_max_s)])
+
+    async def _next_registry(self) -> None:
+        """After a stream failure with several registry addresses: use the next one."""
+        if len(self._ring) < 2:
+            return
+        old, self._channel = self._channel, None
+        log.warning("registry %s failed; trying %s", self._ring.current, self._ring.advance())
+        self._channel = self._open()
+        if old is not None:
+            await old.close(None)
+
     async def start(self) -> None:
         """Connect in the background."""
-        self._channel = open_channel(
-            self._target, self._tls,
-            [*message_size_options(64 << 20), *reconnect_options(self._retry_max_s)])
+        self._channel = self._open()
         self._tasks = [asyncio.create_task(self._run(), name="lookup-stream"),
                        asyncio.create_task(self._refresh_nodes_loop(), name="node-cache")]
 
@@ -195,6 +209,7 @@ class StreamSource:
             call.cancel()
             raise
         except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            await self._next_registry()
             if not was_up:
                 self._link_log.failed(exc)
                 raise LinkNeverUp(str(exc)) from exc

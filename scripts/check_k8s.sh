@@ -5,6 +5,8 @@
 # deprecated kustomize field (commonLabels, ...), an unknown kind or field, a missing schema.
 # Prometheus Operator objects (PrometheusRule, PodMonitor) have no schema there: they are checked
 # by scripts/check_prometheus_objects.py (fields, durations; promtool check rules if installed).
+# Custom resources (InferencePool) are validated strictly against the CRDs committed under
+# k8s/crds/ by scripts/check_crd_objects.py; the rest goes to kubernetes-validate.
 #   scripts/check_k8s.sh            (kubectl and kubernetes-validate on PATH; CI puts $VENV/bin first)
 #   K8S_VERSIONS="1.31.0 1.34.0" scripts/check_k8s.sh
 set -euo pipefail
@@ -41,8 +43,13 @@ for dir in "${dirs[@]}"; do
     echo "FAIL $dir: kustomize warned:"; sed 's/^/  /' "$out/$name.err"; bad=1
   fi
   objects=$(grep -c '^kind:' "$out/$name.yaml" || true)
-  # Prometheus Operator objects (no schema in kubernetes-validate) are checked on their own.
-  if ! report=$("$python" scripts/check_prometheus_objects.py "$out/$name.yaml" \
+  # Custom resources with a CRD under k8s/crds (InferencePool) are checked against its schema,
+  # Prometheus Operator objects (no schema in kubernetes-validate) on their own; the rest below.
+  if ! "$python" scripts/check_crd_objects.py --crds k8s/crds \
+       --in "$out/$name.yaml" --rest "$out/$name.builtin.yaml" >"$out/$name.crd" 2>&1; then
+    echo "FAIL $dir against k8s/crds:"; sed 's/^/  /' "$out/$name.crd"; bad=1
+  fi
+  if ! report=$("$python" scripts/check_prometheus_objects.py "$out/$name.builtin.yaml" \
                   "$out/$name.core.yaml" 2>&1); then
     echo "FAIL $dir: Prometheus Operator objects:"; echo "$report" | sed 's/^/  /'; bad=1
   fi

@@ -40,13 +40,16 @@ class SimPlacementSource:
     connected = True
 
     def __init__(self, nodes: Sequence[SimNode], model: str, block_size: int,
-                 clock: Callable[[], float], calibrate: bool = True) -> None:
+                 clock: Callable[[], float], roles: Sequence[str] | None = None,
+                 calibrate: bool = True) -> None:
         self._nodes = list(nodes)
         self._calibrate = calibrate
         self._model = model
         self._block_size = block_size
         self._clock = clock
         self._states = [NodeState(n.nid, n.nid, model) for n in self._nodes]
+        for st, role in zip(self._states, roles or (), strict=False):
+            st.role = role  # disaggregated fleets: prefill / decode / both
 
     async def start(self) -> None:
         """Nothing to start."""

@@ -97,6 +97,7 @@ class RegisterNodeRequest(_message.Message):
     CAPACITY_BLOCKS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     HASH_SCHEME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Stable id of the node, unique in the fleet (e.g. the pod name). 1-128 characters of
     [A-Za-z0-9._:-].
@@ -115,6 +116,10 @@ class RegisterNodeRequest(_message.Message):
     """Identity of the canonical hash function the agent used (kvroute.blocks.HASH_SCHEME). Empty
     means the registry's own. A different value fails with FAILED_PRECONDITION.
     """
+    role: _builtins.str
+    """--- disaggregated prefill/decode (issue 18); numbers from 40 leave room for other blocks ---
+    The node's role: "prefill", "decode" or "both" (aggregated); empty = "both".
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels (zone, gpu type, role); shown by ListNodes."""
@@ -129,10 +134,11 @@ class RegisterNodeRequest(_message.Message):
         capacity_blocks: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         hash_scheme: _builtins.str = ...,
+        role: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "capacity_blocks", b"capacity_blocks", "hash_scheme", b"hash_scheme", "labels", b"labels", "model", b"model", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "capacity_blocks", b"capacity_blocks", "hash_scheme", b"hash_scheme", "labels", b"labels", "model", b"model", "node_id", b"node_id", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -148,6 +154,7 @@ class RegisterNodeResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    WRITE_TOKEN_FIELD_NUMBER: _builtins.int
     lease_ttl_s: _builtins.int
     """Lease time-to-live: the node leaves routing when no heartbeat arrives for this long."""
     epoch: _builtins.int
@@ -156,6 +163,12 @@ class RegisterNodeResponse(_message.Message):
     """Suggested heartbeat interval in seconds (a fraction of the lease TTL)."""
     block_size: _builtins.int
     """The registry's block size, echoed for the agent's log."""
+    write_token: _builtins.str
+    """Secret write credential of this registration: Heartbeat, Resync and DeregisterNode must
+    carry it. Only this response ever contains it (ListNodes/WatchNodes show the epoch, never
+    the token), so a reader cannot keep a dead node alive or overwrite a live one. Keep it in
+    memory only; a new registration gets a new token.
+    """
     def __init__(
         self,
         *,
@@ -163,10 +176,11 @@ class RegisterNodeResponse(_message.Message):
         epoch: _builtins.int = ...,
         heartbeat_interval_s: _builtins.float = ...,
         block_size: _builtins.int = ...,
+        write_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "epoch", b"epoch", "heartbeat_interval_s", b"heartbeat_interval_s", "lease_ttl_s", b"lease_ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "epoch", b"epoch", "heartbeat_interval_s", b"heartbeat_interval_s", "lease_ttl_s", b"lease_ttl_s", "write_token", b"write_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -197,6 +211,7 @@ class HeartbeatRequest(_message.Message):
     INDEX_NOTE_FIELD_NUMBER: _builtins.int
     STORED_OFFLOADED_FIELD_NUMBER: _builtins.int
     REMOVED_OFFLOADED_FIELD_NUMBER: _builtins.int
+    WRITE_TOKEN_FIELD_NUMBER: _builtins.int
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
@@ -233,6 +248,8 @@ class HeartbeatRequest(_message.Message):
     """How complete the agent's view of the engine's cache is (see IndexState)."""
     index_note: _builtins.str
     """What the agent saw that made the index incomplete (for operators; empty when complete)."""
+    write_token: _builtins.str
+    """RegisterNodeResponse.write_token of the current epoch (required)."""
     prefill_tokens_per_s: _builtins.float
     """-- issue 19 (router's view of load) -------------------------------------------------------
     Prefill throughput of the engine in tokens/s, measured by the agent from the engine's
@@ -278,11 +295,12 @@ class HeartbeatRequest(_message.Message):
         index_note: _builtins.str = ...,
         stored_offloaded: _abc.Iterable[_builtins.int] | None = ...,
         removed_offloaded: _abc.Iterable[_builtins.int] | None = ...,
+        write_token: _builtins.str = ...,
         prefill_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "evictions_total", b"evictions_total", "index_note", b"index_note", "index_state", b"index_state", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "removed", b"removed", "removed_offloaded", b"removed_offloaded", "running", b"running", "stored", b"stored", "stored_offloaded", b"stored_offloaded", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "evictions_total", b"evictions_total", "index_note", b"index_note", "index_state", b"index_state", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "removed", b"removed", "removed_offloaded", b"removed_offloaded", "running", b"running", "stored", b"stored", "stored_offloaded", b"stored_offloaded", "used_blocks", b"used_blocks", "write_token", b"write_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -333,12 +351,15 @@ class ResyncRequest(_message.Message):
     BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     USED_BLOCKS_FIELD_NUMBER: _builtins.int
     OFFLOADED_BLOCK_HASHES_FIELD_NUMBER: _builtins.int
+    WRITE_TOKEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
     epoch: _builtins.int
     """Epoch returned by RegisterNode."""
     used_blocks: _builtins.int
     """KV blocks in use on the engine now (only the first message's value is used)."""
+    write_token: _builtins.str
+    """RegisterNodeResponse.write_token of the current epoch (required on the first message)."""
     @_builtins.property
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """A batch of canonical block hashes the engine holds now."""
@@ -357,10 +378,11 @@ class ResyncRequest(_message.Message):
         block_hashes: _abc.Iterable[_builtins.int] | None = ...,
         used_blocks: _builtins.int = ...,
         offloaded_block_hashes: _abc.Iterable[_builtins.int] | None = ...,
+        write_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "epoch", b"epoch", "node_id", b"node_id", "offloaded_block_hashes", b"offloaded_block_hashes", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "epoch", b"epoch", "node_id", b"node_id", "offloaded_block_hashes", b"offloaded_block_hashes", "used_blocks", b"used_blocks", "write_token", b"write_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -400,19 +422,25 @@ class DeregisterNodeRequest(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    WRITE_TOKEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
     epoch: _builtins.int
     """Epoch returned by RegisterNode (0 = whatever epoch is current)."""
+    write_token: _builtins.str
+    """RegisterNodeResponse.write_token of the current epoch (required unless the caller has
+    the admin role).
+    """
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        write_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "node_id", b"node_id", "write_token", b"write_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -497,6 +525,7 @@ class NodeMatch(_message.Message):
     ENGINE_LOOKAHEAD_TOKENS_FIELD_NUMBER: _builtins.int
     INDEX_STATE_FIELD_NUMBER: _builtins.int
     INDEX_NOTE_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
@@ -528,6 +557,10 @@ class NodeMatch(_message.Message):
     """How complete the node's index is (see IndexState)."""
     index_note: _builtins.str
     """Why the index is not complete (empty when it is)."""
+    role: _builtins.str
+    """--- disaggregated prefill/decode (issue 18); numbers from 40 leave room for other blocks ---
+    The node's role: "prefill", "decode" or "both" (aggregated); empty = "both".
+    """
     prefill_tokens_per_s: _builtins.float
     """-- issue 19 --------------------------------------------------------------------------------
     Prefill throughput measured from the engine's metrics, tokens/s (0 = not measured yet).
@@ -550,11 +583,12 @@ class NodeMatch(_message.Message):
         engine_lookahead_tokens: _builtins.int = ...,
         index_state: Global___IndexState.ValueType = ...,
         index_note: _builtins.str = ...,
+        role: _builtins.str = ...,
         prefill_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -693,6 +727,7 @@ class NodeInfo(_message.Message):
     ENGINE_LOOKAHEAD_TOKENS_FIELD_NUMBER: _builtins.int
     INDEX_STATE_FIELD_NUMBER: _builtins.int
     INDEX_NOTE_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
@@ -734,6 +769,10 @@ class NodeInfo(_message.Message):
     """How complete the node's index is (see IndexState)."""
     index_note: _builtins.str
     """Why the index is not complete (empty when it is)."""
+    role: _builtins.str
+    """--- disaggregated prefill/decode (issue 18); numbers from 40 leave room for other blocks ---
+    The node's role: "prefill", "decode" or "both" (aggregated); empty = "both".
+    """
     prefill_tokens_per_s: _builtins.float
     """-- issue 19 --------------------------------------------------------------------------------
     Prefill throughput measured from the engine's metrics, tokens/s (0 = not measured yet).
@@ -766,11 +805,12 @@ class NodeInfo(_message.Message):
         engine_lookahead_tokens: _builtins.int = ...,
         index_state: Global___IndexState.ValueType = ...,
         index_note: _builtins.str = ...,
+        role: _builtins.str = ...,
         prefill_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

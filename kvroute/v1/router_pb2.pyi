@@ -42,6 +42,9 @@ class RouteRequest(_message.Message):
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     LORA_NAME_FIELD_NUMBER: _builtins.int
     CACHE_SALT_FIELD_NUMBER: _builtins.int
+    DEADLINE_S_FIELD_NUMBER: _builtins.int
+    DISAGGREGATED_FIELD_NUMBER: _builtins.int
+    DECODE_POLICY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller's id of the request, 1-256 characters; Complete uses it. Required."""
     model: _builtins.str
@@ -63,6 +66,21 @@ class RouteRequest(_message.Message):
     cache_salt: _builtins.str
     """Per-request cache salt (SGLang/vLLM cache_salt); empty = none. Salted prompts only match
     blocks cached with the same salt.
+    """
+    deadline_s: _builtins.float
+    """Seconds the caller will wait for the whole request (routing and inference). Without a
+    Complete, the router stops counting the request in flight after this long (instead of
+    --inflight-timeout-s), so abandoned requests stop skewing load within seconds. Unset = the
+    timeout. Must be >= 0.
+    """
+    disaggregated: _builtins.bool
+    """--- disaggregated prefill/decode (issue 18) ---
+    True: route a (prefill, decode) pair; false: one aggregated node; unset: a pair when the
+    model has prefill-only and decode-only nodes.
+    """
+    decode_policy: _builtins.str
+    """Decode-node choice of a pair: kv_aware, least_loaded or round_robin; unset = the router's
+    --pd-decode-policy.
     """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -88,15 +106,30 @@ class RouteRequest(_message.Message):
         max_output_tokens: _builtins.int = ...,
         lora_name: _builtins.str = ...,
         cache_salt: _builtins.str = ...,
+        deadline_s: _builtins.float | None = ...,
+        disaggregated: _builtins.bool | None = ...,
+        decode_policy: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_policy", b"_policy", "_session_id", b"_session_id", "policy", b"policy", "session_id", b"session_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_deadline_s", b"_deadline_s", "_decode_policy", b"_decode_policy", "_disaggregated", b"_disaggregated", "_policy", b"_policy", "_session_id", b"_session_id", "deadline_s", b"deadline_s", "decode_policy", b"decode_policy", "disaggregated", b"disaggregated", "policy", b"policy", "session_id", b"session_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_policy", b"_policy", "_session_id", b"_session_id", "block_hashes", b"block_hashes", "cache_salt", b"cache_salt", "lora_name", b"lora_name", "max_output_tokens", b"max_output_tokens", "model", b"model", "num_prompt_tokens", b"num_prompt_tokens", "policy", b"policy", "prompt", b"prompt", "request_id", b"request_id", "session_id", b"session_id", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_deadline_s", b"_deadline_s", "_decode_policy", b"_decode_policy", "_disaggregated", b"_disaggregated", "_policy", b"_policy", "_session_id", b"_session_id", "block_hashes", b"block_hashes", "cache_salt", b"cache_salt", "deadline_s", b"deadline_s", "decode_policy", b"decode_policy", "disaggregated", b"disaggregated", "lora_name", b"lora_name", "max_output_tokens", b"max_output_tokens", "model", b"model", "num_prompt_tokens", b"num_prompt_tokens", "policy", b"policy", "prompt", b"prompt", "request_id", b"request_id", "session_id", b"session_id", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__deadline_s: _TypeAlias = _typing.Literal["deadline_s"]  # noqa: Y015
+    _WhichOneofArgType__deadline_s: _TypeAlias = _typing.Literal["_deadline_s", b"_deadline_s"]  # noqa: Y015
+    _WhichOneofReturnType__decode_policy: _TypeAlias = _typing.Literal["decode_policy"]  # noqa: Y015
+    _WhichOneofArgType__decode_policy: _TypeAlias = _typing.Literal["_decode_policy", b"_decode_policy"]  # noqa: Y015
+    _WhichOneofReturnType__disaggregated: _TypeAlias = _typing.Literal["disaggregated"]  # noqa: Y015
+    _WhichOneofArgType__disaggregated: _TypeAlias = _typing.Literal["_disaggregated", b"_disaggregated"]  # noqa: Y015
     _WhichOneofReturnType__policy: _TypeAlias = _typing.Literal["policy"]  # noqa: Y015
     _WhichOneofArgType__policy: _TypeAlias = _typing.Literal["_policy", b"_policy"]  # noqa: Y015
     _WhichOneofReturnType__session_id: _TypeAlias = _typing.Literal["session_id"]  # noqa: Y015
     _WhichOneofArgType__session_id: _TypeAlias = _typing.Literal["_session_id", b"_session_id"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__deadline_s) -> _WhichOneofReturnType__deadline_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__decode_policy) -> _WhichOneofReturnType__decode_policy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__disaggregated) -> _WhichOneofReturnType__disaggregated | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__policy) -> _WhichOneofReturnType__policy | None: ...
     @_typing.overload
@@ -186,6 +219,11 @@ class RouteResponse(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     CANDIDATES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    DECODE_NODE_ID_FIELD_NUMBER: _builtins.int
+    DECODE_ADDRESS_FIELD_NUMBER: _builtins.int
+    DECODE_MATCHED_BLOCKS_FIELD_NUMBER: _builtins.int
+    TRANSFER_BLOCKS_FIELD_NUMBER: _builtins.int
+    DECODE_REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request_id of the RouteRequest."""
     node_id: _builtins.str
@@ -206,6 +244,18 @@ class RouteResponse(_message.Message):
     """Prompt length in tokens."""
     block_size: _builtins.int
     """Tokens per block used for hashing."""
+    decode_node_id: _builtins.str
+    """--- disaggregated prefill/decode (issue 18); empty when aggregated ---
+    The decode node of a pair (node_id / address are then the prefill node).
+    """
+    decode_address: _builtins.str
+    """Inference address of the decode node."""
+    decode_matched_blocks: _builtins.int
+    """Blocks of the prompt's prefix the decode node already holds, as the registry believes."""
+    transfer_blocks: _builtins.int
+    """KV blocks the decode node is expected to receive from the prefill node."""
+    decode_reason: _builtins.str
+    """Why this decode node."""
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Candidate]:
         """Scores of the candidates considered, best first."""
@@ -229,10 +279,15 @@ class RouteResponse(_message.Message):
         block_size: _builtins.int = ...,
         candidates: _abc.Iterable[Global___Candidate] | None = ...,
         error: Global___RouteError | None = ...,
+        decode_node_id: _builtins.str = ...,
+        decode_address: _builtins.str = ...,
+        decode_matched_blocks: _builtins.int = ...,
+        transfer_blocks: _builtins.int = ...,
+        decode_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "candidates", b"candidates", "degraded", b"degraded", "error", b"error", "expected_cached_tokens", b"expected_cached_tokens", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "policy", b"policy", "prompt_tokens", b"prompt_tokens", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "candidates", b"candidates", "decode_address", b"decode_address", "decode_matched_blocks", b"decode_matched_blocks", "decode_node_id", b"decode_node_id", "decode_reason", b"decode_reason", "degraded", b"degraded", "error", b"error", "expected_cached_tokens", b"expected_cached_tokens", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "policy", b"policy", "prompt_tokens", b"prompt_tokens", "reason", b"reason", "request_id", b"request_id", "transfer_blocks", b"transfer_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -46,6 +46,14 @@ class NodeRecord:
     lease_id: int
     lease_ttl_s: int
     registered_unix_ms: int
+    token_sha256: str = ""
+    """SHA-256 (hex) of the registration's write token: Heartbeat, Resync and DeregisterNode
+    must carry the token. Never sent to readers. Empty in records of older registries."""
+    owner: str = ""
+    """Identity that registered this incarnation (``agent:<node>``, ``admin:<name>``, or
+    ``anonymous`` with --auth none), for the log and operators reading etcd."""
+    role: str = "both"
+    """Disaggregated prefill/decode role: prefill, decode or both."""
 
 
 @dataclass(frozen=True)

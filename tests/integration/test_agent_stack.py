@@ -193,6 +193,7 @@ def test_block_size_mismatch_exits_loudly(etcd_endpoint: str, etcd_prefix: str,
             sys.executable, "-m", "cli.main", "serve", "agent", "--registry",
             f"127.0.0.1:{reg_port}", "--node-id", "n", "--model", MODEL, "--engine-url",
             "http://x:1", "--capacity-blocks", "8", "--block-size", "32",
+            "--engine-health-path", "",  # no engine here: register without waiting for one
             "--engine-events", f"tcp://127.0.0.1:{ports['events']}"],
             tmp_path / "agent-bs.log").start()
         assert proc.proc is not None

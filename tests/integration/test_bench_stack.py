@@ -36,3 +36,22 @@ def test_stack_replay_matches_sim(tmp_path: Path) -> None:
         # engine-measured hit rate of the stack vs the simulation of the same workload
         assert abs(row["hit_rate_tokens"] - sim_by_policy[name]["hit_rate_tokens"]) < 0.08
     assert by_policy["kv_aware"]["hit_rate_tokens"] > by_policy["round_robin"]["hit_rate_tokens"]
+
+
+def test_disaggregated_stack_replay_matches_sim(tmp_path: Path) -> None:
+    """Agents register prefill/decode roles, the router answers pairs, the replay prefills then
+    decodes over vLLM's kv_transfer_params; the decode engines receive and keep the KV."""
+    out = tmp_path / "pd.json"
+    assert main(["bench", "--workload", "conversations", "--limit", "80", "--cache-blocks",
+                 "2500", "--no-progress", "--mode", "stack", "--time-scale", "0.05",
+                 "--prefill-nodes", "1", "--decode-nodes", "2",
+                 "--pd-strategies", "kv_aware/kv_aware", "--workdir", str(tmp_path / "stack"),
+                 "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    by = {r["policy"]: r for r in rep["results"]}
+    stack, sim = by["stack-pd:kv_aware/kv_aware"], by["sim:kv_aware/kv_aware"]
+    assert stack["failed"] == 0 and stack["ttft_ms"]["p50"] > 0
+    assert sum(stack["requests_per_decode_node"]) == 80
+    assert stack["transferred_blocks"] > 0 and stack["decode_held_rate_tokens"] > 0
+    assert abs(stack["hit_rate_tokens"] - sim["hit_rate_tokens"]) < 0.08
+    assert abs(stack["decode_held_rate_tokens"] - sim["decode_held_rate_tokens"]) < 0.15

@@ -44,8 +44,8 @@ def register(target: str, node: str = "n1", model: str = "m") -> None:
         r = stub.RegisterNode(registry_pb2.RegisterNodeRequest(
             node_id=node, address=f"{node}.local:8000", model=model, block_size=BS,
             capacity_blocks=1000), timeout=5)
-        stub.Heartbeat(registry_pb2.HeartbeatRequest(node_id=node, epoch=r.epoch, delta_seq=1),
-                       timeout=5)
+        stub.Heartbeat(registry_pb2.HeartbeatRequest(node_id=node, epoch=r.epoch, delta_seq=1,
+                                                     write_token=r.write_token), timeout=5)
 
 
 def wait_for(check: object, timeout_s: float, what: str) -> None:

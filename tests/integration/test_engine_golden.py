@@ -127,6 +127,7 @@ def start_agent(case: Case, reg: ServerProcess, work: Path) -> ServerProcess:
     fmt = "sglang" if case.rec.engine.startswith("sglang") else "vllm"
     args = ["--registry", reg.grpc_target, "--node-id", case.model, "--model", case.model,
             "--engine-url", "http://127.0.0.1:1", "--capacity-blocks", "1000",
+            "--engine-health-path", "",  # a recorded engine has no HTTP side: don't wait for it
             "--engine-events", eng.events_endpoint, "--topic", OUR_TOPIC.decode(),
             "--engine-format", fmt, "--block-size", str(BS), "--heartbeat-interval-s", "0.3",
             "--replay-timeout-s", "2"]

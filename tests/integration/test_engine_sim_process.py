@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,45 @@ def test_one_process_serves_independent_engines(tmp_path: Path) -> None:
         stats = [json.loads(get(ServerProcess("engine-sim", srv.process, e), "/kvroute/stats"))
                  for e in engines]
         assert [s["requests_admitted"] for s in stats] == [2, 2, 2]
+        assert srv.stop() == 0
+    finally:
+        srv.stop()
+
+
+def test_vllm_kv_transfer_params_prefill_then_decode(tmp_path: Path) -> None:
+    """vLLM's P/D protocol: the prefill answer's kv_transfer_params make the decode engine
+    receive the KV (stored in its cache and published as BlockStored) instead of prefilling."""
+    srv = start_server("engine-sim", [*ARGS, "--engines", "2", "--transfer-ms-per-block", "5"],
+                       tmp_path, name="pd")
+    try:
+        pre, dec = (ServerProcess("engine-sim", srv.process, e) for e in srv.ready["engines"])
+        prompt = list(range(7000, 7040))  # 2 full blocks + 8 tokens
+        ask = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+               "remote_block_ids": None, "remote_host": None, "remote_port": None}
+        p = post(pre, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "stream": False,
+                                          "kv_transfer_params": ask, "user": "pd-1"})
+        kvt = p["kv_transfer_params"]
+        assert kvt["do_remote_prefill"] is True and kvt["remote_port"] == pre.ready["http_port"]
+        assert len(kvt["remote_block_ids"]) == 3 and kvt["remote_engine_id"]
+        d = post(dec, "/v1/completions", {"prompt": prompt, "max_tokens": 3,
+                                          "kv_transfer_params": kvt, "user": "pd-1"})
+        assert d["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # all received
+        # the received blocks are in the decode engine's cache and event stream
+        ev = msgspec.msgpack.decode(replay(dec.ready["replay_endpoint"], 0)[0][3])[1][0]
+        assert ev["type"] == "BlockStored" and ev["token_ids"] == prompt[:32]
+        again = post(dec, "/v1/completions", {"prompt": [*prompt, 1, 2], "max_tokens": 1,
+                                              "kv_transfer_params": kvt})
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
+        stats = json.loads(get(pre, "/kvroute/stats"))
+        assert stats["requests_admitted"] == 1 and not stats["records"][0]["remote_kv"]
+        dec_recs = json.loads(get(dec, "/kvroute/stats"))["records"]
+        assert [(r["remote_kv"], r["transfer_blocks"]) for r in dec_recs] == [(True, 3), (True, 1)]
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(dec, "/v1/completions", {"prompt": prompt, "kv_transfer_params": {
+                "do_remote_decode": True, "do_remote_prefill": True}})
+        assert err.value.code == 400
+        info = json.loads(get(dec, "/server_info"))
+        assert info["disaggregation_mode"] == "null"
         assert srv.stop() == 0
     finally:
         srv.stop()

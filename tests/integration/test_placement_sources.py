@@ -50,6 +50,8 @@ class Fleet:
     target: str
     alive: set[str] = field(default_factory=lambda: set(NODES))
     epochs: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, str] = field(default_factory=dict)
+    """RegisterNodeResponse.write_token per node (authorises its writes)."""
     task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -59,9 +61,10 @@ class Fleet:
                 r = await stub.RegisterNode(rpb.RegisterNodeRequest(
                     node_id=nid, address=f"{nid}.local:8000", model=model, block_size=BS,
                     capacity_blocks=100), timeout=5)
-                self.epochs[nid] = r.epoch
+                self.epochs[nid], self.tokens[nid] = r.epoch, r.write_token
                 await stub.Heartbeat(rpb.HeartbeatRequest(
-                    node_id=nid, epoch=r.epoch, stored=blocks, delta_seq=1,
+                    node_id=nid, epoch=r.epoch, write_token=r.write_token, stored=blocks,
+                    delta_seq=1,
                     used_blocks=len(blocks)), timeout=5)
         self.task = asyncio.create_task(self._beat())
 
@@ -72,14 +75,16 @@ class Fleet:
                 for nid in sorted(self.alive):
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await stub.Heartbeat(rpb.HeartbeatRequest(
-                            node_id=nid, epoch=self.epochs[nid]), timeout=2)
+                            node_id=nid, epoch=self.epochs[nid],
+                            write_token=self.tokens[nid]), timeout=2)
                 await asyncio.sleep(0.1)
 
     async def deregister(self, nid: str) -> None:
         self.alive.discard(nid)
         async with grpc.aio.insecure_channel(self.target) as ch:
             await registry_pb2_grpc.RegistryStub(ch).DeregisterNode(
-                rpb.DeregisterNodeRequest(node_id=nid, epoch=self.epochs[nid]), timeout=5)
+                rpb.DeregisterNodeRequest(node_id=nid, epoch=self.epochs[nid],
+                                          write_token=self.tokens[nid]), timeout=5)
 
     async def stop(self) -> None:
         if self.task is not None:

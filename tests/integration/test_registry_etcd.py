@@ -42,12 +42,18 @@ async def client(srv: ServerProcess) -> AsyncIterator[pb_grpc.RegistryStub]:
         yield pb_grpc.RegistryStub(ch)
 
 
-async def register(stub: pb_grpc.RegistryStub, node: str, ttl_hint: int = TTL) -> int:
+async def register(stub: pb_grpc.RegistryStub, node: str, ttl_hint: int = TTL,
+                   ) -> pb.RegisterNodeResponse:
     resp = await stub.RegisterNode(pb.RegisterNodeRequest(
         node_id=node, address=f"{node}:8000", model="m", block_size=16, capacity_blocks=100,
         hash_scheme=HASH_SCHEME), timeout=5)
     assert resp.lease_ttl_s == ttl_hint
-    return int(resp.epoch)
+    return resp
+
+
+def cred(reg: pb.RegisterNodeResponse) -> dict[str, object]:
+    """The epoch and write token a heartbeat of this registration carries."""
+    return {"epoch": reg.epoch, "write_token": reg.write_token}
 
 
 async def matched(stub: pb_grpc.RegistryStub, hashes: list[int]) -> dict[str, int]:
@@ -72,15 +78,16 @@ async def eventually(check: Callable[[], object], within_s: float, what: str) ->
 class Beater:
     """Heartbeats one node every INTERVAL until stopped."""
 
-    def __init__(self, stub: pb_grpc.RegistryStub, node: str, epoch: int) -> None:
-        self.stub, self.node, self.epoch = stub, node, epoch
+    def __init__(self, stub: pb_grpc.RegistryStub, node: str,
+                 reg: pb.RegisterNodeResponse) -> None:
+        self.stub, self.node, self.epoch, self.token = stub, node, reg.epoch, reg.write_token
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await self.stub.Heartbeat(pb.HeartbeatRequest(
-                    node_id=self.node, epoch=self.epoch), timeout=2)
+                    node_id=self.node, epoch=self.epoch, write_token=self.token), timeout=2)
             await asyncio.sleep(INTERVAL)
 
     async def stop(self) -> None:
@@ -108,9 +115,9 @@ async def test_replicas_crash_recovery_and_lease_expiry(
                 # 'a' heartbeats replica 1, 'b' replica 2; deltas past the snapshot threshold
                 for seq in range(1, 9):
                     await s1.Heartbeat(pb.HeartbeatRequest(
-                        node_id="a", epoch=ea, delta_seq=seq,
+                        node_id="a", **cred(ea), delta_seq=seq,
                         stored=chain[(seq - 1) * 5:seq * 5]))
-                await s2.Heartbeat(pb.HeartbeatRequest(node_id="b", epoch=eb, delta_seq=1,
+                await s2.Heartbeat(pb.HeartbeatRequest(node_id="b", **cred(eb), delta_seq=1,
                                                        stored=chain[:7]))
                 want = {"a": 40, "b": 7}
                 # keep both alive through replica 2 (a registered on replica 1)
@@ -186,7 +193,7 @@ async def test_etcd_restart_and_pause(own_etcd: EmbeddedEtcd, etcd_prefix: str,
     try:
         async with client(r1) as s1, client(r2) as s2:
             e = await register(s1, "a", 8)
-            await s1.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=e, delta_seq=1,
+            await s1.Heartbeat(pb.HeartbeatRequest(node_id="a", **cred(e), delta_seq=1,
                                                    stored=[1, 2, 3]))
             await eventually(lambda: _eq(matched(s2, [1, 2, 3]), {"a": 3}), 3, "r2 sees a")
             beat = Beater(s1, "a", e)  # keeps 'a' healthy (heartbeats are late after 1.5 s)
@@ -195,7 +202,7 @@ async def test_etcd_restart_and_pause(own_etcd: EmbeddedEtcd, etcd_prefix: str,
             await asyncio.to_thread(own_etcd.restart)  # same data dir; replicas keep serving
             assert await matched(s1, [1, 2, 3]) == {"a": 3}
             await eventually(lambda: s1.Heartbeat(pb.HeartbeatRequest(
-                node_id="a", epoch=e, delta_seq=2, stored=[4]), timeout=3), 10,
+                node_id="a", **cred(e), delta_seq=2, stored=[4]), timeout=3), 10,
                 "heartbeat after etcd restart")
             await eventually(lambda: _eq(matched(s2, [1, 2, 3, 4]), {"a": 4}), 10,
                              "r2 re-watched after the restart")
@@ -208,7 +215,7 @@ async def test_etcd_restart_and_pause(own_etcd: EmbeddedEtcd, etcd_prefix: str,
             try:
                 t0 = time.monotonic()
                 with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await s1.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=e, delta_seq=3,
+                    await s1.Heartbeat(pb.HeartbeatRequest(node_id="a", **cred(e), delta_seq=3,
                                                            stored=[5]), timeout=20)
                 waited = time.monotonic() - t0
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
@@ -217,7 +224,7 @@ async def test_etcd_restart_and_pause(own_etcd: EmbeddedEtcd, etcd_prefix: str,
             finally:
                 own_etcd.process.signal(signal.SIGCONT)
             await eventually(lambda: s1.Heartbeat(pb.HeartbeatRequest(
-                node_id="a", epoch=e, delta_seq=3, stored=[5]), timeout=3), 10,
+                node_id="a", **cred(e), delta_seq=3, stored=[5]), timeout=3), 10,
                 "heartbeat after SIGCONT")
             for stub in (s1, s2):
                 await eventually(lambda st=stub: _eq(matched(st, [1, 2, 3, 4, 5]), {"a": 5}),

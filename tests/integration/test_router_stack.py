@@ -39,17 +39,17 @@ class Agents:
         self.target = target
         self.nodes = nodes
         self.alive = set(nodes)
-        self.epochs: dict[str, int] = {}
+        self.epochs: dict[str, registry_pb2.RegisterNodeResponse] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def _register(self, stub: registry_pb2_grpc.RegistryStub, nid: str) -> None:
         r = await stub.RegisterNode(registry_pb2.RegisterNodeRequest(
             node_id=nid, address=f"{nid}.local:8000", model=MODEL, block_size=BS,
             capacity_blocks=1000), timeout=3)
-        self.epochs[nid] = r.epoch
+        self.epochs[nid] = r
         await stub.Heartbeat(registry_pb2.HeartbeatRequest(
-            node_id=nid, epoch=r.epoch, stored=self.nodes[nid], used_blocks=len(self.nodes[nid]),
-            delta_seq=1), timeout=3)
+            node_id=nid, epoch=r.epoch, write_token=r.write_token, stored=self.nodes[nid],
+            used_blocks=len(self.nodes[nid]), delta_seq=1), timeout=3)
 
     async def _loop(self) -> None:
         async with grpc.aio.insecure_channel(self.target) as ch:
@@ -60,8 +60,10 @@ class Agents:
                         if nid not in self.epochs:
                             await self._register(stub, nid)
                             continue
+                        reg = self.epochs[nid]
                         r = await stub.Heartbeat(registry_pb2.HeartbeatRequest(
-                            node_id=nid, epoch=self.epochs[nid]), timeout=1)
+                            node_id=nid, epoch=reg.epoch, write_token=reg.write_token),
+                            timeout=1)
                         if r.resync_required:
                             await self._register(stub, nid)
                     except grpc.aio.AioRpcError as exc:

@@ -100,7 +100,8 @@ async def agent_rig(reg: Registry, buffer_steps: int = 100, **kw: object,
                       model="m", capacity_blocks=100, topic="kv",
                       engine_events=f"tcp://127.0.0.1:{pub.pub_port}",
                       engine_replay=f"tcp://127.0.0.1:{pub.replay_port}",
-                      heartbeat_interval_s=0.05, rpc_timeout_s=2.0, replay_timeout_s=3.0, **kw)  # type: ignore[arg-type]
+                      heartbeat_interval_s=0.05, rpc_timeout_s=2.0, replay_timeout_s=3.0,
+                      engine_health_path="", **kw)  # type: ignore[arg-type]
     agent = Agent(s)
     tasks = [asyncio.create_task(agent.consume()), asyncio.create_task(agent.link.run())]
     try:

@@ -33,6 +33,7 @@ def test_minimal_settings_and_labels() -> None:
     ({"medium_policy": "weighted"}, "--medium-policy"),
     ({"labels": ("novalue",)}, "--labels"),
     ({"registry": "nohostport"}, "--registry"),
+    ({"role": "encoder"}, "--role"),
 ])
 def test_invalid_settings_name_the_flag(override: dict[str, object], flag: str) -> None:
     with pytest.raises(ConfigError, match=flag):
@@ -61,13 +62,15 @@ def test_fleet_file_expands_to_one_validated_agent_per_entry(tmp_path: Path) -> 
     entry = {"node_id": "e-0", "engine_url": "http://127.0.0.1:1",
              "engine_events": "tcp://127.0.0.1:2", "engine_replay": "tcp://127.0.0.1:3",
              "capacity_blocks": 64}
-    f.write_text(json.dumps([entry, {**entry, "node_id": "e-1", "labels": ["zone=b"]}]))
+    f.write_text(json.dumps([entry, {**entry, "node_id": "e-1", "labels": ["zone=b"],
+                                     "role": "decode"}]))
     base = AgentSettings(model="m", fleet_file=str(f), heartbeat_interval_s=0.05)
     agents = fleet_agents(base)
     assert [a.node_id for a in agents] == ["e-0", "e-1"]
     assert all(a.heartbeat_interval_s == 0.05 and a.model == "m" and not a.fleet_file
                for a in agents)
     assert agents[1].label_map == {"zone": "b"}
+    assert (agents[0].role, agents[1].role) == ("both", "decode")
     assert fleet_agents(AgentSettings(**BASE)) == [AgentSettings(**BASE)]  # type: ignore[arg-type]
 
 

@@ -144,3 +144,19 @@ def test_engine_settings_of_a_multi_engine_process() -> None:
     assert EngineSimSettings().for_engine(0) == EngineSimSettings()
     assert EngineSimSettings().engine_params() == EngineParams(capacity_blocks=4096,
                                                                block_size=16)
+
+
+def test_a_fleet_has_a_role_per_node() -> None:
+    from engine_sim.params import transfer_s_per_block
+
+    fleet = SimFleet(3, EngineParams(capacity_blocks=64, block_size=16),
+                     roles=["prefill", "decode", "decode"])
+    assert fleet.roles == ["prefill", "decode", "decode"]
+    assert [n.model.params.role for n in fleet.nodes] == fleet.roles
+    with pytest.raises(ValueError, match="roles"):
+        SimFleet(2, EngineParams(), roles=["prefill"])
+    assert transfer_s_per_block("seed", 512) == pytest.approx(0.002)
+    assert transfer_s_per_block("seed", 16) == pytest.approx(0.002 / 32)
+    assert transfer_s_per_block("0.5", 16) == 0.5
+    with pytest.raises(ValueError):
+        transfer_s_per_block("fast", 16)

@@ -84,3 +84,26 @@ def test_abort_frees_blocks_and_admits_next() -> None:
     assert m.cache.used_blocks == 3 and b.admitted_at == pytest.approx(0.01)
     assert m.abort("b", 0.02) and not m.abort("nope", 0.02)
     assert m.cache.used_blocks == 0 and m.next_event_time() is None
+
+
+def test_a_decode_engine_receives_the_blocks_it_lacks_instead_of_prefilling() -> None:
+    params = EngineParams(prefill_tokens_per_s=1000.0, decode_s_per_token=0.01, max_running=4,
+                          capacity_blocks=1000, block_size=BS, role="decode",
+                          transfer_s_per_block=0.001)
+    cache = KVCache(1000, BS)
+    m = EngineModel(cache, params)
+    prompt = list(range(200))  # 12 full blocks + 8 tokens
+    first = req("a", prompt)
+    first.remote_kv = True
+    m.submit(first, 0.0)
+    assert first.cached_tokens == 0 and first.transfer_blocks == 13
+    assert first.first_token_at == pytest.approx(0.013)  # transfer only, no prefill
+    assert m.pending_prefill_tokens(0.0) == 0
+    m.advance(1.0)
+    follow = req("b", prompt + list(range(300, 340)))  # the conversation's next turn
+    follow.remote_kv = True
+    m.submit(follow, 2.0)
+    assert follow.cached_tokens == 192  # the received blocks were stored: only the rest moves
+    assert follow.transfer_blocks == 3 and follow.transfer_s == pytest.approx(0.003)
+    with pytest.raises(ValueError, match="role"):
+        EngineParams(role="encoder")

@@ -139,12 +139,19 @@ def test_build_stage_install_step_works(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     kvroute = venv / "bin" / "kvroute"
     python = venv / "bin" / "python"
-    for role in ("registry", "router", "agent", "engine-sim"):
+    for role in ("registry", "router", "epp", "agent", "engine-sim"):
         out = subprocess.run([str(kvroute), "serve", role, "--help"], capture_output=True,
                              text=True, timeout=60, check=False, cwd=tmp_path)
         assert out.returncode == 0 and "--listen" in out.stdout, out.stderr
     # A regular install: the code runs from the venv, not from the build context.
     shutil.rmtree(ctx)
+    # xds-protos was pruned to what the endpoint picker imports, and the picker still loads
+    out = subprocess.run([str(python), "-c", "import router_service.epp.server\n"
+                          "import importlib.util as u\n"
+                          "assert u.find_spec('envoy.service.ext_proc.v3.external_processor_pb2')"
+                          "\nassert not u.find_spec('envoy.admin.v3.config_dump_pb2')"],
+                         capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
     out = subprocess.run([str(kvroute), "--version"], capture_output=True, text=True,
                          timeout=60, check=False, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -5,7 +5,9 @@ started with exactly the environment and args the rendered manifests give it. On
 cluster provides is simulated:
 - cluster names and pod IPs become 127.0.0.1; each fixed port becomes one free port (the same
   mapping everywhere, so the sidecar wiring stays as written); etcd is the test etcd;
-- Secret mounts become temp dirs with certificates made by openssl as k8s/README.md describes,
+- Secret mounts become temp dirs with certificates made by openssl as k8s/README.md describes
+  (the per-pod agent certificate that the cert-manager CSI driver would issue becomes the
+  kvroute-agent-tls dir, with the pod's URI SAN),
   and DNS (the TLS server name a client derives from ``kvroute-registry:50051``) becomes a
   server-name override, since 127.0.0.1 is what the client dials;
 - the production fleet serves vLLM, which cannot run here: engine_sim from the dev overlay
@@ -70,6 +72,8 @@ class Localizer:
     def env(self, c: Container, **overrides: str) -> dict[str, str]:
         volumes = {v["name"]: v["secret"]["secretName"] for v in c.pod.get("volumes", [])
                    if "secret" in v}
+        volumes.update({v["name"]: "kvroute-agent-tls" for v in c.pod.get("volumes", [])
+                        if v.get("csi", {}).get("driver") == "csi.cert-manager.io"})
         mounts = {m["mountPath"]: volumes[m["name"]] for m in c.spec.get("volumeMounts", [])
                   if m["name"] in volumes}
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
@@ -103,11 +107,13 @@ def poll(what: str, check: Callable[[], T | None], timeout_s: float = 20.0) -> T
     raise AssertionError(f"timed out waiting for {what}; last: {last}")
 
 
-def channel(target: str, secrets: Path | None, server_name: str) -> grpc.Channel:
-    """A client channel as a gateway would open it (mTLS with the agent's client cert)."""
+def channel(target: str, secrets: Path | None, server_name: str,
+            cert: str = "kvroute-router-tls") -> grpc.Channel:
+    """A client channel as a gateway or reader would open it (mTLS with the router's client
+    certificate: the registry lets only readers list nodes)."""
     if secrets is None:
         return grpc.insecure_channel(target)
-    d = secrets / "kvroute-agent-tls"
+    d = secrets / cert
     creds = grpc.ssl_channel_credentials((d / "ca.crt").read_bytes(),
                                          (d / "tls.key").read_bytes(),
                                          (d / "tls.crt").read_bytes())
@@ -184,13 +190,16 @@ def secrets(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("openssl is not installed")
     root = tmp_path / "secrets"
     ca = None
+    # identities of components/registry-auth: the router reads, the agent writes its pod's node
+    uris = {"kvroute-router": ("spiffe://kvroute/reader/kvroute-router",),
+            "kvroute-agent": (f"spiffe://kvroute/agent/{FIELD_VALUES['metadata.name']}",)}
     for name in ("kvroute-registry", "kvroute-router", "kvroute-agent"):
         d = root / f"{name}-tls"
         d.mkdir(parents=True)
         if ca is not None:
             for f in ("ca.crt", "ca.key"):
                 shutil.copy2(ca / f, d / f)
-        make_certs(d, name, new_ca=ca is None)
+        make_certs(d, name, new_ca=ca is None, uris=uris.get(name, ()))
         ca = ca or d
     yield root
 

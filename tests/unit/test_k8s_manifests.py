@@ -33,6 +33,7 @@ KVROUTE_IMAGE = re.compile(r"(^|/)kvroute:")
 SETTINGS = {  # role -> (module, class); the class the role's `run` builds
     "registry": ("registry_service.settings", "RegistrySettings"),
     "router": ("router_service.settings", "RouterSettings"),
+    "epp": ("router_service.epp.settings", "EppSettings"),
     "agent": ("node_agent.settings", "AgentSettings"),
     "engine-sim": ("engine_sim.settings", "EngineSimSettings"),
 }

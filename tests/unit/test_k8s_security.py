@@ -115,7 +115,9 @@ def test_only_routers_and_agents_reach_the_registry_and_only_it_reaches_etcd() -
         if "kvroute-registry" in names:
             agents = {c.workload["metadata"]["name"] for c in containers(objs)
                       if c.role == "agent"}
-            assert _reachers(objs, "kvroute-registry", 50051) == {"kvroute-router"} | agents, d
+            # routers and endpoint pickers (a router inside the Gateway's request path)
+            routers = {"kvroute-router", "kvroute-epp"} & names
+            assert _reachers(objs, "kvroute-registry", 50051) == routers | agents, d
             assert _reachers(objs, "kvroute-registry", 9091) == {"<anyone>"}, "metrics"
         if "kvroute-etcd" in names:
             assert _reachers(objs, "kvroute-etcd", 2379) == {"kvroute-registry"}, d
@@ -151,7 +153,11 @@ def test_tls_files_come_from_mounted_secrets() -> None:
                 if not path:
                     continue
                 vol = _mounted_from(c, path)
-                assert vol is not None and "secret" in vol, f"{d}: {c.where} {field}={path}"
+                # a Secret, or a per-pod certificate from the cert-manager CSI driver
+                # (components/registry-auth: each agent's own identity)
+                per_pod = (vol or {}).get("csi", {}).get("driver") == "csi.cert-manager.io"
+                assert vol is not None and ("secret" in vol or per_pod), \
+                    f"{d}: {c.where} {field}={path}"
                 assert path.rsplit("/", 1)[1] in ("tls.crt", "tls.key", "ca.crt")
                 tls_seen.add((d.name, c.role, field.split("_")[0]))
     for overlay in ("production", "production-external-etcd"):

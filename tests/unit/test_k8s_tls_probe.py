@@ -32,9 +32,10 @@ def openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
-def make_certs(d: Path, name: str, new_ca: bool = True) -> None:
+def make_certs(d: Path, name: str, new_ca: bool = True, uris: tuple[str, ...] = ()) -> None:
     """ca.crt/ca.key (unless given), then tls.crt/tls.key for ``name`` signed by it (server +
-    client auth; SANs ``name`` and ``name.kvroute.svc``)."""
+    client auth; SANs ``name`` and ``name.kvroute.svc``, plus ``uris`` as URI SANs: the
+    registry's identities, spiffe://kvroute/<role>/<name>)."""
     if new_ca:
         openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                 "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj",
@@ -42,7 +43,7 @@ def make_certs(d: Path, name: str, new_ca: bool = True) -> None:
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
             "-keyout", "tls.key", "-out", "tls.csr", "-subj", f"/CN={name}", cwd=d)
     (d / "ext.cnf").write_text(
-        f"subjectAltName=DNS:{name},DNS:{name}.kvroute.svc\n"
+        f"subjectAltName=DNS:{name},DNS:{name}.kvroute.svc{''.join(',URI:' + u for u in uris)}\n"
         "extendedKeyUsage=serverAuth,clientAuth\nkeyUsage=digitalSignature\n")
     openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", "tls.crt", "-days", "2", "-extfile", "ext.cnf", cwd=d)
@@ -109,6 +110,7 @@ def test_every_client_command_speaks_mtls(tmp_path: Path) -> None:
                 node_id="n1", address="n1:8000", model="m", block_size=16,
                 capacity_blocks=100), timeout=5)
             stub.Heartbeat(registry_pb2.HeartbeatRequest(node_id="n1", epoch=r.epoch,
+                                                         write_token=r.write_token,
                                                          delta_seq=1), timeout=5)
         router_args = [*server, "--registry", reg.grpc_target, "--client-tls-ca-file", ca,
                        "--client-tls-cert-file", crt, "--client-tls-key-file", key,

@@ -28,9 +28,29 @@ def test_least_loaded_orders_by_inflight_then_queue_then_id() -> None:
     p = LeastLoadedPolicy()
     d = choose_and_commit(p, REQ, [node("a", 2), node("b", 1, 5), node("c", 1, 3)])
     assert d.node_id == "c"
-    assert choose_and_commit(p, REQ, [node("b", 1, 3), node("a", 1, 3)]).node_id == "a"
+    assert choose_and_commit(LeastLoadedPolicy(), REQ,
+                             [node("b", 1, 3), node("a", 1, 3)]).node_id == "a"
     d = choose_and_commit(p, REQ, [node("a", 0, healthy=False), node("b", 4)])
     assert d.node_id == "b" and "least loaded" in d.reason
+
+
+def test_least_loaded_ties_take_turns() -> None:
+    """Requests that never overlap (every count 0) spread evenly, not all on one node id."""
+    p = LeastLoadedPolicy()
+    nodes = [node("c"), node("a"), node("b"), node("d", 1)]
+    picks = [choose_and_commit(p, REQ, nodes).node_id for _ in range(6)]
+    assert picks == ["a", "b", "c", "a", "b", "c"]
+    d = p.choose(REQ, nodes)
+    assert d.candidates[0].node_id == d.node_id and "3 tied" in d.reason
+    assert p.choose(REQ, nodes).node_id == d.node_id  # choose alone does not move the turn
+
+
+def test_degraded_least_loaded_ignores_stale_queue_depths() -> None:
+    p = LeastLoadedPolicy(use_queue_depth=False)
+    nodes = [node("a", 0, 9), node("b", 0, 0), node("c", 1, 0)]
+    picks = [choose_and_commit(p, REQ, nodes).node_id for _ in range(100)]
+    assert picks.count("a") == picks.count("b") == 50 and "queue" not in p.choose(
+        REQ, nodes).reason
 
 
 @pytest.mark.parametrize("name", ["round_robin", "least_loaded", "random", "session",

@@ -72,14 +72,17 @@ async def test_register_heartbeat_lookup(reg: Reg) -> None:
     a = await register(reg, "a")
     b = await register(reg, "b", "10.0.0.2:8000")
     assert a.block_size == 16 and a.lease_ttl_s == 30 and a.heartbeat_interval_s == 10
-    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch, used_blocks=4,
+    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token, used_blocks=4,
                                                  stored=[1, 2, 3, 4], delta_seq=1))
-    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="b", epoch=b.epoch, stored=[1, 2, 9],
+    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="b", epoch=b.epoch,
+        write_token=b.write_token, stored=[1, 2, 9],
                                                  delta_seq=1))
     assert await lookup(reg, [1, 2, 3, 5]) == {"a": 3, "b": 2}
     assert await lookup(reg, [7]) == {"a": 0, "b": 0}
     # cleared, then removed, then stored
-    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch, cleared=True,
+    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token, cleared=True,
                                                  used_blocks=4, stored=[1, 8], removed=[1],
                                                  delta_seq=2))
     assert await lookup(reg, [1, 8]) == {"a": 2, "b": 1}
@@ -91,16 +94,20 @@ async def test_register_heartbeat_lookup(reg: Reg) -> None:
 
 async def test_delta_seq_duplicate_gap_and_snapshots(reg: Reg) -> None:
     a = await register(reg, "a")
-    hb = pb.HeartbeatRequest(node_id="a", epoch=a.epoch, stored=[1], delta_seq=1)
+    hb = pb.HeartbeatRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token, stored=[1], delta_seq=1)
     assert not (await reg.stub.Heartbeat(hb)).resync_required
-    hb2 = pb.HeartbeatRequest(node_id="a", epoch=a.epoch, stored=[1], removed=[1], delta_seq=1)
+    hb2 = pb.HeartbeatRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token, stored=[1], removed=[1], delta_seq=1)
     assert not (await reg.stub.Heartbeat(hb2)).resync_required  # repeat: ack, not re-applied
     assert await lookup(reg, [1]) == {"a": 1}
-    gap = await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch, stored=[2],
+    gap = await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token, stored=[2],
                                                        delta_seq=5))
     assert gap.resync_required and "delta_seq 5" in gap.reason
     for seq in range(2, 9):  # past snapshot_threshold=3: compacted, still the same answer
         await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token,
                                                      stored=[seq], delta_seq=seq))
     assert await lookup(reg, list(range(1, 10))) == {"a": 8}
     stale = await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch - 1))
@@ -109,21 +116,26 @@ async def test_delta_seq_duplicate_gap_and_snapshots(reg: Reg) -> None:
 
 async def test_resync_and_deregister(reg: Reg) -> None:
     a = await register(reg, "a")
-    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch, stored=[5, 6],
+    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token, stored=[5, 6],
                                                  delta_seq=1))
 
     async def msgs() -> AsyncIterator[pb.ResyncRequest]:
-        yield pb.ResyncRequest(node_id="a", epoch=a.epoch, block_hashes=[1, 2], used_blocks=3)
-        yield pb.ResyncRequest(node_id="a", epoch=a.epoch, block_hashes=[3, 2])
+        yield pb.ResyncRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token, block_hashes=[1, 2], used_blocks=3)
+        yield pb.ResyncRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token, block_hashes=[3, 2])
 
     resp = await reg.stub.Resync(msgs())
     assert resp.blocks_indexed == 3 and resp.next_delta_seq == 1
     assert await lookup(reg, [1, 2, 3]) == {"a": 3}
     assert await lookup(reg, [5]) == {"a": 0}
-    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch, stored=[4],
+    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token, stored=[4],
                                                  delta_seq=1))
     assert await lookup(reg, [1, 2, 3, 4]) == {"a": 4}
-    dropped = await reg.stub.DeregisterNode(pb.DeregisterNodeRequest(node_id="a"))
+    dropped = await reg.stub.DeregisterNode(pb.DeregisterNodeRequest(
+        node_id="a", write_token=a.write_token))
     assert dropped.blocks_dropped == 4
     assert await lookup(reg, [1]) == {}
 
@@ -157,10 +169,12 @@ async def test_bad_input_is_refused_and_changes_nothing(reg: Reg) -> None:
     assert code == Code.RESOURCE_EXHAUSTED and "--max-nodes" in msg
     too_many = list(range(1001))
     code, msg = await code_of(reg.stub.Heartbeat(pb.HeartbeatRequest(
-        node_id="a", epoch=a.epoch, stored=too_many, delta_seq=1)))
+        node_id="a", epoch=a.epoch,
+        write_token=a.write_token, stored=too_many, delta_seq=1)))
     assert code == Code.RESOURCE_EXHAUSTED and "1000" in msg
     code, _ = await code_of(reg.stub.Heartbeat(pb.HeartbeatRequest(
-        node_id="a", epoch=a.epoch, stored=[1])))
+        node_id="a", epoch=a.epoch,
+        write_token=a.write_token, stored=[1])))
     assert code == Code.INVALID_ARGUMENT  # changes without delta_seq
     code, _ = await code_of(reg.stub.Lookup(pb.LookupRequest(block_hashes=too_many)))
     assert code == Code.RESOURCE_EXHAUSTED
@@ -171,7 +185,8 @@ async def test_bad_input_is_refused_and_changes_nothing(reg: Reg) -> None:
 
 async def test_lookup_stream_and_watches(reg: Reg) -> None:
     a = await register(reg, "a")
-    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch, stored=[1, 2],
+    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token, stored=[1, 2],
                                                  delta_seq=1))
 
     async def reqs() -> AsyncIterator[pb.LookupRequest]:
@@ -193,7 +208,8 @@ async def test_lookup_stream_and_watches(reg: Reg) -> None:
     assert sorted(first[1].stored) == [1, 2] and first[1].cleared
     assert (await nodes.read()).type == pb.NodeEvent.SNAPSHOT
     assert (await nodes.read()).type == pb.NodeEvent.SNAPSHOT_END
-    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch, stored=[3],
+    await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token, stored=[3],
                                                  removed=[1], delta_seq=2))
     blocks: list[pb.PlacementEvent] = []
     while not blocks or not blocks[-1].stored:
@@ -201,7 +217,8 @@ async def test_lookup_stream_and_watches(reg: Reg) -> None:
         if ev.kind == pb.PlacementEvent.BLOCKS:
             blocks.append(ev)
     assert [(list(e.removed), list(e.stored)) for e in blocks] == [([1], []), ([], [3])]
-    await reg.stub.DeregisterNode(pb.DeregisterNodeRequest(node_id="a"))
+    await reg.stub.DeregisterNode(pb.DeregisterNodeRequest(node_id="a",
+                                                           write_token=a.write_token))
     ev = await place.read()
     while ev.kind != pb.PlacementEvent.NODE_REMOVED:
         ev = await place.read()
@@ -221,13 +238,16 @@ async def test_a_delta_too_big_for_one_etcd_value_becomes_a_snapshot(reg: Reg) -
     try:
         a = await register(reg, "a")
         await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token,
                                                      stored=[1, 2, 3], delta_seq=1))
         resp = await reg.stub.Heartbeat(pb.HeartbeatRequest(
-            node_id="a", epoch=a.epoch, stored=list(range(4, 20)), removed=[3], delta_seq=2))
+            node_id="a", epoch=a.epoch,
+        write_token=a.write_token, stored=list(range(4, 20)), removed=[3], delta_seq=2))
         assert not resp.resync_required
         assert await lookup(reg, [1, 2, 3]) == {"a": 2}
         assert await lookup(reg, [1, 2, *range(4, 20)]) == {"a": 18}
-        await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch, stored=[3],
+        await reg.stub.Heartbeat(pb.HeartbeatRequest(node_id="a", epoch=a.epoch,
+        write_token=a.write_token, stored=[3],
                                                      delta_seq=3))  # deltas continue on it
         assert await lookup(reg, [1, 2, 3]) == {"a": 3}
     finally:
@@ -237,7 +257,8 @@ async def test_a_delta_too_big_for_one_etcd_value_becomes_a_snapshot(reg: Reg) -
 async def test_engine_block_size_and_index_state_reach_lookup_and_list(reg: Reg) -> None:
     a = await register(reg, "a")
     await reg.stub.Heartbeat(pb.HeartbeatRequest(
-        node_id="a", epoch=a.epoch, stored=[1, 2], delta_seq=1, engine_block_size=32,
+        node_id="a", epoch=a.epoch, write_token=a.write_token, stored=[1, 2], delta_seq=1,
+        engine_block_size=32,
         engine_lookahead_tokens=1, index_state=pb.INDEX_STATE_PARTIAL,
         index_note="joined late", stored_offloaded=[7]))
     m = (await reg.stub.Lookup(pb.LookupRequest(block_hashes=[1, 2], model="m"))).nodes[0]
@@ -249,9 +270,22 @@ async def test_engine_block_size_and_index_state_reach_lookup_and_list(reg: Reg)
     for bad in (dict(engine_block_size=1 << 17), dict(index_note="x" * 600),
                 dict(stored_offloaded=list(range(1001)))):
         code, msg = await code_of(reg.stub.Heartbeat(pb.HeartbeatRequest(
-            node_id="a", epoch=a.epoch, **bad)))  # type: ignore[arg-type]
+            node_id="a", epoch=a.epoch, write_token=a.write_token,
+            **bad)))  # type: ignore[arg-type]
         assert code in (Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED), (bad, msg)
-    bad_state = pb.HeartbeatRequest(node_id="a", epoch=a.epoch)
+    bad_state = pb.HeartbeatRequest(node_id="a", epoch=a.epoch, write_token=a.write_token)
     bad_state.index_state = 9  # type: ignore[assignment]
     code, msg = await code_of(reg.stub.Heartbeat(bad_state))
     assert code == Code.INVALID_ARGUMENT and "index_state" in msg
+
+
+async def test_node_roles_are_registered_listed_and_looked_up(reg: Reg) -> None:
+    await register(reg, "p", role="prefill")
+    await register(reg, "d", "10.0.0.2:8000", role="decode")
+    await register(reg, "x", "10.0.0.3:8000")  # no role = both (older agents)
+    nodes = {n.node_id: n.role for n in (await reg.stub.ListNodes(pb.ListNodesRequest())).nodes}
+    assert nodes == {"p": "prefill", "d": "decode", "x": "both"}
+    resp = await reg.stub.Lookup(pb.LookupRequest(block_hashes=[1], model="m"))
+    assert {n.node_id: n.role for n in resp.nodes} == nodes
+    code, msg = await code_of(register(reg, "p", role="encoder"))
+    assert code == Code.INVALID_ARGUMENT and "role" in msg

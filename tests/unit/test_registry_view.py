@@ -122,3 +122,23 @@ def test_candidates_and_lookup_per_model_follow_membership() -> None:
     v.apply(NodePut(node("c", "m", epoch=2)))  # c registers again, now for model m, empty
     assert [s.node_id for s in v.candidates("m", True)] == ["b", "c"]
     assert v.candidates("x", True) == [] and v.lookup([1], "m") == {slots["b"]: 1}
+
+
+def test_a_restarted_replica_trusts_live_leases_until_it_hears_from_the_node() -> None:
+    """Issue 15: a node whose lease is alive in etcd is healthy on a fresh replica although
+    its last heartbeat (written to etcd long ago) is late; timing rules again once a newer
+    status arrives, and a heartbeat being processed keeps the node healthy."""
+    from registry_service.nodes import now_ms
+    from registry_service.store.base import NodeStatus, StatusPut
+
+    late = ReplicaView(Fanout(100), RegistryMetrics(), 1.0)
+    old = now_ms() - 60_000
+    stale = NodeRecord("a", "h:1", "m", 16, 100, {}, 1, 7, 10, old)
+    late.reconcile(LoadResult([NodePut(stale), StatusPut("a", NodeStatus(heartbeat_unix_ms=old))]))
+    state = late.nodes["a"]
+    assert state.healthy(1.0)  # lease alive (listed), not heard from yet: trusted
+    assert not state.healthy(1.0, now_ms() + 11_000)  # trust ends with the lease TTL (10 s)
+    late.apply(StatusPut("a", NodeStatus(heartbeat_unix_ms=old + 1)))  # heard of: still late
+    assert not state.healthy(1.0)
+    state.beating = 1  # a heartbeat waiting on a stalled etcd
+    assert state.healthy(1.0)

@@ -81,6 +81,8 @@ def test_bad_input_is_refused_with_the_field_named() -> None:
         core.decide_local(RouteRequest("", token_ids=PROMPT))
     with pytest.raises(InvalidArgument, match="token_ids"):
         core.decide_local(RouteRequest("r", token_ids=[-1, 2]))
+    with pytest.raises(InvalidArgument, match="token_ids"):
+        core.decide_local(RouteRequest("r", token_ids=[2**70, 2]))
     with pytest.raises(InvalidArgument, match="num_prompt_tokens"):
         core.decide_local(RouteRequest("r", block_hashes=HASHES[:4], num_prompt_tokens=10))
     with pytest.raises(InvalidArgument, match="cached_tokens"):

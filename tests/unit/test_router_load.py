@@ -58,3 +58,20 @@ def test_size_bound_releases_oldest() -> None:
         lt.start(f"r{i}", "a", 0)
     assert lt.total_inflight == 2 and lt.expired_total == 1
     assert lt.complete("r0") is None
+
+
+def test_caller_deadline_releases_abandoned_requests_early() -> None:
+    clock = Clock()
+    lt = LoadTracker(clock, inflight_timeout_s=300)
+    lt.start("r1", "a", 0, deadline_s=2.0)
+    lt.start("r2", "a", 0)  # no deadline: the timeout
+    lt.start("r3", "b", 0, deadline_s=5.0)
+    lt.start("r4", "b", 0, deadline_s=1.0)
+    assert lt.complete("r4") == "b"  # completed before its deadline: not an expiry
+    clock.t += 2.5
+    assert lt.inflight_by_node() == {"a": 1, "b": 1} and lt.expired_total == 1
+    lt.start("r3", "a", 0, deadline_s=10.0)  # routed again: the old deadline no longer applies
+    clock.t += 3.0
+    assert lt.inflight_by_node() == {"a": 2} and lt.expired_total == 1
+    clock.t += 10
+    assert lt.inflight_by_node() == {"a": 1} and lt.expired_total == 2

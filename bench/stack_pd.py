@@ -1,0 +1,207 @@
+"""Disaggregated replay through the real stack (``--mode stack --prefill-nodes P``, ``-D``).
+
+The fleet is :class:`bench.stack_fleet.StackFleet` with a role per engine (agents register
+``--role prefill|decode``). Each request, at its compressed arrival time, does what a
+disaggregated proxy does, the vLLM way: ``Router.Route`` (the router sees prefill and decode
+nodes and answers a pair) → ``POST /v1/completions`` on the prefill engine with ``max_tokens=1``
+and ``kv_transfer_params.do_remote_decode`` → ``POST /v1/completions`` on the decode engine with
+the ``kv_transfer_params`` the prefill engine answered (it receives the blocks its cache lacks,
+stores and publishes them) → ``Router.Complete``. Numbers come from the engines' records: the
+prefill record gives the prefill queue, prefill time and cached tokens, the decode record the
+transfer and first token; the hand-over between them (response, then the next request) is
+measured by the client and converted to model seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+
+from bench.prompts import JSON_HEADERS, Prompt, json_body, prepare
+from bench.results import PolicyRun
+from bench.sim.pd_replay import PdRun
+from bench.stack_fleet import FleetSpec
+from bench.stack_replay import _stats
+from bench.workloads.base import TraceRequest, Workload
+from kvroute.v1 import router_pb2, router_pb2_grpc
+
+ASK = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+       "remote_block_ids": None, "remote_host": None, "remote_port": None}
+"""The prefill request's ``kv_transfer_params`` (as vLLM's proxies send it)."""
+
+
+@dataclass
+class _Pair:
+    prefill: str = ""
+    decode: str = ""
+    predicted_transfer: int = 0
+    handoff_s: float = math.nan
+    """Wall seconds between the prefill response and the decode request's send."""
+    error: str = ""
+
+
+async def _one(req: TraceRequest, prompt: Prompt, route_msg: router_pb2.RouteRequest,
+               model: str, stub: router_pb2_grpc.RouterAsyncStub, http: aiohttp.ClientSession,
+               urls: dict[str, str], out: _Pair) -> None:
+    ok = False
+    try:
+        d = await stub.Route(route_msg, timeout=30)
+        out.prefill, out.decode = d.node_id, d.decode_node_id or d.node_id
+        out.predicted_transfer = d.transfer_blocks
+        body = json_body({"model": model, "max_tokens": 1, "stream": False,
+                          "kv_transfer_params": ASK, "user": f"{req.request_id}#p"},
+                         "prompt", prompt)
+        async with http.post(f"{urls[out.prefill]}/v1/completions", data=body,
+                             headers=JSON_HEADERS) as resp:
+            data: dict[str, Any] = await resp.json()
+            if resp.status != 200:
+                raise RuntimeError(f"prefill engine {resp.status}: {data}")
+        t_hand = time.perf_counter()
+        body = json_body({"model": model, "max_tokens": max(1, req.output_tokens),
+                          "kv_transfer_params": data.get("kv_transfer_params") or {},
+                          "user": f"{req.request_id}#d"}, "prompt", prompt)
+        out.handoff_s = time.perf_counter() - t_hand
+        async with http.post(f"{urls[out.decode]}/v1/completions", data=body,
+                             headers=JSON_HEADERS) as resp:
+            data = await resp.json()
+            if resp.status != 200:
+                raise RuntimeError(f"decode engine {resp.status}: {data}")
+        ok = True
+    except grpc.aio.AioRpcError as exc:
+        out.error = f"route: {exc.code().name}: {exc.details()}"
+    except (aiohttp.ClientError, TimeoutError, KeyError, RuntimeError) as exc:
+        out.error = f"engine: {exc!r}"
+    finally:
+        if out.prefill:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.Complete(router_pb2.CompleteRequest(
+                    request_id=req.request_id, success=ok), timeout=10)
+
+
+async def replay_stack_pd(workload: Workload, policy: str, decode_policy: str,
+                          router_target: str, engine_urls: dict[str, str], prefill_nodes: int,
+                          model: str, time_scale: float, prefill_tokens_per_s: float,
+                          progress: Callable[[int], None] | None = None,
+                          prompts: list[Prompt] | None = None) -> PdRun:
+    """Replay ``workload`` disaggregated; the engines' records make the run."""
+    node_ids = sorted(engine_urls, key=lambda n: (not n.startswith("prefill"), n))
+    n_req = len(workload.requests)
+    run = PolicyRun(f"stack-pd:{policy}/{decode_policy}", node_ids, n_req)
+    run.init_requests(n_req)
+    nan = math.nan
+    pd = PdRun(run, prefill_nodes, [-1] * n_req, [0] * n_req, [nan] * n_req, [nan] * n_req,
+               [nan] * n_req, [0] * n_req, [0] * n_req)
+    prompts = prompts if prompts is not None else prepare(workload)
+    outs = [_Pair() for _ in workload.requests]
+    msgs = []
+    for r, p in zip(workload.requests, prompts, strict=True):
+        m = router_pb2.RouteRequest(request_id=r.request_id, model=model, token_ids=p.tokens,
+                                    policy=policy, max_output_tokens=r.output_tokens,
+                                    disaggregated=True, decode_policy=decode_policy)
+        if r.session_key:
+            m.session_id = r.session_key
+        msgs.append(m)
+    t_wall = time.perf_counter()
+    async with grpc.aio.insecure_channel(router_target) as channel, aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=600),
+            connector=aiohttp.TCPConnector(limit=512)) as http:
+        stub = router_pb2_grpc.RouterStub(channel)
+        for url in engine_urls.values():
+            async with http.post(f"{url}/kvroute/stats/reset") as resp:
+                resp.raise_for_status()
+        tasks = []
+        start = time.perf_counter()
+        for i, req in enumerate(workload.requests):
+            delay = req.arrival_s * time_scale - (time.perf_counter() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(_one(req, prompts[i], msgs[i], model, stub, http,
+                                            engine_urls, outs[i]))
+            if progress is not None:
+                task.add_done_callback(lambda _t: progress(1))
+            tasks.append(task)
+        await asyncio.gather(*tasks)
+        stats = {n: await _stats(http, u) for n, u in engine_urls.items()}
+    run.wall_s = time.perf_counter() - t_wall
+    _fill(pd, workload, outs, stats, node_ids, time_scale, prefill_tokens_per_s)
+    return pd
+
+
+def _fill(pd: PdRun, workload: Workload, outs: list[_Pair],
+          stats: dict[str, dict[str, Any]], node_ids: list[str], time_scale: float,
+          rate: float) -> None:
+    run = pd.run
+    recs: dict[str, dict[str, Any]] = {}
+    for st in stats.values():
+        for rec in st.get("records", []):
+            recs[str(rec.get("request_id"))] = rec
+    index = {n: i for i, n in enumerate(node_ids)}
+    for i, (req, out) in enumerate(zip(workload.requests, outs, strict=True)):
+        run.arrival_s[i] = req.arrival_s
+        run.prompt_tokens[i] = req.prompt_tokens
+        p, d = recs.get(f"{req.request_id}#p"), recs.get(f"{req.request_id}#d")
+        if out.error or p is None or d is None:
+            run.failed += 1
+            if out.error and len(run.notes) < 5:
+                run.notes.append(f"{req.request_id}: {out.error}")
+            continue
+        run.node[i], pd.decode_node[i] = index[out.prefill], index[out.decode]
+        run.prompt_tokens[i] = int(p["prompt_tokens"])
+        run.cached_tokens[i] = int(p["cached_tokens"])
+        pd.predicted_transfer_blocks[i] = out.predicted_transfer
+        pre_queue = float(p["first_token_at"]) - float(p["arrival"])
+        prefill = (run.prompt_tokens[i] - run.cached_tokens[i]) / rate
+        pd.prefill_s[i] = min(prefill, pre_queue)
+        hand = (0.0 if math.isnan(out.handoff_s) else out.handoff_s) / time_scale
+        dec_first = float(d["first_token_at"]) - float(d["arrival"])
+        dec_adm = float(d["admitted_at"]) - float(d["arrival"])
+        pd.transfer_s[i] = max(0.0, dec_first - dec_adm)
+        pd.queue_s[i] = (pre_queue - pd.prefill_s[i]) + dec_adm + hand
+        pd.decode_held_tokens[i] = int(d["cached_tokens"])
+        pd.transfer_blocks[i] = int(d.get("transfer_blocks", 0))
+        run.ttft_s[i] = pre_queue + hand + dec_first
+        run.e2e_s[i] = pre_queue + hand + float(d["finished_at"]) - float(d["arrival"])
+        run.t_end_s = max(run.t_end_s, req.arrival_s + run.e2e_s[i])
+
+
+
+STACK_PD_STRATEGIES = ("kv_aware/kv_aware", "kv_aware/least_loaded", "round_robin/round_robin")
+"""Strategies the router itself serves (prefill policy/decode choice)."""
+
+
+def run_stack_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nodes: int,
+                 strategies: list[str], progress: Callable[[int], None] | None = None,
+                 peers: list[str] | None = None) -> list[PdRun]:
+    """One fleet (P prefill + D decode engines with agents, registry, router, etcd), every
+    strategy replayed on emptied caches; then each ``vllm-router:PREFILL/DECODE`` peer in front
+    of the same engines (:mod:`bench.stack_pd_peer`)."""
+    from bench.stack_backend import StackBackend
+    from bench.stack_pd_peer import replay_vllm_router_pd
+
+    out: list[PdRun] = []
+    with StackBackend(workdir, spec) as stack:
+        prompts = prepare(workload)
+        for strat in strategies:
+            pre, _, dec = strat.partition("/")
+            urls = asyncio.run(stack.reset_fleet())
+            out.append(asyncio.run(replay_stack_pd(
+                workload, pre, dec, stack.fleet.router_target, urls, prefill_nodes,
+                spec.model, spec.time_scale, spec.prefill_tokens_per_s, progress, prompts)))
+        engines = stack.fleet.engines
+        for peer in peers or []:
+            pre, _, dec = peer.removeprefix("vllm-router:").partition("/")
+            asyncio.run(stack.reset_fleet())
+            out.append(asyncio.run(replay_vllm_router_pd(
+                workload, pre, dec, engines[:prefill_nodes], engines[prefill_nodes:],
+                spec.model, workdir / "peers", spec.time_scale, spec.prefill_tokens_per_s,
+                prompts, progress)))
+    return out

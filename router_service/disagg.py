@@ -1,0 +1,174 @@
+"""Disaggregated prefill/decode: node roles and the decode half of a (prefill, decode) pair.
+
+A node serves one **role**: ``prefill`` (computes prompts' KV and hands it over), ``decode``
+(receives the KV and generates) or ``both`` (an ordinary aggregated engine, usable in either
+half). A model whose fleet has prefill-only *and* decode-only nodes is served disaggregated
+(requests may also ask for it, or opt out); its aggregated ``both`` nodes stay usable as an
+aggregated pool and as either half of a pair.
+
+The routing core picks the prefill node with the request's policy (kv_aware: prefix overlap
+and queued prefill) among prefill-capable nodes, then asks :class:`DecodeChooser` for the decode
+node given that prefill node. ``kv_aware`` (the default decode policy) scores each
+decode-capable node, in seconds (lower is better)::
+
+    transfer_blocks(d) * pd_transfer_s_per_block          # KV it must receive (0 on the same node)
+    + pd_decode_load_cost_s * (inflight(d) + queue(d))    # decode load
+    + pd_headroom_penalty_s * short(d) / need             # KV it lacks room for (would queue)
+
+where ``transfer_blocks(d) = ceil((prompt - matched(d) * block_size) / block_size)`` — the
+blocks of the request the decode node does not already hold (a follow-up turn on the node that
+decoded the conversation receives only the new part) — and ``short(d)`` the blocks it would
+have to allocate beyond its free KV. Nodes over the load cap (in-flight + 1 > factor x mean +
+slack, as kv_aware's) are not eligible. ``least_loaded`` and ``round_robin`` are the baselines
+the bench compares against (decode chosen by load alone / in turn).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvroute.settings import require, setting
+from router_service.policies.base import Candidate, NodeView, NoEligibleNode, RequestView
+
+ROLES = ("both", "prefill", "decode")
+"""Node roles, as agents report them (``--role``)."""
+PREFILL_CAPABLE = frozenset({"both", "prefill"})
+DECODE_CAPABLE = frozenset({"both", "decode"})
+DECODE_POLICIES = ("kv_aware", "least_loaded", "round_robin")
+DECODE_KEY_SUFFIX = "/decode"
+"""The load tracker holds a pair's decode half under ``request_id + DECODE_KEY_SUFFIX``."""
+
+
+def check_role(role: str) -> str:
+    """``role`` normalised ('' = both); ValueError for an unknown one."""
+    r = (role or "both").strip().lower()
+    if r not in ROLES:
+        raise ValueError(f"role: must be one of {', '.join(ROLES)} (got {role!r})")
+    return r
+
+
+def wants_pd(roles: Sequence[str], asked: bool | None) -> bool:
+    """Whether a request for a model whose nodes have ``roles`` goes disaggregated:
+    ``asked`` when given, else when the model has both prefill-only and decode-only nodes."""
+    if asked is not None:
+        return asked
+    return "prefill" in roles and "decode" in roles
+
+
+@dataclass(frozen=True)
+class DisaggSettings:
+    """How the decode node of a disaggregated pair is chosen (flags ``--pd-*``)."""
+
+    pd_decode_policy: str = setting(
+        "kv_aware", "decode node choice: kv_aware (blocks it already holds, KV headroom, "
+                    "decode load), least_loaded (load alone) or round_robin")
+    pd_transfer_s_per_block: float = setting(
+        0.002, "the router's estimate of seconds to move one KV block from the prefill to the "
+               "decode node (set it from your interconnect; the seed's 2 ms is the default)")
+    pd_decode_load_cost_s: float = setting(
+        0.001, "seconds charged per request in flight or queued on a decode node")
+    pd_headroom_penalty_s: float = setting(
+        1.0, "seconds charged when none of the request's KV fits the decode node's free "
+             "blocks (linear in the fraction that does not fit)")
+    pd_load_cap_factor: float = setting(
+        1.25, "a decode node is eligible only while its in-flight requests (with this one) "
+              "stay <= this factor x the decode pool's mean + pd_load_cap_slack")
+    pd_load_cap_slack: float = setting(5.0, "absolute headroom of the decode load cap, requests")
+
+    def __post_init__(self) -> None:
+        require(self.pd_decode_policy in DECODE_POLICIES, "pd_decode_policy",
+                f"must be one of {', '.join(DECODE_POLICIES)}")
+        for name in ("pd_transfer_s_per_block", "pd_decode_load_cost_s",
+                     "pd_headroom_penalty_s", "pd_load_cap_slack"):
+            require(getattr(self, name) >= 0, name, "must be >= 0")
+        require(self.pd_load_cap_factor >= 1, "pd_load_cap_factor", "must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePick:
+    """The decode half of a pair."""
+
+    node_id: str
+    matched_blocks: int
+    """Prefix blocks of the request the decode node already holds (registry's belief)."""
+    transfer_blocks: int
+    """Blocks it must receive from the prefill node (0 when prefill and decode are one node)."""
+    reason: str
+    candidates: tuple[Candidate, ...]
+
+
+def transfer_blocks(req: RequestView, matched: int, same_node: bool) -> int:
+    """Blocks of the prompt a decode node holding ``matched`` prefix blocks must receive."""
+    if same_node:
+        return 0
+    missing = max(0, req.prompt_tokens - matched * req.block_size)
+    return -(-missing // req.block_size)
+
+
+class DecodeChooser:
+    """Chooses the decode node of a pair (module docstring); state changes on commit only."""
+
+    def __init__(self, settings: DisaggSettings | None = None) -> None:
+        self.settings = settings or DisaggSettings()
+        self._turn = 0
+        self.transferred_blocks = 0
+        """Blocks the committed pairs are expected to move (a counter for stats)."""
+        self.pairs = 0
+
+    def choose(self, req: RequestView, prefill_node: str, nodes: Sequence[NodeView],
+               policy: str | None = None) -> DecodePick:
+        """Best decode node for ``req`` once ``prefill_node`` has prefilled it."""
+        s = self.settings
+        name = policy or s.pd_decode_policy
+        healthy = [v for v in nodes if v.healthy]
+        if not healthy:
+            raise NoEligibleNode("no healthy decode node")
+        total = sum(v.inflight for v in healthy)
+        cap = max(s.pd_load_cap_factor * (total + 1) / len(healthy) + s.pd_load_cap_slack,
+                  min(v.inflight for v in healthy) + 1)  # the least loaded stays eligible
+        need = max(1, -(-(req.prompt_tokens + req.output_tokens) // req.block_size))
+        scored: list[tuple[float, int, int, NodeView]] = []
+        out: list[Candidate] = []
+        for i, v in enumerate(nodes):
+            moved = transfer_blocks(req, v.matched_blocks, v.node_id == prefill_node)
+            if not v.healthy:
+                out.append(Candidate(v.node_id, math.inf, v.matched_blocks, v.load, "unhealthy"))
+                continue
+            if name == "kv_aware" and v.inflight + 1 > cap:
+                out.append(Candidate(v.node_id, math.inf, v.matched_blocks, v.load,
+                                     f"in-flight {v.inflight} over cap {cap:.1f}"))
+                continue
+            if name == "round_robin":
+                score = float((i - self._turn) % len(nodes))
+            elif name == "least_loaded":
+                score = float(v.load)
+            else:
+                free = v.capacity_blocks - v.used_blocks if v.capacity_blocks else need
+                short = max(0, need - v.matched_blocks - max(0, free))
+                score = (moved * s.pd_transfer_s_per_block + s.pd_decode_load_cost_s * v.load
+                         + s.pd_headroom_penalty_s * short / need)
+            rot = (i - self._turn) % len(nodes)
+            scored.append((score, rot, moved, v))
+            out.append(Candidate(v.node_id, score, v.matched_blocks, v.load))
+        if not scored:
+            raise NoEligibleNode("every decode node is over the load cap")
+        score, _, moved, best = min(scored, key=lambda t: (t[0], t[1]))
+        out.sort(key=lambda c: c.score)
+        held = min(best.matched_blocks * req.block_size, req.prompt_tokens)
+        if best.node_id == prefill_node:
+            why = "same node as the prefill: nothing to transfer"
+        else:
+            why = f"holds {best.matched_blocks} blocks ({held}/{req.prompt_tokens} tokens), " \
+                  f"receives {moved}"
+        reason = f"decode {name}: {why}, load {best.load}"
+        if name == "kv_aware":
+            reason += f" (cap {cap:.1f}), score {score * 1000:.1f} ms"
+        return DecodePick(best.node_id, best.matched_blocks, moved, reason, tuple(out))
+
+    def commit(self, pick: DecodePick) -> None:
+        """The core acted on ``pick``: advance the turn, count the transfer."""
+        self._turn += 1
+        self.pairs += 1
+        self.transferred_blocks += pick.transfer_blocks

@@ -1,0 +1,31 @@
+"""A rogue registry client against real etcd, registry and router processes (bounded: ~40 s).
+
+Runs ``kvroute bench flood`` (bench/flood_bench.py) with short windows: one heartbeat of 1 M
+hashes for a 1,000-block node is refused with RESOURCE_EXHAUSTED naming the node, the limit
+and the count; the rogue's node has 0 blocks indexed after a flood of such heartbeats; the
+registry's and both routers' RSS stay within a few MB; and Route p99 (replica and stream
+router modes) under the flood stays within 2x of its steady value just before.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.flood_bench import FloodConfig, run_flood_bench
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.mark.timeout(240)
+def test_rogue_flood_is_refused_and_bounded() -> None:
+    out = run_flood_bench(FloodConfig(duration_s=3.0, rate_per_s=150.0), log=print)
+    v = out["verdict"]
+    one = out["one_heartbeat"]
+    assert v["heartbeat_refused"], one
+    assert "rogue" in one["details"] and "1000000" in one["details"], one
+    assert "capacity_blocks 1000" in one["details"], one
+    assert v["index_unchanged"], out["rogue_blocks_indexed"]
+    # refused heartbeats never refresh the lease: the rogue node expires (NOT_FOUND after)
+    assert set(out["rogue"]["codes"]) <= {"RESOURCE_EXHAUSTED", "NOT_FOUND"}, out["rogue"]
+    assert v["rss_within_slack"], (out["rss_mb_before"], out["rss_mb_after"])
+    assert v["p99_within_2x"], (out["steady"], out["flood"])

@@ -1,0 +1,73 @@
+"""The disaggregated replay: pairs through the core, KV handed over, TTFT split, baselines."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from bench.pd_bench import PD_STRATEGIES, pd_metrics, run_pd
+from bench.policies import build_policy
+from bench.runner import resolve_settings
+from bench.sim.config import SimSettings
+from bench.sim.pd_replay import simulate_pd
+from bench.workloads import load_workload
+from bench.workloads.base import TraceRequest, Workload
+from cli.main import main
+from router_service.disagg import DisaggSettings
+from router_service.policies.kv_aware import KvAwareSettings
+
+
+def _conversation() -> Workload:
+    """Two turns of one conversation: turn 2 extends turn 1's prompt by 2 blocks."""
+    t1 = TraceRequest("t1", 0.0, tuple(range(1, 9)), 8 * 16, 4)
+    t2 = TraceRequest("t2", 5.0, tuple(range(1, 11)), 10 * 16, 4)
+    return Workload("conv", 16, [t1, t2])
+
+
+def test_follow_up_goes_to_the_decode_node_holding_the_conversation() -> None:
+    cfg = SimSettings(nodes=4, cache_blocks=64, block_size=16, prefill_tokens_per_s=1000.0,
+                      decode_s_per_token=0.01)
+    pol = build_policy("kv_aware", prefill_tokens_per_s=1000.0)
+    pd = simulate_pd(_conversation(), pol, cfg, 2, 2, 0.001, DisaggSettings())
+    run = pd.run
+    assert run.failed == 0 and pd.decode_node[0] == pd.decode_node[1] >= 2
+    assert pd.transfer_blocks == [8, 2]  # the follow-up receives only its new blocks
+    assert pd.decode_held_tokens[1] == 8 * 16
+    # TTFT = queue + prefill + transfer, and the prefill engine served turn 1's blocks
+    for i in range(2):
+        assert math.isclose(run.ttft_s[i], pd.queue_s[i] + pd.prefill_s[i] + pd.transfer_s[i],
+                            abs_tol=1e-9)
+    assert run.cached_tokens[1] == 8 * 16 and pd.prefill_s[1] < pd.prefill_s[0]
+    m = pd_metrics(pd)
+    assert m["transferred_blocks"] == 10 and m["requests_per_decode_node"].count(2) == 1
+
+
+def test_kv_aware_pairs_move_fewer_blocks_than_load_only_decode() -> None:
+    w = load_workload(workload="conversations", seed=1, limit=400)
+    s = resolve_settings(w, SimSettings(nodes=4))
+    rep = run_pd(w, s, 2, 2, 0.0001, KvAwareSettings(kv_prefill_tokens_per_s=6000.0),
+                 DisaggSettings(pd_transfer_s_per_block=0.0001), list(PD_STRATEGIES))
+    by = {r["policy"]: r for r in rep["results"]}
+    assert set(by) == {f"pd:{x}" for x in PD_STRATEGIES}
+    assert all(r["failed"] == 0 for r in by.values())
+    kv, load = by["pd:kv_aware/kv_aware"], by["pd:kv_aware/least_loaded"]
+    assert kv["transferred_blocks"] < load["transferred_blocks"]
+    assert kv["decode_held_rate_tokens"] > load["decode_held_rate_tokens"]
+    assert rep["aggregated"]["policy"].startswith("aggregated:kv_aware")
+    assert 0 < rep["bounds"]["prefill_merged_lru_hit_rate"] <= 1
+
+
+def test_cli_runs_disaggregated_and_checks_its_flags(tmp_path: Path, capsys: object) -> None:
+    out = tmp_path / "pd.json"
+    assert main(["bench", "--workload", "conversations", "--limit", "150", "--no-progress",
+                 "--prefill-nodes", "2", "--decode-nodes", "1", "--json", str(out),
+                 "--pd-strategies", "kv_aware/kv_aware,round_robin/round_robin"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["prefill_nodes"] == 2 and len(rep["results"]) == 2
+    assert rep["transfer_s_per_block"] > 0
+    assert main(["bench", "--no-progress", "--prefill-nodes", "2"]) == 2
+    assert main(["bench", "--no-progress", "--prefill-nodes", "1", "--decode-nodes", "1",
+                 "--pd-strategies", "kv_aware/nope"]) == 2
+    assert main(["bench", "--no-progress", "--prefill-nodes", "1", "--decode-nodes", "1",
+                 "--transfer-s-per-block", "fast"]) == 2
