@@ -54,6 +54,7 @@ async def _register(target: str, node: str, rate: float) -> None:
             node_id=node, address=f"{node}:8000", model="m", block_size=16,
             capacity_blocks=1000, hash_scheme=HASH_SCHEME))
         await stub.Heartbeat(pb.HeartbeatRequest(node_id=node, epoch=r.epoch,
+                                                 write_token=r.write_token,
                                                  prefill_tokens_per_s=rate))
 
 
