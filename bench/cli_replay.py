@@ -13,6 +13,7 @@ from typing import Any
 
 from bench.policies import ALL_POLICIES
 from bench.sim.config import SimSettings
+from bench.sim.replicas import ReplicaSettings
 from bench.workloads import WORKLOAD_NAMES, TraceFormatError, load_workload
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
@@ -46,6 +47,10 @@ def add_replay_arguments(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     if sweep:
         p.add_argument("--sweep-fractions", default="0.05,0.1,0.25,0.5,1.0", metavar="F,...",
                        help="per-node cache = F x distinct blocks / nodes, one run per F")
+    p.add_argument("--arrival-spread-s", type=float, default=0.0, metavar="S",
+                   help="spread requests that share one arrival time evenly over the next S "
+                        "seconds (the Mooncake traces quantise arrivals to ~3 s ticks; 0 = "
+                        "replay the bursts as they are)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     engine = p.add_argument_group("engine model of every simulated node (SimSettings)")
     add_arguments(engine, SimSettings)  # type: ignore[arg-type]
@@ -54,6 +59,11 @@ def add_replay_arguments(p: argparse.ArgumentParser, *, sweep: bool) -> None:
 
         add_stack_arguments(p)
         _add_pd_arguments(p)
+    if not sweep:
+        reps = p.add_argument_group(
+            "router replicas (--mode sim; issue 19: N routers behind a Service, sharing their "
+            "view of load or not)")
+        add_arguments(reps, ReplicaSettings)  # type: ignore[arg-type]
     group = p.add_argument_group(
         "kv_aware policy settings (the router's flags and KVROUTE_KV_* variables; here "
         "--kv-prefill-tokens-per-s defaults to --prefill-tokens-per-s, the engines' true rate)")
@@ -151,8 +161,12 @@ def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSet
 
 
 def _load(args: argparse.Namespace) -> Workload:
-    return load_workload(trace=args.trace, workload=args.workload, seed=args.seed,
-                         start=args.start, limit=args.limit)
+    w = load_workload(trace=args.trace, workload=args.workload, seed=args.seed,
+                      start=args.start, limit=args.limit)
+    spread = getattr(args, "arrival_spread_s", 0.0) or 0.0
+    if spread < 0:
+        raise ConfigError("--arrival-spread-s: must be >= 0")
+    return w.spread_ticks(spread)
 
 
 def _policies(args: argparse.Namespace) -> list[str]:
@@ -227,10 +241,17 @@ def run_replay(args: argparse.Namespace) -> int:
         return run_stack(args, workload, settings, names, kv)
     t0 = time.perf_counter()
     bar = _Progress(len(workload.requests) * len(names), args.no_progress)
-    backend = SimBackend(settings, seed=args.seed, progress=bar, kv_settings=kv)
+    try:
+        replicas = from_namespace(ReplicaSettings, args)
+    except (ConfigError, ValueError) as exc:
+        print(f"kvroute bench: {exc}", file=sys.stderr)
+        return 2
+    backend = SimBackend(settings, seed=args.seed, progress=bar, kv_settings=kv,
+                         replicas=replicas)
     out = run_comparison(workload, settings, names, backend)
     bar.close()
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
+    out.report["router_replicas"] = dataclasses.asdict(replicas)
     from bench.report import emit
 
     emit(out, f"replayed {len(names)} policies x {len(workload.requests)} requests in "

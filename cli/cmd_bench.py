@@ -64,6 +64,18 @@ def _add_router_arguments(p: argparse.ArgumentParser) -> None:
     add_router_arguments(p)
 
 
+def _add_share_arguments(p: argparse.ArgumentParser) -> None:
+    from bench.share_bench import add_share_arguments
+
+    add_share_arguments(p)
+
+
+def _share(args: argparse.Namespace) -> int:
+    from bench.share_bench import run_share_cli
+
+    return run_share_cli(args)
+
+
 class Target(NamedTuple):
     """One ``kvroute bench`` subcommand."""
 
@@ -86,6 +98,8 @@ TARGETS: dict[str, Target] = {
                        add_registry_arguments, run_registry_cli),
     "agent": Target("node agent: event parsing and hashing rates, heartbeat sizes",
                     _add_agent_arguments, _agent),
+    "share": Target("staleness of the shared view of load between router replicas through a "
+                    "real registry (RouteShare.Exchange)", _add_share_arguments, _share),
     "decide": Target("in-process cost of one routing decision (router core, index mirror "
                      "populated) and one registry Lookup, per fleet size",
                      add_decide_arguments, run_decide_cli),
@@ -105,7 +119,7 @@ def add_parser(sub: Any) -> None:
     """Register ``bench`` and one subcommand per target."""
     p: argparse.ArgumentParser = sub.add_parser(
         "bench", help="benchmarks (JSON output): replay, sweep, hashing, router, registry, "
-                 "agent, decide, flood, epp",
+                 "agent, share, decide, flood, epp",
         usage="kvroute bench [TARGET] [options]   (no TARGET = replay)",
         description="Benchmarks with JSON output. Without a TARGET, runs 'replay' with the "
                     "flags below; 'kvroute bench TARGET --help' lists a target's own flags.")

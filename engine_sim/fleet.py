@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from engine_sim.cache import BlockId, KVCache
 from engine_sim.model import EngineModel, SimRequest, StepResult
 from engine_sim.params import EngineParams
+from kvroute.prefill_rate import PrefillRateEstimator
 
 EVICTION_RATE_TAU_S = 10.0
 """Time constant of the decayed eviction rate (model seconds)."""
@@ -67,6 +68,10 @@ class NodeObservation:
     evictions_total: int
     pending_prefill_tokens: int
     """Uncached prompt tokens admitted but not yet prefilled, plus the queue's prompt tokens."""
+    prefill_tokens_per_s: float = 0.0
+    """Prefill rate measured from finished requests' prefill times, as the node agent measures
+    it from the engine's metrics (:class:`kvroute.prefill_rate.PrefillRateEstimator`; 0 = not
+    measured yet)."""
 
 
 @dataclass(slots=True)
@@ -105,6 +110,7 @@ class SimNode:
         self._ev_t = 0.0
         self._obs: NodeObservation | None = None
         self._obs_t = -math.inf
+        self._rate_est = PrefillRateEstimator()
 
     # ---- stepping ------------------------------------------------------------------------
     def submit(self, req: SimRequest, now: float, finished: list[SimRequest]) -> None:
@@ -217,9 +223,16 @@ class SimNode:
             node_id=self.node_id, queue_depth=m.num_waiting, running=m.num_running,
             used_blocks=c.used_blocks, cached_blocks=c.cached_blocks, capacity_blocks=c.capacity,
             eviction_rate=self._decayed_rate(now), evictions_total=c.counters.evicted_blocks,
-            pending_prefill_tokens=m.pending_prefill_tokens(now))
+            pending_prefill_tokens=m.pending_prefill_tokens(now),
+            prefill_tokens_per_s=self._rate_est.update(m.prefill_computed_tokens_total,
+                                                       m.prefill_seconds_total))
         self._obs_t = now
         return self._obs
+
+    def prefill_rate(self, now: float) -> float:
+        """The measured prefill rate as last reported (``bench.sim.source.SimNode``; 0 = not
+        measured yet)."""
+        return self.observe(now).prefill_tokens_per_s
 
 
 class SimFleet:

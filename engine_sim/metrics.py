@@ -3,12 +3,13 @@
 vLLM's: gauges ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
 ``vllm:kv_cache_usage_perc`` (a fraction), counters ``vllm:prefix_cache_queries_total`` and
 ``vllm:prefix_cache_hits_total`` (tokens), ``vllm:prompt_tokens_total``,
-``vllm:generation_tokens_total``, ``vllm:request_success_total``, histogram
-``vllm:time_to_first_token_seconds`` (model seconds); labels ``model_name`` and
-``engine``; and ``vllm:cache_config_info`` (value 1, the cache config as labels:
-``block_size``, ``num_gpu_blocks``, ...), from which a node agent reads the engine's KV capacity.
-Ours: ``kvroute_engine_sim_*`` (evictions, stored blocks, hits by request, events).
-Values are read from the engine at scrape time by a collector on a per-server registry.
+``vllm:generation_tokens_total``, ``vllm:request_success_total``, histograms
+``vllm:time_to_first_token_seconds`` (model seconds) and ``vllm:request_prefill_time_seconds``
+(sum and count only; finished requests); labels ``model_name`` and ``engine``; and
+``vllm:cache_config_info`` (value 1, the cache config as labels: ``block_size``,
+``num_gpu_blocks``, ...), from which a node agent reads the engine's KV capacity. Ours:
+``kvroute_engine_sim_*`` (evictions, stored blocks, hits by request, events). Values are read
+from the engine at scrape time by a collector on a per-server registry.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from engine_sim.engine import SimEngine
@@ -69,6 +75,12 @@ class EngineCollector(Collector):
                          str(e.settings.data_parallel_rank)], 1.0)
         yield info
         yield e.ttft.family(labels, values)
+        h = HistogramMetricFamily("vllm:request_prefill_time_seconds",
+                                  "Histogram of time spent in PREFILL phase for request.",
+                                  labels=labels)
+        h.add_metric(values, [("+Inf", float(e.model.finished_total))],
+                     e.model.prefill_seconds_total)
+        yield h
         yield counter("kvroute_engine_sim_evicted_blocks", "KV blocks evicted (LRU).",
                       c.evicted_blocks)
         yield counter("kvroute_engine_sim_stored_blocks", "KV blocks stored in the cache.",

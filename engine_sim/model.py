@@ -120,6 +120,11 @@ class EngineModel:
         self._in_flight: set[str] = set()
         self.finished_total = 0
         self.aborted_total = 0
+        self.prefill_seconds_total = 0.0
+        """Seconds spent prefilling, over finished requests (``vllm:request_prefill_time_seconds``
+        sum: first token minus prefill start)."""
+        self.prefill_computed_tokens_total = 0
+        """Prompt tokens computed (not served from cache), over finished requests."""
 
     # ---- observation ---------------------------------------------------------------------
     @property
@@ -205,6 +210,9 @@ class EngineModel:
             self.cache.release(req.alloc)
         if not req.aborted:
             self.finished_total += 1
+            if req.prefill_start is not None and req.first_token_at is not None:
+                self.prefill_seconds_total += req.first_token_at - req.prefill_start
+                self.prefill_computed_tokens_total += req.uncached_tokens
 
     def _admit(self, now: float, result: StepResult) -> None:
         p = self.params

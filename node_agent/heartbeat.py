@@ -338,7 +338,8 @@ class RegistryLink:
         req = registry_pb2.HeartbeatRequest(
             node_id=self._s.node_id, epoch=self.stats.epoch, used_blocks=usage.used_blocks,
             evictions_total=self._blocks.evictions_total, queue_depth=usage.queue_depth,
-            running=usage.running, stored=batch.stored, removed=batch.removed,
+            running=usage.running, prefill_tokens_per_s=usage.prefill_tokens_per_s,
+            stored=batch.stored, removed=batch.removed,
             cleared=batch.cleared, delta_seq=batch.seq,
             engine_block_size=self._blocks.engine_block_size,
             engine_lookahead_tokens=self._blocks.lookahead_tokens,

@@ -4,6 +4,11 @@ Reads vLLM's gauges ``vllm:kv_cache_usage_perc`` (fraction, 1 = full; averaged o
 ``vllm:num_requests_running`` and ``vllm:num_requests_waiting`` (summed), and the capacity from
 ``vllm:cache_config_info`` (labels ``num_gpu_blocks``, ``block_size``). Without a URL, or when
 a scrape fails, usage is the count of blocks the events say the engine holds and the queue is 0.
+
+Issue 19: the engine's prefill rate, measured from ``vllm:request_prefill_time_seconds_sum``
+(seconds spent prefilling, finished requests) and the prompt tokens it computed
+(``vllm:prompt_tokens_total`` - ``vllm:prefix_cache_hits_total``), each summed over engines, by a
+:class:`kvroute.prefill_rate.PrefillRateEstimator`; reported in every heartbeat.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from dataclasses import dataclass
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+
+from kvroute.prefill_rate import PrefillRateEstimator
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +33,8 @@ class Usage:
     queue_depth: int
     running: int
     from_engine: bool
+    prefill_tokens_per_s: float = 0.0
+    """Measured prefill rate (0 = not measured yet)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,12 @@ class EngineMetrics:
     waiting: int | None
     num_gpu_blocks: int | None
     engine_block_size: int | None
+    prefill_seconds: float | None = None
+    """``vllm:request_prefill_time_seconds_sum`` (None = not exported)."""
+    prompt_tokens: float | None = None
+    """``vllm:prompt_tokens_total``."""
+    cache_hit_tokens: float = 0.0
+    """``vllm:prefix_cache_hits_total`` (0 when not exported)."""
 
 
 def parse_engine_metrics(text: str) -> EngineMetrics:
@@ -46,9 +61,18 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
     seen_running = seen_waiting = False
     gpu_blocks: int | None = None
     block_size: int | None = None
+    prefill_s: float | None = None
+    prompt: float | None = None
+    hits = 0.0
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            if s.name == "vllm:kv_cache_usage_perc":
+            if s.name == "vllm:request_prefill_time_seconds_sum":
+                prefill_s = (prefill_s or 0.0) + s.value
+            elif s.name == "vllm:prompt_tokens_total":
+                prompt = (prompt or 0.0) + s.value
+            elif s.name == "vllm:prefix_cache_hits_total":
+                hits += s.value
+            elif s.name == "vllm:kv_cache_usage_perc":
                 usage.append(s.value)
             elif s.name == "vllm:num_requests_running":
                 running += s.value
@@ -66,7 +90,8 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
         usage_frac=sum(usage) / len(usage) if usage else None,
         running=int(running) if seen_running else None,
         waiting=int(waiting) if seen_waiting else None,
-        num_gpu_blocks=gpu_blocks, engine_block_size=block_size)
+        num_gpu_blocks=gpu_blocks, engine_block_size=block_size, prefill_seconds=prefill_s,
+        prompt_tokens=prompt, cache_hit_tokens=hits)
 
 
 class UsageProbe:
@@ -80,6 +105,7 @@ class UsageProbe:
         self._session: aiohttp.ClientSession | None = None
         self.capacity_blocks = 0
         self.scrape_errors = 0
+        self.prefill_rate = PrefillRateEstimator()
 
     async def _scrape(self) -> EngineMetrics | None:
         if not self._url:
@@ -114,8 +140,12 @@ class UsageProbe:
         used = held
         if m.usage_frac is not None and self.capacity_blocks:
             used = round(max(0.0, min(1.0, m.usage_frac)) * self.capacity_blocks)
+        rate = self.prefill_rate.rate
+        if m.prefill_seconds is not None and m.prompt_tokens is not None:
+            rate = self.prefill_rate.update(max(0.0, m.prompt_tokens - m.cache_hit_tokens),
+                                            m.prefill_seconds)
         return Usage(used_blocks=used, queue_depth=m.waiting or 0, running=m.running or 0,
-                     from_engine=True)
+                     from_engine=True, prefill_tokens_per_s=rate)
 
     async def close(self) -> None:
         """Close the HTTP session."""

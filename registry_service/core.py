@@ -349,7 +349,8 @@ class RegistryCore:
             eviction_rate=rate, heartbeat_unix_ms=t,
             engine_block_size=req.engine_block_size,
             engine_lookahead_tokens=req.engine_lookahead_tokens,
-            index_state=int(req.index_state), index_note=req.index_note)
+            index_state=int(req.index_state), index_note=req.index_note,
+            prefill_tokens_per_s=req.prefill_tokens_per_s or old.prefill_tokens_per_s)
         self.view.fanout.publish(Change("upsert", state.node_id))
         mono = time.monotonic()
         if mono - state.status_written_mono >= self.settings.status_write_interval_s:

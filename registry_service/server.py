@@ -15,11 +15,12 @@ from kvroute.grpcutil import add_health_and_reflection, bind, message_size_optio
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
 from kvroute.telemetry import MetricsServer
-from kvroute.v1 import registry_pb2, registry_pb2_grpc
+from kvroute.v1 import registry_pb2, registry_pb2_grpc, route_share_pb2_grpc
 from registry_service.core import RegistryCore
 from registry_service.guard import RegistryGuard
 from registry_service.limits import WritePrecheck
 from registry_service.metrics import RegistryMetrics
+from registry_service.route_share import RouteShareHub
 from registry_service.servicer import RegistryServicer
 from registry_service.settings import RegistrySettings
 from registry_service.store.base import PlacementStore
@@ -77,6 +78,8 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
                              interceptors=[guard])
     servicer = RegistryServicer(core, replica)
     registry_pb2_grpc.add_RegistryServicer_to_server(servicer, server)
+    route_share_pb2_grpc.add_RouteShareServicer_to_server(
+        RouteShareHub(registry=metrics.registry), server)  # issue 19: router replicas' deltas
     health = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.listen, settings.server_tls)
     mhost, mport = parse_hostport(settings.metrics_listen, "metrics_listen")

@@ -54,7 +54,7 @@ def node_info(s: NodeState, late_after_s: float, blocks: int) -> pb.NodeInfo:
         usage=s.usage(), engine_block_size=st.engine_block_size,
         engine_lookahead_tokens=st.engine_lookahead_tokens,
         index_state=pb.IndexState.ValueType(st.index_state), index_note=st.index_note,
-        role=r.role)
+        role=r.role, prefill_tokens_per_s=st.prefill_tokens_per_s)
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
@@ -138,7 +138,8 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             engine_block_size=s.status.engine_block_size,
             engine_lookahead_tokens=s.status.engine_lookahead_tokens,
             index_state=pb.IndexState.ValueType(s.status.index_state),
-            index_note=s.status.index_note, role=s.record.role)
+            index_note=s.status.index_note, role=s.record.role,
+            prefill_tokens_per_s=s.status.prefill_tokens_per_s)
             for s, matched in pairs]
         core.metrics.lookups.inc()
         core.metrics.lookup_seconds.observe(time.perf_counter() - t0)

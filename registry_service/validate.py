@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from kvroute.blocks import HASH_SCHEME
@@ -17,6 +18,7 @@ MAX_LABEL_LEN = 256
 MAX_CAPACITY = 1 << 40
 MAX_ENGINE_BLOCK = 1 << 16
 MAX_NOTE = 512
+MAX_PREFILL_RATE = 1e9
 
 
 def node_id(value: str) -> str:
@@ -92,6 +94,10 @@ def heartbeat(req: pb.HeartbeatRequest, s: RegistrySettings) -> None:
         raise InvalidArgument(f"index_state {int(req.index_state)} is not an IndexState value")
     if len(req.index_note) > MAX_NOTE:
         raise InvalidArgument(f"index_note must be at most {MAX_NOTE} characters")
+    rate = req.prefill_tokens_per_s
+    if not (math.isfinite(rate) and 0.0 <= rate <= MAX_PREFILL_RATE):
+        raise InvalidArgument(f"prefill_tokens_per_s must be a finite number in 0.."
+                              f"{MAX_PREFILL_RATE:g} (0 = not measured); got {rate}")
 
 
 def lookup(req: pb.LookupRequest, s: RegistrySettings) -> None:

@@ -39,6 +39,7 @@ from router_service.policies.base import Decision, NodeView, NoEligibleNode, Pol
 from router_service.policies.least_loaded import LeastLoadedPolicy
 from router_service.policies.registry import PolicySet
 from router_service.request_prep import check_id, request_view
+from router_service.route_share import RouteDelta, SharedView
 from router_service.settings import RouterSettings
 from router_service.suspects import SuspectList
 from router_service.tokenizer import Tokenizer
@@ -77,7 +78,8 @@ class RouterCore:
                  tracker: LoadTracker, tokenizer: Tokenizer,
                  metrics: RouterMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 disagg: DisaggSettings | None = None) -> None:
+                 disagg: DisaggSettings | None = None,
+                 share: SharedView | None = None) -> None:
         self.settings = settings
         self.decode = DecodeChooser(disagg)
         """Decode half of disaggregated pairs (:mod:`router_service.disagg`)."""
@@ -100,6 +102,10 @@ class RouterCore:
         self.reported_cached_tokens = 0
         self._expired_seen = 0
         self._decisions = 0
+        self.share = share
+        """This replica's end of the shared view of load (None = a single router)."""
+        self.own_view_decisions = 0
+        """Decisions made on this replica's own counts because the shared view was lost."""
 
     # -- decide ---------------------------------------------------------------------------
     async def decide(self, req: RouteRequest) -> RouteDecision:
@@ -231,11 +237,18 @@ class RouterCore:
 
     def _views(self, pairs: list[tuple[NodeState, int]], view: RequestView) -> list[NodeView]:
         tracker = self.tracker
+        share = self.share
+        remote = share.remote if share is not None and share.live() else None
+        for n, _ in pairs:
+            if n.prefill_tokens_per_s != tracker.rate(n.node_id) and n.prefill_tokens_per_s:
+                self._calibrated(n.node_id, n.prefill_tokens_per_s)
         views = [NodeView(n.node_id, n.address,
                           n.reusable_blocks(matched, view.block_size, view.prompt_tokens),
-                          tracker.inflight(n.node_id), n.queue_depth, n.running,
-                          n.used_blocks, n.capacity_blocks, n.eviction_rate,
-                          tracker.pending_prefill(n.node_id), n.healthy)
+                          tracker.inflight(n.node_id)
+                          + (remote.inflight(n.node_id) if remote is not None else 0),
+                          n.queue_depth, n.running, n.used_blocks, n.capacity_blocks,
+                          n.eviction_rate, tracker.pending_prefill(n.node_id), n.healthy,
+                          n.prefill_tokens_per_s)
                  for n, matched in pairs]
         return self.suspects.demote(views)
 
@@ -293,6 +306,10 @@ class RouterCore:
         cached = min(decision.matched_blocks * view.block_size, view.prompt_tokens)
         self.tracker.start(view.request_id, node.node_id, view.prompt_tokens - cached, cached,
                            deadline_s)
+        share = self.share
+        if share is not None:
+            share.routed(view.request_id, node.node_id, view.prompt_tokens - cached, cached,
+                         view.block_hashes)
         self._sync_expired()
         self._decisions += 1
         if self._decisions % _PRUNE_EVERY == 0:
@@ -301,6 +318,11 @@ class RouterCore:
         self.decisions_by_policy[used] = self.decisions_by_policy.get(used, 0) + 1
         self.predicted_cached_tokens += cached
         reason = decision.reason
+        if share is not None and share.why_not:
+            self.own_view_decisions += 1
+            reason = f"OWN COUNTS ONLY (shared view lost: {share.why_not}); {reason}"
+            if self.metrics is not None:
+                self.metrics.own_view_decisions.inc()
         if degraded_why:
             self.degraded_decisions += 1
             reason = f"DEGRADED (registry unreachable: {degraded_why}); {reason}"
@@ -314,6 +336,12 @@ class RouterCore:
             expected_cached_tokens=cached, reason=reason, degraded=bool(degraded_why),
             prompt_tokens=view.prompt_tokens, block_size=view.block_size,
             candidates=decision.candidates, fallback_addresses=fallbacks)
+
+    def _calibrated(self, node_id: str, rate: float) -> None:
+        """A node's measured prefill rate changed: drain its queued-prefill estimate at it."""
+        self.tracker.set_rate(node_id, rate)
+        if self.metrics is not None:
+            self.metrics.prefill_rate.labels(node_id).set(rate)
 
     def _forget_departed(self) -> None:
         """Drop the queued-prefill estimate of nodes the registry no longer knows."""
@@ -348,6 +376,13 @@ class RouterCore:
         check_id(request_id, "request_id")
         released = self.tracker.complete(request_id) is not None
         released = self.tracker.complete(request_id + DECODE_KEY_SUFFIX) is not None or released
+        share = self.share
+        # Released here, or another replica's request completed through this one (a Service
+        # spreads Complete calls too): either way every other replica releases it.
+        if share is not None and (released
+                                  or share.remote.complete(None, request_id) is not None):
+            released = True
+            share.completed(request_id)
         self._sync_expired()
         if cached_tokens is not None:
             if cached_tokens < 0:
@@ -358,6 +393,35 @@ class RouterCore:
         if self.metrics is not None:
             self.metrics.completes.labels("released" if released else "unknown").inc()
         return released
+
+    def apply_remote(self, delta: RouteDelta) -> None:
+        """Apply another replica's routing delta to the shared view (the transport calls it).
+
+        A routed request counts in flight on its node, adds its uncached prefill to the node's
+        queued-prefill estimate and is remembered by policies that learn from routes
+        (``observe_remote``); a completion releases it (or this replica's own request when it
+        was completed through another replica).
+        """
+        share = self.share
+        if share is None or delta.replica_id == share.replica_id:
+            return
+        share.heard(delta.sent_at)
+        if not share.live():
+            return
+        share.applied_total += 1
+        if self.metrics is not None:
+            self.metrics.shared_view_staleness.observe(share.last_staleness_s)
+        if delta.completed:
+            if share.remote.complete(None, delta.request_id) is None:
+                self.tracker.complete(delta.request_id)
+            return
+        share.remote.start(delta.replica_id, delta.request_id, delta.node_id)
+        self.tracker.add_prefill(delta.node_id, delta.uncached_tokens)
+        if delta.block_hashes:
+            for name in self.policies.names:
+                observe = getattr(self.policies.get(name), "observe_remote", None)
+                if observe is not None:
+                    observe(delta.block_hashes, delta.node_id)
 
     def complete_prefill(self, request_id: str) -> bool:
         """A disaggregated request's prefill half is done (its KV handed over): release the

@@ -43,6 +43,7 @@ class LoadTracker:
         self._count: dict[str, int] = {}
         self._pending: dict[str, tuple[float, float]] = {}  # node -> (tokens, as of time)
         self._deadlines: list[tuple[float, float, str]] = []  # (expires, started, request id)
+        self._rates: dict[str, float] = {}  # node -> calibrated prefill tokens/s (issue 19)
         self.expired_total = 0
         """Requests released by the timeout (or the size bound) rather than by Complete."""
 
@@ -69,6 +70,31 @@ class LoadTracker:
         self._count[node_id] = self._count.get(node_id, 0) + 1
         if uncached_tokens > 0:
             self._pending[node_id] = (self.pending_prefill(node_id, now) + uncached_tokens, now)
+
+    def add_prefill(self, node_id: str, uncached_tokens: int) -> None:
+        """Queue prefill another router replica sent to ``node_id`` (one queue per node)."""
+        if uncached_tokens > 0:
+            now = self._clock()
+            self._pending[node_id] = (self.pending_prefill(node_id, now) + uncached_tokens, now)
+
+    def rate(self, node_id: str) -> float:
+        """Prefill tokens/s the estimate drains at on ``node_id`` (calibrated or default)."""
+        return self._rates.get(node_id, self._rate)
+
+    def set_rate(self, node_id: str, tokens_per_s: float) -> None:
+        """Use a calibrated prefill rate for ``node_id`` (0 = back to the default); the
+        estimate so far is drained at the old rate first."""
+        if tokens_per_s < 0:
+            raise ValueError("tokens_per_s must be >= 0")
+        if tokens_per_s == self._rates.get(node_id, 0.0):
+            return
+        now = self._clock()
+        if node_id in self._pending:
+            self._pending[node_id] = (self.pending_prefill(node_id, now), now)
+        if tokens_per_s > 0:
+            self._rates[node_id] = tokens_per_s
+        else:
+            self._rates.pop(node_id, None)
 
     def complete(self, request_id: str) -> str | None:
         """Release a request; returns its node id, or None if it was not in flight."""
@@ -133,7 +159,7 @@ class LoadTracker:
             return 0.0
         tokens, since = rec
         now = self._clock() if now is None else now
-        left = tokens - self._rate * max(0.0, now - since)
+        left = tokens - self._rates.get(node_id, self._rate) * max(0.0, now - since)
         if left <= 0:
             del self._pending[node_id]
             return 0.0
@@ -146,3 +172,4 @@ class LoadTracker:
     def forget_node(self, node_id: str) -> None:
         """Drop the pending-prefill estimate of a node that left (its requests still expire)."""
         self._pending.pop(node_id, None)
+        self._rates.pop(node_id, None)

@@ -63,6 +63,27 @@ class RouterMetrics:
         self.inflight = Gauge(
             "kvroute_router_inflight_requests", "Requests routed and not yet completed",
             registry=registry)
+        self.shared_view_staleness = Histogram(
+            "kvroute_router_shared_view_staleness_seconds",
+            "Age of another replica's routing delta when this replica applied it (sender's "
+            "timestamp to now)", buckets=LATENCY_BUCKETS, registry=registry)
+        self.shared_view_connected = Gauge(
+            "kvroute_router_shared_view_connected",
+            "1 while this replica holds the shared view of the other replicas' load "
+            "(0: deciding on its own counts)", registry=registry)
+        self.own_view_decisions = Counter(
+            "kvroute_router_own_view_decisions_total",
+            "Decisions made on this replica's own counts because the shared view was lost",
+            registry=registry)
+        self.remote_inflight = Gauge(
+            "kvroute_router_remote_inflight_requests",
+            "Requests other router replicas routed and not yet completed (shared view)",
+            registry=registry)
+        self.prefill_rate = Gauge(
+            "kvroute_router_node_prefill_tokens_per_second",
+            "Prefill rate the router believes of each node (calibrated from the engine's "
+            "metrics, or --kv-prefill-tokens-per-s until measured)", ["node"],
+            registry=registry)
         self._ok: dict[str, Counter] = {}
 
     def decision_ok(self, policy: str, degraded: bool) -> None:

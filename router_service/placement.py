@@ -36,6 +36,8 @@ class NodeState:
     """The agent's IndexState (registry.proto); 0 = not reported."""
     role: str = "both"
     """``prefill``, ``decode`` or ``both`` (aggregated); see :mod:`router_service.disagg`."""
+    prefill_tokens_per_s: float = 0.0
+    """Prefill rate calibrated from the engine's metrics (0 = unknown: the router's flag)."""
 
     @classmethod
     def from_info(cls, info: registry_pb2.NodeInfo) -> NodeState:
@@ -43,14 +45,16 @@ class NodeState:
         return cls(info.node_id, info.address, info.model, info.used_blocks,
                    info.capacity_blocks, info.queue_depth, info.running, info.eviction_rate,
                    info.healthy, info.engine_block_size, info.engine_lookahead_tokens,
-                   int(info.index_state), info.role or "both")
+                   int(info.index_state), info.role or "both",
+                   prefill_tokens_per_s=info.prefill_tokens_per_s)
 
     @classmethod
     def from_match(cls, m: registry_pb2.NodeMatch, model: str) -> NodeState:
         """From a Lookup answer."""
         return cls(m.node_id, m.address, model, m.used_blocks, m.capacity_blocks,
                    m.queue_depth, m.running, m.eviction_rate, m.healthy, m.engine_block_size,
-                   m.engine_lookahead_tokens, int(m.index_state), m.role or "both")
+                   m.engine_lookahead_tokens, int(m.index_state), m.role or "both",
+                   prefill_tokens_per_s=m.prefill_tokens_per_s)
 
     def reusable_blocks(self, matched: int, block_size: int, prompt_tokens: int) -> int:
         """Registry blocks of a matched prefix this node's engine actually reuses.

@@ -9,6 +9,8 @@ own one runtime and call ``runtime.core`` in-process.
 from __future__ import annotations
 
 import gc
+import os
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +26,9 @@ from router_service.placement import PlacementSource
 from router_service.policies.kv_aware import KvAwareSettings
 from router_service.policies.registry import PolicySet
 from router_service.replica_source import ReplicaSource
+from router_service.route_share import SharedView
 from router_service.settings import RouterSettings
+from router_service.share_link import ShareLink
 from router_service.stream_source import StreamSource
 from router_service.tokenizer import load_tokenizer
 
@@ -63,6 +67,23 @@ def build_core(s: RouterSettings, policy_settings: Mapping[type[Any], Any],
 
 
 
+def attach_share_link(s: RouterSettings, core: RouterCore,
+                      metrics: RouterMetrics | None) -> ShareLink:
+    """Give ``core`` a shared view fed by a RouteShare link to the registry (issue 19)."""
+    link = ShareLink(s.registry, s.client_tls, retry_max_s=s.registry_retry_max_s)
+    replica = s.router_replica_id or f"{socket.gethostname()}:{os.getpid()}"
+    core.share = SharedView(replica, link.send, time.time,
+                            inflight_timeout_s=s.inflight_timeout_s,
+                            max_blocks=s.share_max_blocks, timeout_s=s.share_timeout_s,
+                            max_tracked=s.max_tracked_requests)
+    link.attach(core)
+    if metrics is not None:
+        view = core.share
+        metrics.shared_view_connected.set_function(lambda: 1.0 if view.live() else 0.0)
+        metrics.remote_inflight.set_function(lambda: float(view.remote.total))
+    return link
+
+
 class RoutingRuntime:
     """A routing core with its registry link, metrics and lifecycle."""
 
@@ -75,6 +96,14 @@ class RoutingRuntime:
         core = self.core
         self.metrics.bind_gauges(core.source.staleness_s, lambda: core.source.connected,
                                  core.source.nodes_known, lambda: core.tracker.total_inflight)
+        self.share_link: ShareLink | None = None
+        if settings.share_routes:
+            self.share_link = attach_share_link(settings, core, self.metrics)
+
+    @property
+    def replica_id(self) -> str:
+        """This replica's id in the shared view ("" without --share-routes)."""
+        return self.core.share.replica_id if self.core.share is not None else ""
 
     async def start(self) -> None:
         """Start following the registry (returns without waiting for it).
@@ -85,7 +114,11 @@ class RoutingRuntime:
         """
         gc.freeze()
         await self.core.source.start()
+        if self.share_link is not None:
+            await self.share_link.start()
 
     async def stop(self) -> None:
         """Stop the registry link."""
+        if self.share_link is not None:
+            await self.share_link.stop()
         await self.core.source.stop()

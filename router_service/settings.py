@@ -76,6 +76,20 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
               "counts once); beyond it a call is refused at once with RESOURCE_EXHAUSTED "
               "(retry with back-off, or on another router) instead of queueing past its "
               "deadline. 0 = unlimited")
+    # -- issue 19: the shared view of load across router replicas ------------------------
+    share_routes: bool = setting(
+        False, "Share routing deltas with the other router/gateway replicas through the "
+               "registry (RouteShare.Exchange): every replica then counts every replica's "
+               "in-flight requests, queued prefill and recent routes. Turn on when running "
+               "more than one replica")
+    router_replica_id: str = setting(
+        "", "This replica's id in the shared view (empty = hostname:pid)")
+    share_timeout_s: float = setting(
+        5.0, "With --share-routes: a replica that hears nothing from the registry's hub "
+             "(it sends keepalives every second) for this long decides on its own counts")
+    share_max_blocks: int = setting(
+        64, "With --share-routes: leading block hashes of each routed request shared for "
+            "kv_aware's recently-routed overlap")
 
     def __post_init__(self) -> None:
         ServerSettings.__post_init__(self)
@@ -95,6 +109,9 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
         require(self.max_concurrent_rpcs >= 0, "max_concurrent_rpcs", "must be >= 0")
         require(self.max_candidates == 0 or self.max_candidates >= 4, "max_candidates",
                 "must be 0 (off) or >= 4")
+        require(0 <= self.share_max_blocks <= 256, "share_max_blocks", "must be in 0..256")
+        require(len(self.router_replica_id) <= 256, "router_replica_id",
+                "must be at most 256 characters")
         for name in ("lookup_timeout_s", "registry_timeout_s", "registry_retry_max_s",
-                     "node_cache_ttl_s", "replica_max_staleness_s"):
+                     "node_cache_ttl_s", "replica_max_staleness_s", "share_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")

@@ -9,7 +9,9 @@ from bench.policies import build_policy
 from bench.results import PolicyRun
 from bench.sim.config import SimSettings
 from bench.sim.replay import simulate
+from bench.sim.replicas import ReplicaSettings
 from bench.workloads.base import Workload
+from router_service.policies.base import Policy
 from router_service.policies.kv_aware import KvAwareSettings
 
 
@@ -20,8 +22,10 @@ class SimBackend:
 
     def __init__(self, settings: SimSettings, seed: int = 0,
                  progress: Callable[[int], None] | None = None,
-                 kv_settings: KvAwareSettings | None = None) -> None:
+                 kv_settings: KvAwareSettings | None = None,
+                 replicas: ReplicaSettings | None = None) -> None:
         self.settings = settings
+        self.replicas = replicas
         self.kv_settings = kv_settings
         self.seed = seed
         self.progress = progress
@@ -31,7 +35,12 @@ class SimBackend:
         over: dict[type[Any], Any] = {}
         if self.kv_settings is not None:
             over[KvAwareSettings] = self.kv_settings
-        policy = build_policy(policy_name, prefill_tokens_per_s=self.settings.prefill_tokens_per_s,
-                              seed=self.seed, overrides=over)
+
+        def make() -> Policy:
+            return build_policy(policy_name,
+                                prefill_tokens_per_s=self.settings.prefill_tokens_per_s,
+                                seed=self.seed, overrides=over)
+
         router_rate = self.kv_settings.kv_prefill_tokens_per_s if self.kv_settings else None
-        return simulate(workload, policy, self.settings, self.progress, router_rate)
+        return simulate(workload, make(), self.settings, self.progress, router_rate,
+                        self.replicas, make, self.seed)

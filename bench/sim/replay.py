@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from bench.results import PolicyRun
 from bench.sim.config import SimSettings
+from bench.sim.replicas import ReplicaSettings, ShareBus, Spreader, make_share
 from bench.sim.source import SimPlacementSource
 from bench.sim.tracker import make_tracker
 from bench.workloads.base import Workload
@@ -56,18 +56,28 @@ class _FleetView:
         o = self.fleet.nodes[self.idx].observe(now)
         return o.queue_depth, o.running, o.used_blocks, o.capacity_blocks, o.eviction_rate
 
+    def prefill_rate(self, now: float) -> float:
+        return self.fleet.nodes[self.idx].prefill_rate(now)
+
 
 def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
              progress: Callable[[int], None] | None = None,
-             router_prefill_tokens_per_s: float | None = None) -> PolicyRun:
+             router_prefill_tokens_per_s: float | None = None,
+             replicas: ReplicaSettings | None = None,
+             make_policy: Callable[[], Policy] | None = None, seed: int = 0) -> PolicyRun:
     """Replay ``workload`` under ``policy`` on a fresh simulated fleet (module docstring).
 
     ``router_prefill_tokens_per_s`` is the drain rate the router's load tracker assumes (the
     router's configured ``--kv-prefill-tokens-per-s``); default: the engines' true rate.
+    With ``replicas.routers`` > 1, ``policy`` is the first replica's and ``make_policy`` builds
+    the others' (:mod:`bench.sim.replicas`).
     """
     if cfg.latency_model != "default":
         raise ValueError(f"latency model {cfg.latency_model!r}: --mode sim runs engine_sim's "
                          f"engine model only")
+    rs = replicas or ReplicaSettings()
+    if rs.routers > 1 and make_policy is None:
+        raise ValueError("several router replicas need make_policy (one policy per replica)")
     t_wall = time.perf_counter()
     reqs = workload.requests
     n_req = len(reqs)
@@ -76,42 +86,65 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     fleet = SimFleet(cfg.nodes, params, heartbeat_delay_s=cfg.heartbeat_delay_s)
     run = PolicyRun(policy.name, list(fleet.node_ids), n_req)
     run.init_requests(n_req)
-    tracker = make_tracker(router_prefill_tokens_per_s or params.prefill_tokens_per_s)
+    rate = router_prefill_tokens_per_s or params.prefill_tokens_per_s
+    trackers = [make_tracker(rate) for _ in range(rs.routers)]
+    clock = trackers[0].clock_now
     source = SimPlacementSource([_FleetView(fleet, i) for i in range(cfg.nodes)], SIM_MODEL,
-                                bs, tracker.clock_now)
-    core = RouterCore(RouterSettings(registry="in-process:0", default_policy=policy.name,
-                                     default_model=SIM_MODEL, block_size=bs,
-                                     max_prompt_tokens=10**9),
-                      PolicySet.of(policy), source, tracker, load_tokenizer("simple"))
-    on_prefill_done: Any = getattr(policy, "on_prefill_done", None)
-    on_complete: Any = getattr(policy, "on_complete", None)
-    on_prompt_text: Any = getattr(policy, "on_prompt_text", None)
+                                bs, clock, calibrate=rs.calibrate)
+    bus = ShareBus(rs.share_delay_s) if rs.routers > 1 and rs.share_routes else None
+    policies = [policy] + [make_policy() for _ in range(rs.routers - 1)] if make_policy \
+        else [policy]
+    cores = [RouterCore(RouterSettings(registry="in-process:0", default_policy=policy.name,
+                                       default_model=SIM_MODEL, block_size=bs,
+                                       max_prompt_tokens=10**9),
+                        PolicySet.of(pol), source, tr, load_tokenizer("simple"),
+                        share=make_share(bus, k, clock, rs) if bus is not None else None)
+             for k, (pol, tr) in enumerate(zip(policies, trackers, strict=True))]
+    if bus is not None:
+        bus.cores = cores
+    spreader = Spreader(rs, seed)
+    callbacks = [(getattr(p, "on_prefill_done", None), getattr(p, "on_complete", None),
+                  getattr(p, "on_prompt_text", None)) for p in policies]
+    owner: dict[str, int] = {}
     index = {r.request_id: i for i, r in enumerate(reqs)}
-    prefilling: list[SimRequest] = []  # submitted, prefill-done callback not yet given
+    prefilling: list[tuple[int, SimRequest]] = []  # submitted, prefill-done callback not given
     sample_every = max(1, n_req // 400)
 
+    def set_now(now: float) -> None:
+        for tr in trackers:
+            tr.now = now
+        if bus is not None:
+            bus.deliver(now)
+
     def prefills_done(now: float) -> None:
-        if on_prefill_done is None or not prefilling:
+        if not prefilling:
             return
         keep = []
-        for s in prefilling:
+        for k, s in prefilling:
             if s.first_token_at is not None and s.first_token_at <= now:
-                on_prefill_done(s.request_id)
+                cb = callbacks[k][0]
+                if cb is not None:
+                    cb(s.request_id)
             else:
-                keep.append(s)
+                keep.append((k, s))
         prefilling[:] = keep
 
     def finished(done: list[SimRequest]) -> None:
         for s in done:
             i = index[s.request_id]
-            prefills_done(s.finished_at or 0.0)
+            end = s.finished_at or 0.0
+            prefills_done(end)
             run.cached_tokens[i] = s.cached_tokens
             if s.ttft is not None:
                 run.ttft_s[i] = s.ttft
             if s.finished_at is not None:
                 run.e2e_s[i] = s.finished_at - s.arrival
                 run.t_end_s = max(run.t_end_s, s.finished_at)
-            core.complete(s.request_id, cached_tokens=s.cached_tokens)
+            k = owner.pop(s.request_id, 0)
+            if bus is not None:
+                set_now(end)
+            cores[k].complete(s.request_id, cached_tokens=s.cached_tokens)
+            on_complete = callbacks[k][1]
             if on_complete is not None:
                 on_complete(s.request_id)
 
@@ -119,9 +152,12 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
         now = r.arrival_s
         finished(fleet.advance(now))
         prefills_done(now)
-        tracker.now = now
+        set_now(now)
         run.arrival_s[i] = now
         run.prompt_tokens[i] = r.prompt_tokens
+        k = spreader.pick()
+        core = cores[k]
+        on_prompt_text = callbacks[k][2]
         if on_prompt_text is not None:
             on_prompt_text(r.request_id, r.prompt_text_head)
         try:
@@ -130,22 +166,25 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
                 num_prompt_tokens=r.prompt_tokens, session_id=r.session_key,
                 max_output_tokens=r.output_tokens))
             node = fleet.index[d.node_id]
+            owner[r.request_id] = k
             sreq = SimRequest.from_blocks(r.request_id,
                                           full_blocks(r.block_hashes, r.prompt_tokens, bs),
                                           r.prompt_tokens, max(1, r.output_tokens))
             finished(fleet.submit(node, sreq, now))
         except (KvrouteError, RequestTooLarge) as exc:
             core.complete(r.request_id)
+            owner.pop(r.request_id, None)
             run.failed += 1
             if len(run.notes) < 5:
                 run.notes.append(f"{r.request_id}: {exc}")
             continue
         run.node[i] = node
         run.predicted_cached_tokens[i] = d.expected_cached_tokens
-        if on_prefill_done is not None:
-            prefilling.append(sreq)
+        if callbacks[k][0] is not None:
+            prefilling.append((k, sreq))
         if i % sample_every == 0:
-            run.load_samples.append((now, [tracker.inflight(n) for n in fleet.node_ids]))
+            run.load_samples.append((now, [sum(tr.inflight(n) for tr in trackers)
+                                           for n in fleet.node_ids]))
         if progress is not None and i % 500 == 499:
             progress(500)
     finished(fleet.drain())

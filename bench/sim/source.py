@@ -27,6 +27,10 @@ class SimNode(Protocol):
         """(queue depth, running, used blocks, capacity blocks, eviction rate) as reported."""
         ...
 
+    def prefill_rate(self, now: float) -> float:
+        """Prefill tokens/s measured from the engine (0 = not yet), as last reported."""
+        ...
+
 
 class SimPlacementSource:
     """A local PlacementSource over simulated nodes; ``now`` is read from a callable."""
@@ -36,8 +40,10 @@ class SimPlacementSource:
     connected = True
 
     def __init__(self, nodes: Sequence[SimNode], model: str, block_size: int,
-                 clock: Callable[[], float], roles: Sequence[str] | None = None) -> None:
+                 clock: Callable[[], float], roles: Sequence[str] | None = None,
+                 calibrate: bool = True) -> None:
         self._nodes = list(nodes)
+        self._calibrate = calibrate
         self._model = model
         self._block_size = block_size
         self._clock = clock
@@ -72,6 +78,8 @@ class SimPlacementSource:
         for node, st in zip(self._nodes, self._states, strict=True):
             (st.queue_depth, st.running, st.used_blocks, st.capacity_blocks,
              st.eviction_rate) = node.reported(now)
+            if self._calibrate:
+                st.prefill_tokens_per_s = node.prefill_rate(now)
             out.append((st, node.believed_match(block_hashes, now)))
         return Placement(out, self._block_size)
 

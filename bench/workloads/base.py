@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -67,6 +68,30 @@ class Workload:
         name = self.name if start == 0 and limit is None else \
             f"{self.name}[{start}:{start + len(reqs)}]"
         return Workload(name, self.block_size, shifted, self.source, dict(self.meta))
+
+    def spread_ticks(self, tick_s: float) -> Workload:
+        """Requests that share one arrival time spread evenly over the next ``tick_s`` seconds
+        (order kept). The Mooncake traces quantise arrivals to ~3 s ticks (up to 28 requests
+        share one); real arrivals were spread over the tick, and several router replicas see
+        a same-instant burst very differently from one router (none can know the others'
+        simultaneous decisions)."""
+        if tick_s <= 0 or not self.requests:
+            return self
+        out: list[TraceRequest] = []
+        reqs = self.requests
+        i = 0
+        while i < len(reqs):
+            j = i
+            while j < len(reqs) and reqs[j].arrival_s == reqs[i].arrival_s:
+                j += 1
+            n = j - i
+            for k, r in enumerate(reqs[i:j]):
+                out.append(dataclasses.replace(r, arrival_s=r.arrival_s + tick_s * k / n))
+            i = j
+        out.sort(key=lambda r: r.arrival_s)
+        meta = dict(self.meta)
+        meta["arrival_spread_s"] = tick_s
+        return Workload(f"{self.name}~{tick_s:g}s", self.block_size, out, self.source, meta)
 
 
 def hash_ids_text(ids: tuple[int, ...] | list[int], chars: int = 50) -> str:

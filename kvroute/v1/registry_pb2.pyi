@@ -212,6 +212,7 @@ class HeartbeatRequest(_message.Message):
     STORED_OFFLOADED_FIELD_NUMBER: _builtins.int
     REMOVED_OFFLOADED_FIELD_NUMBER: _builtins.int
     WRITE_TOKEN_FIELD_NUMBER: _builtins.int
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id given at registration."""
     epoch: _builtins.int
@@ -249,6 +250,11 @@ class HeartbeatRequest(_message.Message):
     """What the agent saw that made the index incomplete (for operators; empty when complete)."""
     write_token: _builtins.str
     """RegisterNodeResponse.write_token of the current epoch (required)."""
+    prefill_tokens_per_s: _builtins.float
+    """-- issue 19 (router's view of load) -------------------------------------------------------
+    Prefill throughput of the engine in tokens/s, measured by the agent from the engine's
+    metrics (vllm:request_prefill_time_seconds and computed prompt tokens). 0 = not measured.
+    """
     @_builtins.property
     def stored(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Canonical hashes of blocks cached since the last heartbeat."""
@@ -290,10 +296,11 @@ class HeartbeatRequest(_message.Message):
         stored_offloaded: _abc.Iterable[_builtins.int] | None = ...,
         removed_offloaded: _abc.Iterable[_builtins.int] | None = ...,
         write_token: _builtins.str = ...,
+        prefill_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "evictions_total", b"evictions_total", "index_note", b"index_note", "index_state", b"index_state", "node_id", b"node_id", "queue_depth", b"queue_depth", "removed", b"removed", "removed_offloaded", b"removed_offloaded", "running", b"running", "stored", b"stored", "stored_offloaded", b"stored_offloaded", "used_blocks", b"used_blocks", "write_token", b"write_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_blocks", b"capacity_blocks", "cleared", b"cleared", "delta_seq", b"delta_seq", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "evictions_total", b"evictions_total", "index_note", b"index_note", "index_state", b"index_state", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "removed", b"removed", "removed_offloaded", b"removed_offloaded", "running", b"running", "stored", b"stored", "stored_offloaded", b"stored_offloaded", "used_blocks", b"used_blocks", "write_token", b"write_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -519,6 +526,7 @@ class NodeMatch(_message.Message):
     INDEX_STATE_FIELD_NUMBER: _builtins.int
     INDEX_NOTE_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
     address: _builtins.str
@@ -553,6 +561,10 @@ class NodeMatch(_message.Message):
     """--- disaggregated prefill/decode (issue 18); numbers from 40 leave room for other blocks ---
     The node's role: "prefill", "decode" or "both" (aggregated); empty = "both".
     """
+    prefill_tokens_per_s: _builtins.float
+    """-- issue 19 --------------------------------------------------------------------------------
+    Prefill throughput measured from the engine's metrics, tokens/s (0 = not measured yet).
+    """
     def __init__(
         self,
         *,
@@ -572,10 +584,11 @@ class NodeMatch(_message.Message):
         index_state: Global___IndexState.ValueType = ...,
         index_note: _builtins.str = ...,
         role: _builtins.str = ...,
+        prefill_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -715,6 +728,7 @@ class NodeInfo(_message.Message):
     INDEX_STATE_FIELD_NUMBER: _builtins.int
     INDEX_NOTE_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
     address: _builtins.str
@@ -759,6 +773,10 @@ class NodeInfo(_message.Message):
     """--- disaggregated prefill/decode (issue 18); numbers from 40 leave room for other blocks ---
     The node's role: "prefill", "decode" or "both" (aggregated); empty = "both".
     """
+    prefill_tokens_per_s: _builtins.float
+    """-- issue 19 --------------------------------------------------------------------------------
+    Prefill throughput measured from the engine's metrics, tokens/s (0 = not measured yet).
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels given at registration."""
@@ -788,10 +806,11 @@ class NodeInfo(_message.Message):
         index_state: Global___IndexState.ValueType = ...,
         index_note: _builtins.str = ...,
         role: _builtins.str = ...,
+        prefill_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -75,6 +75,8 @@ class NodeStatus:
     """The agent's IndexState (registry.proto; 0 = not reported)."""
     index_note: str = ""
     """Why the agent's index is not complete."""
+    prefill_tokens_per_s: float = 0.0
+    """Engine prefill rate measured by the agent (issue 19; 0 = not measured)."""
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,9 @@ class NodeView:
     """Prefill work (uncached prompt tokens) the router estimates is still queued on the node."""
     healthy: bool = True
     """False when draining or late; policies must never choose an unhealthy node."""
+    prefill_tokens_per_s: float = 0.0
+    """The node's calibrated prefill rate, learned from its engine's metrics (0 = unknown:
+    policies use their configured rate)."""
 
     @property
     def usage(self) -> float:

@@ -72,3 +72,40 @@ async def test_probe_falls_back_to_event_counts() -> None:
         assert await UsageProbe("", lambda: 1).discover_capacity(16) == 0
     finally:
         await probe.close()
+
+
+def _prefill_page(prefill_s: float, prompt: int, hits: int) -> str:
+    return (VLLM_METRICS
+            + "# TYPE vllm:request_prefill_time_seconds histogram\n"
+            + 'vllm:request_prefill_time_seconds_bucket{engine="0",le="+Inf"} 10.0\n'
+            + 'vllm:request_prefill_time_seconds_count{engine="0"} 10.0\n'
+            + f'vllm:request_prefill_time_seconds_sum{{engine="0"}} {prefill_s}\n'
+            + "# TYPE vllm:prompt_tokens counter\n"
+            + f'vllm:prompt_tokens_total{{engine="0"}} {prompt}\n'
+            + "# TYPE vllm:prefix_cache_hits counter\n"
+            + f'vllm:prefix_cache_hits_total{{engine="0"}} {hits}\n')
+
+
+async def test_probe_measures_the_engine_s_prefill_rate() -> None:
+    pages = [_prefill_page(0.0, 0, 0), _prefill_page(2.0, 9000, 1000),
+             _prefill_page(4.0, 18000, 2000)]
+
+    async def handler(_req: web.Request) -> web.Response:
+        return web.Response(text=pages.pop(0) if len(pages) > 1 else pages[0],
+                            content_type="text/plain")
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    probe = UsageProbe(f"http://127.0.0.1:{port}/metrics", lambda: 0)
+    try:
+        assert (await probe.read()).prefill_tokens_per_s == 0.0  # baseline scrape
+        # (9000 prompt - 1000 cached) tokens computed in 2 s of prefill
+        assert (await probe.read()).prefill_tokens_per_s == pytest.approx(4000.0)
+        m = parse_engine_metrics(_prefill_page(4.0, 18000, 2000))
+        assert (m.prefill_seconds, m.prompt_tokens, m.cache_hit_tokens) == (4.0, 18000, 2000)
+    finally:
+        await probe.close()
+        await runner.cleanup()

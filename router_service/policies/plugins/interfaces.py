@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from router_service.policies.base import NodeView, RequestView
 
@@ -72,4 +72,13 @@ class Picker(Plugin, Protocol):
 
     def pick(self, cycle: Cycle, scores: Sequence[float], eligible: Sequence[int]) -> int:
         """Index into ``cycle.nodes`` of the chosen node (``eligible`` is never empty)."""
+        ...
+
+
+@runtime_checkable
+class RemoteObserver(Protocol):
+    """A plugin that also learns from other router replicas' decisions (issue 19)."""
+
+    def observe_remote(self, blocks: Sequence[int], node_id: str) -> None:
+        """Another replica routed a request whose leading blocks are ``blocks`` to ``node_id``."""
         ...

@@ -36,7 +36,8 @@ class QueuedPrefillScorer:
         cached = min(cycle.matched[i] * req.block_size, req.prompt_tokens)
         uncached = req.prompt_tokens - cached
         pending = max(v.pending_prefill_tokens, 0.5 * v.queue_depth * self.avg_uncached)
-        return (pending + w * uncached + self.inflight_cost_tokens * v.inflight) / self.rate
+        rate = v.prefill_tokens_per_s or self.rate
+        return (pending + w * uncached + self.inflight_cost_tokens * v.inflight) / rate
 
     def scores(self, cycle: Cycle) -> list[float]:
         """Per node, in seconds."""

@@ -25,6 +25,7 @@ class RecentRoutes:
         self._seq = 0
         self._owner: dict[int, tuple[str, int]] = {}
         self._log: deque[tuple[int, Sequence[int]]] = deque()
+        self._last_window = window
 
     def overlap(self, request: RequestView, nodes: Sequence[NodeView]) -> list[int]:
         """max(registry overlap, leading blocks recently routed to the node)."""
@@ -47,8 +48,15 @@ class RecentRoutes:
     def commit(self, cycle: Cycle, chosen: int) -> None:
         """Remember where the request's blocks went."""
         if self.window:
+            self._last_window = max(self.window, 2 * cycle.total_inflight)
             self.record(cycle.request.block_hashes, cycle.nodes[chosen].node_id,
-                        max(self.window, 2 * cycle.total_inflight))
+                        self._last_window)
+
+    def observe_remote(self, blocks: Sequence[int], node_id: str) -> None:
+        """Another router replica sent ``blocks`` to ``node_id``: remember it like our own
+        (the window then spans every replica's decisions, as the fleet's in-flight does)."""
+        if self.window:
+            self.record(blocks, node_id, self._last_window)
 
     def record(self, blocks: Sequence[int], node_id: str, window: int) -> None:
         """Remember that ``blocks`` went to ``node_id``; forget decisions older than window."""

@@ -15,7 +15,14 @@ from router_service.policies.base import (
     RequestView,
     healthy_nodes,
 )
-from router_service.policies.plugins.interfaces import Cycle, Filter, OverlapSource, Picker, Scorer
+from router_service.policies.plugins.interfaces import (
+    Cycle,
+    Filter,
+    OverlapSource,
+    Picker,
+    RemoteObserver,
+    Scorer,
+)
 
 
 class SchedulingPolicy:
@@ -98,3 +105,12 @@ class SchedulingPolicy:
         for scorer, _ in self.scorers:
             scorer.commit(cycle, chosen)
         self.picker.commit(cycle, chosen)
+
+    def observe_remote(self, blocks: Sequence[int], node_id: str) -> None:
+        """Another router replica routed ``blocks`` to ``node_id`` (shared view, issue 19):
+        plugins that keep routing state and can learn from it (``observe_remote``) do."""
+        plugins: list[object] = [self.overlap, *self.filters,
+                                 *(s for s, _ in self.scorers), self.picker]
+        for p in plugins:
+            if isinstance(p, RemoteObserver):
+                p.observe_remote(blocks, node_id)

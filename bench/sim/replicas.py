@@ -1,0 +1,109 @@
+"""N router replicas over one simulated fleet (``kvroute bench --mode sim --routers N``).
+
+Each replica is a full :class:`~router_service.core.RouterCore` with its own policy instance
+(kv_aware's recent routes, running average, rotating start) and its own
+:class:`~router_service.load.LoadTracker`, exactly as N ``kvroute serve router`` pods behind a
+Kubernetes Service. Requests are spread over them the way the Service does (``random``: kube-proxy's
+iptables mode picks a backend at random per connection, one request per connection here;
+``round_robin``: IPVS' default ``rr``). A request's completion goes back to the replica that
+routed it (the gateway proxies the response).
+
+With ``--share-routes`` (default on) every replica publishes its routing deltas on a
+:class:`ShareBus` that delivers them to every other replica ``--share-delay-s`` later (the
+shared view's staleness: the registry hop in production); ``--no-share-routes`` is the
+baseline where every replica sees only its own 1/N of the load.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvroute.settings import require, setting
+from router_service.core import RouterCore
+from router_service.route_share import RouteDelta, SharedView
+
+SPREADS = ("random", "round_robin")
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """The sim's routers: how many replicas, whether they share their view of load, and
+    whether they use each engine's measured prefill rate."""
+
+    routers: int = setting(1, "router replicas over the same fleet, each with its own load "
+                              "tracker and policy state (a Kubernetes Deployment's pods)")
+    spread: str = setting(
+        "random", "how requests reach replicas: random (kube-proxy iptables mode, per request) "
+                  "or round_robin (IPVS rr)")
+    share_routes: bool = setting(
+        True, "replicas share routing deltas (in-flight, queued prefill, recent routes); "
+              "--no-share-routes: each replica sees only its own requests")
+    share_delay_s: float = setting(
+        0.005, "staleness of the shared view: a delta reaches the other replicas this many "
+               "model seconds after the decision (the registry hop)")
+    share_max_blocks: int = setting(
+        64, "leading block hashes of each routed request shared for recent-routes overlap")
+    calibrate: bool = setting(
+        True, "routers use each engine's prefill rate measured from its prefill times (as the "
+              "node agent reports it from vLLM's metrics); --kv-prefill-tokens-per-s is then "
+              "only the initial value. --no-calibrate: the flag is used throughout")
+
+    def __post_init__(self) -> None:
+        require(self.routers >= 1, "routers", "must be >= 1")
+        require(self.spread in SPREADS, "spread", f"must be one of {', '.join(SPREADS)}")
+        require(self.share_delay_s >= 0, "share_delay_s", "must be >= 0")
+        require(self.share_max_blocks >= 0, "share_max_blocks", "must be >= 0")
+
+
+class ShareBus:
+    """Delivers every replica's deltas to every other replica after a fixed delay."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.cores: list[RouterCore] = []
+        self._queue: deque[tuple[float, RouteDelta]] = deque()
+        self.delivered = 0
+
+    def publish(self, delta: RouteDelta) -> None:
+        """Queue a delta (``sent_at`` is the model time it was published)."""
+        self._queue.append((delta.sent_at + self.delay_s, delta))
+
+    def deliver(self, now: float) -> None:
+        """Apply every delta due by ``now`` on every replica but its sender."""
+        q = self._queue
+        while q and q[0][0] <= now:
+            _, delta = q.popleft()
+            for core in self.cores:
+                core.apply_remote(delta)
+            self.delivered += 1
+
+
+def make_share(bus: ShareBus, idx: int, clock: Callable[[], float],
+               settings: ReplicaSettings) -> SharedView:
+    """Replica ``idx``'s end of the shared view on ``bus`` (connected from the start)."""
+    view = SharedView(f"router-{idx}", bus.publish, clock, inflight_timeout_s=1e12,
+                      max_blocks=settings.share_max_blocks, timeout_s=1e12)
+    view.set_connected(True)
+    return view
+
+
+class Spreader:
+    """Picks the replica of each request as a Service would."""
+
+    def __init__(self, settings: ReplicaSettings, seed: int) -> None:
+        self.n = settings.routers
+        self.spread = settings.spread
+        self._rng = random.Random(seed)
+        self._turn = -1
+
+    def pick(self) -> int:
+        """Index of the replica that gets the next request."""
+        if self.n == 1:
+            return 0
+        if self.spread == "random":
+            return self._rng.randrange(self.n)
+        self._turn = (self._turn + 1) % self.n
+        return self._turn

@@ -1,0 +1,217 @@
+"""The shared view of load across router replicas (issue 19).
+
+With N router (or gateway) replicas behind a Service, each replica counts only the requests it
+routed: it sees about 1/N of every node's in-flight load and queued prefill, and a follow-up turn
+handled by replica B does not know that replica A just sent the first turn to node 3. Every
+replica therefore publishes a :class:`RouteDelta` per routed and per completed request, a
+transport (the registry's ``RouteShare.Exchange`` stream in production, a delayed in-process bus
+in ``kvroute bench --mode sim --routers N``) delivers every other replica's deltas, and the
+routing core applies them:
+
+- others' in-flight requests per node (:class:`RemoteLoad`, added to the replica's own counts),
+- others' uncached prefill on the node's queued-prefill estimate (the replica's
+  :class:`~router_service.load.LoadTracker`: one queue per node, whoever routed into it),
+- others' recent routes (kv_aware's ``recent_routes`` overlap source, through
+  :meth:`~router_service.policies.plugins.scheduler.SchedulingPolicy.observe_remote`).
+
+Staleness is measured per applied delta (receiver clock minus the sender's timestamp). A replica
+whose transport is down, or that has heard nothing for ``timeout_s`` (the hub sends keepalives),
+drops the remote part and decides on its own counts; decisions then say so in ``reason`` and the
+``kvroute_router_shared_view_connected`` gauge reads 0.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDelta:
+    """One replica's routing event, as shared with the other replicas."""
+
+    replica_id: str
+    """The replica that routed (or completed) the request."""
+    request_id: str
+    node_id: str = ""
+    """Chosen node ("" for a completion)."""
+    uncached_tokens: int = 0
+    """Prefill the request adds on the node (prompt tokens not expected from cache)."""
+    cached_tokens: int = 0
+    """Prompt tokens expected from the node's cache."""
+    block_hashes: Sequence[int] = ()
+    """A bounded prefix of the request's block hashes (for recent-routes overlap)."""
+    sent_at: float = 0.0
+    """Sender's clock when published (wall time in production, model time in the sim)."""
+    completed: bool = False
+    """True for a completion (release), False for a routed request."""
+
+
+@dataclass(slots=True)
+class _Remote:
+    node_id: str
+    seen: float
+
+
+class RemoteLoad:
+    """Other replicas' in-flight requests per node, with the same expiry as the local ones."""
+
+    def __init__(self, clock: Callable[[], float], inflight_timeout_s: float = 300.0,
+                 max_tracked: int = 1_000_000) -> None:
+        self._clock = clock
+        self._timeout = inflight_timeout_s
+        self._max = max_tracked
+        self._requests: OrderedDict[tuple[str, str], _Remote] = OrderedDict()
+        self._by_id: dict[str, tuple[str, str]] = {}
+        self._count: dict[str, int] = {}
+        self.expired_total = 0
+
+    def start(self, replica_id: str, request_id: str, node_id: str) -> None:
+        """Count another replica's routed request on ``node_id``."""
+        now = self._clock()
+        self.expire(now)
+        key = (replica_id, request_id)
+        if key in self._requests:
+            self._release(key)
+        while len(self._requests) >= self._max:
+            self._release(next(iter(self._requests)))
+            self.expired_total += 1
+        self._requests[key] = _Remote(node_id, now)
+        self._by_id[request_id] = key
+        self._count[node_id] = self._count.get(node_id, 0) + 1
+
+    def complete(self, replica_id: str | None, request_id: str) -> str | None:
+        """Release a remote request (any replica's when ``replica_id`` is None); its node."""
+        key = (replica_id, request_id) if replica_id is not None else self._by_id.get(request_id)
+        if key is None or key not in self._requests:
+            return None
+        return self._release(key)
+
+    def _release(self, key: tuple[str, str]) -> str:
+        rec = self._requests.pop(key)
+        if self._by_id.get(key[1]) == key:
+            del self._by_id[key[1]]
+        left = self._count.get(rec.node_id, 0) - 1
+        if left > 0:
+            self._count[rec.node_id] = left
+        else:
+            self._count.pop(rec.node_id, None)
+        return rec.node_id
+
+    def expire(self, now: float | None = None) -> int:
+        """Release remote requests older than the timeout (their completion was lost)."""
+        now = self._clock() if now is None else now
+        limit = now - self._timeout
+        n = 0
+        while self._requests:
+            key, rec = next(iter(self._requests.items()))
+            if rec.seen > limit:
+                break
+            self._release(key)
+            n += 1
+        self.expired_total += n
+        return n
+
+    def inflight(self, node_id: str) -> int:
+        """Other replicas' requests in flight on ``node_id``."""
+        return self._count.get(node_id, 0)
+
+    @property
+    def total(self) -> int:
+        """Other replicas' requests in flight on all nodes."""
+        return len(self._requests)
+
+    def clear(self) -> None:
+        """Forget every remote request (the shared view was lost)."""
+        self._requests.clear()
+        self._by_id.clear()
+        self._count.clear()
+
+
+class SharedView:
+    """One replica's end of the shared view: what it publishes and what it heard.
+
+    ``publish`` is the transport's send function (non-blocking). The transport calls
+    :meth:`set_connected` when its link goes up or down and feeds received deltas to
+    :meth:`router_service.core.RouterCore.apply_remote`.
+    """
+
+    def __init__(self, replica_id: str, publish: Callable[[RouteDelta], None],
+                 clock: Callable[[], float], *, inflight_timeout_s: float = 300.0,
+                 max_blocks: int = 64, timeout_s: float = 5.0,
+                 max_tracked: int = 1_000_000) -> None:
+        if not replica_id:
+            raise ValueError("replica_id must not be empty")
+        if max_blocks < 0 or timeout_s <= 0:
+            raise ValueError("max_blocks must be >= 0 and timeout_s > 0")
+        self.replica_id = replica_id
+        self.publish = publish
+        self.clock = clock
+        self.max_blocks = max_blocks
+        self.timeout_s = timeout_s
+        self.remote = RemoteLoad(clock, inflight_timeout_s, max_tracked)
+        self._connected = False
+        self._why = "not connected yet"
+        self._last_heard = float("-inf")
+        self.applied_total = 0
+        self.lost_total = 0
+        """Times the shared view was lost (remote state dropped)."""
+        self.last_staleness_s = 0.0
+        self.max_staleness_s = 0.0
+        self.on_staleness: Callable[[float], None] | None = None
+        """Called with each measured staleness (``kvroute bench share`` records them)."""
+
+    # -- link state ------------------------------------------------------------------------
+    def set_connected(self, up: bool, why: str = "") -> None:
+        """The transport's link went up (remote state starts empty) or down (dropped)."""
+        if up:
+            if not self._connected:
+                self.remote.clear()
+            self._connected = True
+            self._last_heard = self.clock()
+            self._why = ""
+        else:
+            if self._connected:
+                self.lost_total += 1
+            self._connected = False
+            self._why = why or "link down"
+            self.remote.clear()
+
+    def heard(self, sent_at: float | None = None) -> None:
+        """Something (a delta or a keepalive) arrived; ``sent_at`` measures staleness."""
+        now = self.clock()
+        self._last_heard = now
+        if sent_at is not None:
+            lag = max(0.0, now - sent_at)
+            self.last_staleness_s = lag
+            self.max_staleness_s = max(self.max_staleness_s, lag)
+            if self.on_staleness is not None:
+                self.on_staleness(lag)
+
+    def live(self) -> bool:
+        """True while the shared view is usable (connected, heard within ``timeout_s``)."""
+        if not self._connected:
+            return False
+        if self.clock() - self._last_heard > self.timeout_s:
+            self.set_connected(False, f"nothing heard for over {self.timeout_s:g} s")
+            return False
+        return True
+
+    @property
+    def why_not(self) -> str:
+        """Why the view is not live ("" when it is)."""
+        return "" if self._connected else self._why
+
+    # -- outgoing ----------------------------------------------------------------------------
+    def routed(self, request_id: str, node_id: str, uncached: int, cached: int,
+               block_hashes: Sequence[int]) -> None:
+        """Publish one of this replica's decisions."""
+        blocks = tuple(block_hashes[: self.max_blocks]) if self.max_blocks else ()
+        self.publish(RouteDelta(self.replica_id, request_id, node_id, uncached, cached, blocks,
+                                self.clock()))
+
+    def completed(self, request_id: str) -> None:
+        """Publish a completion (of this replica's request, or another's released here)."""
+        self.publish(RouteDelta(self.replica_id, request_id, sent_at=self.clock(),
+                                completed=True))

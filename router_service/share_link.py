@@ -1,0 +1,158 @@
+"""The replica's end of ``RouteShare.Exchange`` on the registry (issue 19).
+
+:class:`ShareLink` keeps one bidirectional stream to the registry: it sends this replica's
+:class:`~router_service.route_share.RouteDelta` batches (queued by
+:meth:`SharedView.routed <router_service.route_share.SharedView.routed>` without blocking the
+decision) and applies every other replica's deltas to the routing core
+(:meth:`RouterCore.apply_remote <router_service.core.RouterCore.apply_remote>`). Link up: the
+shared view is live (its remote part starts empty); link down or silent for the view's
+``timeout_s``: the core decides on its own counts and says so, and the link reconnects with
+jittered back-off. Deltas published while the link is down are dropped (bounded queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kvroute.aio import cancel_and_wait
+from kvroute.grpcutil import open_channel
+from kvroute.settings import TLSSettings
+from kvroute.v1 import route_share_pb2 as pb
+from kvroute.v1 import route_share_pb2_grpc as pb_grpc
+from router_service.core import RouterCore
+from router_service.retry import LinkNeverUp, reconnect_options, reconnect_retrying
+from router_service.route_share import RouteDelta, SharedView
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000
+"""Deltas per message sent."""
+
+
+class ShareLink:
+    """One replica's Exchange stream: send own deltas, apply the others'."""
+
+    def __init__(self, target: str, tls: TLSSettings | None = None, *,
+                 retry_max_s: float = 2.0, max_queue: int = 100_000) -> None:
+        self._target = target
+        self._tls = tls
+        self._retry_max_s = retry_max_s
+        self._queue: deque[RouteDelta] = deque(maxlen=max_queue)
+        self._wake = asyncio.Event()
+        self._up = False
+        self._core: RouterCore | None = None
+        self._view: SharedView | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.sent_total = 0
+        self.received_total = 0
+        self.dropped_total = 0
+        """Own deltas not sent (link down, or the queue overflowed)."""
+
+    def send(self, delta: RouteDelta) -> None:
+        """Queue one of this replica's deltas (the SharedView's publish function)."""
+        if not self._up:
+            self.dropped_total += 1
+            return
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped_total += 1
+        self._queue.append(delta)
+        self._wake.set()
+
+    def attach(self, core: RouterCore) -> None:
+        """The core whose shared view this link feeds (``core.share`` must be set)."""
+        if core.share is None:
+            raise ValueError("the core has no shared view to feed")
+        self._core, self._view = core, core.share
+
+    async def start(self) -> None:
+        """Connect in the background (returns at once)."""
+        if self._core is None:
+            raise RuntimeError("attach(core) before start()")
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="route-share-link")
+
+    async def stop(self) -> None:
+        """Close the stream."""
+        await cancel_and_wait(self._task)
+        self._task = None
+        self._set_up(False, "router stopping")
+
+    def _set_up(self, up: bool, why: str = "") -> None:
+        self._up = up
+        if not up:
+            self._queue.clear()
+        if self._view is not None:
+            self._view.set_connected(up, why)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async for attempt in reconnect_retrying(self._retry_max_s):
+                    with attempt:
+                        await self._once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in delta handling must not stop the link
+                log.exception("route share link failed; reconnecting")
+                self._set_up(False, "link failed")
+                await asyncio.sleep(self._retry_max_s)
+
+    async def _outgoing(self, replica_id: str) -> AsyncIterator[pb.RouteShareMessage]:
+        yield pb.RouteShareMessage(hello=pb.RouteShareHello(replica_id=replica_id))
+        q = self._queue
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while q:
+                batch: list[pb.RouteDeltaMsg] = []
+                while q and len(batch) < MAX_BATCH:
+                    d = q.popleft()
+                    batch.append(pb.RouteDeltaMsg(
+                        request_id=d.request_id, node_id=d.node_id,
+                        uncached_tokens=d.uncached_tokens, cached_tokens=d.cached_tokens,
+                        block_hashes=d.block_hashes, sent_unix_us=int(d.sent_at * 1e6),
+                        completed=d.completed))
+                self.sent_total += len(batch)
+                yield pb.RouteShareMessage(deltas=batch, sent_unix_us=time.time_ns() // 1000)
+
+    async def _once(self) -> None:
+        core, view = self._core, self._view
+        assert core is not None and view is not None
+        channel = open_channel(self._target, self._tls, reconnect_options(self._retry_max_s))
+        was_up = False
+        try:
+            call = pb_grpc.RouteShareStub(channel).Exchange(self._outgoing(view.replica_id))
+            async for msg in call:
+                if not was_up:
+                    was_up = True
+                    self._set_up(True)
+                    log.info("route share: connected as %s", view.replica_id)
+                view.heard()  # liveness; each delta's staleness is measured as it is applied
+                for d in msg.deltas:
+                    self.received_total += 1
+                    core.apply_remote(RouteDelta(
+                        d.replica_id, d.request_id, d.node_id, d.uncached_tokens,
+                        d.cached_tokens, tuple(d.block_hashes), d.sent_unix_us / 1e6,
+                        d.completed))
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as exc:
+            why = f"{exc.code().name}: {exc.details()}"
+            self._set_up(False, f"registry stream ended ({why})")
+            if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INVALID_ARGUMENT):
+                log.warning("route share: %s; retrying", why)
+            if was_up:
+                return
+            raise
+        finally:
+            if self._up:
+                self._set_up(False, "registry stream ended")
+            await channel.close(None)
+        if not was_up:
+            raise LinkNeverUp("route share stream ended before it was up")

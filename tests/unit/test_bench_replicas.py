@@ -1,0 +1,80 @@
+"""``kvroute bench --mode sim --routers N``: replicas over one fleet, sharing or not (issue 19)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.metrics import policy_metrics
+from bench.policies import build_policy
+from bench.sim.config import SimSettings
+from bench.sim.replay import simulate
+from bench.sim.replicas import ReplicaSettings, Spreader
+from bench.workloads import load_workload
+from bench.workloads.base import TraceRequest, Workload
+from router_service.policies.base import Policy
+
+
+def _kv() -> Policy:
+    return build_policy("kv_aware", prefill_tokens_per_s=6000.0)
+
+
+def _run(rs: ReplicaSettings, limit: int = 400) -> dict[str, float]:
+    wl = load_workload(trace=None, workload=None, seed=0, start=0, limit=limit).spread_ticks(3)
+    cfg = SimSettings(nodes=4, cache_blocks=500, block_size=wl.block_size)
+    run = simulate(wl, _kv(), cfg, replicas=rs, make_policy=_kv, seed=0)
+    m = policy_metrics(run, merged_lru_hit=1.0, oracle_hit=1.0)
+    return {"hit": m["hit_rate_tokens"], "p90": m["ttft_ms"]["p90"], "failed": m["failed"]}
+
+
+def test_sharing_replicas_match_one_router_and_isolated_ones_do_not() -> None:
+    one = _run(ReplicaSettings())
+    shared = _run(ReplicaSettings(routers=4, share_delay_s=0.0))
+    alone = _run(ReplicaSettings(routers=4, share_routes=False))
+    assert one["failed"] == shared["failed"] == alone["failed"] == 0
+    assert abs(shared["hit"] - one["hit"]) <= 0.01
+    assert shared["p90"] <= one["p90"] * 1.1
+    assert alone["p90"] > shared["p90"]
+
+
+def test_one_replica_is_the_single_router_run() -> None:
+    assert _run(ReplicaSettings(routers=1), 150) == _run(ReplicaSettings(routers=1,
+                                                                         share_routes=False), 150)
+
+
+def test_spreaders_pick_like_a_service() -> None:
+    rr = Spreader(ReplicaSettings(routers=3, spread="round_robin"), 0)
+    assert [rr.pick() for _ in range(5)] == [0, 1, 2, 0, 1]
+    rnd = Spreader(ReplicaSettings(routers=3), 0)
+    assert {rnd.pick() for _ in range(50)} == {0, 1, 2}
+
+
+def test_replica_settings_are_checked() -> None:
+    with pytest.raises(ValueError):
+        ReplicaSettings(routers=0)
+    with pytest.raises(ValueError):
+        ReplicaSettings(spread="hash")
+    with pytest.raises(ValueError, match="make_policy"):
+        simulate(Workload("t", 16, [TraceRequest("r0", 0.0, (1,), 16, 1)]), _kv(),
+                 SimSettings(nodes=2, cache_blocks=10, block_size=16),
+                 replicas=ReplicaSettings(routers=2))
+
+
+def test_spread_ticks_spreads_same_instant_arrivals_over_the_tick() -> None:
+    wl = Workload("t", 16, [TraceRequest(f"r{i}", t, (i,), 16, 1)
+                            for i, t in enumerate([0.0, 0.0, 0.0, 3.0])])
+    out = wl.spread_ticks(3.0)
+    assert [r.arrival_s for r in out.requests] == [0.0, 1.0, 2.0, 3.0]
+    assert wl.spread_ticks(0) is wl
+
+
+def test_bench_share_measures_staleness_through_a_real_registry() -> None:
+    import argparse
+    import asyncio
+
+    from bench.share_bench import _run
+
+    out = asyncio.run(_run(argparse.Namespace(routers=2, nodes=2, requests=40, rate=200.0,
+                                              hold_s=0.05)))
+    assert out["deltas_applied"] == out["deltas_expected"] == 80
+    assert 0 <= out["staleness_ms"]["p50"] <= out["staleness_ms"]["max"] < 5000
+    assert out["remote_inflight_left"] == {"r0": 0, "r1": 0}

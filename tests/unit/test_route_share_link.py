@@ -1,0 +1,132 @@
+"""Router replicas sharing their view through the registry's RouteShare.Exchange (issue 19):
+real registry server (memory store) and real routing runtimes on loopback gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from kvroute.blocks import HASH_SCHEME
+from kvroute.procs import free_port
+from kvroute.v1 import registry_pb2 as pb
+from kvroute.v1 import registry_pb2_grpc as pb_grpc
+from kvroute.v1 import route_share_pb2 as rs
+from kvroute.v1 import route_share_pb2_grpc as rs_grpc
+from registry_service.server import serve
+from registry_service.settings import RegistrySettings
+from router_service.domain import RouteRequest
+from router_service.runtime import RoutingRuntime
+from router_service.settings import RouterSettings
+
+
+async def _until(cond: Callable[[], bool], within_s: float = 15.0) -> None:
+    for _ in range(int(within_s / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[tuple[str, asyncio.Event]]:
+    ready = tmp_path / "ready.json"
+    settings = RegistrySettings(store="memory", listen=f"127.0.0.1:{free_port()}",
+                                ready_file=str(ready), metrics_listen="127.0.0.1:0",
+                                status_write_interval_s=0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop))
+    await _until(ready.exists)
+    yield f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}", stop
+    stop.set()
+    assert await task == 0
+
+
+async def _register(target: str, node: str, rate: float) -> None:
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = pb_grpc.RegistryStub(ch)
+        r = await stub.RegisterNode(pb.RegisterNodeRequest(
+            node_id=node, address=f"{node}:8000", model="m", block_size=16,
+            capacity_blocks=1000, hash_scheme=HASH_SCHEME))
+        await stub.Heartbeat(pb.HeartbeatRequest(node_id=node, epoch=r.epoch,
+                                                 write_token=r.write_token,
+                                                 prefill_tokens_per_s=rate))
+
+
+def _runtime(target: str, rid: str) -> RoutingRuntime:
+    return RoutingRuntime(RouterSettings(registry=target, share_routes=True,
+                                         router_replica_id=rid, share_timeout_s=3.0),
+                          None, CollectorRegistry())
+
+
+async def test_replicas_share_inflight_completions_and_calibrated_rates(
+        registry: tuple[str, asyncio.Event]) -> None:
+    target, _ = registry
+    await _register(target, "n1", 4000.0)
+    await _register(target, "n2", 0.0)
+    a, b = _runtime(target, "ra"), _runtime(target, "rb")
+    await a.start()
+    await b.start()
+    try:
+        for rt in (a, b):
+            core = rt.core
+            await _until(lambda c=core: c.source.connected and c.share is not None  # type: ignore[misc]
+                         and c.share.live())
+        d = await a.core.decide(RouteRequest("q1", token_ids=list(range(64))))
+        assert b.core.share is not None and a.core.share is not None
+        await _until(lambda: b.core.share is not None and b.core.share.remote.total == 1)
+        assert b.core.share.remote.inflight(d.node_id) == 1
+        assert b.core.share.max_staleness_s < 3.0
+        # the Complete reaches replica b (a Service spread it): a releases its own count
+        assert b.core.complete("q1")
+        await _until(lambda: a.core.tracker.inflight(d.node_id) == 0)
+        # engine-measured prefill rate -> heartbeat -> registry -> router's tracker
+        await b.core.decide(RouteRequest("q2", token_ids=list(range(100, 164))))
+        assert b.core.tracker.rate("n1") == 4000.0
+        assert b.core.tracker.rate("n2") == 16_000.0  # not measured: the flag's value
+    finally:
+        await a.stop()
+        await b.stop()
+    assert a.core.share is not None and not a.core.share.live()
+
+
+async def test_a_replica_that_loses_the_hub_says_so(registry: tuple[str, asyncio.Event]) -> None:
+    target, stop = registry
+    await _register(target, "n1", 0.0)
+    a = _runtime(target, "ra")
+    await a.start()
+    try:
+        await _until(lambda: a.core.share is not None and a.core.share.live())
+        stop.set()  # the registry goes away
+        await _until(lambda: a.core.share is not None and not a.core.share.live())
+        d = await a.core.decide(RouteRequest("q1", token_ids=list(range(64))))
+        assert "OWN COUNTS ONLY (shared view lost" in d.reason
+    finally:
+        await a.stop()
+
+
+async def test_hub_refuses_bad_input(registry: tuple[str, asyncio.Event]) -> None:
+    target, _ = registry
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = rs_grpc.RouteShareStub(ch)
+
+        async def send(*msgs: rs.RouteShareMessage) -> grpc.StatusCode:
+            call = stub.Exchange(iter(msgs))
+            try:
+                async for _ in call:
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        assert await send(rs.RouteShareMessage()) == grpc.StatusCode.INVALID_ARGUMENT
+        hello = rs.RouteShareMessage(hello=rs.RouteShareHello(replica_id="x"))
+        bad = rs.RouteShareMessage(deltas=[rs.RouteDeltaMsg(request_id="", node_id="n")])
+        assert await send(hello, bad) == grpc.StatusCode.INVALID_ARGUMENT
+        no_node = rs.RouteShareMessage(deltas=[rs.RouteDeltaMsg(request_id="q")])
+        assert await send(hello, no_node) == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,136 @@
+"""Router replicas sharing their view of load (issue 19): remote in-flight, queued prefill,
+recent routes, completes through any replica, and the fall back to own counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvroute.blocks import hash_blocks
+from router_service.core import RouterCore
+from router_service.domain import RouteRequest
+from router_service.load import LoadTracker
+from router_service.policies.registry import PolicySet
+from router_service.route_share import RemoteLoad, RouteDelta, SharedView
+from router_service.settings import RouterSettings
+from router_service.tokenizer import load_tokenizer
+from tests.unit.test_router_core import Clock
+from tests.unit.test_router_servicer import BS, MemorySource
+
+PROMPT = list(range(900, 900 + 8 * BS))
+HASHES = hash_blocks(PROMPT, BS)
+
+
+class Bus:
+    """Delivers every published delta to every core at once (zero staleness)."""
+
+    def __init__(self) -> None:
+        self.cores: list[RouterCore] = []
+        self.sent: list[RouteDelta] = []
+        self.paused = False
+
+    def publish(self, d: RouteDelta) -> None:
+        self.sent.append(d)
+        if not self.paused:
+            for c in self.cores:
+                c.apply_remote(d)
+
+
+def _replicas(n: int, clock: Clock) -> tuple[list[RouterCore], Bus, MemorySource]:
+    src = MemorySource()
+    for nid in ("a", "b", "c"):
+        src.add(nid)
+    bus = Bus()
+    cores = []
+    for k in range(n):
+        view = SharedView(f"r{k}", bus.publish, clock, timeout_s=5.0)
+        view.set_connected(True)
+        cores.append(RouterCore(RouterSettings(registry="127.0.0.1:1"), PolicySet(), src,
+                                LoadTracker(clock), load_tokenizer("simple"), clock=clock,
+                                share=view))
+    bus.cores = cores
+    return cores, bus, src
+
+
+def test_a_replica_counts_the_others_inflight_and_queued_prefill() -> None:
+    clk = Clock()
+    (a, b), _, _ = _replicas(2, clk)
+    d = a.decide_local(RouteRequest("q1", token_ids=PROMPT))
+    assert b.share is not None and b.share.remote.inflight(d.node_id) == 1
+    assert b.tracker.pending_prefill(d.node_id) == pytest.approx(len(PROMPT))
+    assert b.tracker.inflight(d.node_id) == 0  # own counts untouched
+    # b's next request with another prompt avoids the node a just loaded
+    d2 = b.decide_local(RouteRequest("q2", token_ids=list(range(5000, 5000 + 8 * BS))))
+    assert d2.node_id != d.node_id
+
+
+def test_a_follow_up_on_another_replica_finds_the_recently_routed_node() -> None:
+    clk = Clock()
+    (a, b), _, _ = _replicas(2, clk)
+    long = list(range(900, 900 + 64 * BS))
+    d = a.decide_local(RouteRequest("q1", token_ids=long))
+    follow = long + list(range(7000, 7000 + 2 * BS))
+    d2 = b.decide_local(RouteRequest("q2", token_ids=follow))
+    assert d2.node_id == d.node_id
+    assert "routed there, not yet reported" in d2.reason
+
+
+def test_complete_through_any_replica_releases_everywhere() -> None:
+    clk = Clock()
+    (a, b, c), _, _ = _replicas(3, clk)
+    d = a.decide_local(RouteRequest("q1", token_ids=PROMPT))
+    assert b.complete("q1")  # a Service sent the Complete to another replica
+    assert a.tracker.inflight(d.node_id) == 0
+    assert c.share is not None and c.share.remote.inflight(d.node_id) == 0
+    assert not b.complete("q1")
+
+
+def test_a_replica_that_loses_the_shared_view_uses_its_own_counts_and_says_so() -> None:
+    clk = Clock()
+    (a, b), bus, _ = _replicas(2, clk)
+    a.decide_local(RouteRequest("q1", token_ids=PROMPT))
+    assert b.share is not None and b.share.remote.total == 1
+    bus.paused = True
+    clk.t += 6.0  # nothing heard for longer than timeout_s
+    d = b.decide_local(RouteRequest("q2", token_ids=PROMPT))
+    assert d.reason.startswith("OWN COUNTS ONLY (shared view lost: nothing heard")
+    assert b.share.remote.total == 0 and b.own_view_decisions == 1
+    bus.paused = False
+    b.share.set_connected(True)
+    d = b.decide_local(RouteRequest("q3", token_ids=PROMPT))
+    assert not d.reason.startswith("OWN COUNTS ONLY")
+
+
+def test_own_deltas_are_ignored_and_block_prefix_is_bounded() -> None:
+    clk = Clock()
+    sent: list[RouteDelta] = []
+    view = SharedView("r0", sent.append, clk, max_blocks=3)
+    view.set_connected(True)
+    view.routed("x", "a", 10, 5, list(range(10)))
+    assert sent[0].block_hashes == (0, 1, 2) and sent[0].sent_at == 0.0
+    with pytest.raises(ValueError):
+        SharedView("", sent.append, clk)
+
+
+def test_remote_load_expires_lost_completions() -> None:
+    clk = Clock()
+    r = RemoteLoad(clk, inflight_timeout_s=10.0)
+    r.start("r1", "q1", "a")
+    r.start("r1", "q1", "a")  # a repeat is counted once
+    assert r.inflight("a") == 1
+    clk.t = 11.0
+    assert r.expire() == 1 and r.inflight("a") == 0 and r.expired_total == 1
+    assert r.complete(None, "q1") is None
+
+
+def test_tracker_drains_at_a_node_s_calibrated_rate() -> None:
+    clk = Clock()
+    t = LoadTracker(clk, prefill_tokens_per_s=1000.0)
+    t.start("q1", "a", 4000)
+    t.add_prefill("b", 4000)
+    t.set_rate("b", 4000.0)
+    clk.t = 1.0
+    assert t.pending_prefill("a") == pytest.approx(3000.0)
+    assert t.pending_prefill("b") == pytest.approx(0.0)
+    assert t.rate("b") == 4000.0 and t.rate("a") == 1000.0
+    t.set_rate("b", 0.0)
+    assert t.rate("b") == 1000.0
