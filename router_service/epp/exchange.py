@@ -35,6 +35,7 @@ from router_service.epp.endpoints import endpoint_of, join
 from router_service.epp.metrics import EppMetrics
 from router_service.epp.settings import EppSettings
 from router_service.epp.usage import UsageScanner
+from router_service.prompt_tokens import PromptTokens
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ class Exchange:
     _ids = itertools.count(1)
 
     def __init__(self, core: RouterCore, settings: EppSettings, metrics: EppMetrics,
-                 passthrough: Iterator[str], inflight: Inflight) -> None:
+                 passthrough: Iterator[str], inflight: Inflight,
+                 tokens: PromptTokens | None = None) -> None:
         self.core = core
+        self.tokens = tokens
         self.inflight = inflight
         self.settings = settings
         self.metrics = metrics
@@ -221,7 +224,8 @@ class Exchange:
             session_id=self.headers.get(s.session_header) if s.session_header else None,
             policy=self.headers.get(s.policy_header) if s.policy_header else None,
             allowed=allowed)
-        req = openai_body.build(endpoint, bytes(self.body), ctx, self.headers)
+        req = await openai_body.build(endpoint, bytes(self.body), ctx, self.tokens,
+                                      self._engines_of)
         if self.inflight.full():
             raise ResourceExhausted(f"load shed: {self.inflight.count} requests in flight "
                                     f"through this picker (--max-inflight-requests "
@@ -233,6 +237,11 @@ class Exchange:
         self.metrics.requests.labels("routed").inc()
         fallbacks = [endpoint_of(a) for a in decision.fallback_addresses]
         return [endpoint_of(decision.address), *fallbacks[: s.fallback_endpoints]]
+
+    def _engines_of(self, model: str) -> list[str]:
+        """Addresses of healthy engines of ``model`` (asked to tokenize text prompts)."""
+        return [n.address for n in self.core.known_nodes()
+                if n.healthy and (not model or n.model == model)]
 
     def _allowed(self) -> frozenset[str] | None:
         """Node ids (and the raw endpoints) of the subset hint; None = no hint."""

@@ -1,19 +1,22 @@
 """OpenAI request body -> the routing core's RouteRequest, for the picker.
 
-Interim: token-id prompts go to the core as ids; text prompts go as ``prompt`` and are tokenized
-by the router's configured tokenizer (``--tokenizer``). The shared OpenAI parser of the gateway
-(``router_service.openai_request``) replaces this once it lands, so both fronts tokenize alike.
+Token-id prompts to ``/v1/completions`` go to the core as ids on a fast path (ids checked in C).
+Text prompts and chat messages go through the gateway's own parser and tokenization
+(:mod:`router_service.openai_request`, :mod:`router_service.prompt_tokens`: the engine's
+``POST /tokenize``, cached per body), so the picker and the gateway hash exactly the same ids.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
 
+from router_service import openai_request
 from router_service.domain import RouteRequest
+from router_service.prompt_tokens import PromptTokens
 
 COMPLETIONS = "/v1/completions"
 TokenIds = list[Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]]
@@ -73,30 +76,34 @@ def _prompt(value: Any) -> str | list[int]:
     raise BodyError(400, "prompt: must be a string, a list of token ids, or a list of either")
 
 
-def build(endpoint: str, raw: bytes, ctx: RouteContext,
-          headers: Mapping[str, str] | None = None) -> RouteRequest:
-    """The core's request for one OpenAI body (BodyError for a body routing cannot use)."""
-    del headers
+async def build(endpoint: str, raw: bytes, ctx: RouteContext, tokens: PromptTokens | None,
+                engines: Callable[[str], Sequence[str]]) -> RouteRequest:
+    """The core's request for one OpenAI body (BodyError for a body routing cannot use).
+
+    ``tokens`` tokenizes text prompts and chat messages as the gateway does (None = token ids
+    only); ``engines(model)`` lists addresses of healthy engines of a model to ask.
+    """
     body = _decode(raw)
     model = body.get("model") or ""
     if not isinstance(model, str):
         raise BodyError(400, "model: must be a string")
-    max_out = body.get("max_completion_tokens") or body.get("max_tokens") or 0
-    max_out = max_out if isinstance(max_out, int) and max_out > 0 else 0
-    salt = body.get("cache_salt")
-    salt = salt if isinstance(salt, str) and salt else None
-    if endpoint == COMPLETIONS:
-        if "prompt" not in body:
-            raise BodyError(400, "prompt: is required")
-        prompt = _prompt(body["prompt"])
-    else:
-        raise BodyError(400, "chat completions need the shared OpenAI tokenizer, which this "
-                             "build of the picker does not have yet; send token-id prompts to "
-                             "/v1/completions")
-    common: dict[str, Any] = {
-        "request_id": ctx.request_id, "model": model, "session_id": ctx.session_id,
-        "policy": ctx.policy, "cache_salt": salt, "max_output_tokens": max_out,
-        "allowed": ctx.allowed}
-    if isinstance(prompt, str):
-        return RouteRequest(prompt=prompt, **common)
-    return RouteRequest(token_ids=prompt, **common)
+    prompt = _prompt(body["prompt"]) if endpoint == COMPLETIONS and "prompt" in body else None
+    if isinstance(prompt, list):  # token ids: no tokenization, ids checked in C
+        max_out = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+        max_out = max_out if isinstance(max_out, int) and max_out > 0 else 0
+        salt = body.get("cache_salt")
+        salt = salt if isinstance(salt, str) and salt else None
+        return RouteRequest(request_id=ctx.request_id, model=model, token_ids=prompt,
+                            session_id=ctx.session_id, policy=ctx.policy, cache_salt=salt,
+                            max_output_tokens=max_out, allowed=ctx.allowed)
+    if tokens is None:
+        raise BodyError(400, "text prompts and chat messages need engine tokenization "
+                             "(--engine-tokenize); send token-id prompts to /v1/completions")
+    try:
+        oreq = openai_request.parse("completions" if endpoint == COMPLETIONS else "chat", body)
+        ids = await tokens.token_ids(oreq, model, lambda: engines(model))
+    except openai_request.OpenAIError as exc:
+        raise BodyError(exc.status, exc.message) from None
+    return openai_request.route_request(oreq, ids, request_id=ctx.request_id, model=model,
+                                        session_id=ctx.session_id, policy=ctx.policy,
+                                        allowed=ctx.allowed)

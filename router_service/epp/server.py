@@ -10,6 +10,7 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from prometheus_client import CollectorRegistry
@@ -22,6 +23,7 @@ from router_service.epp import protocol
 from router_service.epp.metrics import EppMetrics
 from router_service.epp.servicer import ExternalProcessorServicer
 from router_service.epp.settings import EppSettings
+from router_service.prompt_tokens import EngineTokenizer, PromptTokens, TokenCache
 from router_service.runtime import RoutingRuntime
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,11 @@ async def serve(settings: EppSettings,
     # a buffered body arrives in one gRPC message: allow the largest body plus headers
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                       *message_size_options(s.max_body_bytes + (1 << 20))])
+    session = aiohttp.ClientSession(skip_auto_headers=("User-Agent",))
+    tokens = (PromptTokens({}, EngineTokenizer(session), TokenCache(s.tokenize_cache_entries))
+              if s.engine_tokenize else None)
     ep_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorServicer(runtime.core, s, metrics), server)
+        ExternalProcessorServicer(runtime.core, s, metrics, tokens), server)
     health = add_health_and_reflection(server, list(HEALTH_SERVICES))
     port = bind(server, s.listen, s.server_tls)
     mhost, mport = parse_hostport(s.metrics_listen, "metrics_listen")
@@ -63,6 +68,7 @@ async def serve(settings: EppSettings,
     await health.set_serving(False)
     await server.stop(s.drain_timeout_s)
     await runtime.stop()
+    await session.close()
     with contextlib.suppress(Exception):
         metrics_server.stop()
     log.info("endpoint picker stopped")

@@ -16,6 +16,7 @@ from router_service.epp import protocol
 from router_service.epp.exchange import Exchange, Inflight
 from router_service.epp.metrics import EppMetrics
 from router_service.epp.settings import EppSettings
+from router_service.prompt_tokens import PromptTokens
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,10 @@ log = logging.getLogger(__name__)
 class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """Runs an :class:`Exchange` per stream; never lets one request break the server."""
 
-    def __init__(self, core: RouterCore, settings: EppSettings, metrics: EppMetrics) -> None:
+    def __init__(self, core: RouterCore, settings: EppSettings, metrics: EppMetrics,
+                 tokens: PromptTokens | None = None) -> None:
         self.core = core
+        self.tokens = tokens
         self.settings = settings
         self.metrics = metrics
         self._passthrough = (str(i) for i in itertools.count())
@@ -35,7 +38,7 @@ class ExternalProcessorServicer(ep_grpc.ExternalProcessorServicer):  # type: ign
                       ) -> AsyncIterator[ep.ProcessingResponse]:
         """Answer each message of one HTTP exchange; release the request when it ends."""
         ex = Exchange(self.core, self.settings, self.metrics, self._passthrough,
-                      self.inflight)
+                      self.inflight, self.tokens)
         self.metrics.active.inc()
         ok = False
         try:

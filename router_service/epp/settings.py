@@ -51,8 +51,15 @@ class EppSettings(RouterSettings):
         True, "Put the reason of a 4xx/5xx immediate response in its JSON body (OpenAI error "
               "shape); disable to answer with the status only")
 
+    engine_tokenize: bool = setting(
+        True, "Ask an engine's POST /tokenize for text prompts and chat messages, as the gateway "
+              "does (off: only token-id prompts to /v1/completions are routed; others get 400)")
+    tokenize_cache_entries: int = setting(
+        10_000, "Engine tokenizations remembered per request body (LRU; 0 = off)")
+
     def __post_init__(self) -> None:
         RouterSettings.__post_init__(self)
+        require(self.tokenize_cache_entries >= 0, "tokenize_cache_entries", "must be >= 0")
         require(0 <= self.fallback_endpoints <= 16, "fallback_endpoints", "must be in 0..16")
         require(bool(self.destination_namespace), "destination_namespace", "must not be empty")
         require(bool(self.subset_namespace), "subset_namespace", "must not be empty")

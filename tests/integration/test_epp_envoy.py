@@ -165,6 +165,32 @@ async def test_conversation_second_turn_hits_engine_cache(stack: EppStack,
     assert got == cached
 
 
+async def test_chat_conversation_routes_on_engine_tokenization(
+        stack: EppStack, http: aiohttp.ClientSession) -> None:
+    """Chat messages are tokenized as the gateway does (the engine's POST /tokenize) and the
+    second turn of the conversation reaches the engine holding the first turn's prefix."""
+    envoy = stack.envoys["envoy"]
+    history = [{"role": "system", "content": "You are terse. " * 120},
+               {"role": "user", "content": "Name three prime numbers, please. " * 20}]
+
+    async def chat(messages: list[dict[str, str]], user: str) -> tuple[str, dict[str, Any]]:
+        async with http.post(f"{envoy.url}/v1/chat/completions",
+                             json={"model": MODEL, "messages": messages, "max_tokens": 8,
+                                   "user": user}) as resp:
+            assert resp.status == 200, await resp.text()
+            return resp.headers["x-kvroute-node"], await resp.json()
+
+    first, reply = await chat(history, f"chat1-{uuid.uuid4().hex[:8]}")
+    await asyncio.sleep(1.0)  # the engine's blocks reach the registry and the picker's mirror
+    history += [{"role": "assistant", "content": reply["choices"][0]["message"]["content"]},
+                {"role": "user", "content": "And three more."}]
+    user = f"chat2-{uuid.uuid4().hex[:8]}"
+    second, body = await chat(history, user)
+    assert second == first
+    assert engine_of_request(stack, user) == first
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, body["usage"]
+
+
 async def test_streaming_end_to_end(stack: EppStack, http: aiohttp.ClientSession) -> None:
     envoy = stack.envoys["envoy"]
     tokens = prompt(400, 256)
