@@ -249,6 +249,7 @@ async def test_paused_etcd_times_out_then_recovers(own_etcd: EmbeddedEtcd) -> No
         await asyncio.sleep(0.2)
         own_etcd.process.signal(signal.SIGSTOP)
         try:
+            await _wait_stopped(own_etcd.process.pid)
             t0 = time.monotonic()
             # concurrent keepalives queue for the one stream, each within its own deadline
             create = c.txn([compare_version(b"/p/t", "==", 0)], [op_put(b"/p/t", b"once")])
@@ -256,7 +257,8 @@ async def test_paused_etcd_times_out_then_recovers(own_etcd: EmbeddedEtcd) -> No
                                                                       for _ in range(3)),
                                            return_exceptions=True)
             elapsed = time.monotonic() - t0
-            assert all(isinstance(r, EtcdUnavailable) for r in results), results
+            assert all(isinstance(r, EtcdUnavailable) for r in results), \
+                "\n".join(f"{type(r).__name__}: {str(r)[:90]}" for r in results)
             assert own_etcd.endpoint in str(results[0])
             # attempts x deadline plus at most 0.6 s of backoff, plus slack for a loaded machine
             assert timeout * attempts - 0.1 <= elapsed < timeout * attempts + 3.0, elapsed
@@ -274,6 +276,30 @@ async def test_paused_etcd_times_out_then_recovers(own_etcd: EmbeddedEtcd) -> No
     finally:
         await c.close()
     assert [e.kv.key for e in events if e.kv.key != b"/p/t"] == [b"/p/after"]
+
+
+def _thread_states(pid: int) -> list[str]:
+    """The scheduler state letter of every thread of ``pid`` (from /proc)."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            continue
+    return states
+
+
+async def _wait_stopped(pid: int, timeout_s: float = 5.0) -> None:
+    """Until every thread of ``pid`` is stopped: SIGSTOP is asynchronous, and a Go process's
+    threads stop one by one, so a request sent at once may still be answered."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = _thread_states(pid)
+        if states and all(st in ("T", "t") for st in states):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"etcd pid {pid} not stopped after {timeout_s} s: {states}")
+        await asyncio.sleep(0.01)
 
 
 def _openssl(*args: str, cwd: Path) -> None:
