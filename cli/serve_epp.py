@@ -6,11 +6,11 @@ import argparse
 import asyncio
 from typing import Any
 
+from cli.routing_flags import add_policy_arguments, policy_settings
 from kvroute.settings import add_arguments, from_namespace
 from kvroute.telemetry import configure_logging
 from router_service.epp.server import serve
 from router_service.epp.settings import EppSettings
-from router_service.policies.registry import settings_classes
 
 
 def add_parser(roles: Any, name: str) -> None:
@@ -24,15 +24,13 @@ def add_parser(roles: Any, name: str) -> None:
                     "Gateway API Inference Extension's endpoint picker protocol says. Envoy "
                     "config: deploy/envoy/epp-bootstrap.yaml.")
     add_arguments(p, EppSettings)
-    for cls in settings_classes():
-        add_arguments(p.add_argument_group(f"{cls.__name__} (policy settings)"),  # type: ignore[arg-type]
-                      cls)
+    add_policy_arguments(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run until SIGTERM."""
     settings = from_namespace(EppSettings, args)
-    policy_settings = {cls: from_namespace(cls, args) for cls in settings_classes()}
+    policies = policy_settings(args)
     configure_logging(settings.log_format, settings.log_level)
-    return asyncio.run(serve(settings, policy_settings))
+    return asyncio.run(serve(settings, policies))

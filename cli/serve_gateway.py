@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from cli.routing_flags import add_policy_arguments, policy_settings
 from kvroute.settings import add_arguments, from_namespace
 from kvroute.telemetry import configure_logging
 from router_service.gateway.server import run as run_gateway
 from router_service.gateway.settings import GatewaySettings
-from router_service.policies.registry import settings_classes
 
 
 def add_parser(roles: Any, name: str) -> None:
@@ -22,15 +22,13 @@ def add_parser(roles: Any, name: str) -> None:
                     "by the routing core (its own replica of the registry's index) and "
                     "forwarded to the chosen engine.")
     add_arguments(p, GatewaySettings)
-    for cls in settings_classes():
-        add_arguments(p.add_argument_group(f"{cls.__name__} (policy settings)"),  # type: ignore[arg-type]
-                      cls)
+    add_policy_arguments(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run until SIGTERM."""
     settings = from_namespace(GatewaySettings, args)
-    policy_settings = {cls: from_namespace(cls, args) for cls in settings_classes()}
+    policies = policy_settings(args)
     configure_logging(settings.log_format, settings.log_level)
-    return run_gateway(settings, policy_settings)
+    return run_gateway(settings, policies)

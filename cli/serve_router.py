@@ -6,10 +6,10 @@ import argparse
 import asyncio
 from typing import Any
 
+from cli.routing_flags import add_policy_arguments, policy_settings
 from kvroute.settings import add_arguments, from_namespace
 from kvroute.telemetry import configure_logging
-from router_service.disagg import DisaggSettings
-from router_service.policies.registry import available, settings_classes
+from router_service.policies.registry import available
 from router_service.server import serve
 from router_service.settings import RouterSettings
 
@@ -23,18 +23,13 @@ def add_parser(roles: Any, name: str) -> None:
                     "placement from the registry and applies a routing policy. Policies: "
                     f"{policies}.")
     add_arguments(p, RouterSettings)
-    for cls in settings_classes():
-        add_arguments(p.add_argument_group(f"{cls.__name__} (policy settings)"),  # type: ignore[arg-type]
-                      cls)
-    add_arguments(p.add_argument_group("DisaggSettings (decode node of prefill/decode pairs)"),  # type: ignore[arg-type]
-                  DisaggSettings)
+    add_policy_arguments(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run until SIGTERM."""
     settings = from_namespace(RouterSettings, args)
-    policy_settings: dict[type[Any], Any] = {cls: from_namespace(cls, args)
-                       for cls in [*settings_classes(), DisaggSettings]}
+    policies = policy_settings(args)
     configure_logging(settings.log_format, settings.log_level)
-    return asyncio.run(serve(settings, policy_settings))
+    return asyncio.run(serve(settings, policies))
