@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from engine_sim import kv_transfer
 from engine_sim.tokenizer import SimpleTokenizer
 
 if TYPE_CHECKING:
@@ -86,7 +87,12 @@ async def chat_completions(api: Api, request: web.Request, body: dict[str, Any],
     """``POST /v1/chat/completions`` for an already validated body."""
     tokens = chat_prompt_ids(body)
     model = api.engine.settings.model
-    req = await api.run(tokens, max_tokens, client_id)
+    try:
+        kvt = kv_transfer.parse(body)
+    except ValueError as exc:
+        raise ChatError(str(exc)) from exc
+    req = await api.run(tokens, max_tokens, client_id, kvt.remote_prefill,
+                        api.half(request, body))
     cid = f"chatcmpl-{req.request_id}"
     created = int(time.time())
     out_ids = TOKENIZER.output_ids(req.request_id, req.max_tokens)
@@ -94,12 +100,15 @@ async def chat_completions(api: Api, request: web.Request, body: dict[str, Any],
     opts = body.get("stream_options") or {}
     if not body.get("stream"):
         await api.engine.sleep_until(req.finished_at or 0.0)
-        return web.json_response({
+        out: dict[str, Any] = {
             "id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant",
                                                   "content": TOKENIZER.decode(out_ids)},
                          "logprobs": None, "finish_reason": "length", "stop_reason": None}],
-            "usage": usage})
+            "usage": usage}
+        if kvt.remote_decode:  # vLLM P/D: where the decode engine pulls the KV from
+            out["kv_transfer_params"] = api.handover(request, req)
+        return web.json_response(out)
     resp = await api.sse_start(request)
     try:
         pairs = await api.paced(req, out_ids)

@@ -43,7 +43,10 @@ class RequestRecord:
     transfer_blocks: int = 0
     """Disaggregated decode: KV blocks received from the prefill engine instead of computed."""
     remote_kv: bool = False
-    """The request came with vLLM's ``kv_transfer_params.do_remote_prefill``."""
+    """Its KV was prefilled elsewhere (vLLM's ``kv_transfer_params.do_remote_prefill`` or the
+    decode half of SGLang's ``bootstrap_room``)."""
+    kv_wait_s: float = 0.0
+    """SGLang decode half: model seconds it waited for the prefill before arriving here."""
 
     @property
     def ttft(self) -> float:
@@ -141,7 +144,7 @@ class SimEngine:
                 req.client_request_id or req.request_id, req.prompt_tokens,
                 req.cached_tokens, req.max_tokens,
                 req.arrival, req.admitted_at, req.first_token_at, req.finished_at,
-                req.transfer_blocks, req.remote_kv))
+                req.transfer_blocks, req.remote_kv, req.kv_wait_s))
 
     # ---- requests ------------------------------------------------------------------------
     def make_request(self, token_ids: list[int], max_tokens: int,

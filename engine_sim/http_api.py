@@ -3,7 +3,8 @@
 - ``POST /v1/completions``: prompt as text, token ids, or a one-element list of either;
   ``max_tokens``; ``stream`` (SSE, ``stream_options.include_usage``); ``usage`` with
   ``prompt_tokens_details.cached_tokens`` measured from the cache; vLLM's disaggregated
-  ``kv_transfer_params`` (:mod:`engine_sim.kv_transfer`).
+  ``kv_transfer_params`` (:mod:`engine_sim.kv_transfer`) and SGLang's ``bootstrap_room``
+  (:mod:`engine_sim.bootstrap`; the bootstrap server is ``GET /kvroute/bootstrap/rooms/{room}``).
 - ``POST /v1/chat/completions``: ``messages`` rendered with a fixed ChatML-style template
   (:mod:`engine_sim.chat_api`), streaming or not, same usage.
 - ``POST /v1/completions/render``: a list of ``{token_ids, ...}`` (what vllm-router cache_aware
@@ -34,8 +35,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engine_sim import kv_transfer
+from engine_sim.bootstrap import BootstrapError
 from engine_sim.engine import SimEngine
 from engine_sim.model import RequestTooLarge, SimRequest
+from engine_sim.pd_api import Half, PdHalves
 from engine_sim.tokenizer import SimpleTokenizer
 
 log = logging.getLogger(__name__)
@@ -116,26 +119,49 @@ class Api:
 
     def __init__(self, engine: SimEngine) -> None:
         self.engine = engine
+        self.pd = PdHalves(engine)
 
     def _check_model(self, body: dict[str, Any]) -> None:
         model = body.get("model")
         if model is not None and model != self.engine.settings.model:
             raise BadRequest(f"The model `{model}` does not exist.", 404)
 
+    def half(self, request: web.Request, body: dict[str, Any]) -> Half | None:
+        """The SGLang PD half this engine runs for the request (None: not SGLang PD)."""
+        try:
+            return self.pd.side(request, body)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+
     async def run(self, tokens: list[int], max_tokens: int, client_id: str,
-                  remote_kv: bool = False) -> SimRequest:
+                  remote_kv: bool = False, half: Half | None = None) -> SimRequest:
         s = self.engine.settings
         if not tokens:
             raise BadRequest("prompt is empty")
         if len(tokens) > s.max_prompt_tokens:
             raise BadRequest(f"prompt has {len(tokens)} tokens; the limit is "
                              f"{s.max_prompt_tokens} (--max-prompt-tokens)")
+        waited = 0.0
+        if half is not None and half.prefill:
+            max_tokens = 1  # SGLang's prefill server stops after the prefill
+        elif half is not None:  # decode half: the KV comes from the prefill engine
+            try:
+                waited = await self.pd.receive(half, len(tokens))
+            except BootstrapError as exc:
+                raise BadRequest(str(exc), 503) from exc
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from exc
+            remote_kv = True
         try:
             req = self.engine.make_request(tokens, max_tokens, client_id)
             req.remote_kv = remote_kv
-            return await self.engine.submit(req)
+            req.kv_wait_s = waited
+            req = await self.engine.submit(req)
         except (RequestTooLarge, ValueError) as exc:
             raise BadRequest(str(exc)) from exc
+        if half is not None and half.prefill:
+            await self.pd.prefilled(half, req)
+        return req
 
     # ---- OpenAI completions ----------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -156,7 +182,8 @@ class Api:
             kvt = kv_transfer.parse(body)
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
-        req = await self.run(tokens, max_tokens, _client_id(request, body), kvt.remote_prefill)
+        req = await self.run(tokens, max_tokens, _client_id(request, body), kvt.remote_prefill,
+                             self.half(request, body))
         cid = f"cmpl-{req.request_id}"
         created = int(time.time())
         out_ids = TOKENIZER.output_ids(req.request_id, req.max_tokens)
@@ -171,9 +198,7 @@ class Api:
                              "prompt_logprobs": None}],
                 "usage": usage}
             if kvt.remote_decode:  # vLLM P/D: where the decode engine pulls the KV from
-                host, port = request.url.host or "127.0.0.1", request.url.port or 80
-                out["kv_transfer_params"] = kv_transfer.handover(
-                    req, f"engine-sim-{host}:{port}", host, port, self.engine.settings.block_size)
+                out["kv_transfer_params"] = self.handover(request, req)
             return web.json_response(out)
         resp = await self.sse_start(request)
         try:
@@ -211,6 +236,12 @@ class Api:
                                           _client_id(request, body))
         except ChatError as exc:
             raise BadRequest(str(exc)) from exc
+
+    def handover(self, request: web.Request, req: SimRequest) -> dict[str, Any]:
+        """vLLM P/D: the prefill answer's ``kv_transfer_params`` for the decode request."""
+        host, port = request.url.host or "127.0.0.1", request.url.port or 80
+        return kv_transfer.handover(req, f"engine-sim-{host}:{port}", host, port,
+                                    self.engine.settings.block_size)
 
     def usage(self, req: SimRequest) -> dict[str, Any]:
         return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.max_tokens,
@@ -264,45 +295,6 @@ class Api:
         return web.json_response({"tokens": tokens, "count": len(tokens),
                                   "max_model_len": self.engine.settings.max_prompt_tokens})
 
-    # ---- SGLang native ---------------------------------------------------------------------
-    async def generate(self, request: web.Request) -> web.StreamResponse:
-        """``POST /generate`` (SGLang): ``input_ids`` or ``text``; ``sampling_params``."""
-        body = await _body(request)
-        if body.get("input_ids") is not None:
-            ids = body["input_ids"]
-            if not isinstance(ids, list):
-                raise BadRequest("input_ids must be a list of token ids")
-            tokens = _prompt_tokens(ids, "input_ids")
-        elif body.get("text") is not None:
-            tokens = _prompt_tokens(body["text"], "text")
-        else:
-            raise BadRequest("one of input_ids or text is required")
-        params = body.get("sampling_params") or {}
-        if not isinstance(params, dict):
-            raise BadRequest("sampling_params must be an object")
-        max_new = _int_field(params, ("max_new_tokens",), self.engine.settings.max_tokens_default)
-        req = await self.run(tokens, max_new, _client_id(request, body))
-        out_ids = TOKENIZER.output_ids(req.request_id, req.max_tokens)
-        meta = {"id": req.client_request_id or req.request_id,
-                "prompt_tokens": req.prompt_tokens, "completion_tokens": req.max_tokens,
-                "cached_tokens": req.cached_tokens,
-                "finish_reason": {"type": "length", "length": req.max_tokens}}
-        if not body.get("stream"):
-            await self.engine.sleep_until(req.finished_at or 0.0)
-            return web.json_response({"text": TOKENIZER.decode(out_ids), "output_ids": out_ids,
-                                      "meta_info": meta})
-        resp = await self.sse_start(request)
-        try:
-            for i, _ in await self.paced(req, out_ids):
-                await self.wait_token(req, i)
-                await self.sse(resp, {"text": TOKENIZER.decode(out_ids[: i + 1]),
-                                       "output_ids": out_ids[: i + 1], "meta_info": meta})
-            await resp.write(b"data: [DONE]\n\n")
-        except BaseException:  # client gone (or cancelled): free the request's blocks
-            self.engine.abort(req)
-            raise
-        return resp
-
     async def wait_token(self, req: SimRequest, i: int) -> None:
         first = req.first_token_at or 0.0
         await self.engine.sleep_until(first + i * self.engine.model.params.decode_s_per_token)
@@ -319,19 +311,6 @@ class Api:
     async def health(self, request: web.Request) -> web.Response:
         """``GET /health``: 200 while serving."""
         return web.Response(status=200)
-
-    async def server_info(self, request: web.Request) -> web.Response:
-        """SGLang-style ``/server_info``; no ``model_path`` on purpose (PEERS.md)."""
-        s = self.engine.settings
-        return web.json_response({"served_model_name": s.model, "page_size": s.block_size,
-                                  "max_running_requests": s.max_running,
-                                  "engine": "kvroute-engine-sim",
-                                  "disaggregation_mode": {"both": "null"}.get(s.role, s.role)})
-
-    async def model_info(self, request: web.Request) -> web.Response:
-        """SGLang-style ``/model_info`` without ``model_path``/``tokenizer_path``."""
-        return web.json_response({"is_generation": True,
-                                  "served_model_name": self.engine.settings.model})
 
     async def get_load(self, request: web.Request) -> web.Response:
         """``GET /get_load``: running, waiting and KV usage now."""
@@ -355,7 +334,10 @@ class Api:
         except ValueError as exc:
             raise BadRequest("since must be an integer") from exc
         with_records = request.query.get("records", "1") not in ("0", "false", "no")
-        return web.json_response(self.engine.stats(since, with_records))
+        out = self.engine.stats(since, with_records)
+        out["bootstrap_rooms_done"] = self.pd.rooms.done_total
+        out["bootstrap_rooms_failed"] = self.pd.rooms.failed_total
+        return web.json_response(out)
 
     async def stats_reset(self, request: web.Request) -> web.Response:
         """``POST /kvroute/stats/reset``: forget per-request records."""
@@ -379,24 +361,43 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 def make_app(engine: SimEngine, registry: CollectorRegistry) -> web.Application:
     """The aiohttp application serving ``engine``."""
+    from engine_sim.sglang_api import SglangApi
+
     app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
     app[ENGINE_KEY] = engine
     app[REGISTRY_KEY] = registry
     api = Api(engine)
+
+    def guarded(handler: Any) -> Any:
+        async def serve(request: web.Request) -> web.StreamResponse:
+            try:
+                resp: web.StreamResponse = await handler(request)
+                return resp
+            except BaseException as exc:  # an SGLang prefill half fails its room
+                api.pd.failed(request, exc)
+                raise
+        return serve
+
+    async def close(_app: web.Application) -> None:
+        await api.pd.close()
+
+    app.on_cleanup.append(close)
+    sglang = SglangApi(api)
     app.add_routes([
-        web.post("/v1/completions", api.completions),
-        web.post("/v1/chat/completions", api.chat),
+        web.post("/v1/completions", guarded(api.completions)),
+        web.post("/v1/chat/completions", guarded(api.chat)),
         web.post("/v1/completions/render", api.render),
         web.post("/tokenize", api.tokenize),
-        web.post("/generate", api.generate),
+        web.post("/generate", guarded(sglang.generate)),
+        web.get("/kvroute/bootstrap/rooms/{room}", api.pd.rooms_handler),
         web.get("/v1/models", api.models),
         web.get("/health", api.health),
         web.get("/get_load", api.get_load),
         web.get("/metrics", api.metrics),
-        web.get("/server_info", api.server_info),
-        web.get("/get_server_info", api.server_info),
-        web.get("/model_info", api.model_info),
-        web.get("/get_model_info", api.model_info),
+        web.get("/server_info", sglang.server_info),
+        web.get("/get_server_info", sglang.server_info),
+        web.get("/model_info", sglang.model_info),
+        web.get("/get_model_info", sglang.model_info),
         web.post("/reset_prefix_cache", api.reset_prefix_cache),
         web.get("/kvroute/stats", api.stats),
         web.post("/kvroute/stats/reset", api.stats_reset),

@@ -69,6 +69,8 @@ class SimRequest:
     """Blocks received from the prefill engine (``remote_kv`` only)."""
     transfer_s: float = 0.0
     """Seconds spent receiving them."""
+    kv_wait_s: float = 0.0
+    """SGLang-style decode half: seconds it waited for its prefill before queueing here."""
 
     def __post_init__(self) -> None:
         if self.token_ids is not None:

@@ -50,7 +50,13 @@ class EngineSimSettings(ServerSettings):
     role: str = setting(
         "both", "Disaggregated prefill/decode role (reported in /server_info): prefill, decode "
         "or both. Any engine answers vLLM's kv_transfer_params: do_remote_decode returns the "
-        "handover parameters, do_remote_prefill receives the KV instead of prefilling")
+        "handover parameters, do_remote_prefill receives the KV instead of prefilling. With "
+        "SGLang's bootstrap_room the role picks the half (a 'both' engine is the prefill when "
+        "bootstrap_port is its own HTTP port)")
+    bootstrap_timeout_s: float = setting(
+        60.0, "SGLang-style disaggregation (bootstrap_room): wall seconds a decode request waits "
+        "for its prefill on the prefill engine's bootstrap server (engine_sim's is its HTTP "
+        "port) before answering 503")
     transfer_ms_per_block: float = setting(
         2.0 / 512 * 16, "Model milliseconds to receive one KV block from a prefill engine "
         "(default: the seed's 2 ms per 512 tokens at 16-token blocks)")
@@ -101,6 +107,7 @@ class EngineSimSettings(ServerSettings):
         require(self.role in ("both", "prefill", "decode"), "role",
                 "must be prefill, decode or both")
         require(self.transfer_ms_per_block >= 0, "transfer_ms_per_block", "must be >= 0")
+        require(self.bootstrap_timeout_s > 0, "bootstrap_timeout_s", "must be > 0")
         require(self.time_scale > 0, "time_scale", "must be > 0")
         require(self.encoding in ("map", "positional"), "encoding", "must be map or positional")
         require(self.hash_type in ("int", "bytes"), "hash_type", "must be int or bytes")

@@ -247,3 +247,77 @@ def test_vllm_kv_transfer_params_prefill_then_decode(tmp_path: Path) -> None:
         assert srv.stop() == 0
     finally:
         srv.stop()
+
+
+def test_sglang_bootstrap_prefill_and_decode(tmp_path: Path) -> None:
+    """SGLang's P/D protocol: the same body (bootstrap_host/port/room) goes to both engines at
+    once; the decode waits on the prefill engine's bootstrap server, then receives the KV."""
+    srv = start_server("engine-sim", [*ARGS, "--engines", "2", "--transfer-ms-per-block", "5",
+                                      "--bootstrap-timeout-s", "2"], tmp_path, name="sgl")
+    try:
+        pre, dec = (ServerProcess("engine-sim", srv.process, e) for e in srv.ready["engines"])
+        prompt = list(range(9000, 9040))  # 2 full blocks + 8 tokens
+        boot = {"bootstrap_host": "127.0.0.1", "bootstrap_port": pre.ready["http_port"],
+                "bootstrap_room": 2**63 - 5}
+        body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 4}, "rid": "sg-1",
+                **boot}
+        answers: dict[str, Any] = {}
+
+        def send(name: str, target: ServerProcess) -> None:
+            answers[name] = post(target, "/generate", body)
+
+        # the decode request first: it must wait for the prefill, not fail
+        threads = [threading.Thread(target=send, args=("dec", dec))]
+        threads[0].start()
+        time.sleep(0.2)
+        threads.append(threading.Thread(target=send, args=("pre", pre)))
+        threads[1].start()
+        for t in threads:
+            t.join(10)
+        assert answers["pre"]["meta_info"]["completion_tokens"] == 1  # prefill stops there
+        assert answers["dec"]["meta_info"]["completion_tokens"] == 4
+        [p] = json.loads(get(pre, "/kvroute/stats"))["records"]
+        dstats = json.loads(get(dec, "/kvroute/stats"))
+        [d] = dstats["records"]
+        assert (p["request_id"], p["remote_kv"], p["completion_tokens"]) == ("sg-1", False, 1)
+        assert (d["request_id"], d["remote_kv"], d["transfer_blocks"]) == ("sg-1", True, 3)
+        assert d["kv_wait_s"] > 0 and dstats["cached_tokens"] == 0
+        assert json.loads(get(pre, "/kvroute/stats"))["bootstrap_rooms_done"] == 1
+        # received blocks are published as BlockStored by the decode engine
+        ev = msgspec.msgpack.decode(replay(dec.ready["replay_endpoint"], 0)[0][3])[1][0]
+        assert ev["type"] == "BlockStored" and ev["token_ids"] == prompt[:32]
+        # OpenAI route, second turn: the decode engine already holds the first 2 blocks
+        room2 = dict(boot, bootstrap_room=7)
+        longer = {"model": "sim-model", "prompt": [*prompt, *range(1, 30)], "max_tokens": 2,
+                  "user": "sg-2", **room2}
+        t = threading.Thread(target=lambda: answers.update(pre2=post(pre, "/v1/completions",
+                                                                     longer)))
+        t.start()
+        out = post(dec, "/v1/completions", longer)
+        t.join(10)
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
+        # a failed prefill fails its room: the decode answers 503 at once, naming it
+        bad = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 10**9},
+               "bootstrap_host": "127.0.0.1", "bootstrap_port": pre.ready["http_port"],
+               "bootstrap_room": 11}
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(pre, "/generate", bad)
+        assert err.value.code == 400
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(dec, "/generate", dict(bad, sampling_params={"max_new_tokens": 2}))
+        assert err.value.code == 503 and b"room 11" in err.value.read()
+        # no prefill ever: 503 after --bootstrap-timeout-s; a null port: 503; malformed: 400
+        t0 = time.monotonic()
+        for room, port, code in ((12, pre.ready["http_port"], 503), (13, None, 503),
+                                 (-1, pre.ready["http_port"], 400)):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                post(dec, "/generate", dict(body, bootstrap_room=room, bootstrap_port=port))
+            assert err.value.code == code
+        assert 1.5 < time.monotonic() - t0 < 10
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(dec, "/v1/completions", {"prompt": prompt, **boot,
+                                          "kv_transfer_params": {"do_remote_prefill": True}})
+        assert err.value.code == 400
+        assert srv.stop() == 0
+    finally:
+        srv.stop()

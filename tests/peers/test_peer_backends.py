@@ -176,3 +176,55 @@ def test_vllm_router_cache_aware_and_kv_aware(engines: list[ServerProcess],
         assert again["cached_tokens"] == 16 * 6
     finally:
         router.stop()
+
+
+def test_sglang_router_pd_mode_through_engine_sim(engines: list[ServerProcess],
+                                                  tmp_path: Path) -> None:
+    """sglang-router --pd-disaggregation in front of engine_sim: it injects bootstrap_host/
+    port/room and sends the request to the prefill and the decode engine; the engines' records
+    show the prefill (one token, computed) and the decode (KV received, not prefilled)."""
+    if importlib.util.find_spec("sglang_router") is None:
+        pytest.skip("sglang-router not installed (pip install 'kvroute[peers]')")
+    pre, dec = engines
+    port, prom = free_port(), free_port()
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9")  # never reach the model hub
+    router = _start_router("sglang-router-pd", [
+        sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+        "--port", str(port), "--pd-disaggregation",
+        # engine_sim's bootstrap server is its HTTP port
+        "--prefill", _url(pre), str(pre.ready["http_port"]), "--decode", _url(dec),
+        "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom),
+        "--log-level", "warn"], port, tmp_path, env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        prompt = list(range(3000, 3000 + 16 * 4 + 5))
+        out = _http("POST", base + "/generate", {
+            "model": MODEL, "input_ids": prompt, "sampling_params": {"max_new_tokens": 5},
+            "rid": "sg-pd-1"}, timeout=30)
+        assert out["meta_info"]["completion_tokens"] == 5  # the decode engine's answer
+        recs = {r["engine"]: r for r in _landed(engines, "sg-pd-1")}
+        p, d = recs[_url(pre)], recs[_url(dec)]
+        assert (p["completion_tokens"], p["remote_kv"], p["cached_tokens"]) == (1, False, 0)
+        assert (d["completion_tokens"], d["remote_kv"], d["transfer_blocks"]) == (5, True, 5)
+        assert d["cached_tokens"] == 0
+        # a follow-up turn: the prefill reuses its cache, the decode holds the first 4 blocks
+        out = _http("POST", base + "/generate", {
+            "model": MODEL, "input_ids": [*prompt, *range(1, 20)],
+            "sampling_params": {"max_new_tokens": 2}, "rid": "sg-pd-2"}, timeout=30)
+        assert out["meta_info"]["cached_tokens"] == 64
+        recs = {r["engine"]: r for r in _landed(engines, "sg-pd-2")}
+        assert recs[_url(pre)]["cached_tokens"] == 64
+        assert (recs[_url(dec)]["cached_tokens"], recs[_url(dec)]["transfer_blocks"]) == (64, 2)
+        # text on the OpenAI route, streamed from the decode engine
+        req = urllib.request.Request(base + "/v1/completions", method="POST", data=json.dumps({
+            "model": MODEL, "prompt": "disaggregated hello " * 12, "max_tokens": 3,
+            "stream": True, "user": "sg-pd-3"}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            events = [ln for ln in resp.read().split(b"\n") if ln.startswith(b"data: {")]
+        assert len(events) == 3
+        recs = {r["engine"]: r for r in _landed(engines, "sg-pd-3")}
+        assert recs[_url(dec)]["remote_kv"] and recs[_url(pre)]["completion_tokens"] == 1
+        assert _http("GET", _url(pre) + "/kvroute/stats?records=0")["bootstrap_rooms_done"] >= 3
+    finally:
+        assert router.stop() is not None
