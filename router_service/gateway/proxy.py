@@ -10,7 +10,8 @@ Lifecycle of a request (``Proxy.handle``):
    routing core decides in-process (no RPC).
 3. The body goes to the chosen engine. A connect error or a 5xx before the first byte releases
    the slot, marks the node suspect for the router and tries the next decision with that node
-   excluded (``--retries`` times). After the first byte nothing is retried: the engine's bytes
+   excluded (``--retries`` times; for a disaggregated pair, :mod:`router_service.gateway.pd`,
+   ``--retries`` per half). After the first byte nothing is retried: the engine's bytes
    (an error included) reach the client as they were sent; SSE streams are relayed chunk by
    chunk as they arrive.
 4. The core's in-flight slot is released (``complete``) on the last byte, on an engine error
@@ -29,7 +30,6 @@ import contextlib
 import itertools
 import logging
 import os
-import re
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -40,6 +40,8 @@ from multidict import CIMultiDict
 from kvroute.errors import KvrouteError
 from router_service.domain import RouteDecision, RouteRequest
 from router_service.gateway.metrics import GatewayMetrics
+from router_service.gateway.pd import EngineAnswer, NodeFailed, PdForwarder, drain
+from router_service.gateway.pd import cached_tokens as _cached_tokens
 from router_service.gateway.settings import GatewaySettings
 from router_service.gateway.upstream import (
     Response,
@@ -65,7 +67,6 @@ log = logging.getLogger(__name__)
 _HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                   "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
 _NOT_FORWARDED = _HOP | {"x-request-id", "expect"}  # the gateway answers 100-continue itself
-_CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 _HTTP_OF_GRPC = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "NOT_FOUND": 404,
                  "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
 
@@ -76,6 +77,7 @@ class Core(Protocol):
     async def decide(self, req: RouteRequest) -> RouteDecision: ...
     def complete(self, request_id: str, success: bool = True,
                  cached_tokens: int | None = None) -> bool: ...
+    def complete_prefill(self, request_id: str) -> bool: ...
     def mark_suspect(self, node_id: str, why: str) -> None: ...
     def known_nodes(self) -> list[NodeState]: ...
     def healthy_node_count(self, model: str | None = None) -> int: ...
@@ -117,6 +119,8 @@ class Proxy:
         self._busy_headers = {"Retry-After": str(settings.retry_after_s)}
         self._targets: dict[str, Target] = {}
         self._counted: dict[tuple[str, str], Any] = {}
+        self.pd = PdForwarder(core, upstream.post, self._target, settings.pd_protocol,
+                              settings.pd_bootstrap_port)
 
     def _target(self, address: str) -> Target:
         """The engine's host, port and TLS, parsed once per address."""
@@ -205,7 +209,12 @@ class Proxy:
                              lora_name=resolved.lora_name, allowed=resolved.allowed,
                              session_id=headers.get(self.s.session_header),
                              policy=headers.get(self.s.policy_header))
-        up, decision = await self._connect(base, endpoint, raw, fwd, t0)
+        try:
+            up, decision = await self._connect(base, endpoint, req, raw, fwd, t0)
+        except EngineAnswer as ans:  # a prefill node refused the request: relay its answer
+            return web.Response(status=ans.status, body=ans.body, headers={
+                "Content-Type": ans.content_type or "application/json",
+                "x-request-id": client_rid})
         try:
             return await self._relay(request, req, up, decision, client_rid, t0)
         finally:
@@ -221,53 +230,71 @@ class Proxy:
         except KvrouteError as exc:
             raise core_error(exc) from None
 
-    async def _connect(self, base: RouteRequest, endpoint: Endpoint, raw: bytes,
-                       fwd: dict[str, str], t0: float,
+    async def _connect(self, base: RouteRequest, endpoint: Endpoint, req: OpenAIRequest,
+                       raw: bytes, fwd: dict[str, str], t0: float,
                        ) -> tuple[Response, RouteDecision]:
+        """Decide and send, retrying on a new decision without a node that failed before the
+        first byte (a disaggregated pair goes through :class:`PdForwarder`)."""
         excluded: frozenset[str] = frozenset()
         path = ENDPOINT_PATHS[endpoint]
         m = self.metrics
-        for attempt in range(self.s.retries + 1):
+        failures = {"prefill": 0, "node": 0}  # each half of a pair gets --retries
+        for attempt in itertools.count():
             decision = await self._decide(base, excluded)
             if attempt == 0:
                 m.overhead.observe(time.perf_counter() - t0)
-            last = attempt == self.s.retries
+            pair = decision.disaggregated and decision.decode_node_id != decision.node_id
             try:
-                up = await self.upstream.post(self._target(decision.address), path, fwd, raw)
+                if pair:
+                    up = await self.pd.attempt(decision, path, req.body, fwd,
+                                               failures["node"] >= self.s.retries)
+                else:
+                    up = await self._attempt(decision, path, raw, fwd,
+                                             failures["node"] >= self.s.retries)
+                return up, decision
+            except NodeFailed as exc:
+                self.core.complete(base.request_id, success=False)
+                m.upstream_errors.labels(exc.label).inc()
+                self.core.mark_suspect(exc.node_id, exc.why)
+                half = "prefill" if pair and exc.node_id == decision.node_id else "node"
+                failures[half] += 1
+                last = failures[half] > self.s.retries
+                log.warning("engine %s (%s) failed before the first byte: %s%s", exc.node_id,
+                            exc.address, exc.why, "" if last else "; retrying on another node")
+                if last:
+                    raise OpenAIError(502, f"engine {exc.node_id} ({exc.address}) "
+                                      f"failed: {exc.why}") from None
+                excluded = excluded | {exc.node_id}
             except BaseException as exc:
                 self.core.complete(base.request_id, success=False)
                 if isinstance(exc, TimeoutError):
-                    raise OpenAIError(504, f"engine {decision.node_id} did not answer within "
-                                      f"{self.s.read_timeout_s} s (--read-timeout-s)") from None
-                if not isinstance(exc, UpstreamError):
-                    raise
-                why = f"{type(exc).__name__}: {exc}"
-                m.upstream_errors.labels("connect").inc()
-                self.core.mark_suspect(decision.node_id, why)
-                log.warning("engine %s (%s) failed before the first byte: %s%s",
-                            decision.node_id, decision.address, why,
-                            "" if last else "; retrying on another node")
-                if last:
-                    raise OpenAIError(502, f"engine {decision.node_id} ({decision.address}) "
-                                      f"failed: {why}") from None
-            else:
-                if up.status < 500 or last:
-                    return up, decision
-                body = await _drain(up)
-                self.core.complete(base.request_id, success=False)
-                m.upstream_errors.labels("status").inc()
-                why = f"HTTP {up.status}: {body[:200]!r}"
-                self.core.mark_suspect(decision.node_id, why)
-                log.warning("engine %s answered %s before the first byte; retrying on "
-                            "another node", decision.node_id, why)
+                    raise OpenAIError(504, f"engine of {decision.node_id} did not answer "
+                                      f"within {self.s.read_timeout_s} s "
+                                      f"(--read-timeout-s)") from None
+                raise
             m.retries.inc()
-            excluded = excluded | {decision.node_id}
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempt(self, d: RouteDecision, path: str, raw: bytes, fwd: dict[str, str],
+                       last: bool) -> Response:
+        """One aggregated attempt: the response head, or NodeFailed."""
+        try:
+            up = await self.upstream.post(self._target(d.address), path, fwd, raw)
+        except UpstreamError as exc:
+            raise NodeFailed(d.node_id, d.address, f"{type(exc).__name__}: {exc}",
+                             "connect") from None
+        if up.status >= 500 and not last:
+            body = await drain(up)
+            raise NodeFailed(d.node_id, d.address, f"HTTP {up.status}: {body[:200]!r}",
+                             "status")
+        return up
 
     # -- relay ------------------------------------------------------------------------------
     def _headers(self, up: Response, d: RouteDecision, client_rid: str) -> CIMultiDict[str]:
         h = CIMultiDict((k, v) for k, v in up.headers if k.lower() not in _HOP)
         h["x-kvroute-node"] = d.node_id
+        if d.disaggregated:
+            h["x-kvroute-decode-node"] = d.decode_node_id
         h["x-kvroute-policy"] = d.policy
         h["x-kvroute-predicted-cached-tokens"] = str(d.expected_cached_tokens)
         h["x-request-id"] = client_rid
@@ -350,22 +377,9 @@ class Proxy:
         self._complete(rid, ok, _cached_tokens(body), d)
 
     def _complete(self, rid: str, ok: bool, cached: int | None, d: RouteDecision) -> None:
+        if d.disaggregated:  # what the prefill node served from its cache (the prediction's)
+            cached = self.pd.prefill_cached.pop(rid, None)
         self.core.complete(rid, success=ok, cached_tokens=cached)
         if cached is not None:
             self.metrics.cached_tokens.inc(cached)
             self.metrics.predicted_tokens.inc(d.expected_cached_tokens)
-
-
-async def _drain(up: Response) -> bytes:
-    try:
-        return await up.read()
-    except (UpstreamError, TimeoutError):
-        return b""
-    finally:
-        up.release()
-
-
-def _cached_tokens(body: bytes) -> int | None:
-    """``usage.prompt_tokens_details.cached_tokens`` of a response body or SSE window."""
-    hits: list[Any] = _CACHED.findall(body)
-    return int(hits[-1]) if hits else None

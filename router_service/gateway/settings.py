@@ -62,6 +62,17 @@ class GatewaySettings(RouterSettings):
     policy_header: str = setting(
         "x-kvroute-policy", "Request header naming a routing policy for this request")
     uvloop: bool = setting(True, "Run on uvloop when installed (faster event loop)")
+    pd_protocol: str = setting(
+        "vllm", "Disaggregated models (prefill-only and decode-only nodes): how the gateway hands "
+        "a prompt's KV from the prefill to the decode node. vllm: prefill with "
+        "kv_transfer_params.do_remote_decode and max_tokens 1, then decode with the prefill "
+        "answer's kv_transfer_params (vLLM with a KV connector, e.g. NIXL); sglang: the same "
+        "body with bootstrap_host/bootstrap_port/bootstrap_room to both nodes at once (SGLang "
+        "--disaggregation-mode)")
+    pd_bootstrap_port: int = setting(
+        8998, "--pd-protocol sglang: the prefill nodes' bootstrap port (SGLang "
+        "--disaggregation-bootstrap-port, default 8998); 0 = each prefill node's own HTTP port "
+        "(engine_sim)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +86,9 @@ class GatewaySettings(RouterSettings):
         require(self.models_refresh_s > 0, "models_refresh_s", "must be > 0")
         require(bool(self.session_header), "session_header", "must not be empty")
         require(bool(self.policy_header), "policy_header", "must not be empty")
+        require(self.pd_protocol in ("vllm", "sglang"), "pd_protocol", "must be vllm or sglang")
+        require(0 <= self.pd_bootstrap_port <= 65535, "pd_bootstrap_port",
+                "must be a port number, or 0 for each prefill node's HTTP port")
         try:
             parse_tokenizer_dirs(self.tokenizer_dirs)
         except ValueError as exc:
