@@ -89,9 +89,12 @@ def _add_pd_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pd-strategies", default=",".join(PD_STRATEGIES), metavar="P/D,...",
                    help="prefill policy/decode choice pairs to compare")
     g.add_argument("--pd-peers", default="", metavar="vllm-router:P/D,...",
-                   help="--mode stack: vllm-router --vllm-pd-disaggregation runs in front of the "
-                        "same engines, e.g. vllm-router:kv_aware/power_of_two (its kv_aware "
-                        "needs 16-token blocks), vllm-router:cache_aware/power_of_two")
+                   help="--mode stack: peer routers in their PD modes in front of the same "
+                        "engines: vllm-router --vllm-pd-disaggregation, e.g. "
+                        "vllm-router:kv_aware/power_of_two (its kv_aware needs 16-token blocks), "
+                        "vllm-router:cache_aware/power_of_two; sglang-router --pd-disaggregation "
+                        "(SGLang's bootstrap protocol), e.g. sglang-router:cache_aware/"
+                        "power_of_two")
     add_arguments(g, DisaggSettings)  # type: ignore[arg-type]
 
 

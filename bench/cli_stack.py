@@ -240,10 +240,9 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
     peers = [x.strip() for x in (args.pd_peers or "").split(",") if x.strip()]
     for peer in peers:
         name, _, pair = peer.partition(":")
-        if name != "vllm-router" or "/" not in pair:
-            raise ConfigError(f"--pd-peers: {peer!r} is not vllm-router:PREFILL/DECODE "
-                              f"(sglang-router's PD mode needs the bootstrap protocol, which "
-                              f"engine_sim does not speak yet)")
+        if name not in ("vllm-router", "sglang-router") or "/" not in pair:
+            raise ConfigError(f"--pd-peers: {peer!r} is not vllm-router:PREFILL/DECODE or "
+                              f"sglang-router:PREFILL/DECODE")
     runs = run_stack_pd(workdir / "stack-pd", spec, workload, p, strategies, progress, peers)
     sim = run_pd(workload, settings, p, d, transfer_s_per_block, kv, disagg, strategies,
                  args.seed)

@@ -182,10 +182,12 @@ def run_stack_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nod
                  strategies: list[str], progress: Callable[[int], None] | None = None,
                  peers: list[str] | None = None) -> list[PdRun]:
     """One fleet (P prefill + D decode engines with agents, registry, router, etcd), every
-    strategy replayed on emptied caches; then each ``vllm-router:PREFILL/DECODE`` peer in front
-    of the same engines (:mod:`bench.stack_pd_peer`)."""
+    strategy replayed on emptied caches; then each ``vllm-router:PREFILL/DECODE`` or
+    ``sglang-router:PREFILL/DECODE`` peer in front of the same engines
+    (:mod:`bench.stack_pd_peer`, :mod:`bench.stack_pd_sglang`)."""
     from bench.stack_backend import StackBackend
     from bench.stack_pd_peer import replay_vllm_router_pd
+    from bench.stack_pd_sglang import replay_sglang_router_pd
 
     out: list[PdRun] = []
     with StackBackend(workdir, spec) as stack:
@@ -198,9 +200,12 @@ def run_stack_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nod
                 spec.model, spec.time_scale, spec.prefill_tokens_per_s, progress, prompts)))
         engines = stack.fleet.engines
         for peer in peers or []:
-            pre, _, dec = peer.removeprefix("vllm-router:").partition("/")
+            name, _, pair = peer.partition(":")
+            pre, _, dec = pair.partition("/")
+            replay = (replay_sglang_router_pd if name == "sglang-router"
+                      else replay_vllm_router_pd)
             asyncio.run(stack.reset_fleet())
-            out.append(asyncio.run(replay_vllm_router_pd(
+            out.append(asyncio.run(replay(
                 workload, pre, dec, engines[:prefill_nodes], engines[prefill_nodes:],
                 spec.model, workdir / "peers", spec.time_scale, spec.prefill_tokens_per_s,
                 prompts, progress)))

@@ -10,6 +10,8 @@ sends every request to the router at its compressed arrival time with ``user`` =
 (forwarded unchanged), and the run is built from the engines' own records exactly like
 kvroute's (:mod:`bench.stack_pd`): the prefill record on a prefill engine, the decode record on
 a decode engine; the router's internal hand-over is not in the TTFT (nor is kvroute's).
+:func:`replay_pd_router` is the replay of any peer router in its PD mode (sglang-router's:
+:mod:`bench.stack_pd_sglang`).
 """
 
 from __future__ import annotations
@@ -67,11 +69,31 @@ async def replay_vllm_router_pd(workload: Workload, prefill_policy: str, decode_
     proc = RouterProcess(f"vllm-router-pd-{prefill_policy}-{decode_policy}",
                          vllm_router_argv(exe, port, prefill, decode, prefill_policy,
                                           decode_policy), port, workdir)
+
+    def body(i: int) -> tuple[str, bytes]:
+        r = workload.requests[i]
+        return "/v1/completions", json_body({"model": model,
+                                             "max_tokens": max(1, r.output_tokens),
+                                             "user": r.request_id}, "prompt", prompts[i])
+
+    return await replay_pd_router(proc, f"vllm-router-pd:{prefill_policy}/{decode_policy}",
+                                  workload, prefill, decode, body, time_scale,
+                                  prefill_tokens_per_s, progress)
+
+
+async def replay_pd_router(proc: RouterProcess, name: str, workload: Workload,
+                           prefill: list[EngineHandle], decode: list[EngineHandle],
+                           body: Callable[[int], tuple[str, bytes]], time_scale: float,
+                           prefill_tokens_per_s: float,
+                           progress: Callable[[int], None] | None = None) -> PdRun:
+    """Start ``proc`` (a peer router in its PD mode), send every request at its compressed
+    arrival time (``body(i)`` = path and body; the request id must reach both engines'
+    records), stop it, and build the run from the engines' records."""
     proc.start()
     engines = [*prefill, *decode]
     node_ids = [e.node_id for e in engines]
     n = len(workload.requests)
-    run = PolicyRun(f"vllm-router-pd:{prefill_policy}/{decode_policy}", node_ids, n)
+    run = PolicyRun(name, node_ids, n)
     run.init_requests(n)
     nan = math.nan
     pd = PdRun(run, len(prefill), [-1] * n, [0] * n, [nan] * n, [nan] * n, [nan] * n,
@@ -87,10 +109,8 @@ async def replay_vllm_router_pd(workload: Workload, prefill_policy: str, decode_
                     resp.raise_for_status()
 
             async def one(i: int) -> None:
-                r = workload.requests[i]
-                body = json_body({"model": model, "max_tokens": max(1, r.output_tokens),
-                                  "user": r.request_id}, "prompt", prompts[i])
-                errors[i] = await post_json(http, proc.base + "/v1/completions", body)
+                path, data = body(i)
+                errors[i] = await post_json(http, proc.base + path, data)
 
             tasks = []
             start = time.perf_counter()
