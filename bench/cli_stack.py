@@ -24,7 +24,7 @@ from bench.stack_backend import GATEWAY_PREFIX, STACK_POLICIES, StackBackend, sp
 from bench.stack_fleet import FleetSpec, router_flags
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
-from kvroute.settings import flag_name, from_namespace
+from kvroute.settings import from_namespace
 from router_service.disagg import DisaggSettings
 from router_service.policies.kv_aware import KvAwareSettings
 
@@ -212,6 +212,7 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
     the strategies the router serves, next to the sim replay of the same strategies."""
     from bench.pd_bench import pd_metrics, run_pd
     from bench.stack_pd import STACK_PD_STRATEGIES, run_stack_pd
+    from bench.stack_pd_gateway import pd_router_flags
 
     bad = [s for s in strategies if s not in STACK_PD_STRATEGIES]
     if bad:
@@ -219,13 +220,7 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
                           f"--mode stack runs {', '.join(STACK_PD_STRATEGIES)}")
     p, d = args.prefill_nodes, args.decode_nodes
     ts = args.time_scale
-    scaled = dataclasses.replace(  # the router lives on the wall clock (see router_flags)
-        disagg, pd_transfer_s_per_block=disagg.pd_transfer_s_per_block * ts,
-        pd_decode_load_cost_s=disagg.pd_decode_load_cost_s * ts,
-        pd_headroom_penalty_s=disagg.pd_headroom_penalty_s * ts)
-    pd_flags: list[str] = []
-    for f in dataclasses.fields(scaled):
-        pd_flags += [flag_name(f), str(getattr(scaled, f.name))]
+    pd_flags = pd_router_flags(disagg, ts)  # the router lives on the wall clock
     spec = FleetSpec(nodes=p + d, cache_blocks=settings.cache_blocks,
                      block_size=workload.block_size,
                      prefill_tokens_per_s=settings.prefill_tokens_per_s,

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -81,7 +81,24 @@ async def replay_vllm_router_pd(workload: Workload, prefill_policy: str, decode_
                                   prefill_tokens_per_s, progress)
 
 
-async def replay_pd_router(proc: RouterProcess, name: str, workload: Workload,
+class PdFront(Protocol):
+    """A router in front of the P+D fleet: started and stopped around the replay."""
+
+    @property
+    def base(self) -> str:
+        """Its ``http://host:port``."""
+        ...
+
+    def start(self) -> object:
+        """Start it (return once it serves)."""
+        ...
+
+    def stop(self) -> object:
+        """Stop it."""
+        ...
+
+
+async def replay_pd_router(proc: PdFront, name: str, workload: Workload,
                            prefill: list[EngineHandle], decode: list[EngineHandle],
                            body: Callable[[int], tuple[str, bytes]], time_scale: float,
                            prefill_tokens_per_s: float,

@@ -44,6 +44,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--policies", default=",".join(POLICIES), metavar="A,B,...",
                    help=f"router policies to compare (default {','.join(POLICIES)})")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-disaggregated", action="store_true",
+                   help="skip the disaggregated run (the notebook workload on a prefill/decode "
+                        "fleet of the same size, through the gateway)")
     p.set_defaults(run=run)
 
 
@@ -120,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
                   "notebook's policy and re-implementations of peer routers:")
             print(_indent(format_table(sim.report)))
             report["demo"].append({"title": title, "stack": stack.report, "sim": sim.report})
+            if i == 1 and args.nodes >= 2 and not args.no_disaggregated:
+                report["demo"][-1]["disaggregated"] = _disaggregated(
+                    args, wl, settings, spec, stack.report, out_dir / f"fleet-{i}-pd")
             if not args.no_plots:
                 write_all(stack, out_dir / "plots" / f"{i}-{_slug(wl.name)}")
     except KeyboardInterrupt:
@@ -133,6 +139,59 @@ def run(args: argparse.Namespace) -> int:
         print(f"plots: {out_dir / 'plots'}/*/*.png")
     print(f"kvroute demo finished in {time.perf_counter() - t0:.0f} s; all processes stopped")
     return 0
+
+
+def _disaggregated(args: argparse.Namespace, wl: Any, settings: Any, spec: Any,
+                   agg: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """The same workload on a disaggregated fleet of the same size (nodes // 2 prefill, the
+    rest decode) through the gateway (vLLM's kv_transfer_params hand-over), next to the
+    aggregated stack run and the in-process replay of both; prints the table."""
+    import dataclasses
+
+    from bench.pd_bench import pd_metrics, print_pd, run_pd
+    from bench.prompts import prepare
+    from bench.stack_pd_gateway import pd_router_flags, run_gateway_pd
+    from engine_sim.params import transfer_s_per_block
+    from router_service.disagg import DisaggSettings
+    from router_service.policies.kv_aware import KvAwareSettings
+
+    p = args.nodes // 2
+    d = args.nodes - p
+    xfer = transfer_s_per_block("seed", wl.block_size)
+    disagg = DisaggSettings()
+    pd_spec = dataclasses.replace(
+        spec, roles=("prefill",) * p + ("decode",) * d, transfer_ms_per_block=xfer * 1000.0,
+        router_args=(*spec.router_args, *pd_router_flags(disagg, args.time_scale)))
+    print(f"\n  disaggregated: the same workload on {p} prefill + {d} decode engines (same total "
+          "size), every request through the gateway (prefill, then decode with vLLM's "
+          "kv_transfer_params):")
+    t_start = time.perf_counter()
+    run = run_gateway_pd(workdir, pd_spec, wl, p, prepare(wl), on_ready=lambda url: print(
+        f"  stack up in {time.perf_counter() - t_start:.1f} s (gateway at {url})"))
+    kv = KvAwareSettings(kv_prefill_tokens_per_s=settings.prefill_tokens_per_s)
+    report = run_pd(wl, settings, p, d, xfer, kv, disagg, ["kv_aware/kv_aware"])
+    rows = [pd_metrics(run)]
+    for r in report["results"]:
+        rows.append(dict(r, policy="sim:" + r["policy"].removeprefix("pd:")))
+    for r in agg["results"]:
+        if r["policy"] == "kv_aware":
+            rows.append(dict(r, policy=f"aggregated:kv_aware x{args.nodes}"))
+    report["aggregated"]["policy"] = f"sim:aggregated:kv_aware x{args.nodes}"
+    rows.append(report.pop("aggregated"))
+    report.update(mode=f"stack through the gateway, time_scale {args.time_scale}; "
+                       "sim: the in-process replay", results=rows)
+    print(_indent(_capture(print_pd, report)))
+    return report
+
+
+def _capture(fn: Any, *a: Any) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        fn(*a)
+    return buf.getvalue()
 
 
 def _slug(name: str) -> str:
