@@ -31,7 +31,7 @@ from kvroute.v1 import registry_pb2 as pb
 from registry_service import limits, validate
 from registry_service.auth import CALLER
 from registry_service.metrics import RegistryMetrics
-from registry_service.nodes import Change, Fanout, NodeState, now_ms
+from registry_service.nodes import Change, Fanout, LiveNode, now_ms
 from registry_service.settings import RegistrySettings
 from registry_service.store.base import (
     Delta,
@@ -186,7 +186,7 @@ class RegistryCore:
             self.metrics.store_seconds.labels(name).observe(time.perf_counter() - t0)
 
     # ---- writes ---------------------------------------------------------------------------
-    async def _state(self, node_id: str) -> NodeState:
+    async def _state(self, node_id: str) -> LiveNode:
         state = self.view.nodes.get(node_id)
         if state is None:
             rec = await self._op("get_node", self.store.get_node(node_id))
@@ -254,7 +254,7 @@ class RegistryCore:
             state.beating -= 1
             state.seen_unix_ms = max(state.seen_unix_ms, now_ms())
 
-    async def _heartbeat(self, state: NodeState, req: pb.HeartbeatRequest) -> HeartbeatResult:
+    async def _heartbeat(self, state: LiveNode, req: pb.HeartbeatRequest) -> HeartbeatResult:
         rec = state.record
         if req.epoch != rec.epoch:
             return self._resync("stale_epoch", rec, f"epoch {req.epoch} is stale, the "
@@ -285,7 +285,7 @@ class RegistryCore:
         self.metrics.heartbeats.labels("resync_required").inc()
         return HeartbeatResult(True, rec.lease_ttl_s, message)
 
-    async def _apply_delta(self, state: NodeState, req: pb.HeartbeatRequest,
+    async def _apply_delta(self, state: LiveNode, req: pb.HeartbeatRequest,
                            ) -> HeartbeatResult | None:
         seq = req.delta_seq
         if seq <= state.applied_seq:
@@ -311,7 +311,7 @@ class RegistryCore:
                            "then Resync") from exc
         return None
 
-    async def _large_delta(self, state: NodeState, delta: Delta) -> None:
+    async def _large_delta(self, state: LiveNode, delta: Delta) -> None:
         """A delta too big for one etcd value: persist the resulting set as a snapshot
         (chunked, <= 1 MiB per key) first, then apply the delta here."""
         base = as_hashes([]) if delta.cleared else self.view.index.blocks(state.slot)
@@ -324,7 +324,7 @@ class RegistryCore:
         self.view.apply_snapshot(state, SnapshotPut(state.node_id, state.record.epoch, gen,
                                                     delta.seq, False, after))
 
-    async def _snapshot(self, state: NodeState, replace: bool,
+    async def _snapshot(self, state: LiveNode, replace: bool,
                         hashes: np.ndarray | None = None) -> None:
         if hashes is None:
             hashes = self.view.index.blocks(state.slot)
@@ -334,7 +334,7 @@ class RegistryCore:
             state.record, snap.gen, snap.through_seq, hashes, replace))
         self.view.apply_snapshot(state, snap)
 
-    async def _status(self, state: NodeState, req: pb.HeartbeatRequest) -> None:
+    async def _status(self, state: LiveNode, req: pb.HeartbeatRequest) -> None:
         old = state.status
         t = now_ms()
         rate = old.eviction_rate
@@ -361,7 +361,7 @@ class RegistryCore:
         """Resync: replace the node's whole block set with the streamed one."""
         node_id, epoch, used, total = "", 0, 0, 0
         parts: list[np.ndarray] = []
-        state: NodeState | None = None
+        state: LiveNode | None = None
         async for req in requests:
             if state is None:
                 node_id, epoch, used = validate.node_id(req.node_id), req.epoch, req.used_blocks
@@ -414,7 +414,7 @@ class RegistryCore:
         return dropped
 
     # ---- reads (from memory, never etcd) --------------------------------------------------
-    def lookup(self, req: pb.LookupRequest) -> list[tuple[NodeState, int]]:
+    def lookup(self, req: pb.LookupRequest) -> list[tuple[LiveNode, int]]:
         """Lookup: (node, matched prefix blocks) for each node of ``req.model`` (every model
         when empty), healthy ones unless ``include_unhealthy``; validated first."""
         validate.lookup(req, self.settings)
@@ -428,10 +428,10 @@ class RegistryCore:
         get = matched.get
         return [(s, get(s.slot, 0)) for s in nodes]
 
-    def nodes(self, model: str = "") -> list[NodeState]:
+    def nodes(self, model: str = "") -> list[LiveNode]:
         """Every node of ``model`` (all models when empty), healthy or not, by node id."""
         return sorted(self.view.candidates(model, True), key=lambda s: s.node_id)
 
-    def blocks_indexed(self, state: NodeState) -> int:
+    def blocks_indexed(self, state: LiveNode) -> int:
         """Blocks indexed for a node."""
         return self.view.index.count(state.slot)

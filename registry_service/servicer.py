@@ -14,7 +14,7 @@ from kvroute.grpcutil import stream_errors, unary_errors
 from kvroute.v1 import registry_pb2 as pb
 from kvroute.v1 import registry_pb2_grpc as pb_grpc
 from registry_service.core import RegistryCore
-from registry_service.nodes import Change, NodeState, Subscription, now_ms
+from registry_service.nodes import Change, LiveNode, Subscription, now_ms
 
 RESYNC_METADATA_KEY = "kvroute-resync-required"
 """Trailing metadata set to ``true`` on a NOT_FOUND heartbeat: register and resync."""
@@ -41,7 +41,7 @@ def _block_messages(ch: Change, chunk: int) -> list[pb.PlacementEvent]:
     return out
 
 
-def node_info(s: NodeState, late_after_s: float, blocks: int) -> pb.NodeInfo:
+def node_info(s: LiveNode, late_after_s: float, blocks: int) -> pb.NodeInfo:
     """The NodeInfo message of a node."""
     r, st = s.record, s.status
     return pb.NodeInfo(
@@ -78,7 +78,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             raise Unavailable(f"registry replica {self.replica_id} is shutting down: use "
                               "another replica")
 
-    def _info(self, s: NodeState) -> pb.NodeInfo:
+    def _info(self, s: LiveNode) -> pb.NodeInfo:
         return node_info(s, self.core.view.late_after_s, self.core.blocks_indexed(s))
 
     @unary_errors
