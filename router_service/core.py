@@ -36,8 +36,8 @@ from router_service.metrics import RouterMetrics
 from router_service.narrowing import Narrower
 from router_service.placement import NodeState, Placement, PlacementSource
 from router_service.policies.base import Decision, NodeView, NoEligibleNode, Policy, RequestView
+from router_service.policies.factory import PolicySet
 from router_service.policies.least_loaded import LeastLoadedPolicy
-from router_service.policies.registry import PolicySet
 from router_service.request_prep import check_id, request_view
 from router_service.route_share import RouteDelta, SharedView
 from router_service.settings import RouterSettings

@@ -23,8 +23,8 @@ from router_service.disagg import DisaggSettings
 from router_service.load import LoadTracker
 from router_service.metrics import RouterMetrics
 from router_service.placement import PlacementSource
+from router_service.policies.factory import PolicySet
 from router_service.policies.kv_aware import KvAwareSettings
-from router_service.policies.registry import PolicySet
 from router_service.replica_source import ReplicaSource
 from router_service.route_share import SharedView
 from router_service.settings import RouterSettings

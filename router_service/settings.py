@@ -1,7 +1,7 @@
 """Settings of ``kvroute serve router`` (flags and ``KVROUTE_*`` variables).
 
 Policy weights and caps live in each policy's own settings class (``--kv-*`` for kv_aware,
-``--session-*`` for session, ...); see :func:`router_service.policies.registry.settings_classes`.
+``--session-*`` for session, ...); see :func:`router_service.policies.factory.settings_classes`.
 """
 
 from __future__ import annotations
