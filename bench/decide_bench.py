@@ -3,7 +3,7 @@
 Per fleet size (``--nodes 8,128,1024``), in this process, no network:
 
 - **router**: a :class:`~router_service.core.RouterCore` built exactly as ``kvroute serve router``
-  builds it (replica mode), its index mirror fed with the ``WatchPlacement`` events a registry
+  builds it (mirror mode), its index mirror fed with the ``WatchPlacement`` events a registry
   would send, routing prompts of ``--prompt-blocks`` blocks of token ids (hashing, mirror lookup,
   load tracker, policy) and completing each request before the next;
 - **registry**: a :class:`~registry_service.core.RegistryCore` on the memory store, nodes
@@ -111,16 +111,16 @@ def _named(name: str, samples: list[float]) -> dict[str, float]:
 # -- router ------------------------------------------------------------------------------------
 def _router(cfg: DecideBenchConfig, fleet: Fleet) -> dict[str, float]:
     from router_service.domain import RouteRequest
-    from router_service.replica_source import ReplicaSource
+    from router_service.mirror_source import MirrorSource
     from router_service.runtime import build_core
     from router_service.settings import RouterSettings
 
-    s = RouterSettings(registry="127.0.0.1:1", registry_mode="replica",
+    s = RouterSettings(registry="127.0.0.1:1", registry_mode="mirror",
                        default_policy=cfg.policy, block_size=cfg.block_size,
-                       replica_max_staleness_s=1e9)
+                       mirror_max_staleness_s=1e9)
     core = build_core(s, {}, None)
     source = core.source
-    assert isinstance(source, ReplicaSource)
+    assert isinstance(source, MirrorSource)
     mirror = source.mirror
     PE = rpb.PlacementEvent
     for nid in fleet.nodes:

@@ -1,6 +1,6 @@
 """What the router knows about nodes and placement, and the interface of its registry link.
 
-Two implementations, one per file: :mod:`.replica_source` (a local mirror of the index fed by
+Two implementations, one per file: :mod:`.mirror_source` (a local mirror of the index fed by
 ``Registry.WatchPlacement``) and :mod:`.stream_source` (one persistent ``Registry.LookupStream``).
 Both keep the last known nodes so the router can degrade to least_loaded when the registry is
 unreachable.
@@ -86,7 +86,7 @@ class PlacementSource(Protocol):
     """The router's link to the registry."""
 
     mode: str
-    """``replica`` or ``stream``."""
+    """``mirror`` or ``stream``."""
 
     local: bool
     """True when lookups answer from memory: :meth:`lookup_local` may be called (no await)."""

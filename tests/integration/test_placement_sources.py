@@ -1,4 +1,4 @@
-"""The placement-source contract, one suite over both sources (replica mirror and lookup stream).
+"""The placement-source contract, one suite over both sources (index mirror and lookup stream).
 
 Against a real registry process on real etcd, with nodes registered and heartbeating through the
 Registry gRPC API from the test. Every source must:
@@ -130,7 +130,7 @@ async def registry(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path,
 
 def _core(target: str, mode: str) -> RouterCore:
     s = RouterSettings(registry=target, registry_mode=mode, block_size=BS,
-                       default_policy="kv_aware", replica_max_staleness_s=1.0,
+                       default_policy="kv_aware", mirror_max_staleness_s=1.0,
                        registry_retry_max_s=0.3, lookup_timeout_s=1.0, node_cache_ttl_s=0.3)
     return build_core(s, {}, None)
 
@@ -141,7 +141,7 @@ async def _matched(source: PlacementSource, model: str) -> dict[str, tuple[int, 
     return {n.node_id: (m, n.healthy) for n, m in placement.nodes}
 
 
-@pytest.mark.parametrize("mode", ["replica", "stream"])
+@pytest.mark.parametrize("mode", ["mirror", "stream"])
 async def test_placement_source_contract(
         mode: str, registry: tuple[ServerProcess, Fleet]) -> None:
     reg, fleet = registry

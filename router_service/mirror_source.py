@@ -1,4 +1,4 @@
-"""Registry link, replica mode: follow ``Registry.WatchPlacement`` into a local index mirror.
+"""Registry link, mirror mode: follow ``Registry.WatchPlacement`` into a local index mirror.
 
 The mirror (:class:`~router_service.index_mirror.IndexMirror`) answers lookups in-process (no
 registry round trip per request). A (re)connect builds a fresh mirror from the registry's
@@ -30,10 +30,10 @@ HOLD_EMPTY_S = 5.0
 """How long a reconnect's empty snapshot may wait while the previous mirror had nodes."""
 
 
-class ReplicaSource:
-    """A local replica of the placement index that follows the registry."""
+class MirrorSource:
+    """A local mirror of the placement index that follows the registry."""
 
-    mode = "replica"
+    mode = "mirror"
     local = True
 
     def __init__(self, target: str, tls: TLSSettings | None = None, *,
@@ -55,11 +55,11 @@ class ReplicaSource:
         self._task: asyncio.Task[None] | None = None
         self.events_applied = 0
         self.reconnects = 0
-        self._link_log = LinkLog(target, "placement watch (replica mode)")
+        self._link_log = LinkLog(target, "placement watch (mirror mode)")
 
     async def start(self) -> None:
         """Start following the registry in the background."""
-        self._task = asyncio.create_task(self._run(), name="replica-follow")
+        self._task = asyncio.create_task(self._run(), name="mirror-follow")
 
     async def stop(self) -> None:
         """Stop following."""
@@ -170,7 +170,7 @@ class ReplicaSource:
         """One watch: snapshot, then live changes. Returns if it was ever up (resets back-off).
 
         With several registry addresses, a watch that fails or ends moves to the next one;
-        the current replica keeps serving lookups meanwhile (within the staleness bound).
+        the current mirror keeps serving lookups meanwhile (within the staleness bound).
         """
         target = self._ring.current
         channel = open_channel(
