@@ -3,6 +3,11 @@ WatchNodes, WatchPlacement.
 
 The servicer adapts them to gRPC and nothing else, as it does for the writes in
 :mod:`registry_service.core`.
+
+Lookup's cost: the index walk grows with the matched prefix and the nodes holding it, never
+with the nodes that hold none of it. The default answer lists every node of the model (one
+NodeMatch each, so it grows with the fleet); ``matched_only`` lists just the nodes holding a
+prefix, plus ``model_nodes``, for callers that know the fleet from elsewhere.
 """
 
 from __future__ import annotations
@@ -80,22 +85,34 @@ class RegistryReads:
     # ---- Lookup -------------------------------------------------------------------------
     def lookup(self, req: pb.LookupRequest) -> pb.LookupResponse:
         """Lookup: validated, then each node of ``req.model`` (every model when empty) with
-        its matched prefix, healthy ones unless ``include_unhealthy``."""
+        its matched prefix — healthy ones unless ``include_unhealthy``, only those holding a
+        prefix (longest first) when ``matched_only``."""
         t0 = time.perf_counter()
         validate.lookup(req, self.settings)
         view = self.view
         late, t, count = view.late_after_s, now_ms(), view.index.count
         matched = view.lookup(req.block_hashes, req.model)
         out: list[pb.NodeMatch] = []
-        get = matched.get
-        for s in view.candidates(req.model, True):
-            healthy = s.healthy(late, t)
-            if healthy or req.include_unhealthy:
-                out.append(_match(s, get(s.slot, 0), healthy, count(s.slot)))
+        if req.matched_only:
+            total = view.model_size(req.model)
+            node_at, nodes = view.slots.node_at, view.nodes
+            for slot, m in sorted(matched.items(), key=lambda kv: -kv[1]):
+                s = nodes[node_at(slot) or ""]
+                healthy = s.healthy(late, t)
+                if healthy or req.include_unhealthy:
+                    out.append(_match(s, m, healthy, count(slot)))
+        else:
+            members = view.candidates(req.model, True)
+            total = len(members)
+            get = matched.get
+            for s in members:
+                healthy = s.healthy(late, t)
+                if healthy or req.include_unhealthy:
+                    out.append(_match(s, get(s.slot, 0), healthy, count(s.slot)))
         self.metrics.lookups.inc()
         self.metrics.lookup_seconds.observe(time.perf_counter() - t0)
         return pb.LookupResponse(request_id=req.request_id, nodes=out,
-                                 block_size=self.settings.block_size)
+                                 block_size=self.settings.block_size, model_nodes=total)
 
     # ---- node listings ------------------------------------------------------------------
     def info(self, s: LiveNode) -> pb.NodeInfo:

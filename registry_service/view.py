@@ -186,6 +186,10 @@ class ReplicaView:
             nodes = [s for s in nodes if s.healthy(late, t)]
         return nodes
 
+    def model_size(self, model: str) -> int:
+        """Nodes of ``model`` (all nodes when empty), healthy or not; O(1) once listed."""
+        return len(self.candidates(model, True)) if model else len(self.nodes)
+
     def lookup(self, hashes: Sequence[int], model: str) -> dict[int, int]:
         """Matched prefix length per slot of ``model``'s nodes (all nodes when empty); slots
         with no match omitted. Cost grows with the matched length, not with the fleet."""
