@@ -22,7 +22,7 @@ from kvroute.settings import TLSSettings
 from kvroute.targets import TargetRing
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from router_service.index_mirror import IndexMirror
-from router_service.placement import NodeState, Placement
+from router_service.placement import DepartureHook, NodeState, Placement
 from router_service.retry import LinkLog, LinkNeverUp, reconnect_options, reconnect_retrying
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class MirrorSource:
         self._on_event_lag = on_event_lag
         self._clock = clock
         self._index = IndexMirror()
+        self._departed: DepartureHook = self._index.departed
         self._connected = False
         self._held: IndexMirror | None = None
         """A complete but empty snapshot not swapped in yet (see :meth:`_hold_empty`)."""
@@ -128,6 +129,18 @@ class MirrorSource:
         """Nodes in the current mirror."""
         return len(self._index.nodes)
 
+    def on_departure(self, hook: DepartureHook) -> None:
+        """Call ``hook(node_id)`` for each node that leaves: a NODE_REMOVED event, or a node
+        missing from a reconnect's fresh snapshot."""
+        self._departed = self._index.departed = hook
+
+    def _swap(self, fresh: IndexMirror) -> None:
+        """Route on ``fresh`` from now; nodes the old mirror had and it lacks have left."""
+        old, self._index = self._index, fresh
+        fresh.departed = self._departed
+        for node_id in old.nodes.keys() - fresh.nodes.keys():
+            self._departed(node_id)
+
     # -- background -----------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
@@ -154,7 +167,8 @@ class MirrorSource:
     def _release_hold(self) -> None:
         """Swap in a held empty snapshot once its time is up (also without new events)."""
         if self._held is not None and self._clock() >= self._held_until:
-            self._index, self._held = self._held, None
+            self._swap(self._held)
+            self._held = None
             self._connected = True
             log.warning("registry still lists no node after %g s: the fleet is empty",
                         HOLD_EMPTY_S)
@@ -195,7 +209,8 @@ class MirrorSource:
                                         HOLD_EMPTY_S)
                     elif fresh.complete:
                         self._held = None
-                        self._index, was_up = fresh, True
+                        self._swap(fresh)
+                        was_up = True
                         self._connected = True
                         self.reconnects += 1
                         self._link_log.up()

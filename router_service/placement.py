@@ -8,7 +8,8 @@ unreachable.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,6 +57,12 @@ class NodeState:
                    m.engine_lookahead_tokens, int(m.index_state), m.role or "both",
                    prefill_tokens_per_s=m.prefill_tokens_per_s)
 
+    def update_from(self, other: NodeState) -> None:
+        """Take every field of ``other`` (a fresher record of the same node), in place, so
+        lists holding this object see the new values at once."""
+        for f in _FIELDS:
+            setattr(self, f, getattr(other, f))
+
     def reusable_blocks(self, matched: int, block_size: int, prompt_tokens: int) -> int:
         """Registry blocks of a matched prefix this node's engine actually reuses.
 
@@ -70,6 +77,13 @@ class NodeState:
         limit = prompt_tokens - max(1, self.engine_lookahead_tokens)
         tokens = min(matched * block_size, max(0, limit))
         return (tokens // ebs * ebs) // block_size
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(NodeState))
+
+
+DepartureHook = Callable[[str], None]
+"""Called with a node id when the node leaves the registry (lease expired, deregistered)."""
 
 
 @dataclass(slots=True)
@@ -127,4 +141,9 @@ class PlacementSource(Protocol):
 
     def nodes_known(self) -> int:
         """How many nodes are known (safe to call from the metrics thread)."""
+        ...
+
+    def on_departure(self, hook: DepartureHook) -> None:
+        """Call ``hook(node_id)`` whenever a known node leaves the registry (the core drops
+        what it estimated about the node, such as its queued prefill)."""
         ...
