@@ -376,33 +376,10 @@ class RouterCore:
         return released
 
     def apply_remote(self, delta: RouteDelta) -> None:
-        """Apply another replica's routing delta to the shared view (the transport calls it).
-
-        A routed request counts in flight on its node, adds its uncached prefill to the node's
-        queued-prefill estimate and is remembered by policies that learn from routes
-        (``observe_remote``); a completion releases it (or this replica's own request when it
-        was completed through another replica).
-        """
-        share = self.share
-        if share is None or delta.replica_id == share.replica_id:
-            return
-        share.heard(delta.sent_at)
-        if not share.live():
-            return
-        share.applied_total += 1
-        if self.metrics is not None:
-            self.metrics.shared_view_staleness.observe(share.last_staleness_s)
-        if delta.completed:
-            if share.remote.complete(None, delta.request_id) is None:
-                self.tracker.complete(delta.request_id)
-            return
-        share.remote.start(delta.replica_id, delta.request_id, delta.node_id)
-        self.tracker.add_prefill(delta.node_id, delta.uncached_tokens)
-        if delta.block_hashes:
-            for name in self.policies.names:
-                observe = getattr(self.policies.get(name), "observe_remote", None)
-                if observe is not None:
-                    observe(delta.block_hashes, delta.node_id)
+        """Apply another replica's routing delta to the shared view (the transport calls it;
+        see :meth:`router_service.route_share.SharedView.apply`)."""
+        if self.share is not None:
+            self.share.apply(delta, self.tracker, self.policies, self.metrics)
 
     def complete_prefill(self, request_id: str) -> bool:
         """A disaggregated request's prefill half is done (its KV handed over): release the

@@ -26,6 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from router_service.inflight import InflightTable
+from router_service.load import LoadTracker
+from router_service.metrics import RouterMetrics
+from router_service.policies.factory import PolicySet
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +122,7 @@ class SharedView:
 
     ``publish`` is the transport's send function (non-blocking). The transport calls
     :meth:`set_connected` when its link goes up or down and feeds received deltas to
-    :meth:`router_service.core.RouterCore.apply_remote`.
+    :meth:`router_service.core.RouterCore.apply_remote` (which calls :meth:`apply`).
     """
 
     def __init__(self, replica_id: str, publish: Callable[[RouteDelta], None],
@@ -187,6 +190,36 @@ class SharedView:
     def why_not(self) -> str:
         """Why the view is not live ("" when it is)."""
         return "" if self._connected else self._why
+
+    # -- incoming ----------------------------------------------------------------------------
+    def apply(self, delta: RouteDelta, tracker: LoadTracker, policies: PolicySet,
+              metrics: RouterMetrics | None = None) -> None:
+        """Apply another replica's routing delta (this replica's own echoes are ignored).
+
+        A routed request counts in flight on its node, adds its uncached prefill to the node's
+        queued-prefill estimate in ``tracker`` and is remembered by the ``policies`` that learn
+        from routes (``observe_remote``); a completion releases it (or this replica's own
+        request when it was completed through another replica).
+        """
+        if delta.replica_id == self.replica_id:
+            return
+        self.heard(delta.sent_at)
+        if not self.live():
+            return
+        self.applied_total += 1
+        if metrics is not None:
+            metrics.shared_view_staleness.observe(self.last_staleness_s)
+        if delta.completed:
+            if self.remote.complete(None, delta.request_id) is None:
+                tracker.complete(delta.request_id)
+            return
+        self.remote.start(delta.replica_id, delta.request_id, delta.node_id)
+        tracker.add_prefill(delta.node_id, delta.uncached_tokens)
+        if delta.block_hashes:
+            for name in policies.names:
+                observe = getattr(policies.get(name), "observe_remote", None)
+                if observe is not None:
+                    observe(delta.block_hashes, delta.node_id)
 
     # -- outgoing ----------------------------------------------------------------------------
     def routed(self, request_id: str, node_id: str, uncached: int, cached: int,
