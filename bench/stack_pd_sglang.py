@@ -6,7 +6,11 @@
 prefill and decode engines at once (SGLang's PD protocol, :mod:`engine_sim.bootstrap`; engine_sim's
 bootstrap server is its HTTP port). Token-id prompts go to its ``/generate`` with ``input_ids``
 (its ``/v1/completions`` refuses token ids) and ``rid`` = the request id, which reaches both
-engines' records; the run is built from them as for vllm-router's PD mode
+engines' records. Its PD mode's ``cache_aware`` matches a ``/generate`` request by its ``text``
+only (read from its source: ``route_generate`` passes ``body.text``), so for that policy the
+replay also sends the ids' decimal text as ``text``, the form its aggregated mode matches;
+engine_sim computes ``input_ids`` when both are given (a real SGLang server would refuse
+both). The run is built from the records as for vllm-router's PD mode
 (:func:`bench.stack_pd_peer.replay_pd_router`): the decode record starts when the prefill's KV
 was ready (its wait is ``kv_wait_s``), so TTFT = prefill record + decode record, like kvroute's.
 Runs with ``HF_ENDPOINT`` pointing nowhere (it never fetches a tokenizer, PEERS.md).
@@ -57,6 +61,8 @@ async def replay_sglang_router_pd(workload: Workload, prefill_policy: str, decod
             raise ValueError(f"sglang-router PD policy {policy!r}: one of {', '.join(POLICIES)}")
     if importlib.util.find_spec("sglang_router") is None:
         raise RuntimeError("sglang-router is not installed (pip install 'kvroute[peers]')")
+    texts = [p.json.decode() for p in prompts] if prefill_policy == "cache_aware" \
+        else [""] * len(prompts)
     port = free_port()
     proc = RouterProcess(f"sglang-router-pd-{prefill_policy}-{decode_policy}",
                          sglang_router_argv(port, prefill, decode, prefill_policy,
@@ -64,8 +70,11 @@ async def replay_sglang_router_pd(workload: Workload, prefill_policy: str, decod
 
     def body(i: int) -> tuple[str, bytes]:
         r = workload.requests[i]
+        # its PD mode's cache_aware matches only a request's ``text`` (its aggregated mode also
+        # the ids): the ids' decimal text goes next to input_ids, which the engines compute
         return "/generate", json_body({"model": model, "rid": r.request_id, "sampling_params": {
-            "max_new_tokens": max(1, r.output_tokens)}}, "input_ids", prompts[i])
+            "max_new_tokens": max(1, r.output_tokens)}, "text": texts[i]}, "input_ids",
+            prompts[i])
 
     return await replay_pd_router(proc, f"sglang-router-pd:{prefill_policy}/{decode_policy}",
                                   workload, prefill, decode, body, time_scale,
