@@ -58,3 +58,22 @@ def test_disaggregated_stack_replay_matches_sim(tmp_path: Path) -> None:
     assert stack["transferred_blocks"] > 0 and stack["decode_held_rate_tokens"] > 0
     assert abs(stack["hit_rate_tokens"] - sim["hit_rate_tokens"]) < 0.08
     assert abs(stack["decode_held_rate_tokens"] - sim["decode_held_rate_tokens"]) < 0.15
+
+
+def test_disaggregated_replay_through_the_gateway(tmp_path: Path) -> None:
+    """What ``kvroute demo`` runs disaggregated: every request to the OpenAI gateway, which
+    decides the pair and hands the KV over (vLLM's kv_transfer_params); engine records."""
+    from bench.pd_bench import pd_metrics
+    from bench.prompts import prepare
+    from bench.stack_fleet import FleetSpec
+    from bench.stack_pd_gateway import pd_router_flags, run_gateway_pd
+    from bench.workloads import load_workload
+    from router_service.disagg import DisaggSettings
+
+    wl = load_workload(workload="conversations", limit=60)
+    spec = FleetSpec(nodes=3, cache_blocks=2500, block_size=wl.block_size, time_scale=0.05,
+                     roles=("prefill", "decode", "decode"),
+                     router_args=pd_router_flags(DisaggSettings(), 0.05))
+    m = pd_metrics(run_gateway_pd(tmp_path / "pd", spec, wl, 1, prepare(wl)))
+    assert m["failed"] == 0 and sum(m["requests_per_decode_node"]) == 60
+    assert m["transferred_blocks"] > 0 and m["hit_rate_tokens"] > 0

@@ -102,3 +102,21 @@ def test_peer_routes_every_request_and_numbers_come_from_engines(name: str,
         lookups = next(n for n in run.notes if n.startswith("kv_aware placement lookups"))
         hit = re.search(r"\bhit (\d+)", lookups)
         assert hit is not None and int(hit.group(1)) > 0, lookups  # it indexed our events
+
+
+def test_sglang_router_pd_peer_in_the_stack_bench(tmp_path: Path) -> None:
+    """``kvroute bench --mode stack --pd-peers sglang-router:P/D``: sglang-router's PD mode in
+    front of the same P+D fleet; every request has a prefill and a decode record."""
+    from cli.main import main
+
+    out = tmp_path / "pd.json"
+    assert main(["bench", "--workload", "conversations", "--limit", "60", "--cache-blocks",
+                 "2500", "--no-progress", "--mode", "stack", "--time-scale", "0.05",
+                 "--prefill-nodes", "1", "--decode-nodes", "2",
+                 "--pd-strategies", "kv_aware/kv_aware",
+                 "--pd-peers", "sglang-router:cache_aware/power_of_two",
+                 "--workdir", str(tmp_path / "stack"), "--json", str(out)]) == 0
+    by = {r["policy"]: r for r in json.loads(out.read_text())["results"]}
+    peer = by["sglang-router-pd:cache_aware/power_of_two"]
+    assert peer["failed"] == 0 and sum(peer["requests_per_decode_node"]) == 60
+    assert peer["transferred_blocks"] > 0 and peer["hit_rate_tokens"] > 0
