@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import numpy as np
 
 from kvroute.errors import KvrouteError, NotFound, ResourceExhausted, Unavailable
 from kvroute.grpcutil import stream_errors, unary_errors
+from kvroute.index import OFFLOADED
 from kvroute.v1 import registry_pb2 as pb
 from kvroute.v1 import registry_pb2_grpc as pb_grpc
 from registry_service.core import RegistryCore
@@ -25,23 +27,28 @@ PLACEMENT_CHUNK = 65_536
 
 
 def _block_messages(ch: Change, chunk: int) -> list[pb.PlacementEvent]:
-    """One block change as BLOCKS events: all removals first, then stores, each chunked, so
-    applying them in order gives the same set as applying the change at once."""
-    removed = [] if ch.removed is None else ch.removed.tolist()
-    stored = [] if ch.stored is None else ch.stored.tolist()
-    out = [pb.PlacementEvent(kind=pb.PlacementEvent.BLOCKS, node_id=ch.node_id,
-                             removed=removed[i:i + chunk])
-           for i in range(0, len(removed), chunk)]
-    out += [pb.PlacementEvent(kind=pb.PlacementEvent.BLOCKS, node_id=ch.node_id,
-                              stored=stored[i:i + chunk])
-            for i in range(0, len(stored), chunk)]
+    """One block change as BLOCKS events: all removals first, then stores (device tier, then
+    offloaded tier), each chunked, so applying them in order gives the same sets as applying
+    the change at once."""
+    def lst(a: np.ndarray | None) -> list[int]:
+        return [] if a is None else a.tolist()
+
+    out: list[pb.PlacementEvent] = []
+    for field, hashes in (("removed", lst(ch.removed)), ("stored", lst(ch.stored)),
+                          ("removed_offloaded", lst(ch.removed_offloaded)),
+                          ("stored_offloaded", lst(ch.stored_offloaded))):
+        for i in range(0, len(hashes), chunk):
+            msg = pb.PlacementEvent(kind=pb.PlacementEvent.BLOCKS, node_id=ch.node_id)
+            getattr(msg, field).extend(hashes[i:i + chunk])
+            out.append(msg)
     if not out:
         out = [pb.PlacementEvent(kind=pb.PlacementEvent.BLOCKS, node_id=ch.node_id)]
     out[0].cleared = ch.cleared
     return out
 
 
-def node_info(s: NodeState, late_after_s: float, blocks: int) -> pb.NodeInfo:
+def node_info(s: NodeState, late_after_s: float, blocks: int, offloaded: int = 0,
+              ) -> pb.NodeInfo:
     """The NodeInfo message of a node."""
     r, st = s.record, s.status
     return pb.NodeInfo(
@@ -54,7 +61,8 @@ def node_info(s: NodeState, late_after_s: float, blocks: int) -> pb.NodeInfo:
         usage=s.usage(), engine_block_size=st.engine_block_size,
         engine_lookahead_tokens=st.engine_lookahead_tokens,
         index_state=pb.IndexState.ValueType(st.index_state), index_note=st.index_note,
-        role=r.role, prefill_tokens_per_s=st.prefill_tokens_per_s)
+        role=r.role, prefill_tokens_per_s=st.prefill_tokens_per_s,
+        offloaded_blocks_indexed=offloaded)
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
@@ -79,7 +87,8 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                               "another replica")
 
     def _info(self, s: NodeState) -> pb.NodeInfo:
-        return node_info(s, self.core.view.late_after_s, self.core.blocks_indexed(s))
+        return node_info(s, self.core.view.late_after_s, self.core.blocks_indexed(s),
+                         self.core.offloaded_indexed(s))
 
     @unary_errors
     async def RegisterNode(self, request: pb.RegisterNodeRequest,
@@ -131,7 +140,8 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         t = now_ms()
         out = [pb.NodeMatch(
             node_id=s.record.node_id, address=s.record.address,
-            matched_blocks=matched, used_blocks=s.status.used_blocks,
+            matched_blocks=matched, offloaded_blocks=offloaded,
+            offloaded_blocks_indexed=count(s.slot, OFFLOADED), used_blocks=s.status.used_blocks,
             capacity_blocks=s.capacity(), usage=s.usage(), queue_depth=s.status.queue_depth,
             running=s.status.running, eviction_rate=s.status.eviction_rate,
             healthy=s.healthy(late, t), blocks_indexed=count(s.slot),
@@ -140,7 +150,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             index_state=pb.IndexState.ValueType(s.status.index_state),
             index_note=s.status.index_note, role=s.record.role,
             prefill_tokens_per_s=s.status.prefill_tokens_per_s)
-            for s, matched in pairs]
+            for s, (matched, offloaded) in pairs]
         core.metrics.lookups.inc()
         core.metrics.lookup_seconds.observe(time.perf_counter() - t0)
         return pb.LookupResponse(request_id=request.request_id, nodes=out,
@@ -233,15 +243,20 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         chunk = max(1, min(PLACEMENT_CHUNK, self.core.settings.max_message_bytes // 16))
         try:
             nodes = view.candidates(request.model, True)
-            first = [(self._info(s), view.index.blocks(s.slot)) for s in nodes]
-            sent = {i.node_id for i, _ in first}
-            for info, blocks in first:
+            first = [(self._info(s), *view.tier_sets(s)) for s in nodes]
+            sent = {i.node_id for i, _, _ in first}
+            for info, blocks, offloaded in first:
                 yield pb.PlacementEvent(kind=pb.PlacementEvent.NODE_UPSERT, node_id=info.node_id,
                                         node=info, block_size=bs, sent_unix_ms=now_ms())
                 for i in range(0, max(1, blocks.size), chunk):
                     yield pb.PlacementEvent(
                         kind=pb.PlacementEvent.BLOCKS, node_id=info.node_id, cleared=i == 0,
                         stored=blocks[i:i + chunk].tolist(), block_size=bs,
+                        sent_unix_ms=now_ms())
+                for i in range(0, offloaded.size, chunk):
+                    yield pb.PlacementEvent(
+                        kind=pb.PlacementEvent.BLOCKS, node_id=info.node_id,
+                        stored_offloaded=offloaded[i:i + chunk].tolist(), block_size=bs,
                         sent_unix_ms=now_ms())
             yield pb.PlacementEvent(kind=pb.PlacementEvent.SNAPSHOT_END, block_size=bs,
                                     sent_unix_ms=now_ms())
