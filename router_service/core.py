@@ -61,9 +61,18 @@ class NarrowingSource(Protocol):
         """A node by id."""
         ...
 
+    def offloaded_local(self, block_hashes: Sequence[int], model: str) -> dict[str, int]:
+        """Node id -> offloaded blocks continuing its device prefix, only nodes with some."""
+        ...
+
     def registry_block_size(self) -> int:
         """The registry's block size."""
         ...
+
+
+def _offloaded_of(views: Sequence[NodeView], node_id: str) -> int:
+    """Offloaded blocks of the chosen node's view (0 when it has none)."""
+    return next((v.offloaded_blocks for v in views if v.node_id == node_id), 0)
 
 
 _MAX_FALLBACKS = 4
@@ -156,7 +165,8 @@ class RouterCore:
                 pairs = self._narrower.select(members, matches, src.node, self.tracker.counts())
                 view = dataclasses.replace(view, fleet_nodes=len(members),
                                            fleet_inflight=self.tracker.total_inflight)
-                return Placement(pairs, src.registry_block_size()), view
+                off = src.offloaded_local(view.block_hashes, model)
+                return Placement(pairs, src.registry_block_size(), off), view
         return self.source.lookup_local(view.block_hashes, model), view
 
     def _prepare(self, req: RouteRequest) -> tuple[Policy, RequestView, str]:
@@ -193,8 +203,9 @@ class RouterCore:
 
     def _decide(self, req: RouteRequest, policy: Policy, view: RequestView, model: str,
                 placement: Placement | None, degraded_why: str, t0: float) -> RouteDecision:
+        off: dict[str, int] = {}
         if placement is not None:
-            pairs = placement.nodes
+            pairs, off = placement.nodes, placement.offloaded
         else:
             pairs = [(n, 0) for n in self.source.last_known() if n.model == model]
             if not pairs:
@@ -210,7 +221,7 @@ class RouterCore:
         chooser = self._fallback if degraded_why else policy
         roles = [n.role for n, _ in pairs]
         if wants_pd(roles, req.disaggregated):
-            out = self._decide_pd(req, chooser, view, model, pairs, degraded_why)
+            out = self._decide_pd(req, chooser, view, model, pairs, degraded_why, off)
         else:
             if any(r != "both" for r in roles):
                 pairs = [(n, m) for n, m in pairs if n.role == "both"]
@@ -218,12 +229,14 @@ class RouterCore:
                     raise FailedPrecondition(
                         f"disaggregated: model {model!r} has no aggregated ('both') node left "
                         f"and the request asked for one node; send it disaggregated")
+            views = self._views(pairs, view, off)
             try:
-                decision = chooser.choose(view, self._views(pairs, view))
+                decision = chooser.choose(view, views)
             except NoEligibleNode as exc:
                 raise Unavailable(f"no healthy node serves model {model!r} ({exc}); "
                                   f"retry later") from None
-            out = self._commit(chooser, view, decision, pairs, degraded_why, req.deadline_s)
+            out = self._commit(chooser, view, decision, pairs, degraded_why, req.deadline_s,
+                               _offloaded_of(views, decision.node_id))
         if self.metrics is not None:
             m = self.metrics
             m.route_latency.observe(time.perf_counter() - t0)
@@ -235,25 +248,30 @@ class RouterCore:
                 m.degraded.inc()
         return out
 
-    def _views(self, pairs: list[tuple[NodeState, int]], view: RequestView) -> list[NodeView]:
+    def _views(self, pairs: list[tuple[NodeState, int]], view: RequestView,
+               offloaded: dict[str, int] | None = None) -> list[NodeView]:
         tracker = self.tracker
         share = self.share
         remote = share.remote if share is not None and share.live() else None
-        for n, _ in pairs:
-            if n.prefill_tokens_per_s != tracker.rate(n.node_id) and n.prefill_tokens_per_s:
-                self._calibrated(n.node_id, n.prefill_tokens_per_s)
-        views = [NodeView(n.node_id, n.address,
-                          n.reusable_blocks(matched, view.block_size, view.prompt_tokens),
-                          tracker.inflight(n.node_id)
-                          + (remote.inflight(n.node_id) if remote is not None else 0),
-                          n.queue_depth, n.running, n.used_blocks, n.capacity_blocks,
-                          n.eviction_rate, tracker.pending_prefill(n.node_id), n.healthy,
-                          n.prefill_tokens_per_s)
-                 for n, matched in pairs]
+        bs, prompt = view.block_size, view.prompt_tokens
+        off = offloaded or {}
+        views = []
+        for n, matched in pairs:
+            nid = n.node_id
+            if n.prefill_tokens_per_s != tracker.rate(nid) and n.prefill_tokens_per_s:
+                self._calibrated(nid, n.prefill_tokens_per_s)
+            dev, low = n.reusable_tiers(matched, off.get(nid, 0), bs, prompt)
+            views.append(NodeView(
+                nid, n.address, dev,
+                tracker.inflight(nid) + (remote.inflight(nid) if remote is not None else 0),
+                n.queue_depth, n.running, n.used_blocks, n.capacity_blocks, n.eviction_rate,
+                tracker.pending_prefill(nid), n.healthy, n.prefill_tokens_per_s, low,
+                n.index_complete))
         return self.suspects.demote(views)
 
     def _decide_pd(self, req: RouteRequest, chooser: Policy, view: RequestView, model: str,
-                   pairs: list[tuple[NodeState, int]], degraded_why: str) -> RouteDecision:
+                   pairs: list[tuple[NodeState, int]], degraded_why: str,
+                   off: dict[str, int]) -> RouteDecision:
         """A (prefill, decode) pair: the policy picks the prefill node among prefill-capable
         nodes, :class:`DecodeChooser` the decode node given it; both are committed together."""
         if req.decode_policy is not None and req.decode_policy not in DECODE_POLICIES:
@@ -266,13 +284,15 @@ class RouterCore:
             raise Unavailable(f"disaggregated: no {half}-capable node of model {model!r} is "
                               f"known or left after the request's hints; retry later")
         try:
-            decision = chooser.choose(view, self._views(pre, view))
+            pre_views = self._views(pre, view, off)
+            decision = chooser.choose(view, pre_views)
             pick = self.decode.choose(view, decision.node_id, self._views(dec, view),
                                       req.decode_policy)
         except NoEligibleNode as exc:
             raise Unavailable(f"disaggregated: no pair for model {model!r} ({exc}); "
                               f"retry later") from None
-        out = self._commit(chooser, view, decision, pre, degraded_why, req.deadline_s)
+        out = self._commit(chooser, view, decision, pre, degraded_why, req.deadline_s,
+                           _offloaded_of(pre_views, decision.node_id))
         self.decode.commit(pick)
         node = next(n for n, _ in dec if n.node_id == pick.node_id)
         if pick.node_id != out.node_id:
@@ -300,7 +320,7 @@ class RouterCore:
 
     def _commit(self, policy: Policy, view: RequestView, decision: Decision,
                 pairs: list[tuple[NodeState, int]], degraded_why: str,
-                deadline_s: float | None = None) -> RouteDecision:
+                deadline_s: float | None = None, offloaded_blocks: int = 0) -> RouteDecision:
         node = next(n for n, _ in pairs if n.node_id == decision.node_id)
         policy.commit(view, decision)
         cached = min(decision.matched_blocks * view.block_size, view.prompt_tokens)
@@ -335,7 +355,10 @@ class RouterCore:
             policy=used, matched_blocks=decision.matched_blocks,
             expected_cached_tokens=cached, reason=reason, degraded=bool(degraded_why),
             prompt_tokens=view.prompt_tokens, block_size=view.block_size,
-            candidates=decision.candidates, fallback_addresses=fallbacks)
+            candidates=decision.candidates, fallback_addresses=fallbacks,
+            offloaded_blocks=offloaded_blocks,
+            expected_offloaded_tokens=min(offloaded_blocks * view.block_size,
+                                          max(0, view.prompt_tokens - cached)))
 
     def _calibrated(self, node_id: str, rate: float) -> None:
         """A node's measured prefill rate changed: drain its queued-prefill estimate at it."""

@@ -158,11 +158,14 @@ class StreamSource:
             raise cls(f"registry: {resp.error.message}")
         self._block_size = resp.block_size or self._block_size
         nodes: list[tuple[NodeState, int]] = []
+        offloaded: dict[str, int] = {}
         for m in resp.nodes:
             st = NodeState.from_match(m, model)
             self._nodes[st.node_id] = st
             nodes.append((st, m.matched_blocks))
-        return Placement(nodes, resp.block_size)
+            if m.offloaded_blocks:
+                offloaded[st.node_id] = m.offloaded_blocks
+        return Placement(nodes, resp.block_size, offloaded)
 
     # -- background -----------------------------------------------------------------------
     async def _writer(self, call: Any, queue: asyncio.Queue[registry_pb2.LookupRequest]) -> None:
