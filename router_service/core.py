@@ -243,6 +243,8 @@ class RouterCore:
             m.decision_ok(out.policy, out.degraded)
             if out.expected_cached_tokens:
                 m.predicted_cached_tokens.inc(out.expected_cached_tokens)
+            if out.expected_offloaded_tokens:
+                m.predicted_offloaded_tokens.inc(out.expected_offloaded_tokens)
             m.prompt_tokens.inc(out.prompt_tokens)
             if out.degraded:
                 m.degraded.inc()
