@@ -4,13 +4,17 @@ kv_aware's credit, and what the routing core reports."""
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Sequence
 
 import pytest
 
 from kvroute.errors import ConfigError
 from kvroute.v1 import registry_pb2
 from router_service.index_mirror import IndexMirror
-from router_service.placement import NodeState
+from router_service.load import LoadTracker
+from router_service.lookup import PlacementLookup
+from router_service.placement import NodeState, Placement
 from router_service.policies.base import NodeView, RequestView, choose_and_commit
 from router_service.policies.kv_aware import KvAwarePolicy, KvAwareSettings
 
@@ -116,3 +120,52 @@ def test_an_incomplete_index_is_not_evidence_of_a_miss() -> None:
 def test_tier_weights_are_validated(field: str, bad: float) -> None:
     with pytest.raises(ConfigError, match=field.replace("_", "-")):
         KvAwareSettings(**{field: bad})
+
+
+class _MirrorSource:
+    """A local narrowing source over an IndexMirror (what MirrorSource reads from)."""
+
+    local = True
+
+    def __init__(self, ix: IndexMirror) -> None:
+        self.ix = ix
+
+    def members(self, model: str) -> list[NodeState]:
+        return self.ix.members(model)
+
+    def node(self, node_id: str) -> NodeState | None:
+        return self.ix.nodes.get(node_id)
+
+    def registry_block_size(self) -> int:
+        return 16
+
+    def matches_local(self, hashes: Sequence[int], model: str) -> dict[str, int]:
+        return self.ix.matches(hashes, model)
+
+    def offloaded_local(self, hashes: Sequence[int], model: str) -> dict[str, int]:
+        return self.ix.offloaded_matches(hashes, model)
+
+    def lookup_local(self, hashes: Sequence[int], model: str) -> Placement:
+        pairs, off = self.ix.lookup_tiers(hashes, model)
+        return Placement(pairs, 16, off)
+
+
+def test_narrowing_a_large_fleet_keeps_nodes_holding_the_prefix_offloaded() -> None:
+    """On a fleet larger than --max-candidates, a node whose match is mostly on its CPU tier
+    ranks by its whole run and reaches the decision with its offloaded blocks."""
+    ix = IndexMirror()
+    for i in range(100):
+        ix.upsert(NodeState(f"n{i:03}", f"h{i}:1", "m"))
+    hashes = list(range(64))  # what _req(64) carries
+    ix.apply_blocks("n042", hashes[:2], (), False)
+    ix.apply_offloaded("n042", hashes[:40], ())
+    ix.apply_offloaded("n077", hashes[:30], ())  # offloaded only
+    busy = LoadTracker(time.monotonic)
+    for i in range(100):  # every node busy: only the best matches are candidates by match
+        busy.start(f"r{i}", f"n{i:03}", 0, 0)
+    look = PlacementLookup(_MirrorSource(ix), busy, max_candidates=8)  # type: ignore[arg-type]
+    placement, why, view = look.local(KvAwarePolicy(), _req(64), "m")
+    assert placement is not None and not why and view.fleet_nodes == 100
+    got = {n.node_id: m for n, m in placement.nodes}
+    assert got["n042"] == 2 and got["n077"] == 0
+    assert placement.offloaded == {"n042": 38, "n077": 30}
