@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from router_service.domain import RouteDecision, RouteRequest
 from router_service.load import LoadTracker
 from router_service.lookup import PlacementLookup
 from router_service.metrics import RouterMetrics
+from router_service.node_views import node_views, offloaded_of
 from router_service.placement import NodeState, Placement, PlacementSource
 from router_service.policies.base import Decision, NodeView, NoEligibleNode, Policy, RequestView
 from router_service.policies.factory import PolicySet
@@ -72,11 +73,6 @@ class _CountErrors:
                  tb: object) -> None:
         if isinstance(exc, Exception):
             self._core._count_error(self._req, exc)
-
-
-def _offloaded_of(views: Sequence[NodeView], node_id: str) -> int:
-    """Offloaded blocks of the chosen node's view (0 when it has none)."""
-    return next((v.offloaded_blocks for v in views if v.node_id == node_id), 0)
 
 
 _MAX_FALLBACKS = 4
@@ -206,7 +202,7 @@ class RouterCore:
                 raise Unavailable(f"no healthy node serves model {model!r} ({exc}); "
                                   f"retry later") from None
             out = self._commit(chooser, view, decision, pairs, degraded_why, req.deadline_s,
-                               _offloaded_of(views, decision.node_id))
+                               offloaded_of(views, decision.node_id))
         if self.metrics is not None:
             m = self.metrics
             m.route_latency.observe(time.perf_counter() - p.t0)
@@ -222,24 +218,10 @@ class RouterCore:
 
     def _views(self, pairs: list[tuple[NodeState, int]], view: RequestView,
                offloaded: dict[str, int] | None = None) -> list[NodeView]:
-        tracker = self.tracker
         share = self.share
         remote = share.remote if share is not None and share.live() else None
-        bs, prompt = view.block_size, view.prompt_tokens
-        off = offloaded or {}
-        views = []
-        for n, matched in pairs:
-            nid = n.node_id
-            if n.prefill_tokens_per_s != tracker.rate(nid) and n.prefill_tokens_per_s:
-                self._calibrated(nid, n.prefill_tokens_per_s)
-            dev, low = n.reusable_tiers(matched, off.get(nid, 0), bs, prompt)
-            views.append(NodeView(
-                nid, n.address, dev,
-                tracker.inflight(nid) + (remote.inflight(nid) if remote is not None else 0),
-                n.queue_depth, n.running, n.used_blocks, n.capacity_blocks, n.eviction_rate,
-                tracker.pending_prefill(nid), n.healthy, n.prefill_tokens_per_s, low,
-                n.index_complete))
-        return self.suspects.demote(views)
+        return self.suspects.demote(node_views(pairs, view, offloaded or {}, self.tracker,
+                                               remote, self._calibrated))
 
     def _decide_pd(self, req: RouteRequest, chooser: Policy, view: RequestView, model: str,
                    pairs: list[tuple[NodeState, int]], degraded_why: str,
@@ -264,7 +246,7 @@ class RouterCore:
             raise Unavailable(f"disaggregated: no pair for model {model!r} ({exc}); "
                               f"retry later") from None
         out = self._commit(chooser, view, decision, pre, degraded_why, req.deadline_s,
-                           _offloaded_of(pre_views, decision.node_id))
+                           offloaded_of(pre_views, decision.node_id))
         self.decode.commit(pick)
         node = next(n for n, _ in dec if n.node_id == pick.node_id)
         if pick.node_id != out.node_id:
