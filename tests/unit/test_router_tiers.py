@@ -9,14 +9,21 @@ from collections.abc import Sequence
 
 import pytest
 
+from kvroute.blocks import hash_blocks
 from kvroute.errors import ConfigError
 from kvroute.v1 import registry_pb2
+from router_service.core import RouterCore
+from router_service.domain import RouteRequest
 from router_service.index_mirror import IndexMirror
 from router_service.load import LoadTracker
 from router_service.lookup import PlacementLookup
 from router_service.placement import NodeState, Placement
 from router_service.policies.base import NodeView, RequestView, choose_and_commit
+from router_service.policies.factory import PolicySet
 from router_service.policies.kv_aware import KvAwarePolicy, KvAwareSettings
+from router_service.settings import RouterSettings
+from router_service.tokenizer import load_tokenizer
+from tests.unit.test_router_servicer import BS, MemorySource
 
 PE = registry_pb2.PlacementEvent
 
@@ -169,3 +176,44 @@ def test_narrowing_a_large_fleet_keeps_nodes_holding_the_prefix_offloaded() -> N
     got = {n.node_id: m for n, m in placement.nodes}
     assert got["n042"] == 2 and got["n077"] == 0
     assert placement.offloaded == {"n042": 38, "n077": 30}
+
+
+class _TieredSource(MemorySource):
+    """MemorySource with an offloaded tier per node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.low: dict[str, set[int]] = {}
+
+    def lookup_local(self, block_hashes: Sequence[int], model: str) -> Placement:
+        p = super().lookup_local(block_hashes, model)
+        for n, m in p.nodes:
+            k = m
+            while k < len(block_hashes) and block_hashes[k] in self.low.get(n.node_id, ()):
+                k += 1
+            if k > m:
+                p.offloaded[n.node_id] = k - m
+        return p
+
+
+def test_the_decision_reports_gpu_and_offloaded_tokens_apart() -> None:
+    prompt = list(range(700, 700 + 8 * BS))
+    hashes = hash_blocks(prompt, BS)
+    src = _TieredSource()
+    src.add("a", hashes[:2])
+    src.low["a"] = set(hashes[:6])
+    src.add("b", hashes[:4])
+    core = RouterCore(RouterSettings(registry="127.0.0.1:1"), PolicySet(), src,
+                      LoadTracker(time.monotonic), load_tokenizer("simple"))
+    d = core.decide_local(RouteRequest("r1", token_ids=prompt))
+    # a: 2 GPU + 4 offloaded blocks (credited 2 + 0.75 x 4 = 5) beats b's 4 GPU blocks
+    assert (d.node_id, d.matched_blocks, d.expected_cached_tokens) == ("a", 2, 2 * BS)
+    assert (d.offloaded_blocks, d.expected_offloaded_tokens) == (4, 4 * BS)
+    assert "64 tokens offloaded" in d.reason
+    core.complete("r1")
+    # an incomplete index: the node missing the prefix is not read as a certain miss
+    src.nodes["b"].index_state = 3  # INDEX_STATE_NO_EVENTS
+    src.blocks["b"] = set()
+    src.add("c")
+    d2 = core.decide_local(RouteRequest("r2", token_ids=list(range(9000, 9000 + 8 * BS))))
+    assert d2.node_id == "b" and "index incomplete" in d2.reason
