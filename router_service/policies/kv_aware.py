@@ -45,9 +45,12 @@ should lower the weight. Offloaded tokens never count in the decision's
 (``index_state`` partial or no_events: late join, lost batches, a wrong topic) may hold more
 than the registry knows, so a prefix missing there is not evidence of a miss. The part of
 ``kv_reuse_weight`` above 1 (the penalty for recomputing a prefix cached elsewhere) is scaled by
-``kv_weight_unknown_index_miss`` (default 0.5) for such a node; its own prefill time, queued
-prefill, in-flight and usage costs count in full. A node known to hold the prefix still beats
-it; it beats a node known to miss.
+``kv_weight_unknown_index_miss`` (default 0.75) for such a node; its own prefill time, queued
+prefill, in-flight and usage costs count in full. At equal load it then beats a node known to
+miss (8 x prompt against 6.25 x prompt at the defaults) and loses to a node known to hold more
+than about a fifth of the prompt (8 x uncached < 6.25 x prompt): the unknown node may hold the
+prefix, an idle engine without replay may hold nothing, so it gets the benefit of the doubt
+only against a certain miss or a small hit.
 
 A node is eligible only while it is under the **load cap**: its in-flight count plus this request
 must stay <= ``load_cap_factor`` x the fleet's mean in-flight count (counting this request) +
@@ -126,7 +129,7 @@ class KvAwareSettings:
               "DISK: loaded back instead of recomputed) relative to a GPU-resident block: "
               "1 = as good as a GPU hit, 0 = ignored. Lower it when the offload tier is disk")
     kv_weight_unknown_index_miss: float = setting(
-        0.5, "for a node whose agent reports its index incomplete (index_state partial or "
+        0.75, "for a node whose agent reports its index incomplete (index_state partial or "
              "no_events), how much of the prefix-miss penalty (kv_reuse_weight above 1) "
              "applies: 1 = trust its index as complete, 0 = charge only its prefill time; "
              "its load always counts in full")

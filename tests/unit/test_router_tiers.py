@@ -113,6 +113,10 @@ def test_an_incomplete_index_is_not_evidence_of_a_miss() -> None:
     assert choose_and_commit(KvAwarePolicy(), _req(), [miss, unknown, hit]).node_id == "n0"
     d = choose_and_commit(KvAwarePolicy(), _req(), [miss, unknown])
     assert d.node_id == "n2" and "index incomplete" in d.reason
+    # it loses to a node known to hold more than ~1/5 of the prompt, wins against less
+    small, fair = _node(3, matched=8), _node(4, matched=24)
+    assert choose_and_commit(KvAwarePolicy(), _req(), [small, unknown]).node_id == "n2"
+    assert choose_and_commit(KvAwarePolicy(), _req(), [fair, unknown]).node_id == "n4"
     # its load still counts in full
     busy_unknown = dataclasses.replace(unknown, inflight=5)
     assert choose_and_commit(KvAwarePolicy(), _req(), [miss, busy_unknown]).node_id == "n1"
