@@ -273,7 +273,7 @@ class RouterCore:
             raise Unavailable(f"disaggregated: no pair for model {model!r} ({exc}); "
                               f"retry later") from None
         out = self._commit(chooser, view, decision, pre, degraded_why, req.deadline_s)
-        self.decode.commit(pick)
+        self.decode.commit(pick, view.request_id)
         node = next(n for n, _ in dec if n.node_id == pick.node_id)
         if pick.node_id != out.node_id:
             self.tracker.start(view.request_id + DECODE_KEY_SUFFIX, pick.node_id, 0,
@@ -376,6 +376,7 @@ class RouterCore:
         check_id(request_id, "request_id")
         released = self.tracker.complete(request_id) is not None
         released = self.tracker.complete(request_id + DECODE_KEY_SUFFIX) is not None or released
+        self.decode.handed_over(request_id)
         share = self.share
         # Released here, or another replica's request completed through this one (a Service
         # spreads Complete calls too): either way every other replica releases it.
@@ -427,6 +428,7 @@ class RouterCore:
         """A disaggregated request's prefill half is done (its KV handed over): release the
         prefill node's load; the decode half stays in flight until :meth:`complete`."""
         check_id(request_id, "request_id")
+        self.decode.handed_over(request_id)
         return self.tracker.complete(request_id) is not None
 
     def mark_suspect(self, node_id: str, why: str) -> None:

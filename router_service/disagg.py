@@ -25,7 +25,9 @@ the bench compares against (decode chosen by load alone / in turn).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,6 +78,10 @@ class DisaggSettings:
         1.25, "a decode node is eligible only while its in-flight requests (with this one) "
               "stay <= this factor x the decode pool's mean + pd_load_cap_slack")
     pd_load_cap_slack: float = setting(5.0, "absolute headroom of the decode load cap, requests")
+    pd_count_in_transit: bool = setting(
+        True, "count the blocks committed pairs are still handing to a decode node (prefill "
+              "not finished) as held there, so a follow-up turn sent while the previous one "
+              "is in prefill follows it (--no-pd-count-in-transit: the registry's view only)")
 
     def __post_init__(self) -> None:
         require(self.pd_decode_policy in DECODE_POLICIES, "pd_decode_policy",
@@ -97,6 +103,8 @@ class DecodePick:
     """Blocks it must receive from the prefill node (0 when prefill and decode are one node)."""
     reason: str
     candidates: tuple[Candidate, ...]
+    blocks: Sequence[int] = ()
+    """The request's blocks (on their way to the node until the prefill half completes)."""
 
 
 def transfer_blocks(req: RequestView, matched: int, same_node: bool) -> int:
@@ -105,6 +113,56 @@ def transfer_blocks(req: RequestView, matched: int, same_node: bool) -> int:
         return 0
     missing = max(0, req.prompt_tokens - matched * req.block_size)
     return -(-missing // req.block_size)
+
+
+class InTransit:
+    """Blocks that committed pairs are handing to their decode node: from the decision until
+    the prefill half completes (then the node holds and reports them). Bounded: the oldest
+    pairs are forgotten past ``max_pairs`` (a front end that never completes)."""
+
+    def __init__(self, max_pairs: int = 100_000) -> None:
+        self.max_pairs = max_pairs
+        self._pairs: OrderedDict[str, tuple[str, Sequence[int]]] = OrderedDict()
+        self._blocks: dict[str, dict[int, int]] = {}  # node -> block -> pairs carrying it
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def add(self, request_id: str, node_id: str, blocks: Sequence[int]) -> None:
+        """``blocks`` are on their way to ``node_id`` for ``request_id``."""
+        self.release(request_id)
+        self._pairs[request_id] = (node_id, blocks)
+        held = self._blocks.setdefault(node_id, {})
+        for h in blocks:
+            held[h] = held.get(h, 0) + 1
+        while len(self._pairs) > self.max_pairs:
+            self.release(next(iter(self._pairs)))
+
+    def release(self, request_id: str) -> None:
+        """The pair's KV has landed (or the request ended)."""
+        entry = self._pairs.pop(request_id, None)
+        if entry is None:
+            return
+        node_id, blocks = entry
+        held = self._blocks[node_id]
+        for h in blocks:
+            n = held[h] - 1
+            if n:
+                held[h] = n
+            else:
+                del held[h]
+
+    def depth(self, node_id: str, blocks: Sequence[int]) -> int:
+        """Leading ``blocks`` on their way to ``node_id``."""
+        held = self._blocks.get(node_id)
+        if not held:
+            return 0
+        n = 0
+        for h in blocks:
+            if h not in held:
+                break
+            n += 1
+        return n
 
 
 class DecodeChooser:
@@ -116,6 +174,7 @@ class DecodeChooser:
         self.transferred_blocks = 0
         """Blocks the committed pairs are expected to move (a counter for stats)."""
         self.pairs = 0
+        self.in_transit = InTransit()
 
     def choose(self, req: RequestView, prefill_node: str, nodes: Sequence[NodeView],
                policy: str | None = None) -> DecodePick:
@@ -131,7 +190,13 @@ class DecodeChooser:
         need = max(1, -(-(req.prompt_tokens + req.output_tokens) // req.block_size))
         scored: list[tuple[float, int, int, NodeView]] = []
         out: list[Candidate] = []
-        for i, v in enumerate(nodes):
+        transit = name == "kv_aware" and s.pd_count_in_transit and len(self.in_transit) > 0
+        for i, seen in enumerate(nodes):
+            v = seen
+            if transit and v.node_id != prefill_node:
+                coming = self.in_transit.depth(v.node_id, req.block_hashes)
+                if coming > v.matched_blocks:  # handed there, not yet reported
+                    v = dataclasses.replace(v, matched_blocks=coming)
             moved = transfer_blocks(req, v.matched_blocks, v.node_id == prefill_node)
             if not v.healthy:
                 out.append(Candidate(v.node_id, math.inf, v.matched_blocks, v.load, "unhealthy"))
@@ -165,10 +230,19 @@ class DecodeChooser:
         reason = f"decode {name}: {why}, load {best.load}"
         if name == "kv_aware":
             reason += f" (cap {cap:.1f}), score {score * 1000:.1f} ms"
-        return DecodePick(best.node_id, best.matched_blocks, moved, reason, tuple(out))
+        return DecodePick(best.node_id, best.matched_blocks, moved, reason, tuple(out),
+                          req.block_hashes)
 
-    def commit(self, pick: DecodePick) -> None:
-        """The core acted on ``pick``: advance the turn, count the transfer."""
+    def commit(self, pick: DecodePick, request_id: str = "") -> None:
+        """The core acted on ``pick``: advance the turn, count the transfer, remember the
+        blocks on their way (until :meth:`handed_over`)."""
+        if request_id and pick.transfer_blocks and pick.blocks:
+            self.in_transit.add(request_id, pick.node_id, pick.blocks)
         self._turn += 1
         self.pairs += 1
         self.transferred_blocks += pick.transfer_blocks
+
+    def handed_over(self, request_id: str) -> None:
+        """The request's prefill half completed (or the request ended): its KV is on the
+        decode node now, reported there by the node itself."""
+        self.in_transit.release(request_id)
