@@ -266,9 +266,9 @@ class RouterCore:
             raise Unavailable(f"disaggregated: no {half}-capable node of model {model!r} is "
                               f"known or left after the request's hints; retry later")
         try:
-            decision = chooser.choose(view, self._views(pre, view))
-            pick = self.decode.choose(view, decision.node_id, self._views(dec, view),
-                                      req.decode_policy)
+            decision, pick = self.decode.choose_pair(
+                view, chooser.choose(view, self._views(pre, view)), self._views(dec, view),
+                req.decode_policy, joint=chooser.name == "kv_aware")
         except NoEligibleNode as exc:
             raise Unavailable(f"disaggregated: no pair for model {model!r} ({exc}); "
                               f"retry later") from None

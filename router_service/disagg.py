@@ -21,6 +21,15 @@ decoded the conversation receives only the new part) — and ``short(d)`` the bl
 have to allocate beyond its free KV. Nodes over the load cap (in-flight + 1 > factor x mean +
 slack, as kv_aware's) are not eligible. ``least_loaded`` and ``round_robin`` are the baselines
 the bench compares against (decode chosen by load alone / in turn).
+
+``matched(d)`` also counts the blocks committed pairs are still handing to ``d`` (their prefill
+has not finished, so neither ``d`` nor the registry holds them yet: :class:`InTransit`). With a
+kv_aware prefill policy the pair is searched jointly when prefill candidates can also decode
+(``both`` nodes): a candidate's estimated TTFT + its decode score (0 transfer when it decodes
+itself) competes with the prefill policy's node + its best decode node
+(:meth:`DecodeChooser.choose_pair`). In a fleet of prefill-only and decode-only nodes the two
+halves are independent (the transfer depends on the decode node alone), so the joint search
+changes nothing there.
 """
 
 from __future__ import annotations
@@ -32,7 +41,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvroute.settings import require, setting
-from router_service.policies.base import Candidate, NodeView, NoEligibleNode, RequestView
+from router_service.policies.base import (
+    Candidate,
+    Decision,
+    NodeView,
+    NoEligibleNode,
+    RequestView,
+)
 
 ROLES = ("both", "prefill", "decode")
 """Node roles, as agents report them (``--role``)."""
@@ -78,6 +93,10 @@ class DisaggSettings:
         1.25, "a decode node is eligible only while its in-flight requests (with this one) "
               "stay <= this factor x the decode pool's mean + pd_load_cap_slack")
     pd_load_cap_slack: float = setting(5.0, "absolute headroom of the decode load cap, requests")
+    pd_joint_pairs: bool = setting(
+        True, "with kv_aware prefill, search the (prefill, decode) pair jointly when a prefill "
+              "candidate can also decode (a 'both' node): estimated TTFT there + its decode "
+              "score (no transfer) against the prefill policy's node + its best decode node")
     pd_count_in_transit: bool = setting(
         True, "count the blocks committed pairs are still handing to a decode node (prefill "
               "not finished) as held there, so a follow-up turn sent while the previous one "
@@ -105,6 +124,8 @@ class DecodePick:
     candidates: tuple[Candidate, ...]
     blocks: Sequence[int] = ()
     """The request's blocks (on their way to the node until the prefill half completes)."""
+    score: float = 0.0
+    """The decode policy's score of the node (kv_aware: seconds; lower is better)."""
 
 
 def transfer_blocks(req: RequestView, matched: int, same_node: bool) -> int:
@@ -231,7 +252,43 @@ class DecodeChooser:
         if name == "kv_aware":
             reason += f" (cap {cap:.1f}), score {score * 1000:.1f} ms"
         return DecodePick(best.node_id, best.matched_blocks, moved, reason, tuple(out),
-                          req.block_hashes)
+                          req.block_hashes, score)
+
+    def choose_pair(self, req: RequestView, decision: Decision, nodes: Sequence[NodeView],
+                    policy: str | None = None, joint: bool = False,
+                    ) -> tuple[Decision, DecodePick]:
+        """The decode node for the prefill policy's ``decision``; with ``joint`` (the prefill
+        scores are estimated TTFT seconds, as kv_aware's) and kv_aware decode, every eligible
+        prefill candidate that can also decode is tried as the prefill node too, and the pair
+        with the lowest prefill estimate + decode score wins (a ``both`` node decoding what
+        it prefilled moves nothing)."""
+        pick = self.choose(req, decision.node_id, nodes, policy)
+        name = policy or self.settings.pd_decode_policy
+        if not (joint and self.settings.pd_joint_pairs and name == "kv_aware"):
+            return decision, pick
+        decoders = {v.node_id for v in nodes if v.healthy}
+        base = next((c.score for c in decision.candidates
+                     if c.node_id == decision.node_id and not c.excluded), math.inf)
+        best_total = base + pick.score
+        if not math.isfinite(best_total):
+            return decision, pick
+        alt: tuple[Candidate, DecodePick] | None = None
+        for c in decision.candidates:
+            if (c.excluded or c.node_id == decision.node_id or c.node_id not in decoders
+                    or not c.score < best_total):  # a decode score is >= 0
+                continue
+            other = self.choose(req, c.node_id, nodes, policy)
+            if c.score + other.score < best_total:
+                best_total, alt = c.score + other.score, (c, other)
+        if alt is None:
+            return decision, pick
+        c, other = alt
+        saved = base + pick.score - best_total
+        return Decision(c.node_id, c.matched_blocks,
+                        f"{decision.reason}; pair searched jointly: prefill on {c.node_id} "
+                        f"(est. {c.score * 1000:.0f} ms) decoding on {other.node_id} saves "
+                        f"{saved * 1000:.0f} ms over {decision.node_id} + {pick.node_id}",
+                        decision.candidates), other
 
     def commit(self, pick: DecodePick, request_id: str = "") -> None:
         """The core acted on ``pick``: advance the turn, count the transfer, remember the

@@ -141,6 +141,25 @@ def test_a_follow_up_in_prefill_follows_the_blocks_still_on_their_way() -> None:
     assert off.decide_local(RouteRequest("t2", token_ids=PROMPT)).decode_node_id != t1
 
 
+def test_the_pair_is_searched_jointly_when_a_prefill_candidate_can_decode_itself() -> None:
+    """p0 holds one block more than the both-node a0 (a slightly better prefill), but a0
+    prefilling and decoding itself moves nothing where p0's pair would move 5 blocks."""
+    roles = {"p0": ("prefill", 4), "a0": ("both", 3), "d0": ("decode", 0)}
+    costly = DisaggSettings(pd_transfer_s_per_block=0.01)
+    core, _ = _core(roles, costly)
+    d = core.decide_local(RouteRequest("r1", token_ids=PROMPT, disaggregated=True))
+    assert (d.node_id, d.decode_node_id, d.transfer_blocks) == ("a0", "a0", 0)
+    assert "pair searched jointly" in d.reason and "over p0 + a0" in d.reason
+    assert core.tracker.inflight("a0") == 1 and core.complete("r1")
+    off, _ = _core(roles, DisaggSettings(pd_transfer_s_per_block=0.01, pd_joint_pairs=False))
+    d = off.decide_local(RouteRequest("r1", token_ids=PROMPT, disaggregated=True))
+    assert (d.node_id, d.decode_node_id, d.transfer_blocks) == ("p0", "a0", 5)
+    # cheap transfers: the better prefill wins and the pair moves the blocks
+    cheap, _ = _core(roles, DisaggSettings(pd_transfer_s_per_block=0.0001))
+    d = cheap.decide_local(RouteRequest("r1", token_ids=PROMPT, disaggregated=True))
+    assert d.node_id == "p0" and "jointly" not in d.reason
+
+
 def test_in_transit_is_bounded_and_counts_shared_blocks_per_pair() -> None:
     from router_service.disagg import InTransit
 
