@@ -199,5 +199,14 @@ async def test_route_response_carries_the_pair_over_grpc() -> None:
             assert core.tracker.inflight("d0") == 1
             whole = await stub.Complete(router_pb2.CompleteRequest(request_id="g1"))
             assert whole.released and core.tracker.inflight("d0") == 0
+        # the same through kvroute.client
+        from kvroute.client.options import ClientOptions
+        from kvroute.client.router import AsyncRouterClient
+
+        async with AsyncRouterClient(ClientOptions(targets=[f"127.0.0.1:{port}"])) as c:
+            await c.route("g3", token_ids=PROMPT)
+            assert await c.complete("g3", prefill_only=True)
+            assert core.tracker.inflight("p0") == 0 and core.tracker.inflight("d0") == 1
+            assert await c.complete("g3") and core.tracker.inflight("d0") == 0
     finally:
         await server.stop(None)
