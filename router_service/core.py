@@ -2,11 +2,12 @@
 
 :meth:`RouterCore.decide` takes a :class:`~router_service.domain.RouteRequest` and returns a
 :class:`~router_service.domain.RouteDecision`. It owns validation and hashing
-(:mod:`.request_prep`), the placement lookup (the index mirror or the registry stream), the
-policy, the in-flight / queued-prefill tracker, "recently routed" overlap (inside kv_aware's
-state, updated on commit) and degradation: with the registry unreachable it falls back to
-least_loaded over the last known nodes and says so. The gRPC servicer, the OpenAI gateway, the
-Envoy endpoint picker and ``kvroute bench --mode sim`` all call it unchanged.
+(:mod:`.request_prep`), the placement lookup (:mod:`.lookup`: the index mirror or the registry
+stream, narrowed on large fleets), the policy, the in-flight / queued-prefill tracker, "recently
+routed" overlap (inside kv_aware's state, updated on commit) and degradation: with the registry
+unreachable it falls back to least_loaded over the last known nodes and says so. The gRPC
+servicer, the OpenAI gateway, the Envoy endpoint picker and ``kvroute bench --mode sim`` all
+call it unchanged.
 
 A decision is made in two steps: the policy *chooses* (pure: scores, no state change), then the
 core *commits* it — the policy's own state (recent routes, running averages, round-robin turn),
