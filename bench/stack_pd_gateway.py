@@ -33,7 +33,11 @@ def pd_router_flags(disagg: DisaggSettings, time_scale: float) -> tuple[str, ...
         pd_headroom_penalty_s=disagg.pd_headroom_penalty_s * time_scale)
     flags: list[str] = []
     for f in dataclasses.fields(scaled):
-        flags += [flag_name(f), str(getattr(scaled, f.name))]
+        value = getattr(scaled, f.name)
+        if isinstance(value, bool):  # --flag / --no-flag
+            flags.append(flag_name(f) if value else "--no-" + flag_name(f).removeprefix("--"))
+        else:
+            flags += [flag_name(f), str(value)]
     return tuple(flags)
 
 
