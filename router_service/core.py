@@ -171,6 +171,11 @@ class RouterCore:
                 f"block size mismatch: router hashes {self.settings.block_size}-token blocks, "
                 f"the registry uses {rbs}; set --block-size {rbs}")
         view = request_view(req, self.settings, self.tokenizer, rbs)
+        share = self.share
+        if share is not None and share.live():
+            peers = share.peers() if share.in_burst() else 0
+            if peers:  # replicas deciding side by side (kv_aware's picker spreads over them)
+                view = dataclasses.replace(view, replicas=peers + 1, replica_rank=share.rank())
         return policy, view, self._resolve_model(req.model)
 
     def _resolve_model(self, model: str) -> str:
@@ -416,6 +421,7 @@ class RouterCore:
                 self.tracker.complete(delta.request_id)
             return
         share.remote.start(delta.replica_id, delta.request_id, delta.node_id)
+        share.saw_peer(delta.replica_id)
         self.tracker.add_prefill(delta.node_id, delta.uncached_tokens)
         if delta.block_hashes:
             for name in self.policies.names:
