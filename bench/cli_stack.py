@@ -20,6 +20,7 @@ from bench.faults import (
 )
 from bench.runner import BenchOutcome, run_comparison
 from bench.sim.config import SimSettings
+from bench.sim.replicas import ReplicaSettings
 from bench.stack_backend import GATEWAY_PREFIX, STACK_POLICIES, StackBackend, split_front
 from bench.stack_fleet import FleetSpec, router_flags
 from bench.workloads.base import Workload
@@ -63,6 +64,12 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
                         "sigterm-registry@T[+D], rolling-restart-registries@T (runs 2 "
                         "registries), pause-etcd@T+D, restart-etcd@T+D, kill-engine:NODE@T, "
                         "kill-agent:NODE@T (NODE = engine-0...; T, D in trace seconds)")
+    g.add_argument("--gateways", type=int, default=1, metavar="N",
+                   help="stack: N OpenAI gateway replicas (issue 19); the gateway policies "
+                        "(gateway:kv_aware unless given) are replayed through gateway 0 alone "
+                        "and as gateway:POLICY@N spread over all N like a Kubernetes Service "
+                        "(--spread), sharing their view unless --no-share-routes. --routers N "
+                        "does the same for the Router API (POLICY and POLICY@N)")
     g.add_argument("--quick", action="store_true",
                    help="stack: a smoke run for tests: first 120 requests, 4 nodes, 20 pairs")
 
@@ -131,9 +138,11 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
         names = [*names, f"{GATEWAY_PREFIX}kv_aware"]
     if any(split_front(n)[0] for n in names):
         spec = dataclasses.replace(spec, gateway=True)
+    spec, names = _with_replicas(args, spec, names)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
-    print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router"
-          f"{', gateway' if spec.gateway else ''}, etcd; logs in {workdir}", file=sys.stderr)
+    print(f"stack: {spec.nodes} x (engine_sim + agent), registry, {spec.routers} router(s)"
+          f"{f', {spec.gateways} gateway(s)' if spec.gateway else ''}, etcd; logs in {workdir}",
+          file=sys.stderr)
     if args.repeat < 1:
         raise ConfigError("--repeat must be >= 1")
     t0 = time.perf_counter()
@@ -143,7 +152,8 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
         if args.repeat > 1:
             print(f"stack: run {k + 1} of {args.repeat}", file=sys.stderr)
         outs.append(_run_once(workload, settings, names, peers, spec, sub, args.overhead_pairs,
-                              args.random_bound, faults, args.time_scale))
+                              args.random_bound, faults, args.time_scale,
+                              (getattr(args, "spread", None) or "random", args.seed)))
     out = outs[0]
     if len(outs) > 1:
         from bench.report import format_table
@@ -160,6 +170,11 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
         print()
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
+    if spec.routers > 1 or spec.gateways > 1:
+        out.report["router_replicas"] = {
+            "routers": spec.routers, "gateways": spec.gateways if spec.gateway else 0,
+            "spread": getattr(args, "spread", None) or "random",
+            "share_routes": "--share-routes" in spec.router_args}
     from bench.report import emit
 
     emit(out, f"replayed {len(names) + len(peers)} routers x {len(workload.requests)} requests "
@@ -182,12 +197,43 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
     return 0
 
 
+def _with_replicas(args: argparse.Namespace, spec: FleetSpec, names: list[str],
+                   ) -> tuple[FleetSpec, list[str]]:
+    """``--routers N`` / ``--gateways N``: N replicas in the fleet (sharing their view unless
+    ``--no-share-routes``) and, next to every policy replayed through one replica, the same
+    policy spread over all of them (``POLICY@N``), on the same fleet in the same run."""
+    rs = from_namespace(ReplicaSettings, args)
+    gateways = int(getattr(args, "gateways", 1) or 1)
+    if gateways < 1:
+        raise ConfigError("--gateways must be >= 1")
+    if rs.routers == 1 and gateways == 1:
+        return spec, names
+    if gateways > 1 and not any(split_front(n)[0] for n in names):
+        names = [*names, f"{GATEWAY_PREFIX}kv_aware"]
+    out: list[str] = []
+    for n in names:
+        out.append(n)
+        via_gateway = split_front(n)[0]
+        k = gateways if via_gateway else rs.routers
+        if k > 1:
+            out.append(f"{n}@{k}")
+    share: tuple[str, ...] = ()
+    if rs.share_routes:
+        share = ("--share-routes", "--share-max-blocks", str(rs.share_max_blocks),
+                 "--share-burst-window-s", str(rs.share_burst_window_s))
+    spec = dataclasses.replace(spec, routers=rs.routers, gateways=gateways,
+                               gateway=spec.gateway or gateways > 1,
+                               router_args=(*spec.router_args, *share))
+    return spec, out
+
+
 def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers: list[str],
               spec: FleetSpec, workdir: Path, overhead_pairs: int,
               random_bound: bool, faults: list[FaultSpec] | None = None,
-              time_scale: float = 1.0) -> BenchOutcome:
+              time_scale: float = 1.0, spread: tuple[str, int] = ("random", 0),
+              ) -> BenchOutcome:
     """One comparison on freshly started processes (kvroute's fleet, then each peer's)."""
-    with StackBackend(workdir / "stack", spec) as stack:
+    with StackBackend(workdir / "stack", spec, spread=spread[0], seed=spread[1]) as stack:
         if faults:
             injector = FaultInjector(stack.fleet, faults, time_scale)
             stack.hook = injector

@@ -154,35 +154,49 @@ async def _one_gateway(req: TraceRequest, prompt: Prompt, policy: str, model: st
         out.error = f"gateway: {exc!r}"
 
 
-async def replay_stack(workload: Workload, policy: str, router_target: str,
+async def replay_stack(workload: Workload, policy: str, router_target: str | Sequence[str],
                        engine_urls: dict[str, str], model: str, time_scale: float,
                        prefill_tokens_per_s: float,
                        progress: Callable[[int], None] | None = None,
                        prompts: list[Prompt] | None = None,
                        hook: ReplayHook | None = None,
-                       gateway_url: str | None = None) -> PolicyRun:
+                       gateway_url: str | Sequence[str] | None = None,
+                       spread: str = "random", seed: int = 0) -> PolicyRun:
     """Replay ``workload`` under ``policy`` and build the run from the engines' records
     (through the gateway at ``gateway_url`` when given, else Route + engine + Complete).
 
     ``prompts``: the workload's prepared prompts (:func:`bench.prompts.prepare`; made here when
     not given — pass them to reuse them across policies). ``hook`` (fault injection) runs next
     to the replay and sees every outcome after.
+
+    Several router targets (or gateway URLs) are replicas behind a Kubernetes Service: each
+    request goes to one of them as the Service would send a new connection (``spread``
+    ``random``: kube-proxy's iptables mode; ``round_robin``: IPVS ``rr``); a Route's Complete
+    is a separate call and is spread the same way, so it often lands on another replica than
+    the Route (the shared view releases it everywhere).
     """
+    from bench.sim.replicas import ReplicaSettings, Spreader
+
+    targets = [router_target] if isinstance(router_target, str) else list(router_target)
+    gateways = [gateway_url] if isinstance(gateway_url, str) else list(gateway_url or [])
+    fronts = Spreader(ReplicaSettings(routers=max(1, len(gateways) or len(targets)),
+                                      spread=spread), seed)
+    completes = Spreader(ReplicaSettings(routers=max(1, len(targets)), spread=spread), seed + 1)
     node_ids = sorted(engine_urls)
     run = PolicyRun(policy=policy, node_ids=node_ids, n_requests=len(workload.requests))
     run.init_requests(len(workload.requests))
     prompts = prompts if prompts is not None else prepare(workload)
-    routes = route_payloads(workload, prompts, model, policy)
+    route_bytes = route_payloads(workload, prompts, model, policy)
     outcomes = [_Outcome() for _ in workload.requests]
     timeout = aiohttp.ClientTimeout(total=600)
     t_wall0 = time.perf_counter()
-    channel = grpc.aio.insecure_channel(router_target)
+    channels = [grpc.aio.insecure_channel(t) for t in targets]
     async with aiohttp.ClientSession(timeout=timeout,
                                      connector=aiohttp.TCPConnector(limit=512)) as http:
-        stub = router_pb2_grpc.RouterStub(channel)
-        route = channel.unary_unary(  # takes the pre-serialized request bytes as they are
+        stubs = [router_pb2_grpc.RouterStub(ch) for ch in channels]
+        routes = [ch.unary_unary(  # takes the pre-serialized request bytes as they are
             "/kvroute.v1.Router/Route", request_serializer=_as_is,
-            response_deserializer=router_pb2.RouteResponse.FromString)
+            response_deserializer=router_pb2.RouteResponse.FromString) for ch in channels]
         before = {n: await _stats(http, u, records=False) for n, u in engine_urls.items()}
         await _reset_records(http, engine_urls)
         tasks: list[asyncio.Task[None]] = []
@@ -192,14 +206,16 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
             delay = req.arrival_s * time_scale - (time.perf_counter() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
-            if gateway_url:
+            front = fronts.pick()
+            if gateways:
                 task = asyncio.create_task(_one_gateway(req, prompts[i], policy, model,
-                                                        gateway_url, http, outcomes[i],
+                                                        gateways[front], http, outcomes[i],
                                                         time_scale))
             else:
-                task = asyncio.create_task(_one(req, prompts[i], routes[i], model, route,
-                                                stub, http, engine_urls, outcomes[i],
-                                                time_scale, start))
+                task = asyncio.create_task(_one(req, prompts[i], route_bytes[i], model,
+                                                routes[front],
+                                                stubs[completes.pick()], http, engine_urls,
+                                                outcomes[i], time_scale, start))
             if progress is not None:
                 task.add_done_callback(lambda _t: progress(1))
             tasks.append(task)
@@ -211,7 +227,8 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
         for n, st in stats.items():
             if st:  # (empty: a fault killed the engine)
                 st["_evicted_before"] = before[n].get("evicted_blocks", 0)
-    await channel.close(None)
+    for ch in channels:
+        await ch.close(None)
     run.wall_s = time.perf_counter() - t_wall0
     _fill(run, workload, outcomes, stats, node_ids, prefill_tokens_per_s)
     run.notes.append(client_vs_engine_note([o.client_s for o in outcomes], run.e2e_s))

@@ -323,6 +323,8 @@ class RouterCore:
         self.decisions_by_policy[used] = self.decisions_by_policy.get(used, 0) + 1
         self.predicted_cached_tokens += cached
         reason = decision.reason
+        if view.replicas > 1 and self.metrics is not None:
+            self.metrics.burst_decisions.inc()
         if share is not None and share.why_not:
             self.own_view_decisions += 1
             reason = f"OWN COUNTS ONLY (shared view lost: {share.why_not}); {reason}"

@@ -8,6 +8,7 @@ from the engines, and the hit rates match the in-process simulation within a few
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,30 @@ def test_disaggregated_stack_replay_matches_sim(tmp_path: Path) -> None:
     assert stack["transferred_blocks"] > 0 and stack["decode_held_rate_tokens"] > 0
     assert abs(stack["hit_rate_tokens"] - sim["hit_rate_tokens"]) < 0.08
     assert abs(stack["decode_held_rate_tokens"] - sim["decode_held_rate_tokens"]) < 0.15
+
+
+def test_stack_spreads_over_router_and_gateway_replicas_that_share_their_view(
+        tmp_path: Path) -> None:
+    """``--routers 2 --gateways 2``: every policy through one replica and as POLICY@2 over
+    both (Route and Complete spread independently, like a Service); the replicas share their
+    view through the registry (each applied the other's deltas) and nothing fails."""
+    out = tmp_path / "replicas.json"
+    assert main(["bench", *COMMON, "--policies", "kv_aware", "--mode", "stack",
+                 "--time-scale", "0.05", "--routers", "2", "--gateways", "2",
+                 "--workdir", str(tmp_path / "stack"), "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    by = {r["policy"]: r for r in rep["results"]}
+    assert set(by) == {"kv_aware", "kv_aware@2", "gateway:kv_aware", "gateway:kv_aware@2"}
+    for row in by.values():
+        assert row["failed"] == 0 and row["ttft_ms"]["p50"] > 0
+    assert rep["router_replicas"] == {"routers": 2, "gateways": 2, "spread": "random",
+                                      "share_routes": True}
+    logs = tmp_path / "stack" / "stack" / "logs"
+    assert {p.name for p in logs.iterdir()} >= {"router.log", "router-1.log", "gateway.log",
+                                                "gateway-1.log"}
+    assert abs(by["kv_aware@2"]["hit_rate_tokens"] - by["kv_aware"]["hit_rate_tokens"]) < 0.05
+    for name in ("kv_aware@2", "gateway:kv_aware@2"):  # each replica applied the other's deltas
+        note = next(n for n in by[name]["notes"] if n.startswith("shared view per replica"))
+        applied = re.findall(r"deltas applied (\d+)", note)
+        assert len(applied) == 2 and all(int(a) > 0 for a in applied), note
+        assert note.count("connected 1") == 2, note
