@@ -173,6 +173,13 @@ class StackBackend:
 
     async def _replay(self, workload: Workload, policy: str, label: str, fronts: list[str],
                       via_gateway: bool) -> PolicyRun:
+        if self.spec.routers > 1 or (self.spec.gateway and self.spec.gateways > 1):
+            # POLICY and POLICY@N compare replicas: each starts on fresh routing state (a
+            # replay would otherwise inherit the previous one's recent routes of the very same
+            # prompts)
+            await asyncio.to_thread(self.fleet.restart_fronts)
+            fronts = (self.fleet.gateway_urls if via_gateway
+                      else self.fleet.router_targets)[:len(fronts)]
         urls = await self.reset_fleet()
         if self._prompts is None or self._prompts[0] is not workload:
             self._prompts = (workload, prepare(workload))

@@ -136,6 +136,7 @@ class StackFleet:
         """Router 0 (``routers`` holds every replica)."""
         self.routers: list[ManagedProcess] = []
         self.routers_ready: list[dict[str, Any]] = []
+        self.gateways: list[ManagedProcess] = []
         self.gateways_ready: list[dict[str, Any]] = []
         self.engines: list[EngineHandle] = []
         self.registry_ready: dict[str, Any] = {}
@@ -262,8 +263,22 @@ class StackFleet:
 
     def _gateway_ready(self, launched: list[tuple[ManagedProcess, Path]]) -> None:
         if launched:
+            self.gateways = [g[0] for g in launched]
             self.gateways_ready = [self._ready(g) for g in launched]
             self.gateway_ready = self.gateways_ready[0]
+
+    def restart_fronts(self) -> None:
+        """Stop every router and gateway replica and start them again (fresh routing state:
+        in-flight counts, kv_aware's recent routes and averages, the shared view)."""
+        old = [*self.routers, *self.gateways]
+        for proc in old:  # SIGTERM all first, so they drain in parallel
+            proc.signal(signal.SIGTERM)
+        for proc in old:
+            proc.stop(grace_s=5.0)
+            self._procs.remove(proc)
+        router, gateway = self._router(), self._gateway()
+        self._router_ready(router)
+        self._gateway_ready(gateway)
 
     @property
     def gateway_url(self) -> str:

@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 
 from node_agent.block_map import BlockMap
 from node_agent.events import IndexHealth, IndexState, ParseStats
-from node_agent.heartbeat import LinkStats
+from node_agent.registry_link import LinkStats
 from node_agent.usage import UsageProbe
 from node_agent.zmq_source import SourceStats
 

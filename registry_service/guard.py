@@ -15,6 +15,7 @@ Health and reflection are never checked (Kubernetes probes carry no credentials)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -262,6 +263,11 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         async def ss(request_iterator: Any, ctx: _Ctx) -> AsyncIterator[Any]:
             refused = self._check_read(ctx, method)
             if refused is not None:
+                # take the client's hello first: aborting a bidirectional stream while the
+                # client is still writing its first message sometimes reached the client as
+                # INTERNAL ("Internal error from Core") instead of the refusal
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(anext(aiter(request_iterator), None), 1.0)
                 await self._abort(ctx, refused)
             async for item in inner(request_iterator, ctx):
                 yield item

@@ -24,7 +24,7 @@ from kvroute.v1 import registry_pb2 as pb
 from registry_service import validate
 from registry_service.auth import token_digest
 from registry_service.metrics import RegistryMetrics
-from registry_service.nodes import NodeState
+from registry_service.nodes import LiveNode
 from registry_service.peek import peek_async
 from registry_service.security_settings import SecuritySettings
 from registry_service.settings import RegistrySettings
@@ -62,7 +62,7 @@ def check_capacity(s: SecuritySettings, capacity_blocks: int, node_id: str) -> N
             "is ~81 B per block) or register a smaller capacity")
 
 
-def _refuse(s: SecuritySettings, metrics: RegistryMetrics, method: str, state: NodeState,
+def _refuse(s: SecuritySettings, metrics: RegistryMetrics, method: str, state: LiveNode,
             count: int, limit: int, what: str) -> ResourceExhausted:
     cap = state.capacity()
     metrics.refused.labels(method, "node_capacity").inc()
@@ -83,7 +83,7 @@ def _index_full(s: SecuritySettings, metrics: RegistryMetrics, method: str, node
 
 
 def check_delta(s: SecuritySettings, metrics: RegistryMetrics, view: ReplicaView,
-                state: NodeState, cleared: bool, stored_hashes: Sequence[int],
+                state: LiveNode, cleared: bool, stored_hashes: Sequence[int],
                 removed_hashes: Sequence[int]) -> None:
     """RESOURCE_EXHAUSTED when applying this heartbeat delta would pass a block limit."""
     n_stored = len(stored_hashes)
@@ -106,7 +106,7 @@ def check_delta(s: SecuritySettings, metrics: RegistryMetrics, view: ReplicaView
 
 
 def check_heartbeat(s: SecuritySettings, metrics: RegistryMetrics, view: ReplicaView,
-                    state: NodeState, req: pb.HeartbeatRequest) -> None:
+                    state: LiveNode, req: pb.HeartbeatRequest) -> None:
     """Everything a heartbeat of the current epoch must pass before it touches anything:
     its write token, a sane capacity, and (for the next delta) the block limits."""
     rec = state.record
@@ -117,13 +117,13 @@ def check_heartbeat(s: SecuritySettings, metrics: RegistryMetrics, view: Replica
         check_delta(s, metrics, view, state, req.cleared, req.stored, req.removed)
 
 
-def resync_limit(s: SecuritySettings, state: NodeState) -> int:
+def resync_limit(s: SecuritySettings, state: LiveNode) -> int:
     """Most hashes a Resync of this node may carry."""
     return s.node_block_limit(state.capacity())
 
 
 def check_resync_total(s: SecuritySettings, metrics: RegistryMetrics, view: ReplicaView,
-                       state: NodeState, sent: int) -> None:
+                       state: LiveNode, sent: int) -> None:
     """RESOURCE_EXHAUSTED when a Resync stream carries too many hashes (checked per message)."""
     limit = resync_limit(s, state)
     if sent > limit:
@@ -131,7 +131,7 @@ def check_resync_total(s: SecuritySettings, metrics: RegistryMetrics, view: Repl
 
 
 def check_resync_index(s: SecuritySettings, metrics: RegistryMetrics, view: ReplicaView,
-                       state: NodeState, unique: int) -> None:
+                       state: LiveNode, unique: int) -> None:
     """RESOURCE_EXHAUSTED when the resynced set would overfill the whole index."""
     total = view.index.entries - view.index.count(state.slot) + unique
     if total > s.max_index_entries:

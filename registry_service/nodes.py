@@ -15,7 +15,7 @@ def now_ms() -> int:
 
 
 @dataclass
-class NodeState:
+class LiveNode:
     """What this replica knows about one live node."""
 
     record: NodeRecord

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from kvroute.index import BitmaskIndex, PrefixIndex, SlotTable
 from registry_service.metrics import RegistryMetrics
-from registry_service.nodes import Change, Fanout, NodeState, now_ms
+from registry_service.nodes import Change, Fanout, LiveNode, now_ms
 from registry_service.store.base import (
     Delta,
     DeltaPut,
@@ -35,8 +35,8 @@ class ReplicaView:
     def __init__(self, fanout: Fanout, metrics: RegistryMetrics, late_after_s: float) -> None:
         self.index: PrefixIndex = BitmaskIndex()
         self.slots = SlotTable()
-        self.nodes: dict[str, NodeState] = {}
-        self._by_model: dict[str, list[NodeState]] = {}
+        self.nodes: dict[str, LiveNode] = {}
+        self._by_model: dict[str, list[LiveNode]] = {}
         """Nodes per model in registration order; dropped whenever membership changes."""
         self.fanout = fanout
         self.metrics = metrics
@@ -47,8 +47,8 @@ class ReplicaView:
         """(node, epoch) this replica deleted itself: their removal is not a lease expiry."""
 
     # ---- nodes ----------------------------------------------------------------------------
-    def _add(self, rec: NodeRecord) -> NodeState:
-        state = NodeState(rec, self.slots.assign(rec.node_id, rec.model))
+    def _add(self, rec: NodeRecord) -> LiveNode:
+        state = LiveNode(rec, self.slots.assign(rec.node_id, rec.model))
         self.index.add_node(state.slot)
         self.nodes[rec.node_id] = state
         self._by_model.pop(rec.model, None)
@@ -115,7 +115,7 @@ class ReplicaView:
             self.drop(rec.node_id, expired=False)
         self._add(rec)
 
-    def apply_delta(self, state: NodeState, delta: Delta) -> bool:
+    def apply_delta(self, state: LiveNode, delta: Delta) -> bool:
         """Apply a delta if it is the next one on the node's generation; True if applied."""
         if delta.base_gen != state.gen or delta.seq <= state.applied_seq:
             return False
@@ -134,7 +134,7 @@ class ReplicaView:
                                    stored=delta.stored, removed=delta.removed))
         return True
 
-    def apply_snapshot(self, state: NodeState, snap: SnapshotPut) -> bool:
+    def apply_snapshot(self, state: LiveNode, snap: SnapshotPut) -> bool:
         """Switch the node to snapshot ``snap.gen``; rebuild its blocks when they differ."""
         if snap.gen <= state.gen:
             return False
@@ -168,7 +168,7 @@ class ReplicaView:
                 state.trusted_until_ms = t + state.record.lease_ttl_s * 1000
 
     # ---- queries --------------------------------------------------------------------------
-    def candidates(self, model: str, include_unhealthy: bool) -> list[NodeState]:
+    def candidates(self, model: str, include_unhealthy: bool) -> list[LiveNode]:
         """Nodes serving ``model`` (all models when empty), healthy ones unless asked.
 
         The list for a model is kept between calls (do not modify it).
@@ -185,6 +185,10 @@ class ReplicaView:
             late, t = self.late_after_s, now_ms()
             nodes = [s for s in nodes if s.healthy(late, t)]
         return nodes
+
+    def model_size(self, model: str) -> int:
+        """Nodes of ``model`` (all nodes when empty), healthy or not; O(1) once listed."""
+        return len(self.candidates(model, True)) if model else len(self.nodes)
 
     def lookup(self, hashes: Sequence[int], model: str) -> dict[int, int]:
         """Matched prefix length per slot of ``model``'s nodes (all nodes when empty); slots

@@ -11,15 +11,17 @@ nodes that hold none of it.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 
 from kvroute.index import BitmaskIndex, PrefixIndex, SlotTable
 from kvroute.v1 import registry_pb2
-from router_service.placement import NodeState
+from router_service.placement import DepartureHook, NodeState
 
 _KIND = registry_pb2.PlacementEvent
-_FIELDS = tuple(f.name for f in dataclasses.fields(NodeState))
+
+
+def _ignore(node_id: str) -> None:
+    pass
 
 
 class IndexMirror:
@@ -33,6 +35,8 @@ class IndexMirror:
         self._member_nodes: dict[str, list[NodeState]] = {}
         """Per model: (node, slot) of its nodes, in arrival order; rebuilt when membership
         changes (a status update changes the NodeState in place)."""
+        self.departed: DepartureHook = _ignore
+        """Called with the id of each node removed (NODE_REMOVED)."""
         self.block_size = 0
         self.complete = False
         """True once the initial snapshot ended (SNAPSHOT_END)."""
@@ -55,8 +59,7 @@ class IndexMirror:
         """Add a node or refresh its record and usage (in place: lookups see it at once)."""
         old = self.nodes.get(node.node_id)
         if old is not None and old.model == node.model:
-            for f in _FIELDS:
-                setattr(old, f, getattr(node, f))
+            old.update_from(node)
             return
         if old is not None:  # the node now serves another model: its blocks stay its own
             self._forget_model(old.model)
@@ -73,6 +76,7 @@ class IndexMirror:
             self._index.drop_node(slot)
         if node is not None:
             self._forget_model(node.model)
+            self.departed(node_id)
 
     def apply_blocks(self, node_id: str, stored: Iterable[int], removed: Iterable[int],
                      cleared: bool) -> None:

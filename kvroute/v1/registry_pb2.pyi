@@ -478,12 +478,20 @@ class LookupRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     INCLUDE_UNHEALTHY_FIELD_NUMBER: _builtins.int
+    MATCHED_ONLY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model of the request; only nodes serving it are returned."""
     request_id: _builtins.str
     """Caller's correlation id, echoed in the reply (needed on LookupStream)."""
     include_unhealthy: _builtins.bool
     """Also return nodes whose lease is alive but that are marked unhealthy or draining."""
+    matched_only: _builtins.bool
+    """Return only the nodes holding a prefix of the request (matched_blocks > 0), longest match
+    first, instead of every node of the model; LookupResponse.model_nodes still counts them
+    all. The answer (and its cost) then grows with the nodes that match, not with the fleet.
+    For callers that know the fleet from elsewhere (ListNodes, WatchNodes), such as the
+    router's stream mode on fleets larger than its --max-candidates. Default false: every node.
+    """
     @_builtins.property
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Canonical block hashes of the request's prompt, in order (block 0 first)."""
@@ -495,10 +503,11 @@ class LookupRequest(_message.Message):
         model: _builtins.str = ...,
         request_id: _builtins.str = ...,
         include_unhealthy: _builtins.bool = ...,
+        matched_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "include_unhealthy", b"include_unhealthy", "model", b"model", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "include_unhealthy", b"include_unhealthy", "matched_only", b"matched_only", "model", b"model", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -604,13 +613,21 @@ class LookupResponse(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    MODEL_NODES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request_id of the LookupRequest."""
     block_size: _builtins.int
     """Tokens per block of the registry, so callers can turn blocks into tokens."""
+    model_nodes: _builtins.int
+    """Nodes of the model this replica knows, healthy or not (every model's when the request names
+    none), whether or not ``nodes`` lists them all: with matched_only, 0 means "no node serves
+    the model" and a count that differs from the caller's node list says that list is stale.
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeMatch]:
-        """One entry per node serving the model (nodes with zero overlap included)."""
+        """One entry per node serving the model (nodes with zero overlap included), or only the
+        nodes holding a prefix when the request set matched_only.
+        """
 
     @_builtins.property
     def error(self) -> Global___ErrorStatus:
@@ -623,10 +640,11 @@ class LookupResponse(_message.Message):
         nodes: _abc.Iterable[Global___NodeMatch] | None = ...,
         block_size: _builtins.int = ...,
         error: Global___ErrorStatus | None = ...,
+        model_nodes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "error", b"error", "nodes", b"nodes", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "error", b"error", "model_nodes", b"model_nodes", "nodes", b"nodes", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

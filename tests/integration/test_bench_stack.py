@@ -80,6 +80,7 @@ def test_stack_spreads_over_router_and_gateway_replicas_that_share_their_view(
     logs = tmp_path / "stack" / "stack" / "logs"
     assert {p.name for p in logs.iterdir()} >= {"router.log", "router-1.log", "gateway.log",
                                                 "gateway-1.log"}
+    # each replay starts on fresh routers/gateways: POLICY@2 does not inherit POLICY's state
     assert abs(by["kv_aware@2"]["hit_rate_tokens"] - by["kv_aware"]["hit_rate_tokens"]) < 0.05
     for name in ("kv_aware@2", "gateway:kv_aware@2"):  # each replica applied the other's deltas
         note = next(n for n in by[name]["notes"] if n.startswith("shared view per replica"))
