@@ -52,3 +52,18 @@ async def test_cancelled_waiter_aborts_and_frees_blocks() -> None:
         assert eng.stats()["requests_aborted"] == 2
     finally:
         await eng.stop()
+
+
+def test_prefill_time_metric_is_in_wall_seconds_so_agents_measure_the_wall_rate() -> None:
+    """A compressed engine (time_scale 0.2 = 5x faster than its model) must read 5x faster:
+    the agent's measured prefill rate feeds routers that drain on the wall clock."""
+    from prometheus_client import generate_latest
+
+    from engine_sim.metrics import make_registry
+
+    eng = SimEngine(settings(time_scale=0.2))
+    eng.model.prefill_seconds_total = 10.0  # model seconds
+    text = generate_latest(make_registry(eng)).decode()
+    line = next(x for x in text.splitlines()
+                if x.startswith("vllm:request_prefill_time_seconds_sum"))
+    assert abs(float(line.rsplit(" ", 1)[1]) - 2.0) < 1e-9
