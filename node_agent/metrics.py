@@ -62,7 +62,10 @@ class AgentCollector(Collector):
         for reason, n in sorted(dict(b.skipped).items()):
             skipped.add_metric([reason], n)
         yield skipped
-        yield gauge("blocks_held", "Canonical blocks the engine holds (indexed)", b.held_blocks)
+        yield gauge("blocks_held", "Canonical blocks the engine holds on its device (GPU), "
+                    "the registry's device tier", b.held_blocks)
+        yield gauge("blocks_offloaded", "Canonical blocks held on an offloading medium (CPU, "
+                    "CPU_PINNED, DISK...), the registry's lower tier", b.offloaded_blocks)
         yield gauge("engine_blocks_tracked", "Engine blocks tracked", b.engine_blocks)
         yield counter("evictions", "Canonical blocks evicted by the engine", b.evictions_total)
         yield counter("registrations", "RegisterNode calls that succeeded", lk.registrations)

@@ -222,7 +222,7 @@ class RegistryCore:
             state.lease_refreshed_mono = state.refreshed_here_mono = time.monotonic()
         else:  # refreshed by this replica moments ago (a fast heartbeat burst)
             ttl = max(1, round(rec.lease_ttl_s - since))
-        if req.stored or req.removed or req.cleared:
+        if validate.has_delta(req):
             result = await self._apply_delta(state, req)
             if result is not None:
                 return result
@@ -246,7 +246,9 @@ class RegistryCore:
                                 f"delta_seq {seq} skips ahead: the registry applied "
                                 f"{state.applied_seq} last; send a full Resync")
         delta = Delta(seq=seq, base_gen=state.gen, cleared=req.cleared,
-                      stored=as_hashes(req.stored), removed=as_hashes(req.removed))
+                      stored=as_hashes(req.stored), removed=as_hashes(req.removed),
+                      stored_offloaded=as_hashes(req.stored_offloaded),
+                      removed_offloaded=as_hashes(req.removed_offloaded))
         try:
             if delta.events * 8 > DELTA_KEY_MAX_BYTES:
                 await self._large_delta(state, delta)
@@ -264,24 +266,22 @@ class RegistryCore:
     async def _large_delta(self, state: LiveNode, delta: Delta) -> None:
         """A delta too big for one etcd value: persist the resulting set as a snapshot
         (chunked, <= 1 MiB per key) first, then apply the delta here."""
-        base = as_hashes([]) if delta.cleared else self.view.index.blocks(state.slot)
-        after = np.union1d(np.setdiff1d(base, delta.removed), delta.stored).astype(np.uint64)
+        after, after_off = self.view.after_delta(state, delta)
         gen = state.gen + 1
         await self._op("write_snapshot", self.store.write_snapshot(
-            state.record, gen, delta.seq, after, False))
+            state.record, gen, delta.seq, after, False, after_off))
         if self.view.apply_delta(state, delta):
             self.metrics.block_events.inc(delta.events)
         self.view.apply_snapshot(state, SnapshotPut(state.node_id, state.record.epoch, gen,
-                                                    delta.seq, False, after))
+                                                    delta.seq, False, after, after_off))
 
     async def _snapshot(self, state: LiveNode, replace: bool,
-                        hashes: np.ndarray | None = None) -> None:
-        if hashes is None:
-            hashes = self.view.index.blocks(state.slot)
+                        sets: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        hashes, offloaded = self.view.tier_sets(state) if sets is None else sets
         snap = SnapshotPut(state.node_id, state.record.epoch, state.gen + 1,
-                           0 if replace else state.applied_seq, replace, hashes)
+                           0 if replace else state.applied_seq, replace, hashes, offloaded)
         await self._op("write_snapshot", self.store.write_snapshot(
-            state.record, snap.gen, snap.through_seq, hashes, replace))
+            state.record, snap.gen, snap.through_seq, hashes, replace, offloaded))
         self.view.apply_snapshot(state, snap)
 
     async def _status(self, state: LiveNode, req: pb.HeartbeatRequest) -> None:
@@ -309,8 +309,9 @@ class RegistryCore:
 
     async def resync(self, requests: AsyncIterator[pb.ResyncRequest]) -> int:
         """Resync: replace the node's whole block set with the streamed one."""
-        node_id, epoch, used, total = "", 0, 0, 0
+        node_id, epoch, used, total, total_off = "", 0, 0, 0, 0
         parts: list[np.ndarray] = []
+        off_parts: list[np.ndarray] = []
         state: LiveNode | None = None
         async for req in requests:
             if state is None:
@@ -325,9 +326,14 @@ class RegistryCore:
                 raise InvalidArgument(
                     "every Resync message must carry the same node_id and epoch")
             validate.hash_count(len(req.block_hashes), "block_hashes", self.settings)
+            validate.hash_count(len(req.offloaded_block_hashes), "offloaded_block_hashes",
+                                self.settings)
             total += len(req.block_hashes)
-            limits.check_resync_total(self.settings, self.metrics, self.view, state, total)
+            total_off += len(req.offloaded_block_hashes)
+            limits.check_resync_total(self.settings, self.metrics, self.view, state, total,
+                                      total_off)
             parts.append(as_hashes(req.block_hashes))
+            off_parts.append(as_hashes(req.offloaded_block_hashes))
         if state is None:
             raise InvalidArgument("empty Resync stream: send node_id and epoch")
         async with state.lock:
@@ -336,10 +342,11 @@ class RegistryCore:
                     f"node {node_id} registered again during the Resync: RegisterNode and "
                     "resync again")
             hashes = np.unique(np.concatenate(parts)) if parts else as_hashes([])
+            offloaded = np.unique(np.concatenate(off_parts)) if off_parts else as_hashes([])
             limits.check_resync_index(self.settings, self.metrics, self.view, state,
-                                      int(hashes.size))
+                                      int(hashes.size + offloaded.size))
             try:
-                await self._snapshot(state, True, hashes)
+                await self._snapshot(state, True, (hashes, offloaded))
             except StoreConflict as exc:
                 raise NotFound(f"node {node_id}: {exc}; RegisterNode again") from exc
             state.status = NodeStatus(**{**state.status.__dict__, "used_blocks": used})

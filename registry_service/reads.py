@@ -15,7 +15,10 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
+import numpy as np
+
 from kvroute.errors import ResourceExhausted, Unavailable
+from kvroute.index import OFFLOADED
 from kvroute.v1 import registry_pb2 as pb
 from registry_service import validate
 from registry_service.metrics import RegistryMetrics
@@ -27,7 +30,8 @@ PLACEMENT_CHUNK = 65_536
 """Most hashes per PlacementEvent (~512 KiB), under every client's default 4 MiB limit."""
 
 
-def node_info(s: LiveNode, late_after_s: float, blocks: int) -> pb.NodeInfo:
+def node_info(s: LiveNode, late_after_s: float, blocks: int, offloaded: int = 0,
+              ) -> pb.NodeInfo:
     """The NodeInfo message of a node."""
     r, st = s.record, s.status
     return pb.NodeInfo(
@@ -40,13 +44,16 @@ def node_info(s: LiveNode, late_after_s: float, blocks: int) -> pb.NodeInfo:
         usage=s.usage(), engine_block_size=st.engine_block_size,
         engine_lookahead_tokens=st.engine_lookahead_tokens,
         index_state=pb.IndexState.ValueType(st.index_state), index_note=st.index_note,
-        role=r.role, prefill_tokens_per_s=st.prefill_tokens_per_s)
+        role=r.role, prefill_tokens_per_s=st.prefill_tokens_per_s,
+        offloaded_blocks_indexed=offloaded)
 
 
-def _match(s: LiveNode, matched: int, healthy: bool, blocks: int) -> pb.NodeMatch:
+def _match(s: LiveNode, matched: tuple[int, int], healthy: bool, blocks: int,
+           offloaded_indexed: int) -> pb.NodeMatch:
     st = s.status
     return pb.NodeMatch(
-        node_id=s.record.node_id, address=s.record.address, matched_blocks=matched,
+        node_id=s.record.node_id, address=s.record.address, matched_blocks=matched[0],
+        offloaded_blocks=matched[1], offloaded_blocks_indexed=offloaded_indexed,
         used_blocks=st.used_blocks, capacity_blocks=s.capacity(), usage=s.usage(),
         queue_depth=st.queue_depth, running=st.running, eviction_rate=st.eviction_rate,
         healthy=healthy, blocks_indexed=blocks, engine_block_size=st.engine_block_size,
@@ -56,16 +63,20 @@ def _match(s: LiveNode, matched: int, healthy: bool, blocks: int) -> pb.NodeMatc
 
 
 def _block_messages(ch: Change, chunk: int) -> list[pb.PlacementEvent]:
-    """One block change as BLOCKS events: all removals first, then stores, each chunked, so
-    applying them in order gives the same set as applying the change at once."""
-    removed = [] if ch.removed is None else ch.removed.tolist()
-    stored = [] if ch.stored is None else ch.stored.tolist()
-    out = [pb.PlacementEvent(kind=pb.PlacementEvent.BLOCKS, node_id=ch.node_id,
-                             removed=removed[i:i + chunk])
-           for i in range(0, len(removed), chunk)]
-    out += [pb.PlacementEvent(kind=pb.PlacementEvent.BLOCKS, node_id=ch.node_id,
-                              stored=stored[i:i + chunk])
-            for i in range(0, len(stored), chunk)]
+    """One block change as BLOCKS events: all removals first, then stores (device tier, then
+    offloaded tier), each chunked, so applying them in order gives the same sets as applying
+    the change at once."""
+    def lst(a: np.ndarray | None) -> list[int]:
+        return [] if a is None else a.tolist()
+
+    out: list[pb.PlacementEvent] = []
+    for field, hashes in (("removed", lst(ch.removed)), ("stored", lst(ch.stored)),
+                          ("removed_offloaded", lst(ch.removed_offloaded)),
+                          ("stored_offloaded", lst(ch.stored_offloaded))):
+        for i in range(0, len(hashes), chunk):
+            msg = pb.PlacementEvent(kind=pb.PlacementEvent.BLOCKS, node_id=ch.node_id)
+            getattr(msg, field).extend(hashes[i:i + chunk])
+            out.append(msg)
     if not out:
         out = [pb.PlacementEvent(kind=pb.PlacementEvent.BLOCKS, node_id=ch.node_id)]
     out[0].cleared = ch.cleared
@@ -86,29 +97,34 @@ class RegistryReads:
     def lookup(self, req: pb.LookupRequest) -> pb.LookupResponse:
         """Lookup: validated, then each node of ``req.model`` (every model when empty) with
         its matched prefix — healthy ones unless ``include_unhealthy``, only those holding a
-        prefix (longest first) when ``matched_only``."""
+        prefix (longest first) when ``matched_only``. Each match is the GPU prefix and the
+        offloaded blocks continuing it (a node holding only offloaded blocks of the prefix
+        holds a prefix too)."""
         t0 = time.perf_counter()
         validate.lookup(req, self.settings)
         view = self.view
         late, t, count = view.late_after_s, now_ms(), view.index.count
-        matched = view.lookup(req.block_hashes, req.model)
+        matched = view.lookup_tiered(req.block_hashes, req.model)
         out: list[pb.NodeMatch] = []
         if req.matched_only:
             total = view.model_size(req.model)
             node_at, nodes = view.slots.node_at, view.nodes
-            for slot, m in sorted(matched.items(), key=lambda kv: -kv[1]):
+            for slot, m in sorted(matched.items(), key=lambda kv: (-kv[1][0] - kv[1][1],
+                                                                   -kv[1][0])):
                 s = nodes[node_at(slot) or ""]
                 healthy = s.healthy(late, t)
                 if healthy or req.include_unhealthy:
-                    out.append(_match(s, m, healthy, count(slot)))
+                    out.append(_match(s, m, healthy, count(slot), count(slot, OFFLOADED)))
         else:
             members = view.candidates(req.model, True)
             total = len(members)
             get = matched.get
+            none = (0, 0)
             for s in members:
                 healthy = s.healthy(late, t)
                 if healthy or req.include_unhealthy:
-                    out.append(_match(s, get(s.slot, 0), healthy, count(s.slot)))
+                    out.append(_match(s, get(s.slot, none), healthy, count(s.slot),
+                                      count(s.slot, OFFLOADED)))
         self.metrics.lookups.inc()
         self.metrics.lookup_seconds.observe(time.perf_counter() - t0)
         return pb.LookupResponse(request_id=req.request_id, nodes=out,
@@ -117,7 +133,8 @@ class RegistryReads:
     # ---- node listings ------------------------------------------------------------------
     def info(self, s: LiveNode) -> pb.NodeInfo:
         """The NodeInfo of a node as this replica knows it now."""
-        return node_info(s, self.view.late_after_s, self.view.index.count(s.slot))
+        count = self.view.index.count
+        return node_info(s, self.view.late_after_s, count(s.slot), count(s.slot, OFFLOADED))
 
     def list_nodes(self, model: str = "") -> list[pb.NodeInfo]:
         """ListNodes: every node of ``model`` (all models when empty), healthy or not, by id."""
@@ -172,15 +189,20 @@ class RegistryReads:
         chunk = max(1, min(PLACEMENT_CHUNK, self.settings.max_message_bytes // 16))
         try:
             nodes = view.candidates(model, True)
-            first = [(self.info(s), view.index.blocks(s.slot)) for s in nodes]
-            sent = {i.node_id for i, _ in first}
-            for info, blocks in first:
+            first = [(self.info(s), *view.tier_sets(s)) for s in nodes]
+            sent = {i.node_id for i, _, _ in first}
+            for info, blocks, offloaded in first:
                 yield pb.PlacementEvent(kind=pb.PlacementEvent.NODE_UPSERT, node_id=info.node_id,
                                         node=info, block_size=bs, sent_unix_ms=now_ms())
                 for i in range(0, max(1, blocks.size), chunk):
                     yield pb.PlacementEvent(
                         kind=pb.PlacementEvent.BLOCKS, node_id=info.node_id, cleared=i == 0,
                         stored=blocks[i:i + chunk].tolist(), block_size=bs,
+                        sent_unix_ms=now_ms())
+                for i in range(0, offloaded.size, chunk):
+                    yield pb.PlacementEvent(
+                        kind=pb.PlacementEvent.BLOCKS, node_id=info.node_id,
+                        stored_offloaded=offloaded[i:i + chunk].tolist(), block_size=bs,
                         sent_unix_ms=now_ms())
             yield pb.PlacementEvent(kind=pb.PlacementEvent.SNAPSHOT_END, block_size=bs,
                                     sent_unix_ms=now_ms())

@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from kvroute.index import BitmaskIndex, PrefixIndex, SlotTable
+import numpy as np
+
+from kvroute.index import DEVICE, OFFLOADED, BitmaskIndex, PrefixIndex, SlotTable
 from registry_service.metrics import RegistryMetrics
 from registry_service.nodes import Change, Fanout, LiveNode, now_ms
 from registry_service.store.base import (
     Delta,
     DeltaPut,
+    HashArray,
     LoadResult,
     NodeGone,
     NodePut,
@@ -122,17 +125,39 @@ class ReplicaView:
         if delta.seq != state.applied_seq + 1:
             log.warning("node %s: delta seq %d applied after %d (a gap in the store)",
                         state.node_id, delta.seq, state.applied_seq)
+        slot = state.slot
         if delta.cleared:
-            self.index.clear(state.slot)
+            self.index.clear(slot)
         if delta.removed.size:
-            self.index.remove(state.slot, delta.removed.tolist())
+            self.index.remove(slot, delta.removed.tolist())
         if delta.stored.size:
-            self.index.add(state.slot, delta.stored.tolist())
+            self.index.add(slot, delta.stored.tolist())
+        if delta.removed_offloaded.size:
+            self.index.remove(slot, delta.removed_offloaded.tolist(), OFFLOADED)
+        if delta.stored_offloaded.size:
+            self.index.add(slot, delta.stored_offloaded.tolist(), OFFLOADED)
         state.applied_seq = delta.seq
         state.deltas_since_snapshot += 1
         self.fanout.publish(Change("blocks", state.node_id, cleared=delta.cleared,
-                                   stored=delta.stored, removed=delta.removed))
+                                   stored=delta.stored, removed=delta.removed,
+                                   stored_offloaded=delta.stored_offloaded,
+                                   removed_offloaded=delta.removed_offloaded))
         return True
+
+    def tier_sets(self, state: LiveNode) -> tuple[HashArray, HashArray]:
+        """The node's (device, offloaded) block sets, sorted."""
+        return self.index.blocks(state.slot), self.index.blocks(state.slot, OFFLOADED)
+
+    def after_delta(self, state: LiveNode, delta: Delta) -> tuple[HashArray, HashArray]:
+        """The node's (device, offloaded) sets once ``delta`` is applied (not applying it)."""
+        out = []
+        for tier, stored, removed in ((DEVICE, delta.stored, delta.removed),
+                                      (OFFLOADED, delta.stored_offloaded,
+                                       delta.removed_offloaded)):
+            base = (np.zeros(0, dtype=np.uint64) if delta.cleared
+                    else self.index.blocks(state.slot, tier))
+            out.append(np.union1d(np.setdiff1d(base, removed), stored).astype(np.uint64))
+        return out[0], out[1]
 
     def apply_snapshot(self, state: LiveNode, snap: SnapshotPut) -> bool:
         """Switch the node to snapshot ``snap.gen``; rebuild its blocks when they differ."""
@@ -141,8 +166,9 @@ class ReplicaView:
         if snap.replace or snap.through_seq != state.applied_seq:
             self.index.clear(state.slot)
             self.index.add(state.slot, snap.hashes.tolist())
+            self.index.add(state.slot, snap.offloaded.tolist(), OFFLOADED)
             self.fanout.publish(Change("blocks", state.node_id, cleared=True,
-                                       stored=snap.hashes))
+                                       stored=snap.hashes, stored_offloaded=snap.offloaded))
         state.gen = snap.gen
         state.applied_seq = snap.through_seq
         state.deltas_since_snapshot = 0
@@ -191,9 +217,17 @@ class ReplicaView:
         return len(self.candidates(model, True)) if model else len(self.nodes)
 
     def lookup(self, hashes: Sequence[int], model: str) -> dict[int, int]:
-        """Matched prefix length per slot of ``model``'s nodes (all nodes when empty); slots
-        with no match omitted. Cost grows with the matched length, not with the fleet."""
+        """Matched device prefix length per slot of ``model``'s nodes (all nodes when empty);
+        slots with no match omitted. Cost grows with the matched length, not with the fleet."""
         if not len(hashes):
             return {}
         mask = self.slots.model_mask(model) if model else self.slots.all_mask()
         return self.index.longest_prefix(hashes, mask) if mask else {}
+
+    def lookup_tiered(self, hashes: Sequence[int], model: str) -> dict[int, tuple[int, int]]:
+        """(device run, offloaded run after it) per slot, as :meth:`lookup` (see
+        :meth:`kvroute.index.PrefixIndex.tiered_prefix`)."""
+        if not len(hashes):
+            return {}
+        mask = self.slots.model_mask(model) if model else self.slots.all_mask()
+        return self.index.tiered_prefix(hashes, mask) if mask else {}

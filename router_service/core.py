@@ -2,11 +2,12 @@
 
 :meth:`RouterCore.decide` takes a :class:`~router_service.domain.RouteRequest` and returns a
 :class:`~router_service.domain.RouteDecision`. It owns validation and hashing
-(:mod:`.request_prep`), the placement lookup (the index mirror or the registry stream), the
-policy, the in-flight / queued-prefill tracker, "recently routed" overlap (inside kv_aware's
-state, updated on commit) and degradation: with the registry unreachable it falls back to
-least_loaded over the last known nodes and says so. The gRPC servicer, the OpenAI gateway, the
-Envoy endpoint picker and ``kvroute bench --mode sim`` all call it unchanged.
+(:mod:`.request_prep`), the placement lookup (:mod:`.lookup`: the index mirror or the registry
+stream, narrowed on large fleets), the policy, the in-flight / queued-prefill tracker, "recently
+routed" overlap (inside kv_aware's state, updated on commit) and degradation: with the registry
+unreachable it falls back to least_loaded over the last known nodes and says so. The gRPC
+servicer, the OpenAI gateway, the Envoy endpoint picker and ``kvroute bench --mode sim`` all
+call it unchanged.
 
 A decision is made in two steps: the policy *chooses* (pure: scores, no state change), then the
 core *commits* it — the policy's own state (recent routes, running averages, round-robin turn),
@@ -35,6 +36,7 @@ from router_service.domain import RouteDecision, RouteRequest
 from router_service.load import LoadTracker
 from router_service.lookup import PlacementLookup
 from router_service.metrics import RouterMetrics
+from router_service.node_views import node_views, offloaded_of
 from router_service.placement import NodeState, Placement, PlacementSource
 from router_service.policies.base import Decision, NodeView, NoEligibleNode, Policy, RequestView
 from router_service.policies.factory import PolicySet
@@ -173,8 +175,9 @@ class RouterCore:
     def _decide(self, p: _Pending, placement: Placement | None, degraded_why: str,
                 ) -> RouteDecision:
         req, policy, view, model = p.req, p.policy, p.view, p.model
+        off: dict[str, int] = {}
         if placement is not None:
-            pairs = placement.nodes
+            pairs, off = placement.nodes, placement.offloaded
         else:
             pairs = [(n, 0) for n in self.source.last_known() if n.model == model]
             if not pairs:
@@ -190,7 +193,7 @@ class RouterCore:
         chooser = self._fallback if degraded_why else policy
         roles = [n.role for n, _ in pairs]
         if wants_pd(roles, req.disaggregated):
-            out = self._decide_pd(req, chooser, view, model, pairs, degraded_why)
+            out = self._decide_pd(req, chooser, view, model, pairs, degraded_why, off)
         else:
             if any(r != "both" for r in roles):
                 pairs = [(n, m) for n, m in pairs if n.role == "both"]
@@ -198,42 +201,37 @@ class RouterCore:
                     raise FailedPrecondition(
                         f"disaggregated: model {model!r} has no aggregated ('both') node left "
                         f"and the request asked for one node; send it disaggregated")
+            views = self._views(pairs, view, off)
             try:
-                decision = chooser.choose(view, self._views(pairs, view))
+                decision = chooser.choose(view, views)
             except NoEligibleNode as exc:
                 raise Unavailable(f"no healthy node serves model {model!r} ({exc}); "
                                   f"retry later") from None
-            out = self._commit(chooser, view, decision, pairs, degraded_why, req.deadline_s)
+            out = self._commit(chooser, view, decision, pairs, degraded_why, req.deadline_s,
+                               offloaded_of(views, decision.node_id))
         if self.metrics is not None:
             m = self.metrics
             m.route_latency.observe(time.perf_counter() - p.t0)
             m.decision_ok(out.policy, out.degraded)
             if out.expected_cached_tokens:
                 m.predicted_cached_tokens.inc(out.expected_cached_tokens)
+            if out.expected_offloaded_tokens:
+                m.predicted_offloaded_tokens.inc(out.expected_offloaded_tokens)
             m.prompt_tokens.inc(out.prompt_tokens)
             if out.degraded:
                 m.degraded.inc()
         return out
 
-    def _views(self, pairs: list[tuple[NodeState, int]], view: RequestView) -> list[NodeView]:
-        tracker = self.tracker
+    def _views(self, pairs: list[tuple[NodeState, int]], view: RequestView,
+               offloaded: dict[str, int] | None = None) -> list[NodeView]:
         share = self.share
         remote = share.remote if share is not None and share.live() else None
-        for n, _ in pairs:
-            if n.prefill_tokens_per_s != tracker.rate(n.node_id) and n.prefill_tokens_per_s:
-                self._calibrated(n.node_id, n.prefill_tokens_per_s)
-        views = [NodeView(n.node_id, n.address,
-                          n.reusable_blocks(matched, view.block_size, view.prompt_tokens),
-                          tracker.inflight(n.node_id)
-                          + (remote.inflight(n.node_id) if remote is not None else 0),
-                          n.queue_depth, n.running, n.used_blocks, n.capacity_blocks,
-                          n.eviction_rate, tracker.pending_prefill(n.node_id), n.healthy,
-                          n.prefill_tokens_per_s)
-                 for n, matched in pairs]
-        return self.suspects.demote(views)
+        return self.suspects.demote(node_views(pairs, view, offloaded or {}, self.tracker,
+                                               remote, self._calibrated))
 
     def _decide_pd(self, req: RouteRequest, chooser: Policy, view: RequestView, model: str,
-                   pairs: list[tuple[NodeState, int]], degraded_why: str) -> RouteDecision:
+                   pairs: list[tuple[NodeState, int]], degraded_why: str,
+                   off: dict[str, int]) -> RouteDecision:
         """A (prefill, decode) pair: the policy picks the prefill node among prefill-capable
         nodes, :class:`DecodeChooser` the decode node given it; both are committed together."""
         if req.decode_policy is not None and req.decode_policy not in DECODE_POLICIES:
@@ -246,14 +244,16 @@ class RouterCore:
             raise Unavailable(f"disaggregated: no {half}-capable node of model {model!r} is "
                               f"known or left after the request's hints; retry later")
         try:
-            decision = chooser.choose(view, self._views(pre, view))
-            pick = self.decode.choose(view, decision.node_id, self._views(dec, view),
-                                      req.decode_policy)
+            pre_views = self._views(pre, view, off)
+            decision, pick = self.decode.choose_pair(
+                view, chooser.choose(view, pre_views), self._views(dec, view),
+                req.decode_policy, joint=chooser.name == "kv_aware")
         except NoEligibleNode as exc:
             raise Unavailable(f"disaggregated: no pair for model {model!r} ({exc}); "
                               f"retry later") from None
-        out = self._commit(chooser, view, decision, pre, degraded_why, req.deadline_s)
-        self.decode.commit(pick)
+        out = self._commit(chooser, view, decision, pre, degraded_why, req.deadline_s,
+                           offloaded_of(pre_views, decision.node_id))
+        self.decode.commit(pick, view.request_id)
         node = next(n for n, _ in dec if n.node_id == pick.node_id)
         if pick.node_id != out.node_id:
             self.tracker.start(view.request_id + DECODE_KEY_SUFFIX, pick.node_id, 0,
@@ -280,7 +280,7 @@ class RouterCore:
 
     def _commit(self, policy: Policy, view: RequestView, decision: Decision,
                 pairs: list[tuple[NodeState, int]], degraded_why: str,
-                deadline_s: float | None = None) -> RouteDecision:
+                deadline_s: float | None = None, offloaded_blocks: int = 0) -> RouteDecision:
         node = next(n for n, _ in pairs if n.node_id == decision.node_id)
         policy.commit(view, decision)
         cached = min(decision.matched_blocks * view.block_size, view.prompt_tokens)
@@ -317,7 +317,10 @@ class RouterCore:
             policy=used, matched_blocks=decision.matched_blocks,
             expected_cached_tokens=cached, reason=reason, degraded=bool(degraded_why),
             prompt_tokens=view.prompt_tokens, block_size=view.block_size,
-            candidates=decision.candidates, fallback_addresses=fallbacks)
+            candidates=decision.candidates, fallback_addresses=fallbacks,
+            offloaded_blocks=offloaded_blocks,
+            expected_offloaded_tokens=min(offloaded_blocks * view.block_size,
+                                          max(0, view.prompt_tokens - cached)))
 
     def _calibrated(self, node_id: str, rate: float) -> None:
         """A node's measured prefill rate changed: drain its queued-prefill estimate at it."""
@@ -364,6 +367,7 @@ class RouterCore:
         check_id(request_id, "request_id")
         released = self.tracker.complete(request_id) is not None
         released = self.tracker.complete(request_id + DECODE_KEY_SUFFIX) is not None or released
+        self.decode.handed_over(request_id)
         share = self.share
         # Released here, or another replica's request completed through this one (a Service
         # spreads Complete calls too): either way every other replica releases it.
@@ -392,6 +396,7 @@ class RouterCore:
         """A disaggregated request's prefill half is done (its KV handed over): release the
         prefill node's load; the decode half stays in flight until :meth:`complete`."""
         check_id(request_id, "request_id")
+        self.decode.handed_over(request_id)
         return self.tracker.complete(request_id) is not None
 
     def mark_suspect(self, node_id: str, why: str) -> None:

@@ -6,8 +6,10 @@ prefix. On a fleet larger than ``--max-candidates`` and for a policy that allows
 (:mod:`router_service.narrowing`) it asks only for the nodes holding a prefix and scores those
 plus the least-loaded ones, so neither the lookup nor the decision grows with the nodes that
 match nothing: in mirror mode from the mirror's own index, in stream mode with a
-``matched_only`` Lookup and the source's node list. An unreachable registry or a too-stale
-mirror is not an error here: the step returns why, and the core degrades.
+``matched_only`` Lookup and the source's node list. Nodes whose match continues on their
+offloaded (CPU/disk) tier rank by their whole run (GPU + offloaded blocks) for that selection,
+and the placement carries their offloaded blocks. An unreachable registry or a too-stale mirror
+is not an error here: the step returns why, and the core degrades.
 """
 
 from __future__ import annotations
@@ -51,14 +53,19 @@ class NarrowingSource(_Narrowable, Protocol):
         """Node id -> matched blocks, only for nodes holding a prefix."""
         ...
 
+    def offloaded_local(self, block_hashes: Sequence[int], model: str) -> dict[str, int]:
+        """Node id -> offloaded blocks continuing its device prefix, only nodes with some."""
+        ...
+
 
 @runtime_checkable
 class RemoteNarrowingSource(_Narrowable, Protocol):
     """A remote placement source that can ask for the matching nodes only."""
 
     async def matches(self, block_hashes: Sequence[int], model: str,
-                      ) -> tuple[dict[str, int], int]:
-        """(node id -> matched blocks for nodes holding a prefix, nodes of the model)."""
+                      ) -> tuple[dict[str, int], int, dict[str, int]]:
+        """(node id -> matched device blocks for nodes holding a prefix on some tier, nodes
+        of the model, node id -> offloaded blocks continuing the device prefix)."""
         ...
 
 
@@ -84,7 +91,8 @@ class PlacementLookup:
             members = self._members(policy, src, model)
             if src is not None and members is not None:
                 matches = src.matches_local(view.block_hashes, model)
-                return self._narrowed(view, src, members, matches, len(members))
+                off = src.offloaded_local(view.block_hashes, model)
+                return self._narrowed(view, src, members, matches, len(members), off)
             return self.source.lookup_local(view.block_hashes, model), "", view
         except Unavailable as exc:
             return None, exc.message, view
@@ -98,9 +106,9 @@ class PlacementLookup:
             src = self._remote
             members = self._members(policy, src, model)
             if src is not None and members is not None:
-                matches, total = await src.matches(view.block_hashes, model)
+                matches, total, off = await src.matches(view.block_hashes, model)
                 if total == len(members):
-                    return self._narrowed(view, src, members, matches, total)
+                    return self._narrowed(view, src, members, matches, total, off)
             return await self.source.lookup(view.block_hashes, model), "", view
         except Unavailable as exc:
             return None, exc.message, view
@@ -116,9 +124,17 @@ class PlacementLookup:
         return members if len(members) > self._max else None
 
     def _narrowed(self, view: RequestView, src: _Narrowable, members: list[NodeState],
-                  matches: dict[str, int], total: int) -> Found:
+                  matches: dict[str, int], total: int, off: dict[str, int]) -> Found:
         tracker = self._tracker
-        pairs = self._narrower.select(members, matches, src.node, tracker.counts())
+        if off:  # rank by the whole run; the pairs keep the device prefix
+            rank = dict(matches)
+            for nid, o in off.items():
+                rank[nid] = rank.get(nid, 0) + o
+            get = matches.get
+            pairs = [(n, get(n.node_id, 0)) for n, _ in
+                     self._narrower.select(members, rank, src.node, tracker.counts())]
+        else:
+            pairs = self._narrower.select(members, matches, src.node, tracker.counts())
         view = dataclasses.replace(view, fleet_nodes=total,
                                    fleet_inflight=tracker.total_inflight)
-        return Placement(pairs, src.registry_block_size()), "", view
+        return Placement(pairs, src.registry_block_size(), off), "", view

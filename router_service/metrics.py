@@ -23,6 +23,11 @@ class RouterMetrics:
             "kvroute_router_predicted_cached_tokens_total",
             "Sum of expected_cached_tokens over decisions (the registry's belief)",
             registry=registry)
+        self.predicted_offloaded_tokens = Counter(
+            "kvroute_router_predicted_offloaded_tokens_total",
+            "Sum of expected_offloaded_tokens over decisions: prompt tokens the chosen node "
+            "holds on an offloading medium (CPU/disk) beyond its GPU prefix",
+            registry=registry)
         self.reported_cached_tokens = Counter(
             "kvroute_router_reported_cached_tokens_total",
             "Sum of cached_tokens the engines reported through Complete", registry=registry)

@@ -97,7 +97,8 @@ class MirrorSource:
     def lookup_local(self, block_hashes: Sequence[int], model: str) -> Placement:
         """:meth:`lookup`, synchronously (the mirror is in memory)."""
         self._check_usable()
-        return Placement(self._index.lookup(block_hashes, model), self._index.block_size)
+        pairs, offloaded = self._index.lookup_tiers(block_hashes, model)
+        return Placement(pairs, self._index.block_size, offloaded)
 
     def _check_usable(self) -> None:
         if not self.usable():
@@ -115,6 +116,10 @@ class MirrorSource:
         mirror is too stale, as :meth:`lookup_local`."""
         self._check_usable()
         return self._index.matches(block_hashes, model)
+
+    def offloaded_local(self, block_hashes: Sequence[int], model: str) -> dict[str, int]:
+        """Node id -> offloaded blocks continuing its device prefix (only nodes with some)."""
+        return self._index.offloaded_matches(block_hashes, model)
 
     def node(self, node_id: str) -> NodeState | None:
         """A node's state by id."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvroute.v1 import registry_pb2
@@ -78,6 +78,22 @@ class NodeState:
         tokens = min(matched * block_size, max(0, limit))
         return (tokens // ebs * ebs) // block_size
 
+    def reusable_tiers(self, matched: int, offloaded: int, block_size: int,
+                       prompt_tokens: int) -> tuple[int, int]:
+        """(device blocks, offloaded blocks after them) the engine reuses, with the rules of
+        :meth:`reusable_blocks` applied to the whole run: the offloaded part is what the
+        engine reuses beyond its device hit (whole engine blocks, never the last token)."""
+        dev = self.reusable_blocks(matched, block_size, prompt_tokens)
+        if not offloaded:
+            return dev, 0
+        return dev, self.reusable_blocks(matched + offloaded, block_size, prompt_tokens) - dev
+
+    @property
+    def index_complete(self) -> bool:
+        """False when the node's agent reports its index partial or empty for lack of events
+        (registry.proto IndexState 2/3): a missing prefix there may not be a miss."""
+        return self.index_state in (0, 1)
+
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(NodeState))
 
@@ -91,9 +107,13 @@ class Placement:
     """Answer of a lookup: every node serving the model with its matched prefix length."""
 
     nodes: list[tuple[NodeState, int]]
-    """(node, matched blocks) for each node of the model, healthy or not."""
+    """(node, matched blocks) for each node of the model, healthy or not: the device-tier
+    (GPU) prefix."""
     block_size: int
     """The registry's block size (0 = not known yet)."""
+    offloaded: dict[str, int] = field(default_factory=dict)
+    """Node id -> blocks after its device prefix held on an offloading medium (the lower
+    tier); nodes without any omitted."""
 
 
 class PlacementSource(Protocol):

@@ -189,19 +189,22 @@ class StreamSource:
         listed = {n.node_id for n, _ in nodes}
         for n in [n for n in self.members(model) if n.node_id not in listed]:
             self._drop(n.node_id)  # the answer lists every node of the model: this one left
-        return Placement(nodes, resp.block_size)
+        offloaded = {m.node_id: m.offloaded_blocks for m in resp.nodes if m.offloaded_blocks}
+        return Placement(nodes, resp.block_size, offloaded)
 
     async def matches(self, block_hashes: Sequence[int], model: str,
-                      ) -> tuple[dict[str, int], int]:
-        """Only the nodes of ``model`` holding a prefix (node id -> matched blocks; their
-        state refreshed in the cache) and how many nodes the model has in the registry."""
+                      ) -> tuple[dict[str, int], int, dict[str, int]]:
+        """Only the nodes of ``model`` holding a prefix on some tier (node id -> matched
+        device blocks; their state refreshed in the cache), how many nodes the model has in
+        the registry, and node id -> offloaded blocks continuing the device prefix."""
         resp = await self._ask(block_hashes, model, matched_only=True)
         out = {self._absorb(m, model).node_id: m.matched_blocks
-               for m in resp.nodes if m.matched_blocks}
+               for m in resp.nodes if m.matched_blocks or m.offloaded_blocks}
+        offloaded = {m.node_id: m.offloaded_blocks for m in resp.nodes if m.offloaded_blocks}
         total = resp.model_nodes
         if not total and resp.nodes:  # a registry older than matched_only listed them all
             total = len(resp.nodes)
-        return out, total
+        return out, total, offloaded
 
     async def _ask(self, block_hashes: Sequence[int], model: str, *, matched_only: bool,
                    ) -> registry_pb2.LookupResponse:

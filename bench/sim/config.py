@@ -39,6 +39,10 @@ class SimSettings:
         0.0, "heartbeat lag: the registry's view of each cache lags the cache by this many "
              "seconds, and queue/usage reports refresh once per this interval (0 = live)")
     block_size: int = setting(0, "tokens per block (0 = the workload's)")
+    mixed_batch_slowdown: float = setting(
+        0.0, "what-if of prefill/decode interference: each request decoding on an engine when "
+             "a prefill starts there lengthens that prefill by this fraction (0 = off, the "
+             "model every README figure uses; only engines that prefill and decode feel it)")
 
     def __post_init__(self) -> None:
         require(self.nodes >= 1, "nodes", "must be >= 1")
@@ -50,6 +54,7 @@ class SimSettings:
                 "must be 'default' (the seed notebook's constant preset was retired when "
                 "--mode sim moved onto engine_sim's engine model: one engine model)")
         require(self.heartbeat_delay_s >= 0, "heartbeat_delay_s", "must be >= 0")
+        require(self.mixed_batch_slowdown >= 0, "mixed_batch_slowdown", "must be >= 0")
 
     def engine_params(self, cache_blocks: int, block_size: int) -> EngineParams:
         """The engines' parameters for a run with this cache size and block size (resolved from
@@ -57,4 +62,5 @@ class SimSettings:
         return EngineParams(prefill_tokens_per_s=self.prefill_tokens_per_s,
                             decode_s_per_token=self.decode_s_per_token,
                             max_running=self.max_batch, capacity_blocks=cache_blocks,
-                            block_size=block_size)
+                            block_size=block_size,
+                            mixed_batch_slowdown=self.mixed_batch_slowdown)

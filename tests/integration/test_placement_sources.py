@@ -3,7 +3,8 @@
 Against a real registry process on real etcd, with nodes registered and heartbeating through the
 Registry gRPC API from the test. Every source must:
 
-- list every node of the model with its matched prefix and the registry's block size;
+- list every node of the model with its matched prefix and the registry's block size, and the
+  offloaded (lower-tier) blocks continuing it;
 - list the nodes of a model that are all unhealthy (late heartbeats), marked unhealthy: the
   model IS served, so the router answers UNAVAILABLE ("no healthy node"), never NOT_FOUND;
 - answer an empty list for a model no node serves (the router answers NOT_FOUND);
@@ -40,6 +41,8 @@ BS = 16
 TOKENS = list(range(900, 900 + 8 * BS))
 H = hash_blocks(TOKENS, BS)
 NODES = {"a": ("m", H[:3]), "b": ("m", H[:7]), "c": ("other", H[:5])}
+OFFLOADED = {"b": H[6:8], "c": H[5:7]}
+"""Blocks on each node's offloading medium (CPU): b's block 6 is on both tiers."""
 T = TypeVar("T")
 
 
@@ -55,17 +58,8 @@ class Fleet:
     task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        async with grpc.aio.insecure_channel(self.target) as ch:
-            stub = registry_pb2_grpc.RegistryStub(ch)
-            for nid, (model, blocks) in NODES.items():
-                r = await stub.RegisterNode(rpb.RegisterNodeRequest(
-                    node_id=nid, address=f"{nid}.local:8000", model=model, block_size=BS,
-                    capacity_blocks=100), timeout=5)
-                self.epochs[nid], self.tokens[nid] = r.epoch, r.write_token
-                await stub.Heartbeat(rpb.HeartbeatRequest(
-                    node_id=nid, epoch=r.epoch, write_token=r.write_token, stored=blocks,
-                    delta_seq=1,
-                    used_blocks=len(blocks)), timeout=5)
+        for nid, (model, blocks) in NODES.items():
+            await self.add(nid, model, blocks, OFFLOADED.get(nid, []))
         self.task = asyncio.create_task(self._beat())
 
     async def _beat(self) -> None:
@@ -79,8 +73,9 @@ class Fleet:
                             write_token=self.tokens[nid]), timeout=2)
                 await asyncio.sleep(0.1)
 
-    async def add(self, nid: str, model: str, blocks: list[int]) -> None:
-        """Register one more node (it heartbeats from then on)."""
+    async def add(self, nid: str, model: str, blocks: list[int],
+                  offloaded: list[int] | None = None) -> None:
+        """Register a node with its blocks (it heartbeats from then on)."""
         async with grpc.aio.insecure_channel(self.target) as ch:
             stub = registry_pb2_grpc.RegistryStub(ch)
             r = await stub.RegisterNode(rpb.RegisterNodeRequest(
@@ -89,7 +84,8 @@ class Fleet:
             self.epochs[nid], self.tokens[nid] = r.epoch, r.write_token
             await stub.Heartbeat(rpb.HeartbeatRequest(
                 node_id=nid, epoch=r.epoch, write_token=r.write_token, stored=blocks,
-                delta_seq=1, used_blocks=len(blocks)), timeout=5)
+                stored_offloaded=offloaded or [], delta_seq=1,
+                used_blocks=len(blocks)), timeout=5)
         self.alive.add(nid)
 
     async def deregister(self, nid: str) -> None:
@@ -170,6 +166,8 @@ async def test_placement_source_contract(
 
         await eventually(all_healthy, "every node of m with its matched prefix")
         assert await _matched(source, "other") == {"c": (5, True)}
+        assert (await source.lookup(H, "m")).offloaded == {"b": 1}  # GPU 0-6, then CPU 7
+        assert (await source.lookup(H, "other")).offloaded == {"c": 2}
         assert (await source.lookup(H, "nope")).nodes == []  # not served: empty, no error
         with pytest.raises(NotFound, match="no node serves model 'nope'"):
             await core.decide(RouteRequest(request_id="x", token_ids=TOKENS, model="nope"))
@@ -186,6 +184,8 @@ async def test_placement_source_contract(
         routed = await core.decide(RouteRequest(request_id="z", token_ids=TOKENS,
                                                 model="other"))
         assert routed.node_id == "c" and routed.matched_blocks == 5 and not routed.degraded
+        assert (routed.expected_cached_tokens, routed.offloaded_blocks,
+                routed.expected_offloaded_tokens) == (80, 2, 32)
 
         await fleet.deregister("b")
 
