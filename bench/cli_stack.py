@@ -52,9 +52,11 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
                    help="stack --peers: direct-vs-routed request pairs measuring each router's "
                         "added latency (0 = skip)")
     g.add_argument("--repeat", type=int, default=1, metavar="N",
-                   help="stack: run the whole comparison N times back to back, each on fresh "
-                        "processes, and report the run-to-run spread of every router's hit "
-                        "rate and TTFT percentiles (JSON: runs, spread)")
+                   help="run the whole comparison N times back to back and report the "
+                        "run-to-run spread of every router's hit rate and TTFT percentiles "
+                        "(JSON: runs, spread); stack: each run on fresh processes; sim: run k "
+                        "uses --seed + k (draws of --arrival-jitter-s and of random policies; "
+                        "without jitter the other policies repeat exactly)")
     g.add_argument("--fault", metavar="SPEC[,SPEC...]", default=None,
                    help="stack: inject faults into each replay at trace times (each policy is "
                         "replayed without faults first, as the baseline) and report failed "
@@ -146,18 +148,9 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
                               args.random_bound, faults, args.time_scale))
     out = outs[0]
     if len(outs) > 1:
-        from bench.report import format_table
-        from bench.spread import format_spread, spread
+        from bench.cli_replay import add_spread
 
-        reports = [dict(o.report) for o in outs]  # copies: the first one is out.report itself
-        out.report["runs"] = reports
-        out.report["spread"] = spread(reports)
-        for k, rep in enumerate(reports[1:], 2):  # before the JSON: a table is never lost
-            print(f"run {k}:")
-            print(format_table(rep))
-            print()
-        print(format_spread(out.report["spread"]))
-        print()
+        add_spread(out, outs)
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
     from bench.report import emit
