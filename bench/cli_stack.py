@@ -65,6 +65,12 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
                         "sigterm-registry@T[+D], rolling-restart-registries@T (runs 2 "
                         "registries), pause-etcd@T+D, restart-etcd@T+D, kill-engine:NODE@T, "
                         "kill-agent:NODE@T (NODE = engine-0...; T, D in trace seconds)")
+    g.add_argument("--sim-runs", type=int, default=0, metavar="N",
+                   help="stack: afterwards replay the same workload N times in --mode sim with "
+                        "the timing this stack run measured (arrival and return lag, heartbeat "
+                        "interval; seeds --seed..) and print whether each policy agrees with "
+                        "the sim's median (hit within 0.01, p50/p90 TTFT within 15 %%; JSON: "
+                        "agreement); 0 = skip")
     g.add_argument("--quick", action="store_true",
                    help="stack: a smoke run for tests: first 120 requests, 4 nodes, 20 pairs")
 
@@ -153,13 +159,16 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
         add_spread(out, outs)
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
+    check = _check_against_sim(out, workload, settings, names, kv, spec, args) \
+        if getattr(args, "sim_runs", 0) > 0 else ""
     from bench.report import emit
 
     emit(out, f"replayed {len(names) + len(peers)} routers x {len(workload.requests)} requests "
               f"through the stack in {time.perf_counter() - t0:.1f} s"
               + (f" ({args.repeat} runs; the table is run 1)" if args.repeat > 1 else ""),
          args.json, args.plot_dir)
-
+    if check:
+        print(check)
     if faults:
         print(f"faults {', '.join(map(str, faults))} (window = each fault + "
               f"{FaultInjector.recovery_s:g} s of trace time):")
@@ -173,6 +182,30 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
             print(f"  {name:<34} +{lat['added_ms']:.2f} ms  (direct {lat['direct_ms']:.2f}, "
                   f"routed {lat['routed_ms']:.2f})")
     return 0
+
+
+def _check_against_sim(out: BenchOutcome, workload: Workload, settings: SimSettings,
+                       names: list[str], kv: KvAwareSettings, spec: FleetSpec,
+                       args: argparse.Namespace) -> str:
+    """``--sim-runs N``: the sim with this run's measured timing, N seeds; the agreement table
+    (JSON ``sim_timing``, ``agreement``)."""
+    from bench.agreement import agreement, format_agreement, stack_timing
+    from bench.sim.backend import SimBackend
+
+    timing = stack_timing(out.report, args.time_scale, spec.heartbeat_interval_s)
+    timed = dataclasses.replace(settings, arrival_jitter_s=timing["arrival_jitter_s"],
+                                complete_lag_s=timing["complete_lag_s"],
+                                heartbeat_delay_s=timing["heartbeat_delay_s"])
+    own = sorted({split_front(n)[1] for n in names})
+    sims = [run_comparison(workload, timed, own, SimBackend(timed, seed=args.seed + k,
+                                                           kv_settings=kv), random_bound=False)
+            for k in range(args.sim_runs)]
+    out.report["sim_timing"] = timing
+    out.report["agreement"] = agreement(out.report, [o.report for o in sims])
+    return (f"sim with this run's timing (model s): --arrival-jitter-s "
+            f"{timing['arrival_jitter_s']} --complete-lag-s {timing['complete_lag_s']} "
+            f"--heartbeat-delay-s {timing['heartbeat_delay_s']}\n"
+            + format_agreement(out.report["agreement"]))
 
 
 def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers: list[str],

@@ -76,3 +76,31 @@ def test_machine_sampler_reads_load_and_cpu() -> None:
     (load0, load1), busy = s.stop()
     assert load0 >= 0 and load1 >= 0
     assert busy is None or 0.0 <= busy <= 1.0
+
+
+def test_agreement_of_stack_and_sim_medians() -> None:
+    from bench.agreement import agreement, format_agreement, stack_timing
+
+    def row(policy: str, hit: float, p50: float, p90: float, **extra: Any) -> dict[str, Any]:
+        return {"policy": policy, "hit_rate_tokens": hit,
+                "ttft_ms": {"p50": p50, "p90": p90, "p99": 2 * p90}, **extra}
+
+    lag = {"arrival_lag_ms": {"p50": 50.0, "p90": 90.0, "p99": 200.0},
+           "return_lag_ms": {"p50": 20.0, "p90": 30.0, "p99": 40.0}}
+    stack = {"results": [row("kv_aware", 0.115, 1700.0, 5000.0, **lag),
+                         row("gateway:least_loaded", 0.069, 3300.0, 9400.0, **lag),
+                         row("peer:x", 0.17, 1.0, 2.0, **lag)]}
+    timing = stack_timing(stack, 0.2, 0.05)
+    assert timing == {"arrival_jitter_s": 0.1, "complete_lag_s": 0.02,
+                      "heartbeat_delay_s": 0.25}
+    sims = [{"results": [row("kv_aware", h, 1750.0, 5100.0), row("least_loaded", ll, 3400.0,
+                                                                     9800.0)]}
+            for h, ll in ((0.114, 0.052), (0.117, 0.055), (0.110, 0.064))]
+    out = {r["policy"]: r for r in agreement(stack, sims)}
+    assert set(out) == {"kv_aware", "gateway:least_loaded"}  # no sim row: no verdict
+    assert out["kv_aware"]["agree"] and out["kv_aware"]["hit"]["sim_median"] == 0.114
+    ll = out["gateway:least_loaded"]
+    assert not ll["agree"] and ll["hit"]["apart"] == 0.014  # 0.069 vs median 0.055
+    assert ll["hit"]["sim_max"] == 0.064  # the range is shown, the bar is not widened
+    text = format_agreement(list(out.values()))
+    assert "0.055 [0.052-0.064]" in text and "NO" in text and "yes" in text
