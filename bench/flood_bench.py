@@ -1,7 +1,7 @@
 """``kvroute bench flood``: a rogue registry client against real processes.
 
 Starts etcd, ``kvroute serve registry`` and one ``kvroute serve router`` per registry mode
-(``replica``: local index copy fed by WatchPlacement; ``stream``: a LookupStream call to the
+(``mirror``: local index mirror fed by WatchPlacement; ``stream``: a LookupStream call to the
 registry per Route) on loopback, registers nodes holding known blocks (kept alive by a
 heartbeat process), then:
 
@@ -83,7 +83,7 @@ class FloodConfig:
     rogue_capacity: int = 1000
     rogue_connections: int = 4
     rss_slack_mb: float = 8.0
-    modes: tuple[str, ...] = ("replica", "stream")
+    modes: tuple[str, ...] = ("mirror", "stream")
     seed: int = 11
 
 

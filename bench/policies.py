@@ -1,8 +1,8 @@
 """The policies ``kvroute bench`` compares, by name, built fresh for every replay.
 
 Router policies (``kv_aware``, ``session``, ``round_robin``, ``least_loaded``, ``random``) come
-from the router's own registry (:func:`router_service.policies.registry.router_policies`), so the
-bench runs the code the router serves; :func:`bench_registry` registers ``seed`` and the peer
+from the router's own factory (:func:`router_service.policies.factory.router_policies`), so the
+bench runs the code the router serves; :func:`bench_factory` registers ``seed`` and the peer
 re-implementations (``dynamo``, ``sglang``, ``llmd``) on a copy of that registry.
 """
 
@@ -15,9 +15,9 @@ from bench.peer_policies.llmd import LlmdPolicy
 from bench.peer_policies.sglang import SglangCacheAwarePolicy
 from bench.seed_policy import SeedPolicy
 from router_service.policies.base import Policy
+from router_service.policies.factory import PolicyFactory, PolicySpec, router_policies
 from router_service.policies.kv_aware import KvAwareSettings
 from router_service.policies.random_choice import RandomSettings
-from router_service.policies.registry import PolicyRegistry, PolicySpec, router_policies
 
 ROUTER_POLICIES = ("kv_aware", "session", "round_robin", "least_loaded", "random")
 """Served by the router, in table order (the same set as ``router_policies().names``)."""
@@ -27,18 +27,18 @@ ALL_POLICIES = ROUTER_POLICIES + BENCH_POLICIES
 """Default ``--policies``, in table order."""
 
 
-def bench_registry(seed: int = 0) -> PolicyRegistry:
-    """The router's registry plus the bench-only baselines."""
-    reg = router_policies()
-    reg.register(PolicySpec("seed", "the seed notebook's prompt-head hashing", None,
-                            lambda _s: SeedPolicy()))
-    reg.register(PolicySpec("dynamo", "re-implementation of Dynamo's KvRouter cost", None,
-                            lambda _s: DynamoPolicy(seed=seed)))
-    reg.register(PolicySpec("sglang", "re-implementation of sglang-router cache_aware", None,
-                            lambda _s: SglangCacheAwarePolicy()))
-    reg.register(PolicySpec("llmd", "re-implementation of llm-d's prefix scorer", None,
-                            lambda _s: LlmdPolicy(seed=seed)))
-    return reg
+def bench_factory(seed: int = 0) -> PolicyFactory:
+    """The router's policy factory plus the bench-only baselines."""
+    factory = router_policies()
+    factory.register(PolicySpec("seed", "the seed notebook's prompt-head hashing", None,
+                                lambda _s: SeedPolicy()))
+    factory.register(PolicySpec("dynamo", "re-implementation of Dynamo's KvRouter cost", None,
+                                lambda _s: DynamoPolicy(seed=seed)))
+    factory.register(PolicySpec("sglang", "re-implementation of sglang-router cache_aware", None,
+                                lambda _s: SglangCacheAwarePolicy()))
+    factory.register(PolicySpec("llmd", "re-implementation of llm-d's prefix scorer", None,
+                                lambda _s: LlmdPolicy(seed=seed)))
+    return factory
 
 
 def policy_settings(prefill_tokens_per_s: float, seed: int = 0,
@@ -58,5 +58,5 @@ def build_policy(name: str, *, prefill_tokens_per_s: float, seed: int = 0,
     """A fresh policy called ``name`` (KeyError for unknown names)."""
     if name not in ALL_POLICIES:
         raise KeyError(f"unknown policy {name!r}; known: {', '.join(ALL_POLICIES)}")
-    return bench_registry(seed).build(
+    return bench_factory(seed).build(
         name, policy_settings(prefill_tokens_per_s, seed, overrides))

@@ -1,7 +1,7 @@
 """``kvroute bench router``: Route latency and decisions/s over gRPC with the registry in the path.
 
 Starts real processes on loopback — etcd (or the registry's memory store), ``kvroute serve
-registry`` and ``kvroute serve router`` (once per registry mode: ``replica`` and ``stream``) —
+registry`` and ``kvroute serve router`` (once per registry mode: ``mirror`` and ``stream``) —
 registers nodes holding known blocks through the Registry gRPC API, then drives the router from
 client processes:
 
@@ -57,7 +57,7 @@ class RouterBenchConfig:
     stream_window: int = 64
     rate_per_s: float = 500.0
     client_procs: int = 1
-    modes: tuple[str, ...] = ("replica", "stream")
+    modes: tuple[str, ...] = ("mirror", "stream")
     registry_store: str = "etcd"
     policy: str = "kv_aware"
     seed: int = 7
@@ -293,7 +293,7 @@ def add_router_arguments(p: Any) -> None:
     g.add_argument("--router-client-procs", type=int, default=d.client_procs,
                    help="client processes for the throughput shapes")
     g.add_argument("--router-modes", default=",".join(d.modes),
-                   help="registry modes to measure: replica,stream")
+                   help="registry modes to measure: mirror,stream")
     g.add_argument("--router-store", default=d.registry_store,
                    help="registry store: etcd (real etcd) or memory")
     g.add_argument("--router-prompt-tokens", type=int, default=d.prompt_tokens,

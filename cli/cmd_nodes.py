@@ -22,8 +22,9 @@ def add_parser(sub: Any) -> None:
     """Register the command's parser."""
     p: argparse.ArgumentParser = sub.add_parser(
         "nodes", help="list the nodes a registry knows",
-        description="Print every node the registry knows: address, blocks indexed, KV usage, "
-                    "queue depth, health and seconds left on its lease.")
+        description="Print every node the registry knows: address, blocks indexed (GPU, and "
+                    "offloaded to CPU/disk), KV usage, queue depth, health, seconds left on "
+                    "its lease and how complete its index is.")
     client_args.add_target(p, "--registry", "registry")
     p.add_argument("--model", default="", help="only nodes serving this model")
     p.add_argument("--json", action="store_true", help="print the ListNodes reply as JSON")
@@ -42,10 +43,11 @@ async def _list(args: argparse.Namespace, tls: TLSSettings) -> registry_pb2.List
 
 def format_table(resp: registry_pb2.ListNodesResponse) -> str:
     """The human-readable table."""
-    head = ("NODE", "ADDRESS", "MODEL", "BLOCKS", "USAGE", "QUEUE", "RUNNING", "HEALTHY",
-            "LEASE_LEFT", "INDEX")
+    head = ("NODE", "ADDRESS", "MODEL", "BLOCKS", "OFFLOADED", "USAGE", "QUEUE", "RUNNING",
+            "HEALTHY", "LEASE_LEFT", "INDEX")
     rows = [head] + [
-        (n.node_id, n.address, n.model, str(n.blocks_indexed), f"{n.usage * 100:.0f}%",
+        (n.node_id, n.address, n.model, str(n.blocks_indexed), str(n.offloaded_blocks_indexed),
+         f"{n.usage * 100:.0f}%",
          str(n.queue_depth), str(n.running), "yes" if n.healthy else "NO",
          f"{n.lease_remaining_s:.1f}s", _index(n)) for n in resp.nodes]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

@@ -133,11 +133,16 @@ async def _call(args: argparse.Namespace, req: router_pb2.RouteRequest,
     print(f"policy:   {resp.policy}{'  [DEGRADED]' if resp.degraded else ''}")
     print(f"cached:   {resp.matched_blocks} blocks = {resp.expected_cached_tokens} of "
           f"{resp.prompt_tokens} prompt tokens (block size {resp.block_size})")
+    if resp.offloaded_blocks:
+        print(f"offloaded: {resp.offloaded_blocks} more blocks = "
+              f"{resp.expected_offloaded_tokens} tokens on the node's CPU/disk tier (loaded "
+              "back, not counted as cached)")
     print(f"reason:   {resp.reason}")
     for c in resp.candidates:
         extra = f"  excluded: {c.excluded}" if c.excluded else ""
+        off = f"+{c.offloaded_blocks} offloaded  " if c.offloaded_blocks else ""
         print(f"  {c.node_id:<20} score {c.score:10.4f}  matched {c.matched_blocks:5d}  "
-              f"load {c.load:4d}{extra}")
+              f"{off}load {c.load:4d}{extra}")
     if released is None:
         print(f"in flight: {resp.request_id} (release it with: kvroute complete --router "
               f"{args.router} --request-id {resp.request_id})")

@@ -12,7 +12,7 @@ from typing import Any
 
 from kvroute.settings import add_arguments, from_namespace
 from router_service.disagg import DisaggSettings
-from router_service.policies.registry import settings_classes
+from router_service.policies.factory import settings_classes
 
 
 def add_policy_arguments(p: argparse.ArgumentParser) -> None:

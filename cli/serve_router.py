@@ -9,7 +9,7 @@ from typing import Any
 from cli.routing_flags import add_policy_arguments, policy_settings
 from kvroute.settings import add_arguments, from_namespace
 from kvroute.telemetry import configure_logging
-from router_service.policies.registry import available
+from router_service.policies.factory import available
 from router_service.server import serve
 from router_service.settings import RouterSettings
 

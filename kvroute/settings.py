@@ -27,9 +27,14 @@ T = TypeVar("T")
 S = TypeVar("S")
 
 
-def setting(default: Any, help: str, *, flag: str | None = None) -> Any:
-    """A settings field with its documentation (``help``) and optional flag name."""
-    meta = {"help": help, "flag": flag}
+def setting(default: Any, help: str, *, flag: str | None = None,
+            old_names: tuple[str, ...] = ()) -> Any:
+    """A settings field with its documentation (``help``) and optional flag name.
+
+    ``old_names`` are former field names still read (as ``--old-name`` and ``KVROUTE_OLD_NAME``)
+    after a rename, so existing command lines and deployments keep working.
+    """
+    meta = {"help": help, "flag": flag, "old_names": old_names}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -100,14 +105,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
         help_text = f"{f.metadata.get('help', '')} [env {env_name(f.name)}; default: {shown!r}]"
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         base = _base_type(hints[f.name])
+        flags = [flag_name(f)] + ["--" + n.replace("_", "-") for n in _old_names(f)]
         if base is bool:
             parser.add_argument(
-                flag_name(f), dest=f.name, default=None, help=help_text,
+                *flags, dest=f.name, default=None, help=help_text,
                 action=argparse.BooleanOptionalAction,
             )
         else:
-            parser.add_argument(flag_name(f), dest=f.name, default=None, metavar="VALUE",
+            parser.add_argument(*flags, dest=f.name, default=None, metavar="VALUE",
                                 help=help_text)
+
+
+def _old_names(f: dataclasses.Field[Any]) -> tuple[str, ...]:
+    return tuple(f.metadata.get("old_names", ()))
 
 
 def from_namespace(
@@ -132,8 +142,9 @@ def from_namespace(
         if isinstance(raw, bool):
             values[f.name] = raw
             continue
-        if raw is None:
-            raw = env.get(env_name(f.name))
+        for name in (f.name, *_old_names(f)):
+            if raw is None:
+                raw = env.get(env_name(name))
         if raw is not None:
             values[f.name] = _parse(hints[f.name], str(raw), flag_name(f))
     return cls(**values)

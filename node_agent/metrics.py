@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 
 from node_agent.block_map import BlockMap
 from node_agent.events import IndexHealth, IndexState, ParseStats
-from node_agent.heartbeat import LinkStats
+from node_agent.registry_link import LinkStats
 from node_agent.usage import UsageProbe
 from node_agent.zmq_source import SourceStats
 
@@ -62,7 +62,10 @@ class AgentCollector(Collector):
         for reason, n in sorted(dict(b.skipped).items()):
             skipped.add_metric([reason], n)
         yield skipped
-        yield gauge("blocks_held", "Canonical blocks the engine holds (indexed)", b.held_blocks)
+        yield gauge("blocks_held", "Canonical blocks the engine holds on its device (GPU), "
+                    "the registry's device tier", b.held_blocks)
+        yield gauge("blocks_offloaded", "Canonical blocks held on an offloading medium (CPU, "
+                    "CPU_PINNED, DISK...), the registry's lower tier", b.offloaded_blocks)
         yield gauge("engine_blocks_tracked", "Engine blocks tracked", b.engine_blocks)
         yield counter("evictions", "Canonical blocks evicted by the engine", b.evictions_total)
         yield counter("registrations", "RegisterNode calls that succeeded", lk.registrations)

@@ -31,10 +31,10 @@ from node_agent.events import (
     PayloadParser,
     SignalKind,
 )
-from node_agent.heartbeat import RegistrationRefused, RegistryLink
 from node_agent.metrics import AgentCollector, agent_registry
 from node_agent.parse_sglang import SglangParser
 from node_agent.parse_vllm import VllmParser
+from node_agent.registry_link import RegistrationRefused, RegistryLink
 from node_agent.settings import AgentSettings, fleet_agents
 from node_agent.usage import UsageProbe
 from node_agent.zmq_source import ZmqEventSource

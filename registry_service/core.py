@@ -1,5 +1,6 @@
-"""The registry's behaviour: registration, heartbeats, resync, deregistration, following etcd,
-and the reads (Lookup, node listings) answered from memory.
+"""The registry's behaviour: registration, heartbeats, resync, deregistration; the reads
+(:mod:`registry_service.reads`) and following the store (:mod:`registry_service.follow`) are
+composed here, so the servicer only adapts gRPC to this core.
 
 Writes go to the placement store first and are applied to this replica's view once the store
 accepted them; every replica also follows the store (list, then watch from the listed
@@ -8,7 +9,6 @@ revision; list again when the watch is compacted away), so any replica serves an
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -17,7 +17,6 @@ from typing import TypeVar
 
 import numpy as np
 
-from kvroute.aio import cancel_and_wait
 from kvroute.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -30,8 +29,10 @@ from kvroute.errors import (
 from kvroute.v1 import registry_pb2 as pb
 from registry_service import limits, validate
 from registry_service.auth import CALLER
+from registry_service.follow import StoreFollower
 from registry_service.metrics import RegistryMetrics
-from registry_service.nodes import Change, Fanout, NodeState, now_ms
+from registry_service.nodes import Change, Fanout, LiveNode, now_ms
+from registry_service.reads import RegistryReads
 from registry_service.settings import RegistrySettings
 from registry_service.store.base import (
     Delta,
@@ -43,7 +44,6 @@ from registry_service.store.base import (
     SnapshotPut,
     StoreConflict,
     StoreUnavailable,
-    WatchRestart,
     as_hashes,
 )
 from registry_service.view import ReplicaView
@@ -88,12 +88,12 @@ class RegistryCore:
         hb = settings.effective_heartbeat_interval_s
         late = max(2 * hb + settings.status_write_interval_s, 1.0)
         self.view = ReplicaView(self.fanout, metrics, late)
-        self._follower: asyncio.Task[None] | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-        self._was_healthy: dict[str, bool] = {}
         self.draining = False
         """True once shutdown began: streams end, health is no longer re-evaluated."""
-        self.synced = asyncio.Event()
+        self.follower = StoreFollower(store, lambda: self._op("load", store.load()), self.view,
+                                      self.fanout, metrics)
+        self.reads = RegistryReads(settings, self.view, self.fanout, metrics)
+        """Lookup, ListNodes, WatchNodes, WatchPlacement (from memory)."""
         metrics.track_index(lambda: self.view.index.entries,
                             self.view.index.entries_blocks,
                             self.view.index.approx_bytes,
@@ -103,70 +103,20 @@ class RegistryCore:
     async def start(self) -> None:
         """Connect the store, load it and follow it in the background."""
         await self.store.start()
-        await self._relist()
-        self._follower = asyncio.create_task(self._follow(), name="registry-follower")
-        self._sweeper = asyncio.create_task(self._sweep_health(), name="registry-health")
+        await self.follower.start()
 
     async def drain(self) -> None:
         """Shutdown step one: freeze health (a replica that stops hearing heartbeats because
         it stopped serving must not tell anyone the nodes turned unhealthy) and end every
         watch stream so its clients reconnect (to another replica) at once."""
         self.draining = True
-        await cancel_and_wait(self._sweeper)
-        self._sweeper = None
+        await self.follower.freeze_health()
         self.fanout.close_all()
 
     async def close(self) -> None:
         """Stop following and close the store."""
-        await cancel_and_wait(self._follower, self._sweeper)
+        await self.follower.stop()
         await self.store.close()
-
-    async def _relist(self) -> int:
-        loaded = await self._op("load", self.store.load())
-        self.view.reconcile(loaded)
-        self.metrics.store_relists.inc()
-        self.synced.set()
-        return loaded.revision
-
-    async def _follow(self) -> None:
-        revision: int | None = None
-        failures = 0
-        while True:
-            try:
-                if revision is None:
-                    revision = await self._relist()
-                async for batch in self.store.watch(revision):
-                    failures = 0
-                    for ev in batch:
-                        self.view.apply(ev)
-                revision = None  # the watch ended (store closing): list again shortly
-                await asyncio.sleep(0.5)
-            except WatchRestart as exc:
-                log.warning("store watch must restart (%s): listing again", exc)
-                revision = None
-            except Exception as exc:  # never stop following: list again after a pause
-                failures += 1
-                delay = min(5.0, 0.2 * 2 ** min(failures, 5))
-                expected = isinstance(exc, (KvrouteError, StoreUnavailable, OSError))
-                log.log(logging.WARNING if expected else logging.ERROR,
-                        "following the store failed (%r); listing again in %.1fs", exc, delay,
-                        exc_info=not expected)
-                revision = None
-                await asyncio.sleep(delay)
-
-    async def _sweep_health(self) -> None:
-        """Tell watchers when a node turns unhealthy (late heartbeats) or healthy again."""
-        while True:
-            await asyncio.sleep(0.5)
-            now = now_ms()
-            seen = self._was_healthy
-            for node_id, state in self.view.nodes.items():
-                healthy = state.healthy(self.view.late_after_s, now)
-                if seen.get(node_id, True) != healthy:
-                    self.fanout.publish(Change("upsert", node_id))
-                seen[node_id] = healthy
-            for node_id in [n for n in seen if n not in self.view.nodes]:
-                del seen[node_id]
 
     async def _op(self, name: str, aw: Awaitable[T]) -> T:
         """Run one store operation with latency/error metrics and status mapping."""
@@ -186,7 +136,7 @@ class RegistryCore:
             self.metrics.store_seconds.labels(name).observe(time.perf_counter() - t0)
 
     # ---- writes ---------------------------------------------------------------------------
-    async def _state(self, node_id: str) -> NodeState:
+    async def _state(self, node_id: str) -> LiveNode:
         state = self.view.nodes.get(node_id)
         if state is None:
             rec = await self._op("get_node", self.store.get_node(node_id))
@@ -254,7 +204,7 @@ class RegistryCore:
             state.beating -= 1
             state.seen_unix_ms = max(state.seen_unix_ms, now_ms())
 
-    async def _heartbeat(self, state: NodeState, req: pb.HeartbeatRequest) -> HeartbeatResult:
+    async def _heartbeat(self, state: LiveNode, req: pb.HeartbeatRequest) -> HeartbeatResult:
         rec = state.record
         if req.epoch != rec.epoch:
             return self._resync("stale_epoch", rec, f"epoch {req.epoch} is stale, the "
@@ -272,7 +222,7 @@ class RegistryCore:
             state.lease_refreshed_mono = state.refreshed_here_mono = time.monotonic()
         else:  # refreshed by this replica moments ago (a fast heartbeat burst)
             ttl = max(1, round(rec.lease_ttl_s - since))
-        if req.stored or req.removed or req.cleared:
+        if validate.has_delta(req):
             result = await self._apply_delta(state, req)
             if result is not None:
                 return result
@@ -285,7 +235,7 @@ class RegistryCore:
         self.metrics.heartbeats.labels("resync_required").inc()
         return HeartbeatResult(True, rec.lease_ttl_s, message)
 
-    async def _apply_delta(self, state: NodeState, req: pb.HeartbeatRequest,
+    async def _apply_delta(self, state: LiveNode, req: pb.HeartbeatRequest,
                            ) -> HeartbeatResult | None:
         seq = req.delta_seq
         if seq <= state.applied_seq:
@@ -296,7 +246,9 @@ class RegistryCore:
                                 f"delta_seq {seq} skips ahead: the registry applied "
                                 f"{state.applied_seq} last; send a full Resync")
         delta = Delta(seq=seq, base_gen=state.gen, cleared=req.cleared,
-                      stored=as_hashes(req.stored), removed=as_hashes(req.removed))
+                      stored=as_hashes(req.stored), removed=as_hashes(req.removed),
+                      stored_offloaded=as_hashes(req.stored_offloaded),
+                      removed_offloaded=as_hashes(req.removed_offloaded))
         try:
             if delta.events * 8 > DELTA_KEY_MAX_BYTES:
                 await self._large_delta(state, delta)
@@ -311,30 +263,28 @@ class RegistryCore:
                            "then Resync") from exc
         return None
 
-    async def _large_delta(self, state: NodeState, delta: Delta) -> None:
+    async def _large_delta(self, state: LiveNode, delta: Delta) -> None:
         """A delta too big for one etcd value: persist the resulting set as a snapshot
         (chunked, <= 1 MiB per key) first, then apply the delta here."""
-        base = as_hashes([]) if delta.cleared else self.view.index.blocks(state.slot)
-        after = np.union1d(np.setdiff1d(base, delta.removed), delta.stored).astype(np.uint64)
+        after, after_off = self.view.after_delta(state, delta)
         gen = state.gen + 1
         await self._op("write_snapshot", self.store.write_snapshot(
-            state.record, gen, delta.seq, after, False))
+            state.record, gen, delta.seq, after, False, after_off))
         if self.view.apply_delta(state, delta):
             self.metrics.block_events.inc(delta.events)
         self.view.apply_snapshot(state, SnapshotPut(state.node_id, state.record.epoch, gen,
-                                                    delta.seq, False, after))
+                                                    delta.seq, False, after, after_off))
 
-    async def _snapshot(self, state: NodeState, replace: bool,
-                        hashes: np.ndarray | None = None) -> None:
-        if hashes is None:
-            hashes = self.view.index.blocks(state.slot)
+    async def _snapshot(self, state: LiveNode, replace: bool,
+                        sets: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        hashes, offloaded = self.view.tier_sets(state) if sets is None else sets
         snap = SnapshotPut(state.node_id, state.record.epoch, state.gen + 1,
-                           0 if replace else state.applied_seq, replace, hashes)
+                           0 if replace else state.applied_seq, replace, hashes, offloaded)
         await self._op("write_snapshot", self.store.write_snapshot(
-            state.record, snap.gen, snap.through_seq, hashes, replace))
+            state.record, snap.gen, snap.through_seq, hashes, replace, offloaded))
         self.view.apply_snapshot(state, snap)
 
-    async def _status(self, state: NodeState, req: pb.HeartbeatRequest) -> None:
+    async def _status(self, state: LiveNode, req: pb.HeartbeatRequest) -> None:
         old = state.status
         t = now_ms()
         rate = old.eviction_rate
@@ -359,9 +309,10 @@ class RegistryCore:
 
     async def resync(self, requests: AsyncIterator[pb.ResyncRequest]) -> int:
         """Resync: replace the node's whole block set with the streamed one."""
-        node_id, epoch, used, total = "", 0, 0, 0
+        node_id, epoch, used, total, total_off = "", 0, 0, 0, 0
         parts: list[np.ndarray] = []
-        state: NodeState | None = None
+        off_parts: list[np.ndarray] = []
+        state: LiveNode | None = None
         async for req in requests:
             if state is None:
                 node_id, epoch, used = validate.node_id(req.node_id), req.epoch, req.used_blocks
@@ -375,9 +326,14 @@ class RegistryCore:
                 raise InvalidArgument(
                     "every Resync message must carry the same node_id and epoch")
             validate.hash_count(len(req.block_hashes), "block_hashes", self.settings)
+            validate.hash_count(len(req.offloaded_block_hashes), "offloaded_block_hashes",
+                                self.settings)
             total += len(req.block_hashes)
-            limits.check_resync_total(self.settings, self.metrics, self.view, state, total)
+            total_off += len(req.offloaded_block_hashes)
+            limits.check_resync_total(self.settings, self.metrics, self.view, state, total,
+                                      total_off)
             parts.append(as_hashes(req.block_hashes))
+            off_parts.append(as_hashes(req.offloaded_block_hashes))
         if state is None:
             raise InvalidArgument("empty Resync stream: send node_id and epoch")
         async with state.lock:
@@ -386,10 +342,11 @@ class RegistryCore:
                     f"node {node_id} registered again during the Resync: RegisterNode and "
                     "resync again")
             hashes = np.unique(np.concatenate(parts)) if parts else as_hashes([])
+            offloaded = np.unique(np.concatenate(off_parts)) if off_parts else as_hashes([])
             limits.check_resync_index(self.settings, self.metrics, self.view, state,
-                                      int(hashes.size))
+                                      int(hashes.size + offloaded.size))
             try:
-                await self._snapshot(state, True, hashes)
+                await self._snapshot(state, True, (hashes, offloaded))
             except StoreConflict as exc:
                 raise NotFound(f"node {node_id}: {exc}; RegisterNode again") from exc
             state.status = NodeStatus(**{**state.status.__dict__, "used_blocks": used})
@@ -412,26 +369,3 @@ class RegistryCore:
         self.view.apply(NodeGone(rec.node_id, rec.epoch))
         log.info("node %s deregistered (%d blocks dropped)", rec.node_id, dropped)
         return dropped
-
-    # ---- reads (from memory, never etcd) --------------------------------------------------
-    def lookup(self, req: pb.LookupRequest) -> list[tuple[NodeState, int]]:
-        """Lookup: (node, matched prefix blocks) for each node of ``req.model`` (every model
-        when empty), healthy ones unless ``include_unhealthy``; validated first."""
-        validate.lookup(req, self.settings)
-        view = self.view
-        nodes = view.candidates(req.model, req.include_unhealthy)
-        if not nodes:
-            return []
-        matched = view.lookup(req.block_hashes, req.model)
-        if not matched:
-            return [(s, 0) for s in nodes]
-        get = matched.get
-        return [(s, get(s.slot, 0)) for s in nodes]
-
-    def nodes(self, model: str = "") -> list[NodeState]:
-        """Every node of ``model`` (all models when empty), healthy or not, by node id."""
-        return sorted(self.view.candidates(model, True), key=lambda s: s.node_id)
-
-    def blocks_indexed(self, state: NodeState) -> int:
-        """Blocks indexed for a node."""
-        return self.view.index.count(state.slot)

@@ -8,23 +8,25 @@
   index at most ``--max-index-entries`` (block, node) entries. A heartbeat or resync that would
   pass either is refused with RESOURCE_EXHAUSTED naming the node, the limit and the count,
   and nothing is applied. The common case costs O(1): only when the worst case (every stored
-  hash new) would pass the limit is the exact result computed.
+  hash new) would pass the limit is the exact result computed. The offloaded (lower) tier is
+  not bounded by the node's GPU capacity (offloading stores are larger): a node may hold at
+  most ``--max-blocks-per-node`` offloaded blocks, and they count in ``--max-index-entries``.
 """
 
 from __future__ import annotations
 
 import hmac
 import secrets
-from collections.abc import Sequence
 
 import numpy as np
 
 from kvroute.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted
+from kvroute.index import OFFLOADED
 from kvroute.v1 import registry_pb2 as pb
 from registry_service import validate
 from registry_service.auth import token_digest
 from registry_service.metrics import RegistryMetrics
-from registry_service.nodes import NodeState
+from registry_service.nodes import LiveNode
 from registry_service.peek import peek_async
 from registry_service.security_settings import SecuritySettings
 from registry_service.settings import RegistrySettings
@@ -62,7 +64,7 @@ def check_capacity(s: SecuritySettings, capacity_blocks: int, node_id: str) -> N
             "is ~81 B per block) or register a smaller capacity")
 
 
-def _refuse(s: SecuritySettings, metrics: RegistryMetrics, method: str, state: NodeState,
+def _refuse(s: SecuritySettings, metrics: RegistryMetrics, method: str, state: LiveNode,
             count: int, limit: int, what: str) -> ResourceExhausted:
     cap = state.capacity()
     metrics.refused.labels(method, "node_capacity").inc()
@@ -82,58 +84,76 @@ def _index_full(s: SecuritySettings, metrics: RegistryMetrics, method: str, node
         "(raise the limit with the registry's memory, or add registry capacity)")
 
 
+def _node_entries(view: ReplicaView, state: LiveNode) -> int:
+    return view.index.count(state.slot) + view.index.count(state.slot, OFFLOADED)
+
+
 def check_delta(s: SecuritySettings, metrics: RegistryMetrics, view: ReplicaView,
-                state: NodeState, cleared: bool, stored_hashes: Sequence[int],
-                removed_hashes: Sequence[int]) -> None:
+                state: LiveNode, req: pb.HeartbeatRequest) -> None:
     """RESOURCE_EXHAUSTED when applying this heartbeat delta would pass a block limit."""
-    n_stored = len(stored_hashes)
+    cleared = req.cleared
     limit = s.node_block_limit(state.capacity())
-    now = view.index.count(state.slot)
-    others = view.index.entries - now
-    upper = (0 if cleared else now) + n_stored
-    if upper <= limit and others + upper <= s.max_index_entries:
+    off_limit = s.max_blocks_per_node
+    now, now_off = view.index.count(state.slot), view.index.count(state.slot, OFFLOADED)
+    others = view.index.entries - now - now_off
+    upper = (0 if cleared else now) + len(req.stored)
+    upper_off = (0 if cleared else now_off) + len(req.stored_offloaded)
+    if upper <= limit and upper_off <= off_limit and \
+            others + upper + upper_off <= s.max_index_entries:
         return
-    if n_stored > limit:  # cannot fit whatever it removes: refuse without any set work
-        raise _refuse(s, metrics, "Heartbeat", state, n_stored, limit,
+    if len(req.stored) > limit:  # cannot fit whatever it removes: refuse without set work
+        raise _refuse(s, metrics, "Heartbeat", state, len(req.stored), limit,
                       "its stored list alone carries")
-    stored, removed = as_hashes(stored_hashes), as_hashes(removed_hashes)
-    base = np.zeros(0, dtype=np.uint64) if cleared else view.index.blocks(state.slot)
-    after = int(np.union1d(np.setdiff1d(base, removed), stored).size)
+    after = after_off = 0
+    for tier, stored, removed in ((0, req.stored, req.removed),
+                                  (OFFLOADED, req.stored_offloaded, req.removed_offloaded)):
+        base = np.zeros(0, dtype=np.uint64) if cleared else view.index.blocks(state.slot, tier)
+        n = int(np.union1d(np.setdiff1d(base, as_hashes(removed)), as_hashes(stored)).size)
+        if tier:
+            after_off = n
+        else:
+            after = n
     if after > limit:
         raise _refuse(s, metrics, "Heartbeat", state, after, limit, "it would index")
-    if others + after > s.max_index_entries:
-        raise _index_full(s, metrics, "Heartbeat", state.node_id, others + after)
+    if after_off > off_limit:
+        raise _refuse(s, metrics, "Heartbeat", state, after_off, off_limit,
+                      "its offloaded tier would hold")
+    if others + after + after_off > s.max_index_entries:
+        raise _index_full(s, metrics, "Heartbeat", state.node_id, others + after + after_off)
 
 
 def check_heartbeat(s: SecuritySettings, metrics: RegistryMetrics, view: ReplicaView,
-                    state: NodeState, req: pb.HeartbeatRequest) -> None:
+                    state: LiveNode, req: pb.HeartbeatRequest) -> None:
     """Everything a heartbeat of the current epoch must pass before it touches anything:
     its write token, a sane capacity, and (for the next delta) the block limits."""
     rec = state.record
     check_write_token(rec, req.write_token, "Heartbeat", metrics)
     if req.capacity_blocks:
         check_capacity(s, req.capacity_blocks, rec.node_id)
-    if (req.stored or req.removed or req.cleared) and req.delta_seq == state.applied_seq + 1:
-        check_delta(s, metrics, view, state, req.cleared, req.stored, req.removed)
+    if validate.has_delta(req) and req.delta_seq == state.applied_seq + 1:
+        check_delta(s, metrics, view, state, req)
 
 
-def resync_limit(s: SecuritySettings, state: NodeState) -> int:
+def resync_limit(s: SecuritySettings, state: LiveNode) -> int:
     """Most hashes a Resync of this node may carry."""
     return s.node_block_limit(state.capacity())
 
 
 def check_resync_total(s: SecuritySettings, metrics: RegistryMetrics, view: ReplicaView,
-                       state: NodeState, sent: int) -> None:
+                       state: LiveNode, sent: int, sent_offloaded: int = 0) -> None:
     """RESOURCE_EXHAUSTED when a Resync stream carries too many hashes (checked per message)."""
     limit = resync_limit(s, state)
     if sent > limit:
         raise _refuse(s, metrics, "Resync", state, sent, limit, "the stream carries at least")
+    if sent_offloaded > s.max_blocks_per_node:
+        raise _refuse(s, metrics, "Resync", state, sent_offloaded, s.max_blocks_per_node,
+                      "the stream's offloaded tier carries at least")
 
 
 def check_resync_index(s: SecuritySettings, metrics: RegistryMetrics, view: ReplicaView,
-                       state: NodeState, unique: int) -> None:
+                       state: LiveNode, unique: int) -> None:
     """RESOURCE_EXHAUSTED when the resynced set would overfill the whole index."""
-    total = view.index.entries - view.index.count(state.slot) + unique
+    total = view.index.entries - _node_entries(view, state) + unique
     if total > s.max_index_entries:
         raise _index_full(s, metrics, "Resync", state.node_id, total)
 

@@ -15,7 +15,7 @@ def now_ms() -> int:
 
 
 @dataclass
-class NodeState:
+class LiveNode:
     """What this replica knows about one live node."""
 
     record: NodeRecord
@@ -91,6 +91,10 @@ class Change:
     cleared: bool = False
     stored: HashArray | None = None
     removed: HashArray | None = None
+    stored_offloaded: HashArray | None = None
+    """Blocks now held on the node's offloaded (lower) tier."""
+    removed_offloaded: HashArray | None = None
+    """Blocks no longer held on the node's offloaded tier."""
 
 
 class Subscription:

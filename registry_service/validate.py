@@ -72,6 +72,12 @@ def register(req: pb.RegisterNodeRequest, s: RegistrySettings) -> None:
                 f"{MAX_LABEL_LEN} characters")
 
 
+def has_delta(req: pb.HeartbeatRequest) -> bool:
+    """True when the heartbeat carries block changes (of any tier) to apply."""
+    return bool(req.stored or req.removed or req.cleared or req.stored_offloaded
+                or req.removed_offloaded)
+
+
 def heartbeat(req: pb.HeartbeatRequest, s: RegistrySettings) -> None:
     """Check a HeartbeatRequest (node existence and epoch are checked by the core)."""
     node_id(req.node_id)
@@ -80,10 +86,11 @@ def heartbeat(req: pb.HeartbeatRequest, s: RegistrySettings) -> None:
     hash_count(len(req.stored) + len(req.removed), "stored+removed", s)
     hash_count(len(req.stored_offloaded) + len(req.removed_offloaded),
                "stored_offloaded+removed_offloaded", s)
-    if (req.stored or req.removed or req.cleared) and req.delta_seq == 0:
+    if has_delta(req) and req.delta_seq == 0:
         raise InvalidArgument(
-            "delta_seq must be >= 1 when stored, removed or cleared is set (1 after each "
-            "RegisterNode or Resync, +1 per heartbeat carrying changes)")
+            "delta_seq must be >= 1 when stored, removed, stored_offloaded, removed_offloaded "
+            "or cleared is set (1 after each RegisterNode or Resync, +1 per heartbeat carrying "
+            "changes)")
     if req.capacity_blocks > MAX_CAPACITY:
         raise InvalidArgument(f"capacity_blocks must be at most {MAX_CAPACITY}")
     if req.engine_block_size > MAX_ENGINE_BLOCK:

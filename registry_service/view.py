@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from kvroute.index import BitmaskIndex, PrefixIndex, SlotTable
+import numpy as np
+
+from kvroute.index import DEVICE, OFFLOADED, BitmaskIndex, PrefixIndex, SlotTable
 from registry_service.metrics import RegistryMetrics
-from registry_service.nodes import Change, Fanout, NodeState, now_ms
+from registry_service.nodes import Change, Fanout, LiveNode, now_ms
 from registry_service.store.base import (
     Delta,
     DeltaPut,
+    HashArray,
     LoadResult,
     NodeGone,
     NodePut,
@@ -35,8 +38,8 @@ class ReplicaView:
     def __init__(self, fanout: Fanout, metrics: RegistryMetrics, late_after_s: float) -> None:
         self.index: PrefixIndex = BitmaskIndex()
         self.slots = SlotTable()
-        self.nodes: dict[str, NodeState] = {}
-        self._by_model: dict[str, list[NodeState]] = {}
+        self.nodes: dict[str, LiveNode] = {}
+        self._by_model: dict[str, list[LiveNode]] = {}
         """Nodes per model in registration order; dropped whenever membership changes."""
         self.fanout = fanout
         self.metrics = metrics
@@ -47,8 +50,8 @@ class ReplicaView:
         """(node, epoch) this replica deleted itself: their removal is not a lease expiry."""
 
     # ---- nodes ----------------------------------------------------------------------------
-    def _add(self, rec: NodeRecord) -> NodeState:
-        state = NodeState(rec, self.slots.assign(rec.node_id, rec.model))
+    def _add(self, rec: NodeRecord) -> LiveNode:
+        state = LiveNode(rec, self.slots.assign(rec.node_id, rec.model))
         self.index.add_node(state.slot)
         self.nodes[rec.node_id] = state
         self._by_model.pop(rec.model, None)
@@ -115,34 +118,57 @@ class ReplicaView:
             self.drop(rec.node_id, expired=False)
         self._add(rec)
 
-    def apply_delta(self, state: NodeState, delta: Delta) -> bool:
+    def apply_delta(self, state: LiveNode, delta: Delta) -> bool:
         """Apply a delta if it is the next one on the node's generation; True if applied."""
         if delta.base_gen != state.gen or delta.seq <= state.applied_seq:
             return False
         if delta.seq != state.applied_seq + 1:
             log.warning("node %s: delta seq %d applied after %d (a gap in the store)",
                         state.node_id, delta.seq, state.applied_seq)
+        slot = state.slot
         if delta.cleared:
-            self.index.clear(state.slot)
+            self.index.clear(slot)
         if delta.removed.size:
-            self.index.remove(state.slot, delta.removed.tolist())
+            self.index.remove(slot, delta.removed.tolist())
         if delta.stored.size:
-            self.index.add(state.slot, delta.stored.tolist())
+            self.index.add(slot, delta.stored.tolist())
+        if delta.removed_offloaded.size:
+            self.index.remove(slot, delta.removed_offloaded.tolist(), OFFLOADED)
+        if delta.stored_offloaded.size:
+            self.index.add(slot, delta.stored_offloaded.tolist(), OFFLOADED)
         state.applied_seq = delta.seq
         state.deltas_since_snapshot += 1
         self.fanout.publish(Change("blocks", state.node_id, cleared=delta.cleared,
-                                   stored=delta.stored, removed=delta.removed))
+                                   stored=delta.stored, removed=delta.removed,
+                                   stored_offloaded=delta.stored_offloaded,
+                                   removed_offloaded=delta.removed_offloaded))
         return True
 
-    def apply_snapshot(self, state: NodeState, snap: SnapshotPut) -> bool:
+    def tier_sets(self, state: LiveNode) -> tuple[HashArray, HashArray]:
+        """The node's (device, offloaded) block sets, sorted."""
+        return self.index.blocks(state.slot), self.index.blocks(state.slot, OFFLOADED)
+
+    def after_delta(self, state: LiveNode, delta: Delta) -> tuple[HashArray, HashArray]:
+        """The node's (device, offloaded) sets once ``delta`` is applied (not applying it)."""
+        out = []
+        for tier, stored, removed in ((DEVICE, delta.stored, delta.removed),
+                                      (OFFLOADED, delta.stored_offloaded,
+                                       delta.removed_offloaded)):
+            base = (np.zeros(0, dtype=np.uint64) if delta.cleared
+                    else self.index.blocks(state.slot, tier))
+            out.append(np.union1d(np.setdiff1d(base, removed), stored).astype(np.uint64))
+        return out[0], out[1]
+
+    def apply_snapshot(self, state: LiveNode, snap: SnapshotPut) -> bool:
         """Switch the node to snapshot ``snap.gen``; rebuild its blocks when they differ."""
         if snap.gen <= state.gen:
             return False
         if snap.replace or snap.through_seq != state.applied_seq:
             self.index.clear(state.slot)
             self.index.add(state.slot, snap.hashes.tolist())
+            self.index.add(state.slot, snap.offloaded.tolist(), OFFLOADED)
             self.fanout.publish(Change("blocks", state.node_id, cleared=True,
-                                       stored=snap.hashes))
+                                       stored=snap.hashes, stored_offloaded=snap.offloaded))
         state.gen = snap.gen
         state.applied_seq = snap.through_seq
         state.deltas_since_snapshot = 0
@@ -168,7 +194,7 @@ class ReplicaView:
                 state.trusted_until_ms = t + state.record.lease_ttl_s * 1000
 
     # ---- queries --------------------------------------------------------------------------
-    def candidates(self, model: str, include_unhealthy: bool) -> list[NodeState]:
+    def candidates(self, model: str, include_unhealthy: bool) -> list[LiveNode]:
         """Nodes serving ``model`` (all models when empty), healthy ones unless asked.
 
         The list for a model is kept between calls (do not modify it).
@@ -186,10 +212,22 @@ class ReplicaView:
             nodes = [s for s in nodes if s.healthy(late, t)]
         return nodes
 
+    def model_size(self, model: str) -> int:
+        """Nodes of ``model`` (all nodes when empty), healthy or not; O(1) once listed."""
+        return len(self.candidates(model, True)) if model else len(self.nodes)
+
     def lookup(self, hashes: Sequence[int], model: str) -> dict[int, int]:
-        """Matched prefix length per slot of ``model``'s nodes (all nodes when empty); slots
-        with no match omitted. Cost grows with the matched length, not with the fleet."""
+        """Matched device prefix length per slot of ``model``'s nodes (all nodes when empty);
+        slots with no match omitted. Cost grows with the matched length, not with the fleet."""
         if not len(hashes):
             return {}
         mask = self.slots.model_mask(model) if model else self.slots.all_mask()
         return self.index.longest_prefix(hashes, mask) if mask else {}
+
+    def lookup_tiered(self, hashes: Sequence[int], model: str) -> dict[int, tuple[int, int]]:
+        """(device run, offloaded run after it) per slot, as :meth:`lookup` (see
+        :meth:`kvroute.index.PrefixIndex.tiered_prefix`)."""
+        if not len(hashes):
+            return {}
+        mask = self.slots.model_mask(model) if model else self.slots.all_mask()
+        return self.index.tiered_prefix(hashes, mask) if mask else {}

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from kvroute.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from router_service.disagg import (
@@ -32,12 +33,13 @@ from router_service.disagg import (
 )
 from router_service.domain import RouteDecision, RouteRequest
 from router_service.load import LoadTracker
+from router_service.lookup import PlacementLookup
 from router_service.metrics import RouterMetrics
-from router_service.narrowing import Narrower
+from router_service.node_views import node_views, offloaded_of
 from router_service.placement import NodeState, Placement, PlacementSource
 from router_service.policies.base import Decision, NodeView, NoEligibleNode, Policy, RequestView
+from router_service.policies.factory import PolicySet
 from router_service.policies.least_loaded import LeastLoadedPolicy
-from router_service.policies.registry import PolicySet
 from router_service.request_prep import check_id, request_view
 from router_service.route_share import RouteDelta, SharedView
 from router_service.settings import RouterSettings
@@ -45,25 +47,32 @@ from router_service.suspects import SuspectList
 from router_service.tokenizer import Tokenizer
 
 
-@runtime_checkable
-class NarrowingSource(Protocol):
-    """A local placement source that can list a model's nodes and only the matching ones."""
+@dataclass(slots=True)
+class _Pending:
+    """A request between preparation and decision."""
 
-    def members(self, model: str) -> list[NodeState]:
-        """Nodes of ``model``."""
-        ...
+    req: RouteRequest
+    policy: Policy
+    view: RequestView
+    model: str
+    t0: float
 
-    def matches_local(self, block_hashes: Sequence[int], model: str) -> dict[str, int]:
-        """Node id -> matched blocks, only for nodes holding a prefix."""
-        ...
 
-    def node(self, node_id: str) -> NodeState | None:
-        """A node by id."""
-        ...
+class _CountErrors:
+    """Counts a failed decision in the metrics (a context manager; cheaper than contextlib's)."""
 
-    def registry_block_size(self) -> int:
-        """The registry's block size."""
-        ...
+    __slots__ = ("_core", "_req")
+
+    def __init__(self, core: RouterCore, req: RouteRequest) -> None:
+        self._core, self._req = core, req
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, t: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if isinstance(exc, Exception):
+            self._core._count_error(self._req, exc)
 
 
 _MAX_FALLBACKS = 4
@@ -90,9 +99,8 @@ class RouterCore:
         self.metrics = metrics
         self.suspects = SuspectList(clock)
         self._fallback = LeastLoadedPolicy(use_queue_depth=False)  # queue depths are stale
-        self._narrower = Narrower(settings.max_candidates)
-        self._narrow_source = source if (settings.max_candidates and source.local
-                                         and isinstance(source, NarrowingSource)) else None
+        self._lookup = PlacementLookup(source, tracker, settings.max_candidates)
+        source.on_departure(self._departed)
         if policies.get(settings.default_policy) is None:
             raise ValueError(f"--default-policy: unknown policy {settings.default_policy!r}; "
                              f"known: {', '.join(policies.names)}")
@@ -112,54 +120,21 @@ class RouterCore:
         """One decision; raises :mod:`kvroute.errors` types for bad input or no node."""
         if self.source.local:
             return self.decide_local(req)
-        t0 = time.perf_counter()
-        try:
-            policy, view, model = self._prepare(req)
-            try:
-                placement: Placement | None = await self.source.lookup(view.block_hashes, model)
-                why = ""
-            except Unavailable as exc:
-                placement, why = None, exc.message
-            out = self._decide(req, policy, view, model, placement, why, t0)
-        except Exception as exc:
-            self._count_error(req, exc)
-            raise
-        return out
+        with _CountErrors(self, req):
+            p = self._prepare(req)
+            placement, why, p.view = await self._lookup.remote(p.policy, p.view, p.model)
+            return self._decide(p, placement, why)
 
     def decide_local(self, req: RouteRequest) -> RouteDecision:
         """:meth:`decide` without an await: for placement sources that answer from memory
         (``source.local``: the index mirror, the bench's simulated fleet)."""
+        with _CountErrors(self, req):
+            p = self._prepare(req)
+            placement, why, p.view = self._lookup.local(p.policy, p.view, p.model)
+            return self._decide(p, placement, why)
+
+    def _prepare(self, req: RouteRequest) -> _Pending:
         t0 = time.perf_counter()
-        try:
-            policy, view, model = self._prepare(req)
-            try:
-                placement: Placement | None
-                placement, view = self._lookup_local(policy, view, model)
-                why = ""
-            except Unavailable as exc:
-                placement, why = None, exc.message
-            out = self._decide(req, policy, view, model, placement, why, t0)
-        except Exception as exc:
-            self._count_error(req, exc)
-            raise
-        return out
-
-    def _lookup_local(self, policy: Policy, view: RequestView, model: str,
-                      ) -> tuple[Placement, RequestView]:
-        """The placement, narrowed to a bounded candidate set on large fleets when the source
-        and the policy allow it (:mod:`router_service.narrowing`)."""
-        src = self._narrow_source
-        if src is not None and getattr(policy, "narrowable", False):
-            members = src.members(model)
-            if len(members) > self.settings.max_candidates:
-                matches = src.matches_local(view.block_hashes, model)
-                pairs = self._narrower.select(members, matches, src.node, self.tracker.counts())
-                view = dataclasses.replace(view, fleet_nodes=len(members),
-                                           fleet_inflight=self.tracker.total_inflight)
-                return Placement(pairs, src.registry_block_size()), view
-        return self.source.lookup_local(view.block_hashes, model), view
-
-    def _prepare(self, req: RouteRequest) -> tuple[Policy, RequestView, str]:
         name = req.policy or self.settings.default_policy
         policy = self.policies.get(name)
         if policy is None:
@@ -171,7 +146,7 @@ class RouterCore:
                 f"block size mismatch: router hashes {self.settings.block_size}-token blocks, "
                 f"the registry uses {rbs}; set --block-size {rbs}")
         view = request_view(req, self.settings, self.tokenizer, rbs)
-        return policy, view, self._resolve_model(req.model)
+        return _Pending(req, policy, view, self._resolve_model(req.model), t0)
 
     def _resolve_model(self, model: str) -> str:
         if model:
@@ -191,10 +166,12 @@ class RouterCore:
         raise InvalidArgument(f"model: required, the fleet serves several models "
                               f"({', '.join(models)}) and no --default-model is set")
 
-    def _decide(self, req: RouteRequest, policy: Policy, view: RequestView, model: str,
-                placement: Placement | None, degraded_why: str, t0: float) -> RouteDecision:
+    def _decide(self, p: _Pending, placement: Placement | None, degraded_why: str,
+                ) -> RouteDecision:
+        req, policy, view, model = p.req, p.policy, p.view, p.model
+        off: dict[str, int] = {}
         if placement is not None:
-            pairs = placement.nodes
+            pairs, off = placement.nodes, placement.offloaded
         else:
             pairs = [(n, 0) for n in self.source.last_known() if n.model == model]
             if not pairs:
@@ -210,7 +187,7 @@ class RouterCore:
         chooser = self._fallback if degraded_why else policy
         roles = [n.role for n, _ in pairs]
         if wants_pd(roles, req.disaggregated):
-            out = self._decide_pd(req, chooser, view, model, pairs, degraded_why)
+            out = self._decide_pd(req, chooser, view, model, pairs, degraded_why, off)
         else:
             if any(r != "both" for r in roles):
                 pairs = [(n, m) for n, m in pairs if n.role == "both"]
@@ -218,42 +195,37 @@ class RouterCore:
                     raise FailedPrecondition(
                         f"disaggregated: model {model!r} has no aggregated ('both') node left "
                         f"and the request asked for one node; send it disaggregated")
+            views = self._views(pairs, view, off)
             try:
-                decision = chooser.choose(view, self._views(pairs, view))
+                decision = chooser.choose(view, views)
             except NoEligibleNode as exc:
                 raise Unavailable(f"no healthy node serves model {model!r} ({exc}); "
                                   f"retry later") from None
-            out = self._commit(chooser, view, decision, pairs, degraded_why, req.deadline_s)
+            out = self._commit(chooser, view, decision, pairs, degraded_why, req.deadline_s,
+                               offloaded_of(views, decision.node_id))
         if self.metrics is not None:
             m = self.metrics
-            m.route_latency.observe(time.perf_counter() - t0)
+            m.route_latency.observe(time.perf_counter() - p.t0)
             m.decision_ok(out.policy, out.degraded)
             if out.expected_cached_tokens:
                 m.predicted_cached_tokens.inc(out.expected_cached_tokens)
+            if out.expected_offloaded_tokens:
+                m.predicted_offloaded_tokens.inc(out.expected_offloaded_tokens)
             m.prompt_tokens.inc(out.prompt_tokens)
             if out.degraded:
                 m.degraded.inc()
         return out
 
-    def _views(self, pairs: list[tuple[NodeState, int]], view: RequestView) -> list[NodeView]:
-        tracker = self.tracker
+    def _views(self, pairs: list[tuple[NodeState, int]], view: RequestView,
+               offloaded: dict[str, int] | None = None) -> list[NodeView]:
         share = self.share
         remote = share.remote if share is not None and share.live() else None
-        for n, _ in pairs:
-            if n.prefill_tokens_per_s != tracker.rate(n.node_id) and n.prefill_tokens_per_s:
-                self._calibrated(n.node_id, n.prefill_tokens_per_s)
-        views = [NodeView(n.node_id, n.address,
-                          n.reusable_blocks(matched, view.block_size, view.prompt_tokens),
-                          tracker.inflight(n.node_id)
-                          + (remote.inflight(n.node_id) if remote is not None else 0),
-                          n.queue_depth, n.running, n.used_blocks, n.capacity_blocks,
-                          n.eviction_rate, tracker.pending_prefill(n.node_id), n.healthy,
-                          n.prefill_tokens_per_s)
-                 for n, matched in pairs]
-        return self.suspects.demote(views)
+        return self.suspects.demote(node_views(pairs, view, offloaded or {}, self.tracker,
+                                               remote, self._calibrated))
 
     def _decide_pd(self, req: RouteRequest, chooser: Policy, view: RequestView, model: str,
-                   pairs: list[tuple[NodeState, int]], degraded_why: str) -> RouteDecision:
+                   pairs: list[tuple[NodeState, int]], degraded_why: str,
+                   off: dict[str, int]) -> RouteDecision:
         """A (prefill, decode) pair: the policy picks the prefill node among prefill-capable
         nodes, :class:`DecodeChooser` the decode node given it; both are committed together."""
         if req.decode_policy is not None and req.decode_policy not in DECODE_POLICIES:
@@ -266,13 +238,15 @@ class RouterCore:
             raise Unavailable(f"disaggregated: no {half}-capable node of model {model!r} is "
                               f"known or left after the request's hints; retry later")
         try:
-            decision = chooser.choose(view, self._views(pre, view))
+            pre_views = self._views(pre, view, off)
+            decision = chooser.choose(view, pre_views)
             pick = self.decode.choose(view, decision.node_id, self._views(dec, view),
                                       req.decode_policy)
         except NoEligibleNode as exc:
             raise Unavailable(f"disaggregated: no pair for model {model!r} ({exc}); "
                               f"retry later") from None
-        out = self._commit(chooser, view, decision, pre, degraded_why, req.deadline_s)
+        out = self._commit(chooser, view, decision, pre, degraded_why, req.deadline_s,
+                           offloaded_of(pre_views, decision.node_id))
         self.decode.commit(pick)
         node = next(n for n, _ in dec if n.node_id == pick.node_id)
         if pick.node_id != out.node_id:
@@ -300,7 +274,7 @@ class RouterCore:
 
     def _commit(self, policy: Policy, view: RequestView, decision: Decision,
                 pairs: list[tuple[NodeState, int]], degraded_why: str,
-                deadline_s: float | None = None) -> RouteDecision:
+                deadline_s: float | None = None, offloaded_blocks: int = 0) -> RouteDecision:
         node = next(n for n, _ in pairs if n.node_id == decision.node_id)
         policy.commit(view, decision)
         cached = min(decision.matched_blocks * view.block_size, view.prompt_tokens)
@@ -335,7 +309,10 @@ class RouterCore:
             policy=used, matched_blocks=decision.matched_blocks,
             expected_cached_tokens=cached, reason=reason, degraded=bool(degraded_why),
             prompt_tokens=view.prompt_tokens, block_size=view.block_size,
-            candidates=decision.candidates, fallback_addresses=fallbacks)
+            candidates=decision.candidates, fallback_addresses=fallbacks,
+            offloaded_blocks=offloaded_blocks,
+            expected_offloaded_tokens=min(offloaded_blocks * view.block_size,
+                                          max(0, view.prompt_tokens - cached)))
 
     def _calibrated(self, node_id: str, rate: float) -> None:
         """A node's measured prefill rate changed: drain its queued-prefill estimate at it."""
@@ -343,8 +320,14 @@ class RouterCore:
         if self.metrics is not None:
             self.metrics.prefill_rate.labels(node_id).set(rate)
 
+    def _departed(self, node_id: str) -> None:
+        """A node left the registry: its queued-prefill estimate and calibrated rate go now
+        (a node that comes back, e.g. after an engine restart, starts with an empty queue)."""
+        self.tracker.forget_node(node_id)
+
     def _forget_departed(self) -> None:
-        """Drop the queued-prefill estimate of nodes the registry no longer knows."""
+        """Drop the queued-prefill estimate of nodes the registry no longer knows (a sweep
+        behind :meth:`_departed`, for departures no source reported)."""
         known = {n.node_id for n in self.source.last_known()}
         for nid in self.tracker.pending_nodes():
             if nid not in known:
@@ -395,33 +378,10 @@ class RouterCore:
         return released
 
     def apply_remote(self, delta: RouteDelta) -> None:
-        """Apply another replica's routing delta to the shared view (the transport calls it).
-
-        A routed request counts in flight on its node, adds its uncached prefill to the node's
-        queued-prefill estimate and is remembered by policies that learn from routes
-        (``observe_remote``); a completion releases it (or this replica's own request when it
-        was completed through another replica).
-        """
-        share = self.share
-        if share is None or delta.replica_id == share.replica_id:
-            return
-        share.heard(delta.sent_at)
-        if not share.live():
-            return
-        share.applied_total += 1
-        if self.metrics is not None:
-            self.metrics.shared_view_staleness.observe(share.last_staleness_s)
-        if delta.completed:
-            if share.remote.complete(None, delta.request_id) is None:
-                self.tracker.complete(delta.request_id)
-            return
-        share.remote.start(delta.replica_id, delta.request_id, delta.node_id)
-        self.tracker.add_prefill(delta.node_id, delta.uncached_tokens)
-        if delta.block_hashes:
-            for name in self.policies.names:
-                observe = getattr(self.policies.get(name), "observe_remote", None)
-                if observe is not None:
-                    observe(delta.block_hashes, delta.node_id)
+        """Apply another replica's routing delta to the shared view (the transport calls it;
+        see :meth:`router_service.route_share.SharedView.apply`)."""
+        if self.share is not None:
+            self.share.apply(delta, self.tracker, self.policies, self.metrics)
 
     def complete_prefill(self, request_id: str) -> bool:
         """A disaggregated request's prefill half is done (its KV handed over): release the

@@ -72,9 +72,10 @@ class RouteDecision:
     policy: str
     """Policy that decided (``least_loaded`` when degraded)."""
     matched_blocks: int
-    """Prefix blocks the registry believes the node caches."""
+    """Prefix blocks the registry believes the node caches on its device (GPU), counted as
+    the engine reuses them (whole engine blocks, never the prompt's last token)."""
     expected_cached_tokens: int
-    """Prompt tokens expected to be served from the node's cache."""
+    """Prompt tokens expected to be served from the node's device cache (GPU hits only)."""
     reason: str
     """Why, in words an operator can read."""
     degraded: bool
@@ -101,6 +102,11 @@ class RouteDecision:
     """Why this decode node."""
     decode_candidates: tuple[Candidate, ...] = ()
     """Scores of the decode nodes considered, best first."""
+    offloaded_blocks: int = 0
+    """Blocks after ``matched_blocks`` the node holds on an offloading medium (CPU, DISK),
+    as the engine would reuse them (loaded back instead of recomputed)."""
+    expected_offloaded_tokens: int = 0
+    """``offloaded_blocks`` in tokens: not part of ``expected_cached_tokens``."""
 
     @property
     def disaggregated(self) -> bool:

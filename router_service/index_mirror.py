@@ -5,21 +5,26 @@ stored) and SNAPSHOT_END. Blocks live in the shared :class:`~kvroute.index.Prefi
 registry's own), nodes in slots of a :class:`~kvroute.index.SlotTable`, so :meth:`lookup` gives
 the same answer as ``Registry.Lookup`` at a cost that grows with the matched prefix, not with the
 nodes that hold none of it.
+Offloaded blocks (``stored_offloaded`` / ``removed_offloaded``) go to the index's lower tier;
+:meth:`lookup_tiers` adds, per node, the offloaded run after its device prefix (what
+``NodeMatch.offloaded_blocks`` holds).
 
 ("Replica" is a registry process; this is the router's mirror of an index, not a replica.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 
-from kvroute.index import BitmaskIndex, PrefixIndex, SlotTable
+from kvroute.index import OFFLOADED, BitmaskIndex, PrefixIndex, SlotTable
 from kvroute.v1 import registry_pb2
-from router_service.placement import NodeState
+from router_service.placement import DepartureHook, NodeState
 
 _KIND = registry_pb2.PlacementEvent
-_FIELDS = tuple(f.name for f in dataclasses.fields(NodeState))
+
+
+def _ignore(node_id: str) -> None:
+    pass
 
 
 class IndexMirror:
@@ -33,6 +38,8 @@ class IndexMirror:
         self._member_nodes: dict[str, list[NodeState]] = {}
         """Per model: (node, slot) of its nodes, in arrival order; rebuilt when membership
         changes (a status update changes the NodeState in place)."""
+        self.departed: DepartureHook = _ignore
+        """Called with the id of each node removed (NODE_REMOVED)."""
         self.block_size = 0
         self.complete = False
         """True once the initial snapshot ended (SNAPSHOT_END)."""
@@ -48,6 +55,8 @@ class IndexMirror:
             self.remove(ev.node_id)
         elif kind == _KIND.BLOCKS:
             self.apply_blocks(ev.node_id, ev.stored, ev.removed, ev.cleared)
+            if ev.stored_offloaded or ev.removed_offloaded:
+                self.apply_offloaded(ev.node_id, ev.stored_offloaded, ev.removed_offloaded)
         elif kind == _KIND.SNAPSHOT_END:
             self.complete = True
 
@@ -55,8 +64,7 @@ class IndexMirror:
         """Add a node or refresh its record and usage (in place: lookups see it at once)."""
         old = self.nodes.get(node.node_id)
         if old is not None and old.model == node.model:
-            for f in _FIELDS:
-                setattr(old, f, getattr(node, f))
+            old.update_from(node)
             return
         if old is not None:  # the node now serves another model: its blocks stay its own
             self._forget_model(old.model)
@@ -73,6 +81,7 @@ class IndexMirror:
             self._index.drop_node(slot)
         if node is not None:
             self._forget_model(node.model)
+            self.departed(node_id)
 
     def apply_blocks(self, node_id: str, stored: Iterable[int], removed: Iterable[int],
                      cleared: bool) -> None:
@@ -88,10 +97,19 @@ class IndexMirror:
         self._index.remove(slot, removed)
         self._index.add(slot, stored)
 
-    def blocks_of(self, node_id: str) -> int:
-        """Blocks held for a node."""
+    def apply_offloaded(self, node_id: str, stored: Iterable[int], removed: Iterable[int],
+                        ) -> None:
+        """Offloaded-tier changes of a node: ``removed`` first, then ``stored``."""
         slot = self._slots.slot(node_id)
-        return 0 if slot is None else self._index.count(slot)
+        if slot is None:
+            return
+        self._index.remove(slot, removed, OFFLOADED)
+        self._index.add(slot, stored, OFFLOADED)
+
+    def blocks_of(self, node_id: str, tier: int = 0) -> int:
+        """Blocks held for a node in ``tier`` (default: the device tier)."""
+        slot = self._slots.slot(node_id)
+        return 0 if slot is None else self._index.count(slot, tier)
 
     def _forget_model(self, model: str) -> None:
         self._members.pop(model, None)
@@ -118,6 +136,36 @@ class IndexMirror:
             return [(n, 0) for n, _ in members]
         get = matched.get
         return [(n, get(s, 0)) for n, s in members]
+
+    def lookup_tiers(self, block_hashes: Sequence[int], model: str,
+                     ) -> tuple[list[tuple[NodeState, int]], dict[str, int]]:
+        """:meth:`lookup`, plus node id -> offloaded blocks continuing its device prefix
+        (nodes without any omitted; no extra cost while no node has offloaded blocks)."""
+        if not self._index.has_lower_tier():
+            return self.lookup(block_hashes, model), {}
+        members = self._of_model(model)
+        if not members or not len(block_hashes):
+            return [(n, 0) for n, _ in members], {}
+        tiers = self._index.tiered_prefix(block_hashes, self._slots.model_mask(model))
+        none = (0, 0)
+        pairs: list[tuple[NodeState, int]] = []
+        off: dict[str, int] = {}
+        for n, s in members:
+            dev, low = tiers.get(s, none)
+            pairs.append((n, dev))
+            if low:
+                off[n.node_id] = low
+        return pairs, off
+
+    def offloaded_matches(self, block_hashes: Sequence[int], model: str) -> dict[str, int]:
+        """Only the nodes of ``model`` with offloaded blocks continuing their device prefix:
+        node id -> those blocks (cost grows with the match, as :meth:`matches`)."""
+        mask = self._slots.model_mask(model)
+        if not mask or not len(block_hashes) or not self._index.has_lower_tier():
+            return {}
+        node_at = self._slots.node_at
+        return {node_at(s) or "": low
+                for s, (_, low) in self._index.tiered_prefix(block_hashes, mask).items() if low}
 
     def members(self, model: str) -> list[NodeState]:
         """Nodes of ``model`` (a cached list; do not modify)."""

@@ -16,9 +16,10 @@ nothing here does I/O, so the bench runs the same code.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+from router_service.inflight import InflightTable
 
 
 @dataclass(slots=True)
@@ -36,11 +37,9 @@ class LoadTracker:
         if inflight_timeout_s <= 0 or prefill_tokens_per_s <= 0 or max_tracked < 1:
             raise ValueError("inflight_timeout_s, prefill_tokens_per_s and max_tracked must be > 0")
         self._clock = clock
-        self._timeout = inflight_timeout_s
         self._rate = prefill_tokens_per_s
-        self._max = max_tracked
-        self._requests: OrderedDict[str, _Inflight] = OrderedDict()
-        self._count: dict[str, int] = {}
+        self._requests: InflightTable[str, _Inflight] = InflightTable(inflight_timeout_s,
+                                                                      max_tracked)
         self._pending: dict[str, tuple[float, float]] = {}  # node -> (tokens, as of time)
         self._deadlines: list[tuple[float, float, str]] = []  # (expires, started, request id)
         self._rates: dict[str, float] = {}  # node -> calibrated prefill tokens/s (issue 19)
@@ -58,16 +57,11 @@ class LoadTracker:
         """
         now = self._clock()
         self.expire(now)
-        if request_id in self._requests:
-            self._release(request_id)
-        while len(self._requests) >= self._max:
-            oldest = next(iter(self._requests))
-            self._release(oldest)
-            self.expired_total += 1
-        self._requests[request_id] = _Inflight(node_id, now, predicted_cached_tokens)
-        if deadline_s is not None and 0 <= deadline_s < self._timeout:
+        evicted = self._requests.add(request_id,
+                                     _Inflight(node_id, now, predicted_cached_tokens))
+        self.expired_total += len(evicted)
+        if deadline_s is not None and 0 <= deadline_s < self._requests.timeout_s:
             heapq.heappush(self._deadlines, (now + deadline_s, now, request_id))
-        self._count[node_id] = self._count.get(node_id, 0) + 1
         if uncached_tokens > 0:
             self._pending[node_id] = (self.pending_prefill(node_id, now) + uncached_tokens, now)
 
@@ -99,53 +93,37 @@ class LoadTracker:
     def complete(self, request_id: str) -> str | None:
         """Release a request; returns its node id, or None if it was not in flight."""
         self.expire()
-        if request_id not in self._requests:
-            return None
-        return self._release(request_id)
-
-    def _release(self, request_id: str) -> str:
-        rec = self._requests.pop(request_id)
-        left = self._count.get(rec.node_id, 0) - 1
-        if left > 0:
-            self._count[rec.node_id] = left
-        else:
-            self._count.pop(rec.node_id, None)
-        return rec.node_id
+        rec = self._requests.release(request_id)
+        return None if rec is None else rec.node_id
 
     def expire(self, now: float | None = None) -> int:
         """Release requests older than the timeout; returns how many (also counted)."""
         now = self._clock() if now is None else now
-        limit = now - self._timeout
         n = 0
         dl = self._deadlines
         while dl and dl[0][0] <= now:
             _, started, rid = heapq.heappop(dl)
             rec = self._requests.get(rid)
             if rec is not None and rec.started == started:  # not completed nor re-routed
-                self._release(rid)
+                self._requests.release(rid)
                 n += 1
-        while self._requests:
-            rid, rec = next(iter(self._requests.items()))
-            if rec.started > limit:
-                break
-            self._release(rid)
-            n += 1
+        n += len(self._requests.expire(now))
         self.expired_total += n
         return n
 
     # -- views ----------------------------------------------------------------------------
     def inflight(self, node_id: str) -> int:
         """Requests in flight on ``node_id``."""
-        return self._count.get(node_id, 0)
+        return self._requests.count(node_id)
 
     def counts(self) -> Mapping[str, int]:
         """Requests in flight per node with any (a live read-only view; no expiry sweep)."""
-        return self._count
+        return self._requests.counts()
 
     def inflight_by_node(self) -> dict[str, int]:
         """Requests in flight per node (nodes with none omitted)."""
         self.expire()
-        return dict(self._count)
+        return dict(self._requests.counts())
 
     @property
     def total_inflight(self) -> int:

@@ -23,6 +23,11 @@ class RouterMetrics:
             "kvroute_router_predicted_cached_tokens_total",
             "Sum of expected_cached_tokens over decisions (the registry's belief)",
             registry=registry)
+        self.predicted_offloaded_tokens = Counter(
+            "kvroute_router_predicted_offloaded_tokens_total",
+            "Sum of expected_offloaded_tokens over decisions: prompt tokens the chosen node "
+            "holds on an offloading medium (CPU/disk) beyond its GPU prefix",
+            registry=registry)
         self.reported_cached_tokens = Counter(
             "kvroute_router_reported_cached_tokens_total",
             "Sum of cached_tokens the engines reported through Complete", registry=registry)
@@ -39,7 +44,7 @@ class RouterMetrics:
             "policy)", buckets=LATENCY_BUCKETS, registry=registry)
         self.lookup_latency = Histogram(
             "kvroute_router_lookup_latency_seconds",
-            "Time of one placement lookup (local replica or registry stream)", ["mode"],
+            "Time of one placement lookup (local index mirror or registry stream)", ["mode"],
             buckets=LATENCY_BUCKETS, registry=registry)
         self.inflight_expired = Counter(
             "kvroute_router_inflight_expired_total",
@@ -49,7 +54,7 @@ class RouterMetrics:
             ["result"], registry=registry)
         self.replica_event_lag = Histogram(
             "kvroute_router_replica_event_lag_seconds",
-            "Delay between the registry sending a placement event and the replica applying it",
+            "Delay between the registry sending a placement event and the index mirror applying it",
             buckets=LATENCY_BUCKETS, registry=registry)
         self.staleness = Gauge(
             "kvroute_router_registry_staleness_seconds",

@@ -1,6 +1,6 @@
 """What the router knows about nodes and placement, and the interface of its registry link.
 
-Two implementations, one per file: :mod:`.replica_source` (a local mirror of the index fed by
+Two implementations, one per file: :mod:`.mirror_source` (a local mirror of the index fed by
 ``Registry.WatchPlacement``) and :mod:`.stream_source` (one persistent ``Registry.LookupStream``).
 Both keep the last known nodes so the router can degrade to least_loaded when the registry is
 unreachable.
@@ -8,8 +8,9 @@ unreachable.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvroute.v1 import registry_pb2
@@ -56,6 +57,12 @@ class NodeState:
                    m.engine_lookahead_tokens, int(m.index_state), m.role or "both",
                    prefill_tokens_per_s=m.prefill_tokens_per_s)
 
+    def update_from(self, other: NodeState) -> None:
+        """Take every field of ``other`` (a fresher record of the same node), in place, so
+        lists holding this object see the new values at once."""
+        for f in _FIELDS:
+            setattr(self, f, getattr(other, f))
+
     def reusable_blocks(self, matched: int, block_size: int, prompt_tokens: int) -> int:
         """Registry blocks of a matched prefix this node's engine actually reuses.
 
@@ -71,22 +78,49 @@ class NodeState:
         tokens = min(matched * block_size, max(0, limit))
         return (tokens // ebs * ebs) // block_size
 
+    def reusable_tiers(self, matched: int, offloaded: int, block_size: int,
+                       prompt_tokens: int) -> tuple[int, int]:
+        """(device blocks, offloaded blocks after them) the engine reuses, with the rules of
+        :meth:`reusable_blocks` applied to the whole run: the offloaded part is what the
+        engine reuses beyond its device hit (whole engine blocks, never the last token)."""
+        dev = self.reusable_blocks(matched, block_size, prompt_tokens)
+        if not offloaded:
+            return dev, 0
+        return dev, self.reusable_blocks(matched + offloaded, block_size, prompt_tokens) - dev
+
+    @property
+    def index_complete(self) -> bool:
+        """False when the node's agent reports its index partial or empty for lack of events
+        (registry.proto IndexState 2/3): a missing prefix there may not be a miss."""
+        return self.index_state in (0, 1)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(NodeState))
+
+
+DepartureHook = Callable[[str], None]
+"""Called with a node id when the node leaves the registry (lease expired, deregistered)."""
+
 
 @dataclass(slots=True)
 class Placement:
     """Answer of a lookup: every node serving the model with its matched prefix length."""
 
     nodes: list[tuple[NodeState, int]]
-    """(node, matched blocks) for each node of the model, healthy or not."""
+    """(node, matched blocks) for each node of the model, healthy or not: the device-tier
+    (GPU) prefix."""
     block_size: int
     """The registry's block size (0 = not known yet)."""
+    offloaded: dict[str, int] = field(default_factory=dict)
+    """Node id -> blocks after its device prefix held on an offloading medium (the lower
+    tier); nodes without any omitted."""
 
 
 class PlacementSource(Protocol):
     """The router's link to the registry."""
 
     mode: str
-    """``replica`` or ``stream``."""
+    """``mirror`` or ``stream``."""
 
     local: bool
     """True when lookups answer from memory: :meth:`lookup_local` may be called (no await)."""
@@ -127,4 +161,9 @@ class PlacementSource(Protocol):
 
     def nodes_known(self) -> int:
         """How many nodes are known (safe to call from the metrics thread)."""
+        ...
+
+    def on_departure(self, hook: DepartureHook) -> None:
+        """Call ``hook(node_id)`` whenever a known node leaves the registry (the core drops
+        what it estimated about the node, such as its queued prefill)."""
         ...

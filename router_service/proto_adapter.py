@@ -50,11 +50,13 @@ def to_route_response(d: RouteDecision) -> router_pb2.RouteResponse:
         block_size=d.block_size,
         candidates=[router_pb2.Candidate(node_id=c.node_id, score=c.score,
                                          matched_blocks=c.matched_blocks, load=c.load,
-                                         excluded=c.excluded)
+                                         excluded=c.excluded,
+                                         offloaded_blocks=c.offloaded_blocks)
                     for c in d.candidates[:_MAX_CANDIDATES]],
         decode_node_id=d.decode_node_id, decode_address=d.decode_address,
         decode_matched_blocks=d.decode_matched_blocks, transfer_blocks=d.transfer_blocks,
-        decode_reason=d.decode_reason)
+        decode_reason=d.decode_reason, offloaded_blocks=d.offloaded_blocks,
+        expected_offloaded_tokens=d.expected_offloaded_tokens)
 
 
 def complete(core: RouterCore, req: router_pb2.CompleteRequest) -> router_pb2.CompleteResponse:

@@ -1,4 +1,4 @@
-"""Reconnect and retry helpers (tenacity, exponential back-off with full jitter)."""
+"""The registry links' retry policies (on :func:`kvroute.retry.retrying`) and failure logging."""
 
 from __future__ import annotations
 
@@ -7,16 +7,10 @@ import time
 from collections.abc import Callable
 
 import grpc
-from tenacity import (
-    AsyncRetrying,
-    before_sleep_log,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_never,
-    wait_random_exponential,
-)
+from tenacity import AsyncRetrying, before_sleep_log
 
 from kvroute.grpcutil import reconnect_options
+from kvroute.retry import retrying
 
 __all__ = ["LinkNeverUp", "call_retrying", "reconnect_options", "reconnect_retrying"]
 
@@ -29,19 +23,14 @@ class LinkNeverUp(Exception):
 
 def reconnect_retrying(max_wait_s: float) -> AsyncRetrying:
     """Retry forever on connection failures, waiting 0..min(max, 0.05 * 2**n) s (jittered)."""
-    return AsyncRetrying(
-        wait=wait_random_exponential(multiplier=0.05, max=max_wait_s),
-        before_sleep=before_sleep_log(log, logging.DEBUG),
-        retry=retry_if_exception_type((grpc.aio.AioRpcError, LinkNeverUp, OSError)),
-        stop=stop_never, reraise=True)
+    return retrying((grpc.aio.AioRpcError, LinkNeverUp, OSError), first_s=0.05,
+                    max_s=max_wait_s, before_sleep=before_sleep_log(log, logging.DEBUG))
 
 
 def call_retrying(attempts: int = 3, max_wait_s: float = 0.2) -> AsyncRetrying:
     """A few jittered retries of a unary call on UNAVAILABLE-type failures."""
-    return AsyncRetrying(
-        wait=wait_random_exponential(multiplier=0.02, max=max_wait_s),
-        retry=retry_if_exception_type((grpc.aio.AioRpcError, OSError)),
-        stop=stop_after_attempt(attempts), reraise=True)
+    return retrying((grpc.aio.AioRpcError, OSError), first_s=0.02, max_s=max_wait_s,
+                    attempts=attempts)
 
 
 class LinkLog:

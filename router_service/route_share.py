@@ -22,9 +22,13 @@ drops the remote part and decides on its own counts; decisions then say so in ``
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from router_service.inflight import InflightTable
+from router_service.load import LoadTracker
+from router_service.metrics import RouterMetrics
+from router_service.policies.factory import PolicySet
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +55,8 @@ class RouteDelta:
 @dataclass(slots=True)
 class _Remote:
     node_id: str
-    seen: float
+    started: float
+    """When this replica heard of it."""
 
 
 class RemoteLoad:
@@ -60,11 +65,9 @@ class RemoteLoad:
     def __init__(self, clock: Callable[[], float], inflight_timeout_s: float = 300.0,
                  max_tracked: int = 1_000_000) -> None:
         self._clock = clock
-        self._timeout = inflight_timeout_s
-        self._max = max_tracked
-        self._requests: OrderedDict[tuple[str, str], _Remote] = OrderedDict()
+        self._requests: InflightTable[tuple[str, str], _Remote] = InflightTable(
+            inflight_timeout_s, max_tracked)
         self._by_id: dict[str, tuple[str, str]] = {}
-        self._count: dict[str, int] = {}
         self.expired_total = 0
 
     def start(self, replica_id: str, request_id: str, node_id: str) -> None:
@@ -72,50 +75,36 @@ class RemoteLoad:
         now = self._clock()
         self.expire(now)
         key = (replica_id, request_id)
-        if key in self._requests:
-            self._release(key)
-        while len(self._requests) >= self._max:
-            self._release(next(iter(self._requests)))
-            self.expired_total += 1
-        self._requests[key] = _Remote(node_id, now)
+        evicted = self._requests.add(key, _Remote(node_id, now))
+        self._unindex(evicted)
+        self.expired_total += len(evicted)
         self._by_id[request_id] = key
-        self._count[node_id] = self._count.get(node_id, 0) + 1
 
     def complete(self, replica_id: str | None, request_id: str) -> str | None:
         """Release a remote request (any replica's when ``replica_id`` is None); its node."""
         key = (replica_id, request_id) if replica_id is not None else self._by_id.get(request_id)
-        if key is None or key not in self._requests:
+        rec = None if key is None else self._requests.release(key)
+        if key is None or rec is None:
             return None
-        return self._release(key)
-
-    def _release(self, key: tuple[str, str]) -> str:
-        rec = self._requests.pop(key)
-        if self._by_id.get(key[1]) == key:
-            del self._by_id[key[1]]
-        left = self._count.get(rec.node_id, 0) - 1
-        if left > 0:
-            self._count[rec.node_id] = left
-        else:
-            self._count.pop(rec.node_id, None)
+        self._unindex([key])
         return rec.node_id
+
+    def _unindex(self, keys: list[tuple[str, str]]) -> None:
+        by_id = self._by_id
+        for key in keys:
+            if by_id.get(key[1]) == key:
+                del by_id[key[1]]
 
     def expire(self, now: float | None = None) -> int:
         """Release remote requests older than the timeout (their completion was lost)."""
-        now = self._clock() if now is None else now
-        limit = now - self._timeout
-        n = 0
-        while self._requests:
-            key, rec = next(iter(self._requests.items()))
-            if rec.seen > limit:
-                break
-            self._release(key)
-            n += 1
-        self.expired_total += n
-        return n
+        keys = self._requests.expire(self._clock() if now is None else now)
+        self._unindex(keys)
+        self.expired_total += len(keys)
+        return len(keys)
 
     def inflight(self, node_id: str) -> int:
         """Other replicas' requests in flight on ``node_id``."""
-        return self._count.get(node_id, 0)
+        return self._requests.count(node_id)
 
     @property
     def total(self) -> int:
@@ -126,7 +115,6 @@ class RemoteLoad:
         """Forget every remote request (the shared view was lost)."""
         self._requests.clear()
         self._by_id.clear()
-        self._count.clear()
 
 
 class SharedView:
@@ -134,7 +122,7 @@ class SharedView:
 
     ``publish`` is the transport's send function (non-blocking). The transport calls
     :meth:`set_connected` when its link goes up or down and feeds received deltas to
-    :meth:`router_service.core.RouterCore.apply_remote`.
+    :meth:`router_service.core.RouterCore.apply_remote` (which calls :meth:`apply`).
     """
 
     def __init__(self, replica_id: str, publish: Callable[[RouteDelta], None],
@@ -202,6 +190,36 @@ class SharedView:
     def why_not(self) -> str:
         """Why the view is not live ("" when it is)."""
         return "" if self._connected else self._why
+
+    # -- incoming ----------------------------------------------------------------------------
+    def apply(self, delta: RouteDelta, tracker: LoadTracker, policies: PolicySet,
+              metrics: RouterMetrics | None = None) -> None:
+        """Apply another replica's routing delta (this replica's own echoes are ignored).
+
+        A routed request counts in flight on its node, adds its uncached prefill to the node's
+        queued-prefill estimate in ``tracker`` and is remembered by the ``policies`` that learn
+        from routes (``observe_remote``); a completion releases it (or this replica's own
+        request when it was completed through another replica).
+        """
+        if delta.replica_id == self.replica_id:
+            return
+        self.heard(delta.sent_at)
+        if not self.live():
+            return
+        self.applied_total += 1
+        if metrics is not None:
+            metrics.shared_view_staleness.observe(self.last_staleness_s)
+        if delta.completed:
+            if self.remote.complete(None, delta.request_id) is None:
+                tracker.complete(delta.request_id)
+            return
+        self.remote.start(delta.replica_id, delta.request_id, delta.node_id)
+        tracker.add_prefill(delta.node_id, delta.uncached_tokens)
+        if delta.block_hashes:
+            for name in policies.names:
+                observe = getattr(policies.get(name), "observe_remote", None)
+                if observe is not None:
+                    observe(delta.block_hashes, delta.node_id)
 
     # -- outgoing ----------------------------------------------------------------------------
     def routed(self, request_id: str, node_id: str, uncached: int, cached: int,

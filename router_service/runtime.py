@@ -22,10 +22,10 @@ from router_service.core import RouterCore
 from router_service.disagg import DisaggSettings
 from router_service.load import LoadTracker
 from router_service.metrics import RouterMetrics
+from router_service.mirror_source import MirrorSource
 from router_service.placement import PlacementSource
+from router_service.policies.factory import PolicySet
 from router_service.policies.kv_aware import KvAwareSettings
-from router_service.policies.registry import PolicySet
-from router_service.replica_source import ReplicaSource
 from router_service.route_share import SharedView
 from router_service.settings import RouterSettings
 from router_service.share_link import ShareLink
@@ -35,10 +35,10 @@ from router_service.tokenizer import load_tokenizer
 
 def build_source(s: RouterSettings, metrics: RouterMetrics | None) -> PlacementSource:
     """The registry link chosen by ``--registry-mode``."""
-    if s.registry_mode == "replica":
+    if s.registry_mode == "mirror":
         lag = metrics.replica_event_lag.observe if metrics is not None else None
-        return ReplicaSource(s.registry, s.client_tls, retry_max_s=s.registry_retry_max_s,
-                             max_staleness_s=s.replica_max_staleness_s, on_event_lag=lag)
+        return MirrorSource(s.registry, s.client_tls, retry_max_s=s.registry_retry_max_s,
+                            max_staleness_s=s.mirror_max_staleness_s, on_event_lag=lag)
     return StreamSource(s.registry, s.client_tls, lookup_timeout_s=s.lookup_timeout_s,
                         call_timeout_s=s.registry_timeout_s, retry_max_s=s.registry_retry_max_s,
                         node_cache_ttl_s=s.node_cache_ttl_s)

@@ -1,7 +1,7 @@
 """Settings of ``kvroute serve router`` (flags and ``KVROUTE_*`` variables).
 
 Policy weights and caps live in each policy's own settings class (``--kv-*`` for kv_aware,
-``--session-*`` for session, ...); see :func:`router_service.policies.registry.settings_classes`.
+``--session-*`` for session, ...); see :func:`router_service.policies.factory.settings_classes`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from kvroute.common_settings import ClientTLSSettings, ServerSettings
 from kvroute.settings import require, setting
 from kvroute.targets import parse_targets
 
-REGISTRY_MODES = ("replica", "stream")
+REGISTRY_MODES = ("mirror", "stream")
+OLD_REGISTRY_MODES = {"replica": "mirror"}
+"""Former mode names still accepted (``replica`` was the mirror's name before "replica" came to
+mean a registry or router process only)."""
 
 
 @dataclass(frozen=True)
@@ -24,9 +27,10 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
             "HOST:PORT,HOST:PORT (the router follows one and moves to the next when it fails); "
             "a DNS name resolving to several addresses (headless Service) also fails over")
     registry_mode: str = setting(
-        "replica", "How the router learns placement: 'replica' keeps a local copy of the index "
-                   "fed by Registry.WatchPlacement (no registry round trip per request); "
-                   "'stream' asks over one persistent Registry.LookupStream")
+        "mirror", "How the router learns placement: 'mirror' keeps a local mirror of the index "
+                  "fed by Registry.WatchPlacement (no registry round trip per request); "
+                  "'stream' asks over one persistent Registry.LookupStream ('replica' is "
+                  "still read as 'mirror')")
     default_policy: str = setting(
         "kv_aware", "Policy used when a request names none (round_robin, least_loaded, "
                     "session, kv_aware, random)")
@@ -65,11 +69,13 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
             "the half of this many nodes holding the longest prefix plus the half least loaded "
             "(by this router's in-flight count), so a decision's cost does not grow with the "
             "fleet; smaller fleets are scored whole. 0 = always score every node")
-    replica_max_staleness_s: float = setting(
-        30.0, "Replica mode: while the registry link is down the last index replica keeps "
+    mirror_max_staleness_s: float = setting(
+        30.0, "Mirror mode: while the registry link is down the last index mirror keeps "
               "serving cache-aware decisions (blocks cached seconds ago mostly still are; "
               "the router's own in-flight counts carry the load); once it has been down this "
-              "long the replica is no longer trusted and decisions degrade to least_loaded")
+              "long the mirror is no longer trusted and decisions degrade to least_loaded "
+              "(also read as --replica-max-staleness-s)",
+        old_names=("replica_max_staleness_s",))
 
     max_concurrent_rpcs: int = setting(
         512, "Most calls the router serves at once (Route, Complete, Stats; a RouteStream "
@@ -95,6 +101,8 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
         ServerSettings.__post_init__(self)
         require(bool(self.registry), "registry", "the registry address HOST:PORT is required")
         parse_targets(self.registry, "registry")
+        if self.registry_mode in OLD_REGISTRY_MODES:
+            object.__setattr__(self, "registry_mode", OLD_REGISTRY_MODES[self.registry_mode])
         require(self.registry_mode in REGISTRY_MODES, "registry_mode",
                 f"must be one of {', '.join(REGISTRY_MODES)}")
         require(self.block_size >= 1, "block_size", "must be >= 1")
@@ -113,5 +121,5 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
         require(len(self.router_replica_id) <= 256, "router_replica_id",
                 "must be at most 256 characters")
         for name in ("lookup_timeout_s", "registry_timeout_s", "registry_retry_max_s",
-                     "node_cache_ttl_s", "replica_max_staleness_s", "share_timeout_s"):
+                     "node_cache_ttl_s", "mirror_max_staleness_s", "share_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")

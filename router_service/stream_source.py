@@ -2,9 +2,15 @@
 
 Lookups are written to the stream with a request id and matched to replies by id; each waits at
 most ``lookup_timeout_s``. The stream reconnects with jittered back-off; while it is down lookups
-fail fast with Unavailable (the router degrades). The node list (for degraded routing and Stats)
-comes from lookup replies and from ``ListNodes``, cached for ``node_cache_ttl_s`` and fetched with
-a deadline and tenacity retries.
+fail fast with Unavailable (the router degrades). The node list (for degraded routing, Stats and
+candidate narrowing) comes from lookup replies and from ``ListNodes``, refreshed every
+``node_cache_ttl_s`` with a deadline and retries.
+
+Two kinds of lookup: :meth:`StreamSource.lookup` asks for every node of the model (the
+registry's default answer, one NodeMatch per node); :meth:`StreamSource.matches` asks with
+``matched_only`` for just the nodes holding a prefix and the model's node count, so on a large
+fleet neither the registry's answer nor this router's handling of it grows with the nodes that
+match nothing (the core narrows the candidates with the node list, as in mirror mode).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from kvroute.grpcutil import message_size_options, open_channel
 from kvroute.settings import TLSSettings
 from kvroute.targets import TargetRing
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
-from router_service.placement import NodeState, Placement
+from router_service.placement import DepartureHook, NodeState, Placement
 from router_service.retry import (
     LinkLog,
     LinkNeverUp,
@@ -49,6 +55,10 @@ _ERRORS: dict[int, type[KvrouteError]] = {
     grpc.StatusCode.FAILED_PRECONDITION.value[0]: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: ResourceExhausted,
 }
+
+
+def _ignore(node_id: str) -> None:
+    pass
 
 
 class StreamSource:
@@ -75,6 +85,10 @@ class StreamSource:
         self._connected = False
         self._last_ok = clock()
         self._nodes: dict[str, NodeState] = {}
+        self._members: dict[str, list[NodeState]] = {}
+        """Per model: its nodes in the cache; dropped whenever the cache's membership changes
+        (a reply about a known node updates its NodeState in place)."""
+        self._departed: DepartureHook = _ignore
         self._nodes_at = float("-inf")
         self._block_size = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -134,8 +148,66 @@ class StreamSource:
         """Not available: every lookup is a registry round trip (use :meth:`lookup`)."""
         raise NotImplementedError("stream mode looks placement up over the network")
 
+    def members(self, model: str) -> list[NodeState]:
+        """Nodes of ``model`` in the node cache (a cached list; do not modify)."""
+        got = self._members.get(model)
+        if got is None:
+            got = [n for n in self._nodes.values() if n.model == model]
+            self._members[model] = got
+        return got
+
+    def node(self, node_id: str) -> NodeState | None:
+        """A node of the cache by id."""
+        return self._nodes.get(node_id)
+
+    def on_departure(self, hook: DepartureHook) -> None:
+        """Call ``hook(node_id)`` for each cached node that leaves: missing from a ListNodes
+        refresh, or from a lookup answer listing every node of its model."""
+        self._departed = hook
+
+    def _absorb(self, m: registry_pb2.NodeMatch, model: str) -> NodeState:
+        """A reply's fresh state of a node into the cache (in place when known)."""
+        st = NodeState.from_match(m, model)
+        old = self._nodes.get(st.node_id)
+        if old is not None and old.model == model:
+            old.update_from(st)
+            return old
+        self._nodes[st.node_id] = st
+        self._members.clear()
+        return st
+
+    def _drop(self, node_id: str) -> None:
+        if self._nodes.pop(node_id, None) is not None:
+            self._members.clear()
+            self._departed(node_id)
+
     async def lookup(self, block_hashes: Sequence[int], model: str) -> Placement:
-        """Ask the registry over the stream; Unavailable when it cannot answer in time."""
+        """Every node of ``model`` with its match; Unavailable when the registry cannot answer
+        in time."""
+        resp = await self._ask(block_hashes, model, matched_only=False)
+        nodes = [(self._absorb(m, model), m.matched_blocks) for m in resp.nodes]
+        listed = {n.node_id for n, _ in nodes}
+        for n in [n for n in self.members(model) if n.node_id not in listed]:
+            self._drop(n.node_id)  # the answer lists every node of the model: this one left
+        offloaded = {m.node_id: m.offloaded_blocks for m in resp.nodes if m.offloaded_blocks}
+        return Placement(nodes, resp.block_size, offloaded)
+
+    async def matches(self, block_hashes: Sequence[int], model: str,
+                      ) -> tuple[dict[str, int], int, dict[str, int]]:
+        """Only the nodes of ``model`` holding a prefix on some tier (node id -> matched
+        device blocks; their state refreshed in the cache), how many nodes the model has in
+        the registry, and node id -> offloaded blocks continuing the device prefix."""
+        resp = await self._ask(block_hashes, model, matched_only=True)
+        out = {self._absorb(m, model).node_id: m.matched_blocks
+               for m in resp.nodes if m.matched_blocks or m.offloaded_blocks}
+        offloaded = {m.node_id: m.offloaded_blocks for m in resp.nodes if m.offloaded_blocks}
+        total = resp.model_nodes
+        if not total and resp.nodes:  # a registry older than matched_only listed them all
+            total = len(resp.nodes)
+        return out, total, offloaded
+
+    async def _ask(self, block_hashes: Sequence[int], model: str, *, matched_only: bool,
+                   ) -> registry_pb2.LookupResponse:
         if not self._connected:
             raise Unavailable("registry lookup stream is down")
         rid = str(next(self._ids))
@@ -145,7 +217,8 @@ class StreamSource:
         # every node of the model, healthy or not (the Placement contract): the router tells
         # "served, but no healthy node" (UNAVAILABLE) from "not served" (NOT_FOUND)
         self._queue.put_nowait(registry_pb2.LookupRequest(
-            block_hashes=block_hashes, model=model, request_id=rid, include_unhealthy=True))
+            block_hashes=block_hashes, model=model, request_id=rid, include_unhealthy=True,
+            matched_only=matched_only))
         try:
             async with asyncio.timeout(self._lookup_timeout_s):
                 resp = await fut
@@ -157,12 +230,7 @@ class StreamSource:
             cls = _ERRORS.get(resp.error.code, Unavailable)
             raise cls(f"registry: {resp.error.message}")
         self._block_size = resp.block_size or self._block_size
-        nodes: list[tuple[NodeState, int]] = []
-        for m in resp.nodes:
-            st = NodeState.from_match(m, model)
-            self._nodes[st.node_id] = st
-            nodes.append((st, m.matched_blocks))
-        return Placement(nodes, resp.block_size)
+        return resp
 
     # -- background -----------------------------------------------------------------------
     async def _writer(self, call: Any, queue: asyncio.Queue[registry_pb2.LookupRequest]) -> None:
@@ -246,6 +314,11 @@ class StreamSource:
             with attempt:
                 resp = await stub.ListNodes(registry_pb2.ListNodesRequest(),
                                             timeout=self._call_timeout_s)
-        self._nodes = {n.node_id: NodeState.from_info(n) for n in resp.nodes}
+        fresh = {n.node_id: NodeState.from_info(n) for n in resp.nodes}
+        gone = self._nodes.keys() - fresh.keys()
+        self._nodes = fresh
+        self._members.clear()
+        for node_id in gone:
+            self._departed(node_id)
         self._block_size = resp.block_size or self._block_size
         self._nodes_at = self._last_ok = self._clock()

@@ -51,6 +51,16 @@ class Recording:
         return [f for f, i in zip(self.live, self.incarnation, strict=True) if i == incarnation]
 
 
+def engine_tiers(probe: dict[str, Any]) -> tuple[int, int]:
+    """(GPU tokens, offloaded tokens after them) the engine's own cache code reuses for a probe:
+    its device prefix hit, then what its offloading media (``engine_hit_tokens_<MEDIUM>``, each a
+    prefix hit of that medium's pool) hold beyond it."""
+    gpu = int(probe["engine_hit_tokens"])
+    lower = max((int(v) for k, v in probe.items() if k.startswith("engine_hit_tokens_")),
+                default=0)
+    return gpu, max(0, lower - gpu)
+
+
 def load(engine: str, scenario: str) -> Recording:
     """A recording and its provenance."""
     d = msgspec.msgpack.decode((GOLDEN / engine / f"{scenario}.msgpack").read_bytes())

@@ -34,7 +34,7 @@ from router_service.core import RouterCore
 from router_service.disagg import DisaggSettings
 from router_service.domain import RouteRequest
 from router_service.policies.base import Policy
-from router_service.policies.registry import PolicySet
+from router_service.policies.factory import PolicySet
 from router_service.settings import RouterSettings
 from router_service.tokenizer import load_tokenizer
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from router_service.placement import NodeState, Placement
+from router_service.placement import DepartureHook, NodeState, Placement
 
 
 class SimNode(Protocol):
@@ -90,3 +90,6 @@ class SimPlacementSource:
     def nodes_known(self) -> int:
         """How many simulated nodes."""
         return len(self._states)
+
+    def on_departure(self, hook: DepartureHook) -> None:
+        """Simulated nodes never leave."""

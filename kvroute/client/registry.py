@@ -12,6 +12,12 @@ from kvroute.client.types import Node
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 
 
+def _lookup_request(block_hashes: Sequence[int], model: str,
+                    matched_only: bool) -> registry_pb2.LookupRequest:
+    return registry_pb2.LookupRequest(block_hashes=list(block_hashes), model=model,
+                                      matched_only=matched_only)
+
+
 class RegistryClient:
     """Blocking Registry client; errors raise :mod:`kvroute.errors` types."""
 
@@ -24,10 +30,13 @@ class RegistryClient:
         return [Node.from_pb(n) for n in resp.nodes]
 
     def lookup(self, block_hashes: Sequence[int], model: str = "",
-               timeout_s: float | None = None) -> dict[str, int]:
-        """Matched prefix length in blocks per node of ``model`` (healthy nodes)."""
-        resp = self._c.call("Lookup", registry_pb2.LookupRequest(
-            block_hashes=list(block_hashes), model=model), timeout_s)
+               timeout_s: float | None = None, *, matched_only: bool = False,
+               ) -> dict[str, int]:
+        """Matched prefix length in blocks per healthy node of ``model`` (0 for nodes holding
+        none of it); ``matched_only``: only the nodes holding a prefix (the answer then does
+        not grow with the fleet)."""
+        resp = self._c.call("Lookup", _lookup_request(block_hashes, model, matched_only),
+                            timeout_s)
         return {n.node_id: n.matched_blocks for n in resp.nodes}
 
     def close(self) -> None:
@@ -55,10 +64,11 @@ class AsyncRegistryClient:
         return [Node.from_pb(n) for n in resp.nodes]
 
     async def lookup(self, block_hashes: Sequence[int], model: str = "",
-                     timeout_s: float | None = None) -> dict[str, int]:
-        """Matched prefix length in blocks per node of ``model`` (healthy nodes)."""
-        resp = await self._c.call("Lookup", registry_pb2.LookupRequest(
-            block_hashes=list(block_hashes), model=model), timeout_s)
+                     timeout_s: float | None = None, *, matched_only: bool = False,
+                     ) -> dict[str, int]:
+        """See :meth:`RegistryClient.lookup`."""
+        resp = await self._c.call("Lookup", _lookup_request(block_hashes, model, matched_only),
+                                  timeout_s)
         return {n.node_id: n.matched_blocks for n in resp.nodes}
 
     async def close(self) -> None:

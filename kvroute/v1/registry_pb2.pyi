@@ -268,7 +268,9 @@ class HeartbeatRequest(_message.Message):
         """Canonical hashes now held on an offloading medium (vLLM/SGLang `medium` CPU, CPU_PINNED,
         DISK...: a lower tier the engine can load back faster than recomputing), since the last
         heartbeat. Same delta_seq and acknowledgement as `stored`; `cleared` clears this tier too.
-        Registries of this version validate them but do not index them yet (see node_agent/README).
+        The registry indexes them as the node's lower tier (NodeMatch.offloaded_blocks); a block
+        may be in both tiers (offloading copies it), and `removed` / `removed_offloaded` each
+        remove one tier only, so a block evicted from the GPU but kept on CPU moves tiers.
         """
 
     @_builtins.property
@@ -478,12 +480,21 @@ class LookupRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     INCLUDE_UNHEALTHY_FIELD_NUMBER: _builtins.int
+    MATCHED_ONLY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model of the request; only nodes serving it are returned."""
     request_id: _builtins.str
     """Caller's correlation id, echoed in the reply (needed on LookupStream)."""
     include_unhealthy: _builtins.bool
     """Also return nodes whose lease is alive but that are marked unhealthy or draining."""
+    matched_only: _builtins.bool
+    """Return only the nodes holding a prefix of the request (matched_blocks > 0, or
+    offloaded_blocks > 0 for a prefix held on the offloaded tier), longest match (GPU plus
+    offloaded blocks) first, instead of every node of the model; LookupResponse.model_nodes still counts them
+    all. The answer (and its cost) then grows with the nodes that match, not with the fleet.
+    For callers that know the fleet from elsewhere (ListNodes, WatchNodes), such as the
+    router's stream mode on fleets larger than its --max-candidates. Default false: every node.
+    """
     @_builtins.property
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Canonical block hashes of the request's prompt, in order (block 0 first)."""
@@ -495,10 +506,11 @@ class LookupRequest(_message.Message):
         model: _builtins.str = ...,
         request_id: _builtins.str = ...,
         include_unhealthy: _builtins.bool = ...,
+        matched_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "include_unhealthy", b"include_unhealthy", "model", b"model", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "include_unhealthy", b"include_unhealthy", "matched_only", b"matched_only", "model", b"model", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -527,6 +539,8 @@ class NodeMatch(_message.Message):
     INDEX_NOTE_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    OFFLOADED_BLOCKS_FIELD_NUMBER: _builtins.int
+    OFFLOADED_BLOCKS_INDEXED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
     address: _builtins.str
@@ -565,6 +579,15 @@ class NodeMatch(_message.Message):
     """-- issue 19 --------------------------------------------------------------------------------
     Prefill throughput measured from the engine's metrics, tokens/s (0 = not measured yet).
     """
+    offloaded_blocks: _builtins.int
+    """-- issue 17 (offloaded tier) ---------------------------------------------------------------
+    Blocks right after the device prefix (blocks matched_blocks .. matched_blocks +
+    offloaded_blocks - 1 of the request) that the node holds on an offloading medium (CPU,
+    CPU_PINNED, DISK): the engine loads them back instead of recomputing, slower than a GPU hit.
+    The run ends at the first block the offloaded tier lacks.
+    """
+    offloaded_blocks_indexed: _builtins.int
+    """Offloaded (lower-tier) blocks indexed for the node."""
     def __init__(
         self,
         *,
@@ -585,10 +608,12 @@ class NodeMatch(_message.Message):
         index_note: _builtins.str = ...,
         role: _builtins.str = ...,
         prefill_tokens_per_s: _builtins.float = ...,
+        offloaded_blocks: _builtins.int = ...,
+        offloaded_blocks_indexed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "eviction_rate", b"eviction_rate", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "offloaded_blocks", b"offloaded_blocks", "offloaded_blocks_indexed", b"offloaded_blocks_indexed", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -604,13 +629,21 @@ class LookupResponse(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    MODEL_NODES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request_id of the LookupRequest."""
     block_size: _builtins.int
     """Tokens per block of the registry, so callers can turn blocks into tokens."""
+    model_nodes: _builtins.int
+    """Nodes of the model this replica knows, healthy or not (every model's when the request names
+    none), whether or not ``nodes`` lists them all: with matched_only, 0 means "no node serves
+    the model" and a count that differs from the caller's node list says that list is stale.
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeMatch]:
-        """One entry per node serving the model (nodes with zero overlap included)."""
+        """One entry per node serving the model (nodes with zero overlap included), or only the
+        nodes holding a prefix when the request set matched_only.
+        """
 
     @_builtins.property
     def error(self) -> Global___ErrorStatus:
@@ -623,10 +656,11 @@ class LookupResponse(_message.Message):
         nodes: _abc.Iterable[Global___NodeMatch] | None = ...,
         block_size: _builtins.int = ...,
         error: Global___ErrorStatus | None = ...,
+        model_nodes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "error", b"error", "nodes", b"nodes", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "error", b"error", "model_nodes", b"model_nodes", "nodes", b"nodes", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -729,6 +763,7 @@ class NodeInfo(_message.Message):
     INDEX_NOTE_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    OFFLOADED_BLOCKS_INDEXED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
     address: _builtins.str
@@ -777,6 +812,10 @@ class NodeInfo(_message.Message):
     """-- issue 19 --------------------------------------------------------------------------------
     Prefill throughput measured from the engine's metrics, tokens/s (0 = not measured yet).
     """
+    offloaded_blocks_indexed: _builtins.int
+    """-- issue 17 --------------------------------------------------------------------------------
+    Blocks indexed on the node's offloaded (lower) tier; blocks_indexed counts the device tier.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels given at registration."""
@@ -807,10 +846,11 @@ class NodeInfo(_message.Message):
         index_note: _builtins.str = ...,
         role: _builtins.str = ...,
         prefill_tokens_per_s: _builtins.float = ...,
+        offloaded_blocks_indexed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "capacity_blocks", b"capacity_blocks", "engine_block_size", b"engine_block_size", "engine_lookahead_tokens", b"engine_lookahead_tokens", "epoch", b"epoch", "eviction_rate", b"eviction_rate", "evictions_total", b"evictions_total", "healthy", b"healthy", "index_note", b"index_note", "index_state", b"index_state", "labels", b"labels", "last_heartbeat_unix_ms", b"last_heartbeat_unix_ms", "lease_remaining_s", b"lease_remaining_s", "model", b"model", "node_id", b"node_id", "offloaded_blocks_indexed", b"offloaded_blocks_indexed", "prefill_tokens_per_s", b"prefill_tokens_per_s", "queue_depth", b"queue_depth", "role", b"role", "running", b"running", "usage", b"usage", "used_blocks", b"used_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1000,6 +1040,8 @@ class PlacementEvent(_message.Message):
     CLEARED_FIELD_NUMBER: _builtins.int
     SENT_UNIX_MS_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    STORED_OFFLOADED_FIELD_NUMBER: _builtins.int
+    REMOVED_OFFLOADED_FIELD_NUMBER: _builtins.int
     kind: Global___PlacementEvent.Kind.ValueType
     """Kind of event."""
     node_id: _builtins.str
@@ -1022,6 +1064,19 @@ class PlacementEvent(_message.Message):
     def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Blocks no longer cached on the node (BLOCKS)."""
 
+    @_builtins.property
+    def stored_offloaded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """-- issue 17 --------------------------------------------------------------------------------
+        Blocks now held on the node's offloaded (lower) tier (BLOCKS; applied after `stored`;
+        `cleared` clears this tier too).
+        """
+
+    @_builtins.property
+    def removed_offloaded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Blocks no longer held on the node's offloaded tier (BLOCKS; applied before
+        `stored_offloaded`).
+        """
+
     def __init__(
         self,
         *,
@@ -1033,10 +1088,12 @@ class PlacementEvent(_message.Message):
         cleared: _builtins.bool = ...,
         sent_unix_ms: _builtins.int = ...,
         block_size: _builtins.int = ...,
+        stored_offloaded: _abc.Iterable[_builtins.int] | None = ...,
+        removed_offloaded: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "cleared", b"cleared", "kind", b"kind", "node", b"node", "node_id", b"node_id", "removed", b"removed", "sent_unix_ms", b"sent_unix_ms", "stored", b"stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "cleared", b"cleared", "kind", b"kind", "node", b"node", "node_id", b"node_id", "removed", b"removed", "removed_offloaded", b"removed_offloaded", "sent_unix_ms", b"sent_unix_ms", "stored", b"stored", "stored_offloaded", b"stored_offloaded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvroute/v1/router.proto\x12\nkvroute.v1\"\x93\x03\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x17\n\nsession_id\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06policy\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x14\n\x0c\x62lock_hashes\x18\x07 \x03(\x04\x12\x19\n\x11num_prompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11max_output_tokens\x18\t \x01(\r\x12\x11\n\tlora_name\x18\n \x01(\t\x12\x12\n\ncache_salt\x18\x0b \x01(\t\x12\x17\n\ndeadline_s\x18\x0c \x01(\x01H\x02\x88\x01\x01\x12\x1a\n\rdisaggregated\x18( \x01(\x08H\x03\x88\x01\x01\x12\x1a\n\rdecode_policy\x18) \x01(\tH\x04\x88\x01\x01\x42\r\n\x0b_session_idB\t\n\x07_policyB\r\n\x0b_deadline_sB\x10\n\x0e_disaggregatedB\x10\n\x0e_decode_policy\"c\n\tCandidate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x16\n\x0ematched_blocks\x18\x03 \x01(\r\x12\x0c\n\x04load\x18\x04 \x01(\r\x12\x10\n\x08\x65xcluded\x18\x05 \x01(\t\"+\n\nRouteError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xab\x03\n\rRouteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x16\n\x0ematched_blocks\x18\x05 \x01(\r\x12\x1e\n\x16\x65xpected_cached_tokens\x18\x06 \x01(\r\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12)\n\ncandidates\x18\x0b \x03(\x0b\x32\x15.kvroute.v1.Candidate\x12%\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x16.kvroute.v1.RouteError\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18( \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_address\x18) \x01(\t\x12\x1d\n\x15\x64\x65\x63ode_matched_blocks\x18* \x01(\r\x12\x17\n\x0ftransfer_blocks\x18+ \x01(\r\x12\x15\n\rdecode_reason\x18, \x01(\t\"d\n\x0f\x43ompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x1a\n\rcached_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_cached_tokens\"$\n\x10\x43ompleteResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x88\x04\n\rStatsResponse\x12M\n\x13\x64\x65\x63isions_by_policy\x18\x01 \x03(\x0b\x32\x30.kvroute.v1.StatsResponse.DecisionsByPolicyEntry\x12\x1a\n\x12\x64\x65graded_decisions\x18\x02 \x01(\x04\x12G\n\x10inflight_by_node\x18\x03 \x03(\x0b\x32-.kvroute.v1.StatsResponse.InflightByNodeEntry\x12\x13\n\x0bnodes_known\x18\x04 \x01(\r\x12\x1a\n\x12registry_connected\x18\x05 \x01(\x08\x12\x1c\n\x14registry_staleness_s\x18\x06 \x01(\x01\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x07 \x01(\t\x12\x10\n\x08policies\x18\x08 \x03(\t\x12\x18\n\x10inflight_expired\x18\t \x01(\x04\x12\x1f\n\x17predicted_cached_tokens\x18\n \x01(\x04\x12\x1e\n\x16reported_cached_tokens\x18\x0b \x01(\x04\x1a\x38\n\x16\x44\x65\x63isionsByPolicyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x35\n\x13InflightByNodeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x32\x93\x02\n\x06Router\x12<\n\x05Route\x12\x18.kvroute.v1.RouteRequest\x1a\x19.kvroute.v1.RouteResponse\x12\x46\n\x0bRouteStream\x12\x18.kvroute.v1.RouteRequest\x1a\x19.kvroute.v1.RouteResponse(\x01\x30\x01\x12\x45\n\x08\x43omplete\x12\x1b.kvroute.v1.CompleteRequest\x1a\x1c.kvroute.v1.CompleteResponse\x12<\n\x05Stats\x12\x18.kvroute.v1.StatsRequest\x1a\x19.kvroute.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvroute/v1/router.proto\x12\nkvroute.v1\"\x93\x03\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x17\n\nsession_id\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06policy\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x14\n\x0c\x62lock_hashes\x18\x07 \x03(\x04\x12\x19\n\x11num_prompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11max_output_tokens\x18\t \x01(\r\x12\x11\n\tlora_name\x18\n \x01(\t\x12\x12\n\ncache_salt\x18\x0b \x01(\t\x12\x17\n\ndeadline_s\x18\x0c \x01(\x01H\x02\x88\x01\x01\x12\x1a\n\rdisaggregated\x18( \x01(\x08H\x03\x88\x01\x01\x12\x1a\n\rdecode_policy\x18) \x01(\tH\x04\x88\x01\x01\x42\r\n\x0b_session_idB\t\n\x07_policyB\r\n\x0b_deadline_sB\x10\n\x0e_disaggregatedB\x10\n\x0e_decode_policy\"}\n\tCandidate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x16\n\x0ematched_blocks\x18\x03 \x01(\r\x12\x0c\n\x04load\x18\x04 \x01(\r\x12\x10\n\x08\x65xcluded\x18\x05 \x01(\t\x12\x18\n\x10offloaded_blocks\x18< \x01(\r\"+\n\nRouteError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe8\x03\n\rRouteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x16\n\x0ematched_blocks\x18\x05 \x01(\r\x12\x1e\n\x16\x65xpected_cached_tokens\x18\x06 \x01(\r\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12)\n\ncandidates\x18\x0b \x03(\x0b\x32\x15.kvroute.v1.Candidate\x12%\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x16.kvroute.v1.RouteError\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18( \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_address\x18) \x01(\t\x12\x1d\n\x15\x64\x65\x63ode_matched_blocks\x18* \x01(\r\x12\x17\n\x0ftransfer_blocks\x18+ \x01(\r\x12\x15\n\rdecode_reason\x18, \x01(\t\x12\x18\n\x10offloaded_blocks\x18< \x01(\r\x12!\n\x19\x65xpected_offloaded_tokens\x18= \x01(\r\"d\n\x0f\x43ompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x1a\n\rcached_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_cached_tokens\"$\n\x10\x43ompleteResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x88\x04\n\rStatsResponse\x12M\n\x13\x64\x65\x63isions_by_policy\x18\x01 \x03(\x0b\x32\x30.kvroute.v1.StatsResponse.DecisionsByPolicyEntry\x12\x1a\n\x12\x64\x65graded_decisions\x18\x02 \x01(\x04\x12G\n\x10inflight_by_node\x18\x03 \x03(\x0b\x32-.kvroute.v1.StatsResponse.InflightByNodeEntry\x12\x13\n\x0bnodes_known\x18\x04 \x01(\r\x12\x1a\n\x12registry_connected\x18\x05 \x01(\x08\x12\x1c\n\x14registry_staleness_s\x18\x06 \x01(\x01\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x07 \x01(\t\x12\x10\n\x08policies\x18\x08 \x03(\t\x12\x18\n\x10inflight_expired\x18\t \x01(\x04\x12\x1f\n\x17predicted_cached_tokens\x18\n \x01(\x04\x12\x1e\n\x16reported_cached_tokens\x18\x0b \x01(\x04\x1a\x38\n\x16\x44\x65\x63isionsByPolicyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x35\n\x13InflightByNodeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x32\x93\x02\n\x06Router\x12<\n\x05Route\x12\x18.kvroute.v1.RouteRequest\x1a\x19.kvroute.v1.RouteResponse\x12\x46\n\x0bRouteStream\x12\x18.kvroute.v1.RouteRequest\x1a\x19.kvroute.v1.RouteResponse(\x01\x30\x01\x12\x45\n\x08\x43omplete\x12\x1b.kvroute.v1.CompleteRequest\x1a\x1c.kvroute.v1.CompleteResponse\x12<\n\x05Stats\x12\x18.kvroute.v1.StatsRequest\x1a\x19.kvroute.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,23 +38,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTEREQUEST']._serialized_start=40
   _globals['_ROUTEREQUEST']._serialized_end=443
   _globals['_CANDIDATE']._serialized_start=445
-  _globals['_CANDIDATE']._serialized_end=544
-  _globals['_ROUTEERROR']._serialized_start=546
-  _globals['_ROUTEERROR']._serialized_end=589
-  _globals['_ROUTERESPONSE']._serialized_start=592
-  _globals['_ROUTERESPONSE']._serialized_end=1019
-  _globals['_COMPLETEREQUEST']._serialized_start=1021
-  _globals['_COMPLETEREQUEST']._serialized_end=1121
-  _globals['_COMPLETERESPONSE']._serialized_start=1123
-  _globals['_COMPLETERESPONSE']._serialized_end=1159
-  _globals['_STATSREQUEST']._serialized_start=1161
-  _globals['_STATSREQUEST']._serialized_end=1175
-  _globals['_STATSRESPONSE']._serialized_start=1178
-  _globals['_STATSRESPONSE']._serialized_end=1698
-  _globals['_STATSRESPONSE_DECISIONSBYPOLICYENTRY']._serialized_start=1587
-  _globals['_STATSRESPONSE_DECISIONSBYPOLICYENTRY']._serialized_end=1643
-  _globals['_STATSRESPONSE_INFLIGHTBYNODEENTRY']._serialized_start=1645
-  _globals['_STATSRESPONSE_INFLIGHTBYNODEENTRY']._serialized_end=1698
-  _globals['_ROUTER']._serialized_start=1701
-  _globals['_ROUTER']._serialized_end=1976
+  _globals['_CANDIDATE']._serialized_end=570
+  _globals['_ROUTEERROR']._serialized_start=572
+  _globals['_ROUTEERROR']._serialized_end=615
+  _globals['_ROUTERESPONSE']._serialized_start=618
+  _globals['_ROUTERESPONSE']._serialized_end=1106
+  _globals['_COMPLETEREQUEST']._serialized_start=1108
+  _globals['_COMPLETEREQUEST']._serialized_end=1208
+  _globals['_COMPLETERESPONSE']._serialized_start=1210
+  _globals['_COMPLETERESPONSE']._serialized_end=1246
+  _globals['_STATSREQUEST']._serialized_start=1248
+  _globals['_STATSREQUEST']._serialized_end=1262
+  _globals['_STATSRESPONSE']._serialized_start=1265
+  _globals['_STATSRESPONSE']._serialized_end=1785
+  _globals['_STATSRESPONSE_DECISIONSBYPOLICYENTRY']._serialized_start=1674
+  _globals['_STATSRESPONSE_DECISIONSBYPOLICYENTRY']._serialized_end=1730
+  _globals['_STATSRESPONSE_INFLIGHTBYNODEENTRY']._serialized_start=1732
+  _globals['_STATSRESPONSE_INFLIGHTBYNODEENTRY']._serialized_end=1785
+  _globals['_ROUTER']._serialized_start=1788
+  _globals['_ROUTER']._serialized_end=2063
 # @@protoc_insertion_point(module_scope)

@@ -148,6 +148,7 @@ class Candidate(_message.Message):
     MATCHED_BLOCKS_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     EXCLUDED_FIELD_NUMBER: _builtins.int
+    OFFLOADED_BLOCKS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id."""
     score: _builtins.float
@@ -158,6 +159,10 @@ class Candidate(_message.Message):
     """In-flight requests the router counts on the node plus its reported queue depth."""
     excluded: _builtins.str
     """Why the node was skipped, if it was (e.g. "over load cap")."""
+    offloaded_blocks: _builtins.int
+    """-- issue 17 --------------------------------------------------------------------------------
+    Blocks after matched_blocks the node holds on an offloading medium (the lower tier).
+    """
     def __init__(
         self,
         *,
@@ -166,10 +171,11 @@ class Candidate(_message.Message):
         matched_blocks: _builtins.int = ...,
         load: _builtins.int = ...,
         excluded: _builtins.str = ...,
+        offloaded_blocks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["excluded", b"excluded", "load", b"load", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["excluded", b"excluded", "load", b"load", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "offloaded_blocks", b"offloaded_blocks", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -224,6 +230,8 @@ class RouteResponse(_message.Message):
     DECODE_MATCHED_BLOCKS_FIELD_NUMBER: _builtins.int
     TRANSFER_BLOCKS_FIELD_NUMBER: _builtins.int
     DECODE_REASON_FIELD_NUMBER: _builtins.int
+    OFFLOADED_BLOCKS_FIELD_NUMBER: _builtins.int
+    EXPECTED_OFFLOADED_TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request_id of the RouteRequest."""
     node_id: _builtins.str
@@ -256,6 +264,16 @@ class RouteResponse(_message.Message):
     """KV blocks the decode node is expected to receive from the prefill node."""
     decode_reason: _builtins.str
     """Why this decode node."""
+    offloaded_blocks: _builtins.int
+    """-- issue 17 (offloaded tier) ---------------------------------------------------------------
+    Blocks after matched_blocks the chosen node holds on an offloading medium (CPU, DISK...),
+    as the registry believes: the engine loads them back instead of recomputing them.
+    """
+    expected_offloaded_tokens: _builtins.int
+    """offloaded_blocks x block size, within what the engine reuses. Not part of
+    expected_cached_tokens, which counts only device-cache (GPU) hits; an engine that loads
+    offloaded blocks through a connector (vLLM) may report them in its cached_tokens.
+    """
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Candidate]:
         """Scores of the candidates considered, best first."""
@@ -284,10 +302,12 @@ class RouteResponse(_message.Message):
         decode_matched_blocks: _builtins.int = ...,
         transfer_blocks: _builtins.int = ...,
         decode_reason: _builtins.str = ...,
+        offloaded_blocks: _builtins.int = ...,
+        expected_offloaded_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "candidates", b"candidates", "decode_address", b"decode_address", "decode_matched_blocks", b"decode_matched_blocks", "decode_node_id", b"decode_node_id", "decode_reason", b"decode_reason", "degraded", b"degraded", "error", b"error", "expected_cached_tokens", b"expected_cached_tokens", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "policy", b"policy", "prompt_tokens", b"prompt_tokens", "reason", b"reason", "request_id", b"request_id", "transfer_blocks", b"transfer_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "candidates", b"candidates", "decode_address", b"decode_address", "decode_matched_blocks", b"decode_matched_blocks", "decode_node_id", b"decode_node_id", "decode_reason", b"decode_reason", "degraded", b"degraded", "error", b"error", "expected_cached_tokens", b"expected_cached_tokens", "expected_offloaded_tokens", b"expected_offloaded_tokens", "matched_blocks", b"matched_blocks", "node_id", b"node_id", "offloaded_blocks", b"offloaded_blocks", "policy", b"policy", "prompt_tokens", b"prompt_tokens", "reason", b"reason", "request_id", b"request_id", "transfer_blocks", b"transfer_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

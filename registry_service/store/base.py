@@ -79,20 +79,35 @@ class NodeStatus:
     """Engine prefill rate measured by the agent (issue 19; 0 = not measured)."""
 
 
+_NONE: HashArray = np.zeros(0, dtype=np.uint64)
+
+
 @dataclass(frozen=True)
 class Delta:
-    """One heartbeat's block changes: ``cleared`` first, then ``removed``, then ``stored``."""
+    """One heartbeat's block changes: ``cleared`` (every tier) first, then ``removed``, then
+    ``stored``, per tier (device: ``stored``/``removed``; the offloaded lower tier:
+    ``stored_offloaded``/``removed_offloaded``)."""
 
     seq: int
     base_gen: int
     cleared: bool
     stored: HashArray
     removed: HashArray
+    stored_offloaded: HashArray = field(default_factory=lambda: _NONE)
+    """Blocks now held on an offloading medium (the lower tier)."""
+    removed_offloaded: HashArray = field(default_factory=lambda: _NONE)
+    """Blocks no longer held on any offloading medium."""
 
     @property
     def events(self) -> int:
-        """Block events carried (stored + removed)."""
-        return int(self.stored.size + self.removed.size)
+        """Block events carried (stored + removed, every tier)."""
+        return int(self.stored.size + self.removed.size + self.stored_offloaded.size
+                   + self.removed_offloaded.size)
+
+    @property
+    def has_offloaded(self) -> bool:
+        """True when the delta changes the offloaded tier."""
+        return bool(self.stored_offloaded.size or self.removed_offloaded.size)
 
 
 # Typed events (from load() and watch()).
@@ -143,6 +158,8 @@ class SnapshotPut:
     through_seq: int
     replace: bool
     hashes: HashArray
+    offloaded: HashArray = field(default_factory=lambda: _NONE)
+    """The node's whole offloaded (lower-tier) set; empty in snapshots of older registries."""
 
 
 StoreEvent = NodePut | NodeGone | StatusPut | DeltaPut | SnapshotPut
@@ -193,8 +210,10 @@ class PlacementStore(abc.ABC):
 
     @abc.abstractmethod
     async def write_snapshot(self, record: NodeRecord, gen: int, through_seq: int,
-                             hashes: HashArray, replace: bool) -> None:
-        """Persist the node's whole set as generation ``gen`` and drop older deltas/snapshots."""
+                             hashes: HashArray, replace: bool,
+                             offloaded: HashArray | None = None) -> None:
+        """Persist the node's whole set (device ``hashes`` and the ``offloaded`` tier) as
+        generation ``gen`` and drop older deltas/snapshots."""
 
     @abc.abstractmethod
     async def delete_node(self, record: NodeRecord) -> None:
@@ -214,11 +233,20 @@ class PlacementStore(abc.ABC):
 
 
 # Packed encodings shared by the stores (memory store keeps them to count bytes honestly).
+#
+# Version 1 values (KVS1/KVD1) carry the device tier only. Version 2 (KVS2/KVD2) adds the
+# offloaded tier; they are written only when a value has offloaded blocks, so a fleet without
+# offloading writes exactly the bytes it always did, and every reader decodes both versions
+# (a version 1 value has an empty offloaded tier).
 
 _SNAP_HDR = struct.Struct("<4sQQIIB")  # magic, gen, through_seq, chunk, chunks, replace
+_SNAP2_HDR = struct.Struct("<4sQQIIBB")  # ... + tier (0 device, 1 offloaded)
 _DELTA_HDR = struct.Struct("<4sQQBI")  # magic, base_gen, seq, cleared, n_stored
+_DELTA2_HDR = struct.Struct("<4sQQBIII")  # ... + n_removed, n_stored_offloaded
 SNAP_MAGIC = b"KVS1"
+SNAP2_MAGIC = b"KVS2"
 DELTA_MAGIC = b"KVD1"
+DELTA2_MAGIC = b"KVD2"
 
 
 def as_hashes(values: Sequence[int] | HashArray) -> HashArray:
@@ -226,16 +254,33 @@ def as_hashes(values: Sequence[int] | HashArray) -> HashArray:
     return np.asarray(values, dtype=np.uint64)
 
 
+def _le(a: HashArray) -> bytes:
+    return a.astype("<u8", copy=False).tobytes()
+
+
 def encode_delta(delta: Delta) -> bytes:
-    """Header + stored + removed as little-endian uint64."""
-    hdr = _DELTA_HDR.pack(DELTA_MAGIC, delta.base_gen, delta.seq, int(delta.cleared),
-                          delta.stored.size)
-    return (hdr + delta.stored.astype("<u8", copy=False).tobytes()
-            + delta.removed.astype("<u8", copy=False).tobytes())
+    """Header + stored + removed (+ stored_offloaded + removed_offloaded) as little-endian
+    uint64; version 1 when the offloaded tier is untouched."""
+    if not delta.has_offloaded:
+        hdr = _DELTA_HDR.pack(DELTA_MAGIC, delta.base_gen, delta.seq, int(delta.cleared),
+                              delta.stored.size)
+        return hdr + _le(delta.stored) + _le(delta.removed)
+    hdr = _DELTA2_HDR.pack(DELTA2_MAGIC, delta.base_gen, delta.seq, int(delta.cleared),
+                           delta.stored.size, delta.removed.size, delta.stored_offloaded.size)
+    return (hdr + _le(delta.stored) + _le(delta.removed) + _le(delta.stored_offloaded)
+            + _le(delta.removed_offloaded))
 
 
 def decode_delta(data: bytes) -> Delta:
-    """Inverse of :func:`encode_delta`; ValueError on a malformed value."""
+    """Inverse of :func:`encode_delta` (either version); ValueError on a malformed value."""
+    if data[:4] == DELTA2_MAGIC and len(data) >= _DELTA2_HDR.size:
+        _, base_gen, seq, cleared, n_st, n_rm, n_so = _DELTA2_HDR.unpack_from(data)
+        body = np.frombuffer(data, dtype="<u8", offset=_DELTA2_HDR.size).astype(np.uint64)
+        if n_st + n_rm + n_so > body.size:
+            raise ValueError("not a kvroute delta value")
+        a, b, c = n_st, n_st + n_rm, n_st + n_rm + n_so
+        return Delta(seq=seq, base_gen=base_gen, cleared=bool(cleared), stored=body[:a],
+                     removed=body[a:b], stored_offloaded=body[b:c], removed_offloaded=body[c:])
     if len(data) < _DELTA_HDR.size:
         raise ValueError("delta value too short")
     magic, base_gen, seq, cleared, n_stored = _DELTA_HDR.unpack_from(data)
@@ -256,20 +301,37 @@ class SnapChunk:
     chunks: int
     replace: bool
     hashes: HashArray
+    tier: int = 0
+    """0 = device blocks, 1 = offloaded blocks (version 1 values are always 0)."""
 
 
 def encode_snapshot(gen: int, through_seq: int, hashes: HashArray, replace: bool,
-                    chunk_bytes: int) -> list[bytes]:
-    """Split a snapshot into values of at most ``chunk_bytes`` (header included)."""
-    per = max(1, (chunk_bytes - _SNAP_HDR.size) // 8)
-    arr = hashes.astype("<u8", copy=False)
-    parts = [arr[i:i + per] for i in range(0, arr.size, per)] or [arr[:0]]
-    return [_SNAP_HDR.pack(SNAP_MAGIC, gen, through_seq, i, len(parts), int(replace))
-            + p.tobytes() for i, p in enumerate(parts)]
+                    chunk_bytes: int, offloaded: HashArray | None = None) -> list[bytes]:
+    """Split a snapshot into values of at most ``chunk_bytes`` (header included): the device
+    chunks first, then the offloaded ones (version 2, each chunk tagged with its tier)."""
+    if offloaded is None or not offloaded.size:
+        per = max(1, (chunk_bytes - _SNAP_HDR.size) // 8)
+        arr = hashes.astype("<u8", copy=False)
+        parts = [arr[i:i + per] for i in range(0, arr.size, per)] or [arr[:0]]
+        return [_SNAP_HDR.pack(SNAP_MAGIC, gen, through_seq, i, len(parts), int(replace))
+                + p.tobytes() for i, p in enumerate(parts)]
+    per = max(1, (chunk_bytes - _SNAP2_HDR.size) // 8)
+    tagged: list[tuple[int, HashArray]] = []
+    for tier, a in ((0, hashes), (1, offloaded)):
+        arr = a.astype("<u8", copy=False)
+        tagged += [(tier, arr[i:i + per]) for i in range(0, arr.size, per)]
+    return [_SNAP2_HDR.pack(SNAP2_MAGIC, gen, through_seq, i, len(tagged), int(replace), t)
+            + p.tobytes() for i, (t, p) in enumerate(tagged)]
 
 
 def decode_snapshot(data: bytes) -> SnapChunk:
     """Inverse of one :func:`encode_snapshot` value; ValueError on a malformed value."""
+    if data[:4] == SNAP2_MAGIC and len(data) >= _SNAP2_HDR.size:
+        _, gen, through, chunk, chunks, replace, tier = _SNAP2_HDR.unpack_from(data)
+        if chunk >= chunks or tier > 1:
+            raise ValueError("not a kvroute snapshot value")
+        body = np.frombuffer(data, dtype="<u8", offset=_SNAP2_HDR.size).astype(np.uint64)
+        return SnapChunk(gen, through, chunk, chunks, bool(replace), body, tier)
     if len(data) < _SNAP_HDR.size:
         raise ValueError("snapshot value too short")
     magic, gen, through, chunk, chunks, replace = _SNAP_HDR.unpack_from(data)
@@ -277,3 +339,11 @@ def decode_snapshot(data: bytes) -> SnapChunk:
         raise ValueError("not a kvroute snapshot value")
     body = np.frombuffer(data, dtype="<u8", offset=_SNAP_HDR.size).astype(np.uint64)
     return SnapChunk(gen, through, chunk, chunks, bool(replace), body)
+
+
+def join_chunks(chunks: Sequence[SnapChunk]) -> tuple[HashArray, HashArray]:
+    """(device, offloaded) hashes of a complete snapshot's chunks, in chunk order."""
+    dev = [c.hashes for c in chunks if c.tier == 0]
+    off = [c.hashes for c in chunks if c.tier == 1]
+    return (np.concatenate(dev) if dev else _NONE.copy(),
+            np.concatenate(off) if off else _NONE.copy())

@@ -9,6 +9,10 @@ Keys under the prefix ``P`` (default ``/kvroute/v1/``), all attached to the node
 - ``P placement/<node_id>/<epoch>/delta/<seq>``: one heartbeat's stored/removed hashes on top
   of its base generation (packed ``<u8``).
 
+Offloaded (lower-tier) blocks travel in the same keys: a snapshot chunk tagged with its tier, a
+delta with offloaded stored/removed lists (value version 2, written only when the offloaded
+tier is involved; version 1 values, from older registries too, read as device-only).
+
 A snapshot counts once all its chunks exist; deltas apply only on their base generation, so a
 crash between the writes of a large snapshot never mixes generations. Old generations and
 superseded deltas are deleted when a snapshot is written, so a lease holds tens of keys.
@@ -22,8 +26,6 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-
-import numpy as np
 
 from registry_service.store.base import (
     Delta,
@@ -46,6 +48,7 @@ from registry_service.store.base import (
     decode_snapshot,
     encode_delta,
     encode_snapshot,
+    join_chunks,
 )
 from registry_service.store.etcd_client import (
     EtcdClient,
@@ -127,9 +130,9 @@ class EtcdStore(PlacementStore):
             del self._chunks[(node_id, epoch, chunk.gen)]
             for key in [k for k in self._chunks if k[:2] == (node_id, epoch) and k[2] < chunk.gen]:
                 del self._chunks[key]
-            hashes = np.concatenate([parts[i].hashes for i in range(chunk.chunks)])
+            hashes, offloaded = join_chunks([parts[i] for i in range(chunk.chunks)])
             return SnapshotPut(node_id, epoch, chunk.gen, chunk.through_seq, chunk.replace,
-                               hashes)
+                               hashes, offloaded)
         return None
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -203,10 +206,11 @@ class EtcdStore(PlacementStore):
         raise StoreConflict(f"node {record.node_id} epoch {record.epoch} is no longer current")
 
     async def write_snapshot(self, record: NodeRecord, gen: int, through_seq: int,
-                             hashes: HashArray, replace: bool) -> None:
+                             hashes: HashArray, replace: bool,
+                             offloaded: HashArray | None = None) -> None:
         base = self._placement(record.node_id, record.epoch)
         cmp = [compare_lease(self._node_key(record.node_id), "==", record.lease_id)]
-        values = encode_snapshot(gen, through_seq, hashes, replace, self.chunk_bytes)
+        values = encode_snapshot(gen, through_seq, hashes, replace, self.chunk_bytes, offloaded)
         puts = [op_put(base + b"snap/%012d.%06d" % (gen, i), v, record.lease_id)
                 for i, v in enumerate(values)]
         deletes = [Op("delete", base + b"snap/", range_end=base + b"snap/%012d" % gen),

@@ -1,7 +1,7 @@
 """gRPC plumbing of the etcd client: channels per endpoint, failover, retries, error mapping.
 
-No etcd library here (only grpc and tenacity); :mod:`registry_service.store.etcd_client` builds
-the etcd stubs on these channels.
+No etcd library here (only grpc, and retries through :mod:`kvroute.retry`);
+:mod:`registry_service.store.etcd_client` builds the etcd stubs on these channels.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from kvroute.retry import retrying
 from registry_service.store.etcd_errors import EtcdError, EtcdLeaseNotFound, EtcdUnavailable
 from registry_service.store.etcd_settings import EtcdSettings
 
@@ -164,13 +164,10 @@ async def with_retries(settings: EtcdSettings, what: str, attempt: Callable[[], 
     except (grpc.aio.AioRpcError, Transient) as exc:
         if settings.etcd_retry_attempts == 1 or not retryable(exc):
             raise _final(settings, what, exc) from exc
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(settings.etcd_retry_attempts - 1),
-        wait=wait_random_exponential(multiplier=0.1, max=2.0),
-        retry=retry_if_exception(retryable), reraise=True)
     await asyncio.sleep(random.uniform(0, 0.1))
     try:
-        async for state in retrying:
+        async for state in retrying(retryable, first_s=0.1, max_s=2.0,
+                                    attempts=settings.etcd_retry_attempts - 1):
             with state:
                 return await attempt()
     except (grpc.aio.AioRpcError, Transient) as exc:

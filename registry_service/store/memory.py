@@ -28,6 +28,7 @@ from registry_service.store.base import (
     StoreConflict,
     StoreEvent,
     WatchRestart,
+    as_hashes,
     encode_delta,
     encode_snapshot,
 )
@@ -134,16 +135,19 @@ class MemoryStore(PlacementStore):
         return True
 
     async def write_snapshot(self, record: NodeRecord, gen: int, through_seq: int,
-                             hashes: HashArray, replace: bool) -> None:
+                             hashes: HashArray, replace: bool,
+                             offloaded: HashArray | None = None) -> None:
         if not self._live(record):
             raise StoreConflict(f"node {record.node_id} epoch {record.epoch} is gone")
-        snap = SnapshotPut(record.node_id, record.epoch, gen, through_seq, replace, hashes.copy())
+        off = as_hashes([]) if offloaded is None else offloaded.copy()
+        snap = SnapshotPut(record.node_id, record.epoch, gen, through_seq, replace, hashes.copy(),
+                           off)
         self._snap[record.node_id] = snap
         self._deltas[record.node_id] = {
             s: d for s, d in self._deltas[record.node_id].items()
             if not replace and d.base_gen >= gen}
         self._bytes += sum(len(v) + 48 for v in
-                           encode_snapshot(gen, through_seq, hashes, replace, 1 << 20))
+                           encode_snapshot(gen, through_seq, hashes, replace, 1 << 20, off))
         self._emit(snap)
 
     async def delete_node(self, record: NodeRecord) -> None:

@@ -46,6 +46,13 @@ class NodeView:
     prefill_tokens_per_s: float = 0.0
     """The node's calibrated prefill rate, learned from its engine's metrics (0 = unknown:
     policies use their configured rate)."""
+    offloaded_blocks: int = 0
+    """Blocks right after ``matched_blocks`` the node holds on an offloading medium (CPU,
+    DISK...): the engine loads them back instead of recomputing them (registry's belief)."""
+    index_complete: bool = True
+    """False when the node's agent reports its view of the engine cache incomplete (late
+    join, lost batches, wrong topic): ``matched_blocks`` is then a lower bound, and a
+    missing prefix is not evidence of a miss."""
 
     @property
     def usage(self) -> float:
@@ -91,6 +98,8 @@ class Candidate:
     load: int
     excluded: str = ""
     """Non-empty when the node was not eligible (and why)."""
+    offloaded_blocks: int = 0
+    """Blocks after ``matched_blocks`` held on the node's offloading medium."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,9 @@ estimated TTFT of the request on each node, in seconds,
              + eviction_cost_s * eviction_rate(n)
              + usage_penalty_s * max(0, usage(n) - watermark) / (1 - watermark)
 
-where ``uncached_tokens(n) = prompt_tokens - matched_blocks(n) * block_size`` is the prefill this
-request adds on that node (its overlap benefit is the prefill it saves there), and
+where ``uncached_tokens(n) = prompt_tokens - matched_blocks(n) * block_size
+- weight_offloaded * offloaded_tokens(n)`` is the prefill this request adds on that node (its
+overlap benefit is the prefill it saves there), and
 ``pending_prefill_tokens`` is the router's estimate of prefill already queued on the node (floored
 at half the engine's reported waiting requests x the policy's running average of uncached tokens
 per request, so an overestimated prefill rate cannot make a busy node look idle).
@@ -27,6 +28,29 @@ the node among its recent decisions (at least ``recent_routes``, and twice the f
 count): a follow-up request whose prefix was routed moments ago but is still queued for prefill
 (so not yet in any cache or the registry) then follows it instead of being scattered — measured
 on an overloaded fleet this kept the hit rate at the cache-first routers' level (0.17 vs 0.12).
+
+**Offloaded blocks** (a lower tier: vLLM's offloading connector ``medium`` CPU, SGLang HiCache
+CPU_PINNED / DISK) continue a node's device prefix: after its GPU-resident run, the blocks the
+engine holds on the offloading medium (the walk stops at the first block that medium lacks; see
+:mod:`kvroute.index.base`). The engine loads them instead of recomputing, which is faster than a
+prefill but slower than a GPU hit, so they earn ``kv_weight_offloaded`` (default 0.75) of a GPU
+block's credit. For reference, llm-d-kv-cache's default medium weights are gpu 1.0 / cpu 0.8 and
+Dynamo's router credits host-pinned blocks about 0.75 and disk about 0.25 of a device block;
+kvroute's agent reports one lower tier for every offloading medium, so a fleet offloading to disk
+should lower the weight. Offloaded tokens never count in the decision's
+``expected_cached_tokens`` (device hits only); they are reported apart
+(``expected_offloaded_tokens``).
+
+**Incomplete indexes**: a node whose agent says it cannot know the engine's state
+(``index_state`` partial or no_events: late join, lost batches, a wrong topic) may hold more
+than the registry knows, so a prefix missing there is not evidence of a miss. The part of
+``kv_reuse_weight`` above 1 (the penalty for recomputing a prefix cached elsewhere) is scaled by
+``kv_weight_unknown_index_miss`` (default 0.75) for such a node; its own prefill time, queued
+prefill, in-flight and usage costs count in full. At equal load it then beats a node known to
+miss (8 x prompt against 6.25 x prompt at the defaults) and loses to a node known to hold more
+than about a fifth of the prompt (8 x uncached < 6.25 x prompt): the unknown node may hold the
+prefix, an idle engine without replay may hold nothing, so it gets the benefit of the doubt
+only against a certain miss or a small hit.
 
 A node is eligible only while it is under the **load cap**: its in-flight count plus this request
 must stay <= ``load_cap_factor`` x the fleet's mean in-flight count (counting this request) +
@@ -100,6 +124,15 @@ class KvAwareSettings:
         1.0, "weight of the eviction scorer (kv_eviction_cost_s x evictions/s)")
     kv_weight_kv_usage: float = setting(
         1.0, "weight of the kv_usage scorer (penalty above kv_usage_high_watermark)")
+    kv_weight_offloaded: float = setting(
+        0.75, "credit of a block the node holds on an offloading medium (CPU, CPU_PINNED, "
+              "DISK: loaded back instead of recomputed) relative to a GPU-resident block: "
+              "1 = as good as a GPU hit, 0 = ignored. Lower it when the offload tier is disk")
+    kv_weight_unknown_index_miss: float = setting(
+        0.75, "for a node whose agent reports its index incomplete (index_state partial or "
+             "no_events), how much of the prefix-miss penalty (kv_reuse_weight above 1) "
+             "applies: 1 = trust its index as complete, 0 = charge only its prefill time; "
+             "its load always counts in full")
 
     def __post_init__(self) -> None:
         require(self.kv_prefill_tokens_per_s > 0, "kv_prefill_tokens_per_s", "must be > 0")
@@ -114,6 +147,8 @@ class KvAwareSettings:
         require(self.kv_usage_penalty_s >= 0, "kv_usage_penalty_s", "must be >= 0")
         for name in ("kv_weight_queued_prefill", "kv_weight_eviction", "kv_weight_kv_usage"):
             require(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("kv_weight_offloaded", "kv_weight_unknown_index_miss"):
+            require(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
 
 
 class KvAwarePolicy(SchedulingPolicy):
@@ -122,7 +157,8 @@ class KvAwarePolicy(SchedulingPolicy):
     def __init__(self, settings: KvAwareSettings | None = None) -> None:
         s = self.settings = settings or KvAwareSettings()
         self.prefill = QueuedPrefillScorer(s.kv_prefill_tokens_per_s, s.kv_reuse_weight,
-                                           s.kv_inflight_cost_tokens)
+                                           s.kv_inflight_cost_tokens, s.kv_weight_offloaded,
+                                           s.kv_weight_unknown_index_miss)
         self.load_cap = LoadCapFilter(s.kv_load_cap_factor, s.kv_load_cap_slack)
         super().__init__(
             "kv_aware", RecentRoutes(s.kv_recent_routes), [HealthFilter(), self.load_cap],
@@ -139,6 +175,11 @@ class KvAwarePolicy(SchedulingPolicy):
         cached = min(v.matched_blocks * req.block_size, req.prompt_tokens)
         routed = cycle.matched[chosen] - v.matched_blocks
         extra = f" (+{routed} routed there, not yet reported)" if routed > 0 else ""
+        off = self.prefill.offloaded_tokens(cycle, chosen)
+        if off:
+            extra += f" + {off} tokens offloaded (CPU/disk)"
+        if not v.index_complete:
+            extra += " [node's index incomplete: its misses are not trusted]"
         return (f"kv_aware: {v.matched_blocks} prefix blocks cached{extra} "
                 f"({cached}/{req.prompt_tokens} tokens), est. TTFT {score * 1000:.0f} ms, "
                 f"in-flight {v.inflight} (cap {self.load_cap.cap(cycle):.1f})")

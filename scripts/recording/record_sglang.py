@@ -276,6 +276,26 @@ def record_sglang(rec: Any, tmp: Path, version: str) -> None:
               eng.probe("disk_only", toks(13, 33))]
     done("offloaded", "GPU, CPU_PINNED and DISK stores (HiCache tiers)", eng, cap, n, probes, {})
 
+    # tier moves: a node's tail evicted from the GPU but backed up on the host; a DISK store
+    # removed again (BlockRemoved with medium DISK)
+    eng, cap = session("offload_evict")
+    a_toks, d_toks = toks(16, 64), toks(17, 48)
+    a1 = eng.store(None, a_toks[:32])
+    a2 = eng.store(a1, a_toks[32:])
+    h1 = eng.store(None, a_toks[:32], medium=medium.CPU)
+    eng.store(h1, a_toks[32:], medium=medium.CPU)
+    n = eng.publish()
+    eng.remove(a2)  # device eviction of the tail: it stays on the host
+    d = eng.store(None, d_toks, medium=medium.DISK)
+    n += eng.publish()
+    eng.remove(d, medium=medium.DISK)
+    n += eng.publish()
+    probes = [eng.probe("a_gpu_then_cpu", [*a_toks, 1],
+                        note="pages 0-1 on GPU, pages 2-3 evicted from GPU, on the host"),
+              eng.probe("d_removed_from_disk", [*d_toks, 1])]
+    done("offload_evict", "a device eviction of pages the host tier keeps (a tier move: GPU "
+         "credit then CPU credit), and a DISK removal", eng, cap, n, probes, {})
+
     # late join and wrong topic, as for vLLM
     eng, cap = session("late_join")
     eng.store(None, toks(14, 64))

@@ -285,6 +285,34 @@ def record_vllm(rec: Any, mods: dict[str, Any], tmp: Path, version: str) -> None
                   "medium=CPU, as the offloading connector reports it)", cap,
                   {"block_size": BS, "topic": TOPIC}, probes)
 
+        # --- tier moves: evicted from the GPU but kept on CPU; evicted from CPU ----------
+        eng, cap = session("offload_evict", media=("GPU", "CPU"), n_blocks=12)
+        a_toks, d_toks = toks(16, 69), toks(17, 53)
+        n = 0
+        for req, medium in ((Req("d_cpu", d_toks), "CPU"), (Req("a_cpu", a_toks), "CPU"),
+                            (Req("a", a_toks), "GPU")):
+            eng.run(req, medium)
+            eng.finish(req, medium)
+            n += eng.publish()
+        # 10 new GPU blocks with 6 never used: evicts a's last 4 (freed tail first) from the
+        # GPU while the CPU copy stays; 6 new CPU blocks evict d's blocks from the CPU
+        eng.run(Req("b", toks(18, 10 * BS)))
+        eng.run(Req("e_cpu", toks(19, 6 * BS)), "CPU")
+        n += eng.publish()
+        cap.drain(n)
+        probes = [eng.probe("a_gpu_then_cpu", a_toks,
+                            note="block 0 on GPU, blocks 1-3 evicted from GPU, on CPU"),
+                  eng.probe("b_gpu", toks(18, 10 * BS + 1)),
+                  eng.probe("d_evicted_from_cpu", d_toks,
+                            note="blocks evicted from the CPU pool (BlockRemoved medium=CPU); "
+                                 "what the CPU pool still holds is the engine's own count"),
+                  eng.probe("e_cpu_only", toks(19, 6 * BS + 1))]
+        eng.close()
+        cap.close()
+        rec.write("offload_evict", "GPU evictions of blocks the CPU tier keeps (a tier move: "
+                  "GPU credit then CPU credit) and CPU evictions (BlockRemoved medium=CPU)",
+                  cap, {"block_size": BS, "topic": TOPIC}, probes)
+
     # --- AllBlocksCleared -----------------------------------------------------------------
     eng, cap = session("cleared")
     a = Req("a", toks(13, 69))

@@ -96,3 +96,14 @@ async def test_async_client(services: tuple[ServerProcess, ServerProcess]) -> No
         assert await c.complete("a1", cached_tokens=64)
         assert not await c.complete("a1")
     assert os.environ.get("KVROUTE_ROUTERS") is None
+
+
+def test_registry_lookup_every_node_or_only_the_matching_ones(
+        services: tuple[ServerProcess, ServerProcess]) -> None:
+    reg, _ = services
+    held = hash_blocks(list(range(1000, 1064)), 16)
+    with RegistryClient(ClientOptions(targets=[reg.grpc_target])) as r:
+        assert r.lookup(held, "sim-model") == {"n1": 4}
+        assert r.lookup(held, "sim-model", matched_only=True) == {"n1": 4}
+        assert r.lookup([1, 2, 3], "sim-model") == {"n1": 0}  # every node, matched or not
+        assert r.lookup([1, 2, 3], "sim-model", matched_only=True) == {}

@@ -4,9 +4,12 @@ engines' own code) → ``kvroute serve agent`` → registry (real etcd) → rout
 
 Every probe of every scenario must be answered with the tokens the engine itself would reuse
 (``engine_hit_tokens`` from the engine's own prefix-cache code, rounded down to whole 16-token
-registry blocks). Where the agent cannot know the engine's state (no replay after an engine
-restart, a late join without replay, a wrong topic) the answer must be visible instead: the
-node's ``index_state`` and ``index_note``, and a metric.
+registry blocks), and with the offloaded tokens it would load back from its CPU / disk tier
+beyond that (``expected_offloaded_tokens``: vLLM's CPU-medium pool, SGLang's CPU_PINNED and
+DISK stores; a GPU eviction of a block the CPU tier keeps moves it to the lower tier). Where
+the agent cannot know the engine's state (no replay after an engine restart, a late join
+without replay, a wrong topic) the answer must be visible instead: the node's ``index_state``
+and ``index_note``, and a metric.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tests.golden_engine import (
     GoldenEngine,
     Recording,
     check_replay_framing,
+    engine_tiers,
     load,
     reply_shape,
     scenarios,
@@ -73,6 +77,12 @@ class Case:
         if probe["name"] in self.lost_probes or self.state == NO_EVENTS:
             return 0
         return int(probe["engine_hit_tokens"]) // BS * BS
+
+    def expected_offloaded(self, probe: dict[str, Any]) -> int:
+        if probe["name"] in self.lost_probes or self.state == NO_EVENTS:
+            return 0
+        gpu, off = engine_tiers(probe)
+        return (gpu + off) // BS * BS - self.expected_tokens(probe)
 
 
 def cases(engine: str) -> list[Case]:
@@ -191,13 +201,15 @@ def check(case: Case, reg: ServerProcess, router: ServerProcess, attempt: int) -
     if case.state == COMPLETE and info.engine_block_size != ebs:
         bad.append(f"{case.model}: engine_block_size {info.engine_block_size}, want {ebs}")
     for p in case.rec.probes:
-        want = case.expected_tokens(p)
+        want, want_off = case.expected_tokens(p), case.expected_offloaded(p)
         r = route(router, case, p, attempt)
         if r.node_id != case.model or r.expected_cached_tokens != want or \
-                r.matched_blocks != want // BS:
+                r.matched_blocks != want // BS or r.expected_offloaded_tokens != want_off or \
+                r.offloaded_blocks != want_off // BS:
             bad.append(f"{case.model}/{p['name']}: matched {r.matched_blocks} blocks, "
-                       f"{r.expected_cached_tokens} tokens; engine reuses "
-                       f"{p['engine_hit_tokens']} -> want {want} ({p.get('note', '')})")
+                       f"{r.expected_cached_tokens} tokens (+{r.expected_offloaded_tokens} "
+                       f"offloaded); engine reuses {engine_tiers(p)} -> want {want} "
+                       f"(+{want_off}) ({p.get('note', '')})")
     return bad
 
 

@@ -1,9 +1,10 @@
-"""The placement-source contract, one suite over both sources (replica mirror and lookup stream).
+"""The placement-source contract, one suite over both sources (index mirror and lookup stream).
 
 Against a real registry process on real etcd, with nodes registered and heartbeating through the
 Registry gRPC API from the test. Every source must:
 
-- list every node of the model with its matched prefix and the registry's block size;
+- list every node of the model with its matched prefix and the registry's block size, and the
+  offloaded (lower-tier) blocks continuing it;
 - list the nodes of a model that are all unhealthy (late heartbeats), marked unhealthy: the
   model IS served, so the router answers UNAVAILABLE ("no healthy node"), never NOT_FOUND;
 - answer an empty list for a model no node serves (the router answers NOT_FOUND);
@@ -40,6 +41,8 @@ BS = 16
 TOKENS = list(range(900, 900 + 8 * BS))
 H = hash_blocks(TOKENS, BS)
 NODES = {"a": ("m", H[:3]), "b": ("m", H[:7]), "c": ("other", H[:5])}
+OFFLOADED = {"b": H[6:8], "c": H[5:7]}
+"""Blocks on each node's offloading medium (CPU): b's block 6 is on both tiers."""
 T = TypeVar("T")
 
 
@@ -64,7 +67,7 @@ class Fleet:
                 self.epochs[nid], self.tokens[nid] = r.epoch, r.write_token
                 await stub.Heartbeat(rpb.HeartbeatRequest(
                     node_id=nid, epoch=r.epoch, write_token=r.write_token, stored=blocks,
-                    delta_seq=1,
+                    stored_offloaded=OFFLOADED.get(nid, []), delta_seq=1,
                     used_blocks=len(blocks)), timeout=5)
         self.task = asyncio.create_task(self._beat())
 
@@ -78,6 +81,19 @@ class Fleet:
                             node_id=nid, epoch=self.epochs[nid],
                             write_token=self.tokens[nid]), timeout=2)
                 await asyncio.sleep(0.1)
+
+    async def add(self, nid: str, model: str, blocks: list[int]) -> None:
+        """Register one more node (it heartbeats from then on)."""
+        async with grpc.aio.insecure_channel(self.target) as ch:
+            stub = registry_pb2_grpc.RegistryStub(ch)
+            r = await stub.RegisterNode(rpb.RegisterNodeRequest(
+                node_id=nid, address=f"{nid}.local:8000", model=model, block_size=BS,
+                capacity_blocks=100), timeout=5)
+            self.epochs[nid], self.tokens[nid] = r.epoch, r.write_token
+            await stub.Heartbeat(rpb.HeartbeatRequest(
+                node_id=nid, epoch=r.epoch, write_token=r.write_token, stored=blocks,
+                delta_seq=1, used_blocks=len(blocks)), timeout=5)
+        self.alive.add(nid)
 
     async def deregister(self, nid: str) -> None:
         self.alive.discard(nid)
@@ -128,10 +144,11 @@ async def registry(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path,
         reg.stop()
 
 
-def _core(target: str, mode: str) -> RouterCore:
+def _core(target: str, mode: str, **kw: float) -> RouterCore:
     s = RouterSettings(registry=target, registry_mode=mode, block_size=BS,
-                       default_policy="kv_aware", replica_max_staleness_s=1.0,
-                       registry_retry_max_s=0.3, lookup_timeout_s=1.0, node_cache_ttl_s=0.3)
+                       default_policy="kv_aware", mirror_max_staleness_s=1.0,
+                       registry_retry_max_s=0.3, lookup_timeout_s=1.0,
+                       **{"node_cache_ttl_s": 0.3, **kw})  # type: ignore[arg-type]
     return build_core(s, {}, None)
 
 
@@ -141,7 +158,7 @@ async def _matched(source: PlacementSource, model: str) -> dict[str, tuple[int, 
     return {n.node_id: (m, n.healthy) for n, m in placement.nodes}
 
 
-@pytest.mark.parametrize("mode", ["replica", "stream"])
+@pytest.mark.parametrize("mode", ["mirror", "stream"])
 async def test_placement_source_contract(
         mode: str, registry: tuple[ServerProcess, Fleet]) -> None:
     reg, fleet = registry
@@ -156,6 +173,8 @@ async def test_placement_source_contract(
 
         await eventually(all_healthy, "every node of m with its matched prefix")
         assert await _matched(source, "other") == {"c": (5, True)}
+        assert (await source.lookup(H, "m")).offloaded == {"b": 1}  # GPU 0-6, then CPU 7
+        assert (await source.lookup(H, "other")).offloaded == {"c": 2}
         assert (await source.lookup(H, "nope")).nodes == []  # not served: empty, no error
         with pytest.raises(NotFound, match="no node serves model 'nope'"):
             await core.decide(RouteRequest(request_id="x", token_ids=TOKENS, model="nope"))
@@ -172,6 +191,8 @@ async def test_placement_source_contract(
         routed = await core.decide(RouteRequest(request_id="z", token_ids=TOKENS,
                                                 model="other"))
         assert routed.node_id == "c" and routed.matched_blocks == 5 and not routed.degraded
+        assert (routed.expected_cached_tokens, routed.offloaded_blocks,
+                routed.expected_offloaded_tokens) == (80, 2, 32)
 
         await fleet.deregister("b")
 
@@ -203,3 +224,52 @@ async def test_placement_source_contract(
 async def _known(source: PlacementSource, want: set[str]) -> set[str] | None:
     got = {n.node_id for n in source.last_known()}
     return got if got == want else None
+
+
+@pytest.mark.parametrize("mode", ["mirror", "stream"])
+async def test_large_fleets_score_a_narrowed_candidate_set_in_both_modes(
+        mode: str, registry: tuple[ServerProcess, Fleet]) -> None:
+    """More nodes than --max-candidates: the decision scores the nodes holding the longest
+    prefix plus the least loaded, not the whole fleet (stream mode asks the registry for the
+    matching nodes only); a node that joins or leaves is known after one decision at most."""
+    reg, fleet = registry
+    # stream mode: the node list is refreshed only at start, so only lookups can update it
+    core = _core(reg.grpc_target, mode, max_candidates=4, node_cache_ttl_s=120.0)
+    source = core.source
+    for nid in ("d", "e", "f", "g", "h"):
+        await fleet.add(nid, "m", [])
+    await source.start()
+    try:
+        async def seven() -> bool | None:
+            await core.decide(RouteRequest(request_id="w", token_ids=TOKENS, model="m"))
+            core.complete("w")
+            return True if len(source.members("m")) == 7 else None  # type: ignore[attr-defined]
+
+        await eventually(seven, "the seven nodes of m known")
+        got = await core.decide(RouteRequest(request_id="r1", token_ids=TOKENS, model="m"))
+        assert got.node_id == "b" and got.matched_blocks == 7 and not got.degraded
+        assert 2 <= len(got.candidates) <= 4, got.candidates  # narrowed: not all seven
+
+        await fleet.add("i", "m", H[:8])  # joins holding the whole prompt
+
+        async def i_routed() -> bool | None:
+            d = await core.decide(RouteRequest(request_id="r2", token_ids=TOKENS, model="m"))
+            core.complete("r2")
+            return True if d.node_id == "i" and d.matched_blocks == 7 else None
+
+        await eventually(i_routed, "a joining node is routed to")
+        assert "i" in {n.node_id for n in source.members("m")}  # type: ignore[attr-defined]
+
+        departed: list[str] = []
+        source.on_departure(departed.append)
+        await fleet.deregister("b")
+
+        async def b_gone() -> bool | None:
+            d = await core.decide(RouteRequest(request_id="r3", token_ids=TOKENS, model="m"))
+            core.complete("r3")
+            return True if departed == ["b"] and d.node_id != "b" else None
+
+        await eventually(b_gone, "a departed node is reported and no longer routed to")
+        assert "b" not in {n.node_id for n in source.members("m")}  # type: ignore[attr-defined]
+    finally:
+        await source.stop()

@@ -62,6 +62,13 @@ async def matched(stub: pb_grpc.RegistryStub, hashes: list[int]) -> dict[str, in
     return {n.node_id: n.matched_blocks for n in resp.nodes}
 
 
+async def offloaded(stub: pb_grpc.RegistryStub, hashes: list[int]) -> dict[str, int]:
+    """Offloaded blocks continuing each node's GPU prefix (nodes with some)."""
+    resp = await stub.Lookup(pb.LookupRequest(block_hashes=hashes, model="m",
+                                              include_unhealthy=True), timeout=5)
+    return {n.node_id: n.offloaded_blocks for n in resp.nodes if n.offloaded_blocks}
+
+
 async def eventually(check: Callable[[], object], within_s: float, what: str) -> float:
     """Await ``check()`` (a coroutine factory) until truthy; returns the seconds it took."""
     t0 = time.monotonic()
@@ -113,13 +120,17 @@ async def test_replicas_crash_recovery_and_lease_expiry(
                 ea, eb = await register(s1, "a"), await register(s2, "b")
                 chain = list(range(100, 140))
                 # 'a' heartbeats replica 1, 'b' replica 2; deltas past the snapshot threshold
+                # (with offloaded blocks: a's go into its compacted snapshot, b's stay a delta)
                 for seq in range(1, 9):
                     await s1.Heartbeat(pb.HeartbeatRequest(
                         node_id="a", **cred(ea), delta_seq=seq,
-                        stored=chain[(seq - 1) * 5:seq * 5]))
+                        stored=chain[(seq - 1) * 5:seq * 5],
+                        stored_offloaded=[1] if seq == 1 else []))
                 await s2.Heartbeat(pb.HeartbeatRequest(node_id="b", **cred(eb), delta_seq=1,
-                                                       stored=chain[:7]))
+                                                       stored=chain[:7],
+                                                       stored_offloaded=chain[7:12]))
                 want = {"a": 40, "b": 7}
+                want_off = {"a": 1, "b": 5}  # GPU prefix, then the offloaded tier
                 # keep both alive through replica 2 (a registered on replica 1)
                 beat_a, beat_b = Beater(s2, "a", ea), Beater(s2, "b", eb)
                 assert await matched(s1, [*chain, 1]) == want or await eventually(
@@ -127,6 +138,8 @@ async def test_replicas_crash_recovery_and_lease_expiry(
                 await eventually(lambda: _eq(matched(s2, [*chain, 1]), want), 3,
                                  "r2 converges")
                 assert await matched(s2, chain[:3]) == {"a": 3, "b": 3}
+                await eventually(lambda: _eq(offloaded(s2, [*chain, 1]), want_off), 3,
+                                 "r2 has the offloaded tier")
                 keys = await etcd_keys(etcd_endpoint, etcd_prefix)
                 assert len([k for k in keys if k.startswith("placement/a/")]) < 10  # compacted
 
@@ -134,6 +147,7 @@ async def test_replicas_crash_recovery_and_lease_expiry(
             r3 = await asyncio.to_thread(registry, etcd_endpoint, etcd_prefix, tmp_path, "r3")
             async with client(r3) as s3:
                 assert await matched(s3, [*chain, 1]) == want
+                assert await offloaded(s3, [*chain, 1]) == want_off  # rebuilt from etcd
                 await beat_b.stop()
                 beat_b = Beater(s3, "b", eb)  # a heartbeat to any replica refreshes the lease
                 await beat_a.stop()

@@ -180,7 +180,7 @@ async def test_bearer_tokens(etcd_endpoint: str, etcd_prefix: str, tmp_path: Pat
         # the real agent link (node_agent) registers, resyncs and heartbeats with its token
         from node_agent.block_map import BlockMap
         from node_agent.deltas import DeltaLog
-        from node_agent.heartbeat import RegistryLink
+        from node_agent.registry_link import RegistryLink
         from node_agent.settings import AgentSettings
         from node_agent.usage import UsageProbe
 

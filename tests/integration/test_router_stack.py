@@ -132,7 +132,7 @@ async def stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path,
         await agents.start()
         router = start_server("router", [
             "--registry", reg.grpc_target, "--registry-mode", mode, "--block-size", str(BS),
-            "--default-policy", "kv_aware", "--replica-max-staleness-s", "1",
+            "--default-policy", "kv_aware", "--mirror-max-staleness-s", "1",
             "--registry-retry-max-s", "0.3", "--lookup-timeout-s", "0.3"], tmp_path)
         async with grpc.aio.insecure_channel(router.grpc_target) as ch:
             yield router_pb2_grpc.RouterStub(ch), agents, procs, router
@@ -144,7 +144,7 @@ async def stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path,
             p.stop()
 
 
-@pytest.mark.parametrize("stack", ["replica", "stream"], indirect=True)
+@pytest.mark.parametrize("stack", ["mirror", "stream"], indirect=True)
 async def test_longest_prefix_lease_expiry_and_registry_outage(
         stack: Stack,
         etcd_endpoint: str, etcd_prefix: str, tmp_path: Path) -> None:

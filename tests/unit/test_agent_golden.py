@@ -17,7 +17,7 @@ from node_agent.events import Stored
 from node_agent.parse_sglang import SglangParser
 from node_agent.parse_vllm import VllmParser
 from router_service.placement import NodeState
-from tests.golden_engine import ENGINES, GOLDEN, load, scenarios
+from tests.golden_engine import ENGINES, GOLDEN, engine_tiers, load, scenarios
 
 BS = 16
 ALL = [(e, s) for e in ENGINES for s in scenarios(e)]
@@ -44,6 +44,18 @@ def matched(bm: BlockMap, tokens: list[int], lora: str, salt: str) -> int:
     held = set(bm.canonical_hashes())
     n = 0
     for h in hash_blocks(tokens, BS, salt=request_salt(lora or None, None, salt or None)):
+        if h not in held:
+            break
+        n += 1
+    return n
+
+
+def matched_offloaded(bm: BlockMap, tokens: list[int], lora: str, salt: str, dev: int) -> int:
+    """Offloaded blocks continuing a device run of ``dev`` blocks (the index's tier walk)."""
+    held = set(bm.offloaded_hashes())
+    hashes = hash_blocks(tokens, BS, salt=request_salt(lora or None, None, salt or None))
+    n = 0
+    for h in hashes[dev:]:
         if h not in held:
             break
         n += 1
@@ -82,6 +94,21 @@ def test_indexed_blocks_give_the_router_what_the_engine_reuses(engine: str,
         m = matched(bm, p["tokens"], p["lora_name"], p["cache_salt"])
         got = node.reusable_blocks(m, BS, len(p["tokens"])) * BS
         assert got == p["engine_hit_tokens"] // BS * BS, (p["name"], m, p["engine_hit_tokens"])
+        gpu, off = engine_tiers(p)
+        low = matched_offloaded(bm, p["tokens"], p["lora_name"], p["cache_salt"], m)
+        dev_r, off_r = node.reusable_tiers(m, low, BS, len(p["tokens"]))
+        want_total = (gpu + off) // BS * BS
+        assert (dev_r * BS, off_r * BS) == (got, want_total - got), (p["name"], m, low)
+
+
+def test_offloaded_scenarios_are_recorded_from_the_engines() -> None:
+    """vLLM 0.33 (medium CPU) and SGLang 0.5.23 (CPU_PINNED, DISK): offloaded stores, tier
+    moves (evicted from the GPU, kept offloaded) and offloaded removals, from engine code."""
+    for engine in ("vllm-0.33.0", "sglang-0.5.23"):
+        assert {"offloaded", "offload_evict"} <= set(scenarios(engine)), engine
+        probes = {p["name"]: engine_tiers(p) for p in load(engine, "offload_evict").probes}
+        gpu, off = probes["a_gpu_then_cpu"]
+        assert gpu > 0 and off > 0, probes  # GPU credit then offloaded credit
 
 
 def test_vllm_lora_and_salt_come_out_of_extra_keys() -> None:

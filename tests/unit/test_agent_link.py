@@ -17,7 +17,7 @@ from kvroute.blocks import hash_blocks
 from kvroute.procs import free_port
 from kvroute.v1 import registry_pb2 as pb
 from kvroute.v1 import registry_pb2_grpc as pb_grpc
-from node_agent.heartbeat import RegistrationRefused
+from node_agent.registry_link import RegistrationRefused
 from node_agent.server import Agent
 from node_agent.settings import AgentSettings
 from registry_service.server import serve

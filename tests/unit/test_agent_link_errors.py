@@ -23,7 +23,7 @@ async def test_unreachable_registry_is_logged_as_a_connection_error(
                       model="m", capacity_blocks=100, rpc_timeout_s=1.0,
                       engine_health_path="")  # no engine here: register without waiting for it
     agent = Agent(s)
-    caplog.set_level(logging.WARNING, logger="node_agent.heartbeat")
+    caplog.set_level(logging.WARNING, logger="node_agent.registry_link")
     task = asyncio.create_task(agent.link.run())
     try:
         for _ in range(100):

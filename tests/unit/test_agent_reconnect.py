@@ -13,7 +13,7 @@ import pytest
 
 from node_agent.block_map import BlockMap
 from node_agent.deltas import DeltaLog
-from node_agent.heartbeat import RegistryLink
+from node_agent.registry_link import RegistryLink
 from node_agent.settings import AgentSettings
 from node_agent.usage import UsageProbe
 from tests.unit.test_agent_link import Registry
@@ -40,7 +40,7 @@ async def test_real_cause_and_reconnect_within_a_second(tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     reg = Registry(tmp_path)
     link = link_for(f"127.0.0.1:{reg.port}")
-    caplog.set_level(logging.WARNING, logger="node_agent.heartbeat")
+    caplog.set_level(logging.WARNING, logger="node_agent.registry_link")
     task = asyncio.create_task(link.run())
     try:
         await asyncio.sleep(3.0)  # nobody listens: the back-off grows to its cap

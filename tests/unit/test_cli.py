@@ -83,12 +83,14 @@ def test_nodes_table_shows_the_index_state_and_why() -> None:
     from cli.cmd_nodes import format_table
     from kvroute.v1 import registry_pb2 as pb
     resp = pb.ListNodesResponse(block_size=16, replica_id="r", nodes=[
-        pb.NodeInfo(node_id="a", index_state=pb.INDEX_STATE_COMPLETE),
+        pb.NodeInfo(node_id="a", index_state=pb.INDEX_STATE_COMPLETE, blocks_indexed=7,
+                    offloaded_blocks_indexed=42),
         pb.NodeInfo(node_id="b", index_state=pb.INDEX_STATE_NO_EVENTS,
                     index_note="batches arrive with topic 'x' but --topic is 'y'"),
         pb.NodeInfo(node_id="c")])
     out = format_table(resp)
-    assert "INDEX" in out.splitlines()[0]
+    assert "INDEX" in out.splitlines()[0] and "OFFLOADED" in out.splitlines()[0]
+    assert out.splitlines()[1].split()[1:3] == ["7", "42"]  # address, model empty
     assert "b: index no_events: batches arrive with topic 'x'" in out
     assert out.splitlines()[1].rstrip().endswith("complete")
     assert out.splitlines()[3].rstrip().endswith("-")

@@ -24,8 +24,8 @@ from engine_sim.settings import EngineSimSettings
 from node_agent.block_map import BlockMap
 from node_agent.deltas import DeltaLog
 from node_agent.events import ParseStats
-from node_agent.heartbeat import LinkStats
 from node_agent.metrics import AgentCollector, agent_registry
+from node_agent.registry_link import LinkStats
 from node_agent.usage import UsageProbe
 from node_agent.zmq_source import SourceStats
 from registry_service.metrics import RegistryMetrics

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from router_service.policies.base import NodeView, NoEligibleNode, RequestView, choose_and_commit
+from router_service.policies.factory import PolicySet, build_policy
 from router_service.policies.least_loaded import LeastLoadedPolicy
 from router_service.policies.random_choice import RandomPolicy
-from router_service.policies.registry import PolicySet, build_policy
 from router_service.policies.round_robin import RoundRobinPolicy
 
 REQ = RequestView("r1", [1, 2, 3], 48, 16)

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvroute.index import BitmaskIndex, PrefixIndex, SlotTable
+from kvroute.index import DEVICE, OFFLOADED, BitmaskIndex, PrefixIndex, SlotTable
 from kvroute.index.reference import ReferenceIndex
 
 IMPLEMENTATIONS: dict[str, Callable[[], PrefixIndex]] = {
@@ -125,7 +125,89 @@ def test_matches_the_reference_under_random_churn(make: Callable[[], PrefixIndex
         assert idx.longest_prefix(query, mask) == ref.longest_prefix(query, mask)
 
 
-ops = st.lists(st.tuples(st.sampled_from(["add", "remove", "clear", "drop"]),
+def test_tiers_are_independent_sets(make: Callable[[], PrefixIndex]) -> None:
+    idx = make()
+    assert not idx.has_lower_tier()
+    assert idx.add(0, [1, 2, 3]) == 3
+    assert idx.add(0, [2, 3, 4], tier=OFFLOADED) == 3  # 2 and 3 on both tiers
+    assert idx.has_lower_tier()
+    assert idx.count(0) == 3 and idx.count(0, OFFLOADED) == 3 and idx.entries == 6
+    assert idx.blocks(0, OFFLOADED).tolist() == [2, 3, 4]
+    assert idx.remove(0, [3], tier=OFFLOADED) == 1  # removes that tier only
+    assert idx.blocks(0).tolist() == [1, 2, 3] and idx.blocks(0, OFFLOADED).tolist() == [2, 4]
+    assert idx.longest_prefix([1, 2, 3, 4], 1) == {0: 3}  # device only
+    assert idx.clear(0) == 5 and idx.entries == 0 and not idx.has_lower_tier()
+    idx.add(1, [7], tier=OFFLOADED)
+    assert idx.drop_node(1) == 1 and idx.count(1, OFFLOADED) == 0
+
+
+def test_tiered_prefix_gives_device_then_lower_tier_credit(
+        make: Callable[[], PrefixIndex]) -> None:
+    idx = make()
+    idx.add(0, [1, 2])  # GPU: blocks 0-1
+    idx.add(0, [1, 2, 3, 4], tier=OFFLOADED)  # CPU copies + blocks 2-3 offloaded
+    idx.add(1, [1, 2, 3], tier=OFFLOADED)  # CPU only
+    idx.add(2, [1, 2, 3, 4, 5])  # all on GPU
+    idx.add(3, [1, 3, 4])  # GPU with a hole at block 1
+    idx.add(3, [4], tier=OFFLOADED)
+    idx.add(4, [2, 3], tier=OFFLOADED)  # no block 0 anywhere: nothing
+    got = idx.tiered_prefix([1, 2, 3, 4, 5], 0b11111)
+    assert got == {0: (2, 2), 1: (0, 3), 2: (5, 0), 3: (1, 0)}
+    assert idx.tiered_prefix([1, 2, 3, 4, 5], 0b00010) == {1: (0, 3)}  # candidates only
+    assert idx.tiered_prefix([], 0b11111) == {} and idx.tiered_prefix([9], 0b11111) == {}
+
+
+def test_tiered_prefix_after_the_device_run_counts_only_the_lower_tier(
+        make: Callable[[], PrefixIndex]) -> None:
+    """A block back on GPU after an offloaded one does not extend the match: the engine's
+    offloading store is asked from the device hit on and stops at the first block it lacks."""
+    idx = make()
+    idx.add(0, [1, 3])
+    idx.add(0, [2], tier=OFFLOADED)
+    assert idx.tiered_prefix([1, 2, 3], 1) == {0: (1, 1)}
+
+
+def test_a_block_moving_tiers(make: Callable[[], PrefixIndex]) -> None:
+    """Evicted from GPU but kept on CPU: the block moves from device to lower-tier credit."""
+    idx = make()
+    idx.add(0, [1, 2, 3])
+    idx.add(0, [1, 2, 3], tier=OFFLOADED)
+    assert idx.tiered_prefix([1, 2, 3], 1) == {0: (3, 0)}
+    idx.remove(0, [3])
+    assert idx.tiered_prefix([1, 2, 3], 1) == {0: (2, 1)}
+    idx.remove(0, [1, 2, 3], tier=OFFLOADED)
+    assert idx.tiered_prefix([1, 2, 3], 1) == {0: (2, 0)}
+
+
+def test_tiered_prefix_matches_the_reference_under_random_churn(
+        make: Callable[[], PrefixIndex]) -> None:
+    rng = random.Random(11)
+    idx, ref = make(), ReferenceIndex()
+    for _ in range(3000):
+        slot, tier = rng.randrange(70), rng.choice((DEVICE, OFFLOADED))
+        hs = [rng.randrange(40) for _ in range(rng.randrange(1, 12))]
+        op = rng.random()
+        if op < 0.55:
+            assert idx.add(slot, hs, tier) == ref.add(slot, hs, tier)
+        elif op < 0.97:
+            assert idx.remove(slot, hs, tier) == ref.remove(slot, hs, tier)
+        else:
+            assert idx.clear(slot) == ref.clear(slot)
+    for slot in range(70):
+        for tier in (DEVICE, OFFLOADED):
+            assert idx.blocks(slot, tier).tolist() == ref.blocks(slot, tier).tolist()
+            assert idx.count(slot, tier) == ref.count(slot, tier)
+    assert idx.entries == ref.entries and idx.entries_blocks() == ref.entries_blocks()
+    for _ in range(200):
+        start = rng.randrange(40)
+        query = [(start + i) % 40 for i in range(rng.randrange(0, 20))]
+        mask = rng.getrandbits(70)
+        assert idx.tiered_prefix(query, mask) == ref.tiered_prefix(query, mask)
+        assert idx.longest_prefix(query, mask) == ref.longest_prefix(query, mask)
+
+
+ops = st.lists(st.tuples(st.sampled_from(["add", "remove", "add_low", "remove_low", "clear",
+                                          "drop"]),
                          st.integers(0, 9), st.lists(st.integers(0, 15), max_size=8)),
                max_size=60)
 
@@ -143,6 +225,10 @@ def test_every_implementation_agrees_with_the_reference(
                 results[name] = idx.add(slot, hs)
             elif op == "remove":
                 results[name] = idx.remove(slot, hs)
+            elif op == "add_low":
+                results[name] = idx.add(slot, hs, tier=OFFLOADED)
+            elif op == "remove_low":
+                results[name] = idx.remove(slot, hs, tier=OFFLOADED)
             elif op == "clear":
                 results[name] = idx.clear(slot)
             else:
@@ -150,7 +236,10 @@ def test_every_implementation_agrees_with_the_reference(
         assert len(set(results.values())) == 1, (op, slot, hs, results)
     for idx in indexes.values():
         assert idx.longest_prefix(query, mask) == ref.longest_prefix(query, mask)
+        assert idx.tiered_prefix(query, mask) == ref.tiered_prefix(query, mask)
         assert [idx.count(s) for s in range(10)] == [ref.count(s) for s in range(10)]
+        assert [idx.count(s, OFFLOADED) for s in range(10)] == \
+            [ref.count(s, OFFLOADED) for s in range(10)]
 
 
 def test_slot_table_reuses_lowest_free_slot_and_tracks_models() -> None:

@@ -289,3 +289,28 @@ async def test_node_roles_are_registered_listed_and_looked_up(reg: Reg) -> None:
     assert {n.node_id: n.role for n in resp.nodes} == nodes
     code, msg = await code_of(register(reg, "p", role="encoder"))
     assert code == Code.INVALID_ARGUMENT and "role" in msg
+
+
+async def test_lookup_matched_only_lists_the_matching_nodes_and_counts_the_rest(reg: Reg) -> None:
+    held = {"a": [1, 2, 3], "b": [1, 2], "c": [9]}
+    for i, (node, hashes) in enumerate(held.items()):
+        r = await register(reg, node, f"10.0.0.{i + 1}:8000")
+        await reg.stub.Heartbeat(pb.HeartbeatRequest(
+            node_id=node, epoch=r.epoch, write_token=r.write_token, stored=hashes,
+            delta_seq=1))
+
+    async def ask(hashes: list[int], model: str = "m", **kw: bool) -> pb.LookupResponse:
+        return await reg.stub.Lookup(pb.LookupRequest(block_hashes=hashes, model=model, **kw))
+
+    full = await ask([1, 2, 3])  # the default answer is unchanged: every node of the model
+    assert [(n.node_id, n.matched_blocks) for n in full.nodes] == [("a", 3), ("b", 2), ("c", 0)]
+    assert full.model_nodes == 3
+    only = await ask([1, 2, 3], matched_only=True)  # longest match first, same fields
+    assert [(n.node_id, n.matched_blocks) for n in only.nodes] == [("a", 3), ("b", 2)]
+    assert only.model_nodes == 3 and only.block_size == 16
+    assert only.nodes[0] == full.nodes[0]
+    none = await ask([7], matched_only=True, include_unhealthy=True)
+    assert list(none.nodes) == [] and none.model_nodes == 3  # served, nothing matched
+    other = await ask([1], model="other", matched_only=True)
+    assert list(other.nodes) == [] and other.model_nodes == 0  # not served
+    assert (await ask([1], model="", matched_only=True)).model_nodes == 3

@@ -201,6 +201,37 @@ async def test_block_limits_refuse_and_leave_the_index_unchanged(
     assert await _blocks(stub) == {"a": 100, "b": 0}
 
 
+async def test_offloaded_tier_limits(tmp_path: Path) -> None:
+    """The offloaded tier is not bounded by GPU capacity, but by --max-blocks-per-node per node
+    and --max-index-entries with the device tier; a refused write applies nothing."""
+    async with registry(tmp_path, lease_ttl_s=30, status_write_interval_s=0,
+                        max_blocks_per_node=300, max_index_entries=400) as target, \
+            grpc.aio.insecure_channel(target) as ch:
+        st = pb_grpc.RegistryStub(ch)
+        a = await _register(st, "a", 100)
+        beat = {"node_id": "a", "epoch": a.epoch, "write_token": a.write_token}
+        await st.Heartbeat(pb.HeartbeatRequest(**beat, stored=range(1, 51),
+                                               stored_offloaded=range(1, 251), delta_seq=1))
+        code, msg = await _code(st.Heartbeat(pb.HeartbeatRequest(
+            **beat, stored_offloaded=range(1000, 1100), delta_seq=2)))
+        assert code == Code.RESOURCE_EXHAUSTED and "offloaded tier would hold 350" in msg, msg
+        b = await _register(st, "b", 100)
+        code, msg = await _code(st.Heartbeat(pb.HeartbeatRequest(
+            node_id="b", epoch=b.epoch, write_token=b.write_token,
+            stored_offloaded=range(1, 120), delta_seq=1)))
+        assert code == Code.RESOURCE_EXHAUSTED and "--max-index-entries 400" in msg, msg
+
+        async def resync() -> AsyncIterator[pb.ResyncRequest]:
+            yield pb.ResyncRequest(node_id="b", epoch=b.epoch, write_token=b.write_token,
+                                   offloaded_block_hashes=range(1, 400))
+
+        code, msg = await _code(st.Resync(resync()))
+        assert code == Code.RESOURCE_EXHAUSTED and "offloaded tier" in msg, msg
+        [na, nb] = (await st.ListNodes(pb.ListNodesRequest())).nodes
+        assert (na.blocks_indexed, na.offloaded_blocks_indexed) == (50, 250)
+        assert nb.offloaded_blocks_indexed == 0
+
+
 async def test_write_token_is_required_and_never_shown(stub: pb_grpc.RegistryStub) -> None:
     a = await _register(stub, "a", 100)
     listed = (await stub.ListNodes(pb.ListNodesRequest())).nodes[0]

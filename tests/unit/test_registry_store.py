@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
@@ -22,6 +23,11 @@ from registry_service.store.base import (
     StoreConflict,
     StoreEvent,
     WatchRestart,
+    decode_delta,
+    decode_snapshot,
+    encode_delta,
+    encode_snapshot,
+    join_chunks,
 )
 from registry_service.store.etcd import EtcdStore
 from registry_service.store.etcd_client import EtcdSettings
@@ -119,6 +125,47 @@ async def test_deltas_snapshots_and_reload(stores: Factory) -> None:
     loaded = await s.load()
     assert not [e for e in loaded.events if isinstance(e, DeltaPut)]
     assert [e.hashes.tolist() for e in loaded.events if isinstance(e, SnapshotPut)] == [[1, 2]]
+
+
+async def test_offloaded_tier_in_deltas_and_snapshots(stores: Factory) -> None:
+    """The offloaded (lower) tier survives the store: deltas and chunked snapshots carry it,
+    a reload and a second replica see it, and a device-only value is still version 1."""
+    s = await started(stores)
+    r = await s.register_node(rec(), None)
+    off = np.arange(1, 1200, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    assert await s.append_delta(r, Delta(1, 0, False, arr(1, 2), arr(),
+                                         stored_offloaded=off, removed_offloaded=arr(5)))
+    loaded = await (await started(stores)).load()
+    [d] = [e.delta for e in loaded.events if isinstance(e, DeltaPut)]
+    assert d.stored.tolist() == [1, 2] and d.stored_offloaded.tolist() == off.tolist()
+    assert d.removed_offloaded.tolist() == [5] and d.removed.size == 0
+    await s.write_snapshot(r, 1, 1, arr(1, 2), False, np.sort(off))  # several 4 KiB chunks
+    assert await s.append_delta(r, Delta(2, 1, False, arr(3), arr()))
+    loaded = await (await started(stores)).load()
+    [snap] = [e for e in loaded.events if isinstance(e, SnapshotPut)]
+    assert snap.hashes.tolist() == [1, 2] and snap.offloaded.tolist() == np.sort(off).tolist()
+    [d2] = [e.delta for e in loaded.events if isinstance(e, DeltaPut)]
+    assert d2.stored.tolist() == [3] and not d2.has_offloaded
+
+
+def test_version_1_values_stay_readable() -> None:
+    """Values written by registries before the offloaded tier decode as device-only, and a
+    device-only value is still written as version 1 (older replicas keep reading it)."""
+    v1_delta = struct.pack("<4sQQBI", b"KVD1", 0, 4, 1, 2) + arr(7, 8, 9).astype("<u8").tobytes()
+    d = decode_delta(v1_delta)
+    assert (d.seq, d.cleared, d.stored.tolist(), d.removed.tolist()) == (4, True, [7, 8], [9])
+    assert d.stored_offloaded.size == 0 and encode_delta(d) == v1_delta
+    v1_snap = struct.pack("<4sQQIIB", b"KVS1", 3, 2, 0, 1, 0) + arr(1, 2).astype("<u8").tobytes()
+    c = decode_snapshot(v1_snap)
+    assert (c.gen, c.through_seq, c.hashes.tolist(), c.tier) == (3, 2, [1, 2], 0)
+    assert encode_snapshot(3, 2, arr(1, 2), False, 1 << 20) == [v1_snap]
+    values = encode_snapshot(3, 2, arr(1, 2), False, 1 << 20, arr(5))
+    assert [v[:4] for v in values] == [b"KVS2", b"KVS2"]
+    dev, off = join_chunks([decode_snapshot(v) for v in values])
+    assert dev.tolist() == [1, 2] and off.tolist() == [5]
+    for bad in (b"KVD2" + bytes(40), b"KVD2" + bytes(5)):
+        with pytest.raises(ValueError):
+            decode_delta(bad)
 
 
 async def test_large_snapshot_over_several_transactions(

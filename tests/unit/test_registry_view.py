@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvroute.index import OFFLOADED
 from registry_service.metrics import RegistryMetrics
 from registry_service.nodes import Change, Fanout
 from registry_service.store.base import (
@@ -48,6 +49,27 @@ def test_echoes_and_replays_are_ignored() -> None:
     v.apply(DeltaPut("a", 1, Delta(9, 0, False, arr(99), arr())))  # older generation
     v.apply(DeltaPut("a", 0, Delta(4, 1, False, arr(98), arr())))  # older epoch
     assert blocks(v) == [2, 3, 4]
+
+
+def test_offloaded_tier_converges_across_replicas() -> None:
+    """Deltas and snapshots carry the offloaded tier; a replica that lists the store (snapshot
+    + later deltas) ends with the same two tiers as one that followed every event."""
+    off = OFFLOADED
+    history = [NodePut(rec()),
+               DeltaPut("a", 1, Delta(1, 0, False, arr(1, 2), arr(),
+                                      stored_offloaded=arr(1, 2, 3))),
+               DeltaPut("a", 1, Delta(2, 0, False, arr(), arr(2), removed_offloaded=arr(1))),
+               SnapshotPut("a", 1, 1, 2, False, arr(1), arr(2, 3)),
+               DeltaPut("a", 1, Delta(3, 1, False, arr(4), arr(), stored_offloaded=arr(4)))]
+    a, b = view(), view()
+    for ev in history + history:
+        a.apply(ev)
+    b.reconcile(LoadResult([history[0], history[3], history[4]], 10))
+    for v in (a, b):
+        slot = v.nodes["a"].slot
+        assert v.index.blocks(slot).tolist() == [1, 4]
+        assert v.index.blocks(slot, off).tolist() == [2, 3, 4]
+        assert v.lookup_tiered([1, 2, 3, 5], "m") == {slot: (1, 2)}
 
 
 def test_resync_snapshot_replaces_and_reload_converges() -> None:

@@ -9,7 +9,7 @@ from kvroute.errors import InvalidArgument, Unavailable
 from router_service.core import RouterCore
 from router_service.domain import RouteRequest
 from router_service.load import LoadTracker
-from router_service.policies.registry import PolicySet
+from router_service.policies.factory import PolicySet
 from router_service.settings import RouterSettings
 from router_service.tokenizer import load_tokenizer
 from tests.unit.test_router_servicer import BS, MemorySource
@@ -90,9 +90,17 @@ def test_bad_input_is_refused_with_the_field_named() -> None:
 
 
 def test_a_departed_nodes_queued_prefill_is_forgotten() -> None:
-    core, src = _core()
-    core.decide_local(RouteRequest("r0", token_ids=PROMPT, policy="least_loaded"))
-    assert core.tracker.pending_nodes()
+    core, src = _core()  # the clock stands still: the estimate does not drain by itself
+    d = core.decide_local(RouteRequest("r0", token_ids=PROMPT, policy="least_loaded"))
+    core.tracker.set_rate(d.node_id, 5000.0)
+    assert core.tracker.pending_prefill(d.node_id) > 0
+    src.remove(d.node_id)  # the source reports the departure: forgotten at once
+    assert core.tracker.pending_prefill(d.node_id) == 0
+    assert core.tracker.rate(d.node_id) != 5000.0
+    assert d.node_id not in core.tracker.pending_nodes()
+    # departures no source reported: the periodic sweep drops them
+    d2 = core.decide_local(RouteRequest("r1", token_ids=PROMPT, policy="least_loaded"))
+    assert core.tracker.pending_nodes() == [d2.node_id]
     for n in list(src.nodes):
         del src.nodes[n]
     core._forget_departed()

@@ -12,7 +12,7 @@ from router_service.core import RouterCore
 from router_service.disagg import DisaggSettings, check_role, wants_pd
 from router_service.domain import RouteRequest
 from router_service.load import LoadTracker
-from router_service.policies.registry import PolicySet
+from router_service.policies.factory import PolicySet
 from router_service.servicer import RouterServicer
 from router_service.settings import RouterSettings
 from router_service.tokenizer import load_tokenizer

@@ -16,7 +16,7 @@ from kvroute.v1 import router_pb2, router_pb2_grpc
 from router_service.core import RouterCore
 from router_service.load import LoadTracker
 from router_service.placement import Placement
-from router_service.policies.registry import PolicySet
+from router_service.policies.factory import PolicySet
 from router_service.proto_adapter import to_route_request
 from router_service.servicer import RouterServicer
 from router_service.settings import RouterSettings

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -24,7 +24,7 @@ from kvroute.v1 import router_pb2, router_pb2_grpc
 from router_service.core import RouterCore
 from router_service.load import LoadTracker
 from router_service.placement import NodeState, Placement
-from router_service.policies.registry import PolicySet
+from router_service.policies.factory import PolicySet
 from router_service.proto_adapter import to_route_request
 from router_service.servicer import RouterServicer
 from router_service.settings import RouterSettings
@@ -42,6 +42,7 @@ class MemorySource:
         self.blocks: dict[str, set[int]] = {}
         self.up = True
         self.block_size = BS
+        self.departed: Callable[[str], None] = lambda nid: None
 
     async def start(self) -> None:
         return None
@@ -80,6 +81,13 @@ class MemorySource:
 
     def nodes_known(self) -> int:
         return len(self.nodes)
+
+    def on_departure(self, hook: Callable[[str], None]) -> None:
+        self.departed = hook
+
+    def remove(self, nid: str) -> None:
+        del self.nodes[nid], self.blocks[nid]
+        self.departed(nid)
 
     def add(self, nid: str, blocks: Sequence[int] = (), model: str = "m") -> None:
         self.nodes[nid] = NodeState(nid, f"{nid}:8000", model)

@@ -9,7 +9,7 @@ from kvroute.blocks import hash_blocks
 from router_service.core import RouterCore
 from router_service.domain import RouteRequest
 from router_service.load import LoadTracker
-from router_service.policies.registry import PolicySet
+from router_service.policies.factory import PolicySet
 from router_service.route_share import RemoteLoad, RouteDelta, SharedView
 from router_service.settings import RouterSettings
 from router_service.tokenizer import load_tokenizer

@@ -3,11 +3,20 @@
     (pending_prefill_tokens + reuse_weight * uncached_tokens + inflight_cost_tokens * inflight)
     / prefill_tokens_per_s
 
-``uncached_tokens`` is the prefill this request adds there (prompt minus the effective overlap);
+``uncached_tokens`` is the prefill this request adds there: the prompt minus the effective
+overlap (device-cache blocks, full credit) minus ``offloaded_credit`` x the offloaded blocks that
+continue it (the engine loads those from CPU/disk instead of recomputing: cheaper than a prefill,
+dearer than a GPU hit);
 ``pending_prefill_tokens`` is the router's estimate of prefill queued on the node, floored at
 half the engine's reported waiting requests x this scorer's running average of uncached tokens
 per decision (so an overestimated prefill rate cannot make a busy node look idle). The running
 average moves on commit only.
+
+A node whose agent reports its index incomplete (``index_complete`` False: late join, lost
+batches, wrong topic) may hold more than the registry knows, so its missing prefix is not
+evidence of a miss: the part of ``reuse_weight`` above 1 (the penalty for recomputing a prefix
+that is cached elsewhere) is scaled by ``unknown_miss_weight`` there, while its own prefill time,
+queued prefill and in-flight cost count in full.
 """
 
 from __future__ import annotations
@@ -21,10 +30,13 @@ class QueuedPrefillScorer:
     name = "queued_prefill"
 
     def __init__(self, prefill_tokens_per_s: float, reuse_weight: float,
-                 inflight_cost_tokens: float) -> None:
+                 inflight_cost_tokens: float, offloaded_credit: float = 1.0,
+                 unknown_miss_weight: float = 1.0) -> None:
         self.rate = prefill_tokens_per_s
         self.reuse_weight = reuse_weight
         self.inflight_cost_tokens = inflight_cost_tokens
+        self.offloaded_credit = offloaded_credit
+        self.unknown_miss_weight = unknown_miss_weight
         self.avg_uncached = 0.0
         """Moving average of the uncached prompt tokens of committed decisions."""
 
@@ -33,11 +45,28 @@ class QueuedPrefillScorer:
         req = cycle.request
         v = cycle.nodes[i]
         w = self.reuse_weight if reuse_weight is None else reuse_weight
-        cached = min(cycle.matched[i] * req.block_size, req.prompt_tokens)
-        uncached = req.prompt_tokens - cached
+        if not v.index_complete:
+            w = min(w, 1.0 + (w - 1.0) * self.unknown_miss_weight)
+        uncached = req.prompt_tokens - self.credited_tokens(cycle, i)
         pending = max(v.pending_prefill_tokens, 0.5 * v.queue_depth * self.avg_uncached)
         rate = v.prefill_tokens_per_s or self.rate
         return (pending + w * uncached + self.inflight_cost_tokens * v.inflight) / rate
+
+    def offloaded_tokens(self, cycle: Cycle, i: int) -> int:
+        """Prompt tokens of ``cycle.nodes[i]``'s offloaded blocks beyond the effective overlap."""
+        req = cycle.request
+        v = cycle.nodes[i]
+        if not v.offloaded_blocks:
+            return 0
+        m = cycle.matched[i]
+        extra = max(0, v.matched_blocks + v.offloaded_blocks - m)
+        return max(0, min(extra * req.block_size, req.prompt_tokens - m * req.block_size))
+
+    def credited_tokens(self, cycle: Cycle, i: int) -> float:
+        """Device-cached tokens plus ``offloaded_credit`` x offloaded tokens, for node i."""
+        req = cycle.request
+        cached = min(cycle.matched[i] * req.block_size, req.prompt_tokens)
+        return cached + self.offloaded_credit * self.offloaded_tokens(cycle, i)
 
     def scores(self, cycle: Cycle) -> list[float]:
         """Per node, in seconds."""
@@ -45,7 +74,5 @@ class QueuedPrefillScorer:
 
     def commit(self, cycle: Cycle, chosen: int) -> None:
         """Fold the chosen node's uncached tokens into the running average."""
-        req = cycle.request
-        uncached = req.prompt_tokens - min(cycle.matched[chosen] * req.block_size,
-                                           req.prompt_tokens)
+        uncached = cycle.request.prompt_tokens - self.credited_tokens(cycle, chosen)
         self.avg_uncached += 0.02 * (uncached - self.avg_uncached)

@@ -75,7 +75,7 @@ class SchedulingPolicy:
                          key=lambda i: (cycle.nodes[i].load, cycle.nodes[i].node_id))
         self._last = (request.request_id, cycle, chosen)
         cands = sorted((Candidate(v.node_id, scores[i], v.matched_blocks, v.load,
-                                  excluded=excl[i])
+                                  excluded=excl[i], offloaded_blocks=v.offloaded_blocks)
                         for i, v in enumerate(cycle.nodes)),
                        key=lambda c: (c.excluded != "", c.score))
         node = cycle.nodes[chosen]

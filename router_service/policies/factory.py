@@ -1,11 +1,12 @@
-"""The one policy registry: names -> factories with typed settings.
+"""The one policy factory: policy names -> builders with typed settings.
 
 Every policy has a name (used in settings, requests, metrics and reasons), a one-line help and an
 optional settings dataclass (fields made with :func:`kvroute.settings.setting`, so the CLI turns
-them into documented flags and ``KVROUTE_*`` variables). :func:`router_policies` is the registry
-the router serves; the bench starts from the same registry and registers its bench-only
-baselines on its own copy (no module-level state). :class:`PolicySet` holds one instance of each
-policy for a router (stateful policies such as round robin keep their state there).
+them into documented flags and ``KVROUTE_*`` variables). :func:`router_policies` is the factory
+of the policies the router serves; the bench starts from the same factory and registers its
+bench-only baselines on its own copy (no module-level state). :class:`PolicySet` holds one
+instance of each policy for a router (stateful policies such as round robin keep their state
+there).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class PolicySpec:
     """Builds the policy from an instance of ``settings_cls`` (or None)."""
 
 
-class PolicyRegistry:
-    """Policy specs by name; built per caller (no global registry)."""
+class PolicyFactory:
+    """Builds policies by name from their specs; one per caller (no global state)."""
 
     def __init__(self, specs: Sequence[PolicySpec] = ()) -> None:
         self._specs: dict[str, PolicySpec] = {}
@@ -75,9 +76,9 @@ class PolicyRegistry:
         return spec.factory(cfg)
 
 
-def router_policies() -> PolicyRegistry:
+def router_policies() -> PolicyFactory:
     """The policies the router serves."""
-    return PolicyRegistry([
+    return PolicyFactory([
         PolicySpec("round_robin", "healthy nodes in turn", None, lambda _s: RoundRobinPolicy()),
         PolicySpec("least_loaded", "fewest in-flight requests, then shortest queue", None,
                    lambda _s: LeastLoadedPolicy()),
@@ -101,7 +102,7 @@ def settings_classes() -> list[type[Any]]:
 
 
 def build_policy(name: str, settings: Mapping[type[Any], Any] | None = None) -> Policy:
-    """One of the router's policies by name (see :meth:`PolicyRegistry.build`)."""
+    """One of the router's policies by name (see :meth:`PolicyFactory.build`)."""
     return router_policies().build(name, settings)
 
 
@@ -110,8 +111,8 @@ class PolicySet:
 
     def __init__(self, settings: Mapping[type[Any], Any] | None = None,
                  names: Sequence[str] | None = None,
-                 registry: PolicyRegistry | None = None) -> None:
-        reg = registry or router_policies()
+                 factory: PolicyFactory | None = None) -> None:
+        reg = factory or router_policies()
         wanted = list(names) if names is not None else reg.names
         self._policies: dict[str, Policy] = {n: reg.build(n, settings) for n in wanted}
 

@@ -1,4 +1,4 @@
-"""Registry link, replica mode: follow ``Registry.WatchPlacement`` into a local index mirror.
+"""Registry link, mirror mode: follow ``Registry.WatchPlacement`` into a local index mirror.
 
 The mirror (:class:`~router_service.index_mirror.IndexMirror`) answers lookups in-process (no
 registry round trip per request). A (re)connect builds a fresh mirror from the registry's
@@ -22,7 +22,7 @@ from kvroute.settings import TLSSettings
 from kvroute.targets import TargetRing
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from router_service.index_mirror import IndexMirror
-from router_service.placement import NodeState, Placement
+from router_service.placement import DepartureHook, NodeState, Placement
 from router_service.retry import LinkLog, LinkNeverUp, reconnect_options, reconnect_retrying
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,10 @@ HOLD_EMPTY_S = 5.0
 """How long a reconnect's empty snapshot may wait while the previous mirror had nodes."""
 
 
-class ReplicaSource:
-    """A local replica of the placement index that follows the registry."""
+class MirrorSource:
+    """A local mirror of the placement index that follows the registry."""
 
-    mode = "replica"
+    mode = "mirror"
     local = True
 
     def __init__(self, target: str, tls: TLSSettings | None = None, *,
@@ -47,6 +47,7 @@ class ReplicaSource:
         self._on_event_lag = on_event_lag
         self._clock = clock
         self._index = IndexMirror()
+        self._departed: DepartureHook = self._index.departed
         self._connected = False
         self._held: IndexMirror | None = None
         """A complete but empty snapshot not swapped in yet (see :meth:`_hold_empty`)."""
@@ -55,11 +56,11 @@ class ReplicaSource:
         self._task: asyncio.Task[None] | None = None
         self.events_applied = 0
         self.reconnects = 0
-        self._link_log = LinkLog(target, "placement watch (replica mode)")
+        self._link_log = LinkLog(target, "placement watch (mirror mode)")
 
     async def start(self) -> None:
         """Start following the registry in the background."""
-        self._task = asyncio.create_task(self._run(), name="replica-follow")
+        self._task = asyncio.create_task(self._run(), name="mirror-follow")
 
     async def stop(self) -> None:
         """Stop following."""
@@ -96,7 +97,8 @@ class ReplicaSource:
     def lookup_local(self, block_hashes: Sequence[int], model: str) -> Placement:
         """:meth:`lookup`, synchronously (the mirror is in memory)."""
         self._check_usable()
-        return Placement(self._index.lookup(block_hashes, model), self._index.block_size)
+        pairs, offloaded = self._index.lookup_tiers(block_hashes, model)
+        return Placement(pairs, self._index.block_size, offloaded)
 
     def _check_usable(self) -> None:
         if not self.usable():
@@ -115,6 +117,10 @@ class ReplicaSource:
         self._check_usable()
         return self._index.matches(block_hashes, model)
 
+    def offloaded_local(self, block_hashes: Sequence[int], model: str) -> dict[str, int]:
+        """Node id -> offloaded blocks continuing its device prefix (only nodes with some)."""
+        return self._index.offloaded_matches(block_hashes, model)
+
     def node(self, node_id: str) -> NodeState | None:
         """A node's state by id."""
         return self._index.nodes.get(node_id)
@@ -127,6 +133,18 @@ class ReplicaSource:
     def nodes_known(self) -> int:
         """Nodes in the current mirror."""
         return len(self._index.nodes)
+
+    def on_departure(self, hook: DepartureHook) -> None:
+        """Call ``hook(node_id)`` for each node that leaves: a NODE_REMOVED event, or a node
+        missing from a reconnect's fresh snapshot."""
+        self._departed = self._index.departed = hook
+
+    def _swap(self, fresh: IndexMirror) -> None:
+        """Route on ``fresh`` from now; nodes the old mirror had and it lacks have left."""
+        old, self._index = self._index, fresh
+        fresh.departed = self._departed
+        for node_id in old.nodes.keys() - fresh.nodes.keys():
+            self._departed(node_id)
 
     # -- background -----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -154,7 +172,8 @@ class ReplicaSource:
     def _release_hold(self) -> None:
         """Swap in a held empty snapshot once its time is up (also without new events)."""
         if self._held is not None and self._clock() >= self._held_until:
-            self._index, self._held = self._held, None
+            self._swap(self._held)
+            self._held = None
             self._connected = True
             log.warning("registry still lists no node after %g s: the fleet is empty",
                         HOLD_EMPTY_S)
@@ -170,7 +189,7 @@ class ReplicaSource:
         """One watch: snapshot, then live changes. Returns if it was ever up (resets back-off).
 
         With several registry addresses, a watch that fails or ends moves to the next one;
-        the current replica keeps serving lookups meanwhile (within the staleness bound).
+        the current mirror keeps serving lookups meanwhile (within the staleness bound).
         """
         target = self._ring.current
         channel = open_channel(
@@ -195,7 +214,8 @@ class ReplicaSource:
                                         HOLD_EMPTY_S)
                     elif fresh.complete:
                         self._held = None
-                        self._index, was_up = fresh, True
+                        self._swap(fresh)
+                        was_up = True
                         self._connected = True
                         self.reconnects += 1
                         self._link_log.up()

@@ -28,16 +28,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_never,
-    wait_exponential,
-    wait_random,
-)
+from tenacity import RetryCallState
 
 from kvroute.blocks import HASH_SCHEME
 from kvroute.grpcutil import message_size_options, open_channel, reconnect_options
+from kvroute.retry import retrying
 from kvroute.targets import TargetRing
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
 from node_agent.block_map import BlockMap
@@ -184,10 +179,8 @@ class RegistryLink:
                 # never wait longer than a heartbeat interval between attempts: a registry
                 # that is slow (stalled etcd) but alive keeps hearing from the node
                 cap = max(0.05, min(self._s.registry_retry_max_s, self._interval) - 0.05)
-                async for attempt in AsyncRetrying(
-                        retry=retry_if_exception_type(_Retry), stop=stop_never,
-                        wait=wait_exponential(multiplier=0.1, max=cap) + wait_random(0, 0.05),
-                        before_sleep=self._log_retry, reraise=True):
+                async for attempt in retrying(_Retry, first_s=0.1, max_s=cap, jitter="added",
+                                              before_sleep=self._log_retry):
                     with attempt:
                         await self._connect()
                 if not self._engine_ok.is_set():
@@ -214,10 +207,9 @@ class RegistryLink:
             await self.deregister(min(2.0, self._s.rpc_timeout_s))
         self._need_register = True
 
-    def _log_retry(self, state: object) -> None:
-        outcome = getattr(state, "outcome", None)
-        exc = outcome.exception() if outcome is not None else None
-        wait = getattr(getattr(state, "next_action", None), "sleep", 0.0)
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
         self.stats.connected = False
         log.warning("registry %s: %s; retrying in %.1f s", self._ring.current, exc, wait)
 
