@@ -102,6 +102,9 @@ def _settings(args: argparse.Namespace, workload: Workload) -> SimSettings:
     from bench.runner import resolve_settings
 
     s = from_namespace(SimSettings, args)
+    if s.mixed_batch_slowdown and getattr(args, "mode", "sim") != "sim":
+        raise ConfigError("--mixed-batch-slowdown is a --mode sim what-if (engine_sim "
+                          "processes do not model it)")
     pn, dn = getattr(args, "prefill_nodes", 0) or 0, getattr(args, "decode_nodes", 0) or 0
     if pn or dn:
         if pn < 1 or dn < 1:

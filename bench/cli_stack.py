@@ -251,7 +251,11 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
         pd_headroom_penalty_s=disagg.pd_headroom_penalty_s * ts)
     pd_flags: list[str] = []
     for f in dataclasses.fields(scaled):
-        pd_flags += [flag_name(f), str(getattr(scaled, f.name))]
+        value = getattr(scaled, f.name)
+        if isinstance(value, bool):  # --flag / --no-flag
+            pd_flags.append(flag_name(f) if value else "--no-" + flag_name(f).removeprefix("--"))
+        else:
+            pd_flags += [flag_name(f), str(value)]
     spec = FleetSpec(nodes=p + d, cache_blocks=settings.cache_blocks,
                      block_size=workload.block_size,
                      prefill_tokens_per_s=settings.prefill_tokens_per_s,

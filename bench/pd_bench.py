@@ -151,6 +151,11 @@ def print_pd(report: dict[str, Any]) -> None:
         print(f"{'oracle (merged LRU, floor)':<28}{b['prefill_merged_lru_hit_rate']:7.3f}"
               f"{b['ttft_floor_ms']['p50']:10.0f}{b['ttft_floor_ms']['p90']:9.0f}{'':24}"
               f"{b['merged_lru_transfer_blocks']:>10}")
+    lags = [f"{m['policy']} {lag['p50'] / 1000:.2f}/{lag['p99'] / 1000:.2f}"
+            for m in report["results"] if (lag := m.get("arrival_lag_ms"))]
+    if lags:
+        print("arrival lag at the prefill engines p50/p99 (model s; large = the machine could "
+              "not keep the compressed schedule): " + ", ".join(lags))
     print("(queue/prefill/xfer: mean ms of the TTFT split; hit: prompt tokens the prefill "
           "engines' caches served; dec held: prompt tokens the decode engine already held)")
 

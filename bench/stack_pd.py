@@ -6,7 +6,9 @@ disaggregated proxy does, the vLLM way: ``Router.Route`` (the router sees prefil
 nodes and answers a pair) → ``POST /v1/completions`` on the prefill engine with ``max_tokens=1``
 and ``kv_transfer_params.do_remote_decode`` → ``POST /v1/completions`` on the decode engine with
 the ``kv_transfer_params`` the prefill engine answered (it receives the blocks its cache lacks,
-stores and publishes them) → ``Router.Complete``. Numbers come from the engines' records: the
+stores and publishes them) → ``Router.Complete``; the prefill half is released
+(``CompleteRequest.prefill_only``) as soon as the prefill engine answers, as
+:func:`bench.sim.pd_replay.simulate_pd` does. Numbers come from the engines' records: the
 prefill record gives the prefill queue, prefill time and cached tokens, the decode record the
 transfer and first token; the hand-over between them (response, then the next request) is
 measured by the client and converted to model seconds.
@@ -30,7 +32,7 @@ from bench.prompts import JSON_HEADERS, Prompt, json_body, prepare
 from bench.results import PolicyRun
 from bench.sim.pd_replay import PdRun
 from bench.stack_fleet import FleetSpec
-from bench.stack_replay import _stats
+from bench.stack_replay import _arrival_lag, _stats
 from bench.workloads.base import TraceRequest, Workload
 from kvroute.v1 import router_pb2, router_pb2_grpc
 
@@ -49,10 +51,17 @@ class _Pair:
     error: str = ""
 
 
+async def _release_prefill(stub: router_pb2_grpc.RouterAsyncStub, request_id: str) -> None:
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await stub.Complete(router_pb2.CompleteRequest(
+            request_id=request_id, success=True, prefill_only=True), timeout=10)
+
+
 async def _one(req: TraceRequest, prompt: Prompt, route_msg: router_pb2.RouteRequest,
                model: str, stub: router_pb2_grpc.RouterAsyncStub, http: aiohttp.ClientSession,
                urls: dict[str, str], out: _Pair) -> None:
     ok = False
+    released: asyncio.Task[None] | None = None
     try:
         d = await stub.Route(route_msg, timeout=30)
         out.prefill, out.decode = d.node_id, d.decode_node_id or d.node_id
@@ -66,6 +75,9 @@ async def _one(req: TraceRequest, prompt: Prompt, route_msg: router_pb2.RouteReq
             if resp.status != 200:
                 raise RuntimeError(f"prefill engine {resp.status}: {data}")
         t_hand = time.perf_counter()
+        # the prefill half is done (as in the sim, RouterCore.complete_prefill): release the
+        # prefill node's load while the decode request goes out
+        released = asyncio.create_task(_release_prefill(stub, req.request_id))
         body = json_body({"model": model, "max_tokens": max(1, req.output_tokens),
                           "kv_transfer_params": data.get("kv_transfer_params") or {},
                           "user": f"{req.request_id}#d"}, "prompt", prompt)
@@ -81,6 +93,8 @@ async def _one(req: TraceRequest, prompt: Prompt, route_msg: router_pb2.RouteReq
     except (aiohttp.ClientError, TimeoutError, KeyError, RuntimeError) as exc:
         out.error = f"engine: {exc!r}"
     finally:
+        if released is not None:
+            await released
         if out.prefill:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await stub.Complete(router_pb2.CompleteRequest(
@@ -145,6 +159,7 @@ def _fill(pd: PdRun, workload: Workload, outs: list[_Pair],
         for rec in st.get("records", []):
             recs[str(rec.get("request_id"))] = rec
     index = {n: i for i, n in enumerate(node_ids)}
+    skew = [math.nan] * len(outs)  # prefill engine arrival - schedule
     for i, (req, out) in enumerate(zip(workload.requests, outs, strict=True)):
         run.arrival_s[i] = req.arrival_s
         run.prompt_tokens[i] = req.prompt_tokens
@@ -157,6 +172,7 @@ def _fill(pd: PdRun, workload: Workload, outs: list[_Pair],
         run.node[i], pd.decode_node[i] = index[out.prefill], index[out.decode]
         run.prompt_tokens[i] = int(p["prompt_tokens"])
         run.cached_tokens[i] = int(p["cached_tokens"])
+        skew[i] = float(p["arrival"]) - req.arrival_s
         pd.predicted_transfer_blocks[i] = out.predicted_transfer
         pre_queue = float(p["first_token_at"]) - float(p["arrival"])
         prefill = (run.prompt_tokens[i] - run.cached_tokens[i]) / rate
@@ -171,6 +187,7 @@ def _fill(pd: PdRun, workload: Workload, outs: list[_Pair],
         run.ttft_s[i] = pre_queue + hand + dec_first
         run.e2e_s[i] = pre_queue + hand + float(d["finished_at"]) - float(d["arrival"])
         run.t_end_s = max(run.t_end_s, req.arrival_s + run.e2e_s[i])
+    run.arrival_lag_s = _arrival_lag(run.node, skew, pd.prefill_nodes)
 
 
 

@@ -29,7 +29,7 @@ from bench.prompts import Prompt, json_body
 from bench.results import PolicyRun
 from bench.sim.pd_replay import PdRun
 from bench.stack_fleet import EngineHandle
-from bench.stack_replay import _stats
+from bench.stack_replay import _arrival_lag, _stats
 from bench.workloads.base import Workload
 from kvroute.procs import free_port
 
@@ -121,6 +121,7 @@ def _fill(pd: PdRun, workload: Workload, errors: list[str],
         side = pre if index[nid] < pd.prefill_nodes else dec
         for rec in st.get("records", []):
             side[str(rec.get("request_id"))] = (index[nid], rec)
+    skew = [math.nan] * len(workload.requests)  # prefill engine arrival - schedule
     for i, req in enumerate(workload.requests):
         run.arrival_s[i] = req.arrival_s
         run.prompt_tokens[i] = req.prompt_tokens
@@ -134,6 +135,7 @@ def _fill(pd: PdRun, workload: Workload, errors: list[str],
         run.node[i], pd.decode_node[i] = pi, di
         run.prompt_tokens[i] = int(pr["prompt_tokens"])
         run.cached_tokens[i] = int(pr["cached_tokens"])
+        skew[i] = float(pr["arrival"]) - req.arrival_s
         pre_t = float(pr["first_token_at"]) - float(pr["arrival"])
         pd.prefill_s[i] = min(pre_t, (run.prompt_tokens[i] - run.cached_tokens[i]) / rate)
         adm = float(dr["admitted_at"]) - float(dr["arrival"])
@@ -145,3 +147,4 @@ def _fill(pd: PdRun, workload: Workload, errors: list[str],
         run.ttft_s[i] = pre_t + first
         run.e2e_s[i] = pre_t + float(dr["finished_at"]) - float(dr["arrival"])
         run.t_end_s = max(run.t_end_s, req.arrival_s + run.e2e_s[i])
+    run.arrival_lag_s = _arrival_lag(run.node, skew, pd.prefill_nodes)

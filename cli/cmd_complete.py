@@ -28,13 +28,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--cached-tokens", type=int, default=None, metavar="N",
                    help="prompt tokens the engine served from its KV cache")
     p.add_argument("--failed", action="store_true", help="the request failed on the engine")
+    p.add_argument("--prefill-only", action="store_true",
+                   help="disaggregated pairs: only the prefill half is done (the prefill engine "
+                        "answered, its KV is handed over); the decode half stays in flight")
     client_args.add_connection(p)
     client_args.env_defaults(p)
     p.set_defaults(run=run)
 
 
 async def _complete(args: argparse.Namespace, tls: TLSSettings) -> router_pb2.CompleteResponse:
-    req = router_pb2.CompleteRequest(request_id=args.request_id, success=not args.failed)
+    req = router_pb2.CompleteRequest(request_id=args.request_id, success=not args.failed,
+                                     prefill_only=args.prefill_only)
     if args.cached_tokens is not None:
         req.cached_tokens = args.cached_tokens
     async with open_channel(args.router, tls) as ch:

@@ -5,9 +5,9 @@ vLLM's: gauges ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
 ``vllm:prefix_cache_hits_total`` (tokens), ``vllm:prompt_tokens_total``,
 ``vllm:generation_tokens_total``, ``vllm:request_success_total``, histograms
 ``vllm:time_to_first_token_seconds`` (model seconds) and ``vllm:request_prefill_time_seconds``
-(sum and count only; finished requests; **wall** seconds = model seconds x ``--time-scale``, so the
-prefill rate a node agent derives from it is the engine's rate on the wall clock, the clock the
-router drains its queued-prefill estimate on); labels ``model_name`` and ``engine``; and
+(sum and count only; finished requests; **wall** seconds = model seconds x ``--time-scale``, so
+the prefill rate an agent derives from it is the rate on the clock routers run on); labels
+``model_name`` and ``engine``; and
 ``vllm:cache_config_info`` (value 1, the cache config as labels: ``block_size``,
 ``num_gpu_blocks``, ...), from which a node agent reads the engine's KV capacity. Ours:
 ``kvroute_engine_sim_*`` (evictions, stored blocks, hits by request, events). Values are read
@@ -80,8 +80,8 @@ class EngineCollector(Collector):
         h = HistogramMetricFamily("vllm:request_prefill_time_seconds",
                                   "Histogram of time spent in PREFILL phase for request.",
                                   labels=labels)
-        # wall seconds, as a vLLM on the wall clock reports them: an agent derives the engine's
-        # prefill rate from this for a router that drains its estimate on the wall clock
+        # wall seconds, as a real engine measures them: an agent derives the engine's prefill
+        # rate from this, and routers drain their queued-prefill estimates on the wall clock
         h.add_metric(values, [("+Inf", float(e.model.finished_total))],
                      e.model.prefill_seconds_total * e.settings.time_scale)
         yield h

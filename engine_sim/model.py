@@ -17,6 +17,8 @@ The model:
   ``decode_s_per_token`` (decoding requests run in parallel, up to the batch limit).
 - At the end the request's blocks are released (they stay cached, evictable) and queued
   requests are admitted at that instant.
+- Mixed-batch interference (``mixed_batch_slowdown``, default 0 = off): a prefill is
+  lengthened by that fraction per request decoding on the engine when it starts.
 - Disaggregated serving: a request marked ``remote_kv`` (its prompt was prefilled on a prefill
   engine) does not use the prefill unit: on admission the blocks this engine's cache lacks are
   *received* (stored in the cache like computed ones, so they are published as BlockStored,
@@ -153,6 +155,13 @@ class EngineModel:
             heapq.heappop(self._ends)
         return self._ends[0][0] if self._ends else None
 
+    def _decoding_at(self, t: float) -> int:
+        """Admitted requests past their first token and not finished at ``t`` (those admitted
+        later are not known yet: the interference estimate errs low)."""
+        return sum(1 for r in self._running.values()
+                   if r.first_token_at is not None and r.first_token_at <= t
+                   and (r.finished_at is None or r.finished_at > t))
+
     # ---- transitions ---------------------------------------------------------------------
     def submit(self, req: SimRequest, now: float) -> StepResult:
         """Queue ``req`` at ``now`` and admit what fits. Raises RequestTooLarge if it never can."""
@@ -236,7 +245,10 @@ class EngineModel:
             else:
                 start = max(now, self._prefill_free_at)
                 req.prefill_start = start
-                req.first_token_at = start + req.uncached_tokens / p.prefill_tokens_per_s
+                took = req.uncached_tokens / p.prefill_tokens_per_s
+                if p.mixed_batch_slowdown:
+                    took *= 1.0 + p.mixed_batch_slowdown * self._decoding_at(start)
+                req.first_token_at = start + took
                 self._prefill_free_at = req.first_token_at
             req.finished_at = req.first_token_at + (req.max_tokens - 1) * p.decode_s_per_token
             self._running[req.request_id] = req

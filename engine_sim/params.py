@@ -75,12 +75,20 @@ class EngineParams:
     transfer_s_per_block: float = TRANSFER_PRESETS["seed"] * DEFAULT_BLOCK_SIZE / 512
     """Seconds to receive one KV block from a prefill engine (transfer cost is proportional
     to the blocks moved; transfers of different requests overlap)."""
+    mixed_batch_slowdown: float = 0.0
+    """Prefill/decode interference in a mixed batch: each request *decoding* on the engine
+    when a prefill starts lengthens that prefill by this fraction (0.02 with 30 decoding
+    requests: 1.6x). 0 (the default) = decode steps never slow a prefill. Only engines that
+    both prefill and decode feel it: a prefill-only engine has no decoding requests and a
+    decode-only one no prefill (the interference disaggregation removes)."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         if self.transfer_s_per_block < 0:
             raise ValueError("transfer_s_per_block must be >= 0")
+        if not self.mixed_batch_slowdown >= 0:
+            raise ValueError("mixed_batch_slowdown must be >= 0")
         if self.prefill_tokens_per_s <= 0:
             raise ValueError("prefill_tokens_per_s must be > 0")
         if self.decode_s_per_token < 0:

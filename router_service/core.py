@@ -2,11 +2,12 @@
 
 :meth:`RouterCore.decide` takes a :class:`~router_service.domain.RouteRequest` and returns a
 :class:`~router_service.domain.RouteDecision`. It owns validation and hashing
-(:mod:`.request_prep`), the placement lookup (the index mirror or the registry stream), the
-policy, the in-flight / queued-prefill tracker, "recently routed" overlap (inside kv_aware's
-state, updated on commit) and degradation: with the registry unreachable it falls back to
-least_loaded over the last known nodes and says so. The gRPC servicer, the OpenAI gateway, the
-Envoy endpoint picker and ``kvroute bench --mode sim`` all call it unchanged.
+(:mod:`.request_prep`), the placement lookup (:mod:`.lookup`: the index mirror or the registry
+stream, narrowed on large fleets), the policy, the in-flight / queued-prefill tracker, "recently
+routed" overlap (inside kv_aware's state, updated on commit) and degradation: with the registry
+unreachable it falls back to least_loaded over the last known nodes and says so. The gRPC
+servicer, the OpenAI gateway, the Envoy endpoint picker and ``kvroute bench --mode sim`` all
+call it unchanged.
 
 A decision is made in two steps: the policy *chooses* (pure: scores, no state change), then the
 core *commits* it — the policy's own state (recent routes, running averages, round-robin turn),
@@ -239,15 +240,15 @@ class RouterCore:
                               f"known or left after the request's hints; retry later")
         try:
             pre_views = self._views(pre, view, off)
-            decision = chooser.choose(view, pre_views)
-            pick = self.decode.choose(view, decision.node_id, self._views(dec, view),
-                                      req.decode_policy)
+            decision, pick = self.decode.choose_pair(
+                view, chooser.choose(view, pre_views), self._views(dec, view),
+                req.decode_policy, joint=chooser.name == "kv_aware")
         except NoEligibleNode as exc:
             raise Unavailable(f"disaggregated: no pair for model {model!r} ({exc}); "
                               f"retry later") from None
         out = self._commit(chooser, view, decision, pre, degraded_why, req.deadline_s,
                            offloaded_of(pre_views, decision.node_id))
-        self.decode.commit(pick)
+        self.decode.commit(pick, view.request_id)
         node = next(n for n, _ in dec if n.node_id == pick.node_id)
         if pick.node_id != out.node_id:
             self.tracker.start(view.request_id + DECODE_KEY_SUFFIX, pick.node_id, 0,
@@ -359,6 +360,7 @@ class RouterCore:
         check_id(request_id, "request_id")
         released = self.tracker.complete(request_id) is not None
         released = self.tracker.complete(request_id + DECODE_KEY_SUFFIX) is not None or released
+        self.decode.handed_over(request_id)
         share = self.share
         # Released here, or another replica's request completed through this one (a Service
         # spreads Complete calls too): either way every other replica releases it.
@@ -387,6 +389,7 @@ class RouterCore:
         """A disaggregated request's prefill half is done (its KV handed over): release the
         prefill node's load; the decode half stays in flight until :meth:`complete`."""
         check_id(request_id, "request_id")
+        self.decode.handed_over(request_id)
         return self.tracker.complete(request_id) is not None
 
     def mark_suspect(self, node_id: str, why: str) -> None:

@@ -21,16 +21,33 @@ decoded the conversation receives only the new part) — and ``short(d)`` the bl
 have to allocate beyond its free KV. Nodes over the load cap (in-flight + 1 > factor x mean +
 slack, as kv_aware's) are not eligible. ``least_loaded`` and ``round_robin`` are the baselines
 the bench compares against (decode chosen by load alone / in turn).
+
+``matched(d)`` also counts the blocks committed pairs are still handing to ``d`` (their prefill
+has not finished, so neither ``d`` nor the registry holds them yet: :class:`InTransit`). With a
+kv_aware prefill policy the pair is searched jointly when prefill candidates can also decode
+(``both`` nodes): a candidate's estimated TTFT + its decode score (0 transfer when it decodes
+itself) competes with the prefill policy's node + its best decode node
+(:meth:`DecodeChooser.choose_pair`). In a fleet of prefill-only and decode-only nodes the two
+halves are independent (the transfer depends on the decode node alone), so the joint search
+changes nothing there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvroute.settings import require, setting
-from router_service.policies.base import Candidate, NodeView, NoEligibleNode, RequestView
+from router_service.policies.base import (
+    Candidate,
+    Decision,
+    NodeView,
+    NoEligibleNode,
+    RequestView,
+)
 
 ROLES = ("both", "prefill", "decode")
 """Node roles, as agents report them (``--role``)."""
@@ -76,6 +93,14 @@ class DisaggSettings:
         1.25, "a decode node is eligible only while its in-flight requests (with this one) "
               "stay <= this factor x the decode pool's mean + pd_load_cap_slack")
     pd_load_cap_slack: float = setting(5.0, "absolute headroom of the decode load cap, requests")
+    pd_joint_pairs: bool = setting(
+        True, "with kv_aware prefill, search the (prefill, decode) pair jointly when a prefill "
+              "candidate can also decode (a 'both' node): estimated TTFT there + its decode "
+              "score (no transfer) against the prefill policy's node + its best decode node")
+    pd_count_in_transit: bool = setting(
+        True, "count the blocks committed pairs are still handing to a decode node (prefill "
+              "not finished) as held there, so a follow-up turn sent while the previous one "
+              "is in prefill follows it (--no-pd-count-in-transit: the registry's view only)")
 
     def __post_init__(self) -> None:
         require(self.pd_decode_policy in DECODE_POLICIES, "pd_decode_policy",
@@ -97,6 +122,10 @@ class DecodePick:
     """Blocks it must receive from the prefill node (0 when prefill and decode are one node)."""
     reason: str
     candidates: tuple[Candidate, ...]
+    blocks: Sequence[int] = ()
+    """The request's blocks (on their way to the node until the prefill half completes)."""
+    score: float = 0.0
+    """The decode policy's score of the node (kv_aware: seconds; lower is better)."""
 
 
 def transfer_blocks(req: RequestView, matched: int, same_node: bool) -> int:
@@ -105,6 +134,56 @@ def transfer_blocks(req: RequestView, matched: int, same_node: bool) -> int:
         return 0
     missing = max(0, req.prompt_tokens - matched * req.block_size)
     return -(-missing // req.block_size)
+
+
+class InTransit:
+    """Blocks that committed pairs are handing to their decode node: from the decision until
+    the prefill half completes (then the node holds and reports them). Bounded: the oldest
+    pairs are forgotten past ``max_pairs`` (a front end that never completes)."""
+
+    def __init__(self, max_pairs: int = 100_000) -> None:
+        self.max_pairs = max_pairs
+        self._pairs: OrderedDict[str, tuple[str, Sequence[int]]] = OrderedDict()
+        self._blocks: dict[str, dict[int, int]] = {}  # node -> block -> pairs carrying it
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def add(self, request_id: str, node_id: str, blocks: Sequence[int]) -> None:
+        """``blocks`` are on their way to ``node_id`` for ``request_id``."""
+        self.release(request_id)
+        self._pairs[request_id] = (node_id, blocks)
+        held = self._blocks.setdefault(node_id, {})
+        for h in blocks:
+            held[h] = held.get(h, 0) + 1
+        while len(self._pairs) > self.max_pairs:
+            self.release(next(iter(self._pairs)))
+
+    def release(self, request_id: str) -> None:
+        """The pair's KV has landed (or the request ended)."""
+        entry = self._pairs.pop(request_id, None)
+        if entry is None:
+            return
+        node_id, blocks = entry
+        held = self._blocks[node_id]
+        for h in blocks:
+            n = held[h] - 1
+            if n:
+                held[h] = n
+            else:
+                del held[h]
+
+    def depth(self, node_id: str, blocks: Sequence[int]) -> int:
+        """Leading ``blocks`` on their way to ``node_id``."""
+        held = self._blocks.get(node_id)
+        if not held:
+            return 0
+        n = 0
+        for h in blocks:
+            if h not in held:
+                break
+            n += 1
+        return n
 
 
 class DecodeChooser:
@@ -116,6 +195,7 @@ class DecodeChooser:
         self.transferred_blocks = 0
         """Blocks the committed pairs are expected to move (a counter for stats)."""
         self.pairs = 0
+        self.in_transit = InTransit()
 
     def choose(self, req: RequestView, prefill_node: str, nodes: Sequence[NodeView],
                policy: str | None = None) -> DecodePick:
@@ -131,7 +211,13 @@ class DecodeChooser:
         need = max(1, -(-(req.prompt_tokens + req.output_tokens) // req.block_size))
         scored: list[tuple[float, int, int, NodeView]] = []
         out: list[Candidate] = []
-        for i, v in enumerate(nodes):
+        transit = name == "kv_aware" and s.pd_count_in_transit and len(self.in_transit) > 0
+        for i, seen in enumerate(nodes):
+            v = seen
+            if transit and v.node_id != prefill_node:
+                coming = self.in_transit.depth(v.node_id, req.block_hashes)
+                if coming > v.matched_blocks:  # handed there, not yet reported
+                    v = dataclasses.replace(v, matched_blocks=coming)
             moved = transfer_blocks(req, v.matched_blocks, v.node_id == prefill_node)
             if not v.healthy:
                 out.append(Candidate(v.node_id, math.inf, v.matched_blocks, v.load, "unhealthy"))
@@ -165,10 +251,55 @@ class DecodeChooser:
         reason = f"decode {name}: {why}, load {best.load}"
         if name == "kv_aware":
             reason += f" (cap {cap:.1f}), score {score * 1000:.1f} ms"
-        return DecodePick(best.node_id, best.matched_blocks, moved, reason, tuple(out))
+        return DecodePick(best.node_id, best.matched_blocks, moved, reason, tuple(out),
+                          req.block_hashes, score)
 
-    def commit(self, pick: DecodePick) -> None:
-        """The core acted on ``pick``: advance the turn, count the transfer."""
+    def choose_pair(self, req: RequestView, decision: Decision, nodes: Sequence[NodeView],
+                    policy: str | None = None, joint: bool = False,
+                    ) -> tuple[Decision, DecodePick]:
+        """The decode node for the prefill policy's ``decision``; with ``joint`` (the prefill
+        scores are estimated TTFT seconds, as kv_aware's) and kv_aware decode, every eligible
+        prefill candidate that can also decode is tried as the prefill node too, and the pair
+        with the lowest prefill estimate + decode score wins (a ``both`` node decoding what
+        it prefilled moves nothing)."""
+        pick = self.choose(req, decision.node_id, nodes, policy)
+        name = policy or self.settings.pd_decode_policy
+        if not (joint and self.settings.pd_joint_pairs and name == "kv_aware"):
+            return decision, pick
+        decoders = {v.node_id for v in nodes if v.healthy}
+        base = next((c.score for c in decision.candidates
+                     if c.node_id == decision.node_id and not c.excluded), math.inf)
+        best_total = base + pick.score
+        if not math.isfinite(best_total):
+            return decision, pick
+        alt: tuple[Candidate, DecodePick] | None = None
+        for c in decision.candidates:
+            if (c.excluded or c.node_id == decision.node_id or c.node_id not in decoders
+                    or not c.score < best_total):  # a decode score is >= 0
+                continue
+            other = self.choose(req, c.node_id, nodes, policy)
+            if c.score + other.score < best_total:
+                best_total, alt = c.score + other.score, (c, other)
+        if alt is None:
+            return decision, pick
+        c, other = alt
+        saved = base + pick.score - best_total
+        return Decision(c.node_id, c.matched_blocks,
+                        f"{decision.reason}; pair searched jointly: prefill on {c.node_id} "
+                        f"(est. {c.score * 1000:.0f} ms) decoding on {other.node_id} saves "
+                        f"{saved * 1000:.0f} ms over {decision.node_id} + {pick.node_id}",
+                        decision.candidates), other
+
+    def commit(self, pick: DecodePick, request_id: str = "") -> None:
+        """The core acted on ``pick``: advance the turn, count the transfer, remember the
+        blocks on their way (until :meth:`handed_over`)."""
+        if request_id and pick.transfer_blocks and pick.blocks:
+            self.in_transit.add(request_id, pick.node_id, pick.blocks)
         self._turn += 1
         self.pairs += 1
         self.transferred_blocks += pick.transfer_blocks
+
+    def handed_over(self, request_id: str) -> None:
+        """The request's prefill half completed (or the request ended): its KV is on the
+        decode node now, reported there by the node itself."""
+        self.in_transit.release(request_id)

@@ -60,7 +60,9 @@ def to_route_response(d: RouteDecision) -> router_pb2.RouteResponse:
 
 
 def complete(core: RouterCore, req: router_pb2.CompleteRequest) -> router_pb2.CompleteResponse:
-    """Complete through the core."""
+    """Complete through the core (``prefill_only``: the prefill half of a pair)."""
+    if req.prefill_only:
+        return router_pb2.CompleteResponse(released=core.complete_prefill(req.request_id))
     cached = req.cached_tokens if req.HasField("cached_tokens") else None
     return router_pb2.CompleteResponse(
         released=core.complete(req.request_id, req.success, cached))

@@ -49,6 +49,10 @@ class SimSettings:
              "seconds after its scheduled arrival (uniform, seeded by --seed; with --repeat N "
              "run k uses --seed + k) -- the client and network lag --mode stack has (its table "
              "prints it as 'arrival lag'); 0 = exactly on schedule")
+    mixed_batch_slowdown: float = setting(
+        0.0, "what-if of prefill/decode interference: each request decoding on an engine when "
+             "a prefill starts there lengthens that prefill by this fraction (0 = off, the "
+             "model every README figure uses; only engines that prefill and decode feel it)")
 
     def __post_init__(self) -> None:
         require(self.nodes >= 1, "nodes", "must be >= 1")
@@ -62,6 +66,7 @@ class SimSettings:
         require(self.heartbeat_delay_s >= 0, "heartbeat_delay_s", "must be >= 0")
         require(self.complete_lag_s >= 0, "complete_lag_s", "must be >= 0")
         require(self.arrival_jitter_s >= 0, "arrival_jitter_s", "must be >= 0")
+        require(self.mixed_batch_slowdown >= 0, "mixed_batch_slowdown", "must be >= 0")
 
     def engine_params(self, cache_blocks: int, block_size: int) -> EngineParams:
         """The engines' parameters for a run with this cache size and block size (resolved from
@@ -69,4 +74,5 @@ class SimSettings:
         return EngineParams(prefill_tokens_per_s=self.prefill_tokens_per_s,
                             decode_s_per_token=self.decode_s_per_token,
                             max_running=self.max_batch, capacity_blocks=cache_blocks,
-                            block_size=block_size)
+                            block_size=block_size,
+                            mixed_batch_slowdown=self.mixed_batch_slowdown)

@@ -12,9 +12,10 @@ from kvroute.client.types import Route, route_request
 from kvroute.v1 import router_pb2, router_pb2_grpc
 
 
-def _complete_request(request_id: str, success: bool,
-                      cached_tokens: int | None) -> router_pb2.CompleteRequest:
-    req = router_pb2.CompleteRequest(request_id=request_id, success=success)
+def _complete_request(request_id: str, success: bool, cached_tokens: int | None,
+                      prefill_only: bool = False) -> router_pb2.CompleteRequest:
+    req = router_pb2.CompleteRequest(request_id=request_id, success=success,
+                                     prefill_only=prefill_only)
     if cached_tokens is not None:
         req.cached_tokens = cached_tokens
     return req
@@ -38,10 +39,12 @@ class RouterClient:
         return Route.from_pb(self._c.call("Route", req, timeout_s))
 
     def complete(self, request_id: str, success: bool = True, cached_tokens: int | None = None,
-                 timeout_s: float | None = None) -> bool:
-        """Release the request's in-flight slot; True when it was in flight."""
-        resp = self._c.call("Complete", _complete_request(request_id, success, cached_tokens),
-                            timeout_s)
+                 timeout_s: float | None = None, prefill_only: bool = False) -> bool:
+        """Release the request's in-flight slot; True when it was in flight. ``prefill_only``:
+        only the prefill half of a disaggregated pair (its KV is handed over)."""
+        resp = self._c.call(
+            "Complete", _complete_request(request_id, success, cached_tokens, prefill_only),
+            timeout_s)
         return bool(resp.released)
 
     def stats(self, timeout_s: float | None = None) -> router_pb2.StatsResponse:
@@ -81,10 +84,12 @@ class AsyncRouterClient:
 
     async def complete(self, request_id: str, success: bool = True,
                        cached_tokens: int | None = None,
-                       timeout_s: float | None = None) -> bool:
-        """Release the request's in-flight slot; True when it was in flight."""
+                       timeout_s: float | None = None, prefill_only: bool = False) -> bool:
+        """Release the request's in-flight slot; True when it was in flight. ``prefill_only``:
+        only the prefill half of a disaggregated pair (its KV is handed over)."""
         resp = await self._c.call(
-            "Complete", _complete_request(request_id, success, cached_tokens), timeout_s)
+            "Complete", _complete_request(request_id, success, cached_tokens, prefill_only),
+            timeout_s)
         return bool(resp.released)
 
     async def stats(self, timeout_s: float | None = None) -> router_pb2.StatsResponse:

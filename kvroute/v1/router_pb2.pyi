@@ -322,6 +322,7 @@ class CompleteRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SUCCESS_FIELD_NUMBER: _builtins.int
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
+    PREFILL_ONLY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request_id given to Route."""
     success: _builtins.bool
@@ -330,16 +331,22 @@ class CompleteRequest(_message.Message):
     """Prompt tokens the engine reported as served from its cache (usage.prompt_tokens_details
     .cached_tokens), for predicted-vs-actual accounting. Optional.
     """
+    prefill_only: _builtins.bool
+    """Disaggregated pairs: true = only the prefill half is done (the prefill engine answered and
+    its KV is handed to the decode node): release the prefill node's load and keep the decode
+    half in flight until a Complete without this flag. False (default) = the whole request.
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         success: _builtins.bool = ...,
         cached_tokens: _builtins.int | None = ...,
+        prefill_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cached_tokens", b"_cached_tokens", "cached_tokens", b"cached_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cached_tokens", b"_cached_tokens", "cached_tokens", b"cached_tokens", "request_id", b"request_id", "success", b"success"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cached_tokens", b"_cached_tokens", "cached_tokens", b"cached_tokens", "prefill_only", b"prefill_only", "request_id", b"request_id", "success", b"success"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cached_tokens: _TypeAlias = _typing.Literal["cached_tokens"]  # noqa: Y015
     _WhichOneofArgType__cached_tokens: _TypeAlias = _typing.Literal["_cached_tokens", b"_cached_tokens"]  # noqa: Y015

@@ -68,3 +68,4 @@ def test_disaggregated_stack_replay_matches_sim(tmp_path: Path) -> None:
     assert stack["transferred_blocks"] > 0 and stack["decode_held_rate_tokens"] > 0
     assert abs(stack["hit_rate_tokens"] - sim["hit_rate_tokens"]) < 0.08
     assert abs(stack["decode_held_rate_tokens"] - sim["decode_held_rate_tokens"]) < 0.15
+    assert stack["arrival_lag_ms"]["p50"] >= 0  # measured at the prefill engines

@@ -58,17 +58,8 @@ class Fleet:
     task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        async with grpc.aio.insecure_channel(self.target) as ch:
-            stub = registry_pb2_grpc.RegistryStub(ch)
-            for nid, (model, blocks) in NODES.items():
-                r = await stub.RegisterNode(rpb.RegisterNodeRequest(
-                    node_id=nid, address=f"{nid}.local:8000", model=model, block_size=BS,
-                    capacity_blocks=100), timeout=5)
-                self.epochs[nid], self.tokens[nid] = r.epoch, r.write_token
-                await stub.Heartbeat(rpb.HeartbeatRequest(
-                    node_id=nid, epoch=r.epoch, write_token=r.write_token, stored=blocks,
-                    stored_offloaded=OFFLOADED.get(nid, []), delta_seq=1,
-                    used_blocks=len(blocks)), timeout=5)
+        for nid, (model, blocks) in NODES.items():
+            await self.add(nid, model, blocks, OFFLOADED.get(nid, []))
         self.task = asyncio.create_task(self._beat())
 
     async def _beat(self) -> None:
@@ -82,8 +73,9 @@ class Fleet:
                             write_token=self.tokens[nid]), timeout=2)
                 await asyncio.sleep(0.1)
 
-    async def add(self, nid: str, model: str, blocks: list[int]) -> None:
-        """Register one more node (it heartbeats from then on)."""
+    async def add(self, nid: str, model: str, blocks: list[int],
+                  offloaded: list[int] | None = None) -> None:
+        """Register a node with its blocks (it heartbeats from then on)."""
         async with grpc.aio.insecure_channel(self.target) as ch:
             stub = registry_pb2_grpc.RegistryStub(ch)
             r = await stub.RegisterNode(rpb.RegisterNodeRequest(
@@ -92,7 +84,8 @@ class Fleet:
             self.epochs[nid], self.tokens[nid] = r.epoch, r.write_token
             await stub.Heartbeat(rpb.HeartbeatRequest(
                 node_id=nid, epoch=r.epoch, write_token=r.write_token, stored=blocks,
-                delta_seq=1, used_blocks=len(blocks)), timeout=5)
+                stored_offloaded=offloaded or [], delta_seq=1,
+                used_blocks=len(blocks)), timeout=5)
         self.alive.add(nid)
 
     async def deregister(self, nid: str) -> None:

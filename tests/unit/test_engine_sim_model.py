@@ -107,3 +107,26 @@ def test_a_decode_engine_receives_the_blocks_it_lacks_instead_of_prefilling() ->
     assert follow.transfer_blocks == 3 and follow.transfer_s == pytest.approx(0.003)
     with pytest.raises(ValueError, match="role"):
         EngineParams(role="encoder")
+
+
+def test_mixed_batch_slowdown_lengthens_a_prefill_per_decoding_request_and_defaults_off() -> None:
+    def run(slowdown: float) -> list[SimRequest]:
+        m = EngineModel(KVCache(1000, BS), EngineParams(
+            prefill_tokens_per_s=1000.0, decode_s_per_token=0.01, max_running=8,
+            capacity_blocks=1000, block_size=BS, mixed_batch_slowdown=slowdown))
+        a, b = req("a", list(range(100)), 50), req("b", list(range(200, 300)), 50)
+        c = req("c", list(range(400, 500)))
+        m.submit(a, 0.0)
+        m.submit(b, 0.0)  # a decodes while b prefills (from 0.1)
+        m.submit(c, 0.5)  # a and b decode while c prefills
+        return [a, b, c]
+
+    a, b, c = run(0.0)
+    assert (a.first_token_at, b.first_token_at) == (pytest.approx(0.1), pytest.approx(0.2))
+    assert c.first_token_at == pytest.approx(0.6)  # today's model: decode never slows prefill
+    a, b, c = run(0.5)
+    assert a.first_token_at == pytest.approx(0.1)  # nothing decoding when it started
+    assert b.first_token_at == pytest.approx(0.1 + 0.1 * 1.5)
+    assert c.first_token_at == pytest.approx(0.5 + 0.1 * 2.0)
+    with pytest.raises(ValueError, match="mixed_batch_slowdown"):
+        EngineParams(mixed_batch_slowdown=-1.0)

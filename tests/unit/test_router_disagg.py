@@ -118,6 +118,62 @@ def test_decode_load_cap_and_headroom_move_the_decode_node() -> None:
     assert d.decode_node_id == "d0"
 
 
+def test_a_follow_up_in_prefill_follows_the_blocks_still_on_their_way() -> None:
+    """Turn 2 arrives while turn 1 is still prefilling: turn 1's blocks are not on its decode
+    node yet (nor in the registry), but they are on their way there."""
+    core, src = _core({"p0": ("prefill", 0), "d0": ("decode", 0), "d1": ("decode", 0)})
+    first = core.decide_local(RouteRequest("t1", token_ids=PROMPT[:6 * BS]))
+    target = first.decode_node_id
+    assert core.decode.in_transit.depth(target, HASHES) == 6
+    src.nodes[target].queue_depth = 2  # busier than the other one: load alone would leave it
+    second = core.decide_local(RouteRequest("t2", token_ids=PROMPT))
+    assert second.decode_node_id == target
+    assert second.decode_matched_blocks == 6 and second.transfer_blocks == 2
+    assert "holds 6 blocks" in second.decode_reason
+    # once handed over, the node reports them itself; the router forgets the transit
+    core.complete_prefill("t1")
+    core.complete("t2")
+    assert core.decode.in_transit.depth(target, HASHES) == 0 and len(core.decode.in_transit) == 0
+    off, src2 = _core({"p0": ("prefill", 0), "d0": ("decode", 0), "d1": ("decode", 0)},
+                      DisaggSettings(pd_count_in_transit=False))
+    t1 = off.decide_local(RouteRequest("t1", token_ids=PROMPT[:6 * BS])).decode_node_id
+    src2.nodes[t1].queue_depth = 2
+    assert off.decide_local(RouteRequest("t2", token_ids=PROMPT)).decode_node_id != t1
+
+
+def test_the_pair_is_searched_jointly_when_a_prefill_candidate_can_decode_itself() -> None:
+    """p0 holds one block more than the both-node a0 (a slightly better prefill), but a0
+    prefilling and decoding itself moves nothing where p0's pair would move 5 blocks."""
+    roles = {"p0": ("prefill", 4), "a0": ("both", 3), "d0": ("decode", 0)}
+    costly = DisaggSettings(pd_transfer_s_per_block=0.01)
+    core, _ = _core(roles, costly)
+    d = core.decide_local(RouteRequest("r1", token_ids=PROMPT, disaggregated=True))
+    assert (d.node_id, d.decode_node_id, d.transfer_blocks) == ("a0", "a0", 0)
+    assert "pair searched jointly" in d.reason and "over p0 + a0" in d.reason
+    assert core.tracker.inflight("a0") == 1 and core.complete("r1")
+    off, _ = _core(roles, DisaggSettings(pd_transfer_s_per_block=0.01, pd_joint_pairs=False))
+    d = off.decide_local(RouteRequest("r1", token_ids=PROMPT, disaggregated=True))
+    assert (d.node_id, d.decode_node_id, d.transfer_blocks) == ("p0", "a0", 5)
+    # cheap transfers: the better prefill wins and the pair moves the blocks
+    cheap, _ = _core(roles, DisaggSettings(pd_transfer_s_per_block=0.0001))
+    d = cheap.decide_local(RouteRequest("r1", token_ids=PROMPT, disaggregated=True))
+    assert d.node_id == "p0" and "jointly" not in d.reason
+
+
+def test_in_transit_is_bounded_and_counts_shared_blocks_per_pair() -> None:
+    from router_service.disagg import InTransit
+
+    t = InTransit(max_pairs=2)
+    t.add("a", "d0", HASHES[:4])
+    t.add("b", "d0", HASHES[:2])
+    t.release("a")
+    assert t.depth("d0", HASHES) == 2  # b still carries the first two
+    t.add("c", "d1", HASHES)
+    t.add("e", "d1", HASHES[:1])  # over the bound: the oldest pair (b) is forgotten
+    assert len(t) == 2 and t.depth("d0", HASHES) == 0 and t.depth("d1", HASHES) == 8
+    t.release("unknown")
+
+
 async def test_route_response_carries_the_pair_over_grpc() -> None:
     core, _ = _core({"p0": ("prefill", 6), "d0": ("decode", 3)})
     server = grpc.aio.server()
@@ -135,5 +191,22 @@ async def test_route_response_carries_the_pair_over_grpc() -> None:
                     request_id="g2", token_ids=PROMPT, disaggregated=False))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "aggregated" in (err.value.details() or "")
+            # the prefill half is released on its own (prefill_only), then the decode half
+            assert core.tracker.inflight("p0") == 1 and core.tracker.inflight("d0") == 1
+            half = await stub.Complete(router_pb2.CompleteRequest(
+                request_id="g1", success=True, prefill_only=True))
+            assert half.released and core.tracker.inflight("p0") == 0
+            assert core.tracker.inflight("d0") == 1
+            whole = await stub.Complete(router_pb2.CompleteRequest(request_id="g1"))
+            assert whole.released and core.tracker.inflight("d0") == 0
+        # the same through kvroute.client
+        from kvroute.client.options import ClientOptions
+        from kvroute.client.router import AsyncRouterClient
+
+        async with AsyncRouterClient(ClientOptions(targets=[f"127.0.0.1:{port}"])) as c:
+            await c.route("g3", token_ids=PROMPT)
+            assert await c.complete("g3", prefill_only=True)
+            assert core.tracker.inflight("p0") == 0 and core.tracker.inflight("d0") == 1
+            assert await c.complete("g3") and core.tracker.inflight("d0") == 0
     finally:
         await server.stop(None)
