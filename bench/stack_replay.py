@@ -293,7 +293,7 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
             t_end = max(t_end, req.arrival_s + (finish - arrival))
     run.busy_s = busy
     lags = _arrival_lags(run.node, skew, len(node_ids))
-    run.arrival_lag_s = [v for v in lags if not math.isnan(v)]
+    run.arrival_lag_s = _arrival_lag(run.node, skew, len(node_ids))
     run.return_lag_s = [o.t_done_s - (req.arrival_s + lag + e2e)
                         for req, o, lag, e2e in zip(workload.requests, outcomes, lags, run.e2e_s,
                                                     strict=True)
@@ -302,6 +302,11 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
     run.evictions = sum(int(st.get("evicted_blocks", 0)) - int(st.get("_evicted_before", 0))
                         for st in stats.values())
     run.t_end_s = t_end
+
+
+def _arrival_lag(node: list[int], skew: list[float], n_nodes: int) -> list[float]:
+    """The arrival lags of the requests some engine recorded (:func:`_arrival_lags`)."""
+    return [v for v in _arrival_lags(node, skew, n_nodes) if not math.isnan(v)]
 
 
 def _arrival_lags(node: list[int], skew: list[float], n_nodes: int) -> list[float]:
