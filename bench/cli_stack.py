@@ -53,9 +53,11 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
                    help="stack --peers: direct-vs-routed request pairs measuring each router's "
                         "added latency (0 = skip)")
     g.add_argument("--repeat", type=int, default=1, metavar="N",
-                   help="stack: run the whole comparison N times back to back, each on fresh "
-                        "processes, and report the run-to-run spread of every router's hit "
-                        "rate and TTFT percentiles (JSON: runs, spread)")
+                   help="run the whole comparison N times back to back and report the "
+                        "run-to-run spread of every router's hit rate and TTFT percentiles "
+                        "(JSON: runs, spread); stack: each run on fresh processes; sim: run k "
+                        "uses --seed + k (draws of --arrival-jitter-s and of random policies; "
+                        "without jitter the other policies repeat exactly)")
     g.add_argument("--fault", metavar="SPEC[,SPEC...]", default=None,
                    help="stack: inject faults into each replay at trace times (each policy is "
                         "replayed without faults first, as the baseline) and report failed "
@@ -70,6 +72,12 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
                         "and as gateway:POLICY@N spread over all N like a Kubernetes Service "
                         "(--spread), sharing their view unless --no-share-routes. --routers N "
                         "does the same for the Router API (POLICY and POLICY@N)")
+    g.add_argument("--sim-runs", type=int, default=0, metavar="N",
+                   help="stack: afterwards replay the same workload N times in --mode sim with "
+                        "the timing this stack run measured (arrival and return lag, heartbeat "
+                        "interval; seeds --seed..) and print whether each policy agrees with "
+                        "the sim's median (hit within 0.01, p50/p90 TTFT within 15 %%; JSON: "
+                        "agreement); 0 = skip")
     g.add_argument("--quick", action="store_true",
                    help="stack: a smoke run for tests: first 120 requests, 4 nodes, 20 pairs")
 
@@ -156,18 +164,9 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
                               (getattr(args, "spread", None) or "random", args.seed)))
     out = outs[0]
     if len(outs) > 1:
-        from bench.report import format_table
-        from bench.spread import format_spread, spread
+        from bench.cli_replay import add_spread
 
-        reports = [dict(o.report) for o in outs]  # copies: the first one is out.report itself
-        out.report["runs"] = reports
-        out.report["spread"] = spread(reports)
-        for k, rep in enumerate(reports[1:], 2):  # before the JSON: a table is never lost
-            print(f"run {k}:")
-            print(format_table(rep))
-            print()
-        print(format_spread(out.report["spread"]))
-        print()
+        add_spread(out, outs)
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
     if spec.routers > 1 or spec.gateways > 1:
@@ -175,13 +174,16 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
             "routers": spec.routers, "gateways": spec.gateways if spec.gateway else 0,
             "spread": getattr(args, "spread", None) or "random",
             "share_routes": "--share-routes" in spec.router_args}
+    check = _check_against_sim(out, workload, settings, names, kv, spec, args) \
+        if getattr(args, "sim_runs", 0) > 0 else ""
     from bench.report import emit
 
     emit(out, f"replayed {len(names) + len(peers)} routers x {len(workload.requests)} requests "
               f"through the stack in {time.perf_counter() - t0:.1f} s"
               + (f" ({args.repeat} runs; the table is run 1)" if args.repeat > 1 else ""),
          args.json, args.plot_dir)
-
+    if check:
+        print(check)
     if faults:
         print(f"faults {', '.join(map(str, faults))} (window = each fault + "
               f"{FaultInjector.recovery_s:g} s of trace time):")
@@ -225,6 +227,30 @@ def _with_replicas(args: argparse.Namespace, spec: FleetSpec, names: list[str],
                                gateway=spec.gateway or gateways > 1,
                                router_args=(*spec.router_args, *share))
     return spec, out
+
+
+def _check_against_sim(out: BenchOutcome, workload: Workload, settings: SimSettings,
+                       names: list[str], kv: KvAwareSettings, spec: FleetSpec,
+                       args: argparse.Namespace) -> str:
+    """``--sim-runs N``: the sim with this run's measured timing, N seeds; the agreement table
+    (JSON ``sim_timing``, ``agreement``)."""
+    from bench.agreement import agreement, format_agreement, stack_timing
+    from bench.sim.backend import SimBackend
+
+    timing = stack_timing(out.report, args.time_scale, spec.heartbeat_interval_s)
+    timed = dataclasses.replace(settings, arrival_jitter_s=timing["arrival_jitter_s"],
+                                complete_lag_s=timing["complete_lag_s"],
+                                heartbeat_delay_s=timing["heartbeat_delay_s"])
+    own = sorted({split_front(n)[1] for n in names})
+    sims = [run_comparison(workload, timed, own, SimBackend(timed, seed=args.seed + k,
+                                                           kv_settings=kv), random_bound=False)
+            for k in range(args.sim_runs)]
+    out.report["sim_timing"] = timing
+    out.report["agreement"] = agreement(out.report, [o.report for o in sims])
+    return (f"sim with this run's timing (model s): --arrival-jitter-s "
+            f"{timing['arrival_jitter_s']} --complete-lag-s {timing['complete_lag_s']} "
+            f"--heartbeat-delay-s {timing['heartbeat_delay_s']}\n"
+            + format_agreement(out.report["agreement"]))
 
 
 def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers: list[str],

@@ -49,6 +49,8 @@ class _Outcome:
     """The router decided without placement data (registry unreachable)."""
     t_route_s: float = math.nan
     """Trace time the Route call was made (for fault windows)."""
+    t_done_s: float = math.nan
+    """Trace time the client had the engine's response (for the return lag)."""
 
 
 class ReplayHook(Protocol):
@@ -118,7 +120,9 @@ async def _one(req: TraceRequest, prompt: Prompt, route_bytes: bytes, model: str
                 usage = data.get("usage") or {}
                 details = usage.get("prompt_tokens_details") or {}
                 out.cached = int(details.get("cached_tokens") or 0)
-                out.client_s = (time.perf_counter() - t0) / time_scale
+                t1 = time.perf_counter()
+                out.client_s = (t1 - t0) / time_scale
+                out.t_done_s = (t1 - t_start) / time_scale
                 ok = True
     except (aiohttp.ClientError, TimeoutError, KeyError) as exc:
         out.error = f"engine: {exc!r}"
@@ -131,7 +135,7 @@ async def _one(req: TraceRequest, prompt: Prompt, route_bytes: bytes, model: str
 
 async def _one_gateway(req: TraceRequest, prompt: Prompt, policy: str, model: str,
                        gateway_url: str, http: aiohttp.ClientSession, out: _Outcome,
-                       time_scale: float) -> None:
+                       time_scale: float, t_start: float = math.nan) -> None:
     t0 = time.perf_counter()
     body = json_body({"model": model, "max_tokens": max(1, req.output_tokens),
                       "user": req.request_id}, "prompt", prompt)
@@ -149,7 +153,9 @@ async def _one_gateway(req: TraceRequest, prompt: Prompt, policy: str, model: st
                 return
             details = (data.get("usage") or {}).get("prompt_tokens_details") or {}
             out.cached = int(details.get("cached_tokens") or 0)
-            out.client_s = (time.perf_counter() - t0) / time_scale
+            t1 = time.perf_counter()
+            out.client_s = (t1 - t0) / time_scale
+            out.t_done_s = (t1 - t_start) / time_scale
     except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
         out.error = f"gateway: {exc!r}"
 
@@ -210,7 +216,7 @@ async def replay_stack(workload: Workload, policy: str, router_target: str | Seq
             if gateways:
                 task = asyncio.create_task(_one_gateway(req, prompts[i], policy, model,
                                                         gateways[front], http, outcomes[i],
-                                                        time_scale))
+                                                        time_scale, start))
             else:
                 task = asyncio.create_task(_one(req, prompts[i], route_bytes[i], model,
                                                 routes[front],
@@ -303,7 +309,12 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
         if not math.isnan(finish):  # engine clocks start with each engine: use durations
             t_end = max(t_end, req.arrival_s + (finish - arrival))
     run.busy_s = busy
+    lags = _arrival_lags(run.node, skew, len(node_ids))
     run.arrival_lag_s = _arrival_lag(run.node, skew, len(node_ids))
+    run.return_lag_s = [o.t_done_s - (req.arrival_s + lag + e2e)
+                        for req, o, lag, e2e in zip(workload.requests, outcomes, lags, run.e2e_s,
+                                                    strict=True)
+                        if not (math.isnan(o.t_done_s) or math.isnan(lag) or math.isnan(e2e))]
     run.load_samples = _load_samples(run, len(node_ids))
     run.evictions = sum(int(st.get("evicted_blocks", 0)) - int(st.get("_evicted_before", 0))
                         for st in stats.values())
@@ -311,14 +322,20 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
 
 
 def _arrival_lag(node: list[int], skew: list[float], n_nodes: int) -> list[float]:
+    """The arrival lags of the requests some engine recorded (:func:`_arrival_lags`)."""
+    return [v for v in _arrival_lags(node, skew, n_nodes) if not math.isnan(v)]
+
+
+def _arrival_lags(node: list[int], skew: list[float], n_nodes: int) -> list[float]:
     """Per request: engine arrival minus schedule, less the engine's smallest such value (engine
-    clocks start with the engine, so only differences on one engine mean anything)."""
+    clocks start with the engine, so only differences on one engine mean anything); NaN for a
+    request no engine recorded."""
     base = [math.inf] * n_nodes
     for n, s in zip(node, skew, strict=True):
         if n >= 0 and not math.isnan(s):
             base[n] = min(base[n], s)
-    return [s - base[n] for n, s in zip(node, skew, strict=True)
-            if n >= 0 and not math.isnan(s)]
+    return [s - base[n] if n >= 0 and not math.isnan(s) else math.nan
+            for n, s in zip(node, skew, strict=True)]
 
 
 def _load_samples(run: PolicyRun, n_nodes: int, samples: int = 200,

@@ -26,10 +26,20 @@ def test_stack_replay_matches_sim(tmp_path: Path) -> None:
     assert main(["bench", *COMMON, "--policies", "kv_aware,round_robin", "--mode", "sim",
                  "--json", str(sim_json)]) == 0
     assert main(["bench", *COMMON, "--policies", "kv_aware,gateway:kv_aware,round_robin",
-                 "--mode", "stack", "--time-scale", "0.05",
+                 "--mode", "stack", "--time-scale", "0.05", "--sim-runs", "3",
                  "--workdir", str(tmp_path / "stack"), "--json", str(stack_json)]) == 0
     stack, sim = json.loads(stack_json.read_text()), json.loads(sim_json.read_text())
     assert stack["mode"] == "stack" and sim["mode"] == "sim"
+    # the stack measured its own timing, and the sim replayed it (3 seeds) for the agreement
+    timing = stack["sim_timing"]
+    assert timing["heartbeat_delay_s"] > 0 and timing["arrival_jitter_s"] >= 0
+    agree = {r["policy"]: r for r in stack["agreement"]}
+    assert set(agree) == {"kv_aware", "gateway:kv_aware", "round_robin"}
+    for r in agree.values():
+        assert r["sim_runs"] == 3 and abs(r["hit"]["apart"]) < 0.08
+    for r in stack["results"]:
+        assert r["return_lag_ms"] is not None and len(r["load_avg_1m"]) == 2
+        assert r["contention_bound"] in (True, False)
     by_policy = {r["policy"]: r for r in stack["results"]}
     sim_by_policy = {r["policy"]: r for r in sim["results"]}
     for name in ("kv_aware", "gateway:kv_aware", "round_robin"):
