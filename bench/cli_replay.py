@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.policies import ALL_POLICIES
 from bench.sim.config import SimSettings
@@ -20,6 +20,9 @@ from kvroute.errors import ConfigError
 from kvroute.settings import add_arguments, env_name, from_namespace
 from router_service.disagg import DisaggSettings
 from router_service.policies.kv_aware import KvAwareSettings
+
+if TYPE_CHECKING:
+    from bench.runner import BenchOutcome
 
 
 def add_replay_arguments(p: argparse.ArgumentParser, *, sweep: bool) -> None:
@@ -61,8 +64,9 @@ def add_replay_arguments(p: argparse.ArgumentParser, *, sweep: bool) -> None:
         _add_pd_arguments(p)
     if not sweep:
         reps = p.add_argument_group(
-            "router replicas (--mode sim; issue 19: N routers behind a Service, sharing their "
-            "view of load or not)")
+            "router replicas (issue 19: N routers behind a Service, sharing their view of load "
+            "or not; --mode stack uses --routers, --spread, --share-routes, --share-max-blocks "
+            "and --share-burst-window-s, see also --gateways)")
         add_arguments(reps, ReplicaSettings)  # type: ignore[arg-type]
     group = p.add_argument_group(
         "kv_aware policy settings (the router's flags and KVROUTE_KV_* variables; here "
@@ -246,23 +250,51 @@ def run_replay(args: argparse.Namespace) -> int:
 
         return run_stack(args, workload, settings, names, kv)
     t0 = time.perf_counter()
-    bar = _Progress(len(workload.requests) * len(names), args.no_progress)
+    bar = _Progress(len(workload.requests) * len(names) * (getattr(args, "repeat", 1) or 1),
+                    args.no_progress)
     try:
         replicas = from_namespace(ReplicaSettings, args)
     except (ConfigError, ValueError) as exc:
         print(f"kvroute bench: {exc}", file=sys.stderr)
         return 2
-    backend = SimBackend(settings, seed=args.seed, progress=bar, kv_settings=kv,
-                         replicas=replicas)
-    out = run_comparison(workload, settings, names, backend)
+    repeat = getattr(args, "repeat", 1) or 1
+    if repeat < 1:
+        print("kvroute bench: --repeat must be >= 1", file=sys.stderr)
+        return 2
+    outs = [run_comparison(workload, settings, names,
+                           SimBackend(settings, seed=args.seed + k, progress=bar,
+                                      kv_settings=kv, replicas=replicas))
+            for k in range(repeat)]
     bar.close()
+    out = outs[0]
+    if repeat > 1:
+        add_spread(out, outs)
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["router_replicas"] = dataclasses.asdict(replicas)
     from bench.report import emit
 
     emit(out, f"replayed {len(names)} policies x {len(workload.requests)} requests in "
-              f"{time.perf_counter() - t0:.1f} s", args.json, args.plot_dir)
+              f"{time.perf_counter() - t0:.1f} s"
+              + (f" ({repeat} runs, seeds {args.seed}..{args.seed + repeat - 1}; the table is "
+                 f"run 1)" if repeat > 1 else ""), args.json, args.plot_dir)
     return 0
+
+
+def add_spread(out: BenchOutcome, outs: list[BenchOutcome]) -> None:
+    """Print runs 2.. and the run-to-run spread; put every run and the spread in ``out``'s
+    report (``runs``, ``spread``)."""
+    from bench.report import format_table
+    from bench.spread import format_spread, spread
+
+    reports = [dict(o.report) for o in outs]  # copies: the first one is out.report itself
+    out.report["runs"] = reports
+    out.report["spread"] = spread(reports)
+    for k, rep in enumerate(reports[1:], 2):  # before the JSON: a table is never lost
+        print(f"run {k}:")
+        print(format_table(rep))
+        print()
+    print(format_spread(out.report["spread"]))
+    print()
 
 
 def run_sweep(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from bench.faults import (
 )
 from bench.runner import BenchOutcome, run_comparison
 from bench.sim.config import SimSettings
+from bench.sim.replicas import ReplicaSettings
 from bench.stack_backend import GATEWAY_PREFIX, STACK_POLICIES, StackBackend, split_front
 from bench.stack_fleet import FleetSpec, router_flags
 from bench.workloads.base import Workload
@@ -52,9 +53,11 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
                    help="stack --peers: direct-vs-routed request pairs measuring each router's "
                         "added latency (0 = skip)")
     g.add_argument("--repeat", type=int, default=1, metavar="N",
-                   help="stack: run the whole comparison N times back to back, each on fresh "
-                        "processes, and report the run-to-run spread of every router's hit "
-                        "rate and TTFT percentiles (JSON: runs, spread)")
+                   help="run the whole comparison N times back to back and report the "
+                        "run-to-run spread of every router's hit rate and TTFT percentiles "
+                        "(JSON: runs, spread); stack: each run on fresh processes; sim: run k "
+                        "uses --seed + k (draws of --arrival-jitter-s and of random policies; "
+                        "without jitter the other policies repeat exactly)")
     g.add_argument("--fault", metavar="SPEC[,SPEC...]", default=None,
                    help="stack: inject faults into each replay at trace times (each policy is "
                         "replayed without faults first, as the baseline) and report failed "
@@ -63,6 +66,18 @@ def add_stack_arguments(p: argparse.ArgumentParser) -> None:
                         "sigterm-registry@T[+D], rolling-restart-registries@T (runs 2 "
                         "registries), pause-etcd@T+D, restart-etcd@T+D, kill-engine:NODE@T, "
                         "kill-agent:NODE@T (NODE = engine-0...; T, D in trace seconds)")
+    g.add_argument("--gateways", type=int, default=1, metavar="N",
+                   help="stack: N OpenAI gateway replicas (issue 19); the gateway policies "
+                        "(gateway:kv_aware unless given) are replayed through gateway 0 alone "
+                        "and as gateway:POLICY@N spread over all N like a Kubernetes Service "
+                        "(--spread), sharing their view unless --no-share-routes. --routers N "
+                        "does the same for the Router API (POLICY and POLICY@N)")
+    g.add_argument("--sim-runs", type=int, default=0, metavar="N",
+                   help="stack: afterwards replay the same workload N times in --mode sim with "
+                        "the timing this stack run measured (arrival and return lag, heartbeat "
+                        "interval; seeds --seed..) and print whether each policy agrees with "
+                        "the sim's median (hit within 0.01, p50/p90 TTFT within 15 %%; JSON: "
+                        "agreement); 0 = skip")
     g.add_argument("--quick", action="store_true",
                    help="stack: a smoke run for tests: first 120 requests, 4 nodes, 20 pairs")
 
@@ -131,9 +146,11 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
         names = [*names, f"{GATEWAY_PREFIX}kv_aware"]
     if any(split_front(n)[0] for n in names):
         spec = dataclasses.replace(spec, gateway=True)
+    spec, names = _with_replicas(args, spec, names)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
-    print(f"stack: {spec.nodes} x (engine_sim + agent), registry, router"
-          f"{', gateway' if spec.gateway else ''}, etcd; logs in {workdir}", file=sys.stderr)
+    print(f"stack: {spec.nodes} x (engine_sim + agent), registry, {spec.routers} router(s)"
+          f"{f', {spec.gateways} gateway(s)' if spec.gateway else ''}, etcd; logs in {workdir}",
+          file=sys.stderr)
     if args.repeat < 1:
         raise ConfigError("--repeat must be >= 1")
     t0 = time.perf_counter()
@@ -143,30 +160,30 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
         if args.repeat > 1:
             print(f"stack: run {k + 1} of {args.repeat}", file=sys.stderr)
         outs.append(_run_once(workload, settings, names, peers, spec, sub, args.overhead_pairs,
-                              args.random_bound, faults, args.time_scale))
+                              args.random_bound, faults, args.time_scale,
+                              (getattr(args, "spread", None) or "random", args.seed)))
     out = outs[0]
     if len(outs) > 1:
-        from bench.report import format_table
-        from bench.spread import format_spread, spread
+        from bench.cli_replay import add_spread
 
-        reports = [dict(o.report) for o in outs]  # copies: the first one is out.report itself
-        out.report["runs"] = reports
-        out.report["spread"] = spread(reports)
-        for k, rep in enumerate(reports[1:], 2):  # before the JSON: a table is never lost
-            print(f"run {k}:")
-            print(format_table(rep))
-            print()
-        print(format_spread(out.report["spread"]))
-        print()
+        add_spread(out, outs)
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
+    if spec.routers > 1 or spec.gateways > 1:
+        out.report["router_replicas"] = {
+            "routers": spec.routers, "gateways": spec.gateways if spec.gateway else 0,
+            "spread": getattr(args, "spread", None) or "random",
+            "share_routes": "--share-routes" in spec.router_args}
+    check = _check_against_sim(out, workload, settings, names, kv, spec, args) \
+        if getattr(args, "sim_runs", 0) > 0 else ""
     from bench.report import emit
 
     emit(out, f"replayed {len(names) + len(peers)} routers x {len(workload.requests)} requests "
               f"through the stack in {time.perf_counter() - t0:.1f} s"
               + (f" ({args.repeat} runs; the table is run 1)" if args.repeat > 1 else ""),
          args.json, args.plot_dir)
-
+    if check:
+        print(check)
     if faults:
         print(f"faults {', '.join(map(str, faults))} (window = each fault + "
               f"{FaultInjector.recovery_s:g} s of trace time):")
@@ -182,12 +199,67 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
     return 0
 
 
+def _with_replicas(args: argparse.Namespace, spec: FleetSpec, names: list[str],
+                   ) -> tuple[FleetSpec, list[str]]:
+    """``--routers N`` / ``--gateways N``: N replicas in the fleet (sharing their view unless
+    ``--no-share-routes``) and, next to every policy replayed through one replica, the same
+    policy spread over all of them (``POLICY@N``), on the same fleet in the same run."""
+    rs = from_namespace(ReplicaSettings, args)
+    gateways = int(getattr(args, "gateways", 1) or 1)
+    if gateways < 1:
+        raise ConfigError("--gateways must be >= 1")
+    if rs.routers == 1 and gateways == 1:
+        return spec, names
+    if gateways > 1 and not any(split_front(n)[0] for n in names):
+        names = [*names, f"{GATEWAY_PREFIX}kv_aware"]
+    out: list[str] = []
+    for n in names:
+        out.append(n)
+        via_gateway = split_front(n)[0]
+        k = gateways if via_gateway else rs.routers
+        if k > 1:
+            out.append(f"{n}@{k}")
+    share: tuple[str, ...] = ()
+    if rs.share_routes:
+        share = ("--share-routes", "--share-max-blocks", str(rs.share_max_blocks),
+                 "--share-burst-window-s", str(rs.share_burst_window_s))
+    spec = dataclasses.replace(spec, routers=rs.routers, gateways=gateways,
+                               gateway=spec.gateway or gateways > 1,
+                               router_args=(*spec.router_args, *share))
+    return spec, out
+
+
+def _check_against_sim(out: BenchOutcome, workload: Workload, settings: SimSettings,
+                       names: list[str], kv: KvAwareSettings, spec: FleetSpec,
+                       args: argparse.Namespace) -> str:
+    """``--sim-runs N``: the sim with this run's measured timing, N seeds; the agreement table
+    (JSON ``sim_timing``, ``agreement``)."""
+    from bench.agreement import agreement, format_agreement, stack_timing
+    from bench.sim.backend import SimBackend
+
+    timing = stack_timing(out.report, args.time_scale, spec.heartbeat_interval_s)
+    timed = dataclasses.replace(settings, arrival_jitter_s=timing["arrival_jitter_s"],
+                                complete_lag_s=timing["complete_lag_s"],
+                                heartbeat_delay_s=timing["heartbeat_delay_s"])
+    own = sorted({split_front(n)[1] for n in names})
+    sims = [run_comparison(workload, timed, own, SimBackend(timed, seed=args.seed + k,
+                                                           kv_settings=kv), random_bound=False)
+            for k in range(args.sim_runs)]
+    out.report["sim_timing"] = timing
+    out.report["agreement"] = agreement(out.report, [o.report for o in sims])
+    return (f"sim with this run's timing (model s): --arrival-jitter-s "
+            f"{timing['arrival_jitter_s']} --complete-lag-s {timing['complete_lag_s']} "
+            f"--heartbeat-delay-s {timing['heartbeat_delay_s']}\n"
+            + format_agreement(out.report["agreement"]))
+
+
 def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers: list[str],
               spec: FleetSpec, workdir: Path, overhead_pairs: int,
               random_bound: bool, faults: list[FaultSpec] | None = None,
-              time_scale: float = 1.0) -> BenchOutcome:
+              time_scale: float = 1.0, spread: tuple[str, int] = ("random", 0),
+              ) -> BenchOutcome:
     """One comparison on freshly started processes (kvroute's fleet, then each peer's)."""
-    with StackBackend(workdir / "stack", spec) as stack:
+    with StackBackend(workdir / "stack", spec, spread=spread[0], seed=spread[1]) as stack:
         if faults:
             injector = FaultInjector(stack.fleet, faults, time_scale)
             stack.hook = injector

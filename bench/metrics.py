@@ -54,5 +54,8 @@ def policy_metrics(run: PolicyRun, merged_lru_hit: float, oracle_hit: float) -> 
         "requests_per_node": counts,
         "replay_wall_s": round(run.wall_s, 2),
         "arrival_lag_ms": _pcts(run.arrival_lag_s) if run.arrival_lag_s else None,
+        "return_lag_ms": _pcts(run.return_lag_s) if run.return_lag_s else None,
+        "load_avg_1m": list(run.load_avg) if run.load_avg is not None else None,
+        "cpu_busy": run.cpu_busy,
         "notes": list(run.notes),
     }

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench.contention import CONTENTION_LAG_P99_S
+
 if TYPE_CHECKING:
     from bench.runner import BenchOutcome
 
@@ -63,19 +65,29 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['throughput_rps']:6.2f}"
             f"{r['load_max_over_mean']:9.2f}{r['utilization']:6.2f}{r['evictions']:9d}"
             f"{r['failed']:5d}")
-    lags = [(r["policy"], r["arrival_lag_ms"]) for r in report["results"]
-            if r.get("arrival_lag_ms")]
-    if lags:
-        lines.append("replay timing — arrival lag at the engines p50/p99 (model s; large = the "
-                     "replay could not keep the trace's timing): " + ", ".join(
-                         f"{p} {lag['p50'] / 1000:.2f}/{lag['p99'] / 1000:.2f}"
-                         for p, lag in lags))
+    timed = [r for r in report["results"] if r.get("arrival_lag_ms")]
+    if timed:
+        lines.append(f"replay timing (model s) — arrival lag at the engines p50/p99, return lag "
+                     f"(engine finished -> client had the response) p50; load average at start "
+                     f"/ end of the replay, CPU busy; * = contention-bound (arrival lag p99 > "
+                     f"{CONTENTION_LAG_P99_S:g} s: the replay could not keep the trace's timing):")
+        lines.extend(_timing(r) for r in timed)
     lines.append("")
     lines.append("hit = engine-measured token hit rate; /orc, /mLRU = ratio to the oracle and "
                  "merged-LRU bounds; pred = router-predicted token hit rate; req = requests "
                  ">= 50% cached; TTFT/e2e in seconds; p90/fl = TTFT p90 / the latency floor's; "
                  "max/mean = busiest node's requests / mean")
     return "\n".join(lines)
+
+
+def _timing(r: dict[str, Any]) -> str:
+    lag, ret = r["arrival_lag_ms"], r.get("return_lag_ms")
+    load, busy = r.get("load_avg_1m"), r.get("cpu_busy")
+    return (f"  {'*' if r.get('contention_bound') else ' '} {r['policy']:<34} arrival "
+            f"{lag['p50'] / 1000:5.2f}/{lag['p99'] / 1000:5.2f}"
+            + (f"  return {ret['p50'] / 1000:5.2f}" if ret else "")
+            + (f"  load {load[0]:.1f}/{load[1]:.1f}" if load else "")
+            + (f"  cpu {busy:.0%}" if busy is not None else ""))
 
 
 def emit(out: BenchOutcome, summary: str, json_path: str | None, plot_dir: str | None) -> None:

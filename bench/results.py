@@ -47,6 +47,15 @@ class PolicyRun:
     """Stack runs, per request: how much later than its schedule the request reached its
     engine (model seconds; each engine's least-late request = 0). Large values mean the replay
     could not keep the trace's timing (CPU contention); empty in --mode sim."""
+    return_lag_s: list[float] = field(default_factory=list)
+    """Stack runs, per request: how much later than its engine finished the client had the
+    response (model seconds; the router hears ``Complete`` just after). ``--mode sim`` models
+    it as ``complete_lag_s``; empty in --mode sim."""
+    load_avg: tuple[float, float] | None = None
+    """The machine's 1-minute load average when the replay started and ended."""
+    cpu_busy: float | None = None
+    """Fraction of the machine's CPU time busy during the replay (all processes, all cores;
+    from /proc/stat; None where unavailable)."""
 
     def init_requests(self, n: int) -> None:
         """Allocate the per-request arrays for ``n`` requests."""

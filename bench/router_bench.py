@@ -36,6 +36,7 @@ import grpc
 from bench.router_load import measure
 from kvroute.blocks import hash_blocks
 from kvroute.embedded_etcd import EmbeddedEtcd
+from kvroute.errors import ConfigError
 from kvroute.procs import ManagedProcess, read_ready_file
 from kvroute.v1 import registry_pb2, registry_pb2_grpc, router_pb2, router_pb2_grpc
 
@@ -174,11 +175,13 @@ def run_router_bench(cfg: RouterBenchConfig, log: Callable[[str], None] = print,
                                 work / "hb.log").start()
             procs.append(hb)
             for mode in cfg.modes:
+                reg_mode, _, extra = mode.partition("+")
                 rt, rt_ready = _serve("router", [
-                    "--registry", registry, "--registry-mode", mode,
+                    "--registry", registry, "--registry-mode", reg_mode,
                     "--block-size", str(cfg.block_size), "--default-policy", cfg.policy,
-                    "--inflight-timeout-s", "5", "--log-level", "warning"], work,
-                    f"router-{mode}")
+                    "--inflight-timeout-s", "5", "--log-level", "warning",
+                    *(["--share-routes"] if extra == "share" else [])], work,
+                    f"router-{reg_mode}{'-share' if extra else ''}")
                 target = f"127.0.0.1:{rt_ready['grpc_port']}"
                 try:
                     _wait_routable(target, tokens[0])
@@ -293,11 +296,22 @@ def add_router_arguments(p: Any) -> None:
     g.add_argument("--router-client-procs", type=int, default=d.client_procs,
                    help="client processes for the throughput shapes")
     g.add_argument("--router-modes", default=",".join(d.modes),
-                   help="registry modes to measure: mirror,stream")
+                   help="registry modes to measure: mirror,stream; MODE+share runs the "
+                        "router with --share-routes (one router: what sharing costs)")
     g.add_argument("--router-store", default=d.registry_store,
                    help="registry store: etcd (real etcd) or memory")
     g.add_argument("--router-prompt-tokens", type=int, default=d.prompt_tokens,
                    help="tokens per routed prompt")
+
+
+def _modes(value: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in value.split(",") if m.strip())
+    for m in modes:
+        base, _, extra = m.partition("+")
+        if base not in ("mirror", "replica", "stream") or extra not in ("", "share"):
+            raise ConfigError(f"--router-modes: {m!r} is not mirror or stream, optionally "
+                             f"with +share")
+    return modes
 
 
 def run_router_cli(args: Any) -> int:
@@ -309,7 +323,7 @@ def run_router_cli(args: Any) -> int:
         unary_concurrency=args.router_concurrency, streams=args.router_streams,
         stream_window=args.router_window, rate_per_s=args.router_rate,
         client_procs=args.router_client_procs,
-        modes=tuple(m.strip() for m in args.router_modes.split(",") if m.strip()),
+        modes=_modes(args.router_modes),
         registry_store=args.router_store, prompt_tokens=args.router_prompt_tokens,
         block_size=args.block_size)
     res = run_router_bench(cfg)

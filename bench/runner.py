@@ -9,6 +9,7 @@ from typing import Any
 
 from bench.backend import Backend
 from bench.bounds import Bound, LatencyFloor, latency_floor, merged_lru, oracle
+from bench.contention import MachineSampler, contention_bound
 from bench.metrics import policy_metrics
 from bench.results import PolicyRun
 from bench.sim.config import SimSettings
@@ -63,11 +64,13 @@ def run_comparison(workload: Workload, settings: SimSettings, policies: list[str
     if "random" not in order and random_bound:
         order.insert(next((i for i, n in enumerate(order) if n.startswith("peer:")),
                           len(order)), "random")
-    replayed = {name: backend.replay(workload, name) for name in order}
+    replayed = {name: _replay(backend, workload, name) for name in order}
     runs = [replayed[name] for name in policies]
     results = [policy_metrics(r, merged.hit_rate_tokens, orc.hit_rate_tokens) for r in runs]
     for m in results:
         m["ttft_ratio_to_floor"] = _ratios(m["ttft_ms"], floor_ms)
+        if m.get("arrival_lag_ms"):
+            m["contention_bound"] = contention_bound(m)
     random_hit = policy_metrics(replayed["random"], merged.hit_rate_tokens,
                                 orc.hit_rate_tokens)["hit_rate_tokens"] \
         if "random" in replayed else None
@@ -101,6 +104,18 @@ def run_comparison(workload: Workload, settings: SimSettings, policies: list[str
         "runtime_s": round(time.perf_counter() - t0, 2),
     }
     return BenchOutcome(report, runs, orc, merged, floor, workload, settings)
+
+
+def _replay(backend: Backend, workload: Workload, name: str) -> PolicyRun:
+    """One replay, with the machine's load and CPU use while it ran (stack modes: the
+    wall-clock replays those can disturb)."""
+    if backend.mode == "sim":
+        return backend.replay(workload, name)
+    sampler = MachineSampler()
+    sampler.start()
+    run = backend.replay(workload, name)
+    run.load_avg, run.cpu_busy = sampler.stop()
+    return run
 
 
 def _ratios(ttft_ms: dict[str, float],

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import grpc
 
 from bench.prompts import Prompt, prepare
@@ -38,10 +39,22 @@ GATEWAY_PREFIX = "gateway:"
 
 
 def split_front(name: str) -> tuple[bool, str]:
-    """``gateway:kv_aware`` -> (True, "kv_aware"); ``kv_aware`` -> (False, "kv_aware")."""
+    """``gateway:kv_aware`` -> (True, "kv_aware"); ``kv_aware`` -> (False, "kv_aware");
+    a replica suffix stays (``kv_aware@4``; :func:`split_replicas`)."""
     if name.startswith(GATEWAY_PREFIX):
         return True, name.removeprefix(GATEWAY_PREFIX)
     return False, name
+
+
+def split_replicas(policy: str) -> tuple[str, int]:
+    """``kv_aware@4`` -> ("kv_aware", 4): the policy replayed over 4 router (or gateway)
+    replicas behind a Service; ``kv_aware`` -> ("kv_aware", 1)."""
+    base, sep, n = policy.partition("@")
+    if not sep:
+        return policy, 1
+    if not n.isdigit() or int(n) < 1:
+        raise KeyError(f"policy {policy!r}: the replica count after '@' must be a number >= 1")
+    return base, int(n)
 
 
 class StackBackend:
@@ -50,7 +63,8 @@ class StackBackend:
     mode = "stack"
 
     def __init__(self, workdir: Path, spec: FleetSpec,
-                 progress: Callable[[int], None] | None = None, front: str = "route") -> None:
+                 progress: Callable[[int], None] | None = None, front: str = "route",
+                 spread: str = "random", seed: int = 0) -> None:
         if front not in ("route", "gateway"):
             raise ValueError(f"front must be route or gateway, got {front!r}")
         if front == "gateway" and not spec.gateway:
@@ -59,6 +73,9 @@ class StackBackend:
         self.spec = spec
         self.progress = progress
         self.front = front
+        self.spread = spread
+        """How a ``POLICY@N`` replay spreads requests over replicas (random / round_robin)."""
+        self.seed = seed
         self.hook: ReplayHook | None = None
         """Runs next to every replay (``--fault``: :class:`bench.faults.FaultInjector`)."""
         self._prompts: tuple[Workload, list[Prompt]] | None = None
@@ -104,16 +121,22 @@ class StackBackend:
     def replay(self, workload: Workload, policy_name: str) -> PolicyRun:
         """Replay ``workload`` under ``policy_name`` on emptied caches."""
         via_gateway, policy = split_front(policy_name)
+        policy, replicas = split_replicas(policy)
         if policy not in STACK_POLICIES:
             raise KeyError(f"policy {policy_name!r} is not served by the router; stack mode "
                            f"runs {', '.join(STACK_POLICIES)} (optionally as gateway:POLICY)")
         if via_gateway and not self.spec.gateway:
             raise KeyError(f"{policy_name}: this stack runs no gateway (FleetSpec.gateway)")
-        gateway = self.fleet.gateway_url if via_gateway or self.front == "gateway" else None
+        gateway = via_gateway or self.front == "gateway"
+        have = self.spec.gateways if gateway else self.spec.routers
+        if replicas > have:
+            raise KeyError(f"{policy_name}: this stack runs {have} "
+                           f"{'gateway' if gateway else 'router'} replicas")
+        fronts = (self.fleet.gateway_urls if gateway else self.fleet.router_targets)[:replicas]
         for _ in range(self.hook.replays - 1 if self.hook is not None else 0):
             # e.g. the fault-free baseline
-            asyncio.run(self._replay(workload, policy, policy_name, gateway))
-        return asyncio.run(self._replay(workload, policy, policy_name, gateway))
+            asyncio.run(self._replay(workload, policy, policy_name, fronts, gateway))
+        return asyncio.run(self._replay(workload, policy, policy_name, fronts, gateway))
 
     async def reset_fleet(self) -> dict[str, str]:
         """Empty every live engine's cache and wait until the registry saw it; id -> URL."""
@@ -126,18 +149,70 @@ class StackBackend:
             "every node's index emptied after the cache reset")
         return urls
 
-    async def _replay(self, workload: Workload, policy: str, label: str,
-                      gateway_url: str | None) -> PolicyRun:
+    async def _share_note(self, via_gateway: bool, n: int) -> str:
+        """What each replica's metrics say about the shared view after a replay (cumulative
+        since the fleet started): deltas applied, connected, burst decisions."""
+        ready = (self.fleet.gateways_ready if via_gateway else self.fleet.routers_ready)[:n]
+        parts = []
+        async with aiohttp.ClientSession() as http:
+            for k, r in enumerate(ready):
+                try:
+                    async with http.get(f"http://127.0.0.1:{r['metrics_port']}/metrics") as resp:
+                        text = await resp.text()
+                except aiohttp.ClientError as exc:
+                    parts.append(f"#{k}: metrics unreadable ({exc!r})")
+                    continue
+                m = _metric_values(text)
+                parts.append(
+                    f"#{k}: connected {m.get('kvroute_router_shared_view_connected', 0):g}, "
+                    f"deltas applied "
+                    f"{m.get('kvroute_router_shared_view_staleness_seconds_count', 0):g}, "
+                    f"burst decisions "
+                    f"{m.get('kvroute_router_replica_burst_decisions_total', 0):g}")
+        return "shared view per replica (since start): " + "; ".join(parts)
+
+    async def _replay(self, workload: Workload, policy: str, label: str, fronts: list[str],
+                      via_gateway: bool) -> PolicyRun:
+        if self.spec.routers > 1 or (self.spec.gateway and self.spec.gateways > 1):
+            # POLICY and POLICY@N compare replicas: each starts on fresh routing state (a
+            # replay would otherwise inherit the previous one's recent routes of the very same
+            # prompts)
+            await asyncio.to_thread(self.fleet.restart_fronts)
+            fronts = (self.fleet.gateway_urls if via_gateway
+                      else self.fleet.router_targets)[:len(fronts)]
         urls = await self.reset_fleet()
         if self._prompts is None or self._prompts[0] is not workload:
             self._prompts = (workload, prepare(workload))
-        run = await replay_stack(workload, policy, self.fleet.router_target, urls,
+        targets = self.fleet.router_targets[:1] if via_gateway else fronts
+        run = await replay_stack(workload, policy, targets, urls,
                                  self.spec.model, self.spec.time_scale,
                                  self.spec.prefill_tokens_per_s, self.progress,
                                  prompts=self._prompts[1], hook=self.hook,
-                                 gateway_url=gateway_url)
+                                 gateway_url=fronts if via_gateway else None,
+                                 spread=self.spread, seed=self.seed)
         run.policy = label
+        n = len(fronts)
+        if n > 1:
+            run.notes.append(await self._share_note(via_gateway, n))
+        replicas = (f", {n} replicas ({self.spread} spread, routes "
+                    f"{'shared' if '--share-routes' in self.spec.router_args else 'NOT shared'})"
+                    if n > 1 else "")
         run.notes.append(f"stack: {self.spec.nodes} engine_sim processes, time_scale "
                          f"{self.spec.time_scale}, block_size {self.spec.block_size}, front "
-                         f"{'OpenAI gateway' if gateway_url else 'Router API (Route/Complete)'}")
+                         f"{'OpenAI gateway' if via_gateway else 'Router API (Route/Complete)'}"
+                         f"{replicas}")
         return run
+
+
+def _metric_values(text: str) -> dict[str, float]:
+    """Unlabelled sample values of a Prometheus text exposition."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or "{" in line:
+            continue
+        name, _, value = line.partition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out

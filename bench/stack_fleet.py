@@ -68,6 +68,12 @@ class FleetSpec:
     router)."""
     gateway_args: tuple[str, ...] = ()
     """Extra gateway flags (e.g. ``--no-uvloop``)."""
+    routers: int = 1
+    """Router replicas (issue 19: several pods behind a Service; each gets
+    ``--router-replica-id router-K``; share their view when ``router_args`` say
+    ``--share-routes``)."""
+    gateways: int = 1
+    """Gateway replicas when ``gateway`` is set (ids ``gateway-K``)."""
     one_process: bool = True
     """All engines in one ``engine-sim --engines N`` process and all agents in one ``agent
     --fleet-file`` process (each engine still has its own HTTP, ZMQ and metrics ports, each agent
@@ -127,6 +133,11 @@ class StackFleet:
         self.registries_ready: list[dict[str, Any]] = []
         self._restarts = 0
         self.router: ManagedProcess | None = None
+        """Router 0 (``routers`` holds every replica)."""
+        self.routers: list[ManagedProcess] = []
+        self.routers_ready: list[dict[str, Any]] = []
+        self.gateways: list[ManagedProcess] = []
+        self.gateways_ready: list[dict[str, Any]] = []
         self.engines: list[EngineHandle] = []
         self.registry_ready: dict[str, Any] = {}
         self.router_ready: dict[str, Any] = {}
@@ -192,8 +203,13 @@ class StackFleet:
 
     @property
     def router_target(self) -> str:
-        """``127.0.0.1:PORT`` of the router."""
+        """``127.0.0.1:PORT`` of the router (replica 0)."""
         return f"127.0.0.1:{self.router_ready['grpc_port']}"
+
+    @property
+    def router_targets(self) -> list[str]:
+        """``127.0.0.1:PORT`` of every router replica."""
+        return [f"127.0.0.1:{r['grpc_port']}" for r in self.routers_ready]
 
     def start(self) -> StackFleet:
         """Start every process (independent ones in parallel) and wait until all serve."""
@@ -217,30 +233,64 @@ class StackFleet:
                 "--kv-prefill-tokens-per-s", str(s.prefill_tokens_per_s / s.time_scale),
                 "--max-prompt-tokens", str(s.max_prompt_tokens), *s.router_args]
 
-    def _router(self) -> tuple[ManagedProcess, Path] | None:
-        if not self.spec.start_router:
-            return None
-        return self._launch("router", "router", self._routing_args())
+    @staticmethod
+    def _name(role: str, k: int) -> str:
+        return role if k == 0 else f"{role}-{k}"
 
-    def _gateway(self) -> tuple[ManagedProcess, Path] | None:
+    def _router(self) -> list[tuple[ManagedProcess, Path]]:
+        if not self.spec.start_router:
+            return []
+        return [self._launch("router", self._name("router", k),
+                             [*self._routing_args(), "--router-replica-id", f"router-{k}"])
+                for k in range(self.spec.routers)]
+
+    def _router_ready(self, launched: list[tuple[ManagedProcess, Path]]) -> None:
+        if launched:
+            self.routers = [r[0] for r in launched]
+            self.routers_ready = [self._ready(r) for r in launched]
+            self.router, self.router_ready = self.routers[0], self.routers_ready[0]
+
+    def _gateway(self) -> list[tuple[ManagedProcess, Path]]:
         """``kvroute serve gateway`` with the router's routing flags (``spec.gateway``)."""
         s = self.spec
         if not s.gateway:
-            return None
-        return self._launch("gateway", "gateway", [
-            *self._routing_args(), "--max-concurrent-requests", "65536",
+            return []
+        return [self._launch("gateway", self._name("gateway", k), [
+            *self._routing_args(), "--router-replica-id", f"gateway-{k}",
+            "--max-concurrent-requests", "65536",
             "--max-body-bytes", str(64 * 1024 * 1024), *s.gateway_args])
+            for k in range(s.gateways)]
 
-    def _gateway_ready(self, launched: tuple[ManagedProcess, Path] | None) -> None:
-        if launched is not None:
-            self.gateway_ready = self._ready(launched)
+    def _gateway_ready(self, launched: list[tuple[ManagedProcess, Path]]) -> None:
+        if launched:
+            self.gateways = [g[0] for g in launched]
+            self.gateways_ready = [self._ready(g) for g in launched]
+            self.gateway_ready = self.gateways_ready[0]
+
+    def restart_fronts(self) -> None:
+        """Stop every router and gateway replica and start them again (fresh routing state:
+        in-flight counts, kv_aware's recent routes and averages, the shared view)."""
+        old = [*self.routers, *self.gateways]
+        for proc in old:  # SIGTERM all first, so they drain in parallel
+            proc.signal(signal.SIGTERM)
+        for proc in old:
+            proc.stop(grace_s=5.0)
+            self._procs.remove(proc)
+        router, gateway = self._router(), self._gateway()
+        self._router_ready(router)
+        self._gateway_ready(gateway)
 
     @property
     def gateway_url(self) -> str:
-        """``http://127.0.0.1:PORT`` of the gateway (``spec.gateway``)."""
+        """``http://127.0.0.1:PORT`` of the gateway (``spec.gateway``; replica 0)."""
         if not self.gateway_ready:
             raise RuntimeError("this fleet runs no gateway (FleetSpec.gateway=False)")
         return f"http://127.0.0.1:{self.gateway_ready['http_port']}"
+
+    @property
+    def gateway_urls(self) -> list[str]:
+        """``http://127.0.0.1:PORT`` of every gateway replica."""
+        return [f"http://127.0.0.1:{g['http_port']}" for g in self.gateways_ready]
 
     def _start_per_node(self) -> None:
         s = self.spec
@@ -255,8 +305,7 @@ class StackFleet:
         for i, (agent, ready) in enumerate(zip(agents, engine_ready, strict=True)):
             self._ready(agent)
             self.engines.append(EngineHandle(s.node_id(i), engines[i][0], agent[0], ready))
-        if router is not None:
-            self.router, self.router_ready = router[0], self._ready(router)
+        self._router_ready(router)
         self._gateway_ready(gateway)
 
     def _start_one_process(self) -> None:
@@ -274,8 +323,7 @@ class StackFleet:
         self._ready(agents)
         self.engines = [EngineHandle(s.node_id(i), launched[0], agents[0], r)
                         for i, r in enumerate(engine_ready)]
-        if router is not None:
-            self.router, self.router_ready = router[0], self._ready(router)
+        self._router_ready(router)
         self._gateway_ready(gateway)
 
     def _shared_agent_args(self) -> list[str]:

@@ -49,6 +49,8 @@ class _Outcome:
     """The router decided without placement data (registry unreachable)."""
     t_route_s: float = math.nan
     """Trace time the Route call was made (for fault windows)."""
+    t_done_s: float = math.nan
+    """Trace time the client had the engine's response (for the return lag)."""
 
 
 class ReplayHook(Protocol):
@@ -118,7 +120,9 @@ async def _one(req: TraceRequest, prompt: Prompt, route_bytes: bytes, model: str
                 usage = data.get("usage") or {}
                 details = usage.get("prompt_tokens_details") or {}
                 out.cached = int(details.get("cached_tokens") or 0)
-                out.client_s = (time.perf_counter() - t0) / time_scale
+                t1 = time.perf_counter()
+                out.client_s = (t1 - t0) / time_scale
+                out.t_done_s = (t1 - t_start) / time_scale
                 ok = True
     except (aiohttp.ClientError, TimeoutError, KeyError) as exc:
         out.error = f"engine: {exc!r}"
@@ -131,7 +135,7 @@ async def _one(req: TraceRequest, prompt: Prompt, route_bytes: bytes, model: str
 
 async def _one_gateway(req: TraceRequest, prompt: Prompt, policy: str, model: str,
                        gateway_url: str, http: aiohttp.ClientSession, out: _Outcome,
-                       time_scale: float) -> None:
+                       time_scale: float, t_start: float = math.nan) -> None:
     t0 = time.perf_counter()
     body = json_body({"model": model, "max_tokens": max(1, req.output_tokens),
                       "user": req.request_id}, "prompt", prompt)
@@ -149,40 +153,56 @@ async def _one_gateway(req: TraceRequest, prompt: Prompt, policy: str, model: st
                 return
             details = (data.get("usage") or {}).get("prompt_tokens_details") or {}
             out.cached = int(details.get("cached_tokens") or 0)
-            out.client_s = (time.perf_counter() - t0) / time_scale
+            t1 = time.perf_counter()
+            out.client_s = (t1 - t0) / time_scale
+            out.t_done_s = (t1 - t_start) / time_scale
     except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
         out.error = f"gateway: {exc!r}"
 
 
-async def replay_stack(workload: Workload, policy: str, router_target: str,
+async def replay_stack(workload: Workload, policy: str, router_target: str | Sequence[str],
                        engine_urls: dict[str, str], model: str, time_scale: float,
                        prefill_tokens_per_s: float,
                        progress: Callable[[int], None] | None = None,
                        prompts: list[Prompt] | None = None,
                        hook: ReplayHook | None = None,
-                       gateway_url: str | None = None) -> PolicyRun:
+                       gateway_url: str | Sequence[str] | None = None,
+                       spread: str = "random", seed: int = 0) -> PolicyRun:
     """Replay ``workload`` under ``policy`` and build the run from the engines' records
     (through the gateway at ``gateway_url`` when given, else Route + engine + Complete).
 
     ``prompts``: the workload's prepared prompts (:func:`bench.prompts.prepare`; made here when
     not given — pass them to reuse them across policies). ``hook`` (fault injection) runs next
     to the replay and sees every outcome after.
+
+    Several router targets (or gateway URLs) are replicas behind a Kubernetes Service: each
+    request goes to one of them as the Service would send a new connection (``spread``
+    ``random``: kube-proxy's iptables mode; ``round_robin``: IPVS ``rr``); a Route's Complete
+    is a separate call and is spread the same way, so it often lands on another replica than
+    the Route (the shared view releases it everywhere).
     """
+    from bench.sim.replicas import ReplicaSettings, Spreader
+
+    targets = [router_target] if isinstance(router_target, str) else list(router_target)
+    gateways = [gateway_url] if isinstance(gateway_url, str) else list(gateway_url or [])
+    fronts = Spreader(ReplicaSettings(routers=max(1, len(gateways) or len(targets)),
+                                      spread=spread), seed)
+    completes = Spreader(ReplicaSettings(routers=max(1, len(targets)), spread=spread), seed + 1)
     node_ids = sorted(engine_urls)
     run = PolicyRun(policy=policy, node_ids=node_ids, n_requests=len(workload.requests))
     run.init_requests(len(workload.requests))
     prompts = prompts if prompts is not None else prepare(workload)
-    routes = route_payloads(workload, prompts, model, policy)
+    route_bytes = route_payloads(workload, prompts, model, policy)
     outcomes = [_Outcome() for _ in workload.requests]
     timeout = aiohttp.ClientTimeout(total=600)
     t_wall0 = time.perf_counter()
-    channel = grpc.aio.insecure_channel(router_target)
+    channels = [grpc.aio.insecure_channel(t) for t in targets]
     async with aiohttp.ClientSession(timeout=timeout,
                                      connector=aiohttp.TCPConnector(limit=512)) as http:
-        stub = router_pb2_grpc.RouterStub(channel)
-        route = channel.unary_unary(  # takes the pre-serialized request bytes as they are
+        stubs = [router_pb2_grpc.RouterStub(ch) for ch in channels]
+        routes = [ch.unary_unary(  # takes the pre-serialized request bytes as they are
             "/kvroute.v1.Router/Route", request_serializer=_as_is,
-            response_deserializer=router_pb2.RouteResponse.FromString)
+            response_deserializer=router_pb2.RouteResponse.FromString) for ch in channels]
         before = {n: await _stats(http, u, records=False) for n, u in engine_urls.items()}
         await _reset_records(http, engine_urls)
         tasks: list[asyncio.Task[None]] = []
@@ -192,14 +212,16 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
             delay = req.arrival_s * time_scale - (time.perf_counter() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
-            if gateway_url:
+            front = fronts.pick()
+            if gateways:
                 task = asyncio.create_task(_one_gateway(req, prompts[i], policy, model,
-                                                        gateway_url, http, outcomes[i],
-                                                        time_scale))
+                                                        gateways[front], http, outcomes[i],
+                                                        time_scale, start))
             else:
-                task = asyncio.create_task(_one(req, prompts[i], routes[i], model, route,
-                                                stub, http, engine_urls, outcomes[i],
-                                                time_scale, start))
+                task = asyncio.create_task(_one(req, prompts[i], route_bytes[i], model,
+                                                routes[front],
+                                                stubs[completes.pick()], http, engine_urls,
+                                                outcomes[i], time_scale, start))
             if progress is not None:
                 task.add_done_callback(lambda _t: progress(1))
             tasks.append(task)
@@ -211,7 +233,8 @@ async def replay_stack(workload: Workload, policy: str, router_target: str,
         for n, st in stats.items():
             if st:  # (empty: a fault killed the engine)
                 st["_evicted_before"] = before[n].get("evicted_blocks", 0)
-    await channel.close(None)
+    for ch in channels:
+        await ch.close(None)
     run.wall_s = time.perf_counter() - t_wall0
     _fill(run, workload, outcomes, stats, node_ids, prefill_tokens_per_s)
     run.notes.append(client_vs_engine_note([o.client_s for o in outcomes], run.e2e_s))
@@ -286,7 +309,12 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
         if not math.isnan(finish):  # engine clocks start with each engine: use durations
             t_end = max(t_end, req.arrival_s + (finish - arrival))
     run.busy_s = busy
+    lags = _arrival_lags(run.node, skew, len(node_ids))
     run.arrival_lag_s = _arrival_lag(run.node, skew, len(node_ids))
+    run.return_lag_s = [o.t_done_s - (req.arrival_s + lag + e2e)
+                        for req, o, lag, e2e in zip(workload.requests, outcomes, lags, run.e2e_s,
+                                                    strict=True)
+                        if not (math.isnan(o.t_done_s) or math.isnan(lag) or math.isnan(e2e))]
     run.load_samples = _load_samples(run, len(node_ids))
     run.evictions = sum(int(st.get("evicted_blocks", 0)) - int(st.get("_evicted_before", 0))
                         for st in stats.values())
@@ -294,14 +322,20 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
 
 
 def _arrival_lag(node: list[int], skew: list[float], n_nodes: int) -> list[float]:
+    """The arrival lags of the requests some engine recorded (:func:`_arrival_lags`)."""
+    return [v for v in _arrival_lags(node, skew, n_nodes) if not math.isnan(v)]
+
+
+def _arrival_lags(node: list[int], skew: list[float], n_nodes: int) -> list[float]:
     """Per request: engine arrival minus schedule, less the engine's smallest such value (engine
-    clocks start with the engine, so only differences on one engine mean anything)."""
+    clocks start with the engine, so only differences on one engine mean anything); NaN for a
+    request no engine recorded."""
     base = [math.inf] * n_nodes
     for n, s in zip(node, skew, strict=True):
         if n >= 0 and not math.isnan(s):
             base[n] = min(base[n], s)
-    return [s - base[n] for n, s in zip(node, skew, strict=True)
-            if n >= 0 and not math.isnan(s)]
+    return [s - base[n] if n >= 0 and not math.isnan(s) else math.nan
+            for n, s in zip(node, skew, strict=True)]
 
 
 def _load_samples(run: PolicyRun, n_nodes: int, samples: int = 200,

@@ -12,6 +12,7 @@ workload, writes JSON and plots, and stops every process it started (also on Ctr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -21,6 +22,8 @@ from types import FrameType
 from typing import Any
 
 POLICIES = ("kv_aware", "session", "least_loaded", "round_robin")
+EXTRA_SIM_POLICIES = ("seed", "dynamo", "sglang", "llmd")
+"""Policies only the in-process replay runs (the notebook's and peer re-implementations)."""
 
 
 def add_parser(sub: Any) -> None:
@@ -43,6 +46,9 @@ def add_parser(sub: Any) -> None:
                    help="wall seconds per simulated second (default 0.03 = 33x faster)")
     p.add_argument("--policies", default=",".join(POLICIES), metavar="A,B,...",
                    help=f"router policies to compare (default {','.join(POLICIES)})")
+    p.add_argument("--sim-runs", type=int, default=7, metavar="N",
+                   help="seeded in-process replays per workload with the stack's measured "
+                        "timing; the stack is compared with their median (default 7)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-disaggregated", action="store_true",
                    help="skip the disaggregated run (the notebook workload on a prefill/decode "
@@ -56,6 +62,7 @@ def _sigterm(_signum: int, _frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; every process is stopped on the way out."""
+    from bench.agreement import agreement, format_agreement, stack_timing
     from bench.plots import write_all
     from bench.report import format_table
     from bench.runner import run_comparison
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from router_service.policies.kv_aware import KvAwareSettings
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    extra = [p for p in EXTRA_SIM_POLICIES if p not in policies]
     bad = [p for p in policies if p not in STACK_POLICIES]
     if bad or not policies:
         raise ConfigError(f"--policies: unknown {', '.join(bad) or '(empty)'}; choose from "
@@ -117,12 +125,27 @@ def run(args: argparse.Namespace) -> int:
                   "measured by the engines):")
             print(_indent(format_table(stack.report)))
             kv = KvAwareSettings(kv_prefill_tokens_per_s=rate)
-            sim = run_comparison(wl, settings, [*policies, "seed", "dynamo", "sglang", "llmd"],
-                                 SimBackend(settings, kv_settings=kv))
-            print("\n  the same workload replayed in-process (--mode sim), with the seed "
-                  "notebook's policy and re-implementations of peer routers:")
+            timing = stack_timing(stack.report, args.time_scale, spec.heartbeat_interval_s)
+            timed = dataclasses.replace(settings, arrival_jitter_s=timing["arrival_jitter_s"],
+                                        complete_lag_s=timing["complete_lag_s"],
+                                        heartbeat_delay_s=timing["heartbeat_delay_s"])
+            sims = [run_comparison(wl, timed, [*policies, *extra] if k == 0 else policies,
+                                   SimBackend(timed, seed=k, kv_settings=kv))
+                    for k in range(max(1, args.sim_runs))]
+            sim = sims[0]
+            print("\n  the same workload replayed in-process (--mode sim) with the stack's "
+                  f"measured timing (arrival jitter {timing['arrival_jitter_s']:.2f} s, "
+                  f"return lag {timing['complete_lag_s']:.2f} s, heartbeat "
+                  f"{timing['heartbeat_delay_s']:.2f} s of model time), with the seed notebook's "
+                  "policy and re-implementations of peer routers (seed 0):")
             print(_indent(format_table(sim.report)))
-            report["demo"].append({"title": title, "stack": stack.report, "sim": sim.report})
+            agree = agreement(stack.report, [o.report for o in sims])
+            print()
+            print(_indent(format_agreement(agree)))
+            report["demo"].append({"title": title, "stack": stack.report, "sim": sim.report,
+                                   "sim_timing": timing,
+                                   "sim_runs": [o.report for o in sims[1:]],
+                                   "agreement": agree})
             if i == 1 and args.nodes >= 2 and not args.no_disaggregated:
                 report["demo"][-1]["disaggregated"] = _disaggregated(
                     args, wl, settings, spec, stack.report, out_dir / f"fleet-{i}-pd")

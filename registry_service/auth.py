@@ -4,7 +4,8 @@ Identities are ``ROLE:NAME``:
 
 - ``agent:<node_id>`` may RegisterNode, Heartbeat, Resync and DeregisterNode for that node only;
 - ``reader:<name>`` (routers, gateways, endpoint pickers, the CLI) may Lookup, LookupStream,
-  ListNodes, WatchNodes and WatchPlacement;
+  ListNodes, WatchNodes and WatchPlacement, and join RouteShare.Exchange (the router replicas'
+  shared view of load);
 - ``admin:<name>`` may do everything (drain any node, for operators).
 
 An identity comes from the client certificate (mTLS: the URI SAN
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 WRITE_METHODS = frozenset({"RegisterNode", "Heartbeat", "Resync", "DeregisterNode"})
 READ_METHODS = frozenset({"Lookup", "LookupStream", "ListNodes", "WatchNodes",
-                          "WatchPlacement"})
+                          "WatchPlacement", "Exchange"})
+"""("Exchange" is RouteShare.Exchange: router replicas' shared view of load, issue 19.)"""
 TOKEN_RELOAD_S = 1.0
 """The tokens file is checked for changes at most this often."""
 

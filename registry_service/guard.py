@@ -15,6 +15,7 @@ Health and reflection are never checked (Kubernetes probes carry no credentials)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +25,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from kvroute.errors import KvrouteError, PermissionDenied, ResourceExhausted, Unauthenticated
-from kvroute.v1 import registry_pb2
+from kvroute.v1 import registry_pb2, route_share_pb2
 from registry_service.auth import CALLER, READ_METHODS, WRITE_METHODS, Authenticator, Identity
 from registry_service.metrics import RegistryMetrics
 from registry_service.peek import node_id_of
@@ -32,6 +33,9 @@ from registry_service.security_settings import SecuritySettings
 from registry_service.trim import MemoryTrimmer
 
 SERVICE_PREFIX = "/" + registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name + "/"
+SHARE_EXCHANGE = ("/" + route_share_pb2.DESCRIPTOR.services_by_name["RouteShare"].full_name
+                  + "/Exchange")
+"""Router replicas' shared view (issue 19): readers may join it, like the reads they make."""
 SMALL_MESSAGE_BYTES = 64 * 1024
 """Write messages this small are counted against the byte budget but never refused by it."""
 RESYNC_BYTES_PER_HASH = 11
@@ -163,6 +167,8 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             handler_call_details: grpc.HandlerCallDetails) -> _Handler:
         handler = await continuation(handler_call_details)
         full: str = handler_call_details.method
+        if handler is not None and full == SHARE_EXCHANGE and self.auth.required:
+            return self._read_generator("Exchange", handler)
         if handler is None or not full.startswith(SERVICE_PREFIX):
             return handler
         method = full[len(SERVICE_PREFIX):]
@@ -246,6 +252,25 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if refused is not None:
                 await self._abort(ctx, refused)
             return await inner_ss(request_iterator, ctx)
+        return h._replace(stream_stream=ss)  # type: ignore[no-any-return]
+
+    def _read_generator(self, method: str, handler: _Handler) -> _Handler:
+        """:meth:`_read` for a bidirectional stream served by an async generator
+        (``RouteShare.Exchange``)."""
+        h: Any = handler
+        inner = h.stream_stream
+
+        async def ss(request_iterator: Any, ctx: _Ctx) -> AsyncIterator[Any]:
+            refused = self._check_read(ctx, method)
+            if refused is not None:
+                # take the client's hello first: aborting a bidirectional stream while the
+                # client is still writing its first message sometimes reached the client as
+                # INTERNAL ("Internal error from Core") instead of the refusal
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(anext(aiter(request_iterator), None), 1.0)
+                await self._abort(ctx, refused)
+            async for item in inner(request_iterator, ctx):
+                yield item
         return h._replace(stream_stream=ss)  # type: ignore[no-any-return]
 
     async def _admit(self, ctx: _Ctx, method: str, raw: bytes | None,

@@ -147,6 +147,11 @@ class RouterCore:
                 f"block size mismatch: router hashes {self.settings.block_size}-token blocks, "
                 f"the registry uses {rbs}; set --block-size {rbs}")
         view = request_view(req, self.settings, self.tokenizer, rbs)
+        share = self.share
+        if share is not None and share.live():
+            peers = share.peers() if share.in_burst() else 0
+            if peers:  # replicas deciding side by side (kv_aware's picker spreads over them)
+                view = dataclasses.replace(view, replicas=peers + 1, replica_rank=share.rank())
         return _Pending(req, policy, view, self._resolve_model(req.model), t0)
 
     def _resolve_model(self, model: str) -> str:
@@ -293,6 +298,8 @@ class RouterCore:
         self.decisions_by_policy[used] = self.decisions_by_policy.get(used, 0) + 1
         self.predicted_cached_tokens += cached
         reason = decision.reason
+        if view.replicas > 1 and self.metrics is not None:
+            self.metrics.burst_decisions.inc()
         if share is not None and share.why_not:
             self.own_view_decisions += 1
             reason = f"OWN COUNTS ONLY (shared view lost: {share.why_not}); {reason}"

@@ -80,6 +80,10 @@ class RouterMetrics:
             "kvroute_router_own_view_decisions_total",
             "Decisions made on this replica's own counts because the shared view was lost",
             registry=registry)
+        self.burst_decisions = Counter(
+            "kvroute_router_replica_burst_decisions_total",
+            "Decisions made in a burst next to other live replicas (kv_aware takes this "
+            "replica's slot of their plan instead of the plain best node)", registry=registry)
         self.remote_inflight = Gauge(
             "kvroute_router_remote_inflight_requests",
             "Requests other router replicas routed and not yet completed (shared view)",

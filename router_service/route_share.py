@@ -128,17 +128,24 @@ class SharedView:
     def __init__(self, replica_id: str, publish: Callable[[RouteDelta], None],
                  clock: Callable[[], float], *, inflight_timeout_s: float = 300.0,
                  max_blocks: int = 64, timeout_s: float = 5.0,
-                 max_tracked: int = 1_000_000) -> None:
+                 max_tracked: int = 1_000_000, peer_window_s: float = 30.0,
+                 burst_window_s: float = 0.01) -> None:
         if not replica_id:
             raise ValueError("replica_id must not be empty")
-        if max_blocks < 0 or timeout_s <= 0:
-            raise ValueError("max_blocks must be >= 0 and timeout_s > 0")
+        if max_blocks < 0 or timeout_s <= 0 or burst_window_s < 0:
+            raise ValueError("max_blocks and burst_window_s must be >= 0, timeout_s > 0")
         self.replica_id = replica_id
         self.publish = publish
         self.clock = clock
         self.max_blocks = max_blocks
         self.timeout_s = timeout_s
         self.remote = RemoteLoad(clock, inflight_timeout_s, max_tracked)
+        self.peer_window_s = peer_window_s
+        """A replica counts as a live peer while it routed within this many seconds."""
+        self._peers: dict[str, float] = {}
+        self.burst_window_s = burst_window_s
+        """Own decisions closer than this mean a burst (:meth:`in_burst`)."""
+        self._last_routed = float("-inf")
         self._connected = False
         self._why = "not connected yet"
         self._last_heard = float("-inf")
@@ -165,6 +172,7 @@ class SharedView:
             self._connected = False
             self._why = why or "link down"
             self.remote.clear()
+            self._peers.clear()
 
     def heard(self, sent_at: float | None = None) -> None:
         """Something (a delta or a keepalive) arrived; ``sent_at`` measures staleness."""
@@ -176,6 +184,30 @@ class SharedView:
             self.max_staleness_s = max(self.max_staleness_s, lag)
             if self.on_staleness is not None:
                 self.on_staleness(lag)
+
+    def saw_peer(self, replica_id: str) -> None:
+        """Another replica routed a request (counted by :meth:`peers`)."""
+        self._peers[replica_id] = self.clock()
+
+    def peers(self) -> int:
+        """Other replicas that routed within ``peer_window_s`` (0 while the view is lost):
+        how many routers decide next to this one without seeing its latest decisions."""
+        if not self._peers:
+            return 0
+        limit = self.clock() - self.peer_window_s
+        for rid in [r for r, t in self._peers.items() if t < limit]:
+            del self._peers[rid]
+        return len(self._peers)
+
+    def in_burst(self) -> bool:
+        """True when this replica routed another request within ``burst_window_s``: requests
+        are arriving faster than the shared view can tell the replicas about one another's."""
+        return self.clock() - self._last_routed <= self.burst_window_s
+
+    def rank(self) -> int:
+        """This replica's place among itself and its live peers, by sorted replica id (every
+        replica computes the same order, so each gets its own place without coordination)."""
+        return sorted([self.replica_id, *self._peers]).index(self.replica_id)
 
     def live(self) -> bool:
         """True while the shared view is usable (connected, heard within ``timeout_s``)."""
@@ -214,6 +246,7 @@ class SharedView:
                 tracker.complete(delta.request_id)
             return
         self.remote.start(delta.replica_id, delta.request_id, delta.node_id)
+        self.saw_peer(delta.replica_id)
         tracker.add_prefill(delta.node_id, delta.uncached_tokens)
         if delta.block_hashes:
             for name in policies.names:
@@ -226,6 +259,7 @@ class SharedView:
                block_hashes: Sequence[int]) -> None:
         """Publish one of this replica's decisions."""
         blocks = tuple(block_hashes[: self.max_blocks]) if self.max_blocks else ()
+        self._last_routed = self.clock()
         self.publish(RouteDelta(self.replica_id, request_id, node_id, uncached, cached, blocks,
                                 self.clock()))
 

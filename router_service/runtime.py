@@ -75,7 +75,8 @@ def attach_share_link(s: RouterSettings, core: RouterCore,
     core.share = SharedView(replica, link.send, time.time,
                             inflight_timeout_s=s.inflight_timeout_s,
                             max_blocks=s.share_max_blocks, timeout_s=s.share_timeout_s,
-                            max_tracked=s.max_tracked_requests)
+                            max_tracked=s.max_tracked_requests,
+                            burst_window_s=s.share_burst_window_s)
     link.attach(core)
     if metrics is not None:
         view = core.share

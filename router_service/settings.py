@@ -96,6 +96,11 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
     share_max_blocks: int = setting(
         64, "With --share-routes: leading block hashes of each routed request shared for "
             "kv_aware's recently-routed overlap")
+    share_burst_window_s: float = setting(
+        0.01, "With --share-routes: a replica that routed another request within this many "
+              "seconds is in a burst (the other replicas' decisions of the same moment are not "
+              "in its view yet) and kv_aware takes its own slot of the replicas' plan "
+              "(--kv-replica-spread); about twice the shared view's worst staleness")
 
     def __post_init__(self) -> None:
         ServerSettings.__post_init__(self)
@@ -118,6 +123,7 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
         require(self.max_candidates == 0 or self.max_candidates >= 4, "max_candidates",
                 "must be 0 (off) or >= 4")
         require(0 <= self.share_max_blocks <= 256, "share_max_blocks", "must be in 0..256")
+        require(self.share_burst_window_s >= 0, "share_burst_window_s", "must be >= 0")
         require(len(self.router_replica_id) <= 256, "router_replica_id",
                 "must be at most 256 characters")
         for name in ("lookup_timeout_s", "registry_timeout_s", "registry_retry_max_s",

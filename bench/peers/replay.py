@@ -54,7 +54,9 @@ async def replay_peer(workload: Workload, peer: Peer, name: str, fleet: EngineFl
         async def one(i: int) -> None:
             t0 = time.perf_counter()
             res = await peer.send(http, workload.requests[i], tokens[i])
-            client_s[i] = (time.perf_counter() - t0) / spec.time_scale
+            t1 = time.perf_counter()
+            client_s[i] = (t1 - t0) / spec.time_scale
+            outcomes[i].t_done_s = (t1 - start) / spec.time_scale
             outcomes[i].error = res.error
             outcomes[i].predicted = res.predicted_cached_tokens
 

@@ -39,6 +39,16 @@ class SimSettings:
         0.0, "heartbeat lag: the registry's view of each cache lags the cache by this many "
              "seconds, and queue/usage reports refresh once per this interval (0 = live)")
     block_size: int = setting(0, "tokens per block (0 = the workload's)")
+    complete_lag_s: float = setting(
+        0.0, "--mode sim: model seconds between an engine finishing a request and the router "
+             "(and a peer's own state) hearing of it -- in --mode stack the response's trip "
+             "back and the Complete call (the stack table prints it as 'return lag'); "
+             "0 = at once")
+    arrival_jitter_s: float = setting(
+        0.0, "--mode sim: each request reaches the router and its engine up to this many model "
+             "seconds after its scheduled arrival (uniform, seeded by --seed; with --repeat N "
+             "run k uses --seed + k) -- the client and network lag --mode stack has (its table "
+             "prints it as 'arrival lag'); 0 = exactly on schedule")
     mixed_batch_slowdown: float = setting(
         0.0, "what-if of prefill/decode interference: each request decoding on an engine when "
              "a prefill starts there lengthens that prefill by this fraction (0 = off, the "
@@ -54,6 +64,8 @@ class SimSettings:
                 "must be 'default' (the seed notebook's constant preset was retired when "
                 "--mode sim moved onto engine_sim's engine model: one engine model)")
         require(self.heartbeat_delay_s >= 0, "heartbeat_delay_s", "must be >= 0")
+        require(self.complete_lag_s >= 0, "complete_lag_s", "must be >= 0")
+        require(self.arrival_jitter_s >= 0, "arrival_jitter_s", "must be >= 0")
         require(self.mixed_batch_slowdown >= 0, "mixed_batch_slowdown", "must be >= 0")
 
     def engine_params(self, cache_blocks: int, block_size: int) -> EngineParams:

@@ -12,10 +12,20 @@ what serves traffic. The hit rate is what each engine's cache served at admissio
 
 Peer re-implementations that keep their own state update it on ``commit`` and get
 ``on_prefill_done`` / ``on_complete`` callbacks at the engine's times.
+
+Timing of the real stack (``SimSettings``): ``arrival_jitter_s`` delays each request's arrival
+(router and engine alike) by a seeded uniform draw, as the client and network lag of ``--mode
+stack`` does; ``complete_lag_s`` delays the router's (and a peer's) ``complete`` after the
+engine finished, as the response's trip back and the ``Complete`` call do. Both default to 0
+(the schedule exactly). Policies that decide on in-flight counts alone (``least_loaded``) are
+chaotic in these: a few milliseconds move which node a conversation's next turn meets, so
+their hit rate is a distribution, and ``--repeat`` samples it.
 """
 
 from __future__ import annotations
 
+import heapq
+import random
 import time
 from collections.abc import Callable, Sequence
 
@@ -108,6 +118,9 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     owner: dict[str, int] = {}
     index = {r.request_id: i for i, r in enumerate(reqs)}
     prefilling: list[tuple[int, SimRequest]] = []  # submitted, prefill-done callback not given
+    late: list[tuple[float, int, str, int]] = []  # (heard at, seq, request id, cached tokens)
+    lag = cfg.complete_lag_s
+    arrivals = arrival_times(workload, cfg.arrival_jitter_s, seed)
     sample_every = max(1, n_req // 400)
 
     def set_now(now: float) -> None:
@@ -140,18 +153,32 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
             if s.finished_at is not None:
                 run.e2e_s[i] = s.finished_at - s.arrival
                 run.t_end_s = max(run.t_end_s, s.finished_at)
-            k = owner.pop(s.request_id, 0)
-            if bus is not None:
-                set_now(end)
-            cores[k].complete(s.request_id, cached_tokens=s.cached_tokens)
-            on_complete = callbacks[k][1]
-            if on_complete is not None:
-                on_complete(s.request_id)
+            if lag > 0:
+                heapq.heappush(late, (end + lag, i, s.request_id, s.cached_tokens))
+            else:
+                heard(end, s.request_id, s.cached_tokens)
 
-    for i, r in enumerate(reqs):
-        now = r.arrival_s
+    def heard(at: float, request_id: str, cached_tokens: int) -> None:
+        """The router (and the policy's own state) learns the request completed."""
+        k = owner.pop(request_id, 0)
+        if bus is not None:
+            set_now(at)
+        cores[k].complete(request_id, cached_tokens=cached_tokens)
+        on_complete = callbacks[k][1]
+        if on_complete is not None:
+            on_complete(request_id)
+
+    def hear_until(now: float) -> None:
+        while late and late[0][0] <= now:
+            at, _i, rid, cached = heapq.heappop(late)
+            heard(at, rid, cached)
+
+    for pos, i in enumerate(range(n_req)):  # arrivals keep the trace order
+        r = reqs[i]
+        now = arrivals[i]
         finished(fleet.advance(now))
         prefills_done(now)
+        hear_until(now)
         set_now(now)
         run.arrival_s[i] = now
         run.prompt_tokens[i] = r.prompt_tokens
@@ -182,15 +209,31 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
         run.predicted_cached_tokens[i] = d.expected_cached_tokens
         if callbacks[k][0] is not None:
             prefilling.append((k, sreq))
-        if i % sample_every == 0:
+        if pos % sample_every == 0:
             run.load_samples.append((now, [sum(tr.inflight(n) for tr in trackers)
                                            for n in fleet.node_ids]))
-        if progress is not None and i % 500 == 499:
+        if progress is not None and pos % 500 == 499:
             progress(500)
     finished(fleet.drain())
+    hear_until(float("inf"))
     if progress is not None:
         progress(n_req % 500)
     run.busy_s = fleet.busy_s
     run.evictions = fleet.evictions_total
     run.wall_s = time.perf_counter() - t_wall
     return run
+
+
+def arrival_times(workload: Workload, jitter_s: float, seed: int) -> list[float]:
+    """Each request's arrival at the router: its scheduled time, plus a uniform draw in
+    ``[0, jitter_s)`` (seeded) when ``jitter_s`` > 0, never before the request scheduled just
+    before it (the trace's order is kept, as the stack's client keeps it)."""
+    if jitter_s <= 0:
+        return [r.arrival_s for r in workload.requests]
+    rnd = random.Random(f"arrival-jitter:{seed}")
+    out: list[float] = []
+    last = float("-inf")
+    for r in workload.requests:  # in order: a client sends a burst in trace order, as the
+        last = max(last, r.arrival_s + rnd.uniform(0.0, jitter_s))  # stack's replay does
+        out.append(last)
+    return out

@@ -46,6 +46,10 @@ class ReplicaSettings:
                "model seconds after the decision (the registry hop)")
     share_max_blocks: int = setting(
         64, "leading block hashes of each routed request shared for recent-routes overlap")
+    share_burst_window_s: float = setting(
+        0.01, "a replica that routed another request within this many model seconds is in a "
+              "burst and kv_aware takes its own slot of the replicas' plan (the router's "
+              "--share-burst-window-s)")
     calibrate: bool = setting(
         True, "routers use each engine's prefill rate measured from its prefill times (as the "
               "node agent reports it from vLLM's metrics); --kv-prefill-tokens-per-s is then "
@@ -56,6 +60,7 @@ class ReplicaSettings:
         require(self.spread in SPREADS, "spread", f"must be one of {', '.join(SPREADS)}")
         require(self.share_delay_s >= 0, "share_delay_s", "must be >= 0")
         require(self.share_max_blocks >= 0, "share_max_blocks", "must be >= 0")
+        require(self.share_burst_window_s >= 0, "share_burst_window_s", "must be >= 0")
 
 
 class ShareBus:
@@ -85,7 +90,8 @@ def make_share(bus: ShareBus, idx: int, clock: Callable[[], float],
                settings: ReplicaSettings) -> SharedView:
     """Replica ``idx``'s end of the shared view on ``bus`` (connected from the start)."""
     view = SharedView(f"router-{idx}", bus.publish, clock, inflight_timeout_s=1e12,
-                      max_blocks=settings.share_max_blocks, timeout_s=1e12)
+                      max_blocks=settings.share_max_blocks, timeout_s=1e12,
+                      burst_window_s=settings.share_burst_window_s)
     view.set_connected(True)
     return view
 

@@ -85,6 +85,12 @@ class RequestView:
     """Nodes of the model when the core narrowed the candidates (0 = the candidates are all)."""
     fleet_inflight: int = 0
     """Requests in flight over the whole fleet, with ``fleet_nodes`` (load-cap mean)."""
+    replicas: int = 1
+    replica_rank: int = 0
+    """This replica's place (0 .. replicas - 1) among them, by sorted replica id: replicas
+    with the same view break the symmetry with it."""
+    """Router replicas deciding side by side (this one + the live peers of its shared view):
+    > 1 means decisions made at the same moment elsewhere are not in the load figures yet."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,7 +66,9 @@ Built from plugins (:mod:`router_service.policies.plugins`): overlap source ``re
 filters ``health`` and ``load_cap``; scorers ``queued_prefill`` (the first line of ``est``),
 ``eviction`` and ``kv_usage`` (the other two), each with a weight (``--kv-weight-*``, default 1);
 picker ``lowest``. State (recent routes, the running average, the rotating start) changes on
-commit only.
+commit only. With several router replicas sharing their view (issue 19), the picker gives each
+replica its own slot of the plan one router would make for the replicas' simultaneous requests
+(``kv_replica_spread``; :mod:`~router_service.policies.plugins.lowest_picker`).
 """
 
 from __future__ import annotations
@@ -118,6 +120,12 @@ class KvAwareSettings:
         0.97, "KV usage fraction above which a node is penalised as nearly full")
     kv_usage_penalty_s: float = setting(
         0.5, "seconds added to a node at 100 % KV usage (linear from the watermark)")
+    kv_replica_spread: float = setting(
+        1.0, "with N router replicas deciding side by side (shared view live, N > 1), each "
+             "takes its own slot (by sorted replica id) of the plan one router would make for N "
+             "such requests, charging a chosen node this factor x the request's prefill and "
+             "in-flight cost per step, so replicas deciding the same instant do not herd onto "
+             "one node; 0 = every replica takes the best node. No effect with one router")
     kv_weight_queued_prefill: float = setting(
         1.0, "weight of the queued_prefill scorer (estimated prefill wait + own prefill, s)")
     kv_weight_eviction: float = setting(
@@ -145,6 +153,7 @@ class KvAwareSettings:
         require(0 < self.kv_usage_high_watermark < 1, "kv_usage_high_watermark",
                 "must be in (0, 1)")
         require(self.kv_usage_penalty_s >= 0, "kv_usage_penalty_s", "must be >= 0")
+        require(self.kv_replica_spread >= 0, "kv_replica_spread", "must be >= 0")
         for name in ("kv_weight_queued_prefill", "kv_weight_eviction", "kv_weight_kv_usage"):
             require(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("kv_weight_offloaded", "kv_weight_unknown_index_miss"):
@@ -166,7 +175,18 @@ class KvAwarePolicy(SchedulingPolicy):
              (EvictionScorer(s.kv_eviction_cost_s), s.kv_weight_eviction),
              (UsageScorer(s.kv_usage_high_watermark, s.kv_usage_penalty_s),
               s.kv_weight_kv_usage)],
-            LowestScorePicker())
+            LowestScorePicker(self.herd_cost if s.kv_replica_spread > 0 else None))
+
+    def herd_cost(self, cycle: Cycle, i: int) -> float:
+        """What one more request like this one would add to node ``i``'s estimate (its
+        uncached prefill and in-flight charge there, in seconds) x kv_replica_spread: the step
+        of the replicas' sequential plan (:mod:`~router_service.policies.plugins.lowest_picker`)."""
+        req = cycle.request
+        v = cycle.nodes[i]
+        uncached = req.prompt_tokens - min(cycle.matched[i] * req.block_size, req.prompt_tokens)
+        rate = v.prefill_tokens_per_s or self.prefill.rate
+        return (self.settings.kv_replica_spread
+                * (uncached + self.settings.kv_inflight_cost_tokens) / rate)
 
     def reason(self, cycle: Cycle, chosen: int, score: float) -> str:
         """Cached prefix, what was routed there but not reported yet, estimate, load and cap."""
@@ -180,6 +200,8 @@ class KvAwarePolicy(SchedulingPolicy):
             extra += f" + {off} tokens offloaded (CPU/disk)"
         if not v.index_complete:
             extra += " [node's index incomplete: its misses are not trusted]"
+        slot = (f", slot {req.replica_rank + 1} of {req.replicas} replicas"
+                if req.replicas > 1 and self.settings.kv_replica_spread > 0 else "")
         return (f"kv_aware: {v.matched_blocks} prefix blocks cached{extra} "
                 f"({cached}/{req.prompt_tokens} tokens), est. TTFT {score * 1000:.0f} ms, "
-                f"in-flight {v.inflight} (cap {self.load_cap.cap(cycle):.1f})")
+                f"in-flight {v.inflight} (cap {self.load_cap.cap(cycle):.1f}){slot}")

@@ -8,6 +8,7 @@ from the engines, and the hit rates match the in-process simulation within a few
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,20 @@ def test_stack_replay_matches_sim(tmp_path: Path) -> None:
     assert main(["bench", *COMMON, "--policies", "kv_aware,round_robin", "--mode", "sim",
                  "--json", str(sim_json)]) == 0
     assert main(["bench", *COMMON, "--policies", "kv_aware,gateway:kv_aware,round_robin",
-                 "--mode", "stack", "--time-scale", "0.05",
+                 "--mode", "stack", "--time-scale", "0.05", "--sim-runs", "3",
                  "--workdir", str(tmp_path / "stack"), "--json", str(stack_json)]) == 0
     stack, sim = json.loads(stack_json.read_text()), json.loads(sim_json.read_text())
     assert stack["mode"] == "stack" and sim["mode"] == "sim"
+    # the stack measured its own timing, and the sim replayed it (3 seeds) for the agreement
+    timing = stack["sim_timing"]
+    assert timing["heartbeat_delay_s"] > 0 and timing["arrival_jitter_s"] >= 0
+    agree = {r["policy"]: r for r in stack["agreement"]}
+    assert set(agree) == {"kv_aware", "gateway:kv_aware", "round_robin"}
+    for r in agree.values():
+        assert r["sim_runs"] == 3 and abs(r["hit"]["apart"]) < 0.08
+    for r in stack["results"]:
+        assert r["return_lag_ms"] is not None and len(r["load_avg_1m"]) == 2
+        assert r["contention_bound"] in (True, False)
     by_policy = {r["policy"]: r for r in stack["results"]}
     sim_by_policy = {r["policy"]: r for r in sim["results"]}
     for name in ("kv_aware", "gateway:kv_aware", "round_robin"):
@@ -78,3 +89,31 @@ def test_disaggregated_replay_through_the_gateway(tmp_path: Path) -> None:
     m = pd_metrics(run_gateway_pd(tmp_path / "pd", spec, wl, 1, prepare(wl)))
     assert m["failed"] == 0 and sum(m["requests_per_decode_node"]) == 60
     assert m["transferred_blocks"] > 0 and m["hit_rate_tokens"] > 0
+
+
+def test_stack_spreads_over_router_and_gateway_replicas_that_share_their_view(
+        tmp_path: Path) -> None:
+    """``--routers 2 --gateways 2``: every policy through one replica and as POLICY@2 over
+    both (Route and Complete spread independently, like a Service); the replicas share their
+    view through the registry (each applied the other's deltas) and nothing fails."""
+    out = tmp_path / "replicas.json"
+    assert main(["bench", *COMMON, "--policies", "kv_aware", "--mode", "stack",
+                 "--time-scale", "0.05", "--routers", "2", "--gateways", "2",
+                 "--workdir", str(tmp_path / "stack"), "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    by = {r["policy"]: r for r in rep["results"]}
+    assert set(by) == {"kv_aware", "kv_aware@2", "gateway:kv_aware", "gateway:kv_aware@2"}
+    for row in by.values():
+        assert row["failed"] == 0 and row["ttft_ms"]["p50"] > 0
+    assert rep["router_replicas"] == {"routers": 2, "gateways": 2, "spread": "random",
+                                      "share_routes": True}
+    logs = tmp_path / "stack" / "stack" / "logs"
+    assert {p.name for p in logs.iterdir()} >= {"router.log", "router-1.log", "gateway.log",
+                                                "gateway-1.log"}
+    # each replay starts on fresh routers/gateways: POLICY@2 does not inherit POLICY's state
+    assert abs(by["kv_aware@2"]["hit_rate_tokens"] - by["kv_aware"]["hit_rate_tokens"]) < 0.05
+    for name in ("kv_aware@2", "gateway:kv_aware@2"):  # each replica applied the other's deltas
+        note = next(n for n in by[name]["notes"] if n.startswith("shared view per replica"))
+        applied = re.findall(r"deltas applied (\d+)", note)
+        assert len(applied) == 2 and all(int(a) > 0 for a in applied), note
+        assert note.count("connected 1") == 2, note

@@ -155,6 +155,25 @@ async def test_mtls_identities(mtls_registry: ServerProcess, ca: CertAuthority,
         assert code == Code.UNAVAILABLE
 
 
+async def _exchange(target: str, tls: TLSSettings | None) -> grpc.StatusCode:
+    """Join RouteShare.Exchange and read the hub's first message: OK, or the refusal."""
+    from kvroute.v1 import route_share_pb2 as rs
+    from kvroute.v1 import route_share_pb2_grpc as rs_grpc
+
+    async def hello() -> AsyncIterator[rs.RouteShareMessage]:
+        yield rs.RouteShareMessage(hello=rs.RouteShareHello(replica_id="test-replica"))
+        await asyncio.sleep(5)
+
+    async with open_channel(target, tls) as ch:
+        call = rs_grpc.RouteShareStub(ch).Exchange(hello(), timeout=5)
+        try:
+            await call.read()
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        call.cancel()
+        return Code.OK
+
+
 async def test_bearer_tokens(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("# role:name token\nagent:node-7 agent-secret-7\n"
@@ -177,6 +196,13 @@ async def test_bearer_tokens(etcd_endpoint: str, etcd_prefix: str, tmp_path: Pat
             await rd.ListNodes(pb.ListNodesRequest(), timeout=5)
             code, msg = await code_of(rd.RegisterNode(reg_req("node-7"), timeout=5))
             assert code == Code.PERMISSION_DENIED and "reader:gateway" in msg
+        # the router replicas' shared view (RouteShare.Exchange) is for readers only
+        assert await _exchange(target, None) == Code.UNAUTHENTICATED
+        assert await _exchange(target, TLSSettings(token_file=str(reader_file))) == Code.OK
+        agent_only = tmp_path / "agent-only.token"
+        agent_only.write_text("agent-secret-7")
+        assert await _exchange(target, TLSSettings(token_file=str(agent_only))) \
+            == Code.PERMISSION_DENIED
         # the real agent link (node_agent) registers, resyncs and heartbeats with its token
         from node_agent.block_map import BlockMap
         from node_agent.deltas import DeltaLog

@@ -44,3 +44,63 @@ def test_router_flags_convert_kv_aware_to_the_wall_clock() -> None:
     assert router_flags(kv, 1.0) == tuple(
         x for f in __import__("dataclasses").fields(kv)
         for x in (f"--{f.name.replace('_', '-')}", str(getattr(kv, f.name))))
+
+
+def test_contention_bound_runs_are_marked_not_dropped() -> None:
+    from bench.contention import CONTENTION_LAG_P99_S, contention_bound
+
+    quiet = {"arrival_lag_ms": {"p50": 100.0, "p90": 200.0, "p99": 400.0}}
+    busy = {"arrival_lag_ms": {"p50": 900.0, "p90": 4000.0,
+                               "p99": CONTENTION_LAG_P99_S * 1000 + 1}}
+    assert not contention_bound(quiet) and contention_bound(busy)
+    assert not contention_bound({"arrival_lag_ms": None})  # sim rows have no lag
+    a = _rep([("peer:x", 0.170, 8000.0)])
+    b = _rep([("peer:x", 0.171, 9000.0)])  # 12.5 % apart, run 2 lagging
+    c = _rep([("peer:x", 0.172, 8100.0)])
+    b["results"][0]["contention_bound"] = True
+    out = spread([a, b, c])["peer:x"]
+    assert out["contended_runs"] == [2] and not out["within_target"]
+    assert out["within_target_uncontended"] is True  # runs 1 and 3: 1.3 %, hit 0.002
+    assert out["ttft_p90_ms"] == [8000.0, 9000.0, 8100.0]  # every run still reported
+    assert "contention-bound: run 2; the other runs: yes" in format_spread({"peer:x": out})
+    two = spread([a, b])["peer:x"]
+    assert two["within_target_uncontended"] is None  # one clean run: no verdict of its own
+
+
+def test_machine_sampler_reads_load_and_cpu() -> None:
+    from bench.contention import MachineSampler
+
+    s = MachineSampler()
+    s.start()
+    sum(i * i for i in range(200_000))
+    (load0, load1), busy = s.stop()
+    assert load0 >= 0 and load1 >= 0
+    assert busy is None or 0.0 <= busy <= 1.0
+
+
+def test_agreement_of_stack_and_sim_medians() -> None:
+    from bench.agreement import agreement, format_agreement, stack_timing
+
+    def row(policy: str, hit: float, p50: float, p90: float, **extra: Any) -> dict[str, Any]:
+        return {"policy": policy, "hit_rate_tokens": hit,
+                "ttft_ms": {"p50": p50, "p90": p90, "p99": 2 * p90}, **extra}
+
+    lag = {"arrival_lag_ms": {"p50": 50.0, "p90": 90.0, "p99": 200.0},
+           "return_lag_ms": {"p50": 20.0, "p90": 30.0, "p99": 40.0}}
+    stack = {"results": [row("kv_aware", 0.115, 1700.0, 5000.0, **lag),
+                         row("gateway:least_loaded", 0.069, 3300.0, 9400.0, **lag),
+                         row("peer:x", 0.17, 1.0, 2.0, **lag)]}
+    timing = stack_timing(stack, 0.2, 0.05)
+    assert timing == {"arrival_jitter_s": 0.1, "complete_lag_s": 0.02,
+                      "heartbeat_delay_s": 0.25}
+    sims = [{"results": [row("kv_aware", h, 1750.0, 5100.0), row("least_loaded", ll, 3400.0,
+                                                                     9800.0)]}
+            for h, ll in ((0.114, 0.052), (0.117, 0.055), (0.110, 0.064))]
+    out = {r["policy"]: r for r in agreement(stack, sims)}
+    assert set(out) == {"kv_aware", "gateway:least_loaded"}  # no sim row: no verdict
+    assert out["kv_aware"]["agree"] and out["kv_aware"]["hit"]["sim_median"] == 0.114
+    ll = out["gateway:least_loaded"]
+    assert not ll["agree"] and ll["hit"]["apart"] == 0.014  # 0.069 vs median 0.055
+    assert ll["hit"]["sim_max"] == 0.064  # the range is shown, the bar is not widened
+    text = format_agreement(list(out.values()))
+    assert "0.055 [0.052-0.064]" in text and "NO" in text and "yes" in text

@@ -74,3 +74,26 @@ async def test_cancelled_waiter_aborts_and_frees_blocks() -> None:
         assert eng.stats()["requests_aborted"] == 2
     finally:
         await eng.stop()
+
+
+async def test_prefill_time_metric_is_on_the_wall_clock() -> None:
+    """A node agent derives the engine's prefill rate from vllm:request_prefill_time_seconds
+    for a router on the wall clock: the histogram reports model seconds x time_scale."""
+    from prometheus_client import generate_latest
+
+    from engine_sim.metrics import make_registry
+    from node_agent.usage import parse_engine_metrics
+
+    eng = SimEngine(settings(time_scale=0.002, prefill_tokens_per_s=1000.0))
+    await eng.start()
+    try:
+        r = await eng.submit(eng.make_request(list(range(12)), 1, "a"))
+        await eng.sleep_until(r.finished_at or 0.0)
+        await asyncio.sleep(0.01)
+        model_s = eng.model.prefill_seconds_total
+        assert model_s > 0
+        m = parse_engine_metrics(generate_latest(make_registry(eng)).decode())
+        assert m.prefill_seconds is not None
+        assert abs(m.prefill_seconds - model_s * 0.002) < 1e-9
+    finally:
+        await eng.stop()

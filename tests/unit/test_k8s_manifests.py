@@ -350,3 +350,21 @@ def test_images_are_pinned_and_match_the_package_version() -> None:
                 assert (major, minor) == (3, 5) and patch >= 10, image
             else:
                 assert image.startswith("vllm/vllm-openai:v"), f"{d}: {c.where}: {image}"
+
+
+def test_router_gateway_and_epp_replicas_share_their_view_of_load() -> None:
+    """Issue 19: wherever a routing front runs 2+ replicas (or an HPA scales it), the
+    replicas share routing deltas through the registry (--share-routes)."""
+    for d in kustomizations():
+        objs = render(d)
+        hpa = {o["spec"]["scaleTargetRef"]["name"] for o in objs
+               if o.get("kind") == "HorizontalPodAutoscaler"}
+        for c in containers(objs):
+            if c.role not in ("router", "gateway", "epp"):
+                continue
+            name = c.workload["metadata"]["name"]
+            if int(c.workload["spec"].get("replicas", 1)) < 2 and name not in hpa:
+                continue
+            s = load_settings(c)
+            assert s.share_routes, f"{d}: {c.where} runs several replicas without " \
+                                   f"KVROUTE_SHARE_ROUTES=true"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kvroute.errors import ConfigError
@@ -106,3 +108,33 @@ def test_reported_queue_floors_a_drained_estimate() -> None:
     # requests: its small overlap no longer wins
     assert choose_and_commit(pol, _req(), [q(0, 40, matched=2), q(1, 0)]).node_id == "n1"
     assert choose_and_commit(pol, _req(first=77), [q(0, 0, matched=2), q(1, 0)]).node_id == "n0"
+
+
+def test_replicas_take_different_slots_of_one_plan_on_equal_nodes() -> None:
+    """Four replicas with the same view, deciding the same instant, spread over four nodes
+    instead of all taking the best one (issue 19's herding)."""
+    nodes = [_node(i, pending=100.0 * i) for i in range(6)]
+    picks = set()
+    for rank in range(4):
+        pol = KvAwarePolicy()
+        req = dataclasses.replace(_req(), replicas=4, replica_rank=rank)
+        d = choose_and_commit(pol, req, nodes)
+        assert "slot" in d.reason
+        picks.add(d.node_id)
+    assert picks == {"n0", "n1", "n2", "n3"}
+    single = KvAwarePolicy()
+    assert choose_and_commit(single, _req(), nodes).node_id == "n0"  # one router: the best
+
+
+def test_replicas_all_keep_a_far_better_cached_prefix() -> None:
+    nodes = [_node(0, matched=56)] + [_node(i) for i in range(1, 4)]
+    for rank in range(4):
+        req = dataclasses.replace(_req(blocks=64), replicas=4, replica_rank=rank)
+        assert choose_and_commit(KvAwarePolicy(), req, nodes).node_id == "n0"
+
+
+def test_replica_spread_zero_always_takes_the_best() -> None:
+    nodes = [_node(i, pending=100.0 * i) for i in range(4)]
+    req = dataclasses.replace(_req(), replicas=4, replica_rank=3)
+    pol = KvAwarePolicy(KvAwareSettings(kv_replica_spread=0.0))
+    assert choose_and_commit(pol, req, nodes).node_id == "n0"

@@ -134,3 +134,25 @@ def test_tracker_drains_at_a_node_s_calibrated_rate() -> None:
     assert t.rate("b") == 4000.0 and t.rate("a") == 1000.0
     t.set_rate("b", 0.0)
     assert t.rate("b") == 1000.0
+
+
+def test_peers_rank_and_bursts_tell_kv_aware_when_replicas_decide_side_by_side() -> None:
+    clk = Clock()
+    cores, _bus, _src = _replicas(3, clk)
+    views = [c.share for c in cores]
+    assert all(v is not None for v in views)
+    for c in cores:  # every replica routes once: each learns the other two
+        c.decide_local(RouteRequest(request_id=f"w-{id(c)}", token_ids=PROMPT))
+    assert [v.peers() for v in views if v is not None] == [2, 2, 2]
+    assert sorted(v.rank() for v in views if v is not None) == [0, 1, 2]
+    v0 = views[0]
+    assert v0 is not None and v0.in_burst()  # routed just now
+    d = cores[0].decide_local(RouteRequest(request_id="burst", token_ids=PROMPT))
+    assert "of 3 replicas" in d.reason
+    clk.t += 1.0  # a second later: no burst, the plain best node
+    d = cores[0].decide_local(RouteRequest(request_id="calm", token_ids=PROMPT))
+    assert "replicas" not in d.reason
+    clk.t += 60.0  # peers that have not routed for the peer window no longer count
+    assert v0.peers() == 0
+    v0.set_connected(False, "test")
+    assert v0.peers() == 0

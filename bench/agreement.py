@@ -1,0 +1,99 @@
+"""Does ``--mode sim`` agree with ``--mode stack``? The sim given the stack's measured timing.
+
+The stack replays on the wall clock: requests reach the router and engines a little after their
+schedule (arrival lag), the router hears ``Complete`` a little after the engine finished (the
+response's trip back: return lag), and the router's placement view trails the caches by up to
+one agent heartbeat. :func:`stack_timing` turns what a stack run measured into the sim's
+settings for the same timing (``arrival_jitter_s``, ``complete_lag_s``, ``heartbeat_delay_s``,
+all in model seconds). Policies that decide on momentary load are chaotic in that timing (a few
+milliseconds move a conversation's next turn to another node), so the sim is replayed with
+several seeds and the stack's single run is compared with the sim's median, with the sim's
+range printed next to it: the agreement bar (issue 12: hit rate within
+:data:`HIT_TOLERANCE`, p50 and p90 TTFT within :data:`TTFT_TOLERANCE`) is checked against the
+median, never widened.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+HIT_TOLERANCE = 0.01
+"""Stack and sim token hit rates agree within this (absolute)."""
+TTFT_TOLERANCE = 0.15
+"""Stack and sim p50 and p90 TTFT agree within this (relative to the sim)."""
+
+
+def stack_timing(stack_report: dict[str, Any], time_scale: float,
+                 heartbeat_interval_s: float) -> dict[str, float]:
+    """The sim settings (model seconds) for the timing a stack run measured: the median over
+    its rows of the arrival lag p50 (x2: ``arrival_jitter_s`` draws uniformly from 0 to it)
+    and of the return lag p50, and the agents' heartbeat interval on the model clock."""
+    rows = [r for r in stack_report["results"] if r.get("arrival_lag_ms")]
+    arrival = [r["arrival_lag_ms"]["p50"] / 1000.0 for r in rows]
+    back = [r["return_lag_ms"]["p50"] / 1000.0 for r in rows if r.get("return_lag_ms")]
+    return {"arrival_jitter_s": round(2 * statistics.median(arrival), 4) if arrival else 0.0,
+            "complete_lag_s": round(max(0.0, statistics.median(back)), 4) if back else 0.0,
+            "heartbeat_delay_s": round(heartbeat_interval_s / time_scale, 4)}
+
+
+def agreement(stack_report: dict[str, Any], sim_reports: list[dict[str, Any]],
+              ) -> list[dict[str, Any]]:
+    """Per policy in both: the stack's hit rate and p50/p90 TTFT (ms), the sim's median and
+    range over its runs, the differences, and whether they agree."""
+    out: list[dict[str, Any]] = []
+    for st in stack_report["results"]:
+        name = st["policy"].removeprefix("gateway:")
+        sims = [r for rep in sim_reports for r in rep["results"] if r["policy"] == name]
+        if not sims:
+            continue
+        row: dict[str, Any] = {"policy": st["policy"], "sim_runs": len(sims)}
+        ok = True
+        for key in ("hit", "ttft_p50_ms", "ttft_p90_ms"):
+            vals = [_value(r, key) for r in sims]
+            med, stack = statistics.median(vals), _value(st, key)
+            if key == "hit":
+                apart = round(stack - med, 4)
+                ok = ok and abs(apart) <= HIT_TOLERANCE + 1e-9
+            else:
+                apart = round((stack - med) / med, 4) if med > 0 else 0.0
+                ok = ok and abs(apart) <= TTFT_TOLERANCE + 1e-9
+            row[key] = {"stack": stack, "sim_median": med, "sim_min": min(vals),
+                        "sim_max": max(vals), "apart": apart}
+        row["agree"] = ok
+        out.append(row)
+    return out
+
+
+def _value(row: dict[str, Any], key: str) -> float:
+    if key == "hit":
+        return float(row["hit_rate_tokens"])
+    return float(row["ttft_ms"][key.removeprefix("ttft_").removesuffix("_ms")])
+
+
+def format_agreement(rows: list[dict[str, Any]]) -> str:
+    """The agreement as a terminal table (TTFT in seconds)."""
+    if not rows:
+        return ""
+    runs = rows[0]["sim_runs"]
+    w = max(14, *(len(r["policy"]) + 1 for r in rows))
+    lines = [f"stack vs sim (sim: median [range] of {runs} seeded replays with the stack's "
+             f"timing; agree = hit within {HIT_TOLERANCE}, p50/p90 TTFT within "
+             f"{TTFT_TOLERANCE:.0%} of the median):",
+             f"{'policy':<{w}}{'hit stack':>10}{'sim':>22}{'p50 stack':>11}{'sim':>20}"
+             f"{'p90 stack':>11}{'sim':>20}  agree"]
+    for r in rows:
+        h, p50, p90 = r["hit"], r["ttft_p50_ms"], r["ttft_p90_ms"]
+        lines.append(
+            f"{r['policy']:<{w}}{h['stack']:10.3f}"
+            f"{_rng(h['sim_median'], h['sim_min'], h['sim_max'], 1.0, 3):>22}"
+            f"{p50['stack'] / 1000:11.2f}"
+            f"{_rng(p50['sim_median'], p50['sim_min'], p50['sim_max'], 1000.0, 2):>20}"
+            f"{p90['stack'] / 1000:11.2f}"
+            f"{_rng(p90['sim_median'], p90['sim_min'], p90['sim_max'], 1000.0, 2):>20}"
+            f"  {'yes' if r['agree'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def _rng(med: float, lo: float, hi: float, div: float, nd: int) -> str:
+    return f"{med / div:.{nd}f} [{lo / div:.{nd}f}-{hi / div:.{nd}f}]"
