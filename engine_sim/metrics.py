@@ -4,9 +4,13 @@ vLLM's: gauges ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
 ``vllm:kv_cache_usage_perc`` (a fraction), counters ``vllm:prefix_cache_queries_total`` and
 ``vllm:prefix_cache_hits_total`` (tokens), ``vllm:prompt_tokens_total``,
 ``vllm:generation_tokens_total``, ``vllm:request_success_total``, histograms
-``vllm:time_to_first_token_seconds`` (model seconds) and ``vllm:request_prefill_time_seconds``
+``vllm:time_to_first_token_seconds`` (model seconds), ``vllm:request_prefill_time_seconds``
 (sum and count only; finished requests; **wall** seconds = model seconds x ``--time-scale``, so
-the prefill rate an agent derives from it is the rate on the clock routers run on); labels
+the prefill rate an agent derives from it is the rate on the clock routers run on) and
+``vllm:request_prefill_kv_computed_tokens`` (sum and count; finished requests). Each moves
+when vLLM v1 moves it: prefix-cache queries/hits when a request is scheduled (admitted),
+``prompt_tokens`` when its prefill yields the first token, the per-request histograms when it
+finishes (``vllm/v1/metrics/stats.py``). Labels
 ``model_name`` and ``engine``; and
 ``vllm:cache_config_info`` (value 1, the cache config as labels: ``block_size``,
 ``num_gpu_blocks``, ...), from which a node agent reads the engine's KV capacity. Ours:
@@ -64,8 +68,9 @@ class EngineCollector(Collector):
                       c.queries_tokens)
         yield counter("vllm:prefix_cache_hits",
                       "Prefix cache hits, in terms of number of cached tokens.", c.hits_tokens)
+        # counted when the prefill yields the first token, as vLLM's IterationStats does
         yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
-                      e.prompt_tokens_total)
+                      e.model.prompt_tokens_at_first_token(e.now()))
         yield counter("vllm:generation_tokens", "Number of generation tokens processed.",
                       e.completion_tokens_total)
         yield counter("vllm:request_success", "Count of successfully processed requests.",
@@ -85,6 +90,14 @@ class EngineCollector(Collector):
         h.add_metric(values, [("+Inf", float(e.model.finished_total))],
                      e.model.prefill_seconds_total * e.settings.time_scale)
         yield h
+        # observed per finished request, with its prefill time (the aligned pair an agent
+        # derives the prefill rate from)
+        kv = HistogramMetricFamily("vllm:request_prefill_kv_computed_tokens",
+                                   "Histogram of new KV tokens computed during prefill "
+                                   "(excluding cached tokens).", labels=labels)
+        kv.add_metric(values, [("+Inf", float(e.model.finished_total))],
+                      float(e.model.prefill_computed_tokens_total))
+        yield kv
         yield counter("kvroute_engine_sim_evicted_blocks", "KV blocks evicted (LRU).",
                       c.evicted_blocks)
         yield counter("kvroute_engine_sim_stored_blocks", "KV blocks stored in the cache.",

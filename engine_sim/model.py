@@ -128,7 +128,9 @@ class EngineModel:
         """Seconds spent prefilling, over finished requests (``vllm:request_prefill_time_seconds``
         sum: first token minus prefill start)."""
         self.prefill_computed_tokens_total = 0
-        """Prompt tokens computed (not served from cache), over finished requests."""
+        """Prompt tokens computed (not served from cache), over finished requests
+        (``vllm:request_prefill_kv_computed_tokens`` sum, observed with the prefill time)."""
+        self._first_token_prompt_tokens = 0  # prompts of ended requests that got a first token
 
     # ---- observation ---------------------------------------------------------------------
     @property
@@ -150,6 +152,13 @@ class EngineModel:
             if req.first_token_at is not None and req.first_token_at > now:
                 total += req.uncached_tokens
         return total + sum(r.prompt_tokens for r in self._waiting if not r.remote_kv)
+
+    def prompt_tokens_at_first_token(self, now: float) -> int:
+        """Prompt tokens of requests whose first token came by ``now`` (``vllm:prompt_tokens``:
+        vLLM counts a prompt when its prefill yields the first token, not at the end)."""
+        return self._first_token_prompt_tokens + sum(
+            r.prompt_tokens for r in self._running.values()
+            if r.first_token_at is not None and r.first_token_at <= now)
 
     def next_event_time(self) -> float | None:
         """Model time of the next request end (when :meth:`advance` has work), or None."""
@@ -219,6 +228,9 @@ class EngineModel:
         self._in_flight.discard(req.request_id)
         if req.alloc is not None:
             self.cache.release(req.alloc)
+        if req.first_token_at is not None and req.finished_at is not None \
+                and req.first_token_at <= req.finished_at:
+            self._first_token_prompt_tokens += req.prompt_tokens
         if not req.aborted:
             self.finished_total += 1
             if req.prefill_start is not None and req.first_token_at is not None:

@@ -6,9 +6,12 @@ Reads vLLM's gauges ``vllm:kv_cache_usage_perc`` (fraction, 1 = full; averaged o
 a scrape fails, usage is the count of blocks the events say the engine holds and the queue is 0.
 
 Issue 19: the engine's prefill rate, measured from ``vllm:request_prefill_time_seconds_sum``
-(seconds spent prefilling, finished requests) and the prompt tokens it computed
-(``vllm:prompt_tokens_total`` - ``vllm:prefix_cache_hits_total``), each summed over engines, by a
-:class:`kvroute.prefill_rate.PrefillRateEstimator`; reported in every heartbeat.
+(seconds spent prefilling, finished requests) and the prompt tokens it computed, each summed over
+engines, by a :class:`kvroute.prefill_rate.PrefillRateEstimator`; reported in every heartbeat.
+The tokens are ``vllm:request_prefill_kv_computed_tokens_sum`` (observed per finished request
+with its prefill time, so the two move together) when the engine exports it, else
+``vllm:prompt_tokens_total`` - ``vllm:prefix_cache_hits_total`` (counted at first token and at
+scheduling: they lead the prefill time, so that estimate uses longer windows).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class EngineMetrics:
     """``vllm:prompt_tokens_total``."""
     cache_hit_tokens: float = 0.0
     """``vllm:prefix_cache_hits_total`` (0 when not exported)."""
+    kv_computed_tokens: float | None = None
+    """``vllm:request_prefill_kv_computed_tokens_sum`` (None = not exported)."""
 
 
 def parse_engine_metrics(text: str) -> EngineMetrics:
@@ -64,10 +69,13 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
     prefill_s: float | None = None
     prompt: float | None = None
     hits = 0.0
+    computed: float | None = None
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name == "vllm:request_prefill_time_seconds_sum":
                 prefill_s = (prefill_s or 0.0) + s.value
+            elif s.name == "vllm:request_prefill_kv_computed_tokens_sum":
+                computed = (computed or 0.0) + s.value
             elif s.name == "vllm:prompt_tokens_total":
                 prompt = (prompt or 0.0) + s.value
             elif s.name == "vllm:prefix_cache_hits_total":
@@ -91,7 +99,7 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
         running=int(running) if seen_running else None,
         waiting=int(waiting) if seen_waiting else None,
         num_gpu_blocks=gpu_blocks, engine_block_size=block_size, prefill_seconds=prefill_s,
-        prompt_tokens=prompt, cache_hit_tokens=hits)
+        prompt_tokens=prompt, cache_hit_tokens=hits, kv_computed_tokens=computed)
 
 
 class UsageProbe:
@@ -141,9 +149,13 @@ class UsageProbe:
         if m.usage_frac is not None and self.capacity_blocks:
             used = round(max(0.0, min(1.0, m.usage_frac)) * self.capacity_blocks)
         rate = self.prefill_rate.rate
-        if m.prefill_seconds is not None and m.prompt_tokens is not None:
-            rate = self.prefill_rate.update(max(0.0, m.prompt_tokens - m.cache_hit_tokens),
-                                            m.prefill_seconds)
+        if m.prefill_seconds is not None:
+            if m.kv_computed_tokens is not None:  # aligned with the prefill time: exact
+                rate = self.prefill_rate.update(m.kv_computed_tokens, m.prefill_seconds)
+            elif m.prompt_tokens is not None:  # older vLLM: counters move at other moments
+                rate = self.prefill_rate.update(
+                    max(0.0, m.prompt_tokens - m.cache_hit_tokens), m.prefill_seconds,
+                    aligned=False)
         return Usage(used_blocks=used, queue_depth=m.waiting or 0, running=m.running or 0,
                      from_engine=True, prefill_tokens_per_s=rate)
 

@@ -74,8 +74,13 @@ async def test_probe_falls_back_to_event_counts() -> None:
         await probe.close()
 
 
-def _prefill_page(prefill_s: float, prompt: int, hits: int) -> str:
-    return (VLLM_METRICS
+def _prefill_page(prefill_s: float, prompt: int, hits: int, computed: int | None = None) -> str:
+    kv = "" if computed is None else (
+        "# TYPE vllm:request_prefill_kv_computed_tokens histogram\n"
+        'vllm:request_prefill_kv_computed_tokens_bucket{engine="0",le="+Inf"} 10.0\n'
+        'vllm:request_prefill_kv_computed_tokens_count{engine="0"} 10.0\n'
+        f'vllm:request_prefill_kv_computed_tokens_sum{{engine="0"}} {computed}\n')
+    return (VLLM_METRICS + kv
             + "# TYPE vllm:request_prefill_time_seconds histogram\n"
             + 'vllm:request_prefill_time_seconds_bucket{engine="0",le="+Inf"} 10.0\n'
             + 'vllm:request_prefill_time_seconds_count{engine="0"} 10.0\n'
@@ -86,9 +91,15 @@ def _prefill_page(prefill_s: float, prompt: int, hits: int) -> str:
             + f'vllm:prefix_cache_hits_total{{engine="0"}} {hits}\n')
 
 
-async def test_probe_measures_the_engine_s_prefill_rate() -> None:
-    pages = [_prefill_page(0.0, 0, 0), _prefill_page(2.0, 9000, 1000),
-             _prefill_page(4.0, 18000, 2000)]
+@pytest.mark.parametrize("with_computed", [True, False])
+async def test_probe_measures_the_engine_s_prefill_rate(with_computed: bool) -> None:
+    """vLLM's per-request computed-token histogram moves with the prefill time: any window is
+    exact. Without it (older vLLM) the prompt - hit counters lead the prefill time, so windows
+    hold >= 10 s of prefill (a 2-s window is not closed yet)."""
+    # the computed-token sum disagrees with prompt - hits on purpose: it must win
+    pages = [_prefill_page(0.0, 0, 0, 0 if with_computed else None),
+             _prefill_page(2.0, 9000, 1000, 6000 if with_computed else None),
+             _prefill_page(12.0, 49000, 1000, 36000 if with_computed else None)]
 
     async def handler(_req: web.Request) -> web.Response:
         return web.Response(text=pages.pop(0) if len(pages) > 1 else pages[0],
@@ -102,10 +113,15 @@ async def test_probe_measures_the_engine_s_prefill_rate() -> None:
     probe = UsageProbe(f"http://127.0.0.1:{port}/metrics", lambda: 0)
     try:
         assert (await probe.read()).prefill_tokens_per_s == 0.0  # baseline scrape
-        # (9000 prompt - 1000 cached) tokens computed in 2 s of prefill
-        assert (await probe.read()).prefill_tokens_per_s == pytest.approx(4000.0)
-        m = parse_engine_metrics(_prefill_page(4.0, 18000, 2000))
-        assert (m.prefill_seconds, m.prompt_tokens, m.cache_hit_tokens) == (4.0, 18000, 2000)
+        second = (await probe.read()).prefill_tokens_per_s
+        third = (await probe.read()).prefill_tokens_per_s
+        if with_computed:  # 6000 computed tokens in 2 s of prefill, then 30000 in 10 s
+            assert (second, third) == (pytest.approx(3000.0), pytest.approx(3000.0))
+        else:  # one 12-s window: (49000 prompt - 1000 cached) tokens
+            assert (second, third) == (0.0, pytest.approx(4000.0))
+        m = parse_engine_metrics(_prefill_page(4.0, 18000, 2000, 7))
+        assert (m.prefill_seconds, m.prompt_tokens, m.cache_hit_tokens,
+                m.kv_computed_tokens) == (4.0, 18000, 2000, 7)
     finally:
         await probe.close()
         await runner.cleanup()

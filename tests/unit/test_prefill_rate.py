@@ -29,6 +29,17 @@ def test_estimator_measures_windows_smooths_and_survives_restarts() -> None:
         PrefillRateEstimator(smoothing=0.0)
 
 
+def test_unaligned_counters_need_a_longer_window_and_a_new_source_a_new_baseline() -> None:
+    e = PrefillRateEstimator(min_window_s=1.0, unaligned_window_s=5.0)
+    e.update(0, 0.0, aligned=False)
+    assert e.update(4000, 2.0, aligned=False) == 0.0  # 2 s < 5 s: not closed
+    assert e.update(10000, 5.0, aligned=False) == pytest.approx(2000.0)
+    e.update(1e6, 5.0)  # switched to the aligned source: baseline, not a sample
+    assert e.windows == 1
+    with pytest.raises(ValueError):
+        PrefillRateEstimator(min_window_s=2.0, unaligned_window_s=1.0)
+
+
 def test_sim_engines_report_their_true_prefill_rate() -> None:
     fleet = SimFleet(1, EngineParams(prefill_tokens_per_s=1000.0, decode_s_per_token=0.01,
                                      max_running=4, capacity_blocks=1000, block_size=16))
