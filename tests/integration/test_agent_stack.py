@@ -128,9 +128,15 @@ def test_agent_stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path) -> No
         complete(ports["http"], prompt(0))
         eventually(lambda: matched(target, prompt(0)) == {"node-a": 4}, 10, "blocks indexed")
         health_check(ag)
-        agent_metrics = urllib.request.urlopen(ag.metrics_url, timeout=5).read().decode()
+        # the gauge goes to 1 when the first heartbeat after registration + resync is answered:
+        # the resync's blocks can be visible in Lookup a moment before that
+        def agent_metrics_page() -> str:
+            return str(urllib.request.urlopen(ag.metrics_url, timeout=5).read().decode())
+
+        eventually(lambda: "kvroute_agent_registry_connected 1.0" in agent_metrics_page(), 10,
+                   "agent reports registry_connected 1")
+        agent_metrics = agent_metrics_page()
         assert "kvroute_agent_events_parsed_total" in agent_metrics
-        assert "kvroute_agent_registry_connected 1.0" in agent_metrics
         info = nodes(target)["node-a"]
         assert info.address == f"http://127.0.0.1:{ports['http']}"
         assert info.capacity_blocks == 40
