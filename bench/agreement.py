@@ -10,7 +10,9 @@ milliseconds move a conversation's next turn to another node), so the sim is rep
 several seeds and the stack's single run is compared with the sim's median, with the sim's
 range printed next to it: the agreement bar (issue 12: hit rate within
 :data:`HIT_TOLERANCE`, p50 and p90 TTFT within :data:`TTFT_TOLERANCE`) is checked against the
-median, never widened.
+median, never widened. Next to it, each row says whether the stack's three figures fall inside
+the sim's [min, max] over its seeds (``inside_range``): a stack run the sim's own seeds bracket
+is a draw from the same distribution even when the distribution is wider than the bar.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def agreement(stack_report: dict[str, Any], sim_reports: list[dict[str, Any]],
         if not sims:
             continue
         row: dict[str, Any] = {"policy": st["policy"], "sim_runs": len(sims)}
-        ok = True
+        ok = inside = True
         for key in ("hit", "ttft_p50_ms", "ttft_p90_ms"):
             vals = [_value(r, key) for r in sims]
             med, stack = statistics.median(vals), _value(st, key)
@@ -58,9 +60,12 @@ def agreement(stack_report: dict[str, Any], sim_reports: list[dict[str, Any]],
             else:
                 apart = round((stack - med) / med, 4) if med > 0 else 0.0
                 ok = ok and abs(apart) <= TTFT_TOLERANCE + 1e-9
+            within = min(vals) <= stack <= max(vals)
+            inside = inside and within
             row[key] = {"stack": stack, "sim_median": med, "sim_min": min(vals),
-                        "sim_max": max(vals), "apart": apart}
+                        "sim_max": max(vals), "apart": apart, "inside_range": within}
         row["agree"] = ok
+        row["inside_range"] = inside
         out.append(row)
     return out
 
@@ -79,9 +84,10 @@ def format_agreement(rows: list[dict[str, Any]]) -> str:
     w = max(14, *(len(r["policy"]) + 1 for r in rows))
     lines = [f"stack vs sim (sim: median [range] of {runs} seeded replays with the stack's "
              f"timing; agree = hit within {HIT_TOLERANCE}, p50/p90 TTFT within "
-             f"{TTFT_TOLERANCE:.0%} of the median):",
+             f"{TTFT_TOLERANCE:.0%} of the median; in range = all three inside the sim's "
+             f"[min-max]):",
              f"{'policy':<{w}}{'hit stack':>10}{'sim':>22}{'p50 stack':>11}{'sim':>20}"
-             f"{'p90 stack':>11}{'sim':>20}  agree"]
+             f"{'p90 stack':>11}{'sim':>20}  agree  in range"]
     for r in rows:
         h, p50, p90 = r["hit"], r["ttft_p50_ms"], r["ttft_p90_ms"]
         lines.append(
@@ -91,7 +97,8 @@ def format_agreement(rows: list[dict[str, Any]]) -> str:
             f"{_rng(p50['sim_median'], p50['sim_min'], p50['sim_max'], 1000.0, 2):>20}"
             f"{p90['stack'] / 1000:11.2f}"
             f"{_rng(p90['sim_median'], p90['sim_min'], p90['sim_max'], 1000.0, 2):>20}"
-            f"  {'yes' if r['agree'] else 'NO'}")
+            f"  {'yes' if r['agree'] else 'NO':<5}  "
+            f"{'yes' if r.get('inside_range') else 'no'}")
     return "\n".join(lines)
 
 

@@ -40,10 +40,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--nodes", type=int, default=4, help="engines in the fleet (default 4)")
     p.add_argument("--conversations", type=int, default=40,
                    help="conversations in the notebook workload (default 40, 8 turns each)")
-    p.add_argument("--trace-requests", type=int, default=400,
-                   help="requests of the shipped Mooncake sample to replay (default 400)")
+    p.add_argument("--start-window", type=float, default=240.0, metavar="S",
+                   help="the notebook workload's conversations start uniformly over this many "
+                        "model seconds (default 240; 120 put the 4-engine fleet on a "
+                        "KV-capacity cliff where a few ms of timing moved p90 by 30 %%)")
+    p.add_argument("--trace-requests", type=int, default=300,
+                   help="requests of the shipped Mooncake sample to replay (default 300)")
     p.add_argument("--time-scale", type=float, default=0.03,
-                   help="wall seconds per simulated second (default 0.03 = 33x faster)")
+                   help="wall seconds per simulated second for the notebook workload "
+                        "(default 0.03 = 33x faster)")
+    p.add_argument("--trace-time-scale", type=float, default=0.06,
+                   help="the same for the trace sample, whose long prompts cost the stack far "
+                        "more CPU per model second (default 0.06 = 17x; at 33x every trace row "
+                        "was contention-bound on 2 cores)")
     p.add_argument("--policies", default=",".join(POLICIES), metavar="A,B,...",
                    help=f"router policies to compare (default {','.join(POLICIES)})")
     p.add_argument("--sim-runs", type=int, default=7, metavar="N",
@@ -82,23 +91,29 @@ def run(args: argparse.Namespace) -> int:
     if bad or not policies:
         raise ConfigError(f"--policies: unknown {', '.join(bad) or '(empty)'}; choose from "
                           f"{', '.join(STACK_POLICIES)}")
-    if args.nodes < 1 or args.time_scale <= 0:
-        raise ConfigError("--nodes must be >= 1 and --time-scale > 0")
+    if args.nodes < 1 or args.time_scale <= 0 or args.trace_time_scale <= 0:
+        raise ConfigError("--nodes must be >= 1, --time-scale and --trace-time-scale > 0")
+    if args.start_window <= 0:
+        raise ConfigError("--start-window must be > 0")
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _sigterm)
     t0 = time.perf_counter()
     conv = conversations(0, ConversationSpec(conversations=args.conversations, turns=8,
-                                             start_window_s=120.0, think_time_s=10.0))
+                                             start_window_s=args.start_window,
+                                             think_time_s=10.0))
     workloads = [
-        ("notebook workload (conversations, whole history resent every turn)", conv),
+        ("notebook workload (conversations, whole history resent every turn)", conv,
+         args.time_scale),
         ("Mooncake conversation trace sample (bench/data, real arrivals)",
-         load_workload(workload="mooncake-sample", limit=args.trace_requests)),
+         load_workload(workload="mooncake-sample", limit=args.trace_requests),
+         args.trace_time_scale),
     ]
-    report: dict[str, Any] = {"demo": [], "nodes": args.nodes, "time_scale": args.time_scale}
+    report: dict[str, Any] = {"demo": [], "nodes": args.nodes, "time_scale": args.time_scale,
+                              "trace_time_scale": args.trace_time_scale}
     print(f"kvroute demo: {args.nodes} simulated engines; logs, JSON and plots in {out_dir}")
     try:
-        for i, (title, wl) in enumerate(workloads, 1):
+        for i, (title, wl, scale) in enumerate(workloads, 1):
             cache = max(8, int(0.25 * wl.distinct_blocks() / args.nodes))
             # The default engine speed is calibrated for 8 engines on the trace (about 70 %
             # prefill utilisation under round_robin); keep the fleet's total speed when the
@@ -108,13 +123,14 @@ def run(args: argparse.Namespace) -> int:
                                    prefill_tokens_per_s=rate, block_size=wl.block_size)
             print(f"\n[{i}/{len(workloads)}] {title}: {len(wl.requests)} requests, "
                   f"{wl.block_size}-token blocks, {cache} blocks of cache per engine "
-                  "(25 % of the distinct blocks over the fleet)")
+                  f"(25 % of the distinct blocks over the fleet), {1 / scale:.0f}x time "
+                  "compression")
             spec = FleetSpec(nodes=args.nodes, cache_blocks=cache, block_size=wl.block_size,
                              prefill_tokens_per_s=settings.prefill_tokens_per_s,
                              decode_ms_per_token=settings.decode_s_per_token * 1000.0,
-                             max_running=settings.max_batch, time_scale=args.time_scale,
+                             max_running=settings.max_batch, time_scale=scale,
                              router_args=router_flags(KvAwareSettings(kv_prefill_tokens_per_s=rate),
-                                                      args.time_scale))
+                                                      scale))
             t_start = time.perf_counter()
             with StackBackend(out_dir / f"fleet-{i}", spec, front="gateway") as backend:
                 print(f"  stack up in {time.perf_counter() - t_start:.1f} s: etcd, registry, "
@@ -125,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                   "measured by the engines):")
             print(_indent(format_table(stack.report)))
             kv = KvAwareSettings(kv_prefill_tokens_per_s=rate)
-            timing = stack_timing(stack.report, args.time_scale, spec.heartbeat_interval_s)
+            timing = stack_timing(stack.report, scale, spec.heartbeat_interval_s)
             timed = dataclasses.replace(settings, arrival_jitter_s=timing["arrival_jitter_s"],
                                         complete_lag_s=timing["complete_lag_s"],
                                         heartbeat_delay_s=timing["heartbeat_delay_s"])
