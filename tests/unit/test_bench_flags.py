@@ -62,5 +62,15 @@ def test_help_renders() -> None:
         assert "--json" in p.format_help()
 
 
+def _golden_text(data: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """One line per flag (small diffs when a flag changes)."""
+    targets = []
+    for target in sorted(data):
+        rows = ",\n".join(f"  {json.dumps(flag)}: {json.dumps(spec, sort_keys=True)}"
+                           for flag, spec in sorted(data[target].items()))
+        targets.append(f" {json.dumps(target)}: {{\n{rows}\n }}")
+    return "{\n" + ",\n".join(targets) + "\n}\n"
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
-    GOLDEN.write_text(json.dumps(flags(), indent=1, sort_keys=True) + "\n")
+    GOLDEN.write_text(_golden_text(flags()))
