@@ -5,8 +5,10 @@ schedule (arrival lag), the router hears ``Complete`` a little after the engine 
 response's trip back: return lag), and the router's placement view trails the caches by up to
 one agent heartbeat. :func:`stack_timing` turns what a stack run measured into the sim's
 settings for the same timing (``arrival_jitter_s``, ``complete_lag_s``, ``heartbeat_delay_s``,
-all in model seconds). Policies that decide on momentary load are chaotic in that timing (a few
-milliseconds move a conversation's next turn to another node), so the sim is replayed with
+all in model seconds); :func:`stack_arrival_lags` gives the lags per request, which ``kvroute
+demo`` replays (with a jitter of one return trip for the seeds). Policies that decide on
+momentary load are chaotic in that timing (a few milliseconds move a conversation's next turn
+to another node), so the sim is replayed with
 several seeds and the stack's single run is compared with the sim's median, with the sim's
 range printed next to it: the agreement bar (issue 12: hit rate within
 :data:`HIT_TOLERANCE`, p50 and p90 TTFT within :data:`TTFT_TOLERANCE`) is checked against the
@@ -17,8 +19,12 @@ is a draw from the same distribution even when the distribution is wider than th
 
 from __future__ import annotations
 
+import math
 import statistics
+from collections.abc import Sequence
 from typing import Any
+
+from bench.results import PolicyRun
 
 HIT_TOLERANCE = 0.01
 """Stack and sim token hit rates agree within this (absolute)."""
@@ -37,6 +43,25 @@ def stack_timing(stack_report: dict[str, Any], time_scale: float,
     return {"arrival_jitter_s": round(2 * statistics.median(arrival), 4) if arrival else 0.0,
             "complete_lag_s": round(max(0.0, statistics.median(back)), 4) if back else 0.0,
             "heartbeat_delay_s": round(heartbeat_interval_s / time_scale, 4)}
+
+
+def stack_arrival_lags(runs: Sequence[PolicyRun]) -> dict[str, list[float]]:
+    """Per policy of a stack run (``gateway:`` removed): its measured arrival lag per request
+    (model s, NaN = not recorded), for :class:`bench.sim.backend.SimBackend`'s
+    ``arrival_lags``; key ``*`` (the first run's) serves policies the stack did not run.
+
+    Replaying the lags themselves instead of a uniform jitter of the same median matters when
+    the stack falls behind in bursts: a burst of long prompts reaches the engines spread over
+    the time the client and gateway took to send it, which shortens queues (lower p50) and
+    moves where requests pile up, and a uniform jitter does not reproduce that."""
+    out: dict[str, list[float]] = {}
+    for run in runs:
+        if run.arrival_lag_by_request and any(math.isfinite(x)
+                                              for x in run.arrival_lag_by_request):
+            out[run.policy.removeprefix("gateway:")] = list(run.arrival_lag_by_request)
+    if out:
+        out["*"] = next(iter(out.values()))
+    return out
 
 
 def agreement(stack_report: dict[str, Any], sim_reports: list[dict[str, Any]],

@@ -71,7 +71,7 @@ def _sigterm(_signum: int, _frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; every process is stopped on the way out."""
-    from bench.agreement import agreement, format_agreement, stack_timing
+    from bench.agreement import agreement, format_agreement, stack_arrival_lags, stack_timing
     from bench.plots import write_all
     from bench.report import format_table
     from bench.runner import run_comparison
@@ -136,30 +136,40 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  stack up in {time.perf_counter() - t_start:.1f} s: etcd, registry, "
                       f"router, OpenAI gateway at {backend.fleet.gateway_url}, {args.nodes} x "
                       "(engine_sim + node agent)")
-                stack = run_comparison(wl, settings, policies, backend)
+                stack = run_comparison(wl, settings, policies, backend, random_bound=False)
             print("\n  through the stack, every request sent to the OpenAI gateway (hit rates "
                   "measured by the engines):")
             print(_indent(format_table(stack.report)))
             kv = KvAwareSettings(kv_prefill_tokens_per_s=rate)
             timing = stack_timing(stack.report, scale, spec.heartbeat_interval_s)
+            # the sim replays each policy's measured arrival lags per request, on nodes named
+            # as the stack's (session's ring hashes names); the seeds add up to one return
+            # trip of jitter (the part of a request's timing the engine-side record misses)
+            lags = stack_arrival_lags(stack.runs)
+            timing["arrival_jitter_s"] = timing["complete_lag_s"] if lags else \
+                timing["arrival_jitter_s"]
             timed = dataclasses.replace(settings, arrival_jitter_s=timing["arrival_jitter_s"],
                                         complete_lag_s=timing["complete_lag_s"],
                                         heartbeat_delay_s=timing["heartbeat_delay_s"])
+            names = stack.runs[0].node_ids if stack.runs else None
             sims = [run_comparison(wl, timed, [*policies, *extra] if k == 0 else policies,
-                                   SimBackend(timed, seed=k, kv_settings=kv))
+                                   SimBackend(timed, seed=k, kv_settings=kv, node_ids=names,
+                                              arrival_lags=lags), random_bound=k == 0)
                     for k in range(max(1, args.sim_runs))]
             sim = sims[0]
+            arrivals = ("each request's measured arrival lag + up to "
+                        f"{timing['arrival_jitter_s']:.2f} s jitter" if lags else
+                        f"arrival jitter {timing['arrival_jitter_s']:.2f} s")
             print("\n  the same workload replayed in-process (--mode sim) with the stack's "
-                  f"measured timing (arrival jitter {timing['arrival_jitter_s']:.2f} s, "
-                  f"return lag {timing['complete_lag_s']:.2f} s, heartbeat "
-                  f"{timing['heartbeat_delay_s']:.2f} s of model time), with the seed notebook's "
-                  "policy and re-implementations of peer routers (seed 0):")
+                  f"measured timing ({arrivals}, return lag {timing['complete_lag_s']:.2f} s, "
+                  f"heartbeat {timing['heartbeat_delay_s']:.2f} s of model time), with the seed "
+                  "notebook's policy and re-implementations of peer routers (seed 0):")
             print(_indent(format_table(sim.report)))
             agree = agreement(stack.report, [o.report for o in sims])
             print()
             print(_indent(format_agreement(agree)))
             report["demo"].append({"title": title, "stack": stack.report, "sim": sim.report,
-                                   "sim_timing": timing,
+                                   "sim_timing": dict(timing, arrival_lags_replayed=bool(lags)),
                                    "sim_runs": [o.report for o in sims[1:]],
                                    "agreement": agree})
             if i == 1 and args.nodes >= 2 and not args.no_disaggregated:
