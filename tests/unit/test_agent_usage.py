@@ -125,3 +125,27 @@ async def test_probe_measures_the_engine_s_prefill_rate(with_computed: bool) -> 
     finally:
         await probe.close()
         await runner.cleanup()
+
+
+async def test_a_decode_node_s_agent_reports_no_prefill_rate() -> None:
+    """--role decode: what a decode engine's prefill metrics hold (one step per received
+    request on vLLM) is not a prefill rate; the agent reports none (0 = not measured)."""
+    pages = [_prefill_page(0.0, 0, 0, 0), _prefill_page(2.0, 9000, 1000, 6000)]
+
+    async def handler(_req: web.Request) -> web.Response:
+        return web.Response(text=pages.pop(0) if len(pages) > 1 else pages[0],
+                            content_type="text/plain")
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    probe = UsageProbe(f"http://127.0.0.1:{port}/metrics", lambda: 0, learn_prefill_rate=False)
+    try:
+        first, second = await probe.read(), await probe.read()
+        assert (first.prefill_tokens_per_s, second.prefill_tokens_per_s) == (0.0, 0.0)
+        assert second.from_engine and probe.prefill_rate.windows == 0
+    finally:
+        await probe.close()
+        await runner.cleanup()
