@@ -65,6 +65,29 @@ def test_spread_ticks_spreads_same_instant_arrivals_over_the_tick() -> None:
     out = wl.spread_ticks(3.0)
     assert [r.arrival_s for r in out.requests] == [0.0, 1.0, 2.0, 3.0]
     assert wl.spread_ticks(0) is wl
+    uni = wl.spread_ticks(3.0, "uniform", seed=1)
+    times = [r.arrival_s for r in uni.requests]
+    assert times == sorted(times) and all(0.0 <= t < 6.0 for t in times)
+    assert sorted(r.request_id for r in uni.requests[:3]) == ["r0", "r1", "r2"]
+    assert times == [r.arrival_s for r in wl.spread_ticks(3.0, "uniform", seed=1).requests]
+    assert times != [r.arrival_s for r in wl.spread_ticks(3.0, "uniform", seed=2).requests]
+    assert uni.meta["arrival_spread_shape"] == "uniform" and uni.name == "t~3s-uniform"
+    with pytest.raises(ValueError, match="shape"):
+        wl.spread_ticks(3.0, "poisson")
+
+
+def test_arrival_ticks_tell_a_quantised_trace_from_spread_arrivals() -> None:
+    from bench.runner import arrivals_note
+
+    sample = load_workload(trace=None, workload=None, seed=0, start=0, limit=None)
+    ticks = sample.arrival_ticks()  # the shipped Mooncake sample: ~3 s ticks
+    assert ticks.quantised and 2.9 <= ticks.median_gap_s <= 3.1 and ticks.max_same > 10
+    assert "replayed as they are" in arrivals_note(sample)
+    spread = sample.spread_ticks(3.0)
+    assert not spread.arrival_ticks().quantised
+    assert "spread over 3 s (even" in arrivals_note(spread)
+    gen = load_workload(trace=None, workload="system-prompt", seed=0, start=0, limit=500)
+    assert not gen.arrival_ticks().quantised and gen.arrival_ticks().max_same == 1
 
 
 def test_bench_share_measures_staleness_through_a_real_registry() -> None:
