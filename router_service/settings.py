@@ -101,6 +101,12 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
               "seconds is in a burst (the other replicas' decisions of the same moment are not "
               "in its view yet) and kv_aware takes its own slot of the replicas' plan "
               "(--kv-replica-spread); about twice the shared view's worst staleness")
+    share_burst_coincidence: float = setting(
+        0.5, "With --share-routes: every decision counts as in a burst while at least this "
+             "share of the other replicas' recent decisions (about the last 20) were made "
+             "within --share-burst-window-s of one of this replica's (traffic arriving in "
+             "bursts that reach every replica at once; a burst's first request cannot be told "
+             "from a lone one otherwise); above 1 = only back-to-back own decisions count")
 
     def __post_init__(self) -> None:
         ServerSettings.__post_init__(self)
@@ -124,6 +130,7 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
                 "must be 0 (off) or >= 4")
         require(0 <= self.share_max_blocks <= 256, "share_max_blocks", "must be in 0..256")
         require(self.share_burst_window_s >= 0, "share_burst_window_s", "must be >= 0")
+        require(self.share_burst_coincidence >= 0, "share_burst_coincidence", "must be >= 0")
         require(len(self.router_replica_id) <= 256, "router_replica_id",
                 "must be at most 256 characters")
         for name in ("lookup_timeout_s", "registry_timeout_s", "registry_retry_max_s",

@@ -100,6 +100,35 @@ def test_a_replica_that_loses_the_shared_view_uses_its_own_counts_and_says_so() 
     assert not d.reason.startswith("OWN COUNTS ONLY")
 
 
+def test_traffic_that_reaches_every_replica_at_once_makes_every_decision_a_burst() -> None:
+    clk = Clock()
+    cores, _bus, _src = _replicas(3, clk)
+    views = [c.share for c in cores]
+    v0 = views[0]
+    assert v0 is not None and v0.burst_coincidence == 0.5
+    for tick in range(12):  # every 3 s all three replicas decide at the same instant
+        clk.t = 3.0 * tick
+        for k, c in enumerate(cores):
+            c.decide_local(RouteRequest(request_id=f"t{tick}-{k}",
+                                        token_ids=list(range(100 * tick + k, 100 * tick + k
+                                                             + 4 * BS))))
+    assert v0.coincidence > 0.5
+    clk.t += 3.0  # the next tick's first request: nothing routed for 3 s, yet a burst
+    assert v0.in_burst()
+    d = cores[0].decide_local(RouteRequest(request_id="first", token_ids=PROMPT))
+    assert "of 3 replicas" in d.reason
+    for k in range(40):  # then the replicas take turns, 0.5 s apart: never side by side
+        clk.t += 0.5
+        cores[1 + k % 2].decide_local(RouteRequest(request_id=f"s{k}", token_ids=PROMPT))
+    assert v0.coincidence < 0.5
+    clk.t += 1.0
+    assert not v0.in_burst()
+    off = SharedView("x", lambda d: None, clk, burst_coincidence=2.0)
+    assert off.burst_coincidence == 2.0
+    with pytest.raises(ValueError):
+        SharedView("x", lambda d: None, clk, burst_coincidence=-1.0)
+
+
 def test_own_deltas_are_ignored_and_block_prefix_is_bounded() -> None:
     clk = Clock()
     sent: list[RouteDelta] = []
