@@ -23,63 +23,17 @@ from bench.sim.config import SimSettings
 from bench.sim.replicas import ReplicaSettings
 from bench.stack_backend import GATEWAY_PREFIX, STACK_POLICIES, StackBackend, split_front
 from bench.stack_fleet import FleetSpec, router_flags
+from bench.stack_settings import StackSettings
 from bench.workloads.base import Workload
 from kvroute.errors import ConfigError
-from kvroute.settings import from_namespace
+from kvroute.settings import add_value_arguments, from_namespace
 from router_service.disagg import DisaggSettings
 from router_service.policies.kv_aware import KvAwareSettings
 
 
 def add_stack_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags only ``--mode stack`` uses."""
-    g = p.add_argument_group("--mode stack")
-    g.add_argument("--time-scale", type=float, default=0.2, metavar="S",
-                   help="stack: wall seconds per simulated second (default 0.2 = 5x faster; "
-                        "at 0.05 a busy 2-core machine cannot keep the trace's timing — the "
-                        "table's arrival-lag line shows it)")
-    g.add_argument("--random-bound", action="store_true",
-                   help="stack: also replay the random policy for the random bound when it is "
-                        "not among --policies (one more replay; off by default)")
-    g.add_argument("--workdir", metavar="DIR",
-                   help="stack: directory for process logs (default: a new temporary one)")
-    g.add_argument("--peers", metavar="LIST", default=None,
-                   help="stack: also replay through real peer routers, each on a fresh fleet "
-                        "(needs the [peers] extra): router:policy,... from "
-                        "sglang-router:{cache_aware,round_robin,power_of_two}, "
-                        "vllm-router:{cache_aware,kv_aware}, dynamo:kv; 'default' = "
-                        "sglang-router:cache_aware,vllm-router:cache_aware,vllm-router:kv_aware,"
-                        "dynamo:kv")
-    g.add_argument("--overhead-pairs", type=int, default=100, metavar="N",
-                   help="stack --peers: direct-vs-routed request pairs measuring each router's "
-                        "added latency (0 = skip)")
-    g.add_argument("--repeat", type=int, default=1, metavar="N",
-                   help="run the whole comparison N times back to back and report the "
-                        "run-to-run spread of every router's hit rate and TTFT percentiles "
-                        "(JSON: runs, spread); stack: each run on fresh processes; sim: run k "
-                        "uses --seed + k (draws of --arrival-jitter-s and of random policies; "
-                        "without jitter the other policies repeat exactly)")
-    g.add_argument("--fault", metavar="SPEC[,SPEC...]", default=None,
-                   help="stack: inject faults into each replay at trace times (each policy is "
-                        "replayed without faults first, as the baseline) and report failed "
-                        "requests, decisions naming a dead node, blind decisions, placements "
-                        "lost and the hit rate in the fault window: kill-registry@T[+D], "
-                        "sigterm-registry@T[+D], rolling-restart-registries@T (runs 2 "
-                        "registries), pause-etcd@T+D, restart-etcd@T+D, kill-engine:NODE@T, "
-                        "kill-agent:NODE@T (NODE = engine-0...; T, D in trace seconds)")
-    g.add_argument("--gateways", type=int, default=1, metavar="N",
-                   help="stack: N OpenAI gateway replicas (issue 19); the gateway policies "
-                        "(gateway:kv_aware unless given) are replayed through gateway 0 alone "
-                        "and as gateway:POLICY@N spread over all N like a Kubernetes Service "
-                        "(--spread), sharing their view unless --no-share-routes. --routers N "
-                        "does the same for the Router API (POLICY and POLICY@N)")
-    g.add_argument("--sim-runs", type=int, default=0, metavar="N",
-                   help="stack: afterwards replay the same workload N times in --mode sim with "
-                        "the timing this stack run measured (arrival and return lag, heartbeat "
-                        "interval; seeds --seed..) and print whether each policy agrees with "
-                        "the sim's median (hit within 0.01, p50/p90 TTFT within 15 %%; JSON: "
-                        "agreement); 0 = skip")
-    g.add_argument("--quick", action="store_true",
-                   help="stack: a smoke run for tests: first 120 requests, 4 nodes, 20 pairs")
+    """Flags only ``--mode stack`` uses: one per :class:`StackSettings` field."""
+    add_value_arguments(p.add_argument_group("--mode stack"), StackSettings)
 
 
 def apply_quick(args: argparse.Namespace) -> None:

@@ -43,6 +43,7 @@ import numpy as np
 from kvroute.blocks import hash_blocks
 from kvroute.errors import ConfigError
 from kvroute.index import HashArray
+from kvroute.settings import add_value_arguments, setting, value_arguments
 from kvroute.v1 import registry_pb2 as rpb
 
 TARGET_RATIO = 2.0
@@ -54,17 +55,24 @@ MODEL = "bench-model"
 class DecideBenchConfig:
     """Parameters of one ``kvroute bench decide`` run."""
 
-    nodes: tuple[int, ...] = (8, 128, 1024)
-    prompt_blocks: int = 64
-    block_size: int = 16
-    blocks_per_node: int = 1000
-    documents: int = 256
-    holders: int = 4
-    decisions: int = 2000
-    policy: str = "kv_aware"
-    seed: int = 0
-    gc: bool = True
-    """False: Python's garbage collector is off for the run (shows its share of the p99)."""
+    nodes: tuple[int, ...] = setting((8, 128, 1024), "fleet sizes to measure (default "
+                                                     "%(default)s)", metavar="N,N,...")
+    prompt_blocks: int = setting(64, "blocks per routed prompt (default %(default)s)",
+                                 metavar="B")
+    block_size: int = setting(16, "tokens per block (default %(default)s)")
+    blocks_per_node: int = setting(
+        1000, "blocks each node caches besides shared prefixes (default %(default)s)",
+        metavar="K")
+    documents: int = setting(256, "distinct shared prompts (default %(default)s)")
+    holders: int = setting(4, "nodes caching a prefix of each prompt (default %(default)s)")
+    decisions: int = setting(
+        2000, "decisions (and Lookups) measured per fleet size (default %(default)s)")
+    policy: str = setting("kv_aware", "router policy (default %(default)s)")
+    seed: int = setting(0, "seed of the synthetic fleet")
+    gc: bool = setting(True, "turn Python's garbage collector off while measuring (its full "
+                             "collections are the router's p99 at 1,024 nodes)")
+    """False (``--no-gc``): Python's garbage collector is off for the run (shows its share of
+    the p99)."""
 
 
 @dataclass
@@ -274,48 +282,24 @@ def run_decide_bench(cfg: DecideBenchConfig,
 # -- CLI (``kvroute bench decide``) ------------------------------------------------------------
 def add_decide_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``kvroute bench decide``."""
-    d = DecideBenchConfig()
-    p.add_argument("--nodes", default=",".join(map(str, d.nodes)), metavar="N,N,...",
-                   help="fleet sizes to measure (default 8,128,1024)")
-    p.add_argument("--prompt-blocks", type=int, default=d.prompt_blocks, metavar="B",
-                   help=f"blocks per routed prompt (default {d.prompt_blocks})")
-    p.add_argument("--block-size", type=int, default=d.block_size,
-                   help=f"tokens per block (default {d.block_size})")
-    p.add_argument("--blocks-per-node", type=int, default=d.blocks_per_node, metavar="K",
-                   help=f"blocks each node caches besides shared prefixes "
-                        f"(default {d.blocks_per_node})")
-    p.add_argument("--documents", type=int, default=d.documents,
-                   help=f"distinct shared prompts (default {d.documents})")
-    p.add_argument("--holders", type=int, default=d.holders,
-                   help=f"nodes caching a prefix of each prompt (default {d.holders})")
-    p.add_argument("--decisions", type=int, default=d.decisions,
-                   help=f"decisions (and Lookups) measured per fleet size (default "
-                        f"{d.decisions})")
-    p.add_argument("--policy", default=d.policy, help=f"router policy (default {d.policy})")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the synthetic fleet")
-    p.add_argument("--no-gc", action="store_true",
-                   help="turn Python's garbage collector off while measuring (its full "
-                        "collections are the router's p99 at 1,024 nodes)")
+    add_value_arguments(p, DecideBenchConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> DecideBenchConfig:
     """The config, or ConfigError naming the flag."""
+    given = value_arguments(DecideBenchConfig, args)
     try:
-        nodes = tuple(int(x) for x in args.nodes.split(",") if x.strip())
+        nodes = tuple(int(x) for x in given["nodes"].split(",") if x.strip())
     except ValueError:
-        raise ConfigError(f"--nodes: expected N,N,... got {args.nodes!r}") from None
+        raise ConfigError(f"--nodes: expected N,N,... got {given['nodes']!r}") from None
     if not nodes or min(nodes) < 1:
         raise ConfigError("--nodes: give one or more fleet sizes >= 1")
     for name in ("prompt_blocks", "block_size", "documents", "holders", "decisions"):
-        if getattr(args, name) < 1:
+        if given[name] < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1")
-    if args.blocks_per_node < 0:
+    if given["blocks_per_node"] < 0:
         raise ConfigError("--blocks-per-node: must be >= 0")
-    return DecideBenchConfig(nodes=nodes, prompt_blocks=args.prompt_blocks,
-                             block_size=args.block_size, blocks_per_node=args.blocks_per_node,
-                             documents=args.documents, holders=args.holders,
-                             decisions=args.decisions, policy=args.policy, seed=args.seed,
-                             gc=not args.no_gc)
+    return DecideBenchConfig(**{**given, "nodes": nodes})
 
 
 def run_decide_cli(args: argparse.Namespace) -> int:

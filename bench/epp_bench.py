@@ -30,19 +30,23 @@ import aiohttp
 
 from bench.epp_stack import EnvoyProcess, EppStack
 from bench.stack_fleet import FleetSpec
+from kvroute.settings import add_value_arguments, setting, value_arguments
 
 
 @dataclass
 class EppBenchConfig:
     """Knobs of the picker latency benchmark."""
 
-    prompt_tokens: tuple[int, ...] = (256, 2048, 16384)
-    pairs: int = 200
-    warmup: int = 20
+    prompt_tokens: tuple[int, ...] = setting((256, 2048, 16384),
+                                             "prompt sizes in tokens, comma-separated")
+    pairs: int = setting(200, "measured request pairs (plain, epp) per prompt size")
+    warmup: int = setting(20, "unmeasured pairs first")
     nodes: int = 3
     seed: int = 11
-    request_body_mode: str = "FULL_DUPLEX_STREAMED"
-    """The picker Envoy's request body mode (the shipped one, or BUFFERED)."""
+    request_body_mode: str = setting(
+        "FULL_DUPLEX_STREAMED", "request_body_mode of the picker's Envoy (bodies over 1 MiB "
+                                "need FULL_DUPLEX_STREAMED)",
+        flag="--epp-body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"))
 
 
 @dataclass
@@ -117,24 +121,15 @@ def run_epp_bench(cfg: EppBenchConfig, workdir: Path | None = None) -> dict[str,
 
 def add_epp_arguments(p: Any) -> None:
     """Flags of ``kvroute bench epp`` (prefixed ``--epp-``)."""
-    g = p.add_argument_group("epp (kvroute bench epp)")
-    d = EppBenchConfig()
-    g.add_argument("--epp-prompt-tokens", default=",".join(map(str, d.prompt_tokens)),
-                   help="prompt sizes in tokens, comma-separated")
-    g.add_argument("--epp-pairs", type=int, default=d.pairs,
-                   help="measured request pairs (plain, epp) per prompt size")
-    g.add_argument("--epp-warmup", type=int, default=d.warmup, help="unmeasured pairs first")
-    g.add_argument("--epp-body-mode", default=d.request_body_mode,
-                   choices=["FULL_DUPLEX_STREAMED", "BUFFERED"],
-                   help="request_body_mode of the picker's Envoy (bodies over 1 MiB need "
-                        "FULL_DUPLEX_STREAMED)")
+    add_value_arguments(p.add_argument_group("epp (kvroute bench epp)"), EppBenchConfig,
+                        prefix="epp-")
 
 
 def run_epp_cli(args: Any) -> int:
     """``kvroute bench epp [--json PATH]``."""
-    cfg = EppBenchConfig(prompt_tokens=tuple(int(x) for x in args.epp_prompt_tokens.split(",")),
-                         pairs=args.epp_pairs, warmup=args.epp_warmup,
-                         request_body_mode=args.epp_body_mode)
+    given = value_arguments(EppBenchConfig, args, prefix="epp-")
+    cfg = EppBenchConfig(**{**given, "prompt_tokens": tuple(
+        int(x) for x in given["prompt_tokens"].split(","))})
     report = run_epp_bench(cfg)
     print(f"endpoint picker through Envoy ({cfg.request_body_mode}) vs Envoy round robin, "
           f"{cfg.pairs} pairs per size (load average {report['load_avg_1m']}):")

@@ -40,6 +40,7 @@ from bench.router_load import measure
 from kvroute.blocks import hash_blocks
 from kvroute.embedded_etcd import EmbeddedEtcd
 from kvroute.procs import ManagedProcess
+from kvroute.settings import add_value_arguments, setting, value_arguments
 from kvroute.v1 import registry_pb2 as pb
 from kvroute.v1 import registry_pb2_grpc as pb_grpc
 
@@ -77,11 +78,15 @@ class FloodConfig:
     nodes: int = 4
     prompt_tokens: int = 1024
     block_size: int = 16
-    duration_s: float = 5.0
-    rate_per_s: float = 200.0
-    rogue_hashes: int = 1_000_000
+    duration_s: float = setting(
+        5.0, "seconds of steady load, then seconds of load under the flood")
+    rate_per_s: float = setting(200.0, "Route calls per second (open loop) while measuring",
+                                flag="--flood-rate")
+    rogue_hashes: int = setting(1_000_000, "stored hashes in each rogue heartbeat",
+                                flag="--flood-hashes")
     rogue_capacity: int = 1000
-    rogue_connections: int = 4
+    rogue_connections: int = setting(4, "rogue connections sending heartbeats back to back",
+                                     flag="--flood-connections")
     rss_slack_mb: float = 8.0
     modes: tuple[str, ...] = ("mirror", "stream")
     seed: int = 11
@@ -224,22 +229,13 @@ def run_flood_bench(cfg: FloodConfig, log: Any = print) -> dict[str, Any]:
 
 def add_flood_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``kvroute bench flood`` (prefixed ``--flood-``)."""
-    g = p.add_argument_group("flood (kvroute bench flood)")
-    d = FloodConfig()
-    g.add_argument("--flood-duration-s", type=float, default=d.duration_s,
-                   help="seconds of steady load, then seconds of load under the flood")
-    g.add_argument("--flood-rate", type=float, default=d.rate_per_s,
-                   help="Route calls per second (open loop) while measuring")
-    g.add_argument("--flood-hashes", type=int, default=d.rogue_hashes,
-                   help="stored hashes in each rogue heartbeat")
-    g.add_argument("--flood-connections", type=int, default=d.rogue_connections,
-                   help="rogue connections sending heartbeats back to back")
+    add_value_arguments(p.add_argument_group("flood (kvroute bench flood)"), FloodConfig,
+                        prefix="flood-")
 
 
 def run_flood_cli(args: argparse.Namespace) -> int:
     """``kvroute bench flood``: print the summary, write JSON with --json."""
-    cfg = FloodConfig(duration_s=args.flood_duration_s, rate_per_s=args.flood_rate,
-                      rogue_hashes=args.flood_hashes, rogue_connections=args.flood_connections)
+    cfg = FloodConfig(**value_arguments(FloodConfig, args, prefix="flood-"))
     out = run_flood_bench(cfg)
     text = json.dumps(out, indent=2)
     print(json.dumps(out["verdict"], indent=2))

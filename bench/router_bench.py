@@ -38,6 +38,7 @@ from kvroute.blocks import hash_blocks
 from kvroute.embedded_etcd import EmbeddedEtcd
 from kvroute.errors import ConfigError
 from kvroute.procs import ManagedProcess, read_ready_file
+from kvroute.settings import add_value_arguments, setting, value_arguments
 from kvroute.v1 import registry_pb2, registry_pb2_grpc, router_pb2, router_pb2_grpc
 
 TARGETS = {"unary_decisions_per_s": 3000.0, "stream_decisions_per_s": 10000.0,
@@ -46,20 +47,26 @@ TARGETS = {"unary_decisions_per_s": 3000.0, "stream_decisions_per_s": 10000.0,
 
 @dataclass
 class RouterBenchConfig:
-    """Knobs of the router benchmark."""
+    """Knobs of the router benchmark (those made with ``setting`` are the ``--router-*`` flags
+    of ``kvroute bench router``)."""
 
-    nodes: int = 8
+    nodes: int = setting(8, "registered nodes")
+    duration_s: float = setting(3.0, "seconds per measured load shape")
+    unary_concurrency: int = setting(32, "concurrent unary callers per client process",
+                                     flag="--router-concurrency")
+    streams: int = setting(4, "RouteStream streams per client process")
+    stream_window: int = setting(64, "outstanding requests per stream", flag="--router-window")
+    rate_per_s: float = setting(500.0, "open-loop unary rate for the p99 measurement "
+                                       "(requests/s)", flag="--router-rate")
+    client_procs: int = setting(1, "client processes for the throughput shapes")
+    modes: tuple[str, ...] = setting(
+        ("mirror", "stream"), "registry modes to measure: mirror,stream; MODE+share runs the "
+                              "router with --share-routes (one router: what sharing costs)")
+    registry_store: str = setting("etcd", "registry store: etcd (real etcd) or memory",
+                                  flag="--router-store")
+    prompt_tokens: int = setting(1024, "tokens per routed prompt")
     families: int = 64
-    prompt_tokens: int = 1024
     block_size: int = 16
-    duration_s: float = 3.0
-    unary_concurrency: int = 32
-    streams: int = 4
-    stream_window: int = 64
-    rate_per_s: float = 500.0
-    client_procs: int = 1
-    modes: tuple[str, ...] = ("mirror", "stream")
-    registry_store: str = "etcd"
     policy: str = "kv_aware"
     seed: int = 7
 
@@ -280,28 +287,8 @@ asyncio.run(keep_alive({registry!r}, {epochs!r}, 2.0))
 # -- CLI (``kvroute bench router``) -----------------------------------------------------------
 def add_router_arguments(p: Any) -> None:
     """Flags of ``kvroute bench router`` (all prefixed ``--router-``)."""
-    g = p.add_argument_group("router (kvroute bench router)")
-    d = RouterBenchConfig()
-    g.add_argument("--router-nodes", type=int, default=d.nodes, help="registered nodes")
-    g.add_argument("--router-duration-s", type=float, default=d.duration_s,
-                   help="seconds per measured load shape")
-    g.add_argument("--router-concurrency", type=int, default=d.unary_concurrency,
-                   help="concurrent unary callers per client process")
-    g.add_argument("--router-streams", type=int, default=d.streams,
-                   help="RouteStream streams per client process")
-    g.add_argument("--router-window", type=int, default=d.stream_window,
-                   help="outstanding requests per stream")
-    g.add_argument("--router-rate", type=float, default=d.rate_per_s,
-                   help="open-loop unary rate for the p99 measurement (requests/s)")
-    g.add_argument("--router-client-procs", type=int, default=d.client_procs,
-                   help="client processes for the throughput shapes")
-    g.add_argument("--router-modes", default=",".join(d.modes),
-                   help="registry modes to measure: mirror,stream; MODE+share runs the "
-                        "router with --share-routes (one router: what sharing costs)")
-    g.add_argument("--router-store", default=d.registry_store,
-                   help="registry store: etcd (real etcd) or memory")
-    g.add_argument("--router-prompt-tokens", type=int, default=d.prompt_tokens,
-                   help="tokens per routed prompt")
+    add_value_arguments(p.add_argument_group("router (kvroute bench router)"),
+                        RouterBenchConfig, prefix="router-")
 
 
 def _modes(value: str) -> tuple[str, ...]:
@@ -318,14 +305,9 @@ def run_router_cli(args: Any) -> int:
     """``kvroute bench router``: print progress and the verdict, write JSON if asked."""
     import json
 
-    cfg = RouterBenchConfig(
-        nodes=args.router_nodes, duration_s=args.router_duration_s,
-        unary_concurrency=args.router_concurrency, streams=args.router_streams,
-        stream_window=args.router_window, rate_per_s=args.router_rate,
-        client_procs=args.router_client_procs,
-        modes=_modes(args.router_modes),
-        registry_store=args.router_store, prompt_tokens=args.router_prompt_tokens,
-        block_size=args.block_size)
+    given = value_arguments(RouterBenchConfig, args, prefix="router-")
+    cfg = RouterBenchConfig(**{**given, "modes": _modes(given["modes"])},
+                            block_size=args.block_size)
     res = run_router_bench(cfg)
     print(json.dumps(res["verdict"], indent=2))
     if args.json:

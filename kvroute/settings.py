@@ -14,7 +14,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,13 +28,17 @@ S = TypeVar("S")
 
 
 def setting(default: Any, help: str, *, flag: str | None = None,
-            old_names: tuple[str, ...] = ()) -> Any:
+            old_names: tuple[str, ...] = (), metavar: str | None = None,
+            choices: tuple[str, ...] | None = None) -> Any:
     """A settings field with its documentation (``help``) and optional flag name.
 
     ``old_names`` are former field names still read (as ``--old-name`` and ``KVROUTE_OLD_NAME``)
-    after a rename, so existing command lines and deployments keep working.
+    after a rename, so existing command lines and deployments keep working. ``metavar`` and
+    ``choices`` shape the flag :func:`add_value_arguments` makes (``metavar`` also the one of
+    :func:`add_arguments`).
     """
-    meta = {"help": help, "flag": flag, "old_names": old_names}
+    meta = {"help": help, "flag": flag, "old_names": old_names, "metavar": metavar,
+            "choices": choices}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -112,12 +116,64 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
                 action=argparse.BooleanOptionalAction,
             )
         else:
-            parser.add_argument(*flags, dest=f.name, default=None, metavar="VALUE",
-                                help=help_text)
+            parser.add_argument(*flags, dest=f.name, default=None,
+                                metavar=f.metadata.get("metavar") or "VALUE", help=help_text)
 
 
 def _old_names(f: dataclasses.Field[Any]) -> tuple[str, ...]:
     return tuple(f.metadata.get("old_names", ()))
+
+
+def _value_fields(cls: type[Any], prefix: str,
+                  ) -> Iterator[tuple[dataclasses.Field[Any], str, str, Any, Any]]:
+    """(field, flag, dest, default, base type) of each field made with :func:`setting`."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        default, base = _default(f), _base_type(hints[f.name])
+        turned_off = base is bool and default is True  # --no-FIELD stores False in FIELD
+        flag = f.metadata.get("flag") or \
+            f"--{'no-' if turned_off else ''}{prefix}{f.name}".replace("_", "-")
+        dest = (prefix + f.name if turned_off else flag[2:]).replace("-", "_")
+        yield f, flag, dest, default, base
+
+
+def add_value_arguments(parser: Any, cls: type[Any], *, prefix: str = "") -> None:
+    """One flag per field of ``cls`` made with :func:`setting` whose parsed value is the value
+    itself, for benchmark CLIs that read ``args`` directly (no ``KVROUTE_*`` variables, unlike
+    :func:`add_arguments`).
+
+    The flag is the field's ``flag`` or ``--PREFIX-FIELD`` (``prefix="router-"``), its dest
+    the flag's name (``--router-nodes`` -> ``router_nodes``); its type and default are the
+    field's (a tuple field is a comma list: its default joined with commas, the caller splits
+    it); a bool defaulting to False is ``store_true``, one defaulting to True a ``--no-PREFIX-
+    FIELD`` that stores False in ``PREFIX_FIELD``. The help is the field's, as argparse reads it
+    (``%(default)s`` shows the default; write ``%%`` for ``%``). Fields made without
+    :func:`setting` get no flag.
+    """
+    for f, flag, dest, default, base in _value_fields(cls, prefix):
+        kw: dict[str, Any] = {"dest": dest, "help": f.metadata["help"]}
+        if f.metadata.get("metavar"):
+            kw["metavar"] = f.metadata["metavar"]
+        if f.metadata.get("choices"):
+            kw["choices"] = list(f.metadata["choices"])
+        if base is bool:
+            kw["action"] = "store_false" if default else "store_true"
+        elif typing.get_origin(base) in (tuple, list):
+            kw["default"] = ",".join(map(str, default))
+        else:
+            kw["default"] = default
+            if base in (int, float):
+                kw["type"] = base
+        parser.add_argument(flag, **kw)
+
+
+def value_arguments(cls: type[Any], args: argparse.Namespace, *,
+                    prefix: str = "") -> dict[str, Any]:
+    """The values :func:`add_value_arguments` flags parsed into ``args``, by field name (tuple
+    fields still as the comma list given: the caller splits and checks them)."""
+    return {f.name: getattr(args, dest) for f, _, dest, _, _ in _value_fields(cls, prefix)}
 
 
 def from_namespace(

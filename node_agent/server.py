@@ -8,13 +8,13 @@ the node's configuration (block size, hash scheme, model, bad id), 1 on an unexp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 
 import grpc
 
+from kvroute.aio import cancel_and_wait
 from kvroute.grpcutil import add_health_and_reflection, bind
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
@@ -111,11 +111,7 @@ class Agent:
                 if exc is not None:
                     raise exc
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            await cancel_and_wait(*tasks, errors_too=True)
 
     async def consume(self, source: EventSource | None = None) -> None:
         """Apply engine events to the block map until cancelled."""
@@ -204,11 +200,7 @@ async def serve(s: AgentSettings) -> int:
         log.exception("node agent failed")
         code = 1
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(*tasks, errors_too=True)
         await health.set_serving(False)
         await asyncio.gather(*(_close(a, deregister=code == 0) for a in agents),
                              return_exceptions=True)

@@ -7,7 +7,8 @@ stream, narrowed on large fleets), the policy, the in-flight / queued-prefill tr
 routed" overlap (inside kv_aware's state, updated on commit) and degradation: with the registry
 unreachable it falls back to least_loaded over the last known nodes and says so. The gRPC
 servicer, the OpenAI gateway, the Envoy endpoint picker and ``kvroute bench --mode sim`` all
-call it unchanged.
+call it unchanged. Which nodes may serve a request (model, subset hint, exclusions) is
+:mod:`.candidates`.
 
 A decision is made in two steps: the policy *chooses* (pure: scores, no state change), then the
 core *commits* it — the policy's own state (recent routes, running averages, round-robin turn),
@@ -22,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kvroute.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from kvroute.errors import FailedPrecondition, InvalidArgument, Unavailable
+from router_service.candidates import aggregated, candidates, resolve_model, restrict
 from router_service.disagg import (
     DECODE_CAPABLE,
     DECODE_KEY_SUFFIX,
@@ -152,55 +154,19 @@ class RouterCore:
             peers = share.peers() if share.in_burst() else 0
             if peers:  # replicas deciding side by side (kv_aware's picker spreads over them)
                 view = dataclasses.replace(view, replicas=peers + 1, replica_rank=share.rank())
-        return _Pending(req, policy, view, self._resolve_model(req.model), t0)
-
-    def _resolve_model(self, model: str) -> str:
-        if model:
-            check_id(model, "model")
-            return model
-        if self.settings.default_model:
-            return self.settings.default_model
-        models = sorted({n.model for n in self.source.last_known()})
-        if len(models) == 1:
-            return models[0]
-        if not models:
-            if not self.source.connected:
-                raise Unavailable(
-                    f"the router cannot reach its registry (no registry data for "
-                    f"{self.source.staleness_s():.1f} s) and knows no node; check --registry")
-            raise Unavailable("no node is registered (model could not be defaulted)")
-        raise InvalidArgument(f"model: required, the fleet serves several models "
-                              f"({', '.join(models)}) and no --default-model is set")
+        model = resolve_model(req.model, self.settings.default_model, self.source)
+        return _Pending(req, policy, view, model, t0)
 
     def _decide(self, p: _Pending, placement: Placement | None, degraded_why: str,
                 ) -> RouteDecision:
         req, policy, view, model = p.req, p.policy, p.view, p.model
-        off: dict[str, int] = {}
-        if placement is not None:
-            pairs, off = placement.nodes, placement.offloaded
-        else:
-            pairs = [(n, 0) for n in self.source.last_known() if n.model == model]
-            if not pairs:
-                raise Unavailable(f"registry unreachable ({degraded_why}) and no node of model "
-                                  f"{model!r} known; retry later")
-        if not pairs:
-            models = sorted({n.model for n in self.source.last_known()})
-            if not models:
-                raise Unavailable("no node is registered with the registry; retry later")
-            raise NotFound(f"model: no node serves model {model!r} (served: "
-                           f"{', '.join(models)})")
-        pairs = self._restrict(req, pairs)
+        pairs, off = candidates(placement, degraded_why, model, self.source)
+        pairs = restrict(req, pairs)
         chooser = self._fallback if degraded_why else policy
-        roles = [n.role for n, _ in pairs]
-        if wants_pd(roles, req.disaggregated):
+        if wants_pd([n.role for n, _ in pairs], req.disaggregated):
             out = self._decide_pd(req, chooser, view, model, pairs, degraded_why, off)
         else:
-            if any(r != "both" for r in roles):
-                pairs = [(n, m) for n, m in pairs if n.role == "both"]
-                if not pairs:
-                    raise FailedPrecondition(
-                        f"disaggregated: model {model!r} has no aggregated ('both') node left "
-                        f"and the request asked for one node; send it disaggregated")
+            pairs = aggregated(pairs, model)
             views = self._views(pairs, view, off)
             try:
                 decision = chooser.choose(view, views)
@@ -262,21 +228,6 @@ class RouterCore:
             out, decode_node_id=node.node_id, decode_address=node.address,
             decode_matched_blocks=pick.matched_blocks, transfer_blocks=pick.transfer_blocks,
             decode_reason=pick.reason, decode_candidates=pick.candidates)
-
-    def _restrict(self, req: RouteRequest, pairs: list[tuple[NodeState, int]],
-                  ) -> list[tuple[NodeState, int]]:
-        """Apply the request's subset hint and exclusions (by node id or address)."""
-        allowed, excluded = req.allowed, req.excluded
-        if allowed is None and not excluded:
-            return pairs
-        out = [(n, m) for n, m in pairs
-               if (allowed is None or n.node_id in allowed or n.address in allowed)
-               and n.node_id not in excluded and n.address not in excluded]
-        if not out:
-            what = "the subset hint" if allowed is not None else "the excluded nodes"
-            raise Unavailable(f"no node of model {pairs[0][0].model!r} is left after "
-                              f"{what} ({len(pairs)} known); retry later")
-        return out
 
     def _commit(self, policy: Policy, view: RequestView, decision: Decision,
                 pairs: list[tuple[NodeState, int]], degraded_why: str,

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from kvroute.procs import ManagedProcess, read_ready_file
@@ -66,3 +67,55 @@ def running_server(role: str, args: Sequence[str], workdir: Path, **kw: Any,
         yield srv
     finally:
         srv.stop()
+
+
+class ServerGroup:
+    """The servers one test or fixture started; :meth:`stop` ends exactly these, newest first.
+
+    Use it as a context manager (or call :meth:`stop` in a ``finally``). A stack that starts
+    several servers in its constructor starts them through one group and stops the group when a
+    later start fails, so a failed start leaks nothing.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.servers: list[ServerProcess] = []
+
+    def start(self, role: str, args: Sequence[str], name: str | None = None,
+              **kw: Any) -> ServerProcess:
+        """:func:`start_server` in this group's workdir; the server joins the group."""
+        return self.add(start_server(role, args, self.workdir, name=name, **kw))
+
+    def add(self, srv: ServerProcess) -> ServerProcess:
+        """Make ``srv`` (started elsewhere) part of the group."""
+        self.servers.append(srv)
+        return srv
+
+    @contextmanager
+    def stopped_on_error(self) -> Iterator[ServerGroup]:
+        """Stop the whole group when the block raises (a stack's constructor starting its
+        servers one after the other), then re-raise."""
+        try:
+            yield self
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop every server of the group, newest first (each exactly its own pid); stopping
+        one that already exited is a no-op. The first error is raised after all were tried."""
+        error: BaseException | None = None
+        for srv in reversed(self.servers):
+            try:
+                srv.stop()
+            except BaseException as exc:  # keep stopping the others
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> ServerGroup:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

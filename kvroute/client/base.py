@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -55,45 +55,80 @@ def sync_channel(target: str, opts: ClientOptions) -> grpc.Channel:
     return grpc.secure_channel(target, creds, options=options)
 
 
-class SyncCaller:
-    """Calls a method on the current target; a retryable failure moves to the next one."""
+class _Attempts:
+    """One call's attempts over the options' targets: each attempt's target and timeout (within
+    the call's total deadline), and after a retryable failure the back-off pause, moving on to
+    the next target; the kvroute error once no attempt or time is left."""
 
-    def __init__(self, opts: ClientOptions, make_stub: Callable[[grpc.Channel], Any]) -> None:
+    __slots__ = ("_backoffs", "_caller", "_deadline", "_timeout_s", "attempt")
+
+    def __init__(self, caller: _Caller[Any], timeout_s: float | None) -> None:
+        self._caller = caller
+        self._timeout_s = timeout_s or caller.opts.timeout_s
+        self._deadline = time.monotonic() + caller.opts.total_timeout_s
+        self._backoffs = caller.opts.backoffs()
+        self.attempt = 0
+
+    def next(self) -> tuple[str, float]:
+        """(target, timeout) of the next attempt."""
+        targets = self._caller.opts.targets
+        target = targets[self._caller.current % len(targets)]
+        self.attempt += 1
+        left = self._deadline - time.monotonic()
+        return target, max(0.001, min(self._timeout_s, left))
+
+    def pause_after(self, exc: grpc.RpcError, target: str) -> float:
+        """Seconds to wait before the next attempt; raises the kvroute error when the failure
+        is not retryable or no attempt or time is left."""
+        o = self._caller.opts
+        if exc.code() not in o.retry_codes or self.attempt >= o.attempts:
+            raise as_kvroute_error(exc, target, self.attempt) from exc
+        self._caller.current += 1
+        pause = min(next(self._backoffs), self._deadline - time.monotonic())
+        if pause <= 0:
+            raise as_kvroute_error(exc, target, self.attempt) from exc
+        return pause
+
+
+C = TypeVar("C")
+
+
+class _Caller(Generic[C]):
+    """Channels and stubs per target (opened on first use) and the target in use."""
+
+    def __init__(self, opts: ClientOptions, make_stub: Callable[[C], Any]) -> None:
         self.opts = opts
         self._make_stub = make_stub
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[str, C] = {}
         self._stubs: dict[str, Any] = {}
         self.current = 0
+
+    def _open(self, target: str) -> C:
+        raise NotImplementedError
 
     def _stub(self, target: str) -> Any:
         stub = self._stubs.get(target)
         if stub is None:
-            ch = self._channels[target] = sync_channel(target, self.opts)
+            ch = self._channels[target] = self._open(target)
             stub = self._stubs[target] = self._make_stub(ch)
         return stub
 
+
+class SyncCaller(_Caller[grpc.Channel]):
+    """Calls a method on the current target; a retryable failure moves to the next one."""
+
+    def _open(self, target: str) -> grpc.Channel:
+        return sync_channel(target, self.opts)
+
     def call(self, method: str, request: Any, timeout_s: float | None) -> Any:
         """``stub.method(request)`` with deadlines, failover and back-off."""
-        o = self.opts
-        deadline = time.monotonic() + o.total_timeout_s
-        backoffs = o.backoffs()
-        attempt = 0
+        tries = _Attempts(self, timeout_s)
         while True:
-            target = o.targets[self.current % len(o.targets)]
-            attempt += 1
-            left = deadline - time.monotonic()
+            target, timeout = tries.next()
             try:
-                return getattr(self._stub(target), method)(
-                    request, timeout=max(0.001, min(timeout_s or o.timeout_s, left)))
+                return getattr(self._stub(target), method)(request, timeout=timeout)
             except grpc.RpcError as exc:
-                code = exc.code()
-                if code not in o.retry_codes or attempt >= o.attempts:
-                    raise as_kvroute_error(exc, target, attempt) from exc
-                self.current += 1
-                pause = min(next(backoffs), deadline - time.monotonic())
-                if pause <= 0:
-                    raise as_kvroute_error(exc, target, attempt) from exc
-                time.sleep(pause)
+                time.sleep(tries.pause_after(exc, target))
 
     def close(self) -> None:
         """Close every channel."""
@@ -103,44 +138,22 @@ class SyncCaller:
         self._stubs.clear()
 
 
-class AsyncCaller:
+class AsyncCaller(_Caller[grpc.aio.Channel]):
     """The asyncio form of :class:`SyncCaller`."""
 
-    def __init__(self, opts: ClientOptions, make_stub: Callable[[grpc.aio.Channel], Any]) -> None:
-        self.opts = opts
-        self._make_stub = make_stub
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, Any] = {}
-        self.current = 0
-
-    def _stub(self, target: str) -> Any:
-        stub = self._stubs.get(target)
-        if stub is None:
-            ch = self._channels[target] = open_channel(target, self.opts.tls)
-            stub = self._stubs[target] = self._make_stub(ch)
-        return stub
+    def _open(self, target: str) -> grpc.aio.Channel:
+        return open_channel(target, self.opts.tls)
 
     async def call(self, method: str, request: Any, timeout_s: float | None) -> Any:
         """``await stub.method(request)`` with deadlines, failover and back-off."""
-        o = self.opts
-        deadline = time.monotonic() + o.total_timeout_s
-        backoffs = o.backoffs()
-        attempt = 0
+        tries = _Attempts(self, timeout_s)
         while True:
-            target = o.targets[self.current % len(o.targets)]
-            attempt += 1
-            left = deadline - time.monotonic()
+            target, timeout = tries.next()
             try:
                 fn: Callable[..., Awaitable[Any]] = getattr(self._stub(target), method)
-                return await fn(request, timeout=max(0.001, min(timeout_s or o.timeout_s, left)))
+                return await fn(request, timeout=timeout)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in o.retry_codes or attempt >= o.attempts:
-                    raise as_kvroute_error(exc, target, attempt) from exc
-                self.current += 1
-                pause = min(next(backoffs), deadline - time.monotonic())
-                if pause <= 0:
-                    raise as_kvroute_error(exc, target, attempt) from exc
-                await asyncio.sleep(pause)
+                await asyncio.sleep(tries.pause_after(exc, target))
 
     async def close(self) -> None:
         """Close every channel."""

@@ -20,7 +20,7 @@ import grpc
 from kvroute.embedded_etcd import EmbeddedEtcd
 from kvroute.procs import free_port
 from kvroute.v1 import router_pb2, router_pb2_grpc
-from tests.harness import ServerProcess, start_server
+from tests.harness import ServerGroup, ServerProcess
 
 BS = 16
 MODEL = "sim-model"
@@ -80,6 +80,10 @@ class FaultStack:
     fleet: list[Node] = field(default_factory=list)
     router: ServerProcess | None = None
     _n: int = 0
+    procs: ServerGroup = field(init=False)  # every server started, restarts included
+
+    def __post_init__(self) -> None:
+        self.procs = ServerGroup(self.tmp)
 
     @property
     def registry_list(self) -> str:
@@ -99,9 +103,9 @@ class FaultStack:
                 self.fleet.append(node)
                 self.start_engine(node)
                 self.start_agent(node, i)
-            self.router = start_server("router", [
+            self.router = self.procs.start("router", [
                 "--registry", self.registry_list, "--block-size", str(BS),
-                "--default-policy", "kv_aware", "--registry-retry-max-s", "0.3"], self.tmp)
+                "--default-policy", "kv_aware", "--registry-retry-max-s", "0.3"])
         except BaseException:
             self.close()
             raise
@@ -111,12 +115,12 @@ class FaultStack:
         """(Re)start registry ``i`` on its port."""
         self._n += 1
         assert self.etcd is not None
-        reg = start_server("registry", [
+        reg = self.procs.start("registry", [
             "--etcd-endpoints", self.etcd.endpoint, "--lease-ttl-s", str(TTL),
             "--heartbeat-interval-s", str(HB), "--status-write-interval-s", "0.5",
             "--etcd-call-timeout-s", "1", "--drain-timeout-s", "3",
             "--listen", f"127.0.0.1:{self.reg_ports[i]}", "--replica-id", f"reg{i}"],
-            self.tmp, name=f"registry{i}-{self._n}")
+            name=f"registry{i}-{self._n}")
         self.regs[i] = reg
         return reg
 
@@ -124,11 +128,11 @@ class FaultStack:
         """(Re)start a node's engine on its ports."""
         self._n += 1
         p = node.ports
-        node.engine = start_server("engine-sim", [
+        node.engine = self.procs.start("engine-sim", [
             "--listen", f"127.0.0.1:{p['http']}", "--model", MODEL, "--block-size", str(BS),
             "--capacity-blocks", "400", "--time-scale", "0.01", "--topic", "kv",
             "--events-endpoint", f"tcp://127.0.0.1:{p['events']}",
-            "--replay-endpoint", f"tcp://127.0.0.1:{p['replay']}"], self.tmp,
+            "--replay-endpoint", f"tcp://127.0.0.1:{p['replay']}"],
             name=f"{node.node_id}-engine-{self._n}")
 
     def start_agent(self, node: Node, rotate: int = 0) -> None:
@@ -137,22 +141,16 @@ class FaultStack:
         p = node.ports
         regs = self.registry_list.split(",")
         k = rotate % len(regs)
-        node.agent = start_server("agent", [
+        node.agent = self.procs.start("agent", [
             "--registry", ",".join(regs[k:] + regs[:k]), "--node-id", node.node_id,
             "--model", MODEL, "--engine-url", f"http://127.0.0.1:{p['http']}",
             "--capacity-blocks", "400", "--engine-events", f"tcp://127.0.0.1:{p['events']}",
             "--engine-replay", f"tcp://127.0.0.1:{p['replay']}", "--topic", "kv",
-            "--rpc-timeout-s", "2"], self.tmp, name=f"{node.node_id}-agent-{self._n}")
+            "--rpc-timeout-s", "2"], name=f"{node.node_id}-agent-{self._n}")
 
     def close(self) -> None:
-        procs: list[ServerProcess | None] = [self.router]
-        for node in self.fleet:
-            procs += [node.agent, node.engine]
-        procs += self.regs
-        for p in procs:
-            if p is not None:
-                with contextlib.suppress(Exception):
-                    p.stop()
+        with contextlib.suppress(Exception):
+            self.procs.stop()  # newest first: router, agents and engines, registries
         if self.etcd is not None:
             self.etcd.stop()
 

@@ -25,7 +25,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from kvroute.procs import free_port  # noqa: E402
-from tests.harness import ServerProcess, start_server  # noqa: E402
+from tests.harness import ServerGroup, ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.integration
 MODEL = "sim-model"
@@ -37,22 +37,26 @@ class PdStack:
     """Registry, 4 engines + agents with roles, a vLLM-protocol and an SGLang-protocol gateway."""
 
     def __init__(self, etcd: str, prefix: str, work: Path) -> None:
-        self.procs: list[ServerProcess] = []
+        self.procs = ServerGroup(work)
         self.engines: dict[str, ServerProcess] = {}
         self.work = work
-        self.registry = self._start("registry", [
+        with self.procs.stopped_on_error():  # a failed start leaks none of the others
+            self._start_all(etcd, prefix)
+
+    def _start_all(self, etcd: str, prefix: str) -> None:
+        self.registry = self.procs.start("registry", [
             "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", "2",
             "--heartbeat-interval-s", "0.3", "--status-write-interval-s", "0.5"], "registry")
         for i, role in enumerate(ROLES):
             node = f"{role}-{i}"
             ev, rp = free_port(), free_port()
-            eng = self._start("engine-sim", [
+            eng = self.procs.start("engine-sim", [
                 "--model", MODEL, "--block-size", str(BS), "--capacity-blocks", "2000",
                 "--time-scale", "0.02", "--role", role, "--transfer-ms-per-block", "1",
                 "--events-endpoint", f"tcp://127.0.0.1:{ev}",
                 "--replay-endpoint", f"tcp://127.0.0.1:{rp}"], f"sim-{node}")
             self.engines[node] = eng
-            self._start("agent", [
+            self.procs.start("agent", [
                 "--registry", self.registry.grpc_target, "--node-id", node, "--model", MODEL,
                 "--engine-url", f"http://127.0.0.1:{eng.ready['http_port']}", "--role", role,
                 "--capacity-blocks", "2000", "--engine-events", f"tcp://127.0.0.1:{ev}",
@@ -60,20 +64,14 @@ class PdStack:
                 "--rpc-timeout-s", "2"], f"agent-{node}")
         self.urls = {}
         for proto, extra in (("vllm", []), ("sglang", ["--pd-bootstrap-port", "0"])):
-            gw = self._start("gateway", [
+            gw = self.procs.start("gateway", [
                 "--registry", self.registry.grpc_target, "--block-size", str(BS),
                 "--registry-retry-max-s", "0.3", "--pd-protocol", proto, *extra],
                 f"gateway-{proto}")
             self.urls[proto] = f"http://127.0.0.1:{gw.ready['http_port']}"
 
-    def _start(self, role: str, args: list[str], name: str) -> ServerProcess:
-        srv = start_server(role, args, self.work, name=name)
-        self.procs.append(srv)
-        return srv
-
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.stop()
+        self.procs.stop()
 
     def wait_healthy(self, nodes: int, within_s: float = 30.0) -> None:
         deadline = time.monotonic() + within_s

@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai")
 from kvroute.blocks import hash_blocks  # noqa: E402
 from kvroute.procs import free_port  # noqa: E402
 from kvroute.v1 import registry_pb2, registry_pb2_grpc  # noqa: E402
-from tests.harness import ServerProcess, start_server  # noqa: E402
+from tests.harness import ServerGroup, ServerProcess, start_server  # noqa: E402
 
 pytestmark = pytest.mark.integration
 MODEL = "sim-model"
@@ -40,41 +40,40 @@ class Stack:
 
     def __init__(self, etcd: str, prefix: str, work: Path, engines: int = 2,
                  gateway_args: tuple[str, ...] = ()) -> None:
-        self.procs: list[ServerProcess] = []
+        self.procs = ServerGroup(work)
         self.engines: dict[str, ServerProcess] = {}
+        with self.procs.stopped_on_error():  # a failed start leaks none of the others
+            self._start_all(etcd, prefix, engines, gateway_args)
+
+    def _start_all(self, etcd: str, prefix: str, engines: int,
+                   gateway_args: tuple[str, ...]) -> None:
         reg_port = free_port()
-        self.registry = self._start("registry", [
+        self.registry = self.procs.start("registry", [
             "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", "2",
             "--heartbeat-interval-s", "0.3", "--status-write-interval-s", "0.5",
-            "--listen", f"127.0.0.1:{reg_port}"], work, "registry")
+            "--listen", f"127.0.0.1:{reg_port}"], "registry")
         for i in range(engines):
             ports = {"http": free_port(), "events": free_port(), "replay": free_port()}
-            self.engines[f"node-{i}"] = self._start("engine-sim", [
+            self.engines[f"node-{i}"] = self.procs.start("engine-sim", [
                 "--listen", f"127.0.0.1:{ports['http']}", "--model", MODEL, "--block-size",
                 str(BS), "--capacity-blocks", "2000", "--time-scale", "0.02",
                 "--events-endpoint", f"tcp://127.0.0.1:{ports['events']}",
-                "--replay-endpoint", f"tcp://127.0.0.1:{ports['replay']}"], work, f"sim{i}")
-            self._start("agent", [
+                "--replay-endpoint", f"tcp://127.0.0.1:{ports['replay']}"], f"sim{i}")
+            self.procs.start("agent", [
                 "--registry", self.registry.grpc_target, "--node-id", f"node-{i}",
                 "--model", MODEL, "--engine-url", f"http://127.0.0.1:{ports['http']}",
                 "--capacity-blocks", "2000",
                 "--engine-events", f"tcp://127.0.0.1:{ports['events']}",
                 "--engine-replay", f"tcp://127.0.0.1:{ports['replay']}",
-                "--heartbeat-interval-s", "0.3", "--rpc-timeout-s", "2"], work, f"agent{i}")
-        self.gateway = self._start("gateway", [
+                "--heartbeat-interval-s", "0.3", "--rpc-timeout-s", "2"], f"agent{i}")
+        self.gateway = self.procs.start("gateway", [
             "--registry", self.registry.grpc_target, "--block-size", str(BS),
             "--registry-retry-max-s", "0.3", "--models-refresh-s", "1",
-            "--max-body-bytes", "65536", *gateway_args], work, "gateway")
+            "--max-body-bytes", "65536", *gateway_args], "gateway")
         self.url = f"http://127.0.0.1:{self.gateway.ready['http_port']}"
 
-    def _start(self, role: str, args: list[str], work: Path, name: str) -> ServerProcess:
-        srv = start_server(role, args, work, name=name)
-        self.procs.append(srv)
-        return srv
-
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.stop()
+        self.procs.stop()
 
     def wait_healthy(self, nodes: int, within_s: float = 20.0) -> None:
         deadline = time.monotonic() + within_s
@@ -292,11 +291,12 @@ def test_concurrency_limit_answers_429_with_retry_after(stack: Stack, tmp_path: 
 
 
 def test_no_healthy_node_is_503(stack: Stack, etcd_endpoint: str, tmp_path: Path) -> None:
-    empty = start_server("registry", [
-        "--etcd-endpoints", etcd_endpoint, "--etcd-prefix", f"/kvroute-test/empty-{free_port()}/",
-        "--listen", f"127.0.0.1:{free_port()}"], tmp_path, name="reg-empty")
-    gw = start_server("gateway", ["--registry", empty.grpc_target], tmp_path, name="gw-empty")
-    try:
+    with ServerGroup(tmp_path) as procs:
+        empty = procs.start("registry", [
+            "--etcd-endpoints", etcd_endpoint,
+            "--etcd-prefix", f"/kvroute-test/empty-{free_port()}/",
+            "--listen", f"127.0.0.1:{free_port()}"], "reg-empty")
+        gw = procs.start("gateway", ["--registry", empty.grpc_target], "gw-empty")
         url = f"http://127.0.0.1:{gw.ready['http_port']}"
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(f"{url}/health", timeout=5)
@@ -304,9 +304,6 @@ def test_no_healthy_node_is_503(stack: Stack, etcd_endpoint: str, tmp_path: Path
         status, obj = post(f"{url}/v1/completions", b'{"prompt": [1, 2, 3]}')
         assert status == 503 and obj["error"]["message"]
         assert urllib.request.urlopen(f"{url}/live", timeout=5).status == 200
-    finally:
-        gw.stop()
-        empty.stop()
 
 
 def test_engine_killed_mid_run_costs_at_most_its_inflight(stack: Stack) -> None:

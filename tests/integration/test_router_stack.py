@@ -22,7 +22,7 @@ import pytest
 from kvroute.blocks import hash_blocks
 from kvroute.procs import free_port
 from kvroute.v1 import registry_pb2, registry_pb2_grpc, router_pb2, router_pb2_grpc
-from tests.harness import ServerProcess, start_server
+from tests.harness import ServerGroup, ServerProcess, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -116,7 +116,7 @@ async def _eventually(check: object, timeout_s: float, what: str) -> router_pb2.
         await asyncio.sleep(0.1)
 
 
-Stack = tuple[router_pb2_grpc.RouterStub, "Agents", list[ServerProcess], ServerProcess]
+Stack = tuple[router_pb2_grpc.RouterStub, "Agents", ServerGroup, ServerProcess]
 
 
 @pytest.fixture
@@ -124,8 +124,8 @@ async def stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path,
                 request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
     mode: str = request.param
     port = free_port()
-    reg = _registry(etcd_endpoint, etcd_prefix, port, tmp_path, "registry")
-    procs = [reg]
+    procs = ServerGroup(tmp_path)  # the registries; the router is stopped apart (exit code)
+    reg = procs.add(_registry(etcd_endpoint, etcd_prefix, port, tmp_path, "registry"))
     agents = Agents(reg.grpc_target, {"a": HASHES[:3], "b": HASHES[:7], "c": []})
     router = None
     try:
@@ -138,10 +138,11 @@ async def stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path,
             yield router_pb2_grpc.RouterStub(ch), agents, procs, router
     finally:
         await agents.stop()
-        if router is not None:
-            assert router.stop() == 0, "router exits 0 on SIGTERM"
-        for p in procs:
-            p.stop()
+        try:
+            if router is not None:
+                assert router.stop() == 0, "router exits 0 on SIGTERM"
+        finally:
+            procs.stop()
 
 
 @pytest.mark.parametrize("stack", ["mirror", "stream"], indirect=True)
@@ -175,7 +176,7 @@ async def test_longest_prefix_lease_expiry_and_registry_outage(
     r = await _eventually(lambda: on("a"), 10, "b expired, routed to a (next longest)")
     assert r.matched_blocks == 3
 
-    reg = procs[0]
+    reg = procs.servers[0]
     reg.process.kill()
 
     async def degraded() -> router_pb2.RouteResponse | None:
@@ -193,7 +194,7 @@ async def test_longest_prefix_lease_expiry_and_registry_outage(
     assert "kvroute_router_registry_staleness_seconds" in text
 
     port = int(reg.grpc_target.rsplit(":", 1)[1])
-    procs.append(_registry(etcd_endpoint, etcd_prefix, port, tmp_path, "registry2"))
+    procs.add(_registry(etcd_endpoint, etcd_prefix, port, tmp_path, "registry2"))
     try:
         # the leases expired while the registry was down: the agents register again and send
         # their blocks in the next call, so wait for a's blocks, not just for a

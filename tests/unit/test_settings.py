@@ -9,7 +9,15 @@ import pytest
 
 from kvroute.common_settings import ServerSettings
 from kvroute.errors import ConfigError
-from kvroute.settings import add_arguments, describe, env_name, from_namespace, setting
+from kvroute.settings import (
+    add_arguments,
+    add_value_arguments,
+    describe,
+    env_name,
+    from_namespace,
+    setting,
+    value_arguments,
+)
 
 
 @dataclass(frozen=True)
@@ -72,3 +80,37 @@ def test_help_mentions_env_and_default() -> None:
 
 def test_describe_masks_secrets() -> None:
     assert describe(parse([], password="hunter2"))["password"] == "***"
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Benchmark knobs: flags whose parsed value is the value (add_value_arguments)."""
+
+    nodes: tuple[int, ...] = setting((8, 128), "fleet sizes (default %(default)s)",
+                                     metavar="N,N")
+    rate_per_s: float = setting(5.0, "a rate", flag="--knob-rate")
+    count: int = setting(3, "a count")
+    name: str | None = setting(None, "a name", choices=("a", "b"))
+    quick: bool = setting(False, "a switch")
+    gc: bool = setting(True, "turn it off")
+    hidden: int = 7
+
+
+def test_value_arguments_round_trip() -> None:
+    p = argparse.ArgumentParser()
+    add_value_arguments(p, Knobs, prefix="knob-")
+    flags = {s for a in p._actions for s in a.option_strings} - {"-h", "--help"}
+    assert flags == {"--knob-nodes", "--knob-rate", "--knob-count", "--knob-name",
+                     "--knob-quick", "--no-knob-gc"}
+    assert "fleet sizes (default 8,128)" in " ".join(p.format_help().split())
+    default = value_arguments(Knobs, p.parse_args([]), prefix="knob-")
+    assert default == {"nodes": "8,128", "rate_per_s": 5.0, "count": 3, "name": None,
+                       "quick": False, "gc": True}
+    given = value_arguments(Knobs, p.parse_args(
+        ["--knob-rate", "2.5", "--knob-count", "4", "--knob-name", "b", "--knob-quick",
+         "--no-knob-gc", "--knob-nodes", "1,2"]), prefix="knob-")
+    assert given == {"nodes": "1,2", "rate_per_s": 2.5, "count": 4, "name": "b",
+                     "quick": True, "gc": False}
+    assert Knobs(**{**given, "nodes": (1, 2)}).hidden == 7
+    with pytest.raises(SystemExit):
+        p.parse_args(["--knob-name", "c"])
