@@ -133,12 +133,14 @@ class SharedView:
                  clock: Callable[[], float], *, inflight_timeout_s: float = 300.0,
                  max_blocks: int = 64, timeout_s: float = 5.0,
                  max_tracked: int = 1_000_000, peer_window_s: float = 30.0,
-                 burst_window_s: float = 0.01, burst_coincidence: float = 0.5) -> None:
+                 burst_window_s: float = 0.01, burst_coincidence: float = 0.5,
+                 burst_stagger_s: float = 0.0) -> None:
         if not replica_id:
             raise ValueError("replica_id must not be empty")
-        if max_blocks < 0 or timeout_s <= 0 or burst_window_s < 0 or burst_coincidence < 0:
-            raise ValueError("max_blocks, burst_window_s and burst_coincidence must be >= 0, "
-                             "timeout_s > 0")
+        if min(max_blocks, burst_window_s, burst_coincidence, burst_stagger_s) < 0 \
+                or timeout_s <= 0:
+            raise ValueError("max_blocks, burst_window_s, burst_coincidence and burst_stagger_s "
+                             "must be >= 0, timeout_s > 0")
         self.replica_id = replica_id
         self.publish = publish
         self.clock = clock
@@ -154,6 +156,9 @@ class SharedView:
         self.burst_coincidence = burst_coincidence
         """Side-by-side share (:attr:`coincidence`) from which every decision counts as in a
         burst (above 1: never)."""
+        self.burst_stagger_s = burst_stagger_s
+        """In a burst, the replica ranked r waits r x this before deciding (0 = off)."""
+        self.staggered_total = 0
         self._own_times: deque[float] = deque(maxlen=256)
         self.coincidence = 0.0
         """Share of the peers' recent decisions made within ``burst_window_s`` of one of this
@@ -221,6 +226,19 @@ class SharedView:
         one to the replica that gets it; only the traffic's history tells them apart."""
         return (self.clock() - self._last_routed <= self.burst_window_s
                 or self.coincidence >= self.burst_coincidence)
+
+    def stagger_wait(self) -> float:
+        """Seconds to wait before deciding: in a burst next to live peers, with staggering on,
+        ``rank() x burst_stagger_s`` (rank 0 decides at once, rank 1 once rank 0's decisions of
+        the same instant have reached it, ...); 0 otherwise."""
+        if self.burst_stagger_s <= 0 or not self.live() or not self.in_burst():
+            return 0.0
+        if not self.peers():
+            return 0.0
+        wait = self.rank() * self.burst_stagger_s
+        if wait > 0:
+            self.staggered_total += 1
+        return wait
 
     def _side_by_side(self, sent_at: float) -> None:
         """Update :attr:`coincidence` with a peer's decision made at ``sent_at``."""

@@ -77,7 +77,8 @@ def attach_share_link(s: RouterSettings, core: RouterCore,
                             max_blocks=s.share_max_blocks, timeout_s=s.share_timeout_s,
                             max_tracked=s.max_tracked_requests,
                             burst_window_s=s.share_burst_window_s,
-                            burst_coincidence=s.share_burst_coincidence)
+                            burst_coincidence=s.share_burst_coincidence,
+                            burst_stagger_s=s.share_burst_stagger_s)
     link.attach(core)
     if metrics is not None:
         view = core.share

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bench.metrics import policy_metrics
@@ -34,6 +36,31 @@ def test_sharing_replicas_match_one_router_and_isolated_ones_do_not() -> None:
     assert abs(shared["hit"] - one["hit"]) <= 0.01
     assert shared["p90"] <= one["p90"] * 1.1
     assert alone["p90"] > shared["p90"]
+
+
+def test_staggered_replicas_wait_their_turn_in_raw_bursts_and_the_wait_counts() -> None:
+    wl = load_workload(trace=None, workload=None, seed=0, start=0, limit=300)  # raw ticks
+    cfg = SimSettings(nodes=4, cache_blocks=500, block_size=wl.block_size)
+    runs = [simulate(wl, _kv(), cfg, replicas=ReplicaSettings(routers=4,
+                                                              share_burst_stagger_s=st),
+                     make_policy=_kv, seed=0) for st in (0.0, 0.006)]
+    for run in runs:
+        assert run.failed == 0
+        assert run.arrival_s == [r.arrival_s for r in wl.requests]  # the trace's, not the turn's
+    assert runs[0].node != runs[1].node  # the turns changed decisions
+    # two rounds of 4 tiny requests at one instant, one per replica each round: in the second
+    # the replicas know one another and are in a burst, so ranks 1..3 wait 1..3 turns, and
+    # the user's TTFT includes the wait
+    tiny = Workload("t", 16, [TraceRequest(f"r{i}", 0.0, (i,), 16, 1) for i in range(8)])
+    rs = ReplicaSettings(routers=4, spread="round_robin", share_delay_s=0.0,
+                         share_burst_stagger_s=0.008)
+    run = simulate(tiny, _kv(), SimSettings(nodes=4, cache_blocks=50, block_size=16),
+                   replicas=rs, make_policy=_kv, seed=0)
+    ttft = sorted(run.ttft_s[4:])
+    assert ttft[0] < 0.008 and ttft[1] >= 0.008 and ttft[2] >= 0.016 and ttft[3] >= 0.024
+    assert max(simulate(tiny, _kv(), SimSettings(nodes=4, cache_blocks=50, block_size=16),
+                        replicas=dataclasses.replace(rs, share_burst_stagger_s=0.0),
+                        make_policy=_kv, seed=0).ttft_s) <= 0.008 + 1e-9
 
 
 def test_one_replica_is_the_single_router_run() -> None:
