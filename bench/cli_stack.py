@@ -238,7 +238,7 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
                      strategies: list[str], progress: Any) -> dict[str, Any]:
     """``--mode stack --prefill-nodes P --decode-nodes D``: the disaggregated stack replay of
     the strategies the router serves, next to the sim replay of the same strategies."""
-    from bench.pd_bench import pd_metrics, run_pd
+    from bench.pd_bench import pd_agreement, pd_metrics, run_pd
     from bench.stack_pd import STACK_PD_STRATEGIES, run_stack_pd
     from bench.stack_pd_gateway import pd_router_flags
 
@@ -271,10 +271,15 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
                  args.seed)
     for r in sim["results"]:
         r["policy"] = "sim:" + r["policy"].removeprefix("pd:")
+    rows = [pd_metrics(r) for r in runs]
+    check: dict[str, Any] = {}
+    if getattr(args, "sim_runs", 0) > 0:  # the median of seeded sims under the stack's timing
+        check = pd_agreement(rows, workload, settings, p, d, transfer_s_per_block, kv, disagg,
+                             strategies, ts, spec.heartbeat_interval_s, args.sim_runs,
+                             args.seed)
     return {"mode": f"stack, time_scale {ts}", "workload": workload.name,
             "requests": len(workload.requests), "prefill_nodes": p, "decode_nodes": d,
             "cache_blocks_per_node": settings.cache_blocks, "block_size": workload.block_size,
             "transfer_s_per_block": transfer_s_per_block,
             "disagg_settings": dataclasses.asdict(disagg),
-            "results": [pd_metrics(r) for r in runs] + sim["results"],
-            "bounds": sim["bounds"]}
+            "results": rows + sim["results"], "bounds": sim["bounds"], **check}

@@ -108,7 +108,7 @@ def run_pd(workload: Workload, settings: SimSettings, prefill_nodes: int, decode
         d = dataclasses.replace(disagg, pd_decode_policy=dec_name or disagg.pd_decode_policy)
         pd = simulate_pd(workload, policy, settings, prefill_nodes, decode_nodes,
                          transfer_s_per_block, d, progress, kv.kv_prefill_tokens_per_s,
-                         label=f"pd:{pre_name}/{d.pd_decode_policy}")
+                         label=f"pd:{pre_name}/{d.pd_decode_policy}", seed=seed)
         results.append(pd_metrics(pd))
     agg_settings = dataclasses.replace(settings, nodes=prefill_nodes + decode_nodes)
     agg = simulate(workload, build_policy("kv_aware", prefill_tokens_per_s=rate, seed=seed,
@@ -124,6 +124,41 @@ def run_pd(workload: Workload, settings: SimSettings, prefill_nodes: int, decode
             "bounds": pd_bounds(workload, settings, prefill_nodes, decode_nodes,
                                 transfer_s_per_block),
             "results": results, "aggregated": agg_m}
+
+
+def pd_agreement(stack_rows: list[dict[str, Any]], workload: Workload, settings: SimSettings,
+                 prefill_nodes: int, decode_nodes: int, transfer_s_per_block: float,
+                 kv: KvAwareSettings, disagg: DisaggSettings, strategies: list[str],
+                 time_scale: float, heartbeat_interval_s: float, runs: int, seed: int = 0,
+                 ) -> dict[str, Any]:
+    """``--mode stack --sim-runs N`` for disaggregated runs: the stack rows of the router's own
+    strategies (``stack-pd:P/D``) against the median of ``runs`` seeded sim replays under the
+    timing the stack measured (arrival lag, heartbeat interval; :mod:`bench.agreement`; the
+    pairs' return lag is not measured: 0)."""
+    from bench.agreement import agreement, stack_timing
+
+    own = [dict(r, policy=r["policy"].removeprefix("stack-pd:")) for r in stack_rows
+           if r["policy"].startswith("stack-pd:")]
+    timing = stack_timing({"results": own}, time_scale, heartbeat_interval_s)
+    timing["complete_lag_s"] = 0.0
+    timed = dataclasses.replace(settings, arrival_jitter_s=timing["arrival_jitter_s"],
+                                heartbeat_delay_s=timing["heartbeat_delay_s"])
+    sims = []
+    for k in range(runs):
+        rows = []
+        for strat in strategies:
+            pre_name, _, dec_name = strat.partition("/")
+            policy = build_policy(pre_name, prefill_tokens_per_s=settings.prefill_tokens_per_s,
+                                  seed=seed + k, overrides={KvAwareSettings: kv})
+            pd = simulate_pd(workload, policy, timed, prefill_nodes, decode_nodes,
+                             transfer_s_per_block,
+                             dataclasses.replace(disagg, pd_decode_policy=dec_name),
+                             router_prefill_tokens_per_s=kv.kv_prefill_tokens_per_s,
+                             label=strat, seed=seed + k)
+            rows.append(pd_metrics(pd))
+        sims.append({"results": rows})
+    return {"sim_timing": timing, "agreement": agreement({"results": own}, sims),
+            "sim_runs": sims}
 
 
 def print_pd(report: dict[str, Any]) -> None:

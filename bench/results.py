@@ -47,6 +47,9 @@ class PolicyRun:
     """Stack runs, per request: how much later than its schedule the request reached its
     engine (model seconds; each engine's least-late request = 0). Large values mean the replay
     could not keep the trace's timing (CPU contention); empty in --mode sim."""
+    arrival_lag_by_request: list[float] = field(default_factory=list)
+    """Stack runs: ``arrival_lag_s`` in request order, NaN for a request no engine recorded
+    (what :mod:`bench.agreement` replays in the sim); empty in --mode sim."""
     return_lag_s: list[float] = field(default_factory=list)
     """Stack runs, per request: how much later than its engine finished the client had the
     response (model seconds; the router hears ``Complete`` just after). ``--mode sim`` models

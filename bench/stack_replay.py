@@ -311,6 +311,7 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
     run.busy_s = busy
     lags = _arrival_lags(run.node, skew, len(node_ids))
     run.arrival_lag_s = _arrival_lag(run.node, skew, len(node_ids))
+    run.arrival_lag_by_request = lags
     run.return_lag_s = [o.t_done_s - (req.arrival_s + lag + e2e)
                         for req, o, lag, e2e in zip(workload.requests, outcomes, lags, run.e2e_s,
                                                     strict=True)

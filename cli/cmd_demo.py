@@ -40,10 +40,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--nodes", type=int, default=4, help="engines in the fleet (default 4)")
     p.add_argument("--conversations", type=int, default=40,
                    help="conversations in the notebook workload (default 40, 8 turns each)")
-    p.add_argument("--trace-requests", type=int, default=400,
-                   help="requests of the shipped Mooncake sample to replay (default 400)")
+    p.add_argument("--start-window", type=float, default=240.0, metavar="S",
+                   help="the notebook workload's conversations start uniformly over this many "
+                        "model seconds (default 240; 120 put the 4-engine fleet on a "
+                        "KV-capacity cliff where a few ms of timing moved p90 by 30 %%)")
+    p.add_argument("--trace-requests", type=int, default=300,
+                   help="requests of the shipped Mooncake sample to replay (default 300)")
     p.add_argument("--time-scale", type=float, default=0.03,
-                   help="wall seconds per simulated second (default 0.03 = 33x faster)")
+                   help="wall seconds per simulated second for the notebook workload "
+                        "(default 0.03 = 33x faster)")
+    p.add_argument("--trace-time-scale", type=float, default=0.06,
+                   help="the same for the trace sample, whose long prompts cost the stack far "
+                        "more CPU per model second (default 0.06 = 17x; at 33x every trace row "
+                        "was contention-bound on 2 cores)")
     p.add_argument("--policies", default=",".join(POLICIES), metavar="A,B,...",
                    help=f"router policies to compare (default {','.join(POLICIES)})")
     p.add_argument("--sim-runs", type=int, default=7, metavar="N",
@@ -62,7 +71,7 @@ def _sigterm(_signum: int, _frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; every process is stopped on the way out."""
-    from bench.agreement import agreement, format_agreement, stack_timing
+    from bench.agreement import agreement, format_agreement, stack_arrival_lags, stack_timing
     from bench.plots import write_all
     from bench.report import format_table
     from bench.runner import run_comparison
@@ -82,23 +91,29 @@ def run(args: argparse.Namespace) -> int:
     if bad or not policies:
         raise ConfigError(f"--policies: unknown {', '.join(bad) or '(empty)'}; choose from "
                           f"{', '.join(STACK_POLICIES)}")
-    if args.nodes < 1 or args.time_scale <= 0:
-        raise ConfigError("--nodes must be >= 1 and --time-scale > 0")
+    if args.nodes < 1 or args.time_scale <= 0 or args.trace_time_scale <= 0:
+        raise ConfigError("--nodes must be >= 1, --time-scale and --trace-time-scale > 0")
+    if args.start_window <= 0:
+        raise ConfigError("--start-window must be > 0")
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _sigterm)
     t0 = time.perf_counter()
     conv = conversations(0, ConversationSpec(conversations=args.conversations, turns=8,
-                                             start_window_s=120.0, think_time_s=10.0))
+                                             start_window_s=args.start_window,
+                                             think_time_s=10.0))
     workloads = [
-        ("notebook workload (conversations, whole history resent every turn)", conv),
+        ("notebook workload (conversations, whole history resent every turn)", conv,
+         args.time_scale),
         ("Mooncake conversation trace sample (bench/data, real arrivals)",
-         load_workload(workload="mooncake-sample", limit=args.trace_requests)),
+         load_workload(workload="mooncake-sample", limit=args.trace_requests),
+         args.trace_time_scale),
     ]
-    report: dict[str, Any] = {"demo": [], "nodes": args.nodes, "time_scale": args.time_scale}
+    report: dict[str, Any] = {"demo": [], "nodes": args.nodes, "time_scale": args.time_scale,
+                              "trace_time_scale": args.trace_time_scale}
     print(f"kvroute demo: {args.nodes} simulated engines; logs, JSON and plots in {out_dir}")
     try:
-        for i, (title, wl) in enumerate(workloads, 1):
+        for i, (title, wl, scale) in enumerate(workloads, 1):
             cache = max(8, int(0.25 * wl.distinct_blocks() / args.nodes))
             # The default engine speed is calibrated for 8 engines on the trace (about 70 %
             # prefill utilisation under round_robin); keep the fleet's total speed when the
@@ -108,42 +123,53 @@ def run(args: argparse.Namespace) -> int:
                                    prefill_tokens_per_s=rate, block_size=wl.block_size)
             print(f"\n[{i}/{len(workloads)}] {title}: {len(wl.requests)} requests, "
                   f"{wl.block_size}-token blocks, {cache} blocks of cache per engine "
-                  "(25 % of the distinct blocks over the fleet)")
+                  f"(25 % of the distinct blocks over the fleet), {1 / scale:.0f}x time "
+                  "compression")
             spec = FleetSpec(nodes=args.nodes, cache_blocks=cache, block_size=wl.block_size,
                              prefill_tokens_per_s=settings.prefill_tokens_per_s,
                              decode_ms_per_token=settings.decode_s_per_token * 1000.0,
-                             max_running=settings.max_batch, time_scale=args.time_scale,
+                             max_running=settings.max_batch, time_scale=scale,
                              router_args=router_flags(KvAwareSettings(kv_prefill_tokens_per_s=rate),
-                                                      args.time_scale))
+                                                      scale))
             t_start = time.perf_counter()
             with StackBackend(out_dir / f"fleet-{i}", spec, front="gateway") as backend:
                 print(f"  stack up in {time.perf_counter() - t_start:.1f} s: etcd, registry, "
                       f"router, OpenAI gateway at {backend.fleet.gateway_url}, {args.nodes} x "
                       "(engine_sim + node agent)")
-                stack = run_comparison(wl, settings, policies, backend)
+                stack = run_comparison(wl, settings, policies, backend, random_bound=False)
             print("\n  through the stack, every request sent to the OpenAI gateway (hit rates "
                   "measured by the engines):")
             print(_indent(format_table(stack.report)))
             kv = KvAwareSettings(kv_prefill_tokens_per_s=rate)
-            timing = stack_timing(stack.report, args.time_scale, spec.heartbeat_interval_s)
+            timing = stack_timing(stack.report, scale, spec.heartbeat_interval_s)
+            # the sim replays each policy's measured arrival lags per request, on nodes named
+            # as the stack's (session's ring hashes names); the seeds add up to one return
+            # trip of jitter (the part of a request's timing the engine-side record misses)
+            lags = stack_arrival_lags(stack.runs)
+            timing["arrival_jitter_s"] = timing["complete_lag_s"] if lags else \
+                timing["arrival_jitter_s"]
             timed = dataclasses.replace(settings, arrival_jitter_s=timing["arrival_jitter_s"],
                                         complete_lag_s=timing["complete_lag_s"],
                                         heartbeat_delay_s=timing["heartbeat_delay_s"])
+            names = stack.runs[0].node_ids if stack.runs else None
             sims = [run_comparison(wl, timed, [*policies, *extra] if k == 0 else policies,
-                                   SimBackend(timed, seed=k, kv_settings=kv))
+                                   SimBackend(timed, seed=k, kv_settings=kv, node_ids=names,
+                                              arrival_lags=lags), random_bound=k == 0)
                     for k in range(max(1, args.sim_runs))]
             sim = sims[0]
+            arrivals = ("each request's measured arrival lag + up to "
+                        f"{timing['arrival_jitter_s']:.2f} s jitter" if lags else
+                        f"arrival jitter {timing['arrival_jitter_s']:.2f} s")
             print("\n  the same workload replayed in-process (--mode sim) with the stack's "
-                  f"measured timing (arrival jitter {timing['arrival_jitter_s']:.2f} s, "
-                  f"return lag {timing['complete_lag_s']:.2f} s, heartbeat "
-                  f"{timing['heartbeat_delay_s']:.2f} s of model time), with the seed notebook's "
-                  "policy and re-implementations of peer routers (seed 0):")
+                  f"measured timing ({arrivals}, return lag {timing['complete_lag_s']:.2f} s, "
+                  f"heartbeat {timing['heartbeat_delay_s']:.2f} s of model time), with the seed "
+                  "notebook's policy and re-implementations of peer routers (seed 0):")
             print(_indent(format_table(sim.report)))
             agree = agreement(stack.report, [o.report for o in sims])
             print()
             print(_indent(format_agreement(agree)))
             report["demo"].append({"title": title, "stack": stack.report, "sim": sim.report,
-                                   "sim_timing": timing,
+                                   "sim_timing": dict(timing, arrival_lags_replayed=bool(lags)),
                                    "sim_runs": [o.report for o in sims[1:]],
                                    "agreement": agree})
             if i == 1 and args.nodes >= 2 and not args.no_disaggregated:
@@ -192,7 +218,9 @@ def _disaggregated(args: argparse.Namespace, wl: Any, settings: Any, spec: Any,
     run = run_gateway_pd(workdir, pd_spec, wl, p, prepare(wl), on_ready=lambda url: print(
         f"  stack up in {time.perf_counter() - t_start:.1f} s (gateway at {url})"))
     kv = KvAwareSettings(kv_prefill_tokens_per_s=settings.prefill_tokens_per_s)
-    report = run_pd(wl, settings, p, d, xfer, kv, disagg, ["kv_aware/kv_aware"])
+    # round-robin pairs in the same disaggregated fleet: what the pair choice itself buys
+    report = run_pd(wl, settings, p, d, xfer, kv, disagg,
+                    ["kv_aware/kv_aware", "round_robin/round_robin"])
     rows = [pd_metrics(run)]
     for r in report["results"]:
         rows.append(dict(r, policy="sim:" + r["policy"].removeprefix("pd:")))
@@ -204,6 +232,11 @@ def _disaggregated(args: argparse.Namespace, wl: Any, settings: Any, spec: Any,
     report.update(mode=f"stack through the gateway, time_scale {args.time_scale}; "
                        "sim: the in-process replay", results=rows)
     print(_indent(_capture(print_pd, report)))
+    print(f"  Read it as: kvroute's pairs against round-robin pairs on the same {p} + {d} "
+          "fleet (the sim rows). Against the aggregated fleet of the same size it is slower by "
+          f"construction: engine_sim's decodes do not slow its prefills, so {p} prefill units "
+          f"queue what {args.nodes} served (the decode interference disaggregation removes on "
+          "GPUs is not modelled; see the README, Disaggregated).")
     return report
 
 

@@ -7,7 +7,9 @@ vLLM's: gauges ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
 ``vllm:time_to_first_token_seconds`` (model seconds), ``vllm:request_prefill_time_seconds``
 (sum and count only; finished requests; **wall** seconds = model seconds x ``--time-scale``, so
 the prefill rate an agent derives from it is the rate on the clock routers run on) and
-``vllm:request_prefill_kv_computed_tokens`` (sum and count; finished requests). Each moves
+``vllm:request_prefill_kv_computed_tokens`` (sum and count; finished requests; a decode
+engine's received KV is in neither, as on vLLM's decode instance, whose KV wait is queue time
+and whose received tokens count as cached: ``kvroute_engine_sim_kv_received_*``). Each moves
 when vLLM v1 moves it: prefix-cache queries/hits when a request is scheduled (admitted),
 ``prompt_tokens`` when its prefill yields the first token, the per-request histograms when it
 finishes (``vllm/v1/metrics/stats.py``). Labels
@@ -98,6 +100,13 @@ class EngineCollector(Collector):
         kv.add_metric(values, [("+Inf", float(e.model.finished_total))],
                       float(e.model.prefill_computed_tokens_total))
         yield kv
+        # a decode engine's receipts (not in the prefill histograms above, as in vLLM)
+        yield counter("kvroute_engine_sim_kv_received_blocks",
+                      "KV blocks received from prefill engines (finished requests).",
+                      e.model.kv_received_blocks_total)
+        yield counter("kvroute_engine_sim_kv_received_seconds",
+                      "Wall seconds spent receiving KV from prefill engines (finished requests).",
+                      e.model.kv_received_seconds_total * e.settings.time_scale)
         yield counter("kvroute_engine_sim_evicted_blocks", "KV blocks evicted (LRU).",
                       c.evicted_blocks)
         yield counter("kvroute_engine_sim_stored_blocks", "KV blocks stored in the cache.",

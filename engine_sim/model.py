@@ -129,7 +129,18 @@ class EngineModel:
         sum: first token minus prefill start)."""
         self.prefill_computed_tokens_total = 0
         """Prompt tokens computed (not served from cache), over finished requests
-        (``vllm:request_prefill_kv_computed_tokens`` sum, observed with the prefill time)."""
+        (``vllm:request_prefill_kv_computed_tokens`` sum, observed with the prefill time).
+
+        A ``remote_kv`` request (decode half) adds nothing to either: vLLM's decode instance
+        records a request as SCHEDULED only once its KV has arrived (the wait counts as queue
+        time) and counts the received tokens as cached (``num_cached_tokens`` = local +
+        external), so its prefill time is one step over at most the prompt's last token. A
+        decode node's transfer receipts must not read as a prefill rate (they are 10-100x
+        faster than prefilling); they are :attr:`kv_received_seconds_total` instead."""
+        self.kv_received_seconds_total = 0.0
+        """Seconds spent receiving KV from prefill engines, over finished requests."""
+        self.kv_received_blocks_total = 0
+        """KV blocks received from prefill engines, over finished requests."""
         self._first_token_prompt_tokens = 0  # prompts of ended requests that got a first token
 
     # ---- observation ---------------------------------------------------------------------
@@ -233,7 +244,10 @@ class EngineModel:
             self._first_token_prompt_tokens += req.prompt_tokens
         if not req.aborted:
             self.finished_total += 1
-            if req.prefill_start is not None and req.first_token_at is not None:
+            if req.remote_kv:  # received, not prefilled: vLLM's decode instance (below)
+                self.kv_received_seconds_total += req.transfer_s
+                self.kv_received_blocks_total += req.transfer_blocks
+            elif req.prefill_start is not None and req.first_token_at is not None:
                 self.prefill_seconds_total += req.first_token_at - req.prefill_start
                 self.prefill_computed_tokens_total += req.uncached_tokens
 

@@ -61,7 +61,8 @@ class Agent:
                                device_media=s.device_media, capacity_blocks=s.capacity_blocks,
                                engine_block_size=s.engine_block_size)
         self.usage = UsageProbe(s.engine_metrics_url, lambda: self.blocks.held_blocks,
-                                timeout_s=min(2.0, s.rpc_timeout_s))
+                                timeout_s=min(2.0, s.rpc_timeout_s),
+                                learn_prefill_rate=s.role != "decode")
         self.usage.capacity_blocks = s.capacity_blocks
         self.link = RegistryLink(s, self.blocks, self.deltas, self.usage, self.health)
         self.engine_health: EngineHealth | None = None

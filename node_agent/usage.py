@@ -103,12 +103,20 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
 
 
 class UsageProbe:
-    """Reads usage for each heartbeat."""
+    """Reads usage for each heartbeat.
+
+    ``learn_prefill_rate=False`` (agents of ``--role decode`` nodes): report no prefill rate.
+    A decode-only engine prefills nothing a router sends it; what its prefill metrics hold is
+    not a prefill rate (vLLM's decode instance counts received KV as cached and records one
+    step per request, about one token: read as a rate it is tens of tokens/s), and no router
+    drains queued prefill on it.
+    """
 
     def __init__(self, metrics_url: str, held_blocks: Callable[[], int],
-                 timeout_s: float = 2.0) -> None:
+                 timeout_s: float = 2.0, learn_prefill_rate: bool = True) -> None:
         self._url = metrics_url
         self._held = held_blocks
+        self.learn_prefill_rate = learn_prefill_rate
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self.capacity_blocks = 0
@@ -149,7 +157,9 @@ class UsageProbe:
         if m.usage_frac is not None and self.capacity_blocks:
             used = round(max(0.0, min(1.0, m.usage_frac)) * self.capacity_blocks)
         rate = self.prefill_rate.rate
-        if m.prefill_seconds is not None:
+        if not self.learn_prefill_rate:
+            rate = 0.0
+        elif m.prefill_seconds is not None:
             if m.kv_computed_tokens is not None:  # aligned with the prefill time: exact
                 rate = self.prefill_rate.update(m.kv_computed_tokens, m.prefill_seconds)
             elif m.prompt_tokens is not None:  # older vLLM: counters move at other moments

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bench.policies import build_policy
@@ -23,8 +23,15 @@ class SimBackend:
     def __init__(self, settings: SimSettings, seed: int = 0,
                  progress: Callable[[int], None] | None = None,
                  kv_settings: KvAwareSettings | None = None,
-                 replicas: ReplicaSettings | None = None) -> None:
+                 replicas: ReplicaSettings | None = None,
+                 node_ids: Sequence[str] | None = None,
+                 arrival_lags: Mapping[str, Sequence[float]] | None = None) -> None:
         self.settings = settings
+        self.node_ids = node_ids
+        """Names of the simulated nodes (default ``node-<i>``): a stack run's, to compare."""
+        self.arrival_lags = arrival_lags or {}
+        """Per policy name: arrival lag per request (model s) replayed before the jitter; key
+        ``*`` serves the policies not named."""
         self.replicas = replicas
         self.kv_settings = kv_settings
         self.seed = seed
@@ -43,4 +50,6 @@ class SimBackend:
 
         router_rate = self.kv_settings.kv_prefill_tokens_per_s if self.kv_settings else None
         return simulate(workload, make(), self.settings, self.progress, router_rate,
-                        self.replicas, make, self.seed)
+                        self.replicas, make, self.seed, node_ids=self.node_ids,
+                        arrival_lags=self.arrival_lags.get(policy_name,
+                                                           self.arrival_lags.get("*")))

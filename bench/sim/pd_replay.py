@@ -12,10 +12,16 @@ first token, split into queue (prefill queue + decode admission wait), prefill a
 
 The fleet is stepped event by event (every request end anywhere), so a prefill that ends at
 ``t`` reaches its decode engine at exactly ``t``.
+
+Timing of the real stack, as :func:`bench.sim.replay.simulate` models it (``SimSettings``):
+``arrival_jitter_s`` delays each request's arrival by a seeded uniform draw (``seed``),
+``complete_lag_s`` delays the router hearing of each half's end (the prefill release and the
+final ``Complete``), ``heartbeat_delay_s`` lags its view of the caches and load.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections.abc import Callable
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field, replace
 
 from bench.results import PolicyRun
 from bench.sim.config import SimSettings
-from bench.sim.replay import SIM_MODEL, _FleetView
+from bench.sim.replay import SIM_MODEL, _FleetView, arrival_times
 from bench.sim.source import SimPlacementSource
 from bench.sim.tracker import make_tracker
 from bench.workloads.base import Workload
@@ -64,7 +70,7 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
                 disagg: DisaggSettings | None = None,
                 progress: Callable[[int], None] | None = None,
                 router_prefill_tokens_per_s: float | None = None,
-                label: str | None = None) -> PdRun:
+                label: str | None = None, seed: int = 0) -> PdRun:
     """Replay ``workload`` on ``prefill_nodes`` + ``decode_nodes`` engines (module docstring);
     ``policy`` picks the prefill node, ``disagg`` configures the decode choice."""
     if prefill_nodes < 1 or decode_nodes < 1:
@@ -97,6 +103,29 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
     index = {r.request_id: i for i, r in enumerate(reqs)}
     first_half: dict[str, SimRequest] = {}
     decode_of: dict[str, int] = {}
+    lag = cfg.complete_lag_s
+    late: list[tuple[float, int, str, int]] = []  # (heard at, seq, request id, cached or -1)
+    seq = 0
+
+    def tell(at: float, rid: str, cached: int) -> None:
+        """The router hears of a half's end (``cached`` -1: the prefill half)."""
+        nonlocal seq
+        if lag <= 0:
+            hear(rid, cached)
+            return
+        seq += 1
+        heapq.heappush(late, (at + lag, seq, rid, cached))
+
+    def hear(rid: str, cached: int) -> None:
+        if cached < 0:
+            core.complete_prefill(rid)
+        else:
+            core.complete(rid, cached_tokens=cached)
+
+    def hear_until(now: float) -> None:
+        while late and late[0][0] <= now:
+            _, _, rid, cached = heapq.heappop(late)
+            hear(rid, cached)
 
     def handle(done: list[SimRequest]) -> None:
         for s in done:
@@ -104,7 +133,7 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
             i = index[rid]
             if first_half.get(rid) is s:  # prefill ended: hand the KV over
                 del first_half[rid]
-                core.complete_prefill(rid)
+                tell(s.first_token_at or fleet.now, rid, -1)
                 run.cached_tokens[i] = s.cached_tokens
                 pd.prefill_s[i] = (s.first_token_at or 0.0) - (s.prefill_start or 0.0)
                 pd.queue_s[i] = (s.prefill_start or 0.0) - s.arrival
@@ -130,16 +159,18 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
             if s.finished_at is not None:
                 run.e2e_s[i] = s.finished_at - t0
                 run.t_end_s = max(run.t_end_s, s.finished_at)
-            core.complete(rid, cached_tokens=run.cached_tokens[i])
+            tell(s.finished_at or fleet.now, rid, run.cached_tokens[i])
 
     def step_to(t: float) -> None:
         while (te := fleet.next_event_time()) is not None and te <= t:
             handle(fleet.advance(max(te, fleet.now)))
         handle(fleet.advance(t))
 
+    arrivals = arrival_times(workload, cfg.arrival_jitter_s, seed)
     for i, r in enumerate(reqs):
-        now = r.arrival_s
+        now = arrivals[i]
         step_to(now)
+        hear_until(now)
         tracker.now = now
         run.arrival_s[i] = now
         run.prompt_tokens[i] = r.prompt_tokens
@@ -166,6 +197,7 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
             progress(500)
     while (te := fleet.next_event_time()) is not None:
         handle(fleet.advance(max(te, fleet.now)))
+    hear_until(math.inf)
     if progress is not None:
         progress(n_req % 500)
     run.busy_s = fleet.busy_s[:prefill_nodes]

@@ -25,6 +25,7 @@ their hit rate is a distribution, and ``--repeat`` samples it.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -74,13 +75,19 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
              progress: Callable[[int], None] | None = None,
              router_prefill_tokens_per_s: float | None = None,
              replicas: ReplicaSettings | None = None,
-             make_policy: Callable[[], Policy] | None = None, seed: int = 0) -> PolicyRun:
+             make_policy: Callable[[], Policy] | None = None, seed: int = 0,
+             node_ids: Sequence[str] | None = None,
+             arrival_lags: Sequence[float] | None = None) -> PolicyRun:
     """Replay ``workload`` under ``policy`` on a fresh simulated fleet (module docstring).
 
     ``router_prefill_tokens_per_s`` is the drain rate the router's load tracker assumes (the
     router's configured ``--kv-prefill-tokens-per-s``); default: the engines' true rate.
     With ``replicas.routers`` > 1, ``policy`` is the first replica's and ``make_policy`` builds
-    the others' (:mod:`bench.sim.replicas`).
+    the others' (:mod:`bench.sim.replicas`). ``node_ids`` names the simulated nodes (default
+    ``node-<i>``; policies that hash node ids, like ``session``'s ring, map keys by name, so a
+    comparison with a stack run uses the stack's names). ``arrival_lags`` (model seconds per
+    request, NaN = none) delays each arrival before the seeded jitter: a stack run's measured
+    lags, replayed (:mod:`bench.agreement`).
     """
     if cfg.latency_model != "default":
         raise ValueError(f"latency model {cfg.latency_model!r}: --mode sim runs engine_sim's "
@@ -93,7 +100,8 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     n_req = len(reqs)
     bs = cfg.block_size or workload.block_size
     params = cfg.engine_params(cfg.cache_blocks, bs)
-    fleet = SimFleet(cfg.nodes, params, heartbeat_delay_s=cfg.heartbeat_delay_s)
+    fleet = SimFleet(cfg.nodes, params, heartbeat_delay_s=cfg.heartbeat_delay_s,
+                     node_ids=node_ids)
     run = PolicyRun(policy.name, list(fleet.node_ids), n_req)
     run.init_requests(n_req)
     rate = router_prefill_tokens_per_s or params.prefill_tokens_per_s
@@ -120,7 +128,7 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     prefilling: list[tuple[int, SimRequest]] = []  # submitted, prefill-done callback not given
     late: list[tuple[float, int, str, int]] = []  # (heard at, seq, request id, cached tokens)
     lag = cfg.complete_lag_s
-    arrivals = arrival_times(workload, cfg.arrival_jitter_s, seed)
+    arrivals = arrival_times(workload, cfg.arrival_jitter_s, seed, arrival_lags)
     waited_s: dict[int, float] = {}  # request -> seconds its staggered decision waited
     sample_every = max(1, n_req // 400)
 
@@ -246,16 +254,24 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     return run
 
 
-def arrival_times(workload: Workload, jitter_s: float, seed: int) -> list[float]:
-    """Each request's arrival at the router: its scheduled time, plus a uniform draw in
-    ``[0, jitter_s)`` (seeded) when ``jitter_s`` > 0, never before the request scheduled just
-    before it (the trace's order is kept, as the stack's client keeps it)."""
-    if jitter_s <= 0:
-        return [r.arrival_s for r in workload.requests]
+def arrival_times(workload: Workload, jitter_s: float, seed: int,
+                  lags: Sequence[float] | None = None) -> list[float]:
+    """Each request's arrival at the router: its scheduled time, plus its lag from ``lags``
+    when given (NaN = 0), plus a uniform draw in ``[0, jitter_s)`` (seeded) when ``jitter_s``
+    > 0, never before the request scheduled just before it (the trace's order is kept, as the
+    stack's client keeps it)."""
+    base = [r.arrival_s for r in workload.requests]
+    if lags is not None:
+        if len(lags) != len(base):
+            raise ValueError(f"{len(lags)} arrival lags for {len(base)} requests")
+        base = [a + (lag if math.isfinite(lag) else 0.0) for a, lag in zip(base, lags,
+                                                                           strict=True)]
+    if jitter_s <= 0 and lags is None:
+        return base
     rnd = random.Random(f"arrival-jitter:{seed}")
     out: list[float] = []
     last = float("-inf")
-    for r in workload.requests:  # in order: a client sends a burst in trace order, as the
-        last = max(last, r.arrival_s + rnd.uniform(0.0, jitter_s))  # stack's replay does
+    for a in base:  # in order: a client sends a burst in trace order, as the stack's replay does
+        last = max(last, a + (rnd.uniform(0.0, jitter_s) if jitter_s > 0 else 0.0))
         out.append(last)
     return out

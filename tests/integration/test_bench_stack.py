@@ -60,7 +60,7 @@ def test_disaggregated_stack_replay_matches_sim(tmp_path: Path) -> None:
                  "2500", "--no-progress", "--mode", "stack", "--time-scale", "0.05",
                  "--prefill-nodes", "1", "--decode-nodes", "2",
                  "--pd-strategies", "kv_aware/kv_aware", "--workdir", str(tmp_path / "stack"),
-                 "--json", str(out)]) == 0
+                 "--sim-runs", "2", "--json", str(out)]) == 0
     rep = json.loads(out.read_text())
     by = {r["policy"]: r for r in rep["results"]}
     stack, sim = by["stack-pd:kv_aware/kv_aware"], by["sim:kv_aware/kv_aware"]
@@ -70,6 +70,10 @@ def test_disaggregated_stack_replay_matches_sim(tmp_path: Path) -> None:
     assert abs(stack["hit_rate_tokens"] - sim["hit_rate_tokens"]) < 0.08
     assert abs(stack["decode_held_rate_tokens"] - sim["decode_held_rate_tokens"]) < 0.15
     assert stack["arrival_lag_ms"]["p50"] >= 0  # measured at the prefill engines
+    # --sim-runs: the stack row against seeded sims under the timing it measured
+    [row] = rep["agreement"]
+    assert row["policy"] == "kv_aware/kv_aware" and row["sim_runs"] == 2
+    assert rep["sim_timing"]["heartbeat_delay_s"] > 0 and len(rep["sim_runs"]) == 2
 
 
 def test_disaggregated_replay_through_the_gateway(tmp_path: Path) -> None:

@@ -91,16 +91,8 @@ def _prefill_page(prefill_s: float, prompt: int, hits: int, computed: int | None
             + f'vllm:prefix_cache_hits_total{{engine="0"}} {hits}\n')
 
 
-@pytest.mark.parametrize("with_computed", [True, False])
-async def test_probe_measures_the_engine_s_prefill_rate(with_computed: bool) -> None:
-    """vLLM's per-request computed-token histogram moves with the prefill time: any window is
-    exact. Without it (older vLLM) the prompt - hit counters lead the prefill time, so windows
-    hold >= 10 s of prefill (a 2-s window is not closed yet)."""
-    # the computed-token sum disagrees with prompt - hits on purpose: it must win
-    pages = [_prefill_page(0.0, 0, 0, 0 if with_computed else None),
-             _prefill_page(2.0, 9000, 1000, 6000 if with_computed else None),
-             _prefill_page(12.0, 49000, 1000, 36000 if with_computed else None)]
-
+async def _serve_pages(pages: list[str]) -> tuple[web.AppRunner, str]:
+    """A /metrics endpoint answering ``pages`` in turn (the last one from then on)."""
     async def handler(_req: web.Request) -> web.Response:
         return web.Response(text=pages.pop(0) if len(pages) > 1 else pages[0],
                             content_type="text/plain")
@@ -110,7 +102,20 @@ async def test_probe_measures_the_engine_s_prefill_rate(with_computed: bool) -> 
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    probe = UsageProbe(f"http://127.0.0.1:{port}/metrics", lambda: 0)
+    return runner, f"http://127.0.0.1:{port}/metrics"
+
+
+@pytest.mark.parametrize("with_computed", [True, False])
+async def test_probe_measures_the_engine_s_prefill_rate(with_computed: bool) -> None:
+    """vLLM's per-request computed-token histogram moves with the prefill time: any window is
+    exact. Without it (older vLLM) the prompt - hit counters lead the prefill time, so windows
+    hold >= 10 s of prefill (a 2-s window is not closed yet)."""
+    # the computed-token sum disagrees with prompt - hits on purpose: it must win
+    runner, url = await _serve_pages([
+        _prefill_page(0.0, 0, 0, 0 if with_computed else None),
+        _prefill_page(2.0, 9000, 1000, 6000 if with_computed else None),
+        _prefill_page(12.0, 49000, 1000, 36000 if with_computed else None)])
+    probe = UsageProbe(url, lambda: 0)
     try:
         assert (await probe.read()).prefill_tokens_per_s == 0.0  # baseline scrape
         second = (await probe.read()).prefill_tokens_per_s
@@ -122,6 +127,21 @@ async def test_probe_measures_the_engine_s_prefill_rate(with_computed: bool) -> 
         m = parse_engine_metrics(_prefill_page(4.0, 18000, 2000, 7))
         assert (m.prefill_seconds, m.prompt_tokens, m.cache_hit_tokens,
                 m.kv_computed_tokens) == (4.0, 18000, 2000, 7)
+    finally:
+        await probe.close()
+        await runner.cleanup()
+
+
+async def test_a_decode_node_s_agent_reports_no_prefill_rate() -> None:
+    """--role decode: what a decode engine's prefill metrics hold (one step per received
+    request on vLLM) is not a prefill rate; the agent reports none (0 = not measured)."""
+    runner, url = await _serve_pages([_prefill_page(0.0, 0, 0, 0),
+                                      _prefill_page(2.0, 9000, 1000, 6000)])
+    probe = UsageProbe(url, lambda: 0, learn_prefill_rate=False)
+    try:
+        first, second = await probe.read(), await probe.read()
+        assert (first.prefill_tokens_per_s, second.prefill_tokens_per_s) == (0.0, 0.0)
+        assert second.from_engine and probe.prefill_rate.windows == 0
     finally:
         await probe.close()
         await runner.cleanup()

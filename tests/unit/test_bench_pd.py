@@ -43,6 +43,42 @@ def test_follow_up_goes_to_the_decode_node_holding_the_conversation() -> None:
     assert m["transferred_blocks"] == 10 and m["requests_per_decode_node"].count(2) == 1
 
 
+def test_the_stack_s_timing_arrival_jitter_and_complete_lag() -> None:
+    """As the aggregated sim: arrivals shift by a seeded draw (never out of order) and the
+    router hears of each half's end ``complete_lag_s`` late; nothing is left in flight."""
+    cfg = SimSettings(nodes=4, cache_blocks=64, block_size=16, prefill_tokens_per_s=1000.0,
+                      decode_s_per_token=0.01, arrival_jitter_s=0.5, complete_lag_s=0.2,
+                      heartbeat_delay_s=0.3)
+    pol = build_policy("kv_aware", prefill_tokens_per_s=1000.0)
+    runs = [simulate_pd(_conversation(), pol if k == 0 else
+                        build_policy("kv_aware", prefill_tokens_per_s=1000.0), cfg, 2, 2,
+                        0.001, DisaggSettings(), seed=k) for k in (0, 0, 1)]
+    first, again, other = (r.run.arrival_s for r in runs)
+    assert first == again != other  # seeded
+    assert 0.0 <= first[0] < 0.5 and 5.0 <= first[1] < 5.5
+    assert all(r.run.failed == 0 for r in runs)
+    assert sum(pd_metrics(runs[0])["requests_per_decode_node"]) == 2
+
+
+def test_pd_agreement_compares_the_stack_with_seeded_sims_under_its_timing() -> None:
+    from bench.pd_bench import pd_agreement
+
+    w = _conversation()
+    cfg = SimSettings(nodes=4, cache_blocks=64, block_size=16, prefill_tokens_per_s=1000.0,
+                      decode_s_per_token=0.01)
+    kv = KvAwareSettings(kv_prefill_tokens_per_s=1000.0)
+    sim = run_pd(w, cfg, 2, 2, 0.001, kv, DisaggSettings(), ["kv_aware/kv_aware"])
+    stack = dict(sim["results"][0], policy="stack-pd:kv_aware/kv_aware",
+                 arrival_lag_ms={"p50": 10.0, "p99": 20.0})
+    out = pd_agreement([stack, dict(stack, policy="vllm-router-pd:x/y")], w, cfg, 2, 2, 0.001,
+                       kv, DisaggSettings(), ["kv_aware/kv_aware"], 0.5, 0.05, 3)
+    assert out["sim_timing"] == {"arrival_jitter_s": 0.02, "complete_lag_s": 0.0,
+                                 "heartbeat_delay_s": 0.1}
+    [row] = out["agreement"]  # the peer has no sim of its own
+    assert row["policy"] == "kv_aware/kv_aware" and row["sim_runs"] == 3
+    assert row["hit"]["apart"] == 0.0
+
+
 def test_kv_aware_pairs_move_fewer_blocks_than_load_only_decode() -> None:
     w = load_workload(workload="conversations", seed=1, limit=400)
     s = resolve_settings(w, SimSettings(nodes=4))

@@ -138,3 +138,38 @@ def test_timing_of_the_stack_is_modelled_and_seeded() -> None:
                    dataclasses.replace(cfg, complete_lag_s=0.05, arrival_jitter_s=0.2), seed=s)
           for s in (0, 0)]
     assert ll[0].node == ll[1].node  # one seed, one replay
+
+
+def test_a_stack_runs_measured_lags_and_node_names_are_replayed() -> None:
+    """arrival_lags shift each request by its own lag (NaN = none) before the jitter, in trace
+    order; node_ids name the simulated nodes, and session's ring maps keys by those names."""
+    from bench.agreement import stack_arrival_lags
+    from bench.results import PolicyRun
+    from bench.sim.backend import SimBackend
+    from bench.sim.replay import arrival_times
+
+    wl = load_workload(workload="mooncake-sample", limit=60)
+    n = len(wl.requests)
+    lags = [0.0] * n
+    lags[10], lags[20] = 3.0, math.nan
+    out = arrival_times(wl, 0.0, 0, lags)
+    base = [r.arrival_s for r in wl.requests]
+    assert out[10] == base[10] + 3.0 and out[20] >= base[20]
+    assert all(x <= y for x, y in itertools.pairwise(out))  # a late request delays later ones
+    assert all(t >= s for t, s in zip(out, base, strict=True))
+    try:
+        arrival_times(wl, 0.0, 0, lags[:-1])
+        raise AssertionError("a lag list of the wrong length must be refused")
+    except ValueError as exc:
+        assert "59 arrival lags for 60 requests" in str(exc)
+    cfg = SimSettings(nodes=4, cache_blocks=2000, prefill_tokens_per_s=12000)
+    names = ["engine-0", "engine-1", "engine-2", "engine-3"]
+    runs = {ids: SimBackend(cfg, node_ids=ids).replay(wl, "session")
+            for ids in (None, tuple(names))}
+    assert runs[None].node_ids == [f"node-{i}" for i in range(4)]
+    assert runs[tuple(names)].node_ids == names
+    stack = PolicyRun("gateway:kv_aware", names, n, arrival_lag_by_request=[0.5] * n)
+    got = stack_arrival_lags([stack, PolicyRun("round_robin", names, n)])
+    assert set(got) == {"kv_aware", "*"} and got["*"] == [0.5] * n  # no lags: not listed
+    lagged = SimBackend(cfg, arrival_lags=got).replay(wl, "round_robin")  # via "*"
+    assert lagged.arrival_s == [a + 0.5 for a in base]

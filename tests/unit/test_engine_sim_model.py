@@ -105,6 +105,12 @@ def test_a_decode_engine_receives_the_blocks_it_lacks_instead_of_prefilling() ->
     m.submit(follow, 2.0)
     assert follow.cached_tokens == 192  # the received blocks were stored: only the rest moves
     assert follow.transfer_blocks == 3 and follow.transfer_s == pytest.approx(0.003)
+    m.advance(3.0)
+    # receipts are not prefill (vLLM's decode instance: KV wait = queue time, received tokens
+    # = cached): a prefill rate learned from these totals would read the transfer speed
+    assert (m.prefill_seconds_total, m.prefill_computed_tokens_total) == (0.0, 0)
+    assert m.kv_received_blocks_total == 16
+    assert m.kv_received_seconds_total == pytest.approx(0.016)
     with pytest.raises(ValueError, match="role"):
         EngineParams(role="encoder")
 
