@@ -15,7 +15,7 @@ from bench.policies import ALL_POLICIES
 from bench.sim.config import SimSettings
 from bench.sim.replicas import ReplicaSettings
 from bench.workloads import WORKLOAD_NAMES, TraceFormatError, load_workload
-from bench.workloads.base import Workload
+from bench.workloads.base import SPREAD_SHAPES, Workload
 from kvroute.errors import ConfigError
 from kvroute.settings import add_arguments, env_name, from_namespace
 from router_service.disagg import DisaggSettings
@@ -53,7 +53,12 @@ def add_replay_arguments(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     p.add_argument("--arrival-spread-s", type=float, default=0.0, metavar="S",
                    help="spread requests that share one arrival time evenly over the next S "
                         "seconds (the Mooncake traces quantise arrivals to ~3 s ticks; 0 = "
-                        "replay the bursts as they are)")
+                        "replay the bursts as they are; the table's arrivals line says whether "
+                        "the trace is quantised)")
+    p.add_argument("--arrival-spread-shape", choices=SPREAD_SHAPES, default="even",
+                   help="with --arrival-spread-s: even (evenly in trace order) or uniform (each "
+                        "request at a uniform draw in the tick, seeded by --seed: Poisson "
+                        "arrivals given the tick's count, so some land close together)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     engine = p.add_argument_group("engine model of every simulated node (SimSettings)")
     add_arguments(engine, SimSettings)  # type: ignore[arg-type]
@@ -66,7 +71,7 @@ def add_replay_arguments(p: argparse.ArgumentParser, *, sweep: bool) -> None:
         reps = p.add_argument_group(
             "router replicas (issue 19: N routers behind a Service, sharing their view of load "
             "or not; --mode stack uses --routers, --spread, --share-routes, --share-max-blocks "
-            "and --share-burst-window-s, see also --gateways)")
+            ", --share-burst-window-s and --share-burst-coincidence, see also --gateways)")
         add_arguments(reps, ReplicaSettings)  # type: ignore[arg-type]
     group = p.add_argument_group(
         "kv_aware policy settings (the router's flags and KVROUTE_KV_* variables; here "
@@ -183,7 +188,7 @@ def _load(args: argparse.Namespace) -> Workload:
     spread = getattr(args, "arrival_spread_s", 0.0) or 0.0
     if spread < 0:
         raise ConfigError("--arrival-spread-s: must be >= 0")
-    return w.spread_ticks(spread)
+    return w.spread_ticks(spread, getattr(args, "arrival_spread_shape", "even"), args.seed)
 
 
 def _policies(args: argparse.Namespace) -> list[str]:

@@ -47,6 +47,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['distinct_blocks']} distinct blocks of {m['block_size']} tokens), "
         f"{report['nodes']} nodes x {report['cache_blocks']} blocks, mode {report['mode']}, "
         f"latency model {m['latency_model']} (prefill {m['prefill_tokens_per_s']:.0f} tok/s)",
+        *([f"arrivals: {report['arrivals']}"] if report.get("arrivals") else []),
         f"bounds: oracle {b['oracle']['hit_rate_tokens']:.3f}   merged-LRU "
         f"{b['merged_lru']['hit_rate_tokens']:.3f}   random {_hit(b['random'])}",
         _floor_line(b.get("latency_floor")),

@@ -100,10 +100,26 @@ def run_comparison(workload: Workload, settings: SimSettings, policies: list[str
         "mode": backend.mode,
         "requests": len(workload.requests),
         "distinct_blocks": workload.distinct_blocks(),
+        "arrivals": arrivals_note(workload),
         "source": workload.source,
         "runtime_s": round(time.perf_counter() - t0, 2),
     }
     return BenchOutcome(report, runs, orc, merged, floor, workload, settings)
+
+
+def arrivals_note(workload: Workload) -> str:
+    """How the replay's arrivals relate to the trace's timestamps (one line for the table)."""
+    meta = workload.meta
+    spread = meta.get("arrival_spread_s")
+    if spread:
+        return (f"trace {meta.get('arrivals_before_spread', '')}; each tick's requests spread "
+                f"over {spread:g} s ({meta.get('arrival_spread_shape', 'even')}, "
+                f"--arrival-spread-s)")
+    ticks = workload.arrival_ticks()
+    if ticks.quantised:
+        return (f"{ticks.describe()}; replayed as they are (same-instant bursts: "
+                f"--arrival-spread-s {ticks.median_gap_s:.0f} spreads each tick's requests)")
+    return ticks.describe()
 
 
 def _replay(backend: Backend, workload: Workload, name: str) -> PolicyRun:

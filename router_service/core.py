@@ -17,6 +17,7 @@ the load tracker and the counters change only then.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
@@ -120,7 +121,14 @@ class RouterCore:
 
     # -- decide ---------------------------------------------------------------------------
     async def decide(self, req: RouteRequest) -> RouteDecision:
-        """One decision; raises :mod:`kvroute.errors` types for bad input or no node."""
+        """One decision; raises :mod:`kvroute.errors` types for bad input or no node. In a
+        burst next to other replicas with ``--share-burst-stagger-s``, it first waits its turn
+        (:meth:`SharedView.stagger_wait`)."""
+        wait = self.share.stagger_wait() if self.share is not None else 0.0
+        if wait > 0:
+            if self.metrics is not None:
+                self.metrics.staggered_decisions.inc()
+            await asyncio.sleep(wait)
         if self.source.local:
             return self.decide_local(req)
         with _CountErrors(self, req):
@@ -151,8 +159,10 @@ class RouterCore:
         view = request_view(req, self.settings, self.tokenizer, rbs)
         share = self.share
         if share is not None and share.live():
-            peers = share.peers() if share.in_burst() else 0
-            if peers:  # replicas deciding side by side (kv_aware's picker spreads over them)
+            # replicas deciding side by side: kv_aware's picker spreads over them, unless they
+            # take turns instead (staggered, each sees the lower ranks' decisions)
+            peers = share.peers() if share.in_burst() and not share.burst_stagger_s else 0
+            if peers:
                 view = dataclasses.replace(view, replicas=peers + 1, replica_rank=share.rank())
         model = resolve_model(req.model, self.settings.default_model, self.source)
         return _Pending(req, policy, view, model, t0)

@@ -84,6 +84,20 @@ class RouterMetrics:
             "kvroute_router_replica_burst_decisions_total",
             "Decisions made in a burst next to other live replicas (kv_aware takes this "
             "replica's slot of their plan instead of the plain best node)", registry=registry)
+        self.staggered_decisions = Counter(
+            "kvroute_router_replica_staggered_decisions_total",
+            "Decisions that waited their turn in a burst (--share-burst-stagger-s: rank x the "
+            "stagger) so the lower-ranked replicas' decisions were in view", registry=registry)
+        self.shared_view_peers = Gauge(
+            "kvroute_router_shared_view_peers",
+            "Other replicas this replica heard routing within 30 s (shared view). Below the "
+            "deployment's replicas - 1 while every replica routes: some replicas share through "
+            "another registry pod (separate sharing groups)", registry=registry)
+        self.shared_view_coincidence = Gauge(
+            "kvroute_router_shared_view_coincidence",
+            "Share of the other replicas' recent decisions made within --share-burst-window-s "
+            "of one of this replica's (at --share-burst-coincidence and above every decision "
+            "takes its slot)", registry=registry)
         self.remote_inflight = Gauge(
             "kvroute_router_remote_inflight_requests",
             "Requests other router replicas routed and not yet completed (shared view)",

@@ -22,6 +22,7 @@ drops the remote part and decides on its own counts; decisions then say so in ``
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ from router_service.inflight import InflightTable
 from router_service.load import LoadTracker
 from router_service.metrics import RouterMetrics
 from router_service.policies.factory import PolicySet
+
+COINCIDENCE_WEIGHT = 0.05
+"""Weight of each peer decision in :attr:`SharedView.coincidence` (about the last 20 count)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +133,14 @@ class SharedView:
                  clock: Callable[[], float], *, inflight_timeout_s: float = 300.0,
                  max_blocks: int = 64, timeout_s: float = 5.0,
                  max_tracked: int = 1_000_000, peer_window_s: float = 30.0,
-                 burst_window_s: float = 0.01) -> None:
+                 burst_window_s: float = 0.01, burst_coincidence: float = 0.5,
+                 burst_stagger_s: float = 0.0) -> None:
         if not replica_id:
             raise ValueError("replica_id must not be empty")
-        if max_blocks < 0 or timeout_s <= 0 or burst_window_s < 0:
-            raise ValueError("max_blocks and burst_window_s must be >= 0, timeout_s > 0")
+        if min(max_blocks, burst_window_s, burst_coincidence, burst_stagger_s) < 0 \
+                or timeout_s <= 0:
+            raise ValueError("max_blocks, burst_window_s, burst_coincidence and burst_stagger_s "
+                             "must be >= 0, timeout_s > 0")
         self.replica_id = replica_id
         self.publish = publish
         self.clock = clock
@@ -146,6 +153,17 @@ class SharedView:
         self.burst_window_s = burst_window_s
         """Own decisions closer than this mean a burst (:meth:`in_burst`)."""
         self._last_routed = float("-inf")
+        self.burst_coincidence = burst_coincidence
+        """Side-by-side share (:attr:`coincidence`) from which every decision counts as in a
+        burst (above 1: never)."""
+        self.burst_stagger_s = burst_stagger_s
+        """In a burst, the replica ranked r waits r x this before deciding (0 = off)."""
+        self.staggered_total = 0
+        self._own_times: deque[float] = deque(maxlen=256)
+        self.coincidence = 0.0
+        """Share of the peers' recent decisions made within ``burst_window_s`` of one of this
+        replica's (exponentially weighted over about the last 20): how often the replicas
+        decide side by side, blind to one another."""
         self._connected = False
         self._why = "not connected yet"
         self._last_heard = float("-inf")
@@ -200,9 +218,39 @@ class SharedView:
         return len(self._peers)
 
     def in_burst(self) -> bool:
-        """True when this replica routed another request within ``burst_window_s``: requests
-        are arriving faster than the shared view can tell the replicas about one another's."""
-        return self.clock() - self._last_routed <= self.burst_window_s
+        """True when this replica routed another request within ``burst_window_s`` (requests
+        are arriving faster than the shared view can tell the replicas about one another's),
+        or when traffic comes in bursts that reach every replica at once: at least
+        ``burst_coincidence`` of the peers' recent decisions were made side by side with one
+        of this replica's (:attr:`coincidence`). A burst's first request looks like a lone
+        one to the replica that gets it; only the traffic's history tells them apart."""
+        return (self.clock() - self._last_routed <= self.burst_window_s
+                or self.coincidence >= self.burst_coincidence)
+
+    def stagger_wait(self) -> float:
+        """Seconds to wait before deciding: in a burst next to live peers, with staggering on,
+        ``rank() x burst_stagger_s`` (rank 0 decides at once, rank 1 once rank 0's decisions of
+        the same instant have reached it, ...); 0 otherwise."""
+        if self.burst_stagger_s <= 0 or not self.live() or not self.in_burst():
+            return 0.0
+        if not self.peers():
+            return 0.0
+        wait = self.rank() * self.burst_stagger_s
+        if wait > 0:
+            self.staggered_total += 1
+        return wait
+
+    def _side_by_side(self, sent_at: float) -> None:
+        """Update :attr:`coincidence` with a peer's decision made at ``sent_at``."""
+        w = self.burst_window_s
+        hit = 0.0
+        for t in reversed(self._own_times):  # newest first; stop once they are too old
+            if t < sent_at - w:
+                break
+            if t <= sent_at + w:
+                hit = 1.0
+                break
+        self.coincidence += COINCIDENCE_WEIGHT * (hit - self.coincidence)
 
     def rank(self) -> int:
         """This replica's place among itself and its live peers, by sorted replica id (every
@@ -247,6 +295,7 @@ class SharedView:
             return
         self.remote.start(delta.replica_id, delta.request_id, delta.node_id)
         self.saw_peer(delta.replica_id)
+        self._side_by_side(delta.sent_at)
         tracker.add_prefill(delta.node_id, delta.uncached_tokens)
         if delta.block_hashes:
             for name in policies.names:
@@ -260,6 +309,7 @@ class SharedView:
         """Publish one of this replica's decisions."""
         blocks = tuple(block_hashes[: self.max_blocks]) if self.max_blocks else ()
         self._last_routed = self.clock()
+        self._own_times.append(self._last_routed)
         self.publish(RouteDelta(self.replica_id, request_id, node_id, uncached, cached, blocks,
                                 self.clock()))
 

@@ -76,12 +76,16 @@ def attach_share_link(s: RouterSettings, core: RouterCore,
                             inflight_timeout_s=s.inflight_timeout_s,
                             max_blocks=s.share_max_blocks, timeout_s=s.share_timeout_s,
                             max_tracked=s.max_tracked_requests,
-                            burst_window_s=s.share_burst_window_s)
+                            burst_window_s=s.share_burst_window_s,
+                            burst_coincidence=s.share_burst_coincidence,
+                            burst_stagger_s=s.share_burst_stagger_s)
     link.attach(core)
     if metrics is not None:
         view = core.share
         metrics.shared_view_connected.set_function(lambda: 1.0 if view.live() else 0.0)
         metrics.remote_inflight.set_function(lambda: float(view.remote.total))
+        metrics.shared_view_peers.set_function(lambda: float(view.peers()))
+        metrics.shared_view_coincidence.set_function(lambda: view.coincidence)
     return link
 
 

@@ -101,6 +101,19 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
               "seconds is in a burst (the other replicas' decisions of the same moment are not "
               "in its view yet) and kv_aware takes its own slot of the replicas' plan "
               "(--kv-replica-spread); about twice the shared view's worst staleness")
+    share_burst_coincidence: float = setting(
+        0.5, "With --share-routes: every decision counts as in a burst while at least this "
+             "share of the other replicas' recent decisions (about the last 20) were made "
+             "within --share-burst-window-s of one of this replica's (traffic arriving in "
+             "bursts that reach every replica at once; a burst's first request cannot be told "
+             "from a lone one otherwise); above 1 = only back-to-back own decisions count")
+    share_burst_stagger_s: float = setting(
+        0.0, "With --share-routes: in a burst, the replica ranked r among the live replicas "
+             "waits r x this many seconds before deciding, so it decides with the lower-ranked "
+             "replicas' decisions of the same instant in view, instead of taking a slot of one "
+             "plan. Set it above the shared view's worst staleness "
+             "(kvroute_router_shared_view_staleness_seconds); it adds up to (replicas - 1) x "
+             "this to burst decisions; below --share-burst-window-s. 0 = off")
 
     def __post_init__(self) -> None:
         ServerSettings.__post_init__(self)
@@ -124,6 +137,12 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
                 "must be 0 (off) or >= 4")
         require(0 <= self.share_max_blocks <= 256, "share_max_blocks", "must be in 0..256")
         require(self.share_burst_window_s >= 0, "share_burst_window_s", "must be >= 0")
+        require(self.share_burst_coincidence >= 0, "share_burst_coincidence", "must be >= 0")
+        require(0 <= self.share_burst_stagger_s <= 1, "share_burst_stagger_s", "must be in 0..1")
+        require(self.share_burst_stagger_s < self.share_burst_window_s
+                or not self.share_burst_stagger_s, "share_burst_stagger_s",
+                "must be below --share-burst-window-s (turns farther apart than the window no "
+                "longer look like replicas deciding side by side)")
         require(len(self.router_replica_id) <= 256, "router_replica_id",
                 "must be at most 256 characters")
         for name in ("lookup_timeout_s", "registry_timeout_s", "registry_retry_max_s",

@@ -129,6 +129,7 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     late: list[tuple[float, int, str, int]] = []  # (heard at, seq, request id, cached tokens)
     lag = cfg.complete_lag_s
     arrivals = arrival_times(workload, cfg.arrival_jitter_s, seed, arrival_lags)
+    waited_s: dict[int, float] = {}  # request -> seconds its staggered decision waited
     sample_every = max(1, n_req // 400)
 
     def set_now(now: float) -> None:
@@ -156,10 +157,11 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
             end = s.finished_at or 0.0
             prefills_done(end)
             run.cached_tokens[i] = s.cached_tokens
+            extra = waited_s.pop(i, 0.0)  # a staggered decision's wait counts for the user
             if s.ttft is not None:
-                run.ttft_s[i] = s.ttft
+                run.ttft_s[i] = s.ttft + extra
             if s.finished_at is not None:
-                run.e2e_s[i] = s.finished_at - s.arrival
+                run.e2e_s[i] = s.finished_at - s.arrival + extra
                 run.t_end_s = max(run.t_end_s, s.finished_at)
             if lag > 0:
                 heapq.heappush(late, (end + lag, i, s.request_id, s.cached_tokens))
@@ -181,16 +183,17 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
             at, _i, rid, cached = heapq.heappop(late)
             heard(at, rid, cached)
 
-    for pos, i in enumerate(range(n_req)):  # arrivals keep the trace order
+    def route(i: int, now: float, k: int, waited: float) -> None:
+        """Replica ``k`` decides request ``i`` at ``now`` (``waited`` after its arrival)."""
         r = reqs[i]
-        now = arrivals[i]
         finished(fleet.advance(now))
         prefills_done(now)
         hear_until(now)
         set_now(now)
-        run.arrival_s[i] = now
+        run.arrival_s[i] = now - waited
+        if waited > 0:
+            waited_s[i] = waited
         run.prompt_tokens[i] = r.prompt_tokens
-        k = spreader.pick()
         core = cores[k]
         on_prompt_text = callbacks[k][2]
         if on_prompt_text is not None:
@@ -212,16 +215,35 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
             run.failed += 1
             if len(run.notes) < 5:
                 run.notes.append(f"{r.request_id}: {exc}")
-            continue
+            return
         run.node[i] = node
         run.predicted_cached_tokens[i] = d.expected_cached_tokens
         if callbacks[k][0] is not None:
             prefilling.append((k, sreq))
-        if pos % sample_every == 0:
+        if i % sample_every == 0:
             run.load_samples.append((now, [sum(tr.inflight(n) for tr in trackers)
                                            for n in fleet.node_ids]))
-        if progress is not None and pos % 500 == 499:
+        if progress is not None and i % 500 == 499:
             progress(500)
+
+    waiting: list[tuple[float, int, int]] = []  # staggered decisions: (decide at, request, replica)
+    for i in range(n_req):  # arrivals keep the trace order
+        now = arrivals[i]
+        while waiting and waiting[0][0] <= now:
+            at, j, kj = heapq.heappop(waiting)
+            route(j, at, kj, at - arrivals[j])
+        k = spreader.pick()
+        share = cores[k].share
+        if share is not None and share.burst_stagger_s:
+            set_now(now)
+            wait = share.stagger_wait()  # its turn in a burst (--share-burst-stagger-s)
+            if wait > 0:
+                heapq.heappush(waiting, (now + wait, i, k))
+                continue
+        route(i, now, k, 0.0)
+    while waiting:
+        at, j, kj = heapq.heappop(waiting)
+        route(j, at, kj, at - arrivals[j])
     finished(fleet.drain())
     hear_until(float("inf"))
     if progress is not None:

@@ -50,6 +50,14 @@ class ReplicaSettings:
         0.01, "a replica that routed another request within this many model seconds is in a "
               "burst and kv_aware takes its own slot of the replicas' plan (the router's "
               "--share-burst-window-s)")
+    share_burst_coincidence: float = setting(
+        0.5, "every decision counts as in a burst while at least this share of the other "
+             "replicas' recent decisions were made within --share-burst-window-s of one of "
+             "this replica's (the router's --share-burst-coincidence; above 1 = off)")
+    share_burst_stagger_s: float = setting(
+        0.0, "in a burst the replica ranked r decides r x this many model seconds later, with "
+             "the lower ranks' decisions in view (the router's --share-burst-stagger-s; the wait "
+             "counts in its TTFT); 0 = off")
     calibrate: bool = setting(
         True, "routers use each engine's prefill rate measured from its prefill times (as the "
               "node agent reports it from vLLM's metrics); --kv-prefill-tokens-per-s is then "
@@ -61,6 +69,12 @@ class ReplicaSettings:
         require(self.share_delay_s >= 0, "share_delay_s", "must be >= 0")
         require(self.share_max_blocks >= 0, "share_max_blocks", "must be >= 0")
         require(self.share_burst_window_s >= 0, "share_burst_window_s", "must be >= 0")
+        require(self.share_burst_coincidence >= 0, "share_burst_coincidence", "must be >= 0")
+        require(self.share_burst_stagger_s >= 0, "share_burst_stagger_s", "must be >= 0")
+        require(self.share_burst_stagger_s < self.share_burst_window_s
+                or not self.share_burst_stagger_s, "share_burst_stagger_s",
+                "must be below --share-burst-window-s (turns farther apart than the window no "
+                "longer look like replicas deciding side by side)")
 
 
 class ShareBus:
@@ -91,7 +105,9 @@ def make_share(bus: ShareBus, idx: int, clock: Callable[[], float],
     """Replica ``idx``'s end of the shared view on ``bus`` (connected from the start)."""
     view = SharedView(f"router-{idx}", bus.publish, clock, inflight_timeout_s=1e12,
                       max_blocks=settings.share_max_blocks, timeout_s=1e12,
-                      burst_window_s=settings.share_burst_window_s)
+                      burst_window_s=settings.share_burst_window_s,
+                      burst_coincidence=settings.share_burst_coincidence,
+                      burst_stagger_s=settings.share_burst_stagger_s)
     view.set_connected(True)
     return view
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bench.metrics import policy_metrics
@@ -36,6 +38,31 @@ def test_sharing_replicas_match_one_router_and_isolated_ones_do_not() -> None:
     assert alone["p90"] > shared["p90"]
 
 
+def test_staggered_replicas_wait_their_turn_in_raw_bursts_and_the_wait_counts() -> None:
+    wl = load_workload(trace=None, workload=None, seed=0, start=0, limit=300)  # raw ticks
+    cfg = SimSettings(nodes=4, cache_blocks=500, block_size=wl.block_size)
+    runs = [simulate(wl, _kv(), cfg, replicas=ReplicaSettings(routers=4,
+                                                              share_burst_stagger_s=st),
+                     make_policy=_kv, seed=0) for st in (0.0, 0.006)]
+    for run in runs:
+        assert run.failed == 0
+        assert run.arrival_s == [r.arrival_s for r in wl.requests]  # the trace's, not the turn's
+    assert runs[0].node != runs[1].node  # the turns changed decisions
+    # two rounds of 4 tiny requests at one instant, one per replica each round: in the second
+    # the replicas know one another and are in a burst, so ranks 1..3 wait 1..3 turns, and
+    # the user's TTFT includes the wait
+    tiny = Workload("t", 16, [TraceRequest(f"r{i}", 0.0, (i,), 16, 1) for i in range(8)])
+    rs = ReplicaSettings(routers=4, spread="round_robin", share_delay_s=0.0,
+                         share_burst_stagger_s=0.008)
+    run = simulate(tiny, _kv(), SimSettings(nodes=4, cache_blocks=50, block_size=16),
+                   replicas=rs, make_policy=_kv, seed=0)
+    ttft = sorted(run.ttft_s[4:])
+    assert ttft[0] < 0.008 and ttft[1] >= 0.008 and ttft[2] >= 0.016 and ttft[3] >= 0.024
+    assert max(simulate(tiny, _kv(), SimSettings(nodes=4, cache_blocks=50, block_size=16),
+                        replicas=dataclasses.replace(rs, share_burst_stagger_s=0.0),
+                        make_policy=_kv, seed=0).ttft_s) <= 0.008 + 1e-9
+
+
 def test_one_replica_is_the_single_router_run() -> None:
     assert _run(ReplicaSettings(routers=1), 150) == _run(ReplicaSettings(routers=1,
                                                                          share_routes=False), 150)
@@ -65,6 +92,29 @@ def test_spread_ticks_spreads_same_instant_arrivals_over_the_tick() -> None:
     out = wl.spread_ticks(3.0)
     assert [r.arrival_s for r in out.requests] == [0.0, 1.0, 2.0, 3.0]
     assert wl.spread_ticks(0) is wl
+    uni = wl.spread_ticks(3.0, "uniform", seed=1)
+    times = [r.arrival_s for r in uni.requests]
+    assert times == sorted(times) and all(0.0 <= t < 6.0 for t in times)
+    assert sorted(r.request_id for r in uni.requests[:3]) == ["r0", "r1", "r2"]
+    assert times == [r.arrival_s for r in wl.spread_ticks(3.0, "uniform", seed=1).requests]
+    assert times != [r.arrival_s for r in wl.spread_ticks(3.0, "uniform", seed=2).requests]
+    assert uni.meta["arrival_spread_shape"] == "uniform" and uni.name == "t~3s-uniform"
+    with pytest.raises(ValueError, match="shape"):
+        wl.spread_ticks(3.0, "poisson")
+
+
+def test_arrival_ticks_tell_a_quantised_trace_from_spread_arrivals() -> None:
+    from bench.runner import arrivals_note
+
+    sample = load_workload(trace=None, workload=None, seed=0, start=0, limit=None)
+    ticks = sample.arrival_ticks()  # the shipped Mooncake sample: ~3 s ticks
+    assert ticks.quantised and 2.9 <= ticks.median_gap_s <= 3.1 and ticks.max_same > 10
+    assert "replayed as they are" in arrivals_note(sample)
+    spread = sample.spread_ticks(3.0)
+    assert not spread.arrival_ticks().quantised
+    assert "spread over 3 s (even" in arrivals_note(spread)
+    gen = load_workload(trace=None, workload="system-prompt", seed=0, start=0, limit=500)
+    assert not gen.arrival_ticks().quantised and gen.arrival_ticks().max_same == 1
 
 
 def test_bench_share_measures_staleness_through_a_real_registry() -> None:

@@ -29,6 +29,7 @@ from node_agent.registry_link import LinkStats
 from node_agent.usage import UsageProbe
 from node_agent.zmq_source import SourceStats
 from registry_service.metrics import RegistryMetrics
+from registry_service.route_share import RouteShareHub
 from router_service.metrics import RouterMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,6 +59,9 @@ def exported() -> dict[str, str]:
         ParseStats(), SourceStats(), BlockMap(16, deltas), LinkStats(),
         UsageProbe("", lambda: 0))))
     regs.append(make_registry(SimEngine(EngineSimSettings())))
+    share = CollectorRegistry()  # the registry's RouteShare hub registers its own metrics
+    RouteShareHub(registry=share)
+    regs.append(share)
     out: dict[str, str] = {}
     for reg in regs:
         for fam in reg.collect():

@@ -3,6 +3,9 @@ recent routes, completes through any replica, and the fall back to own counts.""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from kvroute.blocks import hash_blocks
@@ -35,14 +38,15 @@ class Bus:
                 c.apply_remote(d)
 
 
-def _replicas(n: int, clock: Clock) -> tuple[list[RouterCore], Bus, MemorySource]:
+def _replicas(n: int, clock: Clock, **view_kw: float,
+              ) -> tuple[list[RouterCore], Bus, MemorySource]:
     src = MemorySource()
     for nid in ("a", "b", "c"):
         src.add(nid)
     bus = Bus()
     cores = []
     for k in range(n):
-        view = SharedView(f"r{k}", bus.publish, clock, timeout_s=5.0)
+        view = SharedView(f"r{k}", bus.publish, clock, timeout_s=5.0, **view_kw)
         view.set_connected(True)
         cores.append(RouterCore(RouterSettings(registry="127.0.0.1:1"), PolicySet(), src,
                                 LoadTracker(clock), load_tokenizer("simple"), clock=clock,
@@ -98,6 +102,55 @@ def test_a_replica_that_loses_the_shared_view_uses_its_own_counts_and_says_so() 
     b.share.set_connected(True)
     d = b.decide_local(RouteRequest("q3", token_ids=PROMPT))
     assert not d.reason.startswith("OWN COUNTS ONLY")
+
+
+def test_traffic_that_reaches_every_replica_at_once_makes_every_decision_a_burst() -> None:
+    clk = Clock()
+    cores, _bus, _src = _replicas(3, clk)
+    views = [c.share for c in cores]
+    v0 = views[0]
+    assert v0 is not None and v0.burst_coincidence == 0.5
+    for tick in range(12):  # every 3 s all three replicas decide at the same instant
+        clk.t = 3.0 * tick
+        for k, c in enumerate(cores):
+            c.decide_local(RouteRequest(request_id=f"t{tick}-{k}",
+                                        token_ids=list(range(100 * tick + k, 100 * tick + k
+                                                             + 4 * BS))))
+    assert v0.coincidence > 0.5
+    clk.t += 3.0  # the next tick's first request: nothing routed for 3 s, yet a burst
+    assert v0.in_burst()
+    d = cores[0].decide_local(RouteRequest(request_id="first", token_ids=PROMPT))
+    assert "of 3 replicas" in d.reason
+    for k in range(40):  # then the replicas take turns, 0.5 s apart: never side by side
+        clk.t += 0.5
+        cores[1 + k % 2].decide_local(RouteRequest(request_id=f"s{k}", token_ids=PROMPT))
+    assert v0.coincidence < 0.5
+    clk.t += 1.0
+    assert not v0.in_burst()
+    off = SharedView("x", lambda d: None, clk, burst_coincidence=2.0)
+    assert off.burst_coincidence == 2.0
+    with pytest.raises(ValueError):
+        SharedView("x", lambda d: None, clk, burst_coincidence=-1.0)
+
+
+def test_staggered_replicas_take_turns_in_a_burst_instead_of_slots() -> None:
+    clk = Clock()
+    cores, _bus, _src = _replicas(3, clk, burst_stagger_s=0.005)
+    for c in cores:  # every replica routes once: each learns the other two, all in a burst
+        c.decide_local(RouteRequest(request_id=f"w-{id(c)}", token_ids=PROMPT))
+    views = [c.share for c in cores]
+    waits = sorted(v.stagger_wait() for v in views if v is not None)
+    assert waits == [0.0, 0.005, 0.010]  # rank x the stagger: rank 0 decides at once
+    last = max(cores, key=lambda c: c.share.rank() if c.share is not None else 0)
+    assert last.share is not None and last.share.staggered_total == 1
+    t0 = time.monotonic()
+    d = asyncio.run(last.decide(RouteRequest(request_id="burst", token_ids=PROMPT)))
+    assert time.monotonic() - t0 >= 0.009  # waited its turn
+    assert "replicas" not in d.reason  # taking turns replaces the slots of one plan
+    clk.t += 1.0  # no burst: nobody waits
+    assert all(v is not None and v.stagger_wait() == 0.0 for v in views)
+    with pytest.raises(ValueError):
+        SharedView("x", lambda d: None, clk, burst_stagger_s=-0.1)
 
 
 def test_own_deltas_are_ignored_and_block_prefix_is_bounded() -> None:
