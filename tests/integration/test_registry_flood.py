@@ -4,8 +4,9 @@ Runs ``kvroute bench flood`` (bench/flood_bench.py) with short windows: one hear
 hashes for a 1,000-block node is refused with RESOURCE_EXHAUSTED naming the node, the limit
 and the count; the rogue's node has 0 blocks indexed after a flood of such heartbeats; the
 registry's and both routers' RSS stay within a few MB; and Route p99 (replica and stream
-router modes) under the flood stays within 2x of its steady value just before, or within 10 ms
-of it (the benchmark, not this test, holds the 2x figure).
+router modes) under the flood stays within 2x of its steady value (the higher p99 of the windows
+just before and after it, as the benchmark reads it), or within 10 ms of it (the benchmark, not
+this test, holds the 2x figure).
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def test_rogue_flood_is_refused_and_bounded() -> None:
     # move by 2x with the machine's other load. What the test holds is the failure the issue
     # measured — a starved registry (p99 8 -> 68 ms, UNAVAILABLE): the flood adds at most a
     # few milliseconds to any router's p99.
+    # The reference is the bench's own (flood_bench's verdict): the higher p99 of the windows
+    # just before and just after the flood, since other load on a shared machine moves p99
+    # between windows. (A failed Route call fails the measurement itself.)
     for mode, flood in out["flood"].items():
-        steady = out["steady"][mode]
-        assert flood["p99_ms"] <= max(2.0 * steady["p99_ms"], steady["p99_ms"] + 10.0), \
-            (mode, out["steady"], out["flood"])
+        steady_p99 = max(out["steady"][mode]["p99_ms"], out["steady_after"][mode]["p99_ms"])
+        assert flood["p99_ms"] <= max(2.0 * steady_p99, steady_p99 + 10.0), \
+            (mode, out["steady"], out["flood"], out["steady_after"])
