@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 import grpc
 
+from bench.dispatch import dispatch_open_loop
 from bench.prompts import JSON_HEADERS, Prompt, json_body, prepare
 from bench.results import PolicyRun
 from bench.sim.pd_replay import PdRun
@@ -132,18 +133,13 @@ async def replay_stack_pd(workload: Workload, policy: str, decode_policy: str,
         for url in engine_urls.values():
             async with http.post(f"{url}/kvroute/stats/reset") as resp:
                 resp.raise_for_status()
-        tasks = []
-        start = time.perf_counter()
-        for i, req in enumerate(workload.requests):
-            delay = req.arrival_s * time_scale - (time.perf_counter() - start)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.create_task(_one(req, prompts[i], msgs[i], model, stub, http,
-                                            engine_urls, outs[i]))
-            if progress is not None:
-                task.add_done_callback(lambda _t: progress(1))
-            tasks.append(task)
-        await asyncio.gather(*tasks)
+
+        def send(i: int) -> Coroutine[Any, Any, None]:
+            return _one(workload.requests[i], prompts[i], msgs[i], model, stub, http,
+                        engine_urls, outs[i])
+
+        await dispatch_open_loop(workload.requests, time_scale, send,
+                                 progress)
         stats = {n: await _stats(http, u) for n, u in engine_urls.items()}
     run.wall_s = time.perf_counter() - t_wall
     _fill(pd, workload, outs, stats, node_ids, time_scale, prefill_tokens_per_s)

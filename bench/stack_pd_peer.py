@@ -16,7 +16,6 @@ a decode engine; the router's internal hand-over is not in the TTFT (nor is kvro
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from bench.dispatch import dispatch_open_loop
 from bench.peers.base import post_json
 from bench.peers.process import RouterProcess, find_executable
 from bench.prompts import Prompt, json_body
@@ -129,17 +129,8 @@ async def replay_pd_router(proc: PdFront, name: str, workload: Workload,
                 path, data = body(i)
                 errors[i] = await post_json(http, proc.base + path, data)
 
-            tasks = []
-            start = time.perf_counter()
-            for i, req in enumerate(workload.requests):
-                delay = req.arrival_s * time_scale - (time.perf_counter() - start)
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = asyncio.create_task(one(i))
-                if progress is not None:
-                    task.add_done_callback(lambda _t: progress(1))
-                tasks.append(task)
-            await asyncio.gather(*tasks)
+            await dispatch_open_loop(workload.requests, time_scale,
+                                     one, progress)
             stats = {e.node_id: await _stats(http, e.url) for e in engines}
     finally:
         proc.stop()

@@ -24,13 +24,14 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
 import grpc
 
+from bench.dispatch import dispatch_open_loop
 from bench.prompts import JSON_HEADERS, Prompt, json_body, prepare
 from bench.results import PolicyRun
 from bench.workloads.base import TraceRequest, Workload
@@ -205,27 +206,20 @@ async def replay_stack(workload: Workload, policy: str, router_target: str | Seq
             response_deserializer=router_pb2.RouteResponse.FromString) for ch in channels]
         before = {n: await _stats(http, u, records=False) for n, u in engine_urls.items()}
         await _reset_records(http, engine_urls)
-        tasks: list[asyncio.Task[None]] = []
         start = time.perf_counter()
         hooked = asyncio.create_task(hook.during(start)) if hook is not None else None
-        for i, req in enumerate(workload.requests):
-            delay = req.arrival_s * time_scale - (time.perf_counter() - start)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            front = fronts.pick()
+
+        def send(i: int) -> Coroutine[Any, Any, None]:
+            req, front = workload.requests[i], fronts.pick()
             if gateways:
-                task = asyncio.create_task(_one_gateway(req, prompts[i], policy, model,
-                                                        gateways[front], http, outcomes[i],
-                                                        time_scale, start))
-            else:
-                task = asyncio.create_task(_one(req, prompts[i], route_bytes[i], model,
-                                                routes[front],
-                                                stubs[completes.pick()], http, engine_urls,
-                                                outcomes[i], time_scale, start))
-            if progress is not None:
-                task.add_done_callback(lambda _t: progress(1))
-            tasks.append(task)
-        await asyncio.gather(*tasks)
+                return _one_gateway(req, prompts[i], policy, model, gateways[front], http,
+                                    outcomes[i], time_scale, start)
+            return _one(req, prompts[i], route_bytes[i], model, routes[front],
+                        stubs[completes.pick()], http, engine_urls, outcomes[i], time_scale,
+                        start)
+
+        await dispatch_open_loop(workload.requests, time_scale, send,
+                                 progress, start)
         if hooked is not None:
             await hooked
         stats = {n: await _stats(http, u, gone_ok=hook is not None)

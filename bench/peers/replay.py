@@ -9,7 +9,6 @@ served a request, its cached tokens and its TTFT/e2e (model seconds) come from t
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.dispatch import dispatch_open_loop
 from bench.peers.base import Peer
 from bench.peers.engines import EngineFleet
 from bench.prompts import Prompt, prepare
@@ -60,17 +60,9 @@ async def replay_peer(workload: Workload, peer: Peer, name: str, fleet: EngineFl
             outcomes[i].error = res.error
             outcomes[i].predicted = res.predicted_cached_tokens
 
-        tasks: list[asyncio.Task[None]] = []
         start = time.perf_counter()
-        for i, req in enumerate(workload.requests):
-            delay = req.arrival_s * spec.time_scale - (time.perf_counter() - start)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.create_task(one(i))
-            if progress is not None:
-                task.add_done_callback(lambda _t: progress(1))
-            tasks.append(task)
-        await asyncio.gather(*tasks)
+        await dispatch_open_loop(workload.requests, spec.time_scale,
+                                 one, progress, start)
         stats = {n: await _stats(http, u) for n, u in urls.items()}
         for n, st in stats.items():
             st["_evicted_before"] = before[n].get("evicted_blocks", 0)
