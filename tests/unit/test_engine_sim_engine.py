@@ -37,28 +37,6 @@ async def test_requests_run_on_the_scaled_clock_and_are_recorded() -> None:
         await eng.stop()
 
 
-async def test_prefill_time_metric_is_in_wall_seconds_so_agents_measure_the_wall_rate() -> None:
-    """An agent derives the prefill rate from vllm:request_prefill_time_seconds and routers
-    use it on the wall clock: at time_scale 0.001 a 1,000 tokens/s engine prefills 1 M/s."""
-    from prometheus_client import generate_latest
-
-    from engine_sim.metrics import make_registry
-
-    eng = SimEngine(settings(prefill_tokens_per_s=1000.0, capacity_blocks=64))
-    await eng.start()
-    try:
-        r = await eng.submit(eng.make_request(list(range(200)), 2, "a"))
-        await eng.sleep_until(r.finished_at or 0.0)
-        await asyncio.sleep(0.01)
-        text = generate_latest(make_registry(eng)).decode()
-        line = next(x for x in text.splitlines()
-                    if x.startswith("vllm:request_prefill_time_seconds_sum"))
-        wall = float(line.rsplit(" ", 1)[1])
-        assert abs(wall - 200 / 1000.0 * 0.001) < 1e-9  # model 0.2 s x time_scale
-    finally:
-        await eng.stop()
-
-
 async def test_cancelled_waiter_aborts_and_frees_blocks() -> None:
     eng = SimEngine(settings(decode_ms_per_token=1_000_000.0))  # first request never ends
     await eng.start()
@@ -80,23 +58,29 @@ async def test_cancelled_waiter_aborts_and_frees_blocks() -> None:
 
 async def test_prefill_time_metric_is_on_the_wall_clock() -> None:
     """A node agent derives the engine's prefill rate from vllm:request_prefill_time_seconds
-    for a router on the wall clock: the histogram reports model seconds x time_scale."""
+    for a router on the wall clock: the histogram reports model seconds x time_scale, so at
+    time_scale 0.001 a 1,000 tokens/s engine prefills 1 M/s."""
     from prometheus_client import generate_latest
 
     from engine_sim.metrics import make_registry
     from node_agent.usage import parse_engine_metrics
 
-    eng = SimEngine(settings(time_scale=0.002, prefill_tokens_per_s=1000.0))
+    eng = SimEngine(settings(prefill_tokens_per_s=1000.0, capacity_blocks=64))
     await eng.start()
     try:
-        r = await eng.submit(eng.make_request(list(range(12)), 1, "a"))
+        r = await eng.submit(eng.make_request(list(range(200)), 2, "a"))
         await eng.sleep_until(r.finished_at or 0.0)
         await asyncio.sleep(0.01)
         model_s = eng.model.prefill_seconds_total
         assert model_s > 0
-        m = parse_engine_metrics(generate_latest(make_registry(eng)).decode())
+        text = generate_latest(make_registry(eng)).decode()
+        line = next(x for x in text.splitlines()
+                    if x.startswith("vllm:request_prefill_time_seconds_sum"))
+        wall = float(line.rsplit(" ", 1)[1])
+        assert abs(wall - 200 / 1000.0 * 0.001) < 1e-9  # model 0.2 s x time_scale
+        m = parse_engine_metrics(text)
         assert m.prefill_seconds is not None
-        assert abs(m.prefill_seconds - model_s * 0.002) < 1e-9
+        assert abs(m.prefill_seconds - model_s * 0.001) < 1e-9
     finally:
         await eng.stop()
 
