@@ -119,3 +119,15 @@ class ServerGroup:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of every sample of metric ``name`` (any labels) in a Prometheus text page;
+    fails the test when the page does not export it."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"metric {name} not exported"
+    return total

@@ -25,7 +25,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from kvroute.procs import free_port  # noqa: E402
-from tests.harness import ServerGroup, ServerProcess  # noqa: E402
+from tests.harness import ServerGroup, ServerProcess, metric  # noqa: E402
 
 pytestmark = pytest.mark.integration
 MODEL = "sim-model"
@@ -113,8 +113,7 @@ def get_json(url: str, ok_only: bool = True) -> Any:
 
 def inflight(url: str) -> float:
     text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("kvroute_router_inflight_requests"))
+    return metric(text, "kvroute_router_inflight_requests")
 
 
 @pytest.fixture(scope="module")

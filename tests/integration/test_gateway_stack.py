@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai")
 from kvroute.blocks import hash_blocks  # noqa: E402
 from kvroute.procs import free_port  # noqa: E402
 from kvroute.v1 import registry_pb2, registry_pb2_grpc  # noqa: E402
-from tests.harness import ServerGroup, ServerProcess, start_server  # noqa: E402
+from tests.harness import ServerGroup, ServerProcess, metric, start_server  # noqa: E402
 
 pytestmark = pytest.mark.integration
 MODEL = "sim-model"
@@ -108,16 +108,6 @@ def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[
             return f.status, json.loads(f.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
-
-
-def metric(text: str, name: str) -> float:
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            total += float(line.rsplit(" ", 1)[1])
-            found = True
-    assert found, f"metric {name} not exported"
-    return total
 
 
 @pytest.fixture(scope="module")
