@@ -112,3 +112,9 @@ class RouteDecision:
     def disaggregated(self) -> bool:
         """True for a (prefill, decode) pair."""
         return bool(self.decode_node_id)
+
+    @property
+    def split(self) -> bool:
+        """True for a pair whose halves run on two nodes. A ``both`` node can be given both
+        halves; such a request is served whole, as an aggregated one."""
+        return self.disaggregated and self.decode_node_id != self.node_id

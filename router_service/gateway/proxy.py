@@ -243,7 +243,7 @@ class Proxy:
             decision = await self._decide(base, excluded)
             if attempt == 0:
                 m.overhead.observe(time.perf_counter() - t0)
-            pair = decision.disaggregated and decision.decode_node_id != decision.node_id
+            pair = decision.split
             try:
                 if pair:
                     up = await self.pd.attempt(decision, path, req.body, fwd,
@@ -377,7 +377,7 @@ class Proxy:
         self._complete(rid, ok, _cached_tokens(body), d)
 
     def _complete(self, rid: str, ok: bool, cached: int | None, d: RouteDecision) -> None:
-        if d.disaggregated:  # what the prefill node served from its cache (the prediction's)
+        if d.split:  # what the prefill node served from its cache (the prediction's)
             cached = self.pd.prefill_cached.pop(rid, None)
         self.core.complete(rid, success=ok, cached_tokens=cached)
         if cached is not None:

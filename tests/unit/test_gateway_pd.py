@@ -5,6 +5,7 @@ what each half receives in each protocol, and which node a failure is blamed on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -155,3 +156,12 @@ def test_sglang_decode_failing_because_its_prefill_failed_blames_the_prefill() -
 def test_unknown_protocol_is_refused() -> None:
     with pytest.raises(ValueError, match="pd_protocol"):
         _forwarder(Engines({}), "mooncake")
+
+
+def test_a_pair_on_one_both_node_is_served_whole() -> None:
+    """The core may give both halves to one ``both`` node: the gateway then forwards the
+    request whole and reads its cached tokens from the answer, as for an aggregated one."""
+    assert DECISION.disaggregated and DECISION.split
+    same = dataclasses.replace(DECISION, decode_node_id="p0", decode_address=DECISION.address)
+    assert same.disaggregated and not same.split
+    assert not dataclasses.replace(DECISION, decode_node_id="", decode_address="").split
