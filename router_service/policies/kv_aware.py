@@ -181,12 +181,10 @@ class KvAwarePolicy(SchedulingPolicy):
         """What one more request like this one would add to node ``i``'s estimate (its
         uncached prefill and in-flight charge there, in seconds) x kv_replica_spread: the step
         of the replicas' sequential plan (:mod:`~router_service.policies.plugins.lowest_picker`)."""
-        req = cycle.request
-        v = cycle.nodes[i]
-        uncached = req.prompt_tokens - min(cycle.matched[i] * req.block_size, req.prompt_tokens)
-        rate = v.prefill_tokens_per_s or self.prefill.rate
+        p = self.prefill
+        uncached = cycle.request.prompt_tokens - p.credited_tokens(cycle, i)
         return (self.settings.kv_replica_spread
-                * (uncached + self.settings.kv_inflight_cost_tokens) / rate)
+                * (uncached + p.inflight_cost_tokens) / p.rate_of(cycle.nodes[i]))
 
     def reason(self, cycle: Cycle, chosen: int, score: float) -> str:
         """Cached prefix, what was routed there but not reported yet, estimate, load and cap."""

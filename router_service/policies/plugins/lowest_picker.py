@@ -33,30 +33,26 @@ class LowestScorePicker:
     def __init__(self, herd_cost: HerdCost | None = None) -> None:
         self._turn = 0
         self.herd_cost = herd_cost
-        self.slot_decisions = 0
-        """Decisions where this replica's slot was not the plain best node (replicas > 1)."""
 
     def pick(self, cycle: Cycle, scores: Sequence[float], eligible: Sequence[int]) -> int:
         """Index of the chosen eligible node."""
         n = len(cycle.nodes)
         start = self._turn % n
         nodes, matched = cycle.nodes, cycle.matched
+        req = cycle.request
+        if req.replicas <= 1 or self.herd_cost is None or len(eligible) < 2:
+            return min(eligible, key=lambda i: (scores[i], -matched[i], nodes[i].inflight,
+                                                (i - start) % n))
         added = [0.0] * n
 
         def best() -> int:
             return min(eligible, key=lambda i: (scores[i] + added[i], -matched[i],
                                                 nodes[i].inflight, (i - start) % n))
 
-        first = best()
-        req = cycle.request
-        if req.replicas <= 1 or self.herd_cost is None or len(eligible) < 2:
-            return first
-        chosen = first
+        chosen = best()
         for _ in range(req.replica_rank % req.replicas):
             added[chosen] += self.herd_cost(cycle, chosen)
             chosen = best()
-        if chosen != first:
-            self.slot_decisions += 1
         return chosen
 
     def commit(self, cycle: Cycle, chosen: int) -> None:

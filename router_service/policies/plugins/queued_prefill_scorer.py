@@ -21,6 +21,7 @@ queued prefill and in-flight cost count in full.
 
 from __future__ import annotations
 
+from router_service.policies.base import NodeView
 from router_service.policies.plugins.interfaces import Cycle
 
 
@@ -49,8 +50,11 @@ class QueuedPrefillScorer:
             w = min(w, 1.0 + (w - 1.0) * self.unknown_miss_weight)
         uncached = req.prompt_tokens - self.credited_tokens(cycle, i)
         pending = max(v.pending_prefill_tokens, 0.5 * v.queue_depth * self.avg_uncached)
-        rate = v.prefill_tokens_per_s or self.rate
-        return (pending + w * uncached + self.inflight_cost_tokens * v.inflight) / rate
+        return (pending + w * uncached + self.inflight_cost_tokens * v.inflight) / self.rate_of(v)
+
+    def rate_of(self, v: NodeView) -> float:
+        """Node ``v``'s prefill rate in tokens/s: its calibrated one, else the default."""
+        return v.prefill_tokens_per_s or self.rate
 
     def offloaded_tokens(self, cycle: Cycle, i: int) -> int:
         """Prompt tokens of ``cycle.nodes[i]``'s offloaded blocks beyond the effective overlap."""
