@@ -304,7 +304,7 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
             t_end = max(t_end, req.arrival_s + (finish - arrival))
     run.busy_s = busy
     lags = _arrival_lags(run.node, skew, len(node_ids))
-    run.arrival_lag_s = _arrival_lag(run.node, skew, len(node_ids))
+    run.arrival_lag_s = [v for v in lags if not math.isnan(v)]
     run.arrival_lag_by_request = lags
     run.return_lag_s = [o.t_done_s - (req.arrival_s + lag + e2e)
                         for req, o, lag, e2e in zip(workload.requests, outcomes, lags, run.e2e_s,

@@ -76,7 +76,6 @@ class SimEngine:
         self._wake: asyncio.Event | None = None
         self._driver: asyncio.Task[None] | None = None
         self.started_unix = time.time()
-        self.prompt_tokens_total = 0
         self.completion_tokens_total = 0
         self.ttft = TtftHistogram()
 
@@ -135,7 +134,6 @@ class SimEngine:
     def _record(self, req: SimRequest) -> None:
         assert req.admitted_at is not None and req.first_token_at is not None
         assert req.finished_at is not None
-        self.prompt_tokens_total += req.prompt_tokens
         self.completion_tokens_total += req.max_tokens
         self.ttft.observe(req.first_token_at - req.arrival)
         self._records_seen += 1

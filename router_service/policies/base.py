@@ -86,11 +86,11 @@ class RequestView:
     fleet_inflight: int = 0
     """Requests in flight over the whole fleet, with ``fleet_nodes`` (load-cap mean)."""
     replicas: int = 1
+    """Router replicas deciding side by side (this one + the live peers of its shared view):
+    > 1 means decisions made at the same moment elsewhere are not in the load figures yet."""
     replica_rank: int = 0
     """This replica's place (0 .. replicas - 1) among them, by sorted replica id: replicas
     with the same view break the symmetry with it."""
-    """Router replicas deciding side by side (this one + the live peers of its shared view):
-    > 1 means decisions made at the same moment elsewhere are not in the load figures yet."""
 
 
 @dataclass(frozen=True, slots=True)
