@@ -36,10 +36,7 @@ from bench.stack_fleet import FleetSpec
 from bench.stack_replay import _arrival_lag, _stats
 from bench.workloads.base import TraceRequest, Workload
 from kvroute.v1 import router_pb2, router_pb2_grpc
-
-ASK = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-       "remote_block_ids": None, "remote_host": None, "remote_port": None}
-"""The prefill request's ``kv_transfer_params`` (as vLLM's proxies send it)."""
+from router_service.gateway.pd import ASK_PREFILL
 
 
 @dataclass
@@ -68,7 +65,7 @@ async def _one(req: TraceRequest, prompt: Prompt, route_msg: router_pb2.RouteReq
         out.prefill, out.decode = d.node_id, d.decode_node_id or d.node_id
         out.predicted_transfer = d.transfer_blocks
         body = json_body({"model": model, "max_tokens": 1, "stream": False,
-                          "kv_transfer_params": ASK, "user": f"{req.request_id}#p"},
+                          "kv_transfer_params": ASK_PREFILL, "user": f"{req.request_id}#p"},
                          "prompt", prompt)
         async with http.post(f"{urls[out.prefill]}/v1/completions", data=body,
                              headers=JSON_HEADERS) as resp:

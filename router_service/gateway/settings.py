@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvroute.settings import require, setting
+from router_service.gateway.pd import PROTOCOLS
 from router_service.settings import RouterSettings
 
 
@@ -86,7 +87,8 @@ class GatewaySettings(RouterSettings):
         require(self.models_refresh_s > 0, "models_refresh_s", "must be > 0")
         require(bool(self.session_header), "session_header", "must not be empty")
         require(bool(self.policy_header), "policy_header", "must not be empty")
-        require(self.pd_protocol in ("vllm", "sglang"), "pd_protocol", "must be vllm or sglang")
+        require(self.pd_protocol in PROTOCOLS, "pd_protocol",
+                f"must be one of {', '.join(PROTOCOLS)}")
         require(0 <= self.pd_bootstrap_port <= 65535, "pd_bootstrap_port",
                 "must be a port number, or 0 for each prefill node's HTTP port")
         try:
