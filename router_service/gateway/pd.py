@@ -118,11 +118,7 @@ class PdForwarder:
             ask["max_completion_tokens"] = 1
         status, data, ctype = await self._whole(d.node_id, d.address, path, headers,
                                                 _ENCODE.encode(ask))
-        if status >= 500:
-            raise NodeFailed(d.node_id, d.address, f"prefill HTTP {status}: {data[:200]!r}",
-                             "status")
-        if status >= 400:
-            raise EngineAnswer(status, data, ctype)
+        _prefill_status(d, status, data, ctype)
         try:
             params = msgspec.json.decode(data).get("kv_transfer_params")
         except (msgspec.DecodeError, AttributeError):
@@ -137,11 +133,8 @@ class PdForwarder:
 
     async def _whole(self, node_id: str, address: str, path: str, headers: Mapping[str, str],
                      raw: bytes) -> tuple[int, bytes, str]:
-        try:
-            up: Response = await self.post(self.target(address), path, headers, raw)
-        except UpstreamError as exc:
-            raise NodeFailed(node_id, address, f"{type(exc).__name__}: {exc}",
-                             "connect") from None
+        up = await send(self.post, self.target(address), node_id, address, path, headers, raw,
+                        last=True)
         try:
             data = await up.read()
         except UpstreamError as exc:
@@ -164,15 +157,8 @@ class PdForwarder:
 
     async def _decode(self, d: RouteDecision, path: str, headers: Mapping[str, str],
                       raw: bytes, last: bool) -> Response:
-        try:
-            up: Response = await self.post(self.target(d.decode_address), path, headers, raw)
-        except UpstreamError as exc:
-            raise NodeFailed(d.decode_node_id, d.decode_address,
-                             f"{type(exc).__name__}: {exc}", "connect") from None
-        if up.status >= 500 and not last:
-            why = f"decode HTTP {up.status}: {await drain(up)!r}"
-            raise NodeFailed(d.decode_node_id, d.decode_address, why, "status")
-        return up
+        return await send(self.post, self.target(d.decode_address), d.decode_node_id,
+                          d.decode_address, path, headers, raw, last, "decode ")
 
     # -- SGLang: the same body (bootstrap fields added) to both at once ----------------------
     async def _sglang(self, d: RouteDecision, path: str, body: dict[str, Any],
@@ -229,12 +215,7 @@ class PdForwarder:
         exc = task.exception()
         if exc is not None:
             raise exc
-        status, data, ctype = task.result()
-        if status >= 500:
-            raise NodeFailed(d.node_id, d.address, f"prefill HTTP {status}: {data[:200]!r}",
-                             "status")
-        if status >= 400:
-            raise EngineAnswer(status, data, ctype)
+        _prefill_status(d, *task.result())
 
     def _finish_prefill(self, d: RouteDecision,
                         task: asyncio.Future[tuple[int, bytes, str]]) -> None:
@@ -251,6 +232,32 @@ class PdForwarder:
         else:
             log.warning("prefill node %s answered HTTP %d after the decode started: %r",
                         d.node_id, status, data[:200])
+
+
+def _prefill_status(d: RouteDecision, status: int, data: bytes, ctype: str) -> None:
+    """A prefill answer's status: 5xx blames the prefill node, 4xx is the engine's answer to
+    the client."""
+    if status >= 500:
+        raise NodeFailed(d.node_id, d.address, f"prefill HTTP {status}: {data[:200]!r}",
+                         "status")
+    if status >= 400:
+        raise EngineAnswer(status, data, ctype)
+
+
+async def send(post: Callable[[Target, str, Mapping[str, str], bytes], Any], target: Target,
+               node_id: str, address: str, path: str, headers: Mapping[str, str], raw: bytes,
+               last: bool, what: str = "") -> Response:
+    """POST ``raw`` to one node and return the response head; NodeFailed when the node cannot
+    be reached, or answers 5xx on an attempt that is not the ``last`` (``what`` names the
+    half in the reason, e.g. ``"decode "``)."""
+    try:
+        up: Response = await post(target, path, headers, raw)
+    except UpstreamError as exc:
+        raise NodeFailed(node_id, address, f"{type(exc).__name__}: {exc}", "connect") from None
+    if up.status >= 500 and not last:
+        why = f"{what}HTTP {up.status}: {await drain(up)!r}"
+        raise NodeFailed(node_id, address, why, "status")
+    return up
 
 
 async def _cancel(task: asyncio.Future[Any]) -> None:

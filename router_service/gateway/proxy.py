@@ -40,7 +40,7 @@ from multidict import CIMultiDict
 from kvroute.errors import KvrouteError
 from router_service.domain import RouteDecision, RouteRequest
 from router_service.gateway.metrics import GatewayMetrics
-from router_service.gateway.pd import EngineAnswer, NodeFailed, PdForwarder, drain
+from router_service.gateway.pd import EngineAnswer, NodeFailed, PdForwarder, send
 from router_service.gateway.pd import cached_tokens as _cached_tokens
 from router_service.gateway.settings import GatewaySettings
 from router_service.gateway.upstream import (
@@ -278,16 +278,8 @@ class Proxy:
     async def _attempt(self, d: RouteDecision, path: str, raw: bytes, fwd: dict[str, str],
                        last: bool) -> Response:
         """One aggregated attempt: the response head, or NodeFailed."""
-        try:
-            up = await self.upstream.post(self._target(d.address), path, fwd, raw)
-        except UpstreamError as exc:
-            raise NodeFailed(d.node_id, d.address, f"{type(exc).__name__}: {exc}",
-                             "connect") from None
-        if up.status >= 500 and not last:
-            body = await drain(up)
-            raise NodeFailed(d.node_id, d.address, f"HTTP {up.status}: {body[:200]!r}",
-                             "status")
-        return up
+        return await send(self.upstream.post, self._target(d.address), d.node_id, d.address,
+                          path, fwd, raw, last)
 
     # -- relay ------------------------------------------------------------------------------
     def _headers(self, up: Response, d: RouteDecision, client_rid: str) -> CIMultiDict[str]:
