@@ -157,13 +157,10 @@ class RouterCore:
                 f"block size mismatch: router hashes {self.settings.block_size}-token blocks, "
                 f"the registry uses {rbs}; set --block-size {rbs}")
         view = request_view(req, self.settings, self.tokenizer, rbs)
-        share = self.share
-        if share is not None and share.live():
-            # replicas deciding side by side: kv_aware's picker spreads over them, unless they
-            # take turns instead (staggered, each sees the lower ranks' decisions)
-            peers = share.peers() if share.in_burst() and not share.burst_stagger_s else 0
-            if peers:
-                view = dataclasses.replace(view, replicas=peers + 1, replica_rank=share.rank())
+        if self.share is not None:
+            replicas, rank = self.share.replica_slot()
+            if replicas > 1:
+                view = dataclasses.replace(view, replicas=replicas, replica_rank=rank)
         model = resolve_model(req.model, self.settings.default_model, self.source)
         return _Pending(req, policy, view, model, t0)
 

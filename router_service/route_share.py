@@ -227,6 +227,16 @@ class SharedView:
         return (self.clock() - self._last_routed <= self.burst_window_s
                 or self.coincidence >= self.burst_coincidence)
 
+    def replica_slot(self) -> tuple[int, int]:
+        """(replicas deciding side by side, this one's rank) for kv_aware's picker, which then
+        spreads a burst over them; (1, 0) unless the view is live, this is a burst next to live
+        peers and the replicas do not take turns (staggered, each sees the lower ranks'
+        decisions instead)."""
+        if not self.live() or not self.in_burst() or self.burst_stagger_s:
+            return 1, 0
+        peers = self.peers()
+        return (peers + 1, self.rank()) if peers else (1, 0)
+
     def stagger_wait(self) -> float:
         """Seconds to wait before deciding: in a burst next to live peers, with staggering on,
         ``rank() x burst_stagger_s`` (rank 0 decides at once, rank 1 once rank 0's decisions of
