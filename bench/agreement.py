@@ -19,12 +19,14 @@ is a draw from the same distribution even when the distribution is wider than th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
 
 from bench.results import PolicyRun
+from bench.sim.config import SimSettings
 
 HIT_TOLERANCE = 0.01
 """Stack and sim token hit rates agree within this (absolute)."""
@@ -43,6 +45,14 @@ def stack_timing(stack_report: dict[str, Any], time_scale: float,
     return {"arrival_jitter_s": round(2 * statistics.median(arrival), 4) if arrival else 0.0,
             "complete_lag_s": round(max(0.0, statistics.median(back)), 4) if back else 0.0,
             "heartbeat_delay_s": round(heartbeat_interval_s / time_scale, 4)}
+
+
+def timed_settings(settings: SimSettings, timing: dict[str, float]) -> SimSettings:
+    """``settings`` with the timing of :func:`stack_timing` (arrival jitter, return lag,
+    heartbeat delay): what the sim replays to compare with that stack run."""
+    return dataclasses.replace(settings, arrival_jitter_s=timing["arrival_jitter_s"],
+                               complete_lag_s=timing["complete_lag_s"],
+                               heartbeat_delay_s=timing["heartbeat_delay_s"])
 
 
 def stack_arrival_lags(runs: Sequence[PolicyRun]) -> dict[str, list[float]]:

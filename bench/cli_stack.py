@@ -190,13 +190,11 @@ def _check_against_sim(out: BenchOutcome, workload: Workload, settings: SimSetti
                        args: argparse.Namespace) -> str:
     """``--sim-runs N``: the sim with this run's measured timing, N seeds; the agreement table
     (JSON ``sim_timing``, ``agreement``)."""
-    from bench.agreement import agreement, format_agreement, stack_timing
+    from bench.agreement import agreement, format_agreement, stack_timing, timed_settings
     from bench.sim.backend import SimBackend
 
     timing = stack_timing(out.report, args.time_scale, spec.heartbeat_interval_s)
-    timed = dataclasses.replace(settings, arrival_jitter_s=timing["arrival_jitter_s"],
-                                complete_lag_s=timing["complete_lag_s"],
-                                heartbeat_delay_s=timing["heartbeat_delay_s"])
+    timed = timed_settings(settings, timing)
     own = sorted({split_front(n)[1] for n in names})
     sims = [run_comparison(workload, timed, own, SimBackend(timed, seed=args.seed + k,
                                                            kv_settings=kv), random_bound=False)

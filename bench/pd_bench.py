@@ -135,14 +135,13 @@ def pd_agreement(stack_rows: list[dict[str, Any]], workload: Workload, settings:
     strategies (``stack-pd:P/D``) against the median of ``runs`` seeded sim replays under the
     timing the stack measured (arrival lag, heartbeat interval; :mod:`bench.agreement`; the
     pairs' return lag is not measured: 0)."""
-    from bench.agreement import agreement, stack_timing
+    from bench.agreement import agreement, stack_timing, timed_settings
 
     own = [dict(r, policy=r["policy"].removeprefix("stack-pd:")) for r in stack_rows
            if r["policy"].startswith("stack-pd:")]
     timing = stack_timing({"results": own}, time_scale, heartbeat_interval_s)
     timing["complete_lag_s"] = 0.0
-    timed = dataclasses.replace(settings, arrival_jitter_s=timing["arrival_jitter_s"],
-                                heartbeat_delay_s=timing["heartbeat_delay_s"])
+    timed = timed_settings(settings, timing)
     sims = []
     for k in range(runs):
         rows = []

@@ -71,7 +71,13 @@ def _sigterm(_signum: int, _frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; every process is stopped on the way out."""
-    from bench.agreement import agreement, format_agreement, stack_arrival_lags, stack_timing
+    from bench.agreement import (
+        agreement,
+        format_agreement,
+        stack_arrival_lags,
+        stack_timing,
+        timed_settings,
+    )
     from bench.plots import write_all
     from bench.report import format_table
     from bench.runner import run_comparison
@@ -148,9 +154,7 @@ def run(args: argparse.Namespace) -> int:
             lags = stack_arrival_lags(stack.runs)
             timing["arrival_jitter_s"] = timing["complete_lag_s"] if lags else \
                 timing["arrival_jitter_s"]
-            timed = dataclasses.replace(settings, arrival_jitter_s=timing["arrival_jitter_s"],
-                                        complete_lag_s=timing["complete_lag_s"],
-                                        heartbeat_delay_s=timing["heartbeat_delay_s"])
+            timed = timed_settings(settings, timing)
             names = stack.runs[0].node_ids if stack.runs else None
             sims = [run_comparison(wl, timed, [*policies, *extra] if k == 0 else policies,
                                    SimBackend(timed, seed=k, kv_settings=kv, node_ids=names,
@@ -195,7 +199,6 @@ def _disaggregated(args: argparse.Namespace, wl: Any, settings: Any, spec: Any,
     """The same workload on a disaggregated fleet of the same size (nodes // 2 prefill, the
     rest decode) through the gateway (vLLM's kv_transfer_params hand-over), next to the
     aggregated stack run and the in-process replay of both; prints the table."""
-    import dataclasses
 
     from bench.pd_bench import pd_metrics, print_pd, run_pd
     from bench.prompts import prepare
