@@ -25,7 +25,7 @@ from engine_sim.params import (
 )
 from kvroute.embedded_etcd import EmbeddedEtcd
 from kvroute.procs import ManagedProcess, read_ready_file
-from kvroute.settings import flag_name
+from kvroute.settings import settings_flags
 from router_service.policies.kv_aware import KvAwareSettings
 
 
@@ -394,7 +394,4 @@ def router_flags(kv: KvAwareSettings, time_scale: float) -> tuple[str, ...]:
         kv, kv_prefill_tokens_per_s=kv.kv_prefill_tokens_per_s / time_scale,
         kv_usage_penalty_s=kv.kv_usage_penalty_s * time_scale,
         kv_eviction_cost_s=kv.kv_eviction_cost_s * time_scale ** 2)
-    out: list[str] = []
-    for f in dataclasses.fields(scaled):
-        out += [flag_name(f), str(getattr(scaled, f.name))]
-    return tuple(out)
+    return settings_flags(scaled)

@@ -20,7 +20,7 @@ from bench.sim.pd_replay import PdRun
 from bench.stack_fleet import FleetSpec
 from bench.stack_pd_peer import replay_pd_router
 from bench.workloads.base import Workload
-from kvroute.settings import flag_name
+from kvroute.settings import settings_flags
 from router_service.disagg import DisaggSettings
 
 
@@ -31,14 +31,7 @@ def pd_router_flags(disagg: DisaggSettings, time_scale: float) -> tuple[str, ...
         disagg, pd_transfer_s_per_block=disagg.pd_transfer_s_per_block * time_scale,
         pd_decode_load_cost_s=disagg.pd_decode_load_cost_s * time_scale,
         pd_headroom_penalty_s=disagg.pd_headroom_penalty_s * time_scale)
-    flags: list[str] = []
-    for f in dataclasses.fields(scaled):
-        value = getattr(scaled, f.name)
-        if isinstance(value, bool):  # --flag / --no-flag
-            flags.append(flag_name(f) if value else "--no-" + flag_name(f).removeprefix("--"))
-        else:
-            flags += [flag_name(f), str(value)]
-    return tuple(flags)
+    return settings_flags(scaled)
 
 
 class _Gateway:

@@ -54,6 +54,20 @@ def flag_name(field: dataclasses.Field[Any]) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
+def settings_flags(obj: Any) -> tuple[str, ...]:
+    """The command line that sets every field of the settings dataclass ``obj`` to its value
+    (``--flag value``; a bool as ``--flag`` / ``--no-flag``): how a bench passes settings to the
+    servers it starts."""
+    flags: list[str] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, bool):
+            flags.append(flag_name(f) if value else "--no-" + flag_name(f).removeprefix("--"))
+        else:
+            flags += [flag_name(f), str(value)]
+    return tuple(flags)
+
+
 def _base_type(tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
