@@ -134,6 +134,12 @@ class ShareLink:
                     self._set_up(True)
                     log.info("route share: connected as %s", view.replica_id)
                 view.heard()  # liveness; each delta's staleness is measured as it is applied
+                if msg.forget_replicas:
+                    dropped = view.forget(msg.forget_replicas)
+                    if dropped:
+                        log.info("route share: dropped %d in-flight requests of %s (their "
+                                 "path to this router broke)", dropped,
+                                 ", ".join(msg.forget_replicas[:5]))
                 for d in msg.deltas:
                     self.received_total += 1
                     core.apply_remote(RouteDelta(
