@@ -249,6 +249,11 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
                                 f"hello.hub_id: a relay names its own hub (1-{MAX_ID} "
                                 f"characters, not this hub's id {self.hub_id}): got "
                                 f"{hello.hub_id!r}")
+        if hello.to_hub_id != self.hub_id:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"hello.to_hub_id: this is hub {self.hub_id}, not "
+                                f"{hello.to_hub_id!r} (a stale directory record, or an advertised "
+                                "address that reaches several registry pods)")
         sub = _Sub(rid, 64, hub_id=hello.hub_id)
         old = self._relays.get(hello.hub_id)
         if old is not None:  # the peer reconnected before its old stream was noticed dead

@@ -64,6 +64,8 @@ class RelayLink:
         self._queue: deque[pb.RouteShareMessage] = deque()
         self._queued = 0
         self._wake = asyncio.Event()
+        self._gen = 0
+        """Connection number: only the current stream's request generator sends."""
         self.up = False
         self._failures = 0
         self._last_log = float("-inf")
@@ -128,16 +130,21 @@ class RelayLink:
             with attempt:
                 await self._once()
 
-    async def _outgoing(self) -> AsyncIterator[pb.RouteShareMessage]:
+    async def _outgoing(self, gen: int) -> AsyncIterator[pb.RouteShareMessage]:
         yield pb.RouteShareMessage(hello=pb.RouteShareHello(
-            replica_id=self.own.replica_id, relay=True, hub_id=self.own.hub_id))
+            replica_id=self.own.replica_id, relay=True, hub_id=self.own.hub_id,
+            to_hub_id=self.peer.hub_id))
         keepalive = min(1.0, self._timeout_s / 3)
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), keepalive)
             except TimeoutError:
+                if gen != self._gen:
+                    return
                 yield pb.RouteShareMessage(sent_unix_us=time.time_ns() // 1000)
                 continue
+            if gen != self._gen:  # a dead stream's request poller: leave the queue alone
+                return
             self._wake.clear()
             while self._queue:
                 msg = self._queue.popleft()
@@ -149,7 +156,7 @@ class RelayLink:
         channel = open_channel(self.peer.address, self._tls,
                                reconnect_options(self._retry_max_s))
         try:
-            call = pb_grpc.RouteShareStub(channel).Exchange(self._outgoing())
+            call = pb_grpc.RouteShareStub(channel).Exchange(self._outgoing(self._gen))
             it = aiter(call)
             first = await asyncio.wait_for(anext(it), self._timeout_s)
             if first.hub_id != self.peer.hub_id:
@@ -170,4 +177,7 @@ class RelayLink:
             raise RelayBroken(f"nothing heard for {self._timeout_s:g} s") from None
         finally:
             self._set_up(False)
+            # grpc keeps iterating a finished call's request generator: retire it
+            self._gen += 1
+            self._wake.set()
             await channel.close(None)

@@ -27,6 +27,7 @@ class RouteShareHello(_message.Message):
     REPLICA_ID_FIELD_NUMBER: _builtins.int
     RELAY_FIELD_NUMBER: _builtins.int
     HUB_ID_FIELD_NUMBER: _builtins.int
+    TO_HUB_ID_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     """Unique per replica process (e.g. pod name + pid), 1-256 characters."""
     relay: _builtins.bool
@@ -36,16 +37,22 @@ class RouteShareHello(_message.Message):
     """
     hub_id: _builtins.str
     """The calling hub's instance id (relay streams only; a hub refuses a relay from itself)."""
+    to_hub_id: _builtins.str
+    """The hub id the relay expects to reach (from the directory): a hub refuses, with
+    FAILED_PRECONDITION, a relay meant for another hub (a stale record, or an address that is
+    a Service in front of several registry pods).
+    """
     def __init__(
         self,
         *,
         replica_id: _builtins.str = ...,
         relay: _builtins.bool = ...,
         hub_id: _builtins.str = ...,
+        to_hub_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hub_id", b"hub_id", "relay", b"relay", "replica_id", b"replica_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hub_id", b"hub_id", "relay", b"relay", "replica_id", b"replica_id", "to_hub_id", b"to_hub_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

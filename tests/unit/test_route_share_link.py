@@ -130,3 +130,9 @@ async def test_hub_refuses_bad_input(registry: tuple[str, asyncio.Event]) -> Non
         assert await send(hello, bad) == grpc.StatusCode.INVALID_ARGUMENT
         no_node = rs.RouteShareMessage(deltas=[rs.RouteDeltaMsg(request_id="q")])
         assert await send(hello, no_node) == grpc.StatusCode.INVALID_ARGUMENT
+        # relays between hubs: named, meant for this hub, and each delta names its origin
+        unnamed = rs.RouteShareMessage(hello=rs.RouteShareHello(replica_id="h", relay=True))
+        assert await send(unnamed) == grpc.StatusCode.INVALID_ARGUMENT
+        elsewhere = rs.RouteShareMessage(hello=rs.RouteShareHello(
+            replica_id="h", relay=True, hub_id="peer", to_hub_id="some-other-hub"))
+        assert await send(elsewhere) == grpc.StatusCode.FAILED_PRECONDITION
