@@ -25,6 +25,7 @@ from registry_service.route_share import RouteShareHub, RouteShareSettings
 from registry_service.servicer import RegistryServicer
 from registry_service.settings import RegistrySettings
 from registry_service.share_relay import ShareRelay
+from registry_service.share_relay_link import RelayMetrics
 from registry_service.store.base import PlacementStore
 from registry_service.store.hubs import HubRecord
 from registry_service.trim import MemoryTrimmer
@@ -61,7 +62,9 @@ def warn_if_open(settings: RegistrySettings, tokens: int) -> None:
 
 def make_relay(settings: RegistrySettings, store: PlacementStore, hub: RouteShareHub,
                replica: str, port: int, metrics: RegistryMetrics) -> ShareRelay | None:
-    """The RouteShare relay to the other registry replicas (None when off or alone)."""
+    """The RouteShare relay to the other registry replicas (None when off or alone; its
+    metrics are registered either way)."""
+    relay_metrics = RelayMetrics(metrics.registry)
     directory = store.hubs()
     if not settings.share_relay:
         log.warning("route share relay is off (--no-share-relay): routers connected to other "
@@ -73,7 +76,7 @@ def make_relay(settings: RegistrySettings, store: PlacementStore, hub: RouteShar
     own = HubRecord(hub.hub_id, replica, settings.relay_advertise(settings.listen, port),
                     int(time.time() * 1000))
     return ShareRelay(hub, directory, own, settings, settings.relay_tls(settings.server_tls),
-                      metrics.registry)
+                      relay_metrics)
 
 
 async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -> int:

@@ -20,14 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
 from kvroute.aio import cancel_and_wait
 from kvroute.settings import TLSSettings
 from kvroute.v1 import route_share_pb2 as pb
 from registry_service.relay_settings import RelaySettings
 from registry_service.route_share import RouteShareHub
-from registry_service.share_relay_link import RelayCounters, RelayLink
+from registry_service.share_relay_link import RelayLink, RelayMetrics
 from registry_service.store.hubs import HubDirectory, HubRecord
 
 log = logging.getLogger(__name__)
@@ -38,7 +36,7 @@ class ShareRelay:
 
     def __init__(self, hub: RouteShareHub, directory: HubDirectory, own: HubRecord,
                  settings: RelaySettings, tls: TLSSettings,
-                 registry: CollectorRegistry | None = None) -> None:
+                 metrics: RelayMetrics | None = None) -> None:
         self.hub = hub
         self.directory = directory
         self.own = own
@@ -46,23 +44,8 @@ class ShareRelay:
         self.tls = tls
         self.links: dict[str, RelayLink] = {}
         self._task: asyncio.Task[None] | None = None
-        self.counters = RelayCounters(
-            relayed_out=Counter("kvroute_registry_route_share_relayed_out_total",
-                                "Deltas of this hub's routers sent to peer hubs (one per peer)",
-                                registry=registry),
-            dropped=Counter("kvroute_registry_route_share_relay_dropped_total",
-                            "Deltas of this hub's routers not relayed to a peer hub (its link "
-                            "was down or too far behind)", registry=registry),
-            failures=Counter("kvroute_registry_route_share_relay_failures_total",
-                             "Relay links to peer hubs that failed to connect or broke",
-                             registry=registry))
-        peers = Gauge("kvroute_registry_route_share_relay_peers",
-                      "Other registry hubs in the hub directory (etcd)", registry=registry)
-        peers.set_function(lambda: float(len(self.links)))
-        up = Gauge("kvroute_registry_route_share_relay_links",
-                   "Relay links to peer hubs that are up (equals ..._relay_peers when every "
-                   "router hears every other)", registry=registry)
-        up.set_function(lambda: float(sum(1 for link in self.links.values() if link.up)))
+        self.metrics = metrics or RelayMetrics()
+        self.metrics.links = self.links.values
 
     def publish(self, msg: pb.RouteShareMessage) -> None:
         """Send a message of this hub's own replicas to every peer hub."""
@@ -109,7 +92,7 @@ class ShareRelay:
                             "yet, or two replicas sharing --share-relay-advertise; not "
                             "relaying to it", hub_id, rec.replica_id, rec.address)
                 continue
-            link = RelayLink(self.own, rec, self.tls, self.counters,
+            link = RelayLink(self.own, rec, self.tls, self.metrics,
                              timeout_s=s.share_relay_timeout_s,
                              retry_max_s=s.share_relay_retry_max_s,
                              max_queued=s.share_relay_queue)

@@ -16,11 +16,10 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Collection
 
 import grpc
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvroute.aio import cancel_and_wait
 from kvroute.grpcutil import open_channel, reconnect_options
@@ -39,20 +38,37 @@ class RelayBroken(Exception):
     """The relay stream ended or went silent (reconnect)."""
 
 
-@dataclass(frozen=True)
-class RelayCounters:
-    """The relay's counters shared by its links."""
+class RelayMetrics:
+    """The relay's metrics (registered whether or not the relay runs: off, they read 0 and
+    the ``KvrouteShareGroupsSplit`` alert sees a split)."""
 
-    relayed_out: Counter
-    dropped: Counter
-    failures: Counter
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.links: Callable[[], Collection[RelayLink]] = tuple
+        """The relay's links (set by the relay once it runs)."""
+        self.relayed_out = Counter(
+            "kvroute_registry_route_share_relayed_out_total",
+            "Deltas of this hub's routers sent to peer hubs (one per peer)", registry=registry)
+        self.dropped = Counter(
+            "kvroute_registry_route_share_relay_dropped_total",
+            "Deltas of this hub's routers not relayed to a peer hub (its link was down or too "
+            "far behind)", registry=registry)
+        self.failures = Counter(
+            "kvroute_registry_route_share_relay_failures_total",
+            "Relay links to peer hubs that failed to connect or broke", registry=registry)
+        peers = Gauge("kvroute_registry_route_share_relay_peers",
+                      "Other registry hubs in the hub directory (etcd)", registry=registry)
+        peers.set_function(lambda: float(len(self.links())))
+        up = Gauge("kvroute_registry_route_share_relay_links",
+                   "Relay links to peer hubs that are up (every router hears every other when "
+                   "each registry replica has one to each other replica)", registry=registry)
+        up.set_function(lambda: float(sum(1 for link in self.links() if link.up)))
 
 
 class RelayLink:
     """The relay stream from this hub to one peer hub."""
 
     def __init__(self, own: HubRecord, peer: HubRecord, tls: TLSSettings,
-                 counters: RelayCounters, *, timeout_s: float, retry_max_s: float,
+                 counters: RelayMetrics, *, timeout_s: float, retry_max_s: float,
                  max_queued: int) -> None:
         self.own = own
         self.peer = peer
