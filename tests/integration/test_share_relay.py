@@ -131,15 +131,17 @@ def group(tmp_path: Path) -> Iterator[ServerGroup]:
         yield g
 
 
-async def test_routers_on_two_registries_share_one_view(
+async def test_routers_on_three_registries_share_one_view(
         etcd_endpoint: str, etcd_prefix: str, group: ServerGroup) -> None:
-    reg_a = _registry(group, "reg-a", etcd_endpoint, etcd_prefix, free_port())
-    reg_b = _registry(group, "reg-b", etcd_endpoint, etcd_prefix, free_port())
-    for reg in (reg_a, reg_b):
-        await _metric_until(reg, "kvroute_registry_route_share_relay_links", 1)
+    regs = [_registry(group, f"reg-{x}", etcd_endpoint, etcd_prefix, free_port())
+            for x in "abc"]
+    for reg in regs:  # a full mesh: each hub relays to the two others
+        await _metric_until(reg, "kvroute_registry_route_share_relay_links", 2)
+    reg_a, reg_b, reg_c = regs
     async with _agents(reg_a.grpc_target), _routers(
-            (reg_a.grpc_target, "ra"), (reg_b.grpc_target, "rb")) as (a, b):
-        sa, sb = _share(a), _share(b)
+            (reg_a.grpc_target, "ra"), (reg_b.grpc_target, "rb"),
+            (reg_c.grpc_target, "rc")) as (a, b, c):
+        sa, sb, sc = _share(a), _share(b), _share(c)
         # a's decision reaches b through hub A -> relay -> hub B, and the other way round
         d1 = await a.core.decide(RouteRequest("q1", token_ids=LONG))
         await _until(lambda: sb.remote.inflight(d1.node_id) == 1, what="b hears a's route")
@@ -148,28 +150,35 @@ async def test_routers_on_two_registries_share_one_view(
         d2 = await b.core.decide(RouteRequest("q2", token_ids=follow))
         assert d2.node_id == d1.node_id and "routed there, not yet reported" in d2.reason
         await _until(lambda: sa.remote.inflight(d2.node_id) == 1, what="a hears b's route")
-        assert sa.peers() == 1
-        # many requests: every delta applied exactly once, none echoed back to its sender
+        await _until(lambda: sc.remote.total == 2, what="c hears both")
+        assert sa.peers() == 1 and sc.peers() == 2
+        # many requests: every delta applied exactly once, none echoed back to its sender,
+        # none relayed twice (three hubs: a re-relayed delta would arrive twice somewhere)
         for i in range(20):
             await a.core.decide(RouteRequest(f"m{i}", token_ids=list(range(i * 1000,
                                                                           i * 1000 + 64))))
         await _until(lambda: sb.remote.total == 21, what="b counts a's 21 requests")
         for i in range(20):
             assert a.core.complete(f"m{i}")
-        assert b.core.complete("q1")  # a Complete landing on the other replica
+        assert b.core.complete("q1")  # a Complete landing on another replica
         await _until(lambda: sb.remote.total == 0 and a.core.tracker.inflight(d1.node_id) == 0,
                      what="completions release everywhere")
         assert b.core.complete("q2")
-        await _until(lambda: sa.remote.total == 0, what="a releases b's request")
+        await _until(lambda: sa.remote.total == 0 and sc.remote.total == 0,
+                     what="a and c release b's request")
         await asyncio.sleep(0.5)  # nothing late, nothing twice
-        assert sa.remote.total == 0 and sb.remote.total == 0
+        assert sa.remote.total == 0 and sb.remote.total == 0 and sc.remote.total == 0
         assert sb.applied_total == 21 + 20  # a's 21 routes + 20 completes, once each
         assert sa.applied_total == 1 + 2  # b's route, b's two completes (q1 and q2)
-        text_a, text_b = _metrics(reg_a), _metrics(reg_b)
-        assert metric(text_a, "kvroute_registry_route_share_relayed_out_total") == 41
-        assert metric(text_b, "kvroute_registry_route_share_relayed_in_total") == 41
-        assert metric(text_a, "kvroute_registry_route_share_relayed_in_total") == 3
-        assert metric(text_a, "kvroute_registry_route_share_relay_dropped_total") == 0
+        assert sc.applied_total == 41 + 3
+        text = [_metrics(r) for r in regs]
+        assert metric(text[0], "kvroute_registry_route_share_relayed_out_total") == 41 * 2
+        assert metric(text[1], "kvroute_registry_route_share_relayed_in_total") == 41
+        assert metric(text[0], "kvroute_registry_route_share_relayed_in_total") == 3
+        assert metric(text[2], "kvroute_registry_route_share_relayed_in_total") == 44
+        assert metric(text[2], "kvroute_registry_route_share_relayed_out_total") == 0
+        assert sum(metric(t, "kvroute_registry_route_share_relay_dropped_total")
+                   for t in text) == 0
 
 
 async def test_a_hub_that_dies_or_restarts_is_relayed_to_again(
