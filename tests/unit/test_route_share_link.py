@@ -188,3 +188,29 @@ async def test_hub_delivers_a_relay_to_its_replicas_and_forgets_a_silent_one(
     finally:
         stop.set()
         assert await task == 0
+
+
+async def test_a_relay_link_stop_does_not_swallow_its_callers_cancellation() -> None:
+    """The relay's directory follower stops links as hubs leave; cancelled meanwhile (the
+    registry shutting down) it must end, not swallow the cancel and keep following."""
+    from kvroute.settings import TLSSettings
+    from registry_service.share_relay_link import RelayLink, RelayMetrics
+    from registry_service.store.hubs import HubRecord
+
+    link = RelayLink(HubRecord("me", "reg-a", "127.0.0.1:1"), HubRecord("p", "reg-b",
+                     "127.0.0.1:2"), TLSSettings(), RelayMetrics(CollectorRegistry()),
+                     timeout_s=1.0, retry_max_s=0.1, max_queued=10)
+
+    async def slow_to_end() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)  # e.g. closing its channel
+            raise
+    link._task = asyncio.create_task(slow_to_end())
+    await asyncio.sleep(0)
+    caller = asyncio.create_task(link.stop())
+    await asyncio.sleep(0.05)
+    caller.cancel()
+    await asyncio.wait({caller}, timeout=5)
+    assert caller.cancelled()
