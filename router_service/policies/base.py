@@ -53,9 +53,6 @@ class NodeView:
     """False when the node's agent reports its view of the engine cache incomplete (late
     join, lost batches, wrong topic): ``matched_blocks`` is then a lower bound, and a
     missing prefix is not evidence of a miss."""
-    role: str = "both"
-    """The node's disaggregation role (``both``, ``prefill`` or ``decode``; agent ``--role``):
-    a ``prefill`` node only prefills, so its in-flight requests are its prefill queue."""
 
     @property
     def usage(self) -> float:

@@ -56,10 +56,7 @@ A node is eligible only while it is under the **load cap**: its in-flight count 
 must stay <= ``load_cap_factor`` x the fleet's mean in-flight count (counting this request) +
 ``load_cap_slack``. A prefix every request shares (block 0 of the Mooncake trace is in all of
 them) therefore cannot pile everything onto one node: that node leaves the eligible set as soon
-as it is ahead, and the next-best estimate wins. Prefill-only nodes (the prefill half of a
-disaggregated pair) are not capped: they decode nothing, so their in-flight requests are their
-prefill queue, which ``pending_prefill_tokens`` already prices
-(:mod:`~router_service.policies.plugins.load_cap_filter`). Unhealthy nodes are never chosen.
+as it is ahead, and the next-best estimate wins. Unhealthy nodes are never chosen.
 
 The policy picks the lowest estimate; ties go to the longer match, then fewer in-flight, then a
 rotating start so equal idle nodes share work. ``Candidate.score`` is the estimate in seconds
@@ -82,7 +79,7 @@ from kvroute.settings import require, setting
 from router_service.policies.plugins.eviction_scorer import EvictionScorer
 from router_service.policies.plugins.health_filter import HealthFilter
 from router_service.policies.plugins.interfaces import Cycle
-from router_service.policies.plugins.load_cap_filter import UNCAPPED_ROLES, LoadCapFilter
+from router_service.policies.plugins.load_cap_filter import LoadCapFilter
 from router_service.policies.plugins.lowest_picker import LowestScorePicker
 from router_service.policies.plugins.queued_prefill_scorer import QueuedPrefillScorer
 from router_service.policies.plugins.recent_routes import RecentRoutes
@@ -203,8 +200,6 @@ class KvAwarePolicy(SchedulingPolicy):
             extra += " [node's index incomplete: its misses are not trusted]"
         slot = (f", slot {req.replica_rank + 1} of {req.replicas} replicas"
                 if req.replicas > 1 and self.settings.kv_replica_spread > 0 else "")
-        cap = ("prefill-only: no cap" if v.role in UNCAPPED_ROLES
-               else f"cap {self.load_cap.cap(cycle):.1f}")
         return (f"kv_aware: {v.matched_blocks} prefix blocks cached{extra} "
                 f"({cached}/{req.prompt_tokens} tokens), est. TTFT {score * 1000:.0f} ms, "
-                f"in-flight {v.inflight} ({cap}){slot}")
+                f"in-flight {v.inflight} (cap {self.load_cap.cap(cycle):.1f}){slot}")
