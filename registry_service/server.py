@@ -75,8 +75,15 @@ def make_relay(settings: RegistrySettings, store: PlacementStore, hub: RouteShar
         return None
     own = HubRecord(hub.hub_id, replica, settings.relay_advertise(settings.listen, port),
                     int(time.time() * 1000))
-    return ShareRelay(hub, directory, own, settings, settings.relay_tls(settings.server_tls),
-                      relay_metrics)
+    tls = settings.relay_tls(settings.server_tls)
+    if settings.auth == "required" and not (tls.cert_file or tls.token or tls.token_file):
+        log.warning("route share relay: this registry requires credentials (--auth required) "
+                    "but its relay has none to present to its peers: set --share-relay-token-file "
+                    "(a registry:<name> token of the peers' --auth-tokens-file) or a client "
+                    "certificate with a registry:<name> identity (--tls-cert-file or "
+                    "--share-relay-cert-file); until then routers on other registry replicas do "
+                    "not hear this one's")
+    return ShareRelay(hub, directory, own, settings, tls, relay_metrics)
 
 
 async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -> int:

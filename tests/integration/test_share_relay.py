@@ -28,6 +28,7 @@ from registry_service.store.hubs import HubRecord
 from router_service.domain import RouteRequest
 from router_service.runtime import RoutingRuntime
 from router_service.settings import RouterSettings
+from tests.certs import CertAuthority
 from tests.harness import ServerGroup, ServerProcess, metric
 
 BS = 16
@@ -96,23 +97,24 @@ async def _agents(target: str, tls: TLSSettings | None = None) -> AsyncIterator[
             await task
 
 
-def _router(target: str, rid: str, token_file: str = "") -> RoutingRuntime:
+def _router(target: str, rid: str, **client: str) -> RoutingRuntime:
     return RoutingRuntime(RouterSettings(registry=target, share_routes=True,
                                          router_replica_id=rid, share_timeout_s=3.0,
-                                         block_size=BS, client_token_file=token_file),
+                                         block_size=BS, **client),  # type: ignore[arg-type]
                           None, CollectorRegistry())
 
 
 @contextlib.asynccontextmanager
-async def _routers(*pairs: tuple[str, str], token_file: str = "",
+async def _routers(*pairs: tuple[str, str], **client: str,
                    ) -> AsyncIterator[list[RoutingRuntime]]:
-    rts = [_router(t, rid, token_file) for t, rid in pairs]
+    rts = [_router(t, rid, **client) for t, rid in pairs]
     try:
         for rt in rts:
             await rt.start()
         for rt in rts:
             await _until(lambda c=rt.core: c.source.connected and c.share is not None  # type: ignore[misc]
-                         and c.share.live(), what="router connected and sharing")
+                         and c.share.live() and c.healthy_node_count() == 3,
+                         what="router connected, sharing and knowing the 3 nodes")
         yield rts
     finally:
         for rt in rts:
@@ -244,7 +246,7 @@ async def test_relay_with_auth_required(etcd_endpoint: str, etcd_prefix: str,
         assert "registry:<name> or admin" in (err.value.details() or "")
     async with _agents(reg_a.grpc_target, TLSSettings(token="ops-secret")), _routers(
             (reg_a.grpc_target, "ra"), (reg_b.grpc_target, "rb"),
-            token_file=str(router_token)) as (a, b):
+            client_token_file=str(router_token)) as (a, b):
         d = await a.core.decide(RouteRequest("q1", token_ids=LONG))
         await _until(lambda: _share(b).remote.inflight(d.node_id) == 1, what="relayed")
         assert a.core.complete("q1")
@@ -276,3 +278,31 @@ async def test_hub_directory_on_etcd(etcd_endpoint: str, etcd_prefix: str) -> No
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await one.withdraw()
+
+
+async def test_relay_over_mtls_with_a_registry_identity(
+        etcd_endpoint: str, etcd_prefix: str, group: ServerGroup, tmp_path: Path) -> None:
+    """Registries serving mTLS with --auth required relay with a registry: certificate, dial
+    peers by address and expect the name their certificates carry (--share-relay-server-name)."""
+    ca = CertAuthority(tmp_path / "pki")
+    srv = ca.server()  # DNS:localhost only: dialling 127.0.0.1 needs the name override
+    hub = ca.client("registry", "kvroute-registry")
+    tls = ["--auth", "required", "--tls-cert-file", str(srv.cert), "--tls-key-file",
+           str(srv.key), "--tls-ca-file", str(ca.ca_file), "--share-relay-cert-file",
+           str(hub.cert), "--share-relay-key-file", str(hub.key),
+           "--share-relay-server-name", "localhost"]
+    reg_a = _registry(group, "reg-a", etcd_endpoint, etcd_prefix, free_port(), *tls)
+    reg_b = _registry(group, "reg-b", etcd_endpoint, etcd_prefix, free_port(), *tls)
+    for reg in (reg_a, reg_b):
+        await _metric_until(reg, "kvroute_registry_route_share_relay_links", 1)
+    admin, reader = ca.client("admin", "ops"), ca.client("reader", "router")
+    agent_tls = TLSSettings(cert_file=str(admin.cert), key_file=str(admin.key),
+                            ca_file=str(ca.ca_file), server_name="localhost")
+    async with _agents(reg_a.grpc_target, agent_tls), _routers(
+            (reg_a.grpc_target, "ra"), (reg_b.grpc_target, "rb"),
+            client_tls_ca_file=str(ca.ca_file), client_tls_cert_file=str(reader.cert),
+            client_tls_key_file=str(reader.key), client_tls_server_name="localhost") as (a, b):
+        d = await b.core.decide(RouteRequest("q1", token_ids=LONG))
+        await _until(lambda: _share(a).remote.inflight(d.node_id) == 1, what="relayed")
+        assert b.core.complete("q1")
+        await _until(lambda: _share(a).remote.total == 0, what="complete relayed")
