@@ -71,8 +71,14 @@ class ShareRelay:
         self.links.clear()
 
     async def _follow(self) -> None:
-        async for hubs in self.directory.follow():
-            await self._reconcile(hubs)
+        while True:
+            try:
+                async for hubs in self.directory.follow():
+                    await self._reconcile(hubs)
+            except Exception:  # a bug here must not freeze the relay's view of its peers
+                log.exception("route share relay: following the hub directory failed; "
+                              "following it again in 1 s (links stay as they are)")
+                await asyncio.sleep(1.0)
 
     async def _reconcile(self, hubs: dict[str, HubRecord]) -> None:
         s = self.settings
