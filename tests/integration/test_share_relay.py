@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kvroute.blocks import HASH_SCHEME
+from kvroute.embedded_etcd import EmbeddedEtcd
 from kvroute.grpcutil import open_channel
 from kvroute.procs import free_port
 from kvroute.settings import TLSSettings
@@ -306,3 +307,24 @@ async def test_relay_over_mtls_with_a_registry_identity(
         await _until(lambda: _share(a).remote.inflight(d.node_id) == 1, what="relayed")
         assert b.core.complete("q1")
         await _until(lambda: _share(a).remote.total == 0, what="complete relayed")
+
+
+async def test_relay_survives_an_etcd_restart(own_etcd: EmbeddedEtcd, etcd_prefix: str,
+                                              group: ServerGroup) -> None:
+    """etcd restarting under the hubs: the relay links (registry to registry) keep working,
+    and afterwards the directory is followed and advertised again (a new hub is linked)."""
+    ep = own_etcd.endpoint
+    reg_a = _registry(group, "reg-a", ep, etcd_prefix, free_port())
+    reg_b = _registry(group, "reg-b", ep, etcd_prefix, free_port())
+    for reg in (reg_a, reg_b):
+        await _metric_until(reg, "kvroute_registry_route_share_relay_links", 1)
+    async with _agents(reg_a.grpc_target), _routers(
+            (reg_a.grpc_target, "ra"), (reg_b.grpc_target, "rb")) as (a, b):
+        await asyncio.to_thread(own_etcd.restart)
+        d = await a.core.decide(RouteRequest("q1", token_ids=LONG))
+        await _until(lambda: _share(b).remote.inflight(d.node_id) == 1, what="relayed")
+        reg_c = _registry(group, "reg-c", ep, etcd_prefix, free_port())
+        for reg in (reg_a, reg_b, reg_c):
+            await _metric_until(reg, "kvroute_registry_route_share_relay_links", 2, 30)
+        assert a.core.complete("q1")
+        await _until(lambda: _share(b).remote.total == 0, what="complete relayed")
