@@ -268,7 +268,10 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
         if not sub.hub_id:
             if sub in self._subs:
                 self._subs.discard(sub)
-                self._forget([sub.replica_id], relay=True)
+                # a replica that reconnected before its old stream was noticed dead is still
+                # here: its requests still reach everyone
+                if all(s.replica_id != sub.replica_id for s in self._subs):
+                    self._forget([sub.replica_id], relay=True)
             return
         if self._relays.get(sub.hub_id) is sub:
             del self._relays[sub.hub_id]
