@@ -219,11 +219,13 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
             sub.close(grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"a relay may speak for at most {MAX_ORIGINS} replicas")
             return
-        if not (msg.deltas or msg.forget_replicas):
+        # a replica that moved to this hub is alive here: its old hub's forget is stale
+        local = {s.replica_id for s in self._subs}
+        forget = [r for r in msg.forget_replicas if r not in local]
+        if not (msg.deltas or forget):
             return
         self.relayed_in.inc(len(msg.deltas))
-        self._deliver(pb.RouteShareMessage(deltas=msg.deltas,
-                                           forget_replicas=msg.forget_replicas,
+        self._deliver(pb.RouteShareMessage(deltas=msg.deltas, forget_replicas=forget,
                                            sent_unix_us=_now_us()))
 
     async def _open(self, hello: pb.RouteShareHello,
