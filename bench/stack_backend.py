@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,12 +223,23 @@ class StackBackend:
     def _burst_window_ms(self) -> float:
         """The routers' ``--share-burst-window-s`` (wall) in ms; the router's default when the
         bench passed none."""
-        args = list(self.spec.router_args)
-        if "--share-burst-window-s" in args:
-            return float(args[args.index("--share-burst-window-s") + 1]) * 1000
+        value = last_flag_value(self.spec.router_args, "--share-burst-window-s")
+        if value is not None:
+            return float(value) * 1000
         from router_service.settings import RouterSettings
 
         return RouterSettings().share_burst_window_s * 1000
+
+
+def last_flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value ``flag`` has in ``args`` as argparse reads it: the last occurrence wins,
+    ``--flag value`` or ``--flag=value``; None when absent."""
+    for pos in range(len(args) - 1, -1, -1):
+        if args[pos].startswith(flag + "="):
+            return args[pos][len(flag) + 1:]
+        if args[pos] == flag and pos + 1 < len(args):
+            return args[pos + 1]
+    return None
 
 
 def _metric_values(text: str) -> dict[str, float]:
