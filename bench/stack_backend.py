@@ -174,6 +174,8 @@ class StackBackend:
                     f"#{k}: connected {m.get('kvroute_router_shared_view_connected', 0):g}, "
                     f"deltas applied "
                     f"{m.get('kvroute_router_shared_view_staleness_seconds_count', 0):g}, "
+                    f"deltas published "
+                    f"{m.get('kvroute_router_shared_view_deltas_published_total', 0):g}, "
                     f"burst decisions "
                     f"{m.get('kvroute_router_replica_burst_decisions_total', 0):g}")
         return "shared view per replica (since start): " + "; ".join(parts), staleness

@@ -76,6 +76,11 @@ class RouterMetrics:
             "kvroute_router_shared_view_staleness_seconds",
             "Age of another replica's routing delta when this replica applied it (sender's "
             "timestamp to now)", buckets=STALENESS_BUCKETS, registry=registry)
+        self.shared_view_published = Counter(
+            "kvroute_router_shared_view_deltas_published_total",
+            "Routing deltas (decisions and completions) this replica published to the others; "
+            "each other replica's staleness histogram count is what it applied of them",
+            registry=registry)
         self.shared_view_connected = Gauge(
             "kvroute_router_shared_view_connected",
             "1 while this replica holds the shared view of the other replicas' load "
