@@ -13,8 +13,15 @@ relay streams from peer hubs (``hello.relay``): their deltas keep their origin r
 to this hub's replicas only, never to another hub, so there are no loops and no duplicates, and a
 replica never gets its own deltas back. When a path to a replica breaks (its stream here ends, or
 the relay stream from its hub does), the hub tells everyone who can no longer hear its
-completions to drop its in-flight requests (``forget_replicas``) instead of counting them until
-their timeout.
+completions to drop its in-flight requests (``forget_replicas``, with the newest epoch heard
+from each on that path) instead of counting them until their timeout.
+
+Nothing is lost by a forget: every replica sends a snapshot of its own requests in flight on each
+(re)connect (``snapshot``), which the others put in place of what they hold for it. The hub
+stamps it with the replica's id and fans it out (and relays it) like deltas. It asks its routers
+for a fresh one (``resend_snapshot``) when one of its relay links to a peer hub comes up (the
+peer forgot them when the link broke) and when a router joins anywhere (it starts with an empty
+view of the others); joins within :data:`RESEND_DELAY_S` share one request.
 
 A subscriber that cannot keep up (its queue of ``max_queued`` batches is full) loses its stream
 with RESOURCE_EXHAUSTED instead of silently missing deltas (a missed completion would count a
@@ -29,7 +36,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -46,6 +53,8 @@ MAX_ORIGINS = 100_000
 """Distinct replicas one relay stream may speak for."""
 RELAY_ROLES = ("registry", "admin", "anonymous")
 """Identities that may join as a relay hub (anonymous: --auth none)."""
+RESEND_DELAY_S = 0.2
+"""Routers joining within this long share one ``resend_snapshot`` request to the others."""
 
 
 @dataclass(frozen=True)
@@ -68,14 +77,17 @@ class RouteShareSettings:
 
 
 class _Sub:
-    __slots__ = ("error", "hub_id", "origins", "queue", "replaced", "replica_id")
+    __slots__ = ("epoch", "error", "hub_id", "origins", "queue", "replaced", "replica_id")
 
-    def __init__(self, replica_id: str, size: int, hub_id: str = "") -> None:
+    def __init__(self, replica_id: str, size: int, hub_id: str = "", epoch: int = 0) -> None:
         self.replica_id = replica_id
         self.hub_id = hub_id
         """Set for an inbound relay stream: the peer hub's instance id."""
-        self.origins: set[str] = set()
-        """Replicas a relay stream spoke for (forgotten when it ends)."""
+        self.epoch = epoch
+        """A router's stream: the newest epoch it gave (hello, deltas, snapshots)."""
+        self.origins: dict[str, int] = {}
+        """Replicas a relay stream spoke for, with the newest epoch of each (forgotten when it
+        ends)."""
         self.replaced = False
         self.queue: asyncio.Queue[pb.RouteShareMessage | None] = asyncio.Queue(size)
         self.error: tuple[grpc.StatusCode, str] | None = None
@@ -107,6 +119,7 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
         """Where this hub's own replicas' deltas and forgets go to reach the peer hubs."""
         self._subs: set[_Sub] = set()
         self._relays: dict[str, _Sub] = {}
+        self._resend: asyncio.TimerHandle | None = None
         self.replicas = Gauge("kvroute_registry_route_share_replicas",
                               "Router replicas connected to RouteShare.Exchange",
                               registry=registry)
@@ -124,6 +137,14 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
             "kvroute_registry_route_share_relayed_in_total",
             "Deltas received from peer hubs and delivered to this hub's routers",
             registry=registry)
+        self.snapshots = Counter(
+            "kvroute_registry_route_share_snapshots_total",
+            "Snapshots of a router's requests in flight fanned out to this hub's routers (its "
+            "own routers' and peer hubs' relayed ones)", registry=registry)
+        self.resends = Counter(
+            "kvroute_registry_route_share_resend_requests_total",
+            "Times this hub asked its routers for a fresh snapshot (a relay link came up, or "
+            "a router joined)", registry=registry)
 
     def _check(self, msg: pb.RouteShareMessage, relay: bool) -> str:
         s = self.settings
@@ -141,12 +162,26 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
                 return f"deltas[{i}].replica_id: a relay must name the origin replica"
         if any(not 1 <= len(r) <= MAX_ID for r in msg.forget_replicas):
             return f"forget_replicas: each must be 1-{MAX_ID} characters"
+        if len(msg.forget_epochs) > len(msg.forget_replicas):
+            return "forget_epochs: at most one per forget_replicas entry"
+        if msg.HasField("snapshot"):
+            snap = msg.snapshot
+            if snap.epoch < 1:
+                return "snapshot.epoch: required (>= 1, the sender's epoch at the snapshot)"
+            if any(d.completed for d in msg.deltas):
+                return "snapshot: lists requests in flight; a completed delta cannot be in it"
+            if relay and not 1 <= len(snap.replica_id) <= MAX_ID:
+                return "snapshot.replica_id: a relay must name the origin replica"
+            if relay and any(d.replica_id != snap.replica_id for d in msg.deltas):
+                return "snapshot: every delta must be of snapshot.replica_id"
         return ""
 
     def _deliver(self, msg: pb.RouteShareMessage, skip: _Sub | None = None) -> None:
         """Queue ``msg`` for every replica here but ``skip``, leaving out each replica's own
         deltas (a replica that moved hubs may still have some relayed)."""
         origins = {d.replica_id for d in msg.deltas}
+        if msg.HasField("snapshot"):
+            origins.add(msg.snapshot.replica_id)
         for other in list(self._subs):
             if other is skip or other.error is not None:
                 continue
@@ -154,7 +189,12 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
             if other.replica_id in origins:
                 out = pb.RouteShareMessage(
                     deltas=[d for d in msg.deltas if d.replica_id != other.replica_id],
-                    forget_replicas=msg.forget_replicas, sent_unix_us=msg.sent_unix_us)
+                    forget_replicas=msg.forget_replicas, forget_epochs=msg.forget_epochs,
+                    sent_unix_us=msg.sent_unix_us)
+                if msg.HasField("snapshot") and msg.snapshot.replica_id != other.replica_id:
+                    out.snapshot.CopyFrom(msg.snapshot)
+                if not (out.deltas or out.forget_replicas or out.HasField("snapshot")):
+                    continue
             try:
                 other.queue.put_nowait(out)
             except asyncio.QueueFull:
@@ -163,15 +203,42 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
                             f"replica {other.replica_id} fell more than "
                             f"{self.settings.max_queued} batches behind; reconnect")
 
-    def _forget(self, replicas: Sequence[str], relay: bool) -> None:
+    def _forget(self, replicas: dict[str, int], relay: bool) -> None:
         """Tell this hub's replicas (and, for its own replica, the peer hubs) to drop the
-        in-flight requests of ``replicas``: their completions can no longer reach them."""
+        in-flight requests of ``replicas`` (replica -> newest epoch heard on the broken path):
+        their completions can no longer reach them."""
         if not replicas:
             return
-        msg = pb.RouteShareMessage(forget_replicas=sorted(replicas), sent_unix_us=_now_us())
+        rids = sorted(replicas)
+        msg = pb.RouteShareMessage(forget_replicas=rids,
+                                   forget_epochs=[replicas[r] for r in rids],
+                                   sent_unix_us=_now_us())
         self._deliver(msg)
         if relay and self.relay_out is not None:
             self.relay_out(msg)
+
+    def request_snapshots(self, why: str, relay: bool = False) -> None:
+        """Ask every router here for a fresh snapshot of its requests in flight (and, with
+        ``relay``, every peer hub's routers too: a router joined and knows nobody's yet)."""
+        msg = pb.RouteShareMessage(resend_snapshot=True, sent_unix_us=_now_us())
+        if self._subs:
+            self.resends.inc()
+            log.info("route share: asking %d routers for a snapshot of their requests in "
+                     "flight (%s)", len(self._subs), why)
+            self._deliver(msg)
+        if relay and self.relay_out is not None:
+            self.relay_out(msg)
+
+    def _joined(self) -> None:
+        """A router joined: ask the others (here and at every peer hub) to re-announce their
+        requests in flight, once for every join within :data:`RESEND_DELAY_S`."""
+        if self._resend is not None:
+            return
+
+        def fire() -> None:
+            self._resend = None
+            self.request_snapshots("a router joined", relay=True)
+        self._resend = asyncio.get_running_loop().call_later(RESEND_DELAY_S, fire)
 
     async def _read(self, requests: AsyncIterator[pb.RouteShareMessage], sub: _Sub) -> None:
         relay = bool(sub.hub_id)
@@ -189,13 +256,21 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
                 if relay:
                     self._relayed(msg, sub)
                     continue
-                if not msg.deltas:
+                snap = msg.snapshot if msg.HasField("snapshot") else None
+                if not msg.deltas and snap is None:
                     continue
                 for d in msg.deltas:
                     d.replica_id = sub.replica_id
                     d.origin_hub = self.hub_id
+                    sub.epoch = max(sub.epoch, d.epoch)
                 self.deltas.inc(len(msg.deltas))
                 out = pb.RouteShareMessage(deltas=msg.deltas, sent_unix_us=_now_us())
+                if snap is not None:
+                    snap.replica_id = sub.replica_id
+                    sub.epoch = max(sub.epoch, snap.epoch)
+                    out.snapshot.CopyFrom(snap)
+                    if snap.first:
+                        self.snapshots.inc()
                 self._deliver(out, skip=sub)
                 if self.relay_out is not None:
                     self.relay_out(out)
@@ -212,21 +287,36 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
         sub.close()
 
     def _relayed(self, msg: pb.RouteShareMessage, sub: _Sub) -> None:
+        origins = sub.origins
         for rid in msg.forget_replicas:
-            sub.origins.discard(rid)
-        sub.origins.update(d.replica_id for d in msg.deltas)
-        if len(sub.origins) > MAX_ORIGINS:
+            origins.pop(rid, None)
+        for d in msg.deltas:
+            origins[d.replica_id] = max(origins.get(d.replica_id, 0), d.epoch)
+        snap = msg.snapshot if msg.HasField("snapshot") else None
+        if snap is not None:
+            origins[snap.replica_id] = max(origins.get(snap.replica_id, 0), snap.epoch)
+        if len(origins) > MAX_ORIGINS:
             sub.close(grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"a relay may speak for at most {MAX_ORIGINS} replicas")
             return
+        if msg.resend_snapshot:  # a router joined at the peer hub
+            self.request_snapshots(f"a router joined at hub {sub.hub_id}")
         # a replica that moved to this hub is alive here: its old hub's forget is stale
         local = {s.replica_id for s in self._subs}
-        forget = [r for r in msg.forget_replicas if r not in local]
-        if not (msg.deltas or forget):
+        epochs = list(msg.forget_epochs)
+        keep = [i for i, r in enumerate(msg.forget_replicas) if r not in local]
+        if not (msg.deltas or keep or snap is not None):
             return
         self.relayed_in.inc(len(msg.deltas))
-        self._deliver(pb.RouteShareMessage(deltas=msg.deltas, forget_replicas=forget,
-                                           sent_unix_us=_now_us()))
+        out = pb.RouteShareMessage(
+            deltas=msg.deltas, forget_replicas=[msg.forget_replicas[i] for i in keep],
+            forget_epochs=[epochs[i] if i < len(epochs) else 0 for i in keep],
+            sent_unix_us=_now_us())
+        if snap is not None:
+            out.snapshot.CopyFrom(snap)
+            if snap.first:
+                self.snapshots.inc()
+        self._deliver(out)
 
     async def _open(self, hello: pb.RouteShareHello,
                     context: grpc.aio.ServicerContext[pb.RouteShareMessage,
@@ -237,8 +327,9 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
                                 f"hello.replica_id: the first message must name the replica "
                                 f"(1-{MAX_ID} characters); got {len(rid)} characters")
         if not hello.relay:
-            sub = _Sub(rid, self.settings.max_queued)
+            sub = _Sub(rid, self.settings.max_queued, epoch=hello.epoch)
             self._subs.add(sub)
+            self._joined()
             return sub
         caller = CALLER.get()
         if caller.role not in RELAY_ROLES:
@@ -261,7 +352,7 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
         if old is not None:  # the peer reconnected before its old stream was noticed dead
             old.replaced = True
             old.close(grpc.StatusCode.ABORTED, "replaced by a newer relay stream")
-            self._forget(sorted(old.origins), relay=False)
+            self._forget(old.origins, relay=False)
         self._relays[hello.hub_id] = sub
         log.info("route share: hub %s (%s) relays its routers' deltas here", hello.hub_id, rid)
         return sub
@@ -273,7 +364,7 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
                 # a replica that reconnected before its old stream was noticed dead is still
                 # here: its requests still reach everyone
                 if all(s.replica_id != sub.replica_id for s in self._subs):
-                    self._forget([sub.replica_id], relay=True)
+                    self._forget({sub.replica_id: sub.epoch}, relay=True)
             return
         if self._relays.get(sub.hub_id) is sub:
             del self._relays[sub.hub_id]
@@ -281,7 +372,7 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
             log.info("route share: relay from hub %s (%s) ended; forgetting the in-flight "
                      "requests of its %d routers here", sub.hub_id, sub.replica_id,
                      len(sub.origins))
-            self._forget(sorted(sub.origins), relay=False)
+            self._forget(sub.origins, relay=False)
 
     async def Exchange(self, request_iterator: AsyncIterator[pb.RouteShareMessage],
                        context: grpc.aio.ServicerContext[pb.RouteShareMessage,

@@ -18,6 +18,7 @@ pods form separate sharing groups. With it, every registry replica:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from kvroute.aio import cancel_and_wait
@@ -101,7 +102,9 @@ class ShareRelay:
             link = RelayLink(self.own, rec, self.tls, self.metrics,
                              timeout_s=s.share_relay_timeout_s,
                              retry_max_s=s.share_relay_retry_max_s,
-                             max_queued=s.share_relay_queue)
+                             max_queued=s.share_relay_queue,
+                             on_up=functools.partial(self.hub.request_snapshots,
+                                                     f"relay link to hub {hub_id} up"))
             self.links[hub_id] = link
             log.info("route share relay: found hub %s (%s at %s); linking", hub_id,
                      rec.replica_id, rec.address)

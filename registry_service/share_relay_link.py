@@ -8,6 +8,8 @@ named (an address that reaches another hub, e.g. a Service in front of several p
 double-deliver: refused and logged). Silence for ``share_relay_timeout_s`` or a broken stream:
 reconnect with jittered back-off (:func:`kvroute.retry.retrying`); deltas published while the
 link is down are dropped and counted (the peer forgot this hub's replicas when the stream ended).
+Each time the link comes up it calls ``on_up``: the hub asks its routers for a fresh snapshot of
+their requests in flight, which reaches the peer through the link and rebuilds what it forgot.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class RelayLink:
 
     def __init__(self, own: HubRecord, peer: HubRecord, tls: TLSSettings,
                  counters: RelayMetrics, *, timeout_s: float, retry_max_s: float,
-                 max_queued: int) -> None:
+                 max_queued: int, on_up: Callable[[], None] | None = None) -> None:
         self.own = own
         self.peer = peer
         self._tls = tls
@@ -76,6 +78,7 @@ class RelayLink:
         self._timeout_s = timeout_s
         self._retry_max_s = retry_max_s
         self._max_queued = max_queued
+        self._on_up = on_up
         self._queue: deque[pb.RouteShareMessage] = deque()
         self._queued = 0
         self._wake = asyncio.Event()
@@ -188,6 +191,8 @@ class RelayLink:
             log.info("route share relay to %s up%s", self,
                      f" after {self._failures} failed attempts" if self._failures else "")
             self._failures = 0
+            if self._on_up is not None:
+                self._on_up()
             while True:
                 await asyncio.wait_for(anext(it), self._timeout_s)
         except StopAsyncIteration:

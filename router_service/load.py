@@ -27,6 +27,7 @@ class _Inflight:
     node_id: str
     started: float
     predicted_cached_tokens: int
+    uncached_tokens: int = 0
 
 
 class LoadTracker:
@@ -58,7 +59,8 @@ class LoadTracker:
         now = self._clock()
         self.expire(now)
         evicted = self._requests.add(request_id,
-                                     _Inflight(node_id, now, predicted_cached_tokens))
+                                     _Inflight(node_id, now, predicted_cached_tokens,
+                                                       uncached_tokens))
         self.expired_total += len(evicted)
         if deadline_s is not None and 0 <= deadline_s < self._requests.timeout_s:
             heapq.heappush(self._deadlines, (now + deadline_s, now, request_id))
@@ -124,6 +126,23 @@ class LoadTracker:
         """Requests in flight per node (nodes with none omitted)."""
         self.expire()
         return dict(self._requests.counts())
+
+    def snapshot(self, limit: int) -> list[tuple[str, str, int, int, float]]:
+        """The newest ``limit`` requests in flight, oldest first: (request id, node id,
+        uncached tokens, predicted cached tokens, seconds in flight) (a shared view's
+        snapshot)."""
+        now = self._clock()
+        self.expire(now)
+        out: list[tuple[str, str, int, int, float]] = []
+        for rid in reversed(list(self._requests)):
+            if len(out) >= limit:
+                break
+            rec = self._requests.get(rid)
+            if rec is not None:
+                out.append((rid, rec.node_id, rec.uncached_tokens, rec.predicted_cached_tokens,
+                            max(0.0, now - rec.started)))
+        out.reverse()
+        return out
 
     @property
     def total_inflight(self) -> int:

@@ -108,6 +108,14 @@ class RouterMetrics:
             "Share of the other replicas' recent decisions made within --share-burst-window-s "
             "of one of this replica's (at --share-burst-coincidence and above every decision "
             "takes its slot)", registry=registry)
+        self.shared_view_snapshots = Counter(
+            "kvroute_router_shared_view_snapshots_total",
+            "Snapshots of requests in flight: sent (this replica's own, on every (re)connect "
+            "and when its hub asks) and applied (another replica's, replacing what was held "
+            "for it)", ["direction"], registry=registry)
+        self.shared_view_restored = Counter(
+            "kvroute_router_shared_view_restored_requests_total",
+            "Other replicas' requests in flight counted from their snapshots", registry=registry)
         self.remote_inflight = Gauge(
             "kvroute_router_remote_inflight_requests",
             "Requests other router replicas routed and not yet completed (shared view)",

@@ -14,6 +14,12 @@ routing core applies them:
 - others' recent routes (kv_aware's ``recent_routes`` overlap source, through
   :meth:`~router_service.policies.plugins.scheduler.SchedulingPolicy.observe_remote`).
 
+When a replica's path breaks, the hub tells the others to drop its in-flight requests
+(:meth:`SharedView.forget`); on every (re)connect, and when a hub asks, each replica sends a
+snapshot of its own requests in flight (:meth:`SharedView.snapshot`) that the others put in place
+of what they hold for it (:meth:`SharedView.apply_snapshot`, idempotent; epochs order snapshots,
+deltas and forgets heard through different paths: :mod:`router_service.remote_load`).
+
 Staleness is measured per applied delta (receiver clock minus the sender's timestamp). A replica
 whose transport is down, or that has heard nothing for ``timeout_s`` (the hub sends keepalives),
 drops the remote part and decides on its own counts; decisions then say so in ``reason`` and the
@@ -26,10 +32,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from router_service.inflight import InflightTable
+from router_service.disagg import DECODE_KEY_SUFFIX
 from router_service.load import LoadTracker
 from router_service.metrics import RouterMetrics
 from router_service.policies.factory import PolicySet
+from router_service.remote_load import RemoteLoad
+
+__all__ = ["RemoteLoad", "RouteDelta", "SharedView"]
 
 COINCIDENCE_WEIGHT = 0.05
 """Weight of each peer decision in :attr:`SharedView.coincidence` (about the last 20 count)."""
@@ -54,80 +63,8 @@ class RouteDelta:
     """Sender's clock when published (wall time in production, model time in the sim)."""
     completed: bool = False
     """True for a completion (release), False for a routed request."""
-
-
-@dataclass(slots=True)
-class _Remote:
-    node_id: str
-    started: float
-    """When this replica heard of it."""
-
-
-class RemoteLoad:
-    """Other replicas' in-flight requests per node, with the same expiry as the local ones."""
-
-    def __init__(self, clock: Callable[[], float], inflight_timeout_s: float = 300.0,
-                 max_tracked: int = 1_000_000) -> None:
-        self._clock = clock
-        self._requests: InflightTable[tuple[str, str], _Remote] = InflightTable(
-            inflight_timeout_s, max_tracked)
-        self._by_id: dict[str, tuple[str, str]] = {}
-        self.expired_total = 0
-
-    def start(self, replica_id: str, request_id: str, node_id: str) -> None:
-        """Count another replica's routed request on ``node_id``."""
-        now = self._clock()
-        self.expire(now)
-        key = (replica_id, request_id)
-        evicted = self._requests.add(key, _Remote(node_id, now))
-        self._unindex(evicted)
-        self.expired_total += len(evicted)
-        self._by_id[request_id] = key
-
-    def complete(self, replica_id: str | None, request_id: str) -> str | None:
-        """Release a remote request (any replica's when ``replica_id`` is None); its node."""
-        key = (replica_id, request_id) if replica_id is not None else self._by_id.get(request_id)
-        rec = None if key is None else self._requests.release(key)
-        if key is None or rec is None:
-            return None
-        self._unindex([key])
-        return rec.node_id
-
-    def forget(self, replica_id: str) -> int:
-        """Drop every in-flight request of ``replica_id`` (its completions can no longer
-        arrive: its stream or its hub's relay ended); how many."""
-        keys = [k for k in self._requests if k[0] == replica_id]
-        for key in keys:
-            self._requests.release(key)
-        self._unindex(keys)
-        return len(keys)
-
-    def _unindex(self, keys: list[tuple[str, str]]) -> None:
-        by_id = self._by_id
-        for key in keys:
-            if by_id.get(key[1]) == key:
-                del by_id[key[1]]
-
-    def expire(self, now: float | None = None) -> int:
-        """Release remote requests older than the timeout (their completion was lost)."""
-        keys = self._requests.expire(self._clock() if now is None else now)
-        self._unindex(keys)
-        self.expired_total += len(keys)
-        return len(keys)
-
-    def inflight(self, node_id: str) -> int:
-        """Other replicas' requests in flight on ``node_id``."""
-        return self._requests.count(node_id)
-
-    @property
-    def total(self) -> int:
-        """Other replicas' requests in flight on all nodes."""
-        return len(self._requests)
-
-    def clear(self) -> None:
-        """Forget every remote request (the shared view was lost)."""
-        self._requests.clear()
-        self._by_id.clear()
+    epoch: int = 0
+    """The sender's epoch when published (:attr:`SharedView.epoch`; 0 = not given)."""
 
 
 class SharedView:
@@ -177,6 +114,13 @@ class SharedView:
         self._why = "not connected yet"
         self._last_heard = float("-inf")
         self.applied_total = 0
+        self.epoch = 0
+        """This replica's epoch, stamped on what it publishes: raised on every (re)connect
+        (:meth:`next_epoch`) and every snapshot."""
+        self.snapshots_sent = 0
+        self.snapshots_applied = 0
+        self.restored_total = 0
+        """Remote in-flight requests counted from peers' snapshots."""
         self.forgotten_total = 0
         """Remote in-flight requests dropped because their replica's path broke."""
         self.lost_total = 0
@@ -293,18 +237,43 @@ class SharedView:
         return "" if self._connected else self._why
 
     # -- incoming ----------------------------------------------------------------------------
-    def forget(self, replicas: Sequence[str]) -> int:
+    def forget(self, replicas: Sequence[str], epochs: Sequence[int] = ()) -> int:
         """The hub says these replicas' completions can no longer reach this one (their
-        stream or their hub's relay ended): drop their in-flight requests and stop counting
-        them as peers. Returns the requests dropped."""
+        stream or their hub's relay ended, as of ``epochs[i]``; 0 or missing = unknown): drop
+        their in-flight requests and stop counting them as peers, unless a replica has
+        re-announced itself from a newer epoch since. Returns the requests dropped."""
         dropped = 0
-        for rid in replicas:
+        for i, rid in enumerate(replicas):
             if rid == self.replica_id:
                 continue
-            dropped += self.remote.forget(rid)
-            self._peers.pop(rid, None)
+            n = self.remote.forget(rid, epochs[i] if i < len(epochs) else 0)
+            if n >= 0:
+                dropped += n
+                self._peers.pop(rid, None)
         self.forgotten_total += dropped
         return dropped
+
+    def apply_snapshot(self, replica_id: str, epoch: int, first: bool,
+                       deltas: Sequence[RouteDelta]) -> int:
+        """One part of another replica's snapshot of its requests in flight: the first part
+        replaces what is held for it (so nothing is counted twice, whatever was heard before),
+        every part counts its requests (at their age). Parts older than the replica's floor
+        (heard through a stale path) are ignored. Returns the requests counted."""
+        if replica_id == self.replica_id or not self.live():
+            return 0
+        remote = self.remote
+        if first or epoch > remote.floor(replica_id):
+            if remote.replace(replica_id, epoch) is None:
+                return 0
+            self.snapshots_applied += 1
+        elif not remote.current(replica_id, epoch):
+            return 0
+        now = self.clock()
+        for d in deltas:
+            if not d.completed and d.node_id:
+                remote.start(replica_id, d.request_id, d.node_id, now - d.sent_at)
+        self.restored_total += len(deltas)
+        return len(deltas)
 
     def apply(self, delta: RouteDelta, tracker: LoadTracker, policies: PolicySet,
               metrics: RouterMetrics | None = None) -> None:
@@ -318,7 +287,7 @@ class SharedView:
         if delta.replica_id == self.replica_id:
             return
         self.heard(delta.sent_at)
-        if not self.live():
+        if not self.live() or not self.remote.current(delta.replica_id, delta.epoch):
             return
         self.applied_total += 1
         if metrics is not None:
@@ -345,9 +314,28 @@ class SharedView:
         self._last_routed = self.clock()
         self._own_times.append(self._last_routed)
         self.publish(RouteDelta(self.replica_id, request_id, node_id, uncached, cached, blocks,
-                                self.clock()))
+                                self.clock(), epoch=self.epoch))
 
     def completed(self, request_id: str) -> None:
         """Publish a completion (of this replica's request, or another's released here)."""
         self.publish(RouteDelta(self.replica_id, request_id, sent_at=self.clock(),
-                                completed=True))
+                                completed=True, epoch=self.epoch))
+
+    def next_epoch(self) -> int:
+        """Raise this replica's epoch (a new stream, or a snapshot); the new value."""
+        self.epoch += 1
+        return self.epoch
+
+    def snapshot(self, tracker: LoadTracker, limit: int) -> tuple[int, list[RouteDelta]]:
+        """This replica's requests in flight (the newest ``limit``, oldest first) as routed
+        deltas of a new epoch, as shared (a PD request's decode half is not shared on its
+        own); each ``sent_at`` is when it was routed. Everything published after it carries
+        the new epoch."""
+        epoch = self.next_epoch()
+        now = self.clock()
+        out = [RouteDelta(self.replica_id, rid, node, uncached, cached, (), now - age,
+                          epoch=epoch)
+               for rid, node, uncached, cached, age in tracker.snapshot(limit)
+               if not rid.endswith(DECODE_KEY_SUFFIX)]
+        self.snapshots_sent += 1
+        return epoch, out

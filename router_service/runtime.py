@@ -79,7 +79,7 @@ def attach_share_link(s: RouterSettings, core: RouterCore,
                             burst_window_s=s.share_burst_window_s,
                             burst_coincidence=s.share_burst_coincidence,
                             burst_stagger_s=s.share_burst_stagger_s)
-    link.attach(core)
+    link.attach(core, metrics)
     if metrics is not None:
         view = core.share
         metrics.shared_view_connected.set_function(lambda: 1.0 if view.live() else 0.0)

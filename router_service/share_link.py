@@ -8,6 +8,14 @@ decision) and applies every other replica's deltas to the routing core
 shared view is live (its remote part starts empty); link down or silent for the view's
 ``timeout_s``: the core decides on its own counts and says so, and the link reconnects with
 jittered back-off. Deltas published while the link is down are dropped (bounded queue).
+
+On every (re)connect the link first sends a snapshot of this replica's own requests in flight
+(at most ``max_snapshot``, newest kept, in batches of :data:`MAX_BATCH`), ahead of any later
+delta, so the others rebuild its contribution after the hub made them forget it; it sends
+another when the hub asks (``resend_snapshot``: a relay link came up, or another router
+joined) or when its queue overflowed (a snapshot supersedes the deltas dropped). It applies the
+others' snapshots (:meth:`SharedView.apply_snapshot
+<router_service.route_share.SharedView.apply_snapshot>`).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from kvroute.settings import TLSSettings
 from kvroute.v1 import route_share_pb2 as pb
 from kvroute.v1 import route_share_pb2_grpc as pb_grpc
 from router_service.core import RouterCore
+from router_service.metrics import RouterMetrics
 from router_service.retry import LinkNeverUp, reconnect_options, reconnect_retrying
 from router_service.route_share import RouteDelta, SharedView
 
@@ -34,16 +43,27 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 1000
 """Deltas per message sent."""
 
+_Item = RouteDelta | pb.RouteShareMessage
+"""Queued: one of this replica's deltas, or a snapshot part ready to send."""
+
 
 class ShareLink:
     """One replica's Exchange stream: send own deltas, apply the others'."""
 
     def __init__(self, target: str, tls: TLSSettings | None = None, *,
-                 retry_max_s: float = 2.0, max_queue: int = 100_000) -> None:
+                 retry_max_s: float = 2.0, max_queue: int = 100_000,
+                 max_snapshot: int = 100_000) -> None:
+        if max_queue < 1 or max_snapshot < 0:
+            raise ValueError("max_queue must be >= 1 and max_snapshot >= 0")
         self._target = target
         self._tls = tls
         self._retry_max_s = retry_max_s
-        self._queue: deque[RouteDelta] = deque(maxlen=max_queue)
+        self._max_queue = max_queue
+        self._max_snapshot = max_snapshot
+        self._queue: deque[_Item] = deque()
+        self._snapshot_queued = False
+        """A snapshot waits in the queue (a resend request adds no second one)."""
+        self._metrics: RouterMetrics | None = None
         self._wake = asyncio.Event()
         self._gen = 0
         """Connection number: only the current stream's request generator sends."""
@@ -61,16 +81,44 @@ class ShareLink:
         if not self._up:
             self.dropped_total += 1
             return
-        if len(self._queue) == self._queue.maxlen:
-            self.dropped_total += 1
+        if len(self._queue) >= self._max_queue:
+            # the registry does not keep up: drop the backlog and send a snapshot instead (it
+            # already holds this delta's effect: the core counts before it publishes)
+            self.dropped_total += sum(isinstance(d, RouteDelta) for d in self._queue) + 1
+            log.warning("route share: %d deltas queued for the registry, the limit; sending a "
+                        "snapshot of the requests in flight instead", len(self._queue))
+            self._queue.clear()
+            self._snapshot_queued = False
+            self._queue_snapshot("queue overflow")
+            return
         self._queue.append(delta)
         self._wake.set()
 
-    def attach(self, core: RouterCore) -> None:
+    def attach(self, core: RouterCore, metrics: RouterMetrics | None = None) -> None:
         """The core whose shared view this link feeds (``core.share`` must be set)."""
         if core.share is None:
             raise ValueError("the core has no shared view to feed")
-        self._core, self._view = core, core.share
+        self._core, self._view, self._metrics = core, core.share, metrics
+
+    def _queue_snapshot(self, why: str) -> None:
+        """Queue a snapshot of this replica's requests in flight behind what is queued (the
+        deltas before it carry the old epoch, those after it the new one)."""
+        core, view = self._core, self._view
+        assert core is not None and view is not None
+        if self._snapshot_queued:
+            return
+        epoch, deltas = view.snapshot(core.tracker, self._max_snapshot)
+        parts = [deltas[i:i + MAX_BATCH] for i in range(0, len(deltas), MAX_BATCH)] or [[]]
+        for i, part in enumerate(parts):
+            self._queue.append(pb.RouteShareMessage(
+                deltas=[_to_msg(d) for d in part],
+                snapshot=pb.RouteSnapshot(epoch=epoch, first=i == 0, last=i == len(parts) - 1)))
+        self._snapshot_queued = True
+        self._wake.set()
+        if self._metrics is not None:
+            self._metrics.shared_view_snapshots.labels("sent").inc()
+        log.info("route share: snapshot of %d requests in flight queued (epoch %d, %s)",
+                 len(deltas), epoch, why)
 
     async def start(self) -> None:
         """Connect in the background (returns at once)."""
@@ -85,10 +133,24 @@ class ShareLink:
         self._task = None
         self._set_up(False, "router stopping")
 
+    def _apply_snapshot(self, msg: pb.RouteShareMessage) -> None:
+        view = self._view
+        assert view is not None
+        snap = msg.snapshot
+        applied_before = view.snapshots_applied
+        n = view.apply_snapshot(snap.replica_id, snap.epoch, snap.first,
+                                [_from_msg(d) for d in msg.deltas])
+        m = self._metrics
+        if m is not None:
+            m.shared_view_restored.inc(n)
+            if view.snapshots_applied > applied_before:
+                m.shared_view_snapshots.labels("applied").inc()
+
     def _set_up(self, up: bool, why: str = "") -> None:
         self._up = up
         if not up:
             self._queue.clear()
+            self._snapshot_queued = False
         if self._view is not None:
             self._view.set_connected(up, why)
 
@@ -105,8 +167,9 @@ class ShareLink:
                 self._set_up(False, "link failed")
                 await asyncio.sleep(self._retry_max_s)
 
-    async def _outgoing(self, replica_id: str, gen: int) -> AsyncIterator[pb.RouteShareMessage]:
-        yield pb.RouteShareMessage(hello=pb.RouteShareHello(replica_id=replica_id))
+    async def _outgoing(self, replica_id: str, epoch: int,
+                        gen: int) -> AsyncIterator[pb.RouteShareMessage]:
+        yield pb.RouteShareMessage(hello=pb.RouteShareHello(replica_id=replica_id, epoch=epoch))
         q = self._queue
         while True:
             await self._wake.wait()
@@ -114,14 +177,19 @@ class ShareLink:
                 return
             self._wake.clear()
             while q:
+                if isinstance(q[0], pb.RouteShareMessage):  # a snapshot part
+                    part = q.popleft()
+                    assert isinstance(part, pb.RouteShareMessage)
+                    if part.snapshot.last:
+                        self._snapshot_queued = False
+                    part.sent_unix_us = time.time_ns() // 1000
+                    yield part
+                    continue
                 batch: list[pb.RouteDeltaMsg] = []
-                while q and len(batch) < MAX_BATCH:
+                while q and len(batch) < MAX_BATCH and isinstance(q[0], RouteDelta):
                     d = q.popleft()
-                    batch.append(pb.RouteDeltaMsg(
-                        request_id=d.request_id, node_id=d.node_id,
-                        uncached_tokens=d.uncached_tokens, cached_tokens=d.cached_tokens,
-                        block_hashes=d.block_hashes, sent_unix_us=int(d.sent_at * 1e6),
-                        completed=d.completed))
+                    assert isinstance(d, RouteDelta)
+                    batch.append(_to_msg(d))
                 self.sent_total += len(batch)
                 yield pb.RouteShareMessage(deltas=batch, sent_unix_us=time.time_ns() // 1000)
 
@@ -132,28 +200,34 @@ class ShareLink:
         was_up = False
         try:
             call = pb_grpc.RouteShareStub(channel).Exchange(
-                self._outgoing(view.replica_id, self._gen))
+                self._outgoing(view.replica_id, view.next_epoch(), self._gen))
             async for msg in call:
                 if not was_up:
                     was_up = True
                     self._set_up(True)
                     log.info("route share: connected as %s", view.replica_id)
+                    self._queue_snapshot("connected")
+                elif msg.resend_snapshot:
+                    self._queue_snapshot("the registry asked")
                 view.heard()  # liveness; each delta's staleness is measured as it is applied
                 if msg.forget_replicas:
-                    dropped = view.forget(msg.forget_replicas)
+                    dropped = view.forget(msg.forget_replicas, msg.forget_epochs)
                     if dropped:
                         log.info("route share: dropped %d in-flight requests of %s (their "
                                  "path to this router broke)", dropped,
                                  ", ".join(msg.forget_replicas[:5]))
+                self.received_total += len(msg.deltas)
+                if msg.HasField("snapshot"):
+                    self._apply_snapshot(msg)
+                    continue
                 for d in msg.deltas:
-                    self.received_total += 1
-                    core.apply_remote(RouteDelta(
-                        d.replica_id, d.request_id, d.node_id, d.uncached_tokens,
-                        d.cached_tokens, tuple(d.block_hashes), d.sent_unix_us / 1e6,
-                        d.completed))
+                    core.apply_remote(_from_msg(d))
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # stop(): grpc says CANCELLED, not
+                raise asyncio.CancelledError from None  # CancelledError (else retried)
             why = f"{exc.code().name}: {exc.details()}"
             self._set_up(False, f"registry stream ended ({why})")
             if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INVALID_ARGUMENT):
@@ -172,3 +246,16 @@ class ShareLink:
             await channel.close(None)
         if not was_up:
             raise LinkNeverUp("route share stream ended before it was up")
+
+
+def _to_msg(d: RouteDelta) -> pb.RouteDeltaMsg:
+    return pb.RouteDeltaMsg(
+        request_id=d.request_id, node_id=d.node_id, uncached_tokens=d.uncached_tokens,
+        cached_tokens=d.cached_tokens, block_hashes=d.block_hashes,
+        sent_unix_us=int(d.sent_at * 1e6), completed=d.completed, epoch=d.epoch)
+
+
+def _from_msg(d: pb.RouteDeltaMsg) -> RouteDelta:
+    return RouteDelta(d.replica_id, d.request_id, d.node_id, d.uncached_tokens,
+                      d.cached_tokens, tuple(d.block_hashes), d.sent_unix_us / 1e6,
+                      d.completed, d.epoch)

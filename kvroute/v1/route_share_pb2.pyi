@@ -28,6 +28,7 @@ class RouteShareHello(_message.Message):
     RELAY_FIELD_NUMBER: _builtins.int
     HUB_ID_FIELD_NUMBER: _builtins.int
     TO_HUB_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     """Unique per replica process (e.g. pod name + pid), 1-256 characters."""
     relay: _builtins.bool
@@ -42,6 +43,10 @@ class RouteShareHello(_message.Message):
     FAILED_PRECONDITION, a relay meant for another hub (a stale record, or an address that is
     a Service in front of several registry pods).
     """
+    epoch: _builtins.int
+    """The router's epoch when it opened this stream (see RouteDeltaMsg.epoch; 0 = not given).
+    The hub's forget of this stream carries the newest epoch heard on it.
+    """
     def __init__(
         self,
         *,
@@ -49,10 +54,11 @@ class RouteShareHello(_message.Message):
         relay: _builtins.bool = ...,
         hub_id: _builtins.str = ...,
         to_hub_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hub_id", b"hub_id", "relay", b"relay", "replica_id", b"replica_id", "to_hub_id", b"to_hub_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "hub_id", b"hub_id", "relay", b"relay", "replica_id", b"replica_id", "to_hub_id", b"to_hub_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -73,6 +79,7 @@ class RouteDeltaMsg(_message.Message):
     SENT_UNIX_US_FIELD_NUMBER: _builtins.int
     COMPLETED_FIELD_NUMBER: _builtins.int
     ORIGIN_HUB_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     """Replica that routed or completed the request (set by the registry on fan-out)."""
     request_id: _builtins.str
@@ -91,6 +98,12 @@ class RouteDeltaMsg(_message.Message):
     """Instance id of the hub the replica is connected to (set by that hub; relayed deltas keep
     it, so a receiver can tell which hub a delta came through).
     """
+    epoch: _builtins.int
+    """The sender's epoch when it published this delta: a per-process number it raises on every
+    (re)connect and every snapshot (0 = not given: always applied). A receiver that holds a
+    snapshot (or a forget) of this replica from a newer epoch ignores it: it came the long way
+    round (an old hub's relay) and the snapshot already accounts for it.
+    """
     @_builtins.property
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Leading canonical block hashes of the prompt (bounded; for "recently routed" overlap)."""
@@ -107,14 +120,54 @@ class RouteDeltaMsg(_message.Message):
         sent_unix_us: _builtins.int = ...,
         completed: _builtins.bool = ...,
         origin_hub: _builtins.str = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "cached_tokens", b"cached_tokens", "completed", b"completed", "node_id", b"node_id", "origin_hub", b"origin_hub", "replica_id", b"replica_id", "request_id", b"request_id", "sent_unix_us", b"sent_unix_us", "uncached_tokens", b"uncached_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "cached_tokens", b"cached_tokens", "completed", b"completed", "epoch", b"epoch", "node_id", b"node_id", "origin_hub", b"origin_hub", "replica_id", b"replica_id", "request_id", b"request_id", "sent_unix_us", b"sent_unix_us", "uncached_tokens", b"uncached_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RouteDeltaMsg: _TypeAlias = RouteDeltaMsg  # noqa: Y015
+
+@_typing.final
+class RouteSnapshot(_message.Message):
+    """Marks a message whose deltas are (one part of) a snapshot of one replica's requests in flight
+    (routed, not completed), sent on every (re)connect and when a hub asks (resend_snapshot). A
+    receiver replaces what it holds for that replica with the snapshot: the first part drops the
+    replica's in-flight requests held so far, every part adds its deltas, so applying a snapshot
+    twice, or after a forget, never double counts.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    FIRST_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    """The replica whose requests these are (set by its hub, kept by relays)."""
+    epoch: _builtins.int
+    """The sender's epoch at the snapshot (its deltas carry it too); never 0."""
+    first: _builtins.bool
+    """First part (the receiver drops what it holds for the replica first)."""
+    last: _builtins.bool
+    """Last part."""
+    def __init__(
+        self,
+        *,
+        replica_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        first: _builtins.bool = ...,
+        last: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "first", b"first", "last", b"last", "replica_id", b"replica_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteSnapshot: _TypeAlias = RouteSnapshot  # noqa: Y015
 
 @_typing.final
 class RouteShareMessage(_message.Message):
@@ -127,6 +180,9 @@ class RouteShareMessage(_message.Message):
     SENT_UNIX_US_FIELD_NUMBER: _builtins.int
     HUB_ID_FIELD_NUMBER: _builtins.int
     FORGET_REPLICAS_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    RESEND_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    FORGET_EPOCHS_FIELD_NUMBER: _builtins.int
     sent_unix_us: _builtins.int
     """Registry wall clock when sent, microseconds since the Unix epoch (keepalives carry only
     this: a replica that hears nothing for its timeout treats the shared view as lost).
@@ -134,6 +190,10 @@ class RouteShareMessage(_message.Message):
     hub_id: _builtins.str
     """Instance id of the sending hub (hub to client messages; a relay checks that the hub it
     dialled is the one the directory named).
+    """
+    resend_snapshot: _builtins.bool
+    """Hub to router: send a snapshot of your requests in flight now (a relay link to a peer hub
+    came up, or another router joined: they rebuild your contribution from it).
     """
     @_builtins.property
     def hello(self) -> Global___RouteShareHello:
@@ -149,6 +209,17 @@ class RouteShareMessage(_message.Message):
         or the relay link from their hub did (their completions can no longer arrive).
         """
 
+    @_builtins.property
+    def snapshot(self) -> Global___RouteSnapshot:
+        """A snapshot part: this message's deltas are the replica's requests in flight."""
+
+    @_builtins.property
+    def forget_epochs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The epoch of forget_replicas[i] last heard on the broken path (0 = unknown: forget
+        anyway). A receiver that holds a snapshot of that replica from a newer epoch ignores the
+        forget (the replica re-announced itself on another path in the meantime).
+        """
+
     def __init__(
         self,
         *,
@@ -157,10 +228,13 @@ class RouteShareMessage(_message.Message):
         sent_unix_us: _builtins.int = ...,
         hub_id: _builtins.str = ...,
         forget_replicas: _abc.Iterable[_builtins.str] | None = ...,
+        snapshot: Global___RouteSnapshot | None = ...,
+        resend_snapshot: _builtins.bool = ...,
+        forget_epochs: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deltas", b"deltas", "forget_replicas", b"forget_replicas", "hello", b"hello", "hub_id", b"hub_id", "sent_unix_us", b"sent_unix_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deltas", b"deltas", "forget_epochs", b"forget_epochs", "forget_replicas", b"forget_replicas", "hello", b"hello", "hub_id", b"hub_id", "resend_snapshot", b"resend_snapshot", "sent_unix_us", b"sent_unix_us", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
