@@ -207,11 +207,13 @@ async def test_a_hub_that_dies_or_restarts_is_relayed_to_again(
         await _metric_until(reg_a, "kvroute_registry_route_share_relay_links", 1)
         await _metric_until(reg_b2, "kvroute_registry_route_share_relay_links", 1)
         await _until(sb.live, what="b shares again")
+        # lossless: b re-announced its request in flight (its snapshot through the new hub)
+        await _until(lambda: sa.remote.total == 1, what="a counts b's q1 again")
         d = await a.core.decide(RouteRequest("q2", token_ids=list(range(5000, 5064))))
         await _until(lambda: sb.remote.inflight(d.node_id) == 1, what="b hears a again")
-        d3 = await b.core.decide(RouteRequest("q3", token_ids=list(range(8000, 8064))))
-        await _until(lambda: sa.remote.inflight(d3.node_id) == 1, what="a hears b again")
-        assert a.core.complete("q2") and b.core.complete("q3")
+        await b.core.decide(RouteRequest("q3", token_ids=list(range(8000, 8064))))
+        await _until(lambda: sa.remote.total == 2, what="a hears b again")
+        assert a.core.complete("q2") and b.core.complete("q3") and b.core.complete("q1")
         await _until(lambda: sa.remote.total == 0 and sb.remote.total == 0,
                      what="completions after the restart")
         # a graceful stop withdraws the hub: A closes its link at once
