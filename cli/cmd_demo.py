@@ -46,6 +46,9 @@ def add_parser(sub: Any) -> None:
                    help="the notebook workload's conversations start uniformly over this many "
                         "model seconds (default 240; 120 put the 4-engine fleet on a "
                         "KV-capacity cliff where a few ms of timing moved p90 by 30 %%)")
+    p.add_argument("--cache-share", type=float, default=NOTEBOOK_CACHE_SHARE, metavar="F",
+                   help="the notebook workload's KV cache over the fleet as a share of its "
+                        f"distinct blocks (default {NOTEBOOK_CACHE_SHARE})")
     p.add_argument("--trace-requests", type=int, default=300,
                    help="requests of the shipped Mooncake sample to replay (default 300)")
     p.add_argument("--time-scale", type=float, default=0.03,
@@ -114,8 +117,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--nodes must be >= 1, --time-scale and --trace-time-scale > 0")
     if args.start_window <= 0:
         raise ConfigError("--start-window must be > 0")
-    if args.trace_engine_speed <= 0 or not 0 < args.trace_cache_share <= 1:
-        raise ConfigError("--trace-engine-speed must be > 0 and --trace-cache-share in (0, 1]")
+    if args.trace_engine_speed <= 0 or not 0 < args.trace_cache_share <= 1 \
+            or not 0 < args.cache_share <= 1:
+        raise ConfigError("--trace-engine-speed must be > 0, --cache-share and "
+                          "--trace-cache-share in (0, 1]")
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _sigterm)
@@ -126,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     # (title, workload, time scale, cache share, engine speed-up)
     workloads = [
         ("notebook workload (conversations, whole history resent every turn)", conv,
-         args.time_scale, NOTEBOOK_CACHE_SHARE, 1.0),
+         args.time_scale, args.cache_share, 1.0),
         ("Mooncake conversation trace sample (bench/data, real arrivals)",
          load_workload(workload="mooncake-sample", limit=args.trace_requests),
          args.trace_time_scale, args.trace_cache_share, args.trace_engine_speed),
