@@ -19,7 +19,7 @@
   ``?records=0`` for counters only), ``POST /kvroute/stats/reset`` (forget records).
 
 The request id of a record comes from the body's ``user`` (or ``rid``) or the ``X-Request-Id``
-header.
+header. A client that goes away aborts its request, streaming or not (its handler is cancelled).
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ class Api:
         out_ids = TOKENIZER.output_ids(req.request_id, req.max_tokens)
         usage = self.usage(req)
         if not stream:
-            await self.engine.sleep_until(req.finished_at or 0.0)
+            await self.until_finished(req)
             out: dict[str, Any] = {
                 "id": cid, "object": "text_completion", "created": created,
                 "model": self.engine.settings.model,
@@ -247,6 +247,14 @@ class Api:
         return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.max_tokens,
                 "total_tokens": req.prompt_tokens + req.max_tokens,
                 "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
+
+    async def until_finished(self, req: SimRequest) -> None:
+        """Non-streaming: wait for ``req``'s end; a client gone meanwhile aborts it."""
+        try:
+            await self.engine.sleep_until(req.finished_at or 0.0)
+        except BaseException:
+            self.engine.abort(req)
+            raise
 
     async def paced(self, req: SimRequest, out_ids: list[int]) -> list[tuple[int, int]]:
         """Wait for the first token; the caller waits for each further one with wait_token."""

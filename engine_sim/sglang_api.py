@@ -50,7 +50,7 @@ class SglangApi:
                 "cached_tokens": req.cached_tokens,
                 "finish_reason": {"type": "length", "length": req.max_tokens}}
         if not body.get("stream"):
-            await self.api.engine.sleep_until(req.finished_at or 0.0)
+            await self.api.until_finished(req)
             return web.json_response({"text": TOKENIZER.decode(out_ids), "output_ids": out_ids,
                                       "meta_info": meta})
         resp = await self.api.sse_start(request)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 
 from bench.results import PolicyRun
 from bench.sim.config import SimSettings
+from bench.sim.late import LateNews
 from bench.sim.replicas import ReplicaSettings, ShareBus, Spreader, make_share
 from bench.sim.source import SimPlacementSource
 from bench.sim.timing import RequestTiming
@@ -130,8 +131,6 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     owner: dict[str, int] = {}
     index = {r.request_id: i for i, r in enumerate(reqs)}
     prefilling: list[tuple[int, SimRequest]] = []  # submitted, prefill-done callback not given
-    late: list[tuple[float, int, str, int]] = []  # (heard at, seq, request id, cached tokens)
-    lag = cfg.complete_lag_s
     if timing is not None:
         timing.check(n_req)
     arrivals = arrival_times(workload, cfg.arrival_jitter_s, seed,
@@ -175,14 +174,12 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
             if s.finished_at is not None:
                 run.e2e_s[i] = s.finished_at - s.arrival + extra
                 run.t_end_s = max(run.t_end_s, s.finished_at)
-            back = lag if timing is None else timing.return_lag(i, lag)
-            if back > 0:
-                heapq.heappush(late, (end + back, i, s.request_id, s.cached_tokens))
-            else:
-                heard(end, s.request_id, s.cached_tokens)
+            late.tell(end, i, (s.request_id, s.cached_tokens),
+                      None if timing is None else timing.return_lag(i, cfg.complete_lag_s))
 
-    def heard(at: float, request_id: str, cached_tokens: int) -> None:
+    def heard(at: float, done: tuple[str, int]) -> None:
         """The router (and the policy's own state) learns the request completed."""
+        request_id, cached_tokens = done
         k = owner.pop(request_id, 0)
         if bus is not None:
             set_now(at)
@@ -191,10 +188,7 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
         if on_complete is not None:
             on_complete(request_id)
 
-    def hear_until(now: float) -> None:
-        while late and late[0][0] <= now:
-            at, _i, rid, cached = heapq.heappop(late)
-            heard(at, rid, cached)
+    late = LateNews(cfg.complete_lag_s, heard)  # (request id, cached tokens)
 
     def reach_engines(now: float) -> None:
         """Submit the decided requests whose engine arrival is due by ``now``, in time order."""
@@ -208,7 +202,7 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
         reach_engines(now)
         finished(fleet.advance(now))
         prefills_done(now)
-        hear_until(now)
+        late.hear_until(now)
         set_now(now)
         run.arrival_s[i] = now - waited
         if waited > 0:
@@ -270,7 +264,7 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
         route(j, at, kj, at - arrivals[j])
     reach_engines(float("inf"))
     finished(fleet.drain())
-    hear_until(float("inf"))
+    late.hear_until(float("inf"))
     if progress is not None:
         progress(n_req % 500)
     run.busy_s = fleet.busy_s

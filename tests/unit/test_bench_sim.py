@@ -216,3 +216,25 @@ def test_replayed_engine_arrivals_may_overtake_and_return_lags_drive_load() -> N
     # request in flight at request 1's decision; heard 100 s late, still two
     assert max(sum(c) for _, c in heard[1].load_samples) == 2
     assert max(sum(c) for _, c in heard[0].load_samples) == 1
+
+
+def test_late_news_is_heard_after_the_lag_in_time_then_request_order() -> None:
+    from bench.sim.late import LateNews
+
+    heard: list[tuple[float, str]] = []
+    late = LateNews(0.5, lambda at, what: heard.append((at, what)))
+    late.tell(1.0, 7, "7 first half")
+    late.tell(0.8, 9, "9")
+    late.tell(1.0, 3, "3")
+    late.tell(1.0, 7, "7 second half")
+    late.hear_until(1.4)
+    assert heard == [(1.3, "9")]
+    late.hear_until(math.inf)
+    assert heard[1:] == [(1.5, "3"), (1.5, "7 first half"), (1.5, "7 second half")]
+    at_once = LateNews(0.0, lambda at, what: heard.append((at, what)))
+    at_once.tell(2.0, 1, "now")
+    assert heard[-1] == (2.0, "now")
+    late.tell(3.0, 1, "measured", lag_s=0.25)  # a stack run's own lag for this request
+    late.tell(3.0, 2, "default")
+    late.hear_until(math.inf)
+    assert heard[-2:] == [(3.25, "measured"), (3.5, "default")]
