@@ -91,8 +91,9 @@ class RouterMetrics:
         self.shared_view_peers = Gauge(
             "kvroute_router_shared_view_peers",
             "Other replicas this replica heard routing within 30 s (shared view). Below the "
-            "deployment's replicas - 1 while every replica routes: some replicas share through "
-            "another registry pod (separate sharing groups)", registry=registry)
+            "deployment's replicas - 1 while every replica routes: some replicas are not heard "
+            "(their registry pod's relay to this one's is broken, or relay is off)",
+            registry=registry)
         self.shared_view_coincidence = Gauge(
             "kvroute_router_shared_view_coincidence",
             "Share of the other replicas' recent decisions made within --share-burst-window-s "
