@@ -176,12 +176,7 @@ def _with_replicas(args: argparse.Namespace, spec: FleetSpec, names: list[str],
         k = gateways if via_gateway else rs.routers
         if k > 1:
             out.append(f"{n}@{k}")
-    share: tuple[str, ...] = ()
-    if rs.share_routes:
-        share = ("--share-routes", "--share-max-blocks", str(rs.share_max_blocks),
-                 "--share-burst-window-s", str(rs.share_burst_window_s),
-                 "--share-burst-coincidence", str(rs.share_burst_coincidence),
-                 "--share-burst-stagger-s", str(rs.share_burst_stagger_s))
+    share = rs.share_flags(args.time_scale)  # the routers live on the wall clock
     spec = dataclasses.replace(spec, routers=rs.routers, gateways=gateways,
                                gateway=spec.gateway or gateways > 1,
                                router_args=(*spec.router_args, *share))

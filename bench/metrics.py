@@ -58,4 +58,5 @@ def policy_metrics(run: PolicyRun, merged_lru_hit: float, oracle_hit: float) -> 
         "load_avg_1m": list(run.load_avg) if run.load_avg is not None else None,
         "cpu_busy": run.cpu_busy,
         "notes": list(run.notes),
+        **({"replica_view": run.replica_view} if run.replica_view is not None else {}),
     }

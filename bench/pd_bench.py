@@ -94,11 +94,13 @@ def pd_bounds(workload: Workload, settings: SimSettings, prefill_nodes: int,
             "ttft_floor_ms": {"p50": round(float(p50), 1), "p90": round(float(p90), 1)}}
 
 
-def run_pd(workload: Workload, settings: SimSettings, prefill_nodes: int, decode_nodes: int,
-           transfer_s_per_block: float, kv: KvAwareSettings, disagg: DisaggSettings,
-           strategies: list[str], seed: int = 0,
-           progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Every strategy on a fresh P+D fleet, the aggregated run of the same size, the bounds."""
+def run_strategies(workload: Workload, settings: SimSettings, prefill_nodes: int,
+                   decode_nodes: int, transfer_s_per_block: float, kv: KvAwareSettings,
+                   disagg: DisaggSettings, strategies: list[str], seed: int = 0,
+                   progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Each strategy (``PREFILL/DECODE``; ``PREFILL`` alone: the decode choice of
+    ``disagg.pd_decode_policy``) on a fresh P+D fleet: its :func:`pd_metrics`, named
+    ``pd:PREFILL/DECODE``."""
     rate = settings.prefill_tokens_per_s
     results: list[dict[str, Any]] = []
     for strat in strategies:
@@ -110,6 +112,17 @@ def run_pd(workload: Workload, settings: SimSettings, prefill_nodes: int, decode
                          transfer_s_per_block, d, progress, kv.kv_prefill_tokens_per_s,
                          label=f"pd:{pre_name}/{d.pd_decode_policy}", seed=seed)
         results.append(pd_metrics(pd))
+    return results
+
+
+def run_pd(workload: Workload, settings: SimSettings, prefill_nodes: int, decode_nodes: int,
+           transfer_s_per_block: float, kv: KvAwareSettings, disagg: DisaggSettings,
+           strategies: list[str], seed: int = 0,
+           progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Every strategy on a fresh P+D fleet, the aggregated run of the same size, the bounds."""
+    rate = settings.prefill_tokens_per_s
+    results = run_strategies(workload, settings, prefill_nodes, decode_nodes,
+                             transfer_s_per_block, kv, disagg, strategies, seed, progress)
     agg_settings = dataclasses.replace(settings, nodes=prefill_nodes + decode_nodes)
     agg = simulate(workload, build_policy("kv_aware", prefill_tokens_per_s=rate, seed=seed,
                                           overrides={KvAwareSettings: kv}),
@@ -144,18 +157,10 @@ def pd_agreement(stack_rows: list[dict[str, Any]], workload: Workload, settings:
     timed = timed_settings(settings, timing)
     sims = []
     for k in range(runs):
-        rows = []
-        for strat in strategies:
-            pre_name, _, dec_name = strat.partition("/")
-            policy = build_policy(pre_name, prefill_tokens_per_s=settings.prefill_tokens_per_s,
-                                  seed=seed + k, overrides={KvAwareSettings: kv})
-            pd = simulate_pd(workload, policy, timed, prefill_nodes, decode_nodes,
-                             transfer_s_per_block,
-                             dataclasses.replace(disagg, pd_decode_policy=dec_name),
-                             router_prefill_tokens_per_s=kv.kv_prefill_tokens_per_s,
-                             label=strat, seed=seed + k)
-            rows.append(pd_metrics(pd))
-        sims.append({"results": rows})
+        rows = run_strategies(workload, timed, prefill_nodes, decode_nodes,
+                              transfer_s_per_block, kv, disagg, strategies, seed + k)
+        sims.append({"results": [dict(r, policy=r["policy"].removeprefix("pd:"))
+                                 for r in rows]})
     return {"sim_timing": timing, "agreement": agreement({"results": own}, sims),
             "sim_runs": sims}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -59,6 +60,18 @@ class PolicyRun:
     cpu_busy: float | None = None
     """Fraction of the machine's CPU time busy during the replay (all processes, all cores;
     from /proc/stat; None where unavailable)."""
+    route_front: list[int] = field(default_factory=list)
+    """Stack Router API runs, per request: the router replica its Route went to (-1: none);
+    empty elsewhere."""
+    route_sent_wall_s: list[float] = field(default_factory=list)
+    """Stack Router API runs, per request: wall seconds after the replay's start the client
+    sent the Route (client clock); empty elsewhere."""
+    route_answered_wall_s: list[float] = field(default_factory=list)
+    """Stack Router API runs, per request: wall seconds after the replay's start the client
+    had the Route's answer (NaN: failed); empty elsewhere."""
+    replica_view: dict[str, Any] | None = None
+    """Stack runs over N router replicas: their shared view's staleness and the spacing of
+    their decisions in the workload's bursts (:func:`bench.replica_view.burst_spacing`)."""
 
     def init_requests(self, n: int) -> None:
         """Allocate the per-request arrays for ``n`` requests."""

@@ -20,11 +20,13 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
 
 from bench.prompts import Prompt, prepare
+from bench.replica_view import burst_spacing, histogram_summary, spacing_note
 from bench.results import PolicyRun
 from bench.stack_fleet import FleetSpec, StackFleet
 from bench.stack_replay import ReplayHook, replay_stack, reset_caches
@@ -149,11 +151,14 @@ class StackBackend:
             "every node's index emptied after the cache reset")
         return urls
 
-    async def _share_note(self, via_gateway: bool, n: int) -> str:
+    async def _share_note(self, via_gateway: bool, n: int,
+                          ) -> tuple[str, list[dict[str, Any]]]:
         """What each replica's metrics say about the shared view after a replay (cumulative
-        since the fleet started): deltas applied, connected, burst decisions."""
+        since the replica started): deltas applied, connected, burst decisions; and per
+        replica its view's staleness (:func:`bench.replica_view.histogram_summary`)."""
         ready = (self.fleet.gateways_ready if via_gateway else self.fleet.routers_ready)[:n]
         parts = []
+        staleness: list[dict[str, Any]] = []
         async with aiohttp.ClientSession() as http:
             for k, r in enumerate(ready):
                 try:
@@ -161,7 +166,9 @@ class StackBackend:
                         text = await resp.text()
                 except aiohttp.ClientError as exc:
                     parts.append(f"#{k}: metrics unreadable ({exc!r})")
+                    staleness.append({})
                     continue
+                staleness.append(histogram_summary(text))
                 m = _metric_values(text)
                 parts.append(
                     f"#{k}: connected {m.get('kvroute_router_shared_view_connected', 0):g}, "
@@ -169,7 +176,7 @@ class StackBackend:
                     f"{m.get('kvroute_router_shared_view_staleness_seconds_count', 0):g}, "
                     f"burst decisions "
                     f"{m.get('kvroute_router_replica_burst_decisions_total', 0):g}")
-        return "shared view per replica (since start): " + "; ".join(parts)
+        return "shared view per replica (since start): " + "; ".join(parts), staleness
 
     async def _replay(self, workload: Workload, policy: str, label: str, fronts: list[str],
                       via_gateway: bool) -> PolicyRun:
@@ -193,7 +200,16 @@ class StackBackend:
         run.policy = label
         n = len(fronts)
         if n > 1:
-            run.notes.append(await self._share_note(via_gateway, n))
+            note, staleness = await self._share_note(via_gateway, n)
+            run.notes.append(note)
+            if run.route_front:  # Router API: the client saw each decision's time
+                run.replica_view = burst_spacing(
+                    run.arrival_s, run.route_front, run.route_sent_wall_s,
+                    run.route_answered_wall_s, n, self._burst_window_ms(), staleness)
+                run.notes.append(spacing_note(run.replica_view))
+            else:
+                run.replica_view = {"per_replica": [{"replica": k, "staleness_ms": st}
+                                                    for k, st in enumerate(staleness)]}
         replicas = (f", {n} replicas ({self.spread} spread, routes "
                     f"{'shared' if '--share-routes' in self.spec.router_args else 'NOT shared'})"
                     if n > 1 else "")
@@ -202,6 +218,17 @@ class StackBackend:
                          f"{'OpenAI gateway' if via_gateway else 'Router API (Route/Complete)'}"
                          f"{replicas}")
         return run
+
+
+    def _burst_window_ms(self) -> float:
+        """The routers' ``--share-burst-window-s`` (wall) in ms; the router's default when the
+        bench passed none."""
+        args = list(self.spec.router_args)
+        if "--share-burst-window-s" in args:
+            return float(args[args.index("--share-burst-window-s") + 1]) * 1000
+        from router_service.settings import RouterSettings
+
+        return RouterSettings().share_burst_window_s * 1000
 
 
 def _metric_values(text: str) -> dict[str, float]:

@@ -52,6 +52,11 @@ class _Outcome:
     """Trace time the Route call was made (for fault windows)."""
     t_done_s: float = math.nan
     """Trace time the client had the engine's response (for the return lag)."""
+    front: int = -1
+    """The replica (router or gateway) the request went to."""
+    route_sent_wall_s: float = math.nan
+    route_answered_wall_s: float = math.nan
+    """Wall seconds after the replay's start the Route was sent / answered (Router API)."""
 
 
 class ReplayHook(Protocol):
@@ -100,12 +105,14 @@ async def _one(req: TraceRequest, prompt: Prompt, route_bytes: bytes, model: str
                urls: dict[str, str], out: _Outcome, time_scale: float,
                t_start: float = math.nan) -> None:
     t0 = time.perf_counter()
-    out.t_route_s = (t0 - t_start) / time_scale
+    out.route_sent_wall_s = t0 - t_start
+    out.t_route_s = out.route_sent_wall_s / time_scale
     try:
         decision = await route(route_bytes, timeout=30)
     except grpc.aio.AioRpcError as exc:
         out.error = f"route: {exc.code().name}: {exc.details()}"
         return
+    out.route_answered_wall_s = time.perf_counter() - t_start
     out.node_id, out.predicted = decision.node_id, decision.expected_cached_tokens
     out.degraded = decision.degraded
     body = json_body({"model": model, "max_tokens": max(1, req.output_tokens),
@@ -211,6 +218,7 @@ async def replay_stack(workload: Workload, policy: str, router_target: str | Seq
 
         def send(i: int) -> Coroutine[Any, Any, None]:
             req, front = workload.requests[i], fronts.pick()
+            outcomes[i].front = front
             if gateways:
                 return _one_gateway(req, prompts[i], policy, model, gateways[front], http,
                                     outcomes[i], time_scale, start)
@@ -232,6 +240,10 @@ async def replay_stack(workload: Workload, policy: str, router_target: str | Seq
     run.wall_s = time.perf_counter() - t_wall0
     _fill(run, workload, outcomes, stats, node_ids, prefill_tokens_per_s)
     run.notes.append(client_vs_engine_note([o.client_s for o in outcomes], run.e2e_s))
+    if not gateways:
+        run.route_front = [o.front for o in outcomes]
+        run.route_sent_wall_s = [o.route_sent_wall_s for o in outcomes]
+        run.route_answered_wall_s = [o.route_answered_wall_s for o in outcomes]
     if hook is not None:
         hook.after(run, outcomes)
     return run

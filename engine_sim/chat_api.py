@@ -99,7 +99,7 @@ async def chat_completions(api: Api, request: web.Request, body: dict[str, Any],
     usage = api.usage(req)
     opts = body.get("stream_options") or {}
     if not body.get("stream"):
-        await api.engine.sleep_until(req.finished_at or 0.0)
+        await api.until_finished(req)
         out: dict[str, Any] = {
             "id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant",

@@ -19,7 +19,7 @@
   ``?records=0`` for counters only), ``POST /kvroute/stats/reset`` (forget records).
 
 The request id of a record comes from the body's ``user`` (or ``rid``) or the ``X-Request-Id``
-header.
+header. A client that goes away aborts its request, streaming or not (its handler is cancelled).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import logging
 import time
 from typing import Any
 
-import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -37,81 +36,22 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from engine_sim import kv_transfer
 from engine_sim.bootstrap import BootstrapError
 from engine_sim.engine import SimEngine
+from engine_sim.http_request import (
+    TOKENIZER,
+    BadRequest,
+    client_id,
+    error_response,
+    int_field,
+    prompt_tokens,
+    read_body,
+)
 from engine_sim.model import RequestTooLarge, SimRequest
 from engine_sim.pd_api import Half, PdHalves
-from engine_sim.tokenizer import SimpleTokenizer
 
 log = logging.getLogger(__name__)
 
 ENGINE_KEY = web.AppKey("engine", SimEngine)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
-TOKENIZER = SimpleTokenizer()
-MAX_TOKENS_LIMIT = 1 << 20
-_JSON = msgspec.json.Decoder()
-
-
-class BadRequest(Exception):
-    """A client error answered with an OpenAI-style error body."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _error(message: str, status: int) -> web.Response:
-    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
-    return web.json_response({"object": "error", "message": message, "type": kind,
-                              "param": None, "code": status}, status=status)
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = _JSON.decode(await request.read())  # C speed: prompts run to 100k token ids
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    return body
-
-
-def _token_list(value: list[Any], what: str) -> list[int]:
-    # set(map(type, ...)), min and max run in C (a per-token generator cost ~20 % of the
-    # engine's CPU on 10k-token prompts); type() is exact, so bools and floats are refused
-    if value and (set(map(type, value)) != {int} or min(value) < 0 or max(value) >= 2**32):
-        raise BadRequest(f"{what} must be token ids (integers in 0..4294967295)")
-    return list(value)
-
-
-def _prompt_tokens(value: Any, what: str = "prompt") -> list[int]:
-    """Token ids of a prompt given as text, ids, or a one-element list of either."""
-    if isinstance(value, str):
-        return TOKENIZER.encode(value)
-    if isinstance(value, list):
-        if value and all(isinstance(v, (str, list)) for v in value):
-            if len(value) != 1:
-                raise BadRequest(f"{what}: only one prompt per request is supported")
-            return _prompt_tokens(value[0], what)
-        return _token_list(value, what)
-    raise BadRequest(f"{what} must be a string or a list of token ids")
-
-
-def _int_field(body: dict[str, Any], names: tuple[str, ...], default: int) -> int:
-    for name in names:
-        val = body.get(name)
-        if val is None:
-            continue
-        if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= MAX_TOKENS_LIMIT:
-            raise BadRequest(f"{name} must be an integer in 1..{MAX_TOKENS_LIMIT}")
-        return val
-    return default
-
-
-def _client_id(request: web.Request, body: dict[str, Any]) -> str:
-    for key in ("user", "rid"):
-        val = body.get(key)
-        if isinstance(val, str) and val:
-            return val[:256]
-    return request.headers.get("X-Request-Id", "")[:256]
 
 
 class Api:
@@ -166,12 +106,12 @@ class Api:
     # ---- OpenAI completions ----------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/completions``."""
-        body = await _body(request)
+        body = await read_body(request)
         self._check_model(body)
         if "prompt" not in body:
             raise BadRequest("prompt is required")
-        tokens = _prompt_tokens(body["prompt"])
-        max_tokens = _int_field(body, ("max_tokens", "max_completion_tokens"),
+        tokens = prompt_tokens(body["prompt"])
+        max_tokens = int_field(body, ("max_tokens", "max_completion_tokens"),
                                 self.engine.settings.max_tokens_default)
         stream = bool(body.get("stream", False))
         opts = body.get("stream_options") or {}
@@ -182,14 +122,14 @@ class Api:
             kvt = kv_transfer.parse(body)
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
-        req = await self.run(tokens, max_tokens, _client_id(request, body), kvt.remote_prefill,
+        req = await self.run(tokens, max_tokens, client_id(request, body), kvt.remote_prefill,
                              self.half(request, body))
         cid = f"cmpl-{req.request_id}"
         created = int(time.time())
         out_ids = TOKENIZER.output_ids(req.request_id, req.max_tokens)
         usage = self.usage(req)
         if not stream:
-            await self.engine.sleep_until(req.finished_at or 0.0)
+            await self.until_finished(req)
             out: dict[str, Any] = {
                 "id": cid, "object": "text_completion", "created": created,
                 "model": self.engine.settings.model,
@@ -225,15 +165,15 @@ class Api:
         """``POST /v1/chat/completions``."""
         from engine_sim.chat_api import ChatError, chat_completions
 
-        body = await _body(request)
+        body = await read_body(request)
         self._check_model(body)
         if "messages" not in body:
             raise BadRequest("messages is required")
-        max_tokens = _int_field(body, ("max_completion_tokens", "max_tokens"),
+        max_tokens = int_field(body, ("max_completion_tokens", "max_tokens"),
                                 self.engine.settings.max_tokens_default)
         try:
             return await chat_completions(self, request, body, max_tokens,
-                                          _client_id(request, body))
+                                          client_id(request, body))
         except ChatError as exc:
             raise BadRequest(str(exc)) from exc
 
@@ -247,6 +187,14 @@ class Api:
         return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.max_tokens,
                 "total_tokens": req.prompt_tokens + req.max_tokens,
                 "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
+
+    async def until_finished(self, req: SimRequest) -> None:
+        """Non-streaming: wait for ``req``'s end; a client gone meanwhile aborts it."""
+        try:
+            await self.engine.sleep_until(req.finished_at or 0.0)
+        except BaseException:
+            self.engine.abort(req)
+            raise
 
     async def paced(self, req: SimRequest, out_ids: list[int]) -> list[tuple[int, int]]:
         """Wait for the first token; the caller waits for each further one with wait_token."""
@@ -264,16 +212,16 @@ class Api:
 
     async def render(self, request: web.Request) -> web.Response:
         """``POST /v1/completions/render``: the prompt as token ids, vLLM's GenerateRequest list."""
-        body = await _body(request)
+        body = await read_body(request)
         self._check_model(body)
         if "prompt" not in body:
             raise BadRequest("prompt is required")
         prompts = body["prompt"]
         items = prompts if isinstance(prompts, list) and prompts and all(
             isinstance(p, (str, list)) for p in prompts) else [prompts]
-        max_tokens = _int_field(body, ("max_tokens",), self.engine.settings.max_tokens_default)
+        max_tokens = int_field(body, ("max_tokens",), self.engine.settings.max_tokens_default)
         return web.json_response([
-            {"request_id": f"render-{i}", "token_ids": _prompt_tokens(p),
+            {"request_id": f"render-{i}", "token_ids": prompt_tokens(p),
              "sampling_params": {"max_tokens": max_tokens}, "model": self.engine.settings.model,
              "stream": bool(body.get("stream", False))}
             for i, p in enumerate(items)])
@@ -283,7 +231,7 @@ class Api:
         continue_final_message}`` -> ``{tokens, count, max_model_len}``."""
         from engine_sim.chat_api import ChatError, chat_prompt_ids
 
-        body = await _body(request)
+        body = await read_body(request)
         self._check_model(body)
         if "messages" in body:
             try:
@@ -291,7 +239,7 @@ class Api:
             except ChatError as exc:
                 raise BadRequest(str(exc)) from exc
         else:
-            tokens = _prompt_tokens(body.get("prompt", ""))
+            tokens = prompt_tokens(body.get("prompt", ""))
         return web.json_response({"tokens": tokens, "count": len(tokens),
                                   "max_model_len": self.engine.settings.max_prompt_tokens})
 
@@ -351,12 +299,12 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         resp: web.StreamResponse = await handler(request)
         return resp
     except BadRequest as exc:
-        return _error(str(exc), exc.status)
+        return error_response(str(exc), exc.status)
     except web.HTTPException:
         raise
     except Exception as exc:  # never let a handler bug take the server down
         log.exception("internal error serving %s", request.path)
-        return _error(f"internal error: {type(exc).__name__}", 500)
+        return error_response(f"internal error: {type(exc).__name__}", 500)
 
 
 def make_app(engine: SimEngine, registry: CollectorRegistry) -> web.Application:

@@ -4,13 +4,15 @@
 :meth:`PdHalves.side` reads a request's bootstrap fields and decides which half this engine
 runs, :meth:`PdHalves.receive` makes a decode half wait for its prefill,
 :meth:`PdHalves.prefilled` marks a prefill half's room done once the prefill ends (model time),
-:meth:`PdHalves.failed` marks it failed when the request errs or is aborted, and
+:meth:`PdHalves.failed` marks it failed when the request errs or is aborted (the one place a
+room fails: the HTTP routes call it for every request that ends in an exception), and
 :meth:`PdHalves.rooms_handler` serves ``GET /kvroute/bootstrap/rooms/{room}?wait_s=S`` (the
 engine's bootstrap server, on its HTTP port).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,12 +80,12 @@ class PdHalves:
         return self.engine.now() - t0
 
     async def prefilled(self, half: Half, req: SimRequest) -> None:
-        """Prefill half: at the end of the prefill (model time) the room's KV is ready."""
+        """Prefill half: at the end of the prefill (model time) the room's KV is ready. A
+        prefill cut short is aborted in the engine (its room fails in :meth:`failed`)."""
         try:
             await self.engine.sleep_until(req.first_token_at or 0.0)
         except BaseException:
             self.engine.abort(req)
-            self.rooms.fail(half.boot.room, "the prefill request was aborted")
             raise
         self.rooms.done(half.boot.room, {"prompt_tokens": req.prompt_tokens,
                                          "cached_tokens": req.cached_tokens,
@@ -94,7 +96,10 @@ class PdHalves:
         waiting)."""
         half = request.get(HALF_KEY)
         if half is not None and half.prefill:
-            self.rooms.fail(half.boot.room, f"{type(exc).__name__}: {exc}"[:500])
+            why = ("the prefill request was aborted (its client went away)"
+                   if isinstance(exc, asyncio.CancelledError)
+                   else f"{type(exc).__name__}: {exc}"[:500])
+            self.rooms.fail(half.boot.room, why)
 
     async def rooms_handler(self, request: web.Request) -> web.Response:
         """``GET /kvroute/bootstrap/rooms/{room}?wait_s=S``: ``{"status": "pending" | "done" |

@@ -52,7 +52,11 @@ class _Served:
         self.settings = settings
         self.engine = SimEngine(settings)
         registry = make_registry(self.engine)
+        # handler_cancellation: a client that goes away cancels its handler, which aborts its
+        # engine request (vLLM's routes are with_cancellation); without it aiohttp lets the
+        # handler run on, and a non-streaming request kept its blocks until it finished
         self.runner = web.AppRunner(make_app(self.engine, registry), access_log=None,
+                                    handler_cancellation=True,
                                     shutdown_timeout=settings.drain_timeout_s)
         self.metrics = MetricsServer(registry,
                                      *parse_hostport(settings.metrics_listen, "metrics_listen"))

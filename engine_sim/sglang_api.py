@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from engine_sim.http_api import TOKENIZER, BadRequest, _body, _client_id, _int_field, _prompt_tokens
+from engine_sim.http_request import (
+    TOKENIZER,
+    BadRequest,
+    client_id,
+    int_field,
+    prompt_tokens,
+    read_body,
+)
 
 if TYPE_CHECKING:
     from engine_sim.http_api import Api
@@ -27,22 +34,22 @@ class SglangApi:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """``POST /generate`` (SGLang): ``input_ids`` or ``text``; ``sampling_params``."""
-        body = await _body(request)
+        body = await read_body(request)
         if body.get("input_ids") is not None:
             ids = body["input_ids"]
             if not isinstance(ids, list):
                 raise BadRequest("input_ids must be a list of token ids")
-            tokens = _prompt_tokens(ids, "input_ids")
+            tokens = prompt_tokens(ids, "input_ids")
         elif body.get("text") is not None:
-            tokens = _prompt_tokens(body["text"], "text")
+            tokens = prompt_tokens(body["text"], "text")
         else:
             raise BadRequest("one of input_ids or text is required")
         params = body.get("sampling_params") or {}
         if not isinstance(params, dict):
             raise BadRequest("sampling_params must be an object")
         default = self.api.engine.settings.max_tokens_default
-        max_new = _int_field(params, ("max_new_tokens",), default)
-        req = await self.api.run(tokens, max_new, _client_id(request, body),
+        max_new = int_field(params, ("max_new_tokens",), default)
+        req = await self.api.run(tokens, max_new, client_id(request, body),
                                  half=self.api.half(request, body))
         out_ids = TOKENIZER.output_ids(req.request_id, req.max_tokens)
         meta = {"id": req.client_request_id or req.request_id,
@@ -50,7 +57,7 @@ class SglangApi:
                 "cached_tokens": req.cached_tokens,
                 "finish_reason": {"type": "length", "length": req.max_tokens}}
         if not body.get("stream"):
-            await self.api.engine.sleep_until(req.finished_at or 0.0)
+            await self.api.until_finished(req)
             return web.json_response({"text": TOKENIZER.decode(out_ids), "output_ids": out_ids,
                                       "meta_info": meta})
         resp = await self.api.sse_start(request)

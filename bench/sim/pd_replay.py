@@ -21,7 +21,6 @@ final ``Complete``), ``heartbeat_delay_s`` lags its view of the caches and load.
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field, replace
 
 from bench.results import PolicyRun
 from bench.sim.config import SimSettings
+from bench.sim.late import LateNews
 from bench.sim.replay import SIM_MODEL, _FleetView, arrival_times
 from bench.sim.source import SimPlacementSource
 from bench.sim.tracker import make_tracker
@@ -103,29 +103,16 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
     index = {r.request_id: i for i, r in enumerate(reqs)}
     first_half: dict[str, SimRequest] = {}
     decode_of: dict[str, int] = {}
-    lag = cfg.complete_lag_s
-    late: list[tuple[float, int, str, int]] = []  # (heard at, seq, request id, cached or -1)
-    seq = 0
 
-    def tell(at: float, rid: str, cached: int) -> None:
-        """The router hears of a half's end (``cached`` -1: the prefill half)."""
-        nonlocal seq
-        if lag <= 0:
-            hear(rid, cached)
-            return
-        seq += 1
-        heapq.heappush(late, (at + lag, seq, rid, cached))
-
-    def hear(rid: str, cached: int) -> None:
+    def hear(_at: float, end: tuple[str, int]) -> None:
+        """The router hears of a half's end (cached tokens -1: the prefill half)."""
+        rid, cached = end
         if cached < 0:
             core.complete_prefill(rid)
         else:
             core.complete(rid, cached_tokens=cached)
 
-    def hear_until(now: float) -> None:
-        while late and late[0][0] <= now:
-            _, _, rid, cached = heapq.heappop(late)
-            hear(rid, cached)
+    late = LateNews(cfg.complete_lag_s, hear)  # (request id, cached tokens or -1)
 
     def handle(done: list[SimRequest]) -> None:
         for s in done:
@@ -133,7 +120,7 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
             i = index[rid]
             if first_half.get(rid) is s:  # prefill ended: hand the KV over
                 del first_half[rid]
-                tell(s.first_token_at or fleet.now, rid, -1)
+                late.tell(s.first_token_at or fleet.now, i, (rid, -1))
                 run.cached_tokens[i] = s.cached_tokens
                 pd.prefill_s[i] = (s.first_token_at or 0.0) - (s.prefill_start or 0.0)
                 pd.queue_s[i] = (s.prefill_start or 0.0) - s.arrival
@@ -159,7 +146,7 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
             if s.finished_at is not None:
                 run.e2e_s[i] = s.finished_at - t0
                 run.t_end_s = max(run.t_end_s, s.finished_at)
-            tell(s.finished_at or fleet.now, rid, run.cached_tokens[i])
+            late.tell(s.finished_at or fleet.now, i, (rid, run.cached_tokens[i]))
 
     def step_to(t: float) -> None:
         while (te := fleet.next_event_time()) is not None and te <= t:
@@ -170,7 +157,7 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
     for i, r in enumerate(reqs):
         now = arrivals[i]
         step_to(now)
-        hear_until(now)
+        late.hear_until(now)
         tracker.now = now
         run.arrival_s[i] = now
         run.prompt_tokens[i] = r.prompt_tokens
@@ -197,7 +184,7 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
             progress(500)
     while (te := fleet.next_event_time()) is not None:
         handle(fleet.advance(max(te, fleet.now)))
-    hear_until(math.inf)
+    late.hear_until(math.inf)
     if progress is not None:
         progress(n_req % 500)
     run.busy_s = fleet.busy_s[:prefill_nodes]

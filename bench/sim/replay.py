@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 
 from bench.results import PolicyRun
 from bench.sim.config import SimSettings
+from bench.sim.late import LateNews
 from bench.sim.replicas import ReplicaSettings, ShareBus, Spreader, make_share
 from bench.sim.source import SimPlacementSource
 from bench.sim.tracker import make_tracker
@@ -126,8 +127,6 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     owner: dict[str, int] = {}
     index = {r.request_id: i for i, r in enumerate(reqs)}
     prefilling: list[tuple[int, SimRequest]] = []  # submitted, prefill-done callback not given
-    late: list[tuple[float, int, str, int]] = []  # (heard at, seq, request id, cached tokens)
-    lag = cfg.complete_lag_s
     arrivals = arrival_times(workload, cfg.arrival_jitter_s, seed, arrival_lags)
     waited_s: dict[int, float] = {}  # request -> seconds its staggered decision waited
     sample_every = max(1, n_req // 400)
@@ -163,13 +162,11 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
             if s.finished_at is not None:
                 run.e2e_s[i] = s.finished_at - s.arrival + extra
                 run.t_end_s = max(run.t_end_s, s.finished_at)
-            if lag > 0:
-                heapq.heappush(late, (end + lag, i, s.request_id, s.cached_tokens))
-            else:
-                heard(end, s.request_id, s.cached_tokens)
+            late.tell(end, i, (s.request_id, s.cached_tokens))
 
-    def heard(at: float, request_id: str, cached_tokens: int) -> None:
+    def heard(at: float, done: tuple[str, int]) -> None:
         """The router (and the policy's own state) learns the request completed."""
+        request_id, cached_tokens = done
         k = owner.pop(request_id, 0)
         if bus is not None:
             set_now(at)
@@ -178,17 +175,14 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
         if on_complete is not None:
             on_complete(request_id)
 
-    def hear_until(now: float) -> None:
-        while late and late[0][0] <= now:
-            at, _i, rid, cached = heapq.heappop(late)
-            heard(at, rid, cached)
+    late = LateNews(cfg.complete_lag_s, heard)  # (request id, cached tokens)
 
     def route(i: int, now: float, k: int, waited: float) -> None:
         """Replica ``k`` decides request ``i`` at ``now`` (``waited`` after its arrival)."""
         r = reqs[i]
         finished(fleet.advance(now))
         prefills_done(now)
-        hear_until(now)
+        late.hear_until(now)
         set_now(now)
         run.arrival_s[i] = now - waited
         if waited > 0:
@@ -245,7 +239,7 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
         at, j, kj = heapq.heappop(waiting)
         route(j, at, kj, at - arrivals[j])
     finished(fleet.drain())
-    hear_until(float("inf"))
+    late.hear_until(float("inf"))
     if progress is not None:
         progress(n_req % 500)
     run.busy_s = fleet.busy_s

@@ -49,7 +49,8 @@ class ReplicaSettings:
     share_burst_window_s: float = setting(
         0.01, "a replica that routed another request within this many model seconds is in a "
               "burst and kv_aware takes its own slot of the replicas' plan (the router's "
-              "--share-burst-window-s)")
+              "--share-burst-window-s; --mode stack gives the routers, on the wall clock, "
+              "this x --time-scale)")
     share_burst_coincidence: float = setting(
         0.5, "every decision counts as in a burst while at least this share of the other "
              "replicas' recent decisions were made within --share-burst-window-s of one of "
@@ -57,7 +58,9 @@ class ReplicaSettings:
     share_burst_stagger_s: float = setting(
         0.0, "in a burst the replica ranked r decides r x this many model seconds later, with "
              "the lower ranks' decisions in view (the router's --share-burst-stagger-s; the wait "
-             "counts in its TTFT); 0 = off")
+             "counts in its TTFT); 0 = off. --mode stack gives the routers this x --time-scale "
+             "wall seconds: to outlast the stack's real view staleness (wall time) it must "
+             "exceed that staleness / --time-scale")
     calibrate: bool = setting(
         True, "routers use each engine's prefill rate measured from its prefill times (as the "
               "node agent reports it from vLLM's metrics); --kv-prefill-tokens-per-s is then "
@@ -75,6 +78,23 @@ class ReplicaSettings:
                 or not self.share_burst_stagger_s, "share_burst_stagger_s",
                 "must be below --share-burst-window-s (turns farther apart than the window no "
                 "longer look like replicas deciding side by side)")
+
+    def share_flags(self, time_scale: float) -> tuple[str, ...]:
+        """The routers' shared-view flags for a stack replay whose engines run ``1 /
+        time_scale`` times faster than the wall clock (empty with ``--no-share-routes``).
+
+        The routers measure bursts and wait their turns on the wall clock, while the
+        workload's times are compressed by ``time_scale``: so the burst window and the stagger
+        (model seconds here, as ``--mode sim`` uses them) go to them x ``time_scale``. Then a
+        trace's requests fall in or out of a burst as in the sim, and a turn's wait costs the
+        same model time in TTFT. (The real view's staleness is not compressed: in model seconds
+        it is its wall time / ``time_scale``.)"""
+        if not self.share_routes:
+            return ()
+        return ("--share-routes", "--share-max-blocks", str(self.share_max_blocks),
+                "--share-burst-window-s", str(self.share_burst_window_s * time_scale),
+                "--share-burst-coincidence", str(self.share_burst_coincidence),
+                "--share-burst-stagger-s", str(self.share_burst_stagger_s * time_scale))
 
 
 class ShareBus:

@@ -31,6 +31,7 @@ import logging
 import random
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
@@ -77,6 +78,18 @@ class PdCore(Protocol):
     def complete_prefill(self, request_id: str) -> bool: ...
 
 
+@dataclass(slots=True)
+class PdResult:
+    """One disaggregated attempt's result: the decode node's response (head received) and
+    what the prefill node's cache served."""
+
+    response: Response
+    prefill_cached: int | None = None
+    """``cached_tokens`` of the prefill node's answer (what the core predicted; None when it
+    carries none). In the SGLang form the prefill may answer after the decode's head: it is
+    then set when that answer is in, and None until then."""
+
+
 def cached_tokens(body: bytes) -> int | None:
     """``usage.prompt_tokens_details.cached_tokens`` (or SGLang's ``meta_info.cached_tokens``)
     of a response body or SSE window."""
@@ -97,21 +110,19 @@ class PdForwarder:
         self.target = target
         self.protocol = protocol
         self.bootstrap_port = bootstrap_port
-        self.prefill_cached: dict[str, int] = {}
-        """Request id -> cached tokens the prefill node reported (what the core predicted)."""
         self._background: set[asyncio.Task[Any]] = set()
 
     async def attempt(self, d: RouteDecision, path: str, body: dict[str, Any],
-                      headers: Mapping[str, str], last: bool) -> Response:
-        """The decode node's response (head received) for one pair; NodeFailed /
-        EngineAnswer / TimeoutError otherwise."""
+                      headers: Mapping[str, str], last: bool) -> PdResult:
+        """The decode node's response (head received) for one pair, with the prefill's cached
+        tokens; NodeFailed / EngineAnswer / TimeoutError otherwise."""
         if self.protocol == "sglang":
             return await self._sglang(d, path, body, headers, last)
         return await self._vllm(d, path, body, headers, last)
 
     # -- vLLM: prefill, then decode with the prefill's kv_transfer_params --------------------
     async def _vllm(self, d: RouteDecision, path: str, body: dict[str, Any],
-                    headers: Mapping[str, str], last: bool) -> Response:
+                    headers: Mapping[str, str], last: bool) -> PdResult:
         ask = dict(body, kv_transfer_params=ASK_PREFILL, stream=False, max_tokens=1)
         ask.pop("stream_options", None)
         if "max_completion_tokens" in ask:
@@ -127,9 +138,10 @@ class PdForwarder:
             raise NodeFailed(d.node_id, d.address, "the prefill answer carries no "
                              "kv_transfer_params (is the engine a vLLM with a KV connector, "
                              "or should --pd-protocol be sglang?)", "status")
-        self._prefilled(d.request_id, data)
-        return await self._decode(d, path, headers, _ENCODE.encode(
+        cached = self._prefilled(d.request_id, data)
+        up = await self._decode(d, path, headers, _ENCODE.encode(
             dict(body, kv_transfer_params=params)), last)
+        return PdResult(up, cached)
 
     async def _whole(self, node_id: str, address: str, path: str, headers: Mapping[str, str],
                      raw: bytes) -> tuple[int, bytes, str]:
@@ -147,13 +159,10 @@ class PdForwarder:
         up.release()
         return up.status, data, up.content_type
 
-    def _prefilled(self, rid: str, data: bytes) -> None:
+    def _prefilled(self, rid: str, data: bytes) -> int | None:
+        """The prefill's answer is in: release its half in the core; its cached tokens."""
         self.core.complete_prefill(rid)
-        found = cached_tokens(data)
-        if found is not None:
-            if len(self.prefill_cached) > 100_000:
-                self.prefill_cached.clear()
-            self.prefill_cached[rid] = found
+        return cached_tokens(data)
 
     async def _decode(self, d: RouteDecision, path: str, headers: Mapping[str, str],
                       raw: bytes, last: bool) -> Response:
@@ -162,7 +171,7 @@ class PdForwarder:
 
     # -- SGLang: the same body (bootstrap fields added) to both at once ----------------------
     async def _sglang(self, d: RouteDecision, path: str, body: dict[str, Any],
-                      headers: Mapping[str, str], last: bool) -> Response:
+                      headers: Mapping[str, str], last: bool) -> PdResult:
         pre = self.target(d.address)
         raw = _ENCODE.encode(dict(
             body, bootstrap_host=pre.host, bootstrap_port=self.bootstrap_port or pre.port,
@@ -192,12 +201,13 @@ class PdForwarder:
             await _cancel(decode)
             await _cancel(prefill)
             raise
+        result = PdResult(up)
         if prefill.done():
-            self._finish_prefill(d, prefill)
+            self._finish_prefill(d, prefill, result)
         else:
             self._background.add(prefill)
-            prefill.add_done_callback(lambda t: self._finish_prefill(d, t))
-        return up
+            prefill.add_done_callback(lambda t: self._finish_prefill(d, t, result))
+        return result
 
     async def _blame_prefill(self, d: RouteDecision,
                              prefill: asyncio.Future[tuple[int, bytes, str]]) -> None:
@@ -217,8 +227,8 @@ class PdForwarder:
             raise exc
         _prefill_status(d, *task.result())
 
-    def _finish_prefill(self, d: RouteDecision,
-                        task: asyncio.Future[tuple[int, bytes, str]]) -> None:
+    def _finish_prefill(self, d: RouteDecision, task: asyncio.Future[tuple[int, bytes, str]],
+                        result: PdResult) -> None:
         self._background.discard(task)
         if task.cancelled():
             return
@@ -228,7 +238,7 @@ class PdForwarder:
             return
         status, data, _ = task.result()
         if status < 400:
-            self._prefilled(d.request_id, data)
+            result.prefill_cached = self._prefilled(d.request_id, data)
         else:
             log.warning("prefill node %s answered HTTP %d after the decode started: %r",
                         d.node_id, status, data[:200])

@@ -40,7 +40,7 @@ from multidict import CIMultiDict
 from kvroute.errors import KvrouteError
 from router_service.domain import RouteDecision, RouteRequest
 from router_service.gateway.metrics import GatewayMetrics
-from router_service.gateway.pd import EngineAnswer, NodeFailed, PdForwarder, send
+from router_service.gateway.pd import EngineAnswer, NodeFailed, PdForwarder, PdResult, send
 from router_service.gateway.pd import cached_tokens as _cached_tokens
 from router_service.gateway.settings import GatewaySettings
 from router_service.gateway.upstream import (
@@ -210,13 +210,13 @@ class Proxy:
                              session_id=headers.get(self.s.session_header),
                              policy=headers.get(self.s.policy_header))
         try:
-            up, decision = await self._connect(base, endpoint, req, raw, fwd, t0)
+            up, decision, pd = await self._connect(base, endpoint, req, raw, fwd, t0)
         except EngineAnswer as ans:  # a prefill node refused the request: relay its answer
             return web.Response(status=ans.status, body=ans.body, headers={
                 "Content-Type": ans.content_type or "application/json",
                 "x-request-id": client_rid})
         try:
-            return await self._relay(request, req, up, decision, client_rid, t0)
+            return await self._relay(request, req, up, decision, pd, client_rid, t0)
         finally:
             up.close()  # no-op after a full read; closes the connection (engine aborts) if not
 
@@ -232,9 +232,10 @@ class Proxy:
 
     async def _connect(self, base: RouteRequest, endpoint: Endpoint, req: OpenAIRequest,
                        raw: bytes, fwd: dict[str, str], t0: float,
-                       ) -> tuple[Response, RouteDecision]:
+                       ) -> tuple[Response, RouteDecision, PdResult | None]:
         """Decide and send, retrying on a new decision without a node that failed before the
-        first byte (a disaggregated pair goes through :class:`PdForwarder`)."""
+        first byte (a disaggregated pair goes through :class:`PdForwarder`, whose result
+        comes along)."""
         excluded: frozenset[str] = frozenset()
         path = ENDPOINT_PATHS[endpoint]
         m = self.metrics
@@ -246,12 +247,12 @@ class Proxy:
             pair = decision.split
             try:
                 if pair:
-                    up = await self.pd.attempt(decision, path, req.body, fwd,
+                    pd = await self.pd.attempt(decision, path, req.body, fwd,
                                                failures["node"] >= self.s.retries)
-                else:
-                    up = await self._attempt(decision, path, raw, fwd,
-                                             failures["node"] >= self.s.retries)
-                return up, decision
+                    return pd.response, decision, pd
+                up = await self._attempt(decision, path, raw, fwd,
+                                         failures["node"] >= self.s.retries)
+                return up, decision, None
             except NodeFailed as exc:
                 self.core.complete(base.request_id, success=False)
                 m.upstream_errors.labels(exc.label).inc()
@@ -293,7 +294,7 @@ class Proxy:
         return h
 
     async def _relay(self, request: web.Request, req: OpenAIRequest,
-                     up: Response, d: RouteDecision, client_rid: str,
+                     up: Response, d: RouteDecision, pd: PdResult | None, client_rid: str,
                      t0: float) -> web.StreamResponse:
         rid = d.request_id
         m = self.metrics
@@ -313,12 +314,12 @@ class Proxy:
             # the bookkeeping (release the slot, metrics) runs right after the response is
             # handed to aiohttp, so the client does not wait for it
             asyncio.get_running_loop().call_soon(
-                self._after_body, rid, up.status < 400, body, d, time.perf_counter() - t0)
+                self._after_body, rid, up.status < 400, body, d, pd, time.perf_counter() - t0)
             return web.Response(status=up.status, body=body, headers=headers)
-        return await self._relay_stream(request, up, d, headers, t0)
+        return await self._relay_stream(request, up, d, pd, headers, t0)
 
-    async def _relay_stream(self, request: web.Request, up: Response,
-                            d: RouteDecision, headers: CIMultiDict[str],
+    async def _relay_stream(self, request: web.Request, up: Response, d: RouteDecision,
+                            pd: PdResult | None, headers: CIMultiDict[str],
                             t0: float) -> web.StreamResponse:
         rid = d.request_id
         out = web.StreamResponse(status=up.status, headers=headers)
@@ -358,19 +359,20 @@ class Proxy:
         except BaseException:  # client gone (cancelled or write failed): release, close upstream
             self.core.complete(rid, success=False)
             raise
-        self._complete(rid, ok, cached, d)
+        self._complete(rid, ok, cached, d, pd)
         with contextlib.suppress(ConnectionError, RuntimeError):
             await out.write_eof()
         return out
 
     def _after_body(self, rid: str, ok: bool, body: bytes, d: RouteDecision,
-                    first_byte_s: float) -> None:
+                    pd: PdResult | None, first_byte_s: float) -> None:
         self.metrics.first_byte.observe(first_byte_s)
-        self._complete(rid, ok, _cached_tokens(body), d)
+        self._complete(rid, ok, _cached_tokens(body), d, pd)
 
-    def _complete(self, rid: str, ok: bool, cached: int | None, d: RouteDecision) -> None:
-        if d.split:  # what the prefill node served from its cache (the prediction's)
-            cached = self.pd.prefill_cached.pop(rid, None)
+    def _complete(self, rid: str, ok: bool, cached: int | None, d: RouteDecision,
+                  pd: PdResult | None) -> None:
+        if pd is not None:  # a split pair: what the prefill node served (the prediction's)
+            cached = pd.prefill_cached
         self.core.complete(rid, success=ok, cached_tokens=cached)
         if cached is not None:
             self.metrics.cached_tokens.inc(cached)

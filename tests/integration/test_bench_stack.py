@@ -121,3 +121,11 @@ def test_stack_spreads_over_router_and_gateway_replicas_that_share_their_view(
         applied = re.findall(r"deltas applied (\d+)", note)
         assert len(applied) == 2 and all(int(a) > 0 for a in applied), note
         assert note.count("connected 1") == 2, note
+        # ... and each replica's view staleness from its own histogram
+        view = by[name]["replica_view"]["per_replica"]
+        assert [r["staleness_ms"]["count"] for r in view] == [int(a) for a in applied]
+        assert all(r["staleness_ms"]["p50_ms"] >= 0 for r in view)
+    # the Router API rows also say how the replicas' decisions were spaced (client clock)
+    assert "per_replica" in by["kv_aware@2"]["replica_view"]
+    assert by["kv_aware@2"]["replica_view"]["window_ms"] >= 0
+    assert "burst_ticks" not in by["gateway:kv_aware@2"]["replica_view"]

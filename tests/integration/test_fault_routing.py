@@ -7,6 +7,7 @@ equals its engine's cache); a killed engine leaves routing within one heartbeat 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 import urllib.request
@@ -51,7 +52,10 @@ async def no_placement_lost(stack: FaultStack, within_s: float = 5.0) -> None:
         await asyncio.sleep(0.2)
 
 
-async def _stack(tmp: Path, registries: int) -> tuple[FaultStack, Traffic]:
+@contextlib.asynccontextmanager
+async def _running(tmp: Path, registries: int) -> AsyncIterator[tuple[FaultStack, Traffic]]:
+    """The stack with ``registries`` registries, traffic running and routing cache-aware; on
+    exit (or a failed start) the traffic stops (whatever it raises), then every process."""
     stack = await asyncio.to_thread(FaultStack(tmp, registries=registries).start)
     traffic = Traffic(stack.router_target, {i: n.node_id for i, n in enumerate(stack.fleet)})
     try:
@@ -59,36 +63,24 @@ async def _stack(tmp: Path, registries: int) -> tuple[FaultStack, Traffic]:
             await asyncio.to_thread(complete_on, node.ports["http"], prompt(i))
         traffic.start()
         await traffic.wait_cache_aware(15)
-    except BaseException:
-        await _close(stack, traffic)
-        raise
-    return stack, traffic
-
-
-async def _close(stack: FaultStack, traffic: Traffic) -> None:
-    """Stop the traffic (whatever it raises) and every process of the stack."""
-    try:
-        await traffic.stop()
+        yield stack, traffic
     finally:
-        await asyncio.to_thread(stack.close)
+        try:
+            await traffic.stop()
+        finally:
+            await asyncio.to_thread(stack.close)
 
 
 @pytest.fixture
 async def one_registry(tmp_path: Path) -> AsyncIterator[tuple[FaultStack, Traffic]]:
-    stack, traffic = await _stack(tmp_path, 1)
-    try:
-        yield stack, traffic
-    finally:
-        await _close(stack, traffic)
+    async with _running(tmp_path, 1) as running:
+        yield running
 
 
 @pytest.fixture
 async def two_registries(tmp_path: Path) -> AsyncIterator[tuple[FaultStack, Traffic]]:
-    stack, traffic = await _stack(tmp_path, 2)
-    try:
-        yield stack, traffic
-    finally:
-        await _close(stack, traffic)
+    async with _running(tmp_path, 2) as running:
+        yield running
 
 
 async def _recovers(stack: FaultStack, traffic: Traffic, serving_at: float) -> None:

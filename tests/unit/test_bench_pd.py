@@ -77,6 +77,11 @@ def test_pd_agreement_compares_the_stack_with_seeded_sims_under_its_timing() -> 
     [row] = out["agreement"]  # the peer has no sim of its own
     assert row["policy"] == "kv_aware/kv_aware" and row["sim_runs"] == 3
     assert row["hit"]["apart"] == 0.0
+    # a strategy that names only the prefill policy decodes by --pd-decode-policy, as run_pd
+    alone = pd_agreement([stack], w, cfg, 2, 2, 0.001, kv, DisaggSettings(), ["kv_aware"],
+                         0.5, 0.05, 1)
+    [row] = alone["agreement"]
+    assert row["policy"] == "kv_aware/kv_aware" and row["hit"]["apart"] == 0.0
 
 
 def test_kv_aware_pairs_move_fewer_blocks_than_load_only_decode() -> None:

@@ -128,3 +128,22 @@ def test_bench_share_measures_staleness_through_a_real_registry() -> None:
     assert out["deltas_applied"] == out["deltas_expected"] == 80
     assert 0 <= out["staleness_ms"]["p50"] <= out["staleness_ms"]["max"] < 5000
     assert out["remote_inflight_left"] == {"r0": 0, "r1": 0}
+
+
+def test_stack_routers_get_the_burst_window_and_stagger_on_the_wall_clock() -> None:
+    """The routers measure bursts and wait their turns in wall seconds; the stack's workload
+    runs --time-scale times compressed, so model-second settings reach them x --time-scale."""
+    from router_service.settings import RouterSettings
+
+    rs = ReplicaSettings(routers=4, share_burst_window_s=0.01, share_burst_stagger_s=0.006)
+    flags = rs.share_flags(0.2)
+    got = dict(zip(flags[1::2], flags[2::2], strict=True))
+    assert flags[0] == "--share-routes"
+    assert float(got["--share-burst-window-s"]) == pytest.approx(0.002)
+    assert float(got["--share-burst-stagger-s"]) == pytest.approx(0.0012)
+    assert got["--share-burst-coincidence"] == "0.5"  # a share: unitless
+    assert got["--share-max-blocks"] == "64"  # a count
+    RouterSettings(registry="127.0.0.1:1", share_routes=True,  # the router accepts them
+                   share_burst_window_s=float(got["--share-burst-window-s"]),
+                   share_burst_stagger_s=float(got["--share-burst-stagger-s"]))
+    assert ReplicaSettings(share_routes=False).share_flags(0.2) == ()

@@ -173,3 +173,21 @@ def test_a_stack_runs_measured_lags_and_node_names_are_replayed() -> None:
     assert set(got) == {"kv_aware", "*"} and got["*"] == [0.5] * n  # no lags: not listed
     lagged = SimBackend(cfg, arrival_lags=got).replay(wl, "round_robin")  # via "*"
     assert lagged.arrival_s == [a + 0.5 for a in base]
+
+
+def test_late_news_is_heard_after_the_lag_in_time_then_request_order() -> None:
+    from bench.sim.late import LateNews
+
+    heard: list[tuple[float, str]] = []
+    late = LateNews(0.5, lambda at, what: heard.append((at, what)))
+    late.tell(1.0, 7, "7 first half")
+    late.tell(0.8, 9, "9")
+    late.tell(1.0, 3, "3")
+    late.tell(1.0, 7, "7 second half")
+    late.hear_until(1.4)
+    assert heard == [(1.3, "9")]
+    late.hear_until(math.inf)
+    assert heard[1:] == [(1.5, "3"), (1.5, "7 first half"), (1.5, "7 second half")]
+    at_once = LateNews(0.0, lambda at, what: heard.append((at, what)))
+    at_once.tell(2.0, 1, "now")
+    assert heard[-1] == (2.0, "now")

@@ -82,14 +82,14 @@ def test_vllm_prefill_then_decode_with_its_kv_transfer_params() -> None:
     decode = FakeResponse(200)
     engines = Engines({8001: FakeResponse(200, {"kv_transfer_params": kvt, "usage": {
         "prompt_tokens_details": {"cached_tokens": 32}}}), 8002: decode})
-    fw = _forwarder(engines, "vllm")
-    assert _attempt(fw) is decode
+    result = _attempt(_forwarder(engines, "vllm"))
+    assert result.response is decode
     (p_port, pre), (d_port, dec) = engines.sent
     assert (p_port, d_port) == (8001, 8002)
     assert pre["kv_transfer_params"]["do_remote_decode"] is True
     assert (pre["max_tokens"], pre["stream"], "stream_options" in pre) == (1, False, False)
     assert dec == {**BODY, "kv_transfer_params": kvt}  # the client's body + the hand-over
-    assert engines.prefill_done == ["r1"] and fw.prefill_cached == {"r1": 32}
+    assert engines.prefill_done == ["r1"] and result.prefill_cached == 32
 
 
 @pytest.mark.parametrize(("answer", "error", "node"), [
@@ -114,25 +114,46 @@ def test_vllm_decode_5xx_blamed_on_decode_unless_last() -> None:
         _attempt(_forwarder(engines, "vllm"))
     assert exc.value.node_id == "d0"
     engines = Engines({8001: ok, 8002: FakeResponse(500)})
-    assert _attempt(_forwarder(engines, "vllm"), last=True).status == 500  # relayed
+    assert _attempt(_forwarder(engines, "vllm"), last=True).response.status == 500  # relayed
 
 
 def test_sglang_same_body_with_bootstrap_fields_to_both() -> None:
     decode = FakeResponse(200)
     engines = Engines({8001: FakeResponse(200, {"meta_info": {"cached_tokens": 16}}),
                        8002: decode})
-    fw = _forwarder(engines, "sglang")
-    assert _attempt(fw) is decode
+    result = _attempt(_forwarder(engines, "sglang"))
+    assert result.response is decode
     bodies = dict(engines.sent)
     assert bodies[8001] == bodies[8002]
     sent = bodies[8001]
     assert (sent["bootstrap_host"], sent["bootstrap_port"]) == ("127.0.0.1", 8001)
     assert 0 <= sent["bootstrap_room"] < 2**63 and sent["max_tokens"] == 9
-    assert engines.prefill_done == ["r1"] and fw.prefill_cached == {"r1": 16}
+    assert engines.prefill_done == ["r1"] and result.prefill_cached == 16
     engines = Engines({8001: FakeResponse(200), 8002: FakeResponse(200)})
     asyncio.run(_forwarder(engines, "sglang", 8998).attempt(DECISION, "/generate", {}, {},
                                                              False))
     assert engines.sent[0][1]["bootstrap_port"] == 8998
+
+
+def test_sglang_prefill_answering_after_the_decode_head_reports_its_cached_tokens() -> None:
+    """The prefill's answer may come after the decode's head: the attempt's result gets its
+    cached tokens (and the core its prefill release) when it is in."""
+    engines = Engines({8001: FakeResponse(200, {"meta_info": {"cached_tokens": 48}},
+                                          delay_s=0.05), 8002: FakeResponse(200)})
+    fw = _forwarder(engines, "sglang")
+
+    async def run() -> tuple[int | None, int | None, list[str]]:
+        result = await fw.attempt(DECISION, "/generate", dict(BODY), {}, False)
+        at_head, released_at_head = result.prefill_cached, list(engines.prefill_done)
+        for _ in range(100):
+            if result.prefill_cached is not None:
+                break
+            await asyncio.sleep(0.01)
+        return at_head, result.prefill_cached, released_at_head
+
+    at_head, later, released_at_head = asyncio.run(run())
+    assert (at_head, released_at_head) == (None, [])
+    assert later == 48 and engines.prefill_done == ["r1"]
 
 
 def test_sglang_decode_failing_because_its_prefill_failed_blames_the_prefill() -> None:

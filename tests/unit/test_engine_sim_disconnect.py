@@ -1,0 +1,93 @@
+"""A client that goes away from a non-streaming request aborts it in the engine (its KV blocks
+freed at once), as the streaming paths do and as vLLM's OpenAI server does (its routes are
+``with_cancellation``: a disconnect cancels the handler, and the cancelled generate aborts the
+engine request). engine_sim is served by :func:`engine_sim.server.serve` on a loopback port, so
+the server's own runner settings are what is tested (aiohttp's TestServer cancels handlers on
+disconnect by itself; engine_sim's runner did not)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from engine_sim.server import serve
+from engine_sim.settings import EngineSimSettings
+
+PROMPT = list(range(1, 41))  # 10 blocks of 4 tokens
+BODIES: dict[str, dict[str, Any]] = {
+    "/v1/completions": {"prompt": PROMPT, "max_tokens": 40},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "a b c d e f g h"}],
+                             "max_tokens": 40},
+    "/generate": {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 40}},
+}
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[str]:
+    """A real engine_sim server on a loopback port whose requests decode for ~8 s (wall)."""
+    ready = tmp_path / "ready.json"
+    settings = EngineSimSettings(
+        listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", ready_file=str(ready),
+        events_endpoint="", replay_endpoint="", time_scale=1.0, block_size=4,
+        capacity_blocks=64, decode_ms_per_token=200.0, drain_timeout_s=1.0)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(settings, stop))
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert not task.done(), task.exception() if task.done() else ""
+            assert time.monotonic() < deadline, "engine_sim did not start"
+            await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{json.loads(ready.read_text())['http_port']}"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def _stats(http: aiohttp.ClientSession, base: str) -> dict[str, Any]:
+    async with http.get(f"{base}/kvroute/stats", params={"records": "0"}) as resp:
+        out: dict[str, Any] = await resp.json()
+        return out
+
+
+@pytest.mark.parametrize("path", sorted(BODIES))
+async def test_a_client_gone_from_a_non_streaming_request_aborts_it(engine: str,
+                                                                     path: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        async def call() -> bytes:
+            async with http.post(f"{engine}{path}", json=BODIES[path]) as resp:
+                return await resp.read()
+
+        pending = asyncio.ensure_future(call())
+        deadline = time.monotonic() + 10
+        while (await _stats(http, engine))["num_running"] != 1:  # admitted: holds its blocks
+            assert time.monotonic() < deadline, "the request was never admitted"
+            await asyncio.sleep(0.05)
+        assert (await _stats(http, engine))["used_blocks"] > 0
+        pending.cancel()  # the client goes away: its connection closes
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        # the request had ~8 s of decoding left; the abort frees it long before that
+        deadline = time.monotonic() + 4
+        while (st := await _stats(http, engine))["requests_aborted"] < 1:
+            assert time.monotonic() < deadline, f"not aborted: {st}"
+            await asyncio.sleep(0.05)
+        assert st["requests_aborted"] == 1 and st["requests_finished"] == 0
+        assert st["num_running"] == 0 and st["used_blocks"] == 0
+
+
+async def test_a_non_streaming_request_whose_client_stays_finishes(engine: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{engine}/v1/completions",
+                             json={"prompt": PROMPT, "max_tokens": 2}) as resp:
+            body = await resp.json()
+        assert resp.status == 200 and body["usage"]["completion_tokens"] == 2
+        st = await _stats(http, engine)
+        assert st["requests_aborted"] == 0 and st["requests_finished"] == 1
