@@ -5,6 +5,11 @@ and ``--routers`` routing runtimes with ``--share-routes``; requests are routed 
 the replicas at ``--rate`` per second and completed ``--hold-s`` later. Every delta a replica
 applies is timed from the sender's decision to the receiver's apply (one machine, one clock):
 that is the staleness ``kvroute bench --mode sim --share-delay-s`` models.
+
+``--registries N`` (N > 1) runs N registry replicas on a real etcd (embedded, or
+``KVROUTE_ETCD_ENDPOINTS``) and connects router k to registry k mod N: a delta between routers on
+different registries goes hub -> relay -> hub, so with ``--routers N --registries N`` every
+delta measured crossed the relay.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import time
+import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from kvroute.blocks import HASH_SCHEME
+from kvroute.embedded_etcd import EmbeddedEtcd
 from kvroute.procs import free_port
 from kvroute.v1 import registry_pb2 as pb
 from kvroute.v1 import registry_pb2_grpc as pb_grpc
@@ -41,6 +50,9 @@ def add_share_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests per second over all replicas (default 200)")
     p.add_argument("--hold-s", type=float, default=0.5,
                    help="seconds between a request's decision and its Complete (default 0.5)")
+    p.add_argument("--registries", type=int, default=1,
+                   help="registry replicas (default 1, memory store); more run on a real etcd "
+                        "and relay to one another; router k streams to registry k mod N")
 
 
 async def _until(cond: Any, within_s: float = 20.0) -> None:
@@ -51,15 +63,59 @@ async def _until(cond: Any, within_s: float = 20.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def _relay_links(metrics_port: int) -> float:
+    """``kvroute_registry_route_share_relay_links`` of the registry serving /metrics there."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("kvroute_registry_route_share_relay_links "):
+                return float(line.split()[1])
+    return 0.0
+
+
+async def _relayed(ports: list[int], within_s: float = 30.0) -> None:
+    """Wait until every registry relays to every other."""
+    deadline = time.monotonic() + within_s
+    while True:
+        links = [await asyncio.to_thread(_relay_links, p) for p in ports]
+        if all(n == len(ports) - 1 for n in links):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the registries' relay links did not come up: {links}")
+        await asyncio.sleep(0.1)
+
+
+async def _registries(args: argparse.Namespace, tmp: Path, stop: asyncio.Event,
+                      ) -> tuple[list[str], list[int], list[asyncio.Task[int]],
+                                 EmbeddedEtcd | None]:
+    """Start the registries (and etcd when there are several); their gRPC targets."""
+    etcd: EmbeddedEtcd | None = None
+    store: dict[str, Any] = {"store": "memory"}
+    if args.registries > 1:
+        given = os.environ.get("KVROUTE_ETCD_ENDPOINTS", "")
+        if not given:
+            etcd = EmbeddedEtcd(tmp / "etcd").start()
+            given = etcd.endpoint
+        store = {"store": "etcd", "etcd_endpoints": (given.split(",")[0],),
+                 "etcd_prefix": f"/kvroute-bench-share/{uuid.uuid4().hex[:8]}/"}
+    targets, ports, tasks = [], [], []
+    for k in range(args.registries):
+        ready = tmp / f"ready-{k}.json"
+        tasks.append(asyncio.create_task(serve(RegistrySettings(
+            listen=f"127.0.0.1:{free_port()}", ready_file=str(ready), replica_id=f"reg-{k}",
+            metrics_listen="127.0.0.1:0", status_write_interval_s=0, **store), stop)))
+        await _until(ready.exists)
+        info = json.loads(ready.read_text())
+        targets.append(f"127.0.0.1:{info['grpc_port']}")
+        ports.append(int(info["metrics_port"]))
+    return targets, ports, tasks, etcd
+
+
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        ready = Path(tmp) / "ready.json"
         stop = asyncio.Event()
-        reg = asyncio.create_task(serve(RegistrySettings(
-            store="memory", listen=f"127.0.0.1:{free_port()}", ready_file=str(ready),
-            metrics_listen="127.0.0.1:0", status_write_interval_s=0), stop))
-        await _until(ready.exists)
-        target = f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
+        targets, metrics_ports, regs, etcd = await _registries(args, Path(tmp), stop)
+        target = targets[0]
         async with grpc.aio.insecure_channel(target) as ch:
             stub = pb_grpc.RegistryStub(ch)
             for i in range(args.nodes):
@@ -67,9 +123,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                     node_id=f"n{i}", address=f"n{i}:8000", model="m", block_size=16,
                     capacity_blocks=10_000, hash_scheme=HASH_SCHEME))
         lags: list[float] = []
-        rts = [RoutingRuntime(RouterSettings(registry=target, share_routes=True,
-                                             router_replica_id=f"r{k}"), None,
-                              CollectorRegistry()) for k in range(args.routers)]
+        rts = [RoutingRuntime(RouterSettings(registry=targets[k % len(targets)],
+                                             share_routes=True, router_replica_id=f"r{k}"),
+                              None, CollectorRegistry()) for k in range(args.routers)]
         try:
             for rt in rts:
                 await rt.start()
@@ -77,6 +133,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 rt.core.share.on_staleness = lags.append
             await _until(lambda: all(rt.core.source.connected and rt.core.share is not None
                                      and rt.core.share.live() for rt in rts))
+            if len(targets) > 1:  # every router hears every other: the relay links are up
+                await _relayed(metrics_ports)
             pending: list[asyncio.Task[None]] = []
 
             async def complete_later(rt: RoutingRuntime, rid: str) -> None:
@@ -102,9 +160,12 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             for rt in rts:
                 await rt.stop()
             stop.set()
-            await reg
+            await asyncio.gather(*regs)
+            if etcd is not None:
+                etcd.stop()
     ms = np.array(lags) * 1000.0 if lags else np.zeros(1)
-    return {"routers": args.routers, "nodes": args.nodes, "requests": args.requests,
+    return {"routers": args.routers, "registries": args.registries, "nodes": args.nodes,
+            "requests": args.requests,
             "rate_per_s": round(args.requests / elapsed, 1),
             "deltas_applied": len(lags),
             "deltas_expected": 2 * args.requests * (args.routers - 1),
@@ -117,7 +178,9 @@ def run_share_cli(args: argparse.Namespace) -> int:
     """``kvroute bench share``: print and optionally write the result."""
     out = asyncio.run(_run(args))
     s = out["staleness_ms"]
-    print(f"shared view over a real registry: {out['routers']} replicas, {out['nodes']} nodes, "
+    print(f"shared view over {out['registries']} real registr"
+          f"{'y' if out['registries'] == 1 else 'ies (relayed)'}: {out['routers']} replicas, "
+          f"{out['nodes']} nodes, "
           f"{out['requests']} requests at {out['rate_per_s']}/s")
     print(f"  deltas applied {out['deltas_applied']} of {out['deltas_expected']}; staleness "
           f"p50 {s['p50']:.2f} ms  p90 {s['p90']:.2f} ms  p99 {s['p99']:.2f} ms  "

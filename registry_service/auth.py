@@ -6,7 +6,9 @@ Identities are ``ROLE:NAME``:
 - ``reader:<name>`` (routers, gateways, endpoint pickers, the CLI) may Lookup, LookupStream,
   ListNodes, WatchNodes and WatchPlacement, and join RouteShare.Exchange (the router replicas'
   shared view of load);
-- ``admin:<name>`` may do everything (drain any node, for operators).
+- ``admin:<name>`` may do everything (drain any node, for operators);
+- ``registry:<name>`` (a peer registry replica) may only join RouteShare.Exchange, and is the
+  only identity besides admin that may join it as a relay hub (issue 19).
 
 An identity comes from the client certificate (mTLS: the URI SAN
 ``spiffe://<trust domain>/<role>/<name>``) or from a bearer token (``authorization: Bearer T``
@@ -56,6 +58,8 @@ class Identity:
                     f"{self.name!r}")
         if self.role == "reader":
             return f"it may only call {', '.join(sorted(READ_METHODS))}"
+        if self.role == "registry":
+            return "it may only call RouteShare.Exchange (as a relay hub)"
         return "it may call every method"
 
 
@@ -186,7 +190,7 @@ class Authenticator:
         if list(auth_context.get("x509_pem_cert", ())):
             raise Unauthenticated(
                 f"the client certificate carries no identity: expected a URI SAN "
-                f"{self.spiffe_prefix}<agent|reader|admin>/<name>, saw "
+                f"{self.spiffe_prefix}<agent|reader|admin|registry>/<name>, saw "
                 f"{uris or 'no URI SAN'}")
         raise Unauthenticated(
             "this registry requires credentials: a client certificate (mTLS) with a URI SAN "
@@ -197,6 +201,10 @@ class Authenticator:
         """PERMISSION_DENIED unless ``ident`` may call ``method`` (for ``node_id``)."""
         if ident.role in ("admin", "anonymous"):
             return
+        if ident.role == "registry":
+            if method == "Exchange":
+                return
+            raise PermissionDenied(f"{method} refused: caller is {ident}; {ident.allowed()}")
         if method in READ_METHODS:
             if ident.role == "reader":
                 return

@@ -219,7 +219,7 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     # ---- handler wrappers -----------------------------------------------------------------
     def _check_read(self, ctx: _Ctx, method: str) -> _Refusal | None:
         try:
-            self._identify(ctx, method)
+            CALLER.set(self._identify(ctx, method))  # RouteShare checks who may relay
         except KvrouteError as exc:
             return self._refusal(method, exc)
         return None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from kvroute.settings import require, setting
 
 AUTH_MODES = ("none", "required")
-ROLES = ("agent", "reader", "admin")
+ROLES = ("agent", "reader", "admin", "registry")
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,8 @@ class SecuritySettings:
         "write any node; logged as a warning at start)")
     auth_tokens_file: str = setting(
         "", "File of bearer tokens, one per line: 'ROLE:NAME TOKEN' or 'ROLE:NAME sha256:HEX' "
-        "(ROLE agent, reader or admin; for an agent NAME is its node id). Re-read when it "
-        "changes (Kubernetes Secret volume); '#' starts a comment")
+        "(ROLE agent, reader, admin or registry; for an agent NAME is its node id). Re-read "
+        "when it changes (Kubernetes Secret volume); '#' starts a comment")
     auth_tokens: tuple[str, ...] = setting(
         (), "Bearer tokens given inline as ROLE:NAME=TOKEN,... (prefer --auth-tokens-file: "
         "flags are visible in process listings)")

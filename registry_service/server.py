@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import time
 
 import grpc
 
@@ -20,10 +21,13 @@ from registry_service.core import RegistryCore
 from registry_service.guard import RegistryGuard
 from registry_service.limits import WritePrecheck
 from registry_service.metrics import RegistryMetrics
-from registry_service.route_share import RouteShareHub
+from registry_service.route_share import RouteShareHub, RouteShareSettings
 from registry_service.servicer import RegistryServicer
 from registry_service.settings import RegistrySettings
+from registry_service.share_relay import ShareRelay
+from registry_service.share_relay_link import RelayMetrics
 from registry_service.store.base import PlacementStore
+from registry_service.store.hubs import HubRecord
 from registry_service.trim import MemoryTrimmer
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,32 @@ def warn_if_open(settings: RegistrySettings, tokens: int) -> None:
                     "on the network path can read and replay them")
 
 
+def make_relay(settings: RegistrySettings, store: PlacementStore, hub: RouteShareHub,
+               replica: str, port: int, metrics: RegistryMetrics) -> ShareRelay | None:
+    """The RouteShare relay to the other registry replicas (None when off or alone; its
+    metrics are registered either way)."""
+    relay_metrics = RelayMetrics(metrics.registry)
+    directory = store.hubs()
+    if not settings.share_relay:
+        log.warning("route share relay is off (--no-share-relay): routers connected to other "
+                    "registry replicas form separate sharing groups")
+        return None
+    if directory is None:
+        log.info("route share relay: the %s store has no peers (single process)", settings.store)
+        return None
+    own = HubRecord(hub.hub_id, replica, settings.relay_advertise(settings.listen, port),
+                    int(time.time() * 1000))
+    tls = settings.relay_tls(settings.server_tls)
+    if settings.auth == "required" and not (tls.cert_file or tls.token or tls.token_file):
+        log.warning("route share relay: this registry requires credentials (--auth required) "
+                    "but its relay has none to present to its peers: set --share-relay-token-file "
+                    "(a registry:<name> token of the peers' --auth-tokens-file) or a client "
+                    "certificate with a registry:<name> identity (--tls-cert-file or "
+                    "--share-relay-cert-file); until then routers on other registry replicas do "
+                    "not hear this one's")
+    return ShareRelay(hub, directory, own, settings, tls, relay_metrics)
+
+
 async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -> int:
     """Run the registry until SIGTERM/SIGINT (or ``stop``); drains and returns 0."""
     if stop is None:
@@ -78,14 +108,18 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
                              interceptors=[guard])
     servicer = RegistryServicer(core, replica)
     registry_pb2_grpc.add_RegistryServicer_to_server(servicer, server)
-    route_share_pb2_grpc.add_RouteShareServicer_to_server(
-        RouteShareHub(registry=metrics.registry), server)  # issue 19: router replicas' deltas
+    hub = RouteShareHub(RouteShareSettings(relay_timeout_s=settings.share_relay_timeout_s),
+                        registry=metrics.registry)
+    route_share_pb2_grpc.add_RouteShareServicer_to_server(hub, server)  # issue 19
     health = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.listen, settings.server_tls)
     mhost, mport = parse_hostport(settings.metrics_listen, "metrics_listen")
     metrics_server = MetricsServer(metrics.registry, mhost, mport)
     metrics_port = metrics_server.start()
     await server.start()
+    relay = make_relay(settings, core.store, hub, replica, port, metrics)
+    if relay is not None:
+        await relay.start()
     trimmer.start()
     await health.set_serving(True)
     write_ready_file(settings.ready_file, {"grpc_port": port, "metrics_port": metrics_port,
@@ -97,6 +131,8 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
     finally:
         log.info("registry draining (up to %.1fs)", settings.drain_timeout_s)
         await health.set_serving(False)
+        if relay is not None:
+            await relay.stop()  # peers stop relaying here; our routers move with their streams
         await servicer.drain()  # streams end now: routers move to another replica at once
         await server.stop(settings.drain_timeout_s)
         await trimmer.close()

@@ -7,16 +7,18 @@ from dataclasses import dataclass
 
 from kvroute.common_settings import ServerSettings
 from kvroute.settings import require, setting
+from registry_service.relay_settings import RelaySettings
 from registry_service.security_settings import SecuritySettings
 from registry_service.store.etcd_settings import EtcdSettings
 
 
 @dataclass(frozen=True)
-class RegistrySettings(ServerSettings, EtcdSettings, SecuritySettings):
+class RegistrySettings(ServerSettings, EtcdSettings, SecuritySettings, RelaySettings):
     """Everything the registry reads at start. Each field is a flag and an env variable.
 
     The ``etcd_*`` fields come from :class:`EtcdSettings` (the etcd client's own settings);
-    authentication, index limits and per-client write limits from :class:`SecuritySettings`.
+    authentication, index limits and per-client write limits from :class:`SecuritySettings`;
+    the RouteShare relay between replicas from :class:`RelaySettings`.
     """
 
     store: str = setting(
@@ -47,6 +49,7 @@ class RegistrySettings(ServerSettings, EtcdSettings, SecuritySettings):
         ServerSettings.__post_init__(self)
         EtcdSettings.__post_init__(self)
         SecuritySettings.__post_init__(self)
+        RelaySettings.__post_init__(self)
         require(self.auth == "none" or bool(self.tls_ca_file or self.auth_tokens
                                                or self.auth_tokens_file), "auth",
                 "'required' needs client certificates (--tls-ca-file with --tls-cert-file) or "

@@ -9,7 +9,7 @@ and when they outlive the timeout (their completion was lost). Pure data on the 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from typing import Generic, Protocol, TypeVar
 
 
@@ -40,6 +40,10 @@ class InflightTable(Generic[K, E]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries
+
+    def __iter__(self) -> Iterator[K]:
+        """Every key, oldest first (over a copy: the table may change meanwhile)."""
+        return iter(list(self._entries))
 
     def get(self, key: K) -> E | None:
         """The entry of ``key``, or None."""

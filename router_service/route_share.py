@@ -93,6 +93,15 @@ class RemoteLoad:
         self._unindex([key])
         return rec.node_id
 
+    def forget(self, replica_id: str) -> int:
+        """Drop every in-flight request of ``replica_id`` (its completions can no longer
+        arrive: its stream or its hub's relay ended); how many."""
+        keys = [k for k in self._requests if k[0] == replica_id]
+        for key in keys:
+            self._requests.release(key)
+        self._unindex(keys)
+        return len(keys)
+
     def _unindex(self, keys: list[tuple[str, str]]) -> None:
         by_id = self._by_id
         for key in keys:
@@ -168,6 +177,8 @@ class SharedView:
         self._why = "not connected yet"
         self._last_heard = float("-inf")
         self.applied_total = 0
+        self.forgotten_total = 0
+        """Remote in-flight requests dropped because their replica's path broke."""
         self.lost_total = 0
         """Times the shared view was lost (remote state dropped)."""
         self.last_staleness_s = 0.0
@@ -282,6 +293,19 @@ class SharedView:
         return "" if self._connected else self._why
 
     # -- incoming ----------------------------------------------------------------------------
+    def forget(self, replicas: Sequence[str]) -> int:
+        """The hub says these replicas' completions can no longer reach this one (their
+        stream or their hub's relay ended): drop their in-flight requests and stop counting
+        them as peers. Returns the requests dropped."""
+        dropped = 0
+        for rid in replicas:
+            if rid == self.replica_id:
+                continue
+            dropped += self.remote.forget(rid)
+            self._peers.pop(rid, None)
+        self.forgotten_total += dropped
+        return dropped
+
     def apply(self, delta: RouteDelta, tracker: LoadTracker, policies: PolicySet,
               metrics: RouterMetrics | None = None) -> None:
         """Apply another replica's routing delta (this replica's own echoes are ignored).

@@ -45,6 +45,8 @@ class ShareLink:
         self._retry_max_s = retry_max_s
         self._queue: deque[RouteDelta] = deque(maxlen=max_queue)
         self._wake = asyncio.Event()
+        self._gen = 0
+        """Connection number: only the current stream's request generator sends."""
         self._up = False
         self._core: RouterCore | None = None
         self._view: SharedView | None = None
@@ -103,11 +105,13 @@ class ShareLink:
                 self._set_up(False, "link failed")
                 await asyncio.sleep(self._retry_max_s)
 
-    async def _outgoing(self, replica_id: str) -> AsyncIterator[pb.RouteShareMessage]:
+    async def _outgoing(self, replica_id: str, gen: int) -> AsyncIterator[pb.RouteShareMessage]:
         yield pb.RouteShareMessage(hello=pb.RouteShareHello(replica_id=replica_id))
         q = self._queue
         while True:
             await self._wake.wait()
+            if gen != self._gen:  # a dead stream's request poller: leave the queue alone
+                return
             self._wake.clear()
             while q:
                 batch: list[pb.RouteDeltaMsg] = []
@@ -127,13 +131,20 @@ class ShareLink:
         channel = open_channel(self._target, self._tls, reconnect_options(self._retry_max_s))
         was_up = False
         try:
-            call = pb_grpc.RouteShareStub(channel).Exchange(self._outgoing(view.replica_id))
+            call = pb_grpc.RouteShareStub(channel).Exchange(
+                self._outgoing(view.replica_id, self._gen))
             async for msg in call:
                 if not was_up:
                     was_up = True
                     self._set_up(True)
                     log.info("route share: connected as %s", view.replica_id)
                 view.heard()  # liveness; each delta's staleness is measured as it is applied
+                if msg.forget_replicas:
+                    dropped = view.forget(msg.forget_replicas)
+                    if dropped:
+                        log.info("route share: dropped %d in-flight requests of %s (their "
+                                 "path to this router broke)", dropped,
+                                 ", ".join(msg.forget_replicas[:5]))
                 for d in msg.deltas:
                     self.received_total += 1
                     core.apply_remote(RouteDelta(
@@ -153,6 +164,11 @@ class ShareLink:
         finally:
             if self._up:
                 self._set_up(False, "registry stream ended")
+            # grpc keeps iterating a finished call's request generator (its poller task is
+            # cancelled only by cancel() before the call ends): retire it, or it would take
+            # the next stream's first batch off the shared queue and lose it
+            self._gen += 1
+            self._wake.set()
             await channel.close(None)
         if not was_up:
             raise LinkNeverUp("route share stream ended before it was up")

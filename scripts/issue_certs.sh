@@ -4,7 +4,11 @@
 #   scripts/issue_certs.sh agent NODE_ID           -> agent-NODE_ID.crt/.key  (writes that node)
 #   scripts/issue_certs.sh reader NAME             -> reader-NAME.crt/.key    (router, gateway, CLI)
 #   scripts/issue_certs.sh admin NAME              -> admin-NAME.crt/.key     (operators: drain any node)
-#   scripts/issue_certs.sh server NAME DNS[,DNS..] -> NAME.crt/.key           (registry/router serving)
+#   scripts/issue_certs.sh registry NAME           -> registry-NAME.crt/.key  (RouteShare relay only)
+#   scripts/issue_certs.sh server NAME DNS[,DNS..] [ROLE/NAME]
+#                                                  -> NAME.crt/.key           (registry/router serving;
+#                                                     ROLE/NAME adds that identity, e.g. the
+#                                                     registry's registry/kvroute-registry)
 # Client certificates carry the identity as the URI SAN spiffe://$TRUST_DOMAIN/<role>/<name>
 # (TRUST_DOMAIN defaults to kvroute = the registry's --auth-trust-domain). Files go to $OUT
 # (default: the current directory). With SECRET_NAMESPACE=ns, each certificate is also stored as
@@ -43,15 +47,18 @@ case "$role" in
       -keyout ca.key -out ca.crt -subj "/CN=kvroute-ca" 2>/dev/null
     chmod 0600 ca.key
     echo "created $out/ca.crt and ca.key (keep ca.key offline)";;
-  agent|reader|admin)
+  agent|reader|admin|registry)
     name=${2:?usage: $0 $role NAME}
     [[ "$name" =~ ^[A-Za-z0-9._:-]{1,128}$ ]] || { echo "bad name $name" >&2; exit 1; }
     issue "$role-$name" "URI:spiffe://$domain/$role/$name" clientAuth;;
   server)
     name=${2:?usage: $0 server NAME DNS[,DNS...]}
     dns=${3:?usage: $0 server NAME DNS[,DNS...]}
+    sans="$(echo "DNS:$dns" | sed 's/,/,DNS:/g')"
+    # registry/<name>: the registry relays to its peers with its own certificate (issue 19)
+    [[ -z "${4:-}" ]] || sans="$sans,URI:spiffe://$domain/$4"
     # serverAuth and clientAuth: the TLS health probe presents the server's own certificate
-    issue "$name" "$(echo "DNS:$dns" | sed 's/,/,DNS:/g')" serverAuth,clientAuth;;
+    issue "$name" "$sans" serverAuth,clientAuth;;
   *)
-    sed -n '2,12p' "$0" >&2; exit 2;;
+    sed -n '2,15p' "$0" >&2; exit 2;;
 esac

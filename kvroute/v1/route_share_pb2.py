@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckvroute/v1/route_share.proto\x12\nkvroute.v1\"%\n\x0fRouteShareHello\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"\xb7\x01\n\rRouteDeltaMsg\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x17\n\x0funcached_tokens\x18\x04 \x01(\x04\x12\x15\n\rcached_tokens\x18\x05 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x06 \x03(\x04\x12\x14\n\x0csent_unix_us\x18\x07 \x01(\x03\x12\x11\n\tcompleted\x18\x08 \x01(\x08\"\x80\x01\n\x11RouteShareMessage\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x1b.kvroute.v1.RouteShareHello\x12)\n\x06\x64\x65ltas\x18\x02 \x03(\x0b\x32\x19.kvroute.v1.RouteDeltaMsg\x12\x14\n\x0csent_unix_us\x18\x03 \x01(\x03\x32Z\n\nRouteShare\x12L\n\x08\x45xchange\x12\x1d.kvroute.v1.RouteShareMessage\x1a\x1d.kvroute.v1.RouteShareMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckvroute/v1/route_share.proto\x12\nkvroute.v1\"W\n\x0fRouteShareHello\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05relay\x18\x02 \x01(\x08\x12\x0e\n\x06hub_id\x18\x03 \x01(\t\x12\x11\n\tto_hub_id\x18\x04 \x01(\t\"\xcb\x01\n\rRouteDeltaMsg\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x17\n\x0funcached_tokens\x18\x04 \x01(\x04\x12\x15\n\rcached_tokens\x18\x05 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x06 \x03(\x04\x12\x14\n\x0csent_unix_us\x18\x07 \x01(\x03\x12\x11\n\tcompleted\x18\x08 \x01(\x08\x12\x12\n\norigin_hub\x18\t \x01(\t\"\xa9\x01\n\x11RouteShareMessage\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x1b.kvroute.v1.RouteShareHello\x12)\n\x06\x64\x65ltas\x18\x02 \x03(\x0b\x32\x19.kvroute.v1.RouteDeltaMsg\x12\x14\n\x0csent_unix_us\x18\x03 \x01(\x03\x12\x0e\n\x06hub_id\x18\x04 \x01(\t\x12\x17\n\x0f\x66orget_replicas\x18\x05 \x03(\t2Z\n\nRouteShare\x12L\n\x08\x45xchange\x12\x1d.kvroute.v1.RouteShareMessage\x1a\x1d.kvroute.v1.RouteShareMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvroute.v1.route_share_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROUTESHAREHELLO']._serialized_start=44
-  _globals['_ROUTESHAREHELLO']._serialized_end=81
-  _globals['_ROUTEDELTAMSG']._serialized_start=84
-  _globals['_ROUTEDELTAMSG']._serialized_end=267
-  _globals['_ROUTESHAREMESSAGE']._serialized_start=270
-  _globals['_ROUTESHAREMESSAGE']._serialized_end=398
-  _globals['_ROUTESHARE']._serialized_start=400
-  _globals['_ROUTESHARE']._serialized_end=490
+  _globals['_ROUTESHAREHELLO']._serialized_end=131
+  _globals['_ROUTEDELTAMSG']._serialized_start=134
+  _globals['_ROUTEDELTAMSG']._serialized_end=337
+  _globals['_ROUTESHAREMESSAGE']._serialized_start=340
+  _globals['_ROUTESHAREMESSAGE']._serialized_end=509
+  _globals['_ROUTESHARE']._serialized_start=511
+  _globals['_ROUTESHARE']._serialized_end=601
 # @@protoc_insertion_point(module_scope)

@@ -25,16 +25,34 @@ class RouteShareHello(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REPLICA_ID_FIELD_NUMBER: _builtins.int
+    RELAY_FIELD_NUMBER: _builtins.int
+    HUB_ID_FIELD_NUMBER: _builtins.int
+    TO_HUB_ID_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     """Unique per replica process (e.g. pod name + pid), 1-256 characters."""
+    relay: _builtins.bool
+    """True when the caller is a peer registry hub relaying its own replicas' deltas (needs a
+    registry:<name> or admin identity with --auth required). Its deltas keep their replica_id
+    and are delivered to this hub's replicas only; it receives keepalives, never deltas.
+    """
+    hub_id: _builtins.str
+    """The calling hub's instance id (relay streams only; a hub refuses a relay from itself)."""
+    to_hub_id: _builtins.str
+    """The hub id the relay expects to reach (from the directory): a hub refuses, with
+    FAILED_PRECONDITION, a relay meant for another hub (a stale record, or an address that is
+    a Service in front of several registry pods).
+    """
     def __init__(
         self,
         *,
         replica_id: _builtins.str = ...,
+        relay: _builtins.bool = ...,
+        hub_id: _builtins.str = ...,
+        to_hub_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica_id", b"replica_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hub_id", b"hub_id", "relay", b"relay", "replica_id", b"replica_id", "to_hub_id", b"to_hub_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -54,6 +72,7 @@ class RouteDeltaMsg(_message.Message):
     BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     SENT_UNIX_US_FIELD_NUMBER: _builtins.int
     COMPLETED_FIELD_NUMBER: _builtins.int
+    ORIGIN_HUB_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     """Replica that routed or completed the request (set by the registry on fan-out)."""
     request_id: _builtins.str
@@ -68,6 +87,10 @@ class RouteDeltaMsg(_message.Message):
     """Sender's wall clock when published, microseconds since the Unix epoch (staleness)."""
     completed: _builtins.bool
     """True for a completion (release), false for a routed request."""
+    origin_hub: _builtins.str
+    """Instance id of the hub the replica is connected to (set by that hub; relayed deltas keep
+    it, so a receiver can tell which hub a delta came through).
+    """
     @_builtins.property
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Leading canonical block hashes of the prompt (bounded; for "recently routed" overlap)."""
@@ -83,10 +106,11 @@ class RouteDeltaMsg(_message.Message):
         block_hashes: _abc.Iterable[_builtins.int] | None = ...,
         sent_unix_us: _builtins.int = ...,
         completed: _builtins.bool = ...,
+        origin_hub: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "cached_tokens", b"cached_tokens", "completed", b"completed", "node_id", b"node_id", "replica_id", b"replica_id", "request_id", b"request_id", "sent_unix_us", b"sent_unix_us", "uncached_tokens", b"uncached_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "cached_tokens", b"cached_tokens", "completed", b"completed", "node_id", b"node_id", "origin_hub", b"origin_hub", "replica_id", b"replica_id", "request_id", b"request_id", "sent_unix_us", b"sent_unix_us", "uncached_tokens", b"uncached_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -101,9 +125,15 @@ class RouteShareMessage(_message.Message):
     HELLO_FIELD_NUMBER: _builtins.int
     DELTAS_FIELD_NUMBER: _builtins.int
     SENT_UNIX_US_FIELD_NUMBER: _builtins.int
+    HUB_ID_FIELD_NUMBER: _builtins.int
+    FORGET_REPLICAS_FIELD_NUMBER: _builtins.int
     sent_unix_us: _builtins.int
     """Registry wall clock when sent, microseconds since the Unix epoch (keepalives carry only
     this: a replica that hears nothing for its timeout treats the shared view as lost).
+    """
+    hub_id: _builtins.str
+    """Instance id of the sending hub (hub to client messages; a relay checks that the hub it
+    dialled is the one the directory named).
     """
     @_builtins.property
     def hello(self) -> Global___RouteShareHello:
@@ -113,16 +143,24 @@ class RouteShareMessage(_message.Message):
     def deltas(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteDeltaMsg]:
         """Deltas, oldest first."""
 
+    @_builtins.property
+    def forget_replicas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Replicas whose in-flight requests the receiver must drop: their stream to their hub ended,
+        or the relay link from their hub did (their completions can no longer arrive).
+        """
+
     def __init__(
         self,
         *,
         hello: Global___RouteShareHello | None = ...,
         deltas: _abc.Iterable[Global___RouteDeltaMsg] | None = ...,
         sent_unix_us: _builtins.int = ...,
+        hub_id: _builtins.str = ...,
+        forget_replicas: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deltas", b"deltas", "hello", b"hello", "sent_unix_us", b"sent_unix_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deltas", b"deltas", "forget_replicas", b"forget_replicas", "hello", b"hello", "hub_id", b"hub_id", "sent_unix_us", b"sent_unix_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

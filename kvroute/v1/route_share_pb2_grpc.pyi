@@ -32,6 +32,13 @@ class RouteShareStub:
     routed to a node, a request completed) and receives every other replica's, merged by the
     registry, plus periodic keepalives. A replica that loses the stream decides on its own counts
     until it reconnects (and says so in decision reasons and metrics).
+
+    With several registry replicas, each registry (hub) finds the others through etcd and opens
+    one relay Exchange stream to each of them (hello.relay = true), on which it sends only the
+    deltas of its OWN directly connected replicas, each keeping its origin replica_id. A hub
+    delivers what it receives on a relay stream to its own replicas only (never to another hub),
+    so every replica hears every other whichever registry it is connected to, without loops or
+    duplicates.
     """
 
     @_typing.overload
@@ -48,6 +55,13 @@ class RouteShareAsyncStub(RouteShareStub):
     routed to a node, a request completed) and receives every other replica's, merged by the
     registry, plus periodic keepalives. A replica that loses the stream decides on its own counts
     until it reconnects (and says so in decision reasons and metrics).
+
+    With several registry replicas, each registry (hub) finds the others through etcd and opens
+    one relay Exchange stream to each of them (hello.relay = true), on which it sends only the
+    deltas of its OWN directly connected replicas, each keeping its origin replica_id. A hub
+    delivers what it receives on a relay stream to its own replicas only (never to another hub),
+    so every replica hears every other whichever registry it is connected to, without loops or
+    duplicates.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -60,6 +74,13 @@ class RouteShareServicer(metaclass=_abc_1.ABCMeta):
     routed to a node, a request completed) and receives every other replica's, merged by the
     registry, plus periodic keepalives. A replica that loses the stream decides on its own counts
     until it reconnects (and says so in decision reasons and metrics).
+
+    With several registry replicas, each registry (hub) finds the others through etcd and opens
+    one relay Exchange stream to each of them (hello.relay = true), on which it sends only the
+    deltas of its OWN directly connected replicas, each keeping its origin replica_id. A hub
+    delivers what it receives on a relay stream to its own replicas only (never to another hub),
+    so every replica hears every other whichever registry it is connected to, without loops or
+    duplicates.
     """
 
     @_abc_1.abstractmethod

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from registry_service.store.hubs import HubDirectory
+
 HashArray = npt.NDArray[np.uint64]
 """Canonical block hashes, packed little-endian uint64 on the wire."""
 
@@ -230,6 +232,11 @@ class PlacementStore(abc.ABC):
     def bytes_written(self) -> int:
         """Bytes of values and keys written so far (for the bench)."""
         return 0
+
+    def hubs(self) -> HubDirectory | None:
+        """Where registry replicas find one another's RouteShare hubs (None: this store is
+        private to one process, so there are no peers)."""
+        return None
 
 
 # Packed encodings shared by the stores (memory store keeps them to count bytes honestly).

@@ -7,7 +7,9 @@ Keys under the prefix ``P`` (default ``/kvroute/v1/``), all attached to the node
 - ``P placement/<node_id>/<epoch>/snap/<gen>.<chunk>``: the node's whole block set as of
   snapshot generation ``gen`` (packed ``<u8`` hashes, at most 1 MiB per key);
 - ``P placement/<node_id>/<epoch>/delta/<seq>``: one heartbeat's stored/removed hashes on top
-  of its base generation (packed ``<u8``).
+  of its base generation (packed ``<u8``);
+- ``P hubs/<hub_id>``: a registry replica's RouteShare hub (JSON address), on that replica's
+  own lease (:mod:`registry_service.store.etcd_hubs`; ignored by the placement follower).
 
 Offloaded (lower-tier) blocks travel in the same keys: a snapshot chunk tagged with its tier, a
 delta with offloaded stored/removed lists (value version 2, written only when the offloaded
@@ -67,6 +69,8 @@ from registry_service.store.etcd_client import (
     op_get,
     op_put,
 )
+from registry_service.store.etcd_hubs import EtcdHubDirectory
+from registry_service.store.hubs import HubDirectory
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +151,10 @@ class EtcdStore(PlacementStore):
 
     def bytes_written(self) -> int:
         return self._written
+
+    def hubs(self) -> HubDirectory:
+        """``P hubs/<hub_id>`` records, each on its registry replica's own lease."""
+        return EtcdHubDirectory(self.client, self.prefix)
 
     def _count(self, ops: list[Op]) -> list[Op]:
         self._written += sum(len(o.key) + len(o.value) for o in ops if o.kind == "put")

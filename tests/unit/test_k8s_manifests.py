@@ -368,3 +368,28 @@ def test_router_gateway_and_epp_replicas_share_their_view_of_load() -> None:
             s = load_settings(c)
             assert s.share_routes, f"{d}: {c.where} runs several replicas without " \
                                    f"KVROUTE_SHARE_ROUTES=true"
+
+
+def test_registry_replicas_relay_their_share_hubs_to_one_another() -> None:
+    """Issue 19: every registry replica advertises its RouteShare hub at its own pod IP (never
+    the Service), with the port it listens on; TLS relays expect the name the registry
+    certificates carry; the NetworkPolicy lets registry pods reach one another."""
+    for d, c in all_kvroute():
+        if c.role != "registry":
+            continue
+        s = load_settings(c)
+        assert s.share_relay, f"{d}: {c.where} runs without the RouteShare relay"
+        host, port = hostport(s.share_relay_advertise)
+        assert host == FIELD_VALUES["status.podIP"], f"{d}: {c.where} advertises {host}"
+        assert port == hostport(s.listen)[1], f"{d}: {c.where} advertises port {port}"
+        if s.tls_cert_file:
+            assert s.share_relay_server_name == "kvroute-registry", f"{d}: {c.where}"
+        policies = [o for o in render(d) if o["kind"] == "NetworkPolicy"
+                    and o["spec"]["podSelector"].get("matchLabels", {}).get(
+                        "app.kubernetes.io/name") == "kvroute-registry"]
+        for pol in policies:
+            peers = [(f.get("podSelector", {}).get("matchLabels", {}), r.get("ports", []))
+                     for r in pol["spec"].get("ingress", []) for f in r.get("from", [])]
+            assert any(sel == {"app.kubernetes.io/name": "kvroute-registry"}
+                       and any(int(p["port"]) == port for p in ports)
+                       for sel, ports in peers), f"{d}: registry pods cannot reach each other"

@@ -112,7 +112,7 @@ def _reachers(objs: tuple[dict[str, Any], ...], target: str, port: int) -> set[s
     return allowed
 
 
-def test_only_routers_and_agents_reach_the_registry_and_only_it_reaches_etcd() -> None:
+def test_only_routers_agents_and_registries_reach_the_registry_and_only_it_reaches_etcd() -> None:
     for d in kustomizations():
         objs = render(d)
         names = {w["metadata"]["name"] for w in workloads(objs)}
@@ -121,7 +121,9 @@ def test_only_routers_and_agents_reach_the_registry_and_only_it_reaches_etcd() -
                       if c.role == "agent"}
             # routers, gateways and endpoint pickers (a router inside the request path)
             routers = {"kvroute-router", "kvroute-gateway", "kvroute-epp"} & names
-            assert _reachers(objs, "kvroute-registry", 50051) == routers | agents, d
+            # ... and the other registry replicas (the RouteShare relay between hubs)
+            assert _reachers(objs, "kvroute-registry", 50051) == \
+                routers | agents | {"kvroute-registry"}, d
             assert _reachers(objs, "kvroute-registry", 9091) == {"<anyone>"}, "metrics"
         if "kvroute-etcd" in names:
             assert _reachers(objs, "kvroute-etcd", 2379) == {"kvroute-registry"}, d

@@ -30,6 +30,7 @@ from node_agent.usage import UsageProbe
 from node_agent.zmq_source import SourceStats
 from registry_service.metrics import RegistryMetrics
 from registry_service.route_share import RouteShareHub
+from registry_service.share_relay_link import RelayMetrics
 from router_service.metrics import RouterMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +62,7 @@ def exported() -> dict[str, str]:
     regs.append(make_registry(SimEngine(EngineSimSettings())))
     share = CollectorRegistry()  # the registry's RouteShare hub registers its own metrics
     RouteShareHub(registry=share)
+    RelayMetrics(share)  # ... and its relay to the other registry replicas
     regs.append(share)
     out: dict[str, str] = {}
     for reg in regs:

@@ -267,11 +267,14 @@ def test_issue_certs_script_names_the_identity_the_registry_expects(tmp_path: Pa
     x509 = pytest.importorskip("cryptography.x509")
     script = Path(__file__).resolve().parents[2] / "scripts" / "issue_certs.sh"
     env = {**os.environ, "OUT": str(tmp_path)}
-    for args in (["ca"], ["agent", "node-3"], ["reader", "router"]):
+    for args in (["ca"], ["agent", "node-3"], ["reader", "router"],
+                 ["server", "kvroute-registry", "kvroute-registry", "registry/kvroute-registry"]):
         subprocess.run(["bash", str(script), *args], env=env, check=True, capture_output=True)
     auth = Authenticator(SecuritySettings(auth="required"))
     for name, want in (("agent-node-3", Identity("agent", "node-3", "client certificate")),
-                       ("reader-router", Identity("reader", "router", "client certificate"))):
+                       ("reader-router", Identity("reader", "router", "client certificate")),
+                       ("kvroute-registry",  # its RouteShare relay identity (issue 19)
+                        Identity("registry", "kvroute-registry", "client certificate"))):
         cert = x509.load_pem_x509_certificate((tmp_path / f"{name}.crt").read_bytes())
         uris = cert.extensions.get_extension_for_class(
             x509.SubjectAlternativeName).value.get_values_for_type(
@@ -322,3 +325,15 @@ async def test_read_methods_under_auth(tmp_path: Path) -> None:
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             code, _ = await _code(pb_grpc.RegistryStub(anon).LookupStream(reqs()).read())
             assert code == Code.UNAUTHENTICATED
+
+
+def test_a_registry_identity_may_only_join_route_share() -> None:
+    """Issue 19: registry replicas relay router replicas' deltas to one another as
+    ``registry:<name>``; that identity reads and writes nothing else."""
+    ident = parse_tokens_file(["registry:kvroute-registry hub-secret"], "t")[
+        token_digest("hub-secret")]
+    assert ident.role == "registry"
+    Authenticator.authorize(ident, "Exchange")
+    for method in ("Lookup", "ListNodes", "RegisterNode", "Heartbeat"):
+        with pytest.raises(PermissionDenied, match=r"only call RouteShare\.Exchange"):
+            Authenticator.authorize(ident, method, "n1")

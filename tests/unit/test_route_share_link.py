@@ -130,3 +130,87 @@ async def test_hub_refuses_bad_input(registry: tuple[str, asyncio.Event]) -> Non
         assert await send(hello, bad) == grpc.StatusCode.INVALID_ARGUMENT
         no_node = rs.RouteShareMessage(deltas=[rs.RouteDeltaMsg(request_id="q")])
         assert await send(hello, no_node) == grpc.StatusCode.INVALID_ARGUMENT
+        # relays between hubs: named, meant for this hub, and each delta names its origin
+        unnamed = rs.RouteShareMessage(hello=rs.RouteShareHello(replica_id="h", relay=True))
+        assert await send(unnamed) == grpc.StatusCode.INVALID_ARGUMENT
+        elsewhere = rs.RouteShareMessage(hello=rs.RouteShareHello(
+            replica_id="h", relay=True, hub_id="peer", to_hub_id="some-other-hub"))
+        assert await send(elsewhere) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_hub_delivers_a_relay_to_its_replicas_and_forgets_a_silent_one(
+        tmp_path: Path) -> None:
+    """Issue 19, the hub's side of the relay between registries: a peer hub's deltas keep
+    their origin replica, reach this hub's replicas (not the relay), and when the relay falls
+    silent the hub drops it and tells its replicas to forget the origin's requests."""
+    ready = tmp_path / "ready.json"
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(RegistrySettings(
+        store="memory", listen=f"127.0.0.1:{free_port()}", ready_file=str(ready),
+        metrics_listen="127.0.0.1:0", share_relay_timeout_s=0.5), stop))
+    await _until(ready.exists)
+    target = f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
+    try:
+        async with grpc.aio.insecure_channel(target) as ch:
+            stub = rs_grpc.RouteShareStub(ch)
+            replica_done = asyncio.Event()
+
+            async def replica_out() -> AsyncIterator[rs.RouteShareMessage]:
+                yield rs.RouteShareMessage(hello=rs.RouteShareHello(replica_id="r1"))
+                await replica_done.wait()
+            replica = stub.Exchange(replica_out())
+            hub_id = (await replica.read()).hub_id
+            assert hub_id
+
+            async def relay_out() -> AsyncIterator[rs.RouteShareMessage]:
+                yield rs.RouteShareMessage(hello=rs.RouteShareHello(
+                    replica_id="reg-peer", relay=True, hub_id="peer-hub", to_hub_id=hub_id))
+                yield rs.RouteShareMessage(deltas=[rs.RouteDeltaMsg(
+                    replica_id="rx", request_id="q1", node_id="n1", origin_hub="peer-hub")])
+                await asyncio.sleep(30)  # then silence: no keepalive
+            relay = stub.Exchange(relay_out())
+            first = await relay.read()
+            assert first.hub_id == hub_id and not first.deltas
+            got: list[rs.RouteShareMessage] = []
+            while not any(m.forget_replicas for m in got):
+                got.append(await asyncio.wait_for(replica.read(), 10))  # type: ignore[arg-type]
+            deltas = [d for m in got for d in m.deltas]
+            assert [(d.replica_id, d.request_id, d.origin_hub) for d in deltas] == [
+                ("rx", "q1", "peer-hub")]
+            assert [list(m.forget_replicas) for m in got if m.forget_replicas] == [["rx"]]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                for _ in range(100):  # keepalives until the hub drops the silent relay
+                    msg = await asyncio.wait_for(relay.read(), 10)
+                    assert isinstance(msg, rs.RouteShareMessage) and not msg.deltas
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            replica_done.set()
+            replica.cancel()
+    finally:
+        stop.set()
+        assert await task == 0
+
+
+async def test_a_relay_link_stop_does_not_swallow_its_callers_cancellation() -> None:
+    """The relay's directory follower stops links as hubs leave; cancelled meanwhile (the
+    registry shutting down) it must end, not swallow the cancel and keep following."""
+    from kvroute.settings import TLSSettings
+    from registry_service.share_relay_link import RelayLink, RelayMetrics
+    from registry_service.store.hubs import HubRecord
+
+    link = RelayLink(HubRecord("me", "reg-a", "127.0.0.1:1"), HubRecord("p", "reg-b",
+                     "127.0.0.1:2"), TLSSettings(), RelayMetrics(CollectorRegistry()),
+                     timeout_s=1.0, retry_max_s=0.1, max_queued=10)
+
+    async def slow_to_end() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)  # e.g. closing its channel
+            raise
+    link._task = asyncio.create_task(slow_to_end())
+    await asyncio.sleep(0)
+    caller = asyncio.create_task(link.stop())
+    await asyncio.sleep(0.05)
+    caller.cancel()
+    await asyncio.wait({caller}, timeout=5)
+    assert caller.cancelled()
