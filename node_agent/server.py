@@ -201,13 +201,15 @@ async def serve(s: AgentSettings) -> int:
         log.exception("node agent failed")
         code = 1
     finally:
-        await cancel_and_wait(*tasks, errors_too=True)
-        await health.set_serving(False)
-        await asyncio.gather(*(_close(a, deregister=code == 0) for a in agents),
-                             return_exceptions=True)
-        await server.stop(grace=min(1.0, s.drain_timeout_s))
-        for m in metrics:
-            m.stop()
+        try:
+            await cancel_and_wait(*tasks, errors_too=True)
+        finally:  # also when this task is cancelled while waiting
+            await health.set_serving(False)
+            await asyncio.gather(*(_close(a, deregister=code == 0) for a in agents),
+                                 return_exceptions=True)
+            await server.stop(grace=min(1.0, s.drain_timeout_s))
+            for m in metrics:
+                m.stop()
     return code
 
 
