@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,8 @@ class StackBackend:
                     f"#{k}: connected {m.get('kvroute_router_shared_view_connected', 0):g}, "
                     f"deltas applied "
                     f"{m.get('kvroute_router_shared_view_staleness_seconds_count', 0):g}, "
+                    f"deltas published "
+                    f"{m.get('kvroute_router_shared_view_deltas_published_total', 0):g}, "
                     f"burst decisions "
                     f"{m.get('kvroute_router_replica_burst_decisions_total', 0):g}")
         return "shared view per replica (since start): " + "; ".join(parts), staleness
@@ -223,12 +225,23 @@ class StackBackend:
     def _burst_window_ms(self) -> float:
         """The routers' ``--share-burst-window-s`` (wall) in ms; the router's default when the
         bench passed none."""
-        args = list(self.spec.router_args)
-        if "--share-burst-window-s" in args:
-            return float(args[args.index("--share-burst-window-s") + 1]) * 1000
+        value = last_flag_value(self.spec.router_args, "--share-burst-window-s")
+        if value is not None:
+            return float(value) * 1000
         from router_service.settings import RouterSettings
 
         return RouterSettings().share_burst_window_s * 1000
+
+
+def last_flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value ``flag`` has in ``args`` as argparse reads it: the last occurrence wins,
+    ``--flag value`` or ``--flag=value``; None when absent."""
+    for pos in range(len(args) - 1, -1, -1):
+        if args[pos].startswith(flag + "="):
+            return args[pos][len(flag) + 1:]
+        if args[pos] == flag and pos + 1 < len(args):
+            return args[pos + 1]
+    return None
 
 
 def _metric_values(text: str) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """engine_sim's ``POST /v1/chat/completions`` and the chat form of ``POST /tokenize`` (vLLM's).
 
 Messages are rendered with a fixed ChatML-style template (:func:`render_chat`) and tokenized with
-engine_sim's :class:`SimpleTokenizer`, so a gateway that asks ``/tokenize`` with the same
-``messages`` gets exactly the ids the chat endpoint will prefill. Content given as a list of
+engine_sim's :class:`SimpleTokenizer` (the server's one, :mod:`engine_sim.http_request`), so a
+gateway that asks ``/tokenize`` with the same ``messages`` gets exactly the ids the chat
+endpoint will prefill. Content given as a list of
 parts is joined with newlines (vLLM's "string" content format); ``add_generation_prompt``
 (default true) appends the assistant header; ``continue_final_message`` leaves the last message
 open instead.
@@ -16,13 +17,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from engine_sim import kv_transfer
-from engine_sim.tokenizer import SimpleTokenizer
+from engine_sim.http_request import TOKENIZER
 
 if TYPE_CHECKING:
     from engine_sim.http_api import Api
-
-TOKENIZER = SimpleTokenizer()
-
 
 class ChatError(ValueError):
     """A malformed chat request (the message names the field)."""
@@ -109,8 +107,8 @@ async def chat_completions(api: Api, request: web.Request, body: dict[str, Any],
         if kvt.remote_decode:  # vLLM P/D: where the decode engine pulls the KV from
             out["kv_transfer_params"] = api.handover(request, req)
         return web.json_response(out)
-    resp = await api.sse_start(request)
-    try:
+    try:  # from the response's start: the abort does not depend on where aiohttp cancels
+        resp = await api.sse_start(request)
         pairs = await api.paced(req, out_ids)
         await api.sse(resp, _chunk(cid, created, model, {"role": "assistant", "content": ""},
                                    None))

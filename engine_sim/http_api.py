@@ -140,8 +140,8 @@ class Api:
             if kvt.remote_decode:  # vLLM P/D: where the decode engine pulls the KV from
                 out["kv_transfer_params"] = self.handover(request, req)
             return web.json_response(out)
-        resp = await self.sse_start(request)
-        try:
+        try:  # from the response's start: the abort does not depend on where aiohttp cancels
+            resp = await self.sse_start(request)
             for i, tok in await self.paced(req, out_ids):
                 await self.wait_token(req, i)
                 last = i == len(out_ids) - 1

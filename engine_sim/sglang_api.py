@@ -60,8 +60,8 @@ class SglangApi:
             await self.api.until_finished(req)
             return web.json_response({"text": TOKENIZER.decode(out_ids), "output_ids": out_ids,
                                       "meta_info": meta})
-        resp = await self.api.sse_start(request)
-        try:
+        try:  # from the response's start: the abort does not depend on where aiohttp cancels
+            resp = await self.api.sse_start(request)
             for i, _ in await self.api.paced(req, out_ids):
                 await self.api.wait_token(req, i)
                 await self.api.sse(resp, {"text": TOKENIZER.decode(out_ids[: i + 1]),

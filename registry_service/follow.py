@@ -48,13 +48,14 @@ class StoreFollower:
 
     async def freeze_health(self) -> None:
         """Stop re-evaluating health (a draining replica stops hearing heartbeats)."""
-        await cancel_and_wait(self._sweeper)
-        self._sweeper = None
+        sweeper, self._sweeper = self._sweeper, None
+        await cancel_and_wait(sweeper)
 
     async def stop(self) -> None:
         """Stop following and sweeping."""
-        await cancel_and_wait(self._follower, self._sweeper)
+        tasks = (self._follower, self._sweeper)
         self._follower = self._sweeper = None
+        await cancel_and_wait(*tasks)
 
     async def _relist(self) -> int:
         loaded = await self._load()

@@ -248,6 +248,8 @@ class RouterCore:
         if share is not None:
             share.routed(view.request_id, node.node_id, view.prompt_tokens - cached, cached,
                          view.block_hashes)
+            if self.metrics is not None:
+                self.metrics.shared_view_published.inc()
         self._sync_expired()
         self._decisions += 1
         if self._decisions % _PRUNE_EVERY == 0:
@@ -333,6 +335,8 @@ class RouterCore:
                                   or share.remote.complete(None, request_id) is not None):
             released = True
             share.completed(request_id)
+            if self.metrics is not None:
+                self.metrics.shared_view_published.inc()
         self._sync_expired()
         if cached_tokens is not None:
             if cached_tokens < 0:

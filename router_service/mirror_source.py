@@ -64,8 +64,8 @@ class MirrorSource:
 
     async def stop(self) -> None:
         """Stop following."""
-        await cancel_and_wait(self._task)
-        self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     @property
     def connected(self) -> bool:

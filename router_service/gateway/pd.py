@@ -31,7 +31,7 @@ import logging
 import random
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
@@ -46,6 +46,9 @@ PROTOCOLS = ("vllm", "sglang")
 ASK_PREFILL = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                "remote_block_ids": None, "remote_host": None, "remote_port": None}
 """vLLM: the prefill request's ``kv_transfer_params`` (as vLLM's proxies send them)."""
+PREFILL_GRACE_S = 2.0
+"""SGLang: how long the request's Complete waits for a prefill answer still out when the
+decode has finished (its cached tokens are then reported; past it, none are)."""
 _CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 _ENCODE = msgspec.json.Encoder()
 
@@ -87,7 +90,39 @@ class PdResult:
     prefill_cached: int | None = None
     """``cached_tokens`` of the prefill node's answer (what the core predicted; None when it
     carries none). In the SGLang form the prefill may answer after the decode's head: it is
-    then set when that answer is in, and None until then."""
+    then set when that answer is in, and None until then (:meth:`when_prefilled` waits)."""
+    prefill_pending: bool = False
+    """SGLang: the prefill's answer is not in yet."""
+    _waiters: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def when_prefilled(self, fn: Callable[[int | None], None],
+                       grace_s: float = PREFILL_GRACE_S) -> None:
+        """Call ``fn(prefill_cached)`` once the prefill's answer is in: now when it is, else
+        when it comes, or after ``grace_s`` with what is known then (None), so a prefill that
+        never answers holds nothing back for long. Called once."""
+        if not self.prefill_pending:
+            fn(self.prefill_cached)
+            return
+        fired = False
+
+        def fire() -> None:
+            nonlocal fired
+            if not fired:
+                fired = True
+                timer.cancel()
+                fn(self.prefill_cached)
+
+        timer = asyncio.get_running_loop().call_later(grace_s, fire)
+        self._waiters.append(fire)
+
+    def prefilled(self, cached: int | None) -> None:
+        """The prefill's answer is in (``cached``: its cached tokens; None when it failed or
+        carried none): run the waiters."""
+        self.prefill_cached = cached
+        self.prefill_pending = False
+        waiters, self._waiters = self._waiters, []
+        for fire in waiters:
+            fire()
 
 
 def cached_tokens(body: bytes) -> int | None:
@@ -201,7 +236,7 @@ class PdForwarder:
             await _cancel(decode)
             await _cancel(prefill)
             raise
-        result = PdResult(up)
+        result = PdResult(up, prefill_pending=True)
         if prefill.done():
             self._finish_prefill(d, prefill, result)
         else:
@@ -230,18 +265,23 @@ class PdForwarder:
     def _finish_prefill(self, d: RouteDecision, task: asyncio.Future[tuple[int, bytes, str]],
                         result: PdResult) -> None:
         self._background.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.warning("prefill node %s failed after the decode started: %s", d.node_id, exc)
-            return
-        status, data, _ = task.result()
-        if status < 400:
-            result.prefill_cached = self._prefilled(d.request_id, data)
-        else:
-            log.warning("prefill node %s answered HTTP %d after the decode started: %r",
-                        d.node_id, status, data[:200])
+        cached: int | None = None
+        try:
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                log.warning("prefill node %s failed after the decode started: %s", d.node_id,
+                            exc)
+                return
+            status, data, _ = task.result()
+            if status < 400:
+                cached = self._prefilled(d.request_id, data)
+            else:
+                log.warning("prefill node %s answered HTTP %d after the decode started: %r",
+                            d.node_id, status, data[:200])
+        finally:
+            result.prefilled(cached)
 
 
 def _prefill_status(d: RouteDecision, status: int, data: bytes, ctype: str) -> None:

@@ -371,8 +371,13 @@ class Proxy:
 
     def _complete(self, rid: str, ok: bool, cached: int | None, d: RouteDecision,
                   pd: PdResult | None) -> None:
-        if pd is not None:  # a split pair: what the prefill node served (the prediction's)
-            cached = pd.prefill_cached
+        if pd is not None:  # a split pair: what the prefill node served (the prediction's),
+            # once its answer is in (SGLang: it may come after the decode's end)
+            pd.when_prefilled(lambda pre: self._completed(rid, ok, pre, d))
+        else:
+            self._completed(rid, ok, cached, d)
+
+    def _completed(self, rid: str, ok: bool, cached: int | None, d: RouteDecision) -> None:
         self.core.complete(rid, success=ok, cached_tokens=cached)
         if cached is not None:
             self.metrics.cached_tokens.inc(cached)

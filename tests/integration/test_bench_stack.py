@@ -118,12 +118,15 @@ def test_stack_spreads_over_router_and_gateway_replicas_that_share_their_view(
     assert abs(by["kv_aware@2"]["hit_rate_tokens"] - by["kv_aware"]["hit_rate_tokens"]) < 0.05
     for name in ("kv_aware@2", "gateway:kv_aware@2"):  # each replica applied the other's deltas
         note = next(n for n in by[name]["notes"] if n.startswith("shared view per replica"))
-        applied = re.findall(r"deltas applied (\d+)", note)
-        assert len(applied) == 2 and all(int(a) > 0 for a in applied), note
+        applied = [int(a) for a in re.findall(r"deltas applied (\d+)", note)]
+        published = [int(a) for a in re.findall(r"deltas published (\d+)", note)]
+        assert len(applied) == len(published) == 2 and all(a > 0 for a in applied), note
+        # what one applied, the other published (its own counter; some may still be in
+        # flight when the bench reads the pages, none applied twice or made up)
+        assert applied[0] <= published[1] and applied[1] <= published[0], note
         assert note.count("connected 1") == 2, note
         # ... and each replica's view staleness from its own histogram
         view = by[name]["replica_view"]["per_replica"]
-        assert [r["staleness_ms"]["count"] for r in view] == [int(a) for a in applied]
         assert all(r["staleness_ms"]["p50_ms"] >= 0 for r in view)
     # the Router API rows also say how the replicas' decisions were spaced (client clock)
     assert "per_replica" in by["kv_aware@2"]["replica_view"]

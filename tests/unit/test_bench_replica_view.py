@@ -8,7 +8,13 @@ import math
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from bench.replica_view import STALENESS_METRIC, burst_spacing, histogram_summary, spacing_note
+from bench.replica_view import (
+    STALENESS_METRIC,
+    burst_spacing,
+    histogram,
+    histogram_summary,
+    spacing_note,
+)
 from router_service.metrics import RouterMetrics
 
 
@@ -22,16 +28,41 @@ def _page(observations: list[float]) -> str:
 
 
 def test_staleness_quantiles_come_from_the_routers_histogram() -> None:
-    # 98 observations in (0.5, 1] ms, one in (2, 5] ms, one in (10, 25] ms
+    # 98 observations in (0.5, 1] ms, one in (2, 3] ms, one in (15, 20] ms
     page = _page([0.0008] * 98 + [0.003, 0.02])
     s = histogram_summary(page)
     assert s["count"] == 100
     assert s["mean_ms"] == pytest.approx((98 * 0.8 + 3 + 20) / 100, abs=1e-3)
     # p50: rank 50 of 98 in the (0.5, 1] bucket, interpolated as PromQL does
     assert s["p50_ms"] == pytest.approx(0.5 + 0.5 * 50 / 98, abs=1e-3)
-    # p99: rank 99 is the bucket (2, 5] ms holding only the 3-ms observation
-    assert s["p99_ms"] == pytest.approx(5.0, abs=1e-3)
-    assert s["max_le_ms"] == 25.0 and s["max_above_ms"] is None
+    assert s["p50_bucket_ms"] == [0.5, 1.0]
+    # p99: rank 99 is the bucket (2, 3] ms holding only the 3-ms observation
+    assert s["p99_ms"] == pytest.approx(3.0, abs=1e-3)
+    assert s["p99_bucket_ms"] == [2.0, 3.0]
+    assert s["max_le_ms"] == 20.0 and s["max_above_ms"] is None
+    assert "p50 0.755 (in (0.5, 1]) / p99 3 (in (2, 3])" in spacing_note(
+        burst_spacing([0.0, 0.0], [0, 0], [0.0, 0.0], [0.001, 0.002], 1, 2.0, [s]))
+
+
+def test_staleness_buckets_are_fine_where_the_staleness_lies() -> None:
+    # 4.5 ms and 35 ms are no longer interpolated across (2, 5] and (25, 50] ms
+    s = histogram_summary(_page([0.0045] * 99 + [0.035]))
+    assert s["p50_bucket_ms"] == [4.0, 5.0] and s["max_le_ms"] == 40.0
+
+
+def test_le_is_read_from_its_own_label_whatever_the_other_labels_say() -> None:
+    page = "\n".join([
+        f'{STALENESS_METRIC}_bucket{{peer="a",note="le=\\"9\\"",le="0.001"}} 2',
+        f'{STALENESS_METRIC}_bucket{{peer="a",note="x",le="+Inf"}} 3',
+        f'{STALENESS_METRIC}_bucket{{le="0.001",peer="b"}} 1',
+        f'{STALENESS_METRIC}_bucket{{le="+Inf",peer="b"}} 1',
+        f'{STALENESS_METRIC}_sum{{peer="a"}} 0.5',
+        f'{STALENESS_METRIC}_count{{peer="a"}} 3',
+        f'{STALENESS_METRIC}_count{{peer="b"}} 1',
+    ])
+    buckets, total, count = histogram(page, STALENESS_METRIC)
+    assert buckets == [(0.001, 3.0), (math.inf, 4.0)]
+    assert total == 0.5 and count == 4.0
 
 
 def test_staleness_past_the_last_bucket_and_a_page_without_it() -> None:
@@ -63,8 +94,25 @@ def test_burst_spacing_tells_unseen_peer_decisions_from_seen_ones() -> None:
     assert r1["earlier_peer_decisions"] == 1
     assert r1["peers_unseen_p50"] == 0.0 and r1["peers_unseen_p99"] == 1.0
     assert r1["route_rtt_ms"]["p50"] == pytest.approx(1.25, abs=0.01)  # 1.5 and 1 ms
+    # ...but the decisions lie somewhere in [send, answer]: replica 1 sent at 9 ms, before
+    # replica 0's answer (10 ms), so it may have decided first (narrowest gap -1 ms) and the
+    # widest gap (10.5 - 9 = 1.5 ms) exceeds both stalenesses: anything from 0 to 1
+    assert r1["peers_unseen_p50_bounds"] == [0.0, 1.0]
+    assert r1["peers_unseen_p99_bounds"] == [0.0, 1.0]
+    # replica 0's second decision: widest gap 20 - 9 = 11 ms, narrowest 9 - 10.5 < 0
+    assert r0["peers_unseen_p99_bounds"] == [0.0, 1.0]
     note = spacing_note(v)
-    assert note.startswith("burst spacing") and "#1: staleness p50 0.4 / p99 1" in note
+    assert note.startswith("burst spacing") and "#1: staleness p50 0.4 (-) / p99 1 (-)" in note
+    assert "bounds from send / answer times [0, 1] / [0, 1]" in note
+    assert "Route RTT (the timing's error) p50 1.25 / p90" in note
+
+
+def test_unseen_bounds_agree_when_round_trips_are_short() -> None:
+    # replica 1 sends at 10.1 ms, after replica 0's answer (10.0): gaps between 0.1 and 0.3 ms
+    v = burst_spacing([0.0, 0.0], [0, 1], [0.0099, 0.0101], [0.0100, 0.0102], 2, 2.0,
+                      [{"p50_ms": 1.0, "p99_ms": 2.0}, {"p50_ms": 1.0, "p99_ms": 2.0}])
+    r1 = v["per_replica"][1]
+    assert r1["peers_unseen_p50"] == 1.0 and r1["peers_unseen_p50_bounds"] == [1.0, 1.0]
 
 
 def test_spread_arrivals_have_no_burst_to_describe() -> None:

@@ -148,3 +148,14 @@ def test_stack_routers_get_the_burst_window_and_stagger_on_the_wall_clock() -> N
                    share_burst_window_s=float(got["--share-burst-window-s"]),
                    share_burst_stagger_s=float(got["--share-burst-stagger-s"]))
     assert ReplicaSettings(share_routes=False).share_flags(0.2) == ()
+
+
+def test_the_burst_window_read_back_is_the_one_argparse_uses() -> None:
+    from bench.stack_backend import last_flag_value
+
+    flag = "--share-burst-window-s"
+    assert last_flag_value([flag, "0.01", "--x", "1", flag, "0.002"], flag) == "0.002"
+    assert last_flag_value([flag, "0.01", f"{flag}=0.003"], flag) == "0.003"
+    assert last_flag_value([f"{flag}=0.003", flag, "0.004"], flag) == "0.004"
+    assert last_flag_value(["--x", "1"], flag) is None
+    assert last_flag_value([flag], flag) is None  # no value: argparse would have refused

@@ -1,27 +1,71 @@
-"""An SGLang prefill half aborted by its client (engine_sim's HTTP server on a loopback port):
-the engine request is aborted once, its blocks freed, and its bootstrap room failed once, with a
-reason the decode side can show."""
+"""An SGLang prefill half aborted by its client: the engine request is aborted once, its blocks
+freed, and its bootstrap room failed once, with a reason the decode side can show.
+
+engine_sim is served by :func:`engine_sim.server.serve` on a loopback port (as in
+tests/unit/test_engine_sim_disconnect.py), so the abort on disconnect is the server's own
+runner's doing, not aiohttp TestServer's (which cancels handlers on disconnect by itself)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
-from prometheus_client import CollectorRegistry
 
 from engine_sim.bootstrap import BootstrapRooms
-from engine_sim.engine import SimEngine
-from engine_sim.http_api import make_app
+from engine_sim.server import serve
 from engine_sim.settings import EngineSimSettings
 
 
-async def _abort_prefill(monkeypatch: pytest.MonkeyPatch, max_running: int,
-                         ) -> tuple[SimEngine, dict[str, Any], list[int]]:
-    """Send a prefill half (room 3) to a slow prefill engine, abort it 0.3 s in; the engine,
-    the room's state, and the rooms each ``BootstrapRooms.fail`` call was for."""
+@asynccontextmanager
+async def _engine(tmp_path: Path, max_running: int) -> AsyncIterator[str]:
+    """A real slow prefill engine_sim server (20 prompt tokens/s) on a loopback port."""
+    ready = tmp_path / "ready.json"
+    settings = EngineSimSettings(
+        listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", ready_file=str(ready),
+        events_endpoint="", replay_endpoint="", time_scale=1.0, capacity_blocks=64,
+        block_size=4, max_running=max_running, role="prefill", prefill_tokens_per_s=20.0,
+        drain_timeout_s=1.0)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(settings, stop))
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert not task.done(), task.exception() if task.done() else ""
+            assert time.monotonic() < deadline, "engine_sim did not start"
+            await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{json.loads(ready.read_text())['http_port']}"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def _stats(http: aiohttp.ClientSession, base: str) -> dict[str, Any]:
+    async with http.get(f"{base}/kvroute/stats", params={"records": "0"}) as resp:
+        out: dict[str, Any] = await resp.json()
+        return out
+
+
+async def _until(http: aiohttp.ClientSession, base: str,
+                 ok: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while not ok(st := await _stats(http, base)):
+        assert time.monotonic() < deadline, f"{what}: {st}"
+        await asyncio.sleep(0.05)
+    return st
+
+
+async def _abort_prefill(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, max_running: int,
+                         ) -> tuple[dict[str, Any], dict[str, Any], list[int]]:
+    """Send a prefill half (room 3) to a slow prefill engine, abort it once it is running
+    (``max_running`` 4) or queued behind a busy slot (1); the engine's stats at the end, the
+    room's state, and the rooms each ``BootstrapRooms.fail`` call was for."""
     fails: list[int] = []
     real_fail = BootstrapRooms.fail
 
@@ -30,60 +74,55 @@ async def _abort_prefill(monkeypatch: pytest.MonkeyPatch, max_running: int,
         real_fail(self, room, message)
 
     monkeypatch.setattr(BootstrapRooms, "fail", fail)
-    eng = SimEngine(EngineSimSettings(
-        events_endpoint="", replay_endpoint="", time_scale=1.0, capacity_blocks=64,
-        block_size=4, max_running=max_running, role="prefill", prefill_tokens_per_s=20.0))
-    await eng.start()
-    srv = TestServer(make_app(eng, CollectorRegistry()), host="127.0.0.1")
-    await srv.start_server()
-    base = f"http://127.0.0.1:{srv.port}"
-    try:
-        async with aiohttp.ClientSession() as http:
-            async def generate(body: dict[str, Any]) -> bytes:
-                async with http.post(f"{base}/generate", json=body) as resp:
-                    return await resp.read()
+    async with _engine(tmp_path, max_running) as base, aiohttp.ClientSession() as http:
+        async def generate(body: dict[str, Any]) -> bytes:
+            async with http.post(f"{base}/generate", json=body) as resp:
+                return await resp.read()
 
-            # max_running 0 would be invalid: a long first request keeps the slot busy instead
-            if max_running == 1:
-                busy = asyncio.ensure_future(generate({
-                    "input_ids": list(range(100, 140)), "stream": True,
-                    "sampling_params": {"max_new_tokens": 1}}))
-                await asyncio.sleep(0.1)
-            body = {"input_ids": list(range(40)), "sampling_params": {"max_new_tokens": 5},
-                    "bootstrap_host": "127.0.0.1", "bootstrap_port": srv.port,
-                    "bootstrap_room": 3}
-            half = asyncio.ensure_future(generate(body))
-            await asyncio.sleep(0.3)
-            half.cancel()  # the client goes away: the connection closes
+        port = int(base.rsplit(":", 1)[1])
+        # max_running 0 would be invalid: a long first request keeps the slot busy instead
+        if max_running == 1:
+            busy = asyncio.ensure_future(generate({
+                "input_ids": list(range(100, 140)), "stream": True,
+                "sampling_params": {"max_new_tokens": 1}}))
+            await _until(http, base, lambda s: s["num_running"] == 1, "busy never admitted")
+        body = {"input_ids": list(range(40)), "sampling_params": {"max_new_tokens": 5},
+                "bootstrap_host": "127.0.0.1", "bootstrap_port": port, "bootstrap_room": 3}
+        half = asyncio.ensure_future(generate(body))
+        if max_running == 1:  # the half is queued behind the busy one, not running
+            st = await _until(http, base, lambda s: s["num_waiting"] == 1, "never queued")
+            assert st["num_running"] == 1
+        else:  # the half is running, mid-prefill (40 tokens at 20/s: 2 s)
+            st = await _until(http, base, lambda s: s["num_running"] == 1, "never admitted")
+            assert st["used_blocks"] > 0
+        half.cancel()  # the client goes away: the connection closes
+        with pytest.raises(asyncio.CancelledError):
+            await half
+        await _until(http, base, lambda s: s["requests_aborted"] >= 1, "half not aborted")
+        async with http.get(f"{base}/kvroute/bootstrap/rooms/3") as resp:
+            room = await resp.json()
+        if max_running == 1:
+            busy.cancel()
             with pytest.raises(asyncio.CancelledError):
-                await half
-            await asyncio.sleep(0.3)
-            async with http.get(f"{base}/kvroute/bootstrap/rooms/3") as resp:
-                room = await resp.json()
-            if max_running == 1:
-                busy.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await busy
-                await asyncio.sleep(0.1)
-    finally:
-        await srv.close()
-        await eng.stop()
-    return eng, room, fails
+                await busy
+            await _until(http, base, lambda s: s["requests_aborted"] >= 2, "busy not aborted")
+        stats = await _stats(http, base)
+    return stats, room, fails
 
 
 async def test_a_prefill_half_aborted_mid_prefill_fails_its_room_once(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    eng, room, fails = await _abort_prefill(monkeypatch, max_running=4)
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    stats, room, fails = await _abort_prefill(monkeypatch, tmp_path, max_running=4)
     assert room["status"] == "failed" and "aborted" in room["message"]
     assert fails == [3]
-    assert eng.stats()["requests_aborted"] == 1
-    assert eng.cache.used_blocks == 0 and eng.model.num_running == 0
+    assert stats["requests_aborted"] == 1
+    assert stats["used_blocks"] == 0 and stats["num_running"] == 0
 
 
 async def test_a_prefill_half_aborted_in_the_queue_fails_its_room_once_saying_so(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    eng, room, fails = await _abort_prefill(monkeypatch, max_running=1)
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    stats, room, fails = await _abort_prefill(monkeypatch, tmp_path, max_running=1)
     assert room["status"] == "failed" and "aborted" in room["message"]
     assert fails == [3]
-    assert eng.model.num_waiting == 0 and eng.cache.used_blocks == 0
-    assert eng.stats()["requests_aborted"] == 2  # the half in the queue, the busy one
+    assert stats["num_waiting"] == 0 and stats["used_blocks"] == 0
+    assert stats["requests_aborted"] == 2  # the half in the queue, the busy one

@@ -91,3 +91,26 @@ async def test_a_non_streaming_request_whose_client_stays_finishes(engine: str) 
         assert resp.status == 200 and body["usage"]["completion_tokens"] == 2
         st = await _stats(http, engine)
         assert st["requests_aborted"] == 0 and st["requests_finished"] == 1
+
+
+@pytest.mark.parametrize("path", sorted(BODIES))
+async def test_a_stream_failing_at_its_start_aborts_the_request(
+        engine: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The abort covers the stream's start too (its headers going out to a client already
+    gone), whatever aiohttp does there."""
+    from engine_sim.http_api import Api
+
+    async def gone(self: Api, request: Any) -> Any:
+        raise ConnectionResetError("client gone before the stream's headers")
+
+    monkeypatch.setattr(Api, "sse_start", gone)
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientError):
+            async with http.post(f"{engine}{path}", json=dict(BODIES[path], stream=True)) as r:
+                await r.read()
+                r.raise_for_status()
+        deadline = time.monotonic() + 4
+        while (st := await _stats(http, engine))["requests_aborted"] < 1:
+            assert time.monotonic() < deadline, f"not aborted: {st}"
+            await asyncio.sleep(0.05)
+        assert st["num_running"] == 0 and st["used_blocks"] == 0

@@ -156,6 +156,74 @@ def test_sglang_prefill_answering_after_the_decode_head_reports_its_cached_token
     assert later == 48 and engines.prefill_done == ["r1"]
 
 
+def test_sglang_complete_waits_for_a_prefill_answering_after_the_decode_ended() -> None:
+    """The decode may have ended (the proxy's Complete is due) before the prefill answers:
+    the Complete's cached tokens are the prefill's, reported when its answer is in."""
+    engines = Engines({8001: FakeResponse(200, {"meta_info": {"cached_tokens": 48}},
+                                          delay_s=0.1), 8002: FakeResponse(200)})
+    fw = _forwarder(engines, "sglang")
+
+    async def run() -> tuple[list[int | None], list[int | None]]:
+        result = await fw.attempt(DECISION, "/generate", dict(BODY), {}, False)
+        assert result.prefill_pending
+        completes: list[int | None] = []
+        result.when_prefilled(completes.append, grace_s=5.0)  # the decode's end
+        at_decode_end = list(completes)
+        for _ in range(200):
+            if completes:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        return at_decode_end, completes
+
+    at_decode_end, completes = asyncio.run(run())
+    assert at_decode_end == [] and completes == [48]  # once, with the prefill's figure
+    assert engines.prefill_done == ["r1"]
+
+
+def test_sglang_complete_waits_a_bounded_time_for_a_silent_prefill() -> None:
+    engines = Engines({8001: FakeResponse(200, {"meta_info": {"cached_tokens": 48}},
+                                          delay_s=0.5), 8002: FakeResponse(200)})
+    fw = _forwarder(engines, "sglang")
+
+    async def run() -> tuple[list[int | None], list[int | None], int | None]:
+        result = await fw.attempt(DECISION, "/generate", dict(BODY), {}, False)
+        completes: list[int | None] = []
+        result.when_prefilled(completes.append, grace_s=0.05)
+        await asyncio.sleep(0.3)
+        at_grace = list(completes)
+        for _ in range(200):  # the late answer still releases the prefill half, once
+            if engines.prefill_done:
+                break
+            await asyncio.sleep(0.01)
+        return at_grace, completes, result.prefill_cached
+
+    at_grace, completes, late = asyncio.run(run())
+    assert at_grace == [None] and completes == [None]
+    assert late == 48 and engines.prefill_done == ["r1"]
+
+
+def test_complete_is_not_deferred_when_the_prefill_answered_first() -> None:
+    engines = Engines({8001: FakeResponse(200, {"meta_info": {"cached_tokens": 32}}),
+                       8002: FakeResponse(200, head_delay_s=0.1)})
+    fw = _forwarder(engines, "sglang")
+
+    async def run() -> list[int | None]:
+        result = await fw.attempt(DECISION, "/generate", dict(BODY), {}, False)
+        completes: list[int | None] = []
+        result.when_prefilled(completes.append, grace_s=5.0)
+        return completes
+
+    assert asyncio.run(run()) == [32]
+    vllm = Engines({8001: FakeResponse(200, {"kv_transfer_params": {"x": 1},
+                                             "usage": {"prompt_tokens_details":
+                                                       {"cached_tokens": 16}}}),
+                    8002: FakeResponse(200)})
+    got: list[int | None] = []
+    _attempt(_forwarder(vllm, "vllm")).when_prefilled(got.append)
+    assert got == [16]
+
+
 def test_sglang_decode_failing_because_its_prefill_failed_blames_the_prefill() -> None:
     engines = Engines({8001: ConnectFailed("refused"), 8002: FakeResponse(503)})
     with pytest.raises(NodeFailed) as exc:

@@ -209,3 +209,37 @@ def test_peers_rank_and_bursts_tell_kv_aware_when_replicas_decide_side_by_side()
     assert v0.peers() == 0
     v0.set_connected(False, "test")
     assert v0.peers() == 0
+
+
+def test_each_replica_counts_the_deltas_it_published_apart_from_those_it_applied() -> None:
+    """``deltas_published_total`` is the sender's own count: the receiver's staleness count
+    (deltas applied) can be held against it."""
+    from prometheus_client import CollectorRegistry
+
+    from router_service.metrics import RouterMetrics
+
+    clk = Clock()
+    src = MemorySource()
+    src.add("a")
+    bus = Bus()
+    metrics = [RouterMetrics(CollectorRegistry()) for _ in range(2)]
+    for k in range(2):
+        view = SharedView(f"r{k}", bus.publish, clk, timeout_s=5.0)
+        view.set_connected(True)
+        bus.cores.append(RouterCore(RouterSettings(registry="127.0.0.1:1"), PolicySet(), src,
+                                    LoadTracker(clk), load_tokenizer("simple"),
+                                    metrics=metrics[k], clock=clk, share=view))
+    a, b = bus.cores
+    a.decide_local(RouteRequest("q1", token_ids=PROMPT))
+    a.decide_local(RouteRequest("q2", token_ids=PROMPT))
+    assert b.complete("q1")  # completed through b: b publishes the completion
+    assert not b.complete("nobody")  # nothing released: nothing published
+
+    def value(k: int, name: str) -> float:
+        got = metrics[k].registry.get_sample_value(name)
+        return 0.0 if got is None else got
+
+    published = "kvroute_router_shared_view_deltas_published_total"
+    applied = "kvroute_router_shared_view_staleness_seconds_count"
+    assert (value(0, published), value(1, published)) == (2.0, 1.0)
+    assert (value(1, applied), value(0, applied)) == (2.0, 1.0)
