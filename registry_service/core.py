@@ -9,6 +9,8 @@ revision; list again when the watch is compacted away), so any replica serves an
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -101,9 +103,32 @@ class RegistryCore:
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        """Connect the store, load it and follow it in the background."""
+        """Connect the store, load it, renew the leases it trusts, follow it in the background."""
         await self.store.start()
         await self.follower.start()
+        await self._renew_trusted_leases()
+
+    async def _renew_trusted_leases(self) -> None:
+        """Renew, once, the lease of every loaded node no replica has heard from lately.
+
+        The view trusts such a node for one TTL from the load (its agent could not heartbeat
+        while no replica served it), but its lease in the store may have only moments left:
+        without this, a replica restarted after an outage just under the lease life serves
+        the node and its blocks, then etcd expires the lease before the agent's next try gets
+        through, the node re-registers and resyncs from empty, and routers see the fleet
+        shrink and regrow. A node that really died leaves one TTL after this, as the trust.
+        """
+        states = [s for s in self.view.nodes.values() if s.trusted_until_ms]
+
+        async def renew(state: LiveNode) -> None:
+            with contextlib.suppress(Exception):  # best effort: its agent's heartbeat renews
+                if await self._op("lease_keepalive", self.store.refresh_lease(state.record)) > 0:
+                    state.lease_refreshed_mono = state.refreshed_here_mono = time.monotonic()
+        for i in range(0, len(states), 64):
+            await asyncio.gather(*(renew(s) for s in states[i:i + 64]))
+        if states:
+            log.info("renewed the leases of %d loaded node(s) until their agents reconnect",
+                     len(states))
 
     async def drain(self) -> None:
         """Shutdown step one: freeze health (a replica that stops hearing heartbeats because
