@@ -117,18 +117,25 @@ class RegistryCore:
         the node and its blocks, then etcd expires the lease before the agent's next try gets
         through, the node re-registers and resyncs from empty, and routers see the fleet
         shrink and regrow. A node that really died leaves one TTL after this, as the trust.
+        A lease found gone (etcd deletes its keys up to about a second later) is dropped
+        before this replica serves, so no watcher is shown a node that is about to vanish.
         """
         states = [s for s in self.view.nodes.values() if s.trusted_until_ms]
+        gone: list[str] = []
 
         async def renew(state: LiveNode) -> None:
             with contextlib.suppress(Exception):  # best effort: its agent's heartbeat renews
                 if await self._op("lease_keepalive", self.store.refresh_lease(state.record)) > 0:
                     state.lease_refreshed_mono = state.refreshed_here_mono = time.monotonic()
+                else:
+                    gone.append(state.node_id)
         for i in range(0, len(states), 64):
             await asyncio.gather(*(renew(s) for s in states[i:i + 64]))
+        for node_id in gone:
+            self.view.drop(node_id, expired=True)
         if states:
-            log.info("renewed the leases of %d loaded node(s) until their agents reconnect",
-                     len(states))
+            log.info("renewed the leases of %d loaded node(s) until their agents reconnect; "
+                     "%d had expired", len(states) - len(gone), len(gone))
 
     async def drain(self) -> None:
         """Shutdown step one: freeze health (a replica that stops hearing heartbeats because
