@@ -111,14 +111,11 @@ class RegistryCore:
     async def _renew_trusted_leases(self) -> None:
         """Renew, once, the lease of every loaded node no replica has heard from lately.
 
-        The view trusts such a node for one TTL from the load (its agent could not heartbeat
-        while no replica served it), but its lease in the store may have only moments left:
-        without this, a replica restarted after an outage just under the lease life serves
-        the node and its blocks, then etcd expires the lease before the agent's next try gets
-        through, the node re-registers and resyncs from empty, and routers see the fleet
-        shrink and regrow. A node that really died leaves one TTL after this, as the trust.
-        A lease found gone (etcd deletes its keys up to about a second later) is dropped
-        before this replica serves, so no watcher is shown a node that is about to vanish.
+        The view trusts such a node for one TTL from the load, but its lease may have only
+        moments left (no replica served its agent): without this, after an outage just under
+        the lease life etcd expires it right after this replica serves the node, which then
+        re-registers and resyncs from empty while routers see the fleet shrink and regrow. A
+        lease found gone (etcd deletes its keys up to ~1 s late) is dropped before serving.
         """
         states = [s for s in self.view.nodes.values() if s.trusted_until_ms]
         gone: list[str] = []
