@@ -5,16 +5,17 @@ schedule (arrival lag), the router hears ``Complete`` a little after the engine 
 response's trip back: return lag), and the router's placement view trails the caches by up to
 one agent heartbeat. :func:`stack_timing` turns what a stack run measured into the sim's
 settings for the same timing (``arrival_jitter_s``, ``complete_lag_s``, ``heartbeat_delay_s``,
-all in model seconds); :func:`stack_arrival_lags` gives the lags per request, which ``kvroute
-demo`` replays (with a jitter of one return trip for the seeds). Policies that decide on
+all in model seconds); :func:`stack_request_timing` gives the lags per request (engine arrival
+and return), which ``kvroute demo`` replays, each seed drawing the unrecorded decision point
+between schedule and engine arrival (:mod:`bench.sim.timing`). Policies that decide on
 momentary load are chaotic in that timing (a few milliseconds move a conversation's next turn
-to another node), so the sim is replayed with
-several seeds and the stack's single run is compared with the sim's median, with the sim's
-range printed next to it: the agreement bar (issue 12: hit rate within
-:data:`HIT_TOLERANCE`, p50 and p90 TTFT within :data:`TTFT_TOLERANCE`) is checked against the
-median, never widened. Next to it, each row says whether the stack's three figures fall inside
-the sim's [min, max] over its seeds (``inside_range``): a stack run the sim's own seeds bracket
-is a draw from the same distribution even when the distribution is wider than the bar.
+to another node), so the sim is replayed with several seeds and the stack's single run is
+compared with the sim's median, with the sim's range printed next to it: the agreement bar
+(issue 12: hit rate within :data:`HIT_TOLERANCE`, p50 and p90 TTFT within
+:data:`TTFT_TOLERANCE`) is checked against the median, never widened. Next to it, each row
+says whether the stack's three figures fall inside the sim's [min, max] over its seeds
+(``inside_range``): a stack run the sim's own seeds bracket is a draw from the same
+distribution even when the distribution is wider than the bar.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 from bench.results import PolicyRun
 from bench.sim.config import SimSettings
+from bench.sim.timing import RequestTiming
 
 HIT_TOLERANCE = 0.01
 """Stack and sim token hit rates agree within this (absolute)."""
@@ -55,20 +57,26 @@ def timed_settings(settings: SimSettings, timing: dict[str, float]) -> SimSettin
                                heartbeat_delay_s=timing["heartbeat_delay_s"])
 
 
-def stack_arrival_lags(runs: Sequence[PolicyRun]) -> dict[str, list[float]]:
-    """Per policy of a stack run (``gateway:`` removed): its measured arrival lag per request
-    (model s, NaN = not recorded), for :class:`bench.sim.backend.SimBackend`'s
-    ``arrival_lags``; key ``*`` (the first run's) serves policies the stack did not run.
+def stack_request_timing(runs: Sequence[PolicyRun]) -> dict[str, RequestTiming]:
+    """Per policy of a stack run (``gateway:`` removed): its measured engine arrival and return
+    lags per request, for :class:`bench.sim.backend.SimBackend`'s ``timing``; key ``*`` (the
+    first run's) serves policies the stack did not run.
 
     Replaying the lags themselves instead of a uniform jitter of the same median matters when
     the stack falls behind in bursts: a burst of long prompts reaches the engines spread over
-    the time the client and gateway took to send it, which shortens queues (lower p50) and
-    moves where requests pile up, and a uniform jitter does not reproduce that."""
-    out: dict[str, list[float]] = {}
+    the time the client, gateway and engines took to take it in, which shortens queues (lower
+    p50) and moves where requests pile up; and a load-driven policy's next decision depends on
+    exactly when the router heard of the last completions. The decision point, which nothing
+    records, is drawn per seed between the schedule and the engine arrival
+    (:mod:`bench.sim.timing`)."""
+    out: dict[str, RequestTiming] = {}
     for run in runs:
         if run.arrival_lag_by_request and any(math.isfinite(x)
                                               for x in run.arrival_lag_by_request):
-            out[run.policy.removeprefix("gateway:")] = list(run.arrival_lag_by_request)
+            back = run.return_lag_by_request
+            out[run.policy.removeprefix("gateway:")] = RequestTiming(
+                list(run.arrival_lag_by_request),
+                list(back) if len(back) == len(run.arrival_lag_by_request) else [])
     if out:
         out["*"] = next(iter(out.values()))
     return out

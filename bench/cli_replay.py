@@ -300,7 +300,8 @@ def add_spread(out: BenchOutcome, outs: list[BenchOutcome]) -> None:
 
     reports = [dict(o.report) for o in outs]  # copies: the first one is out.report itself
     out.report["runs"] = reports
-    out.report["spread"] = spread(reports)
+    out.report["spread"] = spread(reports, [{r.policy: list(r.node) for r in o.runs}
+                                            for o in outs])
     for k, rep in enumerate(reports[1:], 2):  # before the JSON: a table is never lost
         print(f"run {k}:")
         print(format_table(rep))

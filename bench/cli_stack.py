@@ -95,9 +95,12 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
     if faults and peers:
         raise ConfigError("--fault and --peers: faults are injected into kvroute's own "
                           "stack only; run them separately")
-    if peers and not any(split_front(n)[0] for n in names):
+    if peers and names and not any(split_front(n)[0] for n in names):
         # HTTP front against HTTP fronts: the peers are HTTP routers, so is the gateway
+        # (--policies '' replays the peers alone: no kvroute fleet is started)
         names = [*names, f"{GATEWAY_PREFIX}kv_aware"]
+    if not names and not peers:
+        raise ConfigError("--policies '' replays nothing without --peers")
     if any(split_front(n)[0] for n in names):
         spec = dataclasses.replace(spec, gateway=True)
     spec, names = _with_replicas(args, spec, names)
@@ -208,6 +211,13 @@ def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers
               time_scale: float = 1.0, spread: tuple[str, int] = ("random", 0),
               ) -> BenchOutcome:
     """One comparison on freshly started processes (kvroute's fleet, then each peer's)."""
+    if peers and not names:  # the peers alone (--policies ''): no kvroute fleet
+        from bench.peers import PeerBackend, attach_added_latency
+
+        backend = PeerBackend(workdir / "peers", spec, overhead_pairs=overhead_pairs)
+        out = run_comparison(workload, settings, peers, backend, random_bound)
+        attach_added_latency(out.report, backend.added_latency)
+        return out
     with StackBackend(workdir / "stack", spec, spread=spread[0], seed=spread[1]) as stack:
         if faults:
             injector = FaultInjector(stack.fleet, faults, time_scale)

@@ -10,6 +10,7 @@ and (for kvroute's Route RPC) the serialized request.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import msgspec
@@ -29,19 +30,32 @@ def synth_tokens(req: TraceRequest, block_size: int) -> list[int]:
     """Deterministic token ids for ``req``: block i's tokens depend only on its hash.
 
     Equal hashes give equal tokens and, because the hashes are prefix-chained, equal prefixes —
-    so the sharing structure the trace records is exactly what the engines see.
+    so the sharing structure the trace records is exactly what the engines see. A prompt longer
+    than its hashed blocks (a generated workload hashes full blocks only; the partial last block
+    has no hash) gets its tail from the request id: it is ``prompt_tokens`` long, as the
+    in-process replay counts it, and the tail is never cached there or here.
     """
     if not req.block_hashes:
         return list(range(1, req.prompt_tokens + 1))
-    hashes = np.array(req.block_hashes, dtype=np.uint64)
-    pos = np.arange(block_size, dtype=np.uint64)
+    toks = _mix(np.array(req.block_hashes, dtype=np.uint64), block_size)
+    out: list[int] = toks[:min(req.prompt_tokens, toks.size)].tolist()
+    if len(out) < req.prompt_tokens:
+        seed = int.from_bytes(hashlib.blake2b(req.request_id.encode(), digest_size=8).digest(),
+                              "little")
+        out += _mix(np.array([seed], dtype=np.uint64),
+                    req.prompt_tokens - len(out)).tolist()
+    return out
+
+
+def _mix(hashes: np.ndarray, n: int) -> np.ndarray:
+    """``n`` token ids per hash, each a function of the hash and its position only."""
+    pos = np.arange(n, dtype=np.uint64)
     with np.errstate(over="ignore"):
         x = hashes[:, None] * _M1 + (pos[None, :] + np.uint64(1)) * _M2
         x ^= x >> np.uint64(31)
         x *= _M2
         x ^= x >> np.uint64(29)
-    toks = (x % np.uint64(_VOCAB - 1) + np.uint64(1)).ravel()
-    out: list[int] = toks[:min(req.prompt_tokens, toks.size)].tolist()
+    out: np.ndarray = (x % np.uint64(_VOCAB - 1) + np.uint64(1)).ravel()
     return out
 
 

@@ -55,6 +55,9 @@ class PolicyRun:
     """Stack runs, per request: how much later than its engine finished the client had the
     response (model seconds; the router hears ``Complete`` just after). ``--mode sim`` models
     it as ``complete_lag_s``; empty in --mode sim."""
+    return_lag_by_request: list[float] = field(default_factory=list)
+    """Stack runs: ``return_lag_s`` in request order, NaN where not measured (what
+    :mod:`bench.agreement` replays per request); empty in --mode sim."""
     load_avg: tuple[float, float] | None = None
     """The machine's 1-minute load average when the replay started and ended."""
     cpu_busy: float | None = None

@@ -318,10 +318,10 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
     lags = _arrival_lags(run.node, skew, len(node_ids))
     run.arrival_lag_s = [v for v in lags if not math.isnan(v)]
     run.arrival_lag_by_request = lags
-    run.return_lag_s = [o.t_done_s - (req.arrival_s + lag + e2e)
-                        for req, o, lag, e2e in zip(workload.requests, outcomes, lags, run.e2e_s,
-                                                    strict=True)
-                        if not (math.isnan(o.t_done_s) or math.isnan(lag) or math.isnan(e2e))]
+    run.return_lag_by_request = [
+        o.t_done_s - (req.arrival_s + lag + e2e)
+        for req, o, lag, e2e in zip(workload.requests, outcomes, lags, run.e2e_s, strict=True)]
+    run.return_lag_s = [v for v in run.return_lag_by_request if not math.isnan(v)]
     run.load_samples = _load_samples(run, len(node_ids))
     run.evictions = sum(int(st.get("evicted_blocks", 0)) - int(st.get("_evicted_before", 0))
                         for st in stats.values())

@@ -25,7 +25,8 @@ class StackSettings:
         None, "stack: also replay through real peer routers, each on a fresh fleet (needs the "
               "[peers] extra): router:policy,... from sglang-router:{cache_aware,round_robin,"
               "power_of_two}, vllm-router:{cache_aware,kv_aware}, dynamo:kv; 'default' = "
-              "sglang-router:cache_aware,vllm-router:cache_aware,vllm-router:kv_aware,dynamo:kv",
+              "sglang-router:cache_aware,vllm-router:cache_aware,vllm-router:kv_aware,dynamo:kv; "
+              "with --policies '' the peers alone (no kvroute fleet)",
         metavar="LIST")
     overhead_pairs: int = setting(
         100, "stack --peers: direct-vs-routed request pairs measuring each router's added "

@@ -24,6 +24,8 @@ from typing import Any
 POLICIES = ("kv_aware", "session", "least_loaded", "round_robin")
 EXTRA_SIM_POLICIES = ("seed", "dynamo", "sglang", "llmd")
 """Policies only the in-process replay runs (the notebook's and peer re-implementations)."""
+CACHE_SHARE = 0.5
+"""The fleet's KV cache as a share of each workload's distinct blocks."""
 
 
 def add_parser(sub: Any) -> None:
@@ -44,6 +46,12 @@ def add_parser(sub: Any) -> None:
                    help="the notebook workload's conversations start uniformly over this many "
                         "model seconds (default 240; 120 put the 4-engine fleet on a "
                         "KV-capacity cliff where a few ms of timing moved p90 by 30 %%)")
+    p.add_argument("--cache-share", type=float, default=CACHE_SHARE, metavar="F",
+                   help="KV cache over the fleet as a share of each workload's distinct blocks "
+                        f"(default {CACHE_SHARE}; the bench's default is 0.25, where kv_aware's "
+                        "notebook p90 sits on a cliff of evicted histories and one trace "
+                        "engine holds 250k tokens, so one 120k-token prompt blocks its queue "
+                        "until half the cache is free)")
     p.add_argument("--trace-requests", type=int, default=300,
                    help="requests of the shipped Mooncake sample to replay (default 300)")
     p.add_argument("--time-scale", type=float, default=0.03,
@@ -53,11 +61,17 @@ def add_parser(sub: Any) -> None:
                    help="the same for the trace sample, whose long prompts cost the stack far "
                         "more CPU per model second (default 0.06 = 17x; at 33x every trace row "
                         "was contention-bound on 2 cores)")
+    p.add_argument("--trace-engine-speed", type=float, default=1.5, metavar="X",
+                   help="the trace sample's engines prefill X times faster than the notebook "
+                        "workload's (default 1.5: the sample's first 300 requests offer 87 %% of "
+                        "the default fleet's prefill capacity, and that deep in overload which "
+                        "requests meet behind a 100k-token prompt moved p90 by 50-100 %% between "
+                        "replays differing by milliseconds; at 1.5, 58 %%)")
     p.add_argument("--policies", default=",".join(POLICIES), metavar="A,B,...",
                    help=f"router policies to compare (default {','.join(POLICIES)})")
-    p.add_argument("--sim-runs", type=int, default=7, metavar="N",
+    p.add_argument("--sim-runs", type=int, default=9, metavar="N",
                    help="seeded in-process replays per workload with the stack's measured "
-                        "timing; the stack is compared with their median (default 7)")
+                        "timing; the stack is compared with their median (default 9)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-disaggregated", action="store_true",
                    help="skip the disaggregated run (the notebook workload on a prefill/decode "
@@ -74,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from bench.agreement import (
         agreement,
         format_agreement,
-        stack_arrival_lags,
+        stack_request_timing,
         stack_timing,
         timed_settings,
     )
@@ -101,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--nodes must be >= 1, --time-scale and --trace-time-scale > 0")
     if args.start_window <= 0:
         raise ConfigError("--start-window must be > 0")
+    if args.trace_engine_speed <= 0 or not 0 < args.cache_share <= 1:
+        raise ConfigError("--trace-engine-speed must be > 0 and --cache-share in (0, 1]")
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _sigterm)
@@ -108,29 +124,35 @@ def run(args: argparse.Namespace) -> int:
     conv = conversations(0, ConversationSpec(conversations=args.conversations, turns=8,
                                              start_window_s=args.start_window,
                                              think_time_s=10.0))
+    # (title, workload, time scale, engine speed-up)
     workloads = [
         ("notebook workload (conversations, whole history resent every turn)", conv,
-         args.time_scale),
+         args.time_scale, 1.0),
         ("Mooncake conversation trace sample (bench/data, real arrivals)",
          load_workload(workload="mooncake-sample", limit=args.trace_requests),
-         args.trace_time_scale),
+         args.trace_time_scale, args.trace_engine_speed),
     ]
     report: dict[str, Any] = {"demo": [], "nodes": args.nodes, "time_scale": args.time_scale,
                               "trace_time_scale": args.trace_time_scale}
     print(f"kvroute demo: {args.nodes} simulated engines; logs, JSON and plots in {out_dir}")
     try:
-        for i, (title, wl, scale) in enumerate(workloads, 1):
-            cache = max(8, int(0.25 * wl.distinct_blocks() / args.nodes))
+        for i, (title, wl, scale, speed) in enumerate(workloads, 1):
+            share = args.cache_share
+            cache = max(8, int(share * wl.distinct_blocks() / args.nodes))
             # The default engine speed is calibrated for 8 engines on the trace (about 70 %
             # prefill utilisation under round_robin); keep the fleet's total speed when the
-            # demo runs fewer engines.
-            rate = DEFAULT_PREFILL_TOKENS_PER_S * max(1.0, 8 / args.nodes)
+            # demo runs fewer engines (times the workload's speed-up).
+            rate = DEFAULT_PREFILL_TOKENS_PER_S * max(1.0, 8 / args.nodes) * speed
+            span = wl.requests[-1].arrival_s - wl.requests[0].arrival_s if wl.requests else 0.0
             settings = SimSettings(nodes=args.nodes, cache_blocks=cache,
                                    prefill_tokens_per_s=rate, block_size=wl.block_size)
+            offered = sum(r.prompt_tokens for r in wl.requests) / span / (rate * args.nodes) \
+                if span > 0 else 0.0
             print(f"\n[{i}/{len(workloads)}] {title}: {len(wl.requests)} requests, "
                   f"{wl.block_size}-token blocks, {cache} blocks of cache per engine "
-                  f"(25 % of the distinct blocks over the fleet), {1 / scale:.0f}x time "
-                  "compression")
+                  f"({share:.0%} of the distinct blocks over the fleet), prefill "
+                  f"{rate:,.0f} tokens/s per engine (prompts offer {offered:.0%} of the fleet's "
+                  f"prefill capacity), {1 / scale:.0f}x time compression")
             spec = FleetSpec(nodes=args.nodes, cache_blocks=cache, block_size=wl.block_size,
                              prefill_tokens_per_s=settings.prefill_tokens_per_s,
                              decode_ms_per_token=settings.decode_s_per_token * 1000.0,
@@ -148,32 +170,33 @@ def run(args: argparse.Namespace) -> int:
             print(_indent(format_table(stack.report)))
             kv = KvAwareSettings(kv_prefill_tokens_per_s=rate)
             timing = stack_timing(stack.report, scale, spec.heartbeat_interval_s)
-            # the sim replays each policy's measured arrival lags per request, on nodes named
-            # as the stack's (session's ring hashes names); the seeds add up to one return
-            # trip of jitter (the part of a request's timing the engine-side record misses)
-            lags = stack_arrival_lags(stack.runs)
-            timing["arrival_jitter_s"] = timing["complete_lag_s"] if lags else \
-                timing["arrival_jitter_s"]
+            # the sim replays each policy's measured engine arrival and return lags per
+            # request, on nodes named as the stack's (session's ring hashes names); each seed
+            # draws the unrecorded decision point between schedule and engine arrival
+            lags = stack_request_timing(stack.runs)
+            if lags:
+                timing["arrival_jitter_s"] = 0.0
             timed = timed_settings(settings, timing)
             names = stack.runs[0].node_ids if stack.runs else None
             sims = [run_comparison(wl, timed, [*policies, *extra] if k == 0 else policies,
                                    SimBackend(timed, seed=k, kv_settings=kv, node_ids=names,
-                                              arrival_lags=lags), random_bound=k == 0)
+                                              timing=lags), random_bound=k == 0)
                     for k in range(max(1, args.sim_runs))]
             sim = sims[0]
-            arrivals = ("each request's measured arrival lag + up to "
-                        f"{timing['arrival_jitter_s']:.2f} s jitter" if lags else
-                        f"arrival jitter {timing['arrival_jitter_s']:.2f} s")
+            arrivals = ("each request's measured engine arrival and return lag; decided at a "
+                        "seeded point between schedule and engine arrival" if lags else
+                        f"arrival jitter {timing['arrival_jitter_s']:.2f} s, return lag "
+                        f"{timing['complete_lag_s']:.2f} s")
             print("\n  the same workload replayed in-process (--mode sim) with the stack's "
-                  f"measured timing ({arrivals}, return lag {timing['complete_lag_s']:.2f} s, "
-                  f"heartbeat {timing['heartbeat_delay_s']:.2f} s of model time), with the seed "
-                  "notebook's policy and re-implementations of peer routers (seed 0):")
+                  f"measured timing ({arrivals}; heartbeat {timing['heartbeat_delay_s']:.2f} s "
+                  "of model time), with the seed notebook's policy and re-implementations of "
+                  "peer routers (seed 0):")
             print(_indent(format_table(sim.report)))
             agree = agreement(stack.report, [o.report for o in sims])
             print()
             print(_indent(format_agreement(agree)))
             report["demo"].append({"title": title, "stack": stack.report, "sim": sim.report,
-                                   "sim_timing": dict(timing, arrival_lags_replayed=bool(lags)),
+                                   "sim_timing": dict(timing, request_timing_replayed=bool(lags)),
                                    "sim_runs": [o.report for o in sims[1:]],
                                    "agreement": agree})
             if i == 1 and args.nodes >= 2 and not args.no_disaggregated:

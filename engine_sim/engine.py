@@ -99,8 +99,10 @@ class SimEngine:
 
     async def stop(self) -> None:
         """Stop the driver and close the sockets."""
-        await cancel_and_wait(self._driver)
-        await self.publisher.stop()
+        try:
+            await cancel_and_wait(self._driver)
+        finally:  # also when the caller is cancelled while waiting
+            await self.publisher.stop()
 
     async def _drive(self) -> None:
         assert self._wake is not None

@@ -282,8 +282,13 @@ class KVEventPublisher:
 
     async def stop(self) -> None:
         """Close the sockets."""
-        await cancel_and_wait(self._task)
-        self._task = None
+        task, self._task = self._task, None
+        try:
+            await cancel_and_wait(task)
+        finally:  # also when the caller is cancelled while waiting
+            self._close_sockets()
+
+    def _close_sockets(self) -> None:
         for sock in (self._pub, self._router):
             if sock is not None:
                 sock.close(linger=0)

@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[Any] | None, errors_too: bool = False) -> None:
     """Cancel every given task (None entries are skipped), then wait until each has ended.
 
-    ``errors_too``: a task that had already failed does not raise here either (shutdown paths
-    that report the first failure themselves)."""
+    The given tasks' own ``CancelledError`` is expected and never raised here. A cancellation
+    of the *calling* task while it waits is not swallowed: it propagates at once (every given
+    task has already been cancelled by then, but may still be unwinding), so a caller's
+    cleanup after this call belongs in a ``finally``. Waiting goes through
+    :func:`asyncio.wait`, which never consumes the caller's cancel request, so the caller's
+    ``cancelling()`` count stays right and nothing needs ``uncancel()``.
+
+    A task that ended with an exception raises it here (the first in argument order, after
+    all have ended) unless ``errors_too`` (shutdown paths that report the first failure
+    themselves); either way every task's exception counts as retrieved."""
     live = [t for t in tasks if t is not None]
-    quiet: tuple[type[BaseException], ...] = \
-        (asyncio.CancelledError, Exception) if errors_too else (asyncio.CancelledError,)
     for task in live:
         task.cancel()
+    if not live:
+        return
+    await asyncio.wait(live)  # raises CancelledError only when the caller is cancelled
+    first: BaseException | None = None
     for task in live:
-        with contextlib.suppress(*quiet):
-            await task
+        if task.cancelled():
+            continue
+        exc = task.exception()
+        if first is None and exc is not None:
+            first = exc
+    if first is not None and not errors_too:
+        raise first

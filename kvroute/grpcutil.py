@@ -30,7 +30,36 @@ GRPC_OPTIONS_KEEPALIVE: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 )
-"""Client keepalive so a dead peer is noticed within ~30 s even on idle streams."""
+"""Client keepalive so a dead peer is noticed within ~30 s even on idle streams. Every kvroute
+server accepts these pings (:data:`GRPC_SERVER_OPTIONS_KEEPALIVE`); a server keeping gRPC core's
+defaults would answer the third with GOAWAY ``too_many_pings``."""
+
+GRPC_SERVER_OPTIONS_KEEPALIVE: tuple[tuple[str, int], ...] = (
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+"""Server side of :data:`GRPC_OPTIONS_KEEPALIVE`, for every kvroute gRPC server (use
+:func:`server_options`). gRPC core's server defaults allow a ping without data only every
+5 min and none while no call is open, and after 2 "ping strikes" close the connection with
+GOAWAY ``too_many_pings`` (grpc ``doc/keepalive.md``). ``min_ping_interval_without_data_ms``
+(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS) is the shortest gap between pings the
+server accepts: half the client's 20 s, room for timer jitter; ``keepalive_permit_without_calls``
+accepts pings on a connection with no call in flight (idle channels, between watch restarts).
+Strikes keep the default (2): a peer pinging faster than every 10 s is still cut off."""
+
+
+def merge_options(base: Sequence[tuple[str, Any]], extra: Sequence[tuple[str, Any]] = (),
+                  ) -> list[tuple[str, Any]]:
+    """``base`` then ``extra``, an ``extra`` entry replacing ``base``'s of the same name (gRPC
+    itself does not promise which of two equal names wins)."""
+    names = {name for name, _ in extra}
+    return [*(o for o in base if o[0] not in names), *extra]
+
+
+def server_options(*extra: tuple[str, Any]) -> list[tuple[str, Any]]:
+    """Options for ``grpc.aio.server``: :data:`GRPC_SERVER_OPTIONS_KEEPALIVE` plus ``extra``
+    (which may override them)."""
+    return merge_options(GRPC_SERVER_OPTIONS_KEEPALIVE, extra)
 
 
 def reconnect_options(max_wait_s: float) -> list[tuple[str, int]]:
@@ -65,11 +94,12 @@ def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
 
 def open_channel(target: str, tls: TLSSettings | None = None,
                  options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-    """An asyncio channel to ``target`` (plaintext unless ``tls`` is enabled), with keepalive.
+    """An asyncio channel to ``target`` (plaintext unless ``tls`` is enabled), with keepalive
+    (:data:`GRPC_OPTIONS_KEEPALIVE`; an entry of ``options`` with the same name replaces it).
 
     With ``tls.token`` or ``tls.token_file`` every call carries ``authorization: Bearer ...``.
     """
-    opts: list[tuple[str, Any]] = [*GRPC_OPTIONS_KEEPALIVE, *options]
+    opts = merge_options(GRPC_OPTIONS_KEEPALIVE, options)
     interceptors = (token_interceptors(BearerToken(tls.token, tls.token_file))
                     if tls is not None and (tls.token or tls.token_file) else None)
     if tls is None or not tls.enabled:

@@ -15,7 +15,7 @@ import signal
 import grpc
 
 from kvroute.aio import cancel_and_wait
-from kvroute.grpcutil import add_health_and_reflection, bind
+from kvroute.grpcutil import add_health_and_reflection, bind, server_options
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
 from kvroute.telemetry import MetricsServer, configure_logging
@@ -162,7 +162,7 @@ async def serve(s: AgentSettings) -> int:
     configs = fleet_agents(s)
     log.info("node agent starting (%d agent(s)): %s", len(configs), describe(s))
     agents = [Agent(c) for c in configs]
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=server_options())
     health = add_health_and_reflection(server, [])
     grpc_port = bind(server, s.listen, s.server_tls)
     metrics = [MetricsServer(agent_registry(a.collector()),
@@ -201,13 +201,15 @@ async def serve(s: AgentSettings) -> int:
         log.exception("node agent failed")
         code = 1
     finally:
-        await cancel_and_wait(*tasks, errors_too=True)
-        await health.set_serving(False)
-        await asyncio.gather(*(_close(a, deregister=code == 0) for a in agents),
-                             return_exceptions=True)
-        await server.stop(grace=min(1.0, s.drain_timeout_s))
-        for m in metrics:
-            m.stop()
+        try:
+            await cancel_and_wait(*tasks, errors_too=True)
+        finally:  # also when this task is cancelled while waiting
+            await health.set_serving(False)
+            await asyncio.gather(*(_close(a, deregister=code == 0) for a in agents),
+                                 return_exceptions=True)
+            await server.stop(grace=min(1.0, s.drain_timeout_s))
+            for m in metrics:
+                m.stop()
     return code
 
 

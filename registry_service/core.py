@@ -9,6 +9,8 @@ revision; list again when the watch is compacted away), so any replica serves an
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -101,9 +103,36 @@ class RegistryCore:
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        """Connect the store, load it and follow it in the background."""
+        """Connect the store, load it, renew the leases it trusts, follow it in the background."""
         await self.store.start()
         await self.follower.start()
+        await self._renew_trusted_leases()
+
+    async def _renew_trusted_leases(self) -> None:
+        """Renew, once, the lease of every loaded node no replica has heard from lately.
+
+        The view trusts such a node for one TTL from the load, but its lease may have only
+        moments left (no replica served its agent): without this, after an outage just under
+        the lease life etcd expires it right after this replica serves the node, which then
+        re-registers and resyncs from empty while routers see the fleet shrink and regrow. A
+        lease found gone (etcd deletes its keys up to ~1 s late) is dropped before serving.
+        """
+        states = [s for s in self.view.nodes.values() if s.trusted_until_ms]
+        gone: list[str] = []
+
+        async def renew(state: LiveNode) -> None:
+            with contextlib.suppress(Exception):  # best effort: its agent's heartbeat renews
+                if await self._op("lease_keepalive", self.store.refresh_lease(state.record)) > 0:
+                    state.lease_refreshed_mono = state.refreshed_here_mono = time.monotonic()
+                else:
+                    gone.append(state.node_id)
+        for i in range(0, len(states), 64):
+            await asyncio.gather(*(renew(s) for s in states[i:i + 64]))
+        for node_id in gone:
+            self.view.drop(node_id, expired=True)
+        if states:
+            log.info("renewed the leases of %d loaded node(s) until their agents reconnect; "
+                     "%d had expired", len(states) - len(gone), len(gone))
 
     async def drain(self) -> None:
         """Shutdown step one: freeze health (a replica that stops hearing heartbeats because

@@ -42,19 +42,20 @@ class StoreFollower:
 
     async def start(self) -> None:
         """List the store once (raises when it cannot), then follow it in the background."""
-        await self._relist()
-        self._follower = asyncio.create_task(self._follow(), name="registry-follower")
+        revision = await self._relist()
+        self._follower = asyncio.create_task(self._follow(revision), name="registry-follower")
         self._sweeper = asyncio.create_task(self._sweep_health(), name="registry-health")
 
     async def freeze_health(self) -> None:
         """Stop re-evaluating health (a draining replica stops hearing heartbeats)."""
-        await cancel_and_wait(self._sweeper)
-        self._sweeper = None
+        sweeper, self._sweeper = self._sweeper, None
+        await cancel_and_wait(sweeper)
 
     async def stop(self) -> None:
         """Stop following and sweeping."""
-        await cancel_and_wait(self._follower, self._sweeper)
+        tasks = (self._follower, self._sweeper)
         self._follower = self._sweeper = None
+        await cancel_and_wait(*tasks)
 
     async def _relist(self) -> int:
         loaded = await self._load()
@@ -63,8 +64,10 @@ class StoreFollower:
         self.synced.set()
         return loaded.revision
 
-    async def _follow(self) -> None:
-        revision: int | None = None
+    async def _follow(self, listed: int) -> None:
+        """Watch from the first listing's revision (not a second listing: what happened since
+        comes as events); list again whenever the watch fails or must restart."""
+        revision: int | None = listed
         failures = 0
         while True:
             try:

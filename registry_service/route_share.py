@@ -32,7 +32,6 @@ sender's stream with INVALID_ARGUMENT and a message naming the field.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from kvroute.aio import cancel_and_wait
 from kvroute.settings import require, setting
 from kvroute.v1 import route_share_pb2 as pb
 from kvroute.v1 import route_share_pb2_grpc as pb_grpc
@@ -398,6 +398,4 @@ class RouteShareHub(pb_grpc.RouteShareServicer):
                 await context.abort(*sub.error)
         finally:
             self._close(sub)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await cancel_and_wait(reader)

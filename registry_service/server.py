@@ -12,7 +12,7 @@ import time
 
 import grpc
 
-from kvroute.grpcutil import add_health_and_reflection, bind, message_size_options
+from kvroute.grpcutil import add_health_and_reflection, bind, message_size_options, server_options
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
 from kvroute.telemetry import MetricsServer
@@ -104,8 +104,9 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
     guard = RegistryGuard(settings, metrics, trimmer,
                           WritePrecheck(settings, metrics, core.view))
     warn_if_open(settings, len(guard.auth.tokens))
-    server = grpc.aio.server(options=message_size_options(settings.max_message_bytes),
-                             interceptors=[guard])
+    server = grpc.aio.server(
+        options=server_options(*message_size_options(settings.max_message_bytes)),
+        interceptors=[guard])
     servicer = RegistryServicer(core, replica)
     registry_pb2_grpc.add_RegistryServicer_to_server(servicer, server)
     hub = RouteShareHub(RouteShareSettings(relay_timeout_s=settings.share_relay_timeout_s),

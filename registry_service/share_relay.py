@@ -64,12 +64,16 @@ class ShareRelay:
     async def stop(self) -> None:
         """Withdraw this hub (peers stop dialling it at once) and close every link."""
         self.hub.relay_out = None
-        await self.directory.withdraw()
-        await cancel_and_wait(self._task)
-        self._task = None
-        for link in list(self.links.values()):
-            await link.stop()
-        self.links.clear()
+        task, self._task = self._task, None
+        try:
+            await self.directory.withdraw()
+        finally:  # each step also when the caller is cancelled during an earlier one
+            try:
+                await cancel_and_wait(task)  # the follower: it opens and closes links
+            finally:
+                links = list(self.links.values())
+                self.links.clear()
+                await asyncio.gather(*(link.stop() for link in links))
 
     async def _follow(self) -> None:
         while True:

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from kvroute.aio import cancel_and_wait
 from kvroute.grpcutil import open_channel, reconnect_options
 from kvroute.retry import retrying
 from kvroute.settings import TLSSettings
@@ -108,14 +109,14 @@ class RelayLink:
             self._task = asyncio.create_task(self._run(), name=f"share-relay-{self.peer.hub_id}")
 
     async def stop(self) -> None:
-        """Close the stream. (Not :func:`kvroute.aio.cancel_and_wait`: it suppresses every
-        CancelledError, so a caller cancelled while waiting here, the relay's directory
-        follower during shutdown, would swallow its own cancellation and never end.)"""
+        """Close the stream. A caller cancelled while waiting here (the relay's directory
+        follower during shutdown) is cancelled: :func:`kvroute.aio.cancel_and_wait` lets the
+        caller's own cancellation through."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
-        self._set_up(False)
+        try:
+            await cancel_and_wait(task)
+        finally:
+            self._set_up(False)
 
     def _set_up(self, up: bool) -> None:
         self.up = up

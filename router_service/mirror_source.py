@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from kvroute.aio import cancel_and_wait
 from kvroute.errors import Unavailable
 from kvroute.grpcutil import message_size_options, open_channel
+from kvroute.index import OFFLOADED
 from kvroute.settings import TLSSettings
 from kvroute.targets import TargetRing
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
@@ -27,7 +28,8 @@ from router_service.retry import LinkLog, LinkNeverUp, reconnect_options, reconn
 
 log = logging.getLogger(__name__)
 HOLD_EMPTY_S = 5.0
-"""How long a reconnect's empty snapshot may wait while the previous mirror had nodes."""
+"""How long a reconnect's snapshot may wait while it lacks nodes (or their blocks) that the
+previous mirror had (see :meth:`MirrorSource._hold_regression`)."""
 
 
 class MirrorSource:
@@ -50,8 +52,10 @@ class MirrorSource:
         self._departed: DepartureHook = self._index.departed
         self._connected = False
         self._held: IndexMirror | None = None
-        """A complete but empty snapshot not swapped in yet (see :meth:`_hold_empty`)."""
+        """A complete snapshot not swapped in yet (see :meth:`_hold_regression`)."""
         self._held_until = 0.0
+        self._awaited: set[str] = set()
+        """Nodes the held snapshot still lacks, or lists without the blocks they had."""
         self._down_since = clock()
         self._task: asyncio.Task[None] | None = None
         self.events_applied = 0
@@ -64,8 +68,8 @@ class MirrorSource:
 
     async def stop(self) -> None:
         """Stop following."""
-        await cancel_and_wait(self._task)
-        self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     @property
     def connected(self) -> bool:
@@ -159,24 +163,37 @@ class MirrorSource:
                 log.exception("placement mirror follower failed; reconnecting")
                 await asyncio.sleep(self._retry_max_s)
 
-    def _hold_empty(self, fresh: IndexMirror) -> bool:
-        """True while a fresh snapshot lists no node although the current mirror does: a
-        registry that restarted after every lease expired (an outage longer than the TTL)
-        knows no node until the agents re-register, about a second later. Swapping in the
-        empty snapshot would fail every request meanwhile; the previous mirror keeps routing
-        until a node is listed or ``HOLD_EMPTY_S`` passed (then the fleet really is empty)."""
-        if fresh is self._index or not self._index.nodes or fresh.nodes:
+    def _hold_regression(self, fresh: IndexMirror) -> bool:
+        """True while a reconnect's complete snapshot lacks a node the current mirror has, or
+        lists it without the blocks it had. A registry that restarted after the leases
+        expired (an outage longer than the TTL) knows no node until the agents re-register,
+        one at a time over about a second, and each re-registered node has no blocks until
+        its Resync moments later. Swapping in such a snapshot would fail every request (no
+        node yet) or route prefixes away from the nodes that hold them (a node not listed
+        yet, or listed without its blocks) and the router's recent-route belief then keeps
+        them there. The previous mirror keeps routing until every node it had is listed with
+        blocks again, or ``HOLD_EMPTY_S`` passed (then the nodes still missing really left or
+        really lost their cache)."""
+        if fresh is self._index or not self._index.nodes:
             return False
-        return self._held is None or self._clock() < self._held_until
+        old = self._index  # not updated while a snapshot is held
+        if self._held is not fresh:
+            self._awaited = set(old.nodes)
+        self._awaited = {n for n in self._awaited if n not in fresh.nodes
+                         or (_holds_blocks(old, n) and not _holds_blocks(fresh, n))}
+        if not self._awaited:
+            return False
+        return self._held is not fresh or self._clock() < self._held_until
 
     def _release_hold(self) -> None:
-        """Swap in a held empty snapshot once its time is up (also without new events)."""
+        """Swap in a held snapshot once its time is up (also without new events)."""
         if self._held is not None and self._clock() >= self._held_until:
             self._swap(self._held)
             self._held = None
             self._connected = True
-            log.warning("registry still lists no node after %g s: the fleet is empty",
-                        HOLD_EMPTY_S)
+            log.warning("registry still lacks %d node(s) (or their blocks) of the previous "
+                        "mirror after %g s: routing on what it lists (%s)", len(self._awaited),
+                        HOLD_EMPTY_S, ", ".join(sorted(self._awaited)[:5]))
 
     def _mark_down(self) -> None:
         if self._connected:
@@ -204,14 +221,15 @@ class MirrorSource:
             async for ev in call:
                 if not was_up:
                     fresh.apply(ev)
-                    if fresh.complete and self._hold_empty(fresh):
-                        if self._held is None:
+                    if fresh.complete and self._hold_regression(fresh):
+                        if self._held is not fresh:
                             self._held, self._held_until = fresh, self._clock() + HOLD_EMPTY_S
-                            log.warning("registry %s lists no node yet (restarted after the "
-                                        "leases expired? agents re-register within about a "
-                                        "second): routing on the previous mirror of %d nodes "
-                                        "for up to %g s", target, len(self._index.nodes),
-                                        HOLD_EMPTY_S)
+                            log.warning("registry %s lacks %d of the %d nodes of the previous "
+                                        "mirror, or their blocks (restarted after the leases "
+                                        "expired? agents re-register and resync within about "
+                                        "a second): routing on the previous mirror for up to "
+                                        "%g s", target, len(self._awaited),
+                                        len(self._index.nodes), HOLD_EMPTY_S)
                     elif fresh.complete:
                         self._held = None
                         self._swap(fresh)
@@ -244,6 +262,10 @@ class MirrorSource:
             exc2 = LinkNeverUp("watch ended before its snapshot completed")
             self._link_log.failed(exc2)
             raise exc2
+
+
+def _holds_blocks(mirror: IndexMirror, node_id: str) -> bool:
+    return bool(mirror.blocks_of(node_id) or mirror.blocks_of(node_id, OFFLOADED))
 
 
 def _short(exc: BaseException) -> str:

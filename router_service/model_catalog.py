@@ -167,6 +167,5 @@ class ModelCatalog:
 
     async def stop(self) -> None:
         """Stop refreshing."""
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
 from kvroute.aio import cancel_and_wait
-from kvroute.grpcutil import HealthReporter, add_health_and_reflection, bind
+from kvroute.grpcutil import HealthReporter, add_health_and_reflection, bind, server_options
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
 from kvroute.telemetry import MetricsServer
@@ -77,7 +77,7 @@ async def serve(settings: RouterSettings,
     registry = CollectorRegistry()
     runtime = RoutingRuntime(s, policy_settings, registry)
     core = runtime.core
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+    server = grpc.aio.server(options=server_options(("grpc.so_reuseport", 0)),
                              maximum_concurrent_rpcs=s.max_concurrent_rpcs or None)
     servicer = RouterServicer(core)
     router_pb2_grpc.add_RouterServicer_to_server(servicer, server)

@@ -129,9 +129,11 @@ class ShareLink:
 
     async def stop(self) -> None:
         """Close the stream."""
-        await cancel_and_wait(self._task)
-        self._task = None
-        self._set_up(False, "router stopping")
+        task, self._task = self._task, None
+        try:
+            await cancel_and_wait(task)
+        finally:  # also when the caller is cancelled while waiting
+            self._set_up(False, "router stopping")
 
     def _apply_snapshot(self, msg: pb.RouteShareMessage) -> None:
         view = self._view

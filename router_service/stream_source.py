@@ -117,11 +117,13 @@ class StreamSource:
 
     async def stop(self) -> None:
         """Stop and close."""
-        await cancel_and_wait(*self._tasks)
-        self._tasks = []
-        if self._channel is not None:
-            await self._channel.close(None)
-            self._channel = None
+        tasks, self._tasks = self._tasks, []
+        try:
+            await cancel_and_wait(*tasks)
+        finally:  # also when the caller is cancelled while waiting
+            channel, self._channel = self._channel, None
+            if channel is not None:
+                await channel.close(None)
 
     @property
     def connected(self) -> bool:

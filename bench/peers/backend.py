@@ -83,11 +83,14 @@ class PeerBackend:
         self._runs += 1
         work = self.workdir / f"{self._runs:02d}-{router}-{policy}"
         work.mkdir(parents=True, exist_ok=True)
+        # Payloads before any process starts: the replay then begins as soon as the router is
+        # healthy, the same few wall seconds after its start in every run and for every peer
+        # (the peers' wall-clock timers count from their start).
+        if self._prompts is None or self._prompts[0] is not workload:
+            self._prompts = (workload, prepare(workload))
         with EngineFleet(work, self.spec) as fleet:
             try:
                 await peer.start(fleet, work)
-                if self._prompts is None or self._prompts[0] is not workload:
-                    self._prompts = (workload, prepare(workload))
                 run = await replay_peer(workload, peer, label, fleet, self.progress,
                                         prompts=self._prompts[1])
                 if self.overhead_pairs > 0:

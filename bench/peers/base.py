@@ -30,6 +30,15 @@ HUB_GUARD = "http://127.0.0.1:9"
 """``HF_ENDPOINT`` for every peer: a model-hub download fails on loopback instead of leaving."""
 
 
+def scaled_interval_s(default_s: int, time_scale: float) -> int:
+    """A peer's wall-clock interval scaled by the fleet's time compression (whole seconds, at
+    least 1): under ``time_scale`` 0.2 the engines run 5x fast, so a timer that fires every
+    ``default_s`` seconds at real speed fires every ``default_s`` x 0.2 wall seconds here — the
+    same rate per trace second the router would see in production. The setting's meaning is
+    unchanged (PEERS.md, "Driving them fairly": the peers' own timers)."""
+    return max(1, round(default_s * time_scale))
+
+
 def parse_peer(name: str) -> tuple[str, str]:
     """``sglang-router:cache_aware`` or ``peer:sglang-router:cache_aware`` → (router, policy)."""
     bare = name.removeprefix("peer:")

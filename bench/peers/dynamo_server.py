@@ -29,9 +29,14 @@ import time
 from typing import Any
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from kvroute.procs import write_ready_file
+
+_STREAM = b'{"stream":true,'
+"""Prefix replacing a request body's opening brace: the same object, streamed."""
+_JSON = {"Content-Type": "application/json"}
 
 
 class DynamoFront:
@@ -122,12 +127,16 @@ class DynamoFront:
 
     async def completions(self, request: web.Request) -> web.Response:
         """Route, forward (streaming), answer the decision."""
-        body = await request.json()
-        tokens = body.get("prompt")
-        rid = str(body.get("user") or "")
-        if not isinstance(tokens, list) or not tokens or not rid:
-            return web.json_response({"error": "need a token-id prompt and a user id"},
-                                     status=400)
+        raw = await request.read()
+        try:
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            return web.json_response({"error": f"body is not JSON: {exc}"}, status=400)
+        tokens = body.get("prompt") if isinstance(body, dict) else None
+        rid = str(body.get("user") or "") if isinstance(body, dict) else ""
+        if not isinstance(tokens, list) or not tokens or not rid or "stream" in body:
+            return web.json_response({"error": "need a token-id prompt and a user id (and no "
+                                               "stream field: the front streams)"}, status=400)
         t0 = time.perf_counter()
         async with self.lock:
             worker, _dp, overlap = await self.kv_router.best_worker(
@@ -138,8 +147,10 @@ class DynamoFront:
         assert self.http is not None
         status, error = 200, ""
         try:
-            async with self.http.post(url + "/v1/completions",
-                                      json={**body, "stream": True}) as resp:
+            # the client's bytes with "stream": true spliced in — no re-encoding of the tokens
+            # on this (single-threaded) event loop, which every decision shares
+            async with self.http.post(url + "/v1/completions", data=_STREAM + raw.lstrip()[1:],
+                                      headers=_JSON) as resp:
                 status = resp.status
                 if status != 200:
                     error = (await resp.read())[:300].decode(errors="replace")

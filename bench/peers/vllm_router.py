@@ -5,7 +5,10 @@ makes no render calls then). kv_aware subscribes to every engine's ZMQ KV events
 socket (map encoding, the streams kvroute's node agents read) with the engines' block size; after
 a replay :meth:`VllmRouterPeer.notes` reads its placement-lookup counters to show it indexed
 the engines' blocks (it silently falls back to load-only routing otherwise). The body's ``user``
-carries the request id to the engine's records.
+carries the request id to the engine's records. Default settings, except cache_aware's
+tree-eviction timer: its 120 wall seconds are scaled by the fleet's time compression
+(``--eviction-interval-secs`` 24 at ``time_scale`` 0.2; :func:`scaled_interval_s`). kv_aware
+exposes no wall-clock setting that is on by default (session affinity TTL is off).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.peers.base import SendResult, post_json
+from bench.peers.base import SendResult, post_json, scaled_interval_s
 from bench.peers.engines import EngineFleet
 from bench.peers.process import RouterProcess, find_executable
 from bench.prompts import Prompt, json_body
@@ -33,6 +36,10 @@ def available() -> str | None:
     return None
 
 
+EVICTION_INTERVAL_S = 120
+"""vllm-router 0.1.17's ``--eviction-interval-secs`` default (cache_aware's tree eviction)."""
+
+
 class VllmRouterPeer:
     """One vllm-router process per replay."""
 
@@ -42,6 +49,7 @@ class VllmRouterPeer:
         self.policy = policy
         self.model = ""
         self.prom_port = 0
+        self.eviction_s = EVICTION_INTERVAL_S
         self.proc: RouterProcess | None = None
 
     async def start(self, fleet: EngineFleet, workdir: Path) -> None:
@@ -54,6 +62,9 @@ class VllmRouterPeer:
         argv = [exe, "--host", "127.0.0.1", "--port", str(port),
                 "--worker-urls", *[e.url for e in fleet.engines], "--policy", self.policy,
                 "--prometheus-host", "127.0.0.1", "--prometheus-port", str(self.prom_port)]
+        if self.policy == "cache_aware":
+            self.eviction_s = scaled_interval_s(EVICTION_INTERVAL_S, fleet.spec.time_scale)
+            argv += ["--eviction-interval-secs", str(self.eviction_s)]
         if self.policy == "kv_aware":
             argv += ["--kv-event-block-size", str(fleet.spec.block_size),
                      "--kv-event-model", fleet.spec.model]
@@ -88,8 +99,10 @@ class VllmRouterPeer:
         """Version, settings and (kv_aware) whether it indexed the engines' events."""
         from importlib.metadata import version
 
-        notes = [f"vllm-router {version('vllm-router')} --policy {self.policy} (defaults); "
-                 "token-id prompts on /v1/completions"]
+        timer = (f", tree eviction every {self.eviction_s} wall s ({EVICTION_INTERVAL_S} s "
+                 "scaled by the time compression)" if self.policy == "cache_aware" else "")
+        notes = [f"vllm-router {version('vllm-router')} --policy {self.policy} (defaults"
+                 f"{timer}); token-id prompts on /v1/completions"]
         if self.policy == "kv_aware":
             found = await self.lookups(http)
             notes.append("kv_aware placement lookups: " + (", ".join(

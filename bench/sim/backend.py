@@ -10,6 +10,7 @@ from bench.results import PolicyRun
 from bench.sim.config import SimSettings
 from bench.sim.replay import simulate
 from bench.sim.replicas import ReplicaSettings
+from bench.sim.timing import RequestTiming
 from bench.workloads.base import Workload
 from router_service.policies.base import Policy
 from router_service.policies.kv_aware import KvAwareSettings
@@ -25,13 +26,13 @@ class SimBackend:
                  kv_settings: KvAwareSettings | None = None,
                  replicas: ReplicaSettings | None = None,
                  node_ids: Sequence[str] | None = None,
-                 arrival_lags: Mapping[str, Sequence[float]] | None = None) -> None:
+                 timing: Mapping[str, RequestTiming] | None = None) -> None:
         self.settings = settings
         self.node_ids = node_ids
         """Names of the simulated nodes (default ``node-<i>``): a stack run's, to compare."""
-        self.arrival_lags = arrival_lags or {}
-        """Per policy name: arrival lag per request (model s) replayed before the jitter; key
-        ``*`` serves the policies not named."""
+        self.timing = timing or {}
+        """Per policy name: a stack run's measured timing per request, replayed
+        (:mod:`bench.sim.timing`); key ``*`` serves the policies not named."""
         self.replicas = replicas
         self.kv_settings = kv_settings
         self.seed = seed
@@ -51,5 +52,4 @@ class SimBackend:
         router_rate = self.kv_settings.kv_prefill_tokens_per_s if self.kv_settings else None
         return simulate(workload, make(), self.settings, self.progress, router_rate,
                         self.replicas, make, self.seed, node_ids=self.node_ids,
-                        arrival_lags=self.arrival_lags.get(policy_name,
-                                                           self.arrival_lags.get("*")))
+                        timing=self.timing.get(policy_name, self.timing.get("*")))

@@ -24,12 +24,14 @@ class LateNews(Generic[T]):
         self._heap: list[tuple[float, int, int, T]] = []
         self._told = itertools.count()
 
-    def tell(self, at: float, request: int, event: T) -> None:
-        """``event`` of request number ``request`` happened at ``at``."""
-        if self.lag_s <= 0:
+    def tell(self, at: float, request: int, event: T, lag_s: float | None = None) -> None:
+        """``event`` of request number ``request`` happened at ``at``; heard ``lag_s`` later
+        when given (a stack run's measured lag for this request), else ``self.lag_s``."""
+        lag = self.lag_s if lag_s is None else lag_s
+        if lag <= 0:
             self._hear(at, event)
             return
-        heapq.heappush(self._heap, (at + self.lag_s, request, next(self._told), event))
+        heapq.heappush(self._heap, (at + lag, request, next(self._told), event))
 
     def hear_until(self, now: float) -> None:
         """Hear every event due by ``now`` (``math.inf``: all of them)."""

@@ -17,7 +17,10 @@ Timing of the real stack (``SimSettings``): ``arrival_jitter_s`` delays each req
 (router and engine alike) by a seeded uniform draw, as the client and network lag of ``--mode
 stack`` does; ``complete_lag_s`` delays the router's (and a peer's) ``complete`` after the
 engine finished, as the response's trip back and the ``Complete`` call do. Both default to 0
-(the schedule exactly). Policies that decide on in-flight counts alone (``least_loaded``) are
+(the schedule exactly). A stack run's own measured timing per request (``timing``,
+:class:`bench.sim.timing.RequestTiming`) replaces both: each request reaches its engine and is
+heard back as measured, and is decided at a seeded point between its schedule and its engine
+arrival. Policies that decide on in-flight counts alone (``least_loaded``) are
 chaotic in these: a few milliseconds move which node a conversation's next turn meets, so
 their hit rate is a distribution, and ``--repeat`` samples it.
 """
@@ -35,6 +38,7 @@ from bench.sim.config import SimSettings
 from bench.sim.late import LateNews
 from bench.sim.replicas import ReplicaSettings, ShareBus, Spreader, make_share
 from bench.sim.source import SimPlacementSource
+from bench.sim.timing import RequestTiming
 from bench.sim.tracker import make_tracker
 from bench.workloads.base import Workload
 from engine_sim.fleet import SimFleet, full_blocks
@@ -78,7 +82,7 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
              replicas: ReplicaSettings | None = None,
              make_policy: Callable[[], Policy] | None = None, seed: int = 0,
              node_ids: Sequence[str] | None = None,
-             arrival_lags: Sequence[float] | None = None) -> PolicyRun:
+             timing: RequestTiming | None = None) -> PolicyRun:
     """Replay ``workload`` under ``policy`` on a fresh simulated fleet (module docstring).
 
     ``router_prefill_tokens_per_s`` is the drain rate the router's load tracker assumes (the
@@ -86,9 +90,9 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     With ``replicas.routers`` > 1, ``policy`` is the first replica's and ``make_policy`` builds
     the others' (:mod:`bench.sim.replicas`). ``node_ids`` names the simulated nodes (default
     ``node-<i>``; policies that hash node ids, like ``session``'s ring, map keys by name, so a
-    comparison with a stack run uses the stack's names). ``arrival_lags`` (model seconds per
-    request, NaN = none) delays each arrival before the seeded jitter: a stack run's measured
-    lags, replayed (:mod:`bench.agreement`).
+    comparison with a stack run uses the stack's names). ``timing``: a stack run's measured lags
+    per request, replayed (:mod:`bench.sim.timing`, :mod:`bench.agreement`); the seeded jitter
+    of ``arrival_jitter_s`` is added to the decision points it draws.
     """
     if cfg.latency_model != "default":
         raise ValueError(f"latency model {cfg.latency_model!r}: --mode sim runs engine_sim's "
@@ -127,7 +131,15 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     owner: dict[str, int] = {}
     index = {r.request_id: i for i, r in enumerate(reqs)}
     prefilling: list[tuple[int, SimRequest]] = []  # submitted, prefill-done callback not given
-    arrivals = arrival_times(workload, cfg.arrival_jitter_s, seed, arrival_lags)
+    if timing is not None:
+        timing.check(n_req)
+    arrivals = arrival_times(workload, cfg.arrival_jitter_s, seed,
+                             timing.decision_lags(seed) if timing is not None else None)
+    # when each request reaches its engine: the measured arrival, never before its decision
+    at_engine = arrivals if timing is None else [
+        max(a, r.arrival_s + timing.engine_lag(i)) for i, (a, r) in enumerate(zip(
+            arrivals, reqs, strict=True))]
+    on_the_way: list[tuple[float, int, int, SimRequest]] = []  # decided, not yet at the engine
     waited_s: dict[int, float] = {}  # request -> seconds its staggered decision waited
     sample_every = max(1, n_req // 400)
 
@@ -162,7 +174,8 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
             if s.finished_at is not None:
                 run.e2e_s[i] = s.finished_at - s.arrival + extra
                 run.t_end_s = max(run.t_end_s, s.finished_at)
-            late.tell(end, i, (s.request_id, s.cached_tokens))
+            late.tell(end, i, (s.request_id, s.cached_tokens),
+                      None if timing is None else timing.return_lag(i, cfg.complete_lag_s))
 
     def heard(at: float, done: tuple[str, int]) -> None:
         """The router (and the policy's own state) learns the request completed."""
@@ -177,9 +190,16 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
 
     late = LateNews(cfg.complete_lag_s, heard)  # (request id, cached tokens)
 
+    def reach_engines(now: float) -> None:
+        """Submit the decided requests whose engine arrival is due by ``now``, in time order."""
+        while on_the_way and on_the_way[0][0] <= now:
+            at, _i, node, sreq = heapq.heappop(on_the_way)
+            finished(fleet.submit(node, sreq, at))
+
     def route(i: int, now: float, k: int, waited: float) -> None:
         """Replica ``k`` decides request ``i`` at ``now`` (``waited`` after its arrival)."""
         r = reqs[i]
+        reach_engines(now)
         finished(fleet.advance(now))
         prefills_done(now)
         late.hear_until(now)
@@ -202,7 +222,11 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
             sreq = SimRequest.from_blocks(r.request_id,
                                           full_blocks(r.block_hashes, r.prompt_tokens, bs),
                                           r.prompt_tokens, max(1, r.output_tokens))
-            finished(fleet.submit(node, sreq, now))
+            if at_engine[i] > now:
+                _check_fits(fleet, node, sreq)  # refused now, as a submit would be
+                heapq.heappush(on_the_way, (at_engine[i], i, node, sreq))
+            else:
+                finished(fleet.submit(node, sreq, now))
         except (KvrouteError, RequestTooLarge) as exc:
             core.complete(r.request_id)
             owner.pop(r.request_id, None)
@@ -238,6 +262,7 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     while waiting:
         at, j, kj = heapq.heappop(waiting)
         route(j, at, kj, at - arrivals[j])
+    reach_engines(float("inf"))
     finished(fleet.drain())
     late.hear_until(float("inf"))
     if progress is not None:
@@ -246,6 +271,15 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     run.evictions = fleet.evictions_total
     run.wall_s = time.perf_counter() - t_wall
     return run
+
+
+def _check_fits(fleet: SimFleet, node: int, req: SimRequest) -> None:
+    """RequestTooLarge when ``req`` can never fit ``node``'s cache (what a submit raises)."""
+    cache = fleet.nodes[node].model.cache
+    need = cache.blocks_needed(req.prompt_tokens, req.max_tokens)
+    if need > cache.capacity:
+        raise RequestTooLarge(f"request needs {need} KV blocks but the cache holds "
+                              f"{cache.capacity}")
 
 
 def arrival_times(workload: Workload, jitter_s: float, seed: int,

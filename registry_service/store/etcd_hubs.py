@@ -56,12 +56,14 @@ class EtcdHubDirectory(HubDirectory):
                 await asyncio.sleep(delay)
 
     async def withdraw(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
-        if self._lease:
-            with contextlib.suppress(EtcdError, TimeoutError, OSError):
-                await self._client.lease_revoke(self._lease)  # deletes the record
-            self._lease = 0
+        task, self._task = self._task, None
+        try:
+            await cancel_and_wait(task)
+        finally:  # also when the caller is cancelled while waiting
+            lease, self._lease = self._lease, 0
+            if lease:
+                with contextlib.suppress(EtcdError, TimeoutError, OSError):
+                    await self._client.lease_revoke(lease)  # deletes the record
 
     def _parse(self, key: bytes, value: bytes) -> HubRecord | None:
         try:

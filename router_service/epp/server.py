@@ -15,7 +15,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from prometheus_client import CollectorRegistry
 
-from kvroute.grpcutil import add_health_and_reflection, bind, message_size_options
+from kvroute.grpcutil import add_health_and_reflection, bind, message_size_options, server_options
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
 from kvroute.telemetry import MetricsServer
@@ -40,8 +40,8 @@ async def serve(settings: EppSettings,
     runtime = RoutingRuntime(s, policy_settings, registry)
     metrics = EppMetrics(registry)
     # a buffered body arrives in one gRPC message: allow the largest body plus headers
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
-                                      *message_size_options(s.max_body_bytes + (1 << 20))])
+    server = grpc.aio.server(options=server_options(
+        ("grpc.so_reuseport", 0), *message_size_options(s.max_body_bytes + (1 << 20))))
     session = aiohttp.ClientSession(skip_auto_headers=("User-Agent",))
     tokens = (PromptTokens({}, EngineTokenizer(session), TokenCache(s.tokenize_cache_entries))
               if s.engine_tokenize else None)

@@ -106,10 +106,28 @@ class FaultStack:
             self.router = self.procs.start("router", [
                 "--registry", self.registry_list, "--block-size", str(BS),
                 "--default-policy", "kv_aware", "--registry-retry-max-s", "0.3"])
+            self.wait_router_serving()
         except BaseException:
             self.close()
             raise
         return self
+
+    def wait_router_serving(self, within_s: float = 15.0) -> None:
+        """Until the router's gRPC health is SERVING: it writes its ready file when it listens,
+        before its placement mirror has a snapshot (Routes until then fail UNAVAILABLE, as its
+        health says; traffic started before that counted one failed Route)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        deadline = time.monotonic() + within_s
+        with grpc.insecure_channel(self.router_target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                with contextlib.suppress(grpc.RpcError):
+                    resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"router not SERVING within {within_s} s")
+                time.sleep(0.05)
 
     def start_registry(self, i: int) -> ServerProcess:
         """(Re)start registry ``i`` on its port."""

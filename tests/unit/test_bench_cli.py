@@ -56,5 +56,9 @@ def test_sweep_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert (tmp_path / "hit_rate_vs_cache.png").exists()
     assert main(["bench", "--mode", "stack", "--policies", "sglang", "--no-progress"]) == 2
     assert "run only in --mode sim" in capsys.readouterr().err
+    # --policies '' means "the peers alone"; without --peers nothing would run
+    assert main(["bench", "--mode", "stack", "--policies", "", "--limit", "10",
+                 "--no-progress"]) == 2
+    assert "replays nothing without --peers" in capsys.readouterr().err
     assert main(["bench", "--policies", "nope", "--no-progress"]) == 2
     assert main(["bench", "--trace", str(tmp_path / "missing.jsonl"), "--no-progress"]) == 2

@@ -6,6 +6,8 @@ import itertools
 import math
 from collections.abc import Sequence
 
+import pytest
+
 from bench.bounds import merged_lru, oracle
 from bench.metrics import policy_metrics
 from bench.policies import ALL_POLICIES, build_policy
@@ -142,11 +144,15 @@ def test_timing_of_the_stack_is_modelled_and_seeded() -> None:
 
 def test_a_stack_runs_measured_lags_and_node_names_are_replayed() -> None:
     """arrival_lags shift each request by its own lag (NaN = none) before the jitter, in trace
-    order; node_ids name the simulated nodes, and session's ring maps keys by those names."""
-    from bench.agreement import stack_arrival_lags
+    order; node_ids name the simulated nodes, and session's ring maps keys by those names; a
+    stack run's request timing puts each request on its engine at its measured arrival (TTFT
+    from there, as the engine records it), decides it between schedule and engine arrival,
+    and lets the router hear of it at the measured return."""
+    from bench.agreement import stack_request_timing
     from bench.results import PolicyRun
     from bench.sim.backend import SimBackend
     from bench.sim.replay import arrival_times
+    from bench.sim.timing import RequestTiming
 
     wl = load_workload(workload="mooncake-sample", limit=60)
     n = len(wl.requests)
@@ -168,11 +174,48 @@ def test_a_stack_runs_measured_lags_and_node_names_are_replayed() -> None:
             for ids in (None, tuple(names))}
     assert runs[None].node_ids == [f"node-{i}" for i in range(4)]
     assert runs[tuple(names)].node_ids == names
-    stack = PolicyRun("gateway:kv_aware", names, n, arrival_lag_by_request=[0.5] * n)
-    got = stack_arrival_lags([stack, PolicyRun("round_robin", names, n)])
-    assert set(got) == {"kv_aware", "*"} and got["*"] == [0.5] * n  # no lags: not listed
-    lagged = SimBackend(cfg, arrival_lags=got).replay(wl, "round_robin")  # via "*"
-    assert lagged.arrival_s == [a + 0.5 for a in base]
+    stack = PolicyRun("gateway:kv_aware", names, n, arrival_lag_by_request=[0.5] * n,
+                      return_lag_by_request=[0.1] * n)
+    got = stack_request_timing([stack, PolicyRun("round_robin", names, n)])
+    assert set(got) == {"kv_aware", "*"}  # no lags: not listed
+    assert list(got["*"].engine_lag_s) == [0.5] * n and list(got["*"].return_lag_s) == [0.1] * n
+    plain = SimBackend(cfg).replay(wl, "round_robin")
+    lagged = SimBackend(cfg, timing=got).replay(wl, "round_robin")  # via "*"
+    # every request reaches its engine 0.5 s late: the same shifted schedule, the same TTFTs
+    assert lagged.node == plain.node and lagged.cached_tokens == plain.cached_tokens
+    assert lagged.ttft_s == pytest.approx(plain.ttft_s)
+    assert all(s <= a <= s + 0.5 for a, s in zip(lagged.arrival_s, base, strict=True))
+    assert RequestTiming([0.5] * n).decision_lags(1) != RequestTiming([0.5] * n).decision_lags(2)
+    with pytest.raises(ValueError, match="59 engine lags for 60 requests"):
+        SimBackend(cfg, timing={"*": RequestTiming([0.0] * (n - 1))}).replay(wl, "round_robin")
+
+
+def test_replayed_engine_arrivals_may_overtake_and_return_lags_drive_load() -> None:
+    """A request decided first but delayed on the way reaches its engine after a later one
+    (the engine queues them in arrival order), and a measured return lag keeps a finished
+    request in the router's in-flight count until it is heard."""
+    from bench.sim.replay import simulate
+    from bench.sim.timing import RequestTiming
+
+    wl = Workload("t", 16, [_req(0, 0.0, (1, 2)), _req(1, 0.1, (3, 4))])
+    one = SimSettings(nodes=1, cache_blocks=100, prefill_tokens_per_s=16.0, block_size=16,
+                      max_batch=1)
+    late_first = RequestTiming([1.0, 0.0])  # request 0 reaches the engine at 1.0, 1 at 0.1
+    run = simulate(wl, build_policy("round_robin", prefill_tokens_per_s=16.0), one,
+                   timing=late_first)
+    assert run.failed == 0
+    # request 1 was admitted first (at 0.1) and prefilled 32 tokens in 2 s; request 0 waited
+    assert run.ttft_s[1] == pytest.approx(2.0)
+    assert run.ttft_s[0] > 2.0
+    two = SimSettings(nodes=2, cache_blocks=100, prefill_tokens_per_s=1000.0, block_size=16)
+    wl2 = Workload("t", 16, [_req(0, 0.0, (1, 2)), _req(1, 10.0, (3, 4))])
+    heard = [simulate(wl2, build_policy("least_loaded", prefill_tokens_per_s=1000.0), two,
+                      timing=RequestTiming([0.0, 0.0], [back, back]))
+             for back in (0.0, 100.0)]
+    # request 0 finished long before request 1 arrives: heard at once, the router counts one
+    # request in flight at request 1's decision; heard 100 s late, still two
+    assert max(sum(c) for _, c in heard[1].load_samples) == 2
+    assert max(sum(c) for _, c in heard[0].load_samples) == 1
 
 
 def test_late_news_is_heard_after_the_lag_in_time_then_request_order() -> None:
@@ -191,3 +234,7 @@ def test_late_news_is_heard_after_the_lag_in_time_then_request_order() -> None:
     at_once = LateNews(0.0, lambda at, what: heard.append((at, what)))
     at_once.tell(2.0, 1, "now")
     assert heard[-1] == (2.0, "now")
+    late.tell(3.0, 1, "measured", lag_s=0.25)  # a stack run's own lag for this request
+    late.tell(3.0, 2, "default")
+    late.hear_until(math.inf)
+    assert heard[-2:] == [(3.25, "measured"), (3.5, "default")]

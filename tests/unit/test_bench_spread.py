@@ -108,3 +108,22 @@ def test_agreement_of_stack_and_sim_medians() -> None:
     text = format_agreement(list(out.values()))
     assert "0.055 [0.052-0.064]" in text and "NO" in text and "yes" in text
     assert "in range" in text
+
+
+def test_divergence_names_nodes_by_first_use() -> None:
+    from bench.spread import divergence, first_use_labels
+
+    assert first_use_labels([5, 2, 5, -1, 7]) == [0, 1, 0, -1, 2]
+    # run 2 only relabels the identical empty engines: no divergence
+    same = divergence([[3, 1, 3, 0], [6, 2, 6, 4]])
+    assert same == {"diverge_at": None, "same_decisions": 1.0}
+    # request 2 goes to a fresh node in run 2, to request 0's node in run 1
+    apart = divergence([[3, 1, 3, 0], [6, 2, 4, 2], [3, 1, 3, 1]])
+    assert apart["diverge_at"] == 2 and apart["same_decisions"] == 0.5
+    assert divergence([[1, 2]]) == {"diverge_at": None, "same_decisions": None}
+    a = _rep([("peer:x", 0.170, 8000.0)])
+    b = _rep([("peer:x", 0.171, 8100.0)])
+    out = spread([a, b], [{"peer:x": [0, 1, 0]}, {"peer:x": [2, 0, 0]}])["peer:x"]
+    assert out["diverge_at"] == 2 and out["same_decisions"] == pytest.approx(2 / 3, abs=1e-4)
+    assert "67%" in format_spread({"peer:x": out})
+    assert "diverge_at" not in spread([a, b])["peer:x"]  # no decisions given: not reported

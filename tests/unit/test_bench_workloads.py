@@ -71,6 +71,28 @@ def test_conversation_turns_extend_the_previous_prompt() -> None:
     assert [r.block_hashes for r in again.requests] == [r.block_hashes for r in wl.requests]
 
 
+def test_stack_prompts_are_as_long_as_the_workload_says() -> None:
+    """The stack sends every prompt token the in-process replay counts: a generated prompt's
+    partial last block (no hash) gets tokens from the request id, so hit rates of the two modes
+    share one denominator; equal block hashes still give equal tokens."""
+    from bench.prompts import synth_tokens
+
+    wl = conversations(7, ConversationSpec(conversations=5, turns=4, start_window_s=10.0))
+    bs = wl.block_size
+    assert any(r.prompt_tokens > len(r.block_hashes) * bs for r in wl.requests)
+    for r in wl.requests:
+        toks = synth_tokens(r, bs)
+        assert len(toks) == r.prompt_tokens and toks == synth_tokens(r, bs)
+        assert all(0 < t < 32_000 for t in toks)
+    a, b = wl.requests[0], next(r for r in wl.requests[1:]
+                                if r.session_key == wl.requests[0].session_key)
+    full = len(a.block_hashes) * bs
+    assert synth_tokens(a, bs)[:full] == synth_tokens(b, bs)[:full]
+    sample = load_workload(workload="mooncake-sample", limit=20)
+    assert [len(synth_tokens(r, 512)) for r in sample.requests] == \
+        [r.prompt_tokens for r in sample.requests]
+
+
 def test_system_prompt_workload_shares_prefixes() -> None:
     spec = SystemPromptSpec(requests=200, system_prompts=3, system_tokens=256)
     wl = system_prompt(1, spec)

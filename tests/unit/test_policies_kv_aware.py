@@ -90,6 +90,24 @@ def test_prefix_routed_but_not_yet_reported_follows_its_node() -> None:
     assert choose_and_commit(off, _req(blocks=12), idle).node_id != a.node_id
 
 
+def test_an_unconfirmed_route_does_not_hold_a_prefix_forever() -> None:
+    """A prompt sent to n0 whose blocks the engine never reports (aborted before prefill,
+    events lost) while the registry says n1 holds it: routing it to n0 again does not renew
+    the belief, so once ``kv_recent_routes`` decisions have passed it follows the registry."""
+    pol = KvAwarePolicy(KvAwareSettings(kv_recent_routes=4))
+    idle = [_node(i) for i in range(2)]
+    assert choose_and_commit(pol, _req(), idle).node_id == "n0"  # nothing known yet
+    other = _req(first=500)
+    held = [_node(0), _node(1, matched=7)]  # the registry: n1 holds 7 of the 8 blocks
+    seen = []
+    for _ in range(6):
+        seen.append(choose_and_commit(pol, _req(), held).node_id)
+        choose_and_commit(pol, other, idle)
+    # the unreported route (8 blocks) beats n1's reported 7 for a while, then the registry wins
+    assert seen[0] == "n0"
+    assert seen[-2:] == ["n1", "n1"], seen
+
+
 def test_settings_validate() -> None:
     with pytest.raises(ConfigError, match="kv-load-cap-factor"):
         KvAwareSettings(kv_load_cap_factor=0.5)

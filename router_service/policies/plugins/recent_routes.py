@@ -3,7 +3,10 @@
 Covers the gap between routing a request and its blocks reaching the registry (queued prefill,
 heartbeat interval): a follow-up request whose prefix was just sent to a node, but is not yet in
 any cache or the registry, follows it instead of being scattered. Remembers at least ``window``
-decisions and twice the fleet's in-flight count; memory is bounded by that window.
+decisions and twice the fleet's in-flight count; memory is bounded by that window. A belief is
+not renewed by routing the same blocks to the same node again: it ends ``window`` decisions after
+the first such route, so only the registry (what the engine reported) keeps a prefix on a node
+for longer.
 """
 
 from __future__ import annotations
@@ -62,11 +65,18 @@ class RecentRoutes:
         """Remember that ``blocks`` went to ``node_id``; forget decisions older than window."""
         self._seq += 1
         seq = self._seq
+        owner = self._owner
         for h in blocks:
-            self._owner[h] = (node_id, seq)
+            cur = owner.get(h)
+            # A block routed again to the node that already has it keeps its first decision's
+            # age: the belief lasts ``window`` decisions from the first route, then only the
+            # registry's report can hold the node. Refreshing it on every route would let a
+            # belief the engine never confirmed (request aborted before prefill, events lost)
+            # keep drawing the prefix to that node for as long as it keeps being requested.
+            if cur is None or cur[0] != node_id:
+                owner[h] = (node_id, seq)
         self._log.append((seq, blocks))
         limit = seq - window
-        owner = self._owner
         while self._log and self._log[0][0] <= limit:
             old_seq, old_blocks = self._log.popleft()
             for h in old_blocks:
