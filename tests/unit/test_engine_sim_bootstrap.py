@@ -8,10 +8,9 @@ runner's doing, not aiohttp TestServer's (which cancels handlers on disconnect b
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -19,37 +18,14 @@ import aiohttp
 import pytest
 
 from engine_sim.bootstrap import BootstrapRooms
-from engine_sim.server import serve
-from engine_sim.settings import EngineSimSettings
+from tests.engine_sim_server import served
+from tests.engine_sim_server import stats as _stats
 
 
-@asynccontextmanager
-async def _engine(tmp_path: Path, max_running: int) -> AsyncIterator[str]:
+def _engine(tmp_path: Path, max_running: int) -> AbstractAsyncContextManager[str]:
     """A real slow prefill engine_sim server (20 prompt tokens/s) on a loopback port."""
-    ready = tmp_path / "ready.json"
-    settings = EngineSimSettings(
-        listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", ready_file=str(ready),
-        events_endpoint="", replay_endpoint="", time_scale=1.0, capacity_blocks=64,
-        block_size=4, max_running=max_running, role="prefill", prefill_tokens_per_s=20.0,
-        drain_timeout_s=1.0)
-    stop = asyncio.Event()
-    task = asyncio.ensure_future(serve(settings, stop))
-    try:
-        deadline = time.monotonic() + 20
-        while not ready.exists():
-            assert not task.done(), task.exception() if task.done() else ""
-            assert time.monotonic() < deadline, "engine_sim did not start"
-            await asyncio.sleep(0.02)
-        yield f"http://127.0.0.1:{json.loads(ready.read_text())['http_port']}"
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-
-
-async def _stats(http: aiohttp.ClientSession, base: str) -> dict[str, Any]:
-    async with http.get(f"{base}/kvroute/stats", params={"records": "0"}) as resp:
-        out: dict[str, Any] = await resp.json()
-        return out
+    return served(tmp_path, capacity_blocks=64, block_size=4, max_running=max_running,
+                  role="prefill", prefill_tokens_per_s=20.0)
 
 
 async def _until(http: aiohttp.ClientSession, base: str,

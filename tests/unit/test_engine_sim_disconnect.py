@@ -8,7 +8,6 @@ disconnect by itself; engine_sim's runner did not)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from engine_sim.server import serve
-from engine_sim.settings import EngineSimSettings
+from tests.engine_sim_server import served
+from tests.engine_sim_server import stats as _stats
 
 PROMPT = list(range(1, 41))  # 10 blocks of 4 tokens
 BODIES: dict[str, dict[str, Any]] = {
@@ -32,29 +31,9 @@ BODIES: dict[str, dict[str, Any]] = {
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[str]:
     """A real engine_sim server on a loopback port whose requests decode for ~8 s (wall)."""
-    ready = tmp_path / "ready.json"
-    settings = EngineSimSettings(
-        listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", ready_file=str(ready),
-        events_endpoint="", replay_endpoint="", time_scale=1.0, block_size=4,
-        capacity_blocks=64, decode_ms_per_token=200.0, drain_timeout_s=1.0)
-    stop = asyncio.Event()
-    task = asyncio.ensure_future(serve(settings, stop))
-    try:
-        deadline = time.monotonic() + 20
-        while not ready.exists():
-            assert not task.done(), task.exception() if task.done() else ""
-            assert time.monotonic() < deadline, "engine_sim did not start"
-            await asyncio.sleep(0.02)
-        yield f"http://127.0.0.1:{json.loads(ready.read_text())['http_port']}"
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-
-
-async def _stats(http: aiohttp.ClientSession, base: str) -> dict[str, Any]:
-    async with http.get(f"{base}/kvroute/stats", params={"records": "0"}) as resp:
-        out: dict[str, Any] = await resp.json()
-        return out
+    async with served(tmp_path, block_size=4, capacity_blocks=64,
+                      decode_ms_per_token=200.0) as base:
+        yield base
 
 
 @pytest.mark.parametrize("path", sorted(BODIES))
