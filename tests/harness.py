@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,3 +132,13 @@ def metric(text: str, name: str) -> float:
             found = True
     assert found, f"metric {name} not exported"
     return total
+
+
+async def until(cond: Callable[[], bool], within_s: float = 20.0, what: str = "") -> None:
+    """Poll ``cond`` every 20 ms until it holds; AssertionError naming ``what`` after
+    ``within_s`` seconds."""
+    for _ in range(int(within_s / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not reached within {within_s} s: {what or 'condition'}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -30,18 +30,11 @@ from router_service.domain import RouteRequest
 from router_service.runtime import RoutingRuntime
 from router_service.settings import RouterSettings
 from tests.certs import CertAuthority
-from tests.harness import ServerGroup, ServerProcess, metric
+from tests.harness import ServerGroup, ServerProcess, metric, until
 
 BS = 16
 LONG = list(range(900, 900 + 32 * BS))
 
-
-async def _until(cond: Callable[[], bool], within_s: float = 20.0, what: str = "") -> None:
-    for _ in range(int(within_s / 0.02)):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"not reached within {within_s} s: {what}")
 
 
 def _metrics(srv: ServerProcess) -> str:
@@ -113,7 +106,7 @@ async def _routers(*pairs: tuple[str, str], **client: str,
         for rt in rts:
             await rt.start()
         for rt in rts:
-            await _until(lambda c=rt.core: c.source.connected and c.share is not None  # type: ignore[misc]
+            await until(lambda c=rt.core: c.source.connected and c.share is not None  # type: ignore[misc]
                          and c.share.live() and c.healthy_node_count() == 3,
                          what="router connected, sharing and knowing the 3 nodes")
         yield rts
@@ -147,27 +140,27 @@ async def test_routers_on_three_registries_share_one_view(
         sa, sb, sc = _share(a), _share(b), _share(c)
         # a's decision reaches b through hub A -> relay -> hub B, and the other way round
         d1 = await a.core.decide(RouteRequest("q1", token_ids=LONG))
-        await _until(lambda: sb.remote.inflight(d1.node_id) == 1, what="b hears a's route")
+        await until(lambda: sb.remote.inflight(d1.node_id) == 1, what="b hears a's route")
         assert sb.peers() == 1  # the replica on the other registry counts as a peer
         follow = [*LONG, *range(7000, 7000 + 2 * BS)]
         d2 = await b.core.decide(RouteRequest("q2", token_ids=follow))
         assert d2.node_id == d1.node_id and "routed there, not yet reported" in d2.reason
-        await _until(lambda: sa.remote.inflight(d2.node_id) == 1, what="a hears b's route")
-        await _until(lambda: sc.remote.total == 2, what="c hears both")
+        await until(lambda: sa.remote.inflight(d2.node_id) == 1, what="a hears b's route")
+        await until(lambda: sc.remote.total == 2, what="c hears both")
         assert sa.peers() == 1 and sc.peers() == 2
         # many requests: every delta applied exactly once, none echoed back to its sender,
         # none relayed twice (three hubs: a re-relayed delta would arrive twice somewhere)
         for i in range(20):
             await a.core.decide(RouteRequest(f"m{i}", token_ids=list(range(i * 1000,
                                                                           i * 1000 + 64))))
-        await _until(lambda: sb.remote.total == 21, what="b counts a's 21 requests")
+        await until(lambda: sb.remote.total == 21, what="b counts a's 21 requests")
         for i in range(20):
             assert a.core.complete(f"m{i}")
         assert b.core.complete("q1")  # a Complete landing on another replica
-        await _until(lambda: sb.remote.total == 0 and a.core.tracker.inflight(d1.node_id) == 0,
+        await until(lambda: sb.remote.total == 0 and a.core.tracker.inflight(d1.node_id) == 0,
                      what="completions release everywhere")
         assert b.core.complete("q2")
-        await _until(lambda: sa.remote.total == 0 and sc.remote.total == 0,
+        await until(lambda: sa.remote.total == 0 and sc.remote.total == 0,
                      what="a and c release b's request")
         await asyncio.sleep(0.5)  # nothing late, nothing twice
         assert sa.remote.total == 0 and sb.remote.total == 0 and sc.remote.total == 0
@@ -195,26 +188,26 @@ async def test_a_hub_that_dies_or_restarts_is_relayed_to_again(
             (reg_a.grpc_target, "ra"), (reg_b.grpc_target, "rb")) as (a, b):
         sa, sb = _share(a), _share(b)
         await b.core.decide(RouteRequest("q1", token_ids=LONG))
-        await _until(lambda: sa.remote.total == 1, what="a hears b")
+        await until(lambda: sa.remote.total == 1, what="a hears b")
         # hub B dies without a goodbye: a can no longer hear b's completions, so hub A has
         # it drop b's in-flight request instead of counting it until its timeout
         reg_b.process.kill()
-        await _until(lambda: sa.remote.total == 0, within_s=10, what="a forgets b's request")
+        await until(lambda: sa.remote.total == 0, within_s=10, what="a forgets b's request")
         assert sa.forgotten_total == 1 and sa.live()
-        await _until(lambda: not sb.live(), what="b falls back to its own counts")
+        await until(lambda: not sb.live(), what="b falls back to its own counts")
         # B comes back on the same address (a new hub id): b reconnects, A links to it again
         reg_b2 = _registry(group, "reg-b", etcd_endpoint, etcd_prefix, port_b)
         await _metric_until(reg_a, "kvroute_registry_route_share_relay_links", 1)
         await _metric_until(reg_b2, "kvroute_registry_route_share_relay_links", 1)
-        await _until(sb.live, what="b shares again")
+        await until(sb.live, what="b shares again")
         # lossless: b re-announced its request in flight (its snapshot through the new hub)
-        await _until(lambda: sa.remote.total == 1, what="a counts b's q1 again")
+        await until(lambda: sa.remote.total == 1, what="a counts b's q1 again")
         d = await a.core.decide(RouteRequest("q2", token_ids=list(range(5000, 5064))))
-        await _until(lambda: sb.remote.inflight(d.node_id) == 1, what="b hears a again")
+        await until(lambda: sb.remote.inflight(d.node_id) == 1, what="b hears a again")
         await b.core.decide(RouteRequest("q3", token_ids=list(range(8000, 8064))))
-        await _until(lambda: sa.remote.total == 2, what="a hears b again")
+        await until(lambda: sa.remote.total == 2, what="a hears b again")
         assert a.core.complete("q2") and b.core.complete("q3") and b.core.complete("q1")
-        await _until(lambda: sa.remote.total == 0 and sb.remote.total == 0,
+        await until(lambda: sa.remote.total == 0 and sb.remote.total == 0,
                      what="completions after the restart")
         # a graceful stop withdraws the hub: A closes its link at once
         reg_b2.stop()
@@ -251,9 +244,9 @@ async def test_relay_with_auth_required(etcd_endpoint: str, etcd_prefix: str,
             (reg_a.grpc_target, "ra"), (reg_b.grpc_target, "rb"),
             client_token_file=str(router_token)) as (a, b):
         d = await a.core.decide(RouteRequest("q1", token_ids=LONG))
-        await _until(lambda: _share(b).remote.inflight(d.node_id) == 1, what="relayed")
+        await until(lambda: _share(b).remote.inflight(d.node_id) == 1, what="relayed")
         assert a.core.complete("q1")
-        await _until(lambda: _share(b).remote.total == 0, what="complete relayed")
+        await until(lambda: _share(b).remote.total == 0, what="complete relayed")
 
 
 async def test_hub_directory_on_etcd(etcd_endpoint: str, etcd_prefix: str) -> None:
@@ -270,10 +263,10 @@ async def test_hub_directory_on_etcd(etcd_endpoint: str, etcd_prefix: str) -> No
         try:
             await one.advertise(HubRecord("h1", "reg-1", "127.0.0.1:1"), ttl_s=2)
             await two.advertise(HubRecord("h2", "reg-2", "127.0.0.1:2"), ttl_s=2)
-            await _until(lambda: bool(seen) and set(seen[-1]) == {"h1", "h2"}, what="both")
+            await until(lambda: bool(seen) and set(seen[-1]) == {"h1", "h2"}, what="both")
             assert seen[-1]["h2"].address == "127.0.0.1:2"
             await two.withdraw()  # graceful: gone at once
-            await _until(lambda: set(seen[-1]) == {"h1"}, within_s=1.5, what="withdrawn")
+            await until(lambda: set(seen[-1]) == {"h1"}, within_s=1.5, what="withdrawn")
             await asyncio.sleep(3)  # h1's lease is kept alive past its TTL
             assert set(seen[-1]) == {"h1"}
         finally:
@@ -306,9 +299,9 @@ async def test_relay_over_mtls_with_a_registry_identity(
             client_tls_ca_file=str(ca.ca_file), client_tls_cert_file=str(reader.cert),
             client_tls_key_file=str(reader.key), client_tls_server_name="localhost") as (a, b):
         d = await b.core.decide(RouteRequest("q1", token_ids=LONG))
-        await _until(lambda: _share(a).remote.inflight(d.node_id) == 1, what="relayed")
+        await until(lambda: _share(a).remote.inflight(d.node_id) == 1, what="relayed")
         assert b.core.complete("q1")
-        await _until(lambda: _share(a).remote.total == 0, what="complete relayed")
+        await until(lambda: _share(a).remote.total == 0, what="complete relayed")
 
 
 async def test_relay_survives_an_etcd_restart(own_etcd: EmbeddedEtcd, etcd_prefix: str,
@@ -324,9 +317,9 @@ async def test_relay_survives_an_etcd_restart(own_etcd: EmbeddedEtcd, etcd_prefi
             (reg_a.grpc_target, "ra"), (reg_b.grpc_target, "rb")) as (a, b):
         await asyncio.to_thread(own_etcd.restart)
         d = await a.core.decide(RouteRequest("q1", token_ids=LONG))
-        await _until(lambda: _share(b).remote.inflight(d.node_id) == 1, what="relayed")
+        await until(lambda: _share(b).remote.inflight(d.node_id) == 1, what="relayed")
         reg_c = _registry(group, "reg-c", ep, etcd_prefix, free_port())
         for reg in (reg_a, reg_b, reg_c):
             await _metric_until(reg, "kvroute_registry_route_share_relay_links", 2, 30)
         assert a.core.complete("q1")
-        await _until(lambda: _share(b).remote.total == 0, what="complete relayed")
+        await until(lambda: _share(b).remote.total == 0, what="complete relayed")

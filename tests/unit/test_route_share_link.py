@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -23,14 +23,7 @@ from registry_service.settings import RegistrySettings
 from router_service.domain import RouteRequest
 from router_service.runtime import RoutingRuntime
 from router_service.settings import RouterSettings
-
-
-async def _until(cond: Callable[[], bool], within_s: float = 15.0) -> None:
-    for _ in range(int(within_s / 0.02)):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached in time")
+from tests.harness import until
 
 
 @pytest.fixture
@@ -41,7 +34,7 @@ async def registry(tmp_path: Path) -> AsyncIterator[tuple[str, asyncio.Event]]:
                                 status_write_interval_s=0)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop))
-    await _until(ready.exists)
+    await until(ready.exists)
     yield f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}", stop
     stop.set()
     assert await task == 0
@@ -75,16 +68,16 @@ async def test_replicas_share_inflight_completions_and_calibrated_rates(
     try:
         for rt in (a, b):
             core = rt.core
-            await _until(lambda c=core: c.source.connected and c.share is not None  # type: ignore[misc]
-                         and c.share.live())
+            await until(lambda c=core: c.source.connected and c.share is not None  # type: ignore[misc]
+                        and c.share.live())
         d = await a.core.decide(RouteRequest("q1", token_ids=list(range(64))))
         assert b.core.share is not None and a.core.share is not None
-        await _until(lambda: b.core.share is not None and b.core.share.remote.total == 1)
+        await until(lambda: b.core.share is not None and b.core.share.remote.total == 1)
         assert b.core.share.remote.inflight(d.node_id) == 1
         assert b.core.share.max_staleness_s < 3.0
         # the Complete reaches replica b (a Service spread it): a releases its own count
         assert b.core.complete("q1")
-        await _until(lambda: a.core.tracker.inflight(d.node_id) == 0)
+        await until(lambda: a.core.tracker.inflight(d.node_id) == 0)
         # engine-measured prefill rate -> heartbeat -> registry -> router's tracker
         await b.core.decide(RouteRequest("q2", token_ids=list(range(100, 164))))
         assert b.core.tracker.rate("n1") == 4000.0
@@ -101,9 +94,9 @@ async def test_a_replica_that_loses_the_hub_says_so(registry: tuple[str, asyncio
     a = _runtime(target, "ra")
     await a.start()
     try:
-        await _until(lambda: a.core.share is not None and a.core.share.live())
+        await until(lambda: a.core.share is not None and a.core.share.live())
         stop.set()  # the registry goes away
-        await _until(lambda: a.core.share is not None and not a.core.share.live())
+        await until(lambda: a.core.share is not None and not a.core.share.live())
         d = await a.core.decide(RouteRequest("q1", token_ids=list(range(64))))
         assert "OWN COUNTS ONLY (shared view lost" in d.reason
     finally:
@@ -148,7 +141,7 @@ async def test_hub_delivers_a_relay_to_its_replicas_and_forgets_a_silent_one(
     task = asyncio.create_task(serve(RegistrySettings(
         store="memory", listen=f"127.0.0.1:{free_port()}", ready_file=str(ready),
         metrics_listen="127.0.0.1:0", share_relay_timeout_s=0.5), stop))
-    await _until(ready.exists)
+    await until(ready.exists)
     target = f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
     try:
         async with grpc.aio.insecure_channel(target) as ch:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -26,14 +26,7 @@ from router_service.policies.factory import PolicySet
 from router_service.route_share import RouteDelta, SharedView
 from router_service.runtime import RoutingRuntime
 from router_service.settings import RouterSettings
-
-
-async def _until(cond: Callable[[], bool], within_s: float = 20.0, what: str = "") -> None:
-    for _ in range(int(within_s / 0.02)):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"not reached within {within_s} s: {what}")
+from tests.harness import until
 
 
 @contextlib.asynccontextmanager
@@ -46,7 +39,7 @@ async def _registry(tmp_path: Path, port: int) -> AsyncIterator[str]:
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop))
     try:
-        await _until(ready.exists, what="registry ready")
+        await until(ready.exists, what="registry ready")
         target = f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
         async with grpc.aio.insecure_channel(target) as ch:
             stub = pb_grpc.RegistryStub(ch)
@@ -74,7 +67,7 @@ def _view(rt: RoutingRuntime) -> SharedView:
 
 async def _live(*rts: RoutingRuntime) -> None:
     for rt in rts:
-        await _until(lambda r=rt: r.core.source.connected and _view(r).live()  # type: ignore[misc]
+        await until(lambda r=rt: r.core.source.connected and _view(r).live()  # type: ignore[misc]
                      and r.core.healthy_node_count() == 2, what=f"{_view(rt).replica_id} live")
 
 
@@ -104,21 +97,21 @@ async def test_a_registry_restart_loses_no_request_in_flight(tmp_path: Path) -> 
         await _live(a, b)
         va, vb = _view(a), _view(b)
         ids = await _route(a, 3, 0)
-        await _until(lambda: vb.remote.total == 3, what="b counts a's 3 requests")
+        await until(lambda: vb.remote.total == 3, what="b counts a's 3 requests")
         await first.aclose()  # the registry is gone: the shared part of each view is dropped
-        await _until(lambda: not va.live() and not vb.live(), what="both lose the view")
+        await until(lambda: not va.live() and not vb.live(), what="both lose the view")
         assert vb.remote.total == 0 and a.core.tracker.total_inflight == 3
         async with _registry(tmp_path, port):  # back on the same address
             await _live(a, b)
             # a re-announced its 3 requests: b counts them again, node by node, once
-            await _until(lambda: _same_as_own(vb, a) and vb.remote.total == 3,
+            await until(lambda: _same_as_own(vb, a) and vb.remote.total == 3,
                          what="b rebuilds a's contribution from a's snapshot")
             assert vb.snapshots_applied >= 1 and va.snapshots_sent >= 2
             assert a.core.complete(ids[0])
-            await _until(lambda: vb.remote.total == 2, what="a completion after it")
+            await until(lambda: vb.remote.total == 2, what="a completion after it")
             for rid in ids[1:]:
                 assert b.core.complete(rid)  # through the other replica (a Service)
-            await _until(lambda: vb.remote.total == 0 and a.core.tracker.total_inflight == 0,
+            await until(lambda: vb.remote.total == 0 and a.core.tracker.total_inflight == 0,
                          what="all released")
             await asyncio.sleep(0.5)  # nothing late, nothing twice
             assert vb.remote.total == 0 and va.remote.total == 0
@@ -138,25 +131,25 @@ async def test_a_stream_blip_and_a_join_restore_and_never_double_count(tmp_path:
             va, vb = _view(a), _view(b)
             ids_a = await _route(a, 4, 0)
             ids_b = await _route(b, 2, 10)
-            await _until(lambda: vb.remote.total == 4 and va.remote.total == 2,
+            await until(lambda: vb.remote.total == 4 and va.remote.total == 2,
                          what="each counts the other's")
             # a's stream ends and a reconnects (a network blip): the hub has b forget a's
             # requests, then a's snapshot brings them back
             link = a.share_link
             assert link is not None
             await link.stop()
-            await _until(lambda: vb.forgotten_total == 4, what="b forgets a's requests")
+            await until(lambda: vb.forgotten_total == 4, what="b forgets a's requests")
             await link.start()
-            await _until(lambda: _same_as_own(vb, a) and vb.remote.total == 4,
+            await until(lambda: _same_as_own(vb, a) and vb.remote.total == 4,
                          what="b counts a's requests again")
             # a rejoined with an empty view of b: the hub asked b to re-announce
-            await _until(lambda: _same_as_own(va, b) and va.remote.total == 2,
+            await until(lambda: _same_as_own(va, b) and va.remote.total == 2,
                          what="a counts b's requests again")
             # a third router joins: everyone re-announces once more, nothing counted twice
             await c.start()
             await _live(c)
             vc = _view(c)
-            await _until(lambda: vc.remote.total == 6, what="c counts a's and b's")
+            await until(lambda: vc.remote.total == 6, what="c counts a's and b's")
             await asyncio.sleep(0.5)
             assert vb.remote.total == 4 and va.remote.total == 2
             assert _same_as_own(vb, a) and _same_as_own(vc, a) and _same_as_own(vc, b)
@@ -164,7 +157,7 @@ async def test_a_stream_blip_and_a_join_restore_and_never_double_count(tmp_path:
                 assert a.core.complete(rid)
             for rid in ids_b:
                 assert c.core.complete(rid)  # another replica's request, completed at c
-            await _until(lambda: va.remote.total == vb.remote.total == vc.remote.total == 0,
+            await until(lambda: va.remote.total == vb.remote.total == vc.remote.total == 0,
                          what="every count back to 0")
             assert a.core.tracker.total_inflight == b.core.tracker.total_inflight == 0
             await asyncio.sleep(0.5)
