@@ -15,7 +15,7 @@ import msgspec
 import pytest
 import zmq
 
-from tests.harness import ServerProcess, start_server
+from tests.harness import ServerProcess, metric, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -240,18 +240,14 @@ def test_vllm_kv_transfer_params_prefill_then_decode(tmp_path: Path) -> None:
         assert [(r["remote_kv"], r["transfer_blocks"]) for r in dec_recs] == [(True, 3), (True, 1)]
         # receipts are not prefill, as on vLLM's decode instance: a prefill rate an agent
         # derives from the prefill histograms is the prefill engine's alone
-        def metric(e: ServerProcess, name: str) -> float:
-            with urllib.request.urlopen(f"http://127.0.0.1:{e.ready['metrics_port']}/metrics",
-                                        timeout=5) as resp:
-                for line in resp.read().decode().splitlines():
-                    if line.startswith(name + "{") or line.startswith(name + " "):
-                        return float(line.rsplit(" ", 1)[1])
-            raise AssertionError(f"{name} not exported")
-        assert metric(pre, "vllm:request_prefill_kv_computed_tokens_sum") == 40
-        assert metric(pre, "vllm:request_prefill_time_seconds_sum") > 0
-        assert metric(dec, "vllm:request_prefill_kv_computed_tokens_sum") == 0
-        assert metric(dec, "vllm:request_prefill_time_seconds_sum") == 0
-        assert metric(dec, "kvroute_engine_sim_kv_received_blocks_total") == 4
+        def scraped(e: ServerProcess, name: str) -> float:
+            with urllib.request.urlopen(e.metrics_url, timeout=5) as resp:
+                return metric(resp.read().decode(), name)
+        assert scraped(pre, "vllm:request_prefill_kv_computed_tokens_sum") == 40
+        assert scraped(pre, "vllm:request_prefill_time_seconds_sum") > 0
+        assert scraped(dec, "vllm:request_prefill_kv_computed_tokens_sum") == 0
+        assert scraped(dec, "vllm:request_prefill_time_seconds_sum") == 0
+        assert scraped(dec, "kvroute_engine_sim_kv_received_blocks_total") == 4
         with pytest.raises(urllib.error.HTTPError) as err:
             post(dec, "/v1/completions", {"prompt": prompt, "kv_transfer_params": {
                 "do_remote_decode": True, "do_remote_prefill": True}})
