@@ -103,7 +103,10 @@ async def _registries(args: argparse.Namespace, tmp: Path, stop: asyncio.Event,
         ready = tmp / f"ready-{k}.json"
         tasks.append(asyncio.create_task(serve(RegistrySettings(
             listen=f"127.0.0.1:{free_port()}", ready_file=str(ready), replica_id=f"reg-{k}",
-            metrics_listen="127.0.0.1:0", status_write_interval_s=0, **store), stop)))
+            metrics_listen="127.0.0.1:0", status_write_interval_s=0,
+            # the bench's nodes are registered once and never heartbeat: their leases must
+            # outlive the run however slow a loaded machine makes it (10 s by default)
+            lease_ttl_s=3600, **store), stop)))
         await _until(ready.exists)
         info = json.loads(ready.read_text())
         targets.append(f"127.0.0.1:{info['grpc_port']}")
