@@ -14,6 +14,7 @@ request fails while a healthy pair exists (one retry, failed node marked suspect
 from __future__ import annotations
 
 import json
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -39,13 +40,15 @@ class PdStack:
     def __init__(self, etcd: str, prefix: str, work: Path) -> None:
         self.procs = ServerGroup(work)
         self.engines: dict[str, ServerProcess] = {}
+        self.agents: dict[str, ServerProcess] = {}
         self.work = work
         with self.procs.stopped_on_error():  # a failed start leaks none of the others
             self._start_all(etcd, prefix)
 
     def _start_all(self, etcd: str, prefix: str) -> None:
         self.registry = self.procs.start("registry", [
-            "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", "2",
+            # a long lease: the fault test freezes two agents, and their nodes must stay known
+            "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", "60",
             "--heartbeat-interval-s", "0.3", "--status-write-interval-s", "0.5"], "registry")
         for i, role in enumerate(ROLES):
             node = f"{role}-{i}"
@@ -56,7 +59,7 @@ class PdStack:
                 "--events-endpoint", f"tcp://127.0.0.1:{ev}",
                 "--replay-endpoint", f"tcp://127.0.0.1:{rp}"], f"sim-{node}")
             self.engines[node] = eng
-            self.procs.start("agent", [
+            self.agents[node] = self.procs.start("agent", [
                 "--registry", self.registry.grpc_target, "--node-id", node, "--model", MODEL,
                 "--engine-url", f"http://127.0.0.1:{eng.ready['http_port']}", "--role", role,
                 "--capacity-blocks", "2000", "--engine-events", f"tcp://127.0.0.1:{ev}",
@@ -194,9 +197,15 @@ def test_prefill_error_reaches_the_client(stack: PdStack) -> None:
 
 def test_no_request_fails_while_a_healthy_pair_exists(stack: PdStack) -> None:
     """Kill one prefill and one decode engine: every request still succeeds (retry on a new
-    pair, failed nodes marked suspect). Runs last: it leaves the fleet at one pair."""
-    stack.engines["prefill-0"].process.kill()
-    stack.engines["decode-2"].process.kill()
+    pair, failed nodes marked suspect). Runs last: it leaves the fleet at one pair.
+
+    The two nodes' agents are frozen first, so the registry keeps both dead nodes (their leases
+    run 60 s) and the gateways must find out by trying them: otherwise an agent that sees its
+    engine die reports it within 0.3 s, and on a loaded machine that can come before any request
+    reaches the dead node (no retry to observe)."""
+    for node in ("prefill-0", "decode-2"):
+        stack.agents[node].process.signal(signal.SIGSTOP)
+        stack.engines[node].process.kill()
     for proto in ("vllm", "sglang"):
         client = stack.client(proto)
         for i in range(6):
