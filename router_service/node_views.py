@@ -33,7 +33,7 @@ def node_views(pairs: Sequence[tuple[NodeState, int]], view: RequestView,
             tracker.inflight(nid) + (remote.inflight(nid) if remote is not None else 0),
             n.queue_depth, n.running, n.used_blocks, n.capacity_blocks, n.eviction_rate,
             tracker.pending_prefill(nid), n.healthy, n.prefill_tokens_per_s, low,
-            n.index_complete))
+            n.index_complete, n.role))
     return views
 
 

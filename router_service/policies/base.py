@@ -53,6 +53,9 @@ class NodeView:
     """False when the node's agent reports its view of the engine cache incomplete (late
     join, lost batches, wrong topic): ``matched_blocks`` is then a lower bound, and a
     missing prefix is not evidence of a miss."""
+    role: str = "both"
+    """The node's role: ``both`` (aggregated engine), ``prefill`` (prefill-only: its in-flight
+    requests are its prefill queue, nothing decodes there) or ``decode``."""
 
     @property
     def usage(self) -> float:

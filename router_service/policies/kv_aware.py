@@ -29,6 +29,21 @@ count): a follow-up request whose prefix was routed moments ago but is still que
 (so not yet in any cache or the registry) then follows it instead of being scattered — measured
 on an overloaded fleet this kept the hit rate at the cache-first routers' level (0.17 vs 0.12).
 
+**Prefill-only nodes** (disaggregated fleets, ``role`` prefill): nothing decodes there, so a
+node's in-flight requests are exactly its prefill queue, and their cache is the only thing that
+saves prefill compute. Waiting behind a queue costs this request alone; a recomputed token costs
+its own prefill *and* delays every request that queues behind it, and by Little's law about as
+many requests will join behind it during its stay as are in flight now. So on these nodes
+(``kv_prefill_only_backlog``, default on) the reuse weight is ``kv_reuse_weight`` + the prefill
+nodes' mean in-flight count (the load-balanced prefill nodes behave as one pooled queue: the
+delay spreads over the fleet), no ``inflight_cost_tokens`` is charged (it stands for decode
+occupancy) and the request-count load cap does not apply (``kv_prefill_only_load_cap``, default
+off: the queue is priced in seconds, which already stops a shared prefix from piling onto one
+node). At an idle fleet the weight is ``kv_reuse_weight`` as before; when the prefill nodes are
+saturated (the Mooncake sample on 6 prefill + 2 decode: about 5 in flight each) it is about 13,
+and hits matter as much as the capacity they save. Measured in the README ("Disaggregated
+prefill/decode", s25-i13). Aggregated (``both``) nodes are scored as before.
+
 **Offloaded blocks** (a lower tier: vLLM's offloading connector ``medium`` CPU, SGLang HiCache
 CPU_PINNED / DISK) continue a node's device prefix: after its GPU-resident run, the blocks the
 engine holds on the offloading medium (the walk stops at the first block that medium lacks; see
@@ -142,6 +157,19 @@ class KvAwareSettings:
              "applies: 1 = trust its index as complete, 0 = charge only its prefill time; "
              "its load always counts in full")
 
+    kv_prefill_only_backlog: bool = setting(
+        True, "on prefill-only nodes (disaggregated fleets) add the prefill nodes' mean "
+              "in-flight requests to the reuse weight (a token recomputed there also delays "
+              "the requests that will queue behind it: by Little's law about as many as are "
+              "in flight now) and charge no in-flight cost (nothing decodes there: their "
+              "in-flight requests are their queued prefill, already counted in seconds). "
+              "--no-kv-prefill-only-backlog: score them as aggregated nodes")
+    kv_prefill_only_load_cap: bool = setting(
+        False, "apply the in-flight load cap to prefill-only nodes too (off by default: a "
+               "request count stands for decode occupancy, which they do not have; their "
+               "queue is priced in seconds, which already stops a shared prefix from piling "
+               "everything onto one node)")
+
     def __post_init__(self) -> None:
         require(self.kv_prefill_tokens_per_s > 0, "kv_prefill_tokens_per_s", "must be > 0")
         require(self.kv_reuse_weight >= 0, "kv_reuse_weight", "must be >= 0")
@@ -167,8 +195,10 @@ class KvAwarePolicy(SchedulingPolicy):
         s = self.settings = settings or KvAwareSettings()
         self.prefill = QueuedPrefillScorer(s.kv_prefill_tokens_per_s, s.kv_reuse_weight,
                                            s.kv_inflight_cost_tokens, s.kv_weight_offloaded,
-                                           s.kv_weight_unknown_index_miss)
-        self.load_cap = LoadCapFilter(s.kv_load_cap_factor, s.kv_load_cap_slack)
+                                           s.kv_weight_unknown_index_miss,
+                                           s.kv_prefill_only_backlog)
+        self.load_cap = LoadCapFilter(s.kv_load_cap_factor, s.kv_load_cap_slack,
+                                      not s.kv_prefill_only_load_cap)
         super().__init__(
             "kv_aware", RecentRoutes(s.kv_recent_routes), [HealthFilter(), self.load_cap],
             [(self.prefill, s.kv_weight_queued_prefill),
@@ -184,7 +214,7 @@ class KvAwarePolicy(SchedulingPolicy):
         p = self.prefill
         uncached = cycle.request.prompt_tokens - p.credited_tokens(cycle, i)
         return (self.settings.kv_replica_spread
-                * (uncached + p.inflight_cost_tokens) / p.rate_of(cycle.nodes[i]))
+                * (uncached + p.inflight_cost_of(cycle.nodes[i])) / p.rate_of(cycle.nodes[i]))
 
     def reason(self, cycle: Cycle, chosen: int, score: float) -> str:
         """Cached prefix, what was routed there but not reported yet, estimate, load and cap."""
@@ -198,8 +228,13 @@ class KvAwarePolicy(SchedulingPolicy):
             extra += f" + {off} tokens offloaded (CPU/disk)"
         if not v.index_complete:
             extra += " [node's index incomplete: its misses are not trusted]"
+        if self.prefill.prefill_only_backlog and v.role == "prefill":
+            w = self.settings.kv_reuse_weight + self.prefill.backlog(cycle)
+            extra += f" [prefill-only: reuse weight {w:.1f} with the prefill backlog]"
         slot = (f", slot {req.replica_rank + 1} of {req.replicas} replicas"
                 if req.replicas > 1 and self.settings.kv_replica_spread > 0 else "")
+        cap = ("no cap: prefill-only" if self.load_cap.spare_prefill_only
+               and v.role == "prefill" else f"cap {self.load_cap.cap(cycle):.1f}")
         return (f"kv_aware: {v.matched_blocks} prefix blocks cached{extra} "
                 f"({cached}/{req.prompt_tokens} tokens), est. TTFT {score * 1000:.0f} ms, "
-                f"in-flight {v.inflight} (cap {self.load_cap.cap(cycle):.1f}){slot}")
+                f"in-flight {v.inflight} ({cap}){slot}")

@@ -156,3 +156,54 @@ def test_replica_spread_zero_always_takes_the_best() -> None:
     req = dataclasses.replace(_req(), replicas=4, replica_rank=3)
     pol = KvAwarePolicy(KvAwareSettings(kv_replica_spread=0.0))
     assert choose_and_commit(pol, req, nodes).node_id == "n0"
+
+
+def _pnode(i: int, matched: int = 0, inflight: int = 0, pending: float = 0.0,
+           role: str = "prefill") -> NodeView:
+    return dataclasses.replace(_node(i, matched, inflight, pending), role=role)
+
+
+def test_a_saturated_prefill_only_fleet_weighs_reuse_by_its_backlog() -> None:
+    # 128-token prompt, 96 cached on n0 behind 1.2 s of queued prefill, nothing on n1 (idle
+    # queue); every prefill node has 10 requests in flight. Aggregated scoring (weight 8):
+    # n0 1200 + 8 x 32 = 1456 against n1 8 x 128 = 1024 tokens -> n1 recomputes the prefix.
+    # Prefill-only: each recomputed token also delays the ~10 requests that queue behind it,
+    # weight 8 + 10 = 18: n0 1200 + 18 x 32 = 1776 against n1 18 x 128 = 2304 -> n0.
+    s = KvAwareSettings(kv_prefill_tokens_per_s=1000.0)
+    for role, want in (("both", "n1"), ("prefill", "n0")):
+        nodes = [_pnode(0, matched=6, inflight=10, pending=1200.0, role=role),
+                 _pnode(1, inflight=10, role=role)]
+        d = choose_and_commit(KvAwarePolicy(s), _req(), nodes)
+        assert d.node_id == want, role
+    off = dataclasses.replace(s, kv_prefill_only_backlog=False)
+    nodes = [_pnode(0, matched=6, inflight=10, pending=1200.0), _pnode(1, inflight=10)]
+    assert choose_and_commit(KvAwarePolicy(off), _req(), nodes).node_id == "n1"
+    d = choose_and_commit(KvAwarePolicy(s), _req(), nodes)
+    assert "reuse weight 18.0 with the prefill backlog" in d.reason
+
+
+def test_an_idle_prefill_only_fleet_scores_as_before_without_decode_charges() -> None:
+    # no backlog: the weight stays kv_reuse_weight; in-flight requests are the prefill queue
+    # (priced by pending prefill), so they add no decode-occupancy charge on prefill-only nodes
+    s = KvAwareSettings(kv_prefill_tokens_per_s=1000.0)
+    pol = KvAwarePolicy(s)
+    nodes = [_pnode(0, matched=2), _pnode(1)]
+    cyc = pol.cycle(_req(), nodes)
+    assert pol.prefill.backlog(cyc) == 0.0
+    assert pol.prefill.scores(cyc) == pytest.approx([8 * 96 / 1000, 8 * 128 / 1000])
+    busy = [_pnode(0, inflight=3), _pnode(1, inflight=3, role="both")]
+    cyc = pol.cycle(_req(), busy)
+    assert pol.prefill.backlog(cyc) == 3.0  # prefill-only candidates only
+    got = pol.prefill.scores(cyc)
+    assert got[0] == pytest.approx((8 + 3) * 128 / 1000)
+    assert got[1] == pytest.approx((8 * 128 + 1000 * 3) / 1000)  # a 'both' node: as before
+
+
+def test_the_load_cap_spares_prefill_only_nodes_unless_asked() -> None:
+    # n0 holds the prompt and is far over the request-count cap; its queue in seconds is short
+    nodes = [_pnode(0, matched=8, inflight=30, pending=100.0)] + [_pnode(i) for i in (1, 2, 3)]
+    assert choose_and_commit(KvAwarePolicy(), _req(), nodes).node_id == "n0"
+    capped = KvAwarePolicy(KvAwareSettings(kv_prefill_only_load_cap=True))
+    assert choose_and_commit(capped, _req(), nodes).node_id != "n0"
+    both = [dataclasses.replace(v, role="both") for v in nodes]
+    assert choose_and_commit(KvAwarePolicy(), _req(), both).node_id != "n0"

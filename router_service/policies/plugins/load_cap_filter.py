@@ -16,9 +16,10 @@ class LoadCapFilter:
 
     name = "load_cap"
 
-    def __init__(self, factor: float, slack: float) -> None:
+    def __init__(self, factor: float, slack: float, spare_prefill_only: bool = False) -> None:
         self.factor = factor
         self.slack = slack
+        self.spare_prefill_only = spare_prefill_only
 
     def cap(self, cycle: Cycle) -> float:
         """The cap of this cycle, in requests."""
@@ -28,7 +29,9 @@ class LoadCapFilter:
     def exclusions(self, cycle: Cycle) -> list[str]:
         """Nodes whose in-flight + 1 is over the cap."""
         cap = self.cap(cycle)
-        return [f"in-flight {v.inflight} over cap {cap:.1f}" if v.inflight + 1 > cap else ""
+        spare = self.spare_prefill_only
+        return [f"in-flight {v.inflight} over cap {cap:.1f}"
+                if v.inflight + 1 > cap and not (spare and v.role == "prefill") else ""
                 for v in cycle.nodes]
 
     def commit(self, cycle: Cycle, chosen: int) -> None:

@@ -12,6 +12,11 @@ half the engine's reported waiting requests x this scorer's running average of u
 per decision (so an overestimated prefill rate cannot make a busy node look idle). The running
 average moves on commit only.
 
+On a **prefill-only** node (``role == "prefill"``, disaggregated fleets) with
+``prefill_only_backlog`` on, the reuse weight grows by :meth:`QueuedPrefillScorer.backlog` (the
+prefill-only candidates' mean in-flight requests) and no in-flight cost is charged: see the
+``kv_aware`` module docstring.
+
 A node whose agent reports its index incomplete (``index_complete`` False: late join, lost
 batches, wrong topic) may hold more than the registry knows, so its missing prefix is not
 evidence of a miss: the part of ``reuse_weight`` above 1 (the penalty for recomputing a prefix
@@ -32,25 +37,48 @@ class QueuedPrefillScorer:
 
     def __init__(self, prefill_tokens_per_s: float, reuse_weight: float,
                  inflight_cost_tokens: float, offloaded_credit: float = 1.0,
-                 unknown_miss_weight: float = 1.0) -> None:
+                 unknown_miss_weight: float = 1.0, prefill_only_backlog: bool = False) -> None:
         self.rate = prefill_tokens_per_s
         self.reuse_weight = reuse_weight
         self.inflight_cost_tokens = inflight_cost_tokens
         self.offloaded_credit = offloaded_credit
         self.unknown_miss_weight = unknown_miss_weight
+        self.prefill_only_backlog = prefill_only_backlog
         self.avg_uncached = 0.0
         """Moving average of the uncached prompt tokens of committed decisions."""
 
-    def score_one(self, cycle: Cycle, i: int, reuse_weight: float | None = None) -> float:
-        """The score of ``cycle.nodes[i]`` (optionally with another reuse weight)."""
+    def backlog(self, cycle: Cycle) -> float:
+        """Requests the prefill-only candidates hold in flight, per node (0 when there are none
+        or ``prefill_only_backlog`` is off): on a prefill-only node every in-flight request is
+        queued or running prefill, so by Little's law this is how many later requests will
+        queue behind an uncached token computed now (module docstring of ``kv_aware``)."""
+        if not self.prefill_only_backlog:
+            return 0.0
+        q = [v.inflight for v in cycle.nodes if v.role == "prefill"]
+        return sum(q) / len(q) if q else 0.0
+
+    def score_one(self, cycle: Cycle, i: int, backlog: float = 0.0) -> float:
+        """The score of ``cycle.nodes[i]``; ``backlog`` (:meth:`backlog`) raises the reuse weight
+        of a prefill-only node, whose in-flight requests are not charged (they are its queued
+        prefill, already counted; nothing decodes there)."""
         req = cycle.request
         v = cycle.nodes[i]
-        w = self.reuse_weight if reuse_weight is None else reuse_weight
+        w = self.reuse_weight
+        if self.prefill_only_backlog and v.role == "prefill":
+            w += backlog
         if not v.index_complete:
             w = min(w, 1.0 + (w - 1.0) * self.unknown_miss_weight)
         uncached = req.prompt_tokens - self.credited_tokens(cycle, i)
         pending = max(v.pending_prefill_tokens, 0.5 * v.queue_depth * self.avg_uncached)
-        return (pending + w * uncached + self.inflight_cost_tokens * v.inflight) / self.rate_of(v)
+        return (pending + w * uncached + self.inflight_cost_of(v) * v.inflight) / self.rate_of(v)
+
+    def inflight_cost_of(self, v: NodeView) -> float:
+        """Prefill-token equivalents charged per request in flight on ``v``: none on a
+        prefill-only node when ``prefill_only_backlog`` is on (its in-flight requests are its
+        queued prefill, counted already; nothing decodes there)."""
+        if self.prefill_only_backlog and v.role == "prefill":
+            return 0.0
+        return self.inflight_cost_tokens
 
     def rate_of(self, v: NodeView) -> float:
         """Node ``v``'s prefill rate in tokens/s: its calibrated one, else the default."""
@@ -74,7 +102,8 @@ class QueuedPrefillScorer:
 
     def scores(self, cycle: Cycle) -> list[float]:
         """Per node, in seconds."""
-        return [self.score_one(cycle, i) for i in range(len(cycle.nodes))]
+        backlog = self.backlog(cycle)
+        return [self.score_one(cycle, i, backlog) for i in range(len(cycle.nodes))]
 
     def commit(self, cycle: Cycle, chosen: int) -> None:
         """Fold the chosen node's uncached tokens into the running average."""
