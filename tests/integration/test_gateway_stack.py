@@ -48,15 +48,23 @@ class Stack:
     def _start_all(self, etcd: str, prefix: str, engines: int,
                    gateway_args: tuple[str, ...]) -> None:
         reg_port = free_port()
+        # Agents beat every 0.3 s (their own flag); the registry's suggested interval (5 s) sets
+        # when it calls a node late: 10.5 s, and the leases run 30 s. Nothing here tests expiry
+        # or lateness (a dead engine is reported by its agent), and a node flagged late for a
+        # moment on a loaded machine (a 0.8-s stall with a 0.3-s interval) moved a second turn
+        # to the other node.
         self.registry = self.procs.start("registry", [
-            "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", "2",
-            "--heartbeat-interval-s", "0.3", "--status-write-interval-s", "0.5",
+            "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", "30",
+            "--heartbeat-interval-s", "5", "--status-write-interval-s", "0.5",
             "--listen", f"127.0.0.1:{reg_port}"], "registry")
         for i in range(engines):
             ports = {"http": free_port(), "events": free_port(), "replay": free_port()}
             self.engines[f"node-{i}"] = self.procs.start("engine-sim", [
                 "--listen", f"127.0.0.1:{ports['http']}", "--model", MODEL, "--block-size",
                 str(BS), "--capacity-blocks", "2000", "--time-scale", "0.02",
+                # 10 ms a token (500 model ms x 0.02): the engine-kill test's long streams run
+                # 10 s, so none ends before the kill however slowly they start
+                "--decode-ms-per-token", "500",
                 "--events-endpoint", f"tcp://127.0.0.1:{ports['events']}",
                 "--replay-endpoint", f"tcp://127.0.0.1:{ports['replay']}"], f"sim{i}")
             self.procs.start("agent", [
@@ -326,7 +334,7 @@ def test_engine_killed_mid_run_costs_at_most_its_inflight(stack: Stack) -> None:
 
     async def run() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         started: list[str] = []
-        long = [asyncio.create_task(one(k, 4000, started)) for k in range(8)]
+        long = [asyncio.create_task(one(k, 1000, started)) for k in range(8)]
         deadline = time.monotonic() + 20
         while len(started) < 8 or "node-1" not in started:
             assert time.monotonic() < deadline, f"long streams did not start: {started}"
