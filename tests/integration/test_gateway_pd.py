@@ -47,9 +47,13 @@ class PdStack:
 
     def _start_all(self, etcd: str, prefix: str) -> None:
         self.registry = self.procs.start("registry", [
-            # a long lease: the fault test freezes two agents, and their nodes must stay known
+            # The fault test freezes two agents, and their nodes must stay known and healthy
+            # until a gateway tried them: a long lease (60 s), and the registry's suggested
+            # heartbeat interval (20 s; the agents beat every 0.3 s by their own flag) puts
+            # "late" (unhealthy) at 2 x 20 + 0.5 s. With 0.3 s it was 1.1 s after the freeze, and
+            # on a loaded machine the first requests came later: no dead node left to retry.
             "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", "60",
-            "--heartbeat-interval-s", "0.3", "--status-write-interval-s", "0.5"], "registry")
+            "--heartbeat-interval-s", "20", "--status-write-interval-s", "0.5"], "registry")
         for i, role in enumerate(ROLES):
             node = f"{role}-{i}"
             ev, rp = free_port(), free_port()
@@ -199,10 +203,11 @@ def test_no_request_fails_while_a_healthy_pair_exists(stack: PdStack) -> None:
     """Kill one prefill and one decode engine: every request still succeeds (retry on a new
     pair, failed nodes marked suspect). Runs last: it leaves the fleet at one pair.
 
-    The two nodes' agents are frozen first, so the registry keeps both dead nodes (their leases
-    run 60 s) and the gateways must find out by trying them: otherwise an agent that sees its
-    engine die reports it within 0.3 s, and on a loaded machine that can come before any request
-    reaches the dead node (no retry to observe)."""
+    The two nodes' agents are frozen first, so the registry keeps both dead nodes, healthy
+    (their leases run 60 s and a node is late only after 40 s without heartbeats), and the
+    gateways must find out by trying them: otherwise an agent that sees its engine die reports
+    it within 0.3 s, and on a loaded machine that can come before any request reaches the dead
+    node (no retry to observe)."""
     for node in ("prefill-0", "decode-2"):
         stack.agents[node].process.signal(signal.SIGSTOP)
         stack.engines[node].process.kill()
