@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvroute.procs import ManagedProcess, read_ready_file
 
@@ -120,6 +125,24 @@ class ServerGroup:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def wait_serving(srv: ServerProcess, within_s: float = 30.0) -> None:
+    """Until the server's gRPC health (service "") answers SERVING. A router writes its ready
+    file when it listens, before its placement mirror has a snapshot: a Route in between fails
+    UNAVAILABLE; its health turns SERVING once it knows a node."""
+    deadline = time.monotonic() + within_s
+    with grpc.insecure_channel(srv.grpc_target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            with contextlib.suppress(grpc.RpcError):
+                resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{srv.process.name} not SERVING within {within_s} s\n"
+                                     f"{srv.process.tail()}")
+            time.sleep(0.05)
 
 
 def metric(text: str, name: str) -> float:
