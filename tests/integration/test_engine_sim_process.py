@@ -166,15 +166,20 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     result: dict[str, Any] = {}
 
     def call() -> None:
-        result["body"] = post(srv, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 5})
+        result["body"] = post(srv, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 10})
 
     t = threading.Thread(target=call)
     try:
         t.start()
-        time.sleep(0.3)  # the request is decoding (0.8 s to go)
+        # SIGTERM once the engine runs the request (it decodes for 1.8 s): a fixed 0.3-s sleep
+        # could signal a loaded machine's engine before the request reached it
+        deadline = time.monotonic() + 20
+        while json.loads(get(srv, "/get_load"))["num_running"] != 1:
+            assert time.monotonic() < deadline and "body" not in result, "never running"
+            time.sleep(0.02)
         assert srv.stop() == 0
         t.join(10)
-        assert result["body"]["usage"]["completion_tokens"] == 5
+        assert result["body"]["usage"]["completion_tokens"] == 10
     finally:
         srv.stop()
 
