@@ -18,6 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvroute.procs import ManagedProcess, read_ready_file
 
+STOP_GRACE_S = 20.0
+"""How long a stopped server has between SIGTERM and SIGKILL (its drain time and then some)."""
+
 
 @dataclass
 class ServerProcess:
@@ -38,8 +41,10 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.ready['metrics_port']}/metrics"
 
     def stop(self) -> int | None:
-        """SIGTERM (then SIGKILL) exactly this process."""
-        return self.process.stop()
+        """SIGTERM (then SIGKILL) exactly this process. It gets :data:`STOP_GRACE_S` to exit:
+        a server drains for up to its --drain-timeout-s (5 s by default) and then exits 0, and
+        a SIGKILL at 5 s (ManagedProcess's default) would fail the exit-0 checks of the tests."""
+        return self.process.stop(grace_s=STOP_GRACE_S)
 
 
 def start_server(role: str, args: Sequence[str], workdir: Path, name: str | None = None,
