@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -148,6 +149,13 @@ def wait_serving(srv: ServerProcess, within_s: float = 30.0) -> None:
                 raise AssertionError(f"{srv.process.name} not SERVING within {within_s} s\n"
                                      f"{srv.process.tail()}")
             time.sleep(0.05)
+
+
+def scrape(url: str, timeout_s: float = 5.0) -> str:
+    """The text of a Prometheus page: a server's ``metrics_url``, a gateway's or etcd's
+    ``/metrics``. Read a value from it with :func:`metric`."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        return str(resp.read().decode())
 
 
 def metric(text: str, name: str) -> float:

@@ -21,7 +21,7 @@ from kvroute.embedded_etcd import EmbeddedEtcd
 from kvroute.procs import ManagedProcess, free_port
 from kvroute.v1 import registry_pb2 as pb
 from kvroute.v1 import registry_pb2_grpc as pb_grpc
-from tests.harness import ServerProcess, start_server
+from tests.harness import ServerProcess, metric, scrape, start_server
 
 pytestmark = pytest.mark.integration
 TTL = 2
@@ -71,11 +71,7 @@ def eventually(check: Callable[[], bool], within_s: float, what: str) -> float:
 
 def engine_cached_blocks(sim: ServerProcess) -> int:
     """The engine's own count of cached blocks (its metrics port)."""
-    with urllib.request.urlopen(sim.metrics_url, timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("kvroute_engine_sim_cached_blocks"):
-                return int(float(line.rsplit(" ", 1)[1]))
-    raise AssertionError("kvroute_engine_sim_cached_blocks not exported")
+    return int(metric(scrape(sim.metrics_url), "kvroute_engine_sim_cached_blocks"))
 
 
 def health_check(srv: ServerProcess) -> None:
@@ -130,12 +126,9 @@ def test_agent_stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path) -> No
         health_check(ag)
         # the gauge goes to 1 when the first heartbeat after registration + resync is answered:
         # the resync's blocks can be visible in Lookup a moment before that
-        def agent_metrics_page() -> str:
-            return str(urllib.request.urlopen(ag.metrics_url, timeout=5).read().decode())
-
-        eventually(lambda: "kvroute_agent_registry_connected 1.0" in agent_metrics_page(), 10,
+        eventually(lambda: "kvroute_agent_registry_connected 1.0" in scrape(ag.metrics_url), 10,
                    "agent reports registry_connected 1")
-        agent_metrics = agent_metrics_page()
+        agent_metrics = scrape(ag.metrics_url)
         assert "kvroute_agent_events_parsed_total" in agent_metrics
         info = nodes(target)["node-a"]
         assert info.address == f"http://127.0.0.1:{ports['http']}"
@@ -233,7 +226,7 @@ def test_legacy_wire_formats_end_to_end(tmp_path: Path) -> None:
         complete(ports["http"], prompt(1))
         eventually(lambda: matched(target, prompt(1)) == {"node-a": 4}, 10, "live blocks")
         eventually(lambda: matched(target, prompt(0)) == {"node-a": 4}, 10, "replayed blocks")
-        text = urllib.request.urlopen(ag.metrics_url, timeout=5).read().decode()
+        text = scrape(ag.metrics_url)
         values = dict(line.rsplit(" ", 1) for line in text.splitlines()
                       if line and not line.startswith("#"))
         assert float(values["kvroute_agent_replayed_batches_total"]) >= 1

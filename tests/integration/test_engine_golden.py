@@ -17,7 +17,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from tests.golden_engine import (
     reply_shape,
     scenarios,
 )
-from tests.harness import ServerProcess, start_server
+from tests.harness import ServerProcess, scrape, start_server
 
 pytestmark = pytest.mark.integration
 BS = 16
@@ -222,11 +221,10 @@ def check(case: Case, reg: ServerProcess, router: ServerProcess, attempt: int) -
 
 
 def metric_value(agent: ServerProcess, line: str) -> float:
-    with urllib.request.urlopen(agent.metrics_url, timeout=5) as f:
-        for text in f.read().decode().splitlines():
-            if text.startswith(line + " ") or (not line.endswith("}") and
-                                               text.startswith(line + "{")):
-                return float(text.rsplit(" ", 1)[1])
+    for text in scrape(agent.metrics_url).splitlines():
+        if text.startswith(line + " ") or (not line.endswith("}") and
+                                           text.startswith(line + "{")):
+            return float(text.rsplit(" ", 1)[1])
     return 0.0
 
 

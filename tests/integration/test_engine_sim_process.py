@@ -15,7 +15,7 @@ import msgspec
 import pytest
 import zmq
 
-from tests.harness import ServerProcess, metric, start_server
+from tests.harness import ServerProcess, metric, scrape, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -104,8 +104,7 @@ def test_completions_cache_events_metrics_restart(tmp_path: Path) -> None:
                      "vllm:prefix_cache_hits_total"):
             assert f'{name}{{engine="0",model_name="sim-model"}}' in metrics
         assert 'vllm:prefix_cache_hits_total{engine="0",model_name="sim-model"} 32.0' in metrics
-        with urllib.request.urlopen(srv.metrics_url, timeout=5) as resp:
-            assert b"kvroute_engine_sim_evicted_blocks_total" in resp.read()
+        assert "kvroute_engine_sim_evicted_blocks_total" in scrape(srv.metrics_url)
 
         # replay from 0 returns the first batch: the first prompt's two blocks
         replies = replay(srv.ready["replay_endpoint"], 0)
@@ -201,9 +200,8 @@ def test_one_process_serves_independent_engines(tmp_path: Path) -> None:
             post(one, "/v1/completions", body)
             cached.append(post(one, "/v1/completions", body)["usage"]["prompt_tokens_details"]
                           ["cached_tokens"])
-            with urllib.request.urlopen(f"http://127.0.0.1:{e['metrics_port']}/metrics",
-                                        timeout=5) as resp:
-                assert b"vllm:prefix_cache_hits_total" in resp.read()
+            assert "vllm:prefix_cache_hits_total" in scrape(
+                f"http://127.0.0.1:{e['metrics_port']}/metrics")
             # each engine replays its own event stream from seq 0
             assert replay(e["replay_endpoint"], 0)[0][2] == (0).to_bytes(8, "big")
         assert cached == [32, 32, 32]  # separate caches: each engine missed once, then hit
@@ -246,8 +244,7 @@ def test_vllm_kv_transfer_params_prefill_then_decode(tmp_path: Path) -> None:
         # receipts are not prefill, as on vLLM's decode instance: a prefill rate an agent
         # derives from the prefill histograms is the prefill engine's alone
         def scraped(e: ServerProcess, name: str) -> float:
-            with urllib.request.urlopen(e.metrics_url, timeout=5) as resp:
-                return metric(resp.read().decode(), name)
+            return metric(scrape(e.metrics_url), name)
         assert scraped(pre, "vllm:request_prefill_kv_computed_tokens_sum") == 40
         assert scraped(pre, "vllm:request_prefill_time_seconds_sum") > 0
         assert scraped(dec, "vllm:request_prefill_kv_computed_tokens_sum") == 0

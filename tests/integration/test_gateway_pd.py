@@ -26,7 +26,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from kvroute.procs import free_port  # noqa: E402
-from tests.harness import ServerGroup, ServerProcess, metric  # noqa: E402
+from tests.harness import ServerGroup, ServerProcess, metric, scrape  # noqa: E402
 
 pytestmark = pytest.mark.integration
 MODEL = "sim-model"
@@ -119,8 +119,7 @@ def get_json(url: str, ok_only: bool = True) -> Any:
 
 
 def inflight(url: str) -> float:
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-    return metric(text, "kvroute_router_inflight_requests")
+    return metric(scrape(f"{url}/metrics"), "kvroute_router_inflight_requests")
 
 
 @pytest.fixture(scope="module")
@@ -226,9 +225,6 @@ def test_no_request_fails_while_a_healthy_pair_exists(stack: PdStack) -> None:
             else:
                 assert out.usage.completion_tokens == 2
             _pair(stack, f"k-{proto}-{i}", 2)
-    retried = 0.0
-    for url in stack.urls.values():
-        text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-        retried += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith("kvroute_gateway_retries_total"))
+    retried = sum(metric(scrape(f"{url}/metrics"), "kvroute_gateway_retries_total")
+                  for url in stack.urls.values())
     assert retried >= 1  # a dead node was tried (before its agent left) and the retry served

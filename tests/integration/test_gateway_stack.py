@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai")
 from kvroute.blocks import hash_blocks  # noqa: E402
 from kvroute.procs import free_port  # noqa: E402
 from kvroute.v1 import registry_pb2, registry_pb2_grpc  # noqa: E402
-from tests.harness import ServerGroup, ServerProcess, metric, start_server  # noqa: E402
+from tests.harness import ServerGroup, ServerProcess, metric, scrape, start_server  # noqa: E402
 
 pytestmark = pytest.mark.integration
 MODEL = "sim-model"
@@ -133,7 +133,7 @@ def test_models_health_metrics(stack: Stack) -> None:
     models = stack.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert get_json(f"{stack.url}/health")["healthy_nodes"] == 2
-    text = urllib.request.urlopen(f"{stack.url}/metrics", timeout=5).read().decode()
+    text = scrape(f"{stack.url}/metrics")
     assert "kvroute_gateway_requests_total" in text and "kvroute_router_" in text
 
 
@@ -207,7 +207,7 @@ def test_client_disconnect_mid_stream_releases_the_slot(stack: Stack) -> None:
     stream.close()  # client goes away mid-stream
 
     def inflight() -> tuple[float, float]:
-        text = urllib.request.urlopen(f"{stack.url}/metrics", timeout=5).read().decode()
+        text = scrape(f"{stack.url}/metrics")
         return (metric(text, "kvroute_gateway_inflight_requests"),
                 metric(text, "kvroute_router_inflight_requests"))
 
@@ -328,8 +328,7 @@ def test_engine_killed_mid_run_costs_at_most_its_inflight(stack: Stack) -> None:
             return f"error:{type(exc).__name__}", node
 
     async def inflight() -> int:
-        text = await asyncio.to_thread(lambda: urllib.request.urlopen(
-            f"{stack.url}/metrics", timeout=5).read().decode())
+        text = await asyncio.to_thread(scrape, f"{stack.url}/metrics")
         return int(metric(text, "kvroute_gateway_inflight_requests"))
 
     async def run() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

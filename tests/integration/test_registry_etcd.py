@@ -8,7 +8,6 @@ import json
 import signal
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from kvroute.embedded_etcd import EmbeddedEtcd
 from kvroute.v1 import registry_pb2 as pb
 from kvroute.v1 import registry_pb2_grpc as pb_grpc
 from registry_service.store.etcd_client import EtcdClient, EtcdSettings
-from tests.harness import ServerProcess, start_server
+from tests.harness import ServerProcess, scrape, start_server
 
 pytestmark = pytest.mark.integration
 TTL = 2
@@ -180,11 +179,11 @@ async def check_cli_and_metrics(srv: ServerProcess) -> None:
     nodes = json.loads(out)["nodes"]
     assert [(n["node_id"], n["blocks_indexed"]) for n in nodes] == [("b", "7")]
     assert nodes[0]["healthy"] and 0 < nodes[0]["lease_remaining_s"] <= TTL
-    text = await asyncio.to_thread(lambda: urllib.request.urlopen(srv.metrics_url).read())
+    text = await asyncio.to_thread(scrape, srv.metrics_url)
     for name in ("kvroute_registry_nodes 1.0", "kvroute_registry_heartbeats_total",
                  "kvroute_registry_lease_expiries_total", "kvroute_registry_index_bytes",
                  "kvroute_registry_store_op_seconds_bucket"):
-        assert name in text.decode(), name
+        assert name in text, name
 
 
 async def _eq(aw: object, want: object) -> bool:
