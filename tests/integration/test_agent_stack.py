@@ -24,7 +24,12 @@ from kvroute.v1 import registry_pb2_grpc as pb_grpc
 from tests.harness import ServerProcess, metric, scrape, start_server
 
 pytestmark = pytest.mark.integration
-TTL = 2
+TTL = 4
+"""Node lease TTL. The agents beat every 0.3 s (their flag); the registry's suggested interval
+(2 s) puts "late" (unhealthy, left out of Lookup) at 4.5 s without a heartbeat. With TTL 2 and
+0.5 s, a 1.2-s stall of a loaded machine made node-a late for a moment, and the checks outside
+a retry loop (the blocks held after the resync, the old blocks gone after the engine restart)
+saw no node at all; a 1.7-s one expired its lease."""
 MODEL = "sim-model"
 
 
@@ -85,7 +90,7 @@ def health_check(srv: ServerProcess) -> None:
 def registry(etcd: str, prefix: str, port: int, tmp: Path, name: str) -> ServerProcess:
     return start_server("registry", [
         "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", str(TTL),
-        "--heartbeat-interval-s", "0.5", "--status-write-interval-s", "0.5",
+        "--heartbeat-interval-s", "2", "--status-write-interval-s", "0.5",
         "--listen", f"127.0.0.1:{port}", "--replica-id", name], tmp, name=name)
 
 
