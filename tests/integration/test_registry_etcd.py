@@ -24,13 +24,18 @@ from tests.harness import ServerProcess, scrape, start_server
 pytestmark = pytest.mark.integration
 TTL = 2
 INTERVAL = 0.5
+"""How often the tests' Beater heartbeats."""
+SUGGESTED = 1.5
+"""The registries' suggested heartbeat interval: a node is late (unhealthy) after 2 x 1.5 +
+0.5 s without a heartbeat. (With INTERVAL it was 1.5 s, and a loaded machine's stall that long
+showed the heartbeating node b unhealthy in `kvroute nodes`.)"""
 
 
 def registry(endpoint: str, prefix: str, workdir: Path, name: str, ttl: int = TTL,
              call_timeout: float = 1.0) -> ServerProcess:
     return start_server("registry", [
         "--etcd-endpoints", endpoint, "--etcd-prefix", prefix, "--lease-ttl-s", str(ttl),
-        "--heartbeat-interval-s", str(INTERVAL), "--status-write-interval-s", "0.5",
+        "--heartbeat-interval-s", str(SUGGESTED), "--status-write-interval-s", "0.5",
         "--etcd-call-timeout-s", str(call_timeout), "--etcd-retry-attempts", "2",
         "--snapshot-threshold", "4", "--replica-id", name], workdir, name=name)
 
@@ -209,7 +214,7 @@ async def test_etcd_restart_and_pause(own_etcd: EmbeddedEtcd, etcd_prefix: str,
             await s1.Heartbeat(pb.HeartbeatRequest(node_id="a", **cred(e), delta_seq=1,
                                                    stored=[1, 2, 3]))
             await eventually(lambda: _eq(matched(s2, [1, 2, 3]), {"a": 3}), 3, "r2 sees a")
-            beat = Beater(s1, "a", e)  # keeps 'a' healthy (heartbeats are late after 1.5 s)
+            beat = Beater(s1, "a", e)  # keeps 'a' healthy (late after 3.5 s)
             before = await s2.ListNodes(pb.ListNodesRequest())
 
             await asyncio.to_thread(own_etcd.restart)  # same data dir; replicas keep serving
