@@ -56,18 +56,18 @@ class PdStack:
             "--heartbeat-interval-s", "20", "--status-write-interval-s", "0.5"], "registry")
         for i, role in enumerate(ROLES):
             node = f"{role}-{i}"
-            ev, rp = free_port(), free_port()
+            # the engine binds its own ports (events and replay on port 0 by default) and
+            # reports them: no port picked here that another process could take first
             eng = self.procs.start("engine-sim", [
                 "--model", MODEL, "--block-size", str(BS), "--capacity-blocks", "2000",
-                "--time-scale", "0.02", "--role", role, "--transfer-ms-per-block", "1",
-                "--events-endpoint", f"tcp://127.0.0.1:{ev}",
-                "--replay-endpoint", f"tcp://127.0.0.1:{rp}"], f"sim-{node}")
+                "--time-scale", "0.02", "--role", role, "--transfer-ms-per-block", "1"],
+                f"sim-{node}")
             self.engines[node] = eng
             self.agents[node] = self.procs.start("agent", [
                 "--registry", self.registry.grpc_target, "--node-id", node, "--model", MODEL,
                 "--engine-url", f"http://127.0.0.1:{eng.ready['http_port']}", "--role", role,
-                "--capacity-blocks", "2000", "--engine-events", f"tcp://127.0.0.1:{ev}",
-                "--engine-replay", f"tcp://127.0.0.1:{rp}", "--heartbeat-interval-s", "0.3",
+                "--capacity-blocks", "2000", "--engine-events", eng.ready["events_endpoint"],
+                "--engine-replay", eng.ready["replay_endpoint"], "--heartbeat-interval-s", "0.3",
                 "--rpc-timeout-s", "2"], f"agent-{node}")
         self.urls = {}
         for proto, extra in (("vllm", []), ("sglang", ["--pd-bootstrap-port", "0"])):

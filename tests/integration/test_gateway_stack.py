@@ -47,7 +47,8 @@ class Stack:
 
     def _start_all(self, etcd: str, prefix: str, engines: int,
                    gateway_args: tuple[str, ...]) -> None:
-        reg_port = free_port()
+        # Every server binds its own ports (port 0) and reports them in its ready file: no port
+        # picked here that another process could take before the server binds it.
         # Agents beat every 0.3 s (their own flag); the registry's suggested interval (5 s) sets
         # when it calls a node late: 10.5 s, and the leases run 30 s. Nothing here tests expiry
         # or lateness (a dead engine is reported by its agent), and a node flagged late for a
@@ -55,24 +56,20 @@ class Stack:
         # to the other node.
         self.registry = self.procs.start("registry", [
             "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", "30",
-            "--heartbeat-interval-s", "5", "--status-write-interval-s", "0.5",
-            "--listen", f"127.0.0.1:{reg_port}"], "registry")
+            "--heartbeat-interval-s", "5", "--status-write-interval-s", "0.5"], "registry")
         for i in range(engines):
-            ports = {"http": free_port(), "events": free_port(), "replay": free_port()}
-            self.engines[f"node-{i}"] = self.procs.start("engine-sim", [
-                "--listen", f"127.0.0.1:{ports['http']}", "--model", MODEL, "--block-size",
-                str(BS), "--capacity-blocks", "2000", "--time-scale", "0.02",
+            eng = self.engines[f"node-{i}"] = self.procs.start("engine-sim", [
+                "--model", MODEL, "--block-size", str(BS), "--capacity-blocks", "2000",
+                "--time-scale", "0.02",
                 # 10 ms a token (500 model ms x 0.02): the engine-kill test's long streams run
                 # 10 s, so none ends before the kill however slowly they start
-                "--decode-ms-per-token", "500",
-                "--events-endpoint", f"tcp://127.0.0.1:{ports['events']}",
-                "--replay-endpoint", f"tcp://127.0.0.1:{ports['replay']}"], f"sim{i}")
+                "--decode-ms-per-token", "500"], f"sim{i}")
             self.procs.start("agent", [
                 "--registry", self.registry.grpc_target, "--node-id", f"node-{i}",
-                "--model", MODEL, "--engine-url", f"http://127.0.0.1:{ports['http']}",
+                "--model", MODEL, "--engine-url", f"http://127.0.0.1:{eng.ready['http_port']}",
                 "--capacity-blocks", "2000",
-                "--engine-events", f"tcp://127.0.0.1:{ports['events']}",
-                "--engine-replay", f"tcp://127.0.0.1:{ports['replay']}",
+                "--engine-events", eng.ready["events_endpoint"],
+                "--engine-replay", eng.ready["replay_endpoint"],
                 "--heartbeat-interval-s", "0.3", "--rpc-timeout-s", "2"], f"agent{i}")
         self.gateway = self.procs.start("gateway", [
             "--registry", self.registry.grpc_target, "--block-size", str(BS),
@@ -298,8 +295,7 @@ def test_no_healthy_node_is_503(stack: Stack, etcd_endpoint: str, tmp_path: Path
     with ServerGroup(tmp_path) as procs:
         empty = procs.start("registry", [
             "--etcd-endpoints", etcd_endpoint,
-            "--etcd-prefix", f"/kvroute-test/empty-{free_port()}/",
-            "--listen", f"127.0.0.1:{free_port()}"], "reg-empty")
+            "--etcd-prefix", f"/kvroute-test/empty-{free_port()}/"], "reg-empty")
         gw = procs.start("gateway", ["--registry", empty.grpc_target], "gw-empty")
         url = f"http://127.0.0.1:{gw.ready['http_port']}"
         with pytest.raises(urllib.error.HTTPError) as info:
