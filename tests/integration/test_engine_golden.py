@@ -115,9 +115,13 @@ def stack(etcd_endpoint: str, tmp_path_factory: pytest.TempPathFactory,
           ) -> Iterator[tuple[ServerProcess, ServerProcess, Path]]:
     work = tmp_path_factory.mktemp("golden")
     prefix = f"/kvroute-golden/{time.time_ns()}/"
+    # The agents beat every 0.3 s (their flag); the registry's suggested interval (5 s) puts
+    # "late" at 12 s and leases run 30 s. With 0.3 s and 5 s, a 2.3-s stall of a loaded
+    # machine would make a node late: the router then has no healthy node of that case's model
+    # and the probe's Route fails UNAVAILABLE (nothing here tests lateness or expiry).
     reg = start_server("registry", [
         "--etcd-endpoints", etcd_endpoint, "--etcd-prefix", prefix, "--block-size", str(BS),
-        "--lease-ttl-s", "5", "--heartbeat-interval-s", "0.3"], work, name="registry")
+        "--lease-ttl-s", "30", "--heartbeat-interval-s", "5"], work, name="registry")
     router = None
     try:
         router = start_server("router", [
