@@ -13,7 +13,7 @@ import pytest
 
 from kvroute.procs import free_port
 from kvroute.v1 import registry_pb2, registry_pb2_grpc, router_pb2, router_pb2_grpc
-from tests.harness import start_server, wait_serving
+from tests.harness import start_server
 from tests.integration.test_router_stack import HASHES, MODEL, PROMPT, Agents
 
 pytestmark = pytest.mark.integration
@@ -54,7 +54,6 @@ async def test_an_empty_registry_after_a_restart_does_not_fail_routes(tmp_path: 
         await agents.start()
         router = start_server("router", ["--registry", reg.grpc_target, "--block-size", "16",
                                          "--registry-retry-max-s", "0.2"], tmp_path)
-        await asyncio.to_thread(wait_serving, router)  # a Route before that: UNAVAILABLE
         async with grpc.aio.insecure_channel(router.grpc_target) as ch:
             stub = router_pb2_grpc.RouterStub(ch)
             out: list[str] = []
@@ -109,7 +108,6 @@ async def test_nodes_re_registering_one_by_one_do_not_move_their_prefixes(
         await agents.start()
         router = start_server("router", ["--registry", procs[0].grpc_target, "--block-size",
                                          "16", "--registry-retry-max-s", "0.2"], tmp_path)
-        await asyncio.to_thread(wait_serving, router)  # a Route before that: UNAVAILABLE
         async with grpc.aio.insecure_channel(router.grpc_target) as ch:
             stub = router_pb2_grpc.RouterStub(ch)
             n = 0
