@@ -144,9 +144,9 @@ def test_agent_stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path) -> No
             complete(ports["http"], prompt(i))
         eventually(lambda: matched(target, prompt(0)) == {"node-a": 0}, 10, "evicted blocks")
         eventually(lambda: matched(target, prompt(11)) == {"node-a": 4}, 10, "latest blocks")
-        eventually(lambda: nodes(target)["node-a"].evictions_total > 0, 5, "evictions counted")
+        eventually(lambda: nodes(target)["node-a"].evictions_total > 0, 15, "evictions counted")
         truth = engine_cached_blocks(sim)
-        eventually(lambda: nodes(target)["node-a"].blocks_indexed == truth, 5, "index = engine")
+        eventually(lambda: nodes(target)["node-a"].blocks_indexed == truth, 15, "index = engine")
 
         # registry restarted on a fresh etcd -> re-register + full resync, index complete
         assert reg.stop() == 0

@@ -34,7 +34,7 @@ def indexed(target: str) -> dict[str, tuple[int, bool]]:
     return {n.node_id: (n.blocks_indexed, n.healthy) for n in resp.nodes}
 
 
-async def no_placement_lost(stack: FaultStack, within_s: float = 5.0) -> None:
+async def no_placement_lost(stack: FaultStack, within_s: float = 15.0) -> None:
     """Every registry's index equals every engine's own cache, all nodes healthy."""
     deadline = time.monotonic() + within_s
     while True:

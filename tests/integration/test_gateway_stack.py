@@ -179,7 +179,7 @@ def test_second_turn_lands_on_first_node_with_cached_tokens(stack: Stack) -> Non
     _, tok = post(f"{stack.url.rsplit(':', 1)[0]}:"
                   f"{stack.engines[node].ready['http_port']}/tokenize",
                   json.dumps({"model": MODEL, "messages": history}).encode())
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while _blocks_indexed(stack, tok["tokens"]).get(node, 0) < len(tok["tokens"]) // BS:
         assert time.monotonic() < deadline, "turn 1 blocks never indexed"
         time.sleep(0.1)
