@@ -42,7 +42,13 @@ off: the queue is priced in seconds, which already stops a shared prefix from pi
 node). At an idle fleet the weight is ``kv_reuse_weight`` as before; when the prefill nodes are
 saturated (the Mooncake sample on 6 prefill + 2 decode: about 5 in flight each) it is about 13,
 and hits matter as much as the capacity they save. Measured in the README ("Disaggregated
-prefill/decode", s25-i13). Aggregated (``both``) nodes are scored as before.
+prefill/decode", s25-i13). Ties between prefill-only nodes (equal estimate, overlap and
+in-flight: typically idle nodes and a prompt none holds) go to the node that has computed the
+fewest tokens so far instead of in turn (``kv_prefill_only_even_inflow``): where a prompt's new
+KV is written only decides which cache it evicts from, and filling every prefill cache at one
+pace keeps each conversation's history equally long (sglang-router's cache_aware sends such
+prompts to its smallest tree for the same reason). A node first seen later starts level with
+the least of the others. Aggregated (``both``) nodes are scored as before.
 
 **Offloaded blocks** (a lower tier: vLLM's offloading connector ``medium`` CPU, SGLang HiCache
 CPU_PINNED / DISK) continue a node's device prefix: after its GPU-resident run, the blocks the
@@ -73,14 +79,16 @@ must stay <= ``load_cap_factor`` x the fleet's mean in-flight count (counting th
 them) therefore cannot pile everything onto one node: that node leaves the eligible set as soon
 as it is ahead, and the next-best estimate wins. Unhealthy nodes are never chosen.
 
-The policy picks the lowest estimate; ties go to the longer match, then fewer in-flight, then a
-rotating start so equal idle nodes share work. ``Candidate.score`` is the estimate in seconds
+The policy picks the lowest estimate; ties go to the longer match, then fewer in-flight, then
+(prefill-only nodes) fewer tokens computed, then a rotating start so equal idle nodes share
+work. ``Candidate.score`` is the estimate in seconds
 (lower is better).
 
 Built from plugins (:mod:`router_service.policies.plugins`): overlap source ``recent_routes``;
 filters ``health`` and ``load_cap``; scorers ``queued_prefill`` (the first line of ``est``),
 ``eviction`` and ``kv_usage`` (the other two), each with a weight (``--kv-weight-*``, default 1);
-picker ``lowest``. State (recent routes, the running average, the rotating start) changes on
+picker ``lowest``. State (recent routes, the running average, tokens computed per prefill-only
+node, the rotating start) changes on
 commit only. With several router replicas sharing their view (issue 19), the picker gives each
 replica its own slot of the plan one router would make for the replicas' simultaneous requests
 (``kv_replica_spread``; :mod:`~router_service.policies.plugins.lowest_picker`).
@@ -164,6 +172,11 @@ class KvAwareSettings:
               "in flight now) and charge no in-flight cost (nothing decodes there: their "
               "in-flight requests are their queued prefill, already counted in seconds). "
               "--no-kv-prefill-only-backlog: score them as aggregated nodes")
+    kv_prefill_only_even_inflow: bool = setting(
+        True, "break ties between prefill-only nodes (equal estimate, overlap and in-flight: "
+              "typically idle nodes and a prompt none of them holds) towards the node that has "
+              "computed the fewest tokens, instead of in turn: new KV then fills every prefill "
+              "cache at the same pace, so each keeps conversations equally long")
     kv_prefill_only_load_cap: bool = setting(
         False, "apply the in-flight load cap to prefill-only nodes too (off by default: a "
                "request count stands for decode occupancy, which they do not have; their "
@@ -196,7 +209,8 @@ class KvAwarePolicy(SchedulingPolicy):
         self.prefill = QueuedPrefillScorer(s.kv_prefill_tokens_per_s, s.kv_reuse_weight,
                                            s.kv_inflight_cost_tokens, s.kv_weight_offloaded,
                                            s.kv_weight_unknown_index_miss,
-                                           s.kv_prefill_only_backlog)
+                                           s.kv_prefill_only_backlog,
+                                           s.kv_prefill_only_even_inflow)
         self.load_cap = LoadCapFilter(s.kv_load_cap_factor, s.kv_load_cap_slack,
                                       not s.kv_prefill_only_load_cap)
         super().__init__(
@@ -205,7 +219,8 @@ class KvAwarePolicy(SchedulingPolicy):
              (EvictionScorer(s.kv_eviction_cost_s), s.kv_weight_eviction),
              (UsageScorer(s.kv_usage_high_watermark, s.kv_usage_penalty_s),
               s.kv_weight_kv_usage)],
-            LowestScorePicker(self.herd_cost if s.kv_replica_spread > 0 else None))
+            LowestScorePicker(self.herd_cost if s.kv_replica_spread > 0 else None,
+                              self.prefill.written if s.kv_prefill_only_even_inflow else None))
 
     def herd_cost(self, cycle: Cycle, i: int) -> float:
         """What one more request like this one would add to node ``i``'s estimate (its

@@ -207,3 +207,45 @@ def test_the_load_cap_spares_prefill_only_nodes_unless_asked() -> None:
     assert choose_and_commit(capped, _req(), nodes).node_id != "n0"
     both = [dataclasses.replace(v, role="both") for v in nodes]
     assert choose_and_commit(KvAwarePolicy(), _req(), both).node_id != "n0"
+
+
+def test_idle_prefill_only_nodes_take_new_prompts_by_what_they_have_computed() -> None:
+    # three idle prefill-only nodes and prompts none of them holds: ties go to the node that
+    # has computed the fewest tokens (not in turn), so new KV fills every cache at one pace
+    pol = KvAwarePolicy()
+    nodes = [_pnode(i) for i in range(3)]
+    sizes = [8, 1, 1, 8, 1, 1]  # blocks: a long prompt, then short ones
+    got = [choose_and_commit(pol, _req(blocks=b, first=100 * k), nodes).node_id
+           for k, b in enumerate(sizes)]
+    # n0 128 tokens, n1 16, n2 16 -> n1 takes the next long one, then n2, n2 (16 < 144)
+    assert got == ["n0", "n1", "n2", "n1", "n2", "n2"]
+    assert pol.prefill._written == {"n0": 128.0, "n1": 144.0, "n2": 48.0}
+    # a node that joins now starts level with the least of the others, not at 0
+    joined = [*nodes, _pnode(3)]
+    assert pol.prefill.written(pol.cycle(_req(first=900), joined), 3) == 48.0
+    choose_and_commit(pol, _req(blocks=1, first=950), joined)
+    assert pol.prefill._written["n3"] >= 48.0
+    # 'both' nodes and the switch turned off keep the rotating start
+    turns = ["n0", "n1", "n2", "n0", "n1", "n2"]
+    both = [dataclasses.replace(v, role="both") for v in nodes]
+    pol = KvAwarePolicy()
+    assert [choose_and_commit(pol, _req(blocks=b, first=100 * k), both).node_id
+            for k, b in enumerate(sizes)] == turns
+    assert pol.prefill._written == {}
+    off = KvAwarePolicy(KvAwareSettings(kv_prefill_only_even_inflow=False))
+    assert [choose_and_commit(off, _req(blocks=b, first=100 * k), nodes).node_id
+            for k, b in enumerate(sizes)] == turns
+
+
+def test_float_residue_of_a_drained_estimate_is_a_tie_on_prefill_only_nodes() -> None:
+    pol = KvAwarePolicy()
+    assert choose_and_commit(pol, _req(), [_pnode(0), _pnode(1)]).node_id == "n0"
+    # n1's drained queued-prefill estimate left a residue (1e-6 tokens = ~6e-11 s): still a
+    # tie, and n1 has computed less
+    nodes = [_pnode(0), _pnode(1, pending=1e-6)]
+    assert choose_and_commit(pol, _req(first=50), nodes).node_id == "n1"
+    # a real difference (a queued 1,000 tokens) is not a tie
+    pol = KvAwarePolicy()
+    choose_and_commit(pol, _req(), [_pnode(0), _pnode(1)])
+    nodes = [_pnode(0), _pnode(1, pending=1000.0)]
+    assert choose_and_commit(pol, _req(first=50), nodes).node_id == "n0"

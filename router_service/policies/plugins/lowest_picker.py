@@ -1,5 +1,6 @@
 """Picker ``lowest``: the lowest total score; ties to the longer overlap, then fewer in flight,
-then a rotating start so equal idle nodes share work (the turn advances on commit).
+then the policy's ``tie_break`` (kv_aware: the prefill-only node that has computed the fewest
+tokens), then a rotating start so equal idle nodes share work (the turn advances on commit).
 
 **Replicas** (issue 19). Router replicas that decide at the same moment cannot see one another's
 decisions, however fast the shared view is: with the same view of the fleet they all pick the
@@ -22,17 +23,24 @@ from router_service.policies.plugins.interfaces import Cycle
 
 HerdCost = Callable[[Cycle, int], float]
 """(cycle, node index) -> what one more request like this one adds to that node's score."""
+TIE_S = 1e-6
+"""Prefill-only nodes' estimates (seconds) closer than this are equal: numerical resolution."""
+TieBreak = Callable[[Cycle, int], float]
+"""(cycle, node index) -> a value that breaks ties of score, overlap and in-flight before the
+rotating start (lower first)."""
 
 
 class LowestScorePicker:
-    """argmin of (score, -overlap, in-flight, rotating position); with several replicas, this
-    replica's slot of the sequential plan (module docstring)."""
+    """argmin of (score, -overlap, in-flight, tie-break, rotating position); with several
+    replicas, this replica's slot of the sequential plan (module docstring)."""
 
     name = "lowest"
 
-    def __init__(self, herd_cost: HerdCost | None = None) -> None:
+    def __init__(self, herd_cost: HerdCost | None = None,
+                 tie_break: TieBreak | None = None) -> None:
         self._turn = 0
         self.herd_cost = herd_cost
+        self.tie_break = tie_break
 
     def pick(self, cycle: Cycle, scores: Sequence[float], eligible: Sequence[int]) -> int:
         """Index of the chosen eligible node."""
@@ -40,14 +48,23 @@ class LowestScorePicker:
         start = self._turn % n
         nodes, matched = cycle.nodes, cycle.matched
         req = cycle.request
+        tb = self.tie_break
+        tie = [tb(cycle, i) for i in range(n)] if tb is not None else [0.0] * n
         if req.replicas <= 1 or self.herd_cost is None or len(eligible) < 2:
-            return min(eligible, key=lambda i: (scores[i], -matched[i], nodes[i].inflight,
-                                                (i - start) % n))
+            chosen = min(eligible, key=lambda i: (scores[i], -matched[i], nodes[i].inflight,
+                                                  tie[i], (i - start) % n))
+            if tb is None or nodes[chosen].role != "prefill":
+                return chosen
+            # prefill-only nodes whose estimates differ by float residue (a drained queued-
+            # prefill estimate is rarely exactly 0) are tied: the tie-break decides among them
+            top = scores[chosen] + TIE_S
+            return min((i for i in eligible if scores[i] <= top and nodes[i].role == "prefill"),
+                       key=lambda i: (-matched[i], nodes[i].inflight, tie[i], (i - start) % n))
         added = [0.0] * n
 
         def best() -> int:
             return min(eligible, key=lambda i: (scores[i] + added[i], -matched[i],
-                                                nodes[i].inflight, (i - start) % n))
+                                                nodes[i].inflight, tie[i], (i - start) % n))
 
         chosen = best()
         for _ in range(req.replica_rank % req.replicas):

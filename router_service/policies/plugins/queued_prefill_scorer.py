@@ -37,15 +37,20 @@ class QueuedPrefillScorer:
 
     def __init__(self, prefill_tokens_per_s: float, reuse_weight: float,
                  inflight_cost_tokens: float, offloaded_credit: float = 1.0,
-                 unknown_miss_weight: float = 1.0, prefill_only_backlog: bool = False) -> None:
+                 unknown_miss_weight: float = 1.0, prefill_only_backlog: bool = False,
+                 even_inflow: bool = False) -> None:
         self.rate = prefill_tokens_per_s
         self.reuse_weight = reuse_weight
         self.inflight_cost_tokens = inflight_cost_tokens
         self.offloaded_credit = offloaded_credit
         self.unknown_miss_weight = unknown_miss_weight
         self.prefill_only_backlog = prefill_only_backlog
+        self.even_inflow = even_inflow
         self.avg_uncached = 0.0
         """Moving average of the uncached prompt tokens of committed decisions."""
+        self._written: dict[str, float] = {}
+        """Per prefill-only node: prompt tokens committed decisions had it compute (the new
+        KV written into its cache), for :meth:`written`."""
 
     def backlog(self, cycle: Cycle) -> float:
         """Requests the prefill-only candidates hold in flight, per node (0 when there are none
@@ -105,7 +110,37 @@ class QueuedPrefillScorer:
         backlog = self.backlog(cycle)
         return [self.score_one(cycle, i, backlog) for i in range(len(cycle.nodes))]
 
+    def written(self, cycle: Cycle, i: int) -> float:
+        """Tokens committed decisions had prefill-only node ``cycle.nodes[i]`` compute (0 for
+        other roles, or with ``even_inflow`` off): kv_aware's tie-break between equal
+        estimates. A node first seen after the others starts level with the least of them (as
+        a new task's virtual runtime does in Linux's CFS), so a joining node shares ties
+        instead of taking every one until it has caught up with the fleet's lifetime."""
+        v = cycle.nodes[i]
+        if not self.even_inflow or v.role != "prefill":
+            return 0.0
+        got = self._written.get(v.node_id)
+        return got if got is not None else self._floor(cycle)
+
+    def _floor(self, cycle: Cycle) -> float:
+        known = [self._written[v.node_id] for v in cycle.nodes
+                 if v.role == "prefill" and v.node_id in self._written]
+        return min(known, default=0.0)
+
     def commit(self, cycle: Cycle, chosen: int) -> None:
-        """Fold the chosen node's uncached tokens into the running average."""
+        """Fold the chosen node's uncached tokens into the running average (and, for a
+        prefill-only node, into what it has computed)."""
         uncached = cycle.request.prompt_tokens - self.credited_tokens(cycle, chosen)
         self.avg_uncached += 0.02 * (uncached - self.avg_uncached)
+        v = cycle.nodes[chosen]
+        if self.even_inflow and v.role == "prefill":
+            w = self._written
+            floor = self._floor(cycle)
+            for n in cycle.nodes:  # first seen: level with the least known (0 at the start)
+                if n.role == "prefill" and n.node_id not in w:
+                    w[n.node_id] = floor
+            w[v.node_id] += max(0.0, uncached)
+            if len(w) > 4 * len(cycle.nodes) + 64:  # departed nodes: keep the cycle's own
+                here = {n.node_id for n in cycle.nodes}
+                for nid in [k for k in w if k not in here]:
+                    del w[nid]
