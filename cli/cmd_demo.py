@@ -147,8 +147,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n[{i}/{len(workloads)}] {title}: {line}")
             up = coming.result()
             backend = up.backend
-            print(f"  stack up in {up.start_s:.1f} s: etcd, registry, "
-                  f"router, OpenAI gateway at {backend.fleet.gateway_url}, {args.nodes} x "
+            while_sims = " (started while the sims ran)" if i > 1 else ""
+            print(f"  stack up in {up.start_s:.1f} s{while_sims}: etcd, registry, router, "
+                  f"OpenAI gateway at {backend.fleet.gateway_url}, {args.nodes} x "
                   "(engine_sim + node agent)")
             stack = run_comparison(wl, settings, policies, backend, random_bound=False)
             pool.stop(backend)
@@ -276,7 +277,8 @@ def _disaggregated_stack(args: argparse.Namespace, wl: Any, up: Any) -> Any:
     print(f"\n  disaggregated: the same workload on {p} prefill + {args.nodes - p} decode "
           "engines (same total size), every request through the gateway (prefill, then decode "
           "with vLLM's kv_transfer_params):")
-    print(f"  stack up in {up.start_s:.1f} s (gateway at {up.backend.fleet.gateway_url})")
+    print(f"  stack up in {up.start_s:.1f} s, started while the sims ran (gateway at "
+          f"{up.backend.fleet.gateway_url})")
     return replay_gateway_pd(up.backend, wl, p, prepare(wl))
 
 
