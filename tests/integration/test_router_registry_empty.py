@@ -5,6 +5,7 @@ previous mirror instead of failing requests until a node is listed again."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,29 @@ from tests.harness import start_server
 from tests.integration.test_router_stack import HASHES, MODEL, PROMPT, Agents
 
 pytestmark = pytest.mark.integration
+
+
+async def until_routed(stub: router_pb2_grpc.RouterStub, node: str, blocks: int,
+                       within_s: float = 30.0) -> None:
+    """Until the router routes PROMPT to ``node`` with ``blocks`` matched. Before its placement
+    mirror holds a first snapshot the router answers UNAVAILABLE (on a loaded machine that can
+    last a while after it reported ready): that is waited out, like a not-yet-placed node."""
+    deadline = time.monotonic() + within_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = await stub.Route(router_pb2.RouteRequest(request_id="w", token_ids=PROMPT,
+                                                         model=MODEL), timeout=3)
+            await stub.Complete(router_pb2.CompleteRequest(request_id="w"))
+            last = f"{r.node_id}:{r.matched_blocks}"
+            if (r.node_id, r.matched_blocks) == (node, blocks):
+                return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            last = f"{exc.code().name}: {exc.details()}"
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not routed to {node}:{blocks} within {within_s} s (last: {last})")
 
 
 async def test_an_empty_registry_after_a_restart_does_not_fail_routes(tmp_path: Path) -> None:
@@ -47,13 +71,7 @@ async def test_an_empty_registry_after_a_restart_does_not_fail_routes(tmp_path: 
                         out.append(f"{exc.code().name}: {exc.details()}")
                     await asyncio.sleep(0.02)
 
-            for _ in range(100):  # wait until routing works
-                r = await stub.Route(router_pb2.RouteRequest(request_id="w", token_ids=PROMPT,
-                                                             model=MODEL), timeout=3)
-                await stub.Complete(router_pb2.CompleteRequest(request_id="w"))
-                if r.node_id == "b" and r.matched_blocks == 7:
-                    break
-                await asyncio.sleep(0.1)
+            await until_routed(stub, "b", 7)
             task = asyncio.create_task(traffic())
             await asyncio.sleep(0.5)
             reg.process.kill()
@@ -102,10 +120,7 @@ async def test_nodes_re_registering_one_by_one_do_not_move_their_prefixes(
                 await stub.Complete(router_pb2.CompleteRequest(request_id=f"r{n}"))
                 return f"{r.node_id}:{r.matched_blocks}" + " (degraded)" * r.degraded
 
-            for _ in range(100):  # wait until routing works
-                if await route() == "b:7":
-                    break
-                await asyncio.sleep(0.1)
+            await until_routed(stub, "b", 7)
             await agents.stop()
             procs[0].process.kill()
             procs.append(start_server("registry", args, tmp_path, name="reg2"))  # empty
