@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 
@@ -33,4 +35,26 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any] | None, errors_too: bool = F
         if first is None and exc is not None:
             first = exc
     if first is not None and not errors_too:
+        raise first
+
+
+async def run_each(*steps: Callable[[], object] | None) -> None:
+    """Run every step in order (None entries are skipped; a step's awaitable result is
+    awaited), each also when an earlier one raised or the caller was cancelled while it ran,
+    then raise the first error, a ``CancelledError`` included. For shutdown paths: a
+    cancellation during one step must not skip closing the others (a listening port, a store,
+    a metrics server). The caller's cancel request is not consumed: the ``CancelledError``
+    it delivered is the one raised at the end."""
+    first: BaseException | None = None
+    for step in steps:
+        if step is None:
+            continue
+        try:
+            result = step()
+            if inspect.isawaitable(result):
+                await result
+        except BaseException as exc:  # every step runs; the first error is raised after
+            if first is None:
+                first = exc
+    if first is not None:
         raise first

@@ -12,6 +12,7 @@ import time
 
 import grpc
 
+from kvroute.aio import run_each
 from kvroute.grpcutil import add_health_and_reflection, bind, message_size_options, server_options
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
@@ -131,13 +132,13 @@ async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -
         await stop.wait()
     finally:
         log.info("registry draining (up to %.1fs)", settings.drain_timeout_s)
-        await health.set_serving(False)
-        if relay is not None:
-            await relay.stop()  # peers stop relaying here; our routers move with their streams
-        await servicer.drain()  # streams end now: routers move to another replica at once
-        await server.stop(settings.drain_timeout_s)
-        await trimmer.close()
-        await core.close()
-        metrics_server.stop()
+        # Peers stop relaying here (our routers move with their streams), then the streams
+        # end (routers move to another replica at once), then calls drain. Each step runs
+        # also when the task is cancelled during an earlier one: a cancelled relay.stop()
+        # skipped the drain and left the port, the store and the metrics server open.
+        await run_each(lambda: health.set_serving(False),
+                       relay.stop if relay is not None else None, servicer.drain,
+                       lambda: server.stop(settings.drain_timeout_s),
+                       trimmer.close, core.close, metrics_server.stop)
     log.info("registry stopped")
     return 0

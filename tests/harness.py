@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,7 +14,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from kvroute.procs import ManagedProcess, read_ready_file
+
+STOP_GRACE_S = 20.0
+"""How long a stopped server has between SIGTERM and SIGKILL (its drain time and then some)."""
 
 
 @dataclass
@@ -33,8 +42,10 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.ready['metrics_port']}/metrics"
 
     def stop(self) -> int | None:
-        """SIGTERM (then SIGKILL) exactly this process."""
-        return self.process.stop()
+        """SIGTERM (then SIGKILL) exactly this process. It gets :data:`STOP_GRACE_S` to exit:
+        a server drains for up to its --drain-timeout-s (5 s by default) and then exits 0, and
+        a SIGKILL at 5 s (ManagedProcess's default) would fail the exit-0 checks of the tests."""
+        return self.process.stop(grace_s=STOP_GRACE_S)
 
 
 def start_server(role: str, args: Sequence[str], workdir: Path, name: str | None = None,
@@ -120,6 +131,31 @@ class ServerGroup:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def wait_serving(srv: ServerProcess, within_s: float = 30.0) -> None:
+    """Until the server's gRPC health (service "") answers SERVING. A router writes its ready
+    file when it listens, before its placement mirror has a snapshot: a Route in between fails
+    UNAVAILABLE; its health turns SERVING once it knows a node."""
+    deadline = time.monotonic() + within_s
+    with grpc.insecure_channel(srv.grpc_target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            with contextlib.suppress(grpc.RpcError):
+                resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{srv.process.name} not SERVING within {within_s} s\n"
+                                     f"{srv.process.tail()}")
+            time.sleep(0.05)
+
+
+def scrape(url: str, timeout_s: float = 5.0) -> str:
+    """The text of a Prometheus page: a server's ``metrics_url``, a gateway's or etcd's
+    ``/metrics``. Read a value from it with :func:`metric`."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        return str(resp.read().decode())
 
 
 def metric(text: str, name: str) -> float:

@@ -20,7 +20,7 @@ import grpc
 from kvroute.embedded_etcd import EmbeddedEtcd
 from kvroute.procs import free_port
 from kvroute.v1 import router_pb2, router_pb2_grpc
-from tests.harness import ServerGroup, ServerProcess
+from tests.harness import ServerGroup, ServerProcess, wait_serving
 
 BS = 16
 MODEL = "sim-model"
@@ -106,28 +106,13 @@ class FaultStack:
             self.router = self.procs.start("router", [
                 "--registry", self.registry_list, "--block-size", str(BS),
                 "--default-policy", "kv_aware", "--registry-retry-max-s", "0.3"])
-            self.wait_router_serving()
+            # its ready file comes before its mirror's first snapshot (a Route in between
+            # fails UNAVAILABLE and failed the 0-failed-Routes check)
+            wait_serving(self.router, 15.0)
         except BaseException:
             self.close()
             raise
         return self
-
-    def wait_router_serving(self, within_s: float = 15.0) -> None:
-        """Until the router's gRPC health is SERVING: it writes its ready file when it listens,
-        before its placement mirror has a snapshot (Routes until then fail UNAVAILABLE, as its
-        health says; traffic started before that counted one failed Route)."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-        deadline = time.monotonic() + within_s
-        with grpc.insecure_channel(self.router_target) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while True:
-                with contextlib.suppress(grpc.RpcError):
-                    resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"router not SERVING within {within_s} s")
-                time.sleep(0.05)
 
     def start_registry(self, i: int) -> ServerProcess:
         """(Re)start registry ``i`` on its port."""

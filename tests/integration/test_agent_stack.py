@@ -21,10 +21,15 @@ from kvroute.embedded_etcd import EmbeddedEtcd
 from kvroute.procs import ManagedProcess, free_port
 from kvroute.v1 import registry_pb2 as pb
 from kvroute.v1 import registry_pb2_grpc as pb_grpc
-from tests.harness import ServerProcess, start_server
+from tests.harness import ServerProcess, metric, scrape, start_server
 
 pytestmark = pytest.mark.integration
-TTL = 2
+TTL = 4
+"""Node lease TTL. The agents beat every 0.3 s (their flag); the registry's suggested interval
+(2 s) puts "late" (unhealthy, left out of Lookup) at 4.5 s without a heartbeat. With TTL 2 and
+0.5 s, a 1.2-s stall of a loaded machine made node-a late for a moment, and the checks outside
+a retry loop (the blocks held after the resync, the old blocks gone after the engine restart)
+saw no node at all; a 1.7-s one expired its lease."""
 MODEL = "sim-model"
 
 
@@ -71,11 +76,7 @@ def eventually(check: Callable[[], bool], within_s: float, what: str) -> float:
 
 def engine_cached_blocks(sim: ServerProcess) -> int:
     """The engine's own count of cached blocks (its metrics port)."""
-    with urllib.request.urlopen(sim.metrics_url, timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("kvroute_engine_sim_cached_blocks"):
-                return int(float(line.rsplit(" ", 1)[1]))
-    raise AssertionError("kvroute_engine_sim_cached_blocks not exported")
+    return int(metric(scrape(sim.metrics_url), "kvroute_engine_sim_cached_blocks"))
 
 
 def health_check(srv: ServerProcess) -> None:
@@ -89,7 +90,7 @@ def health_check(srv: ServerProcess) -> None:
 def registry(etcd: str, prefix: str, port: int, tmp: Path, name: str) -> ServerProcess:
     return start_server("registry", [
         "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", str(TTL),
-        "--heartbeat-interval-s", "0.5", "--status-write-interval-s", "0.5",
+        "--heartbeat-interval-s", "2", "--status-write-interval-s", "0.5",
         "--listen", f"127.0.0.1:{port}", "--replica-id", name], tmp, name=name)
 
 
@@ -130,12 +131,9 @@ def test_agent_stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path) -> No
         health_check(ag)
         # the gauge goes to 1 when the first heartbeat after registration + resync is answered:
         # the resync's blocks can be visible in Lookup a moment before that
-        def agent_metrics_page() -> str:
-            return str(urllib.request.urlopen(ag.metrics_url, timeout=5).read().decode())
-
-        eventually(lambda: "kvroute_agent_registry_connected 1.0" in agent_metrics_page(), 10,
+        eventually(lambda: "kvroute_agent_registry_connected 1.0" in scrape(ag.metrics_url), 10,
                    "agent reports registry_connected 1")
-        agent_metrics = agent_metrics_page()
+        agent_metrics = scrape(ag.metrics_url)
         assert "kvroute_agent_events_parsed_total" in agent_metrics
         info = nodes(target)["node-a"]
         assert info.address == f"http://127.0.0.1:{ports['http']}"
@@ -146,9 +144,9 @@ def test_agent_stack(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path) -> No
             complete(ports["http"], prompt(i))
         eventually(lambda: matched(target, prompt(0)) == {"node-a": 0}, 10, "evicted blocks")
         eventually(lambda: matched(target, prompt(11)) == {"node-a": 4}, 10, "latest blocks")
-        eventually(lambda: nodes(target)["node-a"].evictions_total > 0, 5, "evictions counted")
+        eventually(lambda: nodes(target)["node-a"].evictions_total > 0, 15, "evictions counted")
         truth = engine_cached_blocks(sim)
-        eventually(lambda: nodes(target)["node-a"].blocks_indexed == truth, 5, "index = engine")
+        eventually(lambda: nodes(target)["node-a"].blocks_indexed == truth, 15, "index = engine")
 
         # registry restarted on a fresh etcd -> re-register + full resync, index complete
         assert reg.stop() == 0
@@ -233,7 +231,7 @@ def test_legacy_wire_formats_end_to_end(tmp_path: Path) -> None:
         complete(ports["http"], prompt(1))
         eventually(lambda: matched(target, prompt(1)) == {"node-a": 4}, 10, "live blocks")
         eventually(lambda: matched(target, prompt(0)) == {"node-a": 4}, 10, "replayed blocks")
-        text = urllib.request.urlopen(ag.metrics_url, timeout=5).read().decode()
+        text = scrape(ag.metrics_url)
         values = dict(line.rsplit(" ", 1) for line in text.splitlines()
                       if line and not line.startswith("#"))
         assert float(values["kvroute_agent_replayed_batches_total"]) >= 1

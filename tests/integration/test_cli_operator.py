@@ -60,9 +60,13 @@ def wait_for(check: object, timeout_s: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess,
                                                                       ServerProcess]]:
-    """A memory registry with one node, and a router following it."""
+    """A memory registry with one node, and a router following it.
+
+    The node is registered once and never heartbeats: its lease runs an hour (the registry
+    calls a node late after 2 x TTL/3 + 2 s; with 120 s that was 82 s, and ~30 CLI runs of
+    a few seconds each on a loaded machine outlast it: the router then knew no healthy node)."""
     work = tmp_path_factory.mktemp("cli")
-    with running_server("registry", ["--store", "memory", "--lease-ttl-s", "120",
+    with running_server("registry", ["--store", "memory", "--lease-ttl-s", "3600",
                                      "--block-size", str(BS)], work) as reg:
         register(reg.grpc_target)
         with running_server("router", ["--registry", reg.grpc_target, "--block-size", str(BS),

@@ -26,9 +26,11 @@ README = Path(__file__).resolve().parents[2] / "kvroute" / "client" / "README.md
 def services(etcd_endpoint: str, tmp_path_factory: pytest.TempPathFactory,
              ) -> tuple[ServerProcess, ServerProcess]:
     work = tmp_path_factory.mktemp("client")
+    # n1 is registered once and never heartbeats: an hour's lease (with 30 s it turned late,
+    # unhealthy, after 22 s, which a loaded machine's slow module could outlast)
     reg = start_server("registry", ["--etcd-endpoints", etcd_endpoint, "--etcd-prefix",
                                     f"/kvroute-test/client-{free_port()}/", "--lease-ttl-s",
-                                    "30"], work, name="registry")
+                                    "3600"], work, name="registry")
     router = start_server("router", ["--registry", reg.grpc_target], work, name="router")
     with grpc.insecure_channel(reg.grpc_target) as ch:
         stub = registry_pb2_grpc.RegistryStub(ch)

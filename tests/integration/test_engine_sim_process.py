@@ -15,7 +15,7 @@ import msgspec
 import pytest
 import zmq
 
-from tests.harness import ServerProcess, metric, start_server
+from tests.harness import ServerProcess, metric, scrape, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -104,8 +104,7 @@ def test_completions_cache_events_metrics_restart(tmp_path: Path) -> None:
                      "vllm:prefix_cache_hits_total"):
             assert f'{name}{{engine="0",model_name="sim-model"}}' in metrics
         assert 'vllm:prefix_cache_hits_total{engine="0",model_name="sim-model"} 32.0' in metrics
-        with urllib.request.urlopen(srv.metrics_url, timeout=5) as resp:
-            assert b"kvroute_engine_sim_evicted_blocks_total" in resp.read()
+        assert "kvroute_engine_sim_evicted_blocks_total" in scrape(srv.metrics_url)
 
         # replay from 0 returns the first batch: the first prompt's two blocks
         replies = replay(srv.ready["replay_endpoint"], 0)
@@ -166,15 +165,20 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     result: dict[str, Any] = {}
 
     def call() -> None:
-        result["body"] = post(srv, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 5})
+        result["body"] = post(srv, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 10})
 
     t = threading.Thread(target=call)
     try:
         t.start()
-        time.sleep(0.3)  # the request is decoding (0.8 s to go)
+        # SIGTERM once the engine runs the request (it decodes for 1.8 s): a fixed 0.3-s sleep
+        # could signal a loaded machine's engine before the request reached it
+        deadline = time.monotonic() + 20
+        while json.loads(get(srv, "/get_load"))["num_running"] != 1:
+            assert time.monotonic() < deadline and "body" not in result, "never running"
+            time.sleep(0.02)
         assert srv.stop() == 0
         t.join(10)
-        assert result["body"]["usage"]["completion_tokens"] == 5
+        assert result["body"]["usage"]["completion_tokens"] == 10
     finally:
         srv.stop()
 
@@ -196,9 +200,8 @@ def test_one_process_serves_independent_engines(tmp_path: Path) -> None:
             post(one, "/v1/completions", body)
             cached.append(post(one, "/v1/completions", body)["usage"]["prompt_tokens_details"]
                           ["cached_tokens"])
-            with urllib.request.urlopen(f"http://127.0.0.1:{e['metrics_port']}/metrics",
-                                        timeout=5) as resp:
-                assert b"vllm:prefix_cache_hits_total" in resp.read()
+            assert "vllm:prefix_cache_hits_total" in scrape(
+                f"http://127.0.0.1:{e['metrics_port']}/metrics")
             # each engine replays its own event stream from seq 0
             assert replay(e["replay_endpoint"], 0)[0][2] == (0).to_bytes(8, "big")
         assert cached == [32, 32, 32]  # separate caches: each engine missed once, then hit
@@ -241,8 +244,7 @@ def test_vllm_kv_transfer_params_prefill_then_decode(tmp_path: Path) -> None:
         # receipts are not prefill, as on vLLM's decode instance: a prefill rate an agent
         # derives from the prefill histograms is the prefill engine's alone
         def scraped(e: ServerProcess, name: str) -> float:
-            with urllib.request.urlopen(e.metrics_url, timeout=5) as resp:
-                return metric(resp.read().decode(), name)
+            return metric(scrape(e.metrics_url), name)
         assert scraped(pre, "vllm:request_prefill_kv_computed_tokens_sum") == 40
         assert scraped(pre, "vllm:request_prefill_time_seconds_sum") > 0
         assert scraped(dec, "vllm:request_prefill_kv_computed_tokens_sum") == 0

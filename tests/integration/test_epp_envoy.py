@@ -27,6 +27,7 @@ from bench.epp_stack import SUBSET_HEADER, EnvoyProcess, EppStack
 from bench.stack_fleet import FleetSpec
 from kvroute.blocks import hash_blocks
 from kvroute.v1 import registry_pb2, registry_pb2_grpc
+from tests.harness import metric, scrape
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -85,13 +86,7 @@ def engine_of_request(stack: EppStack, user: str) -> str:
 
 
 def picker_metric(stack: EppStack, name: str) -> float:
-    with urllib.request.urlopen(stack.picker_metrics_url, timeout=5) as resp:
-        text = resp.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric(scrape(stack.picker_metrics_url), name)
 
 
 async def wait_indexed(stack: EppStack, tokens: list[int], node: str) -> None:

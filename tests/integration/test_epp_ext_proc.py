@@ -18,6 +18,7 @@ from google.protobuf import struct_pb2
 from bench.epp_stack import EppStack
 from bench.stack_fleet import FleetSpec
 from router_service.epp import protocol
+from tests.harness import metric, scrape
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -149,11 +150,7 @@ async def test_streamed_request_body_mode_is_refused_with_the_fix(stack: EppStac
 
 
 def _metric(stack: EppStack, name: str) -> float:
-    import urllib.request
-    with urllib.request.urlopen(stack.picker_metrics_url, timeout=5) as resp:
-        text = resp.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
+    return metric(scrape(stack.picker_metrics_url), name)
 
 
 def test_struct_helpers_accept_protocol_shapes() -> None:

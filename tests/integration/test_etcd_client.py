@@ -9,7 +9,6 @@ import signal
 import ssl
 import subprocess
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from registry_service.store.etcd_client import (
     op_get,
     op_put,
 )
+from tests.harness import metric, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -81,11 +81,8 @@ def test_settings_from_env_and_validation() -> None:
 
 def _etcd_watchers(etcd: EmbeddedEtcd) -> int:
     """Watchers etcd holds now (from its /metrics)."""
-    with urllib.request.urlopen(f"http://{etcd.endpoint}/metrics", timeout=2) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("etcd_debugging_mvcc_watcher_total "):
-                return int(float(line.split()[1]))
-    raise AssertionError("etcd /metrics has no etcd_debugging_mvcc_watcher_total")
+    return int(metric(scrape(f"http://{etcd.endpoint}/metrics", 2),
+                      "etcd_debugging_mvcc_watcher_total"))
 
 
 @pytest.fixture

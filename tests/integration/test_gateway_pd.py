@@ -26,7 +26,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from kvroute.procs import free_port  # noqa: E402
-from tests.harness import ServerGroup, ServerProcess, metric  # noqa: E402
+from tests.harness import ServerGroup, ServerProcess, metric, scrape  # noqa: E402
 
 pytestmark = pytest.mark.integration
 MODEL = "sim-model"
@@ -47,23 +47,27 @@ class PdStack:
 
     def _start_all(self, etcd: str, prefix: str) -> None:
         self.registry = self.procs.start("registry", [
-            # a long lease: the fault test freezes two agents, and their nodes must stay known
+            # The fault test freezes two agents, and their nodes must stay known and healthy
+            # until a gateway tried them: a long lease (60 s), and the registry's suggested
+            # heartbeat interval (20 s; the agents beat every 0.3 s by their own flag) puts
+            # "late" (unhealthy) at 2 x 20 + 0.5 s. With 0.3 s it was 1.1 s after the freeze, and
+            # on a loaded machine the first requests came later: no dead node left to retry.
             "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", "60",
-            "--heartbeat-interval-s", "0.3", "--status-write-interval-s", "0.5"], "registry")
+            "--heartbeat-interval-s", "20", "--status-write-interval-s", "0.5"], "registry")
         for i, role in enumerate(ROLES):
             node = f"{role}-{i}"
-            ev, rp = free_port(), free_port()
+            # the engine binds its own ports (events and replay on port 0 by default) and
+            # reports them: no port picked here that another process could take first
             eng = self.procs.start("engine-sim", [
                 "--model", MODEL, "--block-size", str(BS), "--capacity-blocks", "2000",
-                "--time-scale", "0.02", "--role", role, "--transfer-ms-per-block", "1",
-                "--events-endpoint", f"tcp://127.0.0.1:{ev}",
-                "--replay-endpoint", f"tcp://127.0.0.1:{rp}"], f"sim-{node}")
+                "--time-scale", "0.02", "--role", role, "--transfer-ms-per-block", "1"],
+                f"sim-{node}")
             self.engines[node] = eng
             self.agents[node] = self.procs.start("agent", [
                 "--registry", self.registry.grpc_target, "--node-id", node, "--model", MODEL,
                 "--engine-url", f"http://127.0.0.1:{eng.ready['http_port']}", "--role", role,
-                "--capacity-blocks", "2000", "--engine-events", f"tcp://127.0.0.1:{ev}",
-                "--engine-replay", f"tcp://127.0.0.1:{rp}", "--heartbeat-interval-s", "0.3",
+                "--capacity-blocks", "2000", "--engine-events", eng.ready["events_endpoint"],
+                "--engine-replay", eng.ready["replay_endpoint"], "--heartbeat-interval-s", "0.3",
                 "--rpc-timeout-s", "2"], f"agent-{node}")
         self.urls = {}
         for proto, extra in (("vllm", []), ("sglang", ["--pd-bootstrap-port", "0"])):
@@ -115,8 +119,7 @@ def get_json(url: str, ok_only: bool = True) -> Any:
 
 
 def inflight(url: str) -> float:
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-    return metric(text, "kvroute_router_inflight_requests")
+    return metric(scrape(f"{url}/metrics"), "kvroute_router_inflight_requests")
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +135,7 @@ def stack(etcd_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 def _pair(stack: PdStack, rid: str, completion: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The request's prefill and decode records; asserts the transfer happened."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20
     while len(recs := stack.records(rid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)  # the SGLang prefill record lands when its answer was drained
     (pnode, p), (dnode, d) = sorted(recs.items(), key=lambda kv: not kv[0].startswith("pre"))
@@ -166,7 +169,7 @@ def test_text_completions_prefill_then_decode(stack: PdStack, proto: str) -> Non
     assert p2["cached_tokens"] == 16 * 6
     if d2["cached_tokens"]:  # the same decode node: it holds the first turn's 6 blocks
         assert d2["transfer_blocks"] == 3
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20
     while inflight(stack.urls[proto]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert inflight(stack.urls[proto]) == 0  # both halves released
@@ -199,10 +202,11 @@ def test_no_request_fails_while_a_healthy_pair_exists(stack: PdStack) -> None:
     """Kill one prefill and one decode engine: every request still succeeds (retry on a new
     pair, failed nodes marked suspect). Runs last: it leaves the fleet at one pair.
 
-    The two nodes' agents are frozen first, so the registry keeps both dead nodes (their leases
-    run 60 s) and the gateways must find out by trying them: otherwise an agent that sees its
-    engine die reports it within 0.3 s, and on a loaded machine that can come before any request
-    reaches the dead node (no retry to observe)."""
+    The two nodes' agents are frozen first, so the registry keeps both dead nodes, healthy
+    (their leases run 60 s and a node is late only after 40 s without heartbeats), and the
+    gateways must find out by trying them: otherwise an agent that sees its engine die reports
+    it within 0.3 s, and on a loaded machine that can come before any request reaches the dead
+    node (no retry to observe)."""
     for node in ("prefill-0", "decode-2"):
         stack.agents[node].process.signal(signal.SIGSTOP)
         stack.engines[node].process.kill()
@@ -221,9 +225,6 @@ def test_no_request_fails_while_a_healthy_pair_exists(stack: PdStack) -> None:
             else:
                 assert out.usage.completion_tokens == 2
             _pair(stack, f"k-{proto}-{i}", 2)
-    retried = 0.0
-    for url in stack.urls.values():
-        text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-        retried += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith("kvroute_gateway_retries_total"))
+    retried = sum(metric(scrape(f"{url}/metrics"), "kvroute_gateway_retries_total")
+                  for url in stack.urls.values())
     assert retried >= 1  # a dead node was tried (before its agent left) and the retry served

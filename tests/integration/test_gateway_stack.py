@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai")
 from kvroute.blocks import hash_blocks  # noqa: E402
 from kvroute.procs import free_port  # noqa: E402
 from kvroute.v1 import registry_pb2, registry_pb2_grpc  # noqa: E402
-from tests.harness import ServerGroup, ServerProcess, metric, start_server  # noqa: E402
+from tests.harness import ServerGroup, ServerProcess, metric, scrape, start_server  # noqa: E402
 
 pytestmark = pytest.mark.integration
 MODEL = "sim-model"
@@ -47,24 +47,29 @@ class Stack:
 
     def _start_all(self, etcd: str, prefix: str, engines: int,
                    gateway_args: tuple[str, ...]) -> None:
-        reg_port = free_port()
+        # Every server binds its own ports (port 0) and reports them in its ready file: no port
+        # picked here that another process could take before the server binds it.
+        # Agents beat every 0.3 s (their own flag); the registry's suggested interval (5 s) sets
+        # when it calls a node late: 10.5 s, and the leases run 30 s. Nothing here tests expiry
+        # or lateness (a dead engine is reported by its agent), and a node flagged late for a
+        # moment on a loaded machine (a 0.8-s stall with a 0.3-s interval) moved a second turn
+        # to the other node.
         self.registry = self.procs.start("registry", [
-            "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", "2",
-            "--heartbeat-interval-s", "0.3", "--status-write-interval-s", "0.5",
-            "--listen", f"127.0.0.1:{reg_port}"], "registry")
+            "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--lease-ttl-s", "30",
+            "--heartbeat-interval-s", "5", "--status-write-interval-s", "0.5"], "registry")
         for i in range(engines):
-            ports = {"http": free_port(), "events": free_port(), "replay": free_port()}
-            self.engines[f"node-{i}"] = self.procs.start("engine-sim", [
-                "--listen", f"127.0.0.1:{ports['http']}", "--model", MODEL, "--block-size",
-                str(BS), "--capacity-blocks", "2000", "--time-scale", "0.02",
-                "--events-endpoint", f"tcp://127.0.0.1:{ports['events']}",
-                "--replay-endpoint", f"tcp://127.0.0.1:{ports['replay']}"], f"sim{i}")
+            eng = self.engines[f"node-{i}"] = self.procs.start("engine-sim", [
+                "--model", MODEL, "--block-size", str(BS), "--capacity-blocks", "2000",
+                "--time-scale", "0.02",
+                # 10 ms a token (500 model ms x 0.02): the engine-kill test's long streams run
+                # 10 s, so none ends before the kill however slowly they start
+                "--decode-ms-per-token", "500"], f"sim{i}")
             self.procs.start("agent", [
                 "--registry", self.registry.grpc_target, "--node-id", f"node-{i}",
-                "--model", MODEL, "--engine-url", f"http://127.0.0.1:{ports['http']}",
+                "--model", MODEL, "--engine-url", f"http://127.0.0.1:{eng.ready['http_port']}",
                 "--capacity-blocks", "2000",
-                "--engine-events", f"tcp://127.0.0.1:{ports['events']}",
-                "--engine-replay", f"tcp://127.0.0.1:{ports['replay']}",
+                "--engine-events", eng.ready["events_endpoint"],
+                "--engine-replay", eng.ready["replay_endpoint"],
                 "--heartbeat-interval-s", "0.3", "--rpc-timeout-s", "2"], f"agent{i}")
         self.gateway = self.procs.start("gateway", [
             "--registry", self.registry.grpc_target, "--block-size", str(BS),
@@ -125,7 +130,7 @@ def test_models_health_metrics(stack: Stack) -> None:
     models = stack.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert get_json(f"{stack.url}/health")["healthy_nodes"] == 2
-    text = urllib.request.urlopen(f"{stack.url}/metrics", timeout=5).read().decode()
+    text = scrape(f"{stack.url}/metrics")
     assert "kvroute_gateway_requests_total" in text and "kvroute_router_" in text
 
 
@@ -174,7 +179,7 @@ def test_second_turn_lands_on_first_node_with_cached_tokens(stack: Stack) -> Non
     _, tok = post(f"{stack.url.rsplit(':', 1)[0]}:"
                   f"{stack.engines[node].ready['http_port']}/tokenize",
                   json.dumps({"model": MODEL, "messages": history}).encode())
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while _blocks_indexed(stack, tok["tokens"]).get(node, 0) < len(tok["tokens"]) // BS:
         assert time.monotonic() < deadline, "turn 1 blocks never indexed"
         time.sleep(0.1)
@@ -199,17 +204,23 @@ def test_client_disconnect_mid_stream_releases_the_slot(stack: Stack) -> None:
     stream.close()  # client goes away mid-stream
 
     def inflight() -> tuple[float, float]:
-        text = urllib.request.urlopen(f"{stack.url}/metrics", timeout=5).read().decode()
+        text = scrape(f"{stack.url}/metrics")
         return (metric(text, "kvroute_gateway_inflight_requests"),
                 metric(text, "kvroute_router_inflight_requests"))
 
-    deadline = time.monotonic() + 5
+    def running() -> list[int]:
+        return [get_json(f"http://127.0.0.1:{e.ready['http_port']}/get_load")["num_running"]
+                for e in stack.engines.values()]
+
+    # the gateway releases the slot when its write to the client fails, then drops the
+    # upstream request; the engine aborts at its next write, a moment later: wait for both
+    deadline = time.monotonic() + 20
     while inflight() != (0.0, 0.0):
         assert time.monotonic() < deadline, f"slot not released: {inflight()}"
         time.sleep(0.05)
-    running = [get_json(f"http://127.0.0.1:{e.ready['http_port']}/get_load")
-               for e in stack.engines.values()]
-    assert all(r["num_running"] == 0 for r in running), running
+    while any(running()):
+        assert time.monotonic() < deadline, f"the engine did not abort: {running()}"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [
@@ -284,8 +295,7 @@ def test_no_healthy_node_is_503(stack: Stack, etcd_endpoint: str, tmp_path: Path
     with ServerGroup(tmp_path) as procs:
         empty = procs.start("registry", [
             "--etcd-endpoints", etcd_endpoint,
-            "--etcd-prefix", f"/kvroute-test/empty-{free_port()}/",
-            "--listen", f"127.0.0.1:{free_port()}"], "reg-empty")
+            "--etcd-prefix", f"/kvroute-test/empty-{free_port()}/"], "reg-empty")
         gw = procs.start("gateway", ["--registry", empty.grpc_target], "gw-empty")
         url = f"http://127.0.0.1:{gw.ready['http_port']}"
         with pytest.raises(urllib.error.HTTPError) as info:
@@ -320,13 +330,12 @@ def test_engine_killed_mid_run_costs_at_most_its_inflight(stack: Stack) -> None:
             return f"error:{type(exc).__name__}", node
 
     async def inflight() -> int:
-        text = await asyncio.to_thread(lambda: urllib.request.urlopen(
-            f"{stack.url}/metrics", timeout=5).read().decode())
+        text = await asyncio.to_thread(scrape, f"{stack.url}/metrics")
         return int(metric(text, "kvroute_gateway_inflight_requests"))
 
     async def run() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         started: list[str] = []
-        long = [asyncio.create_task(one(k, 4000, started)) for k in range(8)]
+        long = [asyncio.create_task(one(k, 1000, started)) for k in range(8)]
         deadline = time.monotonic() + 20
         while len(started) < 8 or "node-1" not in started:
             assert time.monotonic() < deadline, f"long streams did not start: {started}"

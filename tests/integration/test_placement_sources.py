@@ -123,10 +123,13 @@ async def eventually(check: Callable[[], Awaitable[T | None]], what: str,
 @pytest.fixture
 async def registry(etcd_endpoint: str, etcd_prefix: str, tmp_path: Path,
                    ) -> AsyncIterator[tuple[ServerProcess, Fleet]]:
-    # heartbeats every 0.2 s: a node is late (unhealthy) after ~1 s, its lease lives 30 s
+    # the fleet beats every 0.1 s; the registry calls a node late (unhealthy) after 2 x 2 +
+    # 0.2 s without one, and its lease lives 30 s. (With a 0.2-s interval a node was late
+    # after 1 s: a stall that long on a loaded machine made the nodes that must stay healthy,
+    # c while a and b turn late, or b when it is routed to, late too.)
     reg = start_server("registry", [
         "--etcd-endpoints", etcd_endpoint, "--etcd-prefix", etcd_prefix, "--block-size",
-        str(BS), "--lease-ttl-s", "30", "--heartbeat-interval-s", "0.2",
+        str(BS), "--lease-ttl-s", "30", "--heartbeat-interval-s", "2",
         "--status-write-interval-s", "0.2"], tmp_path)
     fleet = Fleet(reg.grpc_target)
     try:

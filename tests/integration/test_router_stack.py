@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import sys
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 from kvroute.blocks import hash_blocks
 from kvroute.procs import free_port
 from kvroute.v1 import registry_pb2, registry_pb2_grpc, router_pb2, router_pb2_grpc
-from tests.harness import ServerGroup, ServerProcess, start_server
+from tests.harness import ServerGroup, ServerProcess, scrape, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -89,11 +88,6 @@ def _registry(etcd: str, prefix: str, port: int, work: Path, name: str) -> Serve
     return start_server("registry", [
         "--etcd-endpoints", etcd, "--etcd-prefix", prefix, "--block-size", str(BS),
         "--lease-ttl-s", "2", "--listen", f"127.0.0.1:{port}"], work, name=name)
-
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as f:
-        return str(f.read().decode())
 
 
 async def _route(stub: router_pb2_grpc.RouterStub, rid: str) -> router_pb2.RouteResponse:
@@ -188,7 +182,7 @@ async def test_longest_prefix_lease_expiry_and_registry_outage(
     assert r.policy == "least_loaded" and "DEGRADED" in r.reason and r.node_id in ("a", "c")
     stats = await stub.Stats(router_pb2.StatsRequest())
     assert stats.degraded_decisions >= 1 and not stats.registry_connected
-    text = await asyncio.to_thread(_get, router.metrics_url)
+    text = await asyncio.to_thread(scrape, router.metrics_url)
     assert 'kvroute_router_decisions_total{outcome="degraded",policy="least_loaded"}' in text
     assert "kvroute_router_registry_connected 0.0" in text
     assert "kvroute_router_registry_staleness_seconds" in text

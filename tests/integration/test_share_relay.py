@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -30,26 +29,21 @@ from router_service.domain import RouteRequest
 from router_service.runtime import RoutingRuntime
 from router_service.settings import RouterSettings
 from tests.certs import CertAuthority
-from tests.harness import ServerGroup, ServerProcess, metric, until
+from tests.harness import ServerGroup, ServerProcess, metric, scrape, until
 
 BS = 16
 LONG = list(range(900, 900 + 32 * BS))
 
 
 
-def _metrics(srv: ServerProcess) -> str:
-    with urllib.request.urlopen(srv.metrics_url, timeout=5) as resp:
-        return str(resp.read().decode())
-
-
 async def _metric_until(srv: ServerProcess, name: str, value: float,
                         within_s: float = 20.0) -> None:
     for _ in range(int(within_s / 0.1)):
-        if metric(await asyncio.to_thread(_metrics, srv), name) == value:
+        if metric(await asyncio.to_thread(scrape, srv.metrics_url), name) == value:
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"{name} of {srv.process.name} never reached {value}: "
-                         f"{metric(_metrics(srv), name)}\n{srv.process.tail()}")
+                         f"{metric(scrape(srv.metrics_url), name)}\n{srv.process.tail()}")
 
 
 def _registry(group: ServerGroup, name: str, etcd: str, prefix: str, port: int,
@@ -167,7 +161,7 @@ async def test_routers_on_three_registries_share_one_view(
         assert sb.applied_total == 21 + 20  # a's 21 routes + 20 completes, once each
         assert sa.applied_total == 1 + 2  # b's route, b's two completes (q1 and q2)
         assert sc.applied_total == 41 + 3
-        text = [_metrics(r) for r in regs]
+        text = [scrape(r.metrics_url) for r in regs]
         assert metric(text[0], "kvroute_registry_route_share_relayed_out_total") == 41 * 2
         assert metric(text[1], "kvroute_registry_route_share_relayed_in_total") == 41
         assert metric(text[0], "kvroute_registry_route_share_relayed_in_total") == 3

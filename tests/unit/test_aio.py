@@ -1,5 +1,6 @@
 """kvroute.aio.cancel_and_wait: cancels and waits; the tasks' own cancellation is suppressed, the
-caller's propagates; a task's own failure surfaces unless ``errors_too``."""
+caller's propagates; a task's own failure surfaces unless ``errors_too``. kvroute.aio.run_each:
+every shutdown step runs, also after a failed or cancelled one; the first error is raised."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 
 import pytest
 
-from kvroute.aio import cancel_and_wait
+from kvroute.aio import cancel_and_wait, run_each
 
 
 async def _fail() -> None:
@@ -134,3 +135,40 @@ async def test_waits_for_every_task_before_raising_the_first_error() -> None:
     with pytest.raises(ValueError, match="boom"):
         await asyncio.wait_for(cancel_and_wait(failed, slow), 5)
     assert slow.cancelled()
+
+
+async def test_run_each_runs_every_step_and_raises_the_first_error() -> None:
+    done: list[str] = []
+
+    async def step(name: str, exc: BaseException | None = None) -> None:
+        await asyncio.sleep(0)
+        done.append(name)
+        if exc is not None:
+            raise exc
+
+    with pytest.raises(ValueError, match="first"):
+        await run_each(lambda: step("a", ValueError("first")), None,
+                       lambda: step("b", KeyError("second")), lambda: done.append("sync"))
+    assert done == ["a", "b", "sync"]
+
+
+async def test_run_each_runs_the_later_steps_when_the_caller_is_cancelled_in_one() -> None:
+    """A shutdown cancelled during one step (a relay that will not stop) still closes the
+    rest, then the cancellation propagates."""
+    in_slow = asyncio.Event()
+    done: list[str] = []
+
+    async def slow() -> None:
+        in_slow.set()
+        await asyncio.sleep(60)
+
+    async def close() -> None:
+        await asyncio.sleep(0.01)  # awaits again after the cancellation: not interrupted
+        done.append("closed")
+
+    task = asyncio.create_task(run_each(slow, close, lambda: done.append("metrics")))
+    await in_slow.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert done == ["closed", "metrics"]

@@ -59,7 +59,9 @@ class Server:
         app.add_routes([web.post("/echo", self.echo), web.post("/stream", self.stream),
                         web.post("/close", self.close), web.post("/slow", self.slow),
                         web.post("/cut", self.cut)])
-        self.runner = web.AppRunner(app, keepalive_timeout=0.3)
+        # a long keep-alive: the test closes idle connections itself, when it means to (with
+        # 0.3 s, a loaded machine's pause between two requests closed one: two connections)
+        self.runner = web.AppRunner(app, keepalive_timeout=30)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
         return self
@@ -87,9 +89,12 @@ async def test_keep_alive_reuse_and_idle_close(server: Server) -> None:
         assert ("X-Seen", str(i)) in r.headers and r.content_type == "application/json"
         r.release()
     assert len(server.peers) == 1  # one connection served all three
-    await asyncio.sleep(0.6)  # the server closes the idle keep-alive connection
+    for transport in server.peers:  # the server closes the idle keep-alive connection
+        transport.close()  # type: ignore[attr-defined]
+    await asyncio.sleep(0.2)  # the client's side sees it closed
     r = await up.post(target, "/echo", {"X-A": "x"}, b"again")
     assert await r.read() == b"echo:again"
+    assert len(server.peers) == 2  # on a new connection
     r.release()
     r = await up.post(target, "/close", {}, b"")
     assert await r.read() == b"bye" and not r.keep_alive

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import urllib.request
 
 import grpc
 import pytest
@@ -18,6 +17,7 @@ from kvroute.grpcutil import add_health_and_reflection, bind, open_channel, unar
 from kvroute.settings import TLSSettings
 from kvroute.telemetry import REQUEST_ID, JsonFormatter, MetricsServer
 from kvroute.v1 import router_pb2, router_pb2_grpc
+from tests.harness import scrape
 
 
 class _Servicer(router_pb2_grpc.RouterServicer):
@@ -78,9 +78,7 @@ def test_metrics_server_serves_its_own_registry() -> None:
     srv = MetricsServer(reg, "127.0.0.1", 0)
     port = srv.start()
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            body = r.read().decode()
-        assert "kvroute_test_events_total 3.0" in body
+        assert "kvroute_test_events_total 3.0" in scrape(f"http://127.0.0.1:{port}/metrics")
     finally:
         srv.stop()
 

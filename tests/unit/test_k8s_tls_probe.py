@@ -99,7 +99,10 @@ def test_every_client_command_speaks_mtls(tmp_path: Path) -> None:
     server = ["--tls-cert-file", crt, "--tls-key-file", key, "--tls-ca-file", ca]
     client = ["--tls-ca-file", ca, "--tls-cert-file", crt, "--tls-key-file", key,
               "--tls-server-name", "kvroute-registry"]
-    with running_server("registry", ["--store", "memory", "--lease-ttl-s", "120", *server],
+    # n1 is registered once and never heartbeats: an hour's lease (120 s made it late after
+    # 82 s, which the router's start, up to 30 s of health polls and the CLI runs approach on
+    # a loaded machine)
+    with running_server("registry", ["--store", "memory", "--lease-ttl-s", "3600", *server],
                         tmp_path) as reg:
         creds = grpc.ssl_channel_credentials(Path(ca).read_bytes(), Path(key).read_bytes(),
                                              Path(crt).read_bytes())

@@ -117,7 +117,7 @@ async def test_watchers_learn_when_a_node_turns_late() -> None:
         await core.register(pb.RegisterNodeRequest(
             node_id="a", address="h:1", model="m", block_size=16, capacity_blocks=10))
         sub = core.fanout.subscribe()
-        change = await asyncio.wait_for(sub.queue.get(), 3.0)  # late after 1 s: an upsert
+        change = await asyncio.wait_for(sub.queue.get(), 10.0)  # late after 1 s: an upsert
         assert change.kind == "upsert" and change.node_id == "a"
         assert not core.view.nodes["a"].healthy(core.view.late_after_s)
     finally:

@@ -29,9 +29,11 @@ from tests.harness import until
 @pytest.fixture
 async def registry(tmp_path: Path) -> AsyncIterator[tuple[str, asyncio.Event]]:
     ready = tmp_path / "ready.json"
+    # nodes registered once, never heartbeating: an hour's lease (the default 10 s made them
+    # late 6.7 s after registering)
     settings = RegistrySettings(store="memory", listen=f"127.0.0.1:{free_port()}",
                                 ready_file=str(ready), metrics_listen="127.0.0.1:0",
-                                status_write_interval_s=0)
+                                status_write_interval_s=0, lease_ttl_s=3600)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop))
     await until(ready.exists)

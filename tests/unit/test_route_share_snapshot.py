@@ -33,9 +33,12 @@ from tests.harness import until
 async def _registry(tmp_path: Path, port: int) -> AsyncIterator[str]:
     """A real registry server (memory store) on ``port``, stopped on exit."""
     ready = tmp_path / f"ready-{port}-{free_port()}.json"
+    # the nodes are registered once and never heartbeat: an hour's lease (the default 10 s
+    # made them late, unhealthy, 6.7 s after registering, which a loaded machine's reconnects
+    # and share links could outlast: no healthy node to count or route to)
     settings = RegistrySettings(store="memory", listen=f"127.0.0.1:{port}",
                                 ready_file=str(ready), metrics_listen="127.0.0.1:0",
-                                status_write_interval_s=0)
+                                status_write_interval_s=0, lease_ttl_s=3600)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop))
     try:

@@ -36,8 +36,11 @@ class SlowSource(MemorySource):
         super().__init__()
         self.pause_s = 0.0
         self.block_s = 0.0
+        self.lookups = 0
+        """Lookups begun (a Route call is being decided)."""
 
     async def lookup(self, block_hashes: Sequence[int], model: str) -> Placement:
+        self.lookups += 1
         if self.pause_s:
             await asyncio.sleep(self.pause_s)
         if self.block_s:
@@ -102,7 +105,7 @@ async def test_a_caller_that_gave_up_does_not_stay_counted(router: Router) -> No
     src.block_s = 0.3  # the decision is made after the caller's deadline passed
     assert await _code(stub.Route(req("late"), timeout=0.1)) == "DEADLINE_EXCEEDED"
     src.block_s = 0.0
-    for _ in range(50):
+    for _ in range(500):
         if tracker.total_inflight == 0:
             break
         await asyncio.sleep(0.02)
@@ -124,9 +127,13 @@ async def test_deadline_s_ends_the_inflight_entry(router: Router) -> None:
 
 async def test_drain_finishes_running_calls_and_refuses_new_ones(router: Router) -> None:
     stub, src, servicer, _ = router
-    src.pause_s = 0.5
-    running = asyncio.create_task(_code(stub.Route(req("run"), timeout=5)))
-    await asyncio.sleep(0.1)
+    src.pause_s = 2.0
+    running = asyncio.create_task(_code(stub.Route(req("run"), timeout=10)))
+    for _ in range(500):  # the call is being decided (a fixed 0.1 s could come before it)
+        if src.lookups:
+            break
+        await asyncio.sleep(0.01)
+    assert src.lookups == 1 and not running.done()
     drained = asyncio.create_task(servicer.drain(5.0))
     await asyncio.sleep(0.05)
     try:
