@@ -16,6 +16,17 @@ compared with the sim's median, with the sim's range printed next to it: the agr
 says whether the stack's three figures fall inside the sim's [min, max] over its seeds
 (``inside_range``): a stack run the sim's own seeds bracket is a draw from the same
 distribution even when the distribution is wider than the bar.
+
+Some figures are draws wider than the bar: a policy blind to the cache (``least_loaded``) hits
+only when a conversation's next turn happens to land where its history is, and which node that
+is turns on a few milliseconds of load, so over seeds that differ only in the unrecorded
+decision instants its notebook hit rate has a standard deviation of ~0.015 — more than the
+0.01 bar, so a single stack run misses the median by more than the bar about half the time
+even when stack and sim draw from one distribution. For those figures ``as_draw`` says
+whether the stack lies within :data:`DRAW_Z` standard deviations of the sims' median (the sd
+over the seeds, times ``sqrt(1 + pi / (2 n))`` for the median's own error over ``n`` seeds),
+or within the bar when that is wider: a miss there means the stack is not a draw of the sim's
+distribution. ``agree`` stays the bar itself, unwidened; ``as_draw`` is reported beside it.
 """
 
 from __future__ import annotations
@@ -34,6 +45,10 @@ HIT_TOLERANCE = 0.01
 """Stack and sim token hit rates agree within this (absolute)."""
 TTFT_TOLERANCE = 0.15
 """Stack and sim p50 and p90 TTFT agree within this (relative to the sim)."""
+DRAW_Z = 2.0
+"""``as_draw``: the stack is within this many standard deviations of the sims' median."""
+MIN_DRAW_RUNS = 3
+"""Fewer seeded sims than this give no standard deviation: ``as_draw`` is the bar alone."""
 
 
 def stack_timing(stack_report: dict[str, Any], time_scale: float,
@@ -93,24 +108,62 @@ def agreement(stack_report: dict[str, Any], sim_reports: list[dict[str, Any]],
         if not sims:
             continue
         row: dict[str, Any] = {"policy": st["policy"], "sim_runs": len(sims)}
-        ok = inside = True
+        ok = inside = draw = True
         for key in ("hit", "ttft_p50_ms", "ttft_p90_ms"):
             vals = [_value(r, key) for r in sims]
             med, stack = statistics.median(vals), _value(st, key)
+            sd = statistics.stdev(vals) if len(vals) >= MIN_DRAW_RUNS else 0.0
+            noise = DRAW_Z * sd * math.sqrt(1.0 + math.pi / (2 * len(vals)))
             if key == "hit":
                 apart = round(stack - med, 4)
-                ok = ok and abs(apart) <= HIT_TOLERANCE + 1e-9
+                bar = HIT_TOLERANCE
+                fits = abs(apart) <= bar + 1e-9
             else:
                 apart = round((stack - med) / med, 4) if med > 0 else 0.0
-                ok = ok and abs(apart) <= TTFT_TOLERANCE + 1e-9
+                bar = TTFT_TOLERANCE * med
+                fits = abs(apart) <= TTFT_TOLERANCE + 1e-9
+            as_draw = abs(stack - med) <= max(bar, noise) + 1e-9
+            ok = ok and fits
+            draw = draw and as_draw
             within = min(vals) <= stack <= max(vals)
             inside = inside and within
             row[key] = {"stack": stack, "sim_median": med, "sim_min": min(vals),
-                        "sim_max": max(vals), "apart": apart, "inside_range": within}
+                        "sim_max": max(vals), "sim_sd": round(sd, 4), "apart": apart,
+                        "inside_range": within, "as_draw": as_draw}
         row["agree"] = ok
+        row["as_draw"] = draw
         row["inside_range"] = inside
         out.append(row)
     return out
+
+
+def agreement_counts(rows: list[dict[str, Any]]) -> str:
+    """One line: how many rows agree on the bar, how many more only as draws (and which)."""
+    if not rows:
+        return ""
+    strict = sum(1 for r in rows if r["agree"])
+    drawn = [r for r in rows if r.get("as_draw") and not r["agree"]]
+    names = ", ".join(_misses(r) for r in drawn)
+    line = f"{strict} of {len(rows)} rows agree"
+    if drawn:
+        line += (f"; {len(drawn)} more within the sims' own spread ({names}: the figure is a "
+                 f"draw wider than the bar, so the bar itself is missed there)")
+    off = [r for r in rows if not r.get("as_draw", r["agree"])]
+    if off:
+        line += f"; {len(off)} outside it too ({', '.join(_misses(r) for r in off)})"
+    return line
+
+
+def _misses(row: dict[str, Any]) -> str:
+    keys = [k.removeprefix("ttft_").removesuffix("_ms") for k in ("hit", "ttft_p50_ms",
+                                                                   "ttft_p90_ms")
+            if not _fits(row, k)]
+    return f"{row['policy'].removeprefix('gateway:')} {'/'.join(keys)}"
+
+
+def _fits(row: dict[str, Any], key: str) -> bool:
+    apart = abs(float(row[key]["apart"]))
+    return apart <= (HIT_TOLERANCE if key == "hit" else TTFT_TOLERANCE) + 1e-9
 
 
 def _value(row: dict[str, Any], key: str) -> float:
@@ -127,10 +180,11 @@ def format_agreement(rows: list[dict[str, Any]]) -> str:
     w = max(14, *(len(r["policy"]) + 1 for r in rows))
     lines = [f"stack vs sim (sim: median [range] of {runs} seeded replays with the stack's "
              f"timing; agree = hit within {HIT_TOLERANCE}, p50/p90 TTFT within "
-             f"{TTFT_TOLERANCE:.0%} of the median; in range = all three inside the sim's "
-             f"[min-max]):",
+             f"{TTFT_TOLERANCE:.0%} of the median; as draw = each within the bar or "
+             f"{DRAW_Z:g} sd of the sims' own spread, whichever is wider; in range = all three "
+             f"inside the sim's [min-max]):",
              f"{'policy':<{w}}{'hit stack':>10}{'sim':>22}{'p50 stack':>11}{'sim':>20}"
-             f"{'p90 stack':>11}{'sim':>20}  agree  in range"]
+             f"{'p90 stack':>11}{'sim':>20}  agree  as draw  in range"]
     for r in rows:
         h, p50, p90 = r["hit"], r["ttft_p50_ms"], r["ttft_p90_ms"]
         lines.append(
@@ -141,7 +195,9 @@ def format_agreement(rows: list[dict[str, Any]]) -> str:
             f"{p90['stack'] / 1000:11.2f}"
             f"{_rng(p90['sim_median'], p90['sim_min'], p90['sim_max'], 1000.0, 2):>20}"
             f"  {'yes' if r['agree'] else 'NO':<5}  "
+            f"{'yes' if r.get('as_draw', r['agree']) else 'NO':<7}  "
             f"{'yes' if r.get('inside_range') else 'no'}")
+    lines.append(agreement_counts(rows))
     return "\n".join(lines)
 
 

@@ -189,13 +189,18 @@ def _check_against_sim(out: BenchOutcome, workload: Workload, settings: SimSetti
     """``--sim-runs N``: the sim with this run's measured timing, N seeds; the agreement table
     (JSON ``sim_timing``, ``agreement``)."""
     from bench.agreement import agreement, format_agreement, stack_timing, timed_settings
+    from bench.prompts import as_sent
     from bench.sim.backend import SimBackend
 
     timing = stack_timing(out.report, args.time_scale, spec.heartbeat_interval_s)
     timed = timed_settings(settings, timing)
     own = sorted({split_front(n)[1] for n in names})
-    sims = [run_comparison(workload, timed, own, SimBackend(timed, seed=args.seed + k,
-                                                           kv_settings=kv), random_bound=False)
+    sent = as_sent(workload)  # the block hashes the stack's router computed from its tokens
+    # on nodes named as the stack's: session's hash ring maps keys by node name
+    nodes = out.runs[0].node_ids if out.runs else None
+    sims = [run_comparison(sent, timed, own, SimBackend(timed, seed=args.seed + k,
+                                                           kv_settings=kv, node_ids=nodes),
+                           random_bound=False)
             for k in range(args.sim_runs)]
     out.report["sim_timing"] = timing
     out.report["agreement"] = agreement(out.report, [o.report for o in sims])

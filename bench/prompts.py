@@ -10,6 +10,7 @@ and (for kvroute's Route RPC) the serialized request.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping
 
@@ -17,6 +18,7 @@ import msgspec
 import numpy as np
 
 from bench.workloads.base import TraceRequest, Workload
+from kvroute.blocks import hash_blocks
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 """Headers of a pre-encoded JSON request body."""
@@ -73,6 +75,26 @@ class Prompt:
 def prepare(workload: Workload) -> list[Prompt]:
     """Every request's prompt of ``workload`` (synthesized tokens, JSON pre-encoded)."""
     return [Prompt(synth_tokens(r, workload.block_size)) for r in workload.requests]
+
+
+def as_sent(workload: Workload, prompts: list[Prompt] | None = None) -> Workload:
+    """``workload`` with each request's block hashes replaced by what the router computes from
+    the tokens ``--mode stack`` sends: the canonical hashes (:func:`kvroute.blocks.hash_blocks`,
+    unsalted, the workload's block size) of :func:`synth_tokens`, full blocks only.
+
+    The sharing structure is the same (equal hashes give equal tokens, and the canonical hash
+    names the whole prefix), so cache hits do not change; what changes is every figure that
+    reads the hash values themselves: ``session`` keys a request without a session id by the
+    hash of its leading blocks, and with the trace's small integer ids it put prefix groups on
+    other nodes than the stack's router did. A sim compared with a stack run replays this.
+    ``prompts``: :func:`prepare`'s output for ``workload``, when already made.
+    """
+    if prompts is None:
+        prompts = prepare(workload)
+    bs = workload.block_size
+    reqs = [dataclasses.replace(r, block_hashes=tuple(hash_blocks(p.tokens, bs)))
+            for r, p in zip(workload.requests, prompts, strict=True)]
+    return dataclasses.replace(workload, requests=reqs)
 
 
 def json_body(fields: Mapping[str, object], token_key: str, prompt: Prompt) -> bytes:

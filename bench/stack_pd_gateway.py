@@ -12,16 +12,17 @@ as for the peer routers' PD modes (:func:`bench.stack_pd_peer.replay_pd_router`)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.prompts import Prompt, json_body
 from bench.sim.pd_replay import PdRun
-from bench.stack_fleet import FleetSpec
 from bench.stack_pd_peer import replay_pd_router
 from bench.workloads.base import Workload
 from kvroute.settings import settings_flags
 from router_service.disagg import DisaggSettings
+
+if TYPE_CHECKING:
+    from bench.stack_backend import StackBackend
 
 
 def pd_router_flags(disagg: DisaggSettings, time_scale: float) -> tuple[str, ...]:
@@ -47,27 +48,23 @@ class _Gateway:
         """Nothing to stop: the fleet does."""
 
 
-def run_gateway_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nodes: int,
-                   prompts: list[Prompt], label: str = "gateway-pd:kv_aware/kv_aware",
-                   on_ready: Callable[[str], None] | None = None) -> PdRun:
-    """Start the P+D fleet (``spec.roles`` set) with its gateway, replay ``workload`` through
-    it once, stop everything; the run from the engines' records."""
+def replay_gateway_pd(stack: StackBackend, workload: Workload, prefill_nodes: int,
+                      prompts: list[Prompt],
+                      label: str = "gateway-pd:kv_aware/kv_aware") -> PdRun:
+    """Replay ``workload`` once through the gateway of the running P+D ``stack`` (its first
+    ``prefill_nodes`` engines prefill); the run from the engines' records. The caller starts
+    and stops the stack (``kvroute demo`` starts it while it computes something else)."""
     import asyncio
 
-    from bench.stack_backend import StackBackend
+    spec = stack.spec
+    engines = stack.fleet.engines
 
-    with StackBackend(workdir, spec, front="gateway") as stack:
-        url = stack.fleet.gateway_url
-        if on_ready is not None:
-            on_ready(url)
-        engines = stack.fleet.engines
+    def body(i: int) -> tuple[str, bytes]:
+        r = workload.requests[i]
+        return "/v1/completions", json_body({"model": spec.model,
+                                             "max_tokens": max(1, r.output_tokens),
+                                             "user": r.request_id}, "prompt", prompts[i])
 
-        def body(i: int) -> tuple[str, bytes]:
-            r = workload.requests[i]
-            return "/v1/completions", json_body({"model": spec.model,
-                                                 "max_tokens": max(1, r.output_tokens),
-                                                 "user": r.request_id}, "prompt", prompts[i])
-
-        return asyncio.run(replay_pd_router(
-            _Gateway(url), label, workload, engines[:prefill_nodes], engines[prefill_nodes:],
-            body, spec.time_scale, spec.prefill_tokens_per_s))
+    return asyncio.run(replay_pd_router(
+        _Gateway(stack.fleet.gateway_url), label, workload, engines[:prefill_nodes],
+        engines[prefill_nodes:], body, spec.time_scale, spec.prefill_tokens_per_s))

@@ -54,9 +54,10 @@ def add_parser(sub: Any) -> None:
                         "until half the cache is free)")
     p.add_argument("--trace-requests", type=int, default=300,
                    help="requests of the shipped Mooncake sample to replay (default 300)")
-    p.add_argument("--time-scale", type=float, default=0.03,
+    p.add_argument("--time-scale", type=float, default=0.025,
                    help="wall seconds per simulated second for the notebook workload "
-                        "(default 0.03 = 33x faster)")
+                        "(default 0.025 = 40x faster; its engines idle 95 %% of the time, "
+                        "so its five stack replays were mostly waiting at 0.03)")
     p.add_argument("--trace-time-scale", type=float, default=0.06,
                    help="the same for the trace sample, whose long prompts cost the stack far "
                         "more CPU per model second (default 0.06 = 17x; at 33x every trace row "
@@ -92,16 +93,15 @@ def run(args: argparse.Namespace) -> int:
         stack_timing,
         timed_settings,
     )
+    from bench.fleet_pool import FleetPool
     from bench.plots import write_all
+    from bench.prompts import as_sent
     from bench.report import format_table
     from bench.runner import run_comparison
     from bench.sim.backend import SimBackend
-    from bench.sim.config import SimSettings
-    from bench.stack_backend import STACK_POLICIES, StackBackend
-    from bench.stack_fleet import FleetSpec, router_flags
+    from bench.stack_backend import STACK_POLICIES
     from bench.workloads import load_workload
     from bench.workloads.generated import ConversationSpec, conversations
-    from engine_sim.params import DEFAULT_PREFILL_TOKENS_PER_S
     from kvroute.errors import ConfigError
     from router_service.policies.kv_aware import KvAwareSettings
 
@@ -135,40 +135,34 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"demo": [], "nodes": args.nodes, "time_scale": args.time_scale,
                               "trace_time_scale": args.trace_time_scale}
     print(f"kvroute demo: {args.nodes} simulated engines; logs, JSON and plots in {out_dir}")
+    setups = [_setup(args, wl, scale, speed) for _, wl, scale, speed in workloads]
+    pd = not args.no_disaggregated and args.nodes >= 2
+    # Each fleet starts, and the previous one stops, on a helper thread while the demo runs
+    # its in-process sims (virtual clock: sharing the CPU changes no figure); never during a
+    # stack replay.
+    pool = FleetPool()
     try:
-        for i, (title, wl, scale, speed) in enumerate(workloads, 1):
-            share = args.cache_share
-            cache = max(8, int(share * wl.distinct_blocks() / args.nodes))
-            # The default engine speed is calibrated for 8 engines on the trace (about 70 %
-            # prefill utilisation under round_robin); keep the fleet's total speed when the
-            # demo runs fewer engines (times the workload's speed-up).
-            rate = DEFAULT_PREFILL_TOKENS_PER_S * max(1.0, 8 / args.nodes) * speed
-            span = wl.requests[-1].arrival_s - wl.requests[0].arrival_s if wl.requests else 0.0
-            settings = SimSettings(nodes=args.nodes, cache_blocks=cache,
-                                   prefill_tokens_per_s=rate, block_size=wl.block_size)
-            offered = sum(r.prompt_tokens for r in wl.requests) / span / (rate * args.nodes) \
-                if span > 0 else 0.0
-            print(f"\n[{i}/{len(workloads)}] {title}: {len(wl.requests)} requests, "
-                  f"{wl.block_size}-token blocks, {cache} blocks of cache per engine "
-                  f"({share:.0%} of the distinct blocks over the fleet), prefill "
-                  f"{rate:,.0f} tokens/s per engine (prompts offer {offered:.0%} of the fleet's "
-                  f"prefill capacity), {1 / scale:.0f}x time compression")
-            spec = FleetSpec(nodes=args.nodes, cache_blocks=cache, block_size=wl.block_size,
-                             prefill_tokens_per_s=settings.prefill_tokens_per_s,
-                             decode_ms_per_token=settings.decode_s_per_token * 1000.0,
-                             max_running=settings.max_batch, time_scale=scale,
-                             router_args=router_flags(KvAwareSettings(kv_prefill_tokens_per_s=rate),
-                                                      scale))
-            t_start = time.perf_counter()
-            with StackBackend(out_dir / f"fleet-{i}", spec, front="gateway") as backend:
-                print(f"  stack up in {time.perf_counter() - t_start:.1f} s: etcd, registry, "
-                      f"router, OpenAI gateway at {backend.fleet.gateway_url}, {args.nodes} x "
-                      "(engine_sim + node agent)")
-                stack = run_comparison(wl, settings, policies, backend, random_bound=False)
+        coming = pool.start(out_dir / "fleet-1", setups[0][1])
+        for i, ((title, wl, scale, _), (settings, spec, line)) in enumerate(
+                zip(workloads, setups, strict=True), 1):
+            print(f"\n[{i}/{len(workloads)}] {title}: {line}")
+            up = coming.result()
+            backend = up.backend
+            while_sims = " (started while the sims ran)" if i > 1 else ""
+            print(f"  stack up in {up.start_s:.1f} s{while_sims}: etcd, registry, router, "
+                  f"OpenAI gateway at {backend.fleet.gateway_url}, {args.nodes} x "
+                  "(engine_sim + node agent)")
+            stack = run_comparison(wl, settings, policies, backend, random_bound=False)
+            pool.stop(backend)
+            pd_here = pd and i == 1
+            if pd_here:
+                pd_coming = pool.start(out_dir / f"fleet-{i}-pd", _pd_spec(args, wl, spec))
+            elif i < len(workloads):
+                coming = pool.start(out_dir / f"fleet-{i + 1}", setups[i][1])
             print("\n  through the stack, every request sent to the OpenAI gateway (hit rates "
                   "measured by the engines):")
             print(_indent(format_table(stack.report)))
-            kv = KvAwareSettings(kv_prefill_tokens_per_s=rate)
+            kv = KvAwareSettings(kv_prefill_tokens_per_s=settings.prefill_tokens_per_s)
             timing = stack_timing(stack.report, scale, spec.heartbeat_interval_s)
             # the sim replays each policy's measured engine arrival and return lags per
             # request, on nodes named as the stack's (session's ring hashes names); each seed
@@ -178,13 +172,17 @@ def run(args: argparse.Namespace) -> int:
                 timing["arrival_jitter_s"] = 0.0
             timed = timed_settings(settings, timing)
             names = stack.runs[0].node_ids if stack.runs else None
-            sims = [run_comparison(wl, timed, [*policies, *extra] if k == 0 else policies,
+            # the sim decides on the block hashes the stack's router computed from the tokens
+            # it was sent (session keys a request without a session id by them)
+            sent = as_sent(wl)
+            sims = [run_comparison(sent, timed, [*policies, *extra] if k == 0 else policies,
                                    SimBackend(timed, seed=k, kv_settings=kv, node_ids=names,
                                               timing=lags), random_bound=k == 0)
                     for k in range(max(1, args.sim_runs))]
             sim = sims[0]
             arrivals = ("each request's measured engine arrival and return lag; decided at a "
-                        "seeded point between schedule and engine arrival" if lags else
+                        "seeded point between schedule and engine arrival, on the block hashes "
+                        "the stack's router computed" if lags else
                         f"arrival jitter {timing['arrival_jitter_s']:.2f} s, return lag "
                         f"{timing['complete_lag_s']:.2f} s")
             print("\n  the same workload replayed in-process (--mode sim) with the stack's "
@@ -199,15 +197,23 @@ def run(args: argparse.Namespace) -> int:
                                    "sim_timing": dict(timing, request_timing_replayed=bool(lags)),
                                    "sim_runs": [o.report for o in sims[1:]],
                                    "agreement": agree})
-            if i == 1 and args.nodes >= 2 and not args.no_disaggregated:
+            if pd_here:
+                pd_up = pd_coming.result()
+                run_pd_stack = _disaggregated_stack(args, wl, pd_up)
+                pool.stop(pd_up.backend)
+                if i < len(workloads):
+                    coming = pool.start(out_dir / f"fleet-{i + 1}", setups[i][1])
                 report["demo"][-1]["disaggregated"] = _disaggregated(
-                    args, wl, settings, spec, stack.report, out_dir / f"fleet-{i}-pd")
+                    args, wl, settings, stack.report, run_pd_stack)
             if not args.no_plots:
                 write_all(stack, out_dir / "plots" / f"{i}-{_slug(wl.name)}")
     except KeyboardInterrupt:
+        pool.close()
         print("\nkvroute demo: interrupted; every process it started has been stopped",
               file=sys.stderr)
         return 130
+    finally:
+        pool.close()
     path = out_dir / "demo.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nJSON: {path}")
@@ -217,15 +223,72 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _disaggregated(args: argparse.Namespace, wl: Any, settings: Any, spec: Any,
-                   agg: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """The same workload on a disaggregated fleet of the same size (nodes // 2 prefill, the
-    rest decode) through the gateway (vLLM's kv_transfer_params hand-over), next to the
-    aggregated stack run and the in-process replay of both; prints the table."""
+def _setup(args: argparse.Namespace, wl: Any, scale: float, speed: float,
+           ) -> tuple[Any, Any, str]:
+    """A workload's engine settings, fleet spec and the line describing them."""
+    from bench.sim.config import SimSettings
+    from bench.stack_fleet import FleetSpec, router_flags
+    from engine_sim.params import DEFAULT_PREFILL_TOKENS_PER_S
+    from router_service.policies.kv_aware import KvAwareSettings
+
+    share = args.cache_share
+    cache = max(8, int(share * wl.distinct_blocks() / args.nodes))
+    # The default engine speed is calibrated for 8 engines on the trace (about 70 % prefill
+    # utilisation under round_robin); keep the fleet's total speed when the demo runs fewer
+    # engines (times the workload's speed-up).
+    rate = DEFAULT_PREFILL_TOKENS_PER_S * max(1.0, 8 / args.nodes) * speed
+    span = wl.requests[-1].arrival_s - wl.requests[0].arrival_s if wl.requests else 0.0
+    settings = SimSettings(nodes=args.nodes, cache_blocks=cache, prefill_tokens_per_s=rate,
+                           block_size=wl.block_size)
+    offered = sum(r.prompt_tokens for r in wl.requests) / span / (rate * args.nodes) \
+        if span > 0 else 0.0
+    line = (f"{len(wl.requests)} requests, {wl.block_size}-token blocks, {cache} blocks of "
+            f"cache per engine ({share:.0%} of the distinct blocks over the fleet), prefill "
+            f"{rate:,.0f} tokens/s per engine (prompts offer {offered:.0%} of the fleet's "
+            f"prefill capacity), {1 / scale:.0f}x time compression")
+    spec = FleetSpec(nodes=args.nodes, cache_blocks=cache, block_size=wl.block_size,
+                     prefill_tokens_per_s=settings.prefill_tokens_per_s,
+                     decode_ms_per_token=settings.decode_s_per_token * 1000.0,
+                     max_running=settings.max_batch, time_scale=scale,
+                     router_args=router_flags(KvAwareSettings(kv_prefill_tokens_per_s=rate),
+                                              scale))
+    return settings, spec, line
+
+
+def _pd_spec(args: argparse.Namespace, wl: Any, spec: Any) -> Any:
+    """The disaggregated fleet of the same size: nodes // 2 prefill engines, the rest decode."""
+    from bench.stack_pd_gateway import pd_router_flags
+    from engine_sim.params import transfer_s_per_block
+    from router_service.disagg import DisaggSettings
+
+    p = args.nodes // 2
+    xfer = transfer_s_per_block("seed", wl.block_size)
+    return dataclasses.replace(
+        spec, roles=("prefill",) * p + ("decode",) * (args.nodes - p),
+        transfer_ms_per_block=xfer * 1000.0,
+        router_args=(*spec.router_args, *pd_router_flags(DisaggSettings(), args.time_scale)))
+
+
+def _disaggregated_stack(args: argparse.Namespace, wl: Any, up: Any) -> Any:
+    """The workload once through the running disaggregated fleet's gateway."""
+    from bench.prompts import prepare
+    from bench.stack_pd_gateway import replay_gateway_pd
+
+    p = args.nodes // 2
+    print(f"\n  disaggregated: the same workload on {p} prefill + {args.nodes - p} decode "
+          "engines (same total size), every request through the gateway (prefill, then decode "
+          "with vLLM's kv_transfer_params):")
+    print(f"  stack up in {up.start_s:.1f} s, started while the sims ran (gateway at "
+          f"{up.backend.fleet.gateway_url})")
+    return replay_gateway_pd(up.backend, wl, p, prepare(wl))
+
+
+def _disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[str, Any],
+                   run: Any) -> dict[str, Any]:
+    """The disaggregated stack ``run`` next to the aggregated stack run and the in-process
+    replay of both (and of round-robin pairs); prints the table."""
 
     from bench.pd_bench import pd_metrics, print_pd, run_pd
-    from bench.prompts import prepare
-    from bench.stack_pd_gateway import pd_router_flags, run_gateway_pd
     from engine_sim.params import transfer_s_per_block
     from router_service.disagg import DisaggSettings
     from router_service.policies.kv_aware import KvAwareSettings
@@ -233,19 +296,9 @@ def _disaggregated(args: argparse.Namespace, wl: Any, settings: Any, spec: Any,
     p = args.nodes // 2
     d = args.nodes - p
     xfer = transfer_s_per_block("seed", wl.block_size)
-    disagg = DisaggSettings()
-    pd_spec = dataclasses.replace(
-        spec, roles=("prefill",) * p + ("decode",) * d, transfer_ms_per_block=xfer * 1000.0,
-        router_args=(*spec.router_args, *pd_router_flags(disagg, args.time_scale)))
-    print(f"\n  disaggregated: the same workload on {p} prefill + {d} decode engines (same total "
-          "size), every request through the gateway (prefill, then decode with vLLM's "
-          "kv_transfer_params):")
-    t_start = time.perf_counter()
-    run = run_gateway_pd(workdir, pd_spec, wl, p, prepare(wl), on_ready=lambda url: print(
-        f"  stack up in {time.perf_counter() - t_start:.1f} s (gateway at {url})"))
     kv = KvAwareSettings(kv_prefill_tokens_per_s=settings.prefill_tokens_per_s)
     # round-robin pairs in the same disaggregated fleet: what the pair choice itself buys
-    report = run_pd(wl, settings, p, d, xfer, kv, disagg,
+    report = run_pd(wl, settings, p, d, xfer, kv, DisaggSettings(),
                     ["kv_aware/kv_aware", "round_robin/round_robin"])
     rows = [pd_metrics(run)]
     for r in report["results"]:

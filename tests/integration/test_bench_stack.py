@@ -78,11 +78,14 @@ def test_disaggregated_stack_replay_matches_sim(tmp_path: Path) -> None:
 
 def test_disaggregated_replay_through_the_gateway(tmp_path: Path) -> None:
     """What ``kvroute demo`` runs disaggregated: every request to the OpenAI gateway, which
-    decides the pair and hands the KV over (vLLM's kv_transfer_params); engine records."""
+    decides the pair and hands the KV over (vLLM's kv_transfer_params); engine records. The
+    demo starts the fleet on a helper thread (:class:`bench.fleet_pool.FleetPool`) while it
+    computes, and stops it there: the pool's close leaves no process behind."""
+    from bench.fleet_pool import FleetPool
     from bench.pd_bench import pd_metrics
     from bench.prompts import prepare
     from bench.stack_fleet import FleetSpec
-    from bench.stack_pd_gateway import pd_router_flags, run_gateway_pd
+    from bench.stack_pd_gateway import pd_router_flags, replay_gateway_pd
     from bench.workloads import load_workload
     from router_service.disagg import DisaggSettings
 
@@ -90,7 +93,14 @@ def test_disaggregated_replay_through_the_gateway(tmp_path: Path) -> None:
     spec = FleetSpec(nodes=3, cache_blocks=2500, block_size=wl.block_size, time_scale=0.05,
                      roles=("prefill", "decode", "decode"),
                      router_args=pd_router_flags(DisaggSettings(), 0.05))
-    m = pd_metrics(run_gateway_pd(tmp_path / "pd", spec, wl, 1, prepare(wl)))
+    with FleetPool() as pool:
+        coming = pool.start(tmp_path / "pd", spec)
+        prompts = prepare(wl)  # (computed while the fleet starts)
+        up = coming.result(timeout=120)
+        assert up.start_s > 0
+        m = pd_metrics(replay_gateway_pd(up.backend, wl, 1, prompts))
+        pool.stop(up.backend)
+    assert not up.backend.fleet._procs and up.backend.fleet.etcd is None  # all stopped
     assert m["failed"] == 0 and sum(m["requests_per_decode_node"]) == 60
     assert m["transferred_blocks"] > 0 and m["hit_rate_tokens"] > 0
 

@@ -107,7 +107,36 @@ def test_agreement_of_stack_and_sim_medians() -> None:
     assert not ll["inside_range"]
     text = format_agreement(list(out.values()))
     assert "0.055 [0.052-0.064]" in text and "NO" in text and "yes" in text
-    assert "in range" in text
+    assert "in range" in text and "as draw" in text
+    # least_loaded's hit misses the bar, but by less than 2 sd of its own seeds' spread
+    # (sd 0.0062 x sqrt(1 + pi / 6) x 2 = 0.015 > 0.014): a draw of the sim's distribution
+    assert ll["hit"]["sim_sd"] == pytest.approx(0.0062, abs=1e-4)
+    assert ll["as_draw"] and not ll["agree"] and out["kv_aware"]["as_draw"]
+    assert "1 of 2 rows agree; 1 more within the sims' own spread (least_loaded hit" in text
+
+
+def test_agreement_as_draw_is_never_narrower_than_the_bar() -> None:
+    from bench.agreement import agreement, agreement_counts
+
+    def row(policy: str, hit: float, p50: float = 100.0) -> dict[str, Any]:
+        return {"policy": policy, "hit_rate_tokens": hit,
+                "ttft_ms": {"p50": p50, "p90": 2 * p50, "p99": 3 * p50}}
+
+    stack = {"results": [row("round_robin", 0.31), row("kv_aware", 0.40, 130.0),
+                         row("session", 0.58)]}
+    sims = [{"results": [row("round_robin", 0.30), row("kv_aware", 0.40 + d, 100.0 + d),
+                         row("session", 0.60 + d)]} for d in (0.0, 0.0005, 0.001)]
+    out = {r["policy"]: r for r in agreement(stack, sims)}
+    # identical seeds (sd 0): the bar decides, also for as_draw
+    assert out["round_robin"]["agree"] and out["round_robin"]["as_draw"]
+    # p50 and p90 +30 %, seeds 0.5 % apart: not a draw of that distribution
+    assert not out["kv_aware"]["agree"] and not out["kv_aware"]["as_draw"]
+    assert not out["session"]["as_draw"]  # hit -0.0205 with sd 0.0005
+    line = agreement_counts(list(out.values()))
+    assert line == "1 of 3 rows agree; 2 outside it too (kv_aware p50/p90, session hit)"
+    # two seeds give no sd: the bar alone
+    two = agreement(stack, sims[:2])
+    assert [r["as_draw"] for r in two] == [r["agree"] for r in two]
 
 
 def test_divergence_names_nodes_by_first_use() -> None:

@@ -93,6 +93,37 @@ def test_stack_prompts_are_as_long_as_the_workload_says() -> None:
         [r.prompt_tokens for r in sample.requests]
 
 
+def test_as_sent_gives_the_routers_hashes_with_the_same_sharing() -> None:
+    """The sim compared with a stack run decides on the hashes the stack's router computes
+    from the tokens it was sent (session keys session-less requests by them): the canonical
+    hashes of the synthesized tokens, full blocks only, a one-to-one renaming of the trace's
+    ids (so cache hits cannot change)."""
+    from bench.prompts import as_sent, prepare
+    from kvroute.blocks import hash_blocks
+    from router_service.policies.base import RequestView
+    from router_service.policies.session import session_key
+
+    sample = load_workload(workload="mooncake-sample", limit=40)
+    prompts = prepare(sample)
+    sent = as_sent(sample, prompts)
+    assert sent.requests != sample.requests and as_sent(sample) == sent
+    renamed: dict[int, int] = {}
+    for old, new, prompt in zip(sample.requests, sent.requests, prompts, strict=True):
+        assert (new.request_id, new.arrival_s, new.prompt_tokens) == \
+            (old.request_id, old.arrival_s, old.prompt_tokens)
+        # what the router hashes from the tokens the stack sends: full blocks only
+        assert list(new.block_hashes) == hash_blocks(prompt.tokens, 512)
+        assert len(new.block_hashes) == new.prompt_tokens // 512
+        for a, b in zip(old.block_hashes, new.block_hashes, strict=False):
+            assert renamed.setdefault(a, b) == b  # one id, one hash
+    assert len(set(renamed.values())) == len(renamed)  # and back
+    first = sent.requests[0]
+    view = RequestView(first.request_id, first.block_hashes, first.prompt_tokens, 512)
+    old_view = RequestView(first.request_id, sample.requests[0].block_hashes,
+                           first.prompt_tokens, 512)
+    assert session_key(view, 4) != session_key(old_view, 4)  # the key the stack's router uses
+
+
 def test_system_prompt_workload_shares_prefixes() -> None:
     spec = SystemPromptSpec(requests=200, system_prompts=3, system_tokens=256)
     wl = system_prompt(1, spec)
