@@ -220,7 +220,7 @@ class KvAwarePolicy(SchedulingPolicy):
              (UsageScorer(s.kv_usage_high_watermark, s.kv_usage_penalty_s),
               s.kv_weight_kv_usage)],
             LowestScorePicker(self.herd_cost if s.kv_replica_spread > 0 else None,
-                              self.prefill.written if s.kv_prefill_only_even_inflow else None))
+                              self.prefill.written_all if s.kv_prefill_only_even_inflow else None))
 
     def herd_cost(self, cycle: Cycle, i: int) -> float:
         """What one more request like this one would add to node ``i``'s estimate (its

@@ -25,9 +25,9 @@ HerdCost = Callable[[Cycle, int], float]
 """(cycle, node index) -> what one more request like this one adds to that node's score."""
 TIE_S = 1e-6
 """Prefill-only nodes' estimates (seconds) closer than this are equal: numerical resolution."""
-TieBreak = Callable[[Cycle, int], float]
-"""(cycle, node index) -> a value that breaks ties of score, overlap and in-flight before the
-rotating start (lower first)."""
+TieBreak = Callable[[Cycle], Sequence[float]]
+"""cycle -> per node, a value that breaks ties of score, overlap and in-flight before the
+rotating start (lower first); computed once per pick (O(nodes))."""
 
 
 class LowestScorePicker:
@@ -49,7 +49,7 @@ class LowestScorePicker:
         nodes, matched = cycle.nodes, cycle.matched
         req = cycle.request
         tb = self.tie_break
-        tie = [tb(cycle, i) for i in range(n)] if tb is not None else [0.0] * n
+        tie = tb(cycle) if tb is not None else [0.0] * n
         if req.replicas <= 1 or self.herd_cost is None or len(eligible) < 2:
             chosen = min(eligible, key=lambda i: (scores[i], -matched[i], nodes[i].inflight,
                                                   tie[i], (i - start) % n))

@@ -116,11 +116,16 @@ class QueuedPrefillScorer:
         estimates. A node first seen after the others starts level with the least of them (as
         a new task's virtual runtime does in Linux's CFS), so a joining node shares ties
         instead of taking every one until it has caught up with the fleet's lifetime."""
-        v = cycle.nodes[i]
-        if not self.even_inflow or v.role != "prefill":
-            return 0.0
-        got = self._written.get(v.node_id)
-        return got if got is not None else self._floor(cycle)
+        return self.written_all(cycle)[i]
+
+    def written_all(self, cycle: Cycle) -> list[float]:
+        """:meth:`written` for every node of the cycle, in one pass (the floor once: O(nodes))."""
+        nodes = cycle.nodes
+        if not self.even_inflow or not any(v.role == "prefill" for v in nodes):
+            return [0.0] * len(nodes)
+        floor = self._floor(cycle)
+        w = self._written
+        return [w.get(v.node_id, floor) if v.role == "prefill" else 0.0 for v in nodes]
 
     def _floor(self, cycle: Cycle) -> float:
         known = [self._written[v.node_id] for v in cycle.nodes
