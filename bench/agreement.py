@@ -116,13 +116,11 @@ def agreement(stack_report: dict[str, Any], sim_reports: list[dict[str, Any]],
             noise = DRAW_Z * sd * math.sqrt(1.0 + math.pi / (2 * len(vals)))
             if key == "hit":
                 apart = round(stack - med, 4)
-                bar = HIT_TOLERANCE
-                fits = abs(apart) <= bar + 1e-9
+                fits = abs(apart) <= HIT_TOLERANCE + 1e-9
             else:
                 apart = round((stack - med) / med, 4) if med > 0 else 0.0
-                bar = TTFT_TOLERANCE * med
                 fits = abs(apart) <= TTFT_TOLERANCE + 1e-9
-            as_draw = abs(stack - med) <= max(bar, noise) + 1e-9
+            as_draw = fits or abs(stack - med) <= noise + 1e-9  # never narrower than the bar
             ok = ok and fits
             draw = draw and as_draw
             within = min(vals) <= stack <= max(vals)

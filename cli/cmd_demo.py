@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     pd = not args.no_disaggregated and args.nodes >= 2
     # Each fleet starts, and the previous one stops, on a helper thread while the demo runs
     # its in-process sims (virtual clock: sharing the CPU changes no figure); never during a
-    # stack replay.
+    # stack replay (settle() before each).
     pool = FleetPool()
     try:
         coming = pool.start(out_dir / "fleet-1", setups[0][1])
@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
                 zip(workloads, setups, strict=True), 1):
             print(f"\n[{i}/{len(workloads)}] {title}: {line}")
             up = coming.result()
+            pool.settle()  # no fleet starts or stops during the replay
             backend = up.backend
             while_sims = " (started while the sims ran)" if i > 1 else ""
             print(f"  stack up in {up.start_s:.1f} s{while_sims}: etcd, registry, router, "
@@ -199,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
                                    "agreement": agree})
             if pd_here:
                 pd_up = pd_coming.result()
+                pool.settle()
                 run_pd_stack = _disaggregated_stack(args, wl, pd_up)
                 pool.stop(pd_up.backend)
                 if i < len(workloads):
@@ -208,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.no_plots:
                 write_all(stack, out_dir / "plots" / f"{i}-{_slug(wl.name)}")
     except KeyboardInterrupt:
-        pool.close()
+        pool.close()  # before the message (the finally's second close is a no-op)
         print("\nkvroute demo: interrupted; every process it started has been stopped",
               file=sys.stderr)
         return 130

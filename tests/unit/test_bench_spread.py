@@ -31,19 +31,23 @@ def test_spread_per_policy_and_target() -> None:
 
 def test_router_flags_convert_kv_aware_to_the_wall_clock() -> None:
     from bench.stack_fleet import router_flags
+    from kvroute.settings import settings_flags
     from router_service.policies.kv_aware import KvAwareSettings
 
     kv = KvAwareSettings(kv_prefill_tokens_per_s=6000.0, kv_usage_penalty_s=0.5,
                          kv_eviction_cost_s=0.001)
     flags = router_flags(kv, 0.2)
-    got = dict(zip(flags[::2], flags[1::2], strict=True))
+    got: dict[str, str] = {}  # --flag value, or a bare --flag / --no-flag for a bool
+    for i, tok in enumerate(flags):
+        if tok.startswith("--"):
+            nxt = flags[i + 1] if i + 1 < len(flags) else "--"
+            got[tok] = "" if nxt.startswith("--") else nxt
+    assert "--kv-prefill-only-backlog" in got  # bools pass as bare flags
     assert float(got["--kv-prefill-tokens-per-s"]) == pytest.approx(30_000.0)
     assert float(got["--kv-usage-penalty-s"]) == pytest.approx(0.1)
     assert float(got["--kv-eviction-cost-s"]) == pytest.approx(0.001 * 0.04)
     assert float(got["--kv-reuse-weight"]) == kv.kv_reuse_weight  # unitless: unchanged
-    assert router_flags(kv, 1.0) == tuple(
-        x for f in __import__("dataclasses").fields(kv)
-        for x in (f"--{f.name.replace('_', '-')}", str(getattr(kv, f.name))))
+    assert router_flags(kv, 1.0) == settings_flags(kv)  # at 1x: every setting as it is
 
 
 def test_contention_bound_runs_are_marked_not_dropped() -> None:
