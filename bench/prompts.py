@@ -82,11 +82,12 @@ def as_sent(workload: Workload, prompts: list[Prompt] | None = None) -> Workload
     the tokens ``--mode stack`` sends: the canonical hashes (:func:`kvroute.blocks.hash_blocks`,
     unsalted, the workload's block size) of :func:`synth_tokens`, full blocks only.
 
-    The sharing structure is the same (equal hashes give equal tokens, and the canonical hash
-    names the whole prefix), so cache hits do not change; what changes is every figure that
-    reads the hash values themselves: ``session`` keys a request without a session id by the
-    hash of its leading blocks, and with the trace's small integer ids it put prefix groups on
-    other nodes than the stack's router did. A sim compared with a stack run replays this.
+    The sharing structure of full blocks is the same (equal hashes give equal tokens, and the
+    canonical hash names the whole prefix); a partial last block, which engines never cache, is
+    dropped, so it no longer takes space or hits in the sim. What changes besides is every
+    figure that reads the hash values themselves: ``session`` keys a request without a session
+    id by the hash of its leading blocks, and with the trace's small integer ids it put prefix
+    groups on other nodes than the stack's router did. A sim compared with a stack run replays this.
     ``prompts``: :func:`prepare`'s output for ``workload``, when already made.
     """
     if prompts is None:
