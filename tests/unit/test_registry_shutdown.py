@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from kvroute.procs import free_port
 from registry_service import server as registry_server
 from registry_service.servicer import RegistryServicer
 from registry_service.settings import RegistrySettings
@@ -50,7 +49,7 @@ async def test_cancelled_during_relay_stop_still_closes_everything(
     monkeypatch.setattr(registry_server, "make_relay", lambda *a, **k: relay)
     monkeypatch.setattr(RegistryServicer, "drain", drain)
     ready = tmp_path / "ready.json"
-    settings = RegistrySettings(store="memory", listen=f"127.0.0.1:{free_port()}",
+    settings = RegistrySettings(store="memory", listen="127.0.0.1:0",
                                 metrics_listen="127.0.0.1:0", ready_file=str(ready))
     stop = asyncio.Event()
     task = asyncio.create_task(registry_server.serve(settings, stop))
