@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[Any] | None, errors_too: bool = False) -> None:
@@ -56,5 +59,8 @@ async def run_each(*steps: Callable[[], object] | None) -> None:
         except BaseException as exc:  # every step runs; the first error is raised after
             if first is None:
                 first = exc
+            elif not isinstance(exc, asyncio.CancelledError):  # it would be lost: say so
+                log.error("shutdown step %r failed after an earlier error", step,
+                          exc_info=exc)
     if first is not None:
         raise first
