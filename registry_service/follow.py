@@ -1,6 +1,8 @@
 """Following the placement store: list it, then watch from the listed revision; list again when
 the watch is compacted away or fails. And the health sweep that tells watchers when a node's
-heartbeats turn late (or on time again).
+heartbeats turn late (or on time again). Time the registry itself did not run (its event loop
+stalled: a long GC pause, a frozen process, a starved machine) does not make a node late: the
+heartbeats of that time are still queued, unread (see :meth:`ReplicaView.forgive_stall`).
 
 Every change, whether this replica wrote it or another did, reaches the view through here or
 through the core's write path, and :meth:`ReplicaView.apply` is idempotent, so the two may
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from kvroute.aio import cancel_and_wait
@@ -21,6 +24,10 @@ from registry_service.store.base import LoadResult, PlacementStore, StoreUnavail
 from registry_service.view import ReplicaView
 
 log = logging.getLogger(__name__)
+SWEEP_S = 0.5
+"""Seconds between two health sweeps."""
+STALL_S = 1.0
+"""A sweep that wakes this much later than asked means the registry's loop did not run."""
 
 
 class StoreFollower:
@@ -96,8 +103,15 @@ class StoreFollower:
         """Tell watchers when a node turns unhealthy (late heartbeats) or healthy again."""
         view = self._view
         while True:
-            await asyncio.sleep(0.5)
+            asked = time.monotonic()
+            await asyncio.sleep(SWEEP_S)
+            stalled_s = time.monotonic() - asked - SWEEP_S
             now = now_ms()
+            if stalled_s > STALL_S:
+                n = view.forgive_stall(now, stalled_s)
+                log.warning("this registry did not run for %.1f s (event loop stalled): the %d "
+                            "node(s) on time before it get one more late window (%.1f s) for "
+                            "their queued heartbeats", stalled_s, n, view.late_after_s)
             seen = self._was_healthy
             for node_id, state in view.nodes.items():
                 healthy = state.healthy(view.late_after_s, now)

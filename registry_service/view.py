@@ -193,6 +193,20 @@ class ReplicaView:
             if state is not None and not state.healthy(self.late_after_s, t):
                 state.trusted_until_ms = t + state.record.lease_ttl_s * 1000
 
+    def forgive_stall(self, at_ms: int, stalled_s: float) -> int:
+        """This replica did not run for ``stalled_s`` up to ``at_ms``: the heartbeats of that
+        time sit unread in its sockets, so a node that was on time when it stopped running is
+        trusted for one more late window from now (its next heartbeat, read or new, clears the
+        trust; a node that really stopped goes late after it). Returns how many nodes."""
+        since = at_ms - int(stalled_s * 1000)
+        until = at_ms + int(self.late_after_s * 1000)
+        n = 0
+        for state in self.nodes.values():
+            if state.healthy(self.late_after_s, since):
+                state.trusted_until_ms = max(state.trusted_until_ms, until)
+                n += 1
+        return n
+
     # ---- queries --------------------------------------------------------------------------
     def candidates(self, model: str, include_unhealthy: bool) -> list[LiveNode]:
         """Nodes serving ``model`` (all models when empty), healthy ones unless asked.

@@ -124,6 +124,46 @@ async def test_watchers_learn_when_a_node_turns_late() -> None:
         await core.close()
 
 
+async def test_a_stalled_registry_does_not_make_on_time_nodes_late() -> None:
+    """The registry's own loop stalls longer than the late window (a GC pause, a frozen
+    process): the node's heartbeats of that time are unread, not missing. The sweep after the
+    stall gives on-time nodes one more late window instead of telling watchers they are late;
+    a node whose heartbeats really stopped still goes late after it."""
+    import asyncio
+    import time
+
+    from kvroute.v1 import registry_pb2 as pb
+    from registry_service.core import RegistryCore
+    from registry_service.settings import RegistrySettings
+    from registry_service.store.memory import MemoryStore
+    from tests.harness import until
+
+    settings = RegistrySettings(store="memory", lease_ttl_s=30, heartbeat_interval_s=0.2,
+                                status_write_interval_s=0)
+    core = RegistryCore(settings, MemoryStore(), RegistryMetrics())
+    await core.start()
+    try:
+        reg = await core.register(pb.RegisterNodeRequest(
+            node_id="a", address="h:1", model="m", block_size=16, capacity_blocks=10))
+        late = core.view.late_after_s  # 1 s
+        beat = pb.HeartbeatRequest(node_id="a", epoch=reg.record.epoch,
+                                   write_token=reg.write_token)
+        for _ in range(3):  # beating: every sweep sees the node on time
+            await core.heartbeat(beat)
+            await asyncio.sleep(0.3)
+        await core.heartbeat(beat)
+        t0 = time.monotonic()
+        time.sleep(late + 1.5)  # noqa: ASYNC251 - the loop stalls: no heartbeat is read
+        state = core.view.nodes["a"]
+        await until(lambda: state.trusted_until_ms > 0, 5.0, "the sweep after the stall")
+        assert state.healthy(late), "an on-time node went late after the registry's stall"
+        # no heartbeat comes after all: late once the extra window has passed
+        await until(lambda: not state.healthy(late), 10.0, "the node went late")
+        assert not state.healthy(late) and time.monotonic() - t0 >= 2 * late + 1.5
+    finally:
+        await core.close()
+
+
 def test_candidates_and_lookup_per_model_follow_membership() -> None:
     v = view()
 
