@@ -37,7 +37,8 @@ class LiveNode:
     in time: set when a (re)started replica loads a node whose lease is alive in etcd. A node
     that really stopped loses its lease within the TTL and etcd deletes it, so "not heard from
     yet" never turns into "unhealthy" for a node that is still heartbeating elsewhere or is
-    about to reconnect."""
+    about to reconnect. Also set, for one late window, after this replica's own event loop
+    stalled (:meth:`ReplicaView.forgive_stall`). A heartbeat clears it."""
     beating: int = 0
     """Heartbeats of this node being processed now (e.g. waiting on a stalled etcd): the
     agent is alive and waiting for us, so the node is not late."""
