@@ -222,7 +222,7 @@ def test_idle_prefill_only_nodes_take_new_prompts_by_what_they_have_computed() -
     assert pol.prefill._written == {"n0": 128.0, "n1": 144.0, "n2": 48.0}
     # a node that joins now starts level with the least of the others, not at 0
     joined = [*nodes, _pnode(3)]
-    assert pol.prefill.written(pol.cycle(_req(first=900), joined), 3) == 48.0
+    assert pol.prefill.written_all(pol.cycle(_req(first=900), joined))[3] == 48.0
     choose_and_commit(pol, _req(blocks=1, first=950), joined)
     assert pol.prefill._written["n3"] >= 48.0
     # 'both' nodes and the switch turned off keep the rotating start

@@ -50,7 +50,7 @@ class QueuedPrefillScorer:
         """Moving average of the uncached prompt tokens of committed decisions."""
         self._written: dict[str, float] = {}
         """Per prefill-only node: prompt tokens committed decisions had it compute (the new
-        KV written into its cache), for :meth:`written`."""
+        KV written into its cache), for :meth:`written_all`."""
 
     def backlog(self, cycle: Cycle) -> float:
         """Requests the prefill-only candidates hold in flight, per node (0 when there are none
@@ -110,16 +110,13 @@ class QueuedPrefillScorer:
         backlog = self.backlog(cycle)
         return [self.score_one(cycle, i, backlog) for i in range(len(cycle.nodes))]
 
-    def written(self, cycle: Cycle, i: int) -> float:
-        """Tokens committed decisions had prefill-only node ``cycle.nodes[i]`` compute (0 for
-        other roles, or with ``even_inflow`` off): kv_aware's tie-break between equal
-        estimates. A node first seen after the others starts level with the least of them (as
-        a new task's virtual runtime does in Linux's CFS), so a joining node shares ties
-        instead of taking every one until it has caught up with the fleet's lifetime."""
-        return self.written_all(cycle)[i]
-
     def written_all(self, cycle: Cycle) -> list[float]:
-        """:meth:`written` for every node of the cycle, in one pass (the floor once: O(nodes))."""
+        """Per node of the cycle, the tokens committed decisions had that prefill-only node
+        compute (0 for other roles, or with ``even_inflow`` off): kv_aware's tie-break between
+        equal estimates. A node first seen after the others starts level with the least of them
+        (as a new task's virtual runtime does in Linux's CFS), so a joining node shares ties
+        instead of taking every one until it has caught up with the fleet's lifetime. One pass
+        (the floor computed once)."""
         nodes = cycle.nodes
         if not self.even_inflow or not any(v.role == "prefill" for v in nodes):
             return [0.0] * len(nodes)
