@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from bench.fleet_pool import FleetPool
     from bench.plots import write_all
-    from bench.prompts import as_sent
+    from bench.prompts import as_sent, prepare
     from bench.report import format_table
     from bench.runner import run_comparison
     from bench.sim.backend import SimBackend
@@ -175,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
             names = stack.runs[0].node_ids if stack.runs else None
             # the sim decides on the block hashes the stack's router computed from the tokens
             # it was sent (session keys a request without a session id by them)
-            sent = as_sent(wl)
+            prompts = prepare(wl)  # once per workload: the sims' hashes and the PD replay
+            sent = as_sent(wl, prompts)
             sims = [run_comparison(sent, timed, [*policies, *extra] if k == 0 else policies,
                                    SimBackend(timed, seed=k, kv_settings=kv, node_ids=names,
                                               timing=lags), random_bound=k == 0)
@@ -201,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             if pd_here:
                 pd_up = pd_coming.result()
                 pool.settle()
-                run_pd_stack = _disaggregated_stack(args, wl, pd_up)
+                run_pd_stack = _disaggregated_stack(args, wl, pd_up, prompts)
                 pool.stop(pd_up.backend)
                 if i < len(workloads):
                     coming = pool.start(out_dir / f"fleet-{i + 1}", setups[i][1])
@@ -271,9 +272,9 @@ def _pd_spec(args: argparse.Namespace, wl: Any, spec: Any) -> Any:
         router_args=(*spec.router_args, *pd_router_flags(DisaggSettings(), args.time_scale)))
 
 
-def _disaggregated_stack(args: argparse.Namespace, wl: Any, up: Any) -> Any:
-    """The workload once through the running disaggregated fleet's gateway."""
-    from bench.prompts import prepare
+def _disaggregated_stack(args: argparse.Namespace, wl: Any, up: Any, prompts: Any) -> Any:
+    """The workload (its ``prompts``, :func:`bench.prompts.prepare`) once through the running
+    disaggregated fleet's gateway."""
     from bench.stack_pd_gateway import replay_gateway_pd
 
     p = args.nodes // 2
@@ -282,7 +283,7 @@ def _disaggregated_stack(args: argparse.Namespace, wl: Any, up: Any) -> Any:
           "with vLLM's kv_transfer_params):")
     print(f"  stack up in {up.start_s:.1f} s, started while the sims ran (gateway at "
           f"{up.backend.fleet.gateway_url})")
-    return replay_gateway_pd(up.backend, wl, p, prepare(wl))
+    return replay_gateway_pd(up.backend, wl, p, prompts)
 
 
 def _disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[str, Any],
