@@ -31,7 +31,6 @@ from prometheus_client import CollectorRegistry
 
 from kvroute.blocks import HASH_SCHEME
 from kvroute.embedded_etcd import EmbeddedEtcd
-from kvroute.procs import free_port
 from kvroute.v1 import registry_pb2 as pb
 from kvroute.v1 import registry_pb2_grpc as pb_grpc
 from registry_service.server import serve
@@ -102,7 +101,7 @@ async def _registries(args: argparse.Namespace, tmp: Path, stop: asyncio.Event,
     for k in range(args.registries):
         ready = tmp / f"ready-{k}.json"
         tasks.append(asyncio.create_task(serve(RegistrySettings(
-            listen=f"127.0.0.1:{free_port()}", ready_file=str(ready), replica_id=f"reg-{k}",
+            listen="127.0.0.1:0", ready_file=str(ready), replica_id=f"reg-{k}",
             metrics_listen="127.0.0.1:0", status_write_interval_s=0,
             # the bench's nodes are registered once and never heartbeat: their leases must
             # outlive the run however slow a loaded machine makes it (10 s by default)
