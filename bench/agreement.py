@@ -127,7 +127,7 @@ def agreement(stack_report: dict[str, Any], sim_reports: list[dict[str, Any]],
             inside = inside and within
             row[key] = {"stack": stack, "sim_median": med, "sim_min": min(vals),
                         "sim_max": max(vals), "sim_sd": round(sd, 4), "apart": apart,
-                        "inside_range": within, "as_draw": as_draw}
+                        "within_bar": fits, "inside_range": within, "as_draw": as_draw}
         row["agree"] = ok
         row["as_draw"] = draw
         row["inside_range"] = inside
@@ -155,13 +155,8 @@ def agreement_counts(rows: list[dict[str, Any]]) -> str:
 def _misses(row: dict[str, Any]) -> str:
     keys = [k.removeprefix("ttft_").removesuffix("_ms") for k in ("hit", "ttft_p50_ms",
                                                                    "ttft_p90_ms")
-            if not _fits(row, k)]
+            if not row[k]["within_bar"]]
     return f"{row['policy'].removeprefix('gateway:')} {'/'.join(keys)}"
-
-
-def _fits(row: dict[str, Any], key: str) -> bool:
-    apart = abs(float(row[key]["apart"]))
-    return apart <= (HIT_TOLERANCE if key == "hit" else TTFT_TOLERANCE) + 1e-9
 
 
 def _value(row: dict[str, Any], key: str) -> float:
