@@ -185,13 +185,18 @@ class EngineModel:
                    and (r.finished_at is None or r.finished_at > t))
 
     # ---- transitions ---------------------------------------------------------------------
-    def submit(self, req: SimRequest, now: float) -> StepResult:
-        """Queue ``req`` at ``now`` and admit what fits. Raises RequestTooLarge if it never can."""
+    def check_fits(self, req: SimRequest) -> None:
+        """RequestTooLarge if ``req`` can never fit this engine's cache (what :meth:`submit`
+        refuses)."""
         need = self.cache.blocks_needed(req.prompt_tokens, req.max_tokens)
         if need > self.cache.capacity:
             raise RequestTooLarge(
                 f"request needs {need} KV blocks (prompt {req.prompt_tokens} + max_tokens "
                 f"{req.max_tokens} tokens) but the cache holds {self.cache.capacity}")
+
+    def submit(self, req: SimRequest, now: float) -> StepResult:
+        """Queue ``req`` at ``now`` and admit what fits. Raises RequestTooLarge if it never can."""
+        self.check_fits(req)
         if req.request_id in self._in_flight:
             raise ValueError(f"request id {req.request_id!r} is already in flight")
         result = self.advance(now)

@@ -223,7 +223,7 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
                                           full_blocks(r.block_hashes, r.prompt_tokens, bs),
                                           r.prompt_tokens, max(1, r.output_tokens))
             if at_engine[i] > now:
-                _check_fits(fleet, node, sreq)  # refused now, as a submit would be
+                fleet.nodes[node].model.check_fits(sreq)  # refused now, as a submit would be
                 heapq.heappush(on_the_way, (at_engine[i], i, node, sreq))
             else:
                 finished(fleet.submit(node, sreq, now))
@@ -271,15 +271,6 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     run.evictions = fleet.evictions_total
     run.wall_s = time.perf_counter() - t_wall
     return run
-
-
-def _check_fits(fleet: SimFleet, node: int, req: SimRequest) -> None:
-    """RequestTooLarge when ``req`` can never fit ``node``'s cache (what a submit raises)."""
-    cache = fleet.nodes[node].model.cache
-    need = cache.blocks_needed(req.prompt_tokens, req.max_tokens)
-    if need > cache.capacity:
-        raise RequestTooLarge(f"request needs {need} KV blocks but the cache holds "
-                              f"{cache.capacity}")
 
 
 def arrival_times(workload: Workload, jitter_s: float, seed: int,
