@@ -167,7 +167,12 @@ async def test_registry_restarted_empty_gets_a_full_resync(registry: Registry) -
         await registry.stop()
         await registry.start()  # same port, empty memory store
         await eventually(full, 15)
-        assert agent.link.stats.resyncs > resyncs
+
+        # The registry indexes the resync stream before the agent reads its answer and counts
+        # the resync: wait for the count rather than reading it the moment the blocks show.
+        async def counted() -> bool:
+            return agent.link.stats.resyncs > resyncs
+        await eventually(counted, 15)
         assert agent.link.stats.registrations >= 2
 
 
