@@ -160,7 +160,8 @@ def _with_replicas(args: argparse.Namespace, spec: FleetSpec, names: list[str],
                    ) -> tuple[FleetSpec, list[str]]:
     """``--routers N`` / ``--gateways N``: N replicas in the fleet (sharing their view unless
     ``--no-share-routes``) and, next to every policy replayed through one replica, the same
-    policy spread over all of them (``POLICY@N``), on the same fleet in the same run."""
+    policy spread over all of them (``POLICY@N``), on the same fleet in the same run: after
+    it, or before it with ``--replicas-first``."""
     rs = from_namespace(ReplicaSettings, args)
     gateways = int(getattr(args, "gateways", 1) or 1)
     if gateways < 1:
@@ -169,13 +170,13 @@ def _with_replicas(args: argparse.Namespace, spec: FleetSpec, names: list[str],
         return spec, names
     if gateways > 1 and not any(split_front(n)[0] for n in names):
         names = [*names, f"{GATEWAY_PREFIX}kv_aware"]
+    first = bool(getattr(args, "replicas_first", False))
     out: list[str] = []
     for n in names:
-        out.append(n)
         via_gateway = split_front(n)[0]
         k = gateways if via_gateway else rs.routers
-        if k > 1:
-            out.append(f"{n}@{k}")
+        pair = [n, f"{n}@{k}"] if k > 1 else [n]
+        out.extend(reversed(pair) if first else pair)
     share = rs.share_flags(args.time_scale)  # the routers live on the wall clock
     spec = dataclasses.replace(spec, routers=rs.routers, gateways=gateways,
                                gateway=spec.gateway or gateways > 1,

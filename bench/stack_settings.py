@@ -50,6 +50,10 @@ class StackSettings:
            "over all N like a Kubernetes Service (--spread), sharing their view unless "
            "--no-share-routes. --routers N does the same for the Router API (POLICY and "
            "POLICY@N)", metavar="N")
+    replicas_first: bool = setting(
+        False, "stack --routers/--gateways N: replay POLICY@N before POLICY in each run "
+               "(default: after), to see whether the order of the two replays on one fleet "
+               "favours one of them")
     sim_runs: int = setting(
         0, "stack: afterwards replay the same workload N times in --mode sim with the timing "
            "this stack run measured (arrival and return lag, heartbeat interval; seeds "

@@ -159,3 +159,24 @@ def test_the_burst_window_read_back_is_the_one_argparse_uses() -> None:
     assert last_flag_value([f"{flag}=0.003", flag, "0.004"], flag) == "0.004"
     assert last_flag_value(["--x", "1"], flag) is None
     assert last_flag_value([flag], flag) is None  # no value: argparse would have refused
+
+
+def test_stack_replays_the_replicas_after_one_router_unless_asked_first() -> None:
+    """--routers / --gateways N pair every policy with POLICY@N; --replicas-first swaps the
+    pair's order (to see whether replaying second on the same fleet favours a policy)."""
+    import argparse
+
+    from bench.cli_stack import _with_replicas
+    from bench.stack_fleet import FleetSpec
+
+    def names(**kw: object) -> list[str]:
+        ns = argparse.Namespace(routers=4, spread="random", share_routes=True,
+                                share_delay_s=0.005, share_max_blocks=64,
+                                share_burst_window_s=0.01, share_burst_coincidence=0.5,
+                                share_burst_stagger_s=0.0, calibrate=True, time_scale=0.2,
+                                gateways=1, **kw)
+        return _with_replicas(ns, FleetSpec(), ["kv_aware", "round_robin"])[1]
+
+    assert names() == ["kv_aware", "kv_aware@4", "round_robin", "round_robin@4"]
+    assert names(replicas_first=True) == ["kv_aware@4", "kv_aware", "round_robin@4",
+                                          "round_robin"]
