@@ -209,6 +209,15 @@ class ShareLink:
                     self._set_up(True)
                     log.info("route share: connected as %s", view.replica_id)
                     self._queue_snapshot("connected")
+                elif not view.live():
+                    # the view went stale while this stream stayed open (nothing heard for
+                    # --share-timeout-s: a stalled event loop here or at the hub) and dropped
+                    # the others' state; only a new stream's snapshots rebuild it, and until
+                    # one the replica would decide on its own counts for as long as the
+                    # stream lasts: end it, _run reconnects at once
+                    log.warning("route share: %s while the stream stayed open; reconnecting "
+                                "to rebuild the shared view", view.why_not)
+                    return
                 elif msg.resend_snapshot:
                     self._queue_snapshot("the registry asked")
                 view.heard()  # liveness; each delta's staleness is measured as it is applied

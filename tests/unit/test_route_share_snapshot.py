@@ -252,3 +252,32 @@ def test_own_snapshot_lists_the_requests_in_flight_in_a_new_epoch() -> None:
 
 def _policy_free(clock: _Clock) -> tuple[LoadTracker, PolicySet]:
     return LoadTracker(clock), PolicySet(names=[])
+
+
+async def test_a_view_gone_stale_on_an_open_stream_comes_back(tmp_path: Path) -> None:
+    """A replica that heard nothing for --share-timeout-s (its event loop or the hub's
+    stalled) drops the others' state; with the stream still open it reconnects, so their
+    snapshots rebuild it, instead of deciding on its own counts for as long as the stream
+    lasts (seen in a loaded stack run: one replica's view lost, 504 of ~2,000 deltas applied)."""
+    async with _registry(tmp_path, free_port()) as target:
+        a, b = _runtime(target, "ra"), _runtime(target, "rb")
+        await a.start()
+        await b.start()
+        try:
+            await _live(a, b)
+            vb = _view(b)
+            await _route(a, 3, 0)
+            await until(lambda: vb.remote.total == 3, what="b counts a's 3 requests")
+            vb._last_heard -= vb.timeout_s + 1  # as after a stall longer than the timeout
+            assert not vb.live() and vb.remote.total == 0
+            lost = vb.lost_total
+            # the hub's next keepalive (every second) finds the view stale: b reconnects and
+            # a's snapshot brings its requests back, node by node
+            await until(lambda: vb.live() and _same_as_own(vb, a) and vb.remote.total == 3,
+                         what="b live again, counting a's requests")
+            assert vb.lost_total == lost
+            await _route(a, 1, 10)
+            await until(lambda: vb.remote.total == 4, what="a's later routes reach b")
+        finally:
+            for rt in (a, b):
+                await rt.stop()
