@@ -172,6 +172,10 @@ class KvAwareSettings:
               "in flight now) and charge no in-flight cost (nothing decodes there: their "
               "in-flight requests are their queued prefill, already counted in seconds). "
               "--no-kv-prefill-only-backlog: score them as aggregated nodes")
+    kv_prefill_only_backlog_factor: float = setting(
+        1.0, "with kv_prefill_only_backlog: multiply the prefill nodes' mean in-flight count "
+             "by this before adding it to the reuse weight of prefill-only nodes (1 = Little's "
+             "law over the requests in flight now; 0 = the reuse weight alone)")
     kv_prefill_only_even_inflow: bool = setting(
         True, "break ties between prefill-only nodes (equal estimate, overlap and in-flight: "
               "typically idle nodes and a prompt none of them holds) towards the node that has "
@@ -195,6 +199,8 @@ class KvAwareSettings:
                 "must be in (0, 1)")
         require(self.kv_usage_penalty_s >= 0, "kv_usage_penalty_s", "must be >= 0")
         require(self.kv_replica_spread >= 0, "kv_replica_spread", "must be >= 0")
+        require(self.kv_prefill_only_backlog_factor >= 0, "kv_prefill_only_backlog_factor",
+                "must be >= 0")
         for name in ("kv_weight_queued_prefill", "kv_weight_eviction", "kv_weight_kv_usage"):
             require(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("kv_weight_offloaded", "kv_weight_unknown_index_miss"):
@@ -210,7 +216,8 @@ class KvAwarePolicy(SchedulingPolicy):
                                            s.kv_inflight_cost_tokens, s.kv_weight_offloaded,
                                            s.kv_weight_unknown_index_miss,
                                            s.kv_prefill_only_backlog,
-                                           s.kv_prefill_only_even_inflow)
+                                           s.kv_prefill_only_even_inflow,
+                                           s.kv_prefill_only_backlog_factor)
         self.load_cap = LoadCapFilter(s.kv_load_cap_factor, s.kv_load_cap_slack,
                                       not s.kv_prefill_only_load_cap)
         super().__init__(
