@@ -12,7 +12,8 @@ run's seed, as the README's tables do. One JSON line per strategy: hit rate (pre
 TTFT p90 as mean, sd, min and max over the seeds, p50 and transferred blocks as means, and,
 against ``--reference``, the paired difference of hit (mean, sd, min, max) and the mean
 paired difference of p90, and the seeds where the
-strategy's hit is at least the reference's. ``--kv FIELD=VALUE`` overrides a
+strategy's hit is at least the reference's; ``per_seed`` lists each seed's hit and p90 (to pair
+runs of different settings). ``--kv FIELD=VALUE`` overrides a
 :class:`router_service.policies.kv_aware.KvAwareSettings` field for the kv_aware rows (a what-if;
 the CLI's ``--kv-...`` flags are the same fields). An analysis tool for issue 18 (README,
 "Disaggregated prefill/decode"), not a benchmark: the sim runs on a virtual clock.
@@ -94,7 +95,8 @@ def main() -> None:
             "heartbeat_delay_s": args.heartbeat_delay_s, "kv": overrides,
             "hit": _summary(hit), "p90_s": _summary(p90),
             "p50_s": round(statistics.mean(m["ttft_ms"]["p50"] / 1000 for m in ms), 3),
-            "transferred_blocks": round(statistics.mean(m["transferred_blocks"] for m in ms))}
+            "transferred_blocks": round(statistics.mean(m["transferred_blocks"] for m in ms)),
+            "per_seed": {"hit": hit, "p90_s": [round(x, 3) for x in p90]}}
         if ref is not None and strat != args.reference:
             rh = [m["hit_rate_tokens"] for m in ref]
             rp = [m["ttft_ms"]["p90"] / 1000 for m in ref]
