@@ -48,17 +48,20 @@ class StoreFollower:
         """List the store once (raises when it cannot), then follow it in the background."""
         revision = await self._relist()
         self._follower = asyncio.create_task(self._follow(revision), name="registry-follower")
+        self._view.watch_stalls(True)
         self._sweeper = asyncio.create_task(self._sweep_health(), name="registry-health")
 
     async def freeze_health(self) -> None:
         """Stop re-evaluating health (a draining replica stops hearing heartbeats)."""
         sweeper, self._sweeper = self._sweeper, None
+        self._view.watch_stalls(False)
         await cancel_and_wait(sweeper)
 
     async def stop(self) -> None:
         """Stop following and sweeping."""
         tasks = (self._follower, self._sweeper)
         self._follower = self._sweeper = None
+        self._view.watch_stalls(False)
         await cancel_and_wait(*tasks)
 
     async def _relist(self) -> int:

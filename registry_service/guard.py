@@ -298,14 +298,15 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         except KvrouteError as exc:
             code, message, delay = self._refusal(method, exc)
         if raw is not None and len(raw) > SMALL_MESSAGE_BYTES and not delay:
-            # a large refused message (over a block limit, for an unknown node, ...) is
-            # answered only after the time its bytes take at the refused-bytes rate: gRPC
+            # a large message refused here before it is decoded (over a block limit, for an
+            # unknown node, not authorised) is answered only after the time its bytes take at
+            # the refused-bytes rate (refusals after decoding, in the core, are not held): gRPC
             # copies each message into Python on the event loop before any check can run
             # (~4 ms of loop time per 3 MB), so a client sending writes that cannot succeed
             # one after another makes the registry copy at most that many bytes per second
-            # (jittered: clients refused at once must not all come back at once)
-            delay = min(MAX_REFUSED_HOLD_S, len(raw) / self.refused_bytes_per_s
-                        * self._jitter.uniform(0.8, 1.2))
+            # (jittered after the cap: clients refused at once must not all come back at once)
+            delay = (min(MAX_REFUSED_HOLD_S, len(raw) / self.refused_bytes_per_s)
+                     * self._jitter.uniform(0.8, 1.0))
         return code, message, delay
 
     def _write(self, method: str, handler: _Handler) -> _Handler:

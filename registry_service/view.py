@@ -54,6 +54,9 @@ class ReplicaView:
         """(node, epoch) this replica deleted itself: their removal is not a lease expiry."""
         self._ran_mono = time.monotonic()
         """When this replica's event loop was last seen running (:meth:`note_running`)."""
+        self._stall_watch = False
+        """Whether :meth:`note_running` judges gaps (only while the health sweep runs: before
+        it starts, e.g. during a slow first listing, and while draining, gaps are no stall)."""
 
     # ---- nodes ----------------------------------------------------------------------------
     def _add(self, rec: NodeRecord) -> LiveNode:
@@ -199,6 +202,11 @@ class ReplicaView:
             if state is not None and not state.healthy(self.late_after_s, t):
                 state.trusted_until_ms = t + state.record.lease_ttl_s * 1000
 
+    def watch_stalls(self, on: bool) -> None:
+        """Start (the health sweep starts) or stop (it stops: draining) judging gaps."""
+        self._stall_watch = on
+        self._ran_mono = time.monotonic()
+
     def note_running(self) -> float:
         """Called by the health sweep and before every health read (Lookup, node info): if the
         loop was not seen running for :data:`STALL_AFTER_S`, it stalled, and the nodes on time
@@ -208,7 +216,7 @@ class ReplicaView:
         mono = time.monotonic()
         gap = mono - self._ran_mono
         self._ran_mono = mono
-        if gap <= STALL_AFTER_S:
+        if gap <= STALL_AFTER_S or not self._stall_watch:
             return 0.0
         n = self.forgive_stall(now_ms(), gap)
         log.warning("this registry did not run for %.1f s (event loop stalled): the %d node(s) "

@@ -39,9 +39,9 @@ many requests will join behind it during its stay as are in flight now. So on th
 load-balanced prefill nodes behave as one pooled queue: the delay spreads over the fleet; a
 factor of 1 counts only the requests in flight now, while on a saturated pool a recomputed token
 also delays those that arrive before the queue drains — 2 is measured, not derived: on the
-saturated Mooncake sample, 90 seeded sims, hit +0.0006 and p90 -0.1 s against 1, the other PD
-workloads unchanged; README, "vllm-router's PD mode, read from its source"), no
-``inflight_cost_tokens`` is charged (it stands for decode
+saturated Mooncake sample, 90 seeded sims, hit +0.0006 and p90 -0.1 s against 1; conversations
+and system prompts unchanged, the full trace hit +0.0012 at p90 +0.5 %; README, "vllm-router's
+PD mode, read from its source"), no ``inflight_cost_tokens`` is charged (it stands for decode
 occupancy) and the request-count load cap does not apply (``kv_prefill_only_load_cap``, default
 off: the queue is priced in seconds, which already stops a shared prefix from piling onto one
 node). At an idle fleet the weight is ``kv_reuse_weight`` as before; when the prefill nodes are
@@ -52,8 +52,8 @@ in-flight: typically idle nodes and a prompt none holds) go to the node that has
 fewest tokens so far instead of in turn (``kv_prefill_only_even_inflow``): where a prompt's new
 KV is written only decides which cache it evicts from, and filling every prefill cache at one
 pace keeps each conversation's history equally long (sglang-router's cache_aware sends such
-prompts to its smallest tree for the same reason). A node first seen later starts level with
-the least of the others. Aggregated (``both``) nodes are scored as before.
+prompts to its smallest tree for the same reason). A node first seen later starts level with the
+least of the others. Aggregated (``both``) nodes are scored as before.
 
 **Offloaded blocks** (a lower tier: vLLM's offloading connector ``medium`` CPU, SGLang HiCache
 CPU_PINNED / DISK) continue a node's device prefix: after its GPU-resident run, the blocks the

@@ -208,9 +208,9 @@ async def test_block_limits_refuse_and_leave_the_index_unchanged(
 async def test_large_refused_writes_are_answered_at_the_refused_bytes_rate(
         tmp_path: Path) -> None:
     """A refused write over 64 KiB is answered after its bytes' time at
-    --client-refused-bytes-per-s (x0.8-1.2 jitter), so a client sending writes that cannot
-    succeed one after another makes the registry receive at most that rate of them; a small
-    refused write is answered at once."""
+    --client-refused-bytes-per-s (at most 3 s, x0.8-1.0 jitter), so a client sending writes
+    that cannot succeed one after another makes the registry receive at most that rate of
+    them; a small refused write is answered at once."""
     async with registry(tmp_path, lease_ttl_s=30, status_write_interval_s=0,
                         capacity_slack_blocks=10, capacity_slack=0.0,
                         client_refused_bytes_per_s=200_000) as target, \

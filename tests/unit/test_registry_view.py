@@ -180,17 +180,24 @@ async def test_a_lookup_right_after_a_stall_sees_on_time_nodes_healthy() -> None
     core = RegistryCore(settings, MemoryStore(), RegistryMetrics())
     await core.start()
     try:
+        late = core.view.late_after_s  # 1 s
+        gone = await core.register(pb.RegisterNodeRequest(
+            node_id="b", address="h:2", model="m", block_size=16, capacity_blocks=10))
+        await core.heartbeat(pb.HeartbeatRequest(node_id="b", epoch=gone.record.epoch,
+                                                 write_token=gone.write_token))
+        await asyncio.sleep(late + 0.7)  # b stopped beating: late before the stall
         reg = await core.register(pb.RegisterNodeRequest(
             node_id="a", address="h:1", model="m", block_size=16, capacity_blocks=10))
-        late = core.view.late_after_s  # 1 s
         await core.heartbeat(pb.HeartbeatRequest(node_id="a", epoch=reg.record.epoch,
                                                  write_token=reg.write_token))
         await asyncio.sleep(0.6)  # the sweep has run since the heartbeat
         time.sleep(late + 1.5)  # noqa: ASYNC251 - the loop stalls: no heartbeat is read
         # no await between the stall and the read: the sweep cannot have run
-        got = core.reads.lookup(pb.LookupRequest(model="m", block_hashes=[1]))
-        assert [(n.node_id, n.healthy) for n in got.nodes] == [("a", True)], got
-        assert core.reads.list_nodes("m")[0].healthy
+        got = core.reads.lookup(pb.LookupRequest(model="m", block_hashes=[1],
+                                                 include_unhealthy=True))
+        health = {n.node_id: n.healthy for n in got.nodes}
+        assert health == {"a": True, "b": False}, got  # a late node is not forgiven
+        assert {n.node_id: n.healthy for n in core.reads.list_nodes("m")} == health
     finally:
         await core.close()
 

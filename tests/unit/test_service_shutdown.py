@@ -122,9 +122,18 @@ async def test_gateway_catalog_failure_still_stops_link_session_and_metrics(
 async def test_epp_runtime_failure_still_closes_session_and_metrics(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(RoutingRuntime, "stop", _boom)
+    sessions: list[Any] = []
+    real_session = epp_server.aiohttp.ClientSession
+
+    def session(*args: Any, **kwargs: Any) -> Any:
+        sessions.append(real_session(*args, **kwargs))
+        return sessions[-1]
+
+    monkeypatch.setattr(epp_server.aiohttp, "ClientSession", session)
     settings = EppSettings(listen="127.0.0.1:0", **_common(tmp_path))
     port, metrics_port = await _serve_then_stop(
         lambda stop: epp_server.serve(settings, stop=stop), tmp_path / "ready.json",
         "grpc_port")
     assert _refused(port)  # the ext_proc server stopped before the failing step
+    assert sessions and sessions[0].closed  # the tokenizer session closed after it
     assert _refused(metrics_port)  # the metrics server stopped after it

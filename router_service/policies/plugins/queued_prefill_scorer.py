@@ -38,7 +38,7 @@ class QueuedPrefillScorer:
     def __init__(self, prefill_tokens_per_s: float, reuse_weight: float,
                  inflight_cost_tokens: float, offloaded_credit: float = 1.0,
                  unknown_miss_weight: float = 1.0, prefill_only_backlog: bool = False,
-                 even_inflow: bool = False, backlog_factor: float = 1.0) -> None:
+                 even_inflow: bool = False, backlog_factor: float = 2.0) -> None:
         self.rate = prefill_tokens_per_s
         self.reuse_weight = reuse_weight
         self.inflight_cost_tokens = inflight_cost_tokens
