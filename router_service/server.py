@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import time
 from collections.abc import Awaitable, Mapping
 from typing import Any
@@ -14,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
-from kvroute.aio import cancel_and_wait, run_each
+from kvroute.aio import cancel_and_wait, run_each, stop_on_signals
 from kvroute.grpcutil import HealthReporter, add_health_and_reflection, bind, server_options
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
@@ -99,11 +98,7 @@ async def serve(settings: RouterSettings,
     bound_metrics = metrics_server.start()
     await health.servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     ready = asyncio.create_task(_serving_once_a_node_is_known(core, health), name="readiness")
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals(stop)
     write_ready_file(s.ready_file, {"grpc_port": port, "metrics_port": bound_metrics,
                                     "pid": os.getpid()})
     log.info("router serving on port %d (metrics %d; gRPC health NOT_SERVING until a node is "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +13,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from prometheus_client import CollectorRegistry
 
-from kvroute.aio import run_each
+from kvroute.aio import run_each, stop_on_signals
 from kvroute.grpcutil import add_health_and_reflection, bind, message_size_options, server_options
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
@@ -58,11 +57,7 @@ async def serve(settings: EppSettings,
     await server.start()
     bound_metrics = metrics_server.start()
     await health.set_serving(True)
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals(stop)
     write_ready_file(s.ready_file, {"grpc_port": port, "metrics_port": bound_metrics,
                                     "pid": os.getpid()})
     log.info("endpoint picker serving ext_proc on port %d (metrics %d); settings %s", port,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import ssl
 from collections.abc import Mapping
 from typing import Any
@@ -19,7 +18,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from kvroute.aio import run_each
+from kvroute.aio import run_each, stop_on_signals
 from kvroute.errors import ConfigError
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
@@ -140,11 +139,7 @@ async def serve(settings: GatewaySettings,
     gw = Gateway(s, policy_settings)
     mhost, mport = parse_hostport(s.metrics_listen, "metrics_listen")
     metrics_server = MetricsServer(gw.registry, mhost, mport)
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals(stop)
     try:
         port = await gw.start()
         bound_metrics = metrics_server.start()
