@@ -9,6 +9,10 @@ Strategies (prefill policy / decode choice), each replayed on a fresh P+D fleet
 * ``sglang/least_loaded`` — prefix-only prefill routing (the sglang-router ``cache_aware``
   re-implementation, as ``--pd-disaggregation --prefill-policy cache_aware`` runs it) with the
   decode node chosen by load alone;
+* ``vllm_pd/least_loaded`` — vllm-router's PD mode as the stack head-to-head runs it
+  (``--vllm-pd-disaggregation --prefill-policy cache_aware --decode-policy power_of_two``):
+  :mod:`bench.peer_policies.vllm_pd` picks the prefill node; with two decode engines
+  power-of-two compares both, i.e. decode by load alone;
 * ``round_robin/round_robin`` — round-robin pairs;
 
 next to ``kv_aware`` on an *aggregated* fleet of the same total size (P+D engines), and the
@@ -41,7 +45,7 @@ from router_service.disagg import DisaggSettings
 from router_service.policies.kv_aware import KvAwareSettings
 
 PD_STRATEGIES = ("kv_aware/kv_aware", "kv_aware/least_loaded", "sglang/least_loaded",
-                 "round_robin/round_robin")
+                 "vllm_pd/least_loaded", "round_robin/round_robin")
 """Default disaggregated strategies, ``prefill policy/decode choice``."""
 
 

@@ -3,7 +3,9 @@
 Router policies (``kv_aware``, ``session``, ``round_robin``, ``least_loaded``, ``random``) come
 from the router's own factory (:func:`router_service.policies.factory.router_policies`), so the
 bench runs the code the router serves; :func:`bench_factory` registers ``seed`` and the peer
-re-implementations (``dynamo``, ``sglang``, ``llmd``) on a copy of that registry.
+re-implementations (``dynamo``, ``sglang``, ``llmd``) on a copy of that registry, and
+``vllm_pd`` (vllm-router's PD-mode ``cache_aware`` prefill choice), which only the disaggregated
+bench offers (``--pd-strategies vllm_pd/least_loaded``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from bench.peer_policies.dynamo import DynamoPolicy
 from bench.peer_policies.llmd import LlmdPolicy
 from bench.peer_policies.sglang import SglangCacheAwarePolicy
+from bench.peer_policies.vllm_pd import VllmPdCacheAwarePolicy
 from bench.seed_policy import SeedPolicy
 from router_service.policies.base import Policy
 from router_service.policies.factory import PolicyFactory, PolicySpec, router_policies
@@ -25,6 +28,9 @@ BENCH_POLICIES = ("seed", "dynamo", "sglang", "llmd")
 """Bench-only: the seed notebook's algorithm and peer re-implementations."""
 ALL_POLICIES = ROUTER_POLICIES + BENCH_POLICIES
 """Default ``--policies``, in table order."""
+PD_ONLY_POLICIES = ("vllm_pd",)
+"""Bench-only prefill choices of a peer's disaggregated mode: not aggregated policies (they
+exist only as the prefill half of ``--pd-strategies``)."""
 
 
 def bench_factory(seed: int = 0) -> PolicyFactory:
@@ -38,6 +44,9 @@ def bench_factory(seed: int = 0) -> PolicyFactory:
                                 lambda _s: SglangCacheAwarePolicy()))
     factory.register(PolicySpec("llmd", "re-implementation of llm-d's prefix scorer", None,
                                 lambda _s: LlmdPolicy(seed=seed)))
+    factory.register(PolicySpec("vllm_pd", "re-implementation of vllm-router's PD-mode "
+                                "cache_aware prefill choice", None,
+                                lambda _s: VllmPdCacheAwarePolicy()))
     return factory
 
 
@@ -56,7 +65,8 @@ def policy_settings(prefill_tokens_per_s: float, seed: int = 0,
 def build_policy(name: str, *, prefill_tokens_per_s: float, seed: int = 0,
                  overrides: dict[type[Any], Any] | None = None) -> Policy:
     """A fresh policy called ``name`` (KeyError for unknown names)."""
-    if name not in ALL_POLICIES:
-        raise KeyError(f"unknown policy {name!r}; known: {', '.join(ALL_POLICIES)}")
+    if name not in ALL_POLICIES + PD_ONLY_POLICIES:
+        raise KeyError(f"unknown policy {name!r}; known: "
+                       f"{', '.join(ALL_POLICIES + PD_ONLY_POLICIES)}")
     return bench_factory(seed).build(
         name, policy_settings(prefill_tokens_per_s, seed, overrides))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -64,3 +66,16 @@ async def run_each(*steps: Callable[[], object] | None) -> None:
                           exc_info=exc)
     if first is not None:
         raise first
+
+
+def stop_on_signals(stop: asyncio.Event | None) -> asyncio.Event:
+    """``stop`` when given (tests, embedding); else a new event that SIGTERM and SIGINT set on
+    the running loop (where signal handlers can be installed)."""
+    if stop is not None:
+        return stop
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -51,7 +51,9 @@ class AgentSettings(ServerSettings, ClientTLSSettings):
     topic: str = setting("", "ZMQ topic prefix to subscribe to (vLLM default: empty = all)")
     heartbeat_interval_s: float = setting(
         0.0, "Seconds between heartbeats (0 = the interval the registry suggests)")
-    rpc_timeout_s: float = setting(5.0, "Deadline of each registry call, seconds")
+    rpc_timeout_s: float = setting(
+        5.0, "Deadline of each registry call, seconds (keep it over 3 s: the registry holds "
+        "a large refused write up to 3 s before answering, --client-refused-bytes-per-s)")
     registry_retry_max_s: float = setting(
         1.0, "Longest back-off between attempts to reach the registry (jittered); gRPC's own "
         "reconnect back-off is capped the same, so a registry that returns is used within "

@@ -2,7 +2,7 @@
 the watch is compacted away or fails. And the health sweep that tells watchers when a node's
 heartbeats turn late (or on time again). Time the registry itself did not run (its event loop
 stalled: a long GC pause, a frozen process, a starved machine) does not make a node late: the
-heartbeats of that time are still queued, unread (see :meth:`ReplicaView.forgive_stall`).
+heartbeats of that time are still queued, unread (see :meth:`ReplicaView.note_running`).
 
 Every change, whether this replica wrote it or another did, reaches the view through here or
 through the core's write path, and :meth:`ReplicaView.apply` is idempotent, so the two may
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from kvroute.aio import cancel_and_wait
@@ -25,9 +24,7 @@ from registry_service.view import ReplicaView
 
 log = logging.getLogger(__name__)
 SWEEP_S = 0.5
-"""Seconds between two health sweeps."""
-STALL_S = 1.0
-"""A sweep that wakes this much later than asked means the registry's loop did not run."""
+"""Seconds between two health sweeps (well inside the view's ``STALL_AFTER_S``)."""
 
 
 class StoreFollower:
@@ -51,17 +48,20 @@ class StoreFollower:
         """List the store once (raises when it cannot), then follow it in the background."""
         revision = await self._relist()
         self._follower = asyncio.create_task(self._follow(revision), name="registry-follower")
+        self._view.watch_stalls(True)
         self._sweeper = asyncio.create_task(self._sweep_health(), name="registry-health")
 
     async def freeze_health(self) -> None:
         """Stop re-evaluating health (a draining replica stops hearing heartbeats)."""
         sweeper, self._sweeper = self._sweeper, None
+        self._view.watch_stalls(False)
         await cancel_and_wait(sweeper)
 
     async def stop(self) -> None:
         """Stop following and sweeping."""
         tasks = (self._follower, self._sweeper)
         self._follower = self._sweeper = None
+        self._view.watch_stalls(False)
         await cancel_and_wait(*tasks)
 
     async def _relist(self) -> int:
@@ -103,15 +103,9 @@ class StoreFollower:
         """Tell watchers when a node turns unhealthy (late heartbeats) or healthy again."""
         view = self._view
         while True:
-            asked = time.monotonic()
             await asyncio.sleep(SWEEP_S)
-            stalled_s = time.monotonic() - asked - SWEEP_S
+            view.note_running()  # forgives a stall, unless a health read came first and did
             now = now_ms()
-            if stalled_s > STALL_S:
-                n = view.forgive_stall(now, stalled_s)
-                log.warning("this registry did not run for %.1f s (event loop stalled): the %d "
-                            "node(s) on time before it get one more late window (%.1f s) for "
-                            "their queued heartbeats", stalled_s, n, view.late_after_s)
             seen = self._was_healthy
             for node_id, state in view.nodes.items():
                 healthy = state.healthy(view.late_after_s, now)

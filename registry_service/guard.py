@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,6 +48,9 @@ _Ctx = grpc.aio.ServicerContext[Any, Any]
 _Refusal: TypeAlias = tuple[grpc.StatusCode, str, float]
 MAX_TARPIT_S = 1.0
 """Longest a rate-limited call is held before its refusal is sent."""
+MAX_REFUSED_HOLD_S = 3.0
+"""Longest a large refused write is held before its refusal is sent (under the 5 s or longer
+deadlines agents and most clients give a write)."""
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
@@ -160,6 +164,8 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             settings.client_write_calls_per_s, settings.client_write_burst,
             settings.client_write_bytes_per_s,
             bytes_burst=RESYNC_BYTES_PER_HASH * settings.max_blocks_per_node)
+        self.refused_bytes_per_s = settings.client_refused_bytes_per_s
+        self._jitter = random.Random()
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -292,9 +298,15 @@ class RegistryGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         except KvrouteError as exc:
             code, message, delay = self._refusal(method, exc)
         if raw is not None and len(raw) > SMALL_MESSAGE_BYTES and not delay:
-            # a large refused message (over a block limit, for an unknown node, ...) is
-            # answered only after the time its bytes take at the client's byte rate
-            delay = min(MAX_TARPIT_S, len(raw) / self.limiter.bytes_per_s)
+            # a large message refused here before it is decoded (over a block limit, for an
+            # unknown node, not authorised) is answered only after the time its bytes take at
+            # the refused-bytes rate (refusals after decoding, in the core, are not held): gRPC
+            # copies each message into Python on the event loop before any check can run
+            # (~4 ms of loop time per 3 MB), so a client sending writes that cannot succeed
+            # one after another makes the registry copy at most that many bytes per second
+            # (jittered after the cap: clients refused at once must not all come back at once)
+            delay = (min(MAX_REFUSED_HOLD_S, len(raw) / self.refused_bytes_per_s)
+                     * self._jitter.uniform(0.8, 1.0))
         return code, message, delay
 
     def _write(self, method: str, handler: _Handler) -> _Handler:

@@ -20,6 +20,10 @@ THREAD_BYTES = 256 * 1024
 a 3 MB hash list takes milliseconds that the event loop serving Lookups should not wait."""
 MAX_FIELDS = 64
 """A legitimate write message has about a dozen top-level fields; past this, decode instead."""
+COUNT_CHUNK = 64 * 1024
+"""Bytes of a packed field compared at once: the comparison's temporary array stays this small
+(a 3 MB one is a fresh mapping, page-faulted in on every message, in every worker thread's
+arena)."""
 
 
 @dataclass
@@ -67,9 +71,8 @@ def peek(raw: bytes, packed_fields: frozenset[int]) -> Peek | None:
                 if number == 1:
                     out.node_id = bytes(view[pos:end]).decode("utf-8", "replace")
                 elif number in packed_fields:
-                    region = np.frombuffer(view[pos:end], dtype=np.uint8)
-                    out.counts[number] = out.counts.get(number, 0) + int(
-                        np.count_nonzero(region < 0x80))
+                    out.counts[number] = out.counts.get(number, 0) + _varint_ends(
+                        view[pos:end])
                 pos = end
             elif wire == 1:
                 pos += 8
@@ -80,6 +83,13 @@ def peek(raw: bytes, packed_fields: frozenset[int]) -> Peek | None:
     except ValueError:
         return None
     return out if pos == len(raw) else None
+
+
+def _varint_ends(region: memoryview) -> int:
+    """How many varints a packed region holds: its bytes without the continuation bit."""
+    data = np.frombuffer(region, dtype=np.uint8)
+    return sum(int(np.count_nonzero(data[i:i + COUNT_CHUNK] < 0x80))
+               for i in range(0, len(data), COUNT_CHUNK))
 
 
 def node_id_of(raw: bytes) -> str:

@@ -103,6 +103,7 @@ class RegistryReads:
         t0 = time.perf_counter()
         validate.lookup(req, self.settings)
         view = self.view
+        view.note_running()  # after a stall of this loop, forgive before reading health
         late, t, count = view.late_after_s, now_ms(), view.index.count
         matched = view.lookup_tiered(req.block_hashes, req.model)
         out: list[pb.NodeMatch] = []
@@ -133,6 +134,7 @@ class RegistryReads:
     # ---- node listings ------------------------------------------------------------------
     def info(self, s: LiveNode) -> pb.NodeInfo:
         """The NodeInfo of a node as this replica knows it now."""
+        self.view.note_running()  # after a stall of this loop, forgive before reading health
         count = self.view.index.count
         return node_info(s, self.view.late_after_s, count(s.slot), count(s.slot, OFFLOADED))
 

@@ -56,6 +56,13 @@ class SecuritySettings:
         4 * 1024 * 1024, "Bytes of write messages per second one client may send (one "
         "message larger than what is left is still admitted when the client is not in debt, "
         "so a full Resync passes; the client then waits it off)")
+    client_refused_bytes_per_s: int = setting(
+        1024 * 1024, "A write message over 64 KiB that the registry refuses from its raw "
+        "bytes, before decoding (over a block limit, for an unknown node, not authorised), is "
+        "answered after its bytes' time at this rate (at most 3 s, x0.8-1.0 jitter): a client "
+        "sending such writes one after another makes the registry receive at most this many "
+        "bytes per second of them. Clients should give writes a deadline over 3 s (the node "
+        "agent's --rpc-timeout-s, default 5 s)")
 
     memory_trim_after_bytes: int = setting(
         64 * 1024 * 1024, "Return freed heap memory to the OS (glibc malloc_trim) once this "
@@ -80,6 +87,8 @@ class SecuritySettings:
         require(self.client_write_burst >= 1, "client_write_burst", "must be >= 1")
         require(self.memory_trim_after_bytes >= 0, "memory_trim_after_bytes", "must be >= 0")
         require(self.client_write_bytes_per_s >= 1024, "client_write_bytes_per_s",
+                "must be >= 1024")
+        require(self.client_refused_bytes_per_s >= 1024, "client_refused_bytes_per_s",
                 "must be >= 1024")
 
     def node_block_limit(self, capacity_blocks: int) -> int:

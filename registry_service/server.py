@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import socket
 import time
 
 import grpc
 
-from kvroute.aio import run_each
+from kvroute.aio import run_each, stop_on_signals
 from kvroute.grpcutil import add_health_and_reflection, bind, message_size_options, server_options
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
@@ -89,12 +87,7 @@ def make_relay(settings: RegistrySettings, store: PlacementStore, hub: RouteShar
 
 async def serve(settings: RegistrySettings, stop: asyncio.Event | None = None) -> int:
     """Run the registry until SIGTERM/SIGINT (or ``stop``); drains and returns 0."""
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals(stop)
     log.info("registry starting: %s", describe(settings))
     metrics = RegistryMetrics()
     core = RegistryCore(settings, make_store(settings), metrics)

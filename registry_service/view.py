@@ -9,6 +9,7 @@ apply the same store history end with the same view.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -30,6 +31,9 @@ from registry_service.store.base import (
 )
 
 log = logging.getLogger(__name__)
+STALL_AFTER_S = 1.5
+"""A gap this long between two moments this replica's event loop was seen running (its health
+sweep runs every 0.5 s) means the loop stalled for at least a second."""
 
 
 class ReplicaView:
@@ -48,6 +52,11 @@ class ReplicaView:
         """Called with the entries dropped when a node leaves (the server trims the heap)."""
         self.deregistered: set[tuple[str, int]] = set()
         """(node, epoch) this replica deleted itself: their removal is not a lease expiry."""
+        self._ran_mono = time.monotonic()
+        """When this replica's event loop was last seen running (:meth:`note_running`)."""
+        self._stall_watch = False
+        """Whether :meth:`note_running` judges gaps (only while the health sweep runs: before
+        it starts, e.g. during a slow first listing, and while draining, gaps are no stall)."""
 
     # ---- nodes ----------------------------------------------------------------------------
     def _add(self, rec: NodeRecord) -> LiveNode:
@@ -192,6 +201,28 @@ class ReplicaView:
             state = self.nodes.get(node_id)
             if state is not None and not state.healthy(self.late_after_s, t):
                 state.trusted_until_ms = t + state.record.lease_ttl_s * 1000
+
+    def watch_stalls(self, on: bool) -> None:
+        """Start (the health sweep starts) or stop (it stops: draining) judging gaps."""
+        self._stall_watch = on
+        self._ran_mono = time.monotonic()
+
+    def note_running(self) -> float:
+        """Called by the health sweep and before every health read (Lookup, node info): if the
+        loop was not seen running for :data:`STALL_AFTER_S`, it stalled, and the nodes on time
+        when it was last seen running are forgiven (:meth:`forgive_stall`) before anything reads
+        their health — whichever runs first after the stall, a queued Lookup or the sweep.
+        Returns the seconds not run (0 when no stall)."""
+        mono = time.monotonic()
+        gap = mono - self._ran_mono
+        self._ran_mono = mono
+        if gap <= STALL_AFTER_S or not self._stall_watch:
+            return 0.0
+        n = self.forgive_stall(now_ms(), gap)
+        log.warning("this registry did not run for %.1f s (event loop stalled): the %d node(s) "
+                    "on time before it get one more late window (%.1f s) for their queued "
+                    "heartbeats", gap, n, self.late_after_s)
+        return gap
 
     def forgive_stall(self, at_ms: int, stalled_s: float) -> int:
         """This replica did not run for ``stalled_s`` up to ``at_ms``: the heartbeats of that

@@ -39,6 +39,9 @@ class RemoteLoad:
         self._requests: InflightTable[tuple[str, str], _Remote] = InflightTable(
             inflight_timeout_s, max_tracked)
         self._by_id: dict[str, tuple[str, str]] = {}
+        self._by_replica: dict[str, set[str]] = {}
+        """Request ids held per replica: a join, forget or snapshot of one replica touches
+        only its own requests (not every remote request)."""
         self._floors: OrderedDict[str, int] = OrderedDict()
         self.expired_total = 0
         self.stale_total = 0
@@ -77,6 +80,7 @@ class RemoteLoad:
         self._unindex(evicted)
         self.expired_total += len(evicted)
         self._by_id[request_id] = key
+        self._by_replica.setdefault(replica_id, set()).add(request_id)
 
     def complete(self, replica_id: str | None, request_id: str) -> str | None:
         """Release a remote request (any replica's when ``replica_id`` is None); its node."""
@@ -107,17 +111,25 @@ class RemoteLoad:
         return self._drop(replica_id)
 
     def _drop(self, replica_id: str) -> int:
-        keys = [k for k in self._requests if k[0] == replica_id]
-        for key in keys:
+        ids = self._by_replica.pop(replica_id, set())
+        by_id = self._by_id
+        for request_id in ids:
+            key = (replica_id, request_id)
             self._requests.release(key)
-        self._unindex(keys)
-        return len(keys)
+            if by_id.get(request_id) == key:
+                del by_id[request_id]
+        return len(ids)
 
     def _unindex(self, keys: list[tuple[str, str]]) -> None:
-        by_id = self._by_id
+        by_id, by_replica = self._by_id, self._by_replica
         for key in keys:
             if by_id.get(key[1]) == key:
                 del by_id[key[1]]
+            ids = by_replica.get(key[0])
+            if ids is not None:
+                ids.discard(key[1])
+                if not ids:
+                    del by_replica[key[0]]
 
     def expire(self, now: float | None = None) -> int:
         """Release remote requests older than the timeout (their completion was lost)."""
@@ -131,11 +143,14 @@ class RemoteLoad:
         return self._requests.count(node_id)
 
     def of(self, replica_id: str, node_id: str | None = None) -> int:
-        """Requests of ``replica_id`` in flight (on ``node_id`` when given; a scan: for tests
-        and logs)."""
+        """Requests of ``replica_id`` in flight (on ``node_id`` when given: a scan of that
+        replica's requests, for tests and logs)."""
+        ids = self._by_replica.get(replica_id, ())
+        if node_id is None:
+            return len(ids)
         reqs = self._requests
-        return sum(1 for k in reqs if k[0] == replica_id and (
-            node_id is None or ((e := reqs.get(k)) is not None and e.node_id == node_id)))
+        return sum(1 for i in ids
+                   if (e := reqs.get((replica_id, i))) is not None and e.node_id == node_id)
 
     @property
     def total(self) -> int:
@@ -147,3 +162,4 @@ class RemoteLoad:
         deltas of an old path stay ignored after the reconnect)."""
         self._requests.clear()
         self._by_id.clear()
+        self._by_replica.clear()

@@ -17,6 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from kvroute.aio import run_each
 from kvroute.errors import ConfigError
 from router_service.core import RouterCore
 from router_service.disagg import DisaggSettings
@@ -123,7 +124,7 @@ class RoutingRuntime:
             await self.share_link.start()
 
     async def stop(self) -> None:
-        """Stop the registry link."""
-        if self.share_link is not None:
-            await self.share_link.stop()
-        await self.core.source.stop()
+        """Stop the shared-view link and the registry link (the second also when the first
+        failed or the caller was cancelled in it)."""
+        await run_each(self.share_link.stop if self.share_link is not None else None,
+                       self.core.source.stop)

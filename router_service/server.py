@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
-from kvroute.aio import cancel_and_wait
+from kvroute.aio import cancel_and_wait, run_each, stop_on_signals
 from kvroute.grpcutil import HealthReporter, add_health_and_reflection, bind, server_options
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
@@ -57,22 +55,31 @@ async def drain(s: RouterSettings, servicer: RouterServicer, health: HealthRepor
     """SIGTERM: health NOT_SERVING; new Route calls and streams are refused with UNAVAILABLE
     (callers retry elsewhere) while running ones finish and Complete keeps working; after
     ``DRAIN_REFUSE_S`` (so callers see the refusal rather than a closed port) and once no Route
-    is running, the server stops, giving what is left the rest of ``drain_timeout_s``."""
+    is running, the server stops, giving what is left the rest of ``drain_timeout_s``. The
+    server stops also when an earlier step failed or the caller was cancelled in it."""
     t0 = time.monotonic()
+    idle: list[bool] = []
     log.info("draining (up to %.1f s): refusing new Route calls", s.drain_timeout_s)
-    await health.set_serving(False)
-    idle = await servicer.drain(s.drain_timeout_s)
-    left = s.drain_timeout_s - (time.monotonic() - t0)
-    await asyncio.sleep(max(0.0, min(DRAIN_REFUSE_S, left)))
-    left = max(0.0, s.drain_timeout_s - (time.monotonic() - t0))
-    await server.stop(left)
+
+    async def refuse_while_running() -> None:
+        idle.append(await servicer.drain(s.drain_timeout_s))
+        left = s.drain_timeout_s - (time.monotonic() - t0)
+        await asyncio.sleep(max(0.0, min(DRAIN_REFUSE_S, left)))
+
+    def stop_server() -> Awaitable[None]:
+        return server.stop(max(0.0, s.drain_timeout_s - (time.monotonic() - t0)))
+
+    await run_each(lambda: health.set_serving(False), refuse_while_running, stop_server)
     log.info("drained in %.2f s (%s)", time.monotonic() - t0,
-             "every Route finished" if idle else f"{servicer.active} Route calls cut off")
+             "every Route finished" if all(idle) else f"{servicer.active} Route calls cut off")
 
 
 async def serve(settings: RouterSettings,
-                policy_settings: Mapping[type[Any], Any] | None = None) -> int:
-    """Serve until SIGTERM/SIGINT, then drain for ``drain_timeout_s`` and return 0."""
+                policy_settings: Mapping[type[Any], Any] | None = None,
+                stop: asyncio.Event | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then drain for ``drain_timeout_s`` and
+    return 0. Every shutdown step runs, also when an earlier one failed or the task was
+    cancelled during one (the first error is raised after the last step)."""
     s = settings
     registry = CollectorRegistry()
     runtime = RoutingRuntime(s, policy_settings, registry)
@@ -91,20 +98,18 @@ async def serve(settings: RouterSettings,
     bound_metrics = metrics_server.start()
     await health.servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     ready = asyncio.create_task(_serving_once_a_node_is_known(core, health), name="readiness")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals(stop)
     write_ready_file(s.ready_file, {"grpc_port": port, "metrics_port": bound_metrics,
                                     "pid": os.getpid()})
     log.info("router serving on port %d (metrics %d; gRPC health NOT_SERVING until a node is "
              "known): %s; settings %s", port, bound_metrics, core.describe(), describe(s))
-    await stop.wait()
-    await cancel_and_wait(ready)
-    await health.servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await drain(s, servicer, health, server)
-    await runtime.stop()
-    with contextlib.suppress(Exception):
-        metrics_server.stop()
+    try:
+        await stop.wait()
+    finally:
+        await run_each(
+            lambda: cancel_and_wait(ready),
+            lambda: health.servicer.set(LIVENESS_SERVICE,
+                                        health_pb2.HealthCheckResponse.NOT_SERVING),
+            lambda: drain(s, servicer, health, server), runtime.stop, metrics_server.stop)
     log.info("router stopped")
     return 0

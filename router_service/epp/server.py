@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +13,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from prometheus_client import CollectorRegistry
 
+from kvroute.aio import run_each, stop_on_signals
 from kvroute.grpcutil import add_health_and_reflection, bind, message_size_options, server_options
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
@@ -33,8 +32,11 @@ HEALTH_SERVICES = (protocol.EXT_PROC_SERVICE, "liveness", "readiness")
 
 
 async def serve(settings: EppSettings,
-                policy_settings: Mapping[type[Any], Any] | None = None) -> int:
-    """Serve until SIGTERM/SIGINT, then drain for ``drain_timeout_s`` and return 0."""
+                policy_settings: Mapping[type[Any], Any] | None = None,
+                stop: asyncio.Event | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then drain for ``drain_timeout_s`` and
+    return 0. Every shutdown step runs, also when an earlier one failed or the task was
+    cancelled during one (the first error is raised after the last step)."""
     s = settings
     registry = CollectorRegistry()
     runtime = RoutingRuntime(s, policy_settings, registry)
@@ -55,21 +57,17 @@ async def serve(settings: EppSettings,
     await server.start()
     bound_metrics = metrics_server.start()
     await health.set_serving(True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals(stop)
     write_ready_file(s.ready_file, {"grpc_port": port, "metrics_port": bound_metrics,
                                     "pid": os.getpid()})
     log.info("endpoint picker serving ext_proc on port %d (metrics %d); settings %s", port,
              bound_metrics, describe(s))
-    await stop.wait()
-    log.info("draining (up to %.1f s)", s.drain_timeout_s)
-    await health.set_serving(False)
-    await server.stop(s.drain_timeout_s)
-    await runtime.stop()
-    await session.close()
-    with contextlib.suppress(Exception):
-        metrics_server.stop()
+    try:
+        await stop.wait()
+    finally:
+        log.info("draining (up to %.1f s)", s.drain_timeout_s)
+        await run_each(lambda: health.set_serving(False),
+                       lambda: server.stop(s.drain_timeout_s), runtime.stop, session.close,
+                       metrics_server.stop)
     log.info("endpoint picker stopped")
     return 0

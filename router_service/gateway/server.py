@@ -8,10 +8,8 @@ stops the registry link and exits 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import ssl
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +18,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from kvroute.aio import run_each, stop_on_signals
 from kvroute.errors import ConfigError
 from kvroute.procs import write_ready_file
 from kvroute.settings import describe, parse_hostport
@@ -121,29 +120,26 @@ class Gateway:
         return self.port
 
     async def stop(self) -> None:
-        """Drain HTTP, stop the catalog, the registry link and the upstream session."""
-        if self.runner is not None:
-            await self.runner.cleanup()
-        if self.catalog is not None:
-            await self.catalog.stop()
-        await self.runtime.stop()
-        if self.session is not None:
-            await self.session.close()
-        if self.upstream is not None:
-            self.upstream.close()
+        """Drain HTTP, stop the catalog, the registry link and the upstream session; each
+        step also when an earlier one failed or the caller was cancelled in it (the first
+        error is raised after the last step)."""
+        await run_each(self.runner.cleanup if self.runner is not None else None,
+                       self.catalog.stop if self.catalog is not None else None,
+                       self.runtime.stop,
+                       self.session.close if self.session is not None else None,
+                       self.upstream.close if self.upstream is not None else None)
 
 
 async def serve(settings: GatewaySettings,
-                policy_settings: Mapping[type[Any], Any] | None = None) -> int:
-    """Serve until SIGTERM/SIGINT, then drain and return 0."""
+                policy_settings: Mapping[type[Any], Any] | None = None,
+                stop: asyncio.Event | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then drain and return 0. The metrics server
+    stops also when the gateway's own stop failed or was cancelled."""
     s = settings
     gw = Gateway(s, policy_settings)
     mhost, mport = parse_hostport(s.metrics_listen, "metrics_listen")
     metrics_server = MetricsServer(gw.registry, mhost, mport)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals(stop)
     try:
         port = await gw.start()
         bound_metrics = metrics_server.start()
@@ -154,9 +150,7 @@ async def serve(settings: GatewaySettings,
         await stop.wait()
         log.info("draining (up to %.1f s)", s.drain_timeout_s)
     finally:
-        await gw.stop()
-        with contextlib.suppress(Exception):
-            metrics_server.stop()
+        await run_each(gw.stop, metrics_server.stop)
     log.info("gateway stopped")
     return 0
 

@@ -4,9 +4,9 @@ Runs ``kvroute bench flood`` (bench/flood_bench.py) with short windows: one hear
 hashes for a 1,000-block node is refused with RESOURCE_EXHAUSTED naming the node, the limit
 and the count; the rogue's node has 0 blocks indexed after a flood of such heartbeats; the
 registry's and both routers' RSS stay within a few MB; and Route p99 (replica and stream
-router modes) under the flood stays within 2x of its steady value (the higher p99 of the windows
-just before and after it, as the benchmark reads it), or within 10 ms of it (the benchmark, not
-this test, holds the 2x figure).
+router modes) under the flood shows no starvation: within 3x of its steady value (the higher p99 of
+the windows just before and after it, as the benchmark reads it) or within 30 ms of it. The 2x
+figure is a speed goal: the benchmark holds it, not this test.
 """
 
 from __future__ import annotations
@@ -38,7 +38,12 @@ def test_rogue_flood_is_refused_and_bounded() -> None:
     # The reference is the bench's own (flood_bench's verdict): the higher p99 of the windows
     # just before and just after the flood, since other load on a shared machine moves p99
     # between windows. (A failed Route call fails the measurement itself.)
+    # The guard sits between the failure and the noise: starvation measured p99 68 ms over a
+    # steady 8 ms (+60 ms, 8x); CPU contention on a shared 2-core machine, with the registry
+    # refusing as it should, measured +12.4 ms (mirror mode, whose Routes never reach the
+    # registry: the flood's own CPU use) and +13.5 ms (stream mode) in two CI runs that failed
+    # the earlier +10 ms guard. Speed goals are the benchmark's (house rule 3).
     for mode, flood in out["flood"].items():
         steady_p99 = max(out["steady"][mode]["p99_ms"], out["steady_after"][mode]["p99_ms"])
-        assert flood["p99_ms"] <= max(2.0 * steady_p99, steady_p99 + 10.0), \
+        assert flood["p99_ms"] <= max(3.0 * steady_p99, steady_p99 + 30.0), \
             (mode, out["steady"], out["flood"], out["steady_after"])

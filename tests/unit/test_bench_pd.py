@@ -103,9 +103,11 @@ def test_cli_runs_disaggregated_and_checks_its_flags(tmp_path: Path, capsys: obj
     out = tmp_path / "pd.json"
     assert main(["bench", "--workload", "conversations", "--limit", "150", "--no-progress",
                  "--prefill-nodes", "2", "--decode-nodes", "1", "--json", str(out),
-                 "--pd-strategies", "kv_aware/kv_aware,round_robin/round_robin"]) == 0
+                 "--pd-strategies", "kv_aware/kv_aware,vllm_pd/least_loaded"]) == 0
     rep = json.loads(out.read_text())
     assert rep["prefill_nodes"] == 2 and len(rep["results"]) == 2
+    assert rep["results"][1]["policy"] == "pd:vllm_pd/least_loaded"
+    assert main(["bench", "--no-progress", "--policies", "vllm_pd"]) == 2  # PD only
     assert rep["transfer_s_per_block"] > 0
     assert main(["bench", "--no-progress", "--prefill-nodes", "2"]) == 2
     assert main(["bench", "--no-progress", "--prefill-nodes", "1", "--decode-nodes", "1",

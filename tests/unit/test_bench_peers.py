@@ -5,8 +5,9 @@ from __future__ import annotations
 from bench.peer_policies.dynamo import DynamoPolicy
 from bench.peer_policies.llmd import LlmdPolicy
 from bench.peer_policies.sglang import SglangCacheAwarePolicy
+from bench.peer_policies.vllm_pd import VllmPdCacheAwarePolicy
 from bench.seed_policy import SeedPolicy
-from router_service.policies.base import NodeView, RequestView, choose_and_commit
+from router_service.policies.base import Decision, NodeView, RequestView, choose_and_commit
 
 
 def _n(i: int, matched: int = 0, inflight: int = 0, queue: int = 0, used: int = 0) -> NodeView:
@@ -46,6 +47,31 @@ def test_sglang_prefers_its_own_tree_then_smallest_tree_then_balance() -> None:
     busy = [_n(0, inflight=100) if first.node_id == "n0" else _n(0),
             _n(1, inflight=100) if first.node_id == "n1" else _n(1)]
     assert choose_and_commit(p, _r("d", (1, 2, 3, 4)), busy).node_id != first.node_id
+
+
+def test_vllm_pd_least_loaded_of_the_best_matches_else_least_loaded() -> None:
+    p = VllmPdCacheAwarePolicy()
+    # nothing matches: the least-loaded worker, the first of equal loads (min_by_key)
+    assert choose_and_commit(p, _r("a", (1, 2, 3, 4)), [_n(0), _n(1)]).node_id == "n0"
+    assert choose_and_commit(p, _r("b", (7, 8)), [_n(0, inflight=2), _n(1)]).node_id == "n1"
+    # match 3/4 > 0.3 on n0's tree only: n0, however busy (short of the imbalance thresholds)
+    assert choose_and_commit(p, _r("c", (1, 2, 3, 5)),
+                             [_n(0, inflight=9), _n(1)]).node_id == "n0"
+    # the same best match on two trees: the less loaded of the two, not the last owner
+    p.commit(_r("d", (1, 2, 9)), Decision("n1", 0, "sent there"))
+    assert choose_and_commit(p, _r("e", (1, 2, 6)),
+                             [_n(0, inflight=3), _n(1, inflight=1), _n(2)]).node_id == "n1"
+    assert choose_and_commit(p, _r("e2", (1, 2, 10)),
+                             [_n(0, inflight=1), _n(1, inflight=3), _n(2)]).node_id == "n0"
+    # a match at or under 0.3 counts for nothing: least loaded ("f" matches 1 block of 4)
+    assert choose_and_commit(p, _r("f", (1, 5, 6, 7)),
+                             [_n(0), _n(1, inflight=1), _n(2, inflight=1)]).node_id == "n0"
+    assert choose_and_commit(p, _r("g", (1, 11, 12, 13)),
+                             [_n(0, inflight=2), _n(1), _n(2)]).node_id == "n1"
+    # imbalance (max - min > 64 and max > 1.5 min): least loaded, even with a full match
+    assert choose_and_commit(p, _r("h", (1, 2, 3, 4)),
+                             [_n(0, inflight=100), _n(1, inflight=30), _n(2, inflight=20)]
+                             ).node_id == "n2"
 
 
 def test_llmd_weighs_prefix_queue_and_usage() -> None:

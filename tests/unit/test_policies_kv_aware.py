@@ -168,8 +168,9 @@ def test_a_saturated_prefill_only_fleet_weighs_reuse_by_its_backlog() -> None:
     # queue); every prefill node has 10 requests in flight. Aggregated scoring (weight 8):
     # n0 1200 + 8 x 32 = 1456 against n1 8 x 128 = 1024 tokens -> n1 recomputes the prefix.
     # Prefill-only: each recomputed token also delays the ~10 requests that queue behind it,
-    # weight 8 + 10 = 18: n0 1200 + 18 x 32 = 1776 against n1 18 x 128 = 2304 -> n0.
-    s = KvAwareSettings(kv_prefill_tokens_per_s=1000.0)
+    # weight 8 + 10 = 18 (backlog factor 1): n0 1200 + 18 x 32 = 1776 against n1 18 x 128 =
+    # 2304 -> n0.
+    s = KvAwareSettings(kv_prefill_tokens_per_s=1000.0, kv_prefill_only_backlog_factor=1.0)
     for role, want in (("both", "n1"), ("prefill", "n0")):
         nodes = [_pnode(0, matched=6, inflight=10, pending=1200.0, role=role),
                  _pnode(1, inflight=10, role=role)]
@@ -182,10 +183,25 @@ def test_a_saturated_prefill_only_fleet_weighs_reuse_by_its_backlog() -> None:
     assert "reuse weight 18.0 with the prefill backlog" in d.reason
 
 
+def test_the_backlog_factor_scales_the_prefill_only_backlog() -> None:
+    # 96 of 128 tokens cached on n0 behind 2.0 s of queued prefill, 10 in flight everywhere.
+    # Factor 1: weight 8 + 10 = 18, n0 2000 + 18 x 32 = 2576 > n1 18 x 128 = 2304 -> n1.
+    # Factor 2: weight 8 + 20 = 28, n0 2000 + 28 x 32 = 2896 < n1 28 x 128 = 3584 -> n0.
+    s = KvAwareSettings(kv_prefill_tokens_per_s=1000.0, kv_prefill_only_backlog_factor=1.0)
+    nodes = [_pnode(0, matched=6, inflight=10, pending=2000.0), _pnode(1, inflight=10)]
+    assert choose_and_commit(KvAwarePolicy(s), _req(), nodes).node_id == "n1"
+    two = dataclasses.replace(s, kv_prefill_only_backlog_factor=2.0)
+    d = choose_and_commit(KvAwarePolicy(two), _req(), nodes)
+    assert d.node_id == "n0" and "reuse weight 28.0 with the prefill backlog" in d.reason
+    assert KvAwareSettings().kv_prefill_only_backlog_factor == 2.0  # the default
+    with pytest.raises(ValueError):
+        KvAwareSettings(kv_prefill_only_backlog_factor=-1.0)
+
+
 def test_an_idle_prefill_only_fleet_scores_as_before_without_decode_charges() -> None:
     # no backlog: the weight stays kv_reuse_weight; in-flight requests are the prefill queue
     # (priced by pending prefill), so they add no decode-occupancy charge on prefill-only nodes
-    s = KvAwareSettings(kv_prefill_tokens_per_s=1000.0)
+    s = KvAwareSettings(kv_prefill_tokens_per_s=1000.0, kv_prefill_only_backlog_factor=1.0)
     pol = KvAwarePolicy(s)
     nodes = [_pnode(0, matched=2), _pnode(1)]
     cyc = pol.cycle(_req(), nodes)

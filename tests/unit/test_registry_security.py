@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,9 @@ def test_peek_counts_packed_hashes_without_decoding() -> None:
     rs = pb.ResyncRequest(node_id="n", epoch=1, block_hashes=list(range(70_000)))
     found = peek(rs.SerializeToString(), frozenset({3}))
     assert found is not None and found.counts == {3: 70_000}
+    # 10-byte varints across the 64 KiB chunks the count is made in
+    wide = pb.HeartbeatRequest(node_id="w", stored=[2**63 + 7] * 20_000).SerializeToString()
+    assert (got := peek(wide, frozenset({7}))) is not None and got.counts == {7: 20_000}
     assert peek(b"\x0a\xff", frozenset({7})) is None  # truncated: decode normally
     assert node_id_of(req.SerializeToString()) == "node-7"
     assert node_id_of(pb.HeartbeatRequest(epoch=1).SerializeToString()) == ""
@@ -199,6 +203,35 @@ async def test_block_limits_refuse_and_leave_the_index_unchanged(
     code, msg = await _code(stub.Resync(resync()))
     assert code == Code.RESOURCE_EXHAUSTED and "node b" in msg and "110" in msg, msg
     assert await _blocks(stub) == {"a": 100, "b": 0}
+
+
+async def test_large_refused_writes_are_answered_at_the_refused_bytes_rate(
+        tmp_path: Path) -> None:
+    """A refused write over 64 KiB is answered after its bytes' time at
+    --client-refused-bytes-per-s (at most 3 s, x0.8-1.0 jitter), so a client sending writes
+    that cannot succeed one after another makes the registry receive at most that rate of
+    them; a small refused write is answered at once."""
+    async with registry(tmp_path, lease_ttl_s=30, status_write_interval_s=0,
+                        capacity_slack_blocks=10, capacity_slack=0.0,
+                        client_refused_bytes_per_s=200_000) as target, \
+            grpc.aio.insecure_channel(target) as ch:
+        st = pb_grpc.RegistryStub(ch)
+        a = await _register(st, "a", 100)  # limit 110 blocks
+        big = pb.HeartbeatRequest(node_id="a", epoch=a.epoch, write_token=a.write_token,
+                                  stored=range(2**40, 2**40 + 50_000), delta_seq=1)
+        small = pb.HeartbeatRequest(node_id="a", epoch=a.epoch, write_token=a.write_token,
+                                    stored=range(1, 1000), delta_seq=1)
+        nbytes = big.ByteSize()  # ~300 KB: 1.5 s at 200 KB/s
+        t0 = time.monotonic()
+        code, msg = await _code(st.Heartbeat(big))
+        held = time.monotonic() - t0
+        assert code == Code.RESOURCE_EXHAUSTED and "capacity_blocks 100" in msg, msg
+        assert held >= 0.8 * nbytes / 200_000 - 0.05, (held, nbytes)
+        t0 = time.monotonic()
+        code, msg = await _code(st.Heartbeat(small))
+        assert code == Code.RESOURCE_EXHAUSTED and "999 blocks" in msg, msg
+        assert time.monotonic() - t0 < held, "a small refused write is not held"
+        assert await _blocks(st) == {"a": 0}
 
 
 async def test_offloaded_tier_limits(tmp_path: Path) -> None:

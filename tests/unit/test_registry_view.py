@@ -164,6 +164,44 @@ async def test_a_stalled_registry_does_not_make_on_time_nodes_late() -> None:
         await core.close()
 
 
+async def test_a_lookup_right_after_a_stall_sees_on_time_nodes_healthy() -> None:
+    """The first thing the loop runs after its stall may be a queued Lookup, before the health
+    sweep: it must not report the node late either (the read forgives the stall itself)."""
+    import asyncio
+    import time
+
+    from kvroute.v1 import registry_pb2 as pb
+    from registry_service.core import RegistryCore
+    from registry_service.settings import RegistrySettings
+    from registry_service.store.memory import MemoryStore
+
+    settings = RegistrySettings(store="memory", lease_ttl_s=30, heartbeat_interval_s=0.2,
+                                status_write_interval_s=0)
+    core = RegistryCore(settings, MemoryStore(), RegistryMetrics())
+    await core.start()
+    try:
+        late = core.view.late_after_s  # 1 s
+        gone = await core.register(pb.RegisterNodeRequest(
+            node_id="b", address="h:2", model="m", block_size=16, capacity_blocks=10))
+        await core.heartbeat(pb.HeartbeatRequest(node_id="b", epoch=gone.record.epoch,
+                                                 write_token=gone.write_token))
+        await asyncio.sleep(late + 0.7)  # b stopped beating: late before the stall
+        reg = await core.register(pb.RegisterNodeRequest(
+            node_id="a", address="h:1", model="m", block_size=16, capacity_blocks=10))
+        await core.heartbeat(pb.HeartbeatRequest(node_id="a", epoch=reg.record.epoch,
+                                                 write_token=reg.write_token))
+        await asyncio.sleep(0.6)  # the sweep has run since the heartbeat
+        time.sleep(late + 1.5)  # noqa: ASYNC251 - the loop stalls: no heartbeat is read
+        # no await between the stall and the read: the sweep cannot have run
+        got = core.reads.lookup(pb.LookupRequest(model="m", block_hashes=[1],
+                                                 include_unhealthy=True))
+        health = {n.node_id: n.healthy for n in got.nodes}
+        assert health == {"a": True, "b": False}, got  # a late node is not forgiven
+        assert {n.node_id: n.healthy for n in core.reads.list_nodes("m")} == health
+    finally:
+        await core.close()
+
+
 def test_candidates_and_lookup_per_model_follow_membership() -> None:
     v = view()
 

@@ -4,6 +4,7 @@ recent routes, completes through any replica, and the fall back to own counts.""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import pytest
@@ -173,6 +174,71 @@ def test_remote_load_expires_lost_completions() -> None:
     clk.t = 11.0
     assert r.expire() == 1 and r.inflight("a") == 0 and r.expired_total == 1
     assert r.complete(None, "q1") is None
+
+
+def test_remote_load_per_replica_index_matches_a_reference_model() -> None:
+    """Random starts, completions (by replica or by id only), forgets, snapshot replaces,
+    expiries and evictions (max_tracked): per replica, per node and in total the counts match
+    a plain model, and a forget or replace drops exactly that replica's requests."""
+    rng = random.Random(7)
+    clk = Clock()
+    r = RemoteLoad(clk, inflight_timeout_s=50.0, max_tracked=60)
+    model: dict[tuple[str, str], tuple[str, float]] = {}  # key -> node, started (in order)
+    by_id: dict[str, tuple[str, str]] = {}  # request id -> the key of its newest start
+
+    def remove(key: tuple[str, str]) -> None:
+        del model[key]
+        if by_id.get(key[1]) == key:
+            del by_id[key[1]]
+
+    def expire() -> None:
+        for key in [k for k, (_, t) in model.items() if t <= clk.t - 50.0]:
+            remove(key)
+
+    replicas, nodes = ["r1", "r2", "r3"], ["a", "b"]
+    for step in range(3000):
+        clk.t += rng.random()
+        op = rng.random()
+        rep, rid = rng.choice(replicas), f"q{rng.randrange(80)}"
+        if op < 0.6:
+            node = rng.choice(nodes)
+            r.start(rep, rid, node)
+            expire()
+            if (rep, rid) in model:
+                remove((rep, rid))
+            while len(model) >= 60:
+                remove(next(iter(model)))
+            model[(rep, rid)] = (node, clk.t)
+            by_id[rid] = (rep, rid)
+        elif op < 0.8:
+            if rng.random() < 0.5:
+                key = by_id.get(rid)
+                got = r.complete(None, rid)
+            else:
+                key = (rep, rid)
+                got = r.complete(rep, rid)
+            assert got == (model[key][0] if key in model else None), step
+            if key in model:
+                remove(key)
+        elif op < 0.9:
+            n = r.forget(rep) if op < 0.85 else r.replace(rep, 0)
+            held = [k for k in model if k[0] == rep]
+            assert n == len(held), step
+            for k in held:
+                remove(k)
+        else:
+            r.expire()
+            expire()
+        assert r.total == len(model), step
+        for rp in replicas:
+            assert r.of(rp) == sum(1 for k in model if k[0] == rp), (step, rp)
+            for node in nodes:
+                assert r.of(rp, node) == sum(
+                    1 for k, (nd, _) in model.items() if k[0] == rp and nd == node), step
+        for node in nodes:
+            assert r.inflight(node) == sum(1 for nd, _ in model.values() if nd == node), step
+    r.clear()
+    assert r.total == 0 and all(r.of(rp) == 0 for rp in replicas)
 
 
 def test_tracker_drains_at_a_node_s_calibrated_rate() -> None:

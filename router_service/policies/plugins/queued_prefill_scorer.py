@@ -38,13 +38,14 @@ class QueuedPrefillScorer:
     def __init__(self, prefill_tokens_per_s: float, reuse_weight: float,
                  inflight_cost_tokens: float, offloaded_credit: float = 1.0,
                  unknown_miss_weight: float = 1.0, prefill_only_backlog: bool = False,
-                 even_inflow: bool = False) -> None:
+                 even_inflow: bool = False, backlog_factor: float = 2.0) -> None:
         self.rate = prefill_tokens_per_s
         self.reuse_weight = reuse_weight
         self.inflight_cost_tokens = inflight_cost_tokens
         self.offloaded_credit = offloaded_credit
         self.unknown_miss_weight = unknown_miss_weight
         self.prefill_only_backlog = prefill_only_backlog
+        self.backlog_factor = backlog_factor
         self.even_inflow = even_inflow
         self.avg_uncached = 0.0
         """Moving average of the uncached prompt tokens of committed decisions."""
@@ -53,14 +54,15 @@ class QueuedPrefillScorer:
         KV written into its cache), for :meth:`written_all`."""
 
     def backlog(self, cycle: Cycle) -> float:
-        """Requests the prefill-only candidates hold in flight, per node (0 when there are none
-        or ``prefill_only_backlog`` is off): on a prefill-only node every in-flight request is
-        queued or running prefill, so by Little's law this is how many later requests will
-        queue behind an uncached token computed now (module docstring of ``kv_aware``)."""
+        """``backlog_factor`` x the requests the prefill-only candidates hold in flight, per
+        node (0 when there are none or ``prefill_only_backlog`` is off): on a prefill-only node
+        every in-flight request is queued or running prefill, so by Little's law this is how
+        many later requests will queue behind an uncached token computed now (module docstring
+        of ``kv_aware``)."""
         if not self.prefill_only_backlog:
             return 0.0
         q = [v.inflight for v in cycle.nodes if v.role == "prefill"]
-        return sum(q) / len(q) if q else 0.0
+        return self.backlog_factor * sum(q) / len(q) if q else 0.0
 
     def score_one(self, cycle: Cycle, i: int, backlog: float = 0.0) -> float:
         """The score of ``cycle.nodes[i]``; ``backlog`` (:meth:`backlog`) raises the reuse weight
