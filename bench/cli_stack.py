@@ -18,10 +18,18 @@ from bench.faults import (
     parse_faults,
     registries_needed,
 )
+from bench.replica_order import format_effect, replica_effect, run_order
+from bench.replica_order import pairs as replica_pairs
 from bench.runner import BenchOutcome, run_comparison
 from bench.sim.config import SimSettings
 from bench.sim.replicas import ReplicaSettings
-from bench.stack_backend import GATEWAY_PREFIX, STACK_POLICIES, StackBackend, split_front
+from bench.stack_backend import (
+    GATEWAY_PREFIX,
+    STACK_POLICIES,
+    StackBackend,
+    split_copy,
+    split_front,
+)
 from bench.stack_fleet import FleetSpec, router_flags
 from bench.stack_settings import StackSettings
 from bench.workloads.base import Workload
@@ -63,13 +71,18 @@ def _peer_names(value: str | None) -> list[str]:
 
 def stack_policies(requested: list[str], explicit: bool) -> list[str]:
     """The policies a stack run replays: the router's own (all of them unless given), each
-    optionally as ``gateway:<policy>`` (through the OpenAI gateway instead of Route)."""
+    optionally as ``gateway:<policy>`` (through the OpenAI gateway instead of Route) and as
+    ``<policy>#<label>`` (another replay of it under its own name: an A/A check)."""
     if not explicit:
         return list(STACK_POLICIES)
-    bad = [n for n in requested if split_front(n)[1] not in STACK_POLICIES]
+    bad = [n for n in requested if split_copy(split_front(n)[1])[0] not in STACK_POLICIES]
     if bad:
         raise ConfigError(f"--policies: {', '.join(bad)} run only in --mode sim (the router "
                           f"serves {', '.join(STACK_POLICIES)})")
+    dup = sorted({n for n in requested if requested.count(n) > 1})
+    if dup:
+        raise ConfigError(f"--policies: {', '.join(dup)} given twice; replay a policy again "
+                          f"under its own label, e.g. {dup[0]},{dup[0]}#2")
     return requested
 
 
@@ -110,22 +123,30 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
           file=sys.stderr)
     if args.repeat < 1:
         raise ConfigError("--repeat must be >= 1")
+    fresh = bool(getattr(args, "fresh_fleet", True)) and not faults
+    alternate = bool(replica_pairs(names))  # with --repeat: ABBA (bench/replica_order.py)
     t0 = time.perf_counter()
     outs = []
-    for k in range(args.repeat):
+    orders = [run_order(names, k, alternate) for k in range(args.repeat)]
+    for k, order in enumerate(orders):
         sub = workdir if args.repeat == 1 else workdir / f"run-{k + 1}"
         if args.repeat > 1:
-            print(f"stack: run {k + 1} of {args.repeat}", file=sys.stderr)
-        outs.append(_run_once(workload, settings, names, peers, spec, sub, args.overhead_pairs,
+            print(f"stack: run {k + 1} of {args.repeat}: {', '.join(order)}", file=sys.stderr)
+        outs.append(_run_once(workload, settings, order, peers, spec, sub, args.overhead_pairs,
                               args.random_bound, faults, args.time_scale,
-                              (getattr(args, "spread", None) or "random", args.seed)))
+                              (getattr(args, "spread", None) or "random", args.seed), fresh))
     out = outs[0]
     if len(outs) > 1:
         from bench.cli_replay import add_spread
 
         add_spread(out, outs)
+    effect = replica_effect([o.report for o in outs], orders) if alternate else {}
+    if effect:
+        out.report["replica_effect"] = effect
+        print(format_effect(effect) + "\n")
     out.report["kv_aware_settings"] = dataclasses.asdict(kv)
     out.report["time_scale"] = args.time_scale
+    out.report["fresh_fleet_per_replay"] = fresh
     if spec.routers > 1 or spec.gateways > 1:
         out.report["router_replicas"] = {
             "routers": spec.routers, "gateways": spec.gateways if spec.gateway else 0,
@@ -195,7 +216,7 @@ def _check_against_sim(out: BenchOutcome, workload: Workload, settings: SimSetti
 
     timing = stack_timing(out.report, args.time_scale, spec.heartbeat_interval_s)
     timed = timed_settings(settings, timing)
-    own = sorted({split_front(n)[1] for n in names})
+    own = sorted({split_copy(split_front(n)[1])[0] for n in names})
     sent = as_sent(workload)  # the block hashes the stack's router computed from its tokens
     # on nodes named as the stack's: session's hash ring maps keys by node name
     nodes = out.runs[0].node_ids if out.runs else None
@@ -215,8 +236,9 @@ def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers
               spec: FleetSpec, workdir: Path, overhead_pairs: int,
               random_bound: bool, faults: list[FaultSpec] | None = None,
               time_scale: float = 1.0, spread: tuple[str, int] = ("random", 0),
-              ) -> BenchOutcome:
-    """One comparison on freshly started processes (kvroute's fleet, then each peer's)."""
+              fresh_fleet: bool = False) -> BenchOutcome:
+    """One comparison on freshly started processes (kvroute's fleet, then each peer's);
+    ``fresh_fleet``: a new kvroute fleet for every replay (:class:`StackBackend`)."""
     if peers and not names:  # the peers alone (--policies ''): no kvroute fleet
         from bench.peers import PeerBackend, attach_added_latency
 
@@ -224,7 +246,8 @@ def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers
         out = run_comparison(workload, settings, peers, backend, random_bound)
         attach_added_latency(out.report, backend.added_latency)
         return out
-    with StackBackend(workdir / "stack", spec, spread=spread[0], seed=spread[1]) as stack:
+    with StackBackend(workdir / "stack", spec, spread=spread[0], seed=spread[1],
+                      fresh_fleet=fresh_fleet and not faults) as stack:
         if faults:
             injector = FaultInjector(stack.fleet, faults, time_scale)
             stack.hook = injector

@@ -3,9 +3,16 @@
 One :class:`bench.stack_fleet.StackFleet` (etcd, registry, router, N engine_sim + node agents)
 serves every policy of a run. Before each policy the engines' prefix caches are emptied
 (``/reset_prefix_cache`` → ``AllBlocksCleared`` events → the agents send ``cleared`` → the
-registry drops the blocks), and the replay waits until the registry shows every node empty, so
-each policy starts on a fresh fleet. Only the router's own policies can run here; the bench-only
-re-implementations of peers are compared in ``--mode sim`` (and the real peers with ``--peers``).
+registry drops the blocks), and the replay waits until the registry shows every node empty.
+Emptied is not new: the agents keep the prefill rate they measured for each engine (issue 19's
+calibration) and the registry keeps it for every router, so on a reused fleet only the first
+replay starts uncalibrated; processes, etcd and the registry's node state are warm. Measured in
+s26: on one reused fleet, whichever replay came second gained about 0.006 hit rate.
+``fresh_fleet=True`` (``kvroute bench --mode stack``'s default) therefore stops every process
+after a replay and starts a new fleet for the next, so every replay starts from the same state;
+``kvroute demo`` reuses its fleets. Only the router's own policies can run here; the bench-only
+re-implementations of peers are compared in ``--mode sim`` (and the real peers with
+``--peers``).
 
 Two fronts: ``kv_aware`` replays through the Router API (Route, engine, Complete) and
 ``gateway:kv_aware`` through the OpenAI gateway (one HTTP hop that decides in-process, as the
@@ -48,6 +55,14 @@ def split_front(name: str) -> tuple[bool, str]:
     return False, name
 
 
+def split_copy(policy: str) -> tuple[str, str]:
+    """``kv_aware#2`` -> ("kv_aware", "2"): another replay of the same policy under its own
+    label (an A/A check: does a later replay on the same run differ?); ``kv_aware`` ->
+    ("kv_aware", "")."""
+    base, _, copy = policy.partition("#")
+    return base, copy
+
+
 def split_replicas(policy: str) -> tuple[str, int]:
     """``kv_aware@4`` -> ("kv_aware", 4): the policy replayed over 4 router (or gateway)
     replicas behind a Service; ``kv_aware`` -> ("kv_aware", 1)."""
@@ -66,13 +81,21 @@ class StackBackend:
 
     def __init__(self, workdir: Path, spec: FleetSpec,
                  progress: Callable[[int], None] | None = None, front: str = "route",
-                 spread: str = "random", seed: int = 0) -> None:
+                 spread: str = "random", seed: int = 0, fresh_fleet: bool = False) -> None:
         if front not in ("route", "gateway"):
             raise ValueError(f"front must be route or gateway, got {front!r}")
         if front == "gateway" and not spec.gateway:
             spec = dataclasses.replace(spec, gateway=True)
         self.fleet = StackFleet(workdir, spec)
+        self.workdir = workdir
         self.spec = spec
+        self.fresh_fleet = fresh_fleet
+        """Start a new fleet (every process) before each replay but the first (module
+        docstring); False: every replay on the same processes, caches emptied."""
+        self.fleets_started = 0
+        """Fleets this backend started (1 + one per replay after the first when
+        ``fresh_fleet``)."""
+        self._replayed = 0
         self.progress = progress
         self.front = front
         self.spread = spread
@@ -84,6 +107,7 @@ class StackBackend:
         """The last workload's prepared prompts (reused by every policy)."""
 
     def __enter__(self) -> StackBackend:
+        self.fleets_started += 1
         self.fleet.start()
         try:
             asyncio.run(self._wait_registry(lambda nodes: len(nodes) == self.spec.nodes,
@@ -99,6 +123,17 @@ class StackBackend:
     def close(self) -> None:
         """Stop every process of the fleet."""
         self.fleet.close()
+
+    def new_fleet(self) -> None:
+        """Stop every process of the fleet and start a new one (in ``WORKDIR-K``): new etcd,
+        registry, engines, agents and routers, so nothing a replay left (the agents' measured
+        prefill rates, the registry's node state, warm processes) reaches the next."""
+        if self.hook is not None:
+            raise RuntimeError("a fault hook holds the fleet it injects into: no new fleet")
+        self.fleet.close()
+        workdir = self.workdir.with_name(f"{self.workdir.name}-{self.fleets_started + 1}")
+        self.fleet = StackFleet(workdir, self.spec, self.fleet.startup_timeout_s)
+        self.__enter__()
 
     async def _wait_registry(self, ok: Callable[[list[registry_pb2.NodeInfo]], bool],
                              what: str, timeout_s: float = 60.0) -> None:
@@ -124,6 +159,7 @@ class StackBackend:
         """Replay ``workload`` under ``policy_name`` on emptied caches."""
         via_gateway, policy = split_front(policy_name)
         policy, replicas = split_replicas(policy)
+        policy = split_copy(policy)[0]
         if policy not in STACK_POLICIES:
             raise KeyError(f"policy {policy_name!r} is not served by the router; stack mode "
                            f"runs {', '.join(STACK_POLICIES)} (optionally as gateway:POLICY)")
@@ -134,6 +170,9 @@ class StackBackend:
         if replicas > have:
             raise KeyError(f"{policy_name}: this stack runs {have} "
                            f"{'gateway' if gateway else 'router'} replicas")
+        if self.fresh_fleet and self._replayed:
+            self.new_fleet()
+        self._replayed += 1
         fronts = (self.fleet.gateway_urls if gateway else self.fleet.router_targets)[:replicas]
         for _ in range(self.hook.replays - 1 if self.hook is not None else 0):
             # e.g. the fault-free baseline

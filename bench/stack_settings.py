@@ -51,9 +51,16 @@ class StackSettings:
            "--no-share-routes. --routers N does the same for the Router API (POLICY and "
            "POLICY@N)", metavar="N")
     replicas_first: bool = setting(
-        False, "stack --routers/--gateways N: replay POLICY@N before POLICY in each run "
-               "(default: after), to see whether the order of the two replays on one fleet "
-               "favours one of them")
+        False, "stack --routers/--gateways N: replay POLICY@N before POLICY in run 1 (default: "
+               "after); with --repeat the runs alternate the order (ABBA) and the report gives "
+               "the replica effect per run and its order-balanced mean (JSON replica_effect)")
+    fresh_fleet: bool = setting(
+        True, "stack: start a new fleet (etcd, registry, engines, agents, routers) for every "
+              "replay, so each starts from the same state; --no-fresh-fleet replays every "
+              "policy on the same processes with the caches emptied in between (what the bench "
+              "did before s26: the agents' measured prefill rates then carry over, and the "
+              "second replay on a fleet gained ~0.006 hit rate). Runs with --fault always "
+              "reuse their fleet")
     sim_runs: int = setting(
         0, "stack: afterwards replay the same workload N times in --mode sim with the timing "
            "this stack run measured (arrival and return lag, heartbeat interval; seeds "
