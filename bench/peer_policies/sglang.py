@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from bench.peer_policies.tree import matched_blocks
 from router_service.policies.base import Decision, NodeView, RequestView, healthy_nodes
 
 
@@ -41,15 +42,7 @@ class SglangCacheAwarePolicy:
         self._last_owner: dict[int, str] = {}
 
     def _match(self, node_id: str, hashes: Sequence[int]) -> int:
-        tree = self._trees.get(node_id)
-        if not tree:
-            return 0
-        k = 0
-        for h in hashes:
-            if h not in tree:
-                break
-            k += 1
-        return k
+        return matched_blocks(self._trees.get(node_id), hashes)
 
     def _insert(self, node_id: str, request: RequestView) -> None:
         tree = self._trees.setdefault(node_id, set())

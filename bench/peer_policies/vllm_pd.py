@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from bench.peer_policies.tree import matched_blocks
 from router_service.policies.base import Decision, NodeView, RequestView, healthy_nodes
 
 
@@ -50,14 +51,7 @@ class VllmPdCacheAwarePolicy:
         self._trees: dict[str, set[int]] = {}
 
     def _matched_tokens(self, node_id: str, request: RequestView) -> int:
-        tree = self._trees.get(node_id)
-        if not tree:
-            return 0
-        k = 0
-        for h in request.block_hashes:
-            if h not in tree:
-                break
-            k += 1
+        k = matched_blocks(self._trees.get(node_id), request.block_hashes)
         return min(k * request.block_size, request.prompt_tokens)
 
     def choose(self, request: RequestView, nodes: Sequence[NodeView]) -> Decision:
