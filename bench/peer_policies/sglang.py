@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench.peer_policies.tree import matched_blocks
+from bench.peer_policies.cache_aware import CacheAwareThresholds, matched_blocks
 from router_service.policies.base import Decision, NodeView, RequestView, healthy_nodes
 
 
@@ -32,11 +32,8 @@ class SglangCacheAwarePolicy:
 
     name = "sglang"
 
-    def __init__(self, cache_threshold: float = 0.3, balance_abs_threshold: int = 64,
-                 balance_rel_threshold: float = 1.5) -> None:
-        self.cache_threshold = cache_threshold
-        self.balance_abs_threshold = balance_abs_threshold
-        self.balance_rel_threshold = balance_rel_threshold
+    def __init__(self, thresholds: CacheAwareThresholds | None = None) -> None:
+        self.thresholds = thresholds or CacheAwareThresholds()
         self._trees: dict[str, set[int]] = {}
         self._size: dict[str, int] = {}
         self._last_owner: dict[int, str] = {}
@@ -58,9 +55,8 @@ class SglangCacheAwarePolicy:
     def choose(self, request: RequestView, nodes: Sequence[NodeView]) -> Decision:
         """Balance check, then longest prefix over the threshold, else smallest tree."""
         live = healthy_nodes(nodes)
-        loads = [v.inflight for v in live]
-        hi, lo = max(loads), min(loads)
-        if hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold:
+        imbalanced, hi, lo = self.thresholds.imbalanced([v.inflight for v in live])
+        if imbalanced:
             node = min(live, key=lambda v: v.inflight)
             return Decision(node.node_id, node.matched_blocks,
                             f"sglang: imbalanced (max {hi}, min {lo}); shortest queue")
@@ -74,11 +70,12 @@ class SglangCacheAwarePolicy:
             chosen = by_id[owner] if owner in tied else by_id[tied[0]]
         bs = request.block_size
         rate = min(best_len * bs, request.prompt_tokens) / max(1, request.prompt_tokens)
-        if chosen is not None and rate > self.cache_threshold:
-            why = f"sglang: prefix match {rate:.2f} > {self.cache_threshold}"
+        cut = self.thresholds.cache_threshold
+        if chosen is not None and rate > cut:
+            why = f"sglang: prefix match {rate:.2f} > {cut}"
         else:
             chosen = min(live, key=lambda v: self._size.get(v.node_id, 0))
-            why = f"sglang: match {rate:.2f} <= {self.cache_threshold}; smallest tree"
+            why = f"sglang: match {rate:.2f} <= {cut}; smallest tree"
         return Decision(chosen.node_id, chosen.matched_blocks, why)
 
     def commit(self, request: RequestView, decision: Decision) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench.peer_policies.tree import matched_blocks
+from bench.peer_policies.cache_aware import CacheAwareThresholds, matched_blocks
 from router_service.policies.base import Decision, NodeView, RequestView, healthy_nodes
 
 
@@ -43,11 +43,8 @@ class VllmPdCacheAwarePolicy:
 
     name = "vllm_pd"
 
-    def __init__(self, cache_threshold: float = 0.3, balance_abs_threshold: int = 64,
-                 balance_rel_threshold: float = 1.5) -> None:
-        self.cache_threshold = cache_threshold
-        self.balance_abs_threshold = balance_abs_threshold
-        self.balance_rel_threshold = balance_rel_threshold
+    def __init__(self, thresholds: CacheAwareThresholds | None = None) -> None:
+        self.thresholds = thresholds or CacheAwareThresholds()
         self._trees: dict[str, set[int]] = {}
 
     def _matched_tokens(self, node_id: str, request: RequestView) -> int:
@@ -59,22 +56,21 @@ class VllmPdCacheAwarePolicy:
         the least-loaded worker."""
         live = healthy_nodes(nodes)
         loads = [v.inflight for v in live]
-        hi, lo = max(loads), min(loads)
-        imbalanced = hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold
+        imbalanced, hi, lo = self.thresholds.imbalanced(loads)
         prompt = max(1, request.prompt_tokens)
         rates = [self._matched_tokens(v.node_id, request) / prompt for v in live]
         best = max(rates)
-        use_prefix = not imbalanced and best > self.cache_threshold
+        cut = self.thresholds.cache_threshold
+        use_prefix = not imbalanced and best > cut
         pool = [i for i in range(len(live)) if not use_prefix or rates[i] == best]
         pick = min(pool, key=lambda i: loads[i])  # first of equal loads, as min_by_key
         node = live[pick]
         if imbalanced:
             why = f"vllm_pd: imbalanced (max {hi}, min {lo}); least loaded"
         elif use_prefix:
-            why = (f"vllm_pd: prefix match {best:.2f} > {self.cache_threshold}; least loaded "
-                   f"of {len(pool)} with it")
+            why = f"vllm_pd: prefix match {best:.2f} > {cut}; least loaded of {len(pool)} with it"
         else:
-            why = f"vllm_pd: match {best:.2f} <= {self.cache_threshold}; least loaded"
+            why = f"vllm_pd: match {best:.2f} <= {cut}; least loaded"
         return Decision(node.node_id, node.matched_blocks, why)
 
     def commit(self, request: RequestView, decision: Decision) -> None:
