@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.policies import ALL_POLICIES, PD_ONLY_POLICIES
+from bench.policies import ALL_POLICIES, BUILDABLE_POLICIES
 from bench.sim.config import SimSettings
 from bench.sim.replicas import ReplicaSettings
 from bench.workloads import WORKLOAD_NAMES, TraceFormatError, load_workload
@@ -143,10 +143,9 @@ def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSet
         strategies = [x.strip() for x in args.pd_strategies.split(",") if x.strip()]
         for st in strategies:
             pre, _, dec = st.partition("/")
-            if pre not in ALL_POLICIES + PD_ONLY_POLICIES or dec not in DECODE_POLICIES:
+            if pre not in BUILDABLE_POLICIES or dec not in DECODE_POLICIES:
                 raise ConfigError(f"--pd-strategies: {st!r} is not PREFILL/DECODE with "
-                                  f"PREFILL in {', '.join(ALL_POLICIES + PD_ONLY_POLICIES)} "
-                                  f"and DECODE in "
+                                  f"PREFILL in {', '.join(BUILDABLE_POLICIES)} and DECODE in "
                                   f"{', '.join(DECODE_POLICIES)}")
     except (ConfigError, ValueError) as exc:
         print(f"kvroute bench: {exc}", file=sys.stderr)

@@ -247,7 +247,7 @@ def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers
         attach_added_latency(out.report, backend.added_latency)
         return out
     with StackBackend(workdir / "stack", spec, spread=spread[0], seed=spread[1],
-                      fresh_fleet=fresh_fleet and not faults) as stack:
+                      fresh_fleet=fresh_fleet) as stack:
         if faults:
             injector = FaultInjector(stack.fleet, faults, time_scale)
             stack.hook = injector

@@ -31,6 +31,8 @@ ALL_POLICIES = ROUTER_POLICIES + BENCH_POLICIES
 PD_ONLY_POLICIES = ("vllm_pd",)
 """Bench-only prefill choices of a peer's disaggregated mode: not aggregated policies (they
 exist only as the prefill half of ``--pd-strategies``)."""
+BUILDABLE_POLICIES = ALL_POLICIES + PD_ONLY_POLICIES
+"""Every policy :func:`build_policy` makes (the prefill halves ``--pd-strategies`` accepts)."""
 
 
 def bench_factory(seed: int = 0) -> PolicyFactory:
@@ -65,8 +67,7 @@ def policy_settings(prefill_tokens_per_s: float, seed: int = 0,
 def build_policy(name: str, *, prefill_tokens_per_s: float, seed: int = 0,
                  overrides: dict[type[Any], Any] | None = None) -> Policy:
     """A fresh policy called ``name`` (KeyError for unknown names)."""
-    if name not in ALL_POLICIES + PD_ONLY_POLICIES:
-        raise KeyError(f"unknown policy {name!r}; known: "
-                       f"{', '.join(ALL_POLICIES + PD_ONLY_POLICIES)}")
+    if name not in BUILDABLE_POLICIES:
+        raise KeyError(f"unknown policy {name!r}; known: {', '.join(BUILDABLE_POLICIES)}")
     return bench_factory(seed).build(
         name, policy_settings(prefill_tokens_per_s, seed, overrides))

@@ -111,14 +111,11 @@ class RemoteLoad:
         return self._drop(replica_id)
 
     def _drop(self, replica_id: str) -> int:
-        ids = self._by_replica.pop(replica_id, set())
-        by_id = self._by_id
-        for request_id in ids:
-            key = (replica_id, request_id)
+        keys = [(replica_id, i) for i in self._by_replica.get(replica_id, ())]
+        for key in keys:
             self._requests.release(key)
-            if by_id.get(request_id) == key:
-                del by_id[request_id]
-        return len(ids)
+        self._unindex(keys)
+        return len(keys)
 
     def _unindex(self, keys: list[tuple[str, str]]) -> None:
         by_id, by_replica = self._by_id, self._by_replica
