@@ -207,22 +207,20 @@ class ReplicaView:
         self._stall_watch = on
         self._ran_mono = time.monotonic()
 
-    def note_running(self) -> float:
+    def note_running(self) -> None:
         """Called by the health sweep and before every health read (Lookup, node info): if the
         loop was not seen running for :data:`STALL_AFTER_S`, it stalled, and the nodes on time
         when it was last seen running are forgiven (:meth:`forgive_stall`) before anything reads
-        their health — whichever runs first after the stall, a queued Lookup or the sweep.
-        Returns the seconds not run (0 when no stall)."""
+        their health — whichever runs first after the stall, a queued Lookup or the sweep."""
         mono = time.monotonic()
         gap = mono - self._ran_mono
         self._ran_mono = mono
         if gap <= STALL_AFTER_S or not self._stall_watch:
-            return 0.0
+            return
         n = self.forgive_stall(now_ms(), gap)
         log.warning("this registry did not run for %.1f s (event loop stalled): the %d node(s) "
                     "on time before it get one more late window (%.1f s) for their queued "
                     "heartbeats", gap, n, self.late_after_s)
-        return gap
 
     def forgive_stall(self, at_ms: int, stalled_s: float) -> int:
         """This replica did not run for ``stalled_s`` up to ``at_ms``: the heartbeats of that
