@@ -98,11 +98,15 @@ def test_disaggregated_replay_through_the_gateway(tmp_path: Path) -> None:
         prompts = prepare(wl)  # (computed while the fleet starts)
         up = coming.result(timeout=120)
         assert up.start_s > 0
-        m = pd_metrics(replay_gateway_pd(up.backend, wl, 1, prompts))
+        run = replay_gateway_pd(up.backend, wl, 1, prompts)
+        m = pd_metrics(run)
         pool.stop(up.backend)
     assert not up.backend.fleet._procs and up.backend.fleet.etcd is None  # all stopped
     assert m["failed"] == 0 and sum(m["requests_per_decode_node"]) == 60
     assert m["transferred_blocks"] > 0 and m["hit_rate_tokens"] > 0
+    # each request's measured prefill engine arrival, for the demo's sims to replay
+    lags = run.run.arrival_lag_by_request
+    assert len(lags) == 60 and all(x >= 0 for x in lags) and min(lags) == 0.0
 
 
 def test_stack_spreads_over_router_and_gateway_replicas_that_share_their_view(
