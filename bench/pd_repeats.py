@@ -75,14 +75,14 @@ def format_repeats(summary: dict[str, Any]) -> str:
         return ""
     w = max(28, *(len(n) + 2 for n in rows))
     lines = [f"over {summary['runs']} runs: mean ±sd [min..max] (TTFT in s)",
-             f"{'row':<{w}}{'hit':>28}{'p50':>8}{'p90':>26}{'xfer blocks':>30}"
-             f"{'dec held':>10}"]
+             f"{'row':<{w}}{'hit':>34}  {'p50':>6}  {'p90':>26}  {'xfer blocks':>30}"
+             f"  {'dec held':>8}"]
     for name, m in rows.items():
         p50 = m["ttft_p50_ms"]["mean"]
         held = m["decode_held_rate_tokens"]["mean"]
-        lines.append(f"{name:<{w}}{_cell(m['hit_rate_tokens'], '.4f'):>28}"
-                     f"{'-' if p50 is None else f'{p50 / 1000:.2f}':>8}"
-                     f"{_cell(m['ttft_p90_ms'], '.2f', 0.001):>26}"
-                     f"{_cell(m['transferred_blocks'], ',.0f'):>30}"
-                     f"{'-' if held is None else f'{held:.3f}':>10}")
+        lines.append(f"{name:<{w}}{_cell(m['hit_rate_tokens'], '.4f'):>34}"
+                     f"  {'-' if p50 is None else f'{p50 / 1000:.2f}':>6}"
+                     f"  {_cell(m['ttft_p90_ms'], '.2f', 0.001):>26}"
+                     f"  {_cell(m['transferred_blocks'], ',.0f'):>30}"
+                     f"  {'-' if held is None else f'{held:.3f}':>8}")
     return "\n".join(lines)
