@@ -7,7 +7,9 @@ engines); ``--mode sim``: the strategies replayed with seeds ``--seed`` .. ``--s
 Every row present in every run (kvroute's strategies and the peers; the stack's ``sim:`` rows
 are one exact-schedule replay and are left out) gets, over the runs, the mean, sample standard
 deviation, minimum and maximum of its hit rate (prefill side), TTFT p50 and p90 and transferred
-blocks, the mean decode-held fraction, and each run's values (JSON ``repeats``).
+blocks, the mean decode-held fraction, the stack's arrival lag p99 at the prefill engines (the
+replay's contention check: a run whose lag is large could not keep the compressed schedule),
+and each run's values (JSON ``repeats``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ttft_p90_ms", ("ttft_ms", "p90")),
     ("transferred_blocks", ("transferred_blocks",)),
     ("decode_held_rate_tokens", ("decode_held_rate_tokens",)),
+    ("arrival_lag_p99_ms", ("arrival_lag_ms", "p99")),
 )
 """Summarised metrics: JSON name and where each row keeps it."""
 
@@ -74,15 +77,18 @@ def format_repeats(summary: dict[str, Any]) -> str:
     if not rows:
         return ""
     w = max(28, *(len(n) + 2 for n in rows))
-    lines = [f"over {summary['runs']} runs: mean ±sd [min..max] (TTFT in s)",
+    lines = [f"over {summary['runs']} runs: mean ±sd [min..max] (TTFT in s; lag p99 max: "
+             f"the worst run's arrival lag p99 at the prefill engines, s)",
              f"{'row':<{w}}{'hit':>34}  {'p50':>6}  {'p90':>26}  {'xfer blocks':>30}"
-             f"  {'dec held':>8}"]
+             f"  {'dec held':>8}  {'lag p99 max':>11}"]
     for name, m in rows.items():
         p50 = m["ttft_p50_ms"]["mean"]
         held = m["decode_held_rate_tokens"]["mean"]
+        lag = m["arrival_lag_p99_ms"]["max"]
         lines.append(f"{name:<{w}}{_cell(m['hit_rate_tokens'], '.4f'):>34}"
                      f"  {'-' if p50 is None else f'{p50 / 1000:.2f}':>6}"
                      f"  {_cell(m['ttft_p90_ms'], '.2f', 0.001):>26}"
                      f"  {_cell(m['transferred_blocks'], ',.0f'):>30}"
-                     f"  {'-' if held is None else f'{held:.3f}':>8}")
+                     f"  {'-' if held is None else f'{held:.3f}':>8}"
+                     f"  {'-' if lag is None else f'{lag / 1000:.2f}':>11}")
     return "\n".join(lines)

@@ -12,7 +12,8 @@ from cli.main import main
 
 def _row(policy: str, hit: float, p90: float, blocks: int) -> dict[str, Any]:
     return {"policy": policy, "hit_rate_tokens": hit, "ttft_ms": {"p50": p90 / 2, "p90": p90},
-            "transferred_blocks": blocks, "decode_held_rate_tokens": 0.05}
+            "transferred_blocks": blocks, "decode_held_rate_tokens": 0.05,
+            "arrival_lag_ms": {"p50": 100.0, "p99": hit * 10_000}}
 
 
 def test_mean_sd_and_range_of_rows_present_in_every_run() -> None:
@@ -31,6 +32,7 @@ def test_mean_sd_and_range_of_rows_present_in_every_run() -> None:
     assert (kv["hit_rate_tokens"]["min"], kv["hit_rate_tokens"]["max"]) == (0.13, 0.15)
     assert kv["ttft_p90_ms"]["per_run"] == [17000.0, 18000.0, 19000.0]
     assert kv["transferred_blocks"]["mean"] == 39700 and kv["transferred_blocks"]["sd"] == 100
+    assert kv["arrival_lag_p99_ms"]["max"] == 1500.0  # the worst run's lag
     table = format_repeats(s)
     assert "over 3 runs" in table and "0.1400 ±0.0100 [0.1300..0.1500]" in table
     assert "18.00 ±1.00 [17.00..19.00]" in table and "39,700 ±100 [39,600..39,800]" in table
