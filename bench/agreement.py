@@ -182,11 +182,11 @@ def format_agreement(rows: list[dict[str, Any]]) -> str:
         h, p50, p90 = r["hit"], r["ttft_p50_ms"], r["ttft_p90_ms"]
         lines.append(
             f"{r['policy']:<{w}}{h['stack']:10.3f}"
-            f"{_rng(h['sim_median'], h['sim_min'], h['sim_max'], 1.0, 3):>22}"
+            f" {_rng(h['sim_median'], h['sim_min'], h['sim_max'], 1.0, 3):>21}"
             f"{p50['stack'] / 1000:11.2f}"
-            f"{_rng(p50['sim_median'], p50['sim_min'], p50['sim_max'], 1000.0, 2):>20}"
+            f" {_rng(p50['sim_median'], p50['sim_min'], p50['sim_max'], 1000.0, 2):>19}"
             f"{p90['stack'] / 1000:11.2f}"
-            f"{_rng(p90['sim_median'], p90['sim_min'], p90['sim_max'], 1000.0, 2):>20}"
+            f" {_rng(p90['sim_median'], p90['sim_min'], p90['sim_max'], 1000.0, 2):>19}"
             f"  {'yes' if r['agree'] else 'NO':<5}  "
             f"{'yes' if r.get('as_draw', r['agree']) else 'NO':<7}  "
             f"{'yes' if r.get('inside_range') else 'no'}")

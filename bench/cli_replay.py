@@ -126,7 +126,8 @@ def _settings(args: argparse.Namespace, workload: Workload) -> SimSettings:
 def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSettings,
                   kv: KvAwareSettings) -> int:
     """The disaggregated comparison (:mod:`bench.pd_bench`)."""
-    from bench.pd_bench import print_pd, run_pd, write_json
+    from bench.pd_bench import print_pd, run_pd, run_strategies, write_json
+    from bench.pd_repeats import format_repeats, summarize
     from engine_sim.params import TRANSFER_PRESETS, transfer_s_per_block
     from router_service.disagg import DECODE_POLICIES
 
@@ -151,8 +152,12 @@ def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSet
     except (ConfigError, ValueError) as exc:
         print(f"kvroute bench: {exc}", file=sys.stderr)
         return 2
+    repeat = 1 if getattr(args, "repeat", None) is None else int(args.repeat)
+    if repeat < 1:
+        print("kvroute bench: --repeat must be >= 1", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    bar = _Progress(len(workload.requests) * (len(strategies) + 1), args.no_progress)
+    bar = _Progress(len(workload.requests) * (len(strategies) * repeat + 1), args.no_progress)
     if args.mode == "stack":
         from bench.cli_stack import run_stack_pd_cli
 
@@ -166,8 +171,15 @@ def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSet
     else:
         report = run_pd(workload, settings, args.prefill_nodes, args.decode_nodes, transfer, kv,
                         disagg, strategies, args.seed, bar)
+        if repeat > 1:  # seeds --seed .. --seed + N - 1
+            report["repeats"] = summarize([report["results"], *(
+                run_strategies(workload, settings, args.prefill_nodes, args.decode_nodes,
+                               transfer, kv, disagg, strategies, args.seed + k, bar)
+                for k in range(1, repeat))])
     bar.close()
     print_pd(report)
+    if report.get("repeats"):
+        print(format_repeats(report["repeats"]))
     if report.get("agreement"):
         from bench.agreement import format_agreement
 
@@ -176,7 +188,8 @@ def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSet
               f"{t['arrival_jitter_s']} --heartbeat-delay-s {t['heartbeat_delay_s']}")
         print(format_agreement(report["agreement"]))
     print(f"replayed {len(strategies) + 1} runs x {len(workload.requests)} requests in "
-          f"{time.perf_counter() - t0:.1f} s")
+          f"{time.perf_counter() - t0:.1f} s"
+          + (f" (--repeat {repeat}: the table is run 1)" if repeat > 1 else ""))
     if args.json:
         write_json(report, args.json)
         print(f"JSON: {args.json}")

@@ -269,8 +269,11 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
                      kv: KvAwareSettings, disagg: DisaggSettings, transfer_s_per_block: float,
                      strategies: list[str], progress: Any) -> dict[str, Any]:
     """``--mode stack --prefill-nodes P --decode-nodes D``: the disaggregated stack replay of
-    the strategies the router serves, next to the sim replay of the same strategies."""
+    the strategies the router serves, next to the sim replay of the same strategies;
+    ``--repeat N``: N replays, each on a fresh fleet (the table and ``--sim-runs`` are run 1's;
+    JSON ``repeats``: mean and spread over the runs, :mod:`bench.pd_repeats`)."""
     from bench.pd_bench import pd_agreement, pd_metrics, run_pd
+    from bench.pd_repeats import summarize
     from bench.stack_pd import STACK_PD_STRATEGIES, run_stack_pd
     from bench.stack_pd_gateway import pd_router_flags
 
@@ -298,12 +301,21 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
         if name not in ("vllm-router", "sglang-router") or "/" not in pair:
             raise ConfigError(f"--pd-peers: {peer!r} is not vllm-router:PREFILL/DECODE or "
                               f"sglang-router:PREFILL/DECODE")
-    runs = run_stack_pd(workdir / "stack-pd", spec, workload, p, strategies, progress, peers)
+    repeat = 1 if getattr(args, "repeat", None) is None else int(args.repeat)
+    if repeat < 1:
+        raise ConfigError("--repeat must be >= 1")
+    per_run: list[list[dict[str, Any]]] = []
+    for k in range(repeat):  # each run on a freshly started fleet
+        sub = workdir if repeat == 1 else workdir / f"run-{k + 1}"
+        if repeat > 1:
+            print(f"stack: run {k + 1} of {repeat}", file=sys.stderr)
+        per_run.append([pd_metrics(r) for r in run_stack_pd(
+            sub / "stack-pd", spec, workload, p, strategies, progress, peers)])
     sim = run_pd(workload, settings, p, d, transfer_s_per_block, kv, disagg, strategies,
                  args.seed)
     for r in sim["results"]:
         r["policy"] = "sim:" + r["policy"].removeprefix("pd:")
-    rows = [pd_metrics(r) for r in runs]
+    rows = per_run[0]
     check: dict[str, Any] = {}
     if getattr(args, "sim_runs", 0) > 0:  # the median of seeded sims under the stack's timing
         check = pd_agreement(rows, workload, settings, p, d, transfer_s_per_block, kv, disagg,
@@ -314,4 +326,5 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
             "cache_blocks_per_node": settings.cache_blocks, "block_size": workload.block_size,
             "transfer_s_per_block": transfer_s_per_block,
             "disagg_settings": dataclasses.asdict(disagg),
-            "results": rows + sim["results"], "bounds": sim["bounds"], **check}
+            "results": rows + sim["results"], "bounds": sim["bounds"], **check,
+            **({"repeats": summarize(per_run)} if repeat > 1 else {})}

@@ -33,7 +33,7 @@ from bench.prompts import JSON_HEADERS, Prompt, json_body, prepare
 from bench.results import PolicyRun
 from bench.sim.pd_replay import PdRun
 from bench.stack_fleet import FleetSpec
-from bench.stack_replay import _arrival_lag, _stats
+from bench.stack_replay import _arrival_lags, _stats
 from bench.workloads.base import TraceRequest, Workload
 from kvroute.v1 import router_pb2, router_pb2_grpc
 from router_service.gateway.pd import ASK_PREFILL
@@ -180,7 +180,9 @@ def _fill(pd: PdRun, workload: Workload, outs: list[_Pair],
         run.ttft_s[i] = pre_queue + hand + dec_first
         run.e2e_s[i] = pre_queue + hand + float(d["finished_at"]) - float(d["arrival"])
         run.t_end_s = max(run.t_end_s, req.arrival_s + run.e2e_s[i])
-    run.arrival_lag_s = _arrival_lag(run.node, skew, pd.prefill_nodes)
+    lags = _arrival_lags(run.node, skew, pd.prefill_nodes)  # at the prefill engines
+    run.arrival_lag_by_request = lags
+    run.arrival_lag_s = [v for v in lags if not math.isnan(v)]
 
 
 

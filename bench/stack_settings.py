@@ -35,7 +35,9 @@ class StackSettings:
         1, "run the whole comparison N times back to back and report the run-to-run spread of "
            "every router's hit rate and TTFT percentiles (JSON: runs, spread); stack: each run "
            "on fresh processes; sim: run k uses --seed + k (draws of --arrival-jitter-s and of "
-           "random policies; without jitter the other policies repeat exactly)", metavar="N")
+           "random policies; without jitter the other policies repeat exactly); "
+           "disaggregated (--prefill-nodes/--decode-nodes): each row's mean, sd, min-max over "
+           "the runs (JSON repeats)", metavar="N")
     fault: str | None = setting(
         None, "stack: inject faults into each replay at trace times (each policy is replayed "
               "without faults first, as the baseline) and report failed requests, decisions "

@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
                 if i < len(workloads):
                     coming = pool.start(out_dir / f"fleet-{i + 1}", setups[i][1])
                 report["demo"][-1]["disaggregated"] = _disaggregated(
-                    args, wl, settings, stack.report, run_pd_stack)
+                    args, wl, settings, stack.report, run_pd_stack,
+                    spec.heartbeat_interval_s / scale)
             if not args.no_plots:
                 write_all(stack, out_dir / "plots" / f"{i}-{_slug(wl.name)}")
     except KeyboardInterrupt:
@@ -287,11 +288,14 @@ def _disaggregated_stack(args: argparse.Namespace, wl: Any, up: Any, prompts: An
 
 
 def _disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[str, Any],
-                   run: Any) -> dict[str, Any]:
+                   run: Any, heartbeat_delay_s: float) -> dict[str, Any]:
     """The disaggregated stack ``run`` next to the aggregated stack run and the in-process
-    replay of both (and of round-robin pairs); prints the table."""
+    replay of both (and of round-robin pairs), and against seeded sims under the stack run's
+    measured timing; prints the tables."""
 
-    from bench.pd_bench import pd_metrics, print_pd, run_pd
+    from bench.agreement import agreement, format_agreement
+    from bench.pd_bench import pd_metrics, print_pd, run_pd, run_strategies
+    from bench.sim.timing import RequestTiming
     from engine_sim.params import transfer_s_per_block
     from router_service.disagg import DisaggSettings
     from router_service.policies.kv_aware import KvAwareSettings
@@ -300,10 +304,15 @@ def _disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[s
     d = args.nodes - p
     xfer = transfer_s_per_block("seed", wl.block_size)
     kv = KvAwareSettings(kv_prefill_tokens_per_s=settings.prefill_tokens_per_s)
-    # round-robin pairs in the same disaggregated fleet: what the pair choice itself buys
-    report = run_pd(wl, settings, p, d, xfer, kv, DisaggSettings(),
-                    ["kv_aware/kv_aware", "round_robin/round_robin"])
-    rows = [pd_metrics(run)]
+    # the sims replay the stack's timing, as the aggregated rows' do: each request's measured
+    # prefill engine arrival (decided at a seeded point between schedule and arrival) and the
+    # agents' heartbeat; round-robin pairs in the same fleet: what the pair choice itself buys
+    timing = RequestTiming(list(run.run.arrival_lag_by_request))
+    timed = dataclasses.replace(settings, heartbeat_delay_s=heartbeat_delay_s)
+    report = run_pd(wl, timed, p, d, xfer, kv, DisaggSettings(),
+                    ["kv_aware/kv_aware", "round_robin/round_robin"], timing=timing)
+    stack_row = pd_metrics(run)
+    rows = [stack_row]
     for r in report["results"]:
         rows.append(dict(r, policy="sim:" + r["policy"].removeprefix("pd:")))
     for r in agg["results"]:
@@ -311,9 +320,20 @@ def _disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[s
             rows.append(dict(r, policy=f"aggregated:kv_aware x{args.nodes}"))
     report["aggregated"]["policy"] = f"sim:aggregated:kv_aware x{args.nodes}"
     rows.append(report.pop("aggregated"))
+    own = "kv_aware/kv_aware"
+    sims = [[r for r in report["results"] if r["policy"] == f"pd:{own}"]]
+    sims += [run_strategies(wl, timed, p, d, xfer, kv, DisaggSettings(), [own], seed=k,
+                            timing=timing) for k in range(1, max(1, args.sim_runs))]
+    agree = agreement({"results": [dict(stack_row, policy=own)]},
+                      [{"results": [dict(r, policy=own) for r in s]} for s in sims])
     report.update(mode=f"stack through the gateway, time_scale {args.time_scale}; "
-                       "sim: the in-process replay", results=rows)
+                       "sim: the in-process replay with the stack's measured timing (seed 0)",
+                  results=rows, agreement=agree,
+                  sim_runs=[s[0] for s in sims[1:]],
+                  sim_timing={"request_timing_replayed": True,
+                              "heartbeat_delay_s": heartbeat_delay_s})
     print(_indent(_capture(print_pd, report)))
+    print(_indent(format_agreement(agree)))
     print(f"  Read it as: kvroute's pairs against round-robin pairs on the same {p} + {d} "
           "fleet (the sim rows). Against the aggregated fleet of the same size it is slower by "
           f"construction: engine_sim's decodes do not slow its prefills, so {p} prefill units "

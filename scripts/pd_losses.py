@@ -13,7 +13,16 @@ reason for that engine: ``cap`` (excluded by the load cap), ``believed`` (the ro
 held less) or ``score`` (its estimate, queue against overlap, was higher). On the decode side:
 of the requests sharing more than block 0 with an earlier request (its follow-up), how many
 were handed over within ``--window-s`` of that request's hand-over, and the prompt blocks the
-decode engines already held beyond block 0. One JSON line per strategy: means over the seeds.
+decode engines already held beyond block 0. The decode choice itself, per request: whether
+some decode node held more than block 0 of the prompt — as the router believed at the
+decision (``decode_believed_*``: the registry's view plus blocks in transit), in the decode
+engines' actual caches at the decision (``decode_actual_*``) and at the hand-over
+(``decode_handover_*``) — and whether the chosen node was (one of) those holding the most
+(``*_chose_best``); ``decode_off_best_handover_blocks`` sums the blocks beyond block 0 the best
+decode engine held at the hand-over and the chosen one did not, and
+``decode_evicted_before_handover_blocks`` the blocks the chosen node was believed to hold at
+the decision and no longer held at the hand-over. One JSON line per strategy: means over the
+seeds.
 An analysis tool for issue 18 (README, "Disaggregated prefill/decode"), not a benchmark.
 """
 
@@ -52,6 +61,28 @@ def _follow_ups(blocks: list[list[int]]) -> dict[int, int]:
     return out
 
 
+def _decode_choice(c: Counter[str], d: RouteDecision, decode_ids: list[str],
+                   actual: list[int], handover: tuple[int, list[int]] | None) -> None:
+    """Count what the decode node of ``d`` held against the other decode nodes (docstring)."""
+    if not d.decode_node_id:
+        return
+    chosen = decode_ids.index(d.decode_node_id)
+    believed = {x.node_id: x.matched_blocks for x in d.decode_candidates}
+    views = [("believed", [believed.get(n, 0) for n in decode_ids], chosen),
+             ("actual", actual, chosen)]
+    if handover is not None:
+        views.append(("handover", handover[1], handover[0]))
+    for name, held, k in views:
+        if max(held) > 1:
+            c[f"decode_{name}_beyond_block0"] += 1
+            c[f"decode_{name}_chose_best"] += held[k] == max(held)
+    if handover is not None:
+        k, held = handover
+        c["decode_off_best_handover_blocks"] += max(0, max(held) - 1) - max(0, held[k] - 1)
+        c["decode_evicted_before_handover_blocks"] += max(0, believed.get(d.decode_node_id, 0)
+                                                          - held[k])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", default="mooncake-sample")
@@ -74,6 +105,8 @@ def main() -> None:
     reqs = w.requests
     follow = _follow_ups([list(r.block_hashes) for r in reqs])
     at_arrival: dict[str, tuple[int, list[int]]] = {}
+    dec_at_decision: dict[str, list[int]] = {}
+    dec_at_handover: dict[str, tuple[int, list[int]]] = {}
     handed: dict[str, float] = {}
     decisions: dict[str, RouteDecision] = {}
     submit, decide = SimFleet.submit, RouterCore.decide_local
@@ -81,9 +114,13 @@ def main() -> None:
     def watch_submit(fleet: SimFleet, i: int, req: SimRequest, now: float) -> list[SimRequest]:
         if req.remote_kv:
             handed[req.request_id] = now
+            dec_at_handover[req.request_id] = (
+                i - pn, [n.cache.leading_cached(req.block_hashes) for n in fleet.nodes[pn:]])
         else:
             at_arrival[req.request_id] = (i, [n.cache.leading_cached(req.block_hashes)
                                               for n in fleet.nodes[:pn]])
+            dec_at_decision[req.request_id] = [n.cache.leading_cached(req.block_hashes)
+                                               for n in fleet.nodes[pn:]]
         return submit(fleet, i, req, now)
 
     def watch_decide(core: RouterCore, req: RouteRequest) -> RouteDecision:
@@ -91,14 +128,16 @@ def main() -> None:
         decisions[req.request_id] = d
         return d
 
-    SimFleet.submit = watch_submit  # type: ignore[method-assign]
-    RouterCore.decide_local = watch_decide  # type: ignore[method-assign]
+    SimFleet.submit = watch_submit  # type: ignore[method-assign,assignment]
+    RouterCore.decide_local = watch_decide  # type: ignore[method-assign,assignment]
     kv = KvAwareSettings(kv_prefill_tokens_per_s=rate)
     for strat in args.strategies.split(","):
         pre, _, dec = strat.partition("/")
         per_seed: list[Counter[str]] = []
         for seed in range(args.seeds):
             at_arrival.clear()
+            dec_at_decision.clear()
+            dec_at_handover.clear()
             handed.clear()
             decisions.clear()
             policy = build_policy(pre, prefill_tokens_per_s=rate, seed=seed,
@@ -120,14 +159,17 @@ def main() -> None:
                     c[f"off_best_{why}"] += lost
                 blocks = -(-r.prompt_tokens // bs)
                 c["decode_held_beyond_block0"] += max(0, blocks - pd.transfer_blocks[j] - 1)
+                _decode_choice(c, decisions[r.request_id], pd.run.node_ids[pn:],
+                               dec_at_decision[r.request_id],
+                               dec_at_handover.get(r.request_id))
                 if j in follow:
                     prev = reqs[follow[j]].request_id
                     if handed[r.request_id] - handed[prev] < args.window_s:
                         c["follow_ups_handed_within_window"] += 1
             c["follow_ups"] = len(follow)
             per_seed.append(c)
-            c["hit"] = m["hit_rate_tokens"]  # type: ignore[assignment]
-            c["p90_s"] = m["ttft_ms"]["p90"] / 1000  # type: ignore[assignment]
+            c["hit"] = m["hit_rate_tokens"]
+            c["p90_s"] = m["ttft_ms"]["p90"] / 1000
             c["transferred_blocks"] = m["transferred_blocks"]
         keys = sorted({k for c in per_seed for k in c})
         out: dict[str, Any] = {"strategy": strat, "seeds": args.seeds,

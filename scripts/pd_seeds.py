@@ -4,16 +4,20 @@
         [--strategies kv_aware/kv_aware,vllm_pd/least_loaded,...] [--seeds 30] [--first-seed 0]
         [--arrival-jitter-s 2.7] [--heartbeat-delay-s 1.0] [--prefill-nodes 6]
         [--decode-nodes 2] [--kv FIELD=VALUE ...] [--reference vllm_pd/least_loaded]
+        [--blocks-reference round_robin/round_robin]
 
 Each seed is one ``kvroute bench --mode sim --prefill-nodes P --decode-nodes D --seed S``
 replay of every strategy (:func:`bench.pd_bench.run_strategies`, the CLI's code) under the
 given timing; a generated workload (``conversations``, ``system-prompt``) is drawn with the
-run's seed, as the README's tables do. One JSON line per strategy: hit rate (prefill side) and
-TTFT p90 as mean, sd, min and max over the seeds, p50 and transferred blocks as means, and,
-against ``--reference``, the paired difference of hit (mean, sd, min, max) and the mean
-paired difference of p90, and the seeds where the
-strategy's hit is at least the reference's; ``per_seed`` lists each seed's hit and p90 (to pair
-runs of different settings). ``--kv FIELD=VALUE`` overrides a
+run's seed, as the README's tables do. The fleet's per-node cache is sized for P + D nodes
+(as the CLI does), so splits of the same total compare at the same per-node capacity. One
+JSON line per strategy: hit rate (prefill side), TTFT p90 and transferred blocks as mean, sd,
+min and max over the seeds, p50 and the decode-held fraction as means; against
+``--reference``, the paired difference of hit (mean, sd, min, max) and the mean paired
+difference of p90, and the seeds where the strategy's hit is at least the reference's; against
+``--blocks-reference``, the paired difference of transferred blocks and the seeds where the
+strategy moved fewer; ``per_seed`` lists each seed's hit, p90 and blocks (to pair runs of
+different settings). ``--kv FIELD=VALUE`` overrides a
 :class:`router_service.policies.kv_aware.KvAwareSettings` field for the kv_aware rows (a what-if;
 the CLI's ``--kv-...`` flags are the same fields). An analysis tool for issue 18 (README,
 "Disaggregated prefill/decode"), not a benchmark: the sim runs on a virtual clock.
@@ -61,6 +65,7 @@ def main() -> None:
     p.add_argument("--strategies", default="kv_aware/kv_aware,vllm_pd/least_loaded,"
                                             "sglang/least_loaded")
     p.add_argument("--reference", default="vllm_pd/least_loaded")
+    p.add_argument("--blocks-reference", default="round_robin/round_robin")
     p.add_argument("--seeds", type=int, default=30)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--arrival-jitter-s", type=float, default=2.7)
@@ -89,14 +94,17 @@ def main() -> None:
     for strat, ms in rows.items():
         hit = [m["hit_rate_tokens"] for m in ms]
         p90 = [m["ttft_ms"]["p90"] / 1000 for m in ms]
+        blocks = [float(m["transferred_blocks"]) for m in ms]
         line: dict[str, Any] = {
             "strategy": strat, "workload": args.trace or args.workload, "seeds": len(ms),
             "first_seed": args.first_seed, "arrival_jitter_s": args.arrival_jitter_s,
             "heartbeat_delay_s": args.heartbeat_delay_s, "kv": overrides,
+            "prefill_nodes": pn, "decode_nodes": dn,
             "hit": _summary(hit), "p90_s": _summary(p90),
             "p50_s": round(statistics.mean(m["ttft_ms"]["p50"] / 1000 for m in ms), 3),
-            "transferred_blocks": round(statistics.mean(m["transferred_blocks"] for m in ms)),
-            "per_seed": {"hit": hit, "p90_s": [round(x, 3) for x in p90]}}
+            "transferred_blocks": _summary(blocks),
+            "decode_held": round(statistics.mean(m["decode_held_rate_tokens"] for m in ms), 4),
+            "per_seed": {"hit": hit, "p90_s": [round(x, 3) for x in p90], "blocks": blocks}}
         if ref is not None and strat != args.reference:
             rh = [m["hit_rate_tokens"] for m in ref]
             rp = [m["ttft_ms"]["p90"] / 1000 for m in ref]
@@ -107,6 +115,12 @@ def main() -> None:
                                                                                strict=True)), 3),
                 "seeds_hit_at_least_reference": sum(a >= b for a, b in zip(hit, rh,
                                                                            strict=True))}
+        bref = rows.get(args.blocks_reference)
+        if bref is not None and strat != args.blocks_reference:
+            db = [a - float(m["transferred_blocks"]) for a, m in zip(blocks, bref, strict=True)]
+            line["blocks_vs_reference"] = {
+                "reference": args.blocks_reference, "blocks_diff": _summary(db),
+                "seeds_fewer_blocks": sum(d < 0 for d in db)}
         print(json.dumps(line), flush=True)
 
 

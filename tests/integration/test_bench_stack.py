@@ -60,10 +60,15 @@ def test_disaggregated_stack_replay_matches_sim(tmp_path: Path) -> None:
                  "2500", "--no-progress", "--mode", "stack", "--time-scale", "0.05",
                  "--prefill-nodes", "1", "--decode-nodes", "2",
                  "--pd-strategies", "kv_aware/kv_aware", "--workdir", str(tmp_path / "stack"),
-                 "--sim-runs", "2", "--json", str(out)]) == 0
+                 "--sim-runs", "2", "--repeat", "2", "--json", str(out)]) == 0
     rep = json.loads(out.read_text())
     by = {r["policy"]: r for r in rep["results"]}
     stack, sim = by["stack-pd:kv_aware/kv_aware"], by["sim:kv_aware/kv_aware"]
+    # --repeat 2: two fresh fleets; the table is run 1, the spread covers both
+    assert rep["repeats"]["runs"] == 2 and list(rep["repeats"]["rows"]) == [stack["policy"]]
+    hits = rep["repeats"]["rows"][stack["policy"]]["hit_rate_tokens"]
+    assert hits["per_run"][0] == stack["hit_rate_tokens"] and len(hits["per_run"]) == 2
+    assert (tmp_path / "stack" / "run-2" / "stack-pd").is_dir()
     assert stack["failed"] == 0 and stack["ttft_ms"]["p50"] > 0
     assert sum(stack["requests_per_decode_node"]) == 80
     assert stack["transferred_blocks"] > 0 and stack["decode_held_rate_tokens"] > 0
@@ -98,11 +103,15 @@ def test_disaggregated_replay_through_the_gateway(tmp_path: Path) -> None:
         prompts = prepare(wl)  # (computed while the fleet starts)
         up = coming.result(timeout=120)
         assert up.start_s > 0
-        m = pd_metrics(replay_gateway_pd(up.backend, wl, 1, prompts))
+        run = replay_gateway_pd(up.backend, wl, 1, prompts)
+        m = pd_metrics(run)
         pool.stop(up.backend)
     assert not up.backend.fleet._procs and up.backend.fleet.etcd is None  # all stopped
     assert m["failed"] == 0 and sum(m["requests_per_decode_node"]) == 60
     assert m["transferred_blocks"] > 0 and m["hit_rate_tokens"] > 0
+    # each request's measured prefill engine arrival, for the demo's sims to replay
+    lags = run.run.arrival_lag_by_request
+    assert len(lags) == 60 and all(x >= 0 for x in lags) and min(lags) == 0.0
 
 
 def test_stack_spreads_over_router_and_gateway_replicas_that_share_their_view(

@@ -1,0 +1,84 @@
+"""``kvroute demo``'s disaggregated run alone, repeatable: stack replay, sims, per-request JSON.
+
+    python scripts/demo_pd.py [--runs N] [--tag T] [--out DIR] [demo flags ...]
+
+Builds the notebook workload, engine settings and P + D fleet exactly as ``kvroute demo`` does
+(:mod:`cli.cmd_demo`: the same flags and defaults), replays the workload through the
+disaggregated stack's gateway once per run on a fresh fleet, and prints what the demo prints
+for it (the table and the agreement with seeded sims under the run's measured timing). Writes
+``DIR/pd-TK.json`` per run: the demo's report, the load average before and after, and each
+request's prefill and decode node, cached tokens, TTFT and measured prefill engine arrival lag
+(model seconds), for per-request diffs. The whole demo takes ~95 s; this ~20 s per run. An
+analysis tool for issue 18 (README, "The demo"); take the bench lock for figures you report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _rows(pd: Any) -> list[dict[str, Any]]:
+    run = pd.run
+    lags = run.arrival_lag_by_request or [None] * len(run.node)
+    return [{"i": i, "lag": lags[i], "p": run.node[i], "d": pd.decode_node[i],
+             "prompt": run.prompt_tokens[i], "cached": run.cached_tokens[i],
+             "ttft": run.ttft_s[i], "queue": pd.queue_s[i],
+             "xfer_blocks": pd.transfer_blocks[i], "held": pd.decode_held_tokens[i]}
+            for i in range(len(run.node))]
+
+
+def main() -> int:
+    from cli import cmd_demo
+
+    outer = argparse.ArgumentParser(add_help=False)
+    outer.add_argument("--runs", type=int, default=1, help="stack replays (default 1)")
+    outer.add_argument("--tag", default="", help="prefix of the JSON files' run numbers")
+    mine, rest = outer.parse_known_args()
+    top = argparse.ArgumentParser()
+    sub = top.add_subparsers()
+    cmd_demo.add_parser(sub)
+    args = top.parse_args(["demo", *rest])
+
+    from bench.prompts import prepare
+    from bench.stack_backend import StackBackend
+    from bench.stack_pd_gateway import replay_gateway_pd
+    from bench.workloads.generated import ConversationSpec, conversations
+
+    wl = conversations(0, ConversationSpec(conversations=args.conversations, turns=8,
+                                           start_window_s=args.start_window,
+                                           think_time_s=10.0))
+    settings, spec, line = cmd_demo._setup(args, wl, args.time_scale, 1.0)
+    print(line)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = prepare(wl)
+    p = args.nodes // 2
+    for k in range(mine.runs):
+        load = os.getloadavg()
+        t0 = time.perf_counter()
+        workdir = out / f"fleet-pd-{mine.tag}{k}"
+        with StackBackend(workdir, cmd_demo._pd_spec(args, wl, spec),
+                          front="gateway") as backend:
+            run = replay_gateway_pd(backend, wl, p, prompts)
+        wall = time.perf_counter() - t0
+        load_after = os.getloadavg()
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(f"\nrun {mine.tag}{k}: {wall:.0f} s, load average {load[0]:.2f} -> "
+              f"{load_after[0]:.2f}", flush=True)
+        report = cmd_demo._disaggregated(args, wl, settings, {"results": []}, run,
+                                         spec.heartbeat_interval_s / args.time_scale)
+        (out / f"pd-{mine.tag}{k}.json").write_text(json.dumps(
+            {"load": [load[0], load_after[0]], "report": report, "stack_rows": _rows(run)})
+            + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
