@@ -193,8 +193,9 @@ class StackBackend:
     async def _share_note(self, via_gateway: bool, n: int,
                           ) -> tuple[str, list[dict[str, Any]]]:
         """What each replica's metrics say about the shared view after a replay (cumulative
-        since the replica started): deltas applied, connected, burst decisions; and per
-        replica its view's staleness (:func:`bench.replica_view.histogram_summary`)."""
+        since the replica started): deltas applied, connected, burst decisions, staggered
+        decisions; and per replica its view's staleness
+        (:func:`bench.replica_view.histogram_summary`)."""
         ready = (self.fleet.gateways_ready if via_gateway else self.fleet.routers_ready)[:n]
         parts = []
         staleness: list[dict[str, Any]] = []
@@ -216,7 +217,9 @@ class StackBackend:
                     f"deltas published "
                     f"{m.get('kvroute_router_shared_view_deltas_published_total', 0):g}, "
                     f"burst decisions "
-                    f"{m.get('kvroute_router_replica_burst_decisions_total', 0):g}")
+                    f"{m.get('kvroute_router_replica_burst_decisions_total', 0):g}, "
+                    f"staggered decisions "
+                    f"{m.get('kvroute_router_replica_staggered_decisions_total', 0):g}")
         return "shared view per replica (since start): " + "; ".join(parts), staleness
 
     async def _replay(self, workload: Workload, policy: str, label: str, fronts: list[str],
