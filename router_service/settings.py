@@ -113,7 +113,9 @@ class RouterSettings(ServerSettings, ClientTLSSettings):
              "replicas' decisions of the same instant in view, instead of taking a slot of one "
              "plan. Set it above the shared view's worst staleness "
              "(kvroute_router_shared_view_staleness_seconds); it adds up to (replicas - 1) x "
-             "this to burst decisions; below --share-burst-window-s. 0 = off")
+             "this to burst decisions; below --share-burst-window-s, which should span the "
+             "turns, (replicas - 1) x this, or the last ranks' decisions stop counting as a "
+             "burst (and widening the window makes more spread-out traffic a burst). 0 = off")
 
     def __post_init__(self) -> None:
         ServerSettings.__post_init__(self)

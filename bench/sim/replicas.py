@@ -65,8 +65,11 @@ class ReplicaSettings:
         0.0, "in a burst the replica ranked r decides r x this many model seconds later, with "
              "the lower ranks' decisions in view (the router's --share-burst-stagger-s; the wait "
              "counts in its TTFT); 0 = off. --mode stack gives the routers this x --time-scale "
-             "wall seconds: to outlast the stack's real view staleness (wall time) it must "
-             "exceed that staleness / --time-scale")
+             "wall seconds (no wall floor, unlike the window): to outlast the stack's real "
+             "view staleness (wall time) it must exceed that staleness / --time-scale, and "
+             "being below --share-burst-window-s in model seconds, it needs a wider window "
+             "than the default, best (--routers - 1) x this (s27: 0.2 with 0.065 = 40 / 13 ms "
+             "wall at --time-scale 0.2)")
     calibrate: bool = setting(
         True, "routers use each engine's prefill rate measured from its prefill times (as the "
               "node agent reports it from vLLM's metrics); --kv-prefill-tokens-per-s is then "
