@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from bench.agreement import (
         agreement,
         format_agreement,
+        model_heartbeat_s,
         stack_request_timing,
         stack_timing,
         timed_settings,
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
                     coming = pool.start(out_dir / f"fleet-{i + 1}", setups[i][1])
                 report["demo"][-1]["disaggregated"] = _disaggregated(
                     args, wl, settings, stack.report, run_pd_stack,
-                    spec.heartbeat_interval_s / scale)
+                    model_heartbeat_s(spec.heartbeat_interval_s, scale))
             if not args.no_plots:
                 write_all(stack, out_dir / "plots" / f"{i}-{_slug(wl.name)}")
     except KeyboardInterrupt:

@@ -46,6 +46,7 @@ def main() -> int:
     cmd_demo.add_parser(sub)
     args = top.parse_args(["demo", *rest])
 
+    from bench.agreement import model_heartbeat_s
     from bench.prompts import prepare
     from bench.stack_backend import StackBackend
     from bench.stack_pd_gateway import replay_gateway_pd
@@ -73,7 +74,8 @@ def main() -> int:
         print(f"\nrun {mine.tag}{k}: {wall:.0f} s, load average {load[0]:.2f} -> "
               f"{load_after[0]:.2f}", flush=True)
         report = cmd_demo._disaggregated(args, wl, settings, {"results": []}, run,
-                                         spec.heartbeat_interval_s / args.time_scale)
+                                         model_heartbeat_s(spec.heartbeat_interval_s,
+                                                           args.time_scale))
         (out / f"pd-{mine.tag}{k}.json").write_text(json.dumps(
             {"load": [load[0], load_after[0]], "report": report, "stack_rows": _rows(run)})
             + "\n")
