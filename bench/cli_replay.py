@@ -71,8 +71,9 @@ def add_replay_arguments(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     if not sweep:
         reps = p.add_argument_group(
             "router replicas (issue 19: N routers behind a Service, sharing their view of load "
-            "or not; --mode stack uses --routers, --spread, --share-routes, --share-max-blocks "
-            ", --share-burst-window-s and --share-burst-coincidence, see also --gateways)")
+            "or not; --mode stack uses --routers, --spread, --share-routes, --share-max-blocks, "
+            "--share-burst-window-s, --share-burst-window-min-wall-s, --share-burst-coincidence "
+            "and --share-burst-stagger-s, see also --gateways)")
         add_arguments(reps, ReplicaSettings)  # type: ignore[arg-type]
     group = p.add_argument_group(
         "kv_aware policy settings (the router's flags and KVROUTE_KV_* variables; here "
