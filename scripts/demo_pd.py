@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -24,57 +25,72 @@ from pathlib import Path
 from typing import Any
 
 
+def _num(x: float | None) -> float | None:
+    """A measured value, None (JSON null) where there is none (NaN: a failed request)."""
+    return None if x is None or math.isnan(x) else x
+
+
 def _rows(pd: Any) -> list[dict[str, Any]]:
     run = pd.run
     lags = run.arrival_lag_by_request or [None] * len(run.node)
-    return [{"i": i, "lag": lags[i], "p": run.node[i], "d": pd.decode_node[i],
+    return [{"i": i, "lag": _num(lags[i]), "p": run.node[i], "d": pd.decode_node[i],
              "prompt": run.prompt_tokens[i], "cached": run.cached_tokens[i],
-             "ttft": run.ttft_s[i], "queue": pd.queue_s[i],
+             "ttft": _num(run.ttft_s[i]), "queue": _num(pd.queue_s[i]),
              "xfer_blocks": pd.transfer_blocks[i], "held": pd.decode_held_tokens[i]}
             for i in range(len(run.node))]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     from cli import cmd_demo
+    from kvroute.errors import ConfigError
 
-    outer = argparse.ArgumentParser(add_help=False)
-    outer.add_argument("--runs", type=int, default=1, help="stack replays (default 1)")
-    outer.add_argument("--tag", default="", help="prefix of the JSON files' run numbers")
-    mine, rest = outer.parse_known_args()
-    top = argparse.ArgumentParser()
+    top = argparse.ArgumentParser(prog="demo_pd.py")
     sub = top.add_subparsers()
     cmd_demo.add_parser(sub)
-    args = top.parse_args(["demo", *rest])
+    demo = sub.choices["demo"]
+    demo.prog = "demo_pd.py"
+    demo.description = __doc__.split("\n\n")[0]
+    demo.add_argument("--runs", type=int, default=1, metavar="N",
+                      help="stack replays, each on a freshly started fleet (default 1)")
+    demo.add_argument("--tag", default="", metavar="T",
+                      help="prefix of each run's number in the names of its fleet directory "
+                           "and JSON file (DIR/pd-T<k>.json)")
+    args = top.parse_args(["demo", *(sys.argv[1:] if argv is None else argv)])
+    if args.runs < 1:
+        demo.error(f"--runs {args.runs}: give N >= 1 stack replays")
+    try:
+        cmd_demo.check_args(args)  # the demo's own checks, and >= 2 engines for a P + D fleet
+        p, _ = cmd_demo.pd_split(args.nodes)
+    except ConfigError as exc:
+        demo.error(str(exc))
 
+    from bench.agreement import model_heartbeat_s
     from bench.prompts import prepare
     from bench.stack_backend import StackBackend
     from bench.stack_pd_gateway import replay_gateway_pd
-    from bench.workloads.generated import ConversationSpec, conversations
 
-    wl = conversations(0, ConversationSpec(conversations=args.conversations, turns=8,
-                                           start_window_s=args.start_window,
-                                           think_time_s=10.0))
-    settings, spec, line = cmd_demo._setup(args, wl, args.time_scale, 1.0)
+    wl = cmd_demo.notebook_workload(args)
+    settings, spec, line = cmd_demo.setup(args, wl, args.time_scale, 1.0)
     print(line)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prompts = prepare(wl)
-    p = args.nodes // 2
-    for k in range(mine.runs):
+    for k in range(args.runs):
         load = os.getloadavg()
         t0 = time.perf_counter()
-        workdir = out / f"fleet-pd-{mine.tag}{k}"
-        with StackBackend(workdir, cmd_demo._pd_spec(args, wl, spec),
+        workdir = out / f"fleet-pd-{args.tag}{k}"
+        with StackBackend(workdir, cmd_demo.pd_spec(args, wl, spec),
                           front="gateway") as backend:
             run = replay_gateway_pd(backend, wl, p, prompts)
         wall = time.perf_counter() - t0
         load_after = os.getloadavg()
         shutil.rmtree(workdir, ignore_errors=True)
-        print(f"\nrun {mine.tag}{k}: {wall:.0f} s, load average {load[0]:.2f} -> "
+        print(f"\nrun {args.tag}{k}: {wall:.0f} s, load average {load[0]:.2f} -> "
               f"{load_after[0]:.2f}", flush=True)
-        report = cmd_demo._disaggregated(args, wl, settings, {"results": []}, run,
-                                         spec.heartbeat_interval_s / args.time_scale)
-        (out / f"pd-{mine.tag}{k}.json").write_text(json.dumps(
+        report = cmd_demo.disaggregated(args, wl, settings, {"results": []}, run,
+                                        model_heartbeat_s(spec.heartbeat_interval_s,
+                                                          args.time_scale))
+        (out / f"pd-{args.tag}{k}.json").write_text(json.dumps(
             {"load": [load[0], load_after[0]], "report": report, "stack_rows": _rows(run)})
             + "\n")
     return 0

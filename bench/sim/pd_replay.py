@@ -34,9 +34,9 @@ from dataclasses import dataclass, field, replace
 from bench.results import PolicyRun
 from bench.sim.config import SimSettings
 from bench.sim.late import LateNews
-from bench.sim.replay import SIM_MODEL, _FleetView, arrival_times
+from bench.sim.replay import SIM_MODEL, _FleetView
 from bench.sim.source import SimPlacementSource
-from bench.sim.timing import RequestTiming
+from bench.sim.timing import RequestTiming, request_times
 from bench.sim.tracker import make_tracker
 from bench.workloads.base import Workload
 from engine_sim.fleet import SimFleet, full_blocks
@@ -174,14 +174,8 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
         if t < math.inf:
             handle(fleet.advance(t))
 
-    if timing is not None:
-        timing.check(n_req)
-    arrivals = arrival_times(workload, cfg.arrival_jitter_s, seed,
-                             timing.decision_lags(seed) if timing is not None else None)
-    # when each request reaches its prefill engine: as measured, never before its decision
-    at_engine = arrivals if timing is None else [
-        max(a, r.arrival_s + timing.engine_lag(i)) for i, (a, r) in enumerate(zip(
-            arrivals, reqs, strict=True))]
+    # decisions, and arrivals at the prefill engines (as measured, never before the decision)
+    arrivals, at_engine = request_times(workload, cfg.arrival_jitter_s, seed, timing)
     for i, r in enumerate(reqs):
         now = arrivals[i]
         step_to(now)
