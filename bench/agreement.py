@@ -61,7 +61,13 @@ def stack_timing(stack_report: dict[str, Any], time_scale: float,
     back = [r["return_lag_ms"]["p50"] / 1000.0 for r in rows if r.get("return_lag_ms")]
     return {"arrival_jitter_s": round(2 * statistics.median(arrival), 4) if arrival else 0.0,
             "complete_lag_s": round(max(0.0, statistics.median(back)), 4) if back else 0.0,
-            "heartbeat_delay_s": round(heartbeat_interval_s / time_scale, 4)}
+            "heartbeat_delay_s": model_heartbeat_s(heartbeat_interval_s, time_scale)}
+
+
+def model_heartbeat_s(heartbeat_interval_s: float, time_scale: float) -> float:
+    """The agents' heartbeat interval (wall seconds) on the model clock of a stack run at
+    ``time_scale`` wall seconds per model second: the sim's ``heartbeat_delay_s``."""
+    return round(heartbeat_interval_s / time_scale, 4)
 
 
 def timed_settings(settings: SimSettings, timing: dict[str, float]) -> SimSettings:

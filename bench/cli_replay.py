@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from bench.policies import ALL_POLICIES, BUILDABLE_POLICIES
 from bench.sim.config import SimSettings
 from bench.sim.replicas import ReplicaSettings
+from bench.stack_settings import stack_settings
 from bench.workloads import WORKLOAD_NAMES, TraceFormatError, load_workload
 from bench.workloads.base import SPREAD_SHAPES, Workload
 from kvroute.errors import ConfigError
@@ -70,8 +71,9 @@ def add_replay_arguments(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     if not sweep:
         reps = p.add_argument_group(
             "router replicas (issue 19: N routers behind a Service, sharing their view of load "
-            "or not; --mode stack uses --routers, --spread, --share-routes, --share-max-blocks "
-            ", --share-burst-window-s and --share-burst-coincidence, see also --gateways)")
+            "or not; --mode stack uses --routers, --spread, --share-routes, --share-max-blocks, "
+            "--share-burst-window-s, --share-burst-window-min-wall-s, --share-burst-coincidence "
+            "and --share-burst-stagger-s, see also --gateways)")
         add_arguments(reps, ReplicaSettings)  # type: ignore[arg-type]
     group = p.add_argument_group(
         "kv_aware policy settings (the router's flags and KVROUTE_KV_* variables; here "
@@ -151,10 +153,7 @@ def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSet
     except (ConfigError, ValueError) as exc:
         print(f"kvroute bench: {exc}", file=sys.stderr)
         return 2
-    repeat = 1 if getattr(args, "repeat", None) is None else int(args.repeat)
-    if repeat < 1:
-        print("kvroute bench: --repeat must be >= 1", file=sys.stderr)
-        return 2
+    repeat = int(args.repeat)  # validated by _prepare (StackSettings)
     t0 = time.perf_counter()
     bar = _Progress(len(workload.requests) * (len(strategies) * repeat + 1), args.no_progress)
     if args.mode == "stack":
@@ -242,11 +241,15 @@ class _Progress:
         self.bar.close()
 
 
-def _prepare(args: argparse.Namespace) -> tuple[Workload, SimSettings, list[str],
-                                                 KvAwareSettings] | int:
+def _prepare(args: argparse.Namespace, stack_flags: bool = False,
+             ) -> tuple[Workload, SimSettings, list[str], KvAwareSettings] | int:
+    """Workload and settings of a run (``stack_flags``: the parser has the
+    :class:`StackSettings` flags, validated here for every mode and path), or exit status 2."""
     try:
         workload = _load(args)
         settings = _settings(args, workload)
+        if stack_flags:
+            stack_settings(args)  # --repeat >= 1, --sim-runs >= 0
         names = _policies(args)
         kv = _kv_settings(args, settings.prefill_tokens_per_s)
     except (ConfigError, TraceFormatError, ValueError, OSError) as exc:
@@ -265,7 +268,7 @@ def run_replay(args: argparse.Namespace) -> int:
     from bench.sim.backend import SimBackend
 
     apply_quick(args)
-    prep = _prepare(args)
+    prep = _prepare(args, stack_flags=True)
     if isinstance(prep, int):
         return prep
     workload, settings, names, kv = prep
@@ -276,17 +279,13 @@ def run_replay(args: argparse.Namespace) -> int:
 
         return run_stack(args, workload, settings, names, kv)
     t0 = time.perf_counter()
-    bar = _Progress(len(workload.requests) * len(names) * (getattr(args, "repeat", 1) or 1),
-                    args.no_progress)
+    bar = _Progress(len(workload.requests) * len(names) * int(args.repeat), args.no_progress)
     try:
         replicas = from_namespace(ReplicaSettings, args)
     except (ConfigError, ValueError) as exc:
         print(f"kvroute bench: {exc}", file=sys.stderr)
         return 2
-    repeat = getattr(args, "repeat", 1) or 1
-    if repeat < 1:
-        print("kvroute bench: --repeat must be >= 1", file=sys.stderr)
-        return 2
+    repeat = int(args.repeat)  # validated by _prepare (StackSettings)
     outs = [run_comparison(workload, settings, names,
                            SimBackend(settings, seed=args.seed + k, progress=bar,
                                       kv_settings=kv, replicas=replicas))

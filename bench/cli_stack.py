@@ -121,8 +121,6 @@ def run_stack(args: argparse.Namespace, workload: Workload, settings: SimSetting
     print(f"stack: {spec.nodes} x (engine_sim + agent), registry, {spec.routers} router(s)"
           f"{f', {spec.gateways} gateway(s)' if spec.gateway else ''}, etcd; logs in {workdir}",
           file=sys.stderr)
-    if args.repeat < 1:
-        raise ConfigError("--repeat must be >= 1")
     fresh = bool(getattr(args, "fresh_fleet", True)) and not faults
     alternate = bool(replica_pairs(names))  # with --repeat: ABBA (bench/replica_order.py)
     t0 = time.perf_counter()
@@ -301,9 +299,7 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
         if name not in ("vllm-router", "sglang-router") or "/" not in pair:
             raise ConfigError(f"--pd-peers: {peer!r} is not vllm-router:PREFILL/DECODE or "
                               f"sglang-router:PREFILL/DECODE")
-    repeat = 1 if getattr(args, "repeat", None) is None else int(args.repeat)
-    if repeat < 1:
-        raise ConfigError("--repeat must be >= 1")
+    repeat = int(args.repeat)  # validated by cli_replay._prepare (StackSettings)
     per_run: list[list[dict[str, Any]]] = []
     for k in range(repeat):  # each run on a freshly started fleet
         sub = workdir if repeat == 1 else workdir / f"run-{k + 1}"

@@ -40,6 +40,7 @@ from bench.policies import build_policy
 from bench.sim.config import SimSettings
 from bench.sim.pd_replay import PdRun, simulate_pd
 from bench.sim.replay import simulate
+from bench.sim.timing import RequestTiming
 from bench.workloads.base import Workload
 from router_service.disagg import DisaggSettings
 from router_service.policies.kv_aware import KvAwareSettings
@@ -101,10 +102,12 @@ def pd_bounds(workload: Workload, settings: SimSettings, prefill_nodes: int,
 def run_strategies(workload: Workload, settings: SimSettings, prefill_nodes: int,
                    decode_nodes: int, transfer_s_per_block: float, kv: KvAwareSettings,
                    disagg: DisaggSettings, strategies: list[str], seed: int = 0,
-                   progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+                   progress: Callable[[int], None] | None = None,
+                   timing: RequestTiming | None = None) -> list[dict[str, Any]]:
     """Each strategy (``PREFILL/DECODE``; ``PREFILL`` alone: the decode choice of
     ``disagg.pd_decode_policy``) on a fresh P+D fleet: its :func:`pd_metrics`, named
-    ``pd:PREFILL/DECODE``."""
+    ``pd:PREFILL/DECODE``; ``timing``: a stack run's measured prefill engine arrivals, replayed
+    (:func:`bench.sim.pd_replay.simulate_pd`)."""
     rate = settings.prefill_tokens_per_s
     results: list[dict[str, Any]] = []
     for strat in strategies:
@@ -114,7 +117,8 @@ def run_strategies(workload: Workload, settings: SimSettings, prefill_nodes: int
         d = dataclasses.replace(disagg, pd_decode_policy=dec_name or disagg.pd_decode_policy)
         pd = simulate_pd(workload, policy, settings, prefill_nodes, decode_nodes,
                          transfer_s_per_block, d, progress, kv.kv_prefill_tokens_per_s,
-                         label=f"pd:{pre_name}/{d.pd_decode_policy}", seed=seed)
+                         label=f"pd:{pre_name}/{d.pd_decode_policy}", seed=seed,
+                         timing=timing)
         results.append(pd_metrics(pd))
     return results
 
@@ -122,11 +126,14 @@ def run_strategies(workload: Workload, settings: SimSettings, prefill_nodes: int
 def run_pd(workload: Workload, settings: SimSettings, prefill_nodes: int, decode_nodes: int,
            transfer_s_per_block: float, kv: KvAwareSettings, disagg: DisaggSettings,
            strategies: list[str], seed: int = 0,
-           progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Every strategy on a fresh P+D fleet, the aggregated run of the same size, the bounds."""
+           progress: Callable[[int], None] | None = None,
+           timing: RequestTiming | None = None) -> dict[str, Any]:
+    """Every strategy on a fresh P+D fleet, the aggregated run of the same size, the bounds
+    (``timing``: :func:`run_strategies`; not replayed in the aggregated run)."""
     rate = settings.prefill_tokens_per_s
     results = run_strategies(workload, settings, prefill_nodes, decode_nodes,
-                             transfer_s_per_block, kv, disagg, strategies, seed, progress)
+                             transfer_s_per_block, kv, disagg, strategies, seed, progress,
+                             timing)
     agg_settings = dataclasses.replace(settings, nodes=prefill_nodes + decode_nodes)
     agg = simulate(workload, build_policy("kv_aware", prefill_tokens_per_s=rate, seed=seed,
                                           overrides={KvAwareSettings: kv}),

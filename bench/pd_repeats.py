@@ -9,7 +9,10 @@ are one exact-schedule replay and are left out) gets, over the runs, the mean, s
 deviation, minimum and maximum of its hit rate (prefill side), TTFT p50 and p90 and transferred
 blocks, the mean decode-held fraction, the stack's arrival lag p99 at the prefill engines (the
 replay's contention check: a run whose lag is large could not keep the compressed schedule),
-and each run's values (JSON ``repeats``).
+and each run's values (JSON ``repeats``; ``null`` where a run has no value). Runs whose replay
+was contention-bound by the bench's own rule (:func:`bench.contention.contention_bound`, the
+one the aggregated ``--repeat`` spread applies) are listed per row (``contended_runs``,
+1-based) and marked in the table, never dropped.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from __future__ import annotations
 import math
 import statistics
 from typing import Any
+
+from bench.contention import CONTENTION_LAG_P99_S, contention_bound
+from bench.spread import rows_in_every_run
 
 METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("hit_rate_tokens", ("hit_rate_tokens",)),
@@ -38,36 +44,43 @@ def _value(row: dict[str, Any], path: tuple[str, ...]) -> float:
     return float(v) if isinstance(v, int | float) else math.nan
 
 
-def _stats(xs: list[float]) -> dict[str, Any]:
+def stats(xs: list[float]) -> dict[str, Any]:
+    """``{n, mean, sd, min, max}`` of the finite values of ``xs`` (NaN = no value; ``n`` counts
+    the finite ones): None where there are none, ``sd`` None below two (sample sd)."""
     ok = [x for x in xs if not math.isnan(x)]
     if not ok:
-        return {"mean": None, "sd": None, "min": None, "max": None, "per_run": xs}
-    return {"mean": round(statistics.fmean(ok), 4),
-            "sd": round(statistics.stdev(ok), 4) if len(ok) > 1 else 0.0,
-            "min": round(min(ok), 4), "max": round(max(ok), 4), "per_run": xs}
+        return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
+    return {"n": len(ok), "mean": round(statistics.fmean(ok), 4),
+            "sd": round(statistics.stdev(ok), 4) if len(ok) > 1 else None,
+            "min": round(min(ok), 4), "max": round(max(ok), 4)}
 
 
 def summarize(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    """``{"runs": N, "rows": {policy: {metric: {mean, sd, min, max, per_run}}}}`` over the
-    rows (``pd_metrics`` dicts, by ``policy``) present in every run, in run 1's order;
-    ``sim:`` rows are left out."""
+    """``{"runs": N, "rows": {policy: {metric: {n, mean, sd, min, max, per_run},
+    "contended_runs": [k, ...]}}}`` over the rows (``pd_metrics`` dicts, by ``policy``) present
+    in every run, in run 1's order; ``sim:`` rows are left out; ``per_run`` holds None (JSON
+    ``null``) where a run has no value."""
     rows: dict[str, Any] = {}
-    if not runs:
-        return {"runs": 0, "rows": rows}
-    for name in (r["policy"] for r in runs[0] if not r["policy"].startswith("sim:")):
-        per = [next((r for r in run if r["policy"] == name), None) for run in runs]
-        found = [r for r in per if r is not None]
-        if len(found) < len(runs):
+    common = rows_in_every_run(runs)
+    for name, found in common.items():
+        if name.startswith("sim:"):
             continue
-        rows[name] = {key: _stats([_value(r, path) for r in found]) for key, path in METRICS}
+        rows[name] = {key: _summary([_value(r, path) for r in found]) for key, path in METRICS}
+        rows[name]["contended_runs"] = [k for k, r in enumerate(found, 1)
+                                        if contention_bound(r)]
     return {"runs": len(runs), "rows": rows}
+
+
+def _summary(xs: list[float]) -> dict[str, Any]:
+    return {**stats(xs), "per_run": [None if math.isnan(x) else x for x in xs]}
 
 
 def _cell(s: dict[str, Any], fmt: str, scale: float = 1.0) -> str:
     if s["mean"] is None:
         return "-"
     f = f"{{:{fmt}}}"
-    return (f"{f.format(s['mean'] * scale)} ±{f.format(s['sd'] * scale)} "
+    sd = "-" if s["sd"] is None else f.format(s["sd"] * scale)
+    return (f"{f.format(s['mean'] * scale)} ±{sd} "
             f"[{f.format(s['min'] * scale)}..{f.format(s['max'] * scale)}]")
 
 
@@ -78,7 +91,8 @@ def format_repeats(summary: dict[str, Any]) -> str:
         return ""
     w = max(28, *(len(n) + 2 for n in rows))
     lines = [f"over {summary['runs']} runs: mean ±sd [min..max] (TTFT in s; lag p99 max: "
-             f"the worst run's arrival lag p99 at the prefill engines, s)",
+             f"the worst run's arrival lag p99 at the prefill engines, s; * = contention-bound "
+             f"runs, arrival lag p99 > {CONTENTION_LAG_P99_S:g} s: their figures are indicative)",
              f"{'row':<{w}}{'hit':>34}  {'p50':>6}  {'p90':>26}  {'xfer blocks':>30}"
              f"  {'dec held':>8}  {'lag p99 max':>11}"]
     for name, m in rows.items():
@@ -90,5 +104,10 @@ def format_repeats(summary: dict[str, Any]) -> str:
                      f"  {_cell(m['ttft_p90_ms'], '.2f', 0.001):>26}"
                      f"  {_cell(m['transferred_blocks'], ',.0f'):>30}"
                      f"  {'-' if held is None else f'{held:.3f}':>8}"
-                     f"  {'-' if lag is None else f'{lag / 1000:.2f}':>11}")
+                     f"  {'-' if lag is None else f'{lag / 1000:.2f}':>11}"
+                     + _contended(m.get("contended_runs") or []))
     return "\n".join(lines)
+
+
+def _contended(runs: list[int]) -> str:
+    return f"  * run {', '.join(map(str, runs))} contention-bound" if runs else ""

@@ -53,32 +53,35 @@ def divergence(runs: list[list[int]]) -> dict[str, Any]:
     return {"diverge_at": first, "same_decisions": round(min(same), 4)}
 
 
+def rows_in_every_run(runs: list[list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Per ``policy`` present in every run (in run 1's order): its row of each run."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in (r["policy"] for r in runs[0]) if runs else ():
+        rows = [next((r for r in run if r["policy"] == name), None) for run in runs]
+        found = [r for r in rows if r is not None]
+        if len(found) == len(runs):
+            out[name] = found
+    return out
+
+
 def spread(reports: list[dict[str, Any]],
            decisions: list[dict[str, list[int]]] | None = None) -> dict[str, dict[str, Any]]:
     """Per policy: values per run and their spread (policies missing from a run are skipped);
     with ``decisions`` (per run: policy → node per request) also where the runs diverge."""
-    if not reports:
-        return {}
-    names = [r["policy"] for r in reports[0]["results"]]
     out: dict[str, dict[str, Any]] = {}
-    for name in names:
-        rows = [next((r for r in rep["results"] if r["policy"] == name), None)
-                for rep in reports]
-        if any(r is None for r in rows):
-            continue
-        hits = [r["hit_rate_tokens"] for r in rows if r is not None]
+    for name, rows in rows_in_every_run([rep["results"] for rep in reports]).items():
+        hits = [r["hit_rate_tokens"] for r in rows]
         entry: dict[str, Any] = {"hit_rate_tokens": hits,
                                  "hit_spread": round(max(hits) - min(hits), 4)}
         for q in ("p50", "p90", "p99"):
-            vals = [r["ttft_ms"][q] for r in rows if r is not None]
+            vals = [r["ttft_ms"][q] for r in rows]
             entry[f"ttft_{q}_ms"] = vals
             entry[f"ttft_{q}_spread"] = round((max(vals) - min(vals)) / min(vals), 4) \
                 if min(vals) > 0 else None
-        entry["within_target"] = _met([r for r in rows if r is not None])
-        contended = [k for k, r in enumerate(rows, 1)
-                     if r is not None and r.get("contention_bound")]
+        entry["within_target"] = _met(rows)
+        contended = [k for k, r in enumerate(rows, 1) if r.get("contention_bound")]
         entry["contended_runs"] = contended
-        clean = [r for k, r in enumerate(rows, 1) if r is not None and k not in contended]
+        clean = [r for k, r in enumerate(rows, 1) if k not in contended]
         entry["within_target_uncontended"] = _met(clean) if contended and len(clean) >= 2 \
             else None
         if decisions is not None and all(name in d for d in decisions):

@@ -190,7 +190,8 @@ def _fill(pd: PdRun, workload: Workload, outs: list[_Pair],
         run.ttft_s[i] = pre_queue + hand + dec_first
         run.e2e_s[i] = pre_queue + hand + float(d["finished_at"]) - float(d["arrival"])
         run.t_end_s = max(run.t_end_s, req.arrival_s + run.e2e_s[i])
-    lags = _arrival_lags(run.node, skew, pd.prefill_nodes)
+    lags = _arrival_lags(run.node, skew, pd.prefill_nodes)  # at the prefill engines
+    run.arrival_lag_by_request = lags
     run.arrival_lag_s = [v for v in lags if not math.isnan(v)]
     # the prefill half's return lag: its engine's answer -> the router acknowledging the
     # release (what --mode sim models as complete_lag_s), on the arrival lags' convention

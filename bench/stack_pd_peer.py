@@ -31,7 +31,7 @@ from bench.prompts import Prompt, json_body
 from bench.results import PolicyRun
 from bench.sim.pd_replay import PdRun
 from bench.stack_fleet import EngineHandle
-from bench.stack_replay import _arrival_lag, _stats
+from bench.stack_replay import _arrival_lags, _stats
 from bench.workloads.base import Workload
 from kvroute.procs import free_port
 
@@ -175,4 +175,6 @@ def _fill(pd: PdRun, workload: Workload, errors: list[str],
         run.ttft_s[i] = pre_t + first
         run.e2e_s[i] = pre_t + float(dr["finished_at"]) - float(dr["arrival"])
         run.t_end_s = max(run.t_end_s, req.arrival_s + run.e2e_s[i])
-    run.arrival_lag_s = _arrival_lag(run.node, skew, pd.prefill_nodes)
+    lags = _arrival_lags(run.node, skew, pd.prefill_nodes)  # at the prefill engines
+    run.arrival_lag_by_request = lags
+    run.arrival_lag_s = [v for v in lags if not math.isnan(v)]

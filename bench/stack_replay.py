@@ -328,11 +328,6 @@ def _fill(run: PolicyRun, workload: Workload, outcomes: list[_Outcome],
     run.t_end_s = t_end
 
 
-def _arrival_lag(node: list[int], skew: list[float], n_nodes: int) -> list[float]:
-    """The arrival lags of the requests some engine recorded (:func:`_arrival_lags`)."""
-    return [v for v in _arrival_lags(node, skew, n_nodes) if not math.isnan(v)]
-
-
 def _arrival_lags(node: list[int], skew: list[float], n_nodes: int) -> list[float]:
     """Per request: engine arrival minus schedule, less the engine's smallest such value (engine
     clocks start with the engine, so only differences on one engine mean anything); NaN for a

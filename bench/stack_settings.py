@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
-from kvroute.settings import setting
+from kvroute.errors import ConfigError
+from kvroute.settings import setting, value_arguments
 
 
 @dataclass(frozen=True)
@@ -70,3 +72,17 @@ class StackSettings:
            "0.01, p50/p90 TTFT within 15 %%; JSON: agreement); 0 = skip", metavar="N")
     quick: bool = setting(
         False, "stack: a smoke run for tests: first 120 requests, 4 nodes, 20 pairs")
+
+    def __post_init__(self) -> None:
+        if self.repeat < 1:
+            raise ConfigError(f"--repeat: {self.repeat} runs; give N >= 1 (1 = one run, no "
+                              f"spread)")
+        if self.sim_runs < 0:
+            raise ConfigError(f"--sim-runs: {self.sim_runs}; give N >= 0 (0 = skip the sim "
+                              f"check)")
+
+
+def stack_settings(args: argparse.Namespace) -> StackSettings:
+    """The validated :class:`StackSettings` of parsed flags (:class:`ConfigError` naming the
+    flag when one is out of range)."""
+    return StackSettings(**value_arguments(StackSettings, args))

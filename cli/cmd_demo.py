@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from bench.agreement import (
         agreement,
         format_agreement,
+        model_heartbeat_s,
         stack_request_timing,
         stack_timing,
         timed_settings,
@@ -101,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
     from bench.sim.backend import SimBackend
     from bench.stack_backend import STACK_POLICIES
     from bench.workloads import load_workload
-    from bench.workloads.generated import ConversationSpec, conversations
     from kvroute.errors import ConfigError
     from router_service.policies.kv_aware import KvAwareSettings
 
@@ -111,19 +111,12 @@ def run(args: argparse.Namespace) -> int:
     if bad or not policies:
         raise ConfigError(f"--policies: unknown {', '.join(bad) or '(empty)'}; choose from "
                           f"{', '.join(STACK_POLICIES)}")
-    if args.nodes < 1 or args.time_scale <= 0 or args.trace_time_scale <= 0:
-        raise ConfigError("--nodes must be >= 1, --time-scale and --trace-time-scale > 0")
-    if args.start_window <= 0:
-        raise ConfigError("--start-window must be > 0")
-    if args.trace_engine_speed <= 0 or not 0 < args.cache_share <= 1:
-        raise ConfigError("--trace-engine-speed must be > 0 and --cache-share in (0, 1]")
+    check_args(args)
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _sigterm)
     t0 = time.perf_counter()
-    conv = conversations(0, ConversationSpec(conversations=args.conversations, turns=8,
-                                             start_window_s=args.start_window,
-                                             think_time_s=10.0))
+    conv = notebook_workload(args)
     # (title, workload, time scale, engine speed-up)
     workloads = [
         ("notebook workload (conversations, whole history resent every turn)", conv,
@@ -135,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"demo": [], "nodes": args.nodes, "time_scale": args.time_scale,
                               "trace_time_scale": args.trace_time_scale}
     print(f"kvroute demo: {args.nodes} simulated engines; logs, JSON and plots in {out_dir}")
-    setups = [_setup(args, wl, scale, speed) for _, wl, scale, speed in workloads]
+    setups = [setup(args, wl, scale, speed) for _, wl, scale, speed in workloads]
     pd = not args.no_disaggregated and args.nodes >= 2
     # Each fleet starts, and the previous one stops, on a helper thread while the demo runs
     # its in-process sims (virtual clock: sharing the CPU changes no figure); never during a
@@ -157,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             pool.stop(backend)
             pd_here = pd and i == 1
             if pd_here:
-                pd_coming = pool.start(out_dir / f"fleet-{i}-pd", _pd_spec(args, wl, spec))
+                pd_coming = pool.start(out_dir / f"fleet-{i}-pd", pd_spec(args, wl, spec))
             elif i < len(workloads):
                 coming = pool.start(out_dir / f"fleet-{i + 1}", setups[i][1])
             print("\n  through the stack, every request sent to the OpenAI gateway (hit rates "
@@ -206,8 +199,9 @@ def run(args: argparse.Namespace) -> int:
                 pool.stop(pd_up.backend)
                 if i < len(workloads):
                     coming = pool.start(out_dir / f"fleet-{i + 1}", setups[i][1])
-                report["demo"][-1]["disaggregated"] = _disaggregated(
-                    args, wl, settings, stack.report, run_pd_stack)
+                report["demo"][-1]["disaggregated"] = disaggregated(
+                    args, wl, settings, stack.report, run_pd_stack,
+                    model_heartbeat_s(spec.heartbeat_interval_s, scale))
             if not args.no_plots:
                 write_all(stack, out_dir / "plots" / f"{i}-{_slug(wl.name)}")
     except KeyboardInterrupt:
@@ -226,8 +220,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup(args: argparse.Namespace, wl: Any, scale: float, speed: float,
-           ) -> tuple[Any, Any, str]:
+def check_args(args: argparse.Namespace) -> None:
+    """:class:`ConfigError` naming the first out-of-range fleet or workload flag."""
+    from kvroute.errors import ConfigError
+
+    if args.nodes < 1 or args.time_scale <= 0 or args.trace_time_scale <= 0:
+        raise ConfigError("--nodes must be >= 1, --time-scale and --trace-time-scale > 0")
+    if args.start_window <= 0:
+        raise ConfigError("--start-window must be > 0")
+    if args.trace_engine_speed <= 0 or not 0 < args.cache_share <= 1:
+        raise ConfigError("--trace-engine-speed must be > 0 and --cache-share in (0, 1]")
+
+
+def notebook_workload(args: argparse.Namespace) -> Any:
+    """The seed notebook's workload done right (seed 0): ``--conversations`` conversations of
+    8 turns starting over ``--start-window`` model seconds, 10 s think time, every turn
+    resending the whole history."""
+    from bench.workloads.generated import ConversationSpec, conversations
+
+    return conversations(0, ConversationSpec(conversations=args.conversations, turns=8,
+                                             start_window_s=args.start_window,
+                                             think_time_s=10.0))
+
+
+def pd_split(nodes: int) -> tuple[int, int]:
+    """(prefill, decode) engines of the disaggregated fleet of the same size: ``nodes // 2``
+    prefill, the rest decode (:class:`ConfigError` below 2 engines)."""
+    from kvroute.errors import ConfigError
+
+    if nodes < 2:
+        raise ConfigError(f"--nodes {nodes}: a disaggregated fleet needs >= 2 engines "
+                          "(nodes // 2 prefill, the rest decode)")
+    return nodes // 2, nodes - nodes // 2
+
+
+def setup(args: argparse.Namespace, wl: Any, scale: float, speed: float,
+          ) -> tuple[Any, Any, str]:
     """A workload's engine settings, fleet spec and the line describing them."""
     from bench.sim.config import SimSettings
     from bench.stack_fleet import FleetSpec, router_flags
@@ -258,16 +286,16 @@ def _setup(args: argparse.Namespace, wl: Any, scale: float, speed: float,
     return settings, spec, line
 
 
-def _pd_spec(args: argparse.Namespace, wl: Any, spec: Any) -> Any:
-    """The disaggregated fleet of the same size: nodes // 2 prefill engines, the rest decode."""
+def pd_spec(args: argparse.Namespace, wl: Any, spec: Any) -> Any:
+    """The disaggregated fleet of the same size (:func:`pd_split`) as the fleet ``spec``."""
     from bench.stack_pd_gateway import pd_router_flags
     from engine_sim.params import transfer_s_per_block
     from router_service.disagg import DisaggSettings
 
-    p = args.nodes // 2
+    p, d = pd_split(args.nodes)
     xfer = transfer_s_per_block("seed", wl.block_size)
     return dataclasses.replace(
-        spec, roles=("prefill",) * p + ("decode",) * (args.nodes - p),
+        spec, roles=("prefill",) * p + ("decode",) * d,
         transfer_ms_per_block=xfer * 1000.0,
         router_args=(*spec.router_args, *pd_router_flags(DisaggSettings(), args.time_scale)))
 
@@ -277,8 +305,8 @@ def _disaggregated_stack(args: argparse.Namespace, wl: Any, up: Any, prompts: An
     disaggregated fleet's gateway."""
     from bench.stack_pd_gateway import replay_gateway_pd
 
-    p = args.nodes // 2
-    print(f"\n  disaggregated: the same workload on {p} prefill + {args.nodes - p} decode "
+    p, d = pd_split(args.nodes)
+    print(f"\n  disaggregated: the same workload on {p} prefill + {d} decode "
           "engines (same total size), every request through the gateway (prefill, then decode "
           "with vLLM's kv_transfer_params):")
     print(f"  stack up in {up.start_s:.1f} s, started while the sims ran (gateway at "
@@ -286,24 +314,38 @@ def _disaggregated_stack(args: argparse.Namespace, wl: Any, up: Any, prompts: An
     return replay_gateway_pd(up.backend, wl, p, prompts)
 
 
-def _disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[str, Any],
-                   run: Any) -> dict[str, Any]:
-    """The disaggregated stack ``run`` next to the aggregated stack run and the in-process
-    replay of both (and of round-robin pairs); prints the table."""
+def disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[str, Any],
+                  run: Any, heartbeat_delay_s: float) -> dict[str, Any]:
+    """The disaggregated stack ``run`` (a :class:`bench.sim.pd_replay.PdRun` with its prefill
+    engine arrival lags) next to the aggregated stack run ``agg`` (a report; ``{"results":
+    []}`` for none) and the in-process replay of both (and of round-robin pairs), and against
+    seeded sims under the stack run's measured timing; prints the tables, returns the report.
 
-    from bench.pd_bench import pd_metrics, print_pd, run_pd
+    What the sims replay: the PD rows each request's measured prefill engine arrival (decided
+    at a seeded point between schedule and arrival) and ``heartbeat_delay_s`` of cache-view
+    lag; the router hears each half's end at once (``complete_lag_s`` 0: the PD replay does not
+    measure a return lag, unlike the aggregated rows' sims above); the ``sim:aggregated`` row
+    the exact schedule with the same heartbeat lag."""
+
+    from bench.agreement import agreement, format_agreement
+    from bench.pd_bench import pd_metrics, print_pd, run_pd, run_strategies
+    from bench.sim.timing import RequestTiming
     from engine_sim.params import transfer_s_per_block
     from router_service.disagg import DisaggSettings
     from router_service.policies.kv_aware import KvAwareSettings
 
-    p = args.nodes // 2
-    d = args.nodes - p
+    p, d = pd_split(args.nodes)
     xfer = transfer_s_per_block("seed", wl.block_size)
     kv = KvAwareSettings(kv_prefill_tokens_per_s=settings.prefill_tokens_per_s)
-    # round-robin pairs in the same disaggregated fleet: what the pair choice itself buys
-    report = run_pd(wl, settings, p, d, xfer, kv, DisaggSettings(),
-                    ["kv_aware/kv_aware", "round_robin/round_robin"])
-    rows = [pd_metrics(run)]
+    # the sims replay the stack's timing, as the aggregated rows' do: each request's measured
+    # prefill engine arrival (decided at a seeded point between schedule and arrival) and the
+    # agents' heartbeat; round-robin pairs in the same fleet: what the pair choice itself buys
+    timing = RequestTiming(list(run.run.arrival_lag_by_request))
+    timed = dataclasses.replace(settings, heartbeat_delay_s=heartbeat_delay_s)
+    report = run_pd(wl, timed, p, d, xfer, kv, DisaggSettings(),
+                    ["kv_aware/kv_aware", "round_robin/round_robin"], timing=timing)
+    stack_row = pd_metrics(run)
+    rows = [stack_row]
     for r in report["results"]:
         rows.append(dict(r, policy="sim:" + r["policy"].removeprefix("pd:")))
     for r in agg["results"]:
@@ -311,9 +353,24 @@ def _disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[s
             rows.append(dict(r, policy=f"aggregated:kv_aware x{args.nodes}"))
     report["aggregated"]["policy"] = f"sim:aggregated:kv_aware x{args.nodes}"
     rows.append(report.pop("aggregated"))
-    report.update(mode=f"stack through the gateway, time_scale {args.time_scale}; "
-                       "sim: the in-process replay", results=rows)
+    own = "kv_aware/kv_aware"
+    sims = [[r for r in report["results"] if r["policy"] == f"pd:{own}"]]
+    sims += [run_strategies(wl, timed, p, d, xfer, kv, DisaggSettings(), [own], seed=k,
+                            timing=timing) for k in range(1, max(1, args.sim_runs))]
+    agree = agreement({"results": [dict(stack_row, policy=own)]},
+                      [{"results": [dict(r, policy=own) for r in s]} for s in sims])
+    report.update(mode=f"stack through the gateway, time_scale {args.time_scale}; sim (seed "
+                       "0): PD rows replay each request's measured prefill engine arrival and "
+                       f"a {heartbeat_delay_s:g} s heartbeat lag, completions heard at once "
+                       "(return lag not measured); sim:aggregated the exact schedule with the "
+                       "same heartbeat lag",
+                  results=rows, agreement=agree,
+                  sim_runs=[s[0] for s in sims[1:]],
+                  sim_timing={"request_timing_replayed": True,
+                              "heartbeat_delay_s": heartbeat_delay_s, "complete_lag_s": 0.0,
+                              "aggregated_row": "exact schedule, heartbeat lag"})
     print(_indent(_capture(print_pd, report)))
+    print(_indent(format_agreement(agree)))
     print(f"  Read it as: kvroute's pairs against round-robin pairs on the same {p} + {d} "
           "fleet (the sim rows). Against the aggregated fleet of the same size it is slower by "
           f"construction: engine_sim's decodes do not slow its prefills, so {p} prefill units "

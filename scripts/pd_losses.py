@@ -19,10 +19,11 @@ decision (``decode_believed_*``: the registry's view plus blocks in transit), in
 engines' actual caches at the decision (``decode_actual_*``) and at the hand-over
 (``decode_handover_*``) — and whether the chosen node was (one of) those holding the most
 (``*_chose_best``); ``decode_off_best_handover_blocks`` sums the blocks beyond block 0 the best
-decode engine held at the hand-over and the chosen one did not, and
-``decode_evicted_before_handover_blocks`` the blocks the chosen node was believed to hold at
-the decision and no longer held at the hand-over. One JSON line per strategy: means over the
-seeds.
+decode engine held at the hand-over and the chosen one did not; of the blocks the chosen
+node was believed to hold at the decision, ``decode_stale_view_blocks`` counts those it no
+longer held even then (the view was stale), and ``decode_evicted_before_handover_blocks`` the
+blocks it did hold at the decision and had evicted by the hand-over. One JSON line per
+strategy: means over the seeds.
 An analysis tool for issue 18 (README, "Disaggregated prefill/decode"), not a benchmark.
 """
 
@@ -79,8 +80,9 @@ def _decode_choice(c: Counter[str], d: RouteDecision, decode_ids: list[str],
     if handover is not None:
         k, held = handover
         c["decode_off_best_handover_blocks"] += max(0, max(held) - 1) - max(0, held[k] - 1)
-        c["decode_evicted_before_handover_blocks"] += max(0, believed.get(d.decode_node_id, 0)
-                                                          - held[k])
+        at_decision = actual[chosen]
+        c["decode_stale_view_blocks"] += max(0, believed.get(d.decode_node_id, 0) - at_decision)
+        c["decode_evicted_before_handover_blocks"] += max(0, at_decision - held[k])
 
 
 def main() -> None:

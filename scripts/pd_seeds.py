@@ -16,7 +16,8 @@ min and max over the seeds, p50 and the decode-held fraction as means; against
 ``--reference``, the paired difference of hit (mean, sd, min, max) and the mean paired
 difference of p90, and the seeds where the strategy's hit is at least the reference's; against
 ``--blocks-reference``, the paired difference of transferred blocks and the seeds where the
-strategy moved fewer; ``per_seed`` lists each seed's hit, p90 and blocks (to pair runs of
+strategy moved fewer (a reference missing from ``--strategies`` is added to the run, with a
+note on stderr); ``per_seed`` lists each seed's hit, p90 and blocks (to pair runs of
 different settings). ``--kv FIELD=VALUE`` overrides a
 :class:`router_service.policies.kv_aware.KvAwareSettings` field for the kv_aware rows (a what-if;
 the CLI's ``--kv-...`` flags are the same fields). An analysis tool for issue 18 (README,
@@ -29,9 +30,11 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 from typing import Any
 
 from bench.pd_bench import run_strategies
+from bench.pd_repeats import stats
 from bench.runner import resolve_settings
 from bench.sim.config import SimSettings
 from bench.workloads import load_workload
@@ -52,20 +55,18 @@ def _kv_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _summary(xs: list[float]) -> dict[str, float]:
-    return {"mean": round(statistics.mean(xs), 4),
-            "sd": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0,
-            "min": round(min(xs), 4), "max": round(max(xs), 4)}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", default="mooncake-sample")
     p.add_argument("--trace", default=None)
     p.add_argument("--strategies", default="kv_aware/kv_aware,vllm_pd/least_loaded,"
                                             "sglang/least_loaded")
-    p.add_argument("--reference", default="vllm_pd/least_loaded")
-    p.add_argument("--blocks-reference", default="round_robin/round_robin")
+    p.add_argument("--reference", default="vllm_pd/least_loaded",
+                   help="strategy the hit and p90 are paired against (added to the run when "
+                        "not in --strategies; '' for none)")
+    p.add_argument("--blocks-reference", default="round_robin/round_robin",
+                   help="strategy the transferred blocks are paired against (added to the run "
+                        "when not in --strategies; '' for none)")
     p.add_argument("--seeds", type=int, default=30)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--arrival-jitter-s", type=float, default=2.7)
@@ -78,6 +79,12 @@ def main() -> None:
     p.add_argument("--kv", action="append", default=[], metavar="FIELD=VALUE")
     args = p.parse_args()
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    for flag, ref_name in (("--reference", args.reference),
+                           ("--blocks-reference", args.blocks_reference)):
+        if ref_name and ref_name not in strategies:
+            strategies.append(ref_name)
+            print(f"pd_seeds.py: {flag} {ref_name} is not in --strategies: added to the run",
+                  file=sys.stderr, flush=True)
     pn, dn = args.prefill_nodes, args.decode_nodes
     overrides = _kv_overrides(args.kv)
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
@@ -105,9 +112,9 @@ def main() -> None:
             "heartbeat_delay_s": args.heartbeat_delay_s, "complete_lag_s": args.complete_lag_s,
             "kv": overrides,
             "prefill_nodes": pn, "decode_nodes": dn,
-            "hit": _summary(hit), "p90_s": _summary(p90),
+            "hit": stats(hit), "p90_s": stats(p90),
             "p50_s": round(statistics.mean(m["ttft_ms"]["p50"] / 1000 for m in ms), 3),
-            "transferred_blocks": _summary(blocks),
+            "transferred_blocks": stats(blocks),
             "decode_held": round(statistics.mean(m["decode_held_rate_tokens"] for m in ms), 4),
             "per_seed": {"hit": hit, "p90_s": [round(x, 3) for x in p90], "blocks": blocks}}
         if ref is not None and strat != args.reference:
@@ -115,7 +122,7 @@ def main() -> None:
             rp = [m["ttft_ms"]["p90"] / 1000 for m in ref]
             dh = [a - b for a, b in zip(hit, rh, strict=True)]
             line["vs_reference"] = {
-                "reference": args.reference, "hit_diff": _summary(dh),
+                "reference": args.reference, "hit_diff": stats(dh),
                 "p90_diff_mean_s": round(statistics.mean(a - b for a, b in zip(p90, rp,
                                                                                strict=True)), 3),
                 "seeds_hit_at_least_reference": sum(a >= b for a, b in zip(hit, rh,
@@ -124,7 +131,7 @@ def main() -> None:
         if bref is not None and strat != args.blocks_reference:
             db = [a - float(m["transferred_blocks"]) for a, m in zip(blocks, bref, strict=True)]
             line["blocks_vs_reference"] = {
-                "reference": args.blocks_reference, "blocks_diff": _summary(db),
+                "reference": args.blocks_reference, "blocks_diff": stats(db),
                 "seeds_fewer_blocks": sum(d < 0 for d in db)}
         print(json.dumps(line), flush=True)
 

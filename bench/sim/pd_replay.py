@@ -16,11 +16,16 @@ The fleet is stepped event by event (every request end anywhere), so a prefill t
 Timing of the real stack, as :func:`bench.sim.replay.simulate` models it (``SimSettings``):
 ``arrival_jitter_s`` delays each request's arrival by a seeded uniform draw (``seed``),
 ``complete_lag_s`` delays the router hearing of each half's end (the prefill release and the
-final ``Complete``), ``heartbeat_delay_s`` lags its view of the caches and load.
+final ``Complete``), ``heartbeat_delay_s`` lags its view of the caches and load. A stack run's
+own measured lags per request (``timing``, :class:`bench.sim.timing.RequestTiming`: its
+prefill engine arrivals) replace the uniform jitter as in the aggregated replay: each request
+reaches its prefill engine as measured and is decided at a seeded point between its schedule
+and that arrival; TTFT counts from the prefill engine's arrival, as the stack's records do.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections.abc import Callable
@@ -29,8 +34,9 @@ from dataclasses import dataclass, field, replace
 from bench.results import PolicyRun
 from bench.sim.config import SimSettings
 from bench.sim.late import LateNews
-from bench.sim.replay import SIM_MODEL, _FleetView, arrival_times
+from bench.sim.replay import SIM_MODEL, _FleetView
 from bench.sim.source import SimPlacementSource
+from bench.sim.timing import RequestTiming, request_times
 from bench.sim.tracker import make_tracker
 from bench.workloads.base import Workload
 from engine_sim.fleet import SimFleet, full_blocks
@@ -70,9 +76,11 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
                 disagg: DisaggSettings | None = None,
                 progress: Callable[[int], None] | None = None,
                 router_prefill_tokens_per_s: float | None = None,
-                label: str | None = None, seed: int = 0) -> PdRun:
+                label: str | None = None, seed: int = 0,
+                timing: RequestTiming | None = None) -> PdRun:
     """Replay ``workload`` on ``prefill_nodes`` + ``decode_nodes`` engines (module docstring);
-    ``policy`` picks the prefill node, ``disagg`` configures the decode choice."""
+    ``policy`` picks the prefill node, ``disagg`` configures the decode choice, ``timing``
+    replays a stack run's measured prefill engine arrivals."""
     if prefill_nodes < 1 or decode_nodes < 1:
         raise ValueError("a disaggregated fleet needs >= 1 prefill and >= 1 decode node")
     t_wall = time.perf_counter()
@@ -148,18 +156,32 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
                 run.t_end_s = max(run.t_end_s, s.finished_at)
             late.tell(s.finished_at or fleet.now, i, (rid, run.cached_tokens[i]))
 
-    def step_to(t: float) -> None:
-        while (te := fleet.next_event_time()) is not None and te <= t:
-            handle(fleet.advance(max(te, fleet.now)))
-        handle(fleet.advance(t))
+    on_the_way: list[tuple[float, int, int, SimRequest]] = []  # decided, not at its engine yet
 
-    arrivals = arrival_times(workload, cfg.arrival_jitter_s, seed)
+    def step_to(t: float) -> None:
+        """Every engine event and prefill engine arrival due by ``t``, in time order."""
+        while True:
+            te = fleet.next_event_time()
+            ta = on_the_way[0][0] if on_the_way else None
+            if (te is None or te > t) and (ta is None or ta > t):
+                break
+            if te is not None and (ta is None or te < ta):
+                handle(fleet.advance(max(te, fleet.now)))
+            else:
+                at, _, node, sreq = heapq.heappop(on_the_way)
+                handle(fleet.advance(max(at, fleet.now)))
+                handle(fleet.submit(node, sreq, fleet.now))
+        if t < math.inf:
+            handle(fleet.advance(t))
+
+    # decisions, and arrivals at the prefill engines (as measured, never before the decision)
+    arrivals, at_engine = request_times(workload, cfg.arrival_jitter_s, seed, timing)
     for i, r in enumerate(reqs):
         now = arrivals[i]
         step_to(now)
         late.hear_until(now)
         tracker.now = now
-        run.arrival_s[i] = now
+        run.arrival_s[i] = at_engine[i]  # TTFT counts from the prefill engine's arrival
         run.prompt_tokens[i] = r.prompt_tokens
         try:
             d = core.decide_local(RouteRequest(
@@ -171,7 +193,12 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
                                           r.prompt_tokens, 1)
             first_half[r.request_id] = sreq
             decode_of[r.request_id] = fleet.index[d.decode_node_id]
-            handle(fleet.submit(fleet.index[d.node_id], sreq, now))
+            node = fleet.index[d.node_id]
+            if at_engine[i] > now:
+                fleet.nodes[node].model.check_fits(sreq)  # refused now, as a submit would be
+                heapq.heappush(on_the_way, (at_engine[i], i, node, sreq))
+            else:
+                handle(fleet.submit(node, sreq, now))
         except (KvrouteError, RequestTooLarge) as exc:
             first_half.pop(r.request_id, None)
             _fail(run, pd, i, core, r.request_id, exc)
@@ -182,8 +209,7 @@ def simulate_pd(workload: Workload, policy: Policy, cfg: SimSettings, prefill_no
         pd.predicted_transfer_blocks[i] = d.transfer_blocks
         if progress is not None and i % 500 == 499:
             progress(500)
-    while (te := fleet.next_event_time()) is not None:
-        handle(fleet.advance(max(te, fleet.now)))
+    step_to(math.inf)
     late.hear_until(math.inf)
     if progress is not None:
         progress(n_req % 500)

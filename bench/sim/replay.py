@@ -28,8 +28,6 @@ their hit rate is a distribution, and ``--repeat`` samples it.
 from __future__ import annotations
 
 import heapq
-import math
-import random
 import time
 from collections.abc import Callable, Sequence
 
@@ -38,7 +36,7 @@ from bench.sim.config import SimSettings
 from bench.sim.late import LateNews
 from bench.sim.replicas import ReplicaSettings, ShareBus, Spreader, make_share
 from bench.sim.source import SimPlacementSource
-from bench.sim.timing import RequestTiming
+from bench.sim.timing import RequestTiming, request_times
 from bench.sim.tracker import make_tracker
 from bench.workloads.base import Workload
 from engine_sim.fleet import SimFleet, full_blocks
@@ -131,14 +129,7 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     owner: dict[str, int] = {}
     index = {r.request_id: i for i, r in enumerate(reqs)}
     prefilling: list[tuple[int, SimRequest]] = []  # submitted, prefill-done callback not given
-    if timing is not None:
-        timing.check(n_req)
-    arrivals = arrival_times(workload, cfg.arrival_jitter_s, seed,
-                             timing.decision_lags(seed) if timing is not None else None)
-    # when each request reaches its engine: the measured arrival, never before its decision
-    at_engine = arrivals if timing is None else [
-        max(a, r.arrival_s + timing.engine_lag(i)) for i, (a, r) in enumerate(zip(
-            arrivals, reqs, strict=True))]
+    arrivals, at_engine = request_times(workload, cfg.arrival_jitter_s, seed, timing)
     on_the_way: list[tuple[float, int, int, SimRequest]] = []  # decided, not yet at the engine
     waited_s: dict[int, float] = {}  # request -> seconds its staggered decision waited
     sample_every = max(1, n_req // 400)
@@ -271,26 +262,3 @@ def simulate(workload: Workload, policy: Policy, cfg: SimSettings,
     run.evictions = fleet.evictions_total
     run.wall_s = time.perf_counter() - t_wall
     return run
-
-
-def arrival_times(workload: Workload, jitter_s: float, seed: int,
-                  lags: Sequence[float] | None = None) -> list[float]:
-    """Each request's arrival at the router: its scheduled time, plus its lag from ``lags``
-    when given (NaN = 0), plus a uniform draw in ``[0, jitter_s)`` (seeded) when ``jitter_s``
-    > 0, never before the request scheduled just before it (the trace's order is kept, as the
-    stack's client keeps it)."""
-    base = [r.arrival_s for r in workload.requests]
-    if lags is not None:
-        if len(lags) != len(base):
-            raise ValueError(f"{len(lags)} arrival lags for {len(base)} requests")
-        base = [a + (lag if math.isfinite(lag) else 0.0) for a, lag in zip(base, lags,
-                                                                           strict=True)]
-    if jitter_s <= 0 and lags is None:
-        return base
-    rnd = random.Random(f"arrival-jitter:{seed}")
-    out: list[float] = []
-    last = float("-inf")
-    for a in base:  # in order: a client sends a burst in trace order, as the stack's replay does
-        last = max(last, a + (rnd.uniform(0.0, jitter_s) if jitter_s > 0 else 0.0))
-        out.append(last)
-    return out

@@ -24,6 +24,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from bench.workloads.base import Workload
+
 
 @dataclass(frozen=True)
 class RequestTiming:
@@ -59,3 +61,42 @@ class RequestTiming:
         its engine lag (module docstring)."""
         rnd = random.Random(f"decision-point:{seed}")
         return [rnd.random() * self.engine_lag(i) for i in range(len(self.engine_lag_s))]
+
+
+def arrival_times(workload: Workload, jitter_s: float, seed: int,
+                  lags: Sequence[float] | None = None) -> list[float]:
+    """Each request's arrival at the router: its scheduled time, plus its lag from ``lags``
+    when given (NaN = 0), plus a uniform draw in ``[0, jitter_s)`` (seeded) when ``jitter_s``
+    > 0, never before the request scheduled just before it (the trace's order is kept, as the
+    stack's client keeps it)."""
+    base = [r.arrival_s for r in workload.requests]
+    if lags is not None:
+        if len(lags) != len(base):
+            raise ValueError(f"{len(lags)} arrival lags for {len(base)} requests")
+        base = [a + (lag if math.isfinite(lag) else 0.0) for a, lag in zip(base, lags,
+                                                                           strict=True)]
+    if jitter_s <= 0 and lags is None:
+        return base
+    rnd = random.Random(f"arrival-jitter:{seed}")
+    out: list[float] = []
+    last = float("-inf")
+    for a in base:  # in order: a client sends a burst in trace order, as the stack's replay does
+        last = max(last, a + (rnd.uniform(0.0, jitter_s) if jitter_s > 0 else 0.0))
+        out.append(last)
+    return out
+
+
+def request_times(workload: Workload, jitter_s: float, seed: int,
+                  timing: RequestTiming | None) -> tuple[list[float], list[float]]:
+    """Per request, (its decision time, its arrival at the engine) on the sim's clock: without
+    ``timing`` both are :func:`arrival_times` (schedule plus seeded jitter); with a stack run's
+    ``timing`` the decision falls at a seeded point between schedule and the measured engine
+    arrival (:meth:`RequestTiming.decision_lags`) and the engine arrival is the measured one,
+    never before the decision."""
+    if timing is None:
+        arrivals = arrival_times(workload, jitter_s, seed)
+        return arrivals, arrivals
+    timing.check(len(workload.requests))
+    arrivals = arrival_times(workload, jitter_s, seed, timing.decision_lags(seed))
+    return arrivals, [max(a, r.arrival_s + timing.engine_lag(i))
+                      for i, (a, r) in enumerate(zip(arrivals, workload.requests, strict=True))]

@@ -8,11 +8,14 @@ from the engines, and the hit rates match the in-process simulation within a few
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from bench.sim.timing import RequestTiming
 from cli.main import main
 
 pytestmark = pytest.mark.integration
@@ -105,11 +108,25 @@ def test_disaggregated_replay_through_the_gateway(tmp_path: Path) -> None:
         prompts = prepare(wl)  # (computed while the fleet starts)
         up = coming.result(timeout=120)
         assert up.start_s > 0
-        m = pd_metrics(replay_gateway_pd(up.backend, wl, 1, prompts))
+        run = replay_gateway_pd(up.backend, wl, 1, prompts)
+        m = pd_metrics(run)
         pool.stop(up.backend)
     assert not up.backend.fleet._procs and up.backend.fleet.etcd is None  # all stopped
     assert m["failed"] == 0 and sum(m["requests_per_decode_node"]) == 60
     assert m["transferred_blocks"] > 0 and m["hit_rate_tokens"] > 0
+    # each request's measured prefill engine arrival, for the demo's sims to replay: one
+    # finite, non-negative lag per request (none failed, so none is NaN), in request order —
+    # the same values the row's arrival-lag percentiles summarise
+    lags = run.run.arrival_lag_by_request
+    assert len(lags) == len(wl.requests) == 60
+    assert all(math.isfinite(x) and x >= 0 for x in lags)
+    assert run.run.arrival_lag_s == lags
+    p50, p99 = np.percentile(np.array(lags) * 1000.0, [50, 99])
+    assert m["arrival_lag_ms"]["p50"] == round(float(p50), 1)
+    assert m["arrival_lag_ms"]["p99"] == round(float(p99), 1)
+    timing = RequestTiming(lags)
+    timing.check(len(wl.requests))  # what the demo's sims take
+    assert all(0.0 <= d <= lag for d, lag in zip(timing.decision_lags(0), lags, strict=True))
 
 
 def test_stack_spreads_over_router_and_gateway_replicas_that_share_their_view(

@@ -10,7 +10,7 @@ from bench.pd_bench import PD_STRATEGIES, pd_metrics, run_pd
 from bench.policies import build_policy
 from bench.runner import resolve_settings
 from bench.sim.config import SimSettings
-from bench.sim.pd_replay import simulate_pd
+from bench.sim.pd_replay import PdRun, simulate_pd
 from bench.workloads import load_workload
 from bench.workloads.base import TraceRequest, Workload
 from cli.main import main
@@ -58,6 +58,36 @@ def test_the_stack_s_timing_arrival_jitter_and_complete_lag() -> None:
     assert 0.0 <= first[0] < 0.5 and 5.0 <= first[1] < 5.5
     assert all(r.run.failed == 0 for r in runs)
     assert sum(pd_metrics(runs[0])["requests_per_decode_node"]) == 2
+
+
+def test_measured_prefill_engine_arrivals_are_replayed() -> None:
+    """A stack run's per-request lags (:class:`RequestTiming`): each request reaches its prefill
+    engine as measured, is decided at a seeded point between schedule and that arrival, and
+    its TTFT counts from the engine arrival, as the stack's records do; zero lags replay the
+    schedule exactly."""
+    from bench.sim.timing import RequestTiming
+
+    one = TraceRequest("a", 0.0, tuple(range(1, 9)), 8 * 16, 4)
+    other = TraceRequest("b", 0.5, tuple(range(20, 28)), 8 * 16, 4)
+    w = Workload("two", 16, [one, other])
+    cfg = SimSettings(nodes=2, cache_blocks=64, block_size=16, prefill_tokens_per_s=100.0,
+                      decode_s_per_token=0.01)
+
+    def replay(timing: RequestTiming | None, seed: int = 0) -> PdRun:
+        return simulate_pd(w, build_policy("kv_aware", prefill_tokens_per_s=100.0), cfg, 1,
+                           1, 0.001, DisaggSettings(), seed=seed, timing=timing)
+
+    exact = replay(None)
+    assert replay(RequestTiming([0.0, 0.0])).run.ttft_s == exact.run.ttft_s
+    assert exact.queue_s[1] > 0 and exact.queue_s[0] == 0.0  # b waits behind a's prefill
+    late = replay(RequestTiming([1.0, 0.0]))  # a reached the engine 1 s late: b went first
+    # (b is decided after a, as the gateway decides in the trace's order)
+    assert late.run.arrival_s[0] == 1.0 and 0.5 <= late.run.arrival_s[1] < 1.0
+    assert late.queue_s[1] == 0.0 and late.queue_s[0] > 0
+    for i in range(2):  # from the engine arrival: the lag itself is not in the TTFT
+        assert math.isclose(late.run.ttft_s[i], late.queue_s[i] + late.prefill_s[i]
+                            + late.transfer_s[i], abs_tol=1e-9)
+    assert late.run.failed == 0 and late.decode_node == [1, 1]
 
 
 def test_pd_agreement_compares_the_stack_with_seeded_sims_under_its_timing() -> None:

@@ -13,6 +13,7 @@ from bench.sim.replay import simulate
 from bench.sim.replicas import ReplicaSettings, Spreader
 from bench.workloads import load_workload
 from bench.workloads.base import TraceRequest, Workload
+from kvroute.errors import ConfigError
 from router_service.policies.base import Policy
 
 
@@ -136,7 +137,8 @@ def test_stack_routers_get_the_burst_window_and_stagger_on_the_wall_clock() -> N
     runs --time-scale times compressed, so model-second settings reach them x --time-scale."""
     from router_service.settings import RouterSettings
 
-    rs = ReplicaSettings(routers=4, share_burst_window_s=0.01, share_burst_stagger_s=0.006)
+    rs = ReplicaSettings(routers=4, share_burst_window_s=0.01, share_burst_stagger_s=0.006,
+                         share_burst_window_min_wall_s=0)
     flags = rs.share_flags(0.2)
     got = dict(zip(flags[1::2], flags[2::2], strict=True))
     assert flags[0] == "--share-routes"
@@ -148,6 +150,33 @@ def test_stack_routers_get_the_burst_window_and_stagger_on_the_wall_clock() -> N
                    share_burst_window_s=float(got["--share-burst-window-s"]),
                    share_burst_stagger_s=float(got["--share-burst-stagger-s"]))
     assert ReplicaSettings(share_routes=False).share_flags(0.2) == ()
+
+
+def test_the_routers_burst_window_never_drops_below_the_wall_floor() -> None:
+    """The window x --time-scale is floored at --share-burst-window-min-wall-s (the shared
+    view's staleness is wall time: the trace's compression does not shrink it); a wider
+    scaled window passes unchanged; the floor defaults to what a router runs by default."""
+    from router_service.settings import RouterSettings
+
+    def window(ts: float, **kw: float) -> float:
+        flags = ReplicaSettings(routers=4, **kw).share_flags(ts)
+        return float(flags[flags.index("--share-burst-window-s") + 1])
+
+    assert ReplicaSettings().share_burst_window_min_wall_s == \
+        RouterSettings(registry="127.0.0.1:1").share_burst_window_s == 0.01
+    assert window(0.2) == pytest.approx(0.01)  # 0.01 model s x 0.2 = 2 ms -> the 10-ms floor
+    assert window(1.0) == pytest.approx(0.01)  # real time: the router's own default
+    assert window(0.2, share_burst_window_s=0.2) == pytest.approx(0.04)  # above: scaled
+    assert window(0.2, share_burst_window_min_wall_s=0.003) == pytest.approx(0.003)
+    assert window(0.2, share_burst_window_min_wall_s=0) == pytest.approx(0.002)  # off
+    # a stagger below the model window stays below the floored wall window (the router's rule)
+    flags = ReplicaSettings(routers=4, share_burst_stagger_s=0.006).share_flags(0.2)
+    got = dict(zip(flags[1::2], flags[2::2], strict=True))
+    RouterSettings(registry="127.0.0.1:1", share_routes=True,
+                   share_burst_window_s=float(got["--share-burst-window-s"]),
+                   share_burst_stagger_s=float(got["--share-burst-stagger-s"]))
+    with pytest.raises(ConfigError, match="share-burst-window-min-wall-s"):
+        ReplicaSettings(share_burst_window_min_wall_s=-0.001)
 
 
 def test_the_burst_window_read_back_is_the_one_argparse_uses() -> None:
@@ -172,7 +201,8 @@ def test_stack_replays_the_replicas_after_one_router_unless_asked_first() -> Non
     def names(**kw: object) -> list[str]:
         ns = argparse.Namespace(routers=4, spread="random", share_routes=True,
                                 share_delay_s=0.005, share_max_blocks=64,
-                                share_burst_window_s=0.01, share_burst_coincidence=0.5,
+                                share_burst_window_s=0.01, share_burst_window_min_wall_s=0.01,
+                                share_burst_coincidence=0.5,
                                 share_burst_stagger_s=0.0, calibrate=True, time_scale=0.2,
                                 gateways=1, **kw)
         return _with_replicas(ns, FleetSpec(), ["kv_aware", "round_robin"])[1]

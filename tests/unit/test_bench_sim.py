@@ -121,7 +121,7 @@ def test_timing_of_the_stack_is_modelled_and_seeded() -> None:
     what the router hears (every request still completes, the cache-blind order is unchanged)."""
     import dataclasses
 
-    from bench.sim.replay import arrival_times
+    from bench.sim.timing import arrival_times
 
     wl = load_workload(workload="mooncake-sample", limit=200)
     base = arrival_times(wl, 0.0, 1)
@@ -151,8 +151,7 @@ def test_a_stack_runs_measured_lags_and_node_names_are_replayed() -> None:
     from bench.agreement import stack_request_timing
     from bench.results import PolicyRun
     from bench.sim.backend import SimBackend
-    from bench.sim.replay import arrival_times
-    from bench.sim.timing import RequestTiming
+    from bench.sim.timing import RequestTiming, arrival_times
 
     wl = load_workload(workload="mooncake-sample", limit=60)
     n = len(wl.requests)
