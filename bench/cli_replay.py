@@ -106,6 +106,11 @@ def _add_pd_arguments(p: argparse.ArgumentParser) -> None:
                         "vllm-router:cache_aware/power_of_two; sglang-router --pd-disaggregation "
                         "(SGLang's bootstrap protocol), e.g. sglang-router:cache_aware/"
                         "power_of_two")
+    g.add_argument("--pd-gateway", action="store_true",
+                   help="--mode stack: also replay through kvroute's OpenAI gateway (kvroute "
+                        "serve gateway orchestrates each pair in-process and releases the "
+                        "prefill node at its answer, like a proxy peer); row "
+                        "gateway-pd:kv_aware/DECODE (--pd-decode-policy)")
     add_arguments(g, DisaggSettings)  # type: ignore[arg-type]
 
 
@@ -144,6 +149,8 @@ def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSet
         disagg = from_namespace(DisaggSettings, args) if given else \
             from_namespace(DisaggSettings, args, pd_transfer_s_per_block=transfer)
         strategies = [x.strip() for x in args.pd_strategies.split(",") if x.strip()]
+        if getattr(args, "pd_gateway", False) and args.mode != "stack":
+            raise ConfigError("--pd-gateway: the gateway row needs --mode stack")
         for st in strategies:
             pre, _, dec = st.partition("/")
             if pre not in BUILDABLE_POLICIES or dec not in DECODE_POLICIES:
@@ -155,7 +162,8 @@ def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSet
         return 2
     repeat = int(args.repeat)  # validated by _prepare (StackSettings)
     t0 = time.perf_counter()
-    bar = _Progress(len(workload.requests) * (len(strategies) * repeat + 1), args.no_progress)
+    fronts = len(strategies) + int(bool(getattr(args, "pd_gateway", False)))
+    bar = _Progress(len(workload.requests) * (fronts * repeat + 1), args.no_progress)
     if args.mode == "stack":
         from bench.cli_stack import run_stack_pd_cli
 

@@ -268,6 +268,8 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
                      strategies: list[str], progress: Any) -> dict[str, Any]:
     """``--mode stack --prefill-nodes P --decode-nodes D``: the disaggregated stack replay of
     the strategies the router serves, next to the sim replay of the same strategies;
+    ``--pd-gateway``: also through kvroute's OpenAI gateway (row
+    ``gateway-pd:POLICY/DECODE``, the fleet's default policy and ``--pd-decode-policy``);
     ``--repeat N``: N replays, each on a fresh fleet (the table and ``--sim-runs`` are run 1's;
     JSON ``repeats``: mean and spread over the runs, :mod:`bench.pd_repeats`)."""
     from bench.pd_bench import pd_agreement, pd_metrics, run_pd
@@ -289,10 +291,13 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
                      max_running=settings.max_batch, time_scale=ts,
                      router_args=(*router_flags(kv, ts), *pd_flags),
                      roles=("prefill",) * p + ("decode",) * d,
-                     transfer_ms_per_block=transfer_s_per_block * 1000.0)
+                     transfer_ms_per_block=transfer_s_per_block * 1000.0,
+                     gateway=bool(getattr(args, "pd_gateway", False)))
+    gateway_label = (f"gateway-pd:{spec.default_policy}/{disagg.pd_decode_policy}"
+                     if spec.gateway else "")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
-    print(f"stack: {p} prefill + {d} decode engine_sim with agents, registry, router, etcd; "
-          f"logs in {workdir}", file=sys.stderr)
+    print(f"stack: {p} prefill + {d} decode engine_sim with agents, registry, router"
+          f"{', gateway' if spec.gateway else ''}, etcd; logs in {workdir}", file=sys.stderr)
     peers = [x.strip() for x in (args.pd_peers or "").split(",") if x.strip()]
     for peer in peers:
         name, _, pair = peer.partition(":")
@@ -306,7 +311,7 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
         if repeat > 1:
             print(f"stack: run {k + 1} of {repeat}", file=sys.stderr)
         per_run.append([pd_metrics(r) for r in run_stack_pd(
-            sub / "stack-pd", spec, workload, p, strategies, progress, peers)])
+            sub / "stack-pd", spec, workload, p, strategies, progress, peers, gateway_label)])
     sim = run_pd(workload, settings, p, d, transfer_s_per_block, kv, disagg, strategies,
                  args.seed)
     for r in sim["results"]:

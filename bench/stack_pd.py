@@ -208,12 +208,15 @@ STACK_PD_STRATEGIES = ("kv_aware/kv_aware", "kv_aware/least_loaded", "round_robi
 
 def run_stack_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nodes: int,
                  strategies: list[str], progress: Callable[[int], None] | None = None,
-                 peers: list[str] | None = None) -> list[PdRun]:
+                 peers: list[str] | None = None, gateway_label: str = "") -> list[PdRun]:
     """One fleet (P prefill + D decode engines with agents, registry, router, etcd), every
-    strategy replayed on emptied caches; then each ``vllm-router:PREFILL/DECODE`` or
-    ``sglang-router:PREFILL/DECODE`` peer in front of the same engines
-    (:mod:`bench.stack_pd_peer`, :mod:`bench.stack_pd_sglang`)."""
+    strategy replayed on emptied caches; then, with ``gateway_label`` (``spec.gateway`` set),
+    the workload through kvroute's OpenAI gateway, which orchestrates each pair in-process
+    (:mod:`bench.stack_pd_gateway`; fresh routing state); then each
+    ``vllm-router:PREFILL/DECODE`` or ``sglang-router:PREFILL/DECODE`` peer in front of the
+    same engines (:mod:`bench.stack_pd_peer`, :mod:`bench.stack_pd_sglang`)."""
     from bench.stack_backend import StackBackend
+    from bench.stack_pd_gateway import replay_gateway_pd
     from bench.stack_pd_peer import replay_vllm_router_pd
     from bench.stack_pd_sglang import replay_sglang_router_pd
 
@@ -226,6 +229,10 @@ def run_stack_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nod
             out.append(asyncio.run(replay_stack_pd(
                 workload, pre, dec, stack.fleet.router_target, urls, prefill_nodes,
                 spec.model, spec.time_scale, spec.prefill_tokens_per_s, progress, prompts)))
+        if gateway_label:
+            asyncio.run(stack.reset_fleet())
+            out.append(replay_gateway_pd(stack, workload, prefill_nodes, prompts,
+                                         gateway_label, progress))
         engines = stack.fleet.engines
         for peer in peers or []:
             name, _, pair = peer.partition(":")

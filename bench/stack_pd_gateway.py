@@ -12,6 +12,7 @@ as for the peer routers' PD modes (:func:`bench.stack_pd_peer.replay_pd_router`)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bench.prompts import Prompt, json_body
@@ -50,10 +51,15 @@ class _Gateway:
 
 def replay_gateway_pd(stack: StackBackend, workload: Workload, prefill_nodes: int,
                       prompts: list[Prompt],
-                      label: str = "gateway-pd:kv_aware/kv_aware") -> PdRun:
+                      label: str = "gateway-pd:kv_aware/kv_aware",
+                      progress: Callable[[int], None] | None = None) -> PdRun:
     """Replay ``workload`` once through the gateway of the running P+D ``stack`` (its first
     ``prefill_nodes`` engines prefill); the run from the engines' records. The caller starts
-    and stops the stack (``kvroute demo`` starts it while it computes something else)."""
+    and stops the stack (``kvroute demo`` starts it while it computes something else;
+    ``kvroute bench --mode stack --pd-gateway`` next to the Router-API rows and the peers).
+    The gateway releases the prefill node's in-flight count in-process, as soon as the
+    prefill answer is read (:meth:`router_service.gateway.pd.PdForwarder._prefilled`): no
+    client hop, as for vllm-router; the row has no ``return_lag_ms``."""
     import asyncio
 
     spec = stack.spec
@@ -67,4 +73,4 @@ def replay_gateway_pd(stack: StackBackend, workload: Workload, prefill_nodes: in
 
     return asyncio.run(replay_pd_router(
         _Gateway(stack.fleet.gateway_url), label, workload, engines[:prefill_nodes],
-        engines[prefill_nodes:], body, spec.time_scale, spec.prefill_tokens_per_s))
+        engines[prefill_nodes:], body, spec.time_scale, spec.prefill_tokens_per_s, progress))

@@ -63,12 +63,17 @@ def test_disaggregated_stack_replay_matches_sim(tmp_path: Path) -> None:
                  "2500", "--no-progress", "--mode", "stack", "--time-scale", "0.05",
                  "--prefill-nodes", "1", "--decode-nodes", "2",
                  "--pd-strategies", "kv_aware/kv_aware", "--workdir", str(tmp_path / "stack"),
-                 "--sim-runs", "2", "--repeat", "2", "--json", str(out)]) == 0
+                 "--sim-runs", "2", "--repeat", "2", "--pd-gateway", "--json", str(out)]) == 0
     rep = json.loads(out.read_text())
     by = {r["policy"]: r for r in rep["results"]}
     stack, sim = by["stack-pd:kv_aware/kv_aware"], by["sim:kv_aware/kv_aware"]
+    gw = by["gateway-pd:kv_aware/kv_aware"]  # --pd-gateway: the same fleet through the gateway
+    assert gw["failed"] == 0 and sum(gw["requests_per_decode_node"]) == 80
+    assert gw["transferred_blocks"] > 0
+    assert abs(gw["hit_rate_tokens"] - sim["hit_rate_tokens"]) < 0.08
     # --repeat 2: two fresh fleets; the table is run 1, the spread covers both
-    assert rep["repeats"]["runs"] == 2 and list(rep["repeats"]["rows"]) == [stack["policy"]]
+    assert rep["repeats"]["runs"] == 2
+    assert list(rep["repeats"]["rows"]) == [stack["policy"], gw["policy"]]
     hits = rep["repeats"]["rows"][stack["policy"]]["hit_rate_tokens"]
     assert hits["per_run"][0] == stack["hit_rate_tokens"] and len(hits["per_run"]) == 2
     assert (tmp_path / "stack" / "run-2" / "stack-pd").is_dir()
