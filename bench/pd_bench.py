@@ -157,14 +157,14 @@ def pd_agreement(stack_rows: list[dict[str, Any]], workload: Workload, settings:
                  ) -> dict[str, Any]:
     """``--mode stack --sim-runs N`` for disaggregated runs: the stack rows of the router's own
     strategies (``stack-pd:P/D``) against the median of ``runs`` seeded sim replays under the
-    timing the stack measured (arrival lag, heartbeat interval; :mod:`bench.agreement`; the
-    pairs' return lag is not measured: 0)."""
+    timing the stack measured (arrival lag, heartbeat interval, and the return lag of the
+    prefill half — its engine's answer to the router acknowledging the release — as
+    ``complete_lag_s``; :mod:`bench.agreement`)."""
     from bench.agreement import agreement, stack_timing, timed_settings
 
     own = [dict(r, policy=r["policy"].removeprefix("stack-pd:")) for r in stack_rows
            if r["policy"].startswith("stack-pd:")]
     timing = stack_timing({"results": own}, time_scale, heartbeat_interval_s)
-    timing["complete_lag_s"] = 0.0
     timed = timed_settings(settings, timing)
     sims = []
     for k in range(runs):

@@ -11,7 +11,10 @@ stores and publishes them) → ``Router.Complete``; the prefill half is released
 :func:`bench.sim.pd_replay.simulate_pd` does. Numbers come from the engines' records: the
 prefill record gives the prefill queue, prefill time and cached tokens, the decode record the
 transfer and first token; the hand-over between them (response, then the next request) is
-measured by the client and converted to model seconds.
+measured by the client and converted to model seconds. The prefill half's return lag (its
+engine's answer to the router acknowledging the release: the client's hop and the ``Complete``
+RPC, which a proxy that is itself the router, like vllm-router, does not have) is each row's
+``return_lag_ms``; ``--sim-runs`` replays it as ``complete_lag_s``.
 """
 
 from __future__ import annotations
@@ -46,13 +49,18 @@ class _Pair:
     predicted_transfer: int = 0
     handoff_s: float = math.nan
     """Wall seconds between the prefill response and the decode request's send."""
+    released_at: float = math.nan
+    """Client wall clock (``perf_counter``) when the router had acknowledged the prefill
+    half's release (``Complete`` with ``prefill_only``)."""
     error: str = ""
 
 
-async def _release_prefill(stub: router_pb2_grpc.RouterAsyncStub, request_id: str) -> None:
+async def _release_prefill(stub: router_pb2_grpc.RouterAsyncStub, request_id: str,
+                           out: _Pair) -> None:
     with contextlib.suppress(grpc.aio.AioRpcError):
         await stub.Complete(router_pb2.CompleteRequest(
             request_id=request_id, success=True, prefill_only=True), timeout=10)
+        out.released_at = time.perf_counter()
 
 
 async def _one(req: TraceRequest, prompt: Prompt, route_msg: router_pb2.RouteRequest,
@@ -75,7 +83,7 @@ async def _one(req: TraceRequest, prompt: Prompt, route_msg: router_pb2.RouteReq
         t_hand = time.perf_counter()
         # the prefill half is done (as in the sim, RouterCore.complete_prefill): release the
         # prefill node's load while the decode request goes out
-        released = asyncio.create_task(_release_prefill(stub, req.request_id))
+        released = asyncio.create_task(_release_prefill(stub, req.request_id, out))
         body = json_body({"model": model, "max_tokens": max(1, req.output_tokens),
                           "kv_transfer_params": data.get("kv_transfer_params") or {},
                           "user": f"{req.request_id}#d"}, "prompt", prompt)
@@ -139,13 +147,13 @@ async def replay_stack_pd(workload: Workload, policy: str, decode_policy: str,
                                  progress)
         stats = {n: await _stats(http, u) for n, u in engine_urls.items()}
     run.wall_s = time.perf_counter() - t_wall
-    _fill(pd, workload, outs, stats, node_ids, time_scale, prefill_tokens_per_s)
+    _fill(pd, workload, outs, stats, node_ids, time_scale, prefill_tokens_per_s, t_wall)
     return pd
 
 
 def _fill(pd: PdRun, workload: Workload, outs: list[_Pair],
           stats: dict[str, dict[str, Any]], node_ids: list[str], time_scale: float,
-          rate: float) -> None:
+          rate: float, t_wall: float = math.nan) -> None:
     run = pd.run
     recs: dict[str, dict[str, Any]] = {}
     for st in stats.values():
@@ -153,6 +161,7 @@ def _fill(pd: PdRun, workload: Workload, outs: list[_Pair],
             recs[str(rec.get("request_id"))] = rec
     index = {n: i for i, n in enumerate(node_ids)}
     skew = [math.nan] * len(outs)  # prefill engine arrival - schedule
+    pre_e2e = [math.nan] * len(outs)  # prefill engine arrival -> its answer (model s)
     for i, (req, out) in enumerate(zip(workload.requests, outs, strict=True)):
         run.arrival_s[i] = req.arrival_s
         run.prompt_tokens[i] = req.prompt_tokens
@@ -168,6 +177,7 @@ def _fill(pd: PdRun, workload: Workload, outs: list[_Pair],
         skew[i] = float(p["arrival"]) - req.arrival_s
         pd.predicted_transfer_blocks[i] = out.predicted_transfer
         pre_queue = float(p["first_token_at"]) - float(p["arrival"])
+        pre_e2e[i] = float(p["finished_at"]) - float(p["arrival"])
         prefill = (run.prompt_tokens[i] - run.cached_tokens[i]) / rate
         pd.prefill_s[i] = min(prefill, pre_queue)
         hand = (0.0 if math.isnan(out.handoff_s) else out.handoff_s) / time_scale
@@ -183,6 +193,12 @@ def _fill(pd: PdRun, workload: Workload, outs: list[_Pair],
     lags = _arrival_lags(run.node, skew, pd.prefill_nodes)  # at the prefill engines
     run.arrival_lag_by_request = lags
     run.arrival_lag_s = [v for v in lags if not math.isnan(v)]
+    # the prefill half's return lag: its engine's answer -> the router acknowledging the
+    # release (what --mode sim models as complete_lag_s), on the arrival lags' convention
+    run.return_lag_by_request = [
+        (o.released_at - t_wall) / time_scale - (req.arrival_s + lag + e2e)
+        for req, o, lag, e2e in zip(workload.requests, outs, lags, pre_e2e, strict=True)]
+    run.return_lag_s = [v for v in run.return_lag_by_request if not math.isnan(v)]
 
 
 

@@ -2,7 +2,7 @@
 
     python scripts/pd_seeds.py [--workload mooncake-sample | --trace PATH]
         [--strategies kv_aware/kv_aware,vllm_pd/least_loaded,...] [--seeds 30] [--first-seed 0]
-        [--arrival-jitter-s 2.7] [--heartbeat-delay-s 1.0] [--prefill-nodes 6]
+        [--arrival-jitter-s 2.7] [--heartbeat-delay-s 1.0] [--complete-lag-s 0] [--prefill-nodes 6]
         [--decode-nodes 2] [--kv FIELD=VALUE ...] [--reference vllm_pd/least_loaded]
         [--blocks-reference round_robin/round_robin]
 
@@ -71,6 +71,9 @@ def main() -> None:
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--arrival-jitter-s", type=float, default=2.7)
     p.add_argument("--heartbeat-delay-s", type=float, default=1.0)
+    p.add_argument("--complete-lag-s", type=float, default=0.0,
+                   help="the router hears of each half's end this late (a stack row's "
+                        "return_lag_ms p50: the proxy's hop and the Complete RPC)")
     p.add_argument("--prefill-nodes", type=int, default=6)
     p.add_argument("--decode-nodes", type=int, default=2)
     p.add_argument("--kv", action="append", default=[], metavar="FIELD=VALUE")
@@ -88,7 +91,8 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         w = load_workload(trace=args.trace, workload=args.workload, seed=seed)
         s = resolve_settings(w, SimSettings(nodes=pn + dn, arrival_jitter_s=args.arrival_jitter_s,
-                                            heartbeat_delay_s=args.heartbeat_delay_s))
+                                            heartbeat_delay_s=args.heartbeat_delay_s,
+                                            complete_lag_s=args.complete_lag_s))
         bs = s.block_size or w.block_size
         xfer = transfer_s_per_block("seed", bs)
         kv = dataclasses.replace(KvAwareSettings(kv_prefill_tokens_per_s=s.prefill_tokens_per_s),
@@ -105,7 +109,8 @@ def main() -> None:
         line: dict[str, Any] = {
             "strategy": strat, "workload": args.trace or args.workload, "seeds": len(ms),
             "first_seed": args.first_seed, "arrival_jitter_s": args.arrival_jitter_s,
-            "heartbeat_delay_s": args.heartbeat_delay_s, "kv": overrides,
+            "heartbeat_delay_s": args.heartbeat_delay_s, "complete_lag_s": args.complete_lag_s,
+            "kv": overrides,
             "prefill_nodes": pn, "decode_nodes": dn,
             "hit": stats(hit), "p90_s": stats(p90),
             "p50_s": round(statistics.mean(m["ttft_ms"]["p50"] / 1000 for m in ms), 3),

@@ -78,6 +78,8 @@ def test_disaggregated_stack_replay_matches_sim(tmp_path: Path) -> None:
     assert abs(stack["hit_rate_tokens"] - sim["hit_rate_tokens"]) < 0.08
     assert abs(stack["decode_held_rate_tokens"] - sim["decode_held_rate_tokens"]) < 0.15
     assert stack["arrival_lag_ms"]["p50"] >= 0  # measured at the prefill engines
+    assert stack["return_lag_ms"]["p50"] > 0  # prefill answer -> release acknowledged
+    assert rep["sim_timing"]["complete_lag_s"] == round(stack["return_lag_ms"]["p50"] / 1000, 4)
     # --sim-runs: the stack row against seeded sims under the timing it measured
     [row] = rep["agreement"]
     assert row["policy"] == "kv_aware/kv_aware" and row["sim_runs"] == 2

@@ -112,6 +112,10 @@ def test_pd_agreement_compares_the_stack_with_seeded_sims_under_its_timing() -> 
                          0.5, 0.05, 1)
     [row] = alone["agreement"]
     assert row["policy"] == "kv_aware/kv_aware" and row["hit"]["apart"] == 0.0
+    # the prefill half's measured return lag is replayed as the sim's complete lag
+    lagged = pd_agreement([dict(stack, return_lag_ms={"p50": 40.0, "p99": 90.0})], w, cfg, 2, 2,
+                          0.001, kv, DisaggSettings(), ["kv_aware/kv_aware"], 0.5, 0.05, 1)
+    assert lagged["sim_timing"]["complete_lag_s"] == 0.04
 
 
 def test_kv_aware_pairs_move_fewer_blocks_than_load_only_decode() -> None:
