@@ -54,7 +54,10 @@ class PolicyRun:
     return_lag_s: list[float] = field(default_factory=list)
     """Stack runs, per request: how much later than its engine finished the client had the
     response (model seconds; the router hears ``Complete`` just after). ``--mode sim`` models
-    it as ``complete_lag_s``; empty in --mode sim."""
+    it as ``complete_lag_s``; empty in --mode sim. Disaggregated (``stack-pd:``) rows place
+    the engine's answer via the arrival lag, which is relative to each engine's earliest, so
+    their lag also holds that engine's minimum arrival lag: an upper bound by about one
+    ``Route`` RTT."""
     return_lag_by_request: list[float] = field(default_factory=list)
     """Stack runs: ``return_lag_s`` in request order, NaN where not measured (what
     :mod:`bench.agreement` replays per request); empty in --mode sim."""

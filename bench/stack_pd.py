@@ -138,22 +138,27 @@ async def replay_stack_pd(workload: Workload, policy: str, decode_policy: str,
         for url in engine_urls.values():
             async with http.post(f"{url}/kvroute/stats/reset") as resp:
                 resp.raise_for_status()
+        # the schedule's origin: after the channel, the session and the resets (their wall time
+        # would otherwise be added to every return lag), as bench.stack_replay does
+        start = time.perf_counter()
 
         def send(i: int) -> Coroutine[Any, Any, None]:
             return _one(workload.requests[i], prompts[i], msgs[i], model, stub, http,
                         engine_urls, outs[i])
 
-        await dispatch_open_loop(workload.requests, time_scale, send,
-                                 progress)
+        await dispatch_open_loop(workload.requests, time_scale, send, progress, start)
         stats = {n: await _stats(http, u) for n, u in engine_urls.items()}
-    run.wall_s = time.perf_counter() - t_wall
-    _fill(pd, workload, outs, stats, node_ids, time_scale, prefill_tokens_per_s, t_wall)
+    run.wall_s = time.perf_counter() - t_wall  # the whole replay, setup and stats included
+    _fill(pd, workload, outs, stats, node_ids, time_scale, prefill_tokens_per_s, start)
     return pd
 
 
 def _fill(pd: PdRun, workload: Workload, outs: list[_Pair],
           stats: dict[str, dict[str, Any]], node_ids: list[str], time_scale: float,
-          rate: float, t_wall: float = math.nan) -> None:
+          rate: float, start: float) -> None:
+    """Fill ``pd`` from the engines' ``stats`` records and the client's ``outs``; ``start`` is
+    the ``perf_counter`` the open-loop dispatch scheduled arrivals from (request ``i`` is sent
+    at ``start + arrival_s * time_scale``)."""
     run = pd.run
     recs: dict[str, dict[str, Any]] = {}
     for st in stats.values():
@@ -194,12 +199,14 @@ def _fill(pd: PdRun, workload: Workload, outs: list[_Pair],
     run.arrival_lag_by_request = lags
     run.arrival_lag_s = [v for v in lags if not math.isnan(v)]
     # the prefill half's return lag: its engine's answer -> the router acknowledging the
-    # release (what --mode sim models as complete_lag_s), on the arrival lags' convention
+    # release (what --mode sim models as complete_lag_s), on the arrival lags' convention.
+    # The engine's answer is placed at arrival + arrival lag + prefill e2e; arrival lags are
+    # per engine relative to its earliest, so this lag also holds that engine's minimum
+    # arrival lag (about one Route RTT): an upper bound by that much.
     run.return_lag_by_request = [
-        (o.released_at - t_wall) / time_scale - (req.arrival_s + lag + e2e)
+        (o.released_at - start) / time_scale - (req.arrival_s + lag + e2e)
         for req, o, lag, e2e in zip(workload.requests, outs, lags, pre_e2e, strict=True)]
     run.return_lag_s = [v for v in run.return_lag_by_request if not math.isnan(v)]
-
 
 
 STACK_PD_STRATEGIES = ("kv_aware/kv_aware", "kv_aware/least_loaded", "round_robin/round_robin")
