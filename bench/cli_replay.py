@@ -122,6 +122,14 @@ def _settings(args: argparse.Namespace, workload: Workload) -> SimSettings:
         raise ConfigError("--mixed-batch-slowdown is a --mode sim what-if (engine_sim "
                           "processes do not model it)")
     pn, dn = getattr(args, "prefill_nodes", 0) or 0, getattr(args, "decode_nodes", 0) or 0
+    if getattr(args, "pd_gateway", False):
+        if getattr(args, "mode", "sim") != "stack":
+            raise ConfigError("--pd-gateway: the gateway row needs --mode stack (the sim has "
+                              "no gateway process)")
+        if not pn:
+            raise ConfigError("--pd-gateway: the gateway's disaggregated row needs "
+                              "--prefill-nodes P --decode-nodes D (without them the run is "
+                              "aggregated and has no gateway PD row)")
     if pn or dn:
         if pn < 1 or dn < 1:
             raise ConfigError("--prefill-nodes and --decode-nodes: give both, each >= 1")
@@ -149,8 +157,6 @@ def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSet
         disagg = from_namespace(DisaggSettings, args) if given else \
             from_namespace(DisaggSettings, args, pd_transfer_s_per_block=transfer)
         strategies = [x.strip() for x in args.pd_strategies.split(",") if x.strip()]
-        if getattr(args, "pd_gateway", False) and args.mode != "stack":
-            raise ConfigError("--pd-gateway: the gateway row needs --mode stack")
         for st in strategies:
             pre, _, dec = st.partition("/")
             if pre not in BUILDABLE_POLICIES or dec not in DECODE_POLICIES:

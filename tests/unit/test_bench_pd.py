@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from bench.pd_bench import PD_STRATEGIES, pd_metrics, run_pd
 from bench.policies import build_policy
 from bench.runner import resolve_settings
@@ -148,3 +150,16 @@ def test_cli_runs_disaggregated_and_checks_its_flags(tmp_path: Path, capsys: obj
                  "--pd-strategies", "kv_aware/nope"]) == 2
     assert main(["bench", "--no-progress", "--prefill-nodes", "1", "--decode-nodes", "1",
                  "--transfer-s-per-block", "fast"]) == 2
+
+
+def test_pd_gateway_is_refused_without_the_stack_or_without_prefill_nodes(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # --mode sim has no gateway process
+    assert main(["bench", "--no-progress", "--prefill-nodes", "1", "--decode-nodes", "1",
+                 "--pd-gateway"]) == 2
+    assert "needs --mode stack" in capsys.readouterr().err
+    # --mode stack without --prefill-nodes is aggregated: the flag would be silently ignored
+    # (refused before any fleet starts)
+    assert main(["bench", "--no-progress", "--mode", "stack", "--pd-gateway"]) == 2
+    err = capsys.readouterr().err
+    assert "--pd-gateway" in err and "--prefill-nodes P --decode-nodes D" in err
