@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 from typing import Any
@@ -72,12 +73,15 @@ def main() -> None:
     p.add_argument("--arrival-jitter-s", type=float, default=2.7)
     p.add_argument("--heartbeat-delay-s", type=float, default=1.0)
     p.add_argument("--complete-lag-s", type=float, default=0.0,
-                   help="the router hears of each half's end this late (a stack row's "
-                        "return_lag_ms p50: the proxy's hop and the Complete RPC)")
+                   help="the router hears of each half's end this late, in model seconds "
+                        "(a stack run's return_lag_ms p50 / 1000: the proxy's hop and the "
+                        "Complete RPC); finite, >= 0")
     p.add_argument("--prefill-nodes", type=int, default=6)
     p.add_argument("--decode-nodes", type=int, default=2)
     p.add_argument("--kv", action="append", default=[], metavar="FIELD=VALUE")
     args = p.parse_args()
+    if not (math.isfinite(args.complete_lag_s) and args.complete_lag_s >= 0):
+        p.error(f"--complete-lag-s: model seconds, finite and >= 0, not {args.complete_lag_s}")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for flag, ref_name in (("--reference", args.reference),
                            ("--blocks-reference", args.blocks_reference)):
