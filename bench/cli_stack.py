@@ -293,8 +293,6 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
                      roles=("prefill",) * p + ("decode",) * d,
                      transfer_ms_per_block=transfer_s_per_block * 1000.0,
                      gateway=bool(getattr(args, "pd_gateway", False)))
-    gateway_label = (f"gateway-pd:{spec.default_policy}/{disagg.pd_decode_policy}"
-                     if spec.gateway else "")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvroute-"))
     print(f"stack: {p} prefill + {d} decode engine_sim with agents, registry, router"
           f"{', gateway' if spec.gateway else ''}, etcd; logs in {workdir}", file=sys.stderr)
@@ -311,7 +309,8 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
         if repeat > 1:
             print(f"stack: run {k + 1} of {repeat}", file=sys.stderr)
         per_run.append([pd_metrics(r) for r in run_stack_pd(
-            sub / "stack-pd", spec, workload, p, strategies, progress, peers, gateway_label)])
+            sub / "stack-pd", spec, workload, p, strategies, progress, peers,
+            disagg.pd_decode_policy)])
     sim = run_pd(workload, settings, p, d, transfer_s_per_block, kv, disagg, strategies,
                  args.seed)
     for r in sim["results"]:

@@ -215,11 +215,14 @@ STACK_PD_STRATEGIES = ("kv_aware/kv_aware", "kv_aware/least_loaded", "round_robi
 
 def run_stack_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nodes: int,
                  strategies: list[str], progress: Callable[[int], None] | None = None,
-                 peers: list[str] | None = None, gateway_label: str = "") -> list[PdRun]:
+                 peers: list[str] | None = None,
+                 gateway_decode_policy: str = "kv_aware") -> list[PdRun]:
     """One fleet (P prefill + D decode engines with agents, registry, router, etcd), every
-    strategy replayed on emptied caches; then, with ``gateway_label`` (``spec.gateway`` set),
-    the workload through kvroute's OpenAI gateway, which orchestrates each pair in-process
-    (:mod:`bench.stack_pd_gateway`; fresh routing state); then each
+    strategy replayed on emptied caches; then, when ``spec.gateway`` is set, the workload
+    through kvroute's OpenAI gateway, which orchestrates each pair in-process
+    (:mod:`bench.stack_pd_gateway`; fresh routing state; row
+    ``gateway-pd:{spec.default_policy}/{gateway_decode_policy}``, the decode choice the
+    gateway was started with, ``--pd-decode-policy``); then each
     ``vllm-router:PREFILL/DECODE`` or ``sglang-router:PREFILL/DECODE`` peer in front of the
     same engines (:mod:`bench.stack_pd_peer`, :mod:`bench.stack_pd_sglang`)."""
     from bench.stack_backend import StackBackend
@@ -236,10 +239,11 @@ def run_stack_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nod
             out.append(asyncio.run(replay_stack_pd(
                 workload, pre, dec, stack.fleet.router_target, urls, prefill_nodes,
                 spec.model, spec.time_scale, spec.prefill_tokens_per_s, progress, prompts)))
-        if gateway_label:
+        if spec.gateway:
             asyncio.run(stack.reset_fleet())
-            out.append(replay_gateway_pd(stack, workload, prefill_nodes, prompts,
-                                         gateway_label, progress))
+            label = f"gateway-pd:{spec.default_policy}/{gateway_decode_policy}"
+            out.append(replay_gateway_pd(stack, workload, prefill_nodes, prompts, label,
+                                         progress))
         engines = stack.fleet.engines
         for peer in peers or []:
             name, _, pair = peer.partition(":")
