@@ -64,6 +64,14 @@ def stack_timing(stack_report: dict[str, Any], time_scale: float,
             "heartbeat_delay_s": model_heartbeat_s(heartbeat_interval_s, time_scale)}
 
 
+def format_timing(timing: dict[str, float]) -> str:
+    """The one line telling the reader which sim flags reproduce a stack run's timing
+    (:func:`stack_timing`; a missing complete lag, as in reports before it was measured, is 0)."""
+    return (f"sim with this run's timing (model s): --arrival-jitter-s "
+            f"{timing['arrival_jitter_s']} --complete-lag-s {timing.get('complete_lag_s', 0.0)} "
+            f"--heartbeat-delay-s {timing['heartbeat_delay_s']}")
+
+
 def model_heartbeat_s(heartbeat_interval_s: float, time_scale: float) -> float:
     """The agents' heartbeat interval (wall seconds) on the model clock of a stack run at
     ``time_scale`` wall seconds per model second: the sim's ``heartbeat_delay_s``."""

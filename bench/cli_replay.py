@@ -193,12 +193,9 @@ def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSet
     if report.get("repeats"):
         print(format_repeats(report["repeats"]))
     if report.get("agreement"):
-        from bench.agreement import format_agreement
+        from bench.agreement import format_agreement, format_timing
 
-        t = report["sim_timing"]
-        print(f"sim with this run's timing (model s): --arrival-jitter-s "
-              f"{t['arrival_jitter_s']} --complete-lag-s {t.get('complete_lag_s', 0.0)} "
-              f"--heartbeat-delay-s {t['heartbeat_delay_s']}")
+        print(format_timing(report["sim_timing"]))
         print(format_agreement(report["agreement"]))
     print(f"replayed {len(strategies) + 1} runs x {len(workload.requests)} requests in "
           f"{time.perf_counter() - t0:.1f} s"

@@ -208,7 +208,13 @@ def _check_against_sim(out: BenchOutcome, workload: Workload, settings: SimSetti
                        args: argparse.Namespace) -> str:
     """``--sim-runs N``: the sim with this run's measured timing, N seeds; the agreement table
     (JSON ``sim_timing``, ``agreement``)."""
-    from bench.agreement import agreement, format_agreement, stack_timing, timed_settings
+    from bench.agreement import (
+        agreement,
+        format_agreement,
+        format_timing,
+        stack_timing,
+        timed_settings,
+    )
     from bench.prompts import as_sent
     from bench.sim.backend import SimBackend
 
@@ -224,10 +230,7 @@ def _check_against_sim(out: BenchOutcome, workload: Workload, settings: SimSetti
             for k in range(args.sim_runs)]
     out.report["sim_timing"] = timing
     out.report["agreement"] = agreement(out.report, [o.report for o in sims])
-    return (f"sim with this run's timing (model s): --arrival-jitter-s "
-            f"{timing['arrival_jitter_s']} --complete-lag-s {timing['complete_lag_s']} "
-            f"--heartbeat-delay-s {timing['heartbeat_delay_s']}\n"
-            + format_agreement(out.report["agreement"]))
+    return format_timing(timing) + "\n" + format_agreement(out.report["agreement"])
 
 
 def _run_once(workload: Workload, settings: SimSettings, names: list[str], peers: list[str],

@@ -160,3 +160,14 @@ def test_divergence_names_nodes_by_first_use() -> None:
     assert out["diverge_at"] == 2 and out["same_decisions"] == pytest.approx(2 / 3, abs=1e-4)
     assert "67%" in format_spread({"peer:x": out})
     assert "diverge_at" not in spread([a, b])["peer:x"]  # no decisions given: not reported
+
+
+def test_format_timing_names_the_sim_flags_and_defaults_a_missing_complete_lag() -> None:
+    from bench.agreement import format_timing
+
+    line = format_timing({"arrival_jitter_s": 0.5, "complete_lag_s": 0.12,
+                          "heartbeat_delay_s": 1.0})
+    assert line == ("sim with this run's timing (model s): --arrival-jitter-s 0.5 "
+                    "--complete-lag-s 0.12 --heartbeat-delay-s 1.0")
+    assert "--complete-lag-s 0.0 " in format_timing({"arrival_jitter_s": 0.5,
+                                                     "heartbeat_delay_s": 1.0})
