@@ -197,7 +197,7 @@ def run_pd_replay(args: argparse.Namespace, workload: Workload, settings: SimSet
 
         print(format_timing(report["sim_timing"]))
         print(format_agreement(report["agreement"]))
-    print(f"replayed {len(strategies) + 1} runs x {len(workload.requests)} requests in "
+    print(f"{len(report['results'])} rows x {len(workload.requests)} requests, replayed in "
           f"{time.perf_counter() - t0:.1f} s"
           + (f" (--repeat {repeat}: the table is run 1)" if repeat > 1 else ""))
     if args.json:

@@ -108,7 +108,6 @@ class ReplicaSettings:
                 "--share-burst-coincidence", str(self.share_burst_coincidence),
                 "--share-burst-stagger-s", str(self.share_burst_stagger_s * time_scale))
 
-
     def wall_burst_window_s(self, time_scale: float) -> float:
         """The routers' burst window on the wall clock: the model-second window x
         ``time_scale``, but never below ``share_burst_window_min_wall_s`` — a window shorter
