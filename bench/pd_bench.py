@@ -150,30 +150,51 @@ def run_pd(workload: Workload, settings: SimSettings, prefill_nodes: int, decode
             "results": results, "aggregated": agg_m}
 
 
+def strategy_name(strategy: str, disagg: DisaggSettings) -> str:
+    """``strategy`` as its rows are named: ``PREFILL/DECODE`` (``PREFILL`` alone decodes by
+    ``disagg.pd_decode_policy``, as :func:`run_strategies` runs it)."""
+    pre, _, dec = strategy.partition("/")
+    return f"{pre}/{dec or disagg.pd_decode_policy}"
+
+
 def pd_agreement(stack_rows: list[dict[str, Any]], workload: Workload, settings: SimSettings,
                  prefill_nodes: int, decode_nodes: int, transfer_s_per_block: float,
                  kv: KvAwareSettings, disagg: DisaggSettings, strategies: list[str],
                  time_scale: float, heartbeat_interval_s: float, runs: int, seed: int = 0,
-                 ) -> dict[str, Any]:
-    """``--mode stack --sim-runs N`` for disaggregated runs: the stack rows of the router's own
-    strategies (``stack-pd:P/D``) against the median of ``runs`` seeded sim replays under the
-    timing the stack measured (arrival lag, heartbeat interval, and the return lag of the
-    prefill half — its engine's answer to the router acknowledging the release — as
-    ``complete_lag_s``; :mod:`bench.agreement`)."""
+                 timings: dict[str, RequestTiming] | None = None) -> dict[str, Any]:
+    """``--mode stack --sim-runs N`` for disaggregated runs, and ``kvroute demo``'s
+    disaggregated row: the stack rows of the router's own strategies (``stack-pd:P/D``)
+    against the median of ``runs`` seeded sim replays (seeds ``seed``, ``seed + 1``, ...) under
+    the timing the stack measured (:mod:`bench.agreement`): the heartbeat interval, the return
+    lag of the prefill half (its engine's answer to the router acknowledging the release) as
+    ``complete_lag_s``, and the arrivals at the prefill engines — a uniform jitter of twice the
+    median arrival lag (the bench's ``--sim-runs``), or, for a strategy ``timings`` has
+    (``P/D`` -> :class:`RequestTiming`: the demo's), each request's measured arrival, decided
+    at a seeded point before it (JSON ``request_timing_replayed``)."""
     from bench.agreement import agreement, stack_timing, timed_settings
 
     own = [dict(r, policy=r["policy"].removeprefix("stack-pd:")) for r in stack_rows
            if r["policy"].startswith("stack-pd:")]
     timing = stack_timing({"results": own}, time_scale, heartbeat_interval_s)
     timed = timed_settings(settings, timing)
+    per_request = timings or {}
+    names = {strategy_name(s, disagg) for s in strategies}
+    replayed = sorted(names & per_request.keys())
     sims = []
     for k in range(runs):
-        rows = run_strategies(workload, timed, prefill_nodes, decode_nodes,
-                              transfer_s_per_block, kv, disagg, strategies, seed + k)
+        rows: list[dict[str, Any]] = []
+        for strat in strategies:
+            lags = per_request.get(strategy_name(strat, disagg))
+            at = timed if lags is None else dataclasses.replace(timed, arrival_jitter_s=0.0)
+            rows += run_strategies(workload, at, prefill_nodes, decode_nodes,
+                                   transfer_s_per_block, kv, disagg, [strat], seed + k,
+                                   timing=lags)
         sims.append({"results": [dict(r, policy=r["policy"].removeprefix("pd:"))
                                  for r in rows]})
-    return {"sim_timing": timing, "agreement": agreement({"results": own}, sims),
-            "sim_runs": sims}
+    if replayed and len(replayed) == len(names):
+        timing["arrival_jitter_s"] = 0.0  # replaced by the measured arrivals
+    return {"sim_timing": timing, "request_timing_replayed": replayed,
+            "agreement": agreement({"results": own}, sims), "sim_runs": sims}
 
 
 def print_pd(report: dict[str, Any]) -> None:

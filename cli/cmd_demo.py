@@ -323,12 +323,13 @@ def disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[st
 
     What the sims replay: the PD rows each request's measured prefill engine arrival (decided
     at a seeded point between schedule and arrival) and ``heartbeat_delay_s`` of cache-view
-    lag; the router hears each half's end at once (``complete_lag_s`` 0: the PD replay does not
-    measure a return lag, unlike the aggregated rows' sims above); the ``sim:aggregated`` row
-    the exact schedule with the same heartbeat lag."""
+    lag; the router hears each half's end at once (``complete_lag_s`` 0: the gateway releases
+    the prefill node in-process at its answer); the ``sim:aggregated`` row the exact schedule
+    with the same heartbeat lag. The agreement is :func:`bench.pd_bench.pd_agreement`'s, the
+    one ``kvroute bench --mode stack --sim-runs`` prints for disaggregated runs."""
 
-    from bench.agreement import agreement, format_agreement
-    from bench.pd_bench import pd_metrics, print_pd, run_pd, run_strategies
+    from bench.agreement import format_agreement
+    from bench.pd_bench import pd_agreement, pd_metrics, print_pd, run_pd
     from bench.sim.timing import RequestTiming
     from engine_sim.params import transfer_s_per_block
     from router_service.disagg import DisaggSettings
@@ -337,13 +338,12 @@ def disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[st
     p, d = pd_split(args.nodes)
     xfer = transfer_s_per_block("seed", wl.block_size)
     kv = KvAwareSettings(kv_prefill_tokens_per_s=settings.prefill_tokens_per_s)
-    # the sims replay the stack's timing, as the aggregated rows' do: each request's measured
-    # prefill engine arrival (decided at a seeded point between schedule and arrival) and the
-    # agents' heartbeat; round-robin pairs in the same fleet: what the pair choice itself buys
+    # round-robin pairs in the same fleet, under the same timing: what the pair choice buys
+    own = "kv_aware/kv_aware"
     timing = RequestTiming(list(run.run.arrival_lag_by_request))
     timed = dataclasses.replace(settings, heartbeat_delay_s=heartbeat_delay_s)
-    report = run_pd(wl, timed, p, d, xfer, kv, DisaggSettings(),
-                    ["kv_aware/kv_aware", "round_robin/round_robin"], timing=timing)
+    report = run_pd(wl, timed, p, d, xfer, kv, DisaggSettings(), [own, "round_robin/round_robin"],
+                    timing=timing)
     stack_row = pd_metrics(run)
     rows = [stack_row]
     for r in report["results"]:
@@ -353,22 +353,17 @@ def disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[st
             rows.append(dict(r, policy=f"aggregated:kv_aware x{args.nodes}"))
     report["aggregated"]["policy"] = f"sim:aggregated:kv_aware x{args.nodes}"
     rows.append(report.pop("aggregated"))
-    own = "kv_aware/kv_aware"
-    sims = [[r for r in report["results"] if r["policy"] == f"pd:{own}"]]
-    sims += [run_strategies(wl, timed, p, d, xfer, kv, DisaggSettings(), [own], seed=k,
-                            timing=timing) for k in range(1, max(1, args.sim_runs))]
-    agree = agreement({"results": [dict(stack_row, policy=own)]},
-                      [{"results": [dict(r, policy=own) for r in s]} for s in sims])
+    # the heartbeat is already on the model clock: time scale 1 keeps it as it is
+    check = pd_agreement([dict(stack_row, policy=f"stack-pd:{own}")], wl, settings, p, d, xfer,
+                         kv, DisaggSettings(), [own], 1.0, heartbeat_delay_s,
+                         max(1, args.sim_runs), timings={own: timing})
     report.update(mode=f"stack through the gateway, time_scale {args.time_scale}; sim (seed "
                        "0): PD rows replay each request's measured prefill engine arrival and "
                        f"a {heartbeat_delay_s:g} s heartbeat lag, completions heard at once "
-                       "(return lag not measured); sim:aggregated the exact schedule with the "
-                       "same heartbeat lag",
-                  results=rows, agreement=agree,
-                  sim_runs=[s[0] for s in sims[1:]],
-                  sim_timing={"request_timing_replayed": True,
-                              "heartbeat_delay_s": heartbeat_delay_s, "complete_lag_s": 0.0,
-                              "aggregated_row": "exact schedule, heartbeat lag"})
+                       "(the gateway releases the prefill node in-process); sim:aggregated "
+                       "the exact schedule with the same heartbeat lag",
+                  results=rows, **check)
+    agree = check["agreement"]
     print(_indent(_capture(print_pd, report)))
     print(_indent(format_agreement(agree)))
     print(f"  Read it as: kvroute's pairs against round-robin pairs on the same {p} + {d} "

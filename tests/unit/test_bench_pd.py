@@ -118,6 +118,30 @@ def test_pd_agreement_compares_the_stack_with_seeded_sims_under_its_timing() -> 
     lagged = pd_agreement([dict(stack, return_lag_ms={"p50": 40.0, "p99": 90.0})], w, cfg, 2, 2,
                           0.001, kv, DisaggSettings(), ["kv_aware/kv_aware"], 0.5, 0.05, 1)
     assert lagged["sim_timing"]["complete_lag_s"] == 0.04
+    assert out["request_timing_replayed"] == [] and out["sim_timing"]["arrival_jitter_s"] == 0.02
+
+
+def test_pd_agreement_replays_measured_arrivals_per_request() -> None:
+    """``timings`` (the demo's): each request reaches its prefill engine as measured instead of
+    a uniform jitter; with no lag and no heartbeat every seed replays the run itself."""
+    from bench.pd_bench import pd_agreement
+    from bench.sim.timing import RequestTiming
+
+    w = _conversation()
+    cfg = SimSettings(nodes=4, cache_blocks=64, block_size=16, prefill_tokens_per_s=1000.0,
+                      decode_s_per_token=0.01)
+    kv = KvAwareSettings(kv_prefill_tokens_per_s=1000.0)
+    sim = run_pd(w, cfg, 2, 2, 0.001, kv, DisaggSettings(), ["kv_aware/kv_aware"])
+    # the row's median lag (1 s) is not replayed as a uniform jitter: the lags are
+    stack = dict(sim["results"][0], policy="stack-pd:kv_aware/kv_aware",
+                 arrival_lag_ms={"p50": 1000.0, "p99": 2000.0})
+    zero = RequestTiming([0.0] * len(w.requests))
+    out = pd_agreement([stack], w, cfg, 2, 2, 0.001, kv, DisaggSettings(), ["kv_aware"], 1.0,
+                       0.0, 3, timings={"kv_aware/kv_aware": zero})
+    assert out["request_timing_replayed"] == ["kv_aware/kv_aware"]
+    assert out["sim_timing"]["arrival_jitter_s"] == 0.0 and len(out["sim_runs"]) == 3
+    [row] = out["agreement"]
+    assert all(row[k]["apart"] == 0.0 for k in ("hit", "ttft_p50_ms", "ttft_p90_ms"))
 
 
 def test_kv_aware_pairs_move_fewer_blocks_than_load_only_decode() -> None:

@@ -58,7 +58,9 @@ def test_the_disaggregated_row_is_compared_with_sims_under_the_run_s_timing() ->
     report, text = _compare(args, wl, settings, run, 0.0)
     [row] = report["agreement"]
     assert row["policy"] == "kv_aware/kv_aware" and row["sim_runs"] == 3
-    assert len(report["sim_runs"]) == 2 and report["sim_timing"]["heartbeat_delay_s"] == 0.0
+    assert len(report["sim_runs"]) == 3 and report["sim_timing"]["heartbeat_delay_s"] == 0.0
+    assert report["request_timing_replayed"] == ["kv_aware/kv_aware"]
+    assert report["sim_timing"]["arrival_jitter_s"] == 0.0
     # no lag, no heartbeat: every seed replays the run itself
     assert row["agree"] and row["inside_range"]
     assert all(row[k]["apart"] == 0.0 for k in ("hit", "ttft_p50_ms", "ttft_p90_ms"))
