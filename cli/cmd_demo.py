@@ -326,9 +326,13 @@ def disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[st
     lag; the router hears each half's end at once (``complete_lag_s`` 0: the gateway releases
     the prefill node in-process at its answer); the ``sim:aggregated`` row the exact schedule
     with the same heartbeat lag. The agreement is :func:`bench.pd_bench.pd_agreement`'s, the
-    one ``kvroute bench --mode stack --sim-runs`` prints for disaggregated runs."""
+    one ``kvroute bench --mode stack --sim-runs`` prints for disaggregated runs; the table's
+    ``sim:kv_aware/kv_aware`` row is its seed 0. JSON as that function's: ``sim_runs`` every
+    seed's rows (seed 0 first, each ``{"results": [...]}``), ``request_timing_replayed`` the
+    strategies whose measured arrivals were replayed (the aggregated entries' ``sim_runs`` leave
+    out seed 0, their table row)."""
 
-    from bench.agreement import format_agreement
+    from bench.agreement import format_agreement, timed_settings
     from bench.pd_bench import pd_agreement, pd_metrics, print_pd, run_pd
     from bench.sim.timing import RequestTiming
     from engine_sim.params import transfer_s_per_block
@@ -338,14 +342,20 @@ def disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[st
     p, d = pd_split(args.nodes)
     xfer = transfer_s_per_block("seed", wl.block_size)
     kv = KvAwareSettings(kv_prefill_tokens_per_s=settings.prefill_tokens_per_s)
-    # round-robin pairs in the same fleet, under the same timing: what the pair choice buys
     own = "kv_aware/kv_aware"
     timing = RequestTiming(list(run.run.arrival_lag_by_request))
-    timed = dataclasses.replace(settings, heartbeat_delay_s=heartbeat_delay_s)
-    report = run_pd(wl, timed, p, d, xfer, kv, DisaggSettings(), [own, "round_robin/round_robin"],
-                    timing=timing)
     stack_row = pd_metrics(run)
-    rows = [stack_row]
+    # the heartbeat is already on the model clock: time scale 1 keeps it as it is
+    check = pd_agreement([dict(stack_row, policy=f"stack-pd:{own}")], wl, settings, p, d, xfer,
+                         kv, DisaggSettings(), [own], 1.0, heartbeat_delay_s,
+                         max(1, args.sim_runs), timings={own: timing})
+    # the table's sim rows: seed 0 of those sims, and round-robin pairs in the same fleet under
+    # the same settings (what the pair choice itself buys), with the aggregated run and bounds
+    timed = timed_settings(settings, check["sim_timing"])
+    report = run_pd(wl, timed, p, d, xfer, kv, DisaggSettings(), ["round_robin/round_robin"],
+                    timing=timing)
+    rows = [stack_row, *(dict(r, policy=f"sim:{r['policy']}")
+                         for r in check["sim_runs"][0]["results"])]
     for r in report["results"]:
         rows.append(dict(r, policy="sim:" + r["policy"].removeprefix("pd:")))
     for r in agg["results"]:
@@ -353,10 +363,6 @@ def disaggregated(args: argparse.Namespace, wl: Any, settings: Any, agg: dict[st
             rows.append(dict(r, policy=f"aggregated:kv_aware x{args.nodes}"))
     report["aggregated"]["policy"] = f"sim:aggregated:kv_aware x{args.nodes}"
     rows.append(report.pop("aggregated"))
-    # the heartbeat is already on the model clock: time scale 1 keeps it as it is
-    check = pd_agreement([dict(stack_row, policy=f"stack-pd:{own}")], wl, settings, p, d, xfer,
-                         kv, DisaggSettings(), [own], 1.0, heartbeat_delay_s,
-                         max(1, args.sim_runs), timings={own: timing})
     report.update(mode=f"stack through the gateway, time_scale {args.time_scale}; sim (seed "
                        "0): PD rows replay each request's measured prefill engine arrival and "
                        f"a {heartbeat_delay_s:g} s heartbeat lag, completions heard at once "

@@ -70,10 +70,26 @@ def test_the_disaggregated_row_is_compared_with_sims_under_the_run_s_timing() ->
     assert "sim:aggregated the exact schedule" in report["mode"]
     assert report["sim_timing"]["complete_lag_s"] == 0.0
     # measured lags are replayed: each seed draws its decision points, the figures move
-    run.run.arrival_lag_by_request = [2.0 * (i % 3) for i in range(len(wl.requests))]
+    lags = [2.0 * (i % 3) for i in range(len(wl.requests))]
+    run.run.arrival_lag_by_request = lags
     late, _ = _compare(args, wl, settings, run, 0.0)
     [row] = late["agreement"]
     assert row["ttft_p50_ms"]["apart"] != 0.0 or row["ttft_p90_ms"]["apart"] != 0.0
+    # ... per request, not as a jitter of their median: seed 1 is exactly that replay, and the
+    # table's sim row is seed 0 of the sims the agreement used
+    from bench.pd_bench import run_strategies
+    from bench.sim.timing import RequestTiming
+    from router_service.policies.kv_aware import KvAwareSettings
+
+    kv = KvAwareSettings(kv_prefill_tokens_per_s=settings.prefill_tokens_per_s)
+    [want] = run_strategies(wl, settings, 2, 2, transfer_s_per_block("seed", wl.block_size), kv,
+                            DisaggSettings(), ["kv_aware/kv_aware"], seed=1,
+                            timing=RequestTiming(lags))
+    [got] = late["sim_runs"][1]["results"]
+    assert got["hit_rate_tokens"] == want["hit_rate_tokens"]
+    assert got["ttft_ms"] == want["ttft_ms"]
+    table = next(r for r in late["results"] if r["policy"] == "sim:kv_aware/kv_aware")
+    assert table["ttft_ms"] == late["sim_runs"][0]["results"][0]["ttft_ms"]
 
 
 def test_a_heartbeat_lag_moves_the_sims_off_the_live_view() -> None:
