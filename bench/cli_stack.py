@@ -273,8 +273,10 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
     the strategies the router serves, next to the sim replay of the same strategies;
     ``--pd-gateway``: also through kvroute's OpenAI gateway (row
     ``gateway-pd:POLICY/DECODE``, the fleet's default policy and ``--pd-decode-policy``);
-    ``--repeat N``: N replays, each on a fresh fleet (the table and ``--sim-runs`` are run 1's;
-    JSON ``repeats``: mean and spread over the runs, :mod:`bench.pd_repeats`)."""
+    ``--repeat N``: N replays, each on a fresh fleet, every other one replaying the rows in
+    reverse order (ABBA: which row ran first cancels in the mean; each row's notes say its
+    place), the table and ``--sim-runs`` run 1's (JSON ``repeats``: mean and spread over the
+    runs, :mod:`bench.pd_repeats`)."""
     from bench.pd_bench import pd_agreement, pd_metrics, run_pd
     from bench.pd_repeats import summarize
     from bench.stack_pd import STACK_PD_STRATEGIES, run_stack_pd
@@ -313,7 +315,7 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
             print(f"stack: run {k + 1} of {repeat}", file=sys.stderr)
         per_run.append([pd_metrics(r) for r in run_stack_pd(
             sub / "stack-pd", spec, workload, p, strategies, progress, peers,
-            disagg.pd_decode_policy)])
+            disagg.pd_decode_policy, reverse=k % 2 == 1)])  # ABBA over the runs
     sim = run_pd(workload, settings, p, d, transfer_s_per_block, kv, disagg, strategies,
                  args.seed)
     for r in sim["results"]:

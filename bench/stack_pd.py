@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Coroutine
@@ -216,7 +217,8 @@ STACK_PD_STRATEGIES = ("kv_aware/kv_aware", "kv_aware/least_loaded", "round_robi
 def run_stack_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nodes: int,
                  strategies: list[str], progress: Callable[[int], None] | None = None,
                  peers: list[str] | None = None,
-                 gateway_decode_policy: str = "kv_aware") -> list[PdRun]:
+                 gateway_decode_policy: str = "kv_aware",
+                 reverse: bool = False) -> list[PdRun]:
     """One fleet (P prefill + D decode engines with agents, registry, router, etcd), every
     strategy replayed on emptied caches; then, when ``spec.gateway`` is set, the workload
     through kvroute's OpenAI gateway, which orchestrates each pair in-process
@@ -224,35 +226,53 @@ def run_stack_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nod
     ``gateway-pd:{spec.default_policy}/{gateway_decode_policy}``, the decode choice the
     gateway was started with, ``--pd-decode-policy``); then each
     ``vllm-router:PREFILL/DECODE`` or ``sglang-router:PREFILL/DECODE`` peer in front of the
-    same engines (:mod:`bench.stack_pd_peer`, :mod:`bench.stack_pd_sglang`)."""
+    same engines (:mod:`bench.stack_pd_peer`, :mod:`bench.stack_pd_sglang`). ``reverse``
+    replays them in the opposite order (``--repeat`` alternates it: ABBA, so the order a row
+    ran in cancels in the mean); the runs come back in the order above either way, each with
+    a note of its place in the replay order."""
     from bench.stack_backend import StackBackend
     from bench.stack_pd_gateway import replay_gateway_pd
     from bench.stack_pd_peer import replay_vllm_router_pd
     from bench.stack_pd_sglang import replay_sglang_router_pd
 
-    out: list[PdRun] = []
     with StackBackend(workdir, spec) as stack:
         prompts = prepare(workload)
-        for strat in strategies:
-            pre, _, dec = strat.partition("/")
+        engines = stack.fleet.engines
+
+        def router_row(pre: str, dec: str) -> PdRun:
             urls = asyncio.run(stack.reset_fleet())
-            out.append(asyncio.run(replay_stack_pd(
+            return asyncio.run(replay_stack_pd(
                 workload, pre, dec, stack.fleet.router_target, urls, prefill_nodes,
-                spec.model, spec.time_scale, spec.prefill_tokens_per_s, progress, prompts)))
-        if spec.gateway:
+                spec.model, spec.time_scale, spec.prefill_tokens_per_s, progress, prompts))
+
+        def gateway_row() -> PdRun:
             asyncio.run(stack.reset_fleet())
             label = f"gateway-pd:{spec.default_policy}/{gateway_decode_policy}"
-            out.append(replay_gateway_pd(stack, workload, prefill_nodes, prompts, label,
-                                         progress))
-        engines = stack.fleet.engines
-        for peer in peers or []:
-            name, _, pair = peer.partition(":")
-            pre, _, dec = pair.partition("/")
+            return replay_gateway_pd(stack, workload, prefill_nodes, prompts, label, progress)
+
+        def peer_row(name: str, pre: str, dec: str) -> PdRun:
             replay = (replay_sglang_router_pd if name == "sglang-router"
                       else replay_vllm_router_pd)
             asyncio.run(stack.reset_fleet())
-            out.append(asyncio.run(replay(
+            return asyncio.run(replay(
                 workload, pre, dec, engines[:prefill_nodes], engines[prefill_nodes:],
                 spec.model, workdir / "peers", spec.time_scale, spec.prefill_tokens_per_s,
-                prompts, progress)))
-    return out
+                prompts, progress))
+
+        rows: list[Callable[[], PdRun]] = []
+        for strat in strategies:
+            pre, _, dec = strat.partition("/")
+            rows.append(functools.partial(router_row, pre, dec))
+        if spec.gateway:
+            rows.append(gateway_row)
+        for peer in peers or []:
+            name, _, pair = peer.partition(":")
+            pre, _, dec = pair.partition("/")
+            rows.append(functools.partial(peer_row, name, pre, dec))
+        order = range(len(rows))[::-1] if reverse else range(len(rows))
+        done: dict[int, PdRun] = {}
+        for place, i in enumerate(order, 1):
+            done[i] = rows[i]()
+            done[i].run.notes.append(f"replayed {place} of {len(rows)} on this fleet")
+    return [done[i] for i in range(len(rows))]
+

@@ -77,6 +77,9 @@ def test_disaggregated_stack_replay_matches_sim(tmp_path: Path) -> None:
     hits = rep["repeats"]["rows"][stack["policy"]]["hit_rate_tokens"]
     assert hits["per_run"][0] == stack["hit_rate_tokens"] and len(hits["per_run"]) == 2
     assert (tmp_path / "stack" / "run-2" / "stack-pd").is_dir()
+    # run 1 replays the rows in order (run 2 in reverse: ABBA); each row notes its place
+    assert "replayed 1 of 2 on this fleet" in stack["notes"]
+    assert "replayed 2 of 2 on this fleet" in gw["notes"]
     assert stack["failed"] == 0 and stack["ttft_ms"]["p50"] > 0
     assert sum(stack["requests_per_decode_node"]) == 80
     assert stack["transferred_blocks"] > 0 and stack["decode_held_rate_tokens"] > 0
