@@ -7,7 +7,7 @@ bad request never reaches the engine.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -17,6 +17,7 @@ from engine_sim.tokenizer import SimpleTokenizer
 TOKENIZER = SimpleTokenizer()
 MAX_TOKENS_LIMIT = 1 << 20
 _JSON = msgspec.json.Decoder()
+_TokenIds = list[Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]]
 
 
 class BadRequest(Exception):
@@ -47,11 +48,13 @@ async def read_body(request: web.Request) -> dict[str, Any]:
 
 def token_list(value: list[Any], what: str) -> list[int]:
     """``value`` as token ids (BadRequest unless every item is an int in uint32 range)."""
-    # set(map(type, ...)), min and max run in C (a per-token generator cost ~20 % of the
-    # engine's CPU on 10k-token prompts); type() is exact, so bools and floats are refused
-    if value and (set(map(type, value)) != {int} or min(value) < 0 or max(value) >= 2**32):
-        raise BadRequest(f"{what} must be token ids (integers in 0..4294967295)")
-    return list(value)
+    # one pass in C (msgspec: bools and floats are not ints); the three C passes it replaces
+    # (set of types, min, max) took 20 % of the engine process on the full trace (py-spy, s28)
+    try:
+        return msgspec.convert(value, _TokenIds)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"{what} must be token ids (integers in 0..4294967295): "
+                         f"{exc}") from None
 
 
 def prompt_tokens(value: Any, what: str = "prompt") -> list[int]:
