@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,14 +93,19 @@ def test_measured_prefill_engine_arrivals_are_replayed() -> None:
     assert late.run.failed == 0 and late.decode_node == [1, 1]
 
 
-def test_pd_agreement_compares_the_stack_with_seeded_sims_under_its_timing() -> None:
-    from bench.pd_bench import pd_agreement
-
+def _pd_case() -> tuple[Workload, SimSettings, KvAwareSettings, dict[str, Any]]:
+    """The two-turn conversation on 2 + 2 small engines, and its kv_aware sim report."""
     w = _conversation()
     cfg = SimSettings(nodes=4, cache_blocks=64, block_size=16, prefill_tokens_per_s=1000.0,
                       decode_s_per_token=0.01)
     kv = KvAwareSettings(kv_prefill_tokens_per_s=1000.0)
-    sim = run_pd(w, cfg, 2, 2, 0.001, kv, DisaggSettings(), ["kv_aware/kv_aware"])
+    return w, cfg, kv, run_pd(w, cfg, 2, 2, 0.001, kv, DisaggSettings(), ["kv_aware/kv_aware"])
+
+
+def test_pd_agreement_compares_the_stack_with_seeded_sims_under_its_timing() -> None:
+    from bench.pd_bench import pd_agreement
+
+    w, cfg, kv, sim = _pd_case()
     stack = dict(sim["results"][0], policy="stack-pd:kv_aware/kv_aware",
                  arrival_lag_ms={"p50": 10.0, "p99": 20.0})
     out = pd_agreement([stack, dict(stack, policy="vllm-router-pd:x/y")], w, cfg, 2, 2, 0.001,
@@ -127,11 +133,7 @@ def test_pd_agreement_replays_measured_arrivals_per_request() -> None:
     from bench.pd_bench import pd_agreement
     from bench.sim.timing import RequestTiming
 
-    w = _conversation()
-    cfg = SimSettings(nodes=4, cache_blocks=64, block_size=16, prefill_tokens_per_s=1000.0,
-                      decode_s_per_token=0.01)
-    kv = KvAwareSettings(kv_prefill_tokens_per_s=1000.0)
-    sim = run_pd(w, cfg, 2, 2, 0.001, kv, DisaggSettings(), ["kv_aware/kv_aware"])
+    w, cfg, kv, sim = _pd_case()
     # the row's median lag (1 s) is not replayed as a uniform jitter: the lags are
     stack = dict(sim["results"][0], policy="stack-pd:kv_aware/kv_aware",
                  arrival_lag_ms={"p50": 1000.0, "p99": 2000.0})
