@@ -274,9 +274,9 @@ def run_stack_pd_cli(args: argparse.Namespace, workload: Workload, settings: Sim
     ``--pd-gateway``: also through kvroute's OpenAI gateway (row
     ``gateway-pd:POLICY/DECODE``, the fleet's default policy and ``--pd-decode-policy``);
     ``--repeat N``: N replays, each on a fresh fleet, every other one replaying the rows in
-    reverse order (ABBA: which row ran first cancels in the mean; each row's notes say its
-    place), the table and ``--sim-runs`` run 1's (JSON ``repeats``: mean and spread over the
-    runs, :mod:`bench.pd_repeats`)."""
+    reverse order (ABBA: with an even N, which row ran first cancels in the mean; each row's
+    notes say its place), the table and ``--sim-runs`` run 1's (JSON ``repeats``: mean and
+    spread over the runs, :mod:`bench.pd_repeats`)."""
     from bench.pd_bench import pd_agreement, pd_metrics, run_pd
     from bench.pd_repeats import summarize
     from bench.stack_pd import STACK_PD_STRATEGIES, run_stack_pd

@@ -227,9 +227,9 @@ def run_stack_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nod
     gateway was started with, ``--pd-decode-policy``); then each
     ``vllm-router:PREFILL/DECODE`` or ``sglang-router:PREFILL/DECODE`` peer in front of the
     same engines (:mod:`bench.stack_pd_peer`, :mod:`bench.stack_pd_sglang`). ``reverse``
-    replays them in the opposite order (``--repeat`` alternates it: ABBA, so the order a row
-    ran in cancels in the mean); the runs come back in the order above either way, each with
-    a note of its place in the replay order."""
+    replays them in the opposite order (``--repeat`` alternates it: ABBA, so with an even
+    number of runs the order a row ran in cancels in the mean); the runs come back in the
+    order above either way, each with a note of its place in the replay order."""
     from bench.stack_backend import StackBackend
     from bench.stack_pd_gateway import replay_gateway_pd
     from bench.stack_pd_peer import replay_vllm_router_pd
@@ -275,4 +275,3 @@ def run_stack_pd(workdir: Path, spec: FleetSpec, workload: Workload, prefill_nod
             done[i] = rows[i]()
             done[i].run.notes.append(f"replayed {place} of {len(rows)} on this fleet")
     return [done[i] for i in range(len(rows))]
-
