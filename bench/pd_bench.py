@@ -111,14 +111,14 @@ def run_strategies(workload: Workload, settings: SimSettings, prefill_nodes: int
     rate = settings.prefill_tokens_per_s
     results: list[dict[str, Any]] = []
     for strat in strategies:
-        pre_name, _, dec_name = strat.partition("/")
+        name = strategy_name(strat, disagg)
+        pre_name, _, dec_name = name.partition("/")
         policy = build_policy(pre_name, prefill_tokens_per_s=rate, seed=seed,
                               overrides={KvAwareSettings: kv})
-        d = dataclasses.replace(disagg, pd_decode_policy=dec_name or disagg.pd_decode_policy)
+        d = dataclasses.replace(disagg, pd_decode_policy=dec_name)
         pd = simulate_pd(workload, policy, settings, prefill_nodes, decode_nodes,
                          transfer_s_per_block, d, progress, kv.kv_prefill_tokens_per_s,
-                         label=f"pd:{pre_name}/{d.pd_decode_policy}", seed=seed,
-                         timing=timing)
+                         label=f"pd:{name}", seed=seed, timing=timing)
         results.append(pd_metrics(pd))
     return results
 
